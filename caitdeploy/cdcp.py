@@ -1,0 +1,243 @@
+"""CDCP channel selection (the paper's Alg. 1-3) and `make-checkpoint`.
+
+Selection, as implemented here:
+1. Importance of a channel (Alg. 1): the norm of its folded output row times the norm of the input column
+   that consumes it (proj for v, fc2 for fc1). For q/k the pair is scored jointly, |q_c| * |k_c|, because
+   attention-level consistency removes a position from q and k together (Alg. 3).
+2. Scores are normalised by their layer's mean, so layers of different scale rank together globally.
+3. Head-level consistency (Alg. 2): a pruning unit of a block's q/k (or v) removes the r-th least important
+   channel of EVERY head at once; its score is the mean over heads. mlp units are single fc1 channels.
+   With `align` > 1 a unit removes `align` ranks, so kept widths stay multiples of `align`.
+4. Units from all blocks are ranked globally and removed, least important first, until the FLOPs of the
+   pruned model (merges included) reach the target. Each layer keeps at least 1/8 of its width.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import FORMAT, MERGE_KEY
+from .config import CaitConfig
+from .errors import CaitError, atomic_output
+from .flops import model_flops
+
+
+@dataclass(frozen=True)
+class Unit:
+    block: int
+    part: str   # "qk", "v" or "mlp"
+    rank: int   # first sorted position this unit removes
+    width: int  # channels removed per head (or in fc1)
+    score: float
+    flops: int  # FLOPs saved per image
+
+
+def _folded(sd: dict[str, torch.Tensor], i: int, num_heads: int):
+    """Per-head folded q/k/v row norms [H, d] and fc1 row norms [F] of block i (bias included)."""
+    from .surgery import fold_block, row_norms
+
+    p = f"blocks.{i}."
+    comps = {n: sd.get(f"{p}attn.{n}_compactor.weight") for n in "qkv"}
+    comps["fc1"] = sd.get(p + "mlp.fc1_compactor.weight")
+    f = fold_block(sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"), sd[p + "mlp.fc1.weight"],
+                   sd[p + "mlp.fc1.bias"], num_heads, comps)
+    return (row_norms(f.wq, f.bq), row_norms(f.wk, f.bk), row_norms(f.wv, f.bv), row_norms(f.w1, f.b1))
+
+
+def channel_scores(sd: dict[str, torch.Tensor], cfg: CaitConfig) -> list[dict[str, torch.Tensor]]:
+    """Importance per channel and block: {"qk": [H, d], "v": [H, d], "mlp": [F]} (Alg. 1)."""
+    out = []
+    for i, b in enumerate(cfg.blocks):
+        h, d = b.num_heads, cfg.embed_dim // b.num_heads
+        nq, nk, nv, n1 = _folded(sd, i, h)
+        proj = sd[f"blocks.{i}.attn.proj.weight"].double()           # [D, H*d]
+        fc2 = sd[f"blocks.{i}.mlp.fc2.weight"].double()              # [D, F]
+        out.append({
+            "qk": nq * nk,
+            "v": nv * proj.pow(2).sum(0).sqrt().reshape(h, d),
+            "mlp": n1 * fc2.pow(2).sum(0).sqrt(),
+        })
+    return out
+
+
+def _units(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], align: int) -> list[Unit]:
+    units = []
+    d_model = cfg.embed_dim
+    tokens = cfg.tokens()
+    for i, b in enumerate(cfg.blocks):
+        n, h = tokens[i], b.num_heads
+        per_channel = {
+            "qk": 2 * n * d_model * 2 * h + 2 * h * n * n,
+            "v": 2 * n * d_model * h + 2 * h * n * n + 2 * n * h * d_model,
+            "mlp": 2 * 2 * n * d_model,
+        }
+        for part, s in scores[i].items():
+            s = s / s.mean().clamp_min(1e-30)
+            ranked = s.sort(dim=-1).values.reshape(-1, s.shape[-1]).mean(0)  # mean over heads, per rank
+            width = s.shape[-1]
+            removable = width - max(align, math.ceil(width / 8))
+            removable -= removable % align
+            best = -math.inf
+            for r in range(0, removable, align):
+                best = max(best, float(ranked[r:r + align].mean()))  # monotone within a layer
+                units.append(Unit(i, part, r, align, best, per_channel[part] * align))
+    return units
+
+
+def cdcp_select(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], flops_reduction: float,
+                align: int = 1) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """Masks (1 = kept) per block, {"q","k","v": [H, d], "fc1": [F]}, reaching the FLOPs target.
+
+    cfg: the unpruned model WITH its merges; the target is relative to the same model without merges.
+    """
+    if not 0 <= flops_reduction < 1:
+        raise CaitError(f"--flops-reduction must be in [0, 1), got {flops_reduction}")
+    dense = model_flops(cfg.unpruned())["total"]
+    target = (1 - flops_reduction) * dense
+    current = model_flops(cfg)["total"]
+    removed: dict[tuple[int, str], int] = {}
+    for u in sorted(_units(cfg, scores, align), key=lambda u: (u.score, u.block, u.part, u.rank)):
+        if current <= target:
+            break
+        removed[(u.block, u.part)] = removed.get((u.block, u.part), 0) + u.width
+        current -= u.flops
+    if current > target * 1.0005:
+        raise CaitError(f"--flops-reduction {flops_reduction}: unreachable, pruning every layer to 1/8 of its "
+                        f"width reaches only {1 - current / dense:.3f}")
+    masks = []
+    for i, s in enumerate(scores):
+        m = {}
+        for part, key in (("qk", "q"), ("v", "v"), ("mlp", "fc1")):
+            order = s[part].argsort(dim=-1)
+            keep = torch.ones_like(s[part], dtype=torch.float32)
+            keep.scatter_(-1, order[..., : removed.get((i, part), 0)], 0.0)
+            m[key] = keep
+        m["k"] = m["q"].clone()
+        masks.append(m)
+    return masks, {"flops_dense": dense, "flops_target": target, "flops_pruned": current,
+                   "flops_reduction": 1 - current / dense}
+
+
+# ---- timm -> cait-compactor/1 -------------------------------------------------------------------
+def timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None):
+    """A randomly initialised timm VisionTransformer in the layout the format supports."""
+    import timm
+
+    kw = {"pretrained": False}
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    if img_size is not None:
+        kw["img_size"] = img_size
+    try:
+        model = timm.create_model(arch, **kw)
+    except RuntimeError as e:  # unknown model name
+        raise CaitError(f"--arch {arch!r}: {str(e).splitlines()[0]}") from None
+    from timm.models.vision_transformer import VisionTransformer
+
+    ok = (isinstance(model, VisionTransformer) and model.cls_token is not None and model.num_prefix_tokens == 1
+          and model.global_pool == "token" and model.pos_embed is not None
+          and model.blocks[0].attn.qkv.weight.shape[0] == 3 * model.embed_dim)
+    if not ok:
+        raise CaitError(f"--arch {arch!r}: not a plain ViT with one class token and token pooling")
+    return model
+
+
+def format_config_of(model, merges: dict[int, str]) -> dict[str, Any]:
+    blk = model.blocks[0]
+    d = model.embed_dim
+    return {
+        "img_size": int(model.patch_embed.img_size[0]), "patch_size": int(model.patch_embed.patch_size[0]),
+        "in_chans": int(model.patch_embed.proj.weight.shape[1]), "num_classes": int(model.num_classes),
+        "embed_dim": int(d), "depth": len(model.blocks), "num_heads": int(blk.attn.num_heads),
+        "mlp_ratio": blk.mlp.fc1.weight.shape[0] / d, "qkv_bias": blk.attn.qkv.bias is not None,
+        "merges": {int(k): v for k, v in merges.items()},
+    }
+
+
+def parse_merges(text: str) -> dict[int, str]:
+    """'4:h,8:v' -> {4: 'h', 8: 'v'}; '' or 'none' -> {}."""
+    out: dict[int, str] = {}
+    if text.strip().lower() in ("", "none"):
+        return out
+    for item in text.split(","):
+        try:
+            k, v = item.split(":")
+            block = int(k)
+        except ValueError:
+            raise CaitError(f"--merges {text!r}: expected BLOCK:h|v[,BLOCK:h|v...], e.g. 4:h,8:v") from None
+        if v not in ("h", "v"):
+            raise CaitError(f"--merges {text!r}: merge kind {v!r} must be 'h' or 'v'")
+        out[block] = v
+    return out
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain timm state dict from .safetensors or .pth (weights_only), `model`/`state_dict` unwrapped."""
+    from .checkpoint import read_container
+
+    raw = read_container(Path(path))
+    sd = raw.get("model", raw.get("state_dict", raw))
+    if not isinstance(sd, dict):
+        raise CaitError(f"{path}: no state dict found")
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], weights: str | None = None,
+                    seed: int = 0, align: int = 1, num_classes: int | None = None,
+                    img_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A valid `cait-compactor/1` checkpoint from a timm architecture, pruned one-shot by CDCP selection.
+
+    Compactors are identity with the dropped rows set to zero, as converged CDCP training leaves them;
+    ATME merges start as the mean of the two tokens. Returns (checkpoint dict, selection summary).
+    """
+    torch.manual_seed(seed)
+    model = timm_model(arch, num_classes, img_size)
+    if weights:
+        sd = load_weights(weights)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+            raise CaitError(f"{weights}: does not fit --arch {arch}: {what}")
+    fmt = format_config_of(model, merges)
+    try:
+        cfg = CaitConfig.from_format(fmt)
+    except ValueError as e:
+        raise CaitError(f"--merges: {e}") from None
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    d = fmt["embed_dim"]
+    for i, kind in merges.items():
+        eye = torch.eye(d)
+        sd[f"blocks.{i}.{MERGE_KEY[kind]}.fc.weight"] = torch.cat([eye, eye], dim=1) / 2
+        sd[f"blocks.{i}.{MERGE_KEY[kind]}.fc.bias"] = torch.zeros(d)
+    masks, summary = cdcp_select(cfg, channel_scores(sd, cfg), flops_reduction, align)
+    for i, m in enumerate(masks):
+        for name in ("q", "k", "v"):
+            c = torch.eye(m[name].shape[-1]).repeat(m[name].shape[0], 1, 1) * m[name].unsqueeze(-1)
+            sd[f"blocks.{i}.attn.{name}_compactor.weight"] = c
+            sd[f"blocks.{i}.attn.{name}_compactor.mask"] = m[name]
+        sd[f"blocks.{i}.mlp.fc1_compactor.weight"] = torch.diag(m["fc1"])
+        sd[f"blocks.{i}.mlp.fc1_compactor.mask"] = m["fc1"]
+    ckpt = {"format": FORMAT, "config": {**fmt, "merges": {str(k): v for k, v in merges.items()}}, "state_dict": sd}
+    summary.update(arch=arch, merges=merges, kept=[{k: int(v.sum()) for k, v in m.items()} for m in masks])
+    return ckpt, summary
+
+
+def save_checkpoint_dict(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a `cait-compactor/1` dict atomically as .pth (torch.save) or .safetensors."""
+    import json
+
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in ckpt["state_dict"].items()}, str(tmp),
+                      metadata={"format": ckpt["format"], "config": json.dumps(ckpt["config"])})
+        else:
+            torch.save(ckpt, tmp)
+    return path

@@ -1,0 +1,35 @@
+"""One error type for everything a user can get wrong; the CLI prints it as one line and exits 2."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class CaitError(Exception):
+    """A user-facing error. Its message names the file, key or block at fault."""
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    Never leaves a half-written output: on any exception the temporary file is removed.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CaitError(f"{path}: output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CaitError(f"{path}: output directory {parent} is not writable")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise

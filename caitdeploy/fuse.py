@@ -1,0 +1,199 @@
+"""Checkpoint -> fused file: fold compactors, select kept channels, enforce consistency, align, slice, verify."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import surgery as S
+from .checkpoint import MERGE_KEY, Checkpoint, load_checkpoint
+from .config import BlockConfig, CaitConfig
+from .errors import CaitError
+from .flops import model_flops, model_params
+
+CONSISTENCY_MODES = ("strict", "repair")
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    threshold: float | None = None      # keep rows whose folded norm > threshold instead of mask == 1
+    max_dropped_norm: float = 1e-3      # largest compactor-row norm allowed among dropped rows
+    force: bool = False                 # fuse even above max_dropped_norm
+    consistency: str = "strict"         # "strict" or "repair"
+    align: int = 8                      # round kept widths per head and the mlp width up to a multiple of this
+    equal_head_dims: bool = False       # zero-pad q/k and v per head to one width
+
+    def __post_init__(self) -> None:
+        if self.consistency not in CONSISTENCY_MODES:
+            raise CaitError(f"--consistency must be one of {CONSISTENCY_MODES}, got {self.consistency!r}")
+        if self.align < 1:
+            raise CaitError(f"--align must be >= 1, got {self.align}")
+        if self.threshold is not None and not self.threshold >= 0:
+            raise CaitError(f"--threshold must be >= 0, got {self.threshold}")
+
+
+@dataclass
+class FuseResult:
+    config: CaitConfig
+    state_dict: dict[str, torch.Tensor]
+    plans: list[S.BlockPlan]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _compactor_row_norms(c: torch.Tensor | None, shape) -> torch.Tensor:
+    return torch.ones(shape, dtype=torch.float64) if c is None else c.double().pow(2).sum(-1).sqrt()
+
+
+def plan_block(ckpt: Checkpoint, i: int, f: S.FoldedBlock, opts: FuseOptions) -> S.BlockPlan:
+    """Choose the kept channels of block i (pure function of the folded weights and masks)."""
+    h, d = f.wq.shape[:2]
+    hidden = f.w1.shape[0]
+    comp = {n: ckpt.compactor(i, n) for n in ("q", "k", "v", "fc1")}
+    norms = {"q": S.row_norms(f.wq, f.bq), "k": S.row_norms(f.wk, f.bk), "v": S.row_norms(f.wv, f.bv),
+             "fc1": S.row_norms(f.w1, f.b1)}
+    keep = {}
+    for name, shape in (("q", (h, d)), ("k", (h, d)), ("v", (h, d)), ("fc1", (hidden,))):
+        if opts.threshold is not None:
+            keep[name] = S.keep_from_threshold(norms[name], opts.threshold)
+        else:
+            keep[name] = S.keep_from_mask(None if comp[name] is None else comp[name][1], shape)
+        empty = (keep[name].sum(-1) == 0).reshape(-1)
+        if bool(empty.any()):
+            where = f" head {int(empty.nonzero()[0])}" if name != "fc1" else ""
+            raise CaitError(f"block {i}: every {name} channel{where} would be dropped")
+    score_qk = (norms["q"].pow(2) + norms["k"].pow(2)).sqrt()
+    if opts.consistency == "strict":
+        S.check_consistency(i, keep["q"], keep["k"], keep["v"])
+        keep_qk, keep_v, repairs = keep["q"], keep["v"], []
+    else:
+        keep_qk, keep_v, repairs = S.repair_consistency(i, keep["q"], keep["k"], keep["v"], score_qk, norms["v"])
+    keep_mlp = keep["fc1"]
+    pruned = (int(keep_qk[0].sum()), int(keep_v[0].sum()), int(keep_mlp.sum()))
+
+    keep_qk, pad_qk = S.align_keep(keep_qk, score_qk, opts.align)
+    keep_v, pad_v = S.align_keep(keep_v, norms["v"], opts.align)
+    keep_mlp, pad_mlp = S.align_keep(keep_mlp, norms["fc1"], opts.align)
+
+    # largest compactor-row norm among the rows finally dropped
+    dropped = 0.0
+    for name, kp in (("q", keep_qk), ("k", keep_qk), ("v", keep_v), ("fc1", keep_mlp)):
+        c = comp[name]
+        if c is not None and bool((~kp).any()):
+            dropped = max(dropped, float(_compactor_row_norms(c[0], kp.shape)[~kp].max()))
+
+    qk = S.to_indices(keep_qk)
+    v = S.to_indices(keep_v)
+    qk = S.pad_indices(qk, qk.shape[-1] + pad_qk)
+    v = S.pad_indices(v, v.shape[-1] + pad_v)
+    if opts.equal_head_dims:
+        width = max(qk.shape[-1], v.shape[-1])
+        qk, v = S.pad_indices(qk, width), S.pad_indices(v, width)
+    mlp = S.pad_indices(S.to_indices(keep_mlp), int(keep_mlp.sum()) + pad_mlp)
+    return S.BlockPlan(qk, v, mlp, repairs, *pruned, max_dropped_norm=dropped)
+
+
+def fuse(ckpt: Checkpoint, opts: FuseOptions = FuseOptions(), progress=None) -> FuseResult:
+    """Fold and slice every block of a validated checkpoint. Returns the fused config and tensors."""
+    sd, cfg = ckpt.state_dict, ckpt.config
+    num_heads = ckpt.format_config["num_heads"]
+    out: dict[str, torch.Tensor] = {k: sd[k] for k in ("cls_token", "pos_embed", "patch_embed.proj.weight",
+                                                        "patch_embed.proj.bias", "norm.weight", "norm.bias",
+                                                        "head.weight", "head.bias")}
+    blocks, plans = [], []
+    for i, blk in enumerate(cfg.blocks):
+        p = f"blocks.{i}."
+        comps = {n: (None if (c := ckpt.compactor(i, n)) is None else c[0]) for n in ("q", "k", "v", "fc1")}
+        f = S.fold_block(sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"), sd[p + "mlp.fc1.weight"],
+                         sd[p + "mlp.fc1.bias"], num_heads, comps)
+        plan = plan_block(ckpt, i, f, opts)
+        if plan.max_dropped_norm > opts.max_dropped_norm and not opts.force:
+            raise CaitError(f"{ckpt.path}: block {i}: a dropped compactor row has norm {plan.max_dropped_norm:.3g} "
+                            f"> --max-dropped-norm {opts.max_dropped_norm:g}; the fused model would differ from "
+                            "the checkpoint (use --force to fuse anyway)")
+        for k, v in S.slice_block(f, sd[p + "attn.proj.weight"], sd[p + "mlp.fc2.weight"], plan).items():
+            out[p + k] = v
+        for k in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.proj.bias", "mlp.fc2.bias"):
+            out[p + k] = sd[p + k]
+        if blk.merge:
+            for k in ("weight", "bias"):
+                out[f"{p}merge.fc.{k}"] = sd[f"{p}{MERGE_KEY[blk.merge]}.fc.{k}"]
+        blocks.append(replace(blk, qk_dim=plan.qk.shape[-1], v_dim=plan.v.shape[-1], mlp_hidden=plan.mlp.shape[0]))
+        plans.append(plan)
+        if progress is not None:
+            progress(i)
+    source = {**ckpt.format_config, "merges": {str(k): v for k, v in ckpt.format_config["merges"].items()}}
+    fused_cfg = replace(cfg, blocks=tuple(blocks), source=source)
+    return FuseResult(fused_cfg, {k: v.float() for k, v in out.items()}, plans)
+
+
+@torch.no_grad()
+def max_logit_diff(ckpt: Checkpoint, model: torch.nn.Module, batch: int = 2, seed: int = 0) -> dict[str, float]:
+    """Max |logit difference| of `model` (float32) against the checkpoint's own forward in float64."""
+    from .reference import reference_forward
+
+    cfg = ckpt.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
+    ref = reference_forward(ckpt, x)
+    got = model(x).double()
+    return {"max_abs_diff": float((got - ref).abs().max()), "logit_scale": float(ref.abs().max()),
+            "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).double().mean()), "batch": batch}
+
+
+def build_report(ckpt: Checkpoint, res: FuseResult, opts: FuseOptions) -> dict[str, Any]:
+    before, after = ckpt.config, res.config
+    fb, fa = model_flops(before.unpruned()), model_flops(after)
+    pb, pa = model_params(before.unpruned()), model_params(after)
+    tokens = after.tokens()
+    blocks = []
+    for i, (b, plan) in enumerate(zip(after.blocks, res.plans)):
+        blocks.append({
+            "block": i, "merge": b.merge, "tokens": tokens[i], "heads": b.num_heads,
+            "qk_per_head": b.qk_dim, "v_per_head": b.v_dim, "mlp": b.mlp_hidden,
+            "qk_pruned": plan.pruned_qk, "v_pruned": plan.pruned_v, "mlp_pruned": plan.pruned_mlp,
+            "flops": fa["blocks"][i]["total"], "flops_dense": fb["blocks"][i]["total"],
+            "max_dropped_norm": plan.max_dropped_norm,
+        })
+    return {
+        "checkpoint": str(ckpt.path), "inferred_config": ckpt.inferred, "options": asdict(opts),
+        "blocks": blocks,
+        "params_dense": pb, "params_fused": pa,
+        "flops_dense": fb["total"], "flops_fused": fa["total"],
+        "flops_reduction": 1 - fa["total"] / fb["total"],
+        "max_dropped_norm": max((p.max_dropped_norm for p in res.plans), default=0.0),
+        "repairs": [asdict(r) for p in res.plans for r in p.repairs],
+    }
+
+
+def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, opts: FuseOptions = FuseOptions(),
+              verify_batch: int = 2, progress=None) -> dict[str, Any]:
+    """`caitdeploy fuse`: checkpoint file -> fused safetensors file. Returns the report dict."""
+    from .io import save_fused
+    from .model import CaitViT
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    output = Path(output) if output else path.with_name(path.stem + ".fused.safetensors")
+    if output.parent and not output.parent.is_dir():
+        raise CaitError(f"{output}: output directory {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise CaitError(f"{output}: output directory {output.parent} is not writable")
+    ckpt = load_checkpoint(path)
+    res = fuse(ckpt, opts, progress=progress)
+    t_fuse = time.perf_counter() - t0
+    report = build_report(ckpt, res, opts)
+    model = CaitViT(res.config, attn_impl="math").eval()
+    model.load_state_dict(res.state_dict)
+    if verify_batch > 0:
+        report["verify"] = max_logit_diff(ckpt, model, batch=verify_batch)
+    t_verify = time.perf_counter() - t0 - t_fuse
+    meta = {k: report[k] for k in ("flops_dense", "flops_fused", "params_dense", "params_fused", "options")}
+    meta.update(source=str(path.name), verify=report.get("verify"))
+    save_fused(output, res.config, res.state_dict, meta)
+    report.update(output=str(output), seconds={"fuse": t_fuse, "verify": t_verify,
+                                               "total": time.perf_counter() - t0})
+    return report

@@ -1,0 +1,80 @@
+"""The forward pass a `cait-compactor/1` checkpoint defines, written literally from the format.
+
+This is the oracle the fused model is checked against: compactors applied as matrices, no folding, no
+slicing, by default in float64. It shares no code with `CaitViT` on purpose.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import MERGE_KEY, Checkpoint
+
+
+def _merge(x: torch.Tensor, grid: tuple[int, int], kind: str, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    cls_tok, patches = x[:, :1], x[:, 1:]
+    bsz, _, d = patches.shape
+    gh, gw = grid
+    grid_x = patches.reshape(bsz, gh, gw, d)
+    if kind == "h":
+        left, right = grid_x[:, :, 0::2], grid_x[:, :, 1::2]
+        pairs = torch.cat([left, right], dim=-1)
+    else:
+        top, bottom = grid_x[:, 0::2], grid_x[:, 1::2]
+        pairs = torch.cat([top, bottom], dim=-1)
+    merged = pairs.reshape(bsz, -1, 2 * d) @ w.T + b
+    return torch.cat([cls_tok, merged], dim=1)
+
+
+@torch.no_grad()
+def reference_forward(ckpt: Checkpoint, images: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Logits [B, num_classes] of the checkpoint's own forward pass (compactors included)."""
+    raw = ckpt.state_dict
+
+    class _Cast(dict):  # cast one tensor at a time: never a float64 copy of the whole checkpoint
+        def __getitem__(self, k):
+            return raw[k].to(dtype)
+
+        def get(self, k, default=None):
+            return raw[k].to(dtype) if k in raw else default
+
+    sd = _Cast()
+    cfg, fmt = ckpt.config, ckpt.format_config
+    h = fmt["num_heads"]
+    d = cfg.embed_dim
+    hd = d // h
+    scale = hd**-0.5
+    eps = cfg.ln_eps
+    x = F.conv2d(images.to(dtype), sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=cfg.patch_size)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + sd["pos_embed"]
+    for i, blk in enumerate(cfg.blocks):
+        p = f"blocks.{i}."
+        if blk.merge:
+            m = f"{p}{MERGE_KEY[blk.merge]}.fc."
+            x = _merge(x, cfg.input_grid(i), blk.merge, sd[m + "weight"], sd[m + "bias"])
+        bsz, n, _ = x.shape
+        y = F.layer_norm(x, (d,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps)
+        qkv = y @ sd[p + "attn.qkv.weight"].T
+        if cfg.qkv_bias:
+            qkv = qkv + sd[p + "attn.qkv.bias"]
+        q, k, v = (t.reshape(bsz, n, h, hd) for t in qkv.split(d, dim=-1))  # [B, N, H, d]
+        heads = []
+        for name, t in zip("qkv", (q, k, v)):
+            c = sd.get(f"{p}attn.{name}_compactor.weight")
+            if c is not None:  # t_h <- t_h @ C_h^T
+                t = torch.einsum("bnhj,hij->bnhi", t, c)
+            heads.append(t.transpose(1, 2))  # [B, H, N, d]
+        q, k, v = heads
+        attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(bsz, n, d)
+        x = x + out @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"]
+        y = F.layer_norm(x, (d,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps)
+        y = y @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"]
+        c = sd.get(p + "mlp.fc1_compactor.weight")
+        if c is not None:
+            y = y @ c.T
+        y = F.gelu(y)
+        x = x + y @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"]
+    x = F.layer_norm(x, (d,), sd["norm.weight"], sd["norm.bias"], eps)
+    return x[:, 0] @ sd["head.weight"].T + sd["head.bias"]

@@ -1,0 +1,27 @@
+"""Triton kernels for CAIT-compressed ViTs, each with a plain PyTorch reference.
+
+* atme_merge_linear / atme_merge_linear_ref: ATME token merge (two neighbouring
+  patch tokens -> Linear(2D -> D)), horizontal ("h") or vertical ("v").
+* attention / attention_ref: softmax(q k^T * scale) v with Dqk != Dv allowed.
+
+Importing this package never imports triton: the Triton kernels are defined
+on their first call (see kernels/_runtime.py), so the references work
+everywhere and a missing triton only fails the Triton entry points, with
+TritonUnavailableError (an ImportError).
+"""
+
+from ._runtime import TritonUnavailableError, interpret_requested, triton_available
+from .atme_merge import atme_merge_linear, atme_merge_linear_ref, merged_grid
+from .attention import MAX_HEAD_DIM, attention, attention_ref
+
+__all__ = [
+    "atme_merge_linear",
+    "atme_merge_linear_ref",
+    "merged_grid",
+    "attention",
+    "attention_ref",
+    "MAX_HEAD_DIM",
+    "TritonUnavailableError",
+    "triton_available",
+    "interpret_requested",
+]
