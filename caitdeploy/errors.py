@@ -26,6 +26,9 @@ def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise CaitError(f"{path}: output directory {parent} is not writable")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -43,6 +43,7 @@ def _atme_merge_kernel(
     stride_xd,
     stride_wo,
     stride_wi,
+    stride_bias,
     HAS_BIAS: tl.constexpr,
     DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -86,7 +87,7 @@ def _atme_merge_kernel(
         acc = mma(a1, w1, acc, DOT_MODE)
 
     if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=col_ok, other=0.0)
+        bias = tl.load(b_ptr + offs_n * stride_bias, mask=col_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
 
     # Class-token rows: copy x[b, 0, :] through unchanged.
@@ -135,6 +136,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias, gh: int, gw: int, kind: 
         M, t1, D, wo, row_step, col_step, pair_step,
         x.stride(0), x.stride(1), x.stride(2),
         weight.stride(0), weight.stride(1),
+        bias.stride(0) if has_bias else 0,
     )
     mode = dot_mode(x.dtype)
     if INTERPRETED:

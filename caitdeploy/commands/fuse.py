@@ -1,0 +1,71 @@
+"""`caitdeploy fuse`: fold compactors and slice pruned channels away."""
+from __future__ import annotations
+
+import click
+
+from .common import console, handle_errors, human, write_json
+
+
+def print_fuse_report(report: dict) -> None:
+    from rich.table import Table
+
+    con = console()
+    if report.get("inferred_config"):
+        inferred = ", ".join(f"{k}={v}" for k, v in report["inferred_config"].items())
+        con.print(f"[yellow]config inferred from shapes:[/] {inferred}")
+    t = Table(title=f"fused {report['checkpoint']}", show_lines=False)
+    for col in ("block", "merge", "tokens", "heads", "qk/head", "v/head", "mlp", "GFLOPs", "dense"):
+        t.add_column(col, justify="right")
+    for b in report["blocks"]:
+        qk = f"{b['qk_per_head']}" + (f" ({b['qk_pruned']})" if b["qk_pruned"] != b["qk_per_head"] else "")
+        v = f"{b['v_per_head']}" + (f" ({b['v_pruned']})" if b["v_pruned"] != b["v_per_head"] else "")
+        mlp = f"{b['mlp']}" + (f" ({b['mlp_pruned']})" if b["mlp_pruned"] != b["mlp"] else "")
+        t.add_row(str(b["block"]), b["merge"] or "-", str(b["tokens"]), str(b["heads"]), qk, v, mlp,
+                  f"{b['flops'] / 1e9:.3f}", f"{b['flops_dense'] / 1e9:.3f}")
+    con.print(t)
+    con.print("widths in parentheses: kept before alignment")
+    con.print(f"params  {human(report['params_dense'])} -> {human(report['params_fused'])}   "
+              f"FLOPs/img {human(report['flops_dense'])} -> {human(report['flops_fused'])} "
+              f"(-{100 * report['flops_reduction']:.1f}%)")
+    con.print(f"largest dropped compactor-row norm: {report['max_dropped_norm']:.3g}")
+    for r in report["repairs"]:
+        con.print(f"repaired block {r['block']} {r['part']} head {r['head']}: +{r['added']} channels ({r['reason']})")
+    if "verify" in report:
+        v = report["verify"]
+        con.print(f"max |logit diff| vs checkpoint (float64 forward, {v['batch']} random images): "
+                  f"{v['max_abs_diff']:.3g} (logit scale {v['logit_scale']:.3g}, top-1 agreement "
+                  f"{100 * v['top1_agree']:.0f}%)")
+    s = report["seconds"]
+    con.print(f"wrote {report['output']} in {s['total']:.2f} s (fuse {s['fuse']:.2f} s, verify {s['verify']:.2f} s)")
+
+
+@click.command("fuse")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Fused file [default: <stem>.fused.safetensors].")
+@click.option("--threshold", type=float, default=None,
+              help="Keep rows whose folded row norm > T instead of mask == 1.")
+@click.option("--max-dropped-norm", type=float, default=1e-3, show_default=True,
+              help="Refuse to fuse when a dropped compactor row is larger than this.")
+@click.option("--force", is_flag=True, help="Fuse even above --max-dropped-norm.")
+@click.option("--consistency", type=click.Choice(["strict", "repair"]), default="strict", show_default=True,
+              help="strict: error on inconsistent masks; repair: union q/k and equalise heads.")
+@click.option("--align", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Round kept channels per head and the mlp width up to a multiple of N (1 = minimal).")
+@click.option("--equal-head-dims", is_flag=True, help="Zero-pad q/k and v to one width per head.")
+@click.option("--verify-batch", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Random images for the float64 check against the checkpoint (0 = skip).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No table.")
+@handle_errors
+def fuse_cmd(checkpoint, output, threshold, max_dropped_norm, force, consistency, align, equal_head_dims,
+             verify_batch, report_path, quiet):
+    """Fold CAIT compactors into the weights and slice the pruned channels away."""
+    from ..fuse import FuseOptions, fuse_file
+
+    opts = FuseOptions(threshold=threshold, max_dropped_norm=max_dropped_norm, force=force,
+                       consistency=consistency, align=align, equal_head_dims=equal_head_dims)
+    report = fuse_file(checkpoint, output, opts, verify_batch=verify_batch)
+    if report_path:
+        write_json(report_path, report)
+    if not quiet:
+        print_fuse_report(report)
