@@ -19,6 +19,7 @@ def _register() -> None:
     main.add_command(make_checkpoint_cmd)
     main.add_command(fuse_cmd)
     # further subcommands register below, one line each
+    from .commands.bench import bench_cmd; main.add_command(bench_cmd)
 
 
 _register()
