@@ -48,7 +48,7 @@ def triton_available() -> bool:
     """
     if _TRITON_ERR is not None:
         return False
-    if "triton" in sys.modules:
+    if sys.modules.get("triton") is not None:
         return True
     try:
         return importlib.util.find_spec("triton") is not None

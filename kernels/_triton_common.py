@@ -12,7 +12,6 @@ DOT_TF32 = 2  # fp32 operands on tf32 tensor cores
 DOT_UPCAST = 3  # bf16 operands widened to fp32 first (interpreter only, see README)
 
 
-
 def _is_interpreted(fn) -> bool:
     try:
         from triton.runtime.interpreter import InterpretedFunction

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+
+# Triton kernels run in the interpreter on CPU machines; triton reads this when it is first imported, and
+# other tests (torch.compile) may import it before tests/test_kernels.py does.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from caitdeploy.checkpoint import FORMAT, MERGE_KEY
 from caitdeploy.config import CaitConfig
