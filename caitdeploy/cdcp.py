@@ -46,7 +46,7 @@ def _folded(sd: dict[str, torch.Tensor], i: int, num_heads: int):
     comps["fc1"] = sd.get(p + "mlp.fc1_compactor.weight")
     f = fold_block(sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"), sd[p + "mlp.fc1.weight"],
                    sd[p + "mlp.fc1.bias"], num_heads, comps)
-    return (row_norms(f.wq, f.bq), row_norms(f.wk, f.bk), row_norms(f.wv, f.bv), row_norms(f.w1, f.b1))
+    return (row_norms(f.wq, f.bq), row_norms(f.wk, f.bk), row_norms(f.wv, f.bv), row_norms(*f.fc1_folded()))
 
 
 def channel_scores(sd: dict[str, torch.Tensor], cfg: CaitConfig) -> list[dict[str, torch.Tensor]]:

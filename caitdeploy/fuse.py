@@ -49,12 +49,21 @@ def _compactor_row_norms(c: torch.Tensor | None, shape) -> torch.Tensor:
 
 
 def plan_block(ckpt: Checkpoint, i: int, f: S.FoldedBlock, opts: FuseOptions) -> S.BlockPlan:
-    """Choose the kept channels of block i (pure function of the folded weights and masks)."""
+    """Choose the kept channels of block i (pure function of the folded weights and masks).
+
+    Selection: mask == 1, or folded row norm > threshold. Re-admission (repair, alignment) ranks dropped
+    channels by folded row norm in threshold mode and by compactor-row norm (CDCP's importance) in mask
+    mode, which spares folding the dropped rows of the F x F fc1 compactor.
+    """
     h, d = f.wq.shape[:2]
     hidden = f.w1.shape[0]
     comp = {n: ckpt.compactor(i, n) for n in ("q", "k", "v", "fc1")}
-    norms = {"q": S.row_norms(f.wq, f.bq), "k": S.row_norms(f.wk, f.bk), "v": S.row_norms(f.wv, f.bv),
-             "fc1": S.row_norms(f.w1, f.b1)}
+    if opts.threshold is not None:
+        norms = {"q": S.row_norms(f.wq, f.bq), "k": S.row_norms(f.wk, f.bk), "v": S.row_norms(f.wv, f.bv),
+                 "fc1": S.row_norms(*f.fc1_folded())}
+    else:
+        norms = {n: _compactor_row_norms(None if comp[n] is None else comp[n][0], shape)
+                 for n, shape in (("q", (h, d)), ("k", (h, d)), ("v", (h, d)), ("fc1", (hidden,)))}
     keep = {}
     for name, shape in (("q", (h, d)), ("k", (h, d)), ("v", (h, d)), ("fc1", (hidden,))):
         if opts.threshold is not None:

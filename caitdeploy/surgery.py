@@ -180,9 +180,19 @@ class BlockPlan:
     max_dropped_norm: float = 0.0
 
 
+def fold_rows(weight: torch.Tensor, bias: torch.Tensor | None, compactor: torch.Tensor | None, idx: torch.Tensor):
+    """Rows `idx` of the folded layer, (C W)[idx] = C[idx] W, without folding the rest (-1 = zero row)."""
+    if compactor is None:
+        return take(weight, idx, 0), None if bias is None else take(bias, idx, 0)
+    return fold(weight, bias, take(compactor, idx, 0))
+
+
 @dataclass
 class FoldedBlock:
-    """Folded per-head q/k/v and fc1 weights of one block (compactors applied, nothing dropped yet)."""
+    """One block's per-head q/k/v weights with their compactors folded in, and fc1 with its compactor.
+
+    fc1 stays unfolded (w1, b1, c1): its compactor is F x F, so `slice_block` folds only the kept rows.
+    """
 
     wq: torch.Tensor
     bq: torch.Tensor | None
@@ -192,10 +202,14 @@ class FoldedBlock:
     bv: torch.Tensor | None
     w1: torch.Tensor
     b1: torch.Tensor
+    c1: torch.Tensor | None
+
+    def fc1_folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return fold(self.w1, self.b1, self.c1)
 
 
 def fold_block(qkv_w, qkv_b, fc1_w, fc1_b, num_heads: int, compactors: dict) -> FoldedBlock:
-    """Fold q/k/v (per head) and fc1 compactors. compactors: name -> weight or None."""
+    """Fold q/k/v compactors per head. compactors: name ("q", "k", "v", "fc1") -> weight or None."""
     dim = qkv_w.shape[1]
     d = dim // num_heads
     ws = qkv_w.reshape(3, num_heads, d, dim)
@@ -203,8 +217,7 @@ def fold_block(qkv_w, qkv_b, fc1_w, fc1_b, num_heads: int, compactors: dict) -> 
     out = {}
     for j, name in enumerate("qkv"):
         out["w" + name], out["b" + name] = fold(ws[j], None if bs is None else bs[j], compactors.get(name))
-    w1, b1 = fold(fc1_w, fc1_b, compactors.get("fc1"))
-    return FoldedBlock(w1=w1, b1=b1, **out)
+    return FoldedBlock(w1=fc1_w, b1=fc1_b, c1=compactors.get("fc1"), **out)
 
 
 def slice_block(f: FoldedBlock, proj_w: torch.Tensor, fc2_w: torch.Tensor, plan: BlockPlan) -> dict[str, torch.Tensor]:
@@ -218,7 +231,6 @@ def slice_block(f: FoldedBlock, proj_w: torch.Tensor, fc2_w: torch.Tensor, plan:
                                           take(f.bv, plan.v, 1).reshape(-1)])
     pw = proj_w.reshape(dim, h, -1).transpose(0, 1)  # [H, D, d]
     out["attn.proj.weight"] = take(pw, plan.v, 2).transpose(0, 1).reshape(dim, -1)
-    out["mlp.fc1.weight"] = take(f.w1, plan.mlp, 0)
-    out["mlp.fc1.bias"] = take(f.b1, plan.mlp, 0)
+    out["mlp.fc1.weight"], out["mlp.fc1.bias"] = fold_rows(f.w1, f.b1, f.c1, plan.mlp)
     out["mlp.fc2.weight"] = take(fc2_w, plan.mlp, 1)
     return {k: v.contiguous() for k, v in out.items()}
