@@ -45,7 +45,9 @@ class FuseResult:
 
 
 def _compactor_row_norms(c: torch.Tensor | None, shape) -> torch.Tensor:
-    return torch.ones(shape, dtype=torch.float64) if c is None else c.double().pow(2).sum(-1).sqrt()
+    if c is None:
+        return torch.ones(shape, dtype=torch.float64)
+    return torch.linalg.vector_norm(c, dim=-1).double()
 
 
 def plan_block(ckpt: Checkpoint, i: int, f: S.FoldedBlock, opts: FuseOptions) -> S.BlockPlan:
@@ -58,12 +60,13 @@ def plan_block(ckpt: Checkpoint, i: int, f: S.FoldedBlock, opts: FuseOptions) ->
     h, d = f.wq.shape[:2]
     hidden = f.w1.shape[0]
     comp = {n: ckpt.compactor(i, n) for n in ("q", "k", "v", "fc1")}
+    shapes = {"q": (h, d), "k": (h, d), "v": (h, d), "fc1": (hidden,)}
+    comp_norms = {n: _compactor_row_norms(None if comp[n] is None else comp[n][0], shapes[n]) for n in shapes}
     if opts.threshold is not None:
         norms = {"q": S.row_norms(f.wq, f.bq), "k": S.row_norms(f.wk, f.bk), "v": S.row_norms(f.wv, f.bv),
                  "fc1": S.row_norms(*f.fc1_folded())}
     else:
-        norms = {n: _compactor_row_norms(None if comp[n] is None else comp[n][0], shape)
-                 for n, shape in (("q", (h, d)), ("k", (h, d)), ("v", (h, d)), ("fc1", (hidden,)))}
+        norms = comp_norms
     keep = {}
     for name, shape in (("q", (h, d)), ("k", (h, d)), ("v", (h, d)), ("fc1", (hidden,))):
         if opts.threshold is not None:
@@ -92,7 +95,7 @@ def plan_block(ckpt: Checkpoint, i: int, f: S.FoldedBlock, opts: FuseOptions) ->
     for name, kp in (("q", keep_qk), ("k", keep_qk), ("v", keep_v), ("fc1", keep_mlp)):
         c = comp[name]
         if c is not None and bool((~kp).any()):
-            dropped = max(dropped, float(_compactor_row_norms(c[0], kp.shape)[~kp].max()))
+            dropped = max(dropped, float(comp_norms[name][~kp].max()))
 
     qk = S.to_indices(keep_qk)
     v = S.to_indices(keep_v)

@@ -15,7 +15,7 @@ def print_fuse_report(report: dict) -> None:
         con.print(f"[yellow]config inferred from shapes:[/] {inferred}")
     t = Table(title=f"fused {report['checkpoint']}", show_lines=False)
     for col in ("block", "merge", "tokens", "heads", "qk/head", "v/head", "mlp", "GFLOPs", "dense"):
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="right", no_wrap=True)
     for b in report["blocks"]:
         qk = f"{b['qk_per_head']}" + (f" ({b['qk_pruned']})" if b["qk_pruned"] != b["qk_per_head"] else "")
         v = f"{b['v_per_head']}" + (f" ({b['v_pruned']})" if b["v_pruned"] != b["v_per_head"] else "")
