@@ -1,0 +1,283 @@
+"""A ToMe-style token-merging baseline (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023).
+
+Written from the paper, not from its code. In every block, between the attention and the MLP:
+
+1. metric: the attention keys averaged over heads, one vector per token, L2-normalised (cosine similarity);
+2. the tokens are split alternately into set A (even positions 0, 2, 4, ...) and set B (odd positions);
+3. every A token keeps its most similar B token as its one edge; the class token (position 0, in A) gets no
+   edge, so it is never merged and stays the first token;
+4. the r most similar edges are merged: each chosen A token is averaged into its B token, weighted by the
+   number of patches the tokens already stand for (their "size"); sizes add up;
+5. proportional attention: log(size) is added to the attention logits of every key, so a token that stands
+   for s patches gets the attention weight s patches would get.
+
+The output token order is [unmerged A tokens in their original order (class token first) | all B tokens].
+`r` is the number of tokens removed per block: one int for every block, or a per-block list (a schedule).
+At most floor((N-1)/2) tokens can be removed from N tokens (every A token except the class token).
+
+FLOPs (`tome_flops`) follow flops.py: 2 per multiply-accumulate, matmuls and convolutions only. ToMe's own
+cost is counted: the similarity matmul of each merging block, 2 * |A| * |B| * head_dim per image. Its
+normalisation, mean over heads, argmax, sort, gather and scatter are not matmuls and are not counted
+(as LayerNorm/softmax are not counted for the dense model).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CaitConfig
+
+MergeFn = Callable[..., torch.Tensor]
+
+
+def _identity(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+    return x
+
+
+def max_r(n_tokens: int, protect_cls: bool = True) -> int:
+    """The most tokens one matching step can remove from `n_tokens` tokens (|A|, minus the class token)."""
+    return max(0, (n_tokens - 1) // 2) if protect_cls else n_tokens // 2
+
+
+def bipartite_soft_matching(k: torch.Tensor, r: int, protect_cls: bool = True) -> tuple[MergeFn, MergeFn]:
+    """Plan one ToMe merge step from a similarity metric.
+
+    k: [B, N, C] per-token metric (ToMe: the keys averaged over heads). r: tokens to remove.
+    Returns (merge, unmerge):
+      merge(x [B, N, D], mode="sum"|"mean"|"amax"...) -> [B, N - r, D] (A tokens reduced into their B match);
+      unmerge(y [B, N - r, D]) -> [B, N, D] (every token gets the value of the token it ended up in).
+    With r <= 0 both are the identity. r is capped at `max_r(N)`.
+    """
+    n = k.shape[1]
+    r = min(int(r), max_r(n, protect_cls))
+    if r <= 0:
+        return _identity, _identity
+    with torch.no_grad():
+        metric = k / k.norm(dim=-1, keepdim=True)
+        a, b = metric[:, ::2], metric[:, 1::2]
+        scores = a @ b.transpose(-1, -2)                       # [B, Na, Nb] cosine similarities
+        if protect_cls:
+            scores[:, 0, :] = -math.inf                        # the class token gets no edge
+        node_max, node_idx = scores.max(dim=-1)                # best B partner of every A token
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx = edge_idx[:, r:].sort(dim=1).values           # A tokens that stay, in original order
+        src_idx = edge_idx[:, :r]                              # A tokens merged away
+        dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
+    na = a.shape[1]
+
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        src, dst = x[:, ::2], x[:, 1::2]
+        bsz, _, d = src.shape
+        unm = src.gather(dim=1, index=unm_idx.expand(bsz, na - r, d))
+        src = src.gather(dim=1, index=src_idx.expand(bsz, r, d))
+        dst = dst.scatter_reduce(1, dst_idx.expand(bsz, r, d), src, reduce=mode)
+        return torch.cat([unm, dst], dim=1)
+
+    def unmerge(y: torch.Tensor) -> torch.Tensor:
+        bsz, _, d = y.shape
+        unm, dst = y[:, : na - r], y[:, na - r:]
+        src = dst.gather(dim=1, index=dst_idx.expand(bsz, r, d))
+        out = y.new_zeros(bsz, n, d)
+        out[:, 1::2] = dst
+        out.scatter_(1, (2 * unm_idx).expand(bsz, na - r, d), unm)
+        out.scatter_(1, (2 * src_idx).expand(bsz, r, d), src)
+        return out
+
+    return merge, unmerge
+
+
+def merge_wavg(merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge. x: [B, N, D]; size: [B, N, 1] patches per token (None = all ones).
+
+    Returns (merged x [B, N', D], merged size [B, N', 1]); merged sizes are the sums of the sizes merged.
+    """
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    x = merge(x * size, mode="sum")
+    size = merge(size, mode="sum")
+    return x / size, size
+
+
+# ---- r schedules ------------------------------------------------------------------------------------
+def r_schedule(r: int | Sequence[int], depth: int) -> list[int]:
+    """Per-block r list from an int (same r in every block) or a list of length `depth`."""
+    if isinstance(r, (int,)) and not isinstance(r, bool):
+        if r < 0:
+            raise ValueError(f"ToMe r must be >= 0, got {r}")
+        return [r] * depth
+    sched = [int(v) for v in r]
+    if len(sched) != depth:
+        raise ValueError(f"ToMe r schedule has {len(sched)} entries for {depth} blocks")
+    if any(v < 0 for v in sched):
+        raise ValueError(f"ToMe r schedule entries must be >= 0, got {sched}")
+    return sched
+
+
+def tome_tokens(config: CaitConfig, r: int | Sequence[int]) -> list[tuple[int, int]]:
+    """(tokens in attention, tokens in the MLP) of every block, class token included."""
+    n = 1 + config.grid[0] * config.grid[1]
+    out = []
+    for ri in r_schedule(r, config.depth):
+        m = n - min(ri, max_r(n))
+        out.append((n, m))
+        n = m
+    return out
+
+
+def _check_dense(config: CaitConfig) -> None:
+    if config.merges:
+        raise ValueError("ToMe runs a dense ViT: the config has ATME merges (use config.unpruned())")
+    for i, b in enumerate(config.blocks):
+        if b.qk_dim != b.v_dim or b.num_heads * b.qk_dim != config.embed_dim:
+            raise ValueError(f"ToMe runs a dense ViT: block {i} has pruned attention widths")
+
+
+def tome_flops(config: CaitConfig, r: int | Sequence[int]) -> dict:
+    """Analytic FLOPs per image of ToMe on a dense config, by block and part (see the module docstring).
+
+    {"total", "patch_embed", "head", "blocks": [{"tokens", "tokens_out", "qkv", "attn", "match", "proj",
+    "mlp", "total"}]}. With r = 0 the total equals `flops.model_flops(config)["total"]`.
+    """
+    _check_dense(config)
+    d = config.embed_dim
+    gh, gw = config.grid
+    patch = 2 * gh * gw * d * config.in_chans * config.patch_size**2
+    head = 2 * d * config.num_classes
+    blocks = []
+    for b, (n, m) in zip(config.blocks, tome_tokens(config, r)):
+        h = b.num_heads
+        na, nb = (n + 1) // 2, n // 2
+        parts = {
+            "tokens": n, "tokens_out": m,
+            "qkv": 2 * n * d * h * (2 * b.qk_dim + b.v_dim),
+            "attn": 2 * h * n * n * (b.qk_dim + b.v_dim),
+            "proj": 2 * n * h * b.v_dim * d,
+            "match": 2 * na * nb * b.qk_dim if m < n else 0,
+            "mlp": 2 * 2 * m * d * b.mlp_hidden,
+        }
+        parts["total"] = sum(v for k, v in parts.items() if k not in ("tokens", "tokens_out"))
+        blocks.append(parts)
+    return {"total": patch + head + sum(p["total"] for p in blocks), "patch_embed": patch, "head": head,
+            "blocks": blocks}
+
+
+def choose_r(config_dense: CaitConfig, target_flops: float, tol: float = 0.02) -> int | list[int]:
+    """The ToMe r whose FLOPs per image match `target_flops` within `tol` (relative).
+
+    First the constant r (same in every block, as in the paper) closest to the target. If no constant r is
+    within `tol`, a schedule: r+1 in the first k blocks and r in the rest, with the k closest to the target
+    (FLOPs fall monotonically in k). Raises ValueError when even the best schedule misses the target.
+    """
+    depth = config_dense.depth
+    n0 = 1 + config_dense.grid[0] * config_dense.grid[1]
+    cost = {r: tome_flops(config_dense, r)["total"] for r in range(0, max_r(n0) + 1)}
+    best = min(cost, key=lambda r: abs(cost[r] - target_flops))
+    if abs(cost[best] - target_flops) <= tol * target_flops:
+        return best
+    # bracket: cost[lo] > target > cost[lo + 1] (costs fall with r)
+    lo = max([r for r in cost if cost[r] >= target_flops], default=None)
+    if lo is None or lo + 1 not in cost:
+        lim = "above" if lo is None else "below"
+        raise ValueError(f"ToMe cannot reach {target_flops / 1e9:.3f} GFLOPs: target is {lim} its range "
+                         f"[{min(cost.values()) / 1e9:.3f}, {max(cost.values()) / 1e9:.3f}]")
+    cands = [[lo + 1] * k + [lo] * (depth - k) for k in range(depth + 1)]
+    sched = min(cands, key=lambda s: abs(tome_flops(config_dense, s)["total"] - target_flops))
+    got = tome_flops(config_dense, sched)["total"]
+    if abs(got - target_flops) > tol * target_flops:
+        raise ValueError(f"no ToMe r schedule within {100 * tol:g}% of {target_flops / 1e9:.3f} GFLOPs "
+                         f"(closest {got / 1e9:.3f})")
+    return sched
+
+
+def describe_r(r: int | Sequence[int]) -> str:
+    """'r=13' for a constant r, else 'r=[14x3,13x9]' (run-length)."""
+    if isinstance(r, int):
+        return f"r={r}"
+    runs: list[list[int]] = []
+    for v in r:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return "r=[" + ",".join(f"{v}x{c}" for v, c in runs) + "]"
+
+
+# ---- the model ---------------------------------------------------------------------------------------
+class ToMeViT(nn.Module):
+    """A dense `CaitViT` run with ToMe merging; no timm or CaitViT class is patched.
+
+    `vit` must be a dense CaitViT (no ATME merges, no pruned widths); its modules (patch embed, LayerNorms,
+    qkv/proj Linears, MLPs, head) are used as they are, with this module's own forward. With r = 0 in every
+    block the forward runs exactly the dense model's operations (no matching, no attention bias).
+    attn_impl: "sdpa" (default) or "math" (explicit MatMul/Softmax/MatMul, for export).
+    """
+
+    def __init__(self, vit: nn.Module, r: int | Sequence[int], attn_impl: str = "sdpa",
+                 prop_attn: bool = True):
+        super().__init__()
+        config: CaitConfig = vit.config
+        _check_dense(config)
+        if attn_impl not in ("sdpa", "math"):
+            raise ValueError(f"ToMe attn_impl must be 'sdpa' or 'math', got {attn_impl!r}")
+        self.vit = vit
+        self.config = config
+        self.r = r
+        self.schedule = r_schedule(r, config.depth)
+        self.attn_impl = attn_impl
+        self.prop_attn = prop_attn
+
+    def _attention(self, blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        at = blk.attn
+        b, n, _ = x.shape
+        h, dqk, dv = at.num_heads, at.qk_dim, at.v_dim
+        q, k, v = at.qkv(x).split([h * dqk, h * dqk, h * dv], dim=-1)
+        q = q.reshape(b, n, h, dqk).transpose(1, 2)
+        k = k.reshape(b, n, h, dqk).transpose(1, 2)
+        v = v.reshape(b, n, h, dv).transpose(1, 2)
+        bias = size.log().reshape(b, 1, 1, n) if (size is not None and self.prop_attn) else None
+        if self.attn_impl == "sdpa":
+            bias = bias.to(q.dtype) if bias is not None else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=at.scale)
+        else:
+            attn = (q * at.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias.to(attn.dtype)
+            out = attn.softmax(dim=-1) @ v
+        return at.proj(out.transpose(1, 2).reshape(b, n, h * dv)), k.mean(dim=1)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + vit.pos_embed
+        size = None
+        for blk, r in zip(vit.blocks, self.schedule):
+            y, metric = self._attention(blk, blk.norm1(x), size)
+            x = x + y
+            if r > 0:
+                merge, _ = bipartite_soft_matching(metric, r, protect_cls=True)
+                if merge is not _identity:
+                    x, size = merge_wavg(merge, x, size)
+            x = x + blk.mlp(blk.norm2(x))
+        return vit.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit.head(self.forward_features(images)[:, 0])
+
+
+def tome_model(config: CaitConfig, r: int | Sequence[int], attn_impl: str = "sdpa", seed: int | None = 0,
+               state_dict: dict[str, torch.Tensor] | None = None) -> ToMeViT:
+    """A `ToMeViT` over a fresh dense CaitViT of `config` (random weights unless `state_dict` is given)."""
+    from ..model import CaitViT
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    vit = CaitViT(config, attn_impl="sdpa" if attn_impl == "sdpa" else "math")
+    if state_dict is not None:
+        vit.load_state_dict(state_dict)
+    return ToMeViT(vit, r, attn_impl=attn_impl).eval()

@@ -1,0 +1,250 @@
+"""`run_bench`: CAIT vs its dense architecture vs ToMe at the same FLOPs, over backends and batch sizes.
+
+Models
+  cait   the fused model (weights from the file)
+  dense  `config.unpruned()`: same depth, width and heads, no merges, no pruning (random weights: speed only)
+  tome   the dense model with ToMe merging; r chosen by `choose_r` so its FLOPs match CAIT's within 2%
+         (random weights: the merge pattern is data-dependent, its cost is not)
+
+fp16 on CPU: the records run fp32 (dtype "fp32") and say so in `note`; CPUs have no fast fp16 path in
+PyTorch eager or the ONNX Runtime CPU EP, and a half-precision CPU number would only measure conversions.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..config import CaitConfig
+from ..errors import CaitError
+from ..flops import model_flops, model_params
+from .runners import (BACKENDS, DTYPES, BenchModel, RunOptions, Timing, close_context, new_context, run_one)
+
+BASELINES = ("dense", "tome")
+
+
+def arch_name(cfg: CaitConfig) -> str:
+    """A short name of a dense architecture, e.g. 'vit-d384-x12-h6-224px'."""
+    return f"vit-d{cfg.embed_dim}-x{cfg.depth}-h{cfg.blocks[0].num_heads}-{cfg.img_size}px"
+
+
+def setting_name(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    for suffix in (".safetensors", ".fused"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def parse_backends(text: str | Sequence[str]) -> list[str]:
+    items = [b.strip() for b in (text.split(",") if isinstance(text, str) else text) if b.strip()]
+    if not items:
+        raise CaitError(f"--backends: empty; choose from {','.join(BACKENDS)}")
+    bad = [b for b in items if b not in BACKENDS]
+    if bad:
+        raise CaitError(f"--backends: unknown backend {bad[0]!r}; choose from {','.join(BACKENDS)}")
+    return list(dict.fromkeys(items))
+
+
+def parse_baselines(text: str | Sequence[str]) -> list[str]:
+    items = [b.strip() for b in (text.split(",") if isinstance(text, str) else text) if b.strip()]
+    if len(items) == 1 and items[0] == "none":
+        return []
+    bad = [b for b in items if b not in BASELINES]
+    if bad:
+        raise CaitError(f"--baselines: unknown baseline {bad[0]!r}; choose from {','.join(BASELINES)} or none")
+    return list(dict.fromkeys(items))
+
+
+def parse_batches(values: Iterable[Any]) -> list[int]:
+    out = []
+    for v in values:
+        for part in str(v).split(","):
+            try:
+                b = int(part)
+            except ValueError:
+                raise CaitError(f"--batch {part!r}: not an integer") from None
+            if b < 1:
+                raise CaitError(f"--batch {b}: must be at least 1")
+            out.append(b)
+    if not out:
+        raise CaitError("--batch: give at least one batch size")
+    return list(dict.fromkeys(out))
+
+
+def parse_tome_r(value: Any) -> str | int:
+    if value in (None, "auto"):
+        return "auto"
+    try:
+        r = int(value)
+    except (TypeError, ValueError):
+        raise CaitError(f"--tome-r {value!r}: 'auto' or a non-negative integer") from None
+    if r < 0:
+        raise CaitError(f"--tome-r {r}: must be >= 0")
+    return r
+
+
+def _dense_builder(cfg: CaitConfig, seed: int) -> Callable[[str, str | None], torch.nn.Module]:
+    def build(attn_impl: str, kernels: str | None):
+        from ..model import CaitViT
+
+        torch.manual_seed(seed)
+        return CaitViT(cfg, attn_impl=attn_impl, kernels=kernels).eval()
+
+    return build
+
+
+def _cait_builder(path: str) -> Callable[[str, str | None], torch.nn.Module]:
+    def build(attn_impl: str, kernels: str | None):
+        from ..io import load_model
+
+        return load_model(path, attn_impl=attn_impl, kernels=kernels)
+
+    return build
+
+
+def _tome_builder(cfg: CaitConfig, r, seed: int) -> Callable[[str, str | None], torch.nn.Module]:
+    def build(attn_impl: str, kernels: str | None):
+        from ..baselines.tome import tome_model
+
+        return tome_model(cfg, r, attn_impl="math" if attn_impl == "math" else "sdpa", seed=seed)
+
+    return build
+
+
+def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[str] = BASELINES,
+                 tome_r: str | int = "auto", seed: int = 0, log: Callable[[str], None] = print
+                 ) -> list[BenchModel]:
+    """The models to benchmark: every fused CAIT model, one dense model per distinct architecture, one
+    ToMe model per CAIT model (FLOPs-matched unless `tome_r` is an int)."""
+    from ..baselines.tome import choose_r, describe_r, tome_flops
+    from ..io import load_fused, load_model
+
+    models: list[BenchModel] = []
+    dense_seen: set[str] = set()
+    for path in model_paths:
+        try:
+            config, _, _ = load_fused(path)
+        except CaitError as e:
+            msg = str(e)
+            if "caitdeploy fuse" not in msg:
+                msg += " (bench takes a fused model: run `caitdeploy fuse` on a CAIT checkpoint first)"
+            raise CaitError(msg) from None
+        load_model(path)                  # validates the weights against the config
+        dense_cfg = config.unpruned()
+        arch = arch_name(dense_cfg)
+        setting = setting_name(path)
+        f_cait, f_dense = model_flops(config)["total"], model_flops(dense_cfg)["total"]
+        common = dict(img_size=config.img_size, in_chans=config.in_chans, num_classes=config.num_classes,
+                      flops_dense=f_dense)
+        models.append(BenchModel("cait", setting, arch, f"CAIT -{100 * (1 - f_cait / f_dense):.1f}%",
+                                 _cait_builder(str(path)), flops=f_cait, params=model_params(config), **common))
+        log(f"{setting}: CAIT {f_cait / 1e9:.3f} GFLOPs/img, dense {f_dense / 1e9:.3f} "
+            f"({100 * (1 - f_cait / f_dense):.1f}% fewer)")
+        if "dense" in baselines and arch not in dense_seen:
+            dense_seen.add(arch)
+            models.append(BenchModel("dense", arch, arch, "dense", _dense_builder(dense_cfg, seed), flops=f_dense,
+                                     params=model_params(dense_cfg), **common))
+        if "tome" in baselines:
+            if tome_r == "auto":
+                try:
+                    r = choose_r(dense_cfg, f_cait)
+                except ValueError as e:
+                    raise CaitError(f"{path}: {e}") from None
+            else:
+                r = int(tome_r)
+            f_tome = tome_flops(dense_cfg, r)["total"]
+            how = "constant r" if isinstance(r, int) else "schedule: r+1 in the first blocks, r after"
+            log(f"{setting}: ToMe {describe_r(r)} ({how}) {f_tome / 1e9:.3f} GFLOPs/img vs CAIT "
+                f"{f_cait / 1e9:.3f} ({100 * (f_tome / f_cait - 1):+.2f}%)")
+            models.append(BenchModel("tome", setting, arch, f"ToMe {describe_r(r)}", _tome_builder(dense_cfg, r, seed),
+                                     flops=f_tome, params=model_params(dense_cfg), **common))
+    return models
+
+
+def add_speedups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill speedup_vs_dense / speedup_vs_tome (p50 ratio, > 1 = faster) among records of the same backend,
+    batch, dtype and device: dense by architecture, ToMe by CAIT setting (for a dense row: the ToMe of its
+    architecture when there is exactly one)."""
+    def key(r):
+        return (r["backend"], r["batch"], r["dtype"], r["device"])
+
+    ok = [r for r in records if r["status"] == "ok"]
+    dense = {(key(r), r["arch"]): r for r in ok if r["model"] == "dense"}
+    tome_by_setting = {(key(r), r["setting"]): r for r in ok if r["model"] == "tome"}
+    tome_by_arch: dict[tuple, list] = {}
+    for r in ok:
+        if r["model"] == "tome":
+            tome_by_arch.setdefault((key(r), r["arch"]), []).append(r)
+    for r in ok:
+        d = dense.get((key(r), r["arch"]))
+        r["speedup_vs_dense"] = d["latency_ms_p50"] / r["latency_ms_p50"] if d else None
+        if r["model"] == "dense":
+            cands = tome_by_arch.get((key(r), r["arch"]), [])
+            t = cands[0] if len(cands) == 1 else None
+        else:
+            t = tome_by_setting.get((key(r), r["setting"]))
+        r["speedup_vs_tome"] = t["latency_ms_p50"] / r["latency_ms_p50"] if t else None
+    return records
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise CaitError(f"--device {device!r}: auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CaitError("--device cuda: no CUDA GPU is visible to PyTorch")
+    return device
+
+
+def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batches: Sequence[int] = (256,),
+              backends: Sequence[str] = ("torch",), dtype: str = "fp32", baselines: Sequence[str] = BASELINES,
+              tome_r: str | int = "auto", device: str | None = "auto", timing: Timing | None = None,
+              threads: int | None = None, work_dir: str | os.PathLike | None = None,
+              compile_mode: str | None = None, seed: int = 0, progress: bool = True,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Benchmark fused model(s) against their dense architecture and ToMe; one flat record per
+    (model, backend, batch). See runners.py for timing, memory and record keys."""
+    paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
+    if not paths:
+        raise CaitError("no model given")
+    backends = parse_backends(backends)
+    baselines = parse_baselines(baselines)
+    batches = parse_batches(batches)
+    tome_r = parse_tome_r(tome_r)
+    if dtype not in DTYPES:
+        raise CaitError(f"--dtype {dtype!r}: choose fp32 or fp16")
+    if threads is not None:
+        if threads < 1:
+            raise CaitError(f"--threads {threads}: must be at least 1")
+        torch.set_num_threads(threads)
+    opts = RunOptions(device=resolve_device(device), dtype=dtype, timing=timing or Timing(), threads=threads,
+                      work_dir=Path(work_dir) if work_dir else None, compile_mode=compile_mode, seed=seed)
+    models = build_models(paths, baselines, tome_r, seed=seed, log=log)
+    if dtype == "fp16" and opts.device == "cpu":
+        log("fp16 on CPU: running fp32 instead (see each record's note)")
+    jobs = [(backend, batch, m) for backend in backends for batch in batches for m in models]
+    ctx = new_context(opts)
+    records: list[dict[str, Any]] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), unit="run", dynamic_ncols=True, leave=False)
+    try:
+        for backend, batch, m in jobs:
+            if bar is not None:
+                bar.set_description(f"{m.kind}/{backend}/b{batch}")
+            rec = run_one(m, backend, batch, opts, ctx)
+            records.append(rec)
+            if bar is not None:
+                bar.update(1)
+                if rec["status"] == "ok":
+                    bar.set_postfix_str(f"{m.kind}/{backend}/b{batch}: {rec['throughput_img_s']:.1f} img/s")
+    finally:
+        if bar is not None:
+            bar.close()
+        close_context(ctx)
+    return add_speedups(records)

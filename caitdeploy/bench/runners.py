@@ -1,0 +1,518 @@
+"""Benchmark runners: one function per backend, one flat record per (model, backend, batch).
+
+Backends
+  torch         eager PyTorch (CaitViT with SDPA attention; ToMe with SDPA + its matching ops)
+  compile       torch.compile; on CUDA mode "max-autotune-no-cudagraphs" by default (or any mode passed,
+                e.g. "reduce-overhead" for CUDA graphs); on CPU the default mode (compiling may take minutes)
+  ort           ONNX Runtime: TensorRT EP > CUDA EP > CPU EP, the first available for the device;
+                IO binding of torch CUDA tensors on GPU; the model is exported with export.onnx.export_onnx
+  trt           a TensorRT engine built by export.tensorrt.build_engine and run by its TrtRunner (CUDA only)
+  torch-triton  CaitViT with kernels="triton" (CUDA only; n/a for ToMe, which is not a CaitViT)
+
+Timing: `warmup` untimed calls, then per repeat at least `min_iters` calls and at least `min_seconds`
+seconds (whichever is longer, capped by `max_iters`). Each call is timed alone and synchronised:
+CUDA events around the call for the torch backends on GPU; time.perf_counter around a call followed by
+torch.cuda.synchronize() for ort/trt on GPU (they run on their own streams) and for everything on CPU.
+Latency percentiles are over all timed calls of all repeats, per batch; throughput = batch / p50.
+repeat_spread_pct = 100 * (max - min) / median of the per-repeat medians (None with one repeat).
+
+Peak memory (`peak_mem_kind` says which):
+  cuda_max_allocated  torch.cuda.max_memory_allocated over setup + warm-up + timing (torch backends on GPU:
+                      weights, activations, compile workspaces)
+  cuda_used_delta     device memory in use (cudaMemGetInfo) after the run minus before (ort/trt on GPU,
+                      whose allocations torch does not see; includes their arenas/workspaces)
+  rss_peak_delta      CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs before the
+                      run) minus the resident set size before setup (export/compile memory included)
+  ru_maxrss           CPU fallback when VmHWM cannot be reset: the process's lifetime peak RSS
+
+Any failure of one pair (missing runtime, export error, no GPU, unsupported op) gives a record with
+status "n/a: <reason>" and None measurements; the benchmark goes on.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import CaitError
+
+BACKENDS = ("torch", "compile", "ort", "trt", "torch-triton")
+DTYPES = ("fp32", "fp16")
+MODEL_KINDS = ("cait", "dense", "tome")
+
+# every record has exactly these keys; the types of an "ok" record (None allowed where listed)
+_S, _I, _F, _N = str, int, float, type(None)
+RECORD_SCHEMA: dict[str, tuple[type, ...]] = {
+    "model": (_S,), "setting": (_S,), "arch": (_S,), "model_detail": (_S,),
+    "backend": (_S,), "device": (_S,), "dtype": (_S,), "batch": (_I,),
+    "flops_per_img": (_I,), "flops_reduction": (_F,), "params": (_I,),
+    "latency_ms_p50": (_F,), "latency_ms_p90": (_F,), "latency_ms_p99": (_F,), "latency_ms_mean": (_F,),
+    "throughput_img_s": (_F,), "peak_mem_mb": (_F, _N), "peak_mem_kind": (_S,),
+    "speedup_vs_dense": (_F, _N), "speedup_vs_tome": (_F, _N), "repeat_spread_pct": (_F, _N),
+    "iters": (_I,), "warmup": (_I,), "repeats": (_I,), "setup_s": (_F,),
+    "status": (_S,), "note": (_S,),
+    "env_cpu": (_S,), "env_cpu_count": (_I,), "env_threads": (_I,), "env_gpu": (_S, _N), "env_driver": (_S, _N),
+    "env_cuda": (_S, _N), "env_torch": (_S,), "env_onnxruntime": (_S, _N), "env_tensorrt": (_S, _N),
+    "env_python": (_S,), "env_os": (_S,),
+}
+RECORD_KEYS = tuple(RECORD_SCHEMA)
+# keys that are None in an "n/a" record
+MEASURED_KEYS = ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean", "throughput_img_s",
+                 "peak_mem_mb", "peak_mem_kind", "speedup_vs_dense", "speedup_vs_tome", "repeat_spread_pct",
+                 "iters", "setup_s")
+
+
+@dataclass
+class Timing:
+    warmup: int = 10
+    min_iters: int = 20
+    min_seconds: float = 2.0
+    repeats: int = 2
+    max_iters: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.min_iters < 1 or self.min_seconds < 0 or self.repeats < 1 or self.max_iters < 1:
+            raise CaitError("timing: need warmup >= 0, min-iters >= 1, min-seconds >= 0, repeats >= 1")
+
+
+@dataclass
+class BenchModel:
+    """One model to benchmark. `build(attn_impl, kernels)` returns a fresh fp32 CPU module in eval mode."""
+
+    kind: str                      # "cait" | "dense" | "tome"
+    setting: str                   # the CAIT setting this row belongs to (dense: the architecture)
+    arch: str                      # the dense architecture, e.g. "vit d384 x12 h6 224px"
+    detail: str                    # e.g. "CAIT -55.0%", "dense", "ToMe r=18"
+    build: Callable[[str, str | None], nn.Module]
+    img_size: int
+    in_chans: int
+    num_classes: int
+    flops: int
+    flops_dense: int
+    params: int
+
+
+@dataclass
+class RunOptions:
+    device: str = "cpu"            # "cpu" | "cuda"
+    dtype: str = "fp32"
+    timing: Timing = field(default_factory=Timing)
+    threads: int | None = None
+    work_dir: Path | None = None   # ONNX files and engines; a temporary folder if None
+    compile_mode: str | None = None  # None: "max-autotune-no-cudagraphs" on CUDA, default mode on CPU
+    seed: int = 0
+
+
+# ---- environment -------------------------------------------------------------------------------------
+def _pkg_version(*names: str) -> str | None:
+    from importlib import metadata
+
+    for n in names:
+        try:
+            return metadata.version(n)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _driver() -> str | None:
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+_ENV_CACHE: dict[str, Any] | None = None
+
+
+def environment() -> dict[str, Any]:
+    """env_* keys of a record: hardware and software versions, no hostname."""
+    global _ENV_CACHE
+    if _ENV_CACHE is None:
+        cuda = torch.cuda.is_available()
+        _ENV_CACHE = {
+            "env_cpu": _cpu_name(), "env_cpu_count": os.cpu_count() or 1,
+            "env_gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "env_driver": _driver() if cuda else None,
+            "env_cuda": torch.version.cuda if cuda else None,
+            "env_torch": torch.__version__,
+            "env_onnxruntime": _pkg_version("onnxruntime", "onnxruntime-gpu"),
+            "env_tensorrt": _pkg_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt_rtx"),
+            "env_python": platform.python_version(), "env_os": platform.platform(terse=True),
+        }
+    return {**_ENV_CACHE, "env_threads": torch.get_num_threads()}
+
+
+# ---- memory ------------------------------------------------------------------------------------------
+def _proc_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class MemoryProbe:
+    def __init__(self, device: str, torch_alloc: bool):
+        self.device, self.torch_alloc = device, torch_alloc
+        self.kind = ""
+        self.before = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            if self.torch_alloc:
+                self.kind = "cuda_max_allocated"
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                self.kind = "cuda_used_delta"
+                free, total = torch.cuda.mem_get_info()
+                self.before = total - free
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.kind = "rss_peak_delta"
+            self.before = _proc_kb("VmRSS") or 0
+        except OSError:
+            self.kind = "ru_maxrss"
+
+    def peak_mb(self) -> float | None:
+        if self.kind == "cuda_max_allocated":
+            return torch.cuda.max_memory_allocated() / 2**20
+        if self.kind == "cuda_used_delta":
+            free, total = torch.cuda.mem_get_info()
+            return max(0, total - free - self.before) / 2**20
+        if self.kind == "rss_peak_delta":
+            hwm = _proc_kb("VmHWM")
+            return None if hwm is None else max(0, hwm - self.before) / 1024
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---- timing ------------------------------------------------------------------------------------------
+def _percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    if len(s) == 1:
+        return s[0]
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def measure(step: Callable[[], Any], timing: Timing, cuda_events: bool = False,
+            sync: Callable[[], None] = lambda: None) -> list[list[float]]:
+    """Per-repeat lists of per-call latencies in ms (after `timing.warmup` untimed calls)."""
+    for _ in range(timing.warmup):
+        step()
+    sync()
+    repeats = []
+    for _ in range(timing.repeats):
+        samples: list[float] = []
+        t_start = time.perf_counter()
+        while len(samples) < timing.max_iters and (
+                len(samples) < timing.min_iters or time.perf_counter() - t_start < timing.min_seconds):
+            if cuda_events:
+                ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ev0.record()
+                step()
+                ev1.record()
+                ev1.synchronize()
+                samples.append(float(ev0.elapsed_time(ev1)))
+            else:
+                t0 = time.perf_counter()
+                step()
+                sync()
+                samples.append((time.perf_counter() - t0) * 1e3)
+        repeats.append(samples)
+    return repeats
+
+
+def summarize(repeats: list[list[float]], batch: int) -> dict[str, Any]:
+    allv = [v for r in repeats for v in r]
+    p50 = _percentile(allv, 50)
+    meds = [statistics.median(r) for r in repeats]
+    spread = 100 * (max(meds) - min(meds)) / statistics.median(meds) if len(meds) > 1 else None
+    return {"latency_ms_p50": p50, "latency_ms_p90": _percentile(allv, 90), "latency_ms_p99": _percentile(allv, 99),
+            "latency_ms_mean": statistics.fmean(allv), "throughput_img_s": batch / p50 * 1e3,
+            "repeat_spread_pct": spread, "iters": len(allv)}
+
+
+# ---- records -----------------------------------------------------------------------------------------
+def base_record(m: BenchModel, backend: str, batch: int, opts: RunOptions, dtype: str) -> dict[str, Any]:
+    rec: dict[str, Any] = {k: None for k in RECORD_KEYS}
+    rec.update(model=m.kind, setting=m.setting, arch=m.arch, model_detail=m.detail, backend=backend,
+               device=opts.device, dtype=dtype, batch=int(batch), flops_per_img=int(m.flops),
+               flops_reduction=float(1 - m.flops / m.flops_dense), params=int(m.params),
+               warmup=opts.timing.warmup, repeats=opts.timing.repeats, status="ok", note="")
+    rec.update(environment())
+    return rec
+
+
+def na_record(m: BenchModel, backend: str, batch: int, opts: RunOptions, reason: str, dtype: str | None = None
+              ) -> dict[str, Any]:
+    rec = base_record(m, backend, batch, opts, dtype or opts.dtype)
+    reason = " ".join(str(reason).split()) or "unknown error"
+    rec["status"] = "n/a: " + (reason if len(reason) <= 300 else reason[:297] + "...")
+    return rec
+
+
+class NotApplicable(Exception):
+    """Raised by a runner for a pair that cannot run; becomes status 'n/a: <message>'."""
+
+
+# ---- backends ----------------------------------------------------------------------------------------
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def _inputs(m: BenchModel, batch: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, m.in_chans, m.img_size, m.img_size, generator=g)
+    return x.to(device=device, dtype=dtype)
+
+
+def _torch_step(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    def step():
+        with torch.inference_mode():
+            return model(x)
+
+    return step
+
+
+def _prepare_torch(m: BenchModel, batch: int, opts: RunOptions, dtype: str, backend: str, ctx: dict):
+    if backend == "torch-triton":
+        if opts.device != "cuda":
+            raise NotApplicable("torch-triton needs a CUDA GPU (Triton kernels)")
+        if m.kind == "tome":
+            raise NotApplicable("torch-triton runs CaitViT only; ToMe has no Triton kernels")
+        model = m.build("triton", "triton")
+    else:
+        model = m.build("sdpa", None)
+    tdt = _TORCH_DTYPES[dtype]
+    model = model.to(device=opts.device, dtype=tdt).eval()
+    x = _inputs(m, batch, tdt, opts.device, opts.seed)
+    if backend == "compile":
+        mode = opts.compile_mode or ("max-autotune-no-cudagraphs" if opts.device == "cuda" else None)
+        ctx["note"].append(f"torch.compile mode={mode or 'default'}")
+        model = torch.compile(model, mode=mode, dynamic=False)
+    return _torch_step(model, x), opts.device == "cuda"
+
+
+def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: dict) -> Path:
+    """Export once per (model, dtype) into the work dir; cached across batches."""
+    cache: dict = ctx["onnx_cache"]
+    key = (m.kind, m.setting, dtype)
+    if key in cache:
+        if isinstance(cache[key], Exception):
+            raise NotApplicable(f"ONNX export failed: {cache[key]}")
+        return cache[key]
+    try:
+        from ..export.onnx import FORBIDDEN_OPS, export_onnx
+    except ImportError as e:
+        cache[key] = e
+        raise NotApplicable(f"ONNX export unavailable: {e}") from None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{m.setting}-{m.kind}-{dtype}")
+    path = Path(ctx["work_dir"]) / f"{safe}.onnx"
+    model = m.build("math", None).eval()
+    try:
+        export_onnx(model, path, input_shape=(m.in_chans, m.img_size, m.img_size), dtype=dtype,
+                    forbid=() if m.kind == "tome" else FORBIDDEN_OPS, verify=False)
+    except Exception as e:  # noqa: BLE001 -- any exporter failure makes this pair n/a
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        cache[key] = CaitError(f"{type(e).__name__}: {first}")
+        raise NotApplicable(f"ONNX export failed: {cache[key]}") from None
+    cache[key] = path
+    return path
+
+
+def _ort_providers(opts: RunOptions, dtype: str, batch: int, m: BenchModel, ctx: dict) -> list:
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    if opts.device == "cpu":
+        return ["CPUExecutionProvider"]
+    gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in avail]
+    if not gpu:
+        raise NotApplicable("onnxruntime has no GPU execution provider (install onnxruntime-gpu instead of "
+                            "onnxruntime)")
+    out: list = []
+    if "TensorrtExecutionProvider" in gpu:
+        shape = f"images:{{}}x{m.in_chans}x{m.img_size}x{m.img_size}"
+        cache_dir = Path(ctx["work_dir"]) / "ort-trt-cache"
+        cache_dir.mkdir(exist_ok=True)
+        out.append(("TensorrtExecutionProvider", {
+            "trt_fp16_enable": dtype == "fp16", "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache_dir),
+            "trt_profile_min_shapes": shape.format(1), "trt_profile_opt_shapes": shape.format(batch),
+            "trt_profile_max_shapes": shape.format(batch)}))
+    if "CUDAExecutionProvider" in gpu:
+        out.append("CUDAExecutionProvider")
+    return out + ["CPUExecutionProvider"]
+
+
+def _prepare_ort(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: dict):
+    try:
+        import numpy as np
+        import onnxruntime as ort
+    except ImportError as e:
+        raise NotApplicable(f"onnxruntime is not installed ({e})") from None
+    providers = _ort_providers(opts, dtype, batch, m, ctx)
+    path = _onnx_file(m, opts, dtype, ctx)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if opts.threads:
+        so.intra_op_num_threads = opts.threads
+    sess = None
+    while providers:
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=providers)
+            break
+        except Exception as e:  # noqa: BLE001 -- e.g. the TensorRT EP's libraries missing: try the next EP
+            if len(providers) == 1:
+                raise NotApplicable(f"onnxruntime could not load the model: {str(e).splitlines()[0]}") from None
+            providers = providers[1:]
+    used = sess.get_providers()[0]
+    ctx["note"].append(f"ort {used}")
+    tdt = _TORCH_DTYPES[dtype]
+    inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
+    if opts.device == "cuda":
+        if used == "CPUExecutionProvider":
+            raise NotApplicable("onnxruntime fell back to the CPU execution provider on a GPU machine")
+        x = _inputs(m, batch, tdt, "cuda", opts.seed).contiguous()
+        y = torch.empty((batch, m.num_classes), dtype=tdt, device="cuda")
+        npdt = np.float16 if dtype == "fp16" else np.float32
+        binding = sess.io_binding()
+        binding.bind_input(inp.name, "cuda", 0, npdt, tuple(x.shape), x.data_ptr())
+        binding.bind_output(out.name, "cuda", 0, npdt, tuple(y.shape), y.data_ptr())
+        ctx["keep"] = (x, y, binding, sess)
+
+        def step():
+            sess.run_with_iobinding(binding)
+
+        return step, False
+    x = _inputs(m, batch, tdt, "cpu", opts.seed).numpy()
+    ctx["keep"] = (sess,)
+    return (lambda: sess.run([out.name], {inp.name: x})), False
+
+
+def _prepare_trt(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: dict):
+    if opts.device != "cuda":
+        raise NotApplicable("TensorRT needs a CUDA GPU")
+    try:
+        from ..export import tensorrt as trt_mod
+    except ImportError as e:
+        raise NotApplicable(f"caitdeploy.export.tensorrt unavailable: {e}") from None
+    path = _onnx_file(m, opts, dtype, ctx)
+    engine = path.with_name(f"{path.stem}-b{batch}.engine")
+    try:
+        if not engine.exists():
+            # precision comes from the ONNX file (fp16 weights and activations when dtype is fp16)
+            trt_mod.build_engine(path, engine, min_batch=1, opt_batch=batch, max_batch=batch)
+        runner = trt_mod.TrtRunner(engine)
+    except CaitError as e:
+        raise NotApplicable(f"TensorRT: {e}") from None
+    x = _inputs(m, batch, _TORCH_DTYPES[dtype], "cuda", opts.seed)
+    ctx["keep"] = (runner, x)
+    return (lambda: runner(x)), False
+
+
+def run_one(m: BenchModel, backend: str, batch: int, opts: RunOptions, ctx: dict | None = None) -> dict[str, Any]:
+    """Benchmark one (model, backend, batch). Never raises for a pair that cannot run: returns an n/a record.
+
+    ctx: shared state across calls of one benchmark (ONNX cache, work dir); created if None.
+    """
+    if backend not in BACKENDS:
+        raise CaitError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
+    if ctx is None:
+        ctx = new_context(opts)
+    dtype = opts.dtype
+    notes: list[str] = []
+    if dtype == "fp16" and opts.device == "cpu":
+        dtype = "fp32"
+        notes.append("fp16 requested: CPU runs fp32")
+    ctx["note"] = notes
+    probe = MemoryProbe(opts.device, torch_alloc=backend in ("torch", "compile", "torch-triton"))
+    try:
+        probe.start()
+        t0 = time.perf_counter()
+        if backend in ("torch", "compile", "torch-triton"):
+            step, events = _prepare_torch(m, batch, opts, dtype, backend, ctx)
+        elif backend == "ort":
+            step, events = _prepare_ort(m, batch, opts, dtype, ctx)
+        else:
+            step, events = _prepare_trt(m, batch, opts, dtype, ctx)
+        sync = torch.cuda.synchronize if opts.device == "cuda" else (lambda: None)
+        step()  # first call: compilation, engine/arena setup
+        sync()
+        setup_s = time.perf_counter() - t0
+        reps = measure(step, opts.timing, cuda_events=events, sync=sync)
+        rec = base_record(m, backend, batch, opts, dtype)
+        rec.update(summarize(reps, batch))
+        rec.update(setup_s=setup_s, peak_mem_mb=probe.peak_mb(), peak_mem_kind=probe.kind)
+        rec["note"] = "; ".join(notes)
+        return rec
+    except NotApplicable as e:
+        return na_record(m, backend, batch, opts, str(e), dtype)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 -- one failing pair must not stop the benchmark
+        first = (str(e).strip().splitlines() or [""])[0]
+        return na_record(m, backend, batch, opts, f"{backend} failed: {type(e).__name__}: {first}", dtype)
+    finally:
+        ctx.pop("keep", None)
+        gc.collect()
+        if opts.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def new_context(opts: RunOptions) -> dict:
+    """Shared state of one benchmark run; `close_context` removes a temporary work dir."""
+    ctx: dict[str, Any] = {"onnx_cache": {}, "note": []}
+    if opts.work_dir is None:
+        ctx["tmp"] = tempfile.TemporaryDirectory(prefix="caitdeploy-bench-")
+        ctx["work_dir"] = Path(ctx["tmp"].name)
+    else:
+        Path(opts.work_dir).mkdir(parents=True, exist_ok=True)
+        ctx["work_dir"] = Path(opts.work_dir)
+    return ctx
+
+
+def close_context(ctx: dict) -> None:
+    tmp = ctx.pop("tmp", None)
+    if tmp is not None:
+        tmp.cleanup()

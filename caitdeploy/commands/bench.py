@@ -1,0 +1,74 @@
+"""`caitdeploy bench`: latency/throughput of a fused model vs its dense architecture and ToMe."""
+from __future__ import annotations
+
+import click
+
+from .common import console, handle_errors
+
+
+@click.command("bench")
+@click.argument("model", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=str))
+@click.option("--batch", "batches", multiple=True, default=("256",), show_default=True,
+              help="Batch size; repeat or comma-separate for several (e.g. --batch 1 --batch 64,256).")
+@click.option("--backends", default="torch,ort", show_default=True,
+              help="Comma list of torch, compile, ort, trt, torch-triton.")
+@click.option("--dtype", default="fp32", show_default=True, help="fp32 or fp16 (fp16 on CPU runs fp32, noted).")
+@click.option("--baselines", default="dense,tome", show_default=True, help="dense, tome, both or none.")
+@click.option("--tome-r", default="auto", show_default=True,
+              help="ToMe tokens merged per block: 'auto' matches CAIT's FLOPs within 2%, or an integer.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--warmup", default="10", show_default=True, help="Untimed calls before timing.")
+@click.option("--min-iters", default="20", show_default=True, help="Timed calls per repeat, at least.")
+@click.option("--min-seconds", default="2.0", show_default=True, help="Seconds per repeat, at least.")
+@click.option("--repeats", default="2", show_default=True, help="Timed repeats (their medians give the spread).")
+@click.option("--threads", default=None, help="CPU threads for PyTorch and ONNX Runtime [default: all].")
+@click.option("--compile-mode", default=None,
+              help="torch.compile mode [default: max-autotune-no-cudagraphs on CUDA, default on CPU].")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep ONNX files and engines here [default: a temporary folder].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the flat records as JSON.")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False), help="Write a Markdown table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot.")
+@click.option("-q", "--quiet", is_flag=True, help="No table, no progress bar.")
+@handle_errors
+def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, warmup, min_iters, min_seconds, repeats,
+              threads, compile_mode, work_dir, json_path, md_path, plot_path, quiet):
+    """Benchmark fused MODEL(s) against the dense architecture and FLOPs-matched ToMe."""
+    from ..errors import CaitError
+    from ..bench.report import print_table, write_markdown, write_plot, write_records_json
+    from ..bench.run import parse_backends, parse_baselines, parse_batches, parse_tome_r, run_bench
+    from ..bench.runners import Timing
+
+    def num(name, value, kind=int, lo=0):
+        try:
+            v = kind(value)
+        except (TypeError, ValueError):
+            raise CaitError(f"--{name} {value!r}: not a number") from None
+        if v < lo:
+            raise CaitError(f"--{name} {value}: must be >= {lo}")
+        return v
+
+    timing = Timing(warmup=num("warmup", warmup), min_iters=num("min-iters", min_iters, lo=1),
+                    min_seconds=num("min-seconds", min_seconds, float), repeats=num("repeats", repeats, lo=1))
+    nthreads = num("threads", threads, lo=1) if threads is not None else None
+    if dtype not in ("fp32", "fp16"):
+        raise CaitError(f"--dtype {dtype!r}: choose fp32 or fp16")
+    # validate everything before loading models
+    backends_l, baselines_l = parse_backends(backends), parse_baselines(baselines)
+    batches_l, tome = parse_batches(batches), parse_tome_r(tome_r)
+    con = console()
+    log = (lambda s: None) if quiet else (lambda s: con.print(s, markup=False))
+    records = run_bench(list(model), batches=batches_l, backends=backends_l, dtype=dtype, baselines=baselines_l,
+                        tome_r=tome, device=device, timing=timing, threads=nthreads, work_dir=work_dir,
+                        compile_mode=compile_mode, progress=not quiet, log=log)
+    if json_path:
+        write_records_json(records, json_path)
+    if md_path:
+        write_markdown(records, md_path, title="caitdeploy bench")
+    if plot_path:
+        write_plot(records, plot_path)
+    if not quiet:
+        print_table(records, con)
+        for p in (json_path, md_path, plot_path):
+            if p:
+                con.print(f"wrote {p}", markup=False)
