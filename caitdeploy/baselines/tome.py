@@ -57,34 +57,33 @@ def bipartite_soft_matching(k: torch.Tensor, r: int, protect_cls: bool = True) -
     if r <= 0:
         return _identity, _identity
     with torch.no_grad():
-        metric = k / k.norm(dim=-1, keepdim=True)
-        a, b = metric[:, ::2], metric[:, 1::2]
-        scores = a @ b.transpose(-1, -2)                       # [B, Na, Nb] cosine similarities
+        unit = F.normalize(k, dim=-1)
+        sim = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)   # [B, |A|, |B|] cosine similarity, A = even
         if protect_cls:
-            scores[:, 0, :] = -math.inf                        # the class token gets no edge
-        node_max, node_idx = scores.max(dim=-1)                # best B partner of every A token
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm_idx = edge_idx[:, r:].sort(dim=1).values           # A tokens that stay, in original order
-        src_idx = edge_idx[:, :r]                              # A tokens merged away
-        dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
-    na = a.shape[1]
+            sim[:, 0, :] = -math.inf                           # token 0 (class) never gets an edge
+        best_sim, partner = sim.max(dim=-1)                    # each A token's most similar B token
+        ranked = best_sim.argsort(dim=-1, descending=True)     # strongest edges first
+        gone = ranked[:, :r, None]                             # A tokens folded into their partner
+        stay = ranked[:, r:].sort(dim=-1).values[..., None]    # A tokens kept, original order
+        target = partner.gather(1, gone.squeeze(-1))[..., None]  # where each folded A token lands in B
+    n_a = (n + 1) // 2
+    n_stay = n_a - r
 
     def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        src, dst = x[:, ::2], x[:, 1::2]
-        bsz, _, d = src.shape
-        unm = src.gather(dim=1, index=unm_idx.expand(bsz, na - r, d))
-        src = src.gather(dim=1, index=src_idx.expand(bsz, r, d))
-        dst = dst.scatter_reduce(1, dst_idx.expand(bsz, r, d), src, reduce=mode)
-        return torch.cat([unm, dst], dim=1)
+        xa, xb = x[:, ::2], x[:, 1::2]
+        width = x.shape[-1]
+        kept = xa.gather(1, stay.expand(-1, -1, width))
+        moved = xa.gather(1, gone.expand(-1, -1, width))
+        xb = xb.scatter_reduce(1, target.expand(-1, -1, width), moved, reduce=mode)
+        return torch.cat([kept, xb], dim=1)
 
     def unmerge(y: torch.Tensor) -> torch.Tensor:
-        bsz, _, d = y.shape
-        unm, dst = y[:, : na - r], y[:, na - r:]
-        src = dst.gather(dim=1, index=dst_idx.expand(bsz, r, d))
-        out = y.new_zeros(bsz, n, d)
-        out[:, 1::2] = dst
-        out.scatter_(1, (2 * unm_idx).expand(bsz, na - r, d), unm)
-        out.scatter_(1, (2 * src_idx).expand(bsz, r, d), src)
+        width = y.shape[-1]
+        kept, yb = y[:, :n_stay], y[:, n_stay:]
+        out = y.new_zeros(y.shape[0], n, width)
+        out[:, 1::2] = yb
+        out.scatter_(1, (2 * stay).expand(-1, -1, width), kept)
+        out.scatter_(1, (2 * gone).expand(-1, -1, width), yb.gather(1, target.expand(-1, -1, width)))
         return out
 
     return merge, unmerge

@@ -1,0 +1,428 @@
+"""CAIT training for any timm ViT: compactors + ATME merges around the original modules, CDCP control.
+
+    model = cait_wrap(timm_vit, merges={4: "h", 8: "v"})     # forward = the `cait-compactor/1` forward
+    ctl = CDCPController(model, flops_reduction=0.45)        # paper defaults: lam 1e-5, +0.025% every 25 its
+    opt = torch.optim.SGD([{"params": model.compactor_parameters(), "weight_decay": 0},
+                           {"params": model.base_parameters()}], lr=..., momentum=0.9)
+    for x, y in loader:
+        opt.zero_grad(); F.cross_entropy(model(x), y).backward()
+        ctl.step()                                           # Eq. 2 gradients; masks re-selected on schedule
+        opt.step()
+    ctl.finalize()                                           # optional: masked rows -> exactly 0
+    save_checkpoint(model, "cait.pth")                       # then `caitdeploy fuse cait.pth`
+
+How the model is built. `cait_wrap` never changes a timm module's class and copies no forward state: it
+builds new modules (`CaitTrainViT`, `CaitTrainBlock`, `CaitTrainAttention`, `CaitTrainMlp`) that HOLD the
+original `Linear`/`LayerNorm`/`PatchEmbed` modules and parameters (shared, not copied: training the
+wrapper trains the timm model's weights) under the same attribute names, and add the compactors and
+merges. So `state_dict()` has exactly the `cait-compactor/1` keys and `forward` is the format's forward:
+merge before norm1, q_h <- q_h C_h^T (k, v likewise), softmax scale from the ORIGINAL head width,
+fc1 output <- h C^T before GELU. Dropout / drop-path modules of the timm model are reused (identity in eval).
+
+The compactor gradient (the paper's Eq. 2, in the form of ResRep's gradient resetting):
+
+    G(C_row) = dL/dC_row * mask_row + lam * C_row / ||C_row||
+
+Masked rows (mask 0) get only the lasso term, so plain SGD shrinks their norm by lr*lam per step (more with
+momentum) towards zero; kept rows get the task gradient plus the same lasso term (`lasso_on_kept=True`,
+the paper's form; with `lasso_on_kept=False` kept rows get the task gradient only). Use SGD for the
+compactors and no weight decay on them: an adaptive optimizer (Adam) rescales the lasso term and breaks
+the lr*lam shrink rate. Masks are re-selected every `every` iterations by `cdcp.channel_scores` +
+`cdcp.cdcp_select` at a FLOPs reduction raised by `step_ratio` per update until `flops_reduction`, so every
+mask the model ever holds satisfies head-level and attention-level consistency. A re-selection may
+re-admit a channel (it then gets its task gradient back), as in ResRep.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cdcp import cdcp_select, channel_scores, format_config_of, save_checkpoint_dict
+from .checkpoint import FORMAT, MERGE_KEY
+from .config import CaitConfig, ConfigError
+from .errors import CaitError
+from .flops import model_flops
+
+__all__ = ["HeadCompactor", "Compactor", "TokenMergeTrain", "CaitTrainAttention", "CaitTrainMlp",
+           "CaitTrainBlock", "CaitTrainViT", "cait_wrap", "CDCPController", "checkpoint_dict", "save_checkpoint"]
+
+
+# ---- modules ------------------------------------------------------------------------------------
+class HeadCompactor(nn.Module):
+    """Per-head compactor: weight [H, d, d] (identity at start), mask buffer [H, d] (1 = kept)."""
+
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+        eye = torch.eye(head_dim, device=device, dtype=dtype)
+        self.weight = nn.Parameter(eye.repeat(num_heads, 1, 1))
+        self.register_buffer("mask", torch.ones(num_heads, head_dim, device=device, dtype=dtype))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: [B, H, N, d] -> t_h @ C_h^T per head."""
+        return torch.einsum("bhnj,hij->bhni", t, self.weight)
+
+
+class Compactor(nn.Module):
+    """fc1 compactor: weight [F, F] (identity at start), mask buffer [F]."""
+
+    def __init__(self, width: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(width, device=device, dtype=dtype))
+        self.register_buffer("mask", torch.ones(width, device=device, dtype=dtype))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return F.linear(t, self.weight)  # t @ C^T
+
+
+class TokenMergeTrain(nn.Module):
+    """ATME merge (HTM "h" / VTM "v"): Linear(2D -> D) on neighbouring token pairs, class token untouched.
+
+    Initialised to the mean of the two tokens: W = [I/2, I/2], b = 0.
+    """
+
+    def __init__(self, dim: int, kind: str, grid_hw: tuple[int, int], device=None, dtype=None):
+        super().__init__()
+        if kind not in MERGE_KEY:
+            raise CaitError(f"merge kind {kind!r} must be 'h' or 'v'")
+        self.kind, self.grid_hw = kind, tuple(grid_hw)
+        self.fc = nn.Linear(2 * dim, dim, device=device, dtype=dtype)
+        with torch.no_grad():
+            eye = torch.eye(dim, device=device, dtype=dtype)
+            self.fc.weight.copy_(torch.cat([eye, eye], dim=1) / 2)
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls_tok, patches = x[:, :1], x[:, 1:]
+        b, _, d = patches.shape
+        gh, gw = self.grid_hw
+        g = patches.reshape(b, gh, gw, d)
+        if self.kind == "h":   # (r, 2c) | (r, 2c+1)
+            pairs = torch.cat([g[:, :, 0::2], g[:, :, 1::2]], dim=-1)
+        else:                  # (2r, c) | (2r+1, c)
+            pairs = torch.cat([g[:, 0::2], g[:, 1::2]], dim=-1)
+        return torch.cat([cls_tok, self.fc(pairs.reshape(b, -1, 2 * d))], dim=1)
+
+
+class CaitTrainAttention(nn.Module):
+    """timm Attention's qkv/proj (shared) + per-head q/k/v compactors."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.num_heads, self.head_dim = int(attn.num_heads), int(attn.head_dim)
+        self.scale = self.head_dim ** -0.5  # the ORIGINAL head width, whatever the compactors prune
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+        w = attn.qkv.weight
+        for name in ("q", "k", "v"):
+            self.add_module(f"{name}_compactor", HeadCompactor(self.num_heads, self.head_dim, w.device, w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d]
+        q, k, v = self.q_compactor(q), self.k_compactor(k), self.v_compactor(v)
+        p = self.attn_drop.p if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, h * d)))
+
+
+class CaitTrainMlp(nn.Module):
+    """timm Mlp's fc1/act/fc2 (shared) + the fc1 compactor between fc1 and the activation."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.fc1, self.act, self.drop1, self.fc2, self.drop2 = mlp.fc1, mlp.act, mlp.drop1, mlp.fc2, mlp.drop2
+        w = mlp.fc1.weight
+        self.fc1_compactor = Compactor(w.shape[0], w.device, w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1_compactor(self.fc1(x))))))
+
+
+class CaitTrainBlock(nn.Module):
+    def __init__(self, blk: nn.Module, merge: str | None, grid_in: tuple[int, int]):
+        super().__init__()
+        d = blk.norm1.weight.shape[0]
+        if merge is not None:
+            w = blk.norm1.weight
+            self.add_module(MERGE_KEY[merge], TokenMergeTrain(d, merge, grid_in, w.device, w.dtype))
+        self.merge_kind = merge
+        self.norm1, self.norm2 = blk.norm1, blk.norm2
+        self.attn = CaitTrainAttention(blk.attn)
+        self.mlp = CaitTrainMlp(blk.mlp)
+        self.drop_path1, self.drop_path2 = blk.drop_path1, blk.drop_path2
+
+    @property
+    def merge(self) -> TokenMergeTrain | None:
+        return None if self.merge_kind is None else getattr(self, MERGE_KEY[self.merge_kind])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merge_kind is not None:
+            x = self.merge(x)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class CaitTrainViT(nn.Module):
+    """A timm ViT with CAIT compactors and ATME merges; `state_dict()` is a `cait-compactor/1` state dict."""
+
+    def __init__(self, vit: nn.Module, merges: dict[int, str]):
+        super().__init__()
+        _check_supported(vit)
+        merges = {int(k): v for k, v in merges.items()}
+        self.format_config = format_config_of(vit, merges)
+        try:
+            self.cait_config = CaitConfig.from_format(self.format_config)
+        except ConfigError as e:
+            raise CaitError(f"merges {merges}: {e}") from None
+        self.cls_token, self.pos_embed = vit.cls_token, vit.pos_embed   # shared Parameters
+        self.patch_embed, self.pos_drop = vit.patch_embed, vit.pos_drop
+        self.blocks = nn.ModuleList(CaitTrainBlock(b, merges.get(i), self.cait_config.input_grid(i))
+                                    for i, b in enumerate(vit.blocks))
+        self.norm, self.head_drop, self.head = vit.norm, vit.head_drop, vit.head
+
+    @property
+    def merges(self) -> dict[int, str]:
+        return dict(self.cait_config.merges)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.pos_drop(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_drop(self.forward_features(x)[:, 0]))
+
+    # ---- parameter groups ----
+    def compactors(self) -> list[tuple[int, str, nn.Module]]:
+        """(block, name, module) for every compactor; name in q, k, v, fc1."""
+        out = []
+        for i, b in enumerate(self.blocks):
+            out += [(i, n, getattr(b.attn, f"{n}_compactor")) for n in ("q", "k", "v")]
+            out.append((i, "fc1", b.mlp.fc1_compactor))
+        return out
+
+    def compactor_parameters(self) -> list[nn.Parameter]:
+        return [m.weight for _, _, m in self.compactors()]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        ids = {id(p) for p in self.compactor_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    def masks(self) -> list[dict[str, torch.Tensor]]:
+        out = [dict() for _ in self.blocks]
+        for i, n, m in self.compactors():
+            out[i][n] = m.mask.detach().clone()
+        return out
+
+
+def _check_supported(vit: nn.Module) -> None:
+    """Raise CaitError unless `vit` is a timm ViT whose forward the format describes exactly."""
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import Attention, Block, Mlp, VisionTransformer
+
+    def bad(what: str):
+        raise CaitError(f"cait_wrap: unsupported model: {what}")
+
+    ident = lambda m: m is None or isinstance(m, nn.Identity)  # noqa: E731
+    if not isinstance(vit, VisionTransformer):
+        bad(f"{type(vit).__name__} is not a timm VisionTransformer")
+    if vit.cls_token is None or vit.num_prefix_tokens != 1 or getattr(vit, "reg_token", None) is not None:
+        bad("needs exactly one class token and no register tokens")
+    if vit.global_pool != "token" or vit.pos_embed is None or getattr(vit, "no_embed_class", False):
+        bad("needs global_pool='token' and a pos_embed that covers the class token")
+    if getattr(vit, "dynamic_img_size", False) or getattr(vit, "attn_pool", None) is not None:
+        bad("dynamic_img_size / attention pooling are not part of the format")
+    for name in ("norm_pre", "fc_norm", "patch_drop"):
+        if not ident(getattr(vit, name, None)):
+            bad(f"model.{name} must be Identity")
+    pe = vit.patch_embed
+    if not isinstance(pe, PatchEmbed) or not ident(pe.norm) or pe.img_size[0] != pe.img_size[1] \
+            or pe.patch_size[0] != pe.patch_size[1] or not pe.flatten or pe.proj.bias is None:
+        bad("patch_embed must be a square PatchEmbed with a biased conv, no norm")
+    heads = {int(b.attn.num_heads) for b in vit.blocks}
+    if len(heads) != 1:
+        bad(f"blocks use different head counts {sorted(heads)}")
+    for i, b in enumerate(vit.blocks):
+        where = f"block {i}"
+        if type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp:
+            bad(f"{where}: expected timm Block/Attention/Mlp, got {type(b).__name__}/{type(b.attn).__name__}/"
+                f"{type(b.mlp).__name__}")
+        if not (ident(b.ls1) and ident(b.ls2)):
+            bad(f"{where}: LayerScale (init_values) is not part of the format")
+        a = b.attn
+        if not (ident(a.q_norm) and ident(a.k_norm) and ident(getattr(a, "norm", None))) \
+                or getattr(a, "gate", None) is not None:
+            bad(f"{where}: qk_norm / scale_norm / gated attention are not part of the format")
+        if a.head_dim * a.num_heads != vit.embed_dim or a.proj.bias is None:
+            bad(f"{where}: attention width must equal embed_dim and proj must have a bias")
+        for n in ("norm1", "norm2"):
+            ln = getattr(b, n)
+            if not isinstance(ln, nn.LayerNorm) or abs(ln.eps - 1e-6) > 1e-12 or ln.weight is None:
+                bad(f"{where}: {n} must be LayerNorm(eps=1e-6) with affine parameters")
+        m = b.mlp
+        if not isinstance(m.act, nn.GELU) or m.act.approximate != "none" or not ident(m.norm) \
+                or m.fc1.bias is None or m.fc2.bias is None or not isinstance(m.fc1, nn.Linear):
+            bad(f"{where}: mlp must be Linear -> GELU(erf) -> Linear with biases and no norm")
+    if not isinstance(vit.norm, nn.LayerNorm) or abs(vit.norm.eps - 1e-6) > 1e-12:
+        bad("final norm must be LayerNorm(eps=1e-6)")
+    if not isinstance(vit.head, nn.Linear):
+        bad("head must be a Linear classifier (num_classes > 0)")
+
+
+def cait_wrap(model: nn.Module, merges: dict[int, str] | None = None) -> CaitTrainViT:
+    """Wrap a timm VisionTransformer for CAIT training (identity compactors, mean-initialised merges).
+
+    The wrapper shares (does not copy) the timm model's parameters. merges: block index -> "h" | "v".
+    """
+    return CaitTrainViT(model, {} if merges is None else merges)
+
+
+# ---- checkpoint ---------------------------------------------------------------------------------
+def checkpoint_dict(model: CaitTrainViT) -> dict[str, Any]:
+    """{"format", "config", "state_dict"} of the model as it is now (tensors detached, on CPU, cloned)."""
+    sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    cfg = {**model.format_config, "merges": {str(k): v for k, v in model.format_config["merges"].items()}}
+    return {"format": FORMAT, "config": cfg, "state_dict": sd}
+
+
+def save_checkpoint(model: CaitTrainViT, path: str | os.PathLike) -> Path:
+    """Write a `cait-compactor/1` checkpoint atomically (.pth, or .safetensors by suffix)."""
+    return save_checkpoint_dict(checkpoint_dict(model), path)
+
+
+# ---- CDCP controller ----------------------------------------------------------------------------
+class CDCPController:
+    """Compactor gradients (Eq. 2) and the gradual CDCP mask schedule for a `CaitTrainViT`.
+
+    flops_reduction: final target, relative to the dense model without merges (as `cdcp_select`).
+    lam: lasso strength; step_ratio: FLOPs reduction added at each mask update; every: iterations
+    between updates (paper: 1e-5, 0.00025, 25). The schedule starts at the reduction the merges alone
+    give, so the first update already prunes channels. align: kept widths multiple of this (cdcp_select).
+    lasso_on_kept: apply lam * C/||C|| to kept rows too (the paper's / ResRep's form).
+    """
+
+    def __init__(self, model: CaitTrainViT, flops_reduction: float, lam: float = 1e-5, step_ratio: float = 0.00025,
+                 every: int = 25, align: int = 1, lasso_on_kept: bool = True):
+        if not isinstance(model, CaitTrainViT):
+            raise CaitError("CDCPController needs a model from cait_wrap()")
+        if not 0 <= flops_reduction < 1:
+            raise CaitError(f"flops_reduction must be in [0, 1), got {flops_reduction}")
+        if lam < 0 or step_ratio <= 0 or every < 1 or align < 1:
+            raise CaitError("need lam >= 0, step_ratio > 0, every >= 1, align >= 1")
+        self.model, self.target = model, float(flops_reduction)
+        self.lam, self.step_ratio, self.every, self.align = float(lam), float(step_ratio), int(every), int(align)
+        self.lasso_on_kept = bool(lasso_on_kept)
+        cfg = model.cait_config
+        self.flops_dense = model_flops(cfg.unpruned())["total"]
+        self.merge_reduction = 1 - model_flops(cfg)["total"] / self.flops_dense
+        if self.target < self.merge_reduction:
+            raise CaitError(f"flops_reduction {self.target:.4f} is below what the merges alone give "
+                            f"({self.merge_reduction:.4f})")
+        self.ratio = self.merge_reduction   # FLOPs reduction the current masks were selected for
+        self.iteration = 0
+        self.updates = 0
+        self.summary: dict[str, Any] = {"flops_dense": self.flops_dense,
+                                        "flops_pruned": model_flops(cfg)["total"],
+                                        "flops_reduction": self.merge_reduction}
+        self.history: list[dict[str, Any]] = []
+        self.frozen = False  # True: step() no longer re-selects masks
+
+    # ---- state ----
+    @property
+    def done(self) -> bool:
+        """The masks reach the final FLOPs target."""
+        return self.ratio >= self.target
+
+    @property
+    def flops(self) -> int:
+        """FLOPs per image of the model the current masks describe (merges included)."""
+        return int(self.summary["flops_pruned"])
+
+    @property
+    def flops_reduction(self) -> float:
+        """Achieved reduction of the current masks vs the dense model without merges."""
+        return float(self.summary["flops_reduction"])
+
+    def masks(self) -> list[dict[str, torch.Tensor]]:
+        return self.model.masks()
+
+    # ---- mask selection ----
+    @torch.no_grad()
+    def update_masks(self, ratio: float | None = None) -> dict[str, Any]:
+        """Re-select every mask with CDCP at `ratio` (default: the next step of the schedule)."""
+        if ratio is None:
+            ratio = min(self.target, self.ratio + self.step_ratio)
+        cfg = self.model.cait_config
+        sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        masks, summary = cdcp_select(cfg, channel_scores(sd, cfg), ratio, self.align)
+        for i, n, m in self.model.compactors():
+            m.mask.copy_(masks[i][n].to(m.mask))
+        self.ratio, self.summary = ratio, summary
+        self.updates += 1
+        self.history.append({"iteration": self.iteration, "ratio": ratio, "flops_reduction": summary["flops_reduction"],
+                             "kept": [{k: int(v.sum()) for k, v in mm.items()} for mm in masks]})
+        return summary
+
+    # ---- gradients ----
+    @torch.no_grad()
+    def modify_gradients(self) -> None:
+        """Eq. 2 on every compactor: grad <- grad * mask + lam * row / ||row|| (per output row)."""
+        for _, _, m in self.model.compactors():
+            w = m.weight
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            mask = m.mask.unsqueeze(-1).to(w.grad.dtype)
+            w.grad.mul_(mask)
+            if self.lam:
+                norm = w.norm(dim=-1, keepdim=True)
+                lasso = self.lam * w / norm.clamp_min(1e-12)
+                if not self.lasso_on_kept:
+                    lasso = lasso * (1 - mask)
+                w.grad.add_(lasso)
+
+    def step(self) -> None:
+        """Call after `loss.backward()`, before `optimizer.step()`.
+
+        Every `every` iterations (the first one included) the masks are re-selected at the next ratio of the
+        schedule (at the target once it is reached, so a channel may still come back; see `freeze`), then the
+        compactor gradients are replaced by Eq. 2 for the current masks.
+        """
+        if self.iteration % self.every == 0 and not self.frozen:
+            self.update_masks()
+        self.modify_gradients()
+        self.iteration += 1
+
+    def freeze(self) -> None:
+        """Stop re-selecting masks (e.g. for the last iterations, so the masked rows only shrink)."""
+        self.frozen = True
+
+    @torch.no_grad()
+    def max_masked_norm(self) -> float:
+        """Largest compactor-row norm among masked rows (what `fuse` checks against --max-dropped-norm)."""
+        out = 0.0
+        for _, _, m in self.model.compactors():
+            dropped = m.mask == 0
+            if bool(dropped.any()):
+                out = max(out, float(m.weight.detach().norm(dim=-1)[dropped].max()))
+        return out
+
+    @torch.no_grad()
+    def finalize(self) -> float:
+        """Set every masked compactor row to exactly zero; returns the largest norm it removed.
+
+        Training drives masked rows towards zero but (with finite steps) not to it: this makes the checkpoint
+        compute exactly what the fused model computes. Evaluate the model after calling it.
+        """
+        removed = self.max_masked_norm()
+        for _, _, m in self.model.compactors():
+            m.weight.mul_(m.mask.unsqueeze(-1).to(m.weight.dtype))
+        return removed
