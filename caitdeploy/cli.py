@@ -20,6 +20,8 @@ def _register() -> None:
     main.add_command(fuse_cmd)
     # further subcommands register below, one line each
     from .commands.bench import bench_cmd; main.add_command(bench_cmd)
+    from .commands.export import export_cmd; main.add_command(export_cmd)
+    from .commands.inspect import inspect_cmd; main.add_command(inspect_cmd)
 
 
 _register()

@@ -1,0 +1,206 @@
+"""`caitdeploy export`: fused model -> ONNX [-> TensorRT engine] [-> Triton repository]."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+from ..errors import CaitError
+from .common import console, handle_errors, human, write_json
+
+
+def ensure_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Fail before any work when `path` cannot be written (probes the directory with a real temp file)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CaitError(f"{path}: {what} directory {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".caitdeploy-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CaitError(f"{path}: {what} directory {parent} is not writable ({e.strerror})") from None
+    return path
+
+
+def load_fused_for_export(path: str | os.PathLike):
+    """The fused CaitViT (math attention) of MODEL, or a one-line error saying what MODEL is instead."""
+    from ..checkpoint import FORMAT, read_container
+    from ..io import load_model
+
+    path = Path(path)
+    if not path.exists():
+        raise CaitError(f"{path}: no such file")
+    if path.suffix != ".safetensors":
+        fmt = None
+        try:
+            raw = read_container(path)
+            fmt = raw.get("format") if isinstance(raw, dict) else None
+            is_ckpt = fmt == FORMAT or "model" in raw or "state_dict" in raw
+        except CaitError:
+            is_ckpt = False
+        if is_ckpt:
+            raise CaitError(f"{path}: is a CAIT training checkpoint ({fmt or 'DeiT-style state dict'}), not a fused "
+                            "model: run `caitdeploy fuse` on it first")
+        raise CaitError(f"{path}: not a fused model: expected a cait-fused/1 .safetensors file "
+                        "(written by `caitdeploy fuse`)")
+    return load_model(path, attn_impl="math")
+
+
+def default_onnx_path(model_path: str, dtype: str) -> Path:
+    p = Path(model_path)
+    stem = p.name.removesuffix(".safetensors").removesuffix(".fused")
+    return p.with_name(stem + (".fp16" if dtype == "fp16" else "") + ".onnx")
+
+
+def _parse_opset(opset: str | None) -> int | None:
+    if opset is None:
+        return None
+    try:
+        return int(opset)
+    except ValueError:
+        raise CaitError(f"unsupported opset {opset!r}: give an integer (18..23)") from None
+
+
+def print_export_report(report: dict) -> None:
+    from rich.table import Table
+
+    from rich.markup import escape
+
+    con = console()
+
+    def say(text: str) -> None:
+        con.print(escape(text))
+
+    onnx_r = report["onnx"]
+    say(f"exported {report['model']} -> {onnx_r['output']}  ({onnx_r['dtype']}, opset "
+              f"{onnx_r['opset']}, attention {onnx_r['attention']}, {human(onnx_r['bytes'], 'B')}, "
+              f"{onnx_r['nodes']} nodes)")
+    sig_in, sig_out = onnx_r["inputs"][0], onnx_r["outputs"][0]
+    say(f"  {sig_in['name']} {sig_in['shape']} {sig_in['dtype']} -> {sig_out['name']} {sig_out['shape']} "
+              f"{sig_out['dtype']}   FLOPs/img {human(onnx_r.get('flops', 0))}  stored params {human(onnx_r['params'])}")
+    t = Table(title="op census", show_lines=False)
+    t.add_column("op")
+    t.add_column("count", justify="right")
+    for op, n in onnx_r["census"].items():
+        t.add_row(op, str(n))
+    con.print(t)
+    say(f"forbidden ops: none of {', '.join(onnx_r['forbidden_checked'])}")
+    v = onnx_r.get("verify")
+    if v:
+        sizes = ", ".join(f"batch {b['batch']}: {b['max_abs_diff']:.3g}" for b in v["batches"])
+        line = (f"verify (onnxruntime CPU vs PyTorch fp32, {v['samples']} random images): max |logit diff| "
+                f"{v['max_abs_diff']:.3g} [{sizes}], logit scale {v['logit_scale']:.3g}, top-1 agreement "
+                f"{100 * v['top1_agree']:.1f}%")
+        if v["dtype"] == "fp32":
+            line += f"  (tolerance {v['tolerance']:.3g}) OK"
+        else:
+            line += "  (>= 99% required) OK"
+        say(line)
+    else:
+        say("verify: skipped (--no-verify)")
+    e = report.get("engine")
+    if e:
+        prof = e["profile"]
+        say(f"engine {e['output']} ({e['flavour']} {e['trt_version']}, {e['dtype']}, strongly typed, "
+                  f"{human(e['engine_bytes'], 'B')}) built in {e['build_seconds']:.2f} s; batch profile "
+                  f"{prof['min'][0]}/{prof['opt'][0]}/{prof['max'][0]}; target {e['build_target']}")
+        tc = e["timing_cache"]
+        if tc.get("path"):
+            say(f"  timing cache {tc['path']}: " + ("used" if tc.get("used") else f"not used ({tc.get('reason')})"))
+        say(f"  sidecar {e['sidecar']}")
+    tr = report.get("triton")
+    if tr:
+        say(f"triton {tr['config']} ({tr['platform']}, max_batch_size {tr['max_batch_size']}, "
+                  f"preferred {tr['preferred_batch_sizes']}, {tr['instance_group']['count']}x "
+                  f"{tr['instance_group']['kind']})")
+    s = onnx_r["seconds"]
+    say(f"export {s['export']:.2f} s, clean+check {s['clean_check']:.2f} s, verify {s['verify']:.2f} s")
+
+
+@click.command("export")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="ONNX file [default: <stem>[.fp16].onnx].")
+@click.option("--dtype", default="fp32", show_default=True, help="fp32 | fp16 (fp16 weights and compute, fp32 I/O).")
+@click.option("--opset", default=None, help="ONNX opset 18..23 [default: 18; 23 with --attention op].")
+@click.option("--attention", default="matmul", show_default=True,
+              help="matmul: Mul/MatMul/Softmax/MatMul; op: the ONNX Attention op (opset >= 23).")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
+@click.option("--fp16-samples", type=int, default=256, show_default=True,
+              help="Random images for the fp16 top-1 agreement check.")
+@click.option("--trt", is_flag=True, help="Also build a TensorRT / TensorRT-RTX engine.")
+@click.option("--trt-module", default="auto", show_default=True, help="auto | tensorrt | tensorrt_rtx")
+@click.option("--engine", type=click.Path(dir_okay=False), help="Engine file [default: <onnx stem>.plan].")
+@click.option("--min-batch", type=int, default=1, show_default=True)
+@click.option("--opt-batch", type=int, default=256, show_default=True)
+@click.option("--max-batch", type=int, default=256, show_default=True)
+@click.option("--workspace-mb", type=int, default=None, help="Builder workspace limit in MiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file, reused across builds (full TensorRT).")
+@click.option("--opt-level", type=int, default=None, help="Builder optimization level 0..5.")
+@click.option("--compute-capability", "compute_capabilities", multiple=True,
+              help="TensorRT-RTX target, repeatable: SM75 SM80 SM86 SM89 SM120 [default: library default].")
+@click.option("--triton-repo", type=click.Path(file_okay=False), help="Write a Triton model repository entry here.")
+@click.option("--name", default=None, help="Triton model name [default: ONNX file stem].")
+@click.option("--instances", type=int, default=1, show_default=True, help="Triton instance count.")
+@click.option("--instance-kind", default="gpu", show_default=True, help="Triton instance kind: gpu | cpu | auto.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No tables.")
+@handle_errors
+def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
+               opt_batch, max_batch, workspace_mb, timing_cache, opt_level, compute_capabilities, triton_repo, name,
+               instances, instance_kind, report_path, quiet):
+    """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository."""
+    from ..export.onnx import check_options, export_onnx
+
+    opset_n = check_options(dtype, _parse_opset(opset), attention)
+    out = ensure_writable(output or default_onnx_path(model, dtype))
+    engine_path = None
+    if trt:
+        from ..export.tensorrt import import_trt
+
+        import_trt(trt_module)  # a missing module fails here, before any work
+        if not 1 <= min_batch <= opt_batch <= max_batch:
+            raise CaitError(f"batch profile must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
+        engine_path = ensure_writable(engine or out.with_suffix(".plan"), "engine")
+        if timing_cache:
+            ensure_writable(timing_cache, "timing cache")
+    if report_path:
+        ensure_writable(report_path, "report")
+    if triton_repo:
+        repo = Path(triton_repo)
+        ensure_writable(repo / "probe" if repo.is_dir() else repo, "triton repository")
+    if fp16_samples < 0:
+        raise CaitError(f"--fp16-samples must be >= 0, got {fp16_samples}")
+
+    net = load_fused_for_export(model)
+    report: dict = {"model": model}
+    report["onnx"] = export_onnx(net, out, dtype=dtype, opset=opset_n, attention=attention, verify=not no_verify,
+                                 fp16_samples=fp16_samples)
+    served = out
+    if trt:
+        from ..export.tensorrt import build_engine
+
+        try:
+            report["engine"] = build_engine(out, engine_path, min_batch=min_batch, opt_batch=opt_batch,
+                                            max_batch=max_batch, workspace_mb=workspace_mb, timing_cache=timing_cache,
+                                            opt_level=opt_level, compute_capabilities=list(compute_capabilities) or None,
+                                            flavour=trt_module)
+        except CaitError as e:
+            raise CaitError(f"{e} [no engine written; the verified ONNX {out} was kept]") from None
+        served = engine_path
+    if triton_repo:
+        from ..export.triton_repo import write_triton_repo
+
+        c = net.config
+        report["triton"] = write_triton_repo(
+            triton_repo, name or out.name.removesuffix(".onnx"), served, max_batch_size=max_batch,
+            input_dims=(c.in_chans, c.img_size, c.img_size), output_dims=(c.num_classes,), dtype="fp32",
+            preferred_batch_sizes=sorted({opt_batch, max_batch}), instance_count=instances,
+            instance_kind=instance_kind)
+    if report_path:
+        write_json(report_path, report)
+    if not quiet:
+        print_export_report(report)

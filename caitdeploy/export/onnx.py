@@ -1,0 +1,373 @@
+"""PyTorch -> ONNX for deployment: clean graph, forbidden-op check, op census, ONNX Runtime verification.
+
+Graph contract (what `export_onnx` writes):
+- one input `images` [batch, C, H, W] float32 and one output `logits` [batch, num_classes] float32; only the
+  batch dimension is dynamic (named "batch").
+- dtype="fp16": weights and all compute are float16; the graph keeps float32 `images`/`logits` and converts at
+  the edges with one Cast after the input and one Cast before the output, so clients and Triton configs are the
+  same for both dtypes. LayerNormalization keeps `stash_type=1` (mean/variance computed in float32); Softmax is
+  float16 in the graph (the ONNX op has no accumulation-type attribute; TensorRT and ONNX Runtime accumulate the
+  row reduction in float32 internally) and its input is bounded because the scale is applied to q before QK^T.
+- attention="matmul": a CaitViT is exported with its "math" attention: Mul(q, scale) -> MatMul(q, k^T) ->
+  Softmax -> MatMul(., v), the pattern TensorRT fuses. attention="op": the ONNX `Attention` op (opset >= 23),
+  whose q/k head width may differ from the v head width (the spec allows it; ONNX Runtime runs it).
+- ATME merges are Slice (class token / patches) + Reshape [+ Transpose for vertical merges] + MatMul + Add +
+  Concat: no Gather/Shape arithmetic, the batch stays -1 in every Reshape.
+
+The exporter is torch.onnx's dynamo (torch.export) exporter with its onnxscript optimizer. The legacy
+TorchScript exporter lowers `cls_token.expand(B, -1, -1)` with Equal + Where, which the forbidden-op rule
+rejects; the dynamo exporter emits a plain Shape -> Expand, so no rewriting is needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ..errors import CaitError, atomic_output
+
+FORBIDDEN_OPS = ("TopK", "ArgMax", "ArgMin", "GatherElements", "GatherND", "ScatterElements", "ScatterND",
+                 "NonZero", "Loop", "If", "Where")
+SUPPORTED_OPSETS = tuple(range(18, 24))   # 18..23: what torch's dynamo exporter emits natively
+DEFAULT_OPSET = 18                        # widest support (TensorRT 10, TensorRT-RTX, ONNX Runtime)
+ATTENTION_OP_OPSET = 23                   # first opset with the ONNX `Attention` op
+DTYPES = ("fp32", "fp16")
+ATTENTIONS = ("matmul", "op")
+ONNX_FORMAT = "caitdeploy-onnx/1"
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+def _first_line(e: BaseException) -> str:
+    for line in str(e).strip().splitlines():
+        if line.strip():
+            return line.strip()[:300]
+    return type(e).__name__
+
+
+def check_options(dtype: str, opset: int | None, attention: str) -> int:
+    """Validate export options; returns the opset to use (None -> the default for `attention`)."""
+    if dtype not in DTYPES:
+        raise CaitError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if attention not in ATTENTIONS:
+        raise CaitError(f"unknown attention {attention!r}: choose one of {', '.join(ATTENTIONS)}")
+    if opset is None:
+        opset = ATTENTION_OP_OPSET if attention == "op" else DEFAULT_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
+        raise CaitError(f"unsupported opset {opset!r}: choose {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]}")
+    if attention == "op" and opset < ATTENTION_OP_OPSET:
+        raise CaitError(f"--attention op needs opset >= {ATTENTION_OP_OPSET} (the ONNX Attention op), got {opset}")
+    return opset
+
+
+# ---- graph utilities ----------------------------------------------------------------------------
+def _all_nodes(graph) -> Iterable:
+    """Every node of a GraphProto, including nodes inside If/Loop/Scan subgraphs."""
+    import onnx
+
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_nodes(g)
+
+
+def op_census(model) -> dict[str, int]:
+    """op_type -> count over the whole model (subgraphs included), most frequent first."""
+    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+                     for n in _all_nodes(model.graph))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def check_forbidden(model, forbid: Iterable[str], what: str = "model") -> None:
+    """Raise CaitError naming the first forbidden op and its node."""
+    forbid = set(forbid)
+    if not forbid:
+        return
+    bad = [n for n in _all_nodes(model.graph) if n.op_type in forbid]
+    if bad:
+        n = bad[0]
+        more = f" ({len(bad) - 1} more forbidden node(s))" if len(bad) > 1 else ""
+        raise CaitError(f"{what}: the exported graph contains forbidden op {n.op_type} at node {n.name!r} "
+                        f"(inputs {list(n.input)}){more}; deploy graphs must not use "
+                        f"{', '.join(sorted(forbid))}")
+
+
+def clean_graph(model):
+    """onnx-graphsurgeon: fold constants, drop dead nodes, topologically sort."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    with contextlib.redirect_stdout(io.StringIO()):
+        graph.fold_constants().cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    return out
+
+
+def _set_batch_dim(value_info, name: str = "batch") -> None:
+    dim = value_info.type.tensor_type.shape.dim[0]
+    dim.Clear()
+    dim.dim_param = name
+
+
+def _elem_type_name(value_info) -> str:
+    import onnx
+
+    return onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type).name
+
+
+def io_signature(model) -> dict[str, Any]:
+    """{"inputs": [{"name", "shape", "dtype"}], "outputs": [...]} of a ModelProto (dynamic dims as names)."""
+    def sig(v):
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim]
+        return {"name": v.name, "shape": dims, "dtype": _elem_type_name(v)}
+
+    inits = {i.name for i in model.graph.initializer}
+    return {"inputs": [sig(v) for v in model.graph.input if v.name not in inits],
+            "outputs": [sig(v) for v in model.graph.output]}
+
+
+# ---- export -------------------------------------------------------------------------------------
+class _Fp16Graph(torch.nn.Module):
+    """float32 images -> float16 model -> float32 logits (one Cast at each edge of the graph)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner(images.to(torch.float16)).to(torch.float32)
+
+
+def _is_cait(model) -> bool:
+    from ..model import CaitViT
+
+    return isinstance(model, CaitViT)
+
+
+def _prepare(model: torch.nn.Module, dtype: str, attention: str) -> torch.nn.Module:
+    """A copy of `model` ready to trace (the caller's model is never modified)."""
+    m = copy.deepcopy(model).eval().float()
+    if _is_cait(m):
+        m.set_impl("sdpa" if attention == "op" else "math")
+    if dtype == "fp16":
+        m = _Fp16Graph(m.half())
+    return m
+
+
+def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int):
+    """Run torch.onnx's dynamo exporter; returns an onnx.ModelProto. Exporter chatter is swallowed."""
+    batch = torch.export.Dim("batch")
+    sink = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=opset,
+                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                     dynamic_shapes=({0: batch},), optimize=True, verbose=False,
+                                     external_data=False)
+    except Exception as e:  # the exporter raises many types; the user gets one line
+        raise CaitError(f"torch.onnx export failed: {type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+    return prog.model_proto
+
+
+def _ort_session(model_bytes: bytes, what: str):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise CaitError(f"onnxruntime {ort.__version__} (CPU) cannot run the {what} graph: {_first_line(e)}; "
+                        "export with --no-verify to skip the check") from None
+
+
+@torch.no_grad()
+def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tuple[int, ...], *, dtype: str,
+                what: str = "exported", batches: tuple[int, ...] = (1, 7), fp16_samples: int = 256,
+                chunk: int = 32, seed: int = 0) -> dict[str, Any]:
+    """ONNX Runtime CPU vs the float32 PyTorch model on seeded N(0, 1) images.
+
+    fp32: max |diff| <= 1e-4 * max(1, logit scale) at every batch size in `batches`.
+    fp16: the same batch sizes plus `fp16_samples` images in chunks; pass when top-1 agrees on >= 99%.
+    Raises CaitError when the check fails; returns the numbers either way.
+    """
+    import numpy as np
+
+    sess = _ort_session(model_bytes, what)
+    ref_model = reference.eval()
+    g = torch.Generator().manual_seed(seed)
+    sizes = list(batches)
+    if dtype == "fp16" and fp16_samples > 0:
+        sizes += [chunk] * (-(-fp16_samples // chunk))
+    refs, outs = [], []
+    t0 = time.perf_counter()
+    per_batch = []
+    for b in sizes:
+        x = torch.randn(b, *input_shape, generator=g)
+        try:
+            y = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        except Exception as e:
+            raise CaitError(f"onnxruntime failed to run the {what} graph at batch {b}: {_first_line(e)}") from None
+        r = ref_model(x).float()
+        if tuple(y.shape) != tuple(r.shape):
+            raise CaitError(f"{what}: ONNX output shape {tuple(y.shape)} != PyTorch {tuple(r.shape)} at batch {b}")
+        yt = torch.from_numpy(np.asarray(y, dtype=np.float32))
+        if len(per_batch) < len(batches):
+            per_batch.append({"batch": b, "max_abs_diff": float((yt - r).abs().max())})
+        refs.append(r)
+        outs.append(yt)
+    ref, out = torch.cat(refs), torch.cat(outs)
+    diff = float((out - ref).abs().max())
+    scale = float(ref.abs().max())
+    top2 = ref.topk(2, dim=-1).values if ref.shape[-1] > 1 else None
+    margin = (top2[:, 0] - top2[:, 1]) if top2 is not None else None
+    res: dict[str, Any] = {
+        "dtype": dtype, "samples": int(ref.shape[0]), "batches": per_batch, "max_abs_diff": diff,
+        "logit_scale": scale, "logit_std": float(ref.std()),
+        "top1_agree": float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
+        "median_top1_margin": float(margin.median()) if margin is not None else None,
+        "seconds": time.perf_counter() - t0,
+    }
+    if dtype == "fp32":
+        tol = 1e-4 * max(1.0, scale)
+        res.update(tolerance=tol, passed=diff <= tol)
+        if not res["passed"]:
+            raise CaitError(f"{what}: ONNX Runtime vs PyTorch max |logit diff| {diff:.3g} > tolerance {tol:.3g} "
+                            f"(logit scale {scale:.3g})")
+    else:
+        res.update(min_top1_agree=0.99, passed=res["top1_agree"] >= 0.99)
+        if not res["passed"]:
+            ties = int((margin < 2 * diff).sum()) if margin is not None else 0
+            raise CaitError(f"{what}: fp16 top-1 agreement {100 * res['top1_agree']:.1f}% < 99% over "
+                            f"{res['samples']} random images (max |logit diff| {diff:.3g}; {ties} images have a "
+                            f"top-1/top-2 margin below 2x that: near-ties, e.g. random-init weights)")
+    return res
+
+
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, ...] | None = None,
+                dtype: str = "fp32", opset: int | None = None, attention: str = "matmul",
+                forbid: Iterable[str] = FORBIDDEN_OPS, verify: bool = True, verify_batches: tuple[int, ...] = (1, 7),
+                fp16_samples: int = 256, example_batch: int = 2, seed: int = 0,
+                metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Export `model` (images [B, C, H, W] -> logits [B, classes]) to a clean, checked ONNX file.
+
+    input_shape: (C, H, W) without batch; a CaitViT supplies it from its config. opset None -> 18 for
+    attention="matmul", 23 for "op". forbid: op types that make the export fail (CaitError naming op and node);
+    pass () for models that legitimately use them. verify: compare ONNX Runtime CPU with `model` (see
+    `verify_onnx`). The file is written atomically, only after every check passed. Returns a report dict.
+    """
+    import onnx
+
+    t0 = time.perf_counter()
+    opset = check_options(dtype, opset, attention)
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CaitError(f"{path}: output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CaitError(f"{path}: output directory {parent} is not writable")
+    is_cait = _is_cait(model)
+    if input_shape is None:
+        if not is_cait:
+            raise CaitError("export_onnx: input_shape=(C, H, W) is required for a model that is not a CaitViT")
+        c = model.config
+        input_shape = (c.in_chans, c.img_size, c.img_size)
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise CaitError(f"export_onnx: input_shape must be (C, H, W), got {input_shape}")
+
+    module = _prepare(model, dtype, attention)
+    example = torch.randn(example_batch, *input_shape, generator=torch.Generator().manual_seed(seed))
+    raw = _torch_export(module, example, opset)
+    t_export = time.perf_counter() - t0
+    what = "CAIT model" if is_cait else type(model).__name__
+    check_forbidden(raw, forbid, what)   # before cleaning too: a folded-away op must not hide a problem
+
+    mp = clean_graph(raw)
+    meta = {"caitdeploy.format": ONNX_FORMAT, "caitdeploy.dtype": dtype, "caitdeploy.io_dtype": "float32",
+            "caitdeploy.attention": attention, "caitdeploy.model": type(model).__name__}
+    if is_cait:
+        meta["caitdeploy.config"] = model.config.to_json()
+    meta.update(metadata or {})
+    del mp.metadata_props[:]
+    for k, v in meta.items():
+        mp.metadata_props.add(key=k, value=str(v))
+    mp.producer_name = "caitdeploy"
+    try:
+        mp = onnx.shape_inference.infer_shapes(mp, check_type=True, strict_mode=True, data_prop=True)
+        if [i.name for i in mp.graph.input] != [INPUT_NAME] or [o.name for o in mp.graph.output] != [OUTPUT_NAME]:
+            raise CaitError(f"{what}: expected one input {INPUT_NAME!r} and one output {OUTPUT_NAME!r}, got "
+                            f"{[i.name for i in mp.graph.input]} -> {[o.name for o in mp.graph.output]}")
+        _set_batch_dim(mp.graph.input[0])
+        if len(mp.graph.output[0].type.tensor_type.shape.dim) != 2:
+            raise CaitError(f"{what}: output {OUTPUT_NAME!r} must be [batch, num_classes]")
+        _set_batch_dim(mp.graph.output[0])
+        onnx.checker.check_model(mp, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise CaitError(f"{what}: the exported graph fails onnx.checker: {_first_line(e)}") from None
+    check_forbidden(mp, forbid, what)
+    census = op_census(mp)
+    if is_cait:
+        n_attn = census.get("Attention", 0)
+        want = model.config.depth if attention == "op" else 0
+        if n_attn != want:
+            raise CaitError(f"{what}: expected {want} ONNX Attention nodes for --attention {attention}, found {n_attn}")
+    data = mp.SerializeToString()
+    t_clean = time.perf_counter() - t0 - t_export
+
+    report: dict[str, Any] = {
+        "output": str(path), "dtype": dtype, "io_dtype": "float32", "opset": opset, "attention": attention,
+        "exporter": f"torch.onnx dynamo (torch {torch.__version__.split('+')[0]}, onnx {onnx.__version__})",
+        "input_shape": ["batch", *input_shape], **io_signature(mp),
+        "census": census, "nodes": sum(census.values()),
+        "params": int(sum(_numel(t) for t in mp.graph.initializer)), "bytes": len(data),
+        "forbidden_checked": sorted(set(forbid)),
+    }
+    if is_cait:
+        from ..flops import model_flops, model_params
+
+        report.update(flops=model_flops(model.config)["total"], model_params=model_params(model.config),
+                      depth=model.config.depth, merges=model.config.merges)
+    if verify:
+        report["verify"] = verify_onnx(data, model, input_shape, dtype=dtype, what=f"{what} {dtype} ONNX",
+                                       batches=verify_batches, fp16_samples=fp16_samples, seed=seed + 1)
+    t_verify = time.perf_counter() - t0 - t_export - t_clean
+    with atomic_output(path, ".onnx") as tmp:
+        tmp.write_bytes(data)
+    report["seconds"] = {"export": t_export, "clean_check": t_clean, "verify": t_verify,
+                         "total": time.perf_counter() - t0}
+    return report
+
+
+def _numel(t) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
+
+
+def read_onnx_metadata(model) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
