@@ -144,6 +144,8 @@ def main(argv=None) -> int:
                         threads=args.threads, work_dir=work / "onnx", compile_mode=args.compile_mode, log=log)
     elapsed = time.perf_counter() - t0
     tag = f"paper_{machine}_{records[0]['dtype'] if records else dtype}_b{'-'.join(map(str, batches))}"
+    if sizes != list(ARCHS):
+        tag += "_" + "-".join(sizes)
     if args.quick:
         tag += "_quick"
     command = "python benchmarks/paper_settings.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -17,6 +17,15 @@ AttnImpl = Literal["math", "sdpa", "triton"]
 ATTN_IMPLS = ("math", "sdpa", "triton")
 
 
+def _triton_ok(x: torch.Tensor) -> bool:
+    """Triton kernels run compiled on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    if x.is_cuda:
+        return True
+    from kernels import interpret_requested
+
+    return interpret_requested()
+
+
 def merge_tokens(x: torch.Tensor, grid_hw: tuple[int, int], kind: str) -> torch.Tensor:
     """Pair neighbouring patch tokens for an ATME merge (class token excluded).
 
@@ -46,7 +55,7 @@ class TokenMerge(nn.Module):
         self.use_triton = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_triton and x.is_cuda:
+        if self.use_triton and _triton_ok(x):
             from kernels import atme_merge_linear
 
             return atme_merge_linear(x, self.fc.weight, self.fc.bias, self.grid_hw, self.kind)
@@ -73,7 +82,7 @@ class Attention(nn.Module):
         q = q.reshape(b, n, h, dqk).transpose(1, 2)
         k = k.reshape(b, n, h, dqk).transpose(1, 2)
         v = v.reshape(b, n, h, dv).transpose(1, 2)
-        if self.impl == "triton" and x.is_cuda:
+        if self.impl == "triton" and _triton_ok(x):
             from kernels import attention
 
             out = attention(q, k, v, self.scale)
@@ -118,8 +127,8 @@ class CaitViT(nn.Module):
 
     images: [B, in_chans, img_size, img_size] -> logits [B, num_classes].
     attn_impl: "sdpa" (default, fastest eager), "math" (explicit MatMul/Softmax/MatMul, used for export),
-    or "triton" (kernels/ on CUDA; falls back to math elsewhere). kernels="triton" also routes ATME merges
-    through the fused Triton merge-GEMM on CUDA.
+    or "triton" (kernels/ on CUDA, or on CPU under TRITON_INTERPRET=1; math elsewhere). kernels="triton" also
+    routes ATME merges through the fused Triton merge-GEMM.
     """
 
     def __init__(self, config: CaitConfig, attn_impl: AttnImpl = "sdpa", kernels: str | None = None):

@@ -294,3 +294,38 @@ def test_missing_triton_gives_clear_error(monkeypatch):
         kernels.atme_merge_linear(x, w, b, (4, 6), "h")
     # the references keep working
     assert kernels.attention_ref(q, q, q, 1.0).shape == (1, 1, 3, 4)
+
+
+def test_caitvit_uses_the_kernels_and_matches_math_path():
+    """CaitViT(kernels="triton") runs both kernels (interpreter on CPU, compiled on CUDA) and equals the math path."""
+    from caitdeploy.config import BlockConfig, CaitConfig
+    from caitdeploy.model import CaitViT
+
+    import kernels
+
+    blocks = (BlockConfig(2, 12, 20, 40, 16**-0.5, None), BlockConfig(2, 12, 20, 40, 16**-0.5, "h"),
+              BlockConfig(2, 8, 12, 24, 16**-0.5, "v"))
+    cfg = CaitConfig(img_size=32, patch_size=8, in_chans=3, num_classes=5, embed_dim=32, qkv_bias=True, blocks=blocks)
+    torch.manual_seed(0)
+    model = CaitViT(cfg, attn_impl="math").eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    calls = {"merge": 0, "attn": 0}
+    orig_merge, orig_attn = kernels.atme_merge_linear, kernels.attention
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    kernels.atme_merge_linear, kernels.attention = count("merge", orig_merge), count("attn", orig_attn)
+    try:
+        with torch.no_grad():
+            ref = model(x)
+            got = model.set_impl(kernels="triton")(x)
+    finally:
+        kernels.atme_merge_linear, kernels.attention = orig_merge, orig_attn
+    assert calls == {"merge": 2, "attn": 3}
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
