@@ -20,6 +20,7 @@ demo: setup
 	mkdir -p $(OUT)
 	$(BIN)/caitdeploy make-checkpoint --arch deit_small_patch16_224 --flops-reduction 0.55 --merges 4:h,8:v -o $(OUT)/cait_deit_small.pth
 	$(BIN)/caitdeploy fuse $(OUT)/cait_deit_small.pth --report $(OUT)/cait_deit_small.fuse.json
+	$(BIN)/caitdeploy export $(OUT)/cait_deit_small.fused.safetensors --trt --report $(OUT)/cait_deit_small.export.json
 
 test: setup
 	$(BIN)/python -m pytest -q

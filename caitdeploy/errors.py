@@ -12,6 +12,17 @@ class CaitError(Exception):
     """A user-facing error. Its message names the file, key or block at fault."""
 
 
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """The directory `path` will be written to; CaitError if it is missing or not writable."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CaitError(f"{path}: output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CaitError(f"{path}: output directory {parent} is not writable")
+    return parent
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
@@ -19,11 +30,7 @@ def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     Never leaves a half-written output: on any exception the temporary file is removed.
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CaitError(f"{path}: output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CaitError(f"{path}: output directory {parent} is not writable")
+    parent = check_output_dir(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=parent)
     os.close(fd)
     umask = os.umask(0)

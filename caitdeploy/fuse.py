@@ -12,7 +12,7 @@ import torch
 from . import surgery as S
 from .checkpoint import MERGE_KEY, Checkpoint, load_checkpoint
 from .config import BlockConfig, CaitConfig
-from .errors import CaitError
+from .errors import CaitError, check_output_dir
 from .flops import model_flops, model_params
 
 CONSISTENCY_MODES = ("strict", "repair")
@@ -190,10 +190,7 @@ def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, 
     t0 = time.perf_counter()
     path = Path(path)
     output = Path(output) if output else path.with_name(path.stem + ".fused.safetensors")
-    if output.parent and not output.parent.is_dir():
-        raise CaitError(f"{output}: output directory {output.parent} does not exist")
-    if not os.access(output.parent, os.W_OK):
-        raise CaitError(f"{output}: output directory {output.parent} is not writable")
+    check_output_dir(output)
     ckpt = load_checkpoint(path)
     res = fuse(ckpt, opts, progress=progress)
     t_fuse = time.perf_counter() - t0

@@ -75,13 +75,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, h * (2 * cfg.qk_dim + cfg.v_dim), bias=qkv_bias)
         self.proj = nn.Linear(h * cfg.v_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, N, D] -> q, k [B, H, N, qk_dim] and v [B, H, N, v_dim]."""
         b, n, _ = x.shape
         h, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
         q, k, v = self.qkv(x).split([h * dqk, h * dqk, h * dv], dim=-1)
-        q = q.reshape(b, n, h, dqk).transpose(1, 2)
-        k = k.reshape(b, n, h, dqk).transpose(1, 2)
-        v = v.reshape(b, n, h, dv).transpose(1, 2)
+        return (q.reshape(b, n, h, dqk).transpose(1, 2), k.reshape(b, n, h, dqk).transpose(1, 2),
+                v.reshape(b, n, h, dv).transpose(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h, dv = self.num_heads, self.v_dim
+        q, k, v = self.heads(x)
         if self.impl == "triton" and _triton_ok(x):
             from kernels import attention
 

@@ -234,11 +234,8 @@ class ToMeViT(nn.Module):
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         at = blk.attn
         b, n, _ = x.shape
-        h, dqk, dv = at.num_heads, at.qk_dim, at.v_dim
-        q, k, v = at.qkv(x).split([h * dqk, h * dqk, h * dv], dim=-1)
-        q = q.reshape(b, n, h, dqk).transpose(1, 2)
-        k = k.reshape(b, n, h, dqk).transpose(1, 2)
-        v = v.reshape(b, n, h, dv).transpose(1, 2)
+        h, dv = at.num_heads, at.v_dim
+        q, k, v = at.heads(x)
         bias = size.log().reshape(b, 1, 1, n) if (size is not None and self.prop_attn) else None
         if self.attn_impl == "sdpa":
             bias = bias.to(q.dtype) if bias is not None else None

@@ -85,7 +85,7 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
     import onnx
 
     from ..config import CaitConfig
-    from ..export.onnx import io_signature, op_census, read_onnx_metadata
+    from ..export.onnx import _numel, io_signature, op_census, read_onnx_metadata
 
     try:
         m = onnx.load(str(path), load_external_data=False)
@@ -107,13 +107,6 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
     if "caitdeploy.config" in meta:
         out.update(_config_summary(CaitConfig.from_json(meta["caitdeploy.config"])))
     return out
-
-
-def _numel(t) -> int:
-    n = 1
-    for d in t.dims:
-        n *= d
-    return n
 
 
 def inspect_engine(path: Path) -> dict[str, Any]:

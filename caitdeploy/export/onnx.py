@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..errors import CaitError, atomic_output
+from ..errors import CaitError, atomic_output, check_output_dir
 
 FORBIDDEN_OPS = ("TopK", "ArgMax", "ArgMin", "GatherElements", "GatherND", "ScatterElements", "ScatterND",
                  "NonZero", "Loop", "If", "Where")
@@ -284,11 +284,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, input_shape:
     t0 = time.perf_counter()
     opset = check_options(dtype, opset, attention)
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CaitError(f"{path}: output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CaitError(f"{path}: output directory {parent} is not writable")
+    check_output_dir(path)
     is_cait = _is_cait(model)
     if input_shape is None:
         if not is_cait:
@@ -362,7 +358,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, input_shape:
     return report
 
 
-def _numel(t) -> int:
+def _numel(t) -> int:  # element count of an ONNX TensorProto
     n = 1
     for d in t.dims:
         n *= d
