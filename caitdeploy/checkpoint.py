@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,15 +71,17 @@ def read_container(path: Path) -> dict[str, Any]:
                 raise CaitError(f"{path}: metadata 'config' is not valid JSON ({e})") from None
         return out
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one-line error says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = _first_line(e)
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
-            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            what = f" (it references {m.group(1)})" if m else ""
-            raise CaitError(f"{path}: refused: the pickle needs code to load{what}; only tensors and plain "
-                            "containers are accepted") from None
-        raise CaitError(f"{path}: not a readable checkpoint ({msg})") from None
+        if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)):
+            raise CaitError(f"{path}: refused: the pickle needs code to load (it references {m.group(1)}); "
+                            "only tensors and plain containers are accepted") from None
+        m = re.search(r"(Unsupported operand \d+)", str(e))
+        why = m.group(1) if m else _first_line(e)
+        raise CaitError(f"{path}: not a readable checkpoint: not a torch.save file, or a pickle the safe "
+                        f"loader refuses ({why})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as e:
         raise CaitError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
     if not isinstance(obj, dict):

@@ -131,8 +131,11 @@ def test_pickle_with_code_is_refused_not_run(tmp_path):
     assert not marker.exists()
     raw = tmp_path / "raw.pth"  # a plain pickle (not a torch zip) with a code-running reduce
     raw.write_bytes(pickle.dumps(Evil(str(marker))))
-    res = run_fuse(raw, out)
-    assert res.exit_code == 2 and not marker.exists() and not out.exists()
+    assert_fails(run_fuse(raw, out), r"raw\.pth: not a readable checkpoint", out)
+    assert not marker.exists()
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("not a checkpoint\n")
+    assert_fails(run_fuse(garbage, out), r"garbage\.pth: not a readable checkpoint", out)
 
 
 def test_unwritable_output(tmp_path):
