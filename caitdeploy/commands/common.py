@@ -52,9 +52,13 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def console():
+    """Rich console for reports; piped output (logs, CI, `make`) gets 120 columns instead of rich's 80."""
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+    return Console(stderr=False, highlight=False, width=width)
 
 
 def human(n: float, unit: str = "") -> str:
