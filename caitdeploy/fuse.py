@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import surgery as S
 from .checkpoint import MERGE_KEY, Checkpoint, load_checkpoint
@@ -156,6 +157,18 @@ def max_logit_diff(ckpt: Checkpoint, model: torch.nn.Module, batch: int = 2, see
             "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).double().mean()), "batch": batch}
 
 
+def torch_counted_flops(config: CaitConfig) -> int:
+    """FLOPs per image of `CaitViT(config)` by torch.utils.flop_counter, on the meta device (no compute)."""
+    from .model import CaitViT
+
+    with torch.device("meta"):
+        model = CaitViT(config, attn_impl="math")
+        x = torch.empty(1, config.in_chans, config.img_size, config.img_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
 def build_report(ckpt: Checkpoint, res: FuseResult, opts: FuseOptions) -> dict[str, Any]:
     before, after = ckpt.config, res.config
     fb, fa = model_flops(before.unpruned()), model_flops(after)
@@ -199,6 +212,10 @@ def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, 
     model.load_state_dict(res.state_dict)
     if verify_batch > 0:
         report["verify"] = max_logit_diff(ckpt, model, batch=verify_batch)
+        report["verify"]["torch_flops_per_img"] = torch_counted_flops(res.config)
+        if report["verify"]["torch_flops_per_img"] != report["flops_fused"]:  # a bug, never a user error
+            raise RuntimeError(f"analytic FLOPs {report['flops_fused']} != torch.utils.flop_counter "
+                               f"{report['verify']['torch_flops_per_img']}")
     t_verify = time.perf_counter() - t0 - t_fuse
     meta = {k: report[k] for k in ("flops_dense", "flops_fused", "params_dense", "params_fused", "options")}
     meta.update(source=str(path.name), verify=report.get("verify"))

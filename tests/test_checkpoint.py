@@ -162,3 +162,5 @@ def test_good_checkpoint_cli_writes_report(tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["blocks"][1]["merge"] == "v" and rep["blocks"][1]["tokens"] == 1 + 2 * 4
     assert rep["verify"]["max_abs_diff"] < 1e-4 and rep["flops_fused"] < rep["flops_dense"]
+    assert rep["verify"]["torch_flops_per_img"] == rep["flops_fused"]
+    assert "FLOPs check: analytic count equals torch.utils.flop_counter" in res.stdout

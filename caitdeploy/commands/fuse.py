@@ -35,6 +35,7 @@ def print_fuse_report(report: dict) -> None:
         con.print(f"max |logit diff| vs checkpoint (float64 forward, {v['batch']} random images): "
                   f"{v['max_abs_diff']:.3g} (logit scale {v['logit_scale']:.3g}, top-1 agreement "
                   f"{100 * v['top1_agree']:.0f}%)")
+        con.print(f"FLOPs check: analytic count equals torch.utils.flop_counter ({human(v['torch_flops_per_img'])}/img)")
     s = report["seconds"]
     con.print(f"wrote {report['output']} in {s['total']:.2f} s (fuse {s['fuse']:.2f} s, verify {s['verify']:.2f} s)")
 
