@@ -84,8 +84,8 @@ def main() -> None:
     tag = f"fuse_{args.arch}_{os.cpu_count()}core"
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# `caitdeploy fuse` on {args.arch} (CAIT {args.flops_reduction:.0%} FLOPs reduction, merges {args.merges})", "",
-          f"Machine: {machine}. Median of {args.runs} runs, each a fresh process (whole CLI: load, fold, slice, "
-          f"float64 verification on {args.verify_batch} images, write).", "",
+          f"Machine: {machine}. Median of {args.runs} runs, each a fresh process (whole CLI: load, validate, fold, "
+          f"slice, float64 verification on {args.verify_batch} images, FLOPs check against torch's counter, write).", "",
           "| checkpoint | wall (s) | fuse (s) | verify (s) | peak RSS | RSS / checkpoint | (RSS - torch baseline) / checkpoint | max abs logit diff |",
           "|---|---|---|---|---|---|---|---|",
           f"| {size_mb:.0f} MiB | {med['wall_s']:.2f} | {med['fuse_s']:.2f} | {med['verify_s']:.2f} | "
