@@ -98,8 +98,9 @@ def write_md(path: Path, res: dict) -> None:
     lines = [f"# caitdeploy export timings: {m['cpu']} ({m['cores']} cores)", "",
              f"Measured {res['date']} with torch {res['versions']['torch']}, onnx {res['versions']['onnx']}, "
              f"onnxruntime {res['versions']['onnxruntime']}, {res['versions'].get('trt', 'no TensorRT')}. "
-             f"GPU: {m['gpu'] or 'none'}. Load average at start {', '.join(f'{x:.1f}' for x in m['load_avg_start'])} "
-             "(the machine was shared with other jobs: absolute times are noisy).", "",
+             f"GPU: {m['gpu'] or 'none'}. Load average at start {', '.join(f'{x:.1f}' for x in m['load_avg_start'])}"
+             + (" (above the core count: the machine was shared, absolute times are noisy)."
+                if m["load_avg_start"][0] > m["cores"] else " (a quiet machine)."), "",
              "CAIT checkpoints: one-shot CDCP selection on random weights, merges 4:h,8:v, fused with align 8. "
              "Export = torch.onnx dynamo export + onnxscript optimizer; check = graph-surgeon fold/cleanup/toposort, "
              "shape inference, onnx.checker; verify = ONNX Runtime CPU vs PyTorch (fp32: batches 1+7; fp16: + "
