@@ -43,13 +43,35 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return tensors, meta
 
 
+def _not_fused(path: Path) -> CaitError:
+    """The one-line error for a file that is not a fused model, saying what it is where that is known."""
+    from .checkpoint import FORMAT, read_container
+
+    try:
+        raw = read_container(path)
+    except CaitError:
+        raw = None
+    if isinstance(raw, dict) and (raw.get("format") == FORMAT or "model" in raw or "state_dict" in raw):
+        what = raw.get("format") or "DeiT-style state dict"
+        return CaitError(f"{path}: is a CAIT training checkpoint ({what}), not a fused model: run "
+                         "`caitdeploy fuse` on it first")
+    return CaitError(f"{path}: not a fused model: expected a {FUSED_FORMAT} .safetensors file written by "
+                     "`caitdeploy fuse`")
+
+
 def load_fused(path: str | os.PathLike) -> tuple[CaitConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(config, state_dict, meta) of a fused model file."""
-    tensors, meta = read_safetensors(path)
-    fmt = meta.get("format")
-    if fmt != FUSED_FORMAT:
-        hint = " (a CAIT training checkpoint: run `caitdeploy fuse` on it first)" if fmt == "cait-compactor/1" else ""
-        raise CaitError(f"{path}: not a fused model: format is {fmt!r}, expected {FUSED_FORMAT!r}{hint}")
+    """(config, state_dict, meta) of a fused model file; a one-line CaitError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaitError(f"{path}: no such file")
+    if path.suffix != ".safetensors":
+        raise _not_fused(path)
+    try:
+        tensors, meta = read_safetensors(path)
+    except CaitError as e:
+        raise CaitError(f"{e} (expected a {FUSED_FORMAT} file written by `caitdeploy fuse`)") from None
+    if meta.get("format") != FUSED_FORMAT:
+        raise _not_fused(path)
     try:
         config = CaitConfig.from_json(meta["config"])
     except (KeyError, ConfigError) as e:

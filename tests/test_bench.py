@@ -176,8 +176,8 @@ def test_cli_not_a_fused_model(tmp_path):
     save_file({"w": torch.zeros(2)}, str(ck), metadata={"format": "cait-compactor/1"})
     junk = tmp_path / "junk.safetensors"
     junk.write_text("not a model")
-    for path in (ck, junk, tmp_path / "missing.safetensors"):
+    for path, says in ((ck, "caitdeploy fuse"), (junk, "caitdeploy fuse"), (tmp_path / "missing.safetensors", "no such file")):
         res = CliRunner().invoke(main, ["bench", str(path), "--batch", "1"])
         assert res.exit_code == 2
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
-        assert len(lines) == 1 and "caitdeploy fuse" in lines[0], res.output
+        assert len(lines) == 1 and says in lines[0], res.output

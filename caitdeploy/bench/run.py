@@ -124,13 +124,7 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
     models: list[BenchModel] = []
     dense_seen: set[str] = set()
     for path in model_paths:
-        try:
-            config, _, _ = load_fused(path)
-        except CaitError as e:
-            msg = str(e)
-            if "caitdeploy fuse" not in msg:
-                msg += " (bench takes a fused model: run `caitdeploy fuse` on a CAIT checkpoint first)"
-            raise CaitError(msg) from None
+        config, _, _ = load_fused(path)  # says what the file is instead, and to run `fuse`, when it is not
         load_model(path)                  # validates the weights against the config
         dense_cfg = config.unpruned()
         arch = arch_name(dense_cfg)

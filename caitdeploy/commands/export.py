@@ -28,25 +28,8 @@ def ensure_writable(path: str | os.PathLike, what: str = "output") -> Path:
 
 def load_fused_for_export(path: str | os.PathLike):
     """The fused CaitViT (math attention) of MODEL, or a one-line error saying what MODEL is instead."""
-    from ..checkpoint import FORMAT, read_container
     from ..io import load_model
 
-    path = Path(path)
-    if not path.exists():
-        raise CaitError(f"{path}: no such file")
-    if path.suffix != ".safetensors":
-        fmt = None
-        try:
-            raw = read_container(path)
-            fmt = raw.get("format") if isinstance(raw, dict) else None
-            is_ckpt = fmt == FORMAT or "model" in raw or "state_dict" in raw
-        except CaitError:
-            is_ckpt = False
-        if is_ckpt:
-            raise CaitError(f"{path}: is a CAIT training checkpoint ({fmt or 'DeiT-style state dict'}), not a fused "
-                            "model: run `caitdeploy fuse` on it first")
-        raise CaitError(f"{path}: not a fused model: expected a cait-fused/1 .safetensors file "
-                        "(written by `caitdeploy fuse`)")
     return load_model(path, attn_impl="math")
 
 
