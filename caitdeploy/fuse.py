@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import surgery as S
 from .checkpoint import MERGE_KEY, Checkpoint, load_checkpoint
-from .config import BlockConfig, CaitConfig
+from .config import CaitConfig
 from .errors import CaitError, check_output_dir
 from .flops import model_flops, model_params
 

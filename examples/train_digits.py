@@ -188,7 +188,7 @@ def main() -> int:
     masked_norm = ctl.max_masked_norm()
     print(f"    CDCP: {ctl.updates} mask updates, target reached at iteration {reached}/{step}; FLOPs "
           f"{ctl.flops / 1e6:.2f}M vs dense {ctl.flops_dense / 1e6:.2f}M ({ctl.flops_reduction:.1%} fewer)")
-    print(f"    kept per block (q/k, v per head; fc1): "
+    print("    kept per block (q/k, v per head; fc1): "
           + " ".join(f"{int(m['q'][0].sum())}/{int(m['v'][0].sum())}/{int(m['fc1'].sum())}" for m in ctl.masks()))
     print(f"    after CAIT fine-tuning: test accuracy {acc_trained:.4f}; largest masked compactor row norm "
           f"{masked_norm:.2e} ({time.perf_counter() - t0:.0f} s)")
