@@ -71,7 +71,7 @@ def test_strict_consistency_messages_and_repair():
 
 
 def test_slice_block_widths():
-    h, d, dim, hidden = 2, 4, 8, 6
+    h, dim, hidden = 2, 8, 6  # head width dim // h = 4
     g = torch.Generator().manual_seed(0)
     f = S.fold_block(torch.randn(3 * dim, dim, generator=g), torch.randn(3 * dim, generator=g),
                      torch.randn(hidden, dim, generator=g), torch.randn(hidden, generator=g), h, {})
