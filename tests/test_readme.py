@@ -46,3 +46,10 @@ def test_readme_options_exist():
         known = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
         for flag in flags:
             assert flag in known, f"README shows `caitdeploy {cmd} {flag}`, which the CLI does not have"
+
+
+def test_readme_documents_every_bench_record_key():
+    from caitdeploy.bench.runners import RECORD_KEYS
+
+    words = set(re.findall(r"[a-z0-9_]+", README.read_text()))
+    assert [k for k in RECORD_KEYS if k not in words] == []
