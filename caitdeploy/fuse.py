@@ -14,7 +14,7 @@ from . import surgery as S
 from .checkpoint import MERGE_KEY, Checkpoint, load_checkpoint
 from .config import CaitConfig
 from .errors import CaitError, check_output_dir
-from .flops import model_flops, model_params
+from .flops import block_params, model_flops, model_params
 
 CONSISTENCY_MODES = ("strict", "repair")
 
@@ -181,6 +181,8 @@ def build_report(ckpt: Checkpoint, res: FuseResult, opts: FuseOptions) -> dict[s
             "qk_per_head": b.qk_dim, "v_per_head": b.v_dim, "mlp": b.mlp_hidden,
             "qk_pruned": plan.pruned_qk, "v_pruned": plan.pruned_v, "mlp_pruned": plan.pruned_mlp,
             "flops": fa["blocks"][i]["total"], "flops_dense": fb["blocks"][i]["total"],
+            "flops_parts": fa["blocks"][i], "params": block_params(after, i),
+            "params_dense": block_params(before.unpruned(), i),
             "max_dropped_norm": plan.max_dropped_norm,
         })
     return {

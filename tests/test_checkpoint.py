@@ -163,4 +163,7 @@ def test_good_checkpoint_cli_writes_report(tmp_path):
     assert rep["blocks"][1]["merge"] == "v" and rep["blocks"][1]["tokens"] == 1 + 2 * 4
     assert rep["verify"]["max_abs_diff"] < 1e-4 and rep["flops_fused"] < rep["flops_dense"]
     assert rep["verify"]["torch_flops_per_img"] == rep["flops_fused"]
+    assert sum(b["flops"] for b in rep["blocks"]) < rep["flops_fused"]  # + patch embed and head
+    assert all(b["params"] < b["params_dense"] for b in rep["blocks"] if not b["merge"])
+    assert rep["blocks"][1]["flops_parts"]["merge"] > 0 and rep["blocks"][0]["flops_parts"]["merge"] == 0
     assert "FLOPs check: analytic count equals torch.utils.flop_counter" in res.stdout
