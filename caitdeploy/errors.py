@@ -12,14 +12,21 @@ class CaitError(Exception):
     """A user-facing error. Its message names the file, key or block at fault."""
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """The directory `path` will be written to; CaitError if it is missing or not writable."""
+def check_output_dir(path: str | os.PathLike, what: str = "output") -> Path:
+    """The directory `path` will be written to; CaitError, before any work, if it is missing or not writable.
+
+    Probes with a real temporary file: `os.access` says yes to root on read-only mounts.
+    """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise CaitError(f"{path}: output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CaitError(f"{path}: output directory {parent} is not writable")
+        raise CaitError(f"{path}: {what} directory {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".caitdeploy-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CaitError(f"{path}: {what} directory {parent} is not writable ({e.strerror})") from None
     return parent
 
 

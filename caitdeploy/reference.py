@@ -31,50 +31,45 @@ def reference_forward(ckpt: Checkpoint, images: torch.Tensor, dtype: torch.dtype
     """Logits [B, num_classes] of the checkpoint's own forward pass (compactors included)."""
     raw = ckpt.state_dict
 
-    class _Cast(dict):  # cast one tensor at a time: never a float64 copy of the whole checkpoint
-        def __getitem__(self, k):
-            return raw[k].to(dtype)
+    def w(key: str) -> torch.Tensor | None:  # one tensor at a time: never a float64 copy of the whole checkpoint
+        return raw[key].to(dtype) if key in raw else None
 
-        def get(self, k, default=None):
-            return raw[k].to(dtype) if k in raw else default
-
-    sd = _Cast()
     cfg, fmt = ckpt.config, ckpt.format_config
     h = fmt["num_heads"]
     d = cfg.embed_dim
     hd = d // h
     scale = hd**-0.5
     eps = cfg.ln_eps
-    x = F.conv2d(images.to(dtype), sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=cfg.patch_size)
+    x = F.conv2d(images.to(dtype), w("patch_embed.proj.weight"), w("patch_embed.proj.bias"), stride=cfg.patch_size)
     x = x.flatten(2).transpose(1, 2)
-    x = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + sd["pos_embed"]
+    x = torch.cat([w("cls_token").expand(x.shape[0], -1, -1), x], dim=1) + w("pos_embed")
     for i, blk in enumerate(cfg.blocks):
         p = f"blocks.{i}."
         if blk.merge:
             m = f"{p}{MERGE_KEY[blk.merge]}.fc."
-            x = _merge(x, cfg.input_grid(i), blk.merge, sd[m + "weight"], sd[m + "bias"])
+            x = _merge(x, cfg.input_grid(i), blk.merge, w(m + "weight"), w(m + "bias"))
         bsz, n, _ = x.shape
-        y = F.layer_norm(x, (d,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps)
-        qkv = y @ sd[p + "attn.qkv.weight"].T
+        y = F.layer_norm(x, (d,), w(p + "norm1.weight"), w(p + "norm1.bias"), eps)
+        qkv = y @ w(p + "attn.qkv.weight").T
         if cfg.qkv_bias:
-            qkv = qkv + sd[p + "attn.qkv.bias"]
+            qkv = qkv + w(p + "attn.qkv.bias")
         q, k, v = (t.reshape(bsz, n, h, hd) for t in qkv.split(d, dim=-1))  # [B, N, H, d]
         heads = []
         for name, t in zip("qkv", (q, k, v)):
-            c = sd.get(f"{p}attn.{name}_compactor.weight")
+            c = w(f"{p}attn.{name}_compactor.weight")
             if c is not None:  # t_h <- t_h @ C_h^T
                 t = torch.einsum("bnhj,hij->bnhi", t, c)
             heads.append(t.transpose(1, 2))  # [B, H, N, d]
         q, k, v = heads
         attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(bsz, n, d)
-        x = x + out @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"]
-        y = F.layer_norm(x, (d,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps)
-        y = y @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"]
-        c = sd.get(p + "mlp.fc1_compactor.weight")
+        x = x + out @ w(p + "attn.proj.weight").T + w(p + "attn.proj.bias")
+        y = F.layer_norm(x, (d,), w(p + "norm2.weight"), w(p + "norm2.bias"), eps)
+        y = y @ w(p + "mlp.fc1.weight").T + w(p + "mlp.fc1.bias")
+        c = w(p + "mlp.fc1_compactor.weight")
         if c is not None:
             y = y @ c.T
         y = F.gelu(y)
-        x = x + y @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"]
-    x = F.layer_norm(x, (d,), sd["norm.weight"], sd["norm.bias"], eps)
-    return x[:, 0] @ sd["head.weight"].T + sd["head.bias"]
+        x = x + y @ w(p + "mlp.fc2.weight").T + w(p + "mlp.fc2.bias")
+    x = F.layer_norm(x, (d,), w("norm.weight"), w("norm.bias"), eps)
+    return x[:, 0] @ w("head.weight").T + w("head.bias")

@@ -2,35 +2,17 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import click
 
-from ..errors import CaitError
+from ..errors import CaitError, check_output_dir
 from .common import console, handle_errors, human, write_json
 
 
-def ensure_writable(path: str | os.PathLike, what: str = "output") -> Path:
-    """Fail before any work when `path` cannot be written (probes the directory with a real temp file)."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CaitError(f"{path}: {what} directory {parent} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".caitdeploy-probe.", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise CaitError(f"{path}: {what} directory {parent} is not writable ({e.strerror})") from None
-    return path
-
-
-def load_fused_for_export(path: str | os.PathLike):
-    """The fused CaitViT (math attention) of MODEL, or a one-line error saying what MODEL is instead."""
-    from ..io import load_model
-
-    return load_model(path, attn_impl="math")
+def _writable(path: str | os.PathLike, what: str = "output") -> Path:
+    check_output_dir(path, what)
+    return Path(path)
 
 
 def default_onnx_path(model_path: str, dtype: str) -> Path:
@@ -137,9 +119,10 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
                instances, instance_kind, report_path, quiet):
     """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository."""
     from ..export.onnx import check_options, export_onnx
+    from ..io import load_model
 
     opset_n = check_options(dtype, _parse_opset(opset), attention)
-    out = ensure_writable(output or default_onnx_path(model, dtype))
+    out = _writable(output or default_onnx_path(model, dtype))
     engine_path = None
     if trt:
         from ..export.tensorrt import import_trt
@@ -147,18 +130,18 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
         import_trt(trt_module)  # a missing module fails here, before any work
         if not 1 <= min_batch <= opt_batch <= max_batch:
             raise CaitError(f"batch profile must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
-        engine_path = ensure_writable(engine or out.with_suffix(".plan"), "engine")
+        engine_path = _writable(engine or out.with_suffix(".plan"), "engine")
         if timing_cache:
-            ensure_writable(timing_cache, "timing cache")
+            _writable(timing_cache, "timing cache")
     if report_path:
-        ensure_writable(report_path, "report")
+        _writable(report_path, "report")
     if triton_repo:
         repo = Path(triton_repo)
-        ensure_writable(repo / "probe" if repo.is_dir() else repo, "triton repository")
+        _writable(repo / "probe" if repo.is_dir() else repo, "triton repository")
     if fp16_samples < 0:
         raise CaitError(f"--fp16-samples must be >= 0, got {fp16_samples}")
 
-    net = load_fused_for_export(model)
+    net = load_model(model, attn_impl="math")  # a non-fused MODEL gets a one-line error saying what it is
     report: dict = {"model": model}
     report["onnx"] = export_onnx(net, out, dtype=dtype, opset=opset_n, attention=attention, verify=not no_verify,
                                  fp16_samples=fp16_samples)
