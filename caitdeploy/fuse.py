@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ class FuseResult:
     config: CaitConfig
     state_dict: dict[str, torch.Tensor]
     plans: list[S.BlockPlan]
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 def _compactor_row_norms(c: torch.Tensor | None, shape) -> torch.Tensor:
@@ -69,7 +68,7 @@ def plan_block(ckpt: Checkpoint, i: int, f: S.FoldedBlock, opts: FuseOptions) ->
     else:
         norms = comp_norms
     keep = {}
-    for name, shape in (("q", (h, d)), ("k", (h, d)), ("v", (h, d)), ("fc1", (hidden,))):
+    for name, shape in shapes.items():
         if opts.threshold is not None:
             keep[name] = S.keep_from_threshold(norms[name], opts.threshold)
         else:
