@@ -35,6 +35,7 @@ class Checkpoint:
     config: CaitConfig                     # the unpruned model with its merges
     state_dict: dict[str, torch.Tensor]
     inferred: dict[str, Any] = field(default_factory=dict)  # config values inferred from shapes
+    notes: list[str] = field(default_factory=list)          # what loading changed (e.g. half -> float32)
 
     def compactor(self, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(weight, mask) of a compactor ("q", "k", "v" or "fc1"), or None when absent (identity)."""
@@ -44,20 +45,98 @@ class Checkpoint:
 
 
 # ---- loading ------------------------------------------------------------------------------------
+_TORCH_HINTS = ("weights_only", "re-running", "trusted source", "documentation", "torch.serialization",
+                "add_safe_globals", "safe_globals", "pytorch 2.6", "https://")
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    """The first line of an exception's text that is not one of torch's hints (never "re-run with
+    weights_only=False": caitdeploy never does that)."""
+    for line in str(e).strip().splitlines():
+        line = line.strip()
+        if line and not any(h in line.lower() for h in _TORCH_HINTS):
+            return line[:200]
+    return type(e).__name__
+
+
+REFUSED = "caitdeploy never runs code from a checkpoint"
+
+
+def _refusal(path: Path, e: BaseException) -> CaitError:
+    text = str(e)
+    if m := re.search(r"GLOBAL ([\w.]+)", text):
+        what = f"it references {m.group(1)}"
+    elif m := re.search(r"(Unsupported (?:operand|class)[^\n.]*)", text):
+        what = m.group(1).strip()
+    else:
+        what = _first_line(e)
+    return CaitError(f"{path}: refused: the pickle needs code to load ({what}); {REFUSED}")
+
+
+def _check_zip(path: Path) -> None:
+    """A torch.save file is a zip of stored (uncompressed) records; anything else is refused before torch
+    reads it, so a compressed record cannot inflate in memory and a legacy pickle cannot declare storages."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        if magic[:1] == b"\x80":
+            if (code := _pickle_global(path)) is not None:
+                raise CaitError(f"{path}: refused: the pickle needs code to load (it references {code}); {REFUSED}")
+            raise CaitError(f"{path}: a legacy (pre-1.6) torch.save file or a bare pickle: re-save it with "
+                            "torch.save (zip format, the default since torch 1.6) or convert it to .safetensors")
+        raise CaitError(f"{path}: not a readable checkpoint: not a torch.save file (no zip header){_hint_suffix(path)}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CaitError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CaitError(f"{path}: zip record {info.filename!r} is compressed; torch.save never compresses "
+                            "(refused: a compressed record could inflate far beyond the file)")
+        if info.file_size > size:
+            raise CaitError(f"{path}: zip record {info.filename!r} claims {info.file_size} bytes, more than the "
+                            f"{size}-byte file")
+
+
+def _pickle_global(path: Path, limit: int = 1 << 20) -> str | None:
+    """The first module.name a bare pickle imports (GLOBAL / STACK_GLOBAL), read with pickletools, which only
+    parses opcodes and never runs them; None when there is none in the first `limit` bytes."""
+    import io
+    import pickletools
+
+    with open(path, "rb") as f:
+        data = f.read(limit)
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if op.name == "GLOBAL":
+                return str(arg).replace(" ", ".")
+            if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                return f"{strings[-2]}.{strings[-1]}"
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 - a malformed pickle: no global found before the damage
+        return None
+    return None
+
+
+def _hint_suffix(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    looks_st = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (100 << 20)
+    return "; it looks like safetensors: name it *.safetensors" if looks_st else ""
 
 
 def read_container(path: Path) -> dict[str, Any]:
-    """Raw top-level dict of a .pth (weights_only) or .safetensors file."""
+    """Raw top-level dict of a .pth (weights_only, memory-mapped) or .safetensors file."""
     if not path.exists():
         raise CaitError(f"{path}: no such file")
     if not path.is_file():
         raise CaitError(f"{path}: not a regular file")
     if path.suffix == ".safetensors":
-        import json
-
+        from .config import ConfigError, strict_json
         from .io import read_safetensors
 
         tensors, meta = read_safetensors(path)
@@ -66,27 +145,73 @@ def read_container(path: Path) -> dict[str, Any]:
             out["format"] = meta["format"]
         if "config" in meta:
             try:
-                out["config"] = json.loads(meta["config"])
-            except json.JSONDecodeError as e:
-                raise CaitError(f"{path}: metadata 'config' is not valid JSON ({e})") from None
+                out["config"] = strict_json(meta["config"], "metadata 'config'")
+            except ConfigError as e:
+                raise CaitError(f"{path}: {e}") from None
         return out
+    _check_zip(path)
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one-line error says enough
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)):
-            raise CaitError(f"{path}: refused: the pickle needs code to load (it references {m.group(1)}); "
-                            "only tensors and plain containers are accepted") from None
-        m = re.search(r"(Unsupported operand \d+)", str(e))
-        why = m.group(1) if m else _first_line(e)
-        raise CaitError(f"{path}: not a readable checkpoint: not a torch.save file, or a pickle the safe "
-                        f"loader refuses ({why})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as e:
+        if "truncated" in str(e) or "ran out of input" in str(e).lower():
+            raise CaitError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+        raise _refusal(path, e) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError, KeyError,
+            IndexError, OverflowError, RecursionError, MemoryError, UnicodeDecodeError) as e:
         raise CaitError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise CaitError(f"{path}: top level is a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def _strip_prefixes(sd: dict[str, Any]) -> dict[str, Any]:
+    """Remove a `module.` (DDP) or `model.` (training wrappers) prefix shared by every key, repeatedly."""
+    while sd:
+        for prefix in ("module.", "model."):
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                break
+        else:
+            return sd
+    return sd
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_tensors(path: Path, sd: dict[Any, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every value a real, dense, finite-size weight; half precision upcast to float32; integer/bool masks
+    accepted as 0/1; storage really holding the elements. Returns (state dict, notes for the report)."""
+    from .limits import stored_elements_check, tensor_problem
+
+    out: dict[str, torch.Tensor] = {}
+    upcast: dict[str, int] = {}
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise CaitError(f"{path}: state dict key {k!r} is not a string")
+        if (why := tensor_problem(k, v)) is not None:
+            raise CaitError(f"{path}: {why}")
+    try:
+        stored_elements_check(sd)
+    except CaitError as e:
+        raise CaitError(f"{path}: {e}") from None
+    for k, v in sd.items():
+        if v.is_floating_point():
+            if v.dtype in HALF_DTYPES:
+                upcast[str(v.dtype).removeprefix("torch.")] = upcast.get(str(v.dtype).removeprefix("torch."), 0) + 1
+                v = v.float()
+            elif v.dtype not in (torch.float32, torch.float64):
+                raise CaitError(f"{path}: key {k!r} has dtype {v.dtype}; expected float32, float64, float16 or bfloat16")
+        elif k.endswith("_compactor.mask"):
+            v = v.float()  # integer or bool masks: their 0/1 values are checked with the float ones
+        else:
+            raise CaitError(f"{path}: key {k!r} has {v.dtype} values: CAIT weights are floating point")
+        out[k] = v
+    notes = [f"{n} {dt} tensors upcast to float32 for surgery (the fused model is float32)"
+             for dt, n in upcast.items()]
+    return out, notes
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -96,85 +221,109 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     inferred: dict[str, Any] = {}
     if "format" in raw:
         if raw["format"] != FORMAT:
-            raise CaitError(f"{path}: unknown format {raw['format']!r}, expected {FORMAT!r}")
+            raise CaitError(f"{path}: unknown format {str(raw['format'])[:80]!r}, expected {FORMAT!r}")
         for key in ("config", "state_dict"):
             if not isinstance(raw.get(key), dict):
                 raise CaitError(f"{path}: missing or malformed top-level key {key!r}")
-        sd = raw["state_dict"]
+        sd, notes = check_tensors(path, _strip_prefixes(raw["state_dict"]))
         fmt_cfg = _check_format_config(path, raw["config"])
     else:
         sd = raw.get("model", raw.get("state_dict"))
         if not isinstance(sd, dict):
             raise CaitError(f"{path}: no 'format' key and no 'model'/'state_dict' dict: not a CAIT checkpoint")
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        sd, notes = check_tensors(path, _strip_prefixes(sd))
         fmt_cfg, inferred = infer_config(path, sd)
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            raise CaitError(f"{path}: key {k!r} is a {type(v).__name__}, expected a tensor")
     try:
         config = CaitConfig.from_format(fmt_cfg)
     except ConfigError as e:
-        raise CaitError(f"{path}: {e}") from None
-    ckpt = Checkpoint(path, fmt_cfg, config, dict(sd), inferred)
+        raise CaitError(f"{path}: config {e}") from None
+    ckpt = Checkpoint(path, fmt_cfg, config, dict(sd), inferred, notes)
     validate(ckpt)
     return ckpt
 
 
 def _check_format_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Types and bounds of a format config, and its merges (one per block, inside the model)."""
+    from .config import ConfigError, check_bound
+
     for key in CONFIG_KEYS:
         if key not in cfg:
             raise CaitError(f"{path}: config is missing key {key!r}")
+    unknown = [k for k in cfg if k not in (*CONFIG_KEYS, "merges")]
+    if unknown:
+        raise CaitError(f"{path}: config has unknown key {str(unknown[0])[:80]!r}")
     out = dict(cfg)
     for key in CONFIG_KEYS:
         want = {"mlp_ratio": (int, float), "qkv_bias": (bool,)}.get(key, (int,))
         if not isinstance(cfg[key], want) or (key != "qkv_bias" and isinstance(cfg[key], bool)):
-            raise CaitError(f"{path}: config key {key!r} has value {cfg[key]!r}, expected {want[-1].__name__}")
+            raise CaitError(f"{path}: config key {key!r} has value {str(cfg[key])[:80]!r}, expected {want[-1].__name__}")
+    try:
+        check_bound(cfg["depth"], "depth")
+    except ConfigError as e:
+        raise CaitError(f"{path}: config {e}") from None
     merges = cfg.get("merges", {}) or {}
     if not isinstance(merges, dict):
         raise CaitError(f"{path}: config key 'merges' must map block index -> 'h'|'v'")
     out["merges"] = {}
     for k, v in merges.items():
         try:
-            i = int(k)
+            i = int(k) if isinstance(k, (int, str)) and not isinstance(k, bool) else int("x")
         except (TypeError, ValueError):
-            raise CaitError(f"{path}: config merges key {k!r} is not a block index") from None
+            raise CaitError(f"{path}: config merges key {str(k)[:40]!r} is not a block index") from None
         if v not in MERGE_KEY:
-            raise CaitError(f"{path}: config merges[{k!r}] = {v!r}, expected 'h' or 'v'")
+            raise CaitError(f"{path}: config merges[{k!r}] = {str(v)[:40]!r}, expected 'h' or 'v'")
         if not 0 <= i < cfg["depth"]:
             raise CaitError(f"{path}: config merges block {i} is outside 0..{cfg['depth'] - 1}")
+        if i in out["merges"]:
+            raise CaitError(f"{path}: config merges name block {i} twice ({out['merges'][i]!r} and {v!r}); "
+                            "a block has at most one merge")
         out["merges"][i] = v
     return out
 
 
-def infer_config(path: Path, sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def infer_config(path: Path, sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Config of a DeiT-style state dict from its shapes. Returns (config, the inferred values)."""
+    from .config import BOUNDS
 
-    def need(key: str) -> torch.Tensor:
+    def need(key: str, ndim: int) -> torch.Tensor:
         if key not in sd:
             raise CaitError(f"{path}: cannot infer the config: key {key!r} is missing")
+        if sd[key].dim() != ndim:
+            raise CaitError(f"{path}: key {key!r} has shape {tuple(sd[key].shape)}, expected {ndim} dimensions")
         return sd[key]
 
-    d = need("cls_token").shape[-1]
-    pw = need("patch_embed.proj.weight")
-    n_patch = need("pos_embed").shape[1] - 1
-    g = math.isqrt(n_patch)
-    if g * g != n_patch:
+    d = need("cls_token", 3).shape[-1]
+    pw = need("patch_embed.proj.weight", 4)
+    n_patch = need("pos_embed", 3).shape[1] - 1
+    g = math.isqrt(max(n_patch, 0))
+    if n_patch < 1 or g * g != n_patch:
         raise CaitError(f"{path}: cannot infer img_size: pos_embed has {n_patch} patch positions, not a square")
-    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if pw.shape[-1] != pw.shape[-2]:
+        raise CaitError(f"{path}: key 'patch_embed.proj.weight' has a non-square kernel {tuple(pw.shape[-2:])}")
+    idx = [int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d{1,6})\.", k))]
+    depth = 1 + max(idx, default=-1)
     if depth == 0:
         raise CaitError(f"{path}: cannot infer depth: no 'blocks.{{i}}.*' keys")
-    heads = [sd[k].shape[0] for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.[qkv]_compactor\.weight", k)]
+    if depth > BOUNDS["depth"][1]:
+        raise CaitError(f"{path}: key prefix 'blocks.{depth - 1}.' gives depth {depth}, outside 1..{BOUNDS['depth'][1]} "
+                        "(the bound for real ViTs)")
+    heads = [sd[k].shape[0] for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.[qkv]_compactor\.weight", k)
+             and sd[k].dim() == 3]
     if not heads:
         raise CaitError(f"{path}: cannot infer num_heads: no per-head compactor "
                         "(write a cait-compactor/1 checkpoint with a 'config')")
-    merges = {}
+    merges: dict[int, str] = {}
     for k in sd:
         if m := re.fullmatch(r"blocks\.(\d+)\.(htm|vtm)\.fc\.weight", k):
-            merges[int(m.group(1))] = "h" if m.group(2) == "htm" else "v"
+            i, kind = int(m.group(1)), "h" if m.group(2) == "htm" else "v"
+            if i in merges:
+                raise CaitError(f"{path}: block {i} has both an htm and a vtm merge; a block has at most one")
+            merges[i] = kind
+    fc1 = need("blocks.0.mlp.fc1.weight", 2)
     cfg = {
         "img_size": g * pw.shape[-1], "patch_size": pw.shape[-1], "in_chans": pw.shape[1],
-        "num_classes": need("head.weight").shape[0], "embed_dim": d, "depth": depth, "num_heads": heads[0],
-        "mlp_ratio": need("blocks.0.mlp.fc1.weight").shape[0] / d, "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
+        "num_classes": need("head.weight", 2).shape[0], "embed_dim": d, "depth": depth, "num_heads": heads[0],
+        "mlp_ratio": fc1.shape[0] / d if d else 0.0, "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
         "merges": merges,
     }
     return cfg, dict(cfg)

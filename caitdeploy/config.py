@@ -12,9 +12,39 @@ from typing import Any
 
 MERGE_KINDS = ("h", "v")
 
+# Structural bounds (inclusive) on untrusted sizes: what real ViTs use, with room (ViT-22B: depth 48, width 6144,
+# 48 heads, mlp 24576). A config outside them is refused, naming the key and the bound, before any loop or
+# allocation depends on it. `limits.py` holds the memory rule built on top of them.
+BOUNDS: dict[str, tuple[int, int]] = {
+    "img_size": (1, 8192),
+    "patch_size": (1, 128),
+    "in_chans": (1, 64),
+    "num_classes": (1, 262144),
+    "embed_dim": (1, 16384),
+    "depth": (1, 256),
+    "num_heads": (1, 256),
+    "mlp_hidden": (1, 131072),
+    "qk_dim": (1, 4096),          # per-head widths of a fused model (alignment may pad past the original)
+    "v_dim": (1, 4096),
+    "tokens": (2, 65537),         # class token + patch grid
+}
+MLP_RATIO_MAX = 16.0
+LN_EPS_MAX = 0.1
+MAX_JSON_BYTES = 4 << 20     # a 256-block config is about 40 KB
+
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid model."""
+
+
+def check_bound(value, key: str, bound: str | None = None, what: str = "") -> int:
+    """`value` as an int within BOUNDS[bound or key]; ConfigError naming `key` otherwise."""
+    lo, hi = BOUNDS[bound or key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what}{key} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{what}{key} = {value} is outside {lo}..{hi} (the bound for real ViTs)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -37,11 +67,11 @@ class BlockConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_heads", "qk_dim", "v_dim", "mlp_hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"block {name} must be a positive integer, got {value!r}")
+            check_bound(getattr(self, name), name, what="block ")
         if self.merge not in (None, *MERGE_KINDS):
             raise ConfigError(f"block merge must be None, 'h' or 'v', got {self.merge!r}")
+        if isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, (int, float)):
+            raise ConfigError(f"block attn_scale must be a number, got {self.attn_scale!r}")
         if not (self.attn_scale > 0 and math.isfinite(self.attn_scale)):
             raise ConfigError(f"block attn_scale must be a positive finite number, got {self.attn_scale!r}")
 
@@ -62,10 +92,24 @@ class CaitConfig:
     source: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim"):
+            check_bound(getattr(self, key), key)
+        if not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) \
+                or not (0 < self.ln_eps <= LN_EPS_MAX):  # NaN fails the comparison too
+            raise ConfigError(f"ln_eps must be a number in (0, {LN_EPS_MAX:g}], got {self.ln_eps!r}")
+        if not isinstance(self.source, dict):
+            raise ConfigError(f"source must be a dict, got {type(self.source).__name__}")
         if self.img_size % self.patch_size:
             raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if not self.blocks:
+        check_bound(1 + (self.img_size // self.patch_size) ** 2, "tokens (1 + (img_size / patch_size)^2)",
+                    bound="tokens")
+        if not isinstance(self.blocks, (tuple, list)) or not self.blocks:
             raise ConfigError("a model needs at least one block")
+        check_bound(len(self.blocks), "depth")
+        if not all(isinstance(b, BlockConfig) for b in self.blocks):
+            raise ConfigError("blocks must be BlockConfig objects")
         object.__setattr__(self, "blocks", tuple(self.blocks))
         self.grids()  # validates merges against the grid
 
@@ -124,6 +168,12 @@ class CaitConfig:
         merges: dict[int, str] | None = None,
     ) -> "CaitConfig":
         """The unpruned model of a `cait-compactor/1` config (merges included, no channel pruning)."""
+        check_bound(depth, "depth")
+        check_bound(num_heads, "num_heads")
+        check_bound(embed_dim, "embed_dim")
+        if not (isinstance(mlp_ratio, (int, float)) and not isinstance(mlp_ratio, bool)
+                and 0 < mlp_ratio <= MLP_RATIO_MAX):  # NaN and Inf fail too
+            raise ConfigError(f"mlp_ratio must be a number in (0, {MLP_RATIO_MAX:g}], got {mlp_ratio!r}")
         if embed_dim % num_heads:
             raise ConfigError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         merges = {int(k): v for k, v in (merges or {}).items()}
@@ -132,6 +182,7 @@ class CaitConfig:
             raise ConfigError(f"merge block index {bad[0]} is outside 0..{depth - 1}")
         d = embed_dim // num_heads
         hidden = int(embed_dim * mlp_ratio)
+        check_bound(hidden, "mlp hidden width (embed_dim * mlp_ratio)", bound="mlp_hidden")
         blocks = tuple(
             BlockConfig(num_heads, d, d, hidden, d**-0.5, merges.get(i)) for i in range(depth)
         )
@@ -171,19 +222,58 @@ class CaitConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CaitConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+        blocks_in = d.get("blocks")
+        if not isinstance(blocks_in, list) or not blocks_in:
+            raise ConfigError("config 'blocks' must be a non-empty list")
+        check_bound(len(blocks_in), "depth")
+        blocks = []
+        for i, b in enumerate(blocks_in):
+            if not isinstance(b, dict):
+                raise ConfigError(f"config blocks[{i}] must be an object, got {type(b).__name__}")
+            try:
+                blocks.append(BlockConfig(**b))
+            except TypeError as e:
+                raise ConfigError(f"config blocks[{i}]: {e}") from None
+            except ConfigError as e:
+                raise ConfigError(f"config blocks[{i}]: {e}") from None
+        rest = {k: v for k, v in d.items() if k != "blocks"}
         try:
-            blocks = tuple(BlockConfig(**b) for b in d["blocks"])
-            rest = {k: v for k, v in d.items() if k != "blocks"}
-            return cls(blocks=blocks, **rest)
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"malformed fused config: {e}") from None
+            return cls(blocks=tuple(blocks), **rest)
+        except TypeError as e:
+            raise ConfigError(f"malformed config: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "CaitConfig":
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"fused config is not valid JSON: {e}") from None
+        return cls.from_dict(strict_json(text, "config"))
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ConfigError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str):
+    raise ConfigError(f"{name} is not a JSON number")
+
+
+def strict_json(text: Any, what: str) -> Any:
+    """Parse untrusted JSON: oversized text, duplicate keys, NaN/Infinity and runaway nesting are refused."""
+    if not isinstance(text, (str, bytes)):
+        raise ConfigError(f"{what} must be JSON text, got {type(text).__name__}")
+    if len(text) > MAX_JSON_BYTES:
+        raise ConfigError(f"{what} JSON is {len(text)} bytes, more than the {MAX_JSON_BYTES} a config needs")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{what} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{what} JSON: {e}") from None

@@ -1,15 +1,72 @@
-"""One error type for everything a user can get wrong; the CLI prints it as one line and exits 2."""
+"""One error type for everything a user can get wrong, and all-or-nothing outputs.
+
+`CaitError` is a user-input error: the CLI prints it as one line and exits 2. Every file a command writes goes
+through `Staging`: each output is written to a hidden temporary file next to its target and renamed onto it
+only when the whole command succeeded, so on any error (or SIGINT/SIGTERM) nothing at all is written. Temporary
+files carry the host and pid that made them; one left by a killed process (SIGKILL) is removed by the next
+`Staging` that writes into the same folder.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+TMP_TAG = ".cdtmp-"   # hidden temp names: .<target name>.cdtmp-<host>-<pid>-<random>.tmp
+
 
 class CaitError(Exception):
-    """A user-facing error. Its message names the file, key or block at fault."""
+    """A user-facing error. Its message names the file, key, block or option at fault."""
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporary files that a killed caitdeploy process on this host left in `folder`."""
+    removed = []
+    pat = re.compile(r"^\..+" + re.escape(TMP_TAG) + re.escape(_host()) + r"-(\d+)-[^/]*\.tmp$")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = pat.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            p = Path(folder) / name
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _os_error(path: Path, e: OSError, doing: str) -> CaitError:
+    why = e.strerror or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        why += ": free some space and run again"
+    return CaitError(f"{path}: cannot {doing} ({why}); nothing was written")
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "output") -> Path:
@@ -19,10 +76,12 @@ def check_output_dir(path: str | os.PathLike, what: str = "output") -> Path:
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise CaitError(f"{path}: {what} is a directory")
     if not parent.is_dir():
         raise CaitError(f"{path}: {what} directory {parent} does not exist")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".caitdeploy-probe.", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=f".probe{TMP_TAG}{_host()}-{os.getpid()}-", suffix=".tmp", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -30,23 +89,99 @@ def check_output_dir(path: str | os.PathLike, what: str = "output") -> Path:
     return parent
 
 
+class Staging:
+    """All-or-nothing outputs: `stage(path)` gives a temporary path next to `path`; `commit()` renames every
+    staged file onto its target (with ordinary permissions, 0666 & ~umask); `abort()` removes them all.
+
+    As a context manager it commits when the block succeeds and aborts on any exception, KeyboardInterrupt
+    and SystemExit (how SIGTERM arrives, see `install_signal_handlers`) included.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Path, Path]] = []
+
+    def stage(self, path: str | os.PathLike, suffix: str = "") -> Path:
+        path = Path(path)
+        parent = check_output_dir(path)
+        sweep_stale_temps(parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:80]}{TMP_TAG}{_host()}-{os.getpid()}-",
+                                       suffix=suffix + ".tmp", dir=parent)
+        except OSError as e:
+            raise _os_error(path, e, "create a temporary file") from None
+        os.close(fd)
+        self._items.append((Path(tmp), path))
+        return Path(tmp)
+
+    def write_bytes(self, path: str | os.PathLike, data: bytes) -> Path:
+        tmp = self.stage(path)
+        try:
+            tmp.write_bytes(data)
+        except OSError as e:
+            raise _os_error(Path(path), e, "write") from None
+        return tmp
+
+    def write_text(self, path: str | os.PathLike, text: str) -> Path:
+        return self.write_bytes(path, text.encode())
+
+    def commit(self) -> list[Path]:
+        mode = 0o666 & ~_umask()
+        for tmp, final in self._items:
+            try:
+                os.chmod(tmp, mode)  # mkstemp makes 0600 and some writers (safetensors) recreate the file
+            except OSError as e:
+                self.abort()
+                raise _os_error(final, e, "write") from None
+        for tmp, final in self._items:
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                self.abort()
+                raise _os_error(final, e, "write") from None
+        done = [final for _, final in self._items]
+        self._items = []
+        return done
+
+    def abort(self) -> None:
+        for tmp, _ in self._items:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._items = []
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
 
-    Never leaves a half-written output: on any exception the temporary file is removed.
+    Never leaves a half-written output: on any exception the temporary file is removed. An OSError while
+    writing (a full disk, a file-size limit) becomes a one-line CaitError naming `path`.
     """
-    path = Path(path)
-    parent = check_output_dir(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file the usual permissions
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    with Staging() as st:
+        tmp = st.stage(path, suffix)
+        try:
+            yield tmp
+        except OSError as e:
+            raise _os_error(Path(path), e, "write") from None
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP raise SystemExit (143, 129), so `Staging` removes its temporary files as it does
+    on Ctrl-C. SIGKILL cannot be caught: `sweep_stale_temps` cleans up after it on the next run."""
+    import signal
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            with contextlib.suppress(ValueError, OSError):  # not the main thread
+                signal.signal(sig, _exit)

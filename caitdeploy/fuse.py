@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import surgery as S
 from .checkpoint import MERGE_KEY, Checkpoint, load_checkpoint
 from .config import CaitConfig
-from .errors import CaitError, check_output_dir
+from .errors import CaitError, Staging
+from .paths import Out
 from .flops import block_params, model_flops, model_params
 
 CONSISTENCY_MODES = ("strict", "repair")
@@ -29,12 +30,17 @@ class FuseOptions:
     equal_head_dims: bool = False       # zero-pad q/k and v per head to one width
 
     def __post_init__(self) -> None:
+        from .limits import MAX_ALIGN, check_float
+
         if self.consistency not in CONSISTENCY_MODES:
             raise CaitError(f"--consistency must be one of {CONSISTENCY_MODES}, got {self.consistency!r}")
-        if self.align < 1:
-            raise CaitError(f"--align must be >= 1, got {self.align}")
-        if self.threshold is not None and not self.threshold >= 0:
-            raise CaitError(f"--threshold must be >= 0, got {self.threshold}")
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or not 1 <= self.align <= MAX_ALIGN:
+            raise CaitError(f"--align must be an integer in 1..{MAX_ALIGN}, got {self.align!r}")
+        if self.threshold is not None:
+            check_float(self.threshold, "--threshold", 0.0, 1e30)
+        check_float(self.max_dropped_norm, "--max-dropped-norm", 0.0, 1e30)  # NaN would switch the check off
+        if not isinstance(self.force, bool) or not isinstance(self.equal_head_dims, bool):
+            raise CaitError("force and equal_head_dims must be true or false")
 
 
 @dataclass
@@ -185,7 +191,8 @@ def build_report(ckpt: Checkpoint, res: FuseResult, opts: FuseOptions) -> dict[s
             "max_dropped_norm": plan.max_dropped_norm,
         })
     return {
-        "checkpoint": str(ckpt.path), "inferred_config": ckpt.inferred, "options": asdict(opts),
+        "checkpoint": str(ckpt.path), "inferred_config": ckpt.inferred, "notes": list(ckpt.notes),
+        "options": asdict(opts),
         "blocks": blocks,
         "params_dense": pb, "params_fused": pa,
         "flops_dense": fb["total"], "flops_fused": fa["total"],
@@ -195,17 +202,35 @@ def build_report(ckpt: Checkpoint, res: FuseResult, opts: FuseOptions) -> dict[s
     }
 
 
+def default_output(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.stem + ".fused.safetensors")
+
+
 def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, opts: FuseOptions = FuseOptions(),
-              verify_batch: int = 2, progress=None) -> dict[str, Any]:
-    """`caitdeploy fuse`: checkpoint file -> fused safetensors file. Returns the report dict."""
+              verify_batch: int = 2, progress=None, staging: Staging | None = None,
+              other_outputs: tuple[Out, ...] = ()) -> dict[str, Any]:
+    """`caitdeploy fuse`: checkpoint file -> fused safetensors file. Returns the report dict.
+
+    Checked before any work: the options, the output (a .safetensors name, a writable folder, never the input;
+    `other_outputs`, e.g. the report, against both), then the checkpoint, then the memory rule (limits.py).
+    With `staging` the fused file is staged there and appears when the caller commits (all-or-nothing with the
+    caller's other outputs)."""
     from .io import save_fused
+    from .limits import MAX_VERIFY_BATCH, WEIGHT_FACTOR, activation_bytes, check_memory
     from .model import CaitViT
+    from .paths import FUSED_SUFFIXES, check_paths
 
     t0 = time.perf_counter()
     path = Path(path)
-    output = Path(output) if output else path.with_name(path.stem + ".fused.safetensors")
-    check_output_dir(output)
+    if isinstance(verify_batch, bool) or not isinstance(verify_batch, int) or not 0 <= verify_batch <= MAX_VERIFY_BATCH:
+        raise CaitError(f"--verify-batch must be an integer in 0..{MAX_VERIFY_BATCH}, got {verify_batch!r}")
+    output = Path(output) if output else default_output(path)
+    check_paths({"CHECKPOINT": path}, [Out(output, "--output", FUSED_SUFFIXES), *other_outputs])
     ckpt = load_checkpoint(path)
+    n_params = sum(t.numel() for t in ckpt.state_dict.values())
+    check_memory(WEIGHT_FACTOR * 4 * n_params + activation_bytes(ckpt.config, max(verify_batch, 1), 8),
+                 f"{path}: fusing {n_params} parameters (verify batch {verify_batch})")
     res = fuse(ckpt, opts, progress=progress)
     t_fuse = time.perf_counter() - t0
     report = build_report(ckpt, res, opts)
@@ -220,7 +245,7 @@ def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, 
     t_verify = time.perf_counter() - t0 - t_fuse
     meta = {k: report[k] for k in ("flops_dense", "flops_fused", "params_dense", "params_fused", "options")}
     meta.update(source=str(path.name), verify=report.get("verify"))
-    save_fused(output, res.config, res.state_dict, meta)
+    save_fused(output, res.config, res.state_dict, meta, staging=staging)
     report.update(output=str(output), seconds={"fuse": t_fuse, "verify": t_verify,
                                                "total": time.perf_counter() - t0})
     return report

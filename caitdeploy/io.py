@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -9,26 +10,42 @@ from typing import Any
 import torch
 
 from .config import CaitConfig, ConfigError
-from .errors import CaitError, atomic_output
+from .errors import CaitError, Staging, atomic_output
 
 FUSED_FORMAT = "cait-fused/1"
 
 
 def save_fused(path: str | os.PathLike, config: CaitConfig, state_dict: dict[str, torch.Tensor],
-               meta: dict[str, Any] | None = None) -> Path:
-    """Write a fused model atomically. `meta` (JSON-able) lands under the `caitdeploy` metadata key."""
+               meta: dict[str, Any] | None = None, staging: Staging | None = None) -> Path:
+    """Write a fused model atomically. `meta` (JSON-able) lands under the `caitdeploy` metadata key.
+    With `staging` the file is staged there and appears only when the caller commits."""
     from safetensors.torch import save_file
 
     metadata = {"format": FUSED_FORMAT, "config": config.to_json(), "caitdeploy": json.dumps(meta or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if staging is not None:
+        tmp = staging.stage(path, ".safetensors")
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except OSError as e:
+            raise CaitError(f"{path}: cannot write ({e.strerror}); nothing was written") from None
+        return Path(path)
     with atomic_output(path, ".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a safetensors file, with errors that name the file."""
-    from safetensors import SafetensorError, safe_open
+def _st_error(path: Path, e: BaseException) -> CaitError:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return CaitError(f"{path}: not a readable safetensors file ({first})")
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
+    """({key: (shape, dtype)}, metadata) from the header alone: no tensor data is read.
+
+    safetensors checks on open that the offsets tile the data section exactly, so the shapes it reports are
+    backed by real bytes in the file."""
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -36,10 +53,31 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaitError(f"{path}: not a readable safetensors file ({first})") from None
+            info = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                info[k] = (tuple(int(n) for n in sl.get_shape()), str(sl.get_dtype()))
+    except Exception as e:  # safetensors raises SafetensorError, OSError, ValueError, ...: one line for all
+        raise _st_error(path, e) from None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CaitError(f"{path}: safetensors metadata must map names to strings")
+    return info, meta
+
+
+def read_safetensors(path: str | os.PathLike, keys: set[str] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file, with errors that name the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CaitError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if keys is None or k in keys}
+    except Exception as e:
+        raise _st_error(path, e) from None
     return tensors, meta
 
 
@@ -47,52 +85,96 @@ def _not_fused(path: Path) -> CaitError:
     """The one-line error for a file that is not a fused model, saying what it is where that is known."""
     from .checkpoint import FORMAT, read_container
 
+    raw: Any = None
     try:
-        raw = read_container(path)
+        if path.suffix == ".safetensors":
+            raw = {"format": read_safetensors_header(path)[1].get("format")}
+        else:
+            raw = read_container(path)
     except CaitError:
-        raw = None
-    if isinstance(raw, dict) and (raw.get("format") == FORMAT or "model" in raw or "state_dict" in raw):
-        what = raw.get("format") or "DeiT-style state dict"
+        pass
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if isinstance(raw, dict) and (fmt == FORMAT or (fmt is None and ("model" in raw or "state_dict" in raw))):
+        what = fmt if isinstance(fmt, str) else "DeiT-style state dict"
         return CaitError(f"{path}: is a CAIT training checkpoint ({what}), not a fused model: run "
                          "`caitdeploy fuse` on it first")
     return CaitError(f"{path}: not a fused model: expected a {FUSED_FORMAT} .safetensors file written by "
                      "`caitdeploy fuse`")
 
 
+ST_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def expected_fused_shapes(config: CaitConfig) -> dict[str, tuple[int, ...]]:
+    """key -> shape of a fused model's tensors, from its config (a meta-device model: nothing allocated)."""
+    from .model import CaitViT
+
+    with torch.device("meta"):
+        model = CaitViT(config, attn_impl="math")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def load_fused(path: str | os.PathLike) -> tuple[CaitConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(config, state_dict, meta) of a fused model file; a one-line CaitError for anything else."""
+    """(config, state_dict, meta) of a fused model file; a one-line CaitError for anything else.
+
+    Order: header only (format, config JSON, every key's shape and dtype checked against the config), the memory
+    rule, then the tensor data (finite values). Nothing the config claims is allocated before it agrees with the
+    file."""
+    from .config import strict_json
+    from .limits import check_memory
+
     path = Path(path)
     if not path.is_file():
         raise CaitError(f"{path}: no such file")
     if path.suffix != ".safetensors":
         raise _not_fused(path)
     try:
-        tensors, meta = read_safetensors(path)
+        info, meta = read_safetensors_header(path)
     except CaitError as e:
         raise CaitError(f"{e} (expected a {FUSED_FORMAT} file written by `caitdeploy fuse`)") from None
     if meta.get("format") != FUSED_FORMAT:
         raise _not_fused(path)
+    if "config" not in meta:
+        raise CaitError(f"{path}: metadata has no 'config'")
     try:
-        config = CaitConfig.from_json(meta["config"])
-    except (KeyError, ConfigError) as e:
+        config = CaitConfig.from_dict(strict_json(meta["config"], "metadata 'config'"))
+    except ConfigError as e:
         raise CaitError(f"{path}: bad 'config' metadata: {e}") from None
-    return config, tensors, json.loads(meta.get("caitdeploy", "{}"))
+    try:
+        extra = strict_json(meta.get("caitdeploy", "{}"), "metadata 'caitdeploy'")
+    except ConfigError as e:
+        raise CaitError(f"{path}: {e}") from None
+    if not isinstance(extra, dict):
+        raise CaitError(f"{path}: metadata 'caitdeploy' must be a JSON object, got {type(extra).__name__}")
+    expected = expected_fused_shapes(config)
+    missing = sorted(set(expected) - set(info))
+    unexpected = sorted(set(info) - set(expected))
+    if missing or unexpected:
+        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise CaitError(f"{path}: fused weights do not match their config: {what}")
+    for k, want in expected.items():
+        shape, dtype = info[k]
+        if shape != want:
+            raise CaitError(f"{path}: key {k!r} has shape {shape}, config says {want}")
+        if dtype not in ST_FLOAT_DTYPES:
+            raise CaitError(f"{path}: key {k!r} has dtype {dtype}; a fused model holds float32 (or float16, "
+                            "bfloat16, float64) weights")
+    n = sum(math.prod(s) for s, _ in info.values())
+    check_memory(3 * 4 * n, f"{path}: loading {n} parameters")
+    tensors, _ = read_safetensors(path)
+    for k, t in tensors.items():
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise CaitError(f"{path}: key {k!r} contains NaN or Inf")
+        if t.dtype != torch.float32:
+            tensors[k] = t.float()
+    return config, tensors, extra
 
 
 def load_model(path: str | os.PathLike, attn_impl: str = "sdpa", kernels: str | None = None):
     """A `CaitViT` in eval mode from a fused safetensors file."""
     from .model import CaitViT
 
-    config, state_dict, _ = load_fused(path)
+    config, state_dict, _ = load_fused(path)  # keys and shapes already agree with the config
     model = CaitViT(config, attn_impl=attn_impl, kernels=kernels)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    extra = sorted(set(state_dict) - set(expected))
-    if missing or extra:
-        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
-        raise CaitError(f"{path}: fused weights do not match their config: {what}")
-    for k, v in expected.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise CaitError(f"{path}: key {k!r} has shape {tuple(state_dict[k].shape)}, config says {tuple(v.shape)}")
     model.load_state_dict(state_dict)
     return model.eval()

@@ -131,7 +131,8 @@ def test_pickle_with_code_is_refused_not_run(tmp_path):
     assert not marker.exists()
     raw = tmp_path / "raw.pth"  # a plain pickle (not a torch zip) with a code-running reduce
     raw.write_bytes(pickle.dumps(Evil(str(marker))))
-    assert_fails(run_fuse(raw, out), r"raw\.pth: not a readable checkpoint", out)
+    assert_fails(run_fuse(raw, out), r"raw\.pth: refused: the pickle needs code to load \(it references "
+                                    r"io\.open\); caitdeploy never runs code", out)
     assert not marker.exists()
     garbage = tmp_path / "garbage.pth"
     garbage.write_text("not a checkpoint\n")

@@ -13,22 +13,67 @@ import click
 from ..errors import CaitError, atomic_output
 
 
+DEBUG = {"on": False}   # set by `caitdeploy --debug` or CAITDEPLOY_DEBUG=1
+
+
+def debug_enabled() -> bool:
+    import os
+
+    return DEBUG["on"] or os.environ.get("CAITDEPLOY_DEBUG", "") not in ("", "0")
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Turn a CaitError (and a few predictable OS errors) into one line on stderr and exit code 2."""
+    """The error contract of every command.
+
+    - CaitError (bad input, bad option, unwritable output): one line `error: ...` on stderr, exit 2;
+    - OSError from the system (a vanished file, a full disk): one line naming the file, exit 2;
+    - Ctrl-C / SIGTERM: `interrupted`, exit 130 / 143, temporary files removed;
+    - anything else is a bug: one line saying so, exit 1; the traceback only with --debug.
+    Nothing is written in any of these cases (outputs are staged and committed only on success).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from ..errors import install_signal_handlers
+
+        install_signal_handlers()
         try:
             return fn(*args, **kwargs)
         except CaitError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(str(e), 2000)}", err=True)
             sys.exit(2)
-        except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
-            click.echo(f"error: {e.filename or ''}: {e.strerror}", err=True)
+        except OSError as e:
+            if debug_enabled():
+                raise
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            click.echo(f"error: {where}{e.strerror or _one_line(str(e))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except SystemExit as e:
+            if isinstance(e.code, int) and e.code > 128:  # a signal (install_signal_handlers)
+                click.echo("interrupted", err=True)
+            raise
+        except MemoryError:
+            if debug_enabled():
+                raise
+            click.echo("error: out of memory (the memory budget check should have refused this first: a bug in "
+                       "caitdeploy; set CAITDEPLOY_MAX_MEMORY_MB lower or re-run with --debug)", err=True)
+            sys.exit(1)
+        except Exception as e:  # noqa: BLE001 - the contract: a bug gets one line, not a traceback
+            if debug_enabled():
+                raise
+            from .. import __version__
+
+            click.echo(f"internal error (a bug in caitdeploy {__version__}): {type(e).__name__}: "
+                       f"{_one_line(str(e), 300)}; re-run with --debug for the traceback", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -45,10 +90,17 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write `data` as JSON atomically (no half-written report on failure)."""
+def json_text(data: Any) -> str:
+    return json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n"
+
+
+def write_json(path: str | Path, data: Any, staging=None) -> None:
+    """Write `data` as JSON atomically (no half-written report on failure); staged when `staging` is given."""
+    if staging is not None:
+        staging.write_text(path, json_text(data))
+        return
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json_text(data))
 
 
 def console():

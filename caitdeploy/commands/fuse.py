@@ -10,6 +10,8 @@ def print_fuse_report(report: dict) -> None:
     from rich.table import Table
 
     con = console()
+    for note in report.get("notes", []):
+        con.print(f"[yellow]note:[/] {note}")
     if report.get("inferred_config"):
         inferred = ", ".join(f"{k}={v}" for k, v in report["inferred_config"].items())
         con.print(f"[yellow]config inferred from shapes:[/] {inferred}")
@@ -50,10 +52,10 @@ def print_fuse_report(report: dict) -> None:
 @click.option("--force", is_flag=True, help="Fuse even above --max-dropped-norm.")
 @click.option("--consistency", type=click.Choice(["strict", "repair"]), default="strict", show_default=True,
               help="strict: error on inconsistent masks; repair: union q/k and equalise heads.")
-@click.option("--align", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--align", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Round kept channels per head and the mlp width up to a multiple of N (1 = minimal).")
 @click.option("--equal-head-dims", is_flag=True, help="Zero-pad q/k and v to one width per head.")
-@click.option("--verify-batch", type=click.IntRange(min=0), default=2, show_default=True,
+@click.option("--verify-batch", type=click.IntRange(0, 256), default=2, show_default=True,
               help="Random images for the float64 check against the checkpoint (0 = skip).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No table.")
@@ -61,12 +63,16 @@ def print_fuse_report(report: dict) -> None:
 def fuse_cmd(checkpoint, output, threshold, max_dropped_norm, force, consistency, align, equal_head_dims,
              verify_batch, report_path, quiet):
     """Fold CAIT compactors into the weights and slice the pruned channels away."""
+    from ..errors import Staging
     from ..fuse import FuseOptions, fuse_file
+    from ..paths import JSON_SUFFIXES, Out
 
     opts = FuseOptions(threshold=threshold, max_dropped_norm=max_dropped_norm, force=force,
                        consistency=consistency, align=align, equal_head_dims=equal_head_dims)
-    report = fuse_file(checkpoint, output, opts, verify_batch=verify_batch)
-    if report_path:
-        write_json(report_path, report)
+    with Staging() as staging:  # the fused file and the report appear together, or neither does
+        report = fuse_file(checkpoint, output, opts, verify_batch=verify_batch, staging=staging,
+                           other_outputs=(Out(report_path, "--report", JSON_SUFFIXES),))
+        if report_path:
+            write_json(report_path, report, staging=staging)
     if not quiet:
         print_fuse_report(report)

@@ -1,0 +1,114 @@
+"""Output paths are checked before any work: right extension, writable folder, never an input, never twice.
+
+    plan = check_paths(inputs={"CHECKPOINT": "ck.pth"},
+                       outputs=[Out("ck.fused.safetensors", "--output", MODEL_SUFFIXES["fused"]),
+                                Out("r.json", "--report", (".json",))])
+
+Every rule raises a one-line CaitError naming the option: an output whose extension names another format
+(`fuse -o out.onnx`), an output that resolves (symlinks, `..`, hard links) to an input or to another output of
+the same command, a missing or read-only folder, an output that is a folder.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .errors import CaitError, check_output_dir
+
+# what each extension means; an output whose extension is listed here for another format is refused
+KNOWN_SUFFIXES = {
+    ".safetensors": "safetensors", ".pth": "torch checkpoint", ".pt": "torch checkpoint", ".bin": "torch checkpoint",
+    ".ckpt": "torch checkpoint", ".onnx": "ONNX", ".plan": "TensorRT engine", ".engine": "TensorRT engine",
+    ".trt": "TensorRT engine", ".json": "JSON", ".md": "Markdown", ".png": "PNG", ".svg": "SVG", ".pdf": "PDF",
+    ".pbtxt": "Triton config", ".py": "Python source",
+}
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+FUSED_SUFFIXES = (".safetensors",)
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+JSON_SUFFIXES = (".json",)
+MARKDOWN_SUFFIXES = (".md",)
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+@dataclass(frozen=True)
+class Out:
+    """One output file of a command. suffixes: the accepted extensions, or None for any extension that does
+    not name another format (e.g. a timing cache). create_dirs: the command creates missing folders on the way
+    (a Triton repository entry); the nearest existing one must be a writable folder."""
+
+    path: str | os.PathLike | None
+    option: str
+    suffixes: tuple[str, ...] | None = None
+    create_dirs: bool = False
+
+
+def _real(path: Path) -> str:
+    """The path a write would land on: symlinks and `..` resolved, also for files that do not exist yet."""
+    return os.path.realpath(path)
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    a, b = Path(a), Path(b)
+    if _real(a) == _real(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_suffix(path: str | os.PathLike, option: str, suffixes: tuple[str, ...] | None) -> None:
+    suffix = Path(path).suffix.lower()
+    if suffixes is None:
+        if suffix in KNOWN_SUFFIXES:
+            raise CaitError(f"{option} {path}: the extension {suffix} means {KNOWN_SUFFIXES[suffix]}; "
+                            "choose another name")
+        return
+    if suffix not in suffixes:
+        what = f" ({suffix} means {KNOWN_SUFFIXES[suffix]})" if suffix in KNOWN_SUFFIXES else ""
+        raise CaitError(f"{option} {path}: expected a {' or '.join(suffixes)} file name, got "
+                        f"{suffix or 'no extension'!r}{what}")
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    """The folders up to `path` can be created: the nearest existing ancestor is a writable folder."""
+    parent = path.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise CaitError(f"{option} {path}: {parent} is a file, not a folder")
+    check_output_dir(parent / "probe", option)
+
+
+def check_paths(inputs: Mapping[str, str | os.PathLike | Iterable[str | os.PathLike] | None],
+                outputs: Iterable[Out]) -> None:
+    """Validate every output of a command against the inputs and each other; raises CaitError.
+
+    inputs: option or argument name -> path (or several paths). Outputs whose path is None are skipped.
+    """
+    ins: list[tuple[str, Path]] = []
+    for name, value in inputs.items():
+        values = [value] if isinstance(value, (str, os.PathLike)) else list(value or [])
+        ins.extend((name, Path(v)) for v in values if v is not None)
+    seen: list[tuple[Out, Path]] = []
+    for o in outputs:
+        if o.path is None:
+            continue
+        p = Path(o.path)
+        check_suffix(p, o.option, o.suffixes)
+        if o.create_dirs and not p.parent.is_dir():
+            _check_creatable(p, o.option)
+        else:
+            check_output_dir(p, o.option)
+        for name, q in ins:
+            if same_file(p, q):
+                raise CaitError(f"{o.option} {p}: is the input {name} ({q}); refusing to overwrite an input")
+        for other, q in seen:
+            if same_file(p, q):
+                raise CaitError(f"{o.option} {p}: is also the {other.option} output; give every output its own path")
+        seen.append((o, p))
