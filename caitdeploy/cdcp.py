@@ -172,6 +172,9 @@ def parse_merges(text: str) -> dict[int, str]:
             raise CaitError(f"--merges {text!r}: expected BLOCK:h|v[,BLOCK:h|v...], e.g. 4:h,8:v") from None
         if v not in ("h", "v"):
             raise CaitError(f"--merges {text!r}: merge kind {v!r} must be 'h' or 'v'")
+        if block in out:
+            raise CaitError(f"--merges {text!r}: block {block} is named twice ({out[block]} and {v}); "
+                            "a block has at most one merge")
         out[block] = v
     return out
 
@@ -227,12 +230,15 @@ def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], w
     return ckpt, summary
 
 
-def save_checkpoint_dict(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write a `cait-compactor/1` dict atomically as .pth (torch.save) or .safetensors."""
+def save_checkpoint_dict(ckpt: dict[str, Any], path: str | os.PathLike, staging=None) -> Path:
+    """Write a `cait-compactor/1` dict atomically as .pth (torch.save) or .safetensors (staged in `staging`,
+    when given, to appear when the caller commits)."""
+    import contextlib
     import json
 
     path = Path(path)
-    with atomic_output(path) as tmp:
+    target = contextlib.nullcontext(staging.stage(path)) if staging is not None else atomic_output(path)
+    with target as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 

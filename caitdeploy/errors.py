@@ -100,9 +100,17 @@ class Staging:
     def __init__(self) -> None:
         self._items: list[tuple[Path, Path]] = []
 
-    def stage(self, path: str | os.PathLike, suffix: str = "") -> Path:
+    def stage(self, path: str | os.PathLike, suffix: str = "", create_dirs: bool = False) -> Path:
+        """A temporary file for `path`. create_dirs: missing folders on the way to `path` are made at commit
+        time (the temporary file waits in the nearest existing folder), so an error leaves no folder either."""
         path = Path(path)
-        parent = check_output_dir(path)
+        if create_dirs and not path.parent.is_dir():
+            parent = path.parent
+            while not parent.is_dir() and parent != parent.parent:
+                parent = parent.parent
+            check_output_dir(parent / path.name)
+        else:
+            parent = check_output_dir(path)
         sweep_stale_temps(parent)
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:80]}{TMP_TAG}{_host()}-{os.getpid()}-",
@@ -113,16 +121,16 @@ class Staging:
         self._items.append((Path(tmp), path))
         return Path(tmp)
 
-    def write_bytes(self, path: str | os.PathLike, data: bytes) -> Path:
-        tmp = self.stage(path)
+    def write_bytes(self, path: str | os.PathLike, data: bytes, create_dirs: bool = False) -> Path:
+        tmp = self.stage(path, create_dirs=create_dirs)
         try:
             tmp.write_bytes(data)
         except OSError as e:
             raise _os_error(Path(path), e, "write") from None
         return tmp
 
-    def write_text(self, path: str | os.PathLike, text: str) -> Path:
-        return self.write_bytes(path, text.encode())
+    def write_text(self, path: str | os.PathLike, text: str, create_dirs: bool = False) -> Path:
+        return self.write_bytes(path, text.encode(), create_dirs)
 
     def commit(self) -> list[Path]:
         mode = 0o666 & ~_umask()
@@ -134,6 +142,7 @@ class Staging:
                 raise _os_error(final, e, "write") from None
         for tmp, final in self._items:
             try:
+                final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, final)
             except OSError as e:
                 self.abort()

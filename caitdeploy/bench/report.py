@@ -1,10 +1,12 @@
 """Benchmark reports: rich table, Markdown, JSON (flat records) and a PNG plot."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
-from ..errors import CaitError, atomic_output
+from ..errors import CaitError, Staging, atomic_output
 
 COLUMNS = ("model", "backend", "batch", "GFLOPs", "params", "p50 ms", "p90 ms", "p99 ms", "img/s",
            "vs dense", "vs ToMe", "spread", "mem MB", "status")
@@ -99,22 +101,45 @@ def to_markdown(records: Sequence[dict[str, Any]], title: str | None = None) -> 
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(records: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> None:
-    with atomic_output(path) as tmp:
+def write_markdown(records: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None,
+                   staging: Staging | None = None) -> None:
+    with _target(path, staging) as tmp:
         tmp.write_text(to_markdown(records, title))
 
 
-def write_records_json(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    from ..commands.common import write_json
+def records_json(records: Sequence[dict[str, Any]]) -> str:
+    """The flat records as JSON text (non-finite floats become null)."""
+    import json
+    import math
 
-    write_json(path, list(records))
+    def clean(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    return json.dumps([{k: clean(v) for k, v in r.items()} for r in records], indent=2) + "\n"
+
+
+def write_records_json(records: Sequence[dict[str, Any]], path: str | os.PathLike,
+                       staging: Staging | None = None) -> None:
+    with _target(path, staging) as tmp:
+        tmp.write_text(records_json(records))
+
+
+@contextlib.contextmanager
+def _target(path: str | os.PathLike, staging: Staging | None) -> Iterator[Path]:
+    """A temporary path for `path`: staged in `staging` (written when it commits) or atomic on its own."""
+    if staging is not None:
+        yield staging.stage(path)
+        return
+    with atomic_output(path) as tmp:
+        yield tmp
 
 
 def _label(r: dict[str, Any]) -> str:
     return "dense" if r["model"] == "dense" else r["model_detail"]
 
 
-def write_plot(records: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> None:
+def write_plot(records: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None,
+               staging: Staging | None = None) -> None:
     """PNG: throughput by backend (groups) and model (bars) at the largest batch; with several batch sizes a
     second panel of p50 latency vs batch, one line per (model, backend)."""
     import matplotlib
@@ -161,6 +186,7 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | os.PathLike, title
     env = ok[0]["env_gpu"] or ok[0]["env_cpu"]
     fig.suptitle(title or f"caitdeploy bench on {env}", fontsize=10)
     fig.tight_layout()
-    with atomic_output(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    fmt = Path(path).suffix.lower().lstrip(".") or "png"
+    with _target(path, staging) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=120)
     plt.close(fig)

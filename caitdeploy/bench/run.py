@@ -20,9 +20,11 @@ import torch
 from ..config import CaitConfig
 from ..errors import CaitError
 from ..flops import model_flops, model_params
+from ..limits import activation_bytes, check_memory, param_bytes
 from .runners import (BACKENDS, DTYPES, BenchModel, RunOptions, Timing, close_context, new_context, run_one)
 
 BASELINES = ("dense", "tome")
+MAX_BATCH = 65536
 
 
 def arch_name(cfg: CaitConfig) -> str:
@@ -65,8 +67,8 @@ def parse_batches(values: Iterable[Any]) -> list[int]:
                 b = int(part)
             except ValueError:
                 raise CaitError(f"--batch {part!r}: not an integer") from None
-            if b < 1:
-                raise CaitError(f"--batch {b}: must be at least 1")
+            if not 1 <= b <= MAX_BATCH:
+                raise CaitError(f"--batch {b}: must be in 1..{MAX_BATCH}")
             out.append(b)
     if not out:
         raise CaitError("--batch: give at least one batch size")
@@ -114,19 +116,21 @@ def _tome_builder(cfg: CaitConfig, r, seed: int) -> Callable[[str, str | None], 
 
 
 def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[str] = BASELINES,
-                 tome_r: str | int = "auto", seed: int = 0, log: Callable[[str], None] = print
-                 ) -> list[BenchModel]:
+                 tome_r: str | int = "auto", seed: int = 0, log: Callable[[str], None] = print,
+                 max_batch: int = 1) -> list[BenchModel]:
     """The models to benchmark: every fused CAIT model, one dense model per distinct architecture, one
     ToMe model per CAIT model (FLOPs-matched unless `tome_r` is an int)."""
     from ..baselines.tome import choose_r, describe_r, tome_flops
-    from ..io import load_fused, load_model
+    from ..io import load_fused
 
     models: list[BenchModel] = []
     dense_seen: set[str] = set()
     for path in model_paths:
         config, _, _ = load_fused(path)  # says what the file is instead, and to run `fuse`, when it is not
-        load_model(path)                  # validates the weights against the config
         dense_cfg = config.unpruned()
+        check_memory(3 * param_bytes(dense_cfg) + activation_bytes(dense_cfg, max_batch),
+                     f"{path}: benchmarking its dense architecture at batch {max_batch}",
+                     hint="choose a smaller --batch")
         arch = arch_name(dense_cfg)
         setting = setting_name(path)
         f_cait, f_dense = model_flops(config)["total"], model_flops(dense_cfg)["total"]
@@ -216,7 +220,7 @@ def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batch
         torch.set_num_threads(threads)
     opts = RunOptions(device=resolve_device(device), dtype=dtype, timing=timing or Timing(), threads=threads,
                       work_dir=Path(work_dir) if work_dir else None, compile_mode=compile_mode, seed=seed)
-    models = build_models(paths, baselines, tome_r, seed=seed, log=log)
+    models = build_models(paths, baselines, tome_r, seed=seed, log=log, max_batch=max(batches))
     if dtype == "fp16" and opts.device == "cpu":
         log("fp16 on CPU: running fp32 instead (see each record's note)")
     jobs = [(backend, batch, m) for backend in backends for batch in batches for m in models]

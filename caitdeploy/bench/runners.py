@@ -80,8 +80,13 @@ class Timing:
     max_iters: int = 100_000
 
     def __post_init__(self) -> None:
-        if self.warmup < 0 or self.min_iters < 1 or self.min_seconds < 0 or self.repeats < 1 or self.max_iters < 1:
-            raise CaitError("timing: need warmup >= 0, min-iters >= 1, min-seconds >= 0, repeats >= 1")
+        from ..limits import MAX_ITERS, MAX_SECONDS, check_float
+
+        for name, v, lo in (("--warmup", self.warmup, 0), ("--min-iters", self.min_iters, 1),
+                            ("--repeats", self.repeats, 1), ("max_iters", self.max_iters, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= MAX_ITERS:
+                raise CaitError(f"{name} must be an integer in {lo}..{MAX_ITERS}, got {v!r}")
+        check_float(self.min_seconds, "--min-seconds", 0.0, MAX_SECONDS)  # inf would never stop
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """`caitdeploy bench`: latency/throughput of a fused model vs its dense architecture and ToMe."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .common import console, handle_errors
@@ -39,34 +41,48 @@ def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, warmup
     from ..bench.run import parse_backends, parse_baselines, parse_batches, parse_tome_r, run_bench
     from ..bench.runners import Timing
 
-    def num(name, value, kind=int, lo=0):
+    from ..errors import Staging
+    from ..limits import MAX_ITERS, MAX_SECONDS
+    from ..paths import JSON_SUFFIXES, MARKDOWN_SUFFIXES, PLOT_SUFFIXES, Out, check_paths
+
+    def num(name, value, kind=int, lo=0, hi=MAX_ITERS):
         try:
             v = kind(value)
         except (TypeError, ValueError):
             raise CaitError(f"--{name} {value!r}: not a number") from None
-        if v < lo:
-            raise CaitError(f"--{name} {value}: must be >= {lo}")
+        if not lo <= v <= hi:  # NaN fails too
+            raise CaitError(f"--{name} {value}: must be in {lo}..{hi:g}")
         return v
 
     timing = Timing(warmup=num("warmup", warmup), min_iters=num("min-iters", min_iters, lo=1),
-                    min_seconds=num("min-seconds", min_seconds, float), repeats=num("repeats", repeats, lo=1))
-    nthreads = num("threads", threads, lo=1) if threads is not None else None
+                    min_seconds=num("min-seconds", min_seconds, float, hi=MAX_SECONDS),
+                    repeats=num("repeats", repeats, lo=1))
+    nthreads = num("threads", threads, lo=1, hi=1024) if threads is not None else None
     if dtype not in ("fp32", "fp16"):
         raise CaitError(f"--dtype {dtype!r}: choose fp32 or fp16")
-    # validate everything before loading models
+    # validate everything before loading models: options, then every output path
     backends_l, baselines_l = parse_backends(backends), parse_baselines(baselines)
     batches_l, tome = parse_batches(batches), parse_tome_r(tome_r)
+    check_paths({"MODEL": list(model)}, [Out(json_path, "--json", JSON_SUFFIXES),
+                                         Out(md_path, "--markdown", MARKDOWN_SUFFIXES),
+                                         Out(plot_path, "--plot", PLOT_SUFFIXES)])
+    if work_dir is not None and Path(work_dir).exists() and not Path(work_dir).is_dir():
+        raise CaitError(f"--work-dir {work_dir}: exists and is not a folder")
     con = console()
     log = (lambda s: None) if quiet else (lambda s: con.print(s, markup=False))
     records = run_bench(list(model), batches=batches_l, backends=backends_l, dtype=dtype, baselines=baselines_l,
                         tome_r=tome, device=device, timing=timing, threads=nthreads, work_dir=work_dir,
                         compile_mode=compile_mode, progress=not quiet, log=log)
-    if json_path:
-        write_records_json(records, json_path)
-    if md_path:
-        write_markdown(records, md_path, title="caitdeploy bench")
-    if plot_path:
-        write_plot(records, plot_path)
+    if not any(r["status"] == "ok" for r in records):
+        why = "; ".join(dict.fromkeys(f"{r['backend']}: {r['status']}" for r in records))
+        raise CaitError(f"no measurement succeeded ({why[:600]}); nothing written")
+    with Staging() as st:
+        if json_path:
+            write_records_json(records, json_path, staging=st)
+        if md_path:
+            write_markdown(records, md_path, title="caitdeploy bench", staging=st)
+        if plot_path:
+            write_plot(records, plot_path, staging=st)
     if not quiet:
         print_table(records, con)
         for p in (json_path, md_path, plot_path):

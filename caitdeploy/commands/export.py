@@ -1,18 +1,12 @@
 """`caitdeploy export`: fused model -> ONNX [-> TensorRT engine] [-> Triton repository]."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-from ..errors import CaitError, check_output_dir
+from ..errors import CaitError
 from .common import console, handle_errors, human, write_json
-
-
-def _writable(path: str | os.PathLike, what: str = "output") -> Path:
-    check_output_dir(path, what)
-    return Path(path)
 
 
 def default_onnx_path(model_path: str, dtype: str) -> Path:
@@ -94,7 +88,7 @@ def print_export_report(report: dict) -> None:
 @click.option("--attention", default="matmul", show_default=True,
               help="matmul: Mul/MatMul/Softmax/MatMul; op: the ONNX Attention op (opset >= 23).")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
-@click.option("--fp16-samples", type=int, default=256, show_default=True,
+@click.option("--fp16-samples", type=click.IntRange(0, 65536), default=256, show_default=True,
               help="Random images for the fp16 top-1 agreement check.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT / TensorRT-RTX engine.")
 @click.option("--trt-module", default="auto", show_default=True, help="auto | tensorrt | tensorrt_rtx")
@@ -109,7 +103,7 @@ def print_export_report(report: dict) -> None:
               help="TensorRT-RTX target, repeatable: SM75 SM80 SM86 SM89 SM120 [default: library default].")
 @click.option("--triton-repo", type=click.Path(file_okay=False), help="Write a Triton model repository entry here.")
 @click.option("--name", default=None, help="Triton model name [default: ONNX file stem].")
-@click.option("--instances", type=int, default=1, show_default=True, help="Triton instance count.")
+@click.option("--instances", type=click.IntRange(1, 256), default=1, show_default=True, help="Triton instance count.")
 @click.option("--instance-kind", default="gpu", show_default=True, help="Triton instance kind: gpu | cpu | auto.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No tables.")
@@ -117,56 +111,94 @@ def print_export_report(report: dict) -> None:
 def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
                opt_batch, max_batch, workspace_mb, timing_cache, opt_level, compute_capabilities, triton_repo, name,
                instances, instance_kind, report_path, quiet):
-    """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository."""
-    from ..export.onnx import check_options, export_onnx
+    """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository.
+
+    Every option and output path is checked before any work, and the outputs (ONNX, engine, sidecar, timing
+    cache, Triton entry, report) are written together at the end, or none of them."""
+    from ..errors import Staging
+    from ..export.onnx import check_options, export_onnx_bytes
+    from ..export.tensorrt import check_build_options, sidecar_path
     from ..io import load_model
+    from ..limits import activation_bytes, check_memory, param_bytes
+    from ..paths import ENGINE_SUFFIXES, JSON_SUFFIXES, ONNX_SUFFIXES, Out, check_paths
 
+    # 1. options
     opset_n = check_options(dtype, _parse_opset(opset), attention)
-    out = _writable(output or default_onnx_path(model, dtype))
-    engine_path = None
+    if not 0 <= fp16_samples <= 65536:
+        raise CaitError(f"--fp16-samples must be in 0..65536, got {fp16_samples}")
+    if not trt:
+        given = [flag for flag, v in (("--engine", engine), ("--timing-cache", timing_cache),
+                                      ("--workspace-mb", workspace_mb), ("--opt-level", opt_level),
+                                      ("--compute-capability", compute_capabilities)) if v]
+        if given:
+            raise CaitError(f"{given[0]} is an engine option: add --trt")
     if trt:
-        from ..export.tensorrt import import_trt
-
-        import_trt(trt_module)  # a missing module fails here, before any work
-        if not 1 <= min_batch <= opt_batch <= max_batch:
-            raise CaitError(f"batch profile must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
-        engine_path = _writable(engine or out.with_suffix(".plan"), "engine")
-        if timing_cache:
-            _writable(timing_cache, "timing cache")
-    if report_path:
-        _writable(report_path, "report")
+        check_build_options(min_batch, opt_batch, max_batch, workspace_mb, opt_level,
+                            list(compute_capabilities) or None, trt_module)
+    out = Path(output or default_onnx_path(model, dtype))
+    engine_path = Path(engine or out.with_suffix(".plan")) if trt else None
+    entry = None
     if triton_repo:
-        repo = Path(triton_repo)
-        _writable(repo / "probe" if repo.is_dir() else repo, "triton repository")
-    if fp16_samples < 0:
-        raise CaitError(f"--fp16-samples must be >= 0, got {fp16_samples}")
+        from ..export.triton_repo import plan_triton_repo
 
+        served_suffix = engine_path.suffix if engine_path else ".onnx"
+        entry = plan_triton_repo(
+            triton_repo, name or out.name.removesuffix(".onnx"), served_suffix, max_batch_size=max_batch,
+            input_dims=(1, 1, 1), output_dims=(1,), dtype="fp32", preferred_batch_sizes=sorted({opt_batch, max_batch}),
+            instance_count=instances, instance_kind=instance_kind)  # dims are filled in from the model below
+    # 2. paths: none is an input, none is another output, extensions match, folders writable
+    check_paths({"MODEL": model}, [
+        Out(out, "--output", ONNX_SUFFIXES),
+        Out(engine_path, "--engine", ENGINE_SUFFIXES),
+        Out(sidecar_path(engine_path) if engine_path else None, "--engine (its sidecar)", JSON_SUFFIXES),
+        Out(timing_cache if trt else None, "--timing-cache", None),
+        Out(report_path, "--report", JSON_SUFFIXES),
+        Out(entry.model_target if entry else None, "--triton-repo", (".onnx", ".plan"), create_dirs=True),
+        Out(entry.config_path if entry else None, "--triton-repo", (".pbtxt",), create_dirs=True),
+    ])
+    # 3. the model (header-first validation, memory rule), then the work, in memory
     net = load_model(model, attn_impl="math")  # a non-fused MODEL gets a one-line error saying what it is
+    c = net.config
+    check_memory(4 * param_bytes(c) + activation_bytes(c, 32 if dtype == "fp16" and not no_verify else 7),
+                 f"{model}: export and verification")
     report: dict = {"model": model}
-    report["onnx"] = export_onnx(net, out, dtype=dtype, opset=opset_n, attention=attention, verify=not no_verify,
-                                 fp16_samples=fp16_samples)
-    served = out
+    data, report["onnx"] = export_onnx_bytes(net, out, dtype=dtype, opset=opset_n, attention=attention,
+                                             verify=not no_verify, fp16_samples=fp16_samples)
+    built = None
     if trt:
-        from ..export.tensorrt import build_engine
+        from ..export.tensorrt import build_engine_bytes
 
         try:
-            report["engine"] = build_engine(out, engine_path, min_batch=min_batch, opt_batch=opt_batch,
-                                            max_batch=max_batch, workspace_mb=workspace_mb, timing_cache=timing_cache,
-                                            opt_level=opt_level, compute_capabilities=list(compute_capabilities) or None,
-                                            flavour=trt_module)
+            built = build_engine_bytes(data, out, engine_path, min_batch=min_batch, opt_batch=opt_batch,
+                                       max_batch=max_batch, workspace_mb=workspace_mb, timing_cache=timing_cache,
+                                       opt_level=opt_level, compute_capabilities=list(compute_capabilities) or None,
+                                       flavour=trt_module)
         except CaitError as e:
-            raise CaitError(f"{e} [no engine written; the verified ONNX {out} was kept]") from None
-        served = engine_path
-    if triton_repo:
-        from ..export.triton_repo import write_triton_repo
+            raise CaitError(f"{e} [nothing written: the ONNX export succeeded"
+                            f"{'' if no_verify else ' and verified'}; use `caitdeploy export` without --trt to "
+                            "keep it]") from None
+    if entry is not None:
+        from ..export.triton_repo import plan_triton_repo
 
-        c = net.config
-        report["triton"] = write_triton_repo(
-            triton_repo, name or out.name.removesuffix(".onnx"), served, max_batch_size=max_batch,
+        entry = plan_triton_repo(
+            triton_repo, entry.info["name"], engine_path.suffix if engine_path else ".onnx", max_batch_size=max_batch,
             input_dims=(c.in_chans, c.img_size, c.img_size), output_dims=(c.num_classes,), dtype="fp32",
             preferred_batch_sizes=sorted({opt_batch, max_batch}), instance_count=instances,
             instance_kind=instance_kind)
-    if report_path:
-        write_json(report_path, report)
+    # 4. every output at once
+    with Staging() as st:
+        st.write_bytes(out, data)
+        if built is not None:
+            from ..export.tensorrt import write_engine
+
+            write_engine(st, built, engine_path, Path(timing_cache) if timing_cache else None)
+            report["engine"] = dict(built.sidecar, output=str(engine_path), sidecar=str(sidecar_path(engine_path)))
+        if entry is not None:
+            from ..export.triton_repo import stage_triton_repo
+
+            stage_triton_repo(st, entry, built.engine if built is not None else data)
+            report["triton"] = entry.info
+        if report_path:
+            write_json(report_path, report, staging=st)
     if not quiet:
         print_export_report(report)

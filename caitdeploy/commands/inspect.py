@@ -105,7 +105,13 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         "params": int(sum(_numel(t) for t in m.graph.initializer)),
     }
     if "caitdeploy.config" in meta:
-        out.update(_config_summary(CaitConfig.from_json(meta["caitdeploy.config"])))
+        from ..config import ConfigError
+
+        try:
+            cfg = CaitConfig.from_json(meta["caitdeploy.config"])
+        except ConfigError as e:
+            raise CaitError(f"{path}: bad 'caitdeploy.config' metadata: {e}") from None
+        out.update(_config_summary(cfg))
     return out
 
 
@@ -114,8 +120,10 @@ def inspect_engine(path: Path) -> dict[str, Any]:
     from ..export.tensorrt import engine_header_check, read_sidecar, sha256_file
 
     side = read_sidecar(path)
-    data = path.read_bytes()
-    out: dict[str, Any] = {"kind": "engine", "file": str(path), "bytes": len(data), "sidecar": side is not None}
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)  # the header check needs the first bytes only, never the whole engine
+    out: dict[str, Any] = {"kind": "engine", "file": str(path), "bytes": path.stat().st_size,
+                           "sidecar": side is not None}
     try:
         check = engine_header_check(data, side.get("flavour") if side else None)
     except CaitError as e:  # no TensorRT module installed
@@ -131,11 +139,11 @@ def inspect_engine(path: Path) -> dict[str, Any]:
     keep = ("flavour", "trt_version", "build_target", "strongly_typed", "dtype", "io_dtype", "input", "outputs",
             "profile", "onnx", "opt_level", "workspace_mb", "build_seconds", "engine_bytes", "created")
     out.update({k: side.get(k) for k in keep})
-    src = Path(side["onnx"]["path"]) if side.get("onnx", {}).get("path") else None
+    src = Path(side["onnx"]["path"]) if (side.get("onnx") or {}).get("path") else None
     if src is not None and src.is_file():
         out["onnx_matches"] = sha256_file(src) == side["onnx"]["sha256"]
     if side.get("config"):
-        out.update(_config_summary(CaitConfig.from_dict(side["config"])))
+        out.update(_config_summary(CaitConfig.from_dict(side["config"])))  # validated by read_sidecar
     return out
 
 
@@ -206,13 +214,15 @@ def print_inspect(info: dict[str, Any]) -> None:
             state = f"well-formed, version matches ({hc['validity']} here: {', '.join(hc['diagnostics']) or 'no GPU to check against'})"
         say(f"  {human(info['bytes'], 'B')}; engine header: {state}")
         if info.get("sidecar"):
-            p = info["profile"]
-            say(f"  {info['flavour']} {info['trt_version']}, {info['dtype']} (I/O {info['io_dtype']}), "
-                      f"strongly typed {info['strongly_typed']}, target {info['build_target']}")
-            say(f"  profile {info['input']}: min {p['min']} opt {p['opt']} max {p['max']}; built in "
-                      f"{info['build_seconds']:.2f} s; opt level {info['opt_level']}")
-            match = {True: "matches", False: "CHANGED since the build", None: "not found"}[info.get("onnx_matches")]
-            say(f"  source ONNX {info['onnx']['path']} sha256 {info['onnx']['sha256'][:16]}... ({match})")
+            p = info.get("profile") or {}
+            say(f"  {info.get('flavour')} {info.get('trt_version')}, {info.get('dtype')} (I/O {info.get('io_dtype')}), "
+                f"strongly typed {info.get('strongly_typed')}, target {info.get('build_target')}")
+            built = f"{info['build_seconds']:.2f} s" if info.get("build_seconds") is not None else "?"
+            say(f"  profile {info.get('input')}: min {p.get('min')} opt {p.get('opt')} max {p.get('max')}; built in "
+                f"{built}; opt level {info.get('opt_level')}")
+            if info.get("onnx"):
+                match = {True: "matches", False: "CHANGED since the build", None: "not found"}[info.get("onnx_matches")]
+                say(f"  source ONNX {info['onnx']['path']} sha256 {info['onnx']['sha256'][:16]}... ({match})")
         else:
             say(f"  {info.get('note')}")
     if info.get("blocks"):

@@ -272,19 +272,35 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, input_shape:
                 forbid: Iterable[str] = FORBIDDEN_OPS, verify: bool = True, verify_batches: tuple[int, ...] = (1, 7),
                 fp16_samples: int = 256, example_batch: int = 2, seed: int = 0,
                 metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Export `model` to a clean, checked ONNX file at `path` (see `export_onnx_bytes`); returns the report."""
+    path = Path(path)
+    check_output_dir(path)
+    data, report = export_onnx_bytes(model, path, input_shape=input_shape, dtype=dtype, opset=opset,
+                                     attention=attention, forbid=forbid, verify=verify, verify_batches=verify_batches,
+                                     fp16_samples=fp16_samples, example_batch=example_batch, seed=seed,
+                                     metadata=metadata)
+    with atomic_output(path, ".onnx") as tmp:
+        tmp.write_bytes(data)
+    return report
+
+
+def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, ...] | None = None,
+                      dtype: str = "fp32", opset: int | None = None, attention: str = "matmul",
+                      forbid: Iterable[str] = FORBIDDEN_OPS, verify: bool = True,
+                      verify_batches: tuple[int, ...] = (1, 7), fp16_samples: int = 256, example_batch: int = 2,
+                      seed: int = 0, metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, Any]]:
     """Export `model` (images [B, C, H, W] -> logits [B, classes]) to a clean, checked ONNX file.
 
     input_shape: (C, H, W) without batch; a CaitViT supplies it from its config. opset None -> 18 for
     attention="matmul", 23 for "op". forbid: op types that make the export fail (CaitError naming op and node);
     pass () for models that legitimately use them. verify: compare ONNX Runtime CPU with `model` (see
-    `verify_onnx`). The file is written atomically, only after every check passed. Returns a report dict.
+    `verify_onnx`). Returns (the serialized model, the report); the caller writes it (`path` is only recorded).
     """
     import onnx
 
     t0 = time.perf_counter()
     opset = check_options(dtype, opset, attention)
-    path = Path(path)
-    check_output_dir(path)
+    path = Path(path)   # where the caller will write it (recorded in the report); nothing is written here
     is_cait = _is_cait(model)
     if input_shape is None:
         if not is_cait:
@@ -351,11 +367,9 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, input_shape:
         report["verify"] = verify_onnx(data, model, input_shape, dtype=dtype, what=f"{what} {dtype} ONNX",
                                        batches=verify_batches, fp16_samples=fp16_samples, seed=seed + 1)
     t_verify = time.perf_counter() - t0 - t_export - t_clean
-    with atomic_output(path, ".onnx") as tmp:
-        tmp.write_bytes(data)
     report["seconds"] = {"export": t_export, "clean_check": t_clean, "verify": t_verify,
                          "total": time.perf_counter() - t0}
-    return report
+    return data, report
 
 
 def _numel(t) -> int:  # element count of an ONNX TensorProto

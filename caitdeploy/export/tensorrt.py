@@ -15,13 +15,15 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CaitError, atomic_output
+from ..errors import CaitError, Staging, check_output_dir
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 ENGINE_FORMAT = "caitdeploy-engine/1"
+MAX_PROFILE_BATCH = 65536
 INSTALL_HINT = "pip install tensorrt-rtx-cu13 (TensorRT-RTX) or pip install tensorrt (TensorRT >= 10)"
 _CUDA_NOISE = ("cudaError 35", "CUDA driver version is insufficient", "catchCudaError", "Error reading CUDA GPU")
 
@@ -89,23 +91,15 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _check_writable(path: Path) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CaitError(f"{path}: output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CaitError(f"{path}: output directory {parent} is not writable")
-
-
 def sidecar_path(engine_path: str | os.PathLike) -> Path:
     return Path(str(engine_path) + ".json")
 
 
-def _onnx_facts(onnx_path: Path) -> dict[str, Any]:
+def _onnx_facts(onnx_path: Path, data: bytes) -> dict[str, Any]:
     import onnx
 
     try:
-        m = onnx.load(str(onnx_path), load_external_data=False)
+        m = onnx.load_from_string(data)
     except Exception as e:
         raise CaitError(f"{onnx_path}: not a readable ONNX file ({str(e).splitlines()[0] if str(e) else e})") from None
     inits = {i.name for i in m.graph.initializer}
@@ -116,6 +110,13 @@ def _onnx_facts(onnx_path: Path) -> dict[str, Any]:
     if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
         raise CaitError(f"{onnx_path}: input {inputs[0].name!r} must be [batch, C, H, W] with fixed C, H, W, got {dims}")
     meta = {p.key: p.value for p in m.metadata_props}
+    if "caitdeploy.config" in meta:
+        from ..config import CaitConfig, ConfigError
+
+        try:
+            CaitConfig.from_json(meta["caitdeploy.config"])
+        except ConfigError as e:
+            raise CaitError(f"{onnx_path}: bad 'caitdeploy.config' metadata: {e}") from None
     wtypes = {onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in m.graph.initializer
               if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
     dtype = meta.get("caitdeploy.dtype") or ("fp16" if wtypes == {"float16"} else "fp32")
@@ -123,35 +124,92 @@ def _onnx_facts(onnx_path: Path) -> dict[str, Any]:
             "outputs": [o.name for o in m.graph.output]}
 
 
+def check_build_options(min_batch: int = 1, opt_batch: int = 256, max_batch: int = 256, workspace_mb: int | None = None,
+                        opt_level: int | None = None, compute_capabilities: list[str] | None = None,
+                        flavour: str | None = None):
+    """Validate every engine-build option before any work; returns the TensorRT module to build with."""
+    for name, v in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_PROFILE_BATCH:
+            raise CaitError(f"{name} must be an integer in 1..{MAX_PROFILE_BATCH}, got {v!r}")
+    if not (1 <= min_batch <= opt_batch <= max_batch):
+        raise CaitError(f"batch profile must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
+    if opt_level is not None and (isinstance(opt_level, bool) or not isinstance(opt_level, int)
+                                  or not 0 <= opt_level <= 5):
+        raise CaitError(f"--opt-level must be 0..5, got {opt_level!r}")
+    if workspace_mb is not None and (isinstance(workspace_mb, bool) or not isinstance(workspace_mb, int)
+                                     or not 1 <= workspace_mb <= 1 << 20):
+        raise CaitError(f"--workspace-mb must be an integer in 1..{1 << 20}, got {workspace_mb!r}")
+    trt = import_trt(flavour)
+    if compute_capabilities:
+        if flavour_of(trt) != "tensorrt_rtx":
+            raise CaitError("--compute-capability is a TensorRT-RTX option; full TensorRT builds for the GPU present")
+        names = [n for n in trt.ComputeCapability.__members__ if n not in ("NONE",)]
+        for name in compute_capabilities:
+            if str(name).upper() not in names:
+                raise CaitError(f"--compute-capability {name!r}: choose from {', '.join(names)}")
+    return trt
+
+
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | None = None, *, min_batch: int = 1,
                  opt_batch: int = 256, max_batch: int = 256, workspace_mb: int | None = None,
                  timing_cache: str | os.PathLike | None = None, opt_level: int | None = None,
                  compute_capabilities: list[str] | None = None, flavour: str | None = None) -> dict[str, Any]:
-    """Build a serialized engine from an exported ONNX file; write it and `<engine>.json` atomically.
+    """Build a serialized engine from an exported ONNX file; write it and `<engine>.json` atomically (see
+    `build_engine_bytes`). Returns the sidecar dict plus `output`, `sidecar`, `seconds_total`."""
+    t0 = time.perf_counter()
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise CaitError(f"{onnx_path}: no such file")
+    engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".plan")
+    check_output_dir(engine_path, "engine")
+    tc_path = Path(timing_cache) if timing_cache else None
+    if tc_path is not None:
+        check_output_dir(tc_path, "timing cache")
+    with Staging() as st:
+        built = build_engine_bytes(onnx_path.read_bytes(), onnx_path, engine_path, min_batch=min_batch,
+                                   opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,
+                                   timing_cache=tc_path, opt_level=opt_level,
+                                   compute_capabilities=compute_capabilities, flavour=flavour)
+        write_engine(st, built, engine_path, tc_path)
+    sidecar = built.sidecar
+    sidecar.update(output=str(engine_path), sidecar=str(sidecar_path(engine_path)),
+                   seconds_total=time.perf_counter() - t0)
+    return sidecar
+
+
+@dataclass
+class BuiltEngine:
+    engine: bytes
+    sidecar: dict[str, Any]
+    timing_cache: bytes | None = None   # to save (full TensorRT with a timing-cache path)
+
+
+def write_engine(staging: Staging, built: BuiltEngine, engine_path: Path, timing_cache: Path | None = None) -> None:
+    """Stage the engine, its sidecar and the timing cache (they appear when `staging` commits)."""
+    staging.write_bytes(engine_path, built.engine)
+    staging.write_text(sidecar_path(engine_path), json.dumps(built.sidecar, indent=2) + "\n")
+    if built.timing_cache is not None and timing_cache is not None:
+        staging.write_bytes(timing_cache, built.timing_cache)
+        built.sidecar["timing_cache"]["saved_bytes"] = len(built.timing_cache)
+
+
+def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *,
+                       min_batch: int = 1, opt_batch: int = 256, max_batch: int = 256,
+                       workspace_mb: int | None = None, timing_cache: str | os.PathLike | None = None,
+                       opt_level: int | None = None, compute_capabilities: list[str] | None = None,
+                       flavour: str | None = None) -> BuiltEngine:
+    """Build a serialized engine from ONNX bytes in memory; nothing is written (see `write_engine`).
 
     One optimization profile for the image input: batch min/opt/max. workspace_mb: workspace pool limit.
     timing_cache: file loaded if present and saved after the build (full TensorRT only). opt_level: builder
     optimization level 0..5. compute_capabilities (TensorRT-RTX): e.g. ["SM86", "SM89"]; None = library
     default. Parser and builder failures raise CaitError naming the node; no engine file is left behind.
     """
-    t0 = time.perf_counter()
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise CaitError(f"{onnx_path}: no such file")
-    engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".plan")
-    if not (1 <= min_batch <= opt_batch <= max_batch):
-        raise CaitError(f"batch profile must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
-    if opt_level is not None and not 0 <= opt_level <= 5:
-        raise CaitError(f"--opt-level must be 0..5, got {opt_level}")
-    if workspace_mb is not None and workspace_mb < 1:
-        raise CaitError(f"--workspace-mb must be >= 1, got {workspace_mb}")
-    _check_writable(engine_path)
-    trt = import_trt(flavour)
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    trt = check_build_options(min_batch, opt_batch, max_batch, workspace_mb, opt_level, compute_capabilities, flavour)
     flav = flavour_of(trt)
     tc_path = Path(timing_cache) if timing_cache else None
-    if tc_path is not None and flav == "tensorrt":
-        _check_writable(tc_path)
-    facts = _onnx_facts(onnx_path)
+    facts = _onnx_facts(onnx_path, onnx_data)
 
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
@@ -161,7 +219,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(onnx_path))
+    ok = parser.parse(onnx_data)
     if not ok or parser.num_errors:
         errs = []
         for i in range(parser.num_errors):
@@ -236,36 +294,80 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
         "io_dtype": facts["meta"].get("caitdeploy.io_dtype", "float32"),
         "input": facts["input"], "outputs": facts["outputs"],
         "profile": {"min": [min_batch, c, h, w], "opt": [opt_batch, c, h, w], "max": [max_batch, c, h, w]},
-        "onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path), "bytes": onnx_path.stat().st_size},
+        "onnx": {"path": str(onnx_path), "sha256": hashlib.sha256(onnx_data).hexdigest(), "bytes": len(onnx_data)},
         "opt_level": config.builder_optimization_level, "workspace_mb": workspace_mb, "timing_cache": tc_info,
         "build_seconds": build_s, "engine_bytes": len(engine_bytes), "host": platform.node(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if "caitdeploy.config" in facts["meta"]:
         sidecar["config"] = json.loads(facts["meta"]["caitdeploy.config"])
-    with atomic_output(engine_path, ".plan") as tmp_engine, atomic_output(sidecar_path(engine_path)) as tmp_side:
-        tmp_engine.write_bytes(engine_bytes)
-        tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n")
-    if cache is not None and tc_path is not None:
-        blob = bytes(config.get_timing_cache().serialize())
-        with atomic_output(tc_path) as tmp:
-            tmp.write_bytes(blob)
-        tc_info["saved_bytes"] = len(blob)
-    sidecar.update(output=str(engine_path), sidecar=str(sidecar_path(engine_path)),
-                   seconds_total=time.perf_counter() - t0)
-    return sidecar
+    saved = bytes(config.get_timing_cache().serialize()) if cache is not None else None
+    return BuiltEngine(engine_bytes, sidecar, saved)
+
+
+def _sidecar_problem(d: dict[str, Any]) -> str | None:
+    """Why a sidecar's fields cannot be used (types, shapes), or None."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in ("flavour", "trt_version", "input", "dtype", "io_dtype"):
+        if key in d and not isinstance(d[key], str):
+            return f"{key!r} must be a string"
+    if d.get("flavour") not in (None, *FLAVOURS):
+        return f"'flavour' must be one of {', '.join(FLAVOURS)}"
+    prof = d.get("profile")
+    if prof is not None:
+        if not isinstance(prof, dict) or set(prof) != {"min", "opt", "max"}:
+            return "'profile' must have min, opt and max"
+        for k, v in prof.items():
+            if not (isinstance(v, list) and len(v) == 4 and all(is_int(x) and 0 < x <= 1 << 20 for x in v)):
+                return f"'profile.{k}' must be 4 positive integers"
+    onnx = d.get("onnx")
+    if onnx is not None:
+        if not isinstance(onnx, dict) or not isinstance(onnx.get("path"), str) \
+                or not isinstance(onnx.get("sha256"), str) or len(onnx["sha256"]) != 64:
+            return "'onnx' must hold a path and a 64-character sha256"
+    for key in ("build_seconds",):
+        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, float)) or d[key] != d[key]):
+            return f"{key!r} must be a number"
+    for key in ("opt_level", "engine_bytes"):
+        if d.get(key) is not None and not is_int(d[key]):
+            return f"{key!r} must be an integer"
+    if "outputs" in d and not (isinstance(d["outputs"], list) and all(isinstance(x, str) for x in d["outputs"])):
+        return "'outputs' must be a list of names"
+    if "build_target" in d and not isinstance(d["build_target"], dict):
+        return "'build_target' must be an object"
+    if "strongly_typed" in d and not isinstance(d["strongly_typed"], bool):
+        return "'strongly_typed' must be true or false"
+    if d.get("config") is not None:
+        from ..config import CaitConfig, ConfigError
+
+        try:
+            CaitConfig.from_dict(d["config"])
+        except ConfigError as e:
+            return f"'config': {e}"
+    return None
 
 
 def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The engine's sidecar `<engine>.json`, validated field by field; None when there is none."""
+    from ..config import ConfigError, strict_json
+
     p = sidecar_path(engine_path)
     if not p.is_file():
         return None
     try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CaitError(f"{p}: engine sidecar is not valid JSON ({e})") from None
+        raw = p.read_bytes()
+        if len(raw) > 4 << 20:
+            raise CaitError(f"{p}: engine sidecar is {len(raw)} bytes; a sidecar is a few KB")
+        data = strict_json(raw.decode("utf-8"), "engine sidecar")
+    except (ConfigError, UnicodeDecodeError) as e:
+        raise CaitError(f"{p}: {e}") from None
     if not isinstance(data, dict) or data.get("format") != ENGINE_FORMAT:
-        raise CaitError(f"{p}: not a caitdeploy engine sidecar (format {data.get('format') if isinstance(data, dict) else None!r})")
+        fmt = data.get("format") if isinstance(data, dict) else None
+        raise CaitError(f"{p}: not a caitdeploy engine sidecar (format {str(fmt)[:60]!r})")
+    if (why := _sidecar_problem(data)) is not None:
+        raise CaitError(f"{p}: bad engine sidecar: {why}")
     return data
 
 

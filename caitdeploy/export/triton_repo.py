@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import CaitError, atomic_output
+from ..errors import CaitError, Staging
 
 TRITON_DTYPES = {"fp32": "TYPE_FP32", "float32": "TYPE_FP32", "fp16": "TYPE_FP16", "float16": "TYPE_FP16"}
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
@@ -67,59 +67,79 @@ def config_text(name: str, platform: str, max_batch_size: int, input_name: str, 
     return "\n".join(lines) + "\n"
 
 
-def write_triton_repo(repo_dir: str | os.PathLike, name: str, model_file: str | os.PathLike, *, max_batch_size: int,
-                      input_dims: Sequence[int], output_dims: Sequence[int], dtype: str = "fp32",
-                      preferred_batch_sizes: Sequence[int] = (), instance_count: int = 1,
-                      instance_kind: str = "KIND_GPU", max_queue_delay_us: int = 100,
-                      input_name: str = "images", output_name: str = "logits") -> dict[str, Any]:
-    """Copy `model_file` into a Triton repository and write its config.pbtxt. Returns what was written.
+@dataclass
+class TritonEntry:
+    """What a repository entry consists of; `write_triton_repo` or a caller's Staging writes it."""
 
-    dtype: the I/O tensor type (fp32 for every caitdeploy export, fp16 graphs included). instance_kind:
-    KIND_GPU | KIND_CPU | KIND_AUTO (a TensorRT plan cannot run on KIND_CPU).
-    """
-    repo_dir, model_file = Path(repo_dir), Path(model_file)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or "") or name in (".", ".."):
-        raise CaitError(f"triton repo: model name {name!r} must use only letters, digits, '_', '-', '.'")
-    if not model_file.is_file():
-        raise CaitError(f"{model_file}: no such file")
-    suffix = model_file.suffix.lower()
+    model_target: Path     # DIR/<name>/1/model.onnx or model.plan
+    config_path: Path      # DIR/<name>/config.pbtxt
+    config_text: str
+    info: dict[str, Any]
+
+
+def plan_triton_repo(repo_dir: str | os.PathLike, name: str, model_suffix: str, *, max_batch_size: int,
+                     input_dims: Sequence[int], output_dims: Sequence[int], dtype: str = "fp32",
+                     preferred_batch_sizes: Sequence[int] = (), instance_count: int = 1,
+                     instance_kind: str = "KIND_GPU", max_queue_delay_us: int = 100,
+                     input_name: str = "images", output_name: str = "logits") -> TritonEntry:
+    """Validate every option and say what the entry will be, writing nothing.
+
+    model_suffix: ".onnx" or ".plan"/".engine". dtype: the I/O tensor type (fp32 for every caitdeploy export,
+    fp16 graphs included). instance_kind: KIND_GPU | KIND_CPU | KIND_AUTO (a TensorRT plan cannot run on
+    KIND_CPU)."""
+    repo_dir = Path(repo_dir)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", name) or name in (".", ".."):
+        raise CaitError(f"triton repo: model name {name!r} must be 1-128 letters, digits, '_', '-', '.'")
+    suffix = model_suffix.lower()
     if suffix not in PLATFORMS:
-        raise CaitError(f"{model_file}: triton repo needs an .onnx or .plan/.engine file")
+        raise CaitError(f"triton repo needs an .onnx or .plan/.engine model, got {model_suffix!r}")
     platform, filename = PLATFORMS[suffix]
     if dtype not in TRITON_DTYPES:
         raise CaitError(f"triton repo: unknown dtype {dtype!r}: choose one of {', '.join(TRITON_DTYPES)}")
-    if isinstance(max_batch_size, bool) or int(max_batch_size) < 1:
-        raise CaitError(f"triton repo: max_batch_size must be >= 1, got {max_batch_size}")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= 1 << 16:
+        raise CaitError(f"triton repo: max_batch_size must be an integer in 1..65536, got {max_batch_size!r}")
     prefs = sorted({int(b) for b in preferred_batch_sizes})
     bad = [b for b in prefs if not 1 <= b <= max_batch_size]
     if bad:
         raise CaitError(f"triton repo: preferred batch size {bad[0]} is outside 1..max_batch_size {max_batch_size}")
-    kind = instance_kind.upper()
+    kind = str(instance_kind).upper()
     if not kind.startswith("KIND_"):
         kind = "KIND_" + kind
     if kind not in INSTANCE_KINDS:
         raise CaitError(f"triton repo: instance kind {instance_kind!r}: choose gpu, cpu or auto")
     if platform == "tensorrt_plan" and kind == "KIND_CPU":
         raise CaitError("triton repo: a TensorRT plan runs on GPU instances only (instance kind cpu)")
-    if int(instance_count) < 1:
-        raise CaitError(f"triton repo: instance count must be >= 1, got {instance_count}")
+    if isinstance(instance_count, bool) or not isinstance(instance_count, int) or not 1 <= instance_count <= 256:
+        raise CaitError(f"triton repo: instance count must be an integer in 1..256, got {instance_count!r}")
+    if isinstance(max_queue_delay_us, bool) or not isinstance(max_queue_delay_us, int) \
+            or not 0 <= max_queue_delay_us <= 10**8:
+        raise CaitError(f"triton repo: max queue delay must be 0..1e8 microseconds, got {max_queue_delay_us!r}")
     in_dims, out_dims = _dims(input_dims, "input"), _dims(output_dims, "output")
-
     model_dir = repo_dir / name
-    version_dir = model_dir / "1"
-    try:
-        version_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CaitError(f"{version_dir}: cannot create the repository directory ({e.strerror})") from None
-    text = config_text(name, platform, int(max_batch_size), input_name, in_dims, output_name, out_dims, dtype,
-                       prefs, int(max_queue_delay_us), int(instance_count), kind)
-    target = version_dir / filename
-    with atomic_output(target) as tmp:
-        shutil.copyfile(model_file, tmp)
-    with atomic_output(model_dir / "config.pbtxt") as tmp:
-        tmp.write_text(text)
-    return {"repo": str(repo_dir), "name": name, "platform": platform, "model": str(target),
-            "config": str(model_dir / "config.pbtxt"), "max_batch_size": int(max_batch_size),
+    target = model_dir / "1" / filename
+    text = config_text(name, platform, max_batch_size, input_name, in_dims, output_name, out_dims, dtype,
+                       prefs, max_queue_delay_us, instance_count, kind)
+    info = {"repo": str(repo_dir), "name": name, "platform": platform, "model": str(target),
+            "config": str(model_dir / "config.pbtxt"), "max_batch_size": max_batch_size,
             "input": {"name": input_name, "dims": in_dims}, "output": {"name": output_name, "dims": out_dims},
             "dtype": TRITON_DTYPES[dtype], "preferred_batch_sizes": prefs,
-            "instance_group": {"count": int(instance_count), "kind": kind}}
+            "instance_group": {"count": instance_count, "kind": kind}}
+    return TritonEntry(target, model_dir / "config.pbtxt", text, info)
+
+
+def stage_triton_repo(staging: Staging, entry: TritonEntry, model_bytes: bytes) -> None:
+    """Stage the model copy and config.pbtxt (folders are created when `staging` commits)."""
+    staging.write_bytes(entry.model_target, model_bytes, create_dirs=True)
+    staging.write_text(entry.config_path, entry.config_text, create_dirs=True)
+
+
+def write_triton_repo(repo_dir: str | os.PathLike, name: str, model_file: str | os.PathLike, **kw) -> dict[str, Any]:
+    """Copy `model_file` into a Triton repository and write its config.pbtxt (see `plan_triton_repo` for the
+    options). Returns what was written."""
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        raise CaitError(f"{model_file}: no such file")
+    entry = plan_triton_repo(repo_dir, name, model_file.suffix, **kw)
+    with Staging() as st:
+        stage_triton_repo(st, entry, model_file.read_bytes())
+    return entry.info
