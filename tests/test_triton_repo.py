@@ -75,7 +75,7 @@ def test_plan_repo(onnx_model, tmp_path):
 
 @pytest.mark.parametrize("kw, needle", [
     ({"max_batch_size": 8, "preferred_batch_sizes": [16]}, "outside 1..max_batch_size"),
-    ({"max_batch_size": 0}, "max_batch_size must be >= 1"),
+    ({"max_batch_size": 0}, "max_batch_size must be an integer in 1..65536, got 0"),
     ({"name": "../evil"}, "model name"),
     ({"instance_kind": "tpu"}, "instance kind"),
     ({"dtype": "int8"}, "unknown dtype"),
