@@ -232,18 +232,24 @@ def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], w
 
 def save_checkpoint_dict(ckpt: dict[str, Any], path: str | os.PathLike, staging=None) -> Path:
     """Write a `cait-compactor/1` dict atomically as .pth (torch.save) or .safetensors (staged in `staging`,
-    when given, to appear when the caller commits)."""
-    import contextlib
+    when given, to appear when the caller commits). Serialised in memory first, so a failed write (a full
+    disk) is one CaitError naming the file."""
+    import io
     import json
 
     path = Path(path)
-    target = contextlib.nullcontext(staging.stage(path)) if staging is not None else atomic_output(path)
-    with target as tmp:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
 
-            save_file({k: v.contiguous() for k, v in ckpt["state_dict"].items()}, str(tmp),
-                      metadata={"format": ckpt["format"], "config": json.dumps(ckpt["config"])})
-        else:
-            torch.save(ckpt, tmp)
+        data = save({k: v.contiguous() for k, v in ckpt["state_dict"].items()},
+                    metadata={"format": ckpt["format"], "config": json.dumps(ckpt["config"])})
+    else:
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        data = buf.getvalue()
+    if staging is not None:
+        staging.write_bytes(path, data)
+    else:
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(data)
     return path

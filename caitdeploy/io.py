@@ -19,19 +19,16 @@ def save_fused(path: str | os.PathLike, config: CaitConfig, state_dict: dict[str
                meta: dict[str, Any] | None = None, staging: Staging | None = None) -> Path:
     """Write a fused model atomically. `meta` (JSON-able) lands under the `caitdeploy` metadata key.
     With `staging` the file is staged there and appears only when the caller commits."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     metadata = {"format": FUSED_FORMAT, "config": config.to_json(), "caitdeploy": json.dumps(meta or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    data = save(tensors, metadata=metadata)  # bytes: the write itself is ours, so a full disk is one line
     if staging is not None:
-        tmp = staging.stage(path, ".safetensors")
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-        except OSError as e:
-            raise CaitError(f"{path}: cannot write ({e.strerror}); nothing was written") from None
+        staging.write_bytes(path, data)
         return Path(path)
     with atomic_output(path, ".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(data)
     return Path(path)
 
 
@@ -91,8 +88,9 @@ def _not_fused(path: Path) -> CaitError:
             raw = {"format": read_safetensors_header(path)[1].get("format")}
         else:
             raw = read_container(path)
-    except CaitError:
-        pass
+    except CaitError as e:
+        if ": refused: " in str(e):  # a pickle that needs code: say that, not "not a fused model"
+            return e
     fmt = raw.get("format") if isinstance(raw, dict) else None
     if isinstance(raw, dict) and (fmt == FORMAT or (fmt is None and ("model" in raw or "state_dict" in raw))):
         what = fmt if isinstance(fmt, str) else "DeiT-style state dict"
