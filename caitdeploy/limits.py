@@ -124,8 +124,9 @@ def tensor_problem(key: str, t: Any) -> str | None:
     if t.is_complex():
         return f"key {key!r} has complex dtype {t.dtype}: CAIT weights are real"
     if t.numel() > 1 and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
-        return (f"key {key!r} is an expanded (stride-0) view: its storage holds "
-                f"{t.untyped_storage().nbytes() // max(t.element_size(), 1)} elements for shape {tuple(t.shape)}")
+        n = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+        return (f"key {key!r} is an expanded (stride-0) view: its storage holds only {n} element{'s' * (n != 1)} "
+                f"for shape {tuple(t.shape)}")
     return None
 
 

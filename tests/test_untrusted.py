@@ -146,7 +146,7 @@ def _deep_config(path: Path) -> Path:
 BOMBS = {
     # name: (maker, command args (FILE substituted), expected message)
     "stride-0 views, embed 8192": (lambda d: _stride0_bomb(d / "s0.pth", 8192), ["fuse", "FILE", "-q"],
-                                   r"expanded \(stride-0\) view: its storage holds 1 elements"),
+                                   r"expanded \(stride-0\) view: its storage holds only 1 element for shape \(1, 1, 8192\)"),
     "stride-0 views, embed 16384": (lambda d: _stride0_bomb(d / "s1.pth", 16384), ["fuse", "FILE", "-q"],
                                     r"expanded \(stride-0\) view"),
     "tensors sharing one buffer": (lambda d: _alias_bomb(d / "alias.pth"), ["fuse", "FILE", "-q"],

@@ -397,6 +397,7 @@ def _prepare_ort(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: d
         raise NotApplicable(f"onnxruntime is not installed ({e})") from None
     providers = _ort_providers(opts, dtype, batch, m, ctx)
     path = _onnx_file(m, opts, dtype, ctx)
+    ort.set_default_logger_severity(3)  # ONNX Runtime's own warnings are not sprayed on the terminal
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3

@@ -195,6 +195,7 @@ def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int):
 def _ort_session(model_bytes: bytes, what: str):
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # ONNX Runtime's own warnings are not sprayed on the terminal
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
