@@ -183,11 +183,14 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A plain timm state dict from .safetensors or .pth (weights_only), `model`/`state_dict` unwrapped."""
     from .checkpoint import read_container
 
+    from .checkpoint import _strip_prefixes, check_tensors
+
     raw = read_container(Path(path))
     sd = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(sd, dict):
         raise CaitError(f"{path}: no state dict found")
-    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in _strip_prefixes(sd).items() if isinstance(v, torch.Tensor)}
+    return check_tensors(Path(path), sd)[0]  # dense real storage, float weights (half upcast)
 
 
 def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], weights: str | None = None,
@@ -202,10 +205,19 @@ def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], w
     model = timm_model(arch, num_classes, img_size)
     if weights:
         sd = load_weights(weights)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        own = model.state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
         if missing or unexpected:
             what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
             raise CaitError(f"{weights}: does not fit --arch {arch}: {what}")
+        for k, v in own.items():
+            if tuple(sd[k].shape) != tuple(v.shape):
+                raise CaitError(f"{weights}: key {k!r} has shape {tuple(sd[k].shape)}, --arch {arch} has "
+                                f"{tuple(v.shape)}")
+            if not bool(torch.isfinite(sd[k]).all()):
+                raise CaitError(f"{weights}: key {k!r} contains NaN or Inf")
+        model.load_state_dict(sd)
     fmt = format_config_of(model, merges)
     try:
         cfg = CaitConfig.from_format(fmt)
