@@ -125,26 +125,10 @@ def cdcp_select(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], flops_re
 
 # ---- timm -> cait-compactor/1 -------------------------------------------------------------------
 def timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None):
-    """A randomly initialised timm VisionTransformer in the layout the format supports."""
-    import timm
+    """A randomly initialised timm VisionTransformer in the layout the format supports (timm_compat)."""
+    from .timm_compat import timm_model as make
 
-    kw = {"pretrained": False}
-    if num_classes is not None:
-        kw["num_classes"] = num_classes
-    if img_size is not None:
-        kw["img_size"] = img_size
-    try:
-        model = timm.create_model(arch, **kw)
-    except RuntimeError as e:  # unknown model name
-        raise CaitError(f"--arch {arch!r}: {str(e).splitlines()[0]}") from None
-    from timm.models.vision_transformer import VisionTransformer
-
-    ok = (isinstance(model, VisionTransformer) and model.cls_token is not None and model.num_prefix_tokens == 1
-          and model.global_pool == "token" and model.pos_embed is not None
-          and model.blocks[0].attn.qkv.weight.shape[0] == 3 * model.embed_dim)
-    if not ok:
-        raise CaitError(f"--arch {arch!r}: not a plain ViT with one class token and token pooling")
-    return model
+    return make(arch, num_classes, img_size)
 
 
 def format_config_of(model, merges: dict[int, str]) -> dict[str, Any]:

@@ -376,6 +376,11 @@ def validate(ckpt: Checkpoint) -> None:
         raise CaitError(f"{path}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     extra = [k for k in sd if k not in req and k not in opt]
     if extra:
+        from .timm_compat import unsupported_feature
+
+        if (feature := next((f for k in extra if (f := unsupported_feature(k))), None)) is not None:
+            key = next(k for k in extra if unsupported_feature(k))
+            raise CaitError(f"{path}: key {key!r}: {feature} is not supported (not part of {FORMAT})")
         hint = ""
         if m := re.fullmatch(r"blocks\.(\d+)\.(htm|vtm)\..*", extra[0]):
             hint = f" (config merges say block {m.group(1)} has {cfg.blocks[int(m.group(1))].merge or 'no'} merge)" \

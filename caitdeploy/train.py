@@ -46,6 +46,7 @@ from .cdcp import cdcp_select, channel_scores, format_config_of, save_checkpoint
 from .checkpoint import FORMAT, MERGE_KEY
 from .config import CaitConfig, ConfigError
 from .errors import CaitError
+from .timm_compat import check_supported
 from .flops import model_flops
 
 __all__ = ["HeadCompactor", "Compactor", "TokenMergeTrain", "CaitTrainAttention", "CaitTrainMlp",
@@ -173,7 +174,7 @@ class CaitTrainViT(nn.Module):
 
     def __init__(self, vit: nn.Module, merges: dict[int, str]):
         super().__init__()
-        _check_supported(vit)
+        check_supported(vit, "cait_wrap")
         merges = {int(k): v for k, v in merges.items()}
         self.format_config = format_config_of(vit, merges)
         try:
@@ -222,60 +223,6 @@ class CaitTrainViT(nn.Module):
         for i, n, m in self.compactors():
             out[i][n] = m.mask.detach().clone()
         return out
-
-
-def _check_supported(vit: nn.Module) -> None:
-    """Raise CaitError unless `vit` is a timm ViT whose forward the format describes exactly."""
-    from timm.layers import PatchEmbed
-    from timm.models.vision_transformer import Attention, Block, Mlp, VisionTransformer
-
-    def bad(what: str):
-        raise CaitError(f"cait_wrap: unsupported model: {what}")
-
-    ident = lambda m: m is None or isinstance(m, nn.Identity)  # noqa: E731
-    if not isinstance(vit, VisionTransformer):
-        bad(f"{type(vit).__name__} is not a timm VisionTransformer")
-    if vit.cls_token is None or vit.num_prefix_tokens != 1 or getattr(vit, "reg_token", None) is not None:
-        bad("needs exactly one class token and no register tokens")
-    if vit.global_pool != "token" or vit.pos_embed is None or getattr(vit, "no_embed_class", False):
-        bad("needs global_pool='token' and a pos_embed that covers the class token")
-    if getattr(vit, "dynamic_img_size", False) or getattr(vit, "attn_pool", None) is not None:
-        bad("dynamic_img_size / attention pooling are not part of the format")
-    for name in ("norm_pre", "fc_norm", "patch_drop"):
-        if not ident(getattr(vit, name, None)):
-            bad(f"model.{name} must be Identity")
-    pe = vit.patch_embed
-    if not isinstance(pe, PatchEmbed) or not ident(pe.norm) or pe.img_size[0] != pe.img_size[1] \
-            or pe.patch_size[0] != pe.patch_size[1] or not pe.flatten or pe.proj.bias is None:
-        bad("patch_embed must be a square PatchEmbed with a biased conv, no norm")
-    heads = {int(b.attn.num_heads) for b in vit.blocks}
-    if len(heads) != 1:
-        bad(f"blocks use different head counts {sorted(heads)}")
-    for i, b in enumerate(vit.blocks):
-        where = f"block {i}"
-        if type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp:
-            bad(f"{where}: expected timm Block/Attention/Mlp, got {type(b).__name__}/{type(b.attn).__name__}/"
-                f"{type(b.mlp).__name__}")
-        if not (ident(b.ls1) and ident(b.ls2)):
-            bad(f"{where}: LayerScale (init_values) is not part of the format")
-        a = b.attn
-        if not (ident(a.q_norm) and ident(a.k_norm) and ident(getattr(a, "norm", None))) \
-                or getattr(a, "gate", None) is not None:
-            bad(f"{where}: qk_norm / scale_norm / gated attention are not part of the format")
-        if a.head_dim * a.num_heads != vit.embed_dim or a.proj.bias is None:
-            bad(f"{where}: attention width must equal embed_dim and proj must have a bias")
-        for n in ("norm1", "norm2"):
-            ln = getattr(b, n)
-            if not isinstance(ln, nn.LayerNorm) or abs(ln.eps - 1e-6) > 1e-12 or ln.weight is None:
-                bad(f"{where}: {n} must be LayerNorm(eps=1e-6) with affine parameters")
-        m = b.mlp
-        if not isinstance(m.act, nn.GELU) or m.act.approximate != "none" or not ident(m.norm) \
-                or m.fc1.bias is None or m.fc2.bias is None or not isinstance(m.fc1, nn.Linear):
-            bad(f"{where}: mlp must be Linear -> GELU(erf) -> Linear with biases and no norm")
-    if not isinstance(vit.norm, nn.LayerNorm) or abs(vit.norm.eps - 1e-6) > 1e-12:
-        bad("final norm must be LayerNorm(eps=1e-6)")
-    if not isinstance(vit.head, nn.Linear):
-        bad("head must be a Linear classifier (num_classes > 0)")
 
 
 def cait_wrap(model: nn.Module, merges: dict[int, str] | None = None) -> CaitTrainViT:
