@@ -138,7 +138,7 @@ def round8(n: int) -> int:
 
 def merge_cases(batch, dtype, dev):
     """(name, shape text, kernel fn, {alt name: fn}, bytes, flops, check data)."""
-    import kernels
+    from caitdeploy import kernels
 
     gen = torch.Generator(device=dev).manual_seed(0)
     D = D_MODEL
@@ -170,7 +170,7 @@ def merge_cases(batch, dtype, dev):
 
 
 def attention_cases(batch, dtype, dev, pairs, tokens):
-    import kernels
+    from caitdeploy import kernels
 
     gen = torch.Generator(device=dev).manual_seed(1)
     out = []
@@ -212,7 +212,7 @@ def attention_cases(batch, dtype, dev, pairs, tokens):
 
 
 def run_checks(cases, dtype):
-    import kernels
+    from caitdeploy import kernels
 
     tol = {torch.float16: 1e-2, torch.bfloat16: 6e-2}[dtype]
     rows, ok_all = [], True

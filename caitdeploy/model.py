@@ -21,7 +21,7 @@ def _triton_ok(x: torch.Tensor) -> bool:
     """Triton kernels run compiled on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests)."""
     if x.is_cuda:
         return True
-    from kernels import interpret_requested
+    from .kernels import interpret_requested
 
     return interpret_requested()
 
@@ -56,7 +56,7 @@ class TokenMerge(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_triton and _triton_ok(x):
-            from kernels import atme_merge_linear
+            from .kernels import atme_merge_linear
 
             return atme_merge_linear(x, self.fc.weight, self.fc.bias, self.grid_hw, self.kind)
         cls_tok, patches = x[:, :1], x[:, 1:]
@@ -88,7 +88,7 @@ class Attention(nn.Module):
         h, dv = self.num_heads, self.v_dim
         q, k, v = self.heads(x)
         if self.impl == "triton" and _triton_ok(x):
-            from kernels import attention
+            from .kernels import attention
 
             out = attention(q, k, v, self.scale)
         elif self.impl == "sdpa":

@@ -21,8 +21,8 @@ import pytest  # noqa: E402
 
 _TRITON_PREIMPORTED = sys.modules.get("triton") is not None
 
-import kernels  # noqa: E402
-from kernels import _runtime  # noqa: E402
+from caitdeploy import kernels  # noqa: E402
+from caitdeploy.kernels import _runtime  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -276,7 +276,7 @@ def test_attention_kernel_rejects_wide_heads_and_fp64():
 
 
 def test_import_kernels_does_not_import_triton():
-    code = "import sys, kernels; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
+    code = "import sys, caitdeploy.kernels; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
@@ -301,7 +301,7 @@ def test_caitvit_uses_the_kernels_and_matches_math_path():
     from caitdeploy.config import BlockConfig, CaitConfig
     from caitdeploy.model import CaitViT
 
-    import kernels
+    from caitdeploy import kernels
 
     blocks = (BlockConfig(2, 12, 20, 40, 16**-0.5, None), BlockConfig(2, 12, 20, 40, 16**-0.5, "h"),
               BlockConfig(2, 8, 12, 24, 16**-0.5, "v"))

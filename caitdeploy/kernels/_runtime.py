@@ -92,7 +92,7 @@ def load_impl(name: str, caller: str) -> ModuleType:
             f"kernels.{caller} needs the 'triton' package, which could not be imported "
             f"({_TRITON_ERR}); install triton or use kernels.{caller}_ref (plain PyTorch)"
         )
-    mod = importlib.import_module(f"kernels._{name}_triton")
+    mod = importlib.import_module(f"{__package__}._{name}_triton")
     if want_interp and (not mod.INTERPRETED or (triton_was_imported and not _lang_interpreted())):
         raise RuntimeError(
             f"kernels.{caller}: TRITON_INTERPRET=1 was set after triton had been imported, so the Triton "
