@@ -137,7 +137,7 @@ def read_container(path: Path) -> dict[str, Any]:
         raise CaitError(f"{path}: not a regular file")
     if path.suffix == ".safetensors":
         from .config import ConfigError, strict_json
-        from .io import read_safetensors
+        from .tensorfile import read_safetensors
 
         tensors, meta = read_safetensors(path)
         out: dict[str, Any] = {"state_dict": tensors}

@@ -11,6 +11,7 @@ import torch
 
 from .config import CaitConfig, ConfigError
 from .errors import CaitError, Staging, atomic_output
+from .tensorfile import read_safetensors, read_safetensors_header  # noqa: F401 - re-exported
 
 FUSED_FORMAT = "cait-fused/1"
 
@@ -30,52 +31,6 @@ def save_fused(path: str | os.PathLike, config: CaitConfig, state_dict: dict[str
     with atomic_output(path, ".safetensors") as tmp:
         tmp.write_bytes(data)
     return Path(path)
-
-
-def _st_error(path: Path, e: BaseException) -> CaitError:
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return CaitError(f"{path}: not a readable safetensors file ({first})")
-
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
-    """({key: (shape, dtype)}, metadata) from the header alone: no tensor data is read.
-
-    safetensors checks on open that the offsets tile the data section exactly, so the shapes it reports are
-    backed by real bytes in the file."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CaitError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            info = {}
-            for k in f.keys():
-                sl = f.get_slice(k)
-                info[k] = (tuple(int(n) for n in sl.get_shape()), str(sl.get_dtype()))
-    except Exception as e:  # safetensors raises SafetensorError, OSError, ValueError, ...: one line for all
-        raise _st_error(path, e) from None
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CaitError(f"{path}: safetensors metadata must map names to strings")
-    return info, meta
-
-
-def read_safetensors(path: str | os.PathLike, keys: set[str] | None = None
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a safetensors file, with errors that name the file."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CaitError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys() if keys is None or k in keys}
-    except Exception as e:
-        raise _st_error(path, e) from None
-    return tensors, meta
 
 
 def _not_fused(path: Path) -> CaitError:

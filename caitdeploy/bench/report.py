@@ -74,9 +74,9 @@ def print_table(records: Sequence[dict[str, Any]], console=None, title: str = "c
     from rich.table import Table
 
     if console is None:
-        from ..commands.common import console as make_console
+        from rich.console import Console
 
-        console = make_console()
+        console = Console(highlight=False)
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a piped table keeps one line per row
     t = Table(title=title)
