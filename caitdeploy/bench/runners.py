@@ -304,21 +304,38 @@ class NotApplicable(Exception):
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
+@dataclass
+class BenchContext:
+    """State shared by the runs of one benchmark: where ONNX files and engines go, exports already made.
+    `notes` and `keep` belong to the current run (what it reports; what must stay alive while it is timed)."""
+
+    work_dir: Path
+    onnx_cache: dict[tuple, Any] = field(default_factory=dict)
+    tmp: Any = None
+    notes: list[str] = field(default_factory=list)
+    keep: list[Any] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
+
+
 def _inputs(m: BenchModel, batch: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, m.in_chans, m.img_size, m.img_size, generator=g)
     return x.to(device=device, dtype=dtype)
 
 
-def _torch_step(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    def step():
-        with torch.inference_mode():
-            return model(x)
+def _spec(opts: RunOptions):
+    from ..runtime import RuntimeSpec
 
-    return step
+    return RuntimeSpec(opts.device, opts.threads, opts.compile_mode)
 
 
-def _prepare_torch(m: BenchModel, batch: int, opts: RunOptions, dtype: str, backend: str, ctx: dict):
+def _prepare_torch(m: BenchModel, batch: int, opts: RunOptions, dtype: str, backend: str, ctx: BenchContext):
+    from ..runtime import TorchRunner
+
     if backend == "torch-triton":
         if opts.device != "cuda":
             raise NotApplicable("torch-triton needs a CUDA GPU (Triton kernels)")
@@ -328,150 +345,105 @@ def _prepare_torch(m: BenchModel, batch: int, opts: RunOptions, dtype: str, back
     else:
         model = m.build("sdpa", None)
     tdt = _TORCH_DTYPES[dtype]
-    model = model.to(device=opts.device, dtype=tdt).eval()
-    x = _inputs(m, batch, tdt, opts.device, opts.seed)
+    runner = TorchRunner(model, _spec(opts), dtype=tdt, compile=backend == "compile",
+                         input_shape=(m.in_chans, m.img_size, m.img_size))
+    runner.activate()
+    ctx.keep.append(runner)
     if backend == "compile":
         mode = opts.compile_mode or ("max-autotune-no-cudagraphs" if opts.device == "cuda" else None)
-        ctx["note"].append(f"torch.compile mode={mode or 'default'}")
-        model = torch.compile(model, mode=mode, dynamic=False)
-    return _torch_step(model, x), opts.device == "cuda"
+        ctx.notes.append(f"torch.compile mode={mode or 'default'}; {runner.cuda_graphs[1]}")
+    feed = {runner.input_name: _inputs(m, batch, tdt, opts.device, opts.seed)}
+    return (lambda: runner.infer(feed, check_inputs=False)), opts.device == "cuda"
 
 
-def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: dict) -> Path:
+def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext) -> Path:
     """Export once per (model, dtype) into the work dir; cached across batches."""
-    cache: dict = ctx["onnx_cache"]
     key = (m.kind, m.setting, dtype)
-    if key in cache:
-        if isinstance(cache[key], Exception):
-            raise NotApplicable(f"ONNX export failed: {cache[key]}")
-        return cache[key]
-    try:
-        from ..export.onnx import FORBIDDEN_OPS, export_onnx
-    except ImportError as e:
-        cache[key] = e
-        raise NotApplicable(f"ONNX export unavailable: {e}") from None
+    if key in ctx.onnx_cache:
+        if isinstance(ctx.onnx_cache[key], Exception):
+            raise NotApplicable(f"ONNX export failed: {ctx.onnx_cache[key]}")
+        return ctx.onnx_cache[key]
+    from ..export.onnx import FORBIDDEN_OPS, export_onnx
+
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{m.setting}-{m.kind}-{dtype}")
-    path = Path(ctx["work_dir"]) / f"{safe}.onnx"
+    path = ctx.work_dir / f"{safe}.onnx"
     model = m.build("math", None).eval()
     try:
         export_onnx(model, path, input_shape=(m.in_chans, m.img_size, m.img_size), dtype=dtype,
                     forbid=() if m.kind == "tome" else FORBIDDEN_OPS, verify=False)
     except Exception as e:  # noqa: BLE001 -- any exporter failure makes this pair n/a
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        cache[key] = CaitError(f"{type(e).__name__}: {first}")
-        raise NotApplicable(f"ONNX export failed: {cache[key]}") from None
-    cache[key] = path
+        ctx.onnx_cache[key] = CaitError(f"{type(e).__name__}: {first}")
+        raise NotApplicable(f"ONNX export failed: {ctx.onnx_cache[key]}") from None
+    ctx.onnx_cache[key] = path
     return path
 
 
-def _ort_providers(opts: RunOptions, dtype: str, batch: int, m: BenchModel, ctx: dict) -> list:
-    import onnxruntime as ort
+def _prepare_ort(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: BenchContext):
+    from ..runtime import OrtRunner
 
-    avail = ort.get_available_providers()
-    if opts.device == "cpu":
-        return ["CPUExecutionProvider"]
-    gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in avail]
-    if not gpu:
-        raise NotApplicable("onnxruntime has no GPU execution provider (install onnxruntime-gpu instead of "
-                            "onnxruntime)")
-    out: list = []
-    if "TensorrtExecutionProvider" in gpu:
-        shape = f"images:{{}}x{m.in_chans}x{m.img_size}x{m.img_size}"
-        cache_dir = Path(ctx["work_dir"]) / "ort-trt-cache"
-        cache_dir.mkdir(exist_ok=True)
-        out.append(("TensorrtExecutionProvider", {
-            "trt_fp16_enable": dtype == "fp16", "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(cache_dir),
-            "trt_profile_min_shapes": shape.format(1), "trt_profile_opt_shapes": shape.format(batch),
-            "trt_profile_max_shapes": shape.format(batch)}))
-    if "CUDAExecutionProvider" in gpu:
-        out.append("CUDAExecutionProvider")
-    return out + ["CPUExecutionProvider"]
-
-
-def _prepare_ort(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: dict):
     try:
-        import numpy as np
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError as e:
         raise NotApplicable(f"onnxruntime is not installed ({e})") from None
-    providers = _ort_providers(opts, dtype, batch, m, ctx)
     path = _onnx_file(m, opts, dtype, ctx)
-    ort.set_default_logger_severity(3)  # ONNX Runtime's own warnings are not sprayed on the terminal
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if opts.threads:
-        so.intra_op_num_threads = opts.threads
-    sess = None
-    while providers:
-        try:
-            sess = ort.InferenceSession(str(path), so, providers=providers)
-            break
-        except Exception as e:  # noqa: BLE001 -- e.g. the TensorRT EP's libraries missing: try the next EP
-            if len(providers) == 1:
-                raise NotApplicable(f"onnxruntime could not load the model: {str(e).splitlines()[0]}") from None
-            providers = providers[1:]
-    used = sess.get_providers()[0]
-    ctx["note"].append(f"ort {used}")
-    tdt = _TORCH_DTYPES[dtype]
-    inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
-    if opts.device == "cuda":
-        if used == "CPUExecutionProvider":
-            raise NotApplicable("onnxruntime fell back to the CPU execution provider on a GPU machine")
-        x = _inputs(m, batch, tdt, "cuda", opts.seed).contiguous()
-        y = torch.empty((batch, m.num_classes), dtype=tdt, device="cuda")
-        npdt = np.float16 if dtype == "fp16" else np.float32
-        binding = sess.io_binding()
-        binding.bind_input(inp.name, "cuda", 0, npdt, tuple(x.shape), x.data_ptr())
-        binding.bind_output(out.name, "cuda", 0, npdt, tuple(y.shape), y.data_ptr())
-        ctx["keep"] = (x, y, binding, sess)
-
-        def step():
-            sess.run_with_iobinding(binding)
-
-        return step, False
-    x = _inputs(m, batch, tdt, "cpu", opts.seed).numpy()
-    ctx["keep"] = (sess,)
-    return (lambda: sess.run([out.name], {inp.name: x})), False
+    cache = ctx.work_dir / "ort-trt-cache"
+    runner = OrtRunner(path, _spec(opts), fp16_hint=dtype == "fp16", batch_hint=batch, trt_cache_dir=str(cache))
+    try:
+        cache.mkdir(exist_ok=True)
+        runner.activate()
+    except CaitError as e:
+        raise NotApplicable(str(e)) from None
+    ctx.keep.append(runner)
+    ctx.notes.append(f"ort {runner.provider}")
+    # the feed is converted to the dtypes the session declares (fp32 I/O for every caitdeploy export)
+    runner.bind({name: _inputs(m, batch, torch.float32, opts.device, opts.seed) for name in runner.inputs})
+    return runner.run_bound, False
 
 
-def _prepare_trt(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: dict):
+def _prepare_trt(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: BenchContext):
+    from ..runtime import TrtRunner, engine_build_key, reusable_engine
+
     if opts.device != "cuda":
         raise NotApplicable("TensorRT needs a CUDA GPU")
-    try:
-        from ..export import tensorrt as trt_mod
-    except ImportError as e:
-        raise NotApplicable(f"caitdeploy.export.tensorrt unavailable: {e}") from None
+    from ..export import tensorrt as trt_mod
+
     path = _onnx_file(m, opts, dtype, ctx)
     engine = path.with_name(f"{path.stem}-b{batch}.engine")
+    options = dict(min_batch=1, opt_batch=batch, max_batch=batch)
+    key = engine_build_key(path.read_bytes(), options)
     try:
-        if not engine.exists():
+        reuse, why = reusable_engine(engine, key)
+        if not reuse:
             # precision comes from the ONNX file (fp16 weights and activations when dtype is fp16)
-            trt_mod.build_engine(path, engine, min_batch=1, opt_batch=batch, max_batch=batch)
-        runner = trt_mod.TrtRunner(engine)
+            trt_mod.build_engine(path, engine, **options)
+        ctx.notes.append(f"engine {'reused' if reuse else 'built'} ({why})")
+        runner = TrtRunner(engine)
+        runner.activate()
     except CaitError as e:
         raise NotApplicable(f"TensorRT: {e}") from None
-    x = _inputs(m, batch, _TORCH_DTYPES[dtype], "cuda", opts.seed)
-    ctx["keep"] = (runner, x)
-    return (lambda: runner(x)), False
+    ctx.keep.append(runner)
+    x = _inputs(m, batch, torch.float32, "cuda", opts.seed)
+    feed = {runner.engine.inputs[0]: x}
+    return (lambda: runner.infer(feed, check_inputs=False)), False
 
 
-def run_one(m: BenchModel, backend: str, batch: int, opts: RunOptions, ctx: dict | None = None) -> dict[str, Any]:
+def run_one(m: BenchModel, backend: str, batch: int, opts: RunOptions, ctx: BenchContext | None = None
+            ) -> dict[str, Any]:
     """Benchmark one (model, backend, batch). Never raises for a pair that cannot run: returns an n/a record.
 
     ctx: shared state across calls of one benchmark (ONNX cache, work dir); created if None.
     """
     if backend not in BACKENDS:
         raise CaitError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
+    own = ctx is None
     if ctx is None:
         ctx = new_context(opts)
     dtype = opts.dtype
-    notes: list[str] = []
+    ctx.notes = []
     if dtype == "fp16" and opts.device == "cpu":
         dtype = "fp32"
-        notes.append("fp16 requested: CPU runs fp32")
-    ctx["note"] = notes
+        ctx.notes.append("fp16 requested: CPU runs fp32")
     probe = MemoryProbe(opts.device, torch_alloc=backend in ("torch", "compile", "torch-triton"))
     try:
         probe.start()
@@ -490,7 +462,7 @@ def run_one(m: BenchModel, backend: str, batch: int, opts: RunOptions, ctx: dict
         rec = base_record(m, backend, batch, opts, dtype)
         rec.update(summarize(reps, batch))
         rec.update(setup_s=setup_s, peak_mem_mb=probe.peak_mb(), peak_mem_kind=probe.kind)
-        rec["note"] = "; ".join(notes)
+        rec["note"] = "; ".join(ctx.notes)
         return rec
     except NotApplicable as e:
         return na_record(m, backend, batch, opts, str(e), dtype)
@@ -500,25 +472,25 @@ def run_one(m: BenchModel, backend: str, batch: int, opts: RunOptions, ctx: dict
         first = (str(e).strip().splitlines() or [""])[0]
         return na_record(m, backend, batch, opts, f"{backend} failed: {type(e).__name__}: {first}", dtype)
     finally:
-        ctx.pop("keep", None)
+        for r in ctx.keep:
+            if getattr(r, "is_active", False):
+                r.deactivate()
+        ctx.keep = []
         gc.collect()
         if opts.device == "cuda":
             torch.cuda.empty_cache()
+        if own:
+            ctx.close()
 
 
-def new_context(opts: RunOptions) -> dict:
+def new_context(opts: RunOptions) -> BenchContext:
     """Shared state of one benchmark run; `close_context` removes a temporary work dir."""
-    ctx: dict[str, Any] = {"onnx_cache": {}, "note": []}
     if opts.work_dir is None:
-        ctx["tmp"] = tempfile.TemporaryDirectory(prefix="caitdeploy-bench-")
-        ctx["work_dir"] = Path(ctx["tmp"].name)
-    else:
-        Path(opts.work_dir).mkdir(parents=True, exist_ok=True)
-        ctx["work_dir"] = Path(opts.work_dir)
-    return ctx
+        tmp = tempfile.TemporaryDirectory(prefix="caitdeploy-bench-")
+        return BenchContext(Path(tmp.name), tmp=tmp)
+    Path(opts.work_dir).mkdir(parents=True, exist_ok=True)
+    return BenchContext(Path(opts.work_dir))
 
 
-def close_context(ctx: dict) -> None:
-    tmp = ctx.pop("tmp", None)
-    if tmp is not None:
-        tmp.cleanup()
+def close_context(ctx: BenchContext) -> None:
+    ctx.close()

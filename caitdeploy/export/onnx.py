@@ -192,54 +192,52 @@ def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int):
     return prog.model_proto
 
 
-def _ort_session(model_bytes: bytes, what: str):
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)  # ONNX Runtime's own warnings are not sprayed on the terminal
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise CaitError(f"onnxruntime {ort.__version__} (CPU) cannot run the {what} graph: {_first_line(e)}; "
-                        "export with --no-verify to skip the check") from None
-
-
 @torch.no_grad()
 def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tuple[int, ...], *, dtype: str,
                 what: str = "exported", batches: tuple[int, ...] = (1, 7), fp16_samples: int = 256,
                 chunk: int = 32, seed: int = 0) -> dict[str, Any]:
-    """ONNX Runtime CPU vs the float32 PyTorch model on seeded N(0, 1) images.
+    """ONNX Runtime CPU vs the float32 PyTorch model on seeded N(0, 1) images, through Polygraphy: its
+    Comparator runs our `TorchRunner` and its own `OnnxrtRunner` on the same feeds, and `compare_accuracy`
+    (`CompareFunc.simple`, absolute tolerance) decides the fp32 check.
 
     fp32: max |diff| <= 1e-4 * max(1, logit scale) at every batch size in `batches`.
     fp16: the same batch sizes plus `fp16_samples` images in chunks; pass when top-1 agrees on >= 99%.
     Raises CaitError when the check fails; returns the numbers either way.
     """
-    import numpy as np
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.exception import PolygraphyException
 
-    sess = _ort_session(model_bytes, what)
-    ref_model = reference.eval()
+    from ..runtime import RuntimeSpec, TorchRunner, quiet_polygraphy
+
+    quiet_polygraphy()
+    ort.set_default_logger_severity(3)  # ONNX Runtime's own warnings are not sprayed on the terminal
     g = torch.Generator().manual_seed(seed)
     sizes = list(batches)
     if dtype == "fp16" and fp16_samples > 0:
         sizes += [chunk] * (-(-fp16_samples // chunk))
-    refs, outs = [], []
+    feeds = [{INPUT_NAME: torch.randn(b, *input_shape, generator=g).numpy()} for b in sizes]
+    ref_model = reference.eval()
+    runners = [TorchRunner(ref_model, RuntimeSpec("cpu"), dtype=torch.float32, input_shape=tuple(input_shape),
+                           name="pytorch"),
+               OnnxrtRunner(SessionFromOnnx(model_bytes, providers=["CPUExecutionProvider"]), name="onnxruntime")]
     t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            results = Comparator.run(runners, data_loader=feeds)
+    except (PolygraphyException, Exception) as e:  # noqa: BLE001 - session or run failures: one line
+        raise CaitError(f"onnxruntime {ort.__version__} (CPU) cannot run the {what} graph: {_first_line(e)}; "
+                        "export with --no-verify to skip the check") from None
+    (_, ref_iters), (_, ort_iters) = results
+    refs = [torch.from_numpy(it[OUTPUT_NAME]).float() for it in ref_iters]
+    outs = [torch.from_numpy(it[OUTPUT_NAME]).float() for it in ort_iters]
     per_batch = []
-    for b in sizes:
-        x = torch.randn(b, *input_shape, generator=g)
-        try:
-            y = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-        except Exception as e:
-            raise CaitError(f"onnxruntime failed to run the {what} graph at batch {b}: {_first_line(e)}") from None
-        r = ref_model(x).float()
+    for b, r, y in zip(sizes, refs, outs):
         if tuple(y.shape) != tuple(r.shape):
             raise CaitError(f"{what}: ONNX output shape {tuple(y.shape)} != PyTorch {tuple(r.shape)} at batch {b}")
-        yt = torch.from_numpy(np.asarray(y, dtype=np.float32))
         if len(per_batch) < len(batches):
-            per_batch.append({"batch": b, "max_abs_diff": float((yt - r).abs().max())})
-        refs.append(r)
-        outs.append(yt)
+            per_batch.append({"batch": b, "max_abs_diff": float((y - r).abs().max())})
     ref, out = torch.cat(refs), torch.cat(outs)
     diff = float((out - ref).abs().max())
     scale = float(ref.abs().max())
@@ -250,11 +248,13 @@ def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tup
         "logit_scale": scale, "logit_std": float(ref.std()),
         "top1_agree": float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
         "median_top1_margin": float(margin.median()) if margin is not None else None,
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0, "checked_by": "polygraphy Comparator (TorchRunner vs OnnxrtRunner)",
     }
     if dtype == "fp32":
         tol = 1e-4 * max(1.0, scale)
-        res.update(tolerance=tol, passed=diff <= tol)
+        with contextlib.redirect_stdout(io.StringIO()):
+            acc = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tol, rtol=0.0))
+        res.update(tolerance=tol, passed=bool(acc))
         if not res["passed"]:
             raise CaitError(f"{what}: ONNX Runtime vs PyTorch max |logit diff| {diff:.3g} > tolerance {tol:.3g} "
                             f"(logit scale {scale:.3g})")

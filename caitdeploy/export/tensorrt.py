@@ -24,6 +24,23 @@ from ..errors import CaitError, Staging, check_output_dir
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 ENGINE_FORMAT = "caitdeploy-engine/1"
 MAX_PROFILE_BATCH = 65536
+BUILD_KEYS = ("min_batch", "opt_batch", "max_batch", "workspace_mb", "opt_level", "compute_capabilities", "flavour")
+
+
+def normalize_build_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Build options as recorded in an engine's sidecar (`build_key`): every key, flavour "auto" for None,
+    compute capabilities upper-cased."""
+    out = {k: options.get(k) for k in BUILD_KEYS}
+    out["flavour"] = out["flavour"] or "auto"
+    out["min_batch"] = out["min_batch"] if out["min_batch"] is not None else 1
+    if out["compute_capabilities"]:
+        out["compute_capabilities"] = [str(c).upper() for c in out["compute_capabilities"]]
+    else:
+        out["compute_capabilities"] = None
+    return out
+
+
+
 INSTALL_HINT = "pip install tensorrt-rtx-cu13 (TensorRT-RTX) or pip install tensorrt (TensorRT >= 10)"
 _CUDA_NOISE = ("cudaError 35", "CUDA driver version is insufficient", "catchCudaError", "Error reading CUDA GPU")
 
@@ -296,6 +313,9 @@ def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_pa
         "profile": {"min": [min_batch, c, h, w], "opt": [opt_batch, c, h, w], "max": [max_batch, c, h, w]},
         "onnx": {"path": str(onnx_path), "sha256": hashlib.sha256(onnx_data).hexdigest(), "bytes": len(onnx_data)},
         "opt_level": config.builder_optimization_level, "workspace_mb": workspace_mb, "timing_cache": tc_info,
+        "build_key": normalize_build_options(dict(
+            min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,
+            opt_level=opt_level, compute_capabilities=compute_capabilities, flavour=flavour)),
         "build_seconds": build_s, "engine_bytes": len(engine_bytes), "host": platform.node(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

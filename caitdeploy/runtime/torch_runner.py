@@ -1,0 +1,68 @@
+"""PyTorch eager and torch.compile as a Polygraphy runner."""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+from polygraphy.datatype import DataType
+
+from .base import RuntimeSpec, cuda_graphs_ok
+
+
+class TorchRunner(BaseRunner):
+    """Run an `nn.Module` (images -> logits) eagerly or through torch.compile.
+
+    Input metadata: name `input_name`, the parameters' dtype, shape [batch, C, H, W] from the model's config
+    (a CaitViT) or `input_shape`. Feeds may be numpy arrays (outputs come back as numpy, as Polygraphy's
+    Comparator expects) or torch tensors (outputs stay torch tensors on the runner's device).
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: RuntimeSpec = RuntimeSpec(), *, dtype: torch.dtype | None = None,
+                 compile: bool = False, input_shape: tuple[int, int, int] | None = None,
+                 input_name: str = "images", output_name: str = "logits", name: str | None = None):
+        super().__init__(name=name, prefix="torch-runner")
+        self._model, self.spec, self._dtype, self._compile = model, spec, dtype, compile
+        cfg = getattr(model, "config", None)
+        if input_shape is None and cfg is not None:
+            input_shape = (cfg.in_chans, cfg.img_size, cfg.img_size)
+        if input_shape is None:
+            raise ValueError("TorchRunner needs input_shape=(C, H, W) for a model without a config")
+        self.input_shape, self.input_name, self.output_name = tuple(input_shape), input_name, output_name
+        self.cuda_graphs = cuda_graphs_ok(spec.device, "compile" if compile else "torch", spec.compile_mode)
+
+    def activate_impl(self):
+        p = next(self._model.parameters())
+        dtype = self._dtype or p.dtype
+        model = self._model
+        if p.dtype != dtype or p.device.type != self.spec.device:
+            import copy
+
+            model = copy.deepcopy(model)  # never convert the caller's model in place
+        self.model = model.to(device=self.spec.device, dtype=dtype).eval()
+        self.dtype = dtype
+        if self._compile:
+            mode = self.spec.compile_mode or ("max-autotune-no-cudagraphs" if self.spec.device == "cuda" else None)
+            self.model = torch.compile(self.model, mode=mode, dynamic=False)
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        meta.add(self.input_name, DataType.from_dtype(self.dtype, "torch"), ("batch", *self.input_shape))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        x = feed_dict[self.input_name]
+        numpy_in = not isinstance(x, torch.Tensor)
+        xt = torch.as_tensor(x).to(device=self.spec.device, dtype=self.dtype)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            y = self.model(xt)
+        if self.spec.device == "cuda":
+            torch.cuda.synchronize()
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict([(self.output_name, y.float().cpu().numpy() if numpy_in else y)])
+
+    def deactivate_impl(self):
+        del self.model, self.dtype
