@@ -110,6 +110,9 @@ else:
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+            # fits every target in fp32 too (32 KB of shared memory; the ones above need 131-295 KB in fp32 on
+            # sm_80/86/89, which the autotuner skips as OutOfResources): found by `python -m caitdeploy.kernels.aot`
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
         ],
         key=["M", "D", "HAS_BIAS", "DOT_MODE"],
     )(_atme_merge_kernel)
