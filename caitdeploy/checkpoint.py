@@ -158,9 +158,9 @@ def read_container(path: Path) -> dict[str, Any]:
         if "truncated" in str(e) or "ran out of input" in str(e).lower():
             raise CaitError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
         raise _refusal(path, e) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError, KeyError,
-            IndexError, OverflowError, RecursionError, MemoryError, UnicodeDecodeError) as e:
-        raise CaitError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - the safe loader on a malformed file raises anything (AssertionError,
+        # struct.error, ...): every such file is corrupt, and the one-line error says so
+        raise CaitError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise CaitError(f"{path}: top level is a {type(obj).__name__}, expected a dict")
     return obj
@@ -168,6 +168,8 @@ def read_container(path: Path) -> dict[str, Any]:
 
 def _strip_prefixes(sd: dict[str, Any]) -> dict[str, Any]:
     """Remove a `module.` (DDP) or `model.` (training wrappers) prefix shared by every key, repeatedly."""
+    if not all(isinstance(k, str) for k in sd):
+        return sd  # check_tensors names the key that is not a string
     while sd:
         for prefix in ("module.", "model."):
             if all(k.startswith(prefix) for k in sd):
@@ -270,8 +272,8 @@ def _check_format_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             i = int(k) if isinstance(k, (int, str)) and not isinstance(k, bool) else int("x")
         except (TypeError, ValueError):
             raise CaitError(f"{path}: config merges key {str(k)[:40]!r} is not a block index") from None
-        if v not in MERGE_KEY:
-            raise CaitError(f"{path}: config merges[{k!r}] = {str(v)[:40]!r}, expected 'h' or 'v'")
+        if not isinstance(v, str) or v not in MERGE_KEY:
+            raise CaitError(f"{path}: config merges[{str(k)[:20]!r}] = {str(v)[:40]!r}, expected 'h' or 'v'")
         if not 0 <= i < cfg["depth"]:
             raise CaitError(f"{path}: config merges block {i} is outside 0..{cfg['depth'] - 1}")
         if i in out["merges"]:

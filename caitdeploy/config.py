@@ -37,11 +37,21 @@ class ConfigError(ValueError):
     """A configuration that cannot describe a valid model."""
 
 
+def short(value: Any, limit: int = 60) -> str:
+    """repr of an untrusted value, cut to `limit` characters."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 6, 4, 2
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_bound(value, key: str, bound: str | None = None, what: str = "") -> int:
     """`value` as an int within BOUNDS[bound or key]; ConfigError naming `key` otherwise."""
     lo, hi = BOUNDS[bound or key]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{what}{key} must be an integer, got {value!r}")
+        raise ConfigError(f"{what}{key} must be an integer, got {short(value)}")
     if not lo <= value <= hi:
         raise ConfigError(f"{what}{key} = {value} is outside {lo}..{hi} (the bound for real ViTs)")
     return value
@@ -69,9 +79,9 @@ class BlockConfig:
         for name in ("num_heads", "qk_dim", "v_dim", "mlp_hidden"):
             check_bound(getattr(self, name), name, what="block ")
         if self.merge not in (None, *MERGE_KINDS):
-            raise ConfigError(f"block merge must be None, 'h' or 'v', got {self.merge!r}")
+            raise ConfigError(f"block merge must be None, 'h' or 'v', got {short(self.merge)}")
         if isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, (int, float)):
-            raise ConfigError(f"block attn_scale must be a number, got {self.attn_scale!r}")
+            raise ConfigError(f"block attn_scale must be a number, got {short(self.attn_scale)}")
         if not (self.attn_scale > 0 and math.isfinite(self.attn_scale)):
             raise ConfigError(f"block attn_scale must be a positive finite number, got {self.attn_scale!r}")
 
@@ -95,10 +105,10 @@ class CaitConfig:
         for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim"):
             check_bound(getattr(self, key), key)
         if not isinstance(self.qkv_bias, bool):
-            raise ConfigError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+            raise ConfigError(f"qkv_bias must be true or false, got {short(self.qkv_bias)}")
         if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) \
                 or not (0 < self.ln_eps <= LN_EPS_MAX):  # NaN fails the comparison too
-            raise ConfigError(f"ln_eps must be a number in (0, {LN_EPS_MAX:g}], got {self.ln_eps!r}")
+            raise ConfigError(f"ln_eps must be a number in (0, {LN_EPS_MAX:g}], got {short(self.ln_eps)}")
         if not isinstance(self.source, dict):
             raise ConfigError(f"source must be a dict, got {type(self.source).__name__}")
         if self.img_size % self.patch_size:
@@ -173,7 +183,7 @@ class CaitConfig:
         check_bound(embed_dim, "embed_dim")
         if not (isinstance(mlp_ratio, (int, float)) and not isinstance(mlp_ratio, bool)
                 and 0 < mlp_ratio <= MLP_RATIO_MAX):  # NaN and Inf fail too
-            raise ConfigError(f"mlp_ratio must be a number in (0, {MLP_RATIO_MAX:g}], got {mlp_ratio!r}")
+            raise ConfigError(f"mlp_ratio must be a number in (0, {MLP_RATIO_MAX:g}], got {short(mlp_ratio)}")
         if embed_dim % num_heads:
             raise ConfigError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         merges = {int(k): v for k, v in (merges or {}).items()}
@@ -235,14 +245,14 @@ class CaitConfig:
             try:
                 blocks.append(BlockConfig(**b))
             except TypeError as e:
-                raise ConfigError(f"config blocks[{i}]: {e}") from None
+                raise ConfigError(f"config blocks[{i}]: {short(str(e), 120)}") from None
             except ConfigError as e:
                 raise ConfigError(f"config blocks[{i}]: {e}") from None
         rest = {k: v for k, v in d.items() if k != "blocks"}
         try:
             return cls(blocks=tuple(blocks), **rest)
         except TypeError as e:
-            raise ConfigError(f"malformed config: {e}") from None
+            raise ConfigError(f"malformed config: {short(str(e), 120)}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -273,7 +283,7 @@ def strict_json(text: Any, what: str) -> Any:
         raise ConfigError(f"{what} JSON is {len(text)} bytes, more than the {MAX_JSON_BYTES} a config needs")
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ConfigError(f"{what} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
-    except ConfigError as e:
+    except ConfigError as e:  # (a ValueError too: first)
         raise ConfigError(f"{what} JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit integer
+        raise ConfigError(f"{what} is not valid JSON ({(str(e).splitlines() or [''])[0][:120]})") from None

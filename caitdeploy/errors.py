@@ -20,8 +20,22 @@ from typing import Iterator
 TMP_TAG = ".cdtmp-"   # hidden temp names: .<target name>.cdtmp-<host>-<pid>-<random>.tmp
 
 
+MAX_MESSAGE = 1000
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` as one printable line of at most `limit` characters: line breaks (\\n, \\r, U+2028, U+2029,
+    U+0085) and other control characters from untrusted names and values are escaped, long text is cut."""
+    out = "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
 class CaitError(Exception):
-    """A user-facing error. Its message names the file, key, block or option at fault."""
+    """A user-facing error. Its message names the file, key, block or option at fault; it is always one
+    printable line of at most MAX_MESSAGE characters, whatever untrusted text it quotes."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(str(message)))
 
 
 def _host() -> str:

@@ -164,7 +164,7 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
             return inspect_fused(path)
         if fmt == "cait-compactor/1":
             return inspect_checkpoint(path)
-        raise CaitError(f"{path}: safetensors file with format {fmt!r}: neither a cait-compactor/1 checkpoint nor "
+        raise CaitError(f"{path}: safetensors file with format {str(fmt)[:60]!r}: neither a cait-compactor/1 checkpoint nor "
                         "a cait-fused/1 model")
     if suffix in TORCH_SUFFIXES:
         return inspect_checkpoint(path)

@@ -127,7 +127,11 @@ def _set_batch_dim(value_info, name: str = "batch") -> None:
 def _elem_type_name(value_info) -> str:
     import onnx
 
-    return onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type).name
+    t = value_info.type.tensor_type.elem_type
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(t).name
+    except (KeyError, ValueError, TypeError):
+        return onnx.TensorProto.DataType.Name(t).lower() if t in onnx.TensorProto.DataType.values() else f"type {t}"
 
 
 def io_signature(model) -> dict[str, Any]:
