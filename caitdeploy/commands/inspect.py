@@ -115,9 +115,25 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
     return out
 
 
+def _same_onnx(src: Path, recorded: dict[str, Any]) -> bool | None:
+    """Whether the ONNX file the sidecar names (an untrusted path) still has the recorded SHA-256: None when it
+    is not a regular file; False without hashing when its size differs from the recorded size."""
+    from ..export.tensorrt import sha256_file
+
+    try:
+        if not src.is_file():
+            return None
+        size = src.stat().st_size
+        if size != recorded.get("bytes") or size > 2**31:  # an ONNX protobuf is < 2 GiB
+            return False
+        return sha256_file(src) == recorded["sha256"]
+    except OSError:
+        return None
+
+
 def inspect_engine(path: Path) -> dict[str, Any]:
     from ..config import CaitConfig
-    from ..export.tensorrt import engine_header_check, read_sidecar, sha256_file
+    from ..export.tensorrt import engine_header_check, read_sidecar
 
     side = read_sidecar(path)
     with open(path, "rb") as f:
@@ -140,8 +156,7 @@ def inspect_engine(path: Path) -> dict[str, Any]:
             "profile", "onnx", "opt_level", "workspace_mb", "build_seconds", "engine_bytes", "created")
     out.update({k: side.get(k) for k in keep})
     src = Path(side["onnx"]["path"]) if (side.get("onnx") or {}).get("path") else None
-    if src is not None and src.is_file():
-        out["onnx_matches"] = sha256_file(src) == side["onnx"]["sha256"]
+    out["onnx_matches"] = _same_onnx(src, side["onnx"]) if src is not None else None
     if side.get("config"):
         out.update(_config_summary(CaitConfig.from_dict(side["config"])))  # validated by read_sidecar
     return out

@@ -347,6 +347,8 @@ def _sidecar_problem(d: dict[str, Any]) -> str | None:
         if not isinstance(onnx, dict) or not isinstance(onnx.get("path"), str) \
                 or not isinstance(onnx.get("sha256"), str) or len(onnx["sha256"]) != 64:
             return "'onnx' must hold a path and a 64-character sha256"
+        if "bytes" in onnx and (isinstance(onnx["bytes"], bool) or not isinstance(onnx["bytes"], int)):
+            return "'onnx.bytes' must be an integer"
     for key in ("build_seconds",):
         if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, float)) or d[key] != d[key]):
             return f"{key!r} must be a number"
