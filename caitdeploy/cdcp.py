@@ -66,16 +66,11 @@ def channel_scores(sd: dict[str, torch.Tensor], cfg: CaitConfig) -> list[dict[st
 
 
 def _units(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], align: int) -> list[Unit]:
+    from .flops import channel_savings
+
     units = []
-    d_model = cfg.embed_dim
-    tokens = cfg.tokens()
-    for i, b in enumerate(cfg.blocks):
-        n, h = tokens[i], b.num_heads
-        per_channel = {
-            "qk": 2 * n * d_model * 2 * h + 2 * h * n * n,
-            "v": 2 * n * d_model * h + 2 * h * n * n + 2 * n * h * d_model,
-            "mlp": 2 * 2 * n * d_model,
-        }
+    for i in range(cfg.depth):
+        per_channel = channel_savings(cfg, i)
         for part, s in scores[i].items():
             s = s / s.mean().clamp_min(1e-30)
             ranked = s.sort(dim=-1).values.reshape(-1, s.shape[-1]).mean(0)  # mean over heads, per rank

@@ -8,28 +8,60 @@ from __future__ import annotations
 from .config import BlockConfig, CaitConfig
 
 
+# ---- the formulas: every count in the package (CaitViT, ToMe, CDCP pruning units) derives from these ----
+def transformer_parts(n: int, d: int, h: int, qk: int, v: int, hidden: int, n_mlp: int | None = None) -> dict[str, int]:
+    """FLOPs of one pre-norm block's matmuls for n tokens of width d, h heads of q/k width qk and v width v,
+    an mlp of `hidden` channels run on n_mlp tokens (n unless tokens are merged between attention and mlp)."""
+    n_mlp = n if n_mlp is None else n_mlp
+    return {"qkv": 2 * n * d * h * (2 * qk + v), "attn": 2 * h * n * n * (qk + v), "proj": 2 * n * h * v * d,
+            "mlp": 2 * 2 * n_mlp * d * hidden}
+
+
+def merge_flops(n_patches_out: int, d: int) -> int:
+    """An ATME merge: Linear(2D -> D) on every output patch token."""
+    return 2 * n_patches_out * (2 * d) * d
+
+
+def patch_embed_flops(cfg: CaitConfig) -> int:
+    gh, gw = cfg.grid
+    return 2 * gh * gw * cfg.embed_dim * cfg.in_chans * cfg.patch_size**2
+
+
+def head_flops(cfg: CaitConfig) -> int:
+    return 2 * cfg.embed_dim * cfg.num_classes
+
+
 def block_flops(cfg: CaitConfig, i: int) -> dict[str, int]:
     """FLOPs of block i per image, by part."""
     b: BlockConfig = cfg.blocks[i]
     d = cfg.embed_dim
     n = cfg.tokens()[i]
-    h = b.num_heads
-    parts = {
-        "merge": 2 * (n - 1) * (2 * d) * d if b.merge else 0,
-        "qkv": 2 * n * d * h * (2 * b.qk_dim + b.v_dim),
-        "attn": 2 * h * n * n * (b.qk_dim + b.v_dim),
-        "proj": 2 * n * h * b.v_dim * d,
-        "mlp": 2 * 2 * n * d * b.mlp_hidden,
-    }
+    parts = {"merge": merge_flops(n - 1, d) if b.merge else 0,
+             **transformer_parts(n, d, b.num_heads, b.qk_dim, b.v_dim, b.mlp_hidden)}
     parts["total"] = sum(parts.values())
     return parts
 
 
+def channel_savings(cfg: CaitConfig, i: int) -> dict[str, int]:
+    """FLOPs per image saved in block i by removing one channel from every head (q and k together for "qk",
+    "v") or one mlp channel ("mlp"): differences of `transformer_parts`, so the CDCP units count exactly
+    what `model_flops` counts."""
+    b = cfg.blocks[i]
+    n, d, h = cfg.tokens()[i], cfg.embed_dim, b.num_heads
+
+    def total(qk, v, hidden):
+        return sum(transformer_parts(n, d, h, qk, v, hidden).values())
+
+    full = total(b.qk_dim, b.v_dim, b.mlp_hidden)
+    return {"qk": full - total(b.qk_dim - 1, b.v_dim, b.mlp_hidden),
+            "v": full - total(b.qk_dim, b.v_dim - 1, b.mlp_hidden),
+            "mlp": full - total(b.qk_dim, b.v_dim, b.mlp_hidden - 1)}
+
+
 def model_flops(cfg: CaitConfig) -> dict:
     """{"total", "patch_embed", "head", "blocks": [per-block dicts]} per image."""
-    gh, gw = cfg.grid
-    patch = 2 * gh * gw * cfg.embed_dim * cfg.in_chans * cfg.patch_size**2
-    head = 2 * cfg.embed_dim * cfg.num_classes
+    patch = patch_embed_flops(cfg)
+    head = head_flops(cfg)
     blocks = [block_flops(cfg, i) for i in range(cfg.depth)]
     return {"total": patch + head + sum(b["total"] for b in blocks), "patch_embed": patch, "head": head,
             "blocks": blocks}

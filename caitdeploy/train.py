@@ -98,15 +98,10 @@ class TokenMergeTrain(nn.Module):
             self.fc.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .model import merge_tokens  # the one token-pairing function (CaitViT's); the reference keeps its own
+
         cls_tok, patches = x[:, :1], x[:, 1:]
-        b, _, d = patches.shape
-        gh, gw = self.grid_hw
-        g = patches.reshape(b, gh, gw, d)
-        if self.kind == "h":   # (r, 2c) | (r, 2c+1)
-            pairs = torch.cat([g[:, :, 0::2], g[:, :, 1::2]], dim=-1)
-        else:                  # (2r, c) | (2r+1, c)
-            pairs = torch.cat([g[:, 0::2], g[:, 1::2]], dim=-1)
-        return torch.cat([cls_tok, self.fc(pairs.reshape(b, -1, 2 * d))], dim=1)
+        return torch.cat([cls_tok, self.fc(merge_tokens(patches, self.grid_hw, self.kind))], dim=1)
 
 
 class CaitTrainAttention(nn.Module):

@@ -142,23 +142,18 @@ def tome_flops(config: CaitConfig, r: int | Sequence[int]) -> dict:
     {"total", "patch_embed", "head", "blocks": [{"tokens", "tokens_out", "qkv", "attn", "match", "proj",
     "mlp", "total"}]}. With r = 0 the total equals `flops.model_flops(config)["total"]`.
     """
+    from ..flops import head_flops, patch_embed_flops, transformer_parts
+
     _check_dense(config)
     d = config.embed_dim
-    gh, gw = config.grid
-    patch = 2 * gh * gw * d * config.in_chans * config.patch_size**2
-    head = 2 * d * config.num_classes
+    patch = patch_embed_flops(config)
+    head = head_flops(config)
     blocks = []
     for b, (n, m) in zip(config.blocks, tome_tokens(config, r)):
-        h = b.num_heads
         na, nb = (n + 1) // 2, n // 2
-        parts = {
-            "tokens": n, "tokens_out": m,
-            "qkv": 2 * n * d * h * (2 * b.qk_dim + b.v_dim),
-            "attn": 2 * h * n * n * (b.qk_dim + b.v_dim),
-            "proj": 2 * n * h * b.v_dim * d,
-            "match": 2 * na * nb * b.qk_dim if m < n else 0,
-            "mlp": 2 * 2 * m * d * b.mlp_hidden,
-        }
+        parts = {"tokens": n, "tokens_out": m,
+                 **transformer_parts(n, d, b.num_heads, b.qk_dim, b.v_dim, b.mlp_hidden, n_mlp=m),
+                 "match": 2 * na * nb * b.qk_dim if m < n else 0}
         parts["total"] = sum(v for k, v in parts.items() if k not in ("tokens", "tokens_out"))
         blocks.append(parts)
     return {"total": patch + head + sum(p["total"] for p in blocks), "patch_embed": patch, "head": head,
