@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import FORMAT, MERGE_KEY
+from .format import FORMAT, compactor_prefix, merge_prefix
 from .config import CaitConfig
 from .errors import CaitError, atomic_output
 from .flops import model_flops
@@ -42,8 +42,7 @@ def _folded(sd: dict[str, torch.Tensor], i: int, num_heads: int):
     from .surgery import fold_block, row_norms
 
     p = f"blocks.{i}."
-    comps = {n: sd.get(f"{p}attn.{n}_compactor.weight") for n in "qkv"}
-    comps["fc1"] = sd.get(p + "mlp.fc1_compactor.weight")
+    comps = {n: sd.get(compactor_prefix(i, n) + ".weight") for n in ("q", "k", "v", "fc1")}
     f = fold_block(sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"), sd[p + "mlp.fc1.weight"],
                    sd[p + "mlp.fc1.bias"], num_heads, comps)
     return (row_norms(f.wq, f.bq), row_norms(f.wk, f.bk), row_norms(f.wv, f.bv), row_norms(*f.fc1_folded()))
@@ -206,16 +205,16 @@ def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], w
     d = fmt["embed_dim"]
     for i, kind in merges.items():
         eye = torch.eye(d)
-        sd[f"blocks.{i}.{MERGE_KEY[kind]}.fc.weight"] = torch.cat([eye, eye], dim=1) / 2
-        sd[f"blocks.{i}.{MERGE_KEY[kind]}.fc.bias"] = torch.zeros(d)
+        sd[merge_prefix(i, kind) + ".weight"] = torch.cat([eye, eye], dim=1) / 2
+        sd[merge_prefix(i, kind) + ".bias"] = torch.zeros(d)
     masks, summary = cdcp_select(cfg, channel_scores(sd, cfg), flops_reduction, align)
     for i, m in enumerate(masks):
         for name in ("q", "k", "v"):
             c = torch.eye(m[name].shape[-1]).repeat(m[name].shape[0], 1, 1) * m[name].unsqueeze(-1)
-            sd[f"blocks.{i}.attn.{name}_compactor.weight"] = c
-            sd[f"blocks.{i}.attn.{name}_compactor.mask"] = m[name]
-        sd[f"blocks.{i}.mlp.fc1_compactor.weight"] = torch.diag(m["fc1"])
-        sd[f"blocks.{i}.mlp.fc1_compactor.mask"] = m["fc1"]
+            sd[compactor_prefix(i, name) + ".weight"] = c
+            sd[compactor_prefix(i, name) + ".mask"] = m[name]
+        sd[compactor_prefix(i, "fc1") + ".weight"] = torch.diag(m["fc1"])
+        sd[compactor_prefix(i, "fc1") + ".mask"] = m["fc1"]
     ckpt = {"format": FORMAT, "config": {**fmt, "merges": {str(k): v for k, v in merges.items()}}, "state_dict": sd}
     summary.update(arch=arch, merges=merges, kept=[{k: int(v.sum()) for k, v in m.items()} for m in masks])
     return ckpt, summary

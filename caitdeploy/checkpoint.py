@@ -19,11 +19,7 @@ import torch
 from .config import CaitConfig, ConfigError
 from .errors import CaitError
 
-FORMAT = "cait-compactor/1"
-CONFIG_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-               "mlp_ratio", "qkv_bias")
-ATTN_COMPACTORS = ("q", "k", "v")
-MERGE_KEY = {"h": "htm", "v": "vtm"}
+from .format import ATTN_COMPACTORS, CONFIG_KEYS, FORMAT, MERGE_KEY, compactor_prefix, merge_prefix  # noqa: F401
 
 
 @dataclass
@@ -39,7 +35,7 @@ class Checkpoint:
 
     def compactor(self, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(weight, mask) of a compactor ("q", "k", "v" or "fc1"), or None when absent (identity)."""
-        prefix = f"blocks.{block}.mlp.fc1_compactor" if name == "fc1" else f"blocks.{block}.attn.{name}_compactor"
+        prefix = compactor_prefix(block, name)
         w = self.state_dict.get(prefix + ".weight")
         return None if w is None else (w, self.state_dict[prefix + ".mask"])
 
@@ -356,11 +352,13 @@ def expected_shapes(cfg: CaitConfig, fmt: dict[str, Any]) -> tuple[dict[str, tup
         if cfg.qkv_bias:
             req[b + "attn.qkv.bias"] = (3 * d,)
         if blk.merge:
-            m = f"{b}{MERGE_KEY[blk.merge]}.fc."
+            m = merge_prefix(i, blk.merge) + "."
             req.update({m + "weight": (d, 2 * d), m + "bias": (d,)})
         for name in ATTN_COMPACTORS:
-            opt.update({f"{b}attn.{name}_compactor.weight": (h, hd, hd), f"{b}attn.{name}_compactor.mask": (h, hd)})
-        opt.update({b + "mlp.fc1_compactor.weight": (hidden, hidden), b + "mlp.fc1_compactor.mask": (hidden,)})
+            c = compactor_prefix(i, name)
+            opt.update({c + ".weight": (h, hd, hd), c + ".mask": (h, hd)})
+        c = compactor_prefix(i, "fc1")
+        opt.update({c + ".weight": (hidden, hidden), c + ".mask": (hidden,)})
     return req, opt
 
 

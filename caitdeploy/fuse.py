@@ -11,7 +11,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import surgery as S
-from .checkpoint import MERGE_KEY, Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint
+from .format import FUSED_MERGE, merge_prefix
 from .config import CaitConfig
 from .errors import CaitError, Staging
 from .paths import Out
@@ -138,7 +139,7 @@ def fuse(ckpt: Checkpoint, opts: FuseOptions = FuseOptions(), progress=None) -> 
             out[p + k] = sd[p + k]
         if blk.merge:
             for k in ("weight", "bias"):
-                out[f"{p}merge.fc.{k}"] = sd[f"{p}{MERGE_KEY[blk.merge]}.fc.{k}"]
+                out[f"{p}{FUSED_MERGE}.fc.{k}"] = sd[f"{merge_prefix(i, blk.merge)}.{k}"]
         blocks.append(replace(blk, qk_dim=plan.qk.shape[-1], v_dim=plan.v.shape[-1], mlp_hidden=plan.mlp.shape[0]))
         plans.append(plan)
         if progress is not None:

@@ -13,7 +13,7 @@ from .config import CaitConfig, ConfigError
 from .errors import CaitError, Staging, atomic_output
 from .tensorfile import read_safetensors, read_safetensors_header  # noqa: F401 - re-exported
 
-FUSED_FORMAT = "cait-fused/1"
+from .format import FUSED_FORMAT
 
 
 def save_fused(path: str | os.PathLike, config: CaitConfig, state_dict: dict[str, torch.Tensor],
@@ -35,7 +35,8 @@ def save_fused(path: str | os.PathLike, config: CaitConfig, state_dict: dict[str
 
 def _not_fused(path: Path) -> CaitError:
     """The one-line error for a file that is not a fused model, saying what it is where that is known."""
-    from .checkpoint import FORMAT, read_container
+    from .checkpoint import read_container
+    from .format import FORMAT
 
     raw: Any = None
     try:

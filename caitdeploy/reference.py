@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import MERGE_KEY, Checkpoint
+from .checkpoint import Checkpoint
+from .format import compactor_prefix, merge_prefix
 
 
 def _merge(x: torch.Tensor, grid: tuple[int, int], kind: str, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,7 @@ def reference_forward(ckpt: Checkpoint, images: torch.Tensor, dtype: torch.dtype
     for i, blk in enumerate(cfg.blocks):
         p = f"blocks.{i}."
         if blk.merge:
-            m = f"{p}{MERGE_KEY[blk.merge]}.fc."
+            m = merge_prefix(i, blk.merge) + "."
             x = _merge(x, cfg.input_grid(i), blk.merge, w(m + "weight"), w(m + "bias"))
         bsz, n, _ = x.shape
         y = F.layer_norm(x, (d,), w(p + "norm1.weight"), w(p + "norm1.bias"), eps)
@@ -56,7 +57,7 @@ def reference_forward(ckpt: Checkpoint, images: torch.Tensor, dtype: torch.dtype
         q, k, v = (t.reshape(bsz, n, h, hd) for t in qkv.split(d, dim=-1))  # [B, N, H, d]
         heads = []
         for name, t in zip("qkv", (q, k, v)):
-            c = w(f"{p}attn.{name}_compactor.weight")
+            c = w(compactor_prefix(i, name) + ".weight")
             if c is not None:  # t_h <- t_h @ C_h^T
                 t = torch.einsum("bnhj,hij->bnhi", t, c)
             heads.append(t.transpose(1, 2))  # [B, H, N, d]
@@ -66,7 +67,7 @@ def reference_forward(ckpt: Checkpoint, images: torch.Tensor, dtype: torch.dtype
         x = x + out @ w(p + "attn.proj.weight").T + w(p + "attn.proj.bias")
         y = F.layer_norm(x, (d,), w(p + "norm2.weight"), w(p + "norm2.bias"), eps)
         y = y @ w(p + "mlp.fc1.weight").T + w(p + "mlp.fc1.bias")
-        c = w(p + "mlp.fc1_compactor.weight")
+        c = w(compactor_prefix(i, "fc1") + ".weight")
         if c is not None:
             y = y @ c.T
         y = F.gelu(y)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cdcp import cdcp_select, channel_scores, format_config_of, save_checkpoint_dict
-from .checkpoint import FORMAT, MERGE_KEY
+from .format import FORMAT, MERGE_KEY
 from .config import CaitConfig, ConfigError
 from .errors import CaitError
 from .timm_compat import check_supported

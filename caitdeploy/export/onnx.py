@@ -42,7 +42,7 @@ DEFAULT_OPSET = 18                        # widest support (TensorRT 10, TensorR
 ATTENTION_OP_OPSET = 23                   # first opset with the ONNX `Attention` op
 DTYPES = ("fp32", "fp16")
 ATTENTIONS = ("matmul", "op")
-ONNX_FORMAT = "caitdeploy-onnx/1"
+from ..format import ONNX_FORMAT  # noqa: E402
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import CaitError, Staging, check_output_dir
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
-ENGINE_FORMAT = "caitdeploy-engine/1"
+from ..format import ENGINE_FORMAT  # noqa: E402
 MAX_PROFILE_BATCH = 65536
 BUILD_KEYS = ("min_batch", "opt_batch", "max_batch", "workspace_mb", "opt_level", "compute_capabilities", "flavour")
 
