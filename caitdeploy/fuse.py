@@ -16,7 +16,7 @@ from .format import FUSED_MERGE, merge_prefix
 from .config import CaitConfig
 from .errors import CaitError, Staging
 from .paths import Out
-from .flops import block_params, model_flops, model_params
+from .flops import block_rows, model_flops, model_params
 
 CONSISTENCY_MODES = ("strict", "repair")
 
@@ -179,18 +179,12 @@ def build_report(ckpt: Checkpoint, res: FuseResult, opts: FuseOptions) -> dict[s
     before, after = ckpt.config, res.config
     fb, fa = model_flops(before.unpruned()), model_flops(after)
     pb, pa = model_params(before.unpruned()), model_params(after)
-    tokens = after.tokens()
+    dense_rows = block_rows(before.unpruned())
     blocks = []
-    for i, (b, plan) in enumerate(zip(after.blocks, res.plans)):
-        blocks.append({
-            "block": i, "merge": b.merge, "tokens": tokens[i], "heads": b.num_heads,
-            "qk_per_head": b.qk_dim, "v_per_head": b.v_dim, "mlp": b.mlp_hidden,
-            "qk_pruned": plan.pruned_qk, "v_pruned": plan.pruned_v, "mlp_pruned": plan.pruned_mlp,
-            "flops": fa["blocks"][i]["total"], "flops_dense": fb["blocks"][i]["total"],
-            "flops_parts": fa["blocks"][i], "params": block_params(after, i),
-            "params_dense": block_params(before.unpruned(), i),
-            "max_dropped_norm": plan.max_dropped_norm,
-        })
+    for row, plan, dense in zip(block_rows(after), res.plans, dense_rows):
+        blocks.append({**row, "qk_pruned": plan.pruned_qk, "v_pruned": plan.pruned_v, "mlp_pruned": plan.pruned_mlp,
+                       "flops_dense": dense["flops"], "params_dense": dense["params"],
+                       "max_dropped_norm": plan.max_dropped_norm})
     return {
         "checkpoint": str(ckpt.path), "inferred_config": ckpt.inferred, "notes": list(ckpt.notes),
         "options": asdict(opts),

@@ -118,3 +118,28 @@ def human(n: float, unit: str = "") -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{suffix}{unit}"
     return f"{n:g}{unit}"
+
+
+def block_table(rows: list[dict[str, Any]], title: str | None = None):
+    """The one rich table of per-block widths (rows from `flops.block_rows`, as fuse's report and inspect give
+    them). Rows with `qk_pruned` etc. show the kept count before alignment in parentheses; rows with
+    `flops_dense` get a dense column."""
+    from rich.table import Table
+
+    t = Table(title=title, show_lines=False)
+    dense = any("flops_dense" in r for r in rows)
+    for col in ("block", "merge", "tokens", "heads", "qk/head", "v/head", "mlp", "GFLOPs", *(("dense",) if dense else ())):
+        t.add_column(col, justify="right", no_wrap=True)
+
+    def width(r, key, pruned):
+        v = r[key]
+        return f"{v}" + (f" ({r[pruned]})" if pruned in r and r[pruned] != v else "")
+
+    for r in rows:
+        cells = [str(r["block"]), r["merge"] or "-", str(r["tokens"]), str(r["heads"]),
+                 width(r, "qk_per_head", "qk_pruned"), width(r, "v_per_head", "v_pruned"), width(r, "mlp", "mlp_pruned"),
+                 f"{r['flops'] / 1e9:.3f}"]
+        if dense:
+            cells.append(f"{r['flops_dense'] / 1e9:.3f}")
+        t.add_row(*cells)
+    return t

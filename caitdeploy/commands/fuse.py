@@ -3,27 +3,17 @@ from __future__ import annotations
 
 import click
 
-from .common import console, handle_errors, human, write_json
+from .common import block_table, console, handle_errors, human, write_json
 
 
 def print_fuse_report(report: dict) -> None:
-    from rich.table import Table
-
     con = console()
     for note in report.get("notes", []):
         con.print(f"[yellow]note:[/] {note}")
     if report.get("inferred_config"):
         inferred = ", ".join(f"{k}={v}" for k, v in report["inferred_config"].items())
         con.print(f"[yellow]config inferred from shapes:[/] {inferred}")
-    t = Table(title=f"fused {report['checkpoint']}", show_lines=False)
-    for col in ("block", "merge", "tokens", "heads", "qk/head", "v/head", "mlp", "GFLOPs", "dense"):
-        t.add_column(col, justify="right", no_wrap=True)
-    for b in report["blocks"]:
-        qk = f"{b['qk_per_head']}" + (f" ({b['qk_pruned']})" if b["qk_pruned"] != b["qk_per_head"] else "")
-        v = f"{b['v_per_head']}" + (f" ({b['v_pruned']})" if b["v_pruned"] != b["v_per_head"] else "")
-        mlp = f"{b['mlp']}" + (f" ({b['mlp_pruned']})" if b["mlp_pruned"] != b["mlp"] else "")
-        t.add_row(str(b["block"]), b["merge"] or "-", str(b["tokens"]), str(b["heads"]), qk, v, mlp,
-                  f"{b['flops'] / 1e9:.3f}", f"{b['flops_dense'] / 1e9:.3f}")
+    t = block_table(report["blocks"], title=f"fused {report['checkpoint']}")
     con.print(t)
     con.print("widths in parentheses: kept before alignment")
     con.print(f"params  {human(report['params_dense'])} -> {human(report['params_fused'])}   "
