@@ -7,20 +7,24 @@ one-line `CaitError`, within 2 s and a memory limit per call.
 Targets (small valid seed files, mutated; each case runs every reader of its target on the mutated file):
 
     checkpoint_pth          torch.save zip: bytes of the zip headers and of data.pkl, pickle opcodes (ints, strings,
-                            globals, inserted/deleted ops), zip records    -> load_checkpoint, inspect_file
+                            globals, inserted/deleted ops), zip records    -> load_checkpoint, inspect
     checkpoint_dict         the checkpoint dict before torch.save: config values, format, top level, DeiT-style
                             (config inferred), state-dict dtypes, shapes, stride-0 / overlapping / shared views,
-                            sparse and meta tensors, non-tensor values, NaN, masks      -> load_checkpoint, inspect_file
+                            sparse and meta tensors, non-tensor values, NaN, masks      -> load_checkpoint, inspect
     checkpoint_safetensors  the .safetensors checkpoint: 8-byte header length, header JSON (shapes, dtypes,
                             data_offsets, metadata config JSON), raw bytes, re-saved mutated dicts
-                                                                                        -> load_checkpoint, inspect_file
+                                                                                        -> load_checkpoint, inspect
     fused                   the fused .safetensors model: the same header mutations, the config and caitdeploy
                             metadata JSON (tree and text), NaN data, random valid configs
-                                                                              -> load_fused, load_model, inspect_file
+                                                                              -> load_fused, load_model, inspect
     onnx_metadata           metadata_props (caitdeploy.config JSON tree and text, other keys, duplicates),
-                            graph I/O, opsets, raw protobuf bytes               -> inspect_file
+                            graph I/O, opsets, raw protobuf bytes               -> inspect
     engine_sidecar          `<engine>.json` (JSON tree and text, onnx path, sizes), engine bytes
-                                                                                -> read_sidecar, inspect_file
+                                                                                -> read_sidecar, inspect
+
+Readers: caitdeploy.checkpoint.load_checkpoint; caitdeploy.io.load_fused, and load_model after it;
+caitdeploy.export.tensorrt.read_sidecar; "inspect" is what `caitdeploy inspect FILE` runs, inspect_file then
+print_inspect of its result (rendered into a string).
 
 Outcome of one reader call: success, or a `CaitError` whose message is one line (no line break) of at most
 MAX_MESSAGE_CHARS characters, within CASE_SECONDS (SIGALRM interrupts it; a call that only returns later counts
@@ -60,9 +64,11 @@ CASE_SECONDS = 2.0          # per reader call
 CASE_MEMORY_MB = 512        # peak RSS growth allowed per reader call (the seed files are ~100 KB)
 MEMORY_MB = 4096            # RLIMIT_AS headroom above the worker's address space after setup
 MAX_MESSAGE_CHARS = 1000    # a one-line error, not a dump
+HARNESS_ERROR = 70          # worker exit status for an error of the harness itself
 HANG_SECONDS = 30.0         # the supervisor kills a worker whose reader call has not returned after this long
 SETUP_SECONDS = 600.0       # worker imports + seed files (the ONNX export takes seconds)
-CI_EXAMPLES = 70            # per target in tests/test_fuzz_readers.py
+CHUNK = 100                 # examples per hypothesis run when fuzzing for --seconds
+CI_EXAMPLES = 100           # per target in tests/test_fuzz_readers.py
 TARGETS = ("checkpoint_pth", "checkpoint_dict", "checkpoint_safetensors", "fused", "onnx_metadata", "engine_sidecar")
 ALLOC_MARKERS = ("can't allocate memory", "cannot allocate memory", "memoryerror", "bad_alloc", "out of memory")
 
@@ -171,7 +177,8 @@ def mutate_tree(data, obj: Any, desc: list[str], json_safe: bool = True, keys: t
                 _get(obj, lp[:-1])[lp[-1]] = new
             desc.append(f"tree resize {list(lp)} to {n}")
         elif op == "nudge":
-            nums = [p for p in paths if p and isinstance(_get(obj, p), (int, float)) and not isinstance(_get(obj, p), bool)]
+            nums = [p for p in paths
+                    if p and isinstance(_get(obj, p), (int, float)) and not isinstance(_get(obj, p), bool)]
             if not nums:
                 continue
             np_ = data.draw(st.sampled_from(nums))
@@ -399,7 +406,8 @@ def mutate_pickle(data, pkl: bytes, desc: list[str]) -> bytes:
             ops = list(pickletools.genops(pkl))
         except Exception:  # an earlier mutation broke the stream: stop at the bytes we have
             break
-        spans = [(op, arg, pos, ops[i + 1][2] if i + 1 < len(ops) else len(pkl)) for i, (op, arg, pos) in enumerate(ops)]
+        spans = [(op, arg, pos, ops[i + 1][2] if i + 1 < len(ops) else len(pkl))
+                 for i, (op, arg, pos) in enumerate(ops)]
         kind = data.draw(st.sampled_from(["int", "int", "str", "global", "insert", "delete", "dup", "swap",
                                           "truncate"]))
         ints = [s for s in spans if s[0].name in ("BININT", "BININT1", "BININT2", "LONG1", "INT", "LONG")]
@@ -583,8 +591,8 @@ def mutate_safetensors(data, buf: bytes, desc: list[str], meta_keys: tuple[str, 
             s, e = entry["data_offsets"]
             op = data.draw(st.sampled_from(["start", "end", "swap", "shift", "other", "short", "long", "nonint"]))
             other = header[data.draw(st.sampled_from(names))]
-            val = lambda: data.draw(st.sampled_from([0, 1, -1, s + 1, e - 1, e + 4, len(rest), len(rest) + 4,  # noqa: E731
-                                                     2**32, 2**63 - 1, 2**64 - 1, 2**64]))
+            val = lambda: data.draw(st.sampled_from(  # noqa: E731
+                [0, 1, -1, s + 1, e - 1, e + 4, len(rest), len(rest) + 4, 2**32, 2**63 - 1, 2**64 - 1, 2**64]))
             offs = {"start": lambda: [val(), e], "end": lambda: [s, val()], "swap": lambda: [e, s],
                     "shift": lambda: [s + 4, e + 4], "other": lambda: list(other["data_offsets"]) if
                     isinstance(other, dict) else [s, e], "short": lambda: [s], "long": lambda: [s, e, e],
@@ -684,6 +692,14 @@ def mutate_checkpoint_dict(data, ck: dict, desc: list[str], safetensors: bool) -
     return top
 
 
+def _plain(t: Any) -> bool:
+    """A dense CPU tensor whose storage holds all its elements: safe to copy, convert, share."""
+    import torch
+
+    return (isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta
+            and t.untyped_storage().nbytes() >= t.numel() * t.element_size())
+
+
 def _mutate_sd(data, sd: dict, desc: list[str], safetensors: bool) -> None:
     import torch
 
@@ -697,8 +713,8 @@ def _mutate_sd(data, sd: dict, desc: list[str], safetensors: bool) -> None:
     if not safetensors:
         ops += ["expand", "overlap", "share", "noncontig", "nontensor", "sparse", "meta", "offset", "param"]
     op = data.draw(st.sampled_from(ops))
-    if not isinstance(t, torch.Tensor) and op not in ("delete", "add", "rename", "nontensor"):
-        return
+    if not _plain(t) and op not in ("delete", "add", "rename", "nontensor"):
+        return  # a tensor made exotic by an earlier edit (expanded, sparse, meta) is only moved or dropped
     if op == "dtype":
         dt = getattr(torch, data.draw(st.sampled_from(TORCH_DTYPES)))
         sd[key] = t.to(dt)
@@ -744,9 +760,10 @@ def _mutate_sd(data, sd: dict, desc: list[str], safetensors: bool) -> None:
         del sd[key]
         desc.append(f"sd delete {key}")
     elif op == "add":
-        name = data.draw(st.sampled_from(["blocks.2.attn.qkv.weight", "blocks.0.htm.fc.weight", "blocks.1.vtm.fc.weight",
-                                          "blocks.0.attn.q_compactor.weight", "blocks.99999999.mlp.fc1.weight",
-                                          "blocks.0.attn.qkv.bias.x", "", "x" * 300, "module.cls_token", "a\nb"]))
+        name = data.draw(st.sampled_from(["blocks.2.attn.qkv.weight", "blocks.0.htm.fc.weight",
+                                          "blocks.1.vtm.fc.weight", "blocks.0.attn.q_compactor.weight",
+                                          "blocks.99999999.mlp.fc1.weight", "blocks.0.attn.qkv.bias.x", "",
+                                          "x" * 300, "module.cls_token", "a\nb"]))
         sd[name] = torch.zeros(data.draw(st.sampled_from([(1,), (24,), (24, 48), (2, 6, 6), (0,)])))
         desc.append(f"sd add {name[:40]!r}")
     elif op == "rename":
@@ -762,17 +779,17 @@ def _mutate_sd(data, sd: dict, desc: list[str], safetensors: bool) -> None:
         desc.append(f"sd {key} stride-0 expand {shape}")
     elif op == "overlap":
         n = max(t.numel(), 4)
-        base = torch.zeros(n)
         shape = tuple(t.shape) if t.dim() >= 2 else (n, n)
+        base = torch.zeros(max(n, sum(shape)))
         sd[key] = base.as_strided(shape, (1,) * len(shape))
         desc.append(f"sd {key} overlapping as_strided {shape}")
     elif op == "share":
         other = data.draw(st.sampled_from(names))
-        if isinstance(sd[other], torch.Tensor) and sd[other].numel() >= t.numel():
-            sd[key] = sd[other].reshape(-1)[:t.numel()].view(t.shape)
+        if _plain(sd[other]) and sd[other].numel() >= t.numel():
+            sd[key] = sd[other].reshape(-1)[:t.numel()].reshape(t.shape)
             desc.append(f"sd {key} shares {other}'s storage")
     elif op == "noncontig" and t.dim() >= 2:
-        sd[key] = t.t().contiguous().t()
+        sd[key] = t.transpose(0, 1).contiguous().transpose(0, 1)
         desc.append(f"sd {key} non-contiguous")
     elif op == "nontensor":
         sd[key] = data.draw(st.sampled_from([1, 1.5, "w", None, [1.0], {"a": 1}, (1,), True, b"x"]))
@@ -885,6 +902,9 @@ def mutate_sidecar(data, side: dict, engine: bytes, desc: list[str], paths: dict
     large files), as text or bytes; the engine truncated, empty or random."""
     st = _st()
     kind = data.draw(st.sampled_from(["tree", "tree", "tree", "onnx_path", "text", "bytes", "engine"]))
+    # flavour "tensorrt_rtx": inspect checks the engine header with tensorrt_rtx (installed here) and stops at it;
+    # "tensorrt" (not installed here): no header check, inspect goes on through the whole sidecar
+    side = {**side, "flavour": data.draw(st.sampled_from(["tensorrt", "tensorrt_rtx"]))}
     text = json.dumps(side)
     if kind == "tree":
         text = json_dumps(mutate_tree(data, side, desc, keys=SIDECAR_KEYS))
@@ -958,7 +978,7 @@ def build_seeds(folder: Path) -> dict[str, Any]:
         export_onnx(load_model(fused), onnx_p, verify=False)
     engine = bytes(zlib.crc32(i.to_bytes(2, "little")) & 0xFF for i in range(4096))  # fixed pseudo-random bytes
     onnx_bytes = onnx_p.read_bytes()
-    side = {"format": "caitdeploy-engine/1", "engine": "case.plan", "flavour": "tensorrt_rtx", "trt_version": "1.7.1",
+    side = {"format": "caitdeploy-engine/1", "engine": "case.plan", "flavour": "tensorrt", "trt_version": "1.7.1",
             "build_target": {}, "strongly_typed": True, "dtype": "fp32", "io_dtype": "float32", "input": "images",
             "outputs": ["logits"], "profile": {"min": [1, 3, 16, 16], "opt": [2, 3, 16, 16], "max": [4, 3, 16, 16]},
             "onnx": {"path": str(onnx_p), "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes)},
@@ -989,7 +1009,7 @@ def make_targets(seeds: dict[str, Any]) -> dict[str, Target]:
     from safetensors.torch import save as save_st_bytes
 
     from caitdeploy.checkpoint import load_checkpoint
-    from caitdeploy.commands.inspect import inspect_file
+    from caitdeploy.commands.inspect import inspect_file, print_inspect
     from caitdeploy.config import BlockConfig, CaitConfig
     from caitdeploy.export.tensorrt import read_sidecar
     from caitdeploy.io import load_fused, load_model, save_fused
@@ -1118,23 +1138,37 @@ def make_targets(seeds: dict[str, Any]) -> dict[str, Target]:
         load_fused(p)
         return load_model(p)
 
+    def inspect(p):
+        return inspect_and_print(inspect_file, print_inspect, p)
+
     return {
         "checkpoint_pth": Target("checkpoint_pth", ".pth", {"load_checkpoint": load_checkpoint,
-                                                            "inspect_file": inspect_file}, make_pth),
+                                                            "inspect": inspect}, make_pth),
         "checkpoint_dict": Target("checkpoint_dict", ".pth", {"load_checkpoint": load_checkpoint,
-                                                              "inspect_file": inspect_file}, make_dict),
+                                                              "inspect": inspect}, make_dict),
         "checkpoint_safetensors": Target("checkpoint_safetensors", ".safetensors",
-                                         {"load_checkpoint": load_checkpoint, "inspect_file": inspect_file}, make_st),
+                                         {"load_checkpoint": load_checkpoint, "inspect": inspect}, make_st),
         "fused": Target("fused", ".safetensors", {"load_fused": load_fused, "load_model": fused_then_model,
-                                                  "inspect_file": inspect_file}, make_fused),
-        "onnx_metadata": Target("onnx_metadata", ".onnx", {"inspect_file": inspect_file}, make_onnx),
+                                                  "inspect": inspect}, make_fused),
+        "onnx_metadata": Target("onnx_metadata", ".onnx", {"inspect": inspect}, make_onnx),
         "engine_sidecar": Target("engine_sidecar", ".plan", {"read_sidecar": read_sidecar,
-                                                             "inspect_file": inspect_file}, make_sidecar),
+                                                             "inspect": inspect}, make_sidecar),
     }
 
 
 SEED_FILES = {"checkpoint_pth": "pth", "checkpoint_dict": "pth", "checkpoint_safetensors": "safetensors",
               "fused": "fused", "onnx_metadata": "onnx"}
+
+
+def inspect_and_print(inspect_file, print_inspect, path):
+    """What `caitdeploy inspect FILE` does: describe the file, then print the description (into a string)."""
+    import contextlib
+    import io
+
+    info = inspect_file(path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        print_inspect(info)
+    return info
 
 
 def seed_case(seeds: dict[str, Any], name: str) -> dict[str, bytes]:
@@ -1149,10 +1183,6 @@ def seed_case(seeds: dict[str, Any], name: str) -> dict[str, bytes]:
 class CaseTimeout(BaseException):
     """Raised by SIGALRM inside a reader call that ran past CASE_SECONDS (a BaseException: `except Exception`
     in the reader cannot swallow it)."""
-
-
-class _TimeUp(BaseException):
-    """The target's --seconds budget is spent: leaves the hypothesis loop."""
 
 
 def _on_alarm(signum, frame):
@@ -1229,7 +1259,7 @@ def call_reader(fn: Callable[[Path], Any], path: Path, capture: Path, limits: di
     del result
     peak_mb = ((_status_kb("VmHWM") if peak_ok else _status_kb("VmRSS")) - rss0) / 1024
     out: dict[str, Any] = {"seconds": elapsed, "rss_growth_mb": max(0.0, peak_mb),
-                           "warnings": [f"{w.category.__name__}: {str(w.message).splitlines()[0][:160] if str(w.message) else ''}"
+                           "warnings": [f"{w.category.__name__}: {(str(w.message).splitlines() or [''])[0][:160]}"
                                         for w in caught],
                            "output": cap.text.strip()[:400]}
     kind = None
@@ -1237,22 +1267,23 @@ def call_reader(fn: Callable[[Path], Any], path: Path, capture: Path, limits: di
         out["outcome"] = "accepted"
     elif isinstance(exc, CaitError):
         msg = str(exc)
-        out["outcome"], out["message"] = "refused", msg[:300]
+        out["outcome"], out["message"], out["message_chars"] = "refused", msg[:300], len(msg)
         lines = msg.splitlines()
         if "\n" in msg or "\r" in msg:
             kind = "multi-line error"
         elif len(lines) > 1:
-            kind = f"error message with a line separator {next(c for c in msg if (c + 'x').splitlines() != [c + 'x'])!r}"
+            out["separator"] = next(c for c in msg if (c + "x").splitlines() != [c + "x"])
+            kind = "error message with a line separator"
         elif not msg.strip():
             kind = "empty error message"
         elif len(msg) > limits["max_message"]:
-            kind = f"error message of {len(msg)} characters"
+            kind = "over-long error message"
         elif any(m in msg.lower() for m in ALLOC_MARKERS):
             kind = "failed allocation reported as CaitError"
     elif isinstance(exc, CaseTimeout):
         kind = "timeout"
     else:
-        kind = f"uncaught {type(exc).__name__}"
+        kind = f"uncaught {_type_name(exc)}"
     if kind is None and elapsed > limits["case_seconds"]:
         kind = "slow"
     if kind is None and out["rss_growth_mb"] > limits["case_memory_mb"]:
@@ -1261,16 +1292,21 @@ def call_reader(fn: Callable[[Path], Any], path: Path, capture: Path, limits: di
         out["outcome"] = "finding"
         out["kind"] = kind
         if exc is not None:
-            out["exception"] = type(exc).__name__
+            out["exception"] = _type_name(exc)
             out["message"] = (str(exc).strip().splitlines() or [""])[0][:300]
             out["multi_line_message"] = str(exc)[:2000] if kind == "multi-line error" else None
             tb = traceback.extract_tb(exc.__traceback__)
-            ours = [f for f in tb if "caitdeploy" in f.filename and "fuzz_readers" not in f.filename]
+            ours = [f for f in tb if f"{os.sep}caitdeploy{os.sep}" in f.filename]
             where = ours[-1] if ours else (tb[-1] if tb else None)
             out["where"] = f"{_rel(where.filename)}:{where.lineno} ({where.name})" if where else "?"
             out["raised_at"] = f"{_rel(tb[-1].filename)}:{tb[-1].lineno} ({tb[-1].name})" if tb else "?"
             out["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-6000:]
     return out
+
+
+def _type_name(exc: BaseException) -> str:
+    t = type(exc)
+    return t.__qualname__ if t.__module__ in ("builtins", __name__) else f"{t.__module__}.{t.__qualname__}"
 
 
 def _rel(filename: str) -> str:
@@ -1307,11 +1343,12 @@ def _write_case(folder: Path, suffix: str, files: dict[str, bytes]) -> Path:
     return main
 
 
-REPRO = {"load_checkpoint": "from caitdeploy.checkpoint import load_checkpoint as reader",
-         "inspect_file": "from caitdeploy.commands.inspect import inspect_file as reader",
-         "load_fused": "from caitdeploy.io import load_fused as reader",
-         "load_model": "from caitdeploy.io import load_model as reader",
-         "read_sidecar": "from caitdeploy.export.tensorrt import read_sidecar as reader"}
+REPRO = {"load_checkpoint": "from caitdeploy.checkpoint import load_checkpoint\nload_checkpoint(path)",
+         "inspect": "from caitdeploy.commands.inspect import inspect_file, print_inspect\n"
+                    "print_inspect(inspect_file(path))",
+         "load_fused": "from caitdeploy.io import load_fused\nload_fused(path)",
+         "load_model": "from caitdeploy.io import load_fused, load_model\nload_fused(path)\nload_model(path)",
+         "read_sidecar": "from caitdeploy.export.tensorrt import read_sidecar\nread_sidecar(path)"}
 
 
 def save_finding(findings_dir: Path, target: str, reader: str, case_path: Path, files: dict[str, bytes],
@@ -1323,19 +1360,24 @@ def save_finding(findings_dir: Path, target: str, reader: str, case_path: Path, 
     info = {k: v for k, v in res.items() if k != "outcome"}
     (folder / "finding.json").write_text(json.dumps({"target": target, "reader": reader, "mutations": desc, **info},
                                                     indent=2))
+    def comment(text: str) -> str:
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
     (folder / "repro.py").write_text(
-        f"# {res.get('kind')}: {res.get('exception', '')} {res.get('message', '')}\n"
-        f"# mutations: {'; '.join(desc)[:500]}\n"
-        "import pathlib\n"
-        f"{REPRO[reader]}\n"
-        f"reader(pathlib.Path(__file__).with_name({case_path.name!r}))\n")
+        f"# {comment(str(res.get('kind')))}: {res.get('exception', '')} {comment(res.get('message') or '')}\n"
+        f"# mutations: {comment('; '.join(desc)[:500])}\n"
+        + ("# the sidecar's onnx.path may name a file of the fuzz run's (deleted) seed folder: the 4 GiB sparse file\n"
+           "# was made with open(p, 'wb').truncate(4 << 30)\n" if target == "engine_sidecar" else "")
+        + "import pathlib\n"
+        f"path = pathlib.Path(__file__).with_name({case_path.name!r})\n"
+        f"{REPRO[reader]}\n")
     return str(folder)
 
 
-def fuzz_target(target: Target, seeds: dict[str, Any], opts: dict[str, Any], hb: Heartbeat) -> dict[str, Any]:
-    from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
+def fuzz_target(target: Target, opts: dict[str, Any], hb: Heartbeat) -> dict[str, Any]:
+    from hypothesis import HealthCheck, Phase, Verbosity, given, reject, seed, settings
     from hypothesis import strategies as st
-    from hypothesis.errors import Unsatisfiable
+    from hypothesis.errors import HypothesisException, Unsatisfiable, UnsatisfiedAssumption
 
     work = Path(opts["workdir"]) / "cases" / target.name
     work.mkdir(parents=True, exist_ok=True)
@@ -1345,26 +1387,25 @@ def fuzz_target(target: Target, seeds: dict[str, Any], opts: dict[str, Any], hb:
     stats: dict[str, Any] = {"cases": 0, "rejected_generations": 0, "seconds": 0.0,
                              "readers": {r: {"calls": 0, "accepted": 0, "refused": 0, "findings": 0, "max_seconds": 0.0,
                                              "max_rss_growth_mb": 0.0} for r in target.readers},
-                             "findings": [], "warnings": {}, "stray_output": {}}
+                             "findings": [], "warnings": {}, "stray_output": {}, "generation_errors": {}}
     seen: dict[tuple, dict] = {}
     t_start = time.monotonic()
     stop_at = t_start + opts["seconds"] if opts.get("seconds") else None
-    max_examples = opts.get("examples") or 10**9
+    examples = opts.get("examples")
 
-    @seed(zlib.crc32(f"{opts['seed']}:{target.name}".encode()))
-    @settings(max_examples=max_examples, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet, print_blob=False)
-    @given(st.data())
     def one_case(data):
-        if stop_at is not None and time.monotonic() >= stop_at:
-            raise _TimeUp
         desc: list[str] = []
+        hb.beat(stage="generate", target=target.name, case=stats["cases"])
         try:
             files = target.make(data, desc)
-        except BaseException as e:
-            if type(e).__name__ in ("UnsatisfiedAssumption",):
+        except HypothesisException as e:
+            if isinstance(e, UnsatisfiedAssumption):
                 stats["rejected_generations"] += 1
             raise
+        except Exception as e:  # a mutation this harness cannot write: not a reader finding
+            key = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+            stats["generation_errors"][key] = stats["generation_errors"].get(key, 0) + 1
+            reject()
         n = stats["cases"]
         stats["cases"] += 1
         path = _write_case(work, target.suffix, files)
@@ -1385,24 +1426,43 @@ def fuzz_target(target: Target, seeds: dict[str, Any], opts: dict[str, Any], hb:
                 r[res["outcome"]] += 1
                 continue
             r["findings"] += 1
-            key = (rname, res["kind"], res.get("exception"), res.get("where"))
+            where = res.get("where")
+            if res["kind"] == "timeout" and where:  # the alarm lands anywhere in the code that runs too long
+                where = where.split(":")[0]
+            key = (rname, res["kind"], res.get("exception"), where)
             if key in seen:
                 seen[key]["count"] += 1
                 continue
             folder = save_finding(findings_dir, target.name, rname, path, files, desc, res, len(stats["findings"]))
             f = {"target": target.name, "reader": rname, "kind": res["kind"], "exception": res.get("exception"),
                  "message": res.get("message"), "where": res.get("where"), "raised_at": res.get("raised_at"),
-                 "mutations": desc, "seconds": round(res["seconds"], 3),
-                 "rss_growth_mb": round(res["rss_growth_mb"], 1), "count": 1, "repro": folder}
+                 "message_chars": res.get("message_chars"), "mutations": desc, "seconds": round(res["seconds"], 3),
+                 "rss_growth_mb": round(res["rss_growth_mb"], 1), "count": 1, "repro": folder,
+                 **({"separator": res["separator"]} if "separator" in res else {})}
             seen[key] = f
             stats["findings"].append(f)
 
-    try:
-        one_case()
-    except _TimeUp:
-        pass
-    except Unsatisfiable:
-        stats["unsatisfiable"] = True
+    # --examples: one hypothesis run of that many examples. --seconds: runs of CHUNK examples, each with its own
+    # seed, until the time is spent (hypothesis has no time budget; a test that stops drawing because of the clock
+    # is "flaky" to it, so the clock is read only between runs and a target may overrun by one chunk).
+    chunk = 0
+    while True:
+        todo = examples - stats["cases"] if examples else CHUNK
+        if todo <= 0 or (stop_at is not None and time.monotonic() >= stop_at):
+            break
+        run = seed(zlib.crc32(f"{opts['seed']}:{target.name}:{chunk}".encode()))(
+            settings(max_examples=todo, deadline=None, database=None, phases=[Phase.generate],
+                     suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet, print_blob=False)(
+                given(st.data())(one_case)))
+        before = stats["cases"]
+        try:
+            run()
+        except Unsatisfiable:
+            stats["unsatisfiable"] = True
+        chunk += 1
+        if stats["cases"] == before or (examples and stop_at is None):
+            break
+    stats["hypothesis_runs"] = chunk
     stats["seconds"] = round(time.monotonic() - t_start, 2)
     for r in stats["readers"].values():
         r["max_seconds"] = round(r["max_seconds"], 3)
@@ -1413,9 +1473,13 @@ def fuzz_target(target: Target, seeds: dict[str, Any], opts: dict[str, Any], hb:
 def worker_main(args) -> int:
     import resource
 
+    import faulthandler
+
     workdir = Path(args.workdir)
     hb = Heartbeat(workdir / "heartbeat.json")
     hb.beat(stage="setup")
+    dump = open(workdir / "stacks.txt", "w")  # the supervisor asks for every thread's stack before killing a hang
+    faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
     t0 = time.monotonic()
     seeds = build_seeds(workdir / "seeds")
     targets = make_targets(seeds)
@@ -1431,7 +1495,7 @@ def worker_main(args) -> int:
         path = _write_case(workdir / "cases" / name, t.suffix, seed_case(seeds, name))
         for rname, fn in t.readers.items():
             res = call_reader(fn, path, capture, {**opts, "case_seconds": 60.0, "case_memory_mb": 1e9})
-            if res["outcome"] != "accepted" and not (name == "engine_sidecar" and rname == "inspect_file"
+            if res["outcome"] != "accepted" and not (name == "engine_sidecar" and rname == "inspect"
                                                      and res["outcome"] == "refused"):
                 print(f"seed file of {name} not accepted by {rname}: {json.dumps(res)[:2000]}", file=sys.stderr)
                 return 3
@@ -1444,7 +1508,7 @@ def worker_main(args) -> int:
         f.write(json.dumps({"setup": setup}) + "\n")
     for name in args.targets.split(","):
         hb.beat(stage="target", target=name)
-        stats = fuzz_target(targets[name], seeds, opts, hb)
+        stats = fuzz_target(targets[name], opts, hb)
         with open(workdir / "results.jsonl", "a") as f:
             f.write(json.dumps({"target": name, "stats": stats}) + "\n")
     hb.beat(stage="done")
@@ -1475,8 +1539,22 @@ def machine() -> dict[str, Any]:
         mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         mem_gb = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "python": platform.python_version(),
+    gpus = Path("/proc/driver/nvidia/gpus")
+    gpu = f"{len(list(gpus.iterdir()))} NVIDIA" if gpus.is_dir() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "gpu": gpu, "python": platform.python_version(),
             "platform": platform.platform(), **versions}
+
+
+def source_state() -> dict[str, Any]:
+    """The commit fuzzed and whether caitdeploy/ had uncommitted changes (results name what they tested)."""
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    changed = git("status", "--porcelain", "--", "caitdeploy")
+    return {"commit": git("rev-parse", "HEAD").strip() or None,
+            "caitdeploy_uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
 def run_fuzz(examples: int | None = None, seconds: float | None = None, seed: int = 0,
@@ -1493,14 +1571,15 @@ def run_fuzz(examples: int | None = None, seconds: float | None = None, seed: in
     findings_dir = Path(findings_dir) if findings_dir else Path(tempfile.mkdtemp(prefix="caitdeploy-fuzz-findings-"))
     findings_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    source = source_state()  # what is fuzzed: read before the run, the tree may change while it runs
     results: dict[str, dict] = {}
     setup: list[dict] = []
     crashes: list[dict] = []
     remaining = list(targets)
     with tempfile.TemporaryDirectory(prefix="caitdeploy-fuzz-") as wd:
         wd = Path(wd)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               "PYTHONHASHSEED": "0"}
+        pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": pythonpath, "PYTHONHASHSEED": "0"}
         while remaining:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--workdir", str(wd),
                    "--targets", ",".join(remaining), "--seed", str(seed), "--findings", str(findings_dir),
@@ -1522,6 +1601,8 @@ def run_fuzz(examples: int | None = None, seconds: float | None = None, seed: in
                     limit = SETUP_SECONDS if hb.get("stage") == "setup" else hang_seconds
                     if time.time() - hb.get("time", time.time()) > limit:
                         killed = hb
+                        proc.send_signal(signal.SIGUSR1)  # faulthandler: where it is stuck
+                        time.sleep(2)
                         proc.kill()
                         proc.wait()
             done = [json.loads(line) for line in (wd / "results.jsonl").read_text().splitlines()] \
@@ -1538,21 +1619,25 @@ def run_fuzz(examples: int | None = None, seconds: float | None = None, seed: in
                 continue
             hb = killed or _read_json(wd / "heartbeat.json") or {}
             tail = (wd / "worker.log").read_text(errors="replace")[-3000:]
-            if hb.get("stage") != "case":
-                raise RuntimeError(f"fuzz worker failed outside a case (exit {proc.returncode}, stage "
-                                   f"{hb.get('stage')}):\n{tail}")
+            stacks = (wd / "stacks.txt").read_text(errors="replace")[-6000:] if (wd / "stacks.txt").is_file() else ""
+            if hb.get("stage") != "case" or proc.returncode == HARNESS_ERROR:
+                raise RuntimeError(f"fuzz worker failed outside a reader call (exit {proc.returncode}, stage "
+                                   f"{hb.get('stage')}, target {hb.get('target')}):\n{tail}\n{stacks}")
             name = hb["target"]
             folder = findings_dir / f"{name}-{hb['reader']}-crash{len(crashes):02d}"
             folder.mkdir(parents=True, exist_ok=True)
             for f in hb.get("files", []):
                 if Path(f).is_file():
                     shutil.copy(f, folder)
-            captured = (wd / "capture.txt").read_text(errors="replace")[-3000:] if (wd / "capture.txt").is_file() else ""
+            captured = (wd / "capture.txt").read_text(errors="replace")[-3000:] \
+                if (wd / "capture.txt").is_file() else ""
+            last = (captured.strip().splitlines() or tail.strip().splitlines() or [""])[-1][:300]
             kind = "hang (killed)" if killed else f"worker died (exit {proc.returncode})"
             crash = {"target": name, "reader": hb["reader"], "kind": kind, "exception": None,
-                     "message": (captured.strip().splitlines() or [tail.strip().splitlines()[-1] if tail.strip() else ""])[-1][:300],
+                     "message": last,
                      "where": None, "mutations": hb.get("mutations"), "count": 1, "repro": str(folder)}
-            (folder / "finding.json").write_text(json.dumps({**crash, "output": captured, "log": tail}, indent=2))
+            (folder / "finding.json").write_text(json.dumps({**crash, "output": captured, "log": tail,
+                                                             "stacks": stacks}, indent=2))
             crashes.append(crash)
             results[name] = {"cases": hb.get("case", 0) + 1, "incomplete": kind, "findings": [crash]}
             remaining = [t for t in remaining if t != name]
@@ -1564,12 +1649,21 @@ def run_fuzz(examples: int | None = None, seconds: float | None = None, seed: in
         "limits": {"case_seconds": case_seconds, "case_memory_mb": case_memory_mb,
                    "address_space_headroom_mb": memory_mb, "max_message_chars": MAX_MESSAGE_CHARS,
                    "hang_seconds": hang_seconds},
-        "machine": machine(), "setup": setup, "seconds": round(time.monotonic() - t0, 1),
+        "machine": machine(), "source": source, "setup": setup, "seconds": round(time.monotonic() - t0, 1),
         "cases": sum(r.get("cases", 0) for r in results.values()),
         "reader_calls": sum(x["calls"] for r in results.values() for x in r.get("readers", {}).values()),
         "targets": {t: {k: v for k, v in results.get(t, {}).items() if k != "findings"} for t in targets},
         "findings": findings, "findings_dir": str(findings_dir),
+        "notes": {k: _merge_counts(results.values(), k) for k in ("warnings", "stray_output", "generation_errors")},
     }
+
+
+def _merge_counts(results, key: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in results:
+        for k, v in (r.get(key) or {}).items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -1599,9 +1693,16 @@ def format_findings(s: dict[str, Any]) -> str:
     out = [f"findings: {len(s['findings'])} (repro files under {s['findings_dir']})"]
     for f in s["findings"]:
         out.append(f"- {f['target']} / {f['reader']}: {f['kind']}"
-                   + (f" {f['exception']}: {f['message']}" if f.get("exception") else f": {f.get('message')}")
-                   + (f" at {f['where']}" if f.get("where") else "") + f" (x{f['count']}; {'; '.join(f['mutations'] or [])[:200]})")
+                   + (f" {f['exception']}: {str(f['message'])[:200]}" if f.get("exception")
+                      else f": {f.get('message')}")
+                   + (f" at {f['where']}" if f.get("where") else "")
+                   + f" (x{f['count']}; {'; '.join(f['mutations'] or [])[:200]})")
     return "\n".join(out)
+
+
+def _md(text: Any, limit: int = 160) -> str:
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)).replace("`", "'")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def write_markdown(s: dict[str, Any], path: Path, json_name: str) -> None:
@@ -1615,20 +1716,38 @@ def write_markdown(s: dict[str, Any], path: Path, json_name: str) -> None:
         rd = ", ".join(f"{r} {x['calls']} ({x['accepted']}/{x['refused']}/{x['findings']})"
                        for r, x in t.get("readers", {}).items())
         rows.append(f"| {name} | {t.get('cases', 0)} | {t.get('seconds', '?')} | {rd or t.get('incomplete', '')} |")
-    finds = ["None: every call returned or raised a one-line CaitError within the limits."] if not s["findings"] else \
-        [f"- **{f['target']} / {f['reader']}**: {f['kind']}"
-         + (f" `{f['exception']}: {f['message']}`" if f.get("exception") else f" ({f.get('message')})")
-         + (f" at `{f['where']}`" if f.get("where") else "") + f", {f['count']} case(s)" for f in s["findings"]]
+    groups: dict[tuple, list[dict]] = {}  # one line per problem, whichever targets and readers showed it
+    for f in s["findings"]:
+        where = (f.get("where") or "").split(":")[0] if f["kind"] == "timeout" else f.get("where")
+        groups.setdefault((f["kind"], f.get("exception") if f["kind"].startswith("uncaught") else None, where),
+                          []).append(f)
+    finds = ["None: every call returned or raised a one-line CaitError within the limits."] if not groups else [
+        f"- {kind}" + (f" at `{where}`" if where else "") + f": `{_md(fs[0].get('message'))}`"
+        + (f" ({fs[0]['message_chars']} characters)" if fs[0].get("message_chars") and "long" in kind else "")
+        + f"; {sum(f['count'] for f in fs)} calls: "
+        + ", ".join(sorted({f"{f['target']}/{f['reader']}" for f in fs}))
+        for (kind, _, where), fs in groups.items()]
+    src = s.get("source") or {}
+    changed = src.get("caitdeploy_uncommitted") or []
+    notes = [f"Fuzzed: commit {str(src.get('commit'))[:12]}"
+             + (f" plus uncommitted changes to {', '.join(changed)}" if changed else "") + "."]
+    warns = s.get("notes", {}).get("warnings") or {}
+    if warns:
+        notes.append("Warnings (not findings): " + "; ".join(f"{k} x{v}" for k, v in list(warns.items())[:3]) + ".")
+    notes.append("")
     text = "\n".join([
         "# Reader fuzzing (`benchmarks/fuzz_readers.py`)", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, no GPU used; Python {m['python']}, "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, GPU {m['gpu'] or 'none'}; "
+        f"Python {m['python']}, "
         f"torch {m['torch']}, hypothesis {m['hypothesis']}, safetensors {m['safetensors']}, onnx {m['onnx']}, "
         f"tensorrt_rtx {m['tensorrt_rtx_cu13']}. Date {s['date']}, seed {s['seed']}, budget {budget} per target.", "",
         f"**{s['cases']} cases, {s['reader_calls']} reader calls, {s['seconds']} s wall, "
-        f"{len(s['findings'])} finding(s).** Limits per call: {lim['case_seconds']} s, peak RSS growth "
+        f"{len(groups)} distinct problem(s) found.** Limits per call: {lim['case_seconds']} s, peak RSS growth "
         f"{lim['case_memory_mb']} MiB, address space +{lim['address_space_headroom_mb']} MiB (RLIMIT_AS), message "
         f"one line of at most {lim['max_message_chars']} characters.", "",
-        *rows, "", "Findings:", "", *finds, "",
+        *rows, "", f"Findings ({len(groups)} distinct problems; the JSON lists them per target and reader, with "
+        "the mutations that produced them):", "", *finds, "",
+        *notes,
         f"Full numbers: `{json_name}`. Command:", "",
         f"    .venv/bin/python benchmarks/fuzz_readers.py "
         + (f"--examples {s['examples_per_target']} " if s["examples_per_target"] else "")
@@ -1654,7 +1773,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         globals()["CASE_SECONDS"] = args.case_seconds  # the timeout message names the limit
-        return worker_main(args)
+        try:
+            return worker_main(args)
+        except Exception:  # a bug of this harness, not a reader finding
+            traceback.print_exc()
+            return HARNESS_ERROR
     summary = run_fuzz(args.examples, args.seconds, args.seed, tuple(t for t in args.targets.split(",") if t),
                        args.findings, args.case_seconds, args.case_memory_mb, args.memory_mb,
                        log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -23,7 +23,7 @@ import torch
 
 from .format import FORMAT, compactor_prefix, merge_prefix
 from .config import CaitConfig
-from .errors import CaitError, atomic_output
+from .errors import CaitError, OptionError, atomic_output
 from .flops import model_flops
 
 
@@ -90,7 +90,7 @@ def cdcp_select(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], flops_re
     cfg: the unpruned model WITH its merges; the target is relative to the same model without merges.
     """
     if not 0 <= flops_reduction < 1:
-        raise CaitError(f"--flops-reduction must be in [0, 1), got {flops_reduction}")
+        raise OptionError("flops_reduction", f"must be in [0, 1), got {flops_reduction}")
     dense = model_flops(cfg.unpruned())["total"]
     target = (1 - flops_reduction) * dense
     current = model_flops(cfg)["total"]
@@ -101,7 +101,7 @@ def cdcp_select(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], flops_re
         removed[(u.block, u.part)] = removed.get((u.block, u.part), 0) + u.width
         current -= u.flops
     if current > target * 1.0005:
-        raise CaitError(f"--flops-reduction {flops_reduction}: unreachable, pruning every layer to 1/8 of its "
+        raise OptionError("flops_reduction", f"{flops_reduction}: unreachable, pruning every layer to 1/8 of its "
                         f"width reaches only {1 - current / dense:.3f}")
     masks = []
     for i, s in enumerate(scores):
@@ -147,11 +147,11 @@ def parse_merges(text: str) -> dict[int, str]:
             k, v = item.split(":")
             block = int(k)
         except ValueError:
-            raise CaitError(f"--merges {text!r}: expected BLOCK:h|v[,BLOCK:h|v...], e.g. 4:h,8:v") from None
+            raise OptionError("merges", f"{text!r}: expected BLOCK:h|v[,BLOCK:h|v...], e.g. 4:h,8:v") from None
         if v not in ("h", "v"):
-            raise CaitError(f"--merges {text!r}: merge kind {v!r} must be 'h' or 'v'")
+            raise OptionError("merges", f"{text!r}: merge kind {v!r} must be 'h' or 'v'")
         if block in out:
-            raise CaitError(f"--merges {text!r}: block {block} is named twice ({out[block]} and {v}); "
+            raise OptionError("merges", f"{text!r}: block {block} is named twice ({out[block]} and {v}); "
                             "a block has at most one merge")
         out[block] = v
     return out
@@ -200,7 +200,7 @@ def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], w
     try:
         cfg = CaitConfig.from_format(fmt)
     except ValueError as e:
-        raise CaitError(f"--merges: {e}") from None
+        raise OptionError("merges", f": {e}") from None
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     d = fmt["embed_dim"]
     for i, kind in merges.items():

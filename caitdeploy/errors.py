@@ -38,6 +38,19 @@ class CaitError(Exception):
         super().__init__(one_line(str(message)))
 
 
+class OptionError(CaitError):
+    """A bad parameter value. The library names the parameter (`max_dropped_norm must be ...`); the CLI shows
+    the same message with the parameter as its flag (`--max-dropped-norm must be ...`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        self.param, self.detail = param, message
+        self.sep = "" if message.startswith((":", "=")) and not message.startswith("= ") else " "
+        super().__init__(f"{param}{self.sep}{message}")
+
+    def as_flag(self) -> str:
+        return one_line(f"--{self.param.replace('_', '-')}{self.sep}{self.detail}")
+
+
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
 

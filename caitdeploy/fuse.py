@@ -14,7 +14,7 @@ from . import surgery as S
 from .checkpoint import Checkpoint, load_checkpoint
 from .format import FUSED_MERGE, merge_prefix
 from .config import CaitConfig
-from .errors import CaitError, Staging
+from .errors import CaitError, OptionError, Staging
 from .paths import Out
 from .flops import block_rows, model_flops, model_params
 
@@ -34,12 +34,12 @@ class FuseOptions:
         from .limits import MAX_ALIGN, check_float
 
         if self.consistency not in CONSISTENCY_MODES:
-            raise CaitError(f"--consistency must be one of {CONSISTENCY_MODES}, got {self.consistency!r}")
+            raise OptionError("consistency", f"must be one of {', '.join(CONSISTENCY_MODES)}, got {self.consistency!r}")
         if isinstance(self.align, bool) or not isinstance(self.align, int) or not 1 <= self.align <= MAX_ALIGN:
-            raise CaitError(f"--align must be an integer in 1..{MAX_ALIGN}, got {self.align!r}")
+            raise OptionError("align", f"must be an integer in 1..{MAX_ALIGN}, got {self.align!r}")
         if self.threshold is not None:
-            check_float(self.threshold, "--threshold", 0.0, 1e30)
-        check_float(self.max_dropped_norm, "--max-dropped-norm", 0.0, 1e30)  # NaN would switch the check off
+            check_float(self.threshold, "threshold", 0.0, 1e30)
+        check_float(self.max_dropped_norm, "max_dropped_norm", 0.0, 1e30)  # NaN would switch the check off
         if not isinstance(self.force, bool) or not isinstance(self.equal_head_dims, bool):
             raise CaitError("force and equal_head_dims must be true or false")
 
@@ -131,8 +131,8 @@ def fuse(ckpt: Checkpoint, opts: FuseOptions = FuseOptions(), progress=None) -> 
         plan = plan_block(ckpt, i, f, opts)
         if plan.max_dropped_norm > opts.max_dropped_norm and not opts.force:
             raise CaitError(f"{ckpt.path}: block {i}: a dropped compactor row has norm {plan.max_dropped_norm:.3g} "
-                            f"> --max-dropped-norm {opts.max_dropped_norm:g}; the fused model would differ from "
-                            "the checkpoint (use --force to fuse anyway)")
+                            f"> max_dropped_norm (--max-dropped-norm) {opts.max_dropped_norm:g}; the fused model would differ from "
+                            "the checkpoint (force it with --force / force=True)")
         for k, v in S.slice_block(f, sd[p + "attn.proj.weight"], sd[p + "mlp.fc2.weight"], plan).items():
             out[p + k] = v
         for k in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.proj.bias", "mlp.fc2.bias"):
@@ -219,7 +219,7 @@ def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, 
     t0 = time.perf_counter()
     path = Path(path)
     if isinstance(verify_batch, bool) or not isinstance(verify_batch, int) or not 0 <= verify_batch <= MAX_VERIFY_BATCH:
-        raise CaitError(f"--verify-batch must be an integer in 0..{MAX_VERIFY_BATCH}, got {verify_batch!r}")
+        raise OptionError("verify_batch", f"must be an integer in 0..{MAX_VERIFY_BATCH}, got {verify_batch!r}")
     output = Path(output) if output else default_output(path)
     check_paths({"CHECKPOINT": path}, [Out(output, "--output", FUSED_SUFFIXES), *other_outputs])
     ckpt = load_checkpoint(path)

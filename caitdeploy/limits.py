@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import CaitError
+from .errors import CaitError, OptionError
 
 WEIGHT_FACTOR = 4                 # fuse: checkpoint + folded + fused + float64 reference, each a layer at a time
 MAX_ALIGN = 256
@@ -30,16 +30,16 @@ MAX_ITERS = 1_000_000
 GIB = 1 << 30
 
 
-def check_float(value: Any, key: str, lo: float, hi: float, where: str = "", lo_open: bool = False) -> float:
-    """A finite float in [lo, hi] (or (lo, hi] with lo_open); NaN, Inf, strings refused, naming `key`."""
+def check_float(value: Any, key: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    """A finite float in [lo, hi] (or (lo, hi] with lo_open); NaN, Inf, strings refused, naming parameter `key`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CaitError(f"{where}{key} must be a number, got {value!r}")
+        raise OptionError(key, f"must be a number, got {value!r}")
     v = float(value)
     if not math.isfinite(v):
-        raise CaitError(f"{where}{key} must be a finite number, got {value!r}")
+        raise OptionError(key, f"must be a finite number, got {value!r}")
     if v < lo or (lo_open and v == lo) or v > hi:
         left = "(" if lo_open else "["
-        raise CaitError(f"{where}{key} = {value!r} is outside {left}{lo:g}, {hi:g}]")
+        raise OptionError(key, f"= {value!r} is outside {left}{lo:g}, {hi:g}]")
     return v
 
 
@@ -47,7 +47,8 @@ def check_float(value: Any, key: str, lo: float, hi: float, where: str = "", lo_
 def _cgroup_limit() -> int | None:
     for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            text = open(p).read().strip()
+            with open(p) as f:
+                text = f.read().strip()
         except OSError:
             continue
         if text.isdigit() and int(text) < (1 << 60):

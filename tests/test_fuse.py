@@ -120,7 +120,7 @@ def test_near_zero_dropped_rows_give_small_reported_difference(tmp_path):
 def test_large_dropped_rows_refused_unless_forced(tmp_path):
     torch.save(random_checkpoint(dropped_scale=0.5), tmp_path / "big.pth")
     out = tmp_path / "big.fused.safetensors"
-    with pytest.raises(CaitError, match=r"block 0: a dropped compactor row has norm .* --max-dropped-norm"):
+    with pytest.raises(CaitError, match=r"block 0: a dropped compactor row has norm .* max_dropped_norm \(--max-dropped-norm\)"):
         fuse_file(tmp_path / "big.pth", out)
     assert not out.exists()
     report = fuse_file(tmp_path / "big.pth", out, FuseOptions(force=True))

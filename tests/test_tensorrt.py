@@ -159,7 +159,7 @@ def test_bad_profile_and_missing_file(tmp_path, built):
         build_engine(built[1], tmp_path / "x.plan", min_batch=4, opt_batch=2, max_batch=8)
     with pytest.raises(CaitError, match="no such file"):
         build_engine(tmp_path / "nope.onnx", tmp_path / "x.plan")
-    with pytest.raises(CaitError, match="compute-capability .SM999.: choose from"):
+    with pytest.raises(CaitError, match="compute_capability .SM999.: choose from"):
         build_engine(built[1], tmp_path / "x.plan", opt_batch=2, max_batch=2, compute_capabilities=["SM999"])
     assert not (tmp_path / "x.plan").exists()
 

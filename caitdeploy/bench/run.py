@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..config import CaitConfig
-from ..errors import CaitError
+from ..errors import CaitError, OptionError
 from ..flops import model_flops, model_params
 from ..limits import activation_bytes, check_memory, param_bytes
 from .runners import (BACKENDS, DTYPES, BenchModel, RunOptions, Timing, close_context, new_context, run_one)
@@ -42,10 +42,10 @@ def setting_name(path: str | os.PathLike) -> str:
 def parse_backends(text: str | Sequence[str]) -> list[str]:
     items = [b.strip() for b in (text.split(",") if isinstance(text, str) else text) if b.strip()]
     if not items:
-        raise CaitError(f"--backends: empty; choose from {','.join(BACKENDS)}")
+        raise OptionError("backends", f"is empty; choose from {','.join(BACKENDS)}")
     bad = [b for b in items if b not in BACKENDS]
     if bad:
-        raise CaitError(f"--backends: unknown backend {bad[0]!r}; choose from {','.join(BACKENDS)}")
+        raise OptionError("backends", f"has unknown backend {bad[0]!r}; choose from {','.join(BACKENDS)}")
     return list(dict.fromkeys(items))
 
 
@@ -55,7 +55,7 @@ def parse_baselines(text: str | Sequence[str]) -> list[str]:
         return []
     bad = [b for b in items if b not in BASELINES]
     if bad:
-        raise CaitError(f"--baselines: unknown baseline {bad[0]!r}; choose from {','.join(BASELINES)} or none")
+        raise OptionError("baselines", f"has unknown baseline {bad[0]!r}; choose from {','.join(BASELINES)} or none")
     return list(dict.fromkeys(items))
 
 
@@ -66,12 +66,12 @@ def parse_batches(values: Iterable[Any]) -> list[int]:
             try:
                 b = int(part)
             except ValueError:
-                raise CaitError(f"--batch {part!r}: not an integer") from None
+                raise OptionError("batch", f"{part!r}: not an integer") from None
             if not 1 <= b <= MAX_BATCH:
-                raise CaitError(f"--batch {b}: must be in 1..{MAX_BATCH}")
+                raise OptionError("batch", f"{b}: must be in 1..{MAX_BATCH}")
             out.append(b)
     if not out:
-        raise CaitError("--batch: give at least one batch size")
+        raise OptionError("batch", ": give at least one batch size")
     return list(dict.fromkeys(out))
 
 
@@ -81,9 +81,9 @@ def parse_tome_r(value: Any) -> str | int:
     try:
         r = int(value)
     except (TypeError, ValueError):
-        raise CaitError(f"--tome-r {value!r}: 'auto' or a non-negative integer") from None
+        raise OptionError("tome_r", f"{value!r}: 'auto' or a non-negative integer") from None
     if r < 0:
-        raise CaitError(f"--tome-r {r}: must be >= 0")
+        raise OptionError("tome_r", f"{r}: must be >= 0")
     return r
 
 
@@ -191,9 +191,9 @@ def resolve_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
-        raise CaitError(f"--device {device!r}: auto, cpu or cuda")
+        raise OptionError("device", f"{device!r}: auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise CaitError("--device cuda: no CUDA GPU is visible to PyTorch")
+        raise OptionError("device", "cuda: no CUDA GPU is visible to PyTorch")
     return device
 
 
@@ -213,10 +213,10 @@ def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batch
     batches = parse_batches(batches)
     tome_r = parse_tome_r(tome_r)
     if dtype not in DTYPES:
-        raise CaitError(f"--dtype {dtype!r}: choose fp32 or fp16")
+        raise OptionError("dtype", f"{dtype!r}: choose fp32 or fp16")
     if threads is not None:
         if threads < 1:
-            raise CaitError(f"--threads {threads}: must be at least 1")
+            raise OptionError("threads", f"{threads}: must be at least 1")
         torch.set_num_threads(threads)
     opts = RunOptions(device=resolve_device(device), dtype=dtype, timing=timing or Timing(), threads=threads,
                       work_dir=Path(work_dir) if work_dir else None, compile_mode=compile_mode, seed=seed)

@@ -43,7 +43,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import CaitError
+from ..errors import CaitError, OptionError
 
 BACKENDS = ("torch", "compile", "ort", "trt", "torch-triton")
 DTYPES = ("fp32", "fp16")
@@ -82,11 +82,11 @@ class Timing:
     def __post_init__(self) -> None:
         from ..limits import MAX_ITERS, MAX_SECONDS, check_float
 
-        for name, v, lo in (("--warmup", self.warmup, 0), ("--min-iters", self.min_iters, 1),
-                            ("--repeats", self.repeats, 1), ("max_iters", self.max_iters, 1)):
+        for name, v, lo in (("warmup", self.warmup, 0), ("min_iters", self.min_iters, 1),
+                            ("repeats", self.repeats, 1), ("max_iters", self.max_iters, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= MAX_ITERS:
-                raise CaitError(f"{name} must be an integer in {lo}..{MAX_ITERS}, got {v!r}")
-        check_float(self.min_seconds, "--min-seconds", 0.0, MAX_SECONDS)  # inf would never stop
+                raise OptionError(name, f"must be an integer in {lo}..{MAX_ITERS}, got {v!r}")
+        check_float(self.min_seconds, "min_seconds", 0.0, MAX_SECONDS)  # inf would never stop
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import click
 
-from ..errors import CaitError, atomic_output
+from ..errors import CaitError, OptionError, atomic_output
 
 
 DEBUG = {"on": False}   # set by `caitdeploy --debug` or CAITDEPLOY_DEBUG=1
@@ -44,6 +44,9 @@ def handle_errors(fn: Callable) -> Callable:
         install_signal_handlers()
         try:
             return fn(*args, **kwargs)
+        except OptionError as e:  # the library names the parameter; the user typed its flag
+            click.echo(f"error: {e.as_flag()}", err=True)
+            sys.exit(2)
         except CaitError as e:
             click.echo(f"error: {_one_line(str(e), 2000)}", err=True)
             sys.exit(2)

@@ -27,7 +27,7 @@ def make_checkpoint_cmd(arch, flops_reduction, merges, weights, align, num_class
     from ..limits import check_float
     from ..paths import CHECKPOINT_SUFFIXES, JSON_SUFFIXES, Out, check_paths
 
-    check_float(flops_reduction, "--flops-reduction", 0.0, 0.95)
+    check_float(flops_reduction, "flops_reduction", 0.0, 0.95)
     merge_map = parse_merges(merges)
     check_paths({"--weights": weights}, [Out(output, "--output", CHECKPOINT_SUFFIXES),
                                          Out(report_path, "--report", JSON_SUFFIXES)])

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..errors import CaitError, atomic_output, check_output_dir
+from ..errors import CaitError, OptionError, atomic_output, check_output_dir
 
 FORBIDDEN_OPS = ("TopK", "ArgMax", "ArgMin", "GatherElements", "GatherND", "ScatterElements", "ScatterND",
                  "NonZero", "Loop", "If", "Where")
@@ -64,7 +64,7 @@ def check_options(dtype: str, opset: int | None, attention: str) -> int:
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
         raise CaitError(f"unsupported opset {opset!r}: choose {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]}")
     if attention == "op" and opset < ATTENTION_OP_OPSET:
-        raise CaitError(f"--attention op needs opset >= {ATTENTION_OP_OPSET} (the ONNX Attention op), got {opset}")
+        raise OptionError("attention", f"op needs opset >= {ATTENTION_OP_OPSET} (the ONNX Attention op), got {opset}")
     return opset
 
 
@@ -83,10 +83,16 @@ def _all_nodes(graph) -> Iterable:
                     yield from _all_nodes(g)
 
 
+def _op_name(node) -> str:
+    """`domain::op_type` of a node as text, even when a hostile file's strings are not valid UTF-8."""
+    op = node.op_type if isinstance(node.op_type, str) else repr(node.op_type)
+    dom = node.domain if isinstance(node.domain, str) else repr(node.domain)
+    return op if dom in ("", "ai.onnx") else f"{dom}::{op}"
+
+
 def op_census(model) -> dict[str, int]:
     """op_type -> count over the whole model (subgraphs included), most frequent first."""
-    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
-                     for n in _all_nodes(model.graph))
+    counts = Counter(_op_name(n) for n in _all_nodes(model.graph))
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CaitError, Staging, check_output_dir
+from ..errors import CaitError, OptionError, Staging, check_output_dir
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 from ..format import ENGINE_FORMAT  # noqa: E402
@@ -145,25 +145,25 @@ def check_build_options(min_batch: int = 1, opt_batch: int = 256, max_batch: int
                         opt_level: int | None = None, compute_capabilities: list[str] | None = None,
                         flavour: str | None = None):
     """Validate every engine-build option before any work; returns the TensorRT module to build with."""
-    for name, v in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):
+    for name, v in (("min_batch", min_batch), ("opt_batch", opt_batch), ("max_batch", max_batch)):
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_PROFILE_BATCH:
-            raise CaitError(f"{name} must be an integer in 1..{MAX_PROFILE_BATCH}, got {v!r}")
+            raise OptionError(name, f"must be an integer in 1..{MAX_PROFILE_BATCH}, got {v!r}")
     if not (1 <= min_batch <= opt_batch <= max_batch):
         raise CaitError(f"batch profile must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
     if opt_level is not None and (isinstance(opt_level, bool) or not isinstance(opt_level, int)
                                   or not 0 <= opt_level <= 5):
-        raise CaitError(f"--opt-level must be 0..5, got {opt_level!r}")
+        raise OptionError("opt_level", f"must be 0..5, got {opt_level!r}")
     if workspace_mb is not None and (isinstance(workspace_mb, bool) or not isinstance(workspace_mb, int)
                                      or not 1 <= workspace_mb <= 1 << 20):
-        raise CaitError(f"--workspace-mb must be an integer in 1..{1 << 20}, got {workspace_mb!r}")
+        raise OptionError("workspace_mb", f"must be an integer in 1..{1 << 20}, got {workspace_mb!r}")
     trt = import_trt(flavour)
     if compute_capabilities:
         if flavour_of(trt) != "tensorrt_rtx":
-            raise CaitError("--compute-capability is a TensorRT-RTX option; full TensorRT builds for the GPU present")
+            raise OptionError("compute_capability", "is a TensorRT-RTX option; full TensorRT builds for the GPU present")
         names = [n for n in trt.ComputeCapability.__members__ if n not in ("NONE",)]
         for name in compute_capabilities:
             if str(name).upper() not in names:
-                raise CaitError(f"--compute-capability {name!r}: choose from {', '.join(names)}")
+                raise OptionError("compute_capability", f"{name!r}: choose from {', '.join(names)}")
     return trt
 
 
