@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,23 @@ def save_fused(path: str | os.PathLike, config: CaitConfig, state_dict: dict[str
                meta: dict[str, Any] | None = None, staging: Staging | None = None) -> Path:
     """Write a fused model atomically. `meta` (JSON-able) lands under the `caitdeploy` metadata key.
     With `staging` the file is staged there and appears only when the caller commits."""
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     metadata = {"format": FUSED_FORMAT, "config": config.to_json(), "caitdeploy": json.dumps(meta or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    data = save(tensors, metadata=metadata)  # bytes: the write itself is ours, so a full disk is one line
+
+    def write(tmp: Path) -> None:  # streamed to disk (no second copy in memory); a failed write is one line
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as e:  # noqa: BLE001 - SafetensorError("I/O error: No space left on device (os error 28)")
+            why = re.sub(r"^.*?I/O error: ", "", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise CaitError(f"{path}: cannot write ({why}); nothing was written") from None
+
     if staging is not None:
-        staging.write_bytes(path, data)
+        write(staging.stage(path, ".safetensors"))
         return Path(path)
     with atomic_output(path, ".safetensors") as tmp:
-        tmp.write_bytes(data)
+        write(tmp)
     return Path(path)
 
 
