@@ -40,7 +40,8 @@ def steps(out: Path, skip_benchmarks: bool) -> list[tuple[str, list[str], int]]:
     work = out / "work"
     smoke = work / "smoke"
     plan = [
-        ("tests", [PY, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "tests/test_runtime.py"], 90),
+        ("tests", [PY, "-m", "pytest", "-q", "-x", "-o", "addopts=-ra", "tests/test_kernels.py",
+                   "tests/test_runtime.py"], 90),  # addopts: no xdist on the GPU machine
         ("smoke", [PY, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--out", str(smoke)], 90),
     ]
     if not skip_benchmarks:

@@ -64,7 +64,7 @@ def test_fused_and_table(files):
     assert info["kind"] == "fused" and info["flops"] == model_flops(CFG)["total"]
     assert [(b["heads"], b["qk_per_head"], b["v_per_head"], b["mlp"], b["merge"]) for b in info["blocks"]] == \
         [(2, 8, 16, 64, "h"), (2, 16, 8, 48, "v"), (2, 8, 8, 32, None)]
-    r = CliRunner().invoke(main, ["inspect", str(d / "m.fused.safetensors")])
+    r = CliRunner().invoke(main, ["inspect", str(d / "m.fused.safetensors")], env={"COLUMNS": "160"})
     assert r.exit_code == 0 and "fused CAIT model" in r.stdout and "qk/head" in r.stdout
 
 
