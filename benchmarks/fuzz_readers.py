@@ -68,7 +68,7 @@ HARNESS_ERROR = 70          # worker exit status for an error of the harness its
 HANG_SECONDS = 30.0         # the supervisor kills a worker whose reader call has not returned after this long
 SETUP_SECONDS = 600.0       # worker imports + seed files (the ONNX export takes seconds)
 CHUNK = 100                 # examples per hypothesis run when fuzzing for --seconds
-CI_EXAMPLES = 30            # per target in tests/test_fuzz_readers.py (the long run: benchmarks/results)
+CI_EXAMPLES = 20            # per target in tests/test_fuzz_readers.py (the long run: benchmarks/results)
 TARGETS = ("checkpoint_pth", "checkpoint_dict", "checkpoint_safetensors", "fused", "onnx_metadata", "engine_sidecar")
 ALLOC_MARKERS = ("can't allocate memory", "cannot allocate memory", "memoryerror", "bad_alloc", "out of memory")
 

@@ -47,6 +47,7 @@ def _register() -> None:
     from .commands.bench import bench_cmd; main.add_command(bench_cmd)
     from .commands.export import export_cmd; main.add_command(export_cmd)
     from .commands.inspect import inspect_cmd; main.add_command(inspect_cmd)
+    from .commands.serve import serve_cmd; main.add_command(serve_cmd)
 
 
 _register()

@@ -12,6 +12,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist each worker gets its share of the cores: two workers on a 2-core machine each running two
+# torch threads would oversubscribe the CPU and make every test slower than running them one after another.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+
 from caitdeploy.checkpoint import FORMAT, MERGE_KEY
 from caitdeploy.config import CaitConfig
 from caitdeploy.model import CaitViT

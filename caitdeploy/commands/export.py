@@ -103,6 +103,9 @@ def print_export_report(report: dict) -> None:
               help="TensorRT-RTX target, repeatable: SM75 SM80 SM86 SM89 SM120 [default: library default].")
 @click.option("--triton-repo", type=click.Path(file_okay=False), help="Write a Triton model repository entry here.")
 @click.option("--name", default=None, help="Triton model name [default: ONNX file stem].")
+@click.option("--triton-backend", default=None,
+              help="onnxruntime | tensorrt | python (model.py running the ONNX with ONNX Runtime, for servers "
+                   "without the onnxruntime backend) [default: tensorrt with --trt, else onnxruntime].")
 @click.option("--instances", type=click.IntRange(1, 256), default=1, show_default=True, help="Triton instance count.")
 @click.option("--instance-kind", default="gpu", show_default=True, help="Triton instance kind: gpu | cpu | auto.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
@@ -110,7 +113,7 @@ def print_export_report(report: dict) -> None:
 @handle_errors
 def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
                opt_batch, max_batch, workspace_mb, timing_cache, opt_level, compute_capabilities, triton_repo, name,
-               instances, instance_kind, report_path, quiet):
+               triton_backend, instances, instance_kind, report_path, quiet):
     """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository.
 
     Every option and output path is checked before any work, and the outputs (ONNX, engine, sidecar, timing
@@ -138,12 +141,17 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
     out = Path(output or default_onnx_path(model, dtype))
     engine_path = Path(engine or out.with_suffix(".plan")) if trt else None
     entry = None
+    if triton_backend is not None and not triton_repo:
+        raise CaitError("--triton-backend is a Triton repository option: add --triton-repo DIR")
     if triton_repo:
         from ..export.triton_repo import plan_triton_repo
 
-        served_suffix = engine_path.suffix if engine_path else ".onnx"
+        if triton_backend == "tensorrt" and not trt:
+            raise CaitError("--triton-backend tensorrt serves an engine: add --trt")
+        served_suffix = engine_path.suffix if engine_path and triton_backend != "python" and triton_backend != "onnxruntime" else ".onnx"
         entry = plan_triton_repo(
             triton_repo, name or out.name.removesuffix(".onnx"), served_suffix, max_batch_size=max_batch,
+            backend=triton_backend,
             input_dims=(1, 1, 1), output_dims=(1,), dtype="fp32", preferred_batch_sizes=sorted({opt_batch, max_batch}),
             instance_count=instances, instance_kind=instance_kind)  # dims are filled in from the model below
     # 2. paths: none is an input, none is another output, extensions match, folders writable
@@ -155,6 +163,7 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
         Out(report_path, "--report", JSON_SUFFIXES),
         Out(entry.model_target if entry else None, "--triton-repo", (".onnx", ".plan"), create_dirs=True),
         Out(entry.config_path if entry else None, "--triton-repo", (".pbtxt",), create_dirs=True),
+        Out(entry.python_model if entry else None, "--triton-repo", (".py",), create_dirs=True),
     ])
     # 3. the model (header-first validation, memory rule), then the work, in memory
     net = load_model(model, attn_impl="math")  # a non-fused MODEL gets a one-line error saying what it is
@@ -181,7 +190,7 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
         from ..export.triton_repo import plan_triton_repo
 
         entry = plan_triton_repo(
-            triton_repo, entry.info["name"], engine_path.suffix if engine_path else ".onnx", max_batch_size=max_batch,
+            triton_repo, entry.info["name"], served_suffix, max_batch_size=max_batch, backend=triton_backend,
             input_dims=(c.in_chans, c.img_size, c.img_size), output_dims=(c.num_classes,), dtype="fp32",
             preferred_batch_sizes=sorted({opt_batch, max_batch}), instance_count=instances,
             instance_kind=instance_kind)
@@ -196,7 +205,7 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
         if entry is not None:
             from ..export.triton_repo import stage_triton_repo
 
-            stage_triton_repo(st, entry, built.engine if built is not None else data)
+            stage_triton_repo(st, entry, built.engine if built is not None and served_suffix != ".onnx" else data)
             report["triton"] = entry.info
         if report_path:
             write_json(report_path, report, staging=st)

@@ -19,6 +19,10 @@ TRITON_DTYPES = {"fp32": "TYPE_FP32", "float32": "TYPE_FP32", "fp16": "TYPE_FP16
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
 PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan"),
              ".engine": ("tensorrt_plan", "model.plan")}
+# --triton-backend -> (model suffix it serves, config line). "python": our model.py runs the ONNX with ONNX
+# Runtime, for servers without the onnxruntime backend (the tritonserver bundled in nvidia-pytriton).
+BACKENDS = {"onnxruntime": (".onnx", 'platform: "onnxruntime_onnx"'), "tensorrt": (".plan", 'platform: "tensorrt_plan"'),
+            "python": (".onnx", 'backend: "python"')}
 
 
 def _dims(dims: Sequence[int], what: str) -> list[int]:
@@ -34,7 +38,7 @@ def config_text(name: str, platform: str, max_batch_size: int, input_name: str, 
     t = TRITON_DTYPES[dtype]
     lines = [
         f'name: "{name}"',
-        f'platform: "{platform}"',
+        'backend: "python"' if platform == "python" else f'platform: "{platform}"',
         f"max_batch_size: {max_batch_size}",
         "input [",
         "  {",
@@ -75,9 +79,11 @@ class TritonEntry:
     config_path: Path      # DIR/<name>/config.pbtxt
     config_text: str
     info: dict[str, Any]
+    python_model: Path | None = None   # DIR/<name>/1/model.py (backend "python")
 
 
 def plan_triton_repo(repo_dir: str | os.PathLike, name: str, model_suffix: str, *, max_batch_size: int,
+                     backend: str | None = None,
                      input_dims: Sequence[int], output_dims: Sequence[int], dtype: str = "fp32",
                      preferred_batch_sizes: Sequence[int] = (), instance_count: int = 1,
                      instance_kind: str = "KIND_GPU", max_queue_delay_us: int = 100,
@@ -94,6 +100,13 @@ def plan_triton_repo(repo_dir: str | os.PathLike, name: str, model_suffix: str, 
     if suffix not in PLATFORMS:
         raise CaitError(f"triton repo needs an .onnx or .plan/.engine model, got {model_suffix!r}")
     platform, filename = PLATFORMS[suffix]
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise CaitError(f"triton repo: backend {backend!r}: choose {', '.join(BACKENDS)}")
+        if BACKENDS[backend][0] != (".plan" if suffix in (".plan", ".engine") else suffix):
+            raise CaitError(f"triton repo: backend {backend} serves a {BACKENDS[backend][0]} model, got {model_suffix}")
+        if backend == "python":
+            platform = "python"
     if dtype not in TRITON_DTYPES:
         raise CaitError(f"triton repo: unknown dtype {dtype!r}: choose one of {', '.join(TRITON_DTYPES)}")
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= 1 << 16:
@@ -107,6 +120,8 @@ def plan_triton_repo(repo_dir: str | os.PathLike, name: str, model_suffix: str, 
         kind = "KIND_" + kind
     if kind not in INSTANCE_KINDS:
         raise CaitError(f"triton repo: instance kind {instance_kind!r}: choose gpu, cpu or auto")
+    if platform == "python" and kind == "KIND_GPU":
+        kind = "KIND_CPU"  # our model.py runs ONNX Runtime's CPU provider
     if platform == "tensorrt_plan" and kind == "KIND_CPU":
         raise CaitError("triton repo: a TensorRT plan runs on GPU instances only (instance kind cpu)")
     if isinstance(instance_count, bool) or not isinstance(instance_count, int) or not 1 <= instance_count <= 256:
@@ -124,13 +139,18 @@ def plan_triton_repo(repo_dir: str | os.PathLike, name: str, model_suffix: str, 
             "input": {"name": input_name, "dims": in_dims}, "output": {"name": output_name, "dims": out_dims},
             "dtype": TRITON_DTYPES[dtype], "preferred_batch_sizes": prefs,
             "instance_group": {"count": instance_count, "kind": kind}}
-    return TritonEntry(target, model_dir / "config.pbtxt", text, info)
+    info["backend"] = "python" if platform == "python" else ("tensorrt" if platform == "tensorrt_plan" else "onnxruntime")
+    return TritonEntry(target, model_dir / "config.pbtxt", text, info,
+                       model_dir / "1" / "model.py" if platform == "python" else None)
 
 
 def stage_triton_repo(staging: Staging, entry: TritonEntry, model_bytes: bytes) -> None:
     """Stage the model copy and config.pbtxt (folders are created when `staging` commits)."""
     staging.write_bytes(entry.model_target, model_bytes, create_dirs=True)
     staging.write_text(entry.config_path, entry.config_text, create_dirs=True)
+    if entry.python_model is not None:
+        src = Path(__file__).with_name("triton_python_model.py")
+        staging.write_bytes(entry.python_model, src.read_bytes(), create_dirs=True)
 
 
 def write_triton_repo(repo_dir: str | os.PathLike, name: str, model_file: str | os.PathLike, **kw) -> dict[str, Any]:

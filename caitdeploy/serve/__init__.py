@@ -1,0 +1,1 @@
+"""Live serving on Triton Inference Server: start a server on a repository, load-test it."""

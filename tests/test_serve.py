@@ -1,0 +1,123 @@
+"""Live serving: a real Triton Inference Server (the one bundled in nvidia-pytriton) on a repository written by
+`caitdeploy export --triton-repo DIR --triton-backend python`; real HTTP and gRPC clients, no mocks."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install nvidia-pytriton)")
+
+from caitdeploy.cli import main  # noqa: E402
+from caitdeploy.errors import CaitError  # noqa: E402
+from caitdeploy.io import load_model  # noqa: E402
+from caitdeploy.serve.server import TritonServer, free_port  # noqa: E402
+
+from test_bench import write_tiny_fused  # noqa: E402
+
+
+def _ports():
+    return dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    fused = write_tiny_fused(d / "m.fused.safetensors")
+    repo = d / "repo"
+    r = CliRunner().invoke(main, ["export", str(fused), "-o", str(d / "cait.onnx"), "-q", "--no-verify",
+                                  "--triton-repo", str(repo), "--triton-backend", "python", "--name", "cait",
+                                  "--max-batch", "16", "--opt-batch", "8"])
+    assert r.exit_code == 0, r.stderr
+    import shutil  # a second model in the same repository: the same entry under another name
+
+    shutil.copytree(repo / "cait", repo / "cait_b")
+    cfg = repo / "cait_b" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace('name: "cait"', 'name: "cait_b"'))
+    server = TritonServer(repo, **_ports())
+    server.start()
+    yield server, load_model(fused, attn_impl="math")
+    prefix, proc = server.shm_prefix, server.proc
+    server.stop()
+    assert proc.poll() is not None                                    # no process left
+    assert not list(Path("/dev/shm").glob(f"{prefix}*"))             # no shared memory left
+
+
+def _x(n, seed=0):
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+def test_http_and_grpc_logits_equal_the_fused_model(served):
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    server, model = served
+    x = _x(3)
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    hc = th.InferenceServerClient(server.http_url)
+    inp = th.InferInput("images", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    y_http = hc.infer("cait", [inp]).as_numpy("logits")
+    gc = tg.InferenceServerClient(server.grpc_url)
+    ginp = tg.InferInput("images", list(x.shape), "FP32")
+    ginp.set_data_from_numpy(x)
+    y_grpc = gc.infer("cait_b", [ginp]).as_numpy("logits")
+    for y in (y_http, y_grpc):
+        assert y.shape == ref.shape and np.abs(y - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_concurrent_requests_are_batched_and_counted(served):
+    import tritonclient.http as th
+
+    server, _ = served
+    n = 24
+
+    def one(i):
+        c = th.InferenceServerClient(server.http_url)
+        inp = th.InferInput("images", [1, 3, 64, 64], "FP32")
+        inp.set_data_from_numpy(_x(1, seed=i))
+        return c.infer("cait", [inp]).as_numpy("logits").shape
+
+    before = _stats(server, "cait")
+    with cf.ThreadPoolExecutor(12) as pool:
+        assert list(pool.map(one, range(n))) == [(1, 10)] * n
+    after = _stats(server, "cait")
+    inferences = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert inferences == n
+    assert executions < inferences, (executions, inferences)  # the dynamic batcher merged requests
+    metrics = urllib.request.urlopen(f"http://localhost:{server.metrics_port}/metrics", timeout=5).read().decode()
+    count = [ln for ln in metrics.splitlines() if ln.startswith("nv_inference_count{") and 'model="cait"' in ln]
+    assert count and float(count[0].rsplit(" ", 1)[1]) >= n
+
+
+def _stats(server, model):
+    body = urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats", timeout=5).read()
+    s = json.loads(body)["model_stats"][0]
+    return {"inference_count": int(s["inference_count"]), "execution_count": int(s["execution_count"])}
+
+
+def test_a_broken_model_gives_tritons_reason_in_one_line(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: 1\n'
+                                                    'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+                                                    'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    (repo / "broken" / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('weights missing')\n")
+    server = TritonServer(repo, **_ports())
+    with pytest.raises(CaitError, match=r"model 'broken' failed to load: .*weights missing"):
+        server.start(timeout=60)
+    assert server.proc.poll() is not None
+    assert "\n" not in str(CaitError("x"))
+
+
+def test_serve_refuses_what_is_not_a_repository(tmp_path):
+    r = CliRunner().invoke(main, ["serve", str(tmp_path)])
+    assert r.exit_code == 2 and "not a Triton model repository" in r.stderr
