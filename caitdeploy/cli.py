@@ -48,6 +48,7 @@ def _register() -> None:
     from .commands.export import export_cmd; main.add_command(export_cmd)
     from .commands.inspect import inspect_cmd; main.add_command(inspect_cmd)
     from .commands.serve import serve_cmd; main.add_command(serve_cmd)
+    from .commands.loadtest import loadtest_cmd; main.add_command(loadtest_cmd)
 
 
 _register()

@@ -121,3 +121,21 @@ def test_a_broken_model_gives_tritons_reason_in_one_line(tmp_path):
 def test_serve_refuses_what_is_not_a_repository(tmp_path):
     r = CliRunner().invoke(main, ["serve", str(tmp_path)])
     assert r.exit_code == 2 and "not a Triton model repository" in r.stderr
+
+
+def test_loadtest_against_the_live_server(served, tmp_path):
+    server, _ = served
+    js, md = tmp_path / "lt.json", tmp_path / "lt.md"
+    r = CliRunner().invoke(main, ["loadtest", f"localhost:{server.http_port}", "--model", "cait", "--model", "cait_b",
+                                  "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.2",
+                                  "--json", str(js), "--markdown", str(md), "-q"])
+    assert r.exit_code == 0, r.stderr
+    recs = json.loads(js.read_text())
+    assert [(x["model"], x["concurrency"]) for x in recs] == [("cait", 1), ("cait", 4), ("cait_b", 1), ("cait_b", 4)]
+    for x in recs:
+        assert x["requests"] > 0 and x["errors"] == 0 and x["server_executions"] > 0
+        assert x["latency_ms_p50"] <= x["latency_ms_p90"] <= x["latency_ms_p99"]
+        assert x["throughput_req_s"] == pytest.approx(x["requests"] / x["duration_s"], rel=1e-3)
+    assert md.read_text().count("\n| cait") == 4
+    bad = CliRunner().invoke(main, ["loadtest", f"localhost:{server.http_port}", "--model", "nope", "--duration", "0.2"])
+    assert bad.exit_code == 2 and "model 'nope' is not ready" in bad.stderr

@@ -1,0 +1,184 @@
+"""Closed-loop load test of a model on a Triton Inference Server: requests per second and latency per concurrency.
+
+Our own, with NVIDIA's `tritonclient`: `perf_analyzer` on PyPI is a 0.1.0 placeholder without the binary, and
+the real one ships only in NVIDIA's SDK container. At each concurrency level C, C workers (threads, each with its
+own client) send requests back to back for `duration` seconds (or until `max_requests`), after a warm-up;
+every request carries `batch` random images shaped as the model's metadata says. Per level: requests, errors,
+requests/s, images/s, p50/p90/p99/mean latency, and from Triton's statistics API the executions the server ran
+(requests per execution = what the dynamic batcher merged).
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import CaitError, OptionError
+
+PROTOCOLS = ("http", "grpc")
+LOADTEST_KEYS = ("model", "protocol", "url", "concurrency", "batch", "duration_s", "requests", "errors",
+                 "throughput_req_s", "throughput_img_s", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
+                 "latency_ms_mean", "server_executions", "requests_per_execution", "first_error")
+
+
+def _client_module(protocol: str):
+    if protocol not in PROTOCOLS:
+        raise OptionError("protocol", f"{protocol!r}: choose http or grpc")
+    try:
+        if protocol == "http":
+            import tritonclient.http as mod
+        else:
+            import tritonclient.grpc as mod
+    except ImportError as e:
+        raise CaitError(f"tritonclient[{protocol}] is not installed ({e}): pip install 'tritonclient[all]'") from None
+    return mod
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def model_input(url: str, model: str, protocol: str = "http") -> tuple[str, list[int], str, str]:
+    """(input name, dims without batch, Triton datatype, output name) from the server's model metadata."""
+    mod = _client_module(protocol)
+    try:
+        c = mod.InferenceServerClient(url)
+        if not c.is_model_ready(model):
+            raise CaitError(f"{url}: model {model!r} is not ready on this server")
+        meta = c.get_model_metadata(model)
+        cfg = c.get_model_config(model)
+    except CaitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - connection refused, unknown model, ...: one line
+        raise CaitError(f"{url}: cannot reach model {model!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if protocol == "grpc":
+        from google.protobuf.json_format import MessageToDict
+
+        meta = MessageToDict(meta, preserving_proto_field_name=True)
+        cfg = MessageToDict(cfg, preserving_proto_field_name=True).get("config", {})
+    inp, out = meta["inputs"][0], meta["outputs"][0]
+    dims = [int(d) for d in inp["shape"]]
+    if int(cfg.get("max_batch_size", 0) or 0) > 0:
+        dims = dims[1:]
+    if any(d < 1 for d in dims):
+        raise CaitError(f"{url}: model {model!r} input {inp['name']!r} has dynamic dims {dims}: give fixed shapes")
+    return inp["name"], dims, inp["datatype"], out["name"]
+
+
+def _stats(url: str, model: str) -> tuple[int, int] | None:
+    import json
+    import urllib.request
+
+    try:
+        body = urllib.request.urlopen(f"http://{url}/v2/models/{model}/stats", timeout=5).read()
+        s = json.loads(body)["model_stats"][0]
+        return int(s["inference_count"]), int(s["execution_count"])
+    except Exception:  # noqa: BLE001 - statistics are optional (another protocol, a proxy)
+        return None
+
+
+def load_test(url: str, model: str, concurrency: Sequence[int] = (1, 8, 32), duration: float = 10.0, batch: int = 1,
+              protocol: str = "http", warmup: float = 1.0, max_requests: int | None = None,
+              stats_url: str | None = None, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """One record (LOADTEST_KEYS) per concurrency level."""
+    mod = _client_module(protocol)
+    for c in concurrency:
+        if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 1024:
+            raise OptionError("concurrency", f"{c!r}: must be in 1..1024")
+    if not 0.1 <= duration <= 3600:
+        raise OptionError("duration", f"{duration}: must be in 0.1..3600 seconds")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
+        raise OptionError("batch", f"{batch!r}: must be in 1..4096")
+    name, dims, dtype, out_name = model_input(url, model, protocol)
+    np_dtype = {"FP32": np.float32, "FP16": np.float16}.get(dtype)
+    if np_dtype is None:
+        raise CaitError(f"{url}: model {model!r} input datatype {dtype} is not FP32/FP16")
+    x = np.random.default_rng(0).standard_normal((batch, *dims)).astype(np_dtype)
+    records = []
+    for c in concurrency:
+        if progress:
+            progress(f"{model}: concurrency {c}, {duration:g} s")
+        lat: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        stop_at = [0.0]
+        count = [0]
+
+        def worker():
+            client = mod.InferenceServerClient(url)
+            inp = mod.InferInput(name, [batch, *dims], dtype)
+            inp.set_data_from_numpy(x)
+            outs = [mod.InferRequestedOutput(out_name)]
+            while True:
+                now = time.perf_counter()
+                if now >= stop_at[0] or (max_requests is not None and count[0] >= max_requests):
+                    return
+                t0 = time.perf_counter()
+                try:
+                    client.infer(model, [inp], outputs=outs)
+                    ok = True
+                except Exception as e:  # noqa: BLE001 - counted, the first one reported
+                    ok = False
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                dt = time.perf_counter() - t0
+                with lock:
+                    if measuring[0] and ok:
+                        lat.append(dt)
+                        count[0] += 1
+
+        measuring = [False]
+        stop_at[0] = time.perf_counter() + warmup + duration
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(c)]
+        for t in threads:
+            t.start()
+        time.sleep(warmup)
+        before = _stats(stats_url or url, model) if protocol == "http" or stats_url else None
+        with lock:
+            measuring[0] = True
+        t_start = time.perf_counter()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t_start
+        after = _stats(stats_url or url, model) if before is not None else None
+        n = len(lat)
+        execs = (after[1] - before[1]) if before and after else None
+        reqs_server = (after[0] - before[0]) if before and after else None
+        rec = {"model": model, "protocol": protocol, "url": url, "concurrency": c, "batch": batch,
+               "duration_s": round(elapsed, 3), "requests": n, "errors": len(errors),
+               "throughput_req_s": n / elapsed if elapsed > 0 else 0.0,
+               "throughput_img_s": n * batch / elapsed if elapsed > 0 else 0.0,
+               "latency_ms_p50": _percentile(lat, 50) * 1e3 if lat else None,
+               "latency_ms_p90": _percentile(lat, 90) * 1e3 if lat else None,
+               "latency_ms_p99": _percentile(lat, 99) * 1e3 if lat else None,
+               "latency_ms_mean": statistics.fmean(lat) * 1e3 if lat else None,
+               "server_executions": execs,
+               "requests_per_execution": (reqs_server / batch / execs) if execs else None,
+               "first_error": errors[0] if errors else None}
+        records.append(rec)
+    if not any(r["requests"] for r in records):
+        raise CaitError(f"{url}: no request to model {model!r} succeeded ({records[0]['first_error']})")
+    return records
+
+
+def to_markdown(records: list[dict[str, Any]], title: str = "caitdeploy loadtest") -> str:
+    head = ["model", "protocol", "concurrency", "batch", "req/s", "img/s", "p50 ms", "p90 ms", "p99 ms",
+            "req/execution", "errors"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in records:
+        lines.append("| " + " | ".join([r["model"], r["protocol"], str(r["concurrency"]), str(r["batch"]),
+                                        f(r["throughput_req_s"], ".1f"), f(r["throughput_img_s"], ".1f"),
+                                        f(r["latency_ms_p50"], ".2f"), f(r["latency_ms_p90"], ".2f"),
+                                        f(r["latency_ms_p99"], ".2f"), f(r["requests_per_execution"], ".2f"),
+                                        str(r["errors"])]) + " |")
+    return "\n".join(lines) + "\n"
