@@ -33,7 +33,7 @@ def served(tmp_path_factory):
     repo = d / "repo"
     r = CliRunner().invoke(main, ["export", str(fused), "-o", str(d / "cait.onnx"), "-q", "--no-verify",
                                   "--triton-repo", str(repo), "--triton-backend", "python", "--name", "cait",
-                                  "--max-batch", "16", "--opt-batch", "8"])
+                                  "--max-batch", "16", "--opt-batch", "8", "--triton-warmup"])
     assert r.exit_code == 0, r.stderr
     import shutil  # a second model in the same repository: the same entry under another name
 
@@ -42,6 +42,7 @@ def served(tmp_path_factory):
     cfg.write_text(cfg.read_text().replace('name: "cait"', 'name: "cait_b"'))
     server = TritonServer(repo, **_ports())
     server.start()
+    assert "model_warmup [" in (repo / "cait" / "config.pbtxt").read_text()   # Triton ran it before READY
     yield server, load_model(fused, attn_impl="math")
     prefix, proc = server.shm_prefix, server.proc
     server.stop()

@@ -106,6 +106,8 @@ def print_export_report(report: dict) -> None:
 @click.option("--triton-backend", default=None,
               help="onnxruntime | tensorrt | python (model.py running the ONNX with ONNX Runtime, for servers "
                    "without the onnxruntime backend) [default: tensorrt with --trt, else onnxruntime].")
+@click.option("--triton-warmup", is_flag=True,
+              help="Add a model_warmup (random images at the preferred batch sizes) run before the model is READY.")
 @click.option("--instances", type=click.IntRange(1, 256), default=1, show_default=True, help="Triton instance count.")
 @click.option("--instance-kind", default="gpu", show_default=True, help="Triton instance kind: gpu | cpu | auto.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
@@ -113,7 +115,7 @@ def print_export_report(report: dict) -> None:
 @handle_errors
 def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
                opt_batch, max_batch, workspace_mb, timing_cache, opt_level, compute_capabilities, triton_repo, name,
-               triton_backend, instances, instance_kind, report_path, quiet):
+               triton_backend, triton_warmup, instances, instance_kind, report_path, quiet):
     """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository.
 
     Every option and output path is checked before any work, and the outputs (ONNX, engine, sidecar, timing
@@ -141,8 +143,8 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
     out = Path(output or default_onnx_path(model, dtype))
     engine_path = Path(engine or out.with_suffix(".plan")) if trt else None
     entry = None
-    if triton_backend is not None and not triton_repo:
-        raise CaitError("--triton-backend is a Triton repository option: add --triton-repo DIR")
+    if (triton_backend is not None or triton_warmup) and not triton_repo:
+        raise CaitError("--triton-backend and --triton-warmup are Triton repository options: add --triton-repo DIR")
     if triton_repo:
         from ..export.triton_repo import plan_triton_repo
 
@@ -193,7 +195,7 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
             triton_repo, entry.info["name"], served_suffix, max_batch_size=max_batch, backend=triton_backend,
             input_dims=(c.in_chans, c.img_size, c.img_size), output_dims=(c.num_classes,), dtype="fp32",
             preferred_batch_sizes=sorted({opt_batch, max_batch}), instance_count=instances,
-            instance_kind=instance_kind)
+            instance_kind=instance_kind, warmup_batches=sorted({opt_batch, max_batch}) if triton_warmup else ())
     # 4. every output at once
     with Staging() as st:
         st.write_bytes(out, data)

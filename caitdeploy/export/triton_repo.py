@@ -34,7 +34,7 @@ def _dims(dims: Sequence[int], what: str) -> list[int]:
 
 def config_text(name: str, platform: str, max_batch_size: int, input_name: str, input_dims: list[int],
                 output_name: str, output_dims: list[int], dtype: str, preferred_batch_sizes: list[int],
-                max_queue_delay_us: int, instance_count: int, instance_kind: str) -> str:
+                max_queue_delay_us: int, instance_count: int, instance_kind: str, warmup_batches: Sequence[int] = ()) -> str:
     t = TRITON_DTYPES[dtype]
     lines = [
         f'name: "{name}"',
@@ -68,6 +68,14 @@ def config_text(name: str, platform: str, max_batch_size: int, input_name: str, 
         "  }",
         "]",
     ]
+    if warmup_batches:  # Triton runs these random-data requests before it reports the model READY
+        lines.append("model_warmup [")
+        for i, b in enumerate(warmup_batches):
+            lines += ["  {", f'    name: "warmup_b{b}"', f"    batch_size: {b}",
+                      f'    inputs {{ key: "{input_name}" value: {{ data_type: {t} '
+                      f"dims: [ {', '.join(map(str, input_dims))} ] random_data: true }} }}",
+                      "  }" + ("," if i < len(warmup_batches) - 1 else "")]
+        lines.append("]")
     return "\n".join(lines) + "\n"
 
 
@@ -87,7 +95,8 @@ def plan_triton_repo(repo_dir: str | os.PathLike, name: str, model_suffix: str, 
                      input_dims: Sequence[int], output_dims: Sequence[int], dtype: str = "fp32",
                      preferred_batch_sizes: Sequence[int] = (), instance_count: int = 1,
                      instance_kind: str = "KIND_GPU", max_queue_delay_us: int = 100,
-                     input_name: str = "images", output_name: str = "logits") -> TritonEntry:
+                     input_name: str = "images", output_name: str = "logits",
+                     warmup_batches: Sequence[int] = ()) -> TritonEntry:
     """Validate every option and say what the entry will be, writing nothing.
 
     model_suffix: ".onnx" or ".plan"/".engine". dtype: the I/O tensor type (fp32 for every caitdeploy export,
@@ -132,8 +141,11 @@ def plan_triton_repo(repo_dir: str | os.PathLike, name: str, model_suffix: str, 
     in_dims, out_dims = _dims(input_dims, "input"), _dims(output_dims, "output")
     model_dir = repo_dir / name
     target = model_dir / "1" / filename
+    warm = sorted({int(b) for b in warmup_batches})
+    if any(not 1 <= b <= max_batch_size for b in warm):
+        raise CaitError(f"triton repo: warm-up batch sizes must be in 1..max_batch_size {max_batch_size}, got {warm}")
     text = config_text(name, platform, max_batch_size, input_name, in_dims, output_name, out_dims, dtype,
-                       prefs, max_queue_delay_us, instance_count, kind)
+                       prefs, max_queue_delay_us, instance_count, kind, warm)
     info = {"repo": str(repo_dir), "name": name, "platform": platform, "model": str(target),
             "config": str(model_dir / "config.pbtxt"), "max_batch_size": max_batch_size,
             "input": {"name": input_name, "dims": in_dims}, "output": {"name": output_name, "dims": out_dims},
