@@ -33,7 +33,8 @@ def served(tmp_path_factory):
     repo = d / "repo"
     r = CliRunner().invoke(main, ["export", str(fused), "-o", str(d / "cait.onnx"), "-q", "--no-verify",
                                   "--triton-repo", str(repo), "--triton-backend", "python", "--name", "cait",
-                                  "--max-batch", "16", "--opt-batch", "8", "--triton-warmup"])
+                                  "--max-batch", "16", "--opt-batch", "8", "--triton-warmup",
+                                  "--max-queue-delay-us", "20000"])  # 20 ms: concurrent requests surely batch
     assert r.exit_code == 0, r.stderr
     import shutil  # a second model in the same repository: the same entry under another name
 
@@ -42,7 +43,8 @@ def served(tmp_path_factory):
     cfg.write_text(cfg.read_text().replace('name: "cait"', 'name: "cait_b"'))
     server = TritonServer(repo, **_ports())
     server.start()
-    assert "model_warmup [" in (repo / "cait" / "config.pbtxt").read_text()   # Triton ran it before READY
+    text = (repo / "cait" / "config.pbtxt").read_text()
+    assert "model_warmup [" in text and "max_queue_delay_microseconds: 20000" in text
     yield server, load_model(fused, attn_impl="math")
     prefix, proc = server.shm_prefix, server.proc
     server.stop()

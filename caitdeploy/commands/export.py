@@ -106,6 +106,8 @@ def print_export_report(report: dict) -> None:
 @click.option("--triton-backend", default=None,
               help="onnxruntime | tensorrt | python (model.py running the ONNX with ONNX Runtime, for servers "
                    "without the onnxruntime backend) [default: tensorrt with --trt, else onnxruntime].")
+@click.option("--max-queue-delay-us", type=click.IntRange(0, 10**8), default=100, show_default=True,
+              help="Triton dynamic batching: how long a request may wait for others to batch with.")
 @click.option("--triton-warmup", is_flag=True,
               help="Add a model_warmup (random images at the preferred batch sizes) run before the model is READY.")
 @click.option("--instances", type=click.IntRange(1, 256), default=1, show_default=True, help="Triton instance count.")
@@ -115,7 +117,7 @@ def print_export_report(report: dict) -> None:
 @handle_errors
 def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
                opt_batch, max_batch, workspace_mb, timing_cache, opt_level, compute_capabilities, triton_repo, name,
-               triton_backend, triton_warmup, instances, instance_kind, report_path, quiet):
+               triton_backend, max_queue_delay_us, triton_warmup, instances, instance_kind, report_path, quiet):
     """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository.
 
     Every option and output path is checked before any work, and the outputs (ONNX, engine, sidecar, timing
@@ -195,7 +197,8 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
             triton_repo, entry.info["name"], served_suffix, max_batch_size=max_batch, backend=triton_backend,
             input_dims=(c.in_chans, c.img_size, c.img_size), output_dims=(c.num_classes,), dtype="fp32",
             preferred_batch_sizes=sorted({opt_batch, max_batch}), instance_count=instances,
-            instance_kind=instance_kind, warmup_batches=sorted({opt_batch, max_batch}) if triton_warmup else ())
+            instance_kind=instance_kind, warmup_batches=sorted({opt_batch, max_batch}) if triton_warmup else (),
+            max_queue_delay_us=max_queue_delay_us)
     # 4. every output at once
     with Staging() as st:
         st.write_bytes(out, data)
