@@ -1009,7 +1009,8 @@ def make_targets(seeds: dict[str, Any]) -> dict[str, Target]:
     from safetensors.torch import save as save_st_bytes
 
     from caitdeploy.checkpoint import load_checkpoint
-    from caitdeploy.commands.inspect import inspect_file, print_inspect
+    from caitdeploy.commands.inspect import print_inspect
+    from caitdeploy.describe import describe_file as inspect_file
     from caitdeploy.config import BlockConfig, CaitConfig
     from caitdeploy.export.tensorrt import read_sidecar
     from caitdeploy.io import load_fused, load_model, save_fused
@@ -1344,8 +1345,8 @@ def _write_case(folder: Path, suffix: str, files: dict[str, bytes]) -> Path:
 
 
 REPRO = {"load_checkpoint": "from caitdeploy.checkpoint import load_checkpoint\nload_checkpoint(path)",
-         "inspect": "from caitdeploy.commands.inspect import inspect_file, print_inspect\n"
-                    "print_inspect(inspect_file(path))",
+         "inspect": "from caitdeploy.commands.inspect import print_inspect\n"
+                    "from caitdeploy.describe import describe_file\nprint_inspect(describe_file(path))",
          "load_fused": "from caitdeploy.io import load_fused\nload_fused(path)",
          "load_model": "from caitdeploy.io import load_fused, load_model\nload_fused(path)\nload_model(path)",
          "read_sidecar": "from caitdeploy.export.tensorrt import read_sidecar\nread_sidecar(path)"}
@@ -1521,14 +1522,9 @@ def worker_main(args) -> int:
 def machine() -> dict[str, Any]:
     from importlib import metadata
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from caitdeploy.bench.runners import _cpu_name
+
+    cpu = _cpu_name()
     versions = {}
     for pkg in ("torch", "hypothesis", "safetensors", "onnx", "tensorrt_rtx_cu13"):
         try:
@@ -1749,7 +1745,7 @@ def write_markdown(s: dict[str, Any], path: Path, json_name: str) -> None:
         "the mutations that produced them):", "", *finds, "",
         *notes,
         f"Full numbers: `{json_name}`. Command:", "",
-        f"    .venv/bin/python benchmarks/fuzz_readers.py "
+        "    .venv/bin/python benchmarks/fuzz_readers.py "
         + (f"--examples {s['examples_per_target']} " if s["examples_per_target"] else "")
         + (f"--seconds {s['seconds_per_target']} " if s["seconds_per_target"] else "")
         + f"--seed {s['seed']} --json {json_name} --md {path.as_posix()}", ""])

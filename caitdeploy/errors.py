@@ -96,6 +96,13 @@ def _os_error(path: Path, e: OSError, doing: str) -> CaitError:
     return CaitError(f"{path}: cannot {doing} ({why}); nothing was written")
 
 
+def nearest_existing(folder: Path) -> Path:
+    """`folder` or its nearest ancestor that exists (where missing folders on the way would be created)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def check_output_dir(path: str | os.PathLike, what: str = "output") -> Path:
     """The directory `path` will be written to; CaitError, before any work, if it is missing or not writable.
 
@@ -132,9 +139,7 @@ class Staging:
         time (the temporary file waits in the nearest existing folder), so an error leaves no folder either."""
         path = Path(path)
         if create_dirs and not path.parent.is_dir():
-            parent = path.parent
-            while not parent.is_dir() and parent != parent.parent:
-                parent = parent.parent
+            parent = nearest_existing(path.parent)
             check_output_dir(parent / path.name)
         else:
             parent = check_output_dir(path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .errors import CaitError, check_output_dir
+from .errors import CaitError, check_output_dir, nearest_existing
 
 # what each extension means; an output whose extension is listed here for another format is refused
 KNOWN_SUFFIXES = {
@@ -75,11 +75,7 @@ def check_suffix(path: str | os.PathLike, option: str, suffixes: tuple[str, ...]
 
 def _check_creatable(path: Path, option: str) -> None:
     """The folders up to `path` can be created: the nearest existing ancestor is a writable folder."""
-    parent = path.parent
-    while not parent.exists():
-        if parent == parent.parent:
-            break
-        parent = parent.parent
+    parent = nearest_existing(path.parent)
     if parent.exists() and not parent.is_dir():
         raise CaitError(f"{option} {path}: {parent} is a file, not a folder")
     check_output_dir(parent / "probe", option)

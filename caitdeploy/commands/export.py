@@ -152,7 +152,8 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
 
         if triton_backend == "tensorrt" and not trt:
             raise CaitError("--triton-backend tensorrt serves an engine: add --trt")
-        served_suffix = engine_path.suffix if engine_path and triton_backend != "python" and triton_backend != "onnxruntime" else ".onnx"
+        # an engine is served with --trt unless another backend is asked for; otherwise the ONNX
+        served_suffix = engine_path.suffix if trt and triton_backend in (None, "tensorrt") else ".onnx"
         entry = plan_triton_repo(
             triton_repo, name or out.name.removesuffix(".onnx"), served_suffix, max_batch_size=max_batch,
             backend=triton_backend,
@@ -210,7 +211,7 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
         if entry is not None:
             from ..export.triton_repo import stage_triton_repo
 
-            stage_triton_repo(st, entry, built.engine if built is not None and served_suffix != ".onnx" else data)
+            stage_triton_repo(st, entry, data if served_suffix == ".onnx" else built.engine)
             report["triton"] = entry.info
         if report_path:
             write_json(report_path, report, staging=st)

@@ -9,13 +9,6 @@ import click
 from .common import block_table, console, handle_errors, human
 
 
-def inspect_file(path):
-    """Kept for callers of the command module: the library's `describe_file`."""
-    from ..describe import describe_file
-
-    return describe_file(path)
-
-
 def print_inspect(info: dict[str, Any]) -> None:
     from rich.markup import escape
 

@@ -104,67 +104,65 @@ def load_test(url: str, model: str, concurrency: Sequence[int] = (1, 8, 32), dur
     for c in concurrency:
         if progress:
             progress(f"{model}: concurrency {c}, {duration:g} s")
-        lat: list[float] = []
-        errors: list[str] = []
-        lock = threading.Lock()
-        stop_at = [0.0]
-        count = [0]
-
-        def worker():
-            client = mod.InferenceServerClient(url)
-            inp = mod.InferInput(name, [batch, *dims], dtype)
-            inp.set_data_from_numpy(x)
-            outs = [mod.InferRequestedOutput(out_name)]
-            while True:
-                now = time.perf_counter()
-                if now >= stop_at[0] or (max_requests is not None and count[0] >= max_requests):
-                    return
-                t0 = time.perf_counter()
-                try:
-                    client.infer(model, [inp], outputs=outs)
-                    ok = True
-                except Exception as e:  # noqa: BLE001 - counted, the first one reported
-                    ok = False
-                    with lock:
-                        errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-                dt = time.perf_counter() - t0
-                with lock:
-                    if measuring[0] and ok:
-                        lat.append(dt)
-                        count[0] += 1
-
-        measuring = [False]
-        stop_at[0] = time.perf_counter() + warmup + duration
-        threads = [threading.Thread(target=worker, daemon=True) for _ in range(c)]
-        for t in threads:
-            t.start()
-        time.sleep(warmup)
-        before = _stats(stats_url or url, model) if protocol == "http" or stats_url else None
-        with lock:
-            measuring[0] = True
-        t_start = time.perf_counter()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t_start
-        after = _stats(stats_url or url, model) if before is not None else None
-        n = len(lat)
-        execs = (after[1] - before[1]) if before and after else None
-        reqs_server = (after[0] - before[0]) if before and after else None
-        rec = {"model": model, "protocol": protocol, "url": url, "concurrency": c, "batch": batch,
-               "duration_s": round(elapsed, 3), "requests": n, "errors": len(errors),
-               "throughput_req_s": n / elapsed if elapsed > 0 else 0.0,
-               "throughput_img_s": n * batch / elapsed if elapsed > 0 else 0.0,
-               "latency_ms_p50": _percentile(lat, 50) * 1e3 if lat else None,
-               "latency_ms_p90": _percentile(lat, 90) * 1e3 if lat else None,
-               "latency_ms_p99": _percentile(lat, 99) * 1e3 if lat else None,
-               "latency_ms_mean": statistics.fmean(lat) * 1e3 if lat else None,
-               "server_executions": execs,
-               "requests_per_execution": (reqs_server / batch / execs) if execs else None,
-               "first_error": errors[0] if errors else None}
-        records.append(rec)
+        records.append(_run_level(mod, url, model, c, x, name, dtype, out_name, duration, warmup, max_requests,
+                                  stats_url or (url if protocol == "http" else None)) | {"protocol": protocol})
     if not any(r["requests"] for r in records):
         raise CaitError(f"{url}: no request to model {model!r} succeeded ({records[0]['first_error']})")
     return records
+
+
+def _run_level(mod, url: str, model: str, clients: int, x: np.ndarray, name: str, dtype: str, out_name: str,
+               duration: float, warmup: float, max_requests: int | None, stats_url: str | None) -> dict[str, Any]:
+    """One concurrency level: `clients` threads send back to back; latencies count after `warmup`."""
+    lat: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    measuring = threading.Event()
+    stop_at = time.perf_counter() + warmup + duration
+
+    def worker() -> None:
+        client = mod.InferenceServerClient(url)
+        inp = mod.InferInput(name, list(x.shape), dtype)
+        inp.set_data_from_numpy(x)
+        outs = [mod.InferRequestedOutput(out_name)]
+        while time.perf_counter() < stop_at and (max_requests is None or len(lat) < max_requests):
+            t0 = time.perf_counter()
+            try:
+                client.infer(model, [inp], outputs=outs)
+            except Exception as e:  # noqa: BLE001 - counted, the first one reported
+                with lock:
+                    errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                continue
+            dt = time.perf_counter() - t0
+            if measuring.is_set():
+                with lock:
+                    lat.append(dt)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(warmup)
+    before = _stats(stats_url, model) if stats_url else None
+    measuring.set()
+    t_start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t_start
+    after = _stats(stats_url, model) if before is not None else None
+    n, batch = len(lat), x.shape[0]
+    execs = (after[1] - before[1]) if before and after else None
+    reqs_server = (after[0] - before[0]) if before and after else None
+    return {"model": model, "protocol": None, "url": url, "concurrency": clients, "batch": batch,
+            "duration_s": round(elapsed, 3), "requests": n, "errors": len(errors),
+            "throughput_req_s": n / elapsed if elapsed > 0 else 0.0,
+            "throughput_img_s": n * batch / elapsed if elapsed > 0 else 0.0,
+            "latency_ms_p50": _percentile(lat, 50) * 1e3 if lat else None,
+            "latency_ms_p90": _percentile(lat, 90) * 1e3 if lat else None,
+            "latency_ms_p99": _percentile(lat, 99) * 1e3 if lat else None,
+            "latency_ms_mean": statistics.fmean(lat) * 1e3 if lat else None,
+            "server_executions": execs,
+            "requests_per_execution": (reqs_server / batch / execs) if execs else None,
+            "first_error": errors[0] if errors else None}
 
 
 def to_markdown(records: list[dict[str, Any]], title: str = "caitdeploy loadtest") -> str:
