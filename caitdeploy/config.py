@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 MERGE_KINDS = ("h", "v")
+# token mixer of a block: multi-head attention, SPViT's 1x1 / 3x3 convolution (cross-head mixed, BatchNorm
+# folded), or nothing at all (SPViT's pruned attention: the mixer returns its LayerNorm input)
+BLOCK_KINDS = ("attn", "conv1", "conv3", "skip")
+GLOBAL_POOLS = ("token", "avg")
 
 # Structural bounds (inclusive) on untrusted sizes: what real ViTs use, with room (ViT-22B: depth 48, width 6144,
 # 48 heads, mlp 24576). A config outside them is refused, naming the key and the bound, before any loop or
@@ -26,11 +30,17 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "mlp_hidden": (1, 131072),
     "qk_dim": (1, 4096),          # per-head widths of a fused model (alignment may pad past the original)
     "v_dim": (1, 4096),
-    "tokens": (2, 65537),         # class token + patch grid
+    "tokens": (2, 65537),         # prefix tokens + patch grid
+    "reg_tokens": (0, 64),
+    "stem_chans": (0, 1024),
 }
 MLP_RATIO_MAX = 16.0
 LN_EPS_MAX = 0.1
 MAX_JSON_BYTES = 4 << 20     # a 256-block config is about 40 KB
+
+
+MODEL_OPTIONS = ("ln_eps", "family", "class_token", "dist_token", "reg_tokens", "no_embed_class", "global_pool",
+                 "fc_norm", "stem_chans")
 
 
 class ConfigError(ValueError):
@@ -66,6 +76,10 @@ class BlockConfig:
     mlp_hidden: kept fc1 output channels.
     merge: ATME merge applied to the block input before norm1: None, "h" or "v".
     attn_scale: softmax scale, the ORIGINAL head_dim ** -0.5, never recomputed from qk_dim.
+    kind: the token mixer, "attn" (default), "conv1"/"conv3" (SPViT convolution over the patch grid, v_dim
+        channels per head; qk_dim unused) or "skip" (no mixer: the block adds its LayerNorm output).
+    slim: SiT token slimming before this block (after its merge): the patch tokens become `slim` learned
+        mixtures of them (no longer a grid), or None.
     """
 
     num_heads: int
@@ -74,12 +88,18 @@ class BlockConfig:
     mlp_hidden: int
     attn_scale: float
     merge: str | None = None
+    kind: str = "attn"
+    slim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_heads", "qk_dim", "v_dim", "mlp_hidden"):
             check_bound(getattr(self, name), name, what="block ")
         if self.merge not in (None, *MERGE_KINDS):
             raise ConfigError(f"block merge must be None, 'h' or 'v', got {short(self.merge)}")
+        if self.kind not in BLOCK_KINDS:
+            raise ConfigError(f"block kind must be one of {', '.join(BLOCK_KINDS)}, got {short(self.kind)}")
+        if self.slim is not None:
+            check_bound(self.slim, "slim", bound="tokens", what="block ")
         if isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, (int, float)):
             raise ConfigError(f"block attn_scale must be a number, got {short(self.attn_scale)}")
         if not (self.attn_scale > 0 and math.isfinite(self.attn_scale)):
@@ -88,7 +108,14 @@ class BlockConfig:
 
 @dataclass(frozen=True)
 class CaitConfig:
-    """A ViT (timm layout, class token, token pooling) with per-block widths and ATME merges."""
+    """A ViT (timm layout) with per-block widths, ATME merges and the options of its model family.
+
+    Prefix tokens, in order: class token, distillation token, registers (timm's order). `global_pool`
+    "token" reads the class token (with a distillation token: the mean of `head` on it and `head_dist` on the
+    distillation token, timm's eval output); "avg" averages the patch tokens. `fc_norm`: the final LayerNorm
+    comes after pooling (timm's fc_norm) instead of before. `no_embed_class`: pos_embed covers the patch
+    tokens only. `family` names the model family (models/): its stem and block variants.
+    """
 
     img_size: int
     patch_size: int
@@ -100,6 +127,14 @@ class CaitConfig:
     ln_eps: float = 1e-6
     # widths of the unpruned model this one was fused from (for reports); empty for a dense model
     source: dict[str, Any] = field(default_factory=dict)
+    family: str = "vit"
+    class_token: bool = True
+    dist_token: bool = False
+    reg_tokens: int = 0
+    no_embed_class: bool = False
+    global_pool: str = "token"
+    fc_norm: bool = False
+    stem_chans: int = 0   # LV-ViT's convolutional stem width (family "lvvit"); 0 = a plain patch projection
 
     def __post_init__(self) -> None:
         for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim"):
@@ -111,10 +146,23 @@ class CaitConfig:
             raise ConfigError(f"ln_eps must be a number in (0, {LN_EPS_MAX:g}], got {short(self.ln_eps)}")
         if not isinstance(self.source, dict):
             raise ConfigError(f"source must be a dict, got {type(self.source).__name__}")
+        for key in ("class_token", "dist_token", "no_embed_class", "fc_norm"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {short(getattr(self, key))}")
+        check_bound(self.reg_tokens, "reg_tokens")
+        check_bound(self.stem_chans, "stem_chans")
+        if not isinstance(self.family, str) or not self.family.isidentifier() or len(self.family) > 32:
+            raise ConfigError(f"family must be a short name, got {short(self.family)}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ConfigError(f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, got {short(self.global_pool)}")
+        if self.global_pool == "token" and not self.class_token:
+            raise ConfigError("global_pool 'token' needs a class token")
+        if self.dist_token and (not self.class_token or self.global_pool != "token"):
+            raise ConfigError("a distillation token needs a class token and global_pool 'token'")
         if self.img_size % self.patch_size:
             raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        check_bound(1 + (self.img_size // self.patch_size) ** 2, "tokens (1 + (img_size / patch_size)^2)",
-                    bound="tokens")
+        check_bound(self.num_prefix_tokens + (self.img_size // self.patch_size) ** 2,
+                    "tokens (prefix tokens + (img_size / patch_size)^2)", bound="tokens")
         if not isinstance(self.blocks, (tuple, list)) or not self.blocks:
             raise ConfigError("a model needs at least one block")
         check_bound(len(self.blocks), "depth")
@@ -137,21 +185,44 @@ class CaitConfig:
     def merges(self) -> dict[int, str]:
         return {i: b.merge for i, b in enumerate(self.blocks) if b.merge}
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + int(self.dist_token) + self.reg_tokens
+
     def grids(self) -> list[tuple[int, int]]:
-        """Patch grid (Gh, Gw) seen by each block's attention (after that block's merge)."""
+        """Patch tokens (Gh, Gw) seen by each block's mixer (after that block's merge and slimming).
+
+        After a token slimming the tokens are no longer a grid: they count as (1, slim) and a later merge or
+        3x3 convolution is refused."""
         gh, gw = self.grid
+        spatial = True
         out = []
         for i, b in enumerate(self.blocks):
+            if b.merge and not spatial:
+                raise ConfigError(f"block {i}: a {b.merge} merge after token slimming (the tokens are no longer a grid)")
             if b.merge == "h":
                 if gw % 2:
-                    raise ConfigError(f"block {i}: horizontal merge on an odd grid width {gw} (grid {gh}x{gw})")
+                    raise ConfigError(f"block {i}: horizontal merge on an odd grid width {gw} (grid {gh}x{gw}); "
+                                      "merges need even grid sides")
                 gw //= 2
             elif b.merge == "v":
                 if gh % 2:
-                    raise ConfigError(f"block {i}: vertical merge on an odd grid height {gh} (grid {gh}x{gw})")
+                    raise ConfigError(f"block {i}: vertical merge on an odd grid height {gh} (grid {gh}x{gw}); "
+                                      "merges need even grid sides")
                 gh //= 2
+            if b.slim is not None:
+                if b.slim > gh * gw:
+                    raise ConfigError(f"block {i}: token slimming to {b.slim} tokens from only {gh * gw}")
+                gh, gw, spatial = 1, b.slim, False
+            if b.kind == "conv3" and not spatial:
+                raise ConfigError(f"block {i}: a 3x3 convolution after token slimming (the tokens are no longer a grid)")
             out.append((gh, gw))
         return out
+
+    def patch_tokens_in(self, i: int) -> int:
+        """Patch tokens entering block i (before its merge and slimming)."""
+        gh, gw = self.input_grid(i)
+        return gh * gw
 
     def input_grid(self, i: int) -> tuple[int, int]:
         """Patch grid entering block i (before its merge)."""
@@ -159,7 +230,13 @@ class CaitConfig:
 
     def tokens(self) -> list[int]:
         """Token count (class token included) seen by each block's attention."""
-        return [1 + gh * gw for gh, gw in self.grids()]
+        p = self.num_prefix_tokens
+        return [p + gh * gw for gh, gw in self.grids()]
+
+    @property
+    def pos_embed_len(self) -> int:
+        gh, gw = self.grid
+        return gh * gw + (0 if self.no_embed_class else self.num_prefix_tokens)
 
     # ---- constructors ----------------------------------------------------------------------
     @classmethod
@@ -176,8 +253,12 @@ class CaitConfig:
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         merges: dict[int, str] | None = None,
+        **options: Any,
     ) -> "CaitConfig":
-        """The unpruned model of a `cait-compactor/1` config (merges included, no channel pruning)."""
+        """The unpruned model of a `cait-compactor/1` config (merges included, no channel pruning).
+
+        options: the model-level fields beyond the widths (ln_eps, family, class_token, dist_token,
+        reg_tokens, no_embed_class, global_pool, fc_norm, stem_chans)."""
         check_bound(depth, "depth")
         check_bound(num_heads, "num_heads")
         check_bound(embed_dim, "embed_dim")
@@ -196,12 +277,21 @@ class CaitConfig:
         blocks = tuple(
             BlockConfig(num_heads, d, d, hidden, d**-0.5, merges.get(i)) for i in range(depth)
         )
-        return cls(img_size, patch_size, in_chans, num_classes, embed_dim, bool(qkv_bias), blocks)
+        bad_opt = [k for k in options if k not in MODEL_OPTIONS]
+        if bad_opt:
+            raise ConfigError(f"unknown model option {short(bad_opt[0])}")
+        return cls(img_size, patch_size, in_chans, num_classes, embed_dim, bool(qkv_bias), blocks, **options)
+
+    def options(self) -> dict[str, Any]:
+        """The model-level fields beyond the widths (what `dense(**options)` takes)."""
+        return {k: getattr(self, k) for k in MODEL_OPTIONS}
 
     @classmethod
     def from_format(cls, cfg: dict[str, Any]) -> "CaitConfig":
-        """Dense config from the `config` dict of a `cait-compactor/1` checkpoint."""
+        """Dense config from the `config` dict of a `cait-compactor/1` checkpoint (its optional keys
+        included; the training-only ones, layer_scale and skip_lam, are folded away by `fuse`)."""
         return cls.dense(
+            **{k: cfg[k] for k in MODEL_OPTIONS if k in cfg},
             img_size=int(cfg["img_size"]),
             patch_size=int(cfg["patch_size"]),
             in_chans=int(cfg["in_chans"]),
@@ -222,7 +312,7 @@ class CaitConfig:
         src = self.source
         if src:
             return CaitConfig.from_format({**src, "merges": {}})
-        return self.without_merges()
+        return replace(self, blocks=tuple(replace(b, merge=None, slim=None, kind="attn") for b in self.blocks))
 
     # ---- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

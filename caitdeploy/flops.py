@@ -22,13 +22,19 @@ def merge_flops(n_patches_out: int, d: int) -> int:
     return 2 * n_patches_out * (2 * d) * d
 
 
+def _family(cfg: CaitConfig):
+    from .models.registry import family
+
+    return family(cfg.family)
+
+
 def patch_embed_flops(cfg: CaitConfig) -> int:
-    gh, gw = cfg.grid
-    return 2 * gh * gw * cfg.embed_dim * cfg.in_chans * cfg.patch_size**2
+    """The stem: a patch projection, or the family's (LV-ViT's convolutions)."""
+    return _family(cfg).stem_flops(cfg)
 
 
 def head_flops(cfg: CaitConfig) -> int:
-    return 2 * cfg.embed_dim * cfg.num_classes
+    return 2 * cfg.embed_dim * cfg.num_classes * (2 if cfg.dist_token else 1)
 
 
 def block_flops(cfg: CaitConfig, i: int) -> dict[str, int]:
@@ -36,8 +42,13 @@ def block_flops(cfg: CaitConfig, i: int) -> dict[str, int]:
     b: BlockConfig = cfg.blocks[i]
     d = cfg.embed_dim
     n = cfg.tokens()[i]
-    parts = {"merge": merge_flops(n - 1, d) if b.merge else 0,
+    fam = _family(cfg)
+    merged = cfg.patch_tokens_in(i) // 2
+    parts = {"merge": merge_flops(merged, d) if b.merge else 0,
+             "slim": fam.slim_flops(cfg, i) if b.slim is not None else 0,
              **transformer_parts(n, d, b.num_heads, b.qk_dim, b.v_dim, b.mlp_hidden)}
+    if b.kind != "attn":
+        parts.update(qkv=0, attn=0, proj=fam.mixer_flops(cfg, i) if b.kind != "skip" else 0)
     parts["total"] = sum(parts.values())
     return parts
 
@@ -70,21 +81,26 @@ def model_flops(cfg: CaitConfig) -> dict:
 def block_params(cfg: CaitConfig, i: int) -> int:
     b = cfg.blocks[i]
     d = cfg.embed_dim
+    fam = _family(cfg)
     qkv_out = b.num_heads * (2 * b.qk_dim + b.v_dim)
     n = (2 * d * d + d) if b.merge else 0                        # merge fc: [D, 2D] + bias
+    n += fam.slim_params(cfg, i) if b.slim is not None else 0
     n += 4 * d                                                   # norm1, norm2
-    n += qkv_out * d + (qkv_out if cfg.qkv_bias else 0)          # qkv
-    n += b.num_heads * b.v_dim * d + d                           # proj
+    if b.kind == "attn":
+        n += qkv_out * d + (qkv_out if cfg.qkv_bias else 0)      # qkv
+        n += b.num_heads * b.v_dim * d + d                       # proj
+    elif b.kind != "skip":
+        n += fam.mixer_params(cfg, i)
     n += d * b.mlp_hidden + b.mlp_hidden + b.mlp_hidden * d + d  # fc1, fc2
     return n
 
 
 def model_params(cfg: CaitConfig) -> int:
     d = cfg.embed_dim
-    gh, gw = cfg.grid
-    n = d * cfg.in_chans * cfg.patch_size**2 + d      # patch embed
-    n += d + (1 + gh * gw) * d                        # cls token, pos embed
-    n += 2 * d + d * cfg.num_classes + cfg.num_classes  # final norm, head
+    n = _family(cfg).stem_params(cfg)                   # patch embed (or the family's stem)
+    n += cfg.num_prefix_tokens * d + cfg.pos_embed_len * d  # prefix tokens, pos embed
+    heads = 2 if cfg.dist_token else 1
+    n += 2 * d + heads * (d * cfg.num_classes + cfg.num_classes)  # final norm (or fc_norm), head(s)
     return n + sum(block_params(cfg, i) for i in range(cfg.depth))
 
 

@@ -1,0 +1,31 @@
+"""The model registry: one module per family, in the timm manner; the surgery, export and benchmark code is
+shared. A fused file's config names its family (`CaitConfig.family`); `build_model` builds any of them.
+
+A family module provides:
+  NAME, DESCRIPTION        the registry key and one line for tables
+  check_config(config)     ConfigError unless the blocks' kinds and slimming are ones the family has
+  make_stem(config)        images [B, C, H, W] -> tokens [B, Gh*Gw, D]
+  make_mixer(config, i)    the token mixer of a block whose kind is not "attn" (None for "skip")
+  make_slim(config, i)     the token-slimming module before block i (SiT), where the family has one
+  stem_flops / stem_params, mixer_flops / mixer_params, slim_flops / slim_params (config, i): analytic counts
+"""
+from __future__ import annotations
+
+from ..config import CaitConfig
+from .layers import ATTN_IMPLS, Attention, AttnImpl, Block, Mlp, TokenMerge, merge_tokens  # noqa: F401
+from .registry import FAMILY_MODULES, UnknownFamily, families, family  # noqa: F401
+
+
+def build_model(config: CaitConfig, attn_impl: AttnImpl = "sdpa", kernels: str | None = None):
+    """The deploy model of `config`, whatever its family."""
+    from .vit import CaitViT
+
+    return CaitViT(config, attn_impl=attn_impl, kernels=kernels)
+
+
+def __getattr__(name: str):  # CaitViT imports this package: resolve it lazily
+    if name == "CaitViT":
+        from .vit import CaitViT
+
+        return CaitViT
+    raise AttributeError(name)
