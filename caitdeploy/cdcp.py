@@ -126,15 +126,9 @@ def timm_model(arch: str, num_classes: int | None = None, img_size: int | None =
 
 
 def format_config_of(model, merges: dict[int, str]) -> dict[str, Any]:
-    blk = model.blocks[0]
-    d = model.embed_dim
-    return {
-        "img_size": int(model.patch_embed.img_size[0]), "patch_size": int(model.patch_embed.patch_size[0]),
-        "in_chans": int(model.patch_embed.proj.weight.shape[1]), "num_classes": int(model.num_classes),
-        "embed_dim": int(d), "depth": len(model.blocks), "num_heads": int(blk.attn.num_heads),
-        "mlp_ratio": blk.mlp.fc1.weight.shape[0] / d, "qkv_bias": blk.attn.qkv.bias is not None,
-        "merges": {int(k): v for k, v in merges.items()},
-    }
+    from .timm_compat import format_config_of as of
+
+    return of(model, merges)
 
 
 def parse_merges(text: str) -> dict[int, str]:
@@ -196,7 +190,7 @@ def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], w
             if not bool(torch.isfinite(sd[k]).all()):
                 raise CaitError(f"{weights}: key {k!r} contains NaN or Inf")
         model.load_state_dict(sd)
-    fmt = format_config_of(model, merges)
+    fmt = {**format_config_of(model, merges), "arch": arch}
     try:
         cfg = CaitConfig.from_format(fmt)
     except ValueError as e:

@@ -19,7 +19,8 @@ import torch
 from .config import CaitConfig, ConfigError
 from .errors import CaitError
 
-from .format import ATTN_COMPACTORS, CONFIG_KEYS, FORMAT, MERGE_KEY, compactor_prefix, merge_prefix  # noqa: F401
+from .format import (ATTN_COMPACTORS, CONFIG_KEYS, FORMAT, MERGE_KEY, OPTIONAL_CONFIG, compactor_prefix,  # noqa: F401
+                     merge_prefix)
 
 
 @dataclass
@@ -212,9 +213,15 @@ def check_tensors(path: Path, sd: dict[Any, Any]) -> tuple[dict[str, torch.Tenso
     return out, notes
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Load and validate a `cait-compactor/1` (or DeiT-style `{"model": ...}`) checkpoint."""
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpoint:
+    """Load and validate a `cait-compactor/1` (or timm/DeiT-style `{"model": ...}`) checkpoint.
+
+    arch: a timm model name giving what shapes cannot tell (heads, pooling, LayerNorm eps); the checkpoint's
+    shapes must agree with it."""
+    from .timm_compat import arch_config
+
     path = Path(path)
+    arch_cfg = arch_config(arch) if arch is not None else None  # an unknown name fails before the file is read
     raw = read_container(path)
     inferred: dict[str, Any] = {}
     if "format" in raw:
@@ -230,10 +237,18 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if not isinstance(sd, dict):
             raise CaitError(f"{path}: no 'format' key and no 'model'/'state_dict' dict: not a CAIT checkpoint")
         sd, notes = check_tensors(path, _strip_prefixes(sd))
-        fmt_cfg, inferred = infer_config(path, sd)
+        fmt_cfg, inferred = infer_config(path, sd, arch_cfg)
+    if arch_cfg is not None:
+        _agree(path, fmt_cfg, arch_cfg, arch)
     try:
         config = CaitConfig.from_format(fmt_cfg)
     except ConfigError as e:
+        raise CaitError(f"{path}: config {e}") from None
+    try:
+        from .models import family
+
+        family(config.family).check_config(config)
+    except ValueError as e:
         raise CaitError(f"{path}: config {e}") from None
     ckpt = Checkpoint(path, fmt_cfg, config, dict(sd), inferred, notes)
     validate(ckpt)
@@ -247,10 +262,17 @@ def _check_format_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     for key in CONFIG_KEYS:
         if key not in cfg:
             raise CaitError(f"{path}: config is missing key {key!r}")
-    unknown = [k for k in cfg if k not in (*CONFIG_KEYS, "merges")]
+    unknown = [k for k in cfg if k not in (*CONFIG_KEYS, *OPTIONAL_CONFIG, "merges")]
     if unknown:
         raise CaitError(f"{path}: config has unknown key {str(unknown[0])[:80]!r}")
-    out = dict(cfg)
+    out = {**{k: default for k, (default, _) in OPTIONAL_CONFIG.items()}, **cfg}
+    for key, (_, types) in OPTIONAL_CONFIG.items():
+        v = out[key]
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            raise CaitError(f"{path}: config key {key!r} has value {str(v)[:80]!r}, expected "
+                            f"{' or '.join(t.__name__ for t in types)}")
+    if not (isinstance(out["skip_lam"], (int, float)) and 0.01 <= out["skip_lam"] <= 100):  # NaN fails too
+        raise CaitError(f"{path}: config key 'skip_lam' = {out['skip_lam']!r} is outside 0.01..100")
     for key in CONFIG_KEYS:
         want = {"mlp_ratio": (int, float), "qkv_bias": (bool,)}.get(key, (int,))
         if not isinstance(cfg[key], want) or (key != "qkv_bias" and isinstance(cfg[key], bool)):
@@ -279,8 +301,12 @@ def _check_format_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def infer_config(path: Path, sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Config of a DeiT-style state dict from its shapes. Returns (config, the inferred values)."""
+def infer_config(path: Path, sd: dict[str, torch.Tensor], arch_cfg: dict[str, Any] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Config of a timm/DeiT-style state dict from its shapes and keys (class, distillation and register
+    tokens, layer scale, fc_norm); `arch_cfg` (timm's definition, `--arch`) supplies what shapes cannot tell:
+    the head count (without per-head compactors), the pooling and the LayerNorm eps. Returns (config, the
+    values inferred from the file)."""
     from .config import BOUNDS
 
     def need(key: str, ndim: int) -> torch.Tensor:
@@ -290,12 +316,22 @@ def infer_config(path: Path, sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any
             raise CaitError(f"{path}: key {key!r} has shape {tuple(sd[key].shape)}, expected {ndim} dimensions")
         return sd[key]
 
-    d = need("cls_token", 3).shape[-1]
     pw = need("patch_embed.proj.weight", 4)
-    n_patch = need("pos_embed", 3).shape[1] - 1
-    g = math.isqrt(max(n_patch, 0))
-    if n_patch < 1 or g * g != n_patch:
-        raise CaitError(f"{path}: cannot infer img_size: pos_embed has {n_patch} patch positions, not a square")
+    d = pw.shape[0]
+    class_token, dist_token = "cls_token" in sd, "dist_token" in sd
+    reg = need("reg_token", 3).shape[1] if "reg_token" in sd else 0
+    prefix = int(class_token) + int(dist_token) + reg
+    n_pos = need("pos_embed", 3).shape[1]
+    no_embed_class = None
+    for candidate, n_patch in ((False, n_pos - prefix), (True, n_pos)):
+        g = math.isqrt(max(n_patch, 0))
+        if n_patch >= 1 and g * g == n_patch and (candidate is False or prefix):
+            no_embed_class = candidate
+            break
+    if no_embed_class is None:
+        raise CaitError(f"{path}: cannot infer img_size: pos_embed has {n_pos} positions; neither they nor they "
+                        f"minus the {prefix} prefix tokens form a square grid")
+    g = math.isqrt(n_pos - (0 if no_embed_class else prefix))
     if pw.shape[-1] != pw.shape[-2]:
         raise CaitError(f"{path}: key 'patch_embed.proj.weight' has a non-square kernel {tuple(pw.shape[-2:])}")
     idx = [int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d{1,6})\.", k))]
@@ -307,9 +343,10 @@ def infer_config(path: Path, sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any
                         "(the bound for real ViTs)")
     heads = [sd[k].shape[0] for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.[qkv]_compactor\.weight", k)
              and sd[k].dim() == 3]
-    if not heads:
-        raise CaitError(f"{path}: cannot infer num_heads: no per-head compactor "
-                        "(write a cait-compactor/1 checkpoint with a 'config')")
+    if not heads and arch_cfg is None:
+        raise CaitError(f"{path}: cannot infer num_heads from a state dict without per-head compactors: pass "
+                        "--arch with the timm model name (e.g. --arch deit_tiny_patch16_224), or write a "
+                        "cait-compactor/1 checkpoint with a 'config'")
     merges: dict[int, str] = {}
     for k in sd:
         if m := re.fullmatch(r"blocks\.(\d+)\.(htm|vtm)\.fc\.weight", k):
@@ -318,28 +355,55 @@ def infer_config(path: Path, sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any
                 raise CaitError(f"{path}: block {i} has both an htm and a vtm merge; a block has at most one")
             merges[i] = kind
     fc1 = need("blocks.0.mlp.fc1.weight", 2)
+    fc_norm = "fc_norm.weight" in sd
     cfg = {
         "img_size": g * pw.shape[-1], "patch_size": pw.shape[-1], "in_chans": pw.shape[1],
-        "num_classes": need("head.weight", 2).shape[0], "embed_dim": d, "depth": depth, "num_heads": heads[0],
+        "num_classes": need("head.weight", 2).shape[0], "embed_dim": d, "depth": depth,
+        "num_heads": heads[0] if heads else arch_cfg["num_heads"],
         "mlp_ratio": fc1.shape[0] / d if d else 0.0, "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
         "merges": merges,
+        "class_token": class_token, "dist_token": dist_token, "reg_tokens": reg, "no_embed_class": no_embed_class,
+        "fc_norm": fc_norm, "global_pool": "avg" if (fc_norm or not class_token) else "token",
+        "layer_scale": "blocks.0.ls1.gamma" in sd,
     }
-    return cfg, dict(cfg)
+    inferred = dict(cfg)
+    if arch_cfg is not None:  # what the file cannot say: timm's definition
+        cfg.update(global_pool=arch_cfg["global_pool"], ln_eps=arch_cfg["ln_eps"], arch=arch_cfg["arch"])
+        if not heads:
+            inferred.pop("num_heads")
+    return {**{k: v for k, (v, _) in OPTIONAL_CONFIG.items()}, **cfg}, inferred
+
+
+def _agree(path: Path, cfg: dict[str, Any], arch_cfg: dict[str, Any], arch: str) -> None:
+    """The checkpoint's structure must be the one timm defines for `arch` (image size may differ: timm
+    models run at other resolutions with a resized pos_embed)."""
+    for key in ("patch_size", "embed_dim", "depth", "num_heads", "qkv_bias", "class_token", "dist_token",
+                "reg_tokens", "no_embed_class", "fc_norm", "layer_scale", "global_pool"):
+        if key in arch_cfg and cfg.get(key) != arch_cfg[key]:
+            raise CaitError(f"{path}: does not match --arch {arch}: the checkpoint has {key} = {cfg.get(key)!r}, "
+                            f"timm's {arch} has {arch_cfg[key]!r}")
+    if abs(cfg["mlp_ratio"] - arch_cfg["mlp_ratio"]) > 1e-6:
+        raise CaitError(f"{path}: does not match --arch {arch}: mlp width ratio {cfg['mlp_ratio']:g} vs "
+                        f"{arch_cfg['mlp_ratio']:g}")
 
 
 # ---- validation ---------------------------------------------------------------------------------
 def expected_shapes(cfg: CaitConfig, fmt: dict[str, Any]) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """(required, optional) key -> shape for a checkpoint of this config."""
+    from .models import family
+
     d, h = cfg.embed_dim, fmt["num_heads"]
     hd, hidden = d // h, int(d * fmt["mlp_ratio"])
-    gh, gw = cfg.grid
-    p, c = cfg.patch_size, cfg.in_chans
-    req: dict[str, tuple] = {
-        "cls_token": (1, 1, d), "pos_embed": (1, 1 + gh * gw, d),
-        "patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,),
-        "norm.weight": (d,), "norm.bias": (d,),
-        "head.weight": (cfg.num_classes, d), "head.bias": (cfg.num_classes,),
-    }
+    req: dict[str, tuple] = {"cls_token": (1, 1, d)} if cfg.class_token else {}
+    req.update({"pos_embed": (1, cfg.pos_embed_len, d), **family(cfg.family).stem_shapes(cfg),
+                "head.weight": (cfg.num_classes, d), "head.bias": (cfg.num_classes,)})
+    if cfg.dist_token:
+        req.update({"dist_token": (1, 1, d), "head_dist.weight": (cfg.num_classes, d),
+                    "head_dist.bias": (cfg.num_classes,)})
+    if cfg.reg_tokens:
+        req["reg_token"] = (1, cfg.reg_tokens, d)
+    norm = "fc_norm" if cfg.fc_norm else "norm"
+    req.update({f"{norm}.weight": (d,), f"{norm}.bias": (d,)})
     opt: dict[str, tuple] = {}
     for i, blk in enumerate(cfg.blocks):
         b = f"blocks.{i}."
@@ -349,6 +413,8 @@ def expected_shapes(cfg: CaitConfig, fmt: dict[str, Any]) -> tuple[dict[str, tup
             b + "mlp.fc1.weight": (hidden, d), b + "mlp.fc1.bias": (hidden,),
             b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,),
         })
+        if fmt.get("layer_scale"):
+            req.update({b + "ls1.gamma": (d,), b + "ls2.gamma": (d,)})
         if cfg.qkv_bias:
             req[b + "attn.qkv.bias"] = (3 * d,)
         if blk.merge:

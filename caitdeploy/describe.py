@@ -6,6 +6,8 @@ merges, op census, FLOPs, params); `caitdeploy inspect` prints it. Every reader 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import os
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,7 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         qk = max(max(widths["q"]), max(widths["k"]))
         kept_detail.append({"q": widths["q"], "k": widths["k"], "v": widths["v"], "fc1": mlp})
         blocks.append(BlockConfig(b.num_heads, qk, max(widths["v"]), mlp, b.attn_scale, b.merge))
-    pruned = CaitConfig(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.num_classes, cfg.embed_dim, cfg.qkv_bias,
-                        tuple(blocks), cfg.ln_eps)
+    pruned = replace(cfg, blocks=tuple(blocks))
     out = {"kind": "checkpoint", "format": "cait-compactor/1", "file": str(path), **_config_summary(pruned)}
     dense = model_flops(cfg.unpruned())  # the dense ViT without merges, as `fuse` reports it
     out["flops_dense"] = dense["total"]

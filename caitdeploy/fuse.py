@@ -117,11 +117,17 @@ def plan_block(ckpt: Checkpoint, i: int, f: S.FoldedBlock, opts: FuseOptions) ->
 
 def fuse(ckpt: Checkpoint, opts: FuseOptions = FuseOptions(), progress=None) -> FuseResult:
     """Fold and slice every block of a validated checkpoint. Returns the fused config and tensors."""
+    from .models import family
+
     sd, cfg = ckpt.state_dict, ckpt.config
     num_heads = ckpt.format_config["num_heads"]
-    out: dict[str, torch.Tensor] = {k: sd[k] for k in ("cls_token", "pos_embed", "patch_embed.proj.weight",
-                                                        "patch_embed.proj.bias", "norm.weight", "norm.bias",
-                                                        "head.weight", "head.bias")}
+    out: dict[str, torch.Tensor] = family(cfg.family).fuse_stem(cfg, sd.__getitem__)
+    norm = "fc_norm" if cfg.fc_norm else "norm"
+    for k in ("cls_token", "dist_token", "reg_token", "pos_embed", f"{norm}.weight", f"{norm}.bias", "head.weight",
+              "head.bias", "head_dist.weight", "head_dist.bias"):
+        if k in sd:
+            out[k] = sd[k]
+    lam = float(ckpt.format_config.get("skip_lam", 1.0))
     blocks, plans = [], []
     for i, blk in enumerate(cfg.blocks):
         p = f"blocks.{i}."
@@ -137,6 +143,9 @@ def fuse(ckpt: Checkpoint, opts: FuseOptions = FuseOptions(), progress=None) -> 
             out[p + k] = v
         for k in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.proj.bias", "mlp.fc2.bias"):
             out[p + k] = sd[p + k]
+        for layer, gamma in (("attn.proj", "ls1.gamma"), ("mlp.fc2", "ls2.gamma")):
+            out[p + layer + ".weight"], out[p + layer + ".bias"] = S.scale_rows(
+                out[p + layer + ".weight"], out[p + layer + ".bias"], sd.get(p + gamma), 1 / lam)
         if blk.merge:
             for k in ("weight", "bias"):
                 out[f"{p}{FUSED_MERGE}.fc.{k}"] = sd[f"{merge_prefix(i, blk.merge)}.{k}"]

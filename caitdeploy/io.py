@@ -99,8 +99,11 @@ def load_fused(path: str | os.PathLike) -> tuple[CaitConfig, dict[str, torch.Ten
     if "config" not in meta:
         raise CaitError(f"{path}: metadata has no 'config'")
     try:
+        from .models import family
+
         config = CaitConfig.from_dict(strict_json(meta["config"], "metadata 'config'"))
-    except ConfigError as e:
+        family(config.family).check_config(config)
+    except (ConfigError, ValueError) as e:  # UnknownFamily is a ValueError
         raise CaitError(f"{path}: bad 'config' metadata: {e}") from None
     try:
         extra = strict_json(meta.get("caitdeploy", "{}"), "metadata 'caitdeploy'")

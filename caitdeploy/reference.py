@@ -12,8 +12,9 @@ from .checkpoint import Checkpoint
 from .format import compactor_prefix, merge_prefix
 
 
-def _merge(x: torch.Tensor, grid: tuple[int, int], kind: str, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    cls_tok, patches = x[:, :1], x[:, 1:]
+def _merge(x: torch.Tensor, grid: tuple[int, int], kind: str, w: torch.Tensor, b: torch.Tensor,
+           prefix: int) -> torch.Tensor:
+    cls_tok, patches = x[:, :prefix], x[:, prefix:]
     bsz, _, d = patches.shape
     gh, gw = grid
     grid_x = patches.reshape(bsz, gh, gw, d)
@@ -35,20 +36,28 @@ def reference_forward(ckpt: Checkpoint, images: torch.Tensor, dtype: torch.dtype
     def w(key: str) -> torch.Tensor | None:  # one tensor at a time: never a float64 copy of the whole checkpoint
         return raw[key].to(dtype) if key in raw else None
 
+    from .models import family
+
     cfg, fmt = ckpt.config, ckpt.format_config
     h = fmt["num_heads"]
     d = cfg.embed_dim
     hd = d // h
     scale = hd**-0.5
     eps = cfg.ln_eps
-    x = F.conv2d(images.to(dtype), w("patch_embed.proj.weight"), w("patch_embed.proj.bias"), stride=cfg.patch_size)
-    x = x.flatten(2).transpose(1, 2)
-    x = torch.cat([w("cls_token").expand(x.shape[0], -1, -1), x], dim=1) + w("pos_embed")
+    lam = float(fmt.get("skip_lam", 1.0))       # LV-ViT: every residual branch is divided by skip_lam
+    pre = cfg.num_prefix_tokens
+    x = family(cfg.family).reference_stem(cfg, w, images.to(dtype))
+    bsz = x.shape[0]
+    prefix = [w(k).expand(bsz, -1, -1) for k in ("cls_token", "dist_token", "reg_token") if k in raw]
+    if cfg.no_embed_class:  # pos_embed covers the patches only; prefix tokens are prepended after it
+        x = torch.cat([*prefix, x + w("pos_embed")], dim=1)
+    else:
+        x = torch.cat([*prefix, x], dim=1) + w("pos_embed")
     for i, blk in enumerate(cfg.blocks):
         p = f"blocks.{i}."
         if blk.merge:
             m = merge_prefix(i, blk.merge) + "."
-            x = _merge(x, cfg.input_grid(i), blk.merge, w(m + "weight"), w(m + "bias"))
+            x = _merge(x, cfg.input_grid(i), blk.merge, w(m + "weight"), w(m + "bias"), pre)
         bsz, n, _ = x.shape
         y = F.layer_norm(x, (d,), w(p + "norm1.weight"), w(p + "norm1.bias"), eps)
         qkv = y @ w(p + "attn.qkv.weight").T
@@ -64,13 +73,26 @@ def reference_forward(ckpt: Checkpoint, images: torch.Tensor, dtype: torch.dtype
         q, k, v = heads
         attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(bsz, n, d)
-        x = x + out @ w(p + "attn.proj.weight").T + w(p + "attn.proj.bias")
+        branch = out @ w(p + "attn.proj.weight").T + w(p + "attn.proj.bias")
+        if (g := w(p + "ls1.gamma")) is not None:  # layer scale (DeiT III)
+            branch = branch * g
+        x = x + branch / lam
         y = F.layer_norm(x, (d,), w(p + "norm2.weight"), w(p + "norm2.bias"), eps)
         y = y @ w(p + "mlp.fc1.weight").T + w(p + "mlp.fc1.bias")
         c = w(compactor_prefix(i, "fc1") + ".weight")
         if c is not None:
             y = y @ c.T
         y = F.gelu(y)
-        x = x + y @ w(p + "mlp.fc2.weight").T + w(p + "mlp.fc2.bias")
-    x = F.layer_norm(x, (d,), w("norm.weight"), w("norm.bias"), eps)
-    return x[:, 0] @ w("head.weight").T + w("head.bias")
+        branch = y @ w(p + "mlp.fc2.weight").T + w(p + "mlp.fc2.bias")
+        if (g := w(p + "ls2.gamma")) is not None:
+            branch = branch * g
+        x = x + branch / lam
+    if not cfg.fc_norm:
+        x = F.layer_norm(x, (d,), w("norm.weight"), w("norm.bias"), eps)
+    pooled = x[:, pre:].mean(dim=1) if cfg.global_pool == "avg" else x[:, 0]  # patch-token mean or class token
+    if cfg.fc_norm:  # timm's fc_norm: the final LayerNorm after pooling
+        pooled = F.layer_norm(pooled, (d,), w("fc_norm.weight"), w("fc_norm.bias"), eps)
+    logits = pooled @ w("head.weight").T + w("head.bias")
+    if cfg.dist_token:  # timm's eval output of a distilled DeiT: the mean of both heads
+        logits = (logits + x[:, 1] @ w("head_dist.weight").T + w("head_dist.bias")) / 2
+    return logits

@@ -27,6 +27,15 @@ def fold(weight: torch.Tensor, bias: torch.Tensor | None, compactor: torch.Tenso
     return w, b
 
 
+def scale_rows(weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor | None, factor: float = 1.0):
+    """Fold an output scaling into a Linear: y * gamma * factor = (diag(gamma) * factor W) x + gamma * factor b.
+    Layer scale (DeiT III's ls1/ls2, gamma [D_out]) and LV-ViT's residual 1/skip_lam (factor) fold this way."""
+    if gamma is None and factor == 1.0:
+        return weight, bias
+    g = torch.full_like(bias, factor) if gamma is None else gamma.to(bias.dtype) * factor
+    return weight * g[:, None], bias * g
+
+
 def row_norms(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """L2 norm of each output row of a (folded) layer, bias included: [..., d]."""
     sq = weight.double().pow(2).sum(-1)

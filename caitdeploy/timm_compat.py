@@ -1,7 +1,12 @@
 """Which timm Vision Transformers caitdeploy supports: the single definition, used by `make-checkpoint`,
-`train` (`cait_wrap`), `fuse` (keys of unsupported features get a message naming the feature) and every
-command that builds a timm model. Anything else is refused up front, naming the feature (layer scale,
-distillation token, registers, pooling, ...). A later issue widens this set.
+`train` (`cait_wrap`), `fuse --arch` (keys of unsupported features get a message naming the feature) and every
+command that builds a timm model.
+
+Supported: timm's `VisionTransformer` and `VisionTransformerDistilled` with a class token or none, a
+distillation token, registers, a pos_embed with or without the prefix tokens (`no_embed_class`), token or
+average pooling (with fc_norm), layer scale (DeiT III), qkv with or without bias, any patch size, image size
+and LayerNorm eps (one eps for the whole model). Anything else is refused up front, naming the feature
+(pre-norm, qk-norm, attention pooling, ...).
 """
 from __future__ import annotations
 
@@ -11,10 +16,6 @@ from .errors import CaitError
 
 # state-dict keys of timm features the format does not describe -> the feature's name
 UNSUPPORTED_KEYS = (
-    (r"blocks\.\d+\.ls[12]\.gamma", "layer scale (ls1/ls2, e.g. DeiT III)"),
-    (r"dist_token|head_dist\..*", "a distillation token (DeiT distilled)"),
-    (r"reg_token", "register tokens"),
-    (r"fc_norm\..*", "a final fc_norm (average pooling)"),
     (r"norm_pre\..*", "a pre-norm (norm_pre, e.g. CLIP)"),
     (r"attn_pool\..*", "attention pooling"),
     (r"blocks\.\d+\.attn\.[qk]_norm\..*", "qk-norm"),
@@ -62,7 +63,7 @@ def timm_model(arch: str, num_classes: int | None = None, img_size: int | None =
 
 def check_supported(vit, where: str = "model") -> None:
     """Raise CaitError, naming the feature, unless `vit` is a timm ViT whose forward the format describes exactly."""
-    from timm.layers import PatchEmbed
+    from timm.layers import LayerScale, PatchEmbed
     from timm.models.vision_transformer import Attention, Block, Mlp, VisionTransformer
     from torch import nn
 
@@ -72,19 +73,33 @@ def check_supported(vit, where: str = "model") -> None:
     ident = lambda m: m is None or isinstance(m, nn.Identity)  # noqa: E731
     if not isinstance(vit, VisionTransformer):
         bad(f"{type(vit).__name__} is not a timm VisionTransformer")
-    if getattr(vit, "dist_token", None) is not None:
-        bad("a distillation token (DeiT distilled) is not part of the format")
-    if getattr(vit, "reg_token", None) is not None:
-        bad("register tokens are not part of the format")
-    if vit.cls_token is None or vit.num_prefix_tokens != 1:
-        bad("needs exactly one class token")
-    if vit.global_pool != "token" or vit.pos_embed is None or getattr(vit, "no_embed_class", False):
-        bad("needs global_pool='token' and a pos_embed that covers the class token")
+    cls_tok, dist = vit.cls_token is not None, getattr(vit, "dist_token", None) is not None
+    regs = int(getattr(vit, "num_reg_tokens", 0) or 0)
+    if vit.num_prefix_tokens != int(cls_tok) + int(dist) + regs:
+        bad(f"{vit.num_prefix_tokens} prefix tokens that are not class/distillation/register tokens")
+    if dist and (type(vit).__name__ != "VisionTransformerDistilled" or getattr(vit, "distilled_training", False)):
+        bad("a distillation token outside timm's VisionTransformerDistilled eval forward")
+    if vit.global_pool not in ("token", "avg") or vit.pos_embed is None:
+        bad(f"global_pool {vit.global_pool!r} (supported: 'token', 'avg') or no pos_embed")
+    if vit.global_pool == "token" and not cls_tok:
+        bad("token pooling without a class token")
+    if dist and vit.global_pool != "token":
+        bad("a distillation token with average pooling")
     if getattr(vit, "dynamic_img_size", False) or getattr(vit, "attn_pool", None) is not None:
         bad("dynamic_img_size / attention pooling are not part of the format")
-    for name in ("norm_pre", "fc_norm", "patch_drop"):
+    for name in ("norm_pre", "patch_drop"):
         if not ident(getattr(vit, name, None)):
-            bad(f"model.{name} must be Identity")
+            bad(f"model.{name} must be Identity (a pre-norm, e.g. CLIP, is not part of the format)")
+    if not ident(vit.fc_norm) and not ident(vit.norm):
+        bad("both a final norm and an fc_norm")
+    eps = set()
+    for ln in (vit.norm, vit.fc_norm):
+        if not ident(ln):
+            if not isinstance(ln, nn.LayerNorm) or ln.weight is None:
+                bad("final norm / fc_norm must be an affine LayerNorm")
+            eps.add(float(ln.eps))
+    if ident(vit.norm) and ident(vit.fc_norm):
+        bad("no final norm")
     pe = vit.patch_embed
     if not isinstance(pe, PatchEmbed) or not ident(pe.norm) or pe.img_size[0] != pe.img_size[1] \
             or pe.patch_size[0] != pe.patch_size[1] or not pe.flatten or pe.proj.bias is None:
@@ -92,30 +107,70 @@ def check_supported(vit, where: str = "model") -> None:
     heads = {int(b.attn.num_heads) for b in vit.blocks}
     if len(heads) != 1:
         bad(f"blocks use different head counts {sorted(heads)}")
+    widths = {int(b.mlp.fc1.weight.shape[0]) for b in vit.blocks if isinstance(getattr(b.mlp, "fc1", None), nn.Linear)}
+    if len(widths) > 1:
+        bad(f"blocks use different mlp widths {sorted(widths)}")
+    ls_kinds = set()
     for i, b in enumerate(vit.blocks):
         blk = f"block {i}"
         if type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp:
             bad(f"{blk}: expected timm Block/Attention/Mlp, got {type(b).__name__}/{type(b.attn).__name__}/"
                 f"{type(b.mlp).__name__}")
-        if not (ident(b.ls1) and ident(b.ls2)):
-            bad(f"{blk}: layer scale (ls1/ls2, init_values) is not part of the format")
+        for ls in (b.ls1, b.ls2):
+            if not ident(ls) and not isinstance(ls, LayerScale):
+                bad(f"{blk}: layer scale must be timm's LayerScale")
+        ls_kinds.add((ident(b.ls1), ident(b.ls2)))
         a = b.attn
         if not (ident(a.q_norm) and ident(a.k_norm) and ident(getattr(a, "norm", None))) \
                 or getattr(a, "gate", None) is not None:
             bad(f"{blk}: qk_norm / scale_norm / gated attention are not part of the format")
         if a.head_dim * a.num_heads != vit.embed_dim or a.proj.bias is None:
             bad(f"{blk}: attention width must equal embed_dim and proj must have a bias")
+        if (a.qkv.bias is not None) != (vit.blocks[0].attn.qkv.bias is not None):
+            bad(f"{blk}: qkv bias differs from block 0's")
         for n in ("norm1", "norm2"):
             ln = getattr(b, n)
-            if not isinstance(ln, nn.LayerNorm) or abs(ln.eps - 1e-6) > 1e-12 or ln.weight is None:
-                bad(f"{blk}: {n} must be LayerNorm(eps=1e-6) with affine parameters")
+            if not isinstance(ln, nn.LayerNorm) or ln.weight is None:
+                bad(f"{blk}: {n} must be an affine LayerNorm")
+            eps.add(float(ln.eps))
         m = b.mlp
         if not isinstance(m.act, nn.GELU) or m.act.approximate != "none" or not ident(m.norm) \
                 or m.fc1.bias is None or m.fc2.bias is None or not isinstance(m.fc1, nn.Linear):
             bad(f"{blk}: mlp must be Linear -> GELU(erf) -> Linear with biases and no norm")
-    if not isinstance(vit.norm, nn.LayerNorm) or abs(vit.norm.eps - 1e-6) > 1e-12:
-        bad("final norm must be LayerNorm(eps=1e-6)")
+    if len(ls_kinds) > 1 or (ls_kinds and len(set(next(iter(ls_kinds)))) > 1):
+        bad("layer scale on some branches only")
+    if len(eps) != 1:
+        bad(f"LayerNorms use different eps {sorted(eps)}")
     if not isinstance(vit.head, nn.Linear):
         bad("head must be a Linear classifier (num_classes > 0)")
 
 
+def format_config_of(model, merges: dict[int, str] | None = None) -> dict:
+    """The `cait-compactor/1` config of a supported timm ViT (`check_supported` first)."""
+    from torch import nn
+
+    blk = model.blocks[0]
+    d = int(model.embed_dim)
+    fc_norm = not isinstance(model.fc_norm, nn.Identity)
+    ln = model.fc_norm if fc_norm else model.norm
+    return {
+        "img_size": int(model.patch_embed.img_size[0]), "patch_size": int(model.patch_embed.patch_size[0]),
+        "in_chans": int(model.patch_embed.proj.weight.shape[1]), "num_classes": int(model.num_classes),
+        "embed_dim": d, "depth": len(model.blocks), "num_heads": int(blk.attn.num_heads),
+        "mlp_ratio": blk.mlp.fc1.weight.shape[0] / d, "qkv_bias": blk.attn.qkv.bias is not None,
+        "merges": {int(k): v for k, v in (merges or {}).items()},
+        "class_token": model.cls_token is not None, "dist_token": getattr(model, "dist_token", None) is not None,
+        "reg_tokens": int(getattr(model, "num_reg_tokens", 0) or 0), "no_embed_class": bool(model.no_embed_class),
+        "global_pool": str(model.global_pool), "fc_norm": fc_norm, "ln_eps": float(ln.eps),
+        "layer_scale": not isinstance(blk.ls1, nn.Identity), "family": "vit",
+    }
+
+
+def arch_config(arch: str) -> dict:
+    """timm's definition of `arch` as a format config (built on the meta device: nothing allocated), with
+    the name under "arch"; a one-line CaitError for an unknown or unsupported name."""
+    import torch
+
+    with torch.device("meta"):
+        model = timm_model(arch)
+    return {**format_config_of(model), "arch": arch}

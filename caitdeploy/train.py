@@ -86,11 +86,11 @@ class TokenMergeTrain(nn.Module):
     Initialised to the mean of the two tokens: W = [I/2, I/2], b = 0.
     """
 
-    def __init__(self, dim: int, kind: str, grid_hw: tuple[int, int], device=None, dtype=None):
+    def __init__(self, dim: int, kind: str, grid_hw: tuple[int, int], device=None, dtype=None, prefix: int = 1):
         super().__init__()
         if kind not in MERGE_KEY:
             raise CaitError(f"merge kind {kind!r} must be 'h' or 'v'")
-        self.kind, self.grid_hw = kind, tuple(grid_hw)
+        self.kind, self.grid_hw, self.prefix = kind, tuple(grid_hw), prefix
         self.fc = nn.Linear(2 * dim, dim, device=device, dtype=dtype)
         with torch.no_grad():
             eye = torch.eye(dim, device=device, dtype=dtype)
@@ -100,8 +100,9 @@ class TokenMergeTrain(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .model import merge_tokens  # the one token-pairing function (CaitViT's); the reference keeps its own
 
-        cls_tok, patches = x[:, :1], x[:, 1:]
-        return torch.cat([cls_tok, self.fc(merge_tokens(patches, self.grid_hw, self.kind))], dim=1)
+        p = self.prefix
+        merged = self.fc(merge_tokens(x[:, p:], self.grid_hw, self.kind))
+        return torch.cat([x[:, :p], merged], dim=1) if p else merged
 
 
 class CaitTrainAttention(nn.Module):
@@ -141,17 +142,18 @@ class CaitTrainMlp(nn.Module):
 
 
 class CaitTrainBlock(nn.Module):
-    def __init__(self, blk: nn.Module, merge: str | None, grid_in: tuple[int, int]):
+    def __init__(self, blk: nn.Module, merge: str | None, grid_in: tuple[int, int], prefix: int = 1):
         super().__init__()
         d = blk.norm1.weight.shape[0]
         if merge is not None:
             w = blk.norm1.weight
-            self.add_module(MERGE_KEY[merge], TokenMergeTrain(d, merge, grid_in, w.device, w.dtype))
+            self.add_module(MERGE_KEY[merge], TokenMergeTrain(d, merge, grid_in, w.device, w.dtype, prefix))
         self.merge_kind = merge
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.attn = CaitTrainAttention(blk.attn)
         self.mlp = CaitTrainMlp(blk.mlp)
         self.drop_path1, self.drop_path2 = blk.drop_path1, blk.drop_path2
+        self.ls1, self.ls2 = blk.ls1, blk.ls2   # layer scale (DeiT III) or Identity: `ls1.gamma` keys
 
     @property
     def merge(self) -> TokenMergeTrain | None:
@@ -160,8 +162,8 @@ class CaitTrainBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merge_kind is not None:
             x = self.merge(x)
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class CaitTrainViT(nn.Module):
@@ -176,11 +178,17 @@ class CaitTrainViT(nn.Module):
             self.cait_config = CaitConfig.from_format(self.format_config)
         except ConfigError as e:
             raise CaitError(f"merges {merges}: {e}") from None
-        self.cls_token, self.pos_embed = vit.cls_token, vit.pos_embed   # shared Parameters
+        c = self.cait_config
+        for name in ("cls_token", "dist_token", "reg_token"):   # shared Parameters (None where absent)
+            if getattr(vit, name, None) is not None:
+                setattr(self, name, getattr(vit, name))
+        self.pos_embed = vit.pos_embed
         self.patch_embed, self.pos_drop = vit.patch_embed, vit.pos_drop
-        self.blocks = nn.ModuleList(CaitTrainBlock(b, merges.get(i), self.cait_config.input_grid(i))
+        self.blocks = nn.ModuleList(CaitTrainBlock(b, merges.get(i), c.input_grid(i), c.num_prefix_tokens)
                                     for i, b in enumerate(vit.blocks))
-        self.norm, self.head_drop, self.head = vit.norm, vit.head_drop, vit.head
+        self.norm, self.fc_norm, self.head_drop, self.head = vit.norm, vit.fc_norm, vit.head_drop, vit.head
+        if c.dist_token:
+            self.head_dist = vit.head_dist
 
     @property
     def merges(self) -> dict[int, str]:
@@ -188,14 +196,27 @@ class CaitTrainViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        prefix = [getattr(self, n).expand(x.shape[0], -1, -1) for n in ("cls_token", "dist_token", "reg_token")
+                  if hasattr(self, n)]
+        if self.cait_config.no_embed_class:
+            x = torch.cat([*prefix, x + self.pos_embed], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + self.pos_embed
         x = self.pos_drop(x)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_drop(self.forward_features(x)[:, 0]))
+        """timm's eval output: class token, patch-token mean ('avg', then fc_norm), or with a distillation
+        token the mean of both heads (also in training: the distillation loss is the trainer's business)."""
+        c = self.cait_config
+        x = self.forward_features(x)
+        if c.global_pool == "avg":
+            return self.head(self.head_drop(self.fc_norm(x[:, c.num_prefix_tokens:].mean(dim=1))))
+        if c.dist_token:
+            return (self.head(self.head_drop(x[:, 0])) + self.head_dist(self.head_drop(x[:, 1]))) / 2
+        return self.head(self.head_drop(self.fc_norm(x[:, 0])))
 
     # ---- parameter groups ----
     def compactors(self) -> list[tuple[int, str, nn.Module]]:

@@ -14,10 +14,13 @@ from caitdeploy.train import cait_wrap
 NAMES = {
     "deit_tiny_patch16_224": None,
     "vit_small_patch16_224": None,
-    "deit3_small_patch16_224": "pos_embed that covers the class token",
-    "deit_small_distilled_patch16_224": "distillation token",
-    "vit_base_patch16_reg4_gap_256": "register tokens",
+    "deit3_small_patch16_224": None,
+    "deit_small_distilled_patch16_224": None,
+    "vit_base_patch16_reg4_gap_256": None,
+    "vit_small_patch14_dinov2": None,
     "vit_base_patch16_clip_224": "norm_pre",
+    "vit_base_patch16_siglip_224": "global_pool 'map'",
+    "vit_small_patch16_rope_224": "not a timm VisionTransformer",
     "vit_small_patch16_224.augreg_in21k": None,
     "resnet18": "not a timm VisionTransformer",
 }
@@ -27,7 +30,7 @@ NAMES = {
 def test_timm_model_and_cait_wrap_agree(name):
     want = NAMES[name]
     if want is None:
-        model = timm_model(name, num_classes=10, img_size=32)
+        model = timm_model(name, num_classes=10, img_size=28 if "patch14" in name else 32)
         cait_wrap(model, {})  # the same definition accepts it
     else:
         with pytest.raises(CaitError, match=want):
@@ -55,9 +58,10 @@ def test_fuse_names_the_feature_of_an_unsupported_key(tmp_path):
     from conftest import random_checkpoint
 
     ck = random_checkpoint(embed_dim=24, depth=2, num_heads=2, img_size=16, patch_size=8)
-    ck["state_dict"]["blocks.0.ls1.gamma"] = torch.ones(24)
-    torch.save(ck, tmp_path / "ls.pth")
-    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "ls.pth")])
+    ck["state_dict"]["norm_pre.weight"] = torch.ones(24)
+    torch.save(ck, tmp_path / "pre.pth")
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "pre.pth")])
     assert res.exit_code == 2
-    assert "key 'blocks.0.ls1.gamma': layer scale (ls1/ls2, e.g. DeiT III) is not supported" in res.stderr
-    assert unsupported_feature("reg_token") == "register tokens" and unsupported_feature("blocks.0.attn.qkv.weight") is None
+    assert "key 'norm_pre.weight': a pre-norm (norm_pre, e.g. CLIP) is not supported" in res.stderr
+    assert unsupported_feature("blocks.0.attn.q_norm.weight") == "qk-norm"
+    assert unsupported_feature("blocks.0.attn.qkv.weight") is None

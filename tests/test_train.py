@@ -109,10 +109,10 @@ def test_forward_equals_reference_forward(tmp_path):
 
 
 def test_rejects_what_the_format_cannot_express():
-    with pytest.raises(CaitError, match="global_pool"):
-        cait_wrap(tiny_vit(global_pool="avg"))
-    with pytest.raises(CaitError, match="layer scale"):
-        cait_wrap(tiny_vit(init_values=1e-5))
+    with pytest.raises(CaitError, match="global_pool 'max'"):
+        cait_wrap(tiny_vit(global_pool="max"))
+    with pytest.raises(CaitError, match="qk_norm"):
+        cait_wrap(tiny_vit(qk_norm=True))
     with pytest.raises(CaitError, match="odd grid"):
         cait_wrap(tiny_vit(), {0: "h", 1: "h", 2: "h"})  # 4 -> 2 -> 1 -> odd
 

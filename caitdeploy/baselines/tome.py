@@ -38,29 +38,39 @@ def _identity(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
     return x
 
 
-def max_r(n_tokens: int, protect_cls: bool = True) -> int:
-    """The most tokens one matching step can remove from `n_tokens` tokens (|A|, minus the class token)."""
-    return max(0, (n_tokens - 1) // 2) if protect_cls else n_tokens // 2
+def _protected(protect_cls: bool | int) -> int:
+    """Prefix tokens to protect: True = the class token only (ToMe's rule), an int = that many."""
+    return int(protect_cls) if isinstance(protect_cls, bool) else max(0, int(protect_cls))
 
 
-def bipartite_soft_matching(k: torch.Tensor, r: int, protect_cls: bool = True) -> tuple[MergeFn, MergeFn]:
+def max_r(n_tokens: int, protect_cls: bool | int = True) -> int:
+    """The most tokens one matching step can remove from `n_tokens` tokens (|A| minus its protected tokens)."""
+    p = _protected(protect_cls)
+    return max(0, (n_tokens + 1) // 2 - (p + 1) // 2)
+
+
+def bipartite_soft_matching(k: torch.Tensor, r: int, protect_cls: bool | int = True) -> tuple[MergeFn, MergeFn]:
     """Plan one ToMe merge step from a similarity metric.
 
     k: [B, N, C] per-token metric (ToMe: the keys averaged over heads). r: tokens to remove.
     Returns (merge, unmerge):
       merge(x [B, N, D], mode="sum"|"mean"|"amax"...) -> [B, N - r, D] (A tokens reduced into their B match);
       unmerge(y [B, N - r, D]) -> [B, N, D] (every token gets the value of the token it ended up in).
-    With r <= 0 both are the identity. r is capped at `max_r(N)`.
+    With r <= 0 both are the identity. r is capped at `max_r(N)`. protect_cls: True protects token 0 (the
+    class token, ToMe's rule); an int P protects the first P tokens (class, distillation, registers): they
+    are never merged away (A side) and never absorb a token (B side).
     """
     n = k.shape[1]
-    r = min(int(r), max_r(n, protect_cls))
+    p = _protected(protect_cls)
+    r = min(int(r), max_r(n, p))
     if r <= 0:
         return _identity, _identity
     with torch.no_grad():
         unit = F.normalize(k, dim=-1)
         sim = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)   # [B, |A|, |B|] cosine similarity, A = even
-        if protect_cls:
-            sim[:, 0, :] = -math.inf                           # token 0 (class) never gets an edge
+        if p:
+            sim[:, : (p + 1) // 2, :] = -math.inf              # prefix tokens in A (even indices) never leave
+            sim[:, :, : p // 2] = -math.inf                    # prefix tokens in B (odd indices) never absorb
         best_sim, partner = sim.max(dim=-1)                    # each A token's most similar B token
         ranked = best_sim.argsort(dim=-1, descending=True)     # strongest edges first
         gone = ranked[:, :r, None]                             # A tokens folded into their partner
@@ -118,11 +128,12 @@ def r_schedule(r: int | Sequence[int], depth: int) -> list[int]:
 
 
 def tome_tokens(config: CaitConfig, r: int | Sequence[int]) -> list[tuple[int, int]]:
-    """(tokens in attention, tokens in the MLP) of every block, class token included."""
-    n = 1 + config.grid[0] * config.grid[1]
+    """(tokens in attention, tokens in the MLP) of every block, prefix tokens included."""
+    p = config.num_prefix_tokens
+    n = p + config.grid[0] * config.grid[1]
     out = []
     for ri in r_schedule(r, config.depth):
-        m = n - min(ri, max_r(n))
+        m = n - min(ri, max_r(n, p))
         out.append((n, m))
         n = m
     return out
@@ -132,6 +143,9 @@ def _check_dense(config: CaitConfig) -> None:
     if config.merges:
         raise ValueError("ToMe runs a dense ViT: the config has ATME merges (use config.unpruned())")
     for i, b in enumerate(config.blocks):
+        if b.kind != "attn" or b.slim is not None:
+            raise ValueError(f"ToMe runs a dense ViT: block {i} is a {b.kind!r} block"
+                             f"{' with token slimming' if b.slim is not None else ''}")
         if b.qk_dim != b.v_dim or b.num_heads * b.qk_dim != config.embed_dim:
             raise ValueError(f"ToMe runs a dense ViT: block {i} has pruned attention widths")
 
@@ -168,8 +182,9 @@ def choose_r(config_dense: CaitConfig, target_flops: float, tol: float = 0.02) -
     (FLOPs fall monotonically in k). Raises ValueError when even the best schedule misses the target.
     """
     depth = config_dense.depth
-    n0 = 1 + config_dense.grid[0] * config_dense.grid[1]
-    cost = {r: tome_flops(config_dense, r)["total"] for r in range(0, max_r(n0) + 1)}
+    p = config_dense.num_prefix_tokens
+    n0 = p + config_dense.grid[0] * config_dense.grid[1]
+    cost = {r: tome_flops(config_dense, r)["total"] for r in range(0, max_r(n0, p) + 1)}
     best = min(cost, key=lambda r: abs(cost[r] - target_flops))
     if abs(cost[best] - target_flops) <= tol * target_flops:
         return best
@@ -244,21 +259,20 @@ class ToMeViT(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         vit = self.vit
-        x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + vit.pos_embed
+        x = vit.embed(images)
         size = None
         for blk, r in zip(vit.blocks, self.schedule):
             y, metric = self._attention(blk, blk.norm1(x), size)
             x = x + y
             if r > 0:
-                merge, _ = bipartite_soft_matching(metric, r, protect_cls=True)
+                merge, _ = bipartite_soft_matching(metric, r, protect_cls=vit.num_prefix_tokens)
                 if merge is not _identity:
                     x, size = merge_wavg(merge, x, size)
             x = x + blk.mlp(blk.norm2(x))
         return vit.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vit.head(self.forward_features(images)[:, 0])
+        return self.vit.forward_head(self.forward_features(images))
 
 
 def tome_model(config: CaitConfig, r: int | Sequence[int], attn_impl: str = "sdpa", seed: int | None = 0,

@@ -44,6 +44,25 @@ def make_stem(c: CaitConfig) -> nn.Module:
     return PatchEmbed(c.in_chans, c.embed_dim, c.patch_size)
 
 
+def stem_shapes(c: CaitConfig) -> dict[str, tuple[int, ...]]:
+    """key -> shape of the stem in a checkpoint (cait-compactor/1) of this family."""
+    d, p = c.embed_dim, c.patch_size
+    return {"patch_embed.proj.weight": (d, c.in_chans, p, p), "patch_embed.proj.bias": (d,)}
+
+
+def fuse_stem(c: CaitConfig, get) -> dict:
+    """Deploy stem tensors from a checkpoint's (`get(key)` -> tensor): the same keys here."""
+    return {k: get(k) for k in stem_shapes(c)}
+
+
+def reference_stem(c: CaitConfig, get, images):
+    """The checkpoint's stem, written from the format: images -> [B, Gh*Gw, D]."""
+    import torch.nn.functional as F
+
+    x = F.conv2d(images, get("patch_embed.proj.weight"), get("patch_embed.proj.bias"), stride=c.patch_size)
+    return x.flatten(2).transpose(1, 2)
+
+
 def stem_flops(c: CaitConfig) -> int:
     gh, gw = c.grid
     return 2 * gh * gw * c.embed_dim * c.in_chans * c.patch_size**2
