@@ -4,6 +4,7 @@ Every check raises `CaitError` with a message that names the file and the key or
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import pickle
@@ -150,7 +151,10 @@ def read_container(path: Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one-line error says enough
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # training scripts (SiT, SPViT, DeiT) store their argparse.Namespace beside the weights: a plain
+            # attribute bag, allowed; anything else that needs code stays refused
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         if "truncated" in str(e) or "ran out of input" in str(e).lower():
             raise CaitError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
@@ -187,6 +191,9 @@ def check_tensors(path: Path, sd: dict[Any, Any]) -> tuple[dict[str, torch.Tenso
 
     out: dict[str, torch.Tensor] = {}
     upcast: dict[str, int] = {}
+    # BatchNorm's step counter (int64): eval-mode BatchNorm never reads it
+    sd = {k: v for k, v in sd.items() if not (isinstance(k, str) and k.endswith(".num_batches_tracked")
+                                              and isinstance(v, torch.Tensor) and v.numel() == 1)}
     for k, v in sd.items():
         if not isinstance(k, str):
             raise CaitError(f"{path}: state dict key {k!r} is not a string")

@@ -32,7 +32,6 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "v_dim": (1, 4096),
     "tokens": (2, 65537),         # prefix tokens + patch grid
     "reg_tokens": (0, 64),
-    "stem_chans": (0, 1024),
 }
 MLP_RATIO_MAX = 16.0
 LN_EPS_MAX = 0.1
@@ -40,7 +39,8 @@ MAX_JSON_BYTES = 4 << 20     # a 256-block config is about 40 KB
 
 
 MODEL_OPTIONS = ("ln_eps", "family", "class_token", "dist_token", "reg_tokens", "no_embed_class", "global_pool",
-                 "fc_norm", "stem_chans")
+                 "fc_norm", "stem")
+STEMS = ("patch", "4c", "6c")   # a patch projection, or LV-ViT's 4 / 6 conv stem (downsampling by 16)
 
 
 class ConfigError(ValueError):
@@ -134,7 +134,7 @@ class CaitConfig:
     no_embed_class: bool = False
     global_pool: str = "token"
     fc_norm: bool = False
-    stem_chans: int = 0   # LV-ViT's convolutional stem width (family "lvvit"); 0 = a plain patch projection
+    stem: str = "patch"   # "patch" (one patch-sized conv) or LV-ViT's "4c" / "6c" conv stems (family "lvvit")
 
     def __post_init__(self) -> None:
         for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim"):
@@ -150,7 +150,11 @@ class CaitConfig:
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false, got {short(getattr(self, key))}")
         check_bound(self.reg_tokens, "reg_tokens")
-        check_bound(self.stem_chans, "stem_chans")
+        if self.stem not in STEMS:
+            raise ConfigError(f"stem must be one of {', '.join(STEMS)}, got {short(self.stem)}")
+        if self.stem != "patch" and (self.patch_size != 16 or self.embed_dim % 8):
+            raise ConfigError(f"stem {self.stem!r} downsamples by 16 into embed_dim / 8.. channels: it needs "
+                              f"patch_size 16 and embed_dim divisible by 8 (got {self.patch_size}, {self.embed_dim})")
         if not isinstance(self.family, str) or not self.family.isidentifier() or len(self.family) > 32:
             raise ConfigError(f"family must be a short name, got {short(self.family)}")
         if self.global_pool not in GLOBAL_POOLS:
@@ -258,7 +262,7 @@ class CaitConfig:
         """The unpruned model of a `cait-compactor/1` config (merges included, no channel pruning).
 
         options: the model-level fields beyond the widths (ln_eps, family, class_token, dist_token,
-        reg_tokens, no_embed_class, global_pool, fc_norm, stem_chans)."""
+        reg_tokens, no_embed_class, global_pool, fc_norm, stem)."""
         check_bound(depth, "depth")
         check_bound(num_heads, "num_heads")
         check_bound(embed_dim, "embed_dim")

@@ -29,7 +29,7 @@ OPTIONAL_CONFIG: dict[str, tuple] = {
     "ln_eps": (1e-6, (int, float)),
     "layer_scale": (False, (bool,)),
     "skip_lam": (1.0, (int, float)),
-    "stem_chans": (0, (int,)),
+    "stem": ("patch", (str,)),
 }
 ATTN_COMPACTORS = ("q", "k", "v")
 COMPACTORS = (*ATTN_COMPACTORS, "fc1")

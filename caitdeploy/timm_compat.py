@@ -42,6 +42,18 @@ def timm_model(arch: str, num_classes: int | None = None, img_size: int | None =
         kw["num_classes"] = num_classes
     if img_size is not None:
         kw["img_size"] = img_size
+    if arch.startswith("lvvit_"):  # LV-ViT teachers (SiT's sizes): not in timm, built as a timm ViT with their stem
+        from .models.lvvit import TEACHERS, timm_lvvit
+
+        if arch.removeprefix("lvvit_") not in TEACHERS:
+            raise CaitError(f"--arch {arch!r}: unknown LV-ViT size; choose one of "
+                            f"{', '.join('lvvit_' + t for t in TEACHERS)}")
+        try:
+            model = timm_lvvit(arch, **{k: v for k, v in kw.items() if k != "pretrained"})
+        except ValueError as e:
+            raise CaitError(f"--arch {arch!r}: {str(e).splitlines()[0]}") from None
+        check_supported(model, f"--arch {arch!r}")
+        return model
     try:
         model = timm.create_model(arch, **kw)
     except TypeError as e:  # e.g. a ResNet has no img_size: say what the model is instead
@@ -101,7 +113,9 @@ def check_supported(vit, where: str = "model") -> None:
     if ident(vit.norm) and ident(vit.fc_norm):
         bad("no final norm")
     pe = vit.patch_embed
-    if not isinstance(pe, PatchEmbed) or not ident(pe.norm) or pe.img_size[0] != pe.img_size[1] \
+    if getattr(pe, "caitdeploy_stem", False):  # LV-ViT's conv stem (models/lvvit.py)
+        pass
+    elif not isinstance(pe, PatchEmbed) or not ident(pe.norm) or pe.img_size[0] != pe.img_size[1] \
             or pe.patch_size[0] != pe.patch_size[1] or not pe.flatten or pe.proj.bias is None:
         bad("patch_embed must be a square PatchEmbed with a biased conv, no norm")
     heads = {int(b.attn.num_heads) for b in vit.blocks}
@@ -155,7 +169,7 @@ def format_config_of(model, merges: dict[int, str] | None = None) -> dict:
     ln = model.fc_norm if fc_norm else model.norm
     return {
         "img_size": int(model.patch_embed.img_size[0]), "patch_size": int(model.patch_embed.patch_size[0]),
-        "in_chans": int(model.patch_embed.proj.weight.shape[1]), "num_classes": int(model.num_classes),
+        "in_chans": int(next(model.patch_embed.parameters()).shape[1]), "num_classes": int(model.num_classes),
         "embed_dim": d, "depth": len(model.blocks), "num_heads": int(blk.attn.num_heads),
         "mlp_ratio": blk.mlp.fc1.weight.shape[0] / d, "qkv_bias": blk.attn.qkv.bias is not None,
         "merges": {int(k): v for k, v in (merges or {}).items()},
@@ -163,6 +177,8 @@ def format_config_of(model, merges: dict[int, str] | None = None) -> dict:
         "reg_tokens": int(getattr(model, "num_reg_tokens", 0) or 0), "no_embed_class": bool(model.no_embed_class),
         "global_pool": str(model.global_pool), "fc_norm": fc_norm, "ln_eps": float(ln.eps),
         "layer_scale": not isinstance(blk.ls1, nn.Identity), "family": "vit",
+        **({"family": "lvvit", "stem": model.patch_embed.stem, "skip_lam": float(getattr(model, "skip_lam", 1.0))}
+           if getattr(model.patch_embed, "caitdeploy_stem", False) else {}),
     }
 
 

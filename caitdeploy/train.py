@@ -142,8 +142,10 @@ class CaitTrainMlp(nn.Module):
 
 
 class CaitTrainBlock(nn.Module):
-    def __init__(self, blk: nn.Module, merge: str | None, grid_in: tuple[int, int], prefix: int = 1):
+    def __init__(self, blk: nn.Module, merge: str | None, grid_in: tuple[int, int], prefix: int = 1,
+                 skip_lam: float = 1.0):
         super().__init__()
+        self.skip_lam = skip_lam   # LV-ViT divides both residual branches by it
         d = blk.norm1.weight.shape[0]
         if merge is not None:
             w = blk.norm1.weight
@@ -162,8 +164,8 @@ class CaitTrainBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merge_kind is not None:
             x = self.merge(x)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x)))) / self.skip_lam
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) / self.skip_lam
 
 
 class CaitTrainViT(nn.Module):
@@ -184,7 +186,8 @@ class CaitTrainViT(nn.Module):
                 setattr(self, name, getattr(vit, name))
         self.pos_embed = vit.pos_embed
         self.patch_embed, self.pos_drop = vit.patch_embed, vit.pos_drop
-        self.blocks = nn.ModuleList(CaitTrainBlock(b, merges.get(i), c.input_grid(i), c.num_prefix_tokens)
+        lam = float(self.format_config.get("skip_lam", 1.0))
+        self.blocks = nn.ModuleList(CaitTrainBlock(b, merges.get(i), c.input_grid(i), c.num_prefix_tokens, lam)
                                     for i, b in enumerate(vit.blocks))
         self.norm, self.fc_norm, self.head_drop, self.head = vit.norm, vit.fc_norm, vit.head_drop, vit.head
         if c.dist_token:
