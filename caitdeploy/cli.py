@@ -38,11 +38,13 @@ def main(debug: bool) -> None:
 
 
 def _register() -> None:
+    from .commands.convert import convert_cmd
     from .commands.fuse import fuse_cmd
     from .commands.make_checkpoint import make_checkpoint_cmd
 
     main.add_command(make_checkpoint_cmd)
     main.add_command(fuse_cmd)
+    main.add_command(convert_cmd)
     # further subcommands register below, one line each
     from .commands.bench import bench_cmd; main.add_command(bench_cmd)
     from .commands.export import export_cmd; main.add_command(export_cmd)

@@ -108,7 +108,7 @@ def block_rows(cfg: CaitConfig) -> list[dict]:
     """The one per-block table (fuse's report, inspect, benchmarks): widths, tokens, FLOPs by part, params."""
     f = model_flops(cfg)
     tokens = cfg.tokens()
-    return [{"block": i, "merge": b.merge, "tokens": tokens[i], "heads": b.num_heads, "qk_per_head": b.qk_dim,
+    return [{"block": i, "merge": b.merge, "kind": b.kind, "slim": b.slim, "tokens": tokens[i], "heads": b.num_heads, "qk_per_head": b.qk_dim,
              "v_per_head": b.v_dim, "mlp": b.mlp_hidden, "attn_scale": b.attn_scale,
              "flops": f["blocks"][i]["total"], "flops_parts": f["blocks"][i], "params": block_params(cfg, i)}
             for i, b in enumerate(cfg.blocks)]

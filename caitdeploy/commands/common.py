@@ -139,7 +139,9 @@ def block_table(rows: list[dict[str, Any]], title: str | None = None):
         return f"{v}" + (f" ({r[pruned]})" if pruned in r and r[pruned] != v else "")
 
     for r in rows:
-        cells = [str(r["block"]), r["merge"] or "-", str(r["tokens"]), str(r["heads"]),
+        op = " ".join(x for x in (r["merge"], f"slim {r['slim']}" if r.get("slim") else None,
+                                  r["kind"] if r.get("kind", "attn") != "attn" else None) if x) or "-"
+        cells = [str(r["block"]), op, str(r["tokens"]), str(r["heads"]),
                  width(r, "qk_per_head", "qk_pruned"), width(r, "v_per_head", "v_pruned"), width(r, "mlp", "mlp_pruned"),
                  f"{r['flops'] / 1e9:.3f}"]
         if dense:
