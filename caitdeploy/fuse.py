@@ -213,13 +213,14 @@ def default_output(path: str | os.PathLike) -> Path:
 
 def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, opts: FuseOptions = FuseOptions(),
               verify_batch: int = 2, progress=None, staging: Staging | None = None,
-              other_outputs: tuple[Out, ...] = ()) -> dict[str, Any]:
+              other_outputs: tuple[Out, ...] = (), arch: str | None = None) -> dict[str, Any]:
     """`caitdeploy fuse`: checkpoint file -> fused safetensors file. Returns the report dict.
 
     Checked before any work: the options, the output (a .safetensors name, a writable folder, never the input;
     `other_outputs`, e.g. the report, against both), then the checkpoint, then the memory rule (limits.py).
     With `staging` the fused file is staged there and appears when the caller commits (all-or-nothing with the
-    caller's other outputs)."""
+    caller's other outputs). `arch`: a timm model name for what the checkpoint's shapes cannot tell (heads,
+    pooling, LayerNorm eps)."""
     from .io import save_fused
     from .limits import MAX_VERIFY_BATCH, WEIGHT_FACTOR, activation_bytes, check_memory
     from .model import CaitViT
@@ -231,7 +232,7 @@ def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, 
         raise OptionError("verify_batch", f"must be an integer in 0..{MAX_VERIFY_BATCH}, got {verify_batch!r}")
     output = Path(output) if output else default_output(path)
     check_paths({"CHECKPOINT": path}, [Out(output, "--output", FUSED_SUFFIXES), *other_outputs])
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, arch=arch)
     n_params = sum(t.numel() for t in ckpt.state_dict.values())
     check_memory(WEIGHT_FACTOR * 4 * n_params + activation_bytes(ckpt.config, max(verify_batch, 1), 8),
                  f"{path}: fusing {n_params} parameters (verify batch {verify_batch})")

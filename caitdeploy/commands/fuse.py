@@ -35,6 +35,8 @@ def print_fuse_report(report: dict) -> None:
 @click.command("fuse")
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Fused file [default: <stem>.fused.safetensors].")
+@click.option("--arch", default=None,
+              help="timm model name giving what a plain state dict's shapes cannot (heads, pooling, eps).")
 @click.option("--threshold", type=float, default=None,
               help="Keep rows whose folded row norm > T instead of mask == 1.")
 @click.option("--max-dropped-norm", type=float, default=1e-3, show_default=True,
@@ -50,7 +52,7 @@ def print_fuse_report(report: dict) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No table.")
 @handle_errors
-def fuse_cmd(checkpoint, output, threshold, max_dropped_norm, force, consistency, align, equal_head_dims,
+def fuse_cmd(checkpoint, output, arch, threshold, max_dropped_norm, force, consistency, align, equal_head_dims,
              verify_batch, report_path, quiet):
     """Fold CAIT compactors into the weights and slice the pruned channels away."""
     from ..errors import Staging
@@ -61,7 +63,7 @@ def fuse_cmd(checkpoint, output, threshold, max_dropped_norm, force, consistency
                        consistency=consistency, align=align, equal_head_dims=equal_head_dims)
     with Staging() as staging:  # the fused file and the report appear together, or neither does
         report = fuse_file(checkpoint, output, opts, verify_batch=verify_batch, staging=staging,
-                           other_outputs=(Out(report_path, "--report", JSON_SUFFIXES),))
+                           other_outputs=(Out(report_path, "--report", JSON_SUFFIXES),), arch=arch)
         if report_path:
             write_json(report_path, report, staging=staging)
     if not quiet:
