@@ -30,7 +30,7 @@ def _config_summary(config) -> dict[str, Any]:
 
 def inspect_checkpoint(path: Path) -> dict[str, Any]:
     from .checkpoint import load_checkpoint
-    from .config import BlockConfig, CaitConfig
+    from .config import BlockConfig
     from .flops import model_flops
 
     ckpt = load_checkpoint(path)

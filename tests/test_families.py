@@ -143,7 +143,7 @@ def test_spvit_converts_every_block_kind(tmp_path):
     torch.save({"model": sd}, tmp_path / "sp.pth")
     res = run("convert", tmp_path / "sp.pth", "--from", "spvit", "--align", "8", "-q")
     assert res.exit_code == 0, res.stderr
-    cfg, tensors, _ = load_fused(tmp_path / "sp.fused.safetensors")
+    cfg, _, _ = load_fused(tmp_path / "sp.fused.safetensors")
     assert [b.kind for b in cfg.blocks] == ["attn", "conv1", "conv3", "skip"]
     assert [b.mlp_hidden for b in cfg.blocks] == [104, 40, 192, 64]          # zero-padded exactly
     x = torch.randn(2, 3, 64, 64)

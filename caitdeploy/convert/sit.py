@@ -129,7 +129,7 @@ def convert(path: Path, sd: dict[str, torch.Tensor], source: str, variant, stage
         required.update({p + "scale": (1, 1, 1), p + "weight.0.weight": (d,), p + "weight.0.bias": (d,),
                          p + "weight.1.weight": (t, d), p + "weight.1.bias": (t,), p + "weight.3.weight": (m, t),
                          p + "weight.3.bias": (m,)})
-    from . import check_layout
+    from .common import check_layout
 
     check_layout(path, sd, required, TRAINING_ONLY, f"{'SiT' if st else 'LV-ViT'} layout")
 

@@ -61,7 +61,7 @@ def conv_weights(sd: dict[str, torch.Tensor], i: int, kind: str, heads: int, alp
 
 def convert(path: Path, sd: dict[str, torch.Tensor], num_heads, align: int):
     """(config, deploy tensors, float64 reference forward, notes)."""
-    from . import check_layout
+    from .common import check_layout
     from ..surgery import round_up
 
     if "bconv.0.weight" in " ".join(sd):
