@@ -6,7 +6,7 @@ DeiT-S (ONNX Runtime, fp32, this machine's CPU).
 
 Random weights in the released layouts (tests/upstream_sit.py, tests/upstream_spvit.py: speed only, no
 accuracy): SiT-S converted with `convert --from sit --variant s`; the dense LV-ViT-S teacher is SiT-S's dense
-baseline (`bench --baselines dense`); CAIT-LV-ViT-S is `make-checkpoint --arch lvvit_s --merges 5:h,9:v` with
+baseline (`bench --baselines dense`); CAIT-LV-ViT-S is `make-checkpoint --arch lvvit_s --merges 9:h,12:v` (where SiT-S slims) with
 CDCP pruning to SiT-S's FLOPs reduction, then `fuse`; SPViT-DeiT-S is the released `spvit_deit_sm_l30_t32`
 architecture converted with `--align 8`, its dense baseline DeiT-S. Writes benchmarks/results/
 families_<machine>_b<batch>.{json,md}.
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         sh("convert", t / "sit_s.pth", "--from", "sit", "--variant", "s", "-o", t / "sit_s.fused.safetensors", "-q")
         cfg, _, meta = load_fused(t / "sit_s.fused.safetensors")
         reduction = 1 - meta["flops"] / meta["flops_dense"]
-        sh("make-checkpoint", "--arch", "lvvit_s", "--merges", "5:h,9:v", "--flops-reduction", f"{reduction:.4f}",
+        sh("make-checkpoint", "--arch", "lvvit_s", "--merges", "9:h,12:v", "--flops-reduction", f"{reduction:.4f}",
            "--align", "8", "-o", t / "cait_lvvit_s.pth")
         sh("fuse", t / "cait_lvvit_s.pth", "-q", "--verify-batch", "1")
         arch = SPVIT_RELEASED["spvit_deit_sm_l30_t32"]
