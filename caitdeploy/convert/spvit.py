@@ -64,7 +64,7 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads, align: int):
     from .common import check_layout
     from ..surgery import round_up
 
-    if "bconv.0.weight" in " ".join(sd):
+    if any(k.endswith(".attn.bconv.0.weight") for k in sd):
         raise CaitError(f"{path}: a post-training-optimized SPViT file (attn.bconv.*): convert the fine-tuned "
                         "checkpoint it came from (its head_probs and BatchNorms are folded here)")
     pw = sd.get("patch_embed.proj.weight")
@@ -95,7 +95,8 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads, align: int):
         if w1 is None or w1.dim() != 2 or w1.shape[1] != dim:
             raise CaitError(f"{path}: key 'blocks.{i}.mlp.fc1.weight' is missing or not [F, {dim}]")
         widths.append(w1.shape[0])
-    required = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + n, dim), "patch_embed.proj.weight": (dim, 3, patch, patch),
+    required = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + n, dim),
+                "patch_embed.proj.weight": (dim, pw.shape[1], patch, patch),
                 "patch_embed.proj.bias": (dim,), "norm.weight": (dim,), "norm.bias": (dim,),
                 "head.weight": (classes, dim), "head.bias": (classes,)}
     for i, (kind, f) in enumerate(zip(kinds, widths)):
@@ -111,7 +112,6 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads, align: int):
         elif kind != "skip":
             required[b + "attn.head_probs"] = (heads, 9)
             required.update({f"{b}attn.{BN[kind]}.{s}": (d,) for s in ("weight", "bias", "running_mean", "running_var")})
-    required["patch_embed.proj.weight"] = (dim, pw.shape[1], patch, patch)
     check_layout(path, sd, required, None, "SPViT-DeiT layout")
 
     blocks = []

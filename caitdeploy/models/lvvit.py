@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CaitConfig
+from .vit import make_mixer, mixer_flops, mixer_params  # noqa: F401 - this family has no other block kinds
 
 NAME = "lvvit"
 DESCRIPTION = "LV-ViT (conv stem, skip_lam) and SiT (LV-ViT + token slimming)"
@@ -247,18 +248,6 @@ def slim_flops(c: CaitConfig, i: int) -> int:
 def slim_params(c: CaitConfig, i: int) -> int:
     _, d, t, m = _slim_sizes(c, i)
     return 2 * d + d * t + t + t * m + m
-
-
-def make_mixer(c: CaitConfig, i: int) -> nn.Module | None:
-    raise ValueError(f"block {i}: family 'lvvit' has no {c.blocks[i].kind!r} blocks")
-
-
-def mixer_flops(c: CaitConfig, i: int) -> int:
-    return 0
-
-
-def mixer_params(c: CaitConfig, i: int) -> int:
-    return 0
 
 
 def dense_config(variant: str, num_classes: int = 1000, img_size: int | None = None, slim: bool = False,

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CaitConfig
-from .vit import PatchEmbed, fuse_stem, reference_stem, stem_flops, stem_params, stem_shapes  # noqa: F401
+from .vit import (PatchEmbed, fuse_stem, make_slim, reference_stem, slim_flops, slim_params,  # noqa: F401
+                  stem_flops, stem_params, stem_shapes)
 
 NAME = "spvit"
 DESCRIPTION = "SPViT-DeiT: attention, 1x1/3x3 convolution or skipped blocks, pruned FFN widths"
@@ -72,15 +73,3 @@ def mixer_params(c: CaitConfig, i: int) -> int:
     b = c.blocks[i]
     k = KERNEL[b.kind]
     return c.embed_dim * b.v_dim * k * k + b.v_dim + b.v_dim * c.embed_dim + c.embed_dim
-
-
-def make_slim(c: CaitConfig, i: int) -> nn.Module:
-    raise ValueError(f"block {i}: family 'spvit' has no token slimming")
-
-
-def slim_flops(c: CaitConfig, i: int) -> int:
-    return 0
-
-
-def slim_params(c: CaitConfig, i: int) -> int:
-    return 0
