@@ -15,6 +15,7 @@ MERGE_KINDS = ("h", "v")
 # folded), or nothing at all (SPViT's pruned attention: the mixer returns its LayerNorm input)
 BLOCK_KINDS = ("attn", "conv1", "conv3", "skip")
 GLOBAL_POOLS = ("token", "avg")
+RESTORE_MODES = ("repeat", "bilinear")   # how a merged grid goes back to the full patch grid (feature outputs)
 
 # Structural bounds (inclusive) on untrusted sizes: what real ViTs use, with room (ViT-22B: depth 48, width 6144,
 # 48 heads, mlp 24576). A config outside them is refused, naming the key and the bound, before any loop or
@@ -67,6 +68,24 @@ def check_bound(value, key: str, bound: str | None = None, what: str = "") -> in
     return value
 
 
+def image_size(value: Any) -> int | tuple[int, int]:
+    """An input size as the config stores it: an int for a square image, (height, width) otherwise.
+    Takes an int, a 2-sequence, or text '512' / '512x1024' (height x width); each side within BOUNDS."""
+    v = value
+    if isinstance(v, str):
+        parts = v.lower().replace("×", "x").split("x")
+        if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"img_size {short(value)}: give one integer or HEIGHTxWIDTH, e.g. 512 or 512x1024")
+        v = [int(p) for p in parts]
+        v = v[0] if len(v) == 1 else v
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2:
+            raise ConfigError(f"img_size {short(value)}: give one integer or [height, width]")
+        h, w = (check_bound(x, "img_size") for x in v)
+        return h if h == w else (h, w)
+    return check_bound(v, "img_size")
+
+
 @dataclass(frozen=True)
 class BlockConfig:
     """Widths of one transformer block after fusing.
@@ -117,7 +136,7 @@ class CaitConfig:
     tokens only. `family` names the model family (models/): its stem and block variants.
     """
 
-    img_size: int
+    img_size: int | tuple[int, int]   # square side, or (height, width) for a non-square input
     patch_size: int
     in_chans: int
     num_classes: int
@@ -137,7 +156,8 @@ class CaitConfig:
     stem: str = "patch"   # "patch" (one patch-sized conv) or LV-ViT's "4c" / "6c" conv stems (family "lvvit")
 
     def __post_init__(self) -> None:
-        for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim"):
+        object.__setattr__(self, "img_size", image_size(self.img_size))
+        for key in ("patch_size", "in_chans", "num_classes", "embed_dim"):
             check_bound(getattr(self, key), key)
         if not isinstance(self.qkv_bias, bool):
             raise ConfigError(f"qkv_bias must be true or false, got {short(self.qkv_bias)}")
@@ -163,10 +183,12 @@ class CaitConfig:
             raise ConfigError("global_pool 'token' needs a class token")
         if self.dist_token and (not self.class_token or self.global_pool != "token"):
             raise ConfigError("a distillation token needs a class token and global_pool 'token'")
-        if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        check_bound(self.num_prefix_tokens + (self.img_size // self.patch_size) ** 2,
-                    "tokens (prefix tokens + (img_size / patch_size)^2)", bound="tokens")
+        for side, name in zip(self.image_hw, ("height", "width")):
+            if side % self.patch_size:
+                raise ConfigError(f"image {name} {side} (img_size {self.size_text}) is not a multiple of patch_size "
+                                  f"{self.patch_size}")
+        gh, gw = self.grid
+        check_bound(self.num_prefix_tokens + gh * gw, "tokens (prefix tokens + patch grid)", bound="tokens")
         if not isinstance(self.blocks, (tuple, list)) or not self.blocks:
             raise ConfigError("a model needs at least one block")
         check_bound(len(self.blocks), "depth")
@@ -181,9 +203,41 @@ class CaitConfig:
         return len(self.blocks)
 
     @property
+    def image_hw(self) -> tuple[int, int]:
+        """(height, width) of the input images."""
+        s = self.img_size
+        return (s, s) if isinstance(s, int) else (s[0], s[1])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one input image."""
+        return (self.in_chans, *self.image_hw)
+
+    @property
+    def size_text(self) -> str:
+        """'224' for a square input, '512x1024' (height x width) otherwise."""
+        h, w = self.image_hw
+        return str(h) if h == w else f"{h}x{w}"
+
+    @property
     def grid(self) -> tuple[int, int]:
-        g = self.img_size // self.patch_size
-        return (g, g)
+        """(Gh, Gw): the patch grid of the input."""
+        h, w = self.image_hw
+        return (h // self.patch_size, w // self.patch_size)
+
+    def at_size(self, img_size) -> "CaitConfig":
+        """The same model run on another input size (int, (H, W) or 'HxW'): merges and 3x3 convolutions are
+        re-checked against the new grid (ConfigError naming the block when a merged side is odd). The
+        `source` widths follow, so `unpruned()` gives the dense model at the same size."""
+        hw = image_size(img_size)
+        src = dict(self.source)
+        if src:
+            src["img_size"] = hw if isinstance(hw, int) else list(hw)
+        try:
+            return replace(self, img_size=hw, source=src)
+        except ConfigError as e:
+            text = str(hw) if isinstance(hw, int) else f"{hw[0]}x{hw[1]}"
+            raise ConfigError(f"img_size {text}: {e}") from None
 
     @property
     def merges(self) -> dict[int, str]:
@@ -222,6 +276,34 @@ class CaitConfig:
                 raise ConfigError(f"block {i}: a 3x3 convolution after token slimming (the tokens are no longer a grid)")
             out.append((gh, gw))
         return out
+
+    def feature_blocks(self, blocks) -> tuple[int, ...]:
+        """Validated block indices for feature outputs (after each listed block): an int sequence or text
+        '3,5,7,11'; negative indices count from the end; refused, naming the block, when a block's tokens are
+        no longer a grid (after token slimming). Returns them sorted, without duplicates."""
+        if isinstance(blocks, str):
+            parts = [p.strip() for p in blocks.split(",") if p.strip()]
+            try:
+                items = [int(p) for p in parts]
+            except ValueError:
+                raise ConfigError(f"features {short(blocks)}: give block indices, e.g. 3,5,7,11") from None
+        elif isinstance(blocks, int) and not isinstance(blocks, bool):
+            items = [blocks]
+        else:
+            items = list(blocks)
+        if not items:
+            raise ConfigError("features: give at least one block index")
+        out = set()
+        for b in items:
+            if isinstance(b, bool) or not isinstance(b, int):
+                raise ConfigError(f"features: block index {short(b)} is not an integer")
+            if not -self.depth <= b < self.depth:
+                raise ConfigError(f"features: block {b} is outside 0..{self.depth - 1} (the model has {self.depth})")
+            out.add(b % self.depth)
+        for b in sorted(out):
+            if any(blk.slim is not None for blk in self.blocks[: b + 1]):
+                raise ConfigError(f"features: block {b} comes after token slimming; its tokens are no longer a grid")
+        return tuple(sorted(out))
 
     def patch_tokens_in(self, i: int) -> int:
         """Patch tokens entering block i (before its merge and slimming)."""
@@ -296,7 +378,7 @@ class CaitConfig:
         included; the training-only ones, layer_scale and skip_lam, are folded away by `fuse`)."""
         return cls.dense(
             **{k: cfg[k] for k in MODEL_OPTIONS if k in cfg},
-            img_size=int(cfg["img_size"]),
+            img_size=image_size(cfg["img_size"]),
             patch_size=int(cfg["patch_size"]),
             in_chans=int(cfg["in_chans"]),
             num_classes=int(cfg["num_classes"]),

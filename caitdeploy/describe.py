@@ -22,7 +22,7 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 def _config_summary(config) -> dict[str, Any]:
     from .flops import block_rows, model_flops, model_params
 
-    return {"img_size": config.img_size, "patch_size": config.patch_size, "in_chans": config.in_chans,
+    return {"img_size": config.img_size if isinstance(config.img_size, int) else list(config.img_size), "patch_size": config.patch_size, "in_chans": config.in_chans,
             "num_classes": config.num_classes, "embed_dim": config.embed_dim, "depth": config.depth,
             "merges": config.merges, "flops": model_flops(config)["total"], "params": model_params(config),
             "blocks": block_rows(config)}

@@ -112,3 +112,10 @@ def block_rows(cfg: CaitConfig) -> list[dict]:
              "v_per_head": b.v_dim, "mlp": b.mlp_hidden, "attn_scale": b.attn_scale,
              "flops": f["blocks"][i]["total"], "flops_parts": f["blocks"][i], "params": block_params(cfg, i)}
             for i, b in enumerate(cfg.blocks)]
+
+
+def encoder_flops(cfg: CaitConfig, last_block: int | None = None) -> int:
+    """FLOPs per image of a feature extractor: the stem and blocks 0..last_block (all by default), no head.
+    Restoring a merged grid (copies or bilinear upsampling) is not a matmul and is not counted."""
+    last = cfg.depth - 1 if last_block is None else last_block
+    return patch_embed_flops(cfg) + sum(block_flops(cfg, i)["total"] for i in range(last + 1))

@@ -165,7 +165,7 @@ def max_logit_diff(ckpt: Checkpoint, model: torch.nn.Module, batch: int = 2, see
 
     cfg = ckpt.config
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
+    x = torch.randn(batch, *cfg.input_shape, generator=g)
     ref = reference_forward(ckpt, x)
     got = model(x).double()
     return {"max_abs_diff": float((got - ref).abs().max()), "logit_scale": float(ref.abs().max()),
@@ -178,7 +178,7 @@ def torch_counted_flops(config: CaitConfig) -> int:
 
     with torch.device("meta"):
         model = CaitViT(config, attn_impl="math")
-        x = torch.empty(1, config.in_chans, config.img_size, config.img_size)
+        x = torch.empty(1, *config.input_shape)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return counter.get_total_flops()

@@ -135,11 +135,19 @@ def load_fused(path: str | os.PathLike) -> tuple[CaitConfig, dict[str, torch.Ten
     return config, tensors, extra
 
 
-def load_model(path: str | os.PathLike, attn_impl: str = "sdpa", kernels: str | None = None):
-    """A `CaitViT` in eval mode from a fused safetensors file."""
+def load_model(path: str | os.PathLike, attn_impl: str = "sdpa", kernels: str | None = None, img_size=None):
+    """A `CaitViT` in eval mode from a fused safetensors file; `img_size` (int, (H, W) or 'HxW') runs it at
+    another input size (position embedding resampled, merges re-checked: models/resize.py)."""
     from .model import CaitViT
 
     config, state_dict, _ = load_fused(path)  # keys and shapes already agree with the config
+    if img_size is not None:
+        from .models.resize import resize_state_dict
+
+        try:
+            config, state_dict = resize_state_dict(config, state_dict, img_size)
+        except ConfigError as e:
+            raise CaitError(f"{path}: {e}") from None
     model = CaitViT(config, attn_impl=attn_impl, kernels=kernels)
     model.load_state_dict(state_dict)
     return model.eval()

@@ -97,7 +97,8 @@ def activation_bytes(config, batch: int, elem_bytes: int = 4) -> int:
     d = config.embed_dim
     tokens = config.tokens()
     n0 = 1 + config.grid[0] * config.grid[1]
-    peak = batch * (config.in_chans * config.img_size * config.img_size + n0 * d)
+    c_in, h_in, w_in = config.input_shape
+    peak = batch * (c_in * h_in * w_in + n0 * d)
     for b, n in zip(config.blocks, tokens):
         h = b.num_heads
         qkv = n * h * (2 * b.qk_dim + b.v_dim)

@@ -28,17 +28,38 @@ def _merge(x: torch.Tensor, grid: tuple[int, int], kind: str, w: torch.Tensor, b
     return torch.cat([cls_tok, merged], dim=1)
 
 
+def _restore(tokens: torch.Tensor, grid: tuple[int, int], full: tuple[int, int], mode: str) -> torch.Tensor:
+    """[B, gh*gw, D] -> [B, D, Gh, Gw]: patch (r, c) takes merged token (r // fh, c // fw) ("repeat",
+    written as an index map), or bilinear upsampling."""
+    bsz, _, d = tokens.shape
+    gh, gw = grid
+    fmap = tokens.reshape(bsz, gh, gw, d).permute(0, 3, 1, 2)
+    if mode == "bilinear":
+        return fmap if grid == full else F.interpolate(fmap, size=full, mode="bilinear", align_corners=False)
+    rows = torch.arange(full[0]) // (full[0] // gh)
+    cols = torch.arange(full[1]) // (full[1] // gw)
+    return fmap[:, :, rows][:, :, :, cols]
+
+
 @torch.no_grad()
-def reference_forward(ckpt: Checkpoint, images: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Logits [B, num_classes] of the checkpoint's own forward pass (compactors included)."""
+def reference_forward(ckpt: Checkpoint, images: torch.Tensor, dtype: torch.dtype = torch.float64,
+                      features=None, restore: str = "repeat"):
+    """Logits [B, num_classes] of the checkpoint's own forward pass (compactors included), at the size of
+    `images` (the position embedding resampled as models/resize.py says when it differs from the
+    checkpoint's). With `features` (block indices): a list of [B, D, Gh, Gw] maps, each block's output on
+    the full patch grid (prefix tokens dropped, merged grids restored by `restore`) instead."""
     raw = ckpt.state_dict
 
     def w(key: str) -> torch.Tensor | None:  # one tensor at a time: never a float64 copy of the whole checkpoint
         return raw[key].to(dtype) if key in raw else None
 
     from .models import family
+    from .models.resize import resample_pos_embed
 
     cfg, fmt = ckpt.config, ckpt.format_config
+    cfg = cfg.at_size(tuple(images.shape[-2:]))
+    wanted = cfg.feature_blocks(features) if features is not None else ()
+    grids = cfg.grids()
     h = fmt["num_heads"]
     d = cfg.embed_dim
     hd = d // h
@@ -49,11 +70,15 @@ def reference_forward(ckpt: Checkpoint, images: torch.Tensor, dtype: torch.dtype
     x = family(cfg.family).reference_stem(cfg, w, images.to(dtype))
     bsz = x.shape[0]
     prefix = [w(k).expand(bsz, -1, -1) for k in ("cls_token", "dist_token", "reg_token") if k in raw]
+    pos = resample_pos_embed(w("pos_embed"), ckpt.config.grid, cfg.grid, 0 if cfg.no_embed_class else pre)
     if cfg.no_embed_class:  # pos_embed covers the patches only; prefix tokens are prepended after it
-        x = torch.cat([*prefix, x + w("pos_embed")], dim=1)
+        x = torch.cat([*prefix, x + pos], dim=1)
     else:
-        x = torch.cat([*prefix, x], dim=1) + w("pos_embed")
+        x = torch.cat([*prefix, x], dim=1) + pos
+    maps = []
     for i, blk in enumerate(cfg.blocks):
+        if wanted and i > wanted[-1]:
+            return maps
         p = f"blocks.{i}."
         if blk.merge:
             m = merge_prefix(i, blk.merge) + "."
@@ -87,6 +112,10 @@ def reference_forward(ckpt: Checkpoint, images: torch.Tensor, dtype: torch.dtype
         if (g := w(p + "ls2.gamma")) is not None:
             branch = branch * g
         x = x + branch / lam
+        if i in wanted:
+            maps.append(_restore(x[:, pre:], grids[i], cfg.grid, restore))
+    if wanted:
+        return maps
     if not cfg.fc_norm:
         x = F.layer_norm(x, (d,), w("norm.weight"), w("norm.bias"), eps)
     pooled = x[:, pre:].mean(dim=1) if cfg.global_pool == "avg" else x[:, 0]  # patch-token mean or class token

@@ -29,7 +29,7 @@ MAX_BATCH = 65536
 
 def arch_name(cfg: CaitConfig) -> str:
     """A short name of a dense architecture, e.g. 'vit-d384-x12-h6-224px'."""
-    return f"vit-d{cfg.embed_dim}-x{cfg.depth}-h{cfg.blocks[0].num_heads}-{cfg.img_size}px"
+    return f"vit-d{cfg.embed_dim}-x{cfg.depth}-h{cfg.blocks[0].num_heads}-{cfg.size_text}px"
 
 
 def setting_name(path: str | os.PathLike) -> str:
@@ -134,7 +134,7 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
         arch = arch_name(dense_cfg)
         setting = setting_name(path)
         f_cait, f_dense = model_flops(config)["total"], model_flops(dense_cfg)["total"]
-        common = dict(img_size=config.img_size, in_chans=config.in_chans, num_classes=config.num_classes,
+        common = dict(input_shape=config.input_shape, num_classes=config.num_classes,
                       flops_dense=f_dense)
         models.append(BenchModel("cait", setting, arch, f"CAIT -{100 * (1 - f_cait / f_dense):.1f}%",
                                  _cait_builder(str(path)), flops=f_cait, params=model_params(config), **common))

@@ -98,8 +98,7 @@ class BenchModel:
     arch: str                      # the dense architecture, e.g. "vit d384 x12 h6 224px"
     detail: str                    # e.g. "CAIT -55.0%", "dense", "ToMe r=18"
     build: Callable[[str, str | None], nn.Module]
-    img_size: int
-    in_chans: int
+    input_shape: tuple[int, int, int]   # (C, H, W)
     num_classes: int
     flops: int
     flops_dense: int
@@ -323,7 +322,7 @@ class BenchContext:
 
 def _inputs(m: BenchModel, batch: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, m.in_chans, m.img_size, m.img_size, generator=g)
+    x = torch.randn(batch, *m.input_shape, generator=g)
     return x.to(device=device, dtype=dtype)
 
 
@@ -346,7 +345,7 @@ def _prepare_torch(m: BenchModel, batch: int, opts: RunOptions, dtype: str, back
         model = m.build("sdpa", None)
     tdt = _TORCH_DTYPES[dtype]
     runner = TorchRunner(model, _spec(opts), dtype=tdt, compile=backend == "compile",
-                         input_shape=(m.in_chans, m.img_size, m.img_size))
+                         input_shape=m.input_shape)
     runner.activate()
     ctx.keep.append(runner)
     if backend == "compile":
@@ -369,7 +368,7 @@ def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext) -
     path = ctx.work_dir / f"{safe}.onnx"
     model = m.build("math", None).eval()
     try:
-        export_onnx(model, path, input_shape=(m.in_chans, m.img_size, m.img_size), dtype=dtype,
+        export_onnx(model, path, input_shape=m.input_shape, dtype=dtype,
                     forbid=() if m.kind == "tome" else FORBIDDEN_OPS, verify=False)
     except Exception as e:  # noqa: BLE001 -- any exporter failure makes this pair n/a
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

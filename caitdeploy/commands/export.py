@@ -9,10 +9,12 @@ from ..errors import CaitError
 from .common import console, handle_errors, human, write_json
 
 
-def default_onnx_path(model_path: str, dtype: str) -> Path:
+def default_onnx_path(model_path: str, dtype: str, size: str | None = None, features: str | None = None) -> Path:
+    """<stem>[.SIZE][.featA-B-C][.fp16].onnx next to the model."""
     p = Path(model_path)
     stem = p.name.removesuffix(".safetensors").removesuffix(".fused")
-    return p.with_name(stem + (".fp16" if dtype == "fp16" else "") + ".onnx")
+    extra = (f".{size}" if size else "") + (f".feat{features.replace(',', '-')}" if features else "")
+    return p.with_name(stem + extra + (".fp16" if dtype == "fp16" else "") + ".onnx")
 
 
 def _parse_opset(opset: str | None) -> int | None:
@@ -38,9 +40,14 @@ def print_export_report(report: dict) -> None:
     say(f"exported {report['model']} -> {onnx_r['output']}  ({onnx_r['dtype']}, opset "
               f"{onnx_r['opset']}, attention {onnx_r['attention']}, {human(onnx_r['bytes'], 'B')}, "
               f"{onnx_r['nodes']} nodes)")
-    sig_in, sig_out = onnx_r["inputs"][0], onnx_r["outputs"][0]
-    say(f"  {sig_in['name']} {sig_in['shape']} {sig_in['dtype']} -> {sig_out['name']} {sig_out['shape']} "
-              f"{sig_out['dtype']}   FLOPs/img {human(onnx_r.get('flops', 0))}  stored params {human(onnx_r['params'])}")
+    sig_in = onnx_r["inputs"][0]
+    outs = ", ".join(f"{o['name']} {o['shape']}" for o in onnx_r["outputs"])
+    what = "encoder FLOPs/img" if onnx_r.get("features") else "FLOPs/img"
+    say(f"  {sig_in['name']} {sig_in['shape']} {sig_in['dtype']} -> {outs} {onnx_r['outputs'][0]['dtype']}   "
+        f"{what} {human(onnx_r.get('flops', 0))}  stored params {human(onnx_r['params'])}")
+    if onnx_r.get("features"):
+        say(f"  feature maps after blocks {', '.join(map(str, onnx_r['features']))} on the full patch grid "
+            f"(merged grids restored: {onnx_r['restore']}), prefix tokens dropped")
     t = Table(title="op census", show_lines=False)
     t.add_column("op")
     t.add_column("count", justify="right")
@@ -49,7 +56,14 @@ def print_export_report(report: dict) -> None:
     con.print(t)
     say(f"forbidden ops: none of {', '.join(onnx_r['forbidden_checked'])}")
     v = onnx_r.get("verify")
-    if v:
+    if v and onnx_r.get("features"):
+        for name, o in v["outputs"].items():
+            sizes = ", ".join(f"batch {b['batch']}: {b['max_abs_diff']:.3g}" for b in o["batches"])
+            check = (f"tolerance {o['tolerance']:.3g}" if v["dtype"] == "fp32"
+                     else f"min cosine {o['min_cosine']:.6f}, >= 0.999 required")
+            say(f"verify {name} (onnxruntime CPU vs PyTorch fp32, {v['samples']} random images): max |diff| "
+                f"{o['max_abs_diff']:.3g} [{sizes}], scale {o['scale']:.3g}  ({check}) OK")
+    elif v:
         sizes = ", ".join(f"batch {b['batch']}: {b['max_abs_diff']:.3g}" for b in v["batches"])
         line = (f"verify (onnxruntime CPU vs PyTorch fp32, {v['samples']} random images): max |logit diff| "
                 f"{v['max_abs_diff']:.3g} [{sizes}], logit scale {v['logit_scale']:.3g}, top-1 agreement "
@@ -87,6 +101,14 @@ def print_export_report(report: dict) -> None:
 @click.option("--opset", default=None, help="ONNX opset 18..23 [default: 18; 23 with --attention op].")
 @click.option("--attention", default="matmul", show_default=True,
               help="matmul: Mul/MatMul/Softmax/MatMul; op: the ONNX Attention op (opset >= 23).")
+@click.option("--img-size", default=None,
+              help="Input size: 512 or HEIGHTxWIDTH (e.g. 512x1024); the position embedding is resampled "
+                   "(bicubic, as timm) and merges re-checked [default: the model's].")
+@click.option("--features", default=None,
+              help="Block indices, e.g. 3,5,7,11: outputs feat3, feat5, ... [B, D, H/patch, W/patch] on the full "
+                   "patch grid instead of logits (dense prediction).")
+@click.option("--restore", default="repeat", show_default=True,
+              help="How --features restores a merged grid: repeat (exact inverse of the merges) or bilinear.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
 @click.option("--fp16-samples", type=click.IntRange(0, 65536), default=256, show_default=True,
               help="Random images for the fp16 top-1 agreement check.")
@@ -115,7 +137,7 @@ def print_export_report(report: dict) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No tables.")
 @handle_errors
-def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
+def export_cmd(model, output, dtype, opset, attention, img_size, features, restore, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
                opt_batch, max_batch, workspace_mb, timing_cache, opt_level, compute_capabilities, triton_repo, name,
                triton_backend, max_queue_delay_us, triton_warmup, instances, instance_kind, report_path, quiet):
     """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository.
@@ -130,7 +152,28 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
     from ..paths import ENGINE_SUFFIXES, JSON_SUFFIXES, ONNX_SUFFIXES, Out, check_paths
 
     # 1. options
+    from ..config import RESTORE_MODES, ConfigError, image_size
+    from ..errors import OptionError
+
     opset_n = check_options(dtype, _parse_opset(opset), attention)
+    size = None
+    if img_size is not None:
+        try:
+            size = image_size(img_size)
+        except ConfigError as e:
+            raise OptionError("img_size", str(e).removeprefix("img_size ")) from None
+    size_text = None if size is None else (str(size) if isinstance(size, int) else f"{size[0]}x{size[1]}")
+    if restore not in RESTORE_MODES:
+        raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
+    if restore != "repeat" and features is None:
+        raise OptionError("restore", "applies to feature outputs: add --features")
+    if features is not None:
+        parts = [p.strip() for p in features.split(",") if p.strip()]
+        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+            raise OptionError("features", f"{features!r}: give block indices, e.g. 3,5,7,11")
+        if triton_repo:
+            raise OptionError("triton_repo", "serves classifiers (one logits output); export feature maps "
+                                             "without --triton-repo")
     if not 0 <= fp16_samples <= 65536:
         raise CaitError(f"--fp16-samples must be in 0..65536, got {fp16_samples}")
     if not trt:
@@ -142,7 +185,7 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
     if trt:
         check_build_options(min_batch, opt_batch, max_batch, workspace_mb, opt_level,
                             list(compute_capabilities) or None, trt_module)
-    out = Path(output or default_onnx_path(model, dtype))
+    out = Path(output or default_onnx_path(model, dtype, size_text, features and ",".join(parts)))
     engine_path = Path(engine or out.with_suffix(".plan")) if trt else None
     entry = None
     if (triton_backend is not None or triton_warmup) and not triton_repo:
@@ -171,13 +214,19 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
         Out(entry.python_model if entry else None, "--triton-repo", (".py",), create_dirs=True),
     ])
     # 3. the model (header-first validation, memory rule), then the work, in memory
-    net = load_model(model, attn_impl="math")  # a non-fused MODEL gets a one-line error saying what it is
+    net = load_model(model, attn_impl="math", img_size=size)  # a non-fused MODEL: one line saying what it is
     c = net.config
+    if features is not None:
+        try:
+            c.feature_blocks(features)
+        except ConfigError as e:
+            raise OptionError("features", f"{str(e).removeprefix('features: ')} ({model})") from None
     check_memory(4 * param_bytes(c) + activation_bytes(c, 32 if dtype == "fp16" and not no_verify else 7),
                  f"{model}: export and verification")
     report: dict = {"model": model}
     data, report["onnx"] = export_onnx_bytes(net, out, dtype=dtype, opset=opset_n, attention=attention,
-                                             verify=not no_verify, fp16_samples=fp16_samples)
+                                             verify=not no_verify, fp16_samples=fp16_samples,
+                                             features=features, restore=restore)
     built = None
     if trt:
         from ..export.tensorrt import build_engine_bytes
@@ -196,7 +245,7 @@ def export_cmd(model, output, dtype, opset, attention, no_verify, fp16_samples, 
 
         entry = plan_triton_repo(
             triton_repo, entry.info["name"], served_suffix, max_batch_size=max_batch, backend=triton_backend,
-            input_dims=(c.in_chans, c.img_size, c.img_size), output_dims=(c.num_classes,), dtype="fp32",
+            input_dims=c.input_shape, output_dims=(c.num_classes,), dtype="fp32",
             preferred_batch_sizes=sorted({opt_batch, max_batch}), instance_count=instances,
             instance_kind=instance_kind, warmup_batches=sorted({opt_batch, max_batch}) if triton_warmup else (),
             max_queue_delay_us=max_queue_delay_us)

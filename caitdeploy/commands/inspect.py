@@ -23,7 +23,8 @@ def print_inspect(info: dict[str, Any]) -> None:
     say(f"{info['file']}: {title}")
     if "img_size" in info:
         merges = ", ".join(f"{k}:{v}" for k, v in info["merges"].items()) or "none"
-        say(f"  image {info['in_chans']}x{info['img_size']}x{info['img_size']}, patch {info['patch_size']}, "
+        hw = info["img_size"] if isinstance(info["img_size"], list) else [info["img_size"]] * 2
+        say(f"  image {info['in_chans']}x{hw[0]}x{hw[1]}, patch {info['patch_size']}, "
                   f"embed {info['embed_dim']}, depth {info['depth']}, classes {info['num_classes']}, merges {merges}")
     if kind == "onnx":
         opsets = ", ".join(f"{k} {v}" for k, v in info["opset"].items())

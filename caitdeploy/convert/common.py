@@ -28,7 +28,7 @@ def check_layout(path: Path, sd: dict[str, torch.Tensor], required: dict[str, tu
 def verify(model: torch.nn.Module, reference, config, batch: int, seed: int = 0) -> dict[str, float]:
     """Max |logit diff| of the converted float32 model against the upstream-format forward in float64."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, config.in_chans, config.img_size, config.img_size, generator=g)
+    x = torch.randn(batch, *config.input_shape, generator=g)
     ref = reference(x.double())
     got = model(x).double()
     return {"max_abs_diff": float((got - ref).abs().max()), "logit_scale": float(ref.abs().max()),

@@ -153,14 +153,37 @@ def io_signature(model) -> dict[str, Any]:
 
 # ---- export -------------------------------------------------------------------------------------
 class _Fp16Graph(torch.nn.Module):
-    """float32 images -> float16 model -> float32 logits (one Cast at each edge of the graph)."""
+    """float32 images -> float16 model -> float32 outputs (one Cast at each edge of the graph)."""
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.inner(images.to(torch.float16)).to(torch.float32)
+    def forward(self, images: torch.Tensor):
+        out = self.inner(images.to(torch.float16))
+        if isinstance(out, (tuple, list)):
+            return tuple(t.to(torch.float32) for t in out)
+        return out.to(torch.float32)
+
+
+class FeatureGraph(torch.nn.Module):
+    """images -> a tuple of full-grid feature maps [B, D, Gh, Gw] (`CaitViT.forward_features(x, blocks)`)."""
+
+    def __init__(self, vit: torch.nn.Module, blocks: tuple[int, ...], restore: str = "repeat"):
+        super().__init__()
+        self.vit, self.blocks, self.restore = vit, tuple(blocks), restore
+
+    @property
+    def config(self):
+        return self.vit.config
+
+    def forward(self, images: torch.Tensor):
+        return tuple(self.vit.forward_features(images, self.blocks, self.restore))
+
+
+def feature_names(blocks: Iterable[int]) -> list[str]:
+    """ONNX output names of a feature export: feat3, feat5, ..."""
+    return [f"feat{b}" for b in blocks]
 
 
 def _is_cait(model) -> bool:
@@ -169,17 +192,21 @@ def _is_cait(model) -> bool:
     return isinstance(model, CaitViT)
 
 
-def _prepare(model: torch.nn.Module, dtype: str, attention: str) -> torch.nn.Module:
+def _prepare(model: torch.nn.Module, dtype: str, attention: str, features: tuple[int, ...] | None = None,
+             restore: str = "repeat") -> torch.nn.Module:
     """A copy of `model` ready to trace (the caller's model is never modified)."""
     m = copy.deepcopy(model).eval().float()
     if _is_cait(m):
         m.set_impl("sdpa" if attention == "op" else "math")
+    if features:
+        m = FeatureGraph(m, features, restore)
     if dtype == "fp16":
         m = _Fp16Graph(m.half())
     return m
 
 
-def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int):
+def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int,
+                  output_names: list[str] | None = None):
     """Run torch.onnx's dynamo exporter; returns an onnx.ModelProto. Exporter chatter is swallowed."""
     batch = torch.export.Dim("batch")
     sink = io.StringIO()
@@ -191,7 +218,7 @@ def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int):
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=opset,
-                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                     input_names=[INPUT_NAME], output_names=output_names or [OUTPUT_NAME],
                                      dynamic_shapes=({0: batch},), optimize=True, verbose=False,
                                      external_data=False)
     except Exception as e:  # the exporter raises many types; the user gets one line
@@ -205,14 +232,16 @@ def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int):
 @torch.no_grad()
 def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tuple[int, ...], *, dtype: str,
                 what: str = "exported", batches: tuple[int, ...] = (1, 7), fp16_samples: int = 256,
-                chunk: int = 32, seed: int = 0) -> dict[str, Any]:
+                chunk: int = 32, seed: int = 0, output_names: list[str] | None = None) -> dict[str, Any]:
     """ONNX Runtime CPU vs the float32 PyTorch model on seeded N(0, 1) images, through Polygraphy: its
     Comparator runs our `TorchRunner` and its own `OnnxrtRunner` on the same feeds, and `compare_accuracy`
     (`CompareFunc.simple`, absolute tolerance) decides the fp32 check.
 
-    fp32: max |diff| <= 1e-4 * max(1, logit scale) at every batch size in `batches`.
-    fp16: the same batch sizes plus `fp16_samples` images in chunks; pass when top-1 agrees on >= 99%.
-    Raises CaitError when the check fails; returns the numbers either way.
+    fp32: max |diff| <= 1e-4 * max(1, output scale) at every batch size in `batches`, for every output.
+    fp16: the same batch sizes plus `fp16_samples` images in chunks; logits pass when top-1 agrees on >= 99%,
+    feature maps when every image's map has cosine similarity >= 0.999 with PyTorch's.
+    output_names: the graph's outputs, in the order `reference` returns them (default: one "logits").
+    Raises CaitError when the check fails; returns the numbers either way (per output under "outputs").
     """
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -221,6 +250,7 @@ def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tup
 
     from ..runtime import RuntimeSpec, TorchRunner, quiet_polygraphy
 
+    names = list(output_names or [OUTPUT_NAME])
     quiet_polygraphy()
     ort.set_default_logger_severity(3)  # ONNX Runtime's own warnings are not sprayed on the terminal
     g = torch.Generator().manual_seed(seed)
@@ -230,7 +260,7 @@ def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tup
     feeds = [{INPUT_NAME: torch.randn(b, *input_shape, generator=g).numpy()} for b in sizes]
     ref_model = reference.eval()
     runners = [TorchRunner(ref_model, RuntimeSpec("cpu"), dtype=torch.float32, input_shape=tuple(input_shape),
-                           name="pytorch"),
+                           name="pytorch", output_names=names),
                OnnxrtRunner(SessionFromOnnx(model_bytes, providers=["CPUExecutionProvider"]), name="onnxruntime")]
     t0 = time.perf_counter()
     try:
@@ -240,41 +270,66 @@ def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tup
         raise CaitError(f"onnxruntime {ort.__version__} (CPU) cannot run the {what} graph: {_first_line(e)}; "
                         "export with --no-verify to skip the check") from None
     (_, ref_iters), (_, ort_iters) = results
-    refs = [torch.from_numpy(it[OUTPUT_NAME]).float() for it in ref_iters]
-    outs = [torch.from_numpy(it[OUTPUT_NAME]).float() for it in ort_iters]
-    per_batch = []
-    for b, r, y in zip(sizes, refs, outs):
-        if tuple(y.shape) != tuple(r.shape):
-            raise CaitError(f"{what}: ONNX output shape {tuple(y.shape)} != PyTorch {tuple(r.shape)} at batch {b}")
-        if len(per_batch) < len(batches):
-            per_batch.append({"batch": b, "max_abs_diff": float((y - r).abs().max())})
-    ref, out = torch.cat(refs), torch.cat(outs)
-    diff = float((out - ref).abs().max())
-    scale = float(ref.abs().max())
-    top2 = ref.topk(2, dim=-1).values if ref.shape[-1] > 1 else None
-    margin = (top2[:, 0] - top2[:, 1]) if top2 is not None else None
+    per_output: dict[str, dict[str, Any]] = {}
+    for name in names:
+        refs = [torch.from_numpy(it[name]).float() for it in ref_iters]
+        outs = [torch.from_numpy(it[name]).float() for it in ort_iters]
+        per_batch = []
+        for b, r, y in zip(sizes, refs, outs):
+            if tuple(y.shape) != tuple(r.shape):
+                raise CaitError(f"{what}: ONNX output {name!r} shape {tuple(y.shape)} != PyTorch {tuple(r.shape)} "
+                                f"at batch {b}")
+            if len(per_batch) < len(batches):
+                per_batch.append({"batch": b, "max_abs_diff": float((y - r).abs().max())})
+        ref, out = torch.cat(refs), torch.cat(outs)
+        o: dict[str, Any] = {"batches": per_batch, "max_abs_diff": float((out - ref).abs().max()),
+                             "scale": float(ref.abs().max()), "std": float(ref.std())}
+        if ref.dim() == 2:
+            top2 = ref.topk(2, dim=-1).values if ref.shape[-1] > 1 else None
+            margin = (top2[:, 0] - top2[:, 1]) if top2 is not None else None
+            o.update(top1_agree=float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
+                     median_top1_margin=float(margin.median()) if margin is not None else None,
+                     ties=int((margin < 2 * o["max_abs_diff"]).sum()) if margin is not None else 0)
+        else:
+            cos = torch.nn.functional.cosine_similarity(out.flatten(1).double(), ref.flatten(1).double(), dim=1)
+            o["min_cosine"] = float(cos.min())
+        per_output[name] = o
+    first = per_output[names[0]]
     res: dict[str, Any] = {
-        "dtype": dtype, "samples": int(ref.shape[0]), "batches": per_batch, "max_abs_diff": diff,
-        "logit_scale": scale, "logit_std": float(ref.std()),
-        "top1_agree": float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
-        "median_top1_margin": float(margin.median()) if margin is not None else None,
+        "dtype": dtype, "samples": int(sum(sizes)), "outputs": per_output,
+        # the first output's numbers at the top level (the logits of a classifier)
+        "batches": first["batches"], "max_abs_diff": first["max_abs_diff"], "logit_scale": first["scale"],
+        "logit_std": first["std"], "top1_agree": first.get("top1_agree"),
+        "median_top1_margin": first.get("median_top1_margin"),
         "seconds": time.perf_counter() - t0, "checked_by": "polygraphy Comparator (TorchRunner vs OnnxrtRunner)",
     }
     if dtype == "fp32":
-        tol = 1e-4 * max(1.0, scale)
-        with contextlib.redirect_stdout(io.StringIO()):
-            acc = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tol, rtol=0.0))
-        res.update(tolerance=tol, passed=bool(acc))
-        if not res["passed"]:
-            raise CaitError(f"{what}: ONNX Runtime vs PyTorch max |logit diff| {diff:.3g} > tolerance {tol:.3g} "
-                            f"(logit scale {scale:.3g})")
+        for o in per_output.values():
+            o["tolerance"] = 1e-4 * max(1.0, o["scale"])
+            o["passed"] = o["max_abs_diff"] <= o["tolerance"]
+        with contextlib.redirect_stdout(io.StringIO()):   # Polygraphy's verdict, per-output tolerances
+            acc = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(
+                atol={n: o["tolerance"] for n, o in per_output.items()}, rtol=0.0))
+        bad = [n for n, o in per_output.items() if not o["passed"]] or ([] if acc else names[:1])
+        res.update(tolerance=first["tolerance"], passed=not bad)
+        if bad:
+            o = per_output[bad[0]]
+            unit = "logit diff" if bad[0] == OUTPUT_NAME else f"{bad[0]} diff"
+            raise CaitError(f"{what}: ONNX Runtime vs PyTorch max |{unit}| {o['max_abs_diff']:.3g} > tolerance "
+                            f"{o['tolerance']:.3g} (scale {o['scale']:.3g})")
     else:
-        res.update(min_top1_agree=0.99, passed=res["top1_agree"] >= 0.99)
-        if not res["passed"]:
-            ties = int((margin < 2 * diff).sum()) if margin is not None else 0
-            raise CaitError(f"{what}: fp16 top-1 agreement {100 * res['top1_agree']:.1f}% < 99% over "
-                            f"{res['samples']} random images (max |logit diff| {diff:.3g}; {ties} images have a "
-                            f"top-1/top-2 margin below 2x that: near-ties, e.g. random-init weights)")
+        for name, o in per_output.items():
+            o["passed"] = (o["top1_agree"] >= 0.99) if "top1_agree" in o else (o["min_cosine"] >= 0.999)
+        res.update(min_top1_agree=0.99, min_cosine=0.999, passed=all(o["passed"] for o in per_output.values()))
+        for name, o in per_output.items():
+            if o["passed"]:
+                continue
+            if "top1_agree" in o:
+                raise CaitError(f"{what}: fp16 top-1 agreement {100 * o['top1_agree']:.1f}% < 99% over "
+                                f"{res['samples']} random images (max |logit diff| {o['max_abs_diff']:.3g}; {o['ties']} "
+                                "images have a top-1/top-2 margin below 2x that: near-ties, e.g. random-init weights)")
+            raise CaitError(f"{what}: fp16 output {name!r}: cosine similarity {o['min_cosine']:.5f} < 0.999 on some "
+                            f"image (max |diff| {o['max_abs_diff']:.3g}, scale {o['scale']:.3g})")
     return res
 
 
@@ -282,14 +337,14 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, input_shape:
                 dtype: str = "fp32", opset: int | None = None, attention: str = "matmul",
                 forbid: Iterable[str] = FORBIDDEN_OPS, verify: bool = True, verify_batches: tuple[int, ...] = (1, 7),
                 fp16_samples: int = 256, example_batch: int = 2, seed: int = 0,
-                metadata: dict[str, str] | None = None) -> dict[str, Any]:
+                metadata: dict[str, str] | None = None, features=None, restore: str = "repeat") -> dict[str, Any]:
     """Export `model` to a clean, checked ONNX file at `path` (see `export_onnx_bytes`); returns the report."""
     path = Path(path)
     check_output_dir(path)
     data, report = export_onnx_bytes(model, path, input_shape=input_shape, dtype=dtype, opset=opset,
                                      attention=attention, forbid=forbid, verify=verify, verify_batches=verify_batches,
                                      fp16_samples=fp16_samples, example_batch=example_batch, seed=seed,
-                                     metadata=metadata)
+                                     metadata=metadata, features=features, restore=restore)
     with atomic_output(path, ".onnx") as tmp:
         tmp.write_bytes(data)
     return report
@@ -299,8 +354,12 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
                       dtype: str = "fp32", opset: int | None = None, attention: str = "matmul",
                       forbid: Iterable[str] = FORBIDDEN_OPS, verify: bool = True,
                       verify_batches: tuple[int, ...] = (1, 7), fp16_samples: int = 256, example_batch: int = 2,
-                      seed: int = 0, metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, Any]]:
+                      seed: int = 0, metadata: dict[str, str] | None = None, features=None,
+                      restore: str = "repeat") -> tuple[bytes, dict[str, Any]]:
     """Export `model` (images [B, C, H, W] -> logits [B, classes]) to a clean, checked ONNX file.
+
+    features (a CaitViT only): block indices; the graph's outputs are then `feat{i}` [B, D, Gh, Gw], each block's
+    output on the full patch grid (`CaitViT.forward_features(x, blocks, restore)`), and no logits.
 
     input_shape: (C, H, W) without batch; a CaitViT supplies it from its config. opset None -> 18 for
     attention="matmul", 23 for "op". forbid: op types that make the export fail (CaitError naming op and node);
@@ -317,14 +376,27 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
         if not is_cait:
             raise CaitError("export_onnx: input_shape=(C, H, W) is required for a model that is not a CaitViT")
         c = model.config
-        input_shape = (c.in_chans, c.img_size, c.img_size)
+        input_shape = c.input_shape
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise CaitError(f"export_onnx: input_shape must be (C, H, W), got {input_shape}")
 
-    module = _prepare(model, dtype, attention)
+    blocks: tuple[int, ...] | None = None
+    if features is not None:
+        from ..config import RESTORE_MODES, ConfigError
+
+        if not is_cait:
+            raise CaitError("export_onnx: feature outputs need a CaitViT")
+        try:
+            blocks = model.config.feature_blocks(features)
+        except ConfigError as e:
+            raise OptionError("features", str(e).removeprefix("features: ")) from None
+        if restore not in RESTORE_MODES:
+            raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
+    out_names = feature_names(blocks) if blocks else [OUTPUT_NAME]
+    module = _prepare(model, dtype, attention, blocks, restore)
     example = torch.randn(example_batch, *input_shape, generator=torch.Generator().manual_seed(seed))
-    raw = _torch_export(module, example, opset)
+    raw = _torch_export(module, example, opset, out_names)
     t_export = time.perf_counter() - t0
     what = "CAIT model" if is_cait else type(model).__name__
     check_forbidden(raw, forbid, what)   # before cleaning too: a folded-away op must not hide a problem
@@ -334,6 +406,9 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
             "caitdeploy.attention": attention, "caitdeploy.model": type(model).__name__}
     if is_cait:
         meta["caitdeploy.config"] = model.config.to_json()
+    if blocks:
+        meta["caitdeploy.features"] = ",".join(map(str, blocks))
+        meta["caitdeploy.restore"] = restore
     meta.update(metadata or {})
     del mp.metadata_props[:]
     for k, v in meta.items():
@@ -341,13 +416,16 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
     mp.producer_name = "caitdeploy"
     try:
         mp = onnx.shape_inference.infer_shapes(mp, check_type=True, strict_mode=True, data_prop=True)
-        if [i.name for i in mp.graph.input] != [INPUT_NAME] or [o.name for o in mp.graph.output] != [OUTPUT_NAME]:
-            raise CaitError(f"{what}: expected one input {INPUT_NAME!r} and one output {OUTPUT_NAME!r}, got "
+        if [i.name for i in mp.graph.input] != [INPUT_NAME] or [o.name for o in mp.graph.output] != out_names:
+            raise CaitError(f"{what}: expected one input {INPUT_NAME!r} and outputs {out_names}, got "
                             f"{[i.name for i in mp.graph.input]} -> {[o.name for o in mp.graph.output]}")
         _set_batch_dim(mp.graph.input[0])
-        if len(mp.graph.output[0].type.tensor_type.shape.dim) != 2:
-            raise CaitError(f"{what}: output {OUTPUT_NAME!r} must be [batch, num_classes]")
-        _set_batch_dim(mp.graph.output[0])
+        rank = 4 if blocks else 2
+        for o in mp.graph.output:
+            if len(o.type.tensor_type.shape.dim) != rank:
+                raise CaitError(f"{what}: output {o.name!r} must be "
+                                f"{'[batch, D, Gh, Gw]' if blocks else '[batch, num_classes]'}")
+            _set_batch_dim(o)
         onnx.checker.check_model(mp, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise CaitError(f"{what}: the exported graph fails onnx.checker: {_first_line(e)}") from None
@@ -373,10 +451,16 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
         from ..flops import model_flops, model_params
 
         report.update(flops=model_flops(model.config)["total"], model_params=model_params(model.config),
-                      depth=model.config.depth, merges=model.config.merges)
+                      depth=model.config.depth, merges=model.config.merges, img_size=model.config.size_text)
+        if blocks:
+            from ..flops import encoder_flops
+
+            report.update(features=list(blocks), restore=restore, flops=encoder_flops(model.config, blocks[-1]))
     if verify:
-        report["verify"] = verify_onnx(data, model, input_shape, dtype=dtype, what=f"{what} {dtype} ONNX",
-                                       batches=verify_batches, fp16_samples=fp16_samples, seed=seed + 1)
+        ref = FeatureGraph(model, blocks, restore) if blocks else model
+        report["verify"] = verify_onnx(data, ref, input_shape, dtype=dtype, what=f"{what} {dtype} ONNX",
+                                       batches=verify_batches, fp16_samples=fp16_samples, seed=seed + 1,
+                                       output_names=out_names)
     t_verify = time.perf_counter() - t0 - t_export - t_clean
     report["seconds"] = {"export": t_export, "clean_check": t_clean, "verify": t_verify,
                          "total": time.perf_counter() - t0}

@@ -45,6 +45,33 @@ def merge_tokens(x: torch.Tensor, grid_hw: tuple[int, int], kind: str) -> torch.
     raise ValueError(f"unknown merge kind {kind!r}")
 
 
+def restore_grid(tokens: torch.Tensor, grid_hw: tuple[int, int], full_hw: tuple[int, int],
+                 mode: str = "repeat") -> torch.Tensor:
+    """Patch tokens on a (merged) grid -> a feature map on the full patch grid.
+
+    tokens: [B, gh*gw, D], row-major, no prefix tokens. Returns [B, D, Gh, Gw] with Gh = fh*gh, Gw = fw*gw.
+    mode "repeat": the exact inverse of the ATME grouping. A horizontal merge pairs columns (2c, 2c+1), a
+    vertical one rows (2r, 2r+1), so after any sequence of them patch (r, c) lives in merged token
+    (r // fh, c // fw) and each merged token is copied back to its fh x fw patches (Reshape + Expand).
+    mode "bilinear": bilinear upsampling, align_corners=False (Resize in ONNX).
+    """
+    gh, gw = grid_hw
+    big_h, big_w = full_hw
+    d = tokens.shape[-1]
+    fmap = tokens.transpose(1, 2).reshape(-1, d, gh, gw)
+    if (gh, gw) == (big_h, big_w):
+        return fmap
+    fh, fw = big_h // gh, big_w // gw
+    if (fh * gh, fw * gw) != (big_h, big_w):
+        raise ValueError(f"grid {gh}x{gw} does not divide the patch grid {big_h}x{big_w}")
+    if mode == "bilinear":  # integer factors: the same sampling as size=(Gh, Gw), with constant scales in ONNX
+        return F.interpolate(fmap, scale_factor=(float(fh), float(fw)), mode="bilinear", align_corners=False)
+    if mode != "repeat":
+        raise ValueError(f"unknown restore mode {mode!r}: repeat or bilinear")
+    fmap = fmap.reshape(-1, d, gh, 1, gw, 1).expand(-1, -1, -1, fh, -1, fw)
+    return fmap.reshape(-1, d, big_h, big_w)
+
+
 class TokenMerge(nn.Module):
     """ATME: concatenate two neighbouring patch tokens and fuse them with one Linear(2D -> D); the `prefix`
     tokens (class, distillation, registers) pass through untouched."""

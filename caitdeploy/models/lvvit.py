@@ -143,8 +143,8 @@ def check_config(c: CaitConfig) -> None:
             raise ConfigError(f"block {i}: family 'lvvit' has attention blocks only (kind {b.kind!r})")
     if c.stem == "patch":
         return
-    if c.img_size % 16:
-        raise ConfigError(f"img_size {c.img_size}: LV-ViT's conv stem needs a multiple of 16")
+    if any(s % 16 for s in c.image_hw):
+        raise ConfigError(f"img_size {c.size_text}: LV-ViT's conv stem needs multiples of 16")
 
 
 def make_stem(c: CaitConfig) -> nn.Module:
@@ -206,10 +206,12 @@ def reference_stem(c: CaitConfig, get, images: torch.Tensor) -> torch.Tensor:
 
 
 def _stem_sizes(c: CaitConfig):
-    size = c.img_size
+    """(in channels, out channels, output pixels) of every stem convolution."""
+    h, w = c.image_hw
     for cin, cout, stride, _ in stem_layers(c):
-        size = (size + 1) // 2 if stride == 2 else size
-        yield cin, cout, size
+        if stride == 2:
+            h, w = (h + 1) // 2, (w + 1) // 2
+        yield cin, cout, h * w
 
 
 def stem_flops(c: CaitConfig) -> int:
@@ -217,7 +219,7 @@ def stem_flops(c: CaitConfig) -> int:
         from .vit import stem_flops as plain
 
         return plain(c)
-    return sum(2 * size * size * cout * cin * 9 for cin, cout, size in _stem_sizes(c))
+    return sum(2 * pixels * cout * cin * 9 for cin, cout, pixels in _stem_sizes(c))
 
 
 def stem_params(c: CaitConfig) -> int:

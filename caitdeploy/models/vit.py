@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import CaitConfig
-from .layers import ATTN_IMPLS, AttnImpl, Block
+from .layers import ATTN_IMPLS, AttnImpl, Block, restore_grid
 
 
 NAME = "vit"
@@ -168,11 +168,33 @@ class CaitViT(nn.Module):
             return torch.cat([*prefix, x + self.pos_embed], dim=1) if prefix else x + self.pos_embed
         return torch.cat([*prefix, x], dim=1) + self.pos_embed
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, images: torch.Tensor, blocks=None, restore: str = "repeat"):
+        """Without `blocks`: every token after the last block and the final norm, [B, N, D] (the head's input).
+
+        With `blocks` (indices, or text '3,5,7,11'): a list of feature maps [B, D, Gh, Gw], one per listed block
+        (its output, before any norm), on the FULL patch grid of the input: prefix tokens dropped, a merged grid
+        restored by `restore` ("repeat": each merged token copied back to the patches it came from, the exact
+        inverse of the grouping; "bilinear": bilinear upsampling). Blocks after the last listed one do not run.
+        """
+        if blocks is None:
+            x = self.embed(images)
+            for blk in self.blocks:
+                x = blk(x)
+            return self.norm(x)
+        from ..config import RESTORE_MODES
+
+        c = self.config
+        wanted = c.feature_blocks(blocks)
+        if restore not in RESTORE_MODES:
+            raise ValueError(f"restore must be one of {', '.join(RESTORE_MODES)}, got {restore!r}")
+        grids, p = c.grids(), self.num_prefix_tokens
         x = self.embed(images)
-        for blk in self.blocks:
+        out = []
+        for i, blk in enumerate(self.blocks[: wanted[-1] + 1]):
             x = blk(x)
-        return self.norm(x)
+            if i in wanted:
+                out.append(restore_grid(x[:, p:], grids[i], c.grid, restore))
+        return out
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Pooling and classifier: timm's eval output (class token; mean of the patch tokens with

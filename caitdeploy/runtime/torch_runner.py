@@ -22,15 +22,18 @@ class TorchRunner(BaseRunner):
 
     def __init__(self, model: torch.nn.Module, spec: RuntimeSpec = RuntimeSpec(), *, dtype: torch.dtype | None = None,
                  compile: bool = False, input_shape: tuple[int, int, int] | None = None,
-                 input_name: str = "images", output_name: str = "logits", name: str | None = None):
+                 input_name: str = "images", output_name: str = "logits", name: str | None = None,
+                 output_names: list[str] | None = None):
         super().__init__(name=name, prefix="torch-runner")
         self._model, self.spec, self._dtype, self._compile = model, spec, dtype, compile
         cfg = getattr(model, "config", None)
         if input_shape is None and cfg is not None:
-            input_shape = (cfg.in_chans, cfg.img_size, cfg.img_size)
+            input_shape = cfg.input_shape
         if input_shape is None:
             raise ValueError("TorchRunner needs input_shape=(C, H, W) for a model without a config")
         self.input_shape, self.input_name, self.output_name = tuple(input_shape), input_name, output_name
+        # a model returning a tuple (feature maps) names its outputs in order
+        self.output_names = list(output_names or [output_name])
         self.cuda_graphs = cuda_graphs_ok(spec.device, "compile" if compile else "torch", spec.compile_mode)
 
     def activate_impl(self):
@@ -62,7 +65,11 @@ class TorchRunner(BaseRunner):
         if self.spec.device == "cuda":
             torch.cuda.synchronize()
         self.inference_time = time.perf_counter() - start
-        return OrderedDict([(self.output_name, y.float().cpu().numpy() if numpy_in else y)])
+        ys = list(y) if isinstance(y, (tuple, list)) else [y]
+        if len(ys) != len(self.output_names):
+            raise ValueError(f"the model returned {len(ys)} outputs for names {self.output_names}")
+        return OrderedDict((n, t.float().cpu().contiguous().numpy() if numpy_in else t)
+                           for n, t in zip(self.output_names, ys))
 
     def deactivate_impl(self):
         del self.model, self.dtype
