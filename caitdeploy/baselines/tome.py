@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CaitConfig
+from ..models.layers import restore_grid
 
 MergeFn = Callable[..., torch.Tensor]
 
@@ -257,19 +258,40 @@ class ToMeViT(nn.Module):
             out = attn.softmax(dim=-1) @ v
         return at.proj(out.transpose(1, 2).reshape(b, n, h * dv)), k.mean(dim=1)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, images: torch.Tensor, blocks=None, restore: str = "repeat"):
+        """Without `blocks`: every token after the last block and the final norm (the head's input).
+
+        With `blocks`: a list of feature maps [B, D, Gh, Gw] on the full patch grid, one per listed block (its
+        output), as `CaitViT.forward_features` gives them: ToMe's merges are undone by tracking where every
+        original token went (one index map, updated at every merge by the step's unmerge) and gathering each
+        patch's token, so every patch gets the value of the token it was merged into. `restore` is accepted
+        for the same signature; ToMe's irregular merges have one inverse only (the copy)."""
         vit = self.vit
         x = vit.embed(images)
         size = None
-        for blk, r in zip(vit.blocks, self.schedule):
+        wanted = self.config.feature_blocks(blocks) if blocks is not None else ()
+        source = None
+        if wanted:   # source[b, t]: where original token t lives now
+            source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        out, p, grid = [], vit.num_prefix_tokens, self.config.grid
+        for i, (blk, r) in enumerate(zip(vit.blocks, self.schedule)):
+            if wanted and i > wanted[-1]:
+                break
             y, metric = self._attention(blk, blk.norm1(x), size)
             x = x + y
             if r > 0:
-                merge, _ = bipartite_soft_matching(metric, r, protect_cls=vit.num_prefix_tokens)
+                merge, unmerge = bipartite_soft_matching(metric, r, protect_cls=vit.num_prefix_tokens)
                 if merge is not _identity:
                     x, size = merge_wavg(merge, x, size)
+                    if source is not None:
+                        now = torch.arange(x.shape[1], device=x.device, dtype=x.dtype)
+                        step = unmerge(now.reshape(1, -1, 1).expand(x.shape[0], -1, 1))[..., 0].long()
+                        source = step.gather(1, source)
             x = x + blk.mlp(blk.norm2(x))
-        return vit.norm(x)
+            if i in wanted:
+                idx = source[:, p:, None].expand(-1, -1, x.shape[-1])
+                out.append(restore_grid(x.gather(1, idx), grid, grid))
+        return out if wanted else vit.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.vit.forward_head(self.forward_features(images))

@@ -6,6 +6,10 @@ Models
   tome   the dense model with ToMe merging; r chosen by `choose_r` so its FLOPs match CAIT's within 2%
          (random weights: the merge pattern is data-dependent, its cost is not)
 
+Feature mode (`features`, with any `img_size`): every model returns the same full-grid feature maps of the listed
+blocks (`CaitViT.forward_features(x, blocks)`; ToMe with its merges undone by index tracking) and no head runs;
+FLOPs are encoder FLOPs (stem + blocks up to the last listed one), and ToMe's r matches CAIT's encoder FLOPs.
+
 fp16 on CPU: the records run fp32 (dtype "fp32") and say so in `note`; CPUs have no fast fp16 path in
 PyTorch eager or the ONNX Runtime CPU EP, and a half-precision CPU number would only measure conversions.
 """
@@ -87,76 +91,118 @@ def parse_tome_r(value: Any) -> str | int:
     return r
 
 
-def _dense_builder(cfg: CaitConfig, seed: int) -> Callable[[str, str | None], torch.nn.Module]:
+def _features(model: torch.nn.Module, features: tuple[int, ...] | None, restore: str) -> torch.nn.Module:
+    if not features:
+        return model
+    from ..models.vit import FeatureModel
+
+    return FeatureModel(model, features, restore).eval()
+
+
+def _dense_builder(cfg: CaitConfig, seed: int, features=None, restore: str = "repeat"
+                   ) -> Callable[[str, str | None], torch.nn.Module]:
     def build(attn_impl: str, kernels: str | None):
         from ..model import CaitViT
 
         torch.manual_seed(seed)
-        return CaitViT(cfg, attn_impl=attn_impl, kernels=kernels).eval()
+        return _features(CaitViT(cfg, attn_impl=attn_impl, kernels=kernels).eval(), features, restore)
 
     return build
 
 
-def _cait_builder(path: str) -> Callable[[str, str | None], torch.nn.Module]:
+def _cait_builder(path: str, img_size=None, features=None, restore: str = "repeat"
+                  ) -> Callable[[str, str | None], torch.nn.Module]:
     def build(attn_impl: str, kernels: str | None):
         from ..io import load_model
 
-        return load_model(path, attn_impl=attn_impl, kernels=kernels)
+        model = load_model(path, attn_impl=attn_impl, kernels=kernels, img_size=img_size)
+        return _features(model, features, restore)
 
     return build
 
 
-def _tome_builder(cfg: CaitConfig, r, seed: int) -> Callable[[str, str | None], torch.nn.Module]:
+def _tome_builder(cfg: CaitConfig, r, seed: int, features=None) -> Callable[[str, str | None], torch.nn.Module]:
     def build(attn_impl: str, kernels: str | None):
         from ..baselines.tome import tome_model
 
-        return tome_model(cfg, r, attn_impl="math" if attn_impl == "math" else "sdpa", seed=seed)
+        model = tome_model(cfg, r, attn_impl="math" if attn_impl == "math" else "sdpa", seed=seed)
+        return _features(model, features, "repeat")
 
     return build
+
+
+def _encoder(cfg: CaitConfig, features: tuple[int, ...] | None) -> CaitConfig:
+    """The part of `cfg` a feature benchmark runs (blocks up to the last listed one), for FLOPs counts."""
+    from dataclasses import replace
+
+    return replace(cfg, blocks=cfg.blocks[: features[-1] + 1]) if features else cfg
+
+
+def _flops(cfg: CaitConfig, features: tuple[int, ...] | None) -> int:
+    from ..flops import encoder_flops
+
+    return encoder_flops(cfg, features[-1]) if features else model_flops(cfg)["total"]
 
 
 def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[str] = BASELINES,
                  tome_r: str | int = "auto", seed: int = 0, log: Callable[[str], None] = print,
-                 max_batch: int = 1) -> list[BenchModel]:
+                 max_batch: int = 1, img_size=None, features=None, restore: str = "repeat") -> list[BenchModel]:
     """The models to benchmark: every fused CAIT model, one dense model per distinct architecture, one
-    ToMe model per CAIT model (FLOPs-matched unless `tome_r` is an int)."""
+    ToMe model per CAIT model (FLOPs-matched unless `tome_r` is an int). img_size: run every model at this
+    input size; features: block indices, benchmark feature extraction (see the module docstring)."""
     from ..baselines.tome import choose_r, describe_r, tome_flops
+    from ..config import ConfigError
+    from ..flops import head_flops
     from ..io import load_fused
 
     models: list[BenchModel] = []
     dense_seen: set[str] = set()
     for path in model_paths:
         config, _, _ = load_fused(path)  # says what the file is instead, and to run `fuse`, when it is not
+        try:
+            if img_size is not None:
+                config = config.at_size(img_size)
+            blocks = config.feature_blocks(features) if features is not None else None
+        except ConfigError as e:
+            raise CaitError(f"{path}: {e}") from None
         dense_cfg = config.unpruned()
         check_memory(3 * param_bytes(dense_cfg) + activation_bytes(dense_cfg, max_batch),
                      f"{path}: benchmarking its dense architecture at batch {max_batch}",
                      hint="choose a smaller --batch")
         arch = arch_name(dense_cfg)
         setting = setting_name(path)
-        f_cait, f_dense = model_flops(config)["total"], model_flops(dense_cfg)["total"]
+        f_cait, f_dense = _flops(config, blocks), _flops(dense_cfg, blocks)
+        outputs = [f"feat{b}" for b in blocks] if blocks else None
         common = dict(input_shape=config.input_shape, num_classes=config.num_classes,
-                      flops_dense=f_dense)
+                      flops_dense=f_dense, output_names=outputs)
         models.append(BenchModel("cait", setting, arch, f"CAIT -{100 * (1 - f_cait / f_dense):.1f}%",
-                                 _cait_builder(str(path)), flops=f_cait, params=model_params(config), **common))
+                                 _cait_builder(str(path), img_size, blocks, restore), flops=f_cait,
+                                 params=model_params(config), **common))
         log(f"{setting}: CAIT {f_cait / 1e9:.3f} GFLOPs/img, dense {f_dense / 1e9:.3f} "
             f"({100 * (1 - f_cait / f_dense):.1f}% fewer)")
         if "dense" in baselines and arch not in dense_seen:
             dense_seen.add(arch)
-            models.append(BenchModel("dense", arch, arch, "dense", _dense_builder(dense_cfg, seed), flops=f_dense,
+            models.append(BenchModel("dense", arch, arch, "dense", _dense_builder(dense_cfg, seed, blocks, restore),
+                                     flops=f_dense,
                                      params=model_params(dense_cfg), **common))
         if "tome" in baselines:
+            enc = _encoder(dense_cfg, blocks)   # ToMe's r is matched on what runs (no head with features)
+            extra = head_flops(enc) if blocks else 0
             if tome_r == "auto":
                 try:
-                    r = choose_r(dense_cfg, f_cait)
+                    r = choose_r(enc, f_cait + extra)
                 except ValueError as e:
                     raise CaitError(f"{path}: {e}") from None
             else:
                 r = int(tome_r)
-            f_tome = tome_flops(dense_cfg, r)["total"]
+            if blocks and not isinstance(r, int):
+                r = list(r) + [0] * (dense_cfg.depth - len(r))
+            f_tome = tome_flops(enc, r if isinstance(r, int) else r[: enc.depth])["total"] - extra
             how = "constant r" if isinstance(r, int) else "schedule: r+1 in the first blocks, r after"
             log(f"{setting}: ToMe {describe_r(r)} ({how}) {f_tome / 1e9:.3f} GFLOPs/img vs CAIT "
                 f"{f_cait / 1e9:.3f} ({100 * (f_tome / f_cait - 1):+.2f}%)")
-            models.append(BenchModel("tome", setting, arch, f"ToMe {describe_r(r)}", _tome_builder(dense_cfg, r, seed),
+            detail = f"ToMe {describe_r(r)}" + (" unmerged" if blocks else "")
+            models.append(BenchModel("tome", setting, arch, detail, _tome_builder(dense_cfg, r, seed, blocks),
                                      flops=f_tome, params=model_params(dense_cfg), **common))
     return models
 
@@ -202,7 +248,8 @@ def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batch
               tome_r: str | int = "auto", device: str | None = "auto", timing: Timing | None = None,
               threads: int | None = None, work_dir: str | os.PathLike | None = None,
               compile_mode: str | None = None, seed: int = 0, progress: bool = True,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, img_size=None, features=None,
+              restore: str = "repeat") -> list[dict[str, Any]]:
     """Benchmark fused model(s) against their dense architecture and ToMe; one flat record per
     (model, backend, batch). See runners.py for timing, memory and record keys."""
     paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
@@ -220,7 +267,17 @@ def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batch
         torch.set_num_threads(threads)
     opts = RunOptions(device=resolve_device(device), dtype=dtype, timing=timing or Timing(), threads=threads,
                       work_dir=Path(work_dir) if work_dir else None, compile_mode=compile_mode, seed=seed)
-    models = build_models(paths, baselines, tome_r, seed=seed, log=log, max_batch=max(batches))
+    from ..config import RESTORE_MODES, ConfigError, image_size
+
+    if img_size is not None:
+        try:
+            img_size = image_size(img_size)
+        except ConfigError as e:
+            raise OptionError("img_size", str(e).removeprefix("img_size ")) from None
+    if restore not in RESTORE_MODES:
+        raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
+    models = build_models(paths, baselines, tome_r, seed=seed, log=log, max_batch=max(batches), img_size=img_size,
+                          features=features, restore=restore)
     if dtype == "fp16" and opts.device == "cpu":
         log("fp16 on CPU: running fp32 instead (see each record's note)")
     jobs = [(backend, batch, m) for backend in backends for batch in batches for m in models]

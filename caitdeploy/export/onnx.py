@@ -166,21 +166,6 @@ class _Fp16Graph(torch.nn.Module):
         return out.to(torch.float32)
 
 
-class FeatureGraph(torch.nn.Module):
-    """images -> a tuple of full-grid feature maps [B, D, Gh, Gw] (`CaitViT.forward_features(x, blocks)`)."""
-
-    def __init__(self, vit: torch.nn.Module, blocks: tuple[int, ...], restore: str = "repeat"):
-        super().__init__()
-        self.vit, self.blocks, self.restore = vit, tuple(blocks), restore
-
-    @property
-    def config(self):
-        return self.vit.config
-
-    def forward(self, images: torch.Tensor):
-        return tuple(self.vit.forward_features(images, self.blocks, self.restore))
-
-
 def feature_names(blocks: Iterable[int]) -> list[str]:
     """ONNX output names of a feature export: feat3, feat5, ..."""
     return [f"feat{b}" for b in blocks]
@@ -196,10 +181,13 @@ def _prepare(model: torch.nn.Module, dtype: str, attention: str, features: tuple
              restore: str = "repeat") -> torch.nn.Module:
     """A copy of `model` ready to trace (the caller's model is never modified)."""
     m = copy.deepcopy(model).eval().float()
-    if _is_cait(m):
-        m.set_impl("sdpa" if attention == "op" else "math")
+    inner = getattr(m, "model", None) if not _is_cait(m) else m   # a FeatureModel around a CaitViT
+    if _is_cait(inner):
+        inner.set_impl("sdpa" if attention == "op" else "math")
     if features:
-        m = FeatureGraph(m, features, restore)
+        from ..models.vit import FeatureModel
+
+        m = FeatureModel(m, features, restore)
     if dtype == "fp16":
         m = _Fp16Graph(m.half())
     return m
@@ -337,14 +325,16 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, input_shape:
                 dtype: str = "fp32", opset: int | None = None, attention: str = "matmul",
                 forbid: Iterable[str] = FORBIDDEN_OPS, verify: bool = True, verify_batches: tuple[int, ...] = (1, 7),
                 fp16_samples: int = 256, example_batch: int = 2, seed: int = 0,
-                metadata: dict[str, str] | None = None, features=None, restore: str = "repeat") -> dict[str, Any]:
+                metadata: dict[str, str] | None = None, features=None, restore: str = "repeat",
+                output_names: list[str] | None = None) -> dict[str, Any]:
     """Export `model` to a clean, checked ONNX file at `path` (see `export_onnx_bytes`); returns the report."""
     path = Path(path)
     check_output_dir(path)
     data, report = export_onnx_bytes(model, path, input_shape=input_shape, dtype=dtype, opset=opset,
                                      attention=attention, forbid=forbid, verify=verify, verify_batches=verify_batches,
                                      fp16_samples=fp16_samples, example_batch=example_batch, seed=seed,
-                                     metadata=metadata, features=features, restore=restore)
+                                     metadata=metadata, features=features, restore=restore,
+                                     output_names=output_names)
     with atomic_output(path, ".onnx") as tmp:
         tmp.write_bytes(data)
     return report
@@ -355,11 +345,12 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
                       forbid: Iterable[str] = FORBIDDEN_OPS, verify: bool = True,
                       verify_batches: tuple[int, ...] = (1, 7), fp16_samples: int = 256, example_batch: int = 2,
                       seed: int = 0, metadata: dict[str, str] | None = None, features=None,
-                      restore: str = "repeat") -> tuple[bytes, dict[str, Any]]:
+                      restore: str = "repeat", output_names: list[str] | None = None) -> tuple[bytes, dict[str, Any]]:
     """Export `model` (images [B, C, H, W] -> logits [B, classes]) to a clean, checked ONNX file.
 
     features (a CaitViT only): block indices; the graph's outputs are then `feat{i}` [B, D, Gh, Gw], each block's
     output on the full patch grid (`CaitViT.forward_features(x, blocks, restore)`), and no logits.
+    output_names: for another model that returns a tuple of feature maps [B, D, H, W] (a `FeatureModel`).
 
     input_shape: (C, H, W) without batch; a CaitViT supplies it from its config. opset None -> 18 for
     attention="matmul", 23 for "op". forbid: op types that make the export fail (CaitError naming op and node);
@@ -393,7 +384,7 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
             raise OptionError("features", str(e).removeprefix("features: ")) from None
         if restore not in RESTORE_MODES:
             raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
-    out_names = feature_names(blocks) if blocks else [OUTPUT_NAME]
+    out_names = feature_names(blocks) if blocks else list(output_names or [OUTPUT_NAME])
     module = _prepare(model, dtype, attention, blocks, restore)
     example = torch.randn(example_batch, *input_shape, generator=torch.Generator().manual_seed(seed))
     raw = _torch_export(module, example, opset, out_names)
@@ -420,11 +411,11 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
             raise CaitError(f"{what}: expected one input {INPUT_NAME!r} and outputs {out_names}, got "
                             f"{[i.name for i in mp.graph.input]} -> {[o.name for o in mp.graph.output]}")
         _set_batch_dim(mp.graph.input[0])
-        rank = 4 if blocks else 2
+        rank = 2 if out_names == [OUTPUT_NAME] else 4
         for o in mp.graph.output:
             if len(o.type.tensor_type.shape.dim) != rank:
                 raise CaitError(f"{what}: output {o.name!r} must be "
-                                f"{'[batch, D, Gh, Gw]' if blocks else '[batch, num_classes]'}")
+                                f"{'[batch, num_classes]' if rank == 2 else '[batch, D, Gh, Gw]'}")
             _set_batch_dim(o)
         onnx.checker.check_model(mp, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -457,7 +448,9 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
 
             report.update(features=list(blocks), restore=restore, flops=encoder_flops(model.config, blocks[-1]))
     if verify:
-        ref = FeatureGraph(model, blocks, restore) if blocks else model
+        from ..models.vit import FeatureModel
+
+        ref = FeatureModel(model, blocks, restore) if blocks else model
         report["verify"] = verify_onnx(data, ref, input_shape, dtype=dtype, what=f"{what} {dtype} ONNX",
                                        batches=verify_batches, fp16_samples=fp16_samples, seed=seed + 1,
                                        output_names=out_names)

@@ -207,3 +207,21 @@ class CaitViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
+
+
+class FeatureModel(nn.Module):
+    """images -> a tuple of full-grid feature maps [B, D, Gh, Gw]: `model.forward_features(x, blocks, restore)`
+    of a CaitViT (or of any model with that method, e.g. the ToMe baseline) as a module with plain outputs,
+    for export and benchmarks."""
+
+    def __init__(self, model: nn.Module, blocks, restore: str = "repeat"):
+        super().__init__()
+        self.model, self.restore = model, restore
+        self.blocks = model.config.feature_blocks(blocks)
+
+    @property
+    def config(self) -> CaitConfig:
+        return self.model.config
+
+    def forward(self, images: torch.Tensor):
+        return tuple(self.model.forward_features(images, self.blocks, self.restore))

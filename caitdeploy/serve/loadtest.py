@@ -153,7 +153,7 @@ def _run_level(mod, url: str, model: str, clients: int, x: np.ndarray, name: str
     execs = (after[1] - before[1]) if before and after else None
     reqs_server = (after[0] - before[0]) if before and after else None
     return {"model": model, "protocol": None, "url": url, "concurrency": clients, "batch": batch,
-            "duration_s": round(elapsed, 3), "requests": n, "errors": len(errors),
+            "duration_s": elapsed, "requests": n, "errors": len(errors),
             "throughput_req_s": n / elapsed if elapsed > 0 else 0.0,
             "throughput_img_s": n * batch / elapsed if elapsed > 0 else 0.0,
             "latency_ms_p50": _percentile(lat, 50) * 1e3 if lat else None,
