@@ -197,18 +197,30 @@ class CaitTrainViT(nn.Module):
     def merges(self) -> dict[int, str]:
         return dict(self.cait_config.merges)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, blocks=None, restore: str = "repeat"):
+        """Tokens after the final norm; with `blocks`, full-grid feature maps [B, D, Gh, Gw] of those blocks'
+        outputs, exactly as `CaitViT.forward_features(x, blocks, restore)` gives them (dense prediction heads
+        train on these)."""
+        from .models.layers import restore_grid
+
+        c = self.cait_config
+        wanted = c.feature_blocks(blocks) if blocks is not None else ()
         x = self.patch_embed(x)
         prefix = [getattr(self, n).expand(x.shape[0], -1, -1) for n in ("cls_token", "dist_token", "reg_token")
                   if hasattr(self, n)]
-        if self.cait_config.no_embed_class:
+        if c.no_embed_class:
             x = torch.cat([*prefix, x + self.pos_embed], dim=1)
         else:
             x = torch.cat([*prefix, x], dim=1) + self.pos_embed
         x = self.pos_drop(x)
-        for blk in self.blocks:
+        out, grids, p = [], c.grids(), c.num_prefix_tokens
+        for i, blk in enumerate(self.blocks):
+            if wanted and i > wanted[-1]:
+                return out
             x = blk(x)
-        return self.norm(x)
+            if i in wanted:
+                out.append(restore_grid(x[:, p:], grids[i], c.grid, restore))
+        return out if wanted else self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """timm's eval output: class token, patch-token mean ('avg', then fc_norm), or with a distillation

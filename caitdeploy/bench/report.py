@@ -48,11 +48,25 @@ def rows(records: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[str]]
     return out, [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
 
 
+def io_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """What the models took and gave: 'input 3x512x512 -> feature maps feat3, ... (encoder GFLOPs, no head)'."""
+    out = []
+    for inp, outs in dict.fromkeys((r.get("input"), r.get("outputs")) for r in records):
+        if inp is None:
+            continue
+        if outs and outs != "logits":
+            out.append(f"input {inp} -> feature maps {outs.replace(',', ', ')} on the full patch grid "
+                       "(GFLOPs: encoder up to the last of them, no head)")
+        else:
+            out.append(f"input {inp} -> logits")
+    return out
+
+
 def environment_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     if not records:
         return []
     r = records[0]
-    lines = [f"cpu: {r['env_cpu']} ({r['env_cpu_count']} logical cores, {r['env_threads']} torch threads)"]
+    lines = [*io_lines(records), f"cpu: {r['env_cpu']} ({r['env_cpu_count']} logical cores, {r['env_threads']} torch threads)"]
     if r["env_gpu"]:
         lines.append(f"gpu: {r['env_gpu']} (driver {r['env_driver'] or '?'}, CUDA {r['env_cuda'] or '?'})")
     else:

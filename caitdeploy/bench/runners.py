@@ -53,7 +53,7 @@ MODEL_KINDS = ("cait", "dense", "tome")
 _S, _I, _F, _N = str, int, float, type(None)
 RECORD_SCHEMA: dict[str, tuple[type, ...]] = {
     "model": (_S,), "setting": (_S,), "arch": (_S,), "model_detail": (_S,),
-    "backend": (_S,), "device": (_S,), "dtype": (_S,), "batch": (_I,),
+    "backend": (_S,), "device": (_S,), "dtype": (_S,), "batch": (_I,), "input": (_S,), "outputs": (_S,),
     "flops_per_img": (_I,), "flops_reduction": (_F,), "params": (_I,),
     "latency_ms_p50": (_F,), "latency_ms_p90": (_F,), "latency_ms_p99": (_F,), "latency_ms_mean": (_F,),
     "throughput_img_s": (_F,), "peak_mem_mb": (_F, _N), "peak_mem_kind": (_S,),
@@ -103,6 +103,7 @@ class BenchModel:
     flops: int
     flops_dense: int
     params: int
+    output_names: list[str] | None = None   # feature maps (feat3, ...) instead of logits
 
 
 @dataclass
@@ -280,7 +281,8 @@ def summarize(repeats: list[list[float]], batch: int) -> dict[str, Any]:
 def base_record(m: BenchModel, backend: str, batch: int, opts: RunOptions, dtype: str) -> dict[str, Any]:
     rec: dict[str, Any] = {k: None for k in RECORD_KEYS}
     rec.update(model=m.kind, setting=m.setting, arch=m.arch, model_detail=m.detail, backend=backend,
-               device=opts.device, dtype=dtype, batch=int(batch), flops_per_img=int(m.flops),
+               device=opts.device, dtype=dtype, batch=int(batch), input="x".join(map(str, m.input_shape)),
+               outputs=",".join(m.output_names or ["logits"]), flops_per_img=int(m.flops),
                flops_reduction=float(1 - m.flops / m.flops_dense), params=int(m.params),
                warmup=opts.timing.warmup, repeats=opts.timing.repeats, status="ok", note="")
     rec.update(environment())
@@ -345,7 +347,7 @@ def _prepare_torch(m: BenchModel, batch: int, opts: RunOptions, dtype: str, back
         model = m.build("sdpa", None)
     tdt = _TORCH_DTYPES[dtype]
     runner = TorchRunner(model, _spec(opts), dtype=tdt, compile=backend == "compile",
-                         input_shape=m.input_shape)
+                         input_shape=m.input_shape, output_names=m.output_names)
     runner.activate()
     ctx.keep.append(runner)
     if backend == "compile":
@@ -369,7 +371,7 @@ def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext) -
     model = m.build("math", None).eval()
     try:
         export_onnx(model, path, input_shape=m.input_shape, dtype=dtype,
-                    forbid=() if m.kind == "tome" else FORBIDDEN_OPS, verify=False)
+                    forbid=() if m.kind == "tome" else FORBIDDEN_OPS, verify=False, output_names=m.output_names)
     except Exception as e:  # noqa: BLE001 -- any exporter failure makes this pair n/a
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         ctx.onnx_cache[key] = CaitError(f"{type(e).__name__}: {first}")

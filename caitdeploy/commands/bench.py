@@ -19,6 +19,13 @@ from .common import console, handle_errors
 @click.option("--tome-r", default="auto", show_default=True,
               help="ToMe tokens merged per block: 'auto' matches CAIT's FLOPs within 2%, or an integer.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--img-size", default=None,
+              help="Run every model at this input size: 512 or HEIGHTxWIDTH (position embedding resampled).")
+@click.option("--features", default=None,
+              help="Benchmark feature extraction (dense prediction): block indices, e.g. 3,5,7,11; every model "
+                   "gives those blocks' maps on the full patch grid (ToMe's merges undone), no head.")
+@click.option("--restore", default="repeat", show_default=True,
+              help="How CAIT's merged grid is restored for --features: repeat or bilinear.")
 @click.option("--warmup", default="10", show_default=True, help="Untimed calls before timing.")
 @click.option("--min-iters", default="20", show_default=True, help="Timed calls per repeat, at least.")
 @click.option("--min-seconds", default="2.0", show_default=True, help="Seconds per repeat, at least.")
@@ -33,7 +40,7 @@ from .common import console, handle_errors
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot.")
 @click.option("-q", "--quiet", is_flag=True, help="No table, no progress bar.")
 @handle_errors
-def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, warmup, min_iters, min_seconds, repeats,
+def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, img_size, features, restore, warmup, min_iters, min_seconds, repeats,
               threads, compile_mode, work_dir, json_path, md_path, plot_path, quiet):
     """Benchmark fused MODEL(s) against the dense architecture and FLOPs-matched ToMe."""
     from ..errors import CaitError
@@ -61,6 +68,22 @@ def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, warmup
     if dtype not in ("fp32", "fp16"):
         raise CaitError(f"--dtype {dtype!r}: choose fp32 or fp16")
     # validate everything before loading models: options, then every output path
+    from ..config import RESTORE_MODES, ConfigError, image_size
+    from ..errors import OptionError
+
+    if img_size is not None:
+        try:
+            image_size(img_size)
+        except ConfigError as e:
+            raise OptionError("img_size", str(e).removeprefix("img_size ")) from None
+    if restore not in RESTORE_MODES:
+        raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
+    if restore != "repeat" and features is None:
+        raise OptionError("restore", "applies to feature outputs: add --features")
+    if features is not None:
+        parts = [p.strip() for p in features.split(",") if p.strip()]
+        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+            raise OptionError("features", f"{features!r}: give block indices, e.g. 3,5,7,11")
     backends_l, baselines_l = parse_backends(backends), parse_baselines(baselines)
     batches_l, tome = parse_batches(batches), parse_tome_r(tome_r)
     check_paths({"MODEL": list(model)}, [Out(json_path, "--json", JSON_SUFFIXES),
@@ -72,7 +95,8 @@ def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, warmup
     log = (lambda s: None) if quiet else (lambda s: con.print(s, markup=False))
     records = run_bench(list(model), batches=batches_l, backends=backends_l, dtype=dtype, baselines=baselines_l,
                         tome_r=tome, device=device, timing=timing, threads=nthreads, work_dir=work_dir,
-                        compile_mode=compile_mode, progress=not quiet, log=log)
+                        compile_mode=compile_mode, progress=not quiet, log=log, img_size=img_size,
+                        features=features, restore=restore)
     if not any(r["status"] == "ok" for r in records):
         why = "; ".join(dict.fromkeys(f"{r['backend']}: {r['status']}" for r in records))
         raise CaitError(f"no measurement succeeded ({why[:600]}); nothing written")
