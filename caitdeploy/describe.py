@@ -92,6 +92,8 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import}, "ir_version": m.ir_version,
         "producer": f"{m.producer_name} {m.producer_version}".strip(), **io_signature(m),
         "dtype": meta.get("caitdeploy.dtype"), "attention": meta.get("caitdeploy.attention"),
+        "features": (meta.get("caitdeploy.features") or "")[:200] or None,
+        "restore": (meta.get("caitdeploy.restore") or "")[:40] or None,
         "census": census, "nodes": sum(census.values()),
         "params": int(sum(_numel(t) for t in m.graph.initializer)),
     }
