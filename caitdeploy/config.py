@@ -185,7 +185,7 @@ class CaitConfig:
             raise ConfigError("a distillation token needs a class token and global_pool 'token'")
         for side, name in zip(self.image_hw, ("height", "width")):
             if side % self.patch_size:
-                raise ConfigError(f"image {name} {side} (img_size {self.size_text}) is not a multiple of patch_size "
+                raise ConfigError(f"img_size {self.size_text}: image {name} {side} is not a multiple of patch_size "
                                   f"{self.patch_size}")
         gh, gw = self.grid
         check_bound(self.num_prefix_tokens + gh * gw, "tokens (prefix tokens + patch grid)", bound="tokens")
@@ -237,7 +237,7 @@ class CaitConfig:
             return replace(self, img_size=hw, source=src)
         except ConfigError as e:
             text = str(hw) if isinstance(hw, int) else f"{hw[0]}x{hw[1]}"
-            raise ConfigError(f"img_size {text}: {e}") from None
+            raise ConfigError(str(e) if str(e).startswith("img_size") else f"img_size {text}: {e}") from None
 
     @property
     def merges(self) -> dict[int, str]:

@@ -223,3 +223,31 @@ def test_tome_features_unmerge_to_the_full_grid():
         (fmap,) = tome_model(c, 5).forward_features(x, [2])
     assert fmap.shape == (2, 32, 8, 8)
     assert torch.unique(fmap[0].flatten(1).T, dim=0).shape[0] == 64 - 15
+
+
+def test_other_families_at_another_size():
+    """LV-ViT's conv stem, SPViT's convolution blocks and SiT's token slimming are resolution-free; features after
+    a slimming are refused (the tokens are no longer a grid)."""
+    from dataclasses import replace
+
+    from caitdeploy.model import CaitViT
+
+    base = CaitConfig.dense(img_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=5)
+    lv = replace(CaitConfig.dense(img_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=5,
+                                  family="lvvit", stem="4c"),)
+    sp = replace(base, family="spvit", blocks=(replace(base.blocks[0], kind="conv3"), replace(base.blocks[1], kind="skip"),
+                                               base.blocks[2]))
+    sit = replace(lv, blocks=(lv.blocks[0], replace(lv.blocks[1], slim=6), lv.blocks[2]))
+    x = torch.randn(2, 3, 96, 128)
+    for cfg in (lv, sp, sit):
+        torch.manual_seed(0)
+        model = at_size(CaitViT(cfg).eval(), "96x128")
+        assert model.config.grid == (6, 8)
+        with torch.no_grad():
+            assert model(x).shape == (2, 5)
+            maps = model.forward_features(x, [0])
+        assert maps[0].shape == (2, 32, 6, 8)
+    with pytest.raises(ConfigError, match="block 1 comes after token slimming"):
+        sit.feature_blocks([1])
+    with pytest.raises(ConfigError, match="^img_size 96x120: image width 120 is not a multiple of patch_size 16$"):
+        lv.at_size("96x120")
