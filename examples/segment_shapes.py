@@ -4,24 +4,29 @@ checkpoint -> `fuse` -> fused PyTorch model -> `caitdeploy export --features` ->
 speed-up over the dense backbone in ONNX Runtime.
 
 Data, generated (no download, numpy only): 64x64 RGB images, textured backgrounds (smooth waves, stripes or a
-checker board in random colours), 2-4 overlapping shapes each (filled circle, rectangle, triangle; random size,
-position, colour) with per-pixel labels 0 background, 1 circle, 2 rectangle, 3 triangle.
+checker board in two random colours), 2-4 shapes each (filled circle, axis-aligned rectangle, roughly upright
+triangle; random size, position and colour, overlapping a little) with per-pixel labels 0 background, 1 circle,
+2 rectangle, 3 triangle; 1600 train / 300 test images.
 Model: a timm VisionTransformer (patch 8 -> an 8x8 token grid, embed 96, depth 6, 4 heads; its classifier head
-is unused) and a segmentation head on the outputs of blocks 1, 3, 5 as [B, D, 8, 8] maps: one 1x1 conv per map,
-summed, BN + GELU, then 8x8 class logits upsampled bilinearly x8 plus a per-patch 8x8 refinement (pixel shuffle).
-CAIT: HTM at block 2 (8x8 -> 8x4), VTM at block 4 (8x4 -> 4x4), CDCP channel pruning to the FLOPs target; the
-feature maps of merged blocks are restored to the full 8x8 grid by repetition.
+is unused) and a light head on the outputs of blocks 1, 3, 5 as [B, D, 8, 8] maps: a 1x1 conv per map, summed,
+BN + GELU, one residual 3x3 conv on the token grid, then class logits upsampled bilinearly x8 plus a per-patch
+refinement (1x1 conv to 4x8x8 channels, pixel shuffle). Weighted per-pixel cross-entropy.
+CAIT: HTM at block 2 (8x8 -> 8x4), VTM at block 4 (8x4 -> 4x4), CDCP channel pruning to the FLOPs target, the
+backbone and the head fine-tuned together; the maps of merged blocks are restored to the 8x8 grid by repetition.
+Deployment: `fuse`, `caitdeploy export --features 1,3,5` (ONNX outputs feat1, feat3, feat5), ONNX Runtime; the
+dense backbone goes the same way (cait_wrap with no merges) for the encoder speed comparison.
 
     python examples/segment_shapes.py [--out DIR] [--flops-reduction 0.55] [--threads 1]
 
 Reports mIoU (mean over the 4 classes of the per-class IoU, from one confusion matrix over all test pixels) and
-pixel accuracy at every stage. Exits 1 if the fused or the ONNX Runtime mIoU differs from the checkpoint's by
-more than 0.002.
+pixel accuracy at every stage. Exits 1 if the fused or the ONNX Runtime mIoU differs from the checkpoint's (or
+the dense ONNX Runtime mIoU from the dense model's) by more than 0.002.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import subprocess
@@ -45,6 +50,9 @@ MERGES = {2: "h", 4: "v"}
 BLOCKS = (1, 3, 5)
 CLASSES = ("background", "circle", "rectangle", "triangle")
 SIZE, PATCH = 64, 8
+MAX_OVERLAP = 0.15    # largest share of a new shape allowed to cover earlier shapes
+TRIANGLE_TILT = 0.3   # triangles point roughly up: rotated by up to +-0.3 rad (17 degrees)
+CLASS_WEIGHTS = (0.5, 1.5, 1.5, 2.0)  # cross-entropy weights: shape pixels are rare, mIoU weighs classes equally
 TOLERANCE = 0.002  # largest mIoU difference allowed between the checkpoint, the fused model and ONNX Runtime
 
 
@@ -80,7 +88,8 @@ def shape_mask(kind: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarr
         h, w = rng.uniform(10, 28, 2)
         return (np.abs(yy - cy) <= h / 2) & (np.abs(xx - cx) <= w / 2)
     r = rng.uniform(9, 17)  # triangle: three vertices on a circle, roughly evenly spread (no slivers)
-    ang = rng.uniform(0, 2 * np.pi) + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]) + rng.uniform(-0.35, 0.35, 3)
+    ang = -np.pi / 2 + rng.uniform(-TRIANGLE_TILT, TRIANGLE_TILT) + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]) \
+        + rng.uniform(-0.35, 0.35, 3)
     py, px = cy + r * np.sin(ang), cx + r * np.cos(ang)
     edges = [(px[j] - px[i]) * (yy - py[i]) - (py[j] - py[i]) * (xx - px[i]) for i, j in ((0, 1), (1, 2), (2, 0))]
     return ((edges[0] >= 0) & (edges[1] >= 0) & (edges[2] >= 0)) | ((edges[0] <= 0) & (edges[1] <= 0) & (edges[2] <= 0))
@@ -93,9 +102,12 @@ def make_data(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Ten
     labels = np.zeros((n, SIZE, SIZE), np.int64)
     for i in range(n):
         img = background(rng, yy, xx)
-        for _ in range(rng.integers(2, 5)):  # later shapes cover earlier ones (labels too)
+        for _ in range(rng.integers(2, 5)):  # later shapes cover earlier ones (labels too), but not much
             kind = int(rng.integers(1, 4))
-            m = shape_mask(kind, rng, yy, xx)
+            for _ in range(30):  # a place where it covers little of the earlier shapes (else the last try)
+                m = shape_mask(kind, rng, yy, xx)
+                if (labels[i][m] > 0).mean() <= MAX_OVERLAP:
+                    break
             under = img[m].mean(0) if m.any() else img.mean((0, 1))
             for _ in range(20):  # a colour that stands out from what it covers
                 colour = rng.uniform(0, 1, 3)
@@ -115,10 +127,10 @@ def batches(n: int, bs: int, g: torch.Generator):
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random horizontal / vertical flips of the whole batch (label-preserving for these shapes)."""
-    flip = torch.rand(2, generator=g) < 0.5
-    dims = [d for d, f in zip((-1, -2), flip.tolist()) if f]
-    return (x.flip(dims), y.flip(dims)) if dims else (x, y)
+    """A random horizontal flip of the whole batch (label-preserving; triangles keep pointing up)."""
+    if bool(torch.rand(1, generator=g) < 0.5):
+        return x.flip(-1), y.flip(-1)
+    return x, y
 
 
 # ---- model --------------------------------------------------------------------------------------
@@ -137,20 +149,24 @@ def dense_features(vit: nn.Module, x: torch.Tensor, blocks=BLOCKS) -> list[torch
 
 
 class SegHead(nn.Module):
-    """Light head on [B, D, Gh, Gw] maps: 1x1 conv per map, summed, BN + GELU; then class logits at the token
-    grid upsampled bilinearly to the image plus a per-patch refinement (1x1 conv to classes*patch^2, pixel
-    shuffle), so each token also predicts the labels inside its own patch."""
+    """Light head on [B, D, Gh, Gw] maps: 1x1 conv per map, summed, BN + GELU, a residual 3x3 conv (neighbouring
+    tokens: a little spatial context); then class logits at the token grid upsampled bilinearly to the image plus
+    a per-patch refinement (1x1 conv to classes*patch^2, pixel shuffle), so each token also predicts the labels
+    inside its own patch."""
 
     def __init__(self, dim: int, n_maps: int, classes: int = len(CLASSES), width: int = 96, patch: int = PATCH):
         super().__init__()
         self.patch = patch
         self.proj = nn.ModuleList(nn.Conv2d(dim, width, 1) for _ in range(n_maps))
         self.norm = nn.BatchNorm2d(width)
+        self.mix = nn.Conv2d(width, width, 3, padding=1, bias=False)  # a little spatial context on the token grid
+        self.norm2 = nn.BatchNorm2d(width)
         self.coarse = nn.Conv2d(width, classes, 1)
         self.fine = nn.Conv2d(width, classes * patch * patch, 1)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         h = F.gelu(self.norm(sum(proj(m) for proj, m in zip(self.proj, maps))))
+        h = F.gelu(self.norm2(self.mix(h))) + h
         coarse = F.interpolate(self.coarse(h), scale_factor=self.patch, mode="bilinear", align_corners=False)
         return coarse + F.pixel_shuffle(self.fine(h), self.patch)
 
@@ -184,16 +200,20 @@ def cosine(step: int, total: int, base: float, warmup: int = 0) -> float:
 
 # ---- deployment ---------------------------------------------------------------------------------
 def export_features(fused_path: Path, onnx_path: Path, threads: int) -> None:
-    """`caitdeploy export FUSED --features 1,3,5`: ONNX with input "images" and outputs feat1, feat3, feat5."""
-    cmd = [sys.executable, "-m", "caitdeploy.cli", "export", str(fused_path), "--features", ",".join(map(str, BLOCKS)),
-           "-o", str(onnx_path), "-q"]
+    """`caitdeploy export FUSED --features 1,3,5`: ONNX with input "images" [batch, 3, 64, 64] and outputs feat1,
+    feat3, feat5 [batch, D, 8, 8]. The CLI checks the ONNX against PyTorch itself; its JSON report says how well."""
+    report = onnx_path.with_suffix(".export.json")
+    features = ",".join(map(str, BLOCKS))
+    cmd = [sys.executable, "-m", "caitdeploy.cli", "export", str(fused_path), "--features", features,
+           "-o", str(onnx_path), "-q", "--report", str(report)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         sys.exit(f"export failed ({' '.join(cmd)}):\n{res.stdout}{res.stderr}")
-    verify = [ln.strip() for ln in res.stdout.splitlines() if ln.startswith("verify")]
-    print(f"    caitdeploy export {fused_path.name} --features {','.join(map(str, BLOCKS))} -> {onnx_path.name}"
-          + "".join(f"\n      {ln}" for ln in verify))
+    r = json.loads(report.read_text())["onnx"]
+    print(f"    caitdeploy export {fused_path.name} --features {features} -> {onnx_path.name} (opset {r['opset']}, "
+          f"{r['bytes'] / 2**20:.1f} MiB, {r['nodes']} nodes); its check vs PyTorch: max |diff| "
+          f"{r['verify']['max_abs_diff']:.1e}")
 
 
 def ort_session(path: Path, threads: int):
@@ -205,7 +225,7 @@ def ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def ort_features(sess, bs: int = 100):
+def ort_features(sess):
     """images -> [feat1, feat3, feat5] as torch tensors, from an ONNX Runtime session."""
     names = [f"feat{b}" for b in BLOCKS]
 
@@ -237,11 +257,13 @@ def main() -> int:
     ap.add_argument("--train", type=int, default=1600, help="generated training images")
     ap.add_argument("--test", type=int, default=300, help="generated test images")
     ap.add_argument("--pretrain-epochs", type=int, default=14)
-    ap.add_argument("--cait-epochs", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--cait-epochs", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=8, help="small batches: more steps per second on a CPU")
+    ap.add_argument("--lr", type=float, default=5e-4, help="AdamW peak learning rate, dense training")
+    ap.add_argument("--cait-lr", type=float, default=2.5e-4, help="AdamW peak learning rate, CAIT fine-tuning")
     ap.add_argument("--lam", type=float, default=5e-2, help="lasso strength (paper: 1e-5 for long ImageNet runs)")
     ap.add_argument("--step-ratio", type=float, default=0.01, help="FLOPs added per mask update (paper 0.00025)")
-    ap.add_argument("--every", type=int, default=8, help="iterations between mask updates (paper 25)")
+    ap.add_argument("--every", type=int, default=10, help="iterations between mask updates (paper 25)")
     ap.add_argument("--lasso-on-kept", action="store_true", help="lasso on kept rows too (the paper's form)")
     ap.add_argument("--finalize", action="store_true", help="zero the masked rows before saving even when small")
     ap.add_argument("--bench-batch", type=int, default=64, help="batch for the ONNX Runtime encoder timing")
@@ -266,6 +288,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(args.seed)
     bs = args.batch
     its_per_epoch = len(xtr) // bs
+    weight = torch.tensor(CLASS_WEIGHTS)
 
     from timm.models.vision_transformer import VisionTransformer
 
@@ -274,7 +297,7 @@ def main() -> int:
     head = SegHead(vit.embed_dim, len(BLOCKS))
     rows: list[tuple[str, float, float]] = []
 
-    def report(stage: str, pred: torch.Tensor) -> tuple[float, float]:
+    def report(stage: str, pred: torch.Tensor) -> tuple[float, float, str]:
         miou, pacc, iou = scores(confusion(pred, yte))
         rows.append((stage, miou, pacc))
         per_class = " ".join(f"{c} {v:.3f}" for c, v in zip(CLASSES, iou))
@@ -283,7 +306,7 @@ def main() -> int:
     # ---- 1. dense training ---------------------------------------------------------------------
     t0 = time.perf_counter()
     params = [*vit.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     total = args.pretrain_epochs * its_per_epoch
     step = 0
     for _ in range(args.pretrain_epochs):
@@ -291,9 +314,9 @@ def main() -> int:
         head.train()
         for idx in batches(len(xtr), bs, g):
             for group in opt.param_groups:
-                group["lr"] = cosine(step, total, 1e-3, warmup=its_per_epoch)
+                group["lr"] = cosine(step, total, args.lr, warmup=its_per_epoch)
             x, y = augment(xtr[idx], ytr[idx], g)
-            loss = F.cross_entropy(head(dense_features(vit, x)), y)
+            loss = F.cross_entropy(head(dense_features(vit, x)), y, weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -314,7 +337,7 @@ def main() -> int:
     print(f"[2] wrapped: identity compactors, merges {MERGES} (token mean at start): test {line}; merges alone cut "
           f"FLOPs by {ctl.merge_reduction:.1%}")
     # base weights + head: AdamW; compactors: plain SGD + momentum, no weight decay (keeps the lasso rate lr*lam)
-    opt = torch.optim.AdamW([*model.base_parameters(), *head.parameters()], lr=5e-4, weight_decay=0.05)
+    opt = torch.optim.AdamW([*model.base_parameters(), *head.parameters()], lr=args.cait_lr, weight_decay=0.05)
     opt_c = torch.optim.SGD(model.compactor_parameters(), lr=0.05, momentum=0.9)
     total = args.cait_epochs * its_per_epoch
     step, reached = 0, None
@@ -322,11 +345,11 @@ def main() -> int:
         model.train()
         head.train()
         for idx in batches(len(xtr), bs, g):
-            for o, base in ((opt, 5e-4), (opt_c, 0.05)):
+            for o, base in ((opt, args.cait_lr), (opt_c, 0.05)):
                 for group in o.param_groups:
                     group["lr"] = cosine(step, total, base)
             x, y = augment(xtr[idx], ytr[idx], g)
-            loss = F.cross_entropy(head(model.forward_features(x, BLOCKS)), y)
+            loss = F.cross_entropy(head(model.forward_features(x, BLOCKS)), y, weight=weight)
             opt.zero_grad(set_to_none=True)
             opt_c.zero_grad(set_to_none=True)
             loss.backward()
@@ -375,17 +398,20 @@ def main() -> int:
     print(f"[4] fused ({fused_path.name}): widths {widths}; params {rep['params_dense']} -> {rep['params_fused']}; "
           f"FLOPs {rep['flops_fused'] / 1e6:.1f}M ({rep['flops_reduction']:.1%} fewer)")
     print(f"    max |feature diff| vs the checkpoint model (64 test images, blocks {BLOCKS}) {diff:.2e}; test {line}, "
-          f"{(pred_fused == pred_ckpt).double().mean():.4%} of pixels equal to the checkpoint's")
+          f"{float((pred_fused == pred_ckpt).double().mean()):.4%} of pixels equal to the checkpoint's")
 
     # ---- 4. ONNX export (caitdeploy CLI) + ONNX Runtime ----------------------------------------
     t0 = time.perf_counter()
     onnx_path = out / "shapes_cait.feat.onnx"
     export_features(fused_path, onnx_path, args.threads)
     sess = ort_session(onnx_path, args.threads)
+    with torch.no_grad():
+        diff = max(float((a - b).abs().max()) for a, b in zip(ort_features(sess)(probe),
+                                                              fused.forward_features(probe, BLOCKS)))
     pred_onnx = predict(ort_features(sess), head, xte)
     miou_onnx, _, line = report("CAIT ONNX Runtime", pred_onnx)
-    print(f"[5] ONNX Runtime CPU: test {line}, {(pred_onnx == pred_ckpt).double().mean():.4%} of pixels equal "
-          f"to the checkpoint's")
+    print(f"[5] ONNX Runtime CPU ({args.threads} thread(s)): max |feature diff| vs the fused model {diff:.2e}; test "
+          f"{line}, {float((pred_onnx == pred_ckpt).double().mean()):.4%} of pixels equal to the checkpoint's")
     # the dense backbone through the same path: no merges, identity compactors -> checkpoint -> fuse -> export
     dense_ckpt = save_checkpoint(cait_wrap(vit_dense, {}), out / "shapes_dense.pth")
     dense_fused = out / "shapes_dense.fused.safetensors"
@@ -393,7 +419,7 @@ def main() -> int:
     dense_onnx = out / "shapes_dense.feat.onnx"
     export_features(dense_fused, dense_onnx, args.threads)
     sess_dense = ort_session(dense_onnx, args.threads)
-    _, _, line = report("dense ONNX Runtime", predict(ort_features(sess_dense), head_dense, xte))
+    miou_dense_onnx, _, line = report("dense ONNX Runtime", predict(ort_features(sess_dense), head_dense, xte))
     print(f"    dense backbone, same path (cait_wrap(vit, {{}}) -> fuse -> export): test {line} "
           f"({time.perf_counter() - t0:.0f} s)")
 
@@ -411,14 +437,18 @@ def main() -> int:
               f"{flops[name] / 1e6:6.1f} MFLOPs/img")
     print(f"    CAIT speed-up {sec['dense'] / sec['cait']:.2f}x (FLOPs ratio {flops['dense'] / flops['cait']:.2f}x)")
 
-    print(f"summary ({time.perf_counter() - t_start:.0f} s total):")
+    print(f"summary: CAIT mIoU {miou_cait - miou_dense:+.4f} vs dense at {rep['flops_reduction']:.1%} fewer FLOPs, "
+          f"encoder {sec['dense'] / sec['cait']:.2f}x faster in ONNX Runtime; "
+          f"{time.perf_counter() - t_start:.0f} s total")
     print(f"    {'stage':34s} {'mIoU':>7s} {'pixel acc':>9s}")
     for stage, miou, pacc in rows:
         print(f"    {stage:34s} {miou:7.4f} {pacc:9.4f}")
-    bad = {k: v for k, v in (("fused", miou_fused), ("onnxruntime", miou_onnx)) if abs(v - miou_ckpt) > TOLERANCE}
+    bad = [f"{name} {miou:.4f} vs {ref:.4f}" for name, miou, ref in (
+        ("fused", miou_fused, miou_ckpt), ("CAIT onnxruntime", miou_onnx, miou_ckpt),
+        ("dense onnxruntime", miou_dense_onnx, miou_dense)) if abs(miou - ref) > TOLERANCE]
     if bad:
-        print(f"!!! MISMATCH: {', '.join(bad)} mIoU differs from the checkpoint's {miou_ckpt:.4f} by more than "
-              f"{TOLERANCE} !!!", file=sys.stderr)
+        print(f"!!! MISMATCH (mIoU differs by more than {TOLERANCE} from the PyTorch model it was exported from): "
+              f"{'; '.join(bad)} !!!", file=sys.stderr)
         return 1
     return 0
 
