@@ -9,12 +9,14 @@ from ..errors import CaitError
 from .common import console, handle_errors, human, write_json
 
 
-def default_onnx_path(model_path: str, dtype: str, size: str | None = None, features: str | None = None) -> Path:
-    """<stem>[.SIZE][.featA-B-C][.fp16].onnx next to the model."""
+def default_onnx_path(model_path: str, dtype: str, size: str | None = None, features: str | None = None,
+                      int8: str | None = None) -> Path:
+    """<stem>[.SIZE][.featA-B-C][.fp16|.int8-static|.int8-dynamic].onnx next to the model."""
     p = Path(model_path)
     stem = p.name.removesuffix(".safetensors").removesuffix(".fused")
     extra = (f".{size}" if size else "") + (f".feat{features.replace(',', '-')}" if features else "")
-    return p.with_name(stem + extra + (".fp16" if dtype == "fp16" else "") + ".onnx")
+    kind = f".int8-{int8}" if int8 else (".fp16" if dtype == "fp16" else "")
+    return p.with_name(stem + extra + kind + ".onnx")
 
 
 def _parse_opset(opset: str | None) -> int | None:
@@ -55,6 +57,18 @@ def print_export_report(report: dict) -> None:
         t.add_row(op, str(n))
     con.print(t)
     say(f"forbidden ops: none of {', '.join(onnx_r['forbidden_checked'])}")
+    q = report.get("int8")
+    if q:
+        cal = q.get("calibration_data")
+        say(f"int8 {q['mode']}: {q['quantized_nodes']} nodes quantized (weights {q['weights']}; activations "
+            f"{q['activations']}" + (f", {q['calibration']} over {cal['images']} images from {cal['source']}" if cal
+                                     else "") + ")")
+        say("  left in float: " + ", ".join(f"{op} {n}" for op, n in q["float_ops"].items()))
+        c = q["check"]
+        say(f"  int8 vs fp32 (onnxruntime CPU, {c['images']} images): cosine min {c['cosine_min']:.4f} mean "
+            f"{c['cosine_mean']:.4f}, max |diff| {c['max_abs_diff']:.3g}, mean |diff| {c['mean_abs_diff']:.3g}"
+            + (f", top-1 agreement {100 * c['top1_agree']:.1f}%" if "top1_agree" in c else "")
+            + f" (>= {q['min_cosine']} required) OK")
     v = onnx_r.get("verify")
     if v and onnx_r.get("features"):
         for name, o in v["outputs"].items():
@@ -109,6 +123,18 @@ def print_export_report(report: dict) -> None:
                    "patch grid instead of logits (dense prediction).")
 @click.option("--restore", default="repeat", show_default=True,
               help="How --features restores a merged grid: repeat (exact inverse of the merges) or bilinear.")
+@click.option("--int8", "int8", default=None,
+              help="static: QDQ int8 (calibrated; what TensorRT's explicit quantization takes) | dynamic: ONNX "
+                   "Runtime's dynamic quantization (int8 weights, activations quantized at run time).")
+@click.option("--calib", "calib_dir", type=click.Path(file_okay=False), default=None,
+              help="Calibration images for --int8 static: a folder of PNG/JPEG files (searched recursively).")
+@click.option("--calib-synthetic", type=int, default=None, help="Calibrate on N synthetic images instead.")
+@click.option("--calib-samples", type=int, default=64, show_default=True, help="At most this many images from --calib.")
+@click.option("--calib-method", default="minmax", show_default=True, help="minmax | percentile | entropy")
+@click.option("--int8-min-cosine", type=float, default=0.99, show_default=True,
+              help="Fail unless every check image's int8 logits have this cosine similarity with fp32.")
+@click.option("--int8-min-top1", type=float, default=0.0, show_default=True,
+              help="Fail unless int8 and fp32 top-1 agree on this fraction of the check images.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
 @click.option("--fp16-samples", type=click.IntRange(0, 65536), default=256, show_default=True,
               help="Random images for the fp16 top-1 agreement check.")
@@ -137,7 +163,8 @@ def print_export_report(report: dict) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No tables.")
 @handle_errors
-def export_cmd(model, output, dtype, opset, attention, img_size, features, restore, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
+def export_cmd(model, output, dtype, opset, attention, img_size, features, restore, int8, calib_dir, calib_synthetic,
+               calib_samples, calib_method, int8_min_cosine, int8_min_top1, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
                opt_batch, max_batch, workspace_mb, timing_cache, opt_level, compute_capabilities, triton_repo, name,
                triton_backend, max_queue_delay_us, triton_warmup, instances, instance_kind, report_path, quiet):
     """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository.
@@ -167,6 +194,19 @@ def export_cmd(model, output, dtype, opset, attention, img_size, features, resto
         raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
     if restore != "repeat" and features is None:
         raise OptionError("restore", "applies to feature outputs: add --features")
+    if int8 is not None:
+        from ..export.quantize import check_int8_options
+        from ..limits import check_float
+
+        check_int8_options(int8, calib_method, calib_dir, calib_synthetic, calib_samples)
+        check_float(int8_min_cosine, "int8_min_cosine", -1.0, 1.0)
+        check_float(int8_min_top1, "int8_min_top1", 0.0, 1.0)
+        if dtype != "fp32":
+            raise OptionError("int8", "quantizes the fp32 graph: leave --dtype at fp32")
+        if features is not None:
+            raise OptionError("int8", "and --features: quantized feature exports are not supported yet")
+    elif calib_dir is not None or calib_synthetic is not None:
+        raise OptionError("calib", "is an --int8 static option: add --int8 static")
     if features is not None:
         parts = [p.strip() for p in features.split(",") if p.strip()]
         if not parts or not all(p.lstrip("-").isdigit() for p in parts):
@@ -185,7 +225,7 @@ def export_cmd(model, output, dtype, opset, attention, img_size, features, resto
     if trt:
         check_build_options(min_batch, opt_batch, max_batch, workspace_mb, opt_level,
                             list(compute_capabilities) or None, trt_module)
-    out = Path(output or default_onnx_path(model, dtype, size_text, features and ",".join(parts)))
+    out = Path(output or default_onnx_path(model, dtype, size_text, features and ",".join(parts), int8))
     engine_path = Path(engine or out.with_suffix(".plan")) if trt else None
     entry = None
     if (triton_backend is not None or triton_warmup) and not triton_repo:
@@ -221,12 +261,31 @@ def export_cmd(model, output, dtype, opset, attention, img_size, features, resto
             c.feature_blocks(features)
         except ConfigError as e:
             raise OptionError("features", f"{str(e).removeprefix('features: ')} ({model})") from None
+    if int8 is not None:   # calibration images are read (and refused, one line) before any export work
+        from ..export.quantize import calibration_images, synthetic_images
+
+        if calib_dir is not None:
+            images, cal = calibration_images(calib_dir, c.input_shape, calib_samples)
+        else:
+            images, cal = synthetic_images(calib_synthetic or 16, c.input_shape, seed=0)
     check_memory(4 * param_bytes(c) + activation_bytes(c, 32 if dtype == "fp16" and not no_verify else 7),
                  f"{model}: export and verification")
     report: dict = {"model": model}
     data, report["onnx"] = export_onnx_bytes(net, out, dtype=dtype, opset=opset_n, attention=attention,
                                              verify=not no_verify, fp16_samples=fp16_samples,
                                              features=features, restore=restore)
+    if int8 is not None:
+        from ..export.quantize import check_int8, compare_int8, quantize_onnx_bytes
+
+        fp32_data = data
+        data, qinfo = quantize_onnx_bytes(fp32_data, int8, images if int8 == "static" else None, calib_method)
+        check = compare_int8(fp32_data, data, images[:64])
+        check_int8(check, int8_min_cosine, int8_min_top1, str(model))
+        report["int8"] = {**qinfo, "check": check, "min_cosine": int8_min_cosine, "min_top1": int8_min_top1,
+                          "calibration_data": cal if int8 == "static" else None, "bytes": len(data)}
+        report["onnx"]["census"] = qinfo["census"]
+        report["onnx"]["nodes"] = sum(qinfo["census"].values())
+        report["onnx"]["bytes"] = len(data)
     built = None
     if trt:
         from ..export.tensorrt import build_engine_bytes

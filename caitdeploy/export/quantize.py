@@ -1,0 +1,270 @@
+"""INT8 ONNX: static quantization in QDQ form (what TensorRT's explicit quantization consumes) and ONNX Runtime's
+dynamic quantization, with calibration images from a folder or synthetic ones, and an int8-vs-fp32 check.
+
+What is quantized: the MatMul/Gemm nodes that multiply by a weight (qkv, proj, fc1, fc2, the ATME merge Linears,
+the head) and the patch-embedding Conv; weights int8, symmetric, per output channel. Static: activations uint8
+(asymmetric, calibrated: MinMax, percentile or entropy), as QuantizeLinear/DequantizeLinear pairs around every
+quantized node. Dynamic: int8 weights, activations quantized at run time (MatMulInteger / DynamicQuantizeLinear;
+the attention MatMuls too). Left in float: LayerNormalization, Softmax, GELU (Erf), residual Adds, and in static
+mode the two attention MatMuls (activation x activation; quantizing the softmax output costs accuracy and, on
+this CPU, speed). The report lists every op type left in float.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CaitError, OptionError
+
+QUANT_MODES = ("static", "dynamic")
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_CALIB_IMAGES = 4096
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024   # a calibration image larger than this is refused (decompression bombs)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def check_int8_options(mode: str, method: str, calib_dir, synthetic: int | None, samples: int) -> None:
+    if mode not in QUANT_MODES:
+        raise OptionError("int8", f"{mode!r}: choose static or dynamic")
+    if method not in CALIB_METHODS:
+        raise OptionError("calib_method", f"{method!r}: choose one of {', '.join(CALIB_METHODS)}")
+    if mode == "dynamic" and (calib_dir is not None or synthetic is not None):
+        raise OptionError("calib", "is for --int8 static (dynamic quantization needs no calibration data)")
+    if mode == "static" and (calib_dir is None) == (synthetic is None):
+        raise OptionError("int8", "static needs calibration data: --calib DIR or --calib-synthetic N (one of them)")
+    if synthetic is not None and not 1 <= synthetic <= MAX_CALIB_IMAGES:
+        raise OptionError("calib_synthetic", f"{synthetic}: must be in 1..{MAX_CALIB_IMAGES}")
+    if not 1 <= samples <= MAX_CALIB_IMAGES:
+        raise OptionError("calib_samples", f"{samples}: must be in 1..{MAX_CALIB_IMAGES}")
+    if calib_dir is not None and not Path(calib_dir).is_dir():
+        raise OptionError("calib", f"{calib_dir}: no such folder")
+
+
+def preprocess_spec(input_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """timm's eval transform for the model's input: resize the shorter side to size / 0.875 (bicubic), center crop
+    to (H, W), scale to [0, 1], normalise (ImageNet mean/std for 3 channels, 0.5/0.5 otherwise)."""
+    c, h, w = input_shape
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.5,) * c)
+    return {"resize_shorter": int(round(min(h, w) / 0.875)), "crop": [h, w], "interpolation": "bicubic",
+            "scale": "1/255", "mean": list(mean), "std": list(std)}
+
+
+def _image_array(path: Path, channels: int, spec: dict[str, Any]) -> np.ndarray:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with Image.open(path) as im:
+            im.draft(None, None)
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise CaitError(f"--calib {path}: {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
+            mode = im.mode
+            if mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                mode = im.mode
+            have = {"1": 1, "L": 1, "I;16": 1, "I": 1, "F": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4,
+                    "CMYK": 4}.get(mode)
+            if have is None:
+                raise CaitError(f"--calib {path}: image mode {mode} is not supported (use RGB or greyscale)")
+            if have != channels:
+                raise CaitError(f"--calib {path}: has {have} channel{'s' * (have != 1)} ({mode}), the model takes "
+                                f"{channels}")
+            im = im.convert("RGB" if channels == 3 else "L")
+            s = spec["resize_shorter"]
+            scale = s / min(im.size)
+            im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))),
+                           Image.Resampling.BICUBIC)
+            ch, cw = spec["crop"]
+            left, top = (im.size[0] - cw) // 2, (im.size[1] - ch) // 2
+            if left < 0 or top < 0:   # a very elongated image: pad by resizing to cover the crop
+                im = im.resize((max(cw, im.size[0]), max(ch, im.size[1])), Image.Resampling.BICUBIC)
+                left, top = (im.size[0] - cw) // 2, (im.size[1] - ch) // 2
+            im = im.crop((left, top, left + cw, top + ch))
+            a = np.asarray(im, dtype=np.float32) / 255.0
+    except CaitError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CaitError(f"--calib {path}: not a readable PNG/JPEG image ({first})") from None
+    a = a[..., None] if a.ndim == 2 else a
+    a = (a - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
+    return a.transpose(2, 0, 1)
+
+
+def calibration_images(folder: str | os.PathLike, input_shape: tuple[int, int, int], samples: int = 64
+                       ) -> tuple[np.ndarray, dict[str, Any]]:
+    """[N, C, H, W] float32 images from a folder (PNG/JPEG, searched recursively, sorted by path; the first
+    `samples`), preprocessed as `preprocess_spec` says. One-line CaitError for an empty folder, a file that is
+    not an image, or the wrong channel count."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise CaitError(f"--calib {root}: no such folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        others = sum(1 for p in root.rglob("*") if p.is_file())
+        raise CaitError(f"--calib {root}: no PNG or JPEG images" + (f" ({others} other files)" if others else
+                                                                      " (the folder is empty)"))
+    spec = preprocess_spec(input_shape)
+    arrs = [_image_array(p, input_shape[0], spec) for p in files[:samples]]
+    return np.stack(arrs).astype(np.float32), {"source": str(root), "images": len(arrs), "found": len(files),
+                                               "preprocess": spec}
+
+
+def synthetic_images(n: int, input_shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, dict]:
+    """n images of uniform random pixels in [0, 1], normalised like real ones (`preprocess_spec`)."""
+    spec = preprocess_spec(input_shape)
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, *input_shape), dtype=np.float32)
+    x = (x - np.asarray(spec["mean"], np.float32)[:, None, None]) / np.asarray(spec["std"], np.float32)[:, None, None]
+    return x.astype(np.float32), {"source": f"synthetic ({n} uniform-noise images, seed {seed})", "images": n,
+                                  "preprocess": spec}
+
+
+def _weight_nodes(model) -> list[str]:
+    """Names of MatMul/Gemm nodes with a weight (initializer) input, and every Conv."""
+    inits = {i.name for i in model.graph.initializer}
+    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "Conv" or (n.op_type in ("MatMul", "Gemm") and any(i in inits or i in consts for i in n.input)):
+            out.append(n.name)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet():
+    lg = logging.getLogger()
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        lg.setLevel(level)
+
+
+def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None, method: str = "minmax",
+                        calib_batch: int = 8) -> tuple[bytes, dict[str, Any]]:
+    """The int8 model (bytes) of an fp32 caitdeploy ONNX and what was done (`info`)."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .onnx import INPUT_NAME, op_census
+
+    src_meta = {p.key: p.value for p in onnx.load_from_string(fp32).metadata_props}
+    with tempfile.TemporaryDirectory(prefix="caitdeploy-int8-") as tmp:
+        t = Path(tmp)
+        (t / "fp32.onnx").write_bytes(fp32)
+        try:
+            with _quiet():
+                quant_pre_process(str(t / "fp32.onnx"), str(t / "pre.onnx"), skip_symbolic_shape=True)
+            pre = onnx.load(str(t / "pre.onnx"))
+            nodes = _weight_nodes(pre)
+            if mode == "static":
+                batches = [calib[i:i + calib_batch] for i in range(0, len(calib), calib_batch)]
+
+                class Reader(CalibrationDataReader):
+                    def __init__(self):
+                        self.it = iter(batches)
+
+                    def get_next(self):
+                        b = next(self.it, None)
+                        return None if b is None else {INPUT_NAME: b}
+
+                calib_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                                "entropy": CalibrationMethod.Entropy}[method]
+                with _quiet():
+                    quantize_static(str(t / "pre.onnx"), str(t / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                    nodes_to_quantize=nodes, calibrate_method=calib_method,
+                                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                                   "CalibTensorRangeSymmetric": False})
+            else:
+                with _quiet():
+                    quantize_dynamic(str(t / "pre.onnx"), str(t / "int8.onnx"), per_channel=True,
+                                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            q = onnx.load(str(t / "int8.onnx"))
+        except CaitError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the quantizer raises many types; one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CaitError(f"int8 {mode} quantization failed: {type(e).__name__}: {first}") from None
+    del q.metadata_props[:]
+    meta = {**src_meta, "caitdeploy.int8": mode}
+    if mode == "static":
+        meta["caitdeploy.int8.calibration"] = method
+    for k, v in meta.items():
+        q.metadata_props.add(key=k, value=str(v))
+    q.producer_name = "caitdeploy"
+    census = op_census(q)
+    dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    float_nodes = Counter()
+    for n in q.graph.node:
+        if n.op_type in ("MatMul", "Gemm", "Conv") and not all(i in dq_out for i in n.input[:2]):
+            float_nodes[n.op_type] += 1
+        elif n.op_type in ("LayerNormalization", "Softmax", "Erf"):
+            float_nodes[n.op_type] += 1
+    float_ops = dict(sorted(float_nodes.items()))
+    info = {"mode": mode, "census": census, "quantized_nodes": len(nodes),
+            "qdq_pairs": census.get("DequantizeLinear", 0) if mode == "static" else 0,
+            "float_ops": float_ops, "weights": "int8 symmetric per output channel",
+            "activations": "uint8 asymmetric, calibrated" if mode == "static" else "uint8, quantized at run time"}
+    if mode == "static":
+        info["calibration"] = method
+    return q.SerializeToString(), info
+
+
+def compare_int8(fp32: bytes, int8: bytes, images: np.ndarray, threads: int | None = None, batch: int = 16
+                 ) -> dict[str, Any]:
+    """int8 vs fp32 ONNX Runtime CPU on `images`: top-1 agreement, max and mean |logit diff|, cosine similarity."""
+    import onnxruntime as ort
+
+    from .onnx import INPUT_NAME
+
+    def run(data: bytes) -> np.ndarray:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        return np.concatenate([sess.run(None, {INPUT_NAME: images[i:i + batch]})[0]
+                               for i in range(0, len(images), batch)]).astype(np.float64)
+
+    ref, out = run(fp32), run(int8)
+    ref2, out2 = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
+    cos = (ref2 * out2).sum(1) / np.maximum(np.linalg.norm(ref2, axis=1) * np.linalg.norm(out2, axis=1), 1e-30)
+    res = {"images": int(len(images)), "max_abs_diff": float(np.abs(out - ref).max()),
+           "mean_abs_diff": float(np.abs(out - ref).mean()), "logit_scale": float(np.abs(ref).max()),
+           "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        res["top1_agree"] = float((out.argmax(1) == ref.argmax(1)).mean())
+    return res
+
+
+def check_int8(res: dict[str, Any], min_cosine: float, min_top1: float, what: str) -> None:
+    if res["cosine_min"] < min_cosine:
+        raise CaitError(f"{what}: int8 vs fp32 logit cosine similarity {res['cosine_min']:.4f} < {min_cosine} "
+                        f"(--int8-min-cosine) over {res['images']} images")
+    if "top1_agree" in res and res["top1_agree"] < min_top1:
+        raise CaitError(f"{what}: int8 vs fp32 top-1 agreement {100 * res['top1_agree']:.1f}% < "
+                        f"{100 * min_top1:g}% (--int8-min-top1) over {res['images']} images")
+
+
+def op_counts(model_bytes: bytes) -> Counter:
+    import onnx
+
+    from .onnx import op_census
+
+    return Counter(op_census(onnx.load_from_string(model_bytes)))
