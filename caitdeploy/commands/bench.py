@@ -68,22 +68,9 @@ def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, img_si
     if dtype not in ("fp32", "fp16"):
         raise CaitError(f"--dtype {dtype!r}: choose fp32 or fp16")
     # validate everything before loading models: options, then every output path
-    from ..config import RESTORE_MODES, ConfigError, image_size
-    from ..errors import OptionError
+    from .common import check_dense_options
 
-    if img_size is not None:
-        try:
-            image_size(img_size)
-        except ConfigError as e:
-            raise OptionError("img_size", str(e).removeprefix("img_size ")) from None
-    if restore not in RESTORE_MODES:
-        raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
-    if restore != "repeat" and features is None:
-        raise OptionError("restore", "applies to feature outputs: add --features")
-    if features is not None:
-        parts = [p.strip() for p in features.split(",") if p.strip()]
-        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
-            raise OptionError("features", f"{features!r}: give block indices, e.g. 3,5,7,11")
+    check_dense_options(img_size, features, restore)
     backends_l, baselines_l = parse_backends(backends), parse_baselines(baselines)
     batches_l, tome = parse_batches(batches), parse_tome_r(tome_r)
     check_paths({"MODEL": list(model)}, [Out(json_path, "--json", JSON_SUFFIXES),

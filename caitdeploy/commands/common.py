@@ -148,3 +148,26 @@ def block_table(rows: list[dict[str, Any]], title: str | None = None):
             cells.append(f"{r['flops_dense'] / 1e9:.3f}")
         t.add_row(*cells)
     return t
+
+
+def check_dense_options(img_size: str | None, features: str | None, restore: str):
+    """--img-size / --features / --restore of export and bench, checked before any work.
+    Returns (the size as the config stores it or None, the feature block texts or None)."""
+    from ..config import RESTORE_MODES, ConfigError, image_size
+
+    size = None
+    if img_size is not None:
+        try:
+            size = image_size(img_size)
+        except ConfigError as e:
+            raise OptionError("img_size", str(e).removeprefix("img_size ")) from None
+    if restore not in RESTORE_MODES:
+        raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
+    if restore != "repeat" and features is None:
+        raise OptionError("restore", "applies to feature outputs: add --features")
+    parts = None
+    if features is not None:
+        parts = [p.strip() for p in features.split(",") if p.strip()]
+        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+            raise OptionError("features", f"{features!r}: give block indices, e.g. 3,5,7,11")
+    return size, parts

@@ -179,21 +179,13 @@ def export_cmd(model, output, dtype, opset, attention, img_size, features, resto
     from ..paths import ENGINE_SUFFIXES, JSON_SUFFIXES, ONNX_SUFFIXES, Out, check_paths
 
     # 1. options
-    from ..config import RESTORE_MODES, ConfigError, image_size
+    from ..config import ConfigError
     from ..errors import OptionError
+    from .common import check_dense_options
 
     opset_n = check_options(dtype, _parse_opset(opset), attention)
-    size = None
-    if img_size is not None:
-        try:
-            size = image_size(img_size)
-        except ConfigError as e:
-            raise OptionError("img_size", str(e).removeprefix("img_size ")) from None
+    size, parts = check_dense_options(img_size, features, restore)
     size_text = None if size is None else (str(size) if isinstance(size, int) else f"{size[0]}x{size[1]}")
-    if restore not in RESTORE_MODES:
-        raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
-    if restore != "repeat" and features is None:
-        raise OptionError("restore", "applies to feature outputs: add --features")
     if int8 is not None:
         from ..export.quantize import check_int8_options
         from ..limits import check_float
@@ -207,13 +199,9 @@ def export_cmd(model, output, dtype, opset, attention, img_size, features, resto
             raise OptionError("int8", "and --features: quantized feature exports are not supported yet")
     elif calib_dir is not None or calib_synthetic is not None:
         raise OptionError("calib", "is an --int8 static option: add --int8 static")
-    if features is not None:
-        parts = [p.strip() for p in features.split(",") if p.strip()]
-        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
-            raise OptionError("features", f"{features!r}: give block indices, e.g. 3,5,7,11")
-        if triton_repo:
-            raise OptionError("triton_repo", "serves classifiers (one logits output); export feature maps "
-                                             "without --triton-repo")
+    if features is not None and triton_repo:
+        raise OptionError("triton_repo", "serves classifiers (one logits output); export feature maps "
+                                         "without --triton-repo")
     if not 0 <= fp16_samples <= 65536:
         raise CaitError(f"--fp16-samples must be in 0..65536, got {fp16_samples}")
     if not trt:
