@@ -15,7 +15,6 @@ Writes benchmarks/results/dense_<machine>_<size>_b<batch>_<models>.{json,md,png}
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import shlex
 import sys
 import tempfile
@@ -49,12 +48,12 @@ def main(argv=None) -> int:
                          "paper_settings.py)")
     args = ap.parse_args(argv)
 
-    from paper_settings import ARCHS, PAPER, build_setting, machine_name
+    from paper_settings import ARCHS, PAPER, build_setting, machine_name, write_results
 
     from caitdeploy.bench import run_bench
-    from caitdeploy.bench.report import print_table, write_markdown, write_plot
+    from caitdeploy.bench.report import print_table
     from caitdeploy.bench.runners import Timing
-    from caitdeploy.commands.common import console, write_json
+    from caitdeploy.commands.common import console
 
     con = console()
     log = lambda s: con.print(s, markup=False)  # noqa: E731
@@ -77,20 +76,13 @@ def main(argv=None) -> int:
     command = "python benchmarks/dense_prediction.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     title = (f"CAIT backbones for dense prediction on {machine}: features {args.features} at {args.img_size} px, "
              f"batch {args.batch}")
-    write_json(out_dir / f"{tag}.json", {
-        "machine": machine, "command": command,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "settings": {"models": sizes, "reductions_at_224": [PAPER[s] for s in sizes], "merges": "4:h,8:v",
-                     "img_size": args.img_size, "features": args.features, "restore": "repeat",
-                     "weights": "random (speed only)", "seconds": round(elapsed, 1),
-                     "paper_tab4_encoder_speedup_range": list(PAPER_RANGE)},
-        "records": records})
-    write_markdown(records, out_dir / f"{tag}.md", title=title)
-    with open(out_dir / f"{tag}.md", "a") as f:
-        f.write(f"- machine: {machine}\n- command: `{command}`\n- paper Tab. IV (GPU, 512x512, batch 32): encoder "
-                f"speed-ups {PAPER_RANGE[0]}x-{PAPER_RANGE[1]}x over the dense backbone\n")
-    if any(r["status"] == "ok" for r in records):
-        write_plot(records, out_dir / f"{tag}.png", title=title)
+    write_results(out_dir / tag, records, title, command,
+                  {"models": sizes, "reductions_at_224": [PAPER[s] for s in sizes], "merges": "4:h,8:v",
+                   "img_size": args.img_size, "features": args.features, "restore": "repeat",
+                   "weights": "random (speed only)", "seconds": round(elapsed, 1),
+                   "paper_tab4_encoder_speedup_range": list(PAPER_RANGE)},
+                  f"paper Tab. IV (GPU, 512x512, batch 32): encoder speed-ups {PAPER_RANGE[0]}x-{PAPER_RANGE[1]}x "
+                  "over the dense backbone")
     print_table(records, con, title=title)
     log(f"wrote {out_dir / tag}.json/.md/.png in {elapsed:.0f} s of benchmarking")
     return 0

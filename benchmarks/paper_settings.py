@@ -49,6 +49,24 @@ def machine_name() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def write_results(stem: Path, records: list, title: str, command: str, settings: dict, note: str) -> None:
+    """<stem>.json ({"machine", "command", "date", "settings", "records"}), <stem>.md (table, environment, the
+    machine, the command, `note`) and <stem>.png (when a record is ok)."""
+    from caitdeploy.bench.report import write_markdown, write_plot
+    from caitdeploy.commands.common import write_json
+
+    machine = machine_name()
+    write_json(stem.with_name(stem.name + ".json"), {
+        "machine": machine, "command": command,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "settings": settings, "records": records})
+    write_markdown(records, stem.with_name(stem.name + ".md"), title=title)
+    with open(stem.with_name(stem.name + ".md"), "a") as f:
+        f.write(f"- machine: {machine}\n- command: `{command}`\n- {note}\n")
+    if any(r["status"] == "ok" for r in records):
+        write_plot(records, stem.with_name(stem.name + ".png"), title=title)
+
+
 def build_setting(size: str, reduction: float, work: Path, log) -> Path:
     """Checkpoint + fused model of one setting; reused when the fused file already exists."""
     from caitdeploy.cdcp import make_checkpoint, save_checkpoint_dict
@@ -97,10 +115,10 @@ def main(argv=None) -> int:
     import torch
 
     from caitdeploy.bench import run_bench
-    from caitdeploy.bench.report import print_table, write_markdown, write_plot
+    from caitdeploy.bench.report import print_table
     from caitdeploy.bench.run import parse_batches
     from caitdeploy.bench.runners import Timing
-    from caitdeploy.commands.common import console, write_json
+    from caitdeploy.commands.common import console
     from caitdeploy.errors import CaitError
 
     con = console()
@@ -149,18 +167,11 @@ def main(argv=None) -> int:
         tag += "_quick"
     command = "python benchmarks/paper_settings.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     title = f"CAIT paper settings on {machine} ({dtype}, batch {', '.join(map(str, batches))})"
-    write_json(out_dir / f"{tag}.json", {
-        "machine": machine, "command": command,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "settings": {"models": sizes, "reductions": reductions, "merges": "4:h,8:v (our choice)",
-                     "fuse_align": 8, "weights": "random (speed only)", "seconds": round(elapsed, 1)},
-        "records": records})
-    write_markdown(records, out_dir / f"{tag}.md", title=title)
-    with open(out_dir / f"{tag}.md", "a") as f:
-        f.write(f"- machine: {machine}\n- command: `{command}`\n- merges 4:h,8:v for every setting (our choice; "
-                "the paper's exact merge blocks are not reproduced); random weights (speed only)\n")
-    if any(r["status"] == "ok" for r in records):
-        write_plot(records, out_dir / f"{tag}.png", title=title)
+    write_results(out_dir / tag, records, title, command,
+                  {"models": sizes, "reductions": reductions, "merges": "4:h,8:v (our choice)",
+                   "fuse_align": 8, "weights": "random (speed only)", "seconds": round(elapsed, 1)},
+                  "merges 4:h,8:v for every setting (our choice; the paper's exact merge blocks are not "
+                  "reproduced); random weights (speed only)")
     print_table(records, con, title=title)
     log(f"wrote {out_dir / tag}.json/.md/.png in {elapsed:.0f} s of benchmarking")
     return 0
