@@ -63,6 +63,29 @@ def test_static_qdq_graph_and_agreement(fused, tmp_path):
     assert c["cosine_min"] >= 0.99 and c["top1_agree"] >= 0.8
     meta = {p.key: p.value for p in m.metadata_props}
     assert meta["caitdeploy.int8"] == "static" and meta["caitdeploy.int8.calibration"] == "minmax"
+    assert json.loads(meta["caitdeploy.preprocess"])["crop"] == [64, 64]
+    assert json.loads(meta["caitdeploy.int8.calibration_data"])["images"] == 9
+    # no Q/DQ on MatMul outputs: ONNX Runtime fuses DQ -> MatMul into MatMulIntegerToFloat (int8 GEMM, float out)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+    opt = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert opt.count("MatMulIntegerToFloat") >= 3 * 4 + 1 and "QLinearMatMul" not in opt
+
+
+def test_static_attention_and_held_out_check(fused, tmp_path):
+    _images(tmp_path / "cal", 4)
+    _images(tmp_path / "held", 5, size=(64, 64), ext="jpg")
+    r, out, rep = _export(fused, tmp_path, "--int8", "static", "--calib", str(tmp_path / "cal"), "--int8-attention",
+                          "--int8-check", str(tmp_path / "held"))
+    assert r.exit_code == 0, r.output
+    q = json.loads(rep.read_text())["int8"]
+    assert q["quantized_nodes"] == 3 * 4 + 1 + 1 + 1 + 3 * 2 and "MatMul" not in q["float_ops"]
+    assert q["attention_matmuls"] == "int8"
+    assert q["check"]["images"] == 5 and q["check"]["source"] == str(tmp_path / "held")
+    assert q["check"]["cosine_min"] >= 0.98
 
 
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
@@ -98,6 +121,11 @@ def test_bad_calibration_folders_one_line_nothing_written(fused, tmp_path):
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and msg in lines[0], (args, r.stderr)
         assert not out.exists() and not rep.exists()
+    r, out, _ = _export(fused, tmp_path, "--int8", "static", "--calib-synthetic", "4", "--int8-check",
+                        str(tmp_path / "grey"))
+    assert r.exit_code == 2 and "--int8-check" in r.stderr and "has 1 channel" in r.stderr and not out.exists()
+    r, out, _ = _export(fused, tmp_path, "--int8", "dynamic", "--int8-attention")
+    assert r.exit_code == 2 and "--int8-attention" in r.stderr and not out.exists()
     r, out, _ = _export(fused, tmp_path, "--int8", "dynamic", "--calib", str(tmp_path / "grey"))
     assert r.exit_code == 2 and "dynamic quantization needs no calibration data" in r.stderr
     r, out, _ = _export(fused, tmp_path, "--int8", "dynamic", "--int8-min-cosine", "1.0")

@@ -65,7 +65,7 @@ def print_export_report(report: dict) -> None:
                                      else "") + ")")
         say("  left in float: " + ", ".join(f"{op} {n}" for op, n in q["float_ops"].items()))
         c = q["check"]
-        say(f"  int8 vs fp32 (onnxruntime CPU, {c['images']} images): cosine min {c['cosine_min']:.4f} mean "
+        say(f"  int8 vs fp32 (onnxruntime CPU, {c['images']} images from {c['source']}): cosine min {c['cosine_min']:.4f} mean "
             f"{c['cosine_mean']:.4f}, max |diff| {c['max_abs_diff']:.3g}, mean |diff| {c['mean_abs_diff']:.3g}"
             + (f", top-1 agreement {100 * c['top1_agree']:.1f}%" if "top1_agree" in c else "")
             + f" (>= {q['min_cosine']} required) OK")
@@ -131,6 +131,11 @@ def print_export_report(report: dict) -> None:
 @click.option("--calib-synthetic", type=int, default=None, help="Calibrate on N synthetic images instead.")
 @click.option("--calib-samples", type=int, default=64, show_default=True, help="At most this many images from --calib.")
 @click.option("--calib-method", default="minmax", show_default=True, help="minmax | percentile | entropy")
+@click.option("--int8-attention", is_flag=True,
+              help="--int8 static: also quantize the attention MatMuls (q @ k^T, softmax @ v).")
+@click.option("--int8-check", "int8_check", type=click.Path(file_okay=False), default=None,
+              help="Compare int8 with fp32 on the PNG/JPEG images of this folder (a held-out set) instead of the "
+                   "calibration images.")
 @click.option("--int8-min-cosine", type=float, default=0.99, show_default=True,
               help="Fail unless every check image's int8 logits have this cosine similarity with fp32.")
 @click.option("--int8-min-top1", type=float, default=0.0, show_default=True,
@@ -164,7 +169,7 @@ def print_export_report(report: dict) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No tables.")
 @handle_errors
 def export_cmd(model, output, dtype, opset, attention, img_size, features, restore, int8, calib_dir, calib_synthetic,
-               calib_samples, calib_method, int8_min_cosine, int8_min_top1, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
+               calib_samples, calib_method, int8_attention, int8_check, int8_min_cosine, int8_min_top1, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
                opt_batch, max_batch, workspace_mb, timing_cache, opt_level, compute_capabilities, triton_repo, name,
                triton_backend, max_queue_delay_us, triton_warmup, instances, instance_kind, report_path, quiet):
     """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository.
@@ -197,8 +202,14 @@ def export_cmd(model, output, dtype, opset, attention, img_size, features, resto
             raise OptionError("int8", "quantizes the fp32 graph: leave --dtype at fp32")
         if features is not None:
             raise OptionError("int8", "and --features: quantized feature exports are not supported yet")
+        if int8_attention and int8 != "static":
+            raise OptionError("int8_attention", "is for --int8 static (dynamic quantization leaves attention float)")
+        if int8_check is not None and not Path(int8_check).is_dir():
+            raise OptionError("int8_check", f"{int8_check}: no such folder")
     elif calib_dir is not None or calib_synthetic is not None:
         raise OptionError("calib", "is an --int8 static option: add --int8 static")
+    elif int8_attention or int8_check is not None:
+        raise OptionError("int8_attention" if int8_attention else "int8_check", "is an --int8 option: add --int8")
     if features is not None and triton_repo:
         raise OptionError("triton_repo", "serves classifiers (one logits output); export feature maps "
                                          "without --triton-repo")
@@ -256,6 +267,10 @@ def export_cmd(model, output, dtype, opset, attention, img_size, features, resto
             images, cal = calibration_images(calib_dir, c.input_shape, calib_samples)
         else:
             images, cal = synthetic_images(calib_synthetic or 16, c.input_shape, seed=0)
+        check_images, check_src = images[:64], cal["source"]
+        if int8_check is not None:
+            check_images, held = calibration_images(int8_check, c.input_shape, 64, flag="--int8-check")
+            check_src = held["source"]
     check_memory(4 * param_bytes(c) + activation_bytes(c, 32 if dtype == "fp16" and not no_verify else 7),
                  f"{model}: export and verification")
     report: dict = {"model": model}
@@ -266,8 +281,9 @@ def export_cmd(model, output, dtype, opset, attention, img_size, features, resto
         from ..export.quantize import check_int8, compare_int8, quantize_onnx_bytes
 
         fp32_data = data
-        data, qinfo = quantize_onnx_bytes(fp32_data, int8, images if int8 == "static" else None, calib_method)
-        check = compare_int8(fp32_data, data, images[:64])
+        data, qinfo = quantize_onnx_bytes(fp32_data, int8, images if int8 == "static" else None, calib_method,
+                                          attention=int8_attention, calib_info=cal if int8 == "static" else None)
+        check = dict(compare_int8(fp32_data, data, check_images), source=check_src)
         check_int8(check, int8_min_cosine, int8_min_top1, str(model))
         report["int8"] = {**qinfo, "check": check, "min_cosine": int8_min_cosine, "min_top1": int8_min_top1,
                           "calibration_data": cal if int8 == "static" else None, "bytes": len(data)}

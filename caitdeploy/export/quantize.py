@@ -3,16 +3,24 @@ dynamic quantization, with calibration images from a folder or synthetic ones, a
 
 What is quantized: the MatMul/Gemm nodes that multiply by a weight (qkv, proj, fc1, fc2, the ATME merge Linears,
 the head) and the patch-embedding Conv; weights int8, symmetric, per output channel. Static: activations uint8
-(asymmetric, calibrated: MinMax, percentile or entropy), as QuantizeLinear/DequantizeLinear pairs around every
-quantized node. Dynamic: int8 weights, activations quantized at run time (MatMulInteger / DynamicQuantizeLinear;
-the attention MatMuls too). Left in float: LayerNormalization, Softmax, GELU (Erf), residual Adds, and in static
-mode the two attention MatMuls (activation x activation; quantizing the softmax output costs accuracy and, on
-this CPU, speed). The report lists every op type left in float.
+(asymmetric, calibrated: MinMax, percentile or entropy), as QuantizeLinear/DequantizeLinear pairs on the inputs of
+every quantized node; `attention=True` adds the two attention MatMuls (q @ k^T, softmax @ v). Dynamic: int8
+weights, activations quantized at run time (DynamicQuantizeMatMul after ONNX Runtime's fusions). Left in float:
+LayerNormalization, Softmax, GELU (Erf), residual Adds, the bias Adds. The report lists every op type left in float.
+
+Tuning (measured on a 2-core AVX-512 VNNI CPU, CAIT-DeiT-Small, batch 16; benchmarks/int8_cpu.py): the outputs of
+the MatMuls/Gemms are NOT quantized (`OpTypesToExcludeOutputQuantization`). Their consumers (bias Add, GELU,
+softmax) are float anyway, and an output Q/DQ pair makes ONNX Runtime pick QLinearMatMul, whose uint8 result
+must then be dequantized again. Without it ONNX Runtime fuses DQ -> MatMul into MatMulIntegerToFloat (int8 GEMM,
+float result): 2.0x fp32 instead of 1.7x. uint8 activations with int8 weights is the VNNI (vpdpbusd) fast path;
+s8s8 and u8u8 measured slower. Per-tensor weights were no faster and less accurate; rewriting MatMul + Add into
+Gemm (bias fused in QGemm) was no faster.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -58,7 +66,7 @@ def preprocess_spec(input_shape: tuple[int, int, int]) -> dict[str, Any]:
             "scale": "1/255", "mean": list(mean), "std": list(std)}
 
 
-def _image_array(path: Path, channels: int, spec: dict[str, Any]) -> np.ndarray:
+def _image_array(path: Path, channels: int, spec: dict[str, Any], flag: str = "--calib") -> np.ndarray:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -67,7 +75,7 @@ def _image_array(path: Path, channels: int, spec: dict[str, Any]) -> np.ndarray:
             im.draft(None, None)
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS:
-                raise CaitError(f"--calib {path}: {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
+                raise CaitError(f"{flag} {path}: {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
             mode = im.mode
             if mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -75,9 +83,9 @@ def _image_array(path: Path, channels: int, spec: dict[str, Any]) -> np.ndarray:
             have = {"1": 1, "L": 1, "I;16": 1, "I": 1, "F": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4,
                     "CMYK": 4}.get(mode)
             if have is None:
-                raise CaitError(f"--calib {path}: image mode {mode} is not supported (use RGB or greyscale)")
+                raise CaitError(f"{flag} {path}: image mode {mode} is not supported (use RGB or greyscale)")
             if have != channels:
-                raise CaitError(f"--calib {path}: has {have} channel{'s' * (have != 1)} ({mode}), the model takes "
+                raise CaitError(f"{flag} {path}: has {have} channel{'s' * (have != 1)} ({mode}), the model takes "
                                 f"{channels}")
             im = im.convert("RGB" if channels == 3 else "L")
             s = spec["resize_shorter"]
@@ -95,27 +103,27 @@ def _image_array(path: Path, channels: int, spec: dict[str, Any]) -> np.ndarray:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CaitError(f"--calib {path}: not a readable PNG/JPEG image ({first})") from None
+        raise CaitError(f"{flag} {path}: not a readable PNG/JPEG image ({first})") from None
     a = a[..., None] if a.ndim == 2 else a
     a = (a - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
     return a.transpose(2, 0, 1)
 
 
-def calibration_images(folder: str | os.PathLike, input_shape: tuple[int, int, int], samples: int = 64
-                       ) -> tuple[np.ndarray, dict[str, Any]]:
+def calibration_images(folder: str | os.PathLike, input_shape: tuple[int, int, int], samples: int = 64,
+                       flag: str = "--calib") -> tuple[np.ndarray, dict[str, Any]]:
     """[N, C, H, W] float32 images from a folder (PNG/JPEG, searched recursively, sorted by path; the first
     `samples`), preprocessed as `preprocess_spec` says. One-line CaitError for an empty folder, a file that is
     not an image, or the wrong channel count."""
     root = Path(folder)
     if not root.is_dir():
-        raise CaitError(f"--calib {root}: no such folder")
+        raise CaitError(f"{flag} {root}: no such folder")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         others = sum(1 for p in root.rglob("*") if p.is_file())
-        raise CaitError(f"--calib {root}: no PNG or JPEG images" + (f" ({others} other files)" if others else
+        raise CaitError(f"{flag} {root}: no PNG or JPEG images" + (f" ({others} other files)" if others else
                                                                       " (the folder is empty)"))
     spec = preprocess_spec(input_shape)
-    arrs = [_image_array(p, input_shape[0], spec) for p in files[:samples]]
+    arrs = [_image_array(p, input_shape[0], spec, flag) for p in files[:samples]]
     return np.stack(arrs).astype(np.float32), {"source": str(root), "images": len(arrs), "found": len(files),
                                                "preprocess": spec}
 
@@ -153,9 +161,20 @@ def _quiet():
         lg.setLevel(level)
 
 
+def _attention_nodes(model) -> list[str]:
+    """MatMul nodes whose two inputs are both activations (q @ k^T and attn @ v)."""
+    inits = {i.name for i in model.graph.initializer}
+    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in inits or i in consts
+                                                                                  for i in n.input)]
+
+
 def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None, method: str = "minmax",
-                        calib_batch: int = 8) -> tuple[bytes, dict[str, Any]]:
-    """The int8 model (bytes) of an fp32 caitdeploy ONNX and what was done (`info`)."""
+                        calib_batch: int = 8, attention: bool = False, calib_info: dict[str, Any] | None = None
+                        ) -> tuple[bytes, dict[str, Any]]:
+    """The int8 model (bytes) of an fp32 caitdeploy ONNX and what was done (`info`). `attention` (static only)
+    also quantizes the activation x activation MatMuls of attention. `calib_info` (what `calibration_images`
+    returns) goes into the metadata: the calibration source and the preprocessing a server must repeat."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
@@ -171,7 +190,7 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
             with _quiet():
                 quant_pre_process(str(t / "fp32.onnx"), str(t / "pre.onnx"), skip_symbolic_shape=True)
             pre = onnx.load(str(t / "pre.onnx"))
-            nodes = _weight_nodes(pre)
+            nodes = _weight_nodes(pre) + (_attention_nodes(pre) if attention and mode == "static" else [])
             if mode == "static":
                 batches = [calib[i:i + calib_batch] for i in range(0, len(calib), calib_batch)]
 
@@ -190,7 +209,8 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
                                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                     nodes_to_quantize=nodes, calibrate_method=calib_method,
                                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
-                                                   "CalibTensorRangeSymmetric": False})
+                                                   "CalibTensorRangeSymmetric": False,
+                                                   "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})
             else:
                 with _quiet():
                     quantize_dynamic(str(t / "pre.onnx"), str(t / "int8.onnx"), per_channel=True,
@@ -205,6 +225,11 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
     meta = {**src_meta, "caitdeploy.int8": mode}
     if mode == "static":
         meta["caitdeploy.int8.calibration"] = method
+        meta["caitdeploy.int8.attention"] = "int8" if attention else "float"
+        if calib_info:
+            meta["caitdeploy.int8.calibration_data"] = json.dumps(
+                {k: calib_info[k] for k in ("source", "images") if k in calib_info})
+            meta["caitdeploy.preprocess"] = json.dumps(calib_info.get("preprocess", {}))
     for k, v in meta.items():
         q.metadata_props.add(key=k, value=str(v))
     q.producer_name = "caitdeploy"
@@ -223,6 +248,7 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
             "activations": "uint8 asymmetric, calibrated" if mode == "static" else "uint8, quantized at run time"}
     if mode == "static":
         info["calibration"] = method
+        info["attention_matmuls"] = "int8" if attention else "float"
     return q.SerializeToString(), info
 
 
