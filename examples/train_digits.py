@@ -1,5 +1,6 @@
 """CAIT end to end on CPU in a few minutes: timm ViT -> dense training -> CAIT fine-tuning (CDCP + ATME)
--> `cait-compactor/1` checkpoint -> `fuse` -> fused PyTorch model -> ONNX -> ONNX Runtime.
+-> `cait-compactor/1` checkpoint -> `fuse` -> fused PyTorch model -> ONNX -> ONNX Runtime -> INT8 (static QDQ
+and dynamic), for the dense model and the CAIT model, on real test data with real labels.
 
 Data: scikit-learn's bundled digits (1797 8x8 grey images, 10 classes; no download), upsampled 2x to
 16x16, patch 4 -> a 4x4 token grid. Model: a timm VisionTransformer (embed 64, depth 6, 4 heads).
@@ -8,11 +9,13 @@ CAIT: HTM at block 2 (4x4 -> 4x2), VTM at block 4 (4x2 -> 2x2), CDCP channel pru
     pip install scikit-learn
     python examples/train_digits.py [--out DIR] [--flops-reduction 0.55] [--threads 1]
 
-Exits 1 if the fused or the ONNX Runtime accuracy differs from the checkpoint's.
+Exits 1 if the fused or the ONNX Runtime accuracy differs from the checkpoint's, or if an int8 model's test
+accuracy is more than 1 point below its fp32 ONNX model's.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import tempfile
@@ -101,6 +104,40 @@ def onnx_predict(fused_model, path: Path, x: torch.Tensor) -> tuple[torch.Tensor
     return torch.cat(preds), how
 
 
+def int8_accuracies(fp32_path: Path, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Test accuracy of the fp32 ONNX model and of its int8 versions (static QDQ calibrated on `calib`, training
+    images; dynamic), all run by ONNX Runtime CPU."""
+    import onnxruntime as ort
+
+    from caitdeploy.export.quantize import quantize_onnx_bytes
+
+    fp32 = fp32_path.read_bytes()
+    models = {"fp32": fp32,
+              "int8 static": quantize_onnx_bytes(fp32, "static", calib.numpy(), "minmax")[0],
+              "int8 dynamic": quantize_onnx_bytes(fp32, "dynamic")[0]}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    out = {}
+    for name, data in models.items():
+        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        pred = np.concatenate([sess.run(None, {"images": x[i:i + 64].numpy()})[0].argmax(-1)
+                               for i in range(0, len(x), 64)])
+        out[name] = float((torch.from_numpy(pred) == y).double().mean())
+    return out
+
+
+def dense_onnx(vit, out: Path) -> Path:
+    """The trained dense timm ViT as a caitdeploy fused model (no merges, nothing pruned) exported to ONNX, so
+    the dense and CAIT int8 models go through the same exporter and quantizer."""
+    from caitdeploy.export.onnx import export_onnx
+
+    ck = save_checkpoint(cait_wrap(vit, {}), out / "digits_dense.pth")
+    fuse_file(ck, out / "digits_dense.fused.safetensors", FuseOptions(), verify_batch=0)
+    dense = load_model(out / "digits_dense.fused.safetensors")
+    export_onnx(dense, out / "digits_dense.onnx", input_shape=dense.config.input_shape, dtype="fp32")
+    return out / "digits_dense.onnx"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: a temporary folder)")
@@ -150,6 +187,7 @@ def main() -> int:
             opt.step()
             step += 1
     acc_dense = acc(predict(vit, xte), yte)
+    dense_vit = copy.deepcopy(vit)   # cait_wrap shares the parameters: keep the dense model for the int8 step
     print(f"[1] dense ViT: test accuracy {acc_dense:.4f}  ({step} iterations, {time.perf_counter() - t0:.0f} s)")
 
     # ---- 2. CAIT fine-tuning -----------------------------------------------------------------
@@ -222,11 +260,25 @@ def main() -> int:
     print(f"[5] ONNX ({how}) + ONNX Runtime CPU: test accuracy {acc_onnx:.4f}, "
           f"{int((pred_onnx == pred_ckpt).sum())}/{len(yte)} predictions equal to the checkpoint's")
 
+    # ---- 5. INT8 (ONNX Runtime): dense and CAIT, calibrated on 256 training images ----------------
+    calib = xtr[:256]
+    q = {"dense": int8_accuracies(dense_onnx(dense_vit, out), calib, xte, yte),
+         "CAIT": int8_accuracies(onnx_path, calib, xte, yte)}
+    worst = 0.0
+    for name, r in q.items():
+        print(f"[6] {name} ONNX Runtime CPU: test accuracy fp32 {r['fp32']:.4f} | int8 static (QDQ, minmax on 256 "
+              f"training images) {r['int8 static']:.4f} | int8 dynamic {r['int8 dynamic']:.4f}")
+        worst = max(worst, r["fp32"] - r["int8 static"], r["fp32"] - r["int8 dynamic"])
+
     print(f"summary: dense {acc_dense:.4f} | CAIT {acc_trained:.4f} | checkpoint {acc_ckpt:.4f} | fused {acc_fused:.4f} "
-          f"| onnxruntime {acc_onnx:.4f} | FLOPs -{rep['flops_reduction']:.1%} | "
+          f"| onnxruntime {acc_onnx:.4f} | CAIT int8 static {q['CAIT']['int8 static']:.4f} dynamic "
+          f"{q['CAIT']['int8 dynamic']:.4f} | FLOPs -{rep['flops_reduction']:.1%} | "
           f"{time.perf_counter() - t_start:.0f} s total")
     if not (acc_fused == acc_ckpt == acc_onnx):
         print("!!! MISMATCH: the fused / ONNX accuracy differs from the checkpoint's !!!", file=sys.stderr)
+        return 1
+    if worst > 0.01:
+        print(f"!!! int8 test accuracy {100 * worst:.2f} points below fp32 (more than 1) !!!", file=sys.stderr)
         return 1
     return 0
 

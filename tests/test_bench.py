@@ -77,6 +77,28 @@ def test_fp16_on_cpu_runs_fp32_with_note(tiny):
     assert rec["repeat_spread_pct"] is None  # one repeat: no spread
 
 
+def test_int8_and_bf16_rows(tiny, tmp_path):
+    """int8 / int8-dynamic run on ONNX Runtime (the fp32 export quantized), bf16 on torch (autocast); the other
+    pairs are n/a with the reason; speed-ups compare rows of one precision."""
+    from caitdeploy.bench import run_bench
+
+    recs = run_bench([tiny], batches=[2], backends=["torch", "ort"], dtype="fp32,bf16,int8,int8-dynamic",
+                     baselines=("dense",), timing=replace(FAST, repeats=1), threads=1, progress=False,
+                     work_dir=tmp_path, log=lambda s: None)
+    by = {(r["model"], r["backend"], r["dtype"]): r for r in recs}
+    assert len(recs) == 2 * 2 * 4 and len(by) == len(recs)
+    for model in ("cait", "dense"):
+        for dt in ("int8", "int8-dynamic"):
+            assert by[(model, "ort", dt)]["status"] == "ok", by[(model, "ort", dt)]["status"]
+            assert "runs on ONNX Runtime" in by[(model, "torch", dt)]["status"]
+        assert by[(model, "torch", "bf16")]["status"] == "ok" and "autocast" in by[(model, "torch", "bf16")]["note"]
+        assert "no bfloat16 CPU kernels" in by[(model, "ort", "bf16")]["status"]
+    assert "static QDQ" in by[("cait", "ort", "int8")]["note"]
+    assert by[("dense", "ort", "int8")]["speedup_vs_dense"] == 1.0
+    ops = __import__("onnx").load(next(tmp_path.glob("*cait-int8.onnx")))
+    assert any(n.op_type == "DequantizeLinear" for n in ops.graph.node)
+
+
 @pytest.mark.parametrize("backend,kind,reason", [("trt", "cait", "CUDA"), ("torch-triton", "dense", "CUDA")])
 def test_na_record(tiny, backend, kind, reason):
     m = next(m for m in build_models([tiny], log=lambda s: None) if m.kind == kind)
@@ -138,7 +160,8 @@ def test_markdown_lists_na_reason():
     (["--backends", "torch,tensorflow"], "unknown backend 'tensorflow'"),
     (["--batch", "0"], "--batch 0"),
     (["--batch", "two"], "--batch 'two'"),
-    (["--dtype", "int8"], "--dtype"),
+    (["--dtype", "int4"], "--dtype 'int4'"),
+    (["--dtype", ","], "--dtype is empty"),
     (["--tome-r", "-3"], "--tome-r"),
 ])
 def test_cli_bad_input(tiny, args, needle):

@@ -23,6 +23,12 @@ def _params(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
 
+def backend_label(r: dict[str, Any], records: Sequence[dict[str, Any]]) -> str:
+    """The backend, with the precision when the records mix several (e.g. 'ort int8')."""
+    mixed = len({x["dtype"] for x in records}) > 1
+    return f"{r['backend']} {r['dtype']}" if mixed else r["backend"]
+
+
 def rows(records: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
     """Table rows and footnotes; a status or note longer than a word becomes a numbered footnote."""
     out, notes = [], []
@@ -39,7 +45,7 @@ def rows(records: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[str]]
             status = "n/a " + ref(r["status"].removeprefix("n/a: "))
         out.append([
             r["model_detail"] if r["model"] != "dense" else f"dense {r['arch']}",
-            r["backend"], str(r["batch"]), f"{r['flops_per_img'] / 1e9:.3f}", _params(r["params"]),
+            backend_label(r, records), str(r["batch"]), f"{r['flops_per_img'] / 1e9:.3f}", _params(r["params"]),
             _f(r["latency_ms_p50"], ".2f"), _f(r["latency_ms_p90"], ".2f"), _f(r["latency_ms_p99"], ".2f"),
             _f(r["throughput_img_s"], ".1f"), _f(r["speedup_vs_dense"], ".2f", "x"),
             _f(r["speedup_vs_tome"], ".2f", "x"), _f(r["repeat_spread_pct"], ".1f", "%"),
@@ -165,7 +171,7 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | os.PathLike, title
     if not ok:
         raise CaitError(f"{path}: nothing to plot: no benchmark row ran")
     batches = sorted({r["batch"] for r in ok})
-    backends = list(dict.fromkeys(r["backend"] for r in ok))
+    backends = list(dict.fromkeys(backend_label(r, ok) for r in ok))
     labels = list(dict.fromkeys(_label(r) for r in ok))
     multi = len(batches) > 1
     fig, axes = plt.subplots(1, 2 if multi else 1, figsize=(13 if multi else 8, 4.8), squeeze=False)
@@ -175,20 +181,22 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | os.PathLike, title
     for j, lab in enumerate(labels):
         vals = []
         for be in backends:
-            hit = [r for r in ok if r["batch"] == top and r["backend"] == be and _label(r) == lab]
+            hit = [r for r in ok if r["batch"] == top and backend_label(r, ok) == be and _label(r) == lab]
             vals.append(hit[0]["throughput_img_s"] if hit else 0.0)
         xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(backends))]
         bars = ax.bar(xs, vals, width, label=lab)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(backends)), backends)
     ax.set_ylabel("images / s")
-    ax.set_title(f"throughput, batch {top}, {ok[0]['dtype']}, {ok[0]['device']}")
+    dts = ",".join(dict.fromkeys(r["dtype"] for r in ok))
+    ax.set_title(f"throughput, batch {top}, {dts}, {ok[0]['device']}")
     ax.legend(fontsize=8)
     if multi:
         ax2 = axes[0][1]
         for lab in labels:
             for be in backends:
-                pts = sorted((r["batch"], r["latency_ms_p50"]) for r in ok if r["backend"] == be and _label(r) == lab)
+                pts = sorted((r["batch"], r["latency_ms_p50"]) for r in ok
+                             if backend_label(r, ok) == be and _label(r) == lab)
                 if pts:
                     ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{lab} / {be}")
         ax2.set_xscale("log", base=2)

@@ -10,11 +10,15 @@ Feature mode (`features`, with any `img_size`): every model returns the same ful
 blocks (`CaitViT.forward_features(x, blocks)`; ToMe with its merges undone by index tracking) and no head runs;
 FLOPs are encoder FLOPs (stem + blocks up to the last listed one), and ToMe's r matches CAIT's encoder FLOPs.
 
-fp16 on CPU: the records run fp32 (dtype "fp32") and say so in `note`; CPUs have no fast fp16 path in
-PyTorch eager or the ONNX Runtime CPU EP, and a half-precision CPU number would only measure conversions.
+Precisions (`dtype`, one or several, e.g. "fp32,int8"): fp32; fp16 (on CPU the records run fp32 and say so
+in `note`: CPUs have no fast fp16 path in PyTorch eager or the ONNX Runtime CPU EP); bf16 (torch and compile:
+fp32 weights under torch.autocast; ONNX Runtime has no bf16 CPU kernels, so its rows are n/a with that reason);
+int8 and int8-dynamic (ONNX Runtime and TensorRT: the fp32 export quantized by `export.quantize`, static QDQ
+calibrated on synthetic images, or dynamic; torch rows n/a). Speed-ups compare rows of the same precision.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -50,6 +54,16 @@ def parse_backends(text: str | Sequence[str]) -> list[str]:
     bad = [b for b in items if b not in BACKENDS]
     if bad:
         raise OptionError("backends", f"has unknown backend {bad[0]!r}; choose from {','.join(BACKENDS)}")
+    return list(dict.fromkeys(items))
+
+
+def parse_dtypes(text: str | Sequence[str]) -> list[str]:
+    items = [d.strip() for d in (text.split(",") if isinstance(text, str) else text) if d.strip()]
+    if not items:
+        raise OptionError("dtype", f"is empty; choose from {','.join(DTYPES)}")
+    bad = [d for d in items if d not in DTYPES]
+    if bad:
+        raise OptionError("dtype", f"{bad[0]!r}: choose from {', '.join(DTYPES)} (comma-separate for several)")
     return list(dict.fromkeys(items))
 
 
@@ -244,7 +258,7 @@ def resolve_device(device: str | None) -> str:
 
 
 def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batches: Sequence[int] = (256,),
-              backends: Sequence[str] = ("torch",), dtype: str = "fp32", baselines: Sequence[str] = BASELINES,
+              backends: Sequence[str] = ("torch",), dtype: str | Sequence[str] = "fp32", baselines: Sequence[str] = BASELINES,
               tome_r: str | int = "auto", device: str | None = "auto", timing: Timing | None = None,
               threads: int | None = None, work_dir: str | os.PathLike | None = None,
               compile_mode: str | None = None, seed: int = 0, progress: bool = True,
@@ -259,13 +273,12 @@ def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batch
     baselines = parse_baselines(baselines)
     batches = parse_batches(batches)
     tome_r = parse_tome_r(tome_r)
-    if dtype not in DTYPES:
-        raise OptionError("dtype", f"{dtype!r}: choose fp32 or fp16")
+    dtypes = parse_dtypes(dtype)
     if threads is not None:
         if threads < 1:
             raise OptionError("threads", f"{threads}: must be at least 1")
         torch.set_num_threads(threads)
-    opts = RunOptions(device=resolve_device(device), dtype=dtype, timing=timing or Timing(), threads=threads,
+    opts = RunOptions(device=resolve_device(device), dtype=dtypes[0], timing=timing or Timing(), threads=threads,
                       work_dir=Path(work_dir) if work_dir else None, compile_mode=compile_mode, seed=seed)
     from ..config import RESTORE_MODES, ConfigError, image_size
 
@@ -278,9 +291,14 @@ def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batch
         raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
     models = build_models(paths, baselines, tome_r, seed=seed, log=log, max_batch=max(batches), img_size=img_size,
                           features=features, restore=restore)
-    if dtype == "fp16" and opts.device == "cpu":
-        log("fp16 on CPU: running fp32 instead (see each record's note)")
-    jobs = [(backend, batch, m) for backend in backends for batch in batches for m in models]
+    if "fp16" in dtypes and opts.device == "cpu":
+        if "fp32" in dtypes:
+            dtypes.remove("fp16")
+            log("fp16 on CPU runs fp32, which is already asked for: fp16 dropped")
+        else:
+            log("fp16 on CPU: running fp32 instead (see each record's note)")
+    jobs = [(dataclasses.replace(opts, dtype=d), backend, batch, m)
+            for d in dtypes for backend in backends for batch in batches for m in models]
     ctx = new_context(opts)
     records: list[dict[str, Any]] = []
     bar = None
@@ -289,15 +307,16 @@ def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batch
 
         bar = tqdm(total=len(jobs), unit="run", dynamic_ncols=True, leave=False)
     try:
-        for backend, batch, m in jobs:
+        for o, backend, batch, m in jobs:
+            what = f"{m.kind}/{backend}" + (f"/{o.dtype}" if len(dtypes) > 1 else "") + f"/b{batch}"
             if bar is not None:
-                bar.set_description(f"{m.kind}/{backend}/b{batch}")
-            rec = run_one(m, backend, batch, opts, ctx)
+                bar.set_description(what)
+            rec = run_one(m, backend, batch, o, ctx)
             records.append(rec)
             if bar is not None:
                 bar.update(1)
                 if rec["status"] == "ok":
-                    bar.set_postfix_str(f"{m.kind}/{backend}/b{batch}: {rec['throughput_img_s']:.1f} img/s")
+                    bar.set_postfix_str(f"{what}: {rec['throughput_img_s']:.1f} img/s")
     finally:
         if bar is not None:
             bar.close()

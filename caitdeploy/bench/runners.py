@@ -46,7 +46,8 @@ from torch import nn
 from ..errors import CaitError, OptionError
 
 BACKENDS = ("torch", "compile", "ort", "trt", "torch-triton")
-DTYPES = ("fp32", "fp16")
+DTYPES = ("fp32", "fp16", "bf16", "int8", "int8-dynamic")
+INT8_DTYPES = ("int8", "int8-dynamic")   # ONNX Runtime only: static QDQ (synthetic calibration) / dynamic
 MODEL_KINDS = ("cait", "dense", "tome")
 
 # every record has exactly these keys; the types of an "ok" record (None allowed where listed)
@@ -302,7 +303,7 @@ class NotApplicable(Exception):
 
 
 # ---- backends ----------------------------------------------------------------------------------------
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.float32}   # bf16: fp32 + autocast
 
 
 @dataclass
@@ -345,20 +346,29 @@ def _prepare_torch(m: BenchModel, batch: int, opts: RunOptions, dtype: str, back
         model = m.build("triton", "triton")
     else:
         model = m.build("sdpa", None)
+    if dtype in INT8_DTYPES:
+        raise NotApplicable(f"{dtype} runs on ONNX Runtime (--backends ort): the quantized model is an ONNX graph")
     tdt = _TORCH_DTYPES[dtype]
     runner = TorchRunner(model, _spec(opts), dtype=tdt, compile=backend == "compile",
-                         input_shape=m.input_shape, output_names=m.output_names)
+                         input_shape=m.input_shape, output_names=m.output_names,
+                         autocast=torch.bfloat16 if dtype == "bf16" else None)
     runner.activate()
     ctx.keep.append(runner)
     if backend == "compile":
         mode = opts.compile_mode or ("max-autotune-no-cudagraphs" if opts.device == "cuda" else None)
         ctx.notes.append(f"torch.compile mode={mode or 'default'}; {runner.cuda_graphs[1]}")
+    if dtype == "bf16":
+        ctx.notes.append("fp32 weights, torch.autocast bfloat16")
     feed = {runner.input_name: _inputs(m, batch, tdt, opts.device, opts.seed)}
     return (lambda: runner.infer(feed, check_inputs=False)), opts.device == "cuda"
 
 
 def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext) -> Path:
-    """Export once per (model, dtype) into the work dir; cached across batches."""
+    """Export once per (model, dtype) into the work dir; cached across batches. int8: the fp32 export quantized
+    (static QDQ calibrated on 16 synthetic images: the speed does not depend on the calibration data)."""
+    if dtype == "bf16":
+        raise NotApplicable("ONNX Runtime has no bfloat16 CPU kernels (MatMul(13): NOT_IMPLEMENTED); "
+                            "bf16 runs on torch/compile")
     key = (m.kind, m.setting, dtype)
     if key in ctx.onnx_cache:
         if isinstance(ctx.onnx_cache[key], Exception):
@@ -368,6 +378,20 @@ def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext) -
 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{m.setting}-{m.kind}-{dtype}")
     path = ctx.work_dir / f"{safe}.onnx"
+    if dtype in INT8_DTYPES:
+        from ..export.quantize import quantize_onnx_bytes, synthetic_images
+
+        fp32 = _onnx_file(m, opts, "fp32", ctx)
+        mode = "static" if dtype == "int8" else "dynamic"
+        try:
+            calib = synthetic_images(16, m.input_shape)[0] if mode == "static" else None
+            data, _ = quantize_onnx_bytes(fp32.read_bytes(), mode, calib)
+        except CaitError as e:
+            ctx.onnx_cache[key] = e
+            raise NotApplicable(str(e)) from None
+        path.write_bytes(data)
+        ctx.onnx_cache[key] = path
+        return path
     model = m.build("math", None).eval()
     try:
         export_onnx(model, path, input_shape=m.input_shape, dtype=dtype,
@@ -390,6 +414,10 @@ def _prepare_ort(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: B
     path = _onnx_file(m, opts, dtype, ctx)
     cache = ctx.work_dir / "ort-trt-cache"
     runner = OrtRunner(path, _spec(opts), fp16_hint=dtype == "fp16", batch_hint=batch, trt_cache_dir=str(cache))
+    if dtype == "int8":
+        ctx.notes.append("int8 static QDQ, weights per channel, calibrated on synthetic images (speed only)")
+    elif dtype == "int8-dynamic":
+        ctx.notes.append("int8 dynamic (activations quantized at run time)")
     try:
         cache.mkdir(exist_ok=True)
         runner.activate()

@@ -14,7 +14,9 @@ from .common import console, handle_errors
               help="Batch size; repeat or comma-separate for several (e.g. --batch 1 --batch 64,256).")
 @click.option("--backends", default="torch,ort", show_default=True,
               help="Comma list of torch, compile, ort, trt, torch-triton.")
-@click.option("--dtype", default="fp32", show_default=True, help="fp32 or fp16 (fp16 on CPU runs fp32, noted).")
+@click.option("--dtype", default="fp32", show_default=True,
+              help="fp32, fp16, bf16, int8 or int8-dynamic; comma-separate for several (e.g. fp32,int8). fp16 on "
+                   "CPU runs fp32 (noted); bf16 is torch autocast; int8 is ONNX Runtime (static QDQ / dynamic).")
 @click.option("--baselines", default="dense,tome", show_default=True, help="dense, tome, both or none.")
 @click.option("--tome-r", default="auto", show_default=True,
               help="ToMe tokens merged per block: 'auto' matches CAIT's FLOPs within 2%, or an integer.")
@@ -45,7 +47,7 @@ def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, img_si
     """Benchmark fused MODEL(s) against the dense architecture and FLOPs-matched ToMe."""
     from ..errors import CaitError
     from ..bench.report import print_table, write_markdown, write_plot, write_records_json
-    from ..bench.run import parse_backends, parse_baselines, parse_batches, parse_tome_r, run_bench
+    from ..bench.run import parse_backends, parse_baselines, parse_dtypes, parse_batches, parse_tome_r, run_bench
     from ..bench.runners import Timing
 
     from ..errors import Staging
@@ -65,8 +67,7 @@ def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, img_si
                     min_seconds=num("min-seconds", min_seconds, float, hi=MAX_SECONDS),
                     repeats=num("repeats", repeats, lo=1))
     nthreads = num("threads", threads, lo=1, hi=1024) if threads is not None else None
-    if dtype not in ("fp32", "fp16"):
-        raise CaitError(f"--dtype {dtype!r}: choose fp32 or fp16")
+    dtypes = parse_dtypes(dtype)
     # validate everything before loading models: options, then every output path
     from .common import check_dense_options
 
@@ -80,7 +81,7 @@ def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, img_si
         raise CaitError(f"--work-dir {work_dir}: exists and is not a folder")
     con = console()
     log = (lambda s: None) if quiet else (lambda s: con.print(s, markup=False))
-    records = run_bench(list(model), batches=batches_l, backends=backends_l, dtype=dtype, baselines=baselines_l,
+    records = run_bench(list(model), batches=batches_l, backends=backends_l, dtype=dtypes, baselines=baselines_l,
                         tome_r=tome, device=device, timing=timing, threads=nthreads, work_dir=work_dir,
                         compile_mode=compile_mode, progress=not quiet, log=log, img_size=img_size,
                         features=features, restore=restore)

@@ -17,15 +17,17 @@ class TorchRunner(BaseRunner):
 
     Input metadata: name `input_name`, the parameters' dtype, shape [batch, C, H, W] from the model's config
     (a CaitViT) or `input_shape`. Feeds may be numpy arrays (outputs come back as numpy, as Polygraphy's
-    Comparator expects) or torch tensors (outputs stay torch tensors on the runner's device).
+    Comparator expects) or torch tensors (outputs stay torch tensors on the runner's device). `autocast`
+    (e.g. torch.bfloat16) runs the model under torch.autocast; numpy outputs come back as float32.
     """
 
     def __init__(self, model: torch.nn.Module, spec: RuntimeSpec = RuntimeSpec(), *, dtype: torch.dtype | None = None,
                  compile: bool = False, input_shape: tuple[int, int, int] | None = None,
                  input_name: str = "images", output_name: str = "logits", name: str | None = None,
-                 output_names: list[str] | None = None):
+                 output_names: list[str] | None = None, autocast: torch.dtype | None = None):
         super().__init__(name=name, prefix="torch-runner")
         self._model, self.spec, self._dtype, self._compile = model, spec, dtype, compile
+        self.autocast = autocast   # e.g. torch.bfloat16: run under torch.autocast (weights stay in `dtype`)
         cfg = getattr(model, "config", None)
         if input_shape is None and cfg is not None:
             input_shape = cfg.input_shape
@@ -60,7 +62,8 @@ class TorchRunner(BaseRunner):
         numpy_in = not isinstance(x, torch.Tensor)
         xt = torch.as_tensor(x).to(device=self.spec.device, dtype=self.dtype)
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(self.spec.device, dtype=self.autocast or torch.float32,
+                                                    enabled=self.autocast is not None):
             y = self.model(xt)
         if self.spec.device == "cuda":
             torch.cuda.synchronize()
