@@ -14,13 +14,15 @@ refinement (1x1 conv to 4x8x8 channels, pixel shuffle). Weighted per-pixel cross
 CAIT: HTM at block 2 (8x8 -> 8x4), VTM at block 4 (8x4 -> 4x4), CDCP channel pruning to the FLOPs target, the
 backbone and the head fine-tuned together; the maps of merged blocks are restored to the 8x8 grid by repetition.
 Deployment: `fuse`, `caitdeploy export --features 1,3,5` (ONNX outputs feat1, feat3, feat5), ONNX Runtime; the
-dense backbone goes the same way (cait_wrap with no merges) for the encoder speed comparison.
+dense backbone goes the same way (cait_wrap with no merges) for the encoder speed comparison. Then INT8: both
+encoders' ONNX quantized (static QDQ calibrated on 128 training images; dynamic), mIoU and encoder speed again.
 
     python examples/segment_shapes.py [--out DIR] [--flops-reduction 0.55] [--threads 1]
 
 Reports mIoU (mean over the 4 classes of the per-class IoU, from one confusion matrix over all test pixels) and
 pixel accuracy at every stage. Exits 1 if the fused or the ONNX Runtime mIoU differs from the checkpoint's (or
-the dense ONNX Runtime mIoU from the dense model's) by more than 0.002.
+the dense ONNX Runtime mIoU from the dense model's) by more than 0.002, or if an int8 encoder's mIoU is more than
+0.01 below its fp32 ONNX encoder's.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ MAX_OVERLAP = 0.15    # largest share of a new shape allowed to cover earlier sh
 TRIANGLE_TILT = 0.3   # triangles point roughly up: rotated by up to +-0.3 rad (17 degrees)
 CLASS_WEIGHTS = (0.5, 1.5, 1.5, 2.0)  # cross-entropy weights: shape pixels are rare, mIoU weighs classes equally
 TOLERANCE = 0.002  # largest mIoU difference allowed between the checkpoint, the fused model and ONNX Runtime
+INT8_TOLERANCE = 0.01  # largest mIoU loss allowed from an fp32 ONNX encoder to its int8 versions
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -233,6 +236,24 @@ def ort_features(sess):
         return [torch.from_numpy(o) for o in sess.run(names, {"images": x.numpy()})]
 
     return run
+
+
+def int8_sessions(onnx_path: Path, calib: torch.Tensor, threads: int) -> dict:
+    """The fp32 feature ONNX quantized two ways (caitdeploy.export.quantize), as ONNX Runtime sessions."""
+    import onnxruntime as ort
+
+    from caitdeploy.export.quantize import quantize_onnx_bytes
+
+    fp32 = onnx_path.read_bytes()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    out = {}
+    for mode in ("static", "dynamic"):
+        data, _ = quantize_onnx_bytes(fp32, mode, calib.numpy() if mode == "static" else None)
+        onnx_path.with_suffix(f".int8-{mode}.onnx").write_bytes(data)
+        out[mode] = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return out
 
 
 def time_encoders(sessions: dict, x: torch.Tensor, runs: int) -> dict[str, float]:
@@ -437,6 +458,29 @@ def main() -> int:
               f"{flops[name] / 1e6:6.1f} MFLOPs/img")
     print(f"    CAIT speed-up {sec['dense'] / sec['cait']:.2f}x (FLOPs ratio {flops['dense'] / flops['cait']:.2f}x)")
 
+    # ---- 6. INT8 encoders (ONNX Runtime) ---------------------------------------------------------------
+    t0 = time.perf_counter()
+    q = {"dense": int8_sessions(dense_onnx, xtr[:128].contiguous(), args.threads),
+         "cait": int8_sessions(onnx_path, xtr[:128].contiguous(), args.threads)}
+    heads = {"dense": head_dense, "cait": head}
+    fp32_miou = {"dense": miou_dense_onnx, "cait": miou_onnx}
+    int8_bad = []
+    print("[7] INT8 encoders in ONNX Runtime CPU (static: QDQ, minmax on 128 training images; dynamic):")
+    for name in ("dense", "cait"):
+        for mode, qs in q[name].items():
+            miou_q, _, line = report(f"{'CAIT' if name == 'cait' else 'dense'} ONNX Runtime int8 {mode}",
+                                     predict(ort_features(qs), heads[name], xte))
+            print(f"    {name:5s} int8 {mode:7s}: test {line} (fp32 {fp32_miou[name]:.4f})")
+            if fp32_miou[name] - miou_q > INT8_TOLERANCE:
+                int8_bad.append(f"{name} int8 {mode} {miou_q:.4f} vs fp32 {fp32_miou[name]:.4f}")
+    sec_q = time_encoders({"dense fp32": sess_dense, "cait fp32": sess, **{f"{n} int8 {m}": s for n in q
+                                                                           for m, s in q[n].items()}},
+                          xb, args.bench_runs)
+    for name, t in sec_q.items():
+        print(f"    {name:18s}: {t * 1e3:7.1f} ms/batch, {len(xb) / t:7.0f} img/s, "
+              f"{sec_q['dense fp32'] / t:.2f}x dense fp32")
+    print(f"    ({time.perf_counter() - t0:.0f} s)")
+
     print(f"summary: CAIT mIoU {miou_cait - miou_dense:+.4f} vs dense at {rep['flops_reduction']:.1%} fewer FLOPs, "
           f"encoder {sec['dense'] / sec['cait']:.2f}x faster in ONNX Runtime; "
           f"{time.perf_counter() - t_start:.0f} s total")
@@ -449,6 +493,9 @@ def main() -> int:
     if bad:
         print(f"!!! MISMATCH (mIoU differs by more than {TOLERANCE} from the PyTorch model it was exported from): "
               f"{'; '.join(bad)} !!!", file=sys.stderr)
+        return 1
+    if int8_bad:
+        print(f"!!! int8 mIoU more than {INT8_TOLERANCE} below fp32: {'; '.join(int8_bad)} !!!", file=sys.stderr)
         return 1
     return 0
 

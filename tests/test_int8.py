@@ -130,3 +130,35 @@ def test_bad_calibration_folders_one_line_nothing_written(fused, tmp_path):
     assert r.exit_code == 2 and "dynamic quantization needs no calibration data" in r.stderr
     r, out, _ = _export(fused, tmp_path, "--int8", "dynamic", "--int8-min-cosine", "1.0")
     assert r.exit_code == 2 and "--int8-min-cosine" in r.stderr and not out.exists()
+
+
+def test_int8_feature_export(fused, tmp_path):
+    r, out, rep = _export(fused, tmp_path, "--features", "0,2", "--int8", "static", "--calib-synthetic", "6")
+    assert r.exit_code == 0, r.output
+    m = onnx.load(out)
+    assert [o.name for o in m.graph.output] == ["feat0", "feat2"]
+    c = json.loads(rep.read_text())["int8"]["check"]
+    assert c["outputs"] == 2 and c["cosine_min"] >= 0.99 and "top1_agree" not in c
+
+
+def test_static_int8_tensorrt_rtx_engine(fused, tmp_path):
+    """The QDQ graph is what TensorRT's explicit quantization takes: --trt switches to symmetric int8 activations
+    (zero point 0) and float biases, and TensorRT-RTX builds it on this CPU; the sidecar counts the Q/DQ layers."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        pytest.importorskip("tensorrt_rtx")
+    engine = tmp_path / "q.plan"
+    r, out, rep = _export(fused, tmp_path, "--int8", "static", "--calib-synthetic", "6", "--trt", "--opt-batch", "2",
+                          "--max-batch", "4", "--engine", str(engine))
+    assert r.exit_code == 0, r.output
+    q = onnx.load(out)
+    zps = [i for i in q.graph.initializer if i.name.endswith("_zero_point")]
+    assert zps and all(onnx.numpy_helper.to_array(z).dtype == np.int8 and not onnx.numpy_helper.to_array(z).any()
+                       for z in zps)
+    side = json.loads((tmp_path / "q.plan.json").read_text())
+    assert side["dtype"] == "int8-static"
+    assert side["quantization"]["quantize_layers"] >= 3 * 4 + 1 and side["quantization"]["dequantize_layers"] > 0
+    out.unlink()
+    r, out, _ = _export(fused, tmp_path, "--int8", "dynamic", "--trt")
+    assert r.exit_code == 2 and "TensorRT does not take" in r.stderr and not out.exists()

@@ -98,6 +98,11 @@ def print_export_report(report: dict) -> None:
         tc = e["timing_cache"]
         if tc.get("path"):
             say(f"  timing cache {tc['path']}: " + ("used" if tc.get("used") else f"not used ({tc.get('reason')})"))
+        qz = e.get("quantization")
+        if qz:
+            say(f"  explicit quantization: the parsed network has {qz['quantize_layers']} Quantize and "
+                f"{qz['dequantize_layers']} Dequantize layers (of {qz['network_layers']}); builder warnings: "
+                + ("; ".join(qz["builder_warnings"]) if qz["builder_warnings"] else "none"))
         say(f"  sidecar {e['sidecar']}")
     tr = report.get("triton")
     if tr:
@@ -133,11 +138,15 @@ def print_export_report(report: dict) -> None:
 @click.option("--calib-method", default="minmax", show_default=True, help="minmax | percentile | entropy")
 @click.option("--int8-attention", is_flag=True,
               help="--int8 static: also quantize the attention MatMuls (q @ k^T, softmax @ v).")
+@click.option("--int8-symmetric", is_flag=True,
+              help="--int8 static: int8 activations with zero point 0 (TensorRT's format; on with --trt). The default, "
+                   "uint8 asymmetric, is ONNX Runtime's fast CPU path.")
 @click.option("--int8-check", "int8_check", type=click.Path(file_okay=False), default=None,
               help="Compare int8 with fp32 on the PNG/JPEG images of this folder (a held-out set) instead of the "
                    "calibration images.")
 @click.option("--int8-min-cosine", type=float, default=0.99, show_default=True,
-              help="Fail unless every check image's int8 logits have this cosine similarity with fp32.")
+              help="Fail unless every check image's int8 outputs (logits, or all feature maps) have this cosine "
+                   "similarity with fp32.")
 @click.option("--int8-min-top1", type=float, default=0.0, show_default=True,
               help="Fail unless int8 and fp32 top-1 agree on this fraction of the check images.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
@@ -169,7 +178,7 @@ def print_export_report(report: dict) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No tables.")
 @handle_errors
 def export_cmd(model, output, dtype, opset, attention, img_size, features, restore, int8, calib_dir, calib_synthetic,
-               calib_samples, calib_method, int8_attention, int8_check, int8_min_cosine, int8_min_top1, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
+               calib_samples, calib_method, int8_attention, int8_symmetric, int8_check, int8_min_cosine, int8_min_top1, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
                opt_batch, max_batch, workspace_mb, timing_cache, opt_level, compute_capabilities, triton_repo, name,
                triton_backend, max_queue_delay_us, triton_warmup, instances, instance_kind, report_path, quiet):
     """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository.
@@ -200,16 +209,20 @@ def export_cmd(model, output, dtype, opset, attention, img_size, features, resto
         check_float(int8_min_top1, "int8_min_top1", 0.0, 1.0)
         if dtype != "fp32":
             raise OptionError("int8", "quantizes the fp32 graph: leave --dtype at fp32")
-        if features is not None:
-            raise OptionError("int8", "and --features: quantized feature exports are not supported yet")
         if int8_attention and int8 != "static":
             raise OptionError("int8_attention", "is for --int8 static (dynamic quantization leaves attention float)")
+        if int8_symmetric and int8 != "static":
+            raise OptionError("int8_symmetric", "is for --int8 static (dynamic quantization picks its own ranges)")
+        if int8 == "dynamic" and trt:
+            raise OptionError("int8", "dynamic makes ONNX Runtime ops (DynamicQuantizeLinear, MatMulInteger) that "
+                                      "TensorRT does not take: use --int8 static with --trt")
         if int8_check is not None and not Path(int8_check).is_dir():
             raise OptionError("int8_check", f"{int8_check}: no such folder")
     elif calib_dir is not None or calib_synthetic is not None:
         raise OptionError("calib", "is an --int8 static option: add --int8 static")
-    elif int8_attention or int8_check is not None:
-        raise OptionError("int8_attention" if int8_attention else "int8_check", "is an --int8 option: add --int8")
+    elif int8_attention or int8_symmetric or int8_check is not None:
+        raise OptionError("int8_attention" if int8_attention else "int8_symmetric" if int8_symmetric else
+                          "int8_check", "is an --int8 option: add --int8")
     if features is not None and triton_repo:
         raise OptionError("triton_repo", "serves classifiers (one logits output); export feature maps "
                                          "without --triton-repo")
@@ -282,7 +295,8 @@ def export_cmd(model, output, dtype, opset, attention, img_size, features, resto
 
         fp32_data = data
         data, qinfo = quantize_onnx_bytes(fp32_data, int8, images if int8 == "static" else None, calib_method,
-                                          attention=int8_attention, calib_info=cal if int8 == "static" else None)
+                                          attention=int8_attention, calib_info=cal if int8 == "static" else None,
+                                          symmetric=int8_symmetric or bool(trt))
         check = dict(compare_int8(fp32_data, data, check_images), source=check_src)
         check_int8(check, int8_min_cosine, int8_min_top1, str(model))
         report["int8"] = {**qinfo, "check": check, "min_cosine": int8_min_cosine, "min_top1": int8_min_top1,

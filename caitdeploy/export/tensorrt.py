@@ -137,6 +137,8 @@ def _onnx_facts(onnx_path: Path, data: bytes) -> dict[str, Any]:
     wtypes = {onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in m.graph.initializer
               if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
     dtype = meta.get("caitdeploy.dtype") or ("fp16" if wtypes == {"float16"} else "fp32")
+    if "caitdeploy.int8" in meta:
+        dtype = f"int8-{meta['caitdeploy.int8']}"
     return {"input": inputs[0].name, "chw": dims[1:], "dtype": dtype, "meta": meta,
             "outputs": [o.name for o in m.graph.output]}
 
@@ -250,6 +252,13 @@ def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_pa
         raise CaitError(f"{onnx_path}: {flav} {trt.__version__} ONNX parser: {errs[0] if errs else 'failed'}"
                         + (f" (+{len(errs) - 1} more)" if len(errs) > 1 else "") + hint)
 
+    quant = None
+    if "caitdeploy.int8" in facts["meta"]:   # explicit quantization: count the Q/DQ layers the parser made
+        kinds = [network.get_layer(i).type for i in range(network.num_layers)]
+        quant = {"int8": facts["meta"]["caitdeploy.int8"],
+                 "quantize_layers": sum(k == trt.LayerType.QUANTIZE for k in kinds),
+                 "dequantize_layers": sum(k == trt.LayerType.DEQUANTIZE for k in kinds),
+                 "network_layers": len(kinds)}
     config = builder.create_builder_config()
     if workspace_mb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
@@ -321,6 +330,10 @@ def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_pa
     }
     if "caitdeploy.config" in facts["meta"]:
         sidecar["config"] = json.loads(facts["meta"]["caitdeploy.config"])
+    if quant is not None:
+        warn = trt.ILogger.Severity.WARNING
+        quant["builder_warnings"] = sorted({c for sv, m in logger.messages if sv == warn and (c := _clean(m))})[:20]
+        sidecar["quantization"] = quant
     saved = bytes(config.get_timing_cache().serialize()) if cache is not None else None
     return BuiltEngine(engine_bytes, sidecar, saved)
 
