@@ -219,7 +219,8 @@ def export_cmd(model, output, dtype, opset, attention, img_size, features, resto
         if int8_check is not None and not Path(int8_check).is_dir():
             raise OptionError("int8_check", f"{int8_check}: no such folder")
     elif calib_dir is not None or calib_synthetic is not None:
-        raise OptionError("calib", "is an --int8 static option: add --int8 static")
+        raise OptionError("calib" if calib_dir is not None else "calib_synthetic",
+                          "is an --int8 static option: add --int8 static")
     elif int8_attention or int8_symmetric or int8_check is not None:
         raise OptionError("int8_attention" if int8_attention else "int8_symmetric" if int8_symmetric else
                           "int8_check", "is an --int8 option: add --int8")

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,10 @@ def _image_array(path: Path, channels: int, spec: dict[str, Any], flag: str = "-
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # the size check below says it
+            im = Image.open(path)
+        with im:
             im.draft(None, None)
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS:
