@@ -151,6 +151,56 @@ def parse_merges(text: str) -> dict[int, str]:
     return out
 
 
+TOKEN_SHARE = 0.75   # default share of the FLOPs reduction given to token merging (4:h,8:v on DeiT-S at 55%)
+
+
+def merge_reduction(fmt: dict[str, Any], merges: dict[int, str]) -> float:
+    """FLOPs reduction (vs the dense model) that `merges` alone give a model of format config `fmt`."""
+    dense = model_flops(CaitConfig.from_format({**fmt, "merges": {}}))["total"]
+    return 1 - model_flops(CaitConfig.from_format({**fmt, "merges": merges}))["total"] / dense
+
+
+def auto_merges(fmt: dict[str, Any], flops_reduction: float, token_reduction: float | None = None
+                ) -> tuple[dict[int, str], dict[str, Any]]:
+    """The paper's rule for ATME blocks: divide the blocks uniformly (a horizontal merge after the first third,
+    a vertical one after the second: 4:h,8:v for 12 blocks), then move them to the pair whose merge-only FLOPs
+    reduction is closest to the token-FLOPs target (`token_reduction`, default TOKEN_SHARE x flops_reduction),
+    never above `flops_reduction` (CDCP prunes channels for the rest). Ties go to the pair nearest the uniform
+    one; each block moved costs 0.2 points of reduction, so the uniform pair wins when it is within reach.
+    Returns (merges, info: uniform pair, chosen pair, token / channel / total reduction)."""
+    depth = int(fmt["depth"])
+    target = TOKEN_SHARE * flops_reduction if token_reduction is None else float(token_reduction)
+    if not 0 <= target <= flops_reduction:
+        raise OptionError("token_reduction", f"{target:.4f}: must be in 0..--flops-reduction ({flops_reduction})")
+    u1, u2 = max(1, round(depth / 3)), max(2, round(2 * depth / 3))
+    best = None
+    for b1 in range(1, depth):
+        for b2 in [*range(b1 + 1, depth), None]:
+            merges = {b1: "h"} if b2 is None else {b1: "h", b2: "v"}
+            try:
+                r = merge_reduction(fmt, merges)
+            except ValueError:   # a merge on an odd grid side
+                continue
+            if r > flops_reduction + 1e-9:
+                continue
+            moved = abs(b1 - u1) + (abs(b2 - u2) if b2 is not None else depth)
+            cost = abs(r - target) + 0.002 * moved
+            if best is None or cost < best[0]:
+                best = (cost, merges, r)
+    if best is None:
+        raise OptionError("merges", f"auto: no merge placement fits {depth} blocks, grid "
+                                    f"{CaitConfig.from_format({**fmt, 'merges': {}}).grid} and --flops-reduction "
+                                    f"{flops_reduction}; give --merges BLOCK:h|v,... or none")
+    _, merges, r = best
+    info = {"uniform": {u1: "h", u2: "v"}, "merges": merges, "token_target": target, "token_reduction": r,
+            "channel_reduction": flops_reduction - r, "flops_reduction": flops_reduction}
+    return merges, info
+
+
+def merges_text(merges: dict[int, str]) -> str:
+    return ",".join(f"{k}:{v}" for k, v in sorted(merges.items())) or "none"
+
+
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A plain timm state dict from .safetensors or .pth (weights_only), `model`/`state_dict` unwrapped."""
     from .checkpoint import read_container

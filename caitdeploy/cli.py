@@ -51,6 +51,7 @@ def _register() -> None:
     from .commands.inspect import inspect_cmd; main.add_command(inspect_cmd)
     from .commands.serve import serve_cmd; main.add_command(serve_cmd)
     from .commands.loadtest import loadtest_cmd; main.add_command(loadtest_cmd)
+    from .commands.train import train_cmd; main.add_command(train_cmd)
 
 
 _register()

@@ -33,11 +33,13 @@ def unsupported_feature(key: str) -> str | None:
     return None
 
 
-def timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None):
-    """A randomly initialised timm model of `arch`, refused (naming the feature) unless supported."""
+def timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None,
+               model_args: dict | None = None):
+    """A randomly initialised timm model of `arch`, refused (naming the feature) unless supported. `model_args`
+    are passed to timm.create_model (e.g. depth=4, embed_dim=64 for a small variant)."""
     import timm
 
-    kw = {"pretrained": False}
+    kw = {"pretrained": False, **(model_args or {})}
     if num_classes is not None:
         kw["num_classes"] = num_classes
     if img_size is not None:

@@ -285,11 +285,27 @@ class CDCPController:
     lam: lasso strength; step_ratio: FLOPs reduction added at each mask update; every: iterations
     between updates (paper: 1e-5, 0.00025, 25). The schedule starts at the reduction the merges alone
     give, so the first update already prunes channels. align: kept widths multiple of this (cdcp_select).
-    lasso_on_kept: apply lam * C/||C|| to kept rows too (the paper's / ResRep's form).
+    lasso_on_kept: apply lam * C/||C|| to kept rows too (the paper's / ResRep's form). sync: called with the
+    model after each mask update (`caitdeploy.trainer` broadcasts rank 0's masks under DDP).
     """
 
+    STATE_KEYS = ("ratio", "iteration", "updates", "summary", "history", "frozen")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's state (the masks themselves are model buffers, saved with the model)."""
+        import copy
+
+        return {k: copy.deepcopy(getattr(self, k)) for k in self.STATE_KEYS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [k for k in self.STATE_KEYS if k not in state]
+        if missing:
+            raise CaitError(f"CDCP state lacks {missing[0]!r}")
+        for k in self.STATE_KEYS:
+            setattr(self, k, state[k])
+
     def __init__(self, model: CaitTrainViT, flops_reduction: float, lam: float = 1e-5, step_ratio: float = 0.00025,
-                 every: int = 25, align: int = 1, lasso_on_kept: bool = True):
+                 every: int = 25, align: int = 1, lasso_on_kept: bool = True, sync=None):
         if not isinstance(model, CaitTrainViT):
             raise CaitError("CDCPController needs a model from cait_wrap()")
         if not 0 <= flops_reduction < 1:
@@ -313,6 +329,7 @@ class CDCPController:
                                         "flops_reduction": self.merge_reduction}
         self.history: list[dict[str, Any]] = []
         self.frozen = False  # True: step() no longer re-selects masks
+        self.sync = sync     # called with the model after every mask update (DDP: make every rank hold rank 0's)
 
     # ---- state ----
     @property
@@ -344,6 +361,8 @@ class CDCPController:
         masks, summary = cdcp_select(cfg, channel_scores(sd, cfg), ratio, self.align)
         for i, n, m in self.model.compactors():
             m.mask.copy_(masks[i][n].to(m.mask))
+        if self.sync is not None:
+            self.sync(self.model)
         self.ratio, self.summary = ratio, summary
         self.updates += 1
         self.history.append({"iteration": self.iteration, "ratio": ratio, "flops_reduction": summary["flops_reduction"],

@@ -1,0 +1,102 @@
+"""`caitdeploy train`: CAIT fine-tuning of a timm ViT (the paper's recipe), one process or under torchrun."""
+from __future__ import annotations
+
+import click
+
+from .common import console, handle_errors
+
+
+def _model_args(text: str | None) -> dict:
+    """'depth=4,embed_dim=64,qkv_bias=false' -> {'depth': 4, 'embed_dim': 64, 'qkv_bias': False}."""
+    from ..errors import OptionError
+
+    out: dict = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        k, sep, v = item.partition("=")
+        k, v = k.strip(), v.strip()
+        if not sep or not k.isidentifier():
+            raise OptionError("model_args", f"{item!r}: expected KEY=VALUE[,KEY=VALUE...]")
+        low = v.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+            continue
+        for kind in (int, float):
+            try:
+                out[k] = kind(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = v
+    return out
+
+
+@click.command("train")
+@click.option("--arch", required=True, help="timm ViT architecture, e.g. deit_small_patch16_224.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="Pretrained timm state dict (.safetensors or .pth; weights_only); random init if absent.")
+@click.option("--model-args", default=None, help="Extra timm.create_model arguments, e.g. depth=4,embed_dim=64.")
+@click.option("--img-size", type=click.IntRange(8, 8192), default=None, help="Override the input resolution.")
+@click.option("--data", required=True, type=click.Path(file_okay=False),
+              help="ImageFolder root: DATA/train/CLASS/*.png|jpg (and DATA/val/CLASS/... for evaluation).")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Run folder: last.pt, log.jsonl, final checkpoint.")
+@click.option("--flops-reduction", type=float, default=0.55, show_default=True, help="Target vs the dense model.")
+@click.option("--merges", default="auto", show_default=True,
+              help="auto (the paper's rule) | BLOCK:h|v,... | none.")
+@click.option("--token-reduction", type=float, default=None,
+              help="--merges auto: FLOPs reduction the merges should give [default: 0.75 x --flops-reduction].")
+@click.option("--epochs", type=int, default=300, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Global batch (micro batch x processes x accumulation steps).")
+@click.option("--micro-batch", type=int, default=None,
+              help="Images per process per forward [default: batch size / processes]; smaller means accumulation.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW peak learning rate.")
+@click.option("--min-lr", type=float, default=1e-6, show_default=True)
+@click.option("--warmup-epochs", type=float, default=5.0, show_default=True)
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--compactor-lr", type=float, default=None, help="Compactors' SGD learning rate [default: --lr].")
+@click.option("--compactor-momentum", type=float, default=0.99, show_default=True)
+@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
+@click.option("--mixup", type=float, default=0.8, show_default=True, help="Mixup alpha (0: off).")
+@click.option("--cutmix", type=float, default=1.0, show_default=True, help="CutMix alpha (0: off).")
+@click.option("--rand-augment", default="rand-m9-mstd0.5-inc1", show_default=True, help="timm RandAugment ('' off).")
+@click.option("--reprob", type=float, default=0.25, show_default=True, help="Random erasing probability.")
+@click.option("--teacher", default="dense", show_default=True,
+              help="Hard distillation teacher: dense (the starting model), none, or a timm state dict of --arch.")
+@click.option("--distill-alpha", type=float, default=None,
+              help="Weight of the teacher's hard labels [default: 0.1 for Tiny widths (<= 192), else 0.25].")
+@click.option("--lam", type=float, default=1e-5, show_default=True, help="CDCP lasso strength.")
+@click.option("--step-ratio", type=float, default=0.00025, show_default=True,
+              help="FLOPs reduction added per mask update.")
+@click.option("--every", type=int, default=25, show_default=True, help="Optimizer steps between mask updates.")
+@click.option("--prune-start-epoch", type=int, default=30, show_default=True, help="Epoch CDCP starts at.")
+@click.option("--align", type=int, default=1, show_default=True, help="Kept widths multiple of this.")
+@click.option("--amp", default="auto", show_default=True, help="auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off")
+@click.option("--workers", type=int, default=4, show_default=True, help="Data-loading processes per rank.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last.pt, bit for bit.")
+@click.option("--stop-after-epochs", type=int, default=None,
+              help="Leave cleanly after N epochs of this invocation (time-limited jobs); continue with --resume.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def train_cmd(arch, weights, model_args, img_size, data, output, flops_reduction, merges, token_reduction, epochs,
+              batch_size, micro_batch, lr, min_lr, warmup_epochs, weight_decay, compactor_lr, compactor_momentum,
+              label_smoothing, mixup, cutmix, rand_augment, reprob, teacher, distill_alpha, lam, step_ratio, every,
+              prune_start_epoch, align, amp, workers, seed, resume, stop_after_epochs, quiet):
+    """Fine-tune a timm ViT into a CAIT model (ATME merges + CDCP pruning) and write a cait-compactor/1
+    checkpoint. Run as is, or under `torchrun --nproc_per_node K` for DDP (gloo on CPU, NCCL on GPU)."""
+    from ..trainer import TrainOptions, train
+
+    opts = TrainOptions(arch=arch, data=data, output=output, weights=weights, model_args=_model_args(model_args),
+                        img_size=img_size, flops_reduction=flops_reduction, merges=merges,
+                        token_reduction=token_reduction, epochs=epochs, batch_size=batch_size,
+                        micro_batch=micro_batch, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
+                        weight_decay=weight_decay, compactor_lr=compactor_lr, compactor_momentum=compactor_momentum,
+                        label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, rand_augment=rand_augment,
+                        reprob=reprob, distill_alpha=distill_alpha, teacher=teacher, lam=lam, step_ratio=step_ratio,
+                        every=every, prune_start_epoch=prune_start_epoch, align=align, amp=amp, workers=workers,
+                        seed=seed, resume=resume, stop_after_epochs=stop_after_epochs, progress=not quiet)
+    con = console()
+    train(opts, log=lambda s: con.print(s, markup=False, highlight=False))

@@ -1,0 +1,618 @@
+"""`caitdeploy train`: CAIT fine-tuning of a timm ViT with the paper's recipe, on one process or under torchrun.
+
+Recipe (paper Tab. II; every value is an option): AdamW lr 1e-4, weight decay 0.05 (not on biases, norms,
+position embedding and class token), cosine schedule with linear warm-up, global batch 256, label smoothing 0.1,
+mixup 0.8 / cutmix 1.0 (timm.data.Mixup), RandAugment rand-m9-mstd0.5-inc1 (timm.data.create_transform), hard
+distillation from the dense model (alpha 0.1 for Tiny-width models, 0.25 otherwise), compactors on SGD with
+momentum 0.99, CDCP lambda 1e-5, +0.025% FLOPs every 25 optimizer steps from epoch 30.
+
+Distributed: under torchrun (WORLD_SIZE > 1) every process joins a process group (NCCL on GPU, gloo on CPU),
+the model is wrapped in DistributedDataParallel, each rank reads its DistributedSampler share. Gradients are
+all-reduced by DDP's backward; CDCP's Eq. 2 compactor gradient is applied after it (`CDCPController.step`
+runs between the last micro-batch's backward and the optimizer steps). Masks: every rank selects from the same
+(synchronised) weights, then rank 0's masks are broadcast, and a digest of every rank's masks is compared at
+each epoch's end (a mismatch stops the run). Gradient accumulation reaches the global batch:
+accumulation steps = global batch / (micro batch x world size); DDP syncs only the last micro-batch.
+
+State: `<output>/last.pt` after every epoch (atomic; model, both optimizers, grad scaler, CDCP schedule, step,
+every rank's RNG states, the teacher); `--resume` continues from it bit for bit (same world size, same
+options). Logs: one JSON line per epoch in `<output>/log.jsonl` (rank 0), a progress bar on rank 0. The final
+file, `<output>/cait-compactor.safetensors`, is a `cait-compactor/1` checkpoint for `caitdeploy fuse`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import CaitError, OptionError
+
+STATE_FORMAT = "caitdeploy-train-state/1"
+FINAL_NAME = "cait-compactor.safetensors"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")   # what timm's folder reader loads
+# options that must match between a run and its --resume (the others may change, e.g. --workers)
+RESUME_KEYS = ("arch", "weights", "model_args", "img_size", "flops_reduction", "merges", "token_reduction",
+               "epochs", "batch_size", "micro_batch", "lr", "min_lr", "warmup_epochs", "weight_decay",
+               "compactor_lr", "compactor_momentum", "label_smoothing", "mixup", "cutmix", "rand_augment",
+               "reprob", "distill_alpha", "teacher", "lam", "step_ratio", "every", "prune_start_epoch", "align",
+               "amp", "seed")
+
+
+@dataclass
+class TrainOptions:
+    arch: str
+    data: str
+    output: str
+    weights: str | None = None
+    model_args: dict = field(default_factory=dict)
+    img_size: int | None = None
+    flops_reduction: float = 0.55
+    merges: str = "auto"
+    token_reduction: float | None = None
+    epochs: int = 300
+    batch_size: int = 256          # global: micro_batch x world size x accumulation steps
+    micro_batch: int | None = None  # per rank per step; default batch_size / world size
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    compactor_lr: float | None = None   # default: lr
+    compactor_momentum: float = 0.99
+    label_smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    rand_augment: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    distill_alpha: float | None = None  # default: 0.1 for embed_dim <= 192 (Tiny), else 0.25
+    teacher: str = "dense"              # dense | none | FILE (timm state dict of --arch)
+    lam: float = 1e-5
+    step_ratio: float = 0.00025
+    every: int = 25
+    prune_start_epoch: int = 30
+    align: int = 1
+    max_dropped_norm: float = 1e-3
+    amp: str = "auto"                   # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    workers: int = 4
+    seed: int = 0
+    resume: bool = False
+    stop_after_epochs: int | None = None  # leave after this many epochs of this invocation (time-limited jobs)
+    progress: bool = True
+
+
+# ---- distributed --------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.on:
+            torch.distributed.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.on:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.on:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_masks(self, model) -> None:
+        if self.on:
+            for _, _, m in model.compactors():
+                torch.distributed.broadcast(m.mask, 0)
+
+
+def init_distributed() -> Dist:
+    """A process group when launched by torchrun (WORLD_SIZE > 1): NCCL with a GPU per process, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return Dist(device=dev)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and torch.cuda.device_count() > local:
+        torch.cuda.set_device(local)
+        dev, backend = torch.device("cuda", local), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    torch.distributed.init_process_group(backend)
+    return Dist(rank, world, local, dev, backend)
+
+
+# ---- options ------------------------------------------------------------------------------------------
+def image_folder_classes(root: Path, what: str) -> tuple[list[str], int]:
+    """Class folder names (sorted) and the image count of an ImageFolder root; one-line errors."""
+    if not root.is_dir():
+        raise OptionError("data", f"{root}: no such folder (expected {what}/CLASS/IMAGE files)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise OptionError("data", f"{root}: no class folders (expected {what}/CLASS/IMAGE files)")
+    n = 0
+    for c in classes:
+        k = sum(1 for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if k == 0:
+            raise OptionError("data", f"{root / c}: class folder without images ({', '.join(IMAGE_SUFFIXES)})")
+        n += k
+    return classes, n
+
+
+def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
+    """Every option and the data layout, before any work; returns derived facts (classes, accumulation)."""
+    def rng(name, v, lo, hi, open_hi=False):
+        if v is None or not (lo <= v < hi if open_hi else lo <= v <= hi) or (isinstance(v, float) and math.isnan(v)):
+            raise OptionError(name, f"{v}: must be in {lo}..{hi}" + (" (exclusive)" if open_hi else ""))
+
+    rng("flops_reduction", o.flops_reduction, 0.0, 1.0, open_hi=True)
+    rng("epochs", o.epochs, 1, 100000)
+    rng("batch_size", o.batch_size, 1, 1 << 20)
+    for name in ("lr", "min_lr", "compactor_lr", "weight_decay", "lam"):
+        v = getattr(o, name)
+        if v is not None:
+            rng(name, v, 0.0, 10.0)
+    rng("warmup_epochs", o.warmup_epochs, 0.0, float(o.epochs))
+    rng("compactor_momentum", o.compactor_momentum, 0.0, 1.0, open_hi=True)
+    rng("label_smoothing", o.label_smoothing, 0.0, 1.0, open_hi=True)
+    rng("mixup", o.mixup, 0.0, 100.0)
+    rng("cutmix", o.cutmix, 0.0, 100.0)
+    rng("reprob", o.reprob, 0.0, 1.0)
+    if o.distill_alpha is not None:
+        rng("distill_alpha", o.distill_alpha, 0.0, 1.0)
+    rng("step_ratio", o.step_ratio, 1e-9, 1.0)
+    rng("every", o.every, 1, 1 << 30)
+    rng("align", o.align, 1, 256)
+    rng("workers", o.workers, 0, 256)
+    rng("max_dropped_norm", o.max_dropped_norm, 0.0, 1e3)
+    if o.prune_start_epoch < 0 or o.prune_start_epoch >= o.epochs:
+        raise OptionError("prune_start_epoch", f"{o.prune_start_epoch}: must be in 0..{o.epochs - 1} (--epochs "
+                                               f"{o.epochs}), or CDCP never prunes")
+    if o.amp not in ("auto", "bf16", "fp16", "off"):
+        raise OptionError("amp", f"{o.amp!r}: choose auto, bf16, fp16 or off")
+    if o.stop_after_epochs is not None:
+        rng("stop_after_epochs", o.stop_after_epochs, 1, o.epochs)
+    micro = o.micro_batch or o.batch_size // world
+    if micro < 1 or o.batch_size % (micro * world):
+        raise OptionError("batch_size", f"{o.batch_size} is not a multiple of --micro-batch {micro} x {world} "
+                                        f"process{'es' * (world > 1)}")
+    if (o.mixup > 0 or o.cutmix > 0) and micro % 2:
+        raise OptionError("micro_batch", f"{micro}: mixup/cutmix pair images within a batch, so it must be even "
+                                         "(or --mixup 0 --cutmix 0)")
+    if o.teacher not in ("dense", "none") and not Path(o.teacher).is_file():
+        raise OptionError("teacher", f"{o.teacher}: no such file (dense, none or a timm state dict of --arch)")
+    if o.weights is not None and not Path(o.weights).is_file():
+        raise OptionError("weights", f"{o.weights}: no such file")
+    data = Path(o.data)
+    classes, n_train = image_folder_classes(data / "train", "DATA/train")
+    if n_train < micro * world:
+        raise OptionError("data", f"{data / 'train'}: {n_train} images, fewer than one global micro-batch "
+                                  f"({micro} x {world})")
+    val = data / "val"
+    n_val = 0
+    if val.exists():
+        vclasses, n_val = image_folder_classes(val, "DATA/val")
+        if vclasses != classes:
+            extra = sorted(set(vclasses) ^ set(classes))
+            raise OptionError("data", f"{val}: class folders differ from {data / 'train'}'s (e.g. {extra[0]!r})")
+    out = Path(o.output)
+    state = out / "last.pt"
+    if out.exists() and not out.is_dir():
+        raise OptionError("output", f"{out}: exists and is not a folder")
+    if o.resume and not state.is_file():
+        raise OptionError("resume", f"{state}: no training state to resume from")
+    if not o.resume and (state.exists() or (out / FINAL_NAME).exists()):
+        raise OptionError("output", f"{out}: holds a previous run ({'last.pt' if state.exists() else FINAL_NAME}); "
+                                    "add --resume to continue it or choose another folder")
+    return {"classes": classes, "train_images": n_train, "val_images": n_val, "micro_batch": micro,
+            "accum": o.batch_size // (micro * world)}
+
+
+# ---- schedule -----------------------------------------------------------------------------------------
+def lr_at(step: int, total: int, warmup: int, base: float, floor: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from `base` to `floor` at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ---- RNG ----------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(
+                lambda v: float(v) if isinstance(v, float) else int(v), np_state[2:])],
+            "python": random.getstate()}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    v, internal, gauss = s["python"]
+    random.setstate((v, tuple(internal), gauss))
+
+
+def mask_digest(model) -> str:
+    h = hashlib.sha256()
+    for i, n, m in model.compactors():
+        h.update(f"{i}{n}".encode())
+        h.update(m.mask.detach().to("cpu", torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+def _loaders(o: TrainOptions, facts: dict, fmt: dict, dist: Dist):
+    from timm.data import ImageDataset, create_transform, resolve_data_config
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    size = fmt["img_size"] if isinstance(fmt["img_size"], int) else fmt["img_size"][0]
+    dc = resolve_data_config({"input_size": (fmt["in_chans"], size, size), "interpolation": "bicubic",
+                              "crop_pct": 0.875})
+    t_train = create_transform(dc["input_size"], is_training=True, auto_augment=o.rand_augment or None,
+                               re_prob=o.reprob, interpolation="bicubic", mean=dc["mean"], std=dc["std"])
+    t_val = create_transform(dc["input_size"], is_training=False, interpolation="bicubic", mean=dc["mean"],
+                             std=dc["std"], crop_pct=dc["crop_pct"])
+    data = Path(o.data)
+    train = ImageDataset(str(data / "train"), transform=t_train)
+    if len(train) != facts["train_images"]:
+        raise CaitError(f"{data / 'train'}: timm's folder reader found {len(train)} images, expected "
+                        f"{facts['train_images']}")
+    sampler = DistributedSampler(train, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=o.seed,
+                                 drop_last=True)
+    train_loader = DataLoader(train, batch_size=facts["micro_batch"], sampler=sampler, num_workers=o.workers,
+                              drop_last=True, pin_memory=dist.device.type == "cuda",
+                              persistent_workers=False)
+    val_loader = None
+    if facts["val_images"]:
+        val = ImageDataset(str(data / "val"), transform=t_val)
+        mine = list(range(dist.rank, len(val), dist.world))   # every image exactly once over the ranks
+        val_loader = DataLoader(Subset(val, mine), batch_size=facts["micro_batch"], num_workers=o.workers)
+    return train_loader, sampler, val_loader, {"preprocess": {k: v for k, v in dc.items()}}
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+def _build(o: TrainOptions, n_classes: int, log):
+    """(timm model with --weights, format config, merges, merge info)."""
+    from .cdcp import auto_merges, load_weights, merge_reduction, parse_merges
+    from .config import CaitConfig
+    from .timm_compat import format_config_of, timm_model
+
+    model = timm_model(o.arch, n_classes, o.img_size, o.model_args)
+    if o.weights:
+        sd = load_weights(o.weights)
+        own = model.state_dict()
+        # a pretrained head of another size is left out (the data set decides the classes)
+        head = {k for k in own if k.startswith("head.") and k in sd and sd[k].shape != own[k].shape}
+        missing = [k for k in own if k not in sd and k not in head]
+        unexpected = [k for k in sd if k not in own]
+        if missing or unexpected:
+            what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+            raise CaitError(f"--weights {o.weights}: does not fit --arch {o.arch}: {what}")
+        for k in own:
+            if k in sd and k not in head and tuple(sd[k].shape) != tuple(own[k].shape):
+                raise CaitError(f"--weights {o.weights}: key {k!r} has shape {tuple(sd[k].shape)}, --arch "
+                                f"{o.arch} has {tuple(own[k].shape)}")
+        model.load_state_dict({k: v for k, v in sd.items() if k not in head}, strict=not head)
+        if head:
+            log(f"--weights: head left at random init ({n_classes} classes; the file's head has "
+                f"{sd['head.weight'].shape[0]})")
+    fmt = format_config_of(model, {})
+    if o.merges == "auto":
+        merges, info = auto_merges(fmt, o.flops_reduction, o.token_reduction)
+    else:
+        merges = parse_merges(o.merges)
+        try:
+            CaitConfig.from_format({**fmt, "merges": merges})
+        except ValueError as e:
+            raise OptionError("merges", f"{o.merges}: {e}") from None
+        r = merge_reduction(fmt, merges)
+        if r > o.flops_reduction:
+            raise OptionError("merges", f"{o.merges}: the merges alone cut FLOPs by {r:.2%}, more than "
+                                        f"--flops-reduction {o.flops_reduction}")
+        info = {"merges": merges, "token_reduction": r, "channel_reduction": o.flops_reduction - r,
+                "flops_reduction": o.flops_reduction}
+    return model, fmt, merges, info
+
+
+def _teacher(o: TrainOptions, model, dist: Dist):
+    import copy
+
+    if o.teacher == "none":
+        return None
+    t = copy.deepcopy(model)
+    if o.teacher != "dense":
+        from .cdcp import load_weights
+
+        sd = load_weights(o.teacher)
+        try:
+            t.load_state_dict(sd)
+        except RuntimeError as e:
+            raise CaitError(f"--teacher {o.teacher}: does not fit --arch {o.arch}: "
+                            f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return t.to(dist.device).eval()
+
+
+def _param_groups(model, wd: float):
+    """AdamW groups of the base parameters: weight decay on matrices, none on biases, norms, position embedding
+    and class/register tokens (compactors have their own SGD)."""
+    base = {id(p) for p in model.base_parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) not in base:
+            continue
+        (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token", "dist_token", "reg_token")
+         or name.endswith((".pos_embed", ".cls_token")) else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _amp(o: TrainOptions, dist: Dist) -> torch.dtype | None:
+    if o.amp == "off" or (o.amp == "auto" and dist.device.type != "cuda"):
+        return None
+    if o.amp == "fp16" and dist.device.type != "cuda":
+        raise OptionError("amp", "fp16 needs a CUDA GPU (on CPU use bf16 or off)")
+    return torch.float16 if o.amp == "fp16" else torch.bfloat16
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(o: TrainOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) a CAIT training; returns the final summary (also the last line of log.jsonl)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .train import CDCPController, cait_wrap, save_checkpoint
+
+    dist = init_distributed()
+    try:
+        return _train(o, dist, log if dist.main else (lambda s: None), DDP, CDCPController, cait_wrap,
+                      save_checkpoint)
+    finally:
+        if dist.on and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(o, dist, log, DDP, CDCPController, cait_wrap, save_checkpoint) -> dict[str, Any]:
+    facts = check_options(o, dist.world)
+    out = Path(o.output)
+    state = None
+    if o.resume:
+        state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT:
+            raise CaitError(f"{out / 'last.pt'}: not a caitdeploy training state ({STATE_FORMAT})")
+        saved = json.loads(state["options"])
+        diff = [k for k in RESUME_KEYS if saved.get(k) != json.loads(json.dumps(dataclasses.asdict(o)))[k]]
+        if diff:
+            raise OptionError(diff[0], f"{getattr(o, diff[0])!r} differs from the run being resumed "
+                                       f"({saved.get(diff[0])!r}); resume with the same options")
+        if state["world"] != dist.world:
+            raise CaitError(f"--resume: the run used {state['world']} process(es), this one {dist.world}; "
+                            "a bit-exact resume needs the same world size")
+    torch.manual_seed(o.seed)
+    np.random.seed(o.seed)
+    random.seed(o.seed)
+    classes = facts["classes"]
+    model, fmt, merges, minfo = _build(o, len(classes), log)
+    wrap = cait_wrap(model, merges)
+    teacher = _teacher(o, model, dist) if state is None or "teacher" not in state else None
+    if state is not None and "teacher" in state:
+        import copy
+
+        teacher = copy.deepcopy(model)
+        teacher.load_state_dict(state["teacher"])
+        teacher = teacher.to(dist.device).eval().requires_grad_(False)
+    alpha = o.distill_alpha if o.distill_alpha is not None else (0.1 if fmt["embed_dim"] <= 192 else 0.25)
+    if teacher is None:
+        alpha = 0.0
+    wrap.to(dist.device)
+    ctl = CDCPController(wrap, o.flops_reduction, lam=o.lam, step_ratio=o.step_ratio, every=o.every,
+                         align=o.align, sync=dist.broadcast_masks)
+    ddp = wrap
+    if dist.on:   # masks are broadcast at each update (CDCPController.sync), not at every forward
+        import inspect
+
+        quiet = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                 else "broadcast_buffers")
+        ddp = DDP(wrap, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, **{quiet: False})
+    opt = torch.optim.AdamW(_param_groups(wrap, o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
+    opt_c = torch.optim.SGD(wrap.compactor_parameters(), lr=o.compactor_lr or o.lr,
+                            momentum=o.compactor_momentum, weight_decay=0.0)
+    amp = _amp(o, dist)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
+    train_loader, sampler, val_loader, dinfo = _loaders(o, facts, fmt, dist)
+    steps_per_epoch = len(train_loader) // facts["accum"]
+    if steps_per_epoch < 1:
+        raise OptionError("batch_size", f"{o.batch_size}: larger than one epoch of {facts['train_images']} images")
+    total, warmup = steps_per_epoch * o.epochs, int(round(o.warmup_epochs * steps_per_epoch))
+    mixup = None
+    if o.mixup > 0 or o.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, label_smoothing=o.label_smoothing,
+                      num_classes=len(classes))
+    start_epoch, step, history = 0, 0, []
+    if state is not None:
+        wrap.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        opt_c.load_state_dict(state["opt_c"])
+        scaler.load_state_dict(state["scaler"])
+        ctl.load_state_dict(state["ctl"])
+        start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
+        set_rng_state(state["rng"][dist.rank])
+        log(f"resumed {out / 'last.pt'}: epoch {start_epoch}/{o.epochs}, step {step}")
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+    from .cdcp import merges_text
+
+    log(f"{o.arch}: {len(classes)} classes, {facts['train_images']} train / {facts['val_images']} val images; "
+        f"{dist.world} process(es) ({dist.backend or dist.device.type}), global batch {o.batch_size} = micro "
+        f"{facts['micro_batch']} x {dist.world} x {facts['accum']} accumulation; {steps_per_epoch} steps/epoch")
+    log(f"merges {merges_text(merges)}{' (auto)' if o.merges == 'auto' else ''}: tokens cut "
+        f"{minfo['token_reduction']:.2%} of the dense FLOPs, channels (CDCP) {minfo['channel_reduction']:.2%}, "
+        f"total {o.flops_reduction:.2%}; distillation alpha {alpha:g} ({o.teacher}); amp "
+        f"{'off' if amp is None else str(amp).removeprefix('torch.')}; CDCP from epoch {o.prune_start_epoch}")
+
+    def loss_fn(logits, target):
+        if mixup is not None:
+            return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
+
+    autocast = (lambda: torch.autocast(dist.device.type, dtype=amp)) if amp else contextlib.nullcontext
+    stop_at = o.epochs if o.stop_after_epochs is None else min(o.epochs, start_epoch + o.stop_after_epochs)
+    for epoch in range(start_epoch, stop_at):
+        t0 = time.perf_counter()
+        wrap.train()
+        sampler.set_epoch(epoch)
+        it = iter(train_loader)
+        bar = None
+        if dist.main and o.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step", leave=False,
+                       dynamic_ncols=True)
+        loss_sum, seen = 0.0, 0
+        for _ in range(steps_per_epoch):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, warmup, o.lr, o.min_lr)
+            for g in opt_c.param_groups:
+                g["lr"] = lr_at(step, total, warmup, o.compactor_lr or o.lr, o.min_lr)
+            opt.zero_grad(set_to_none=True)
+            opt_c.zero_grad(set_to_none=True)
+            for micro in range(facts["accum"]):
+                x, y = next(it)
+                x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+                target = y
+                if mixup is not None:
+                    x, target = mixup(x, y)
+                sync = micro == facts["accum"] - 1 or not dist.on
+                with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                    with autocast():
+                        logits = ddp(x)
+                        loss = loss_fn(logits, target)
+                        if alpha > 0:
+                            with torch.no_grad():
+                                hard = teacher(x).argmax(-1)
+                            loss = (1 - alpha) * loss + alpha * F.cross_entropy(logits.float(), hard)
+                    scaler.scale(loss / facts["accum"]).backward()
+                loss_sum += float(loss.detach()) * len(x)
+                seen += len(x)
+            scaler.unscale_(opt)
+            scaler.unscale_(opt_c)
+            if epoch >= o.prune_start_epoch:
+                ctl.step()          # mask schedule + Eq. 2, on the all-reduced gradients
+                if ctl.done and not ctl.frozen:
+                    ctl.freeze()    # target reached: keep the masks, let the masked rows shrink
+            scaler.step(opt)
+            scaler.step(opt_c)
+            scaler.update()
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss {loss_sum / max(1, seen):.3f} FLOPs -{ctl.flops_reduction:.1%}")
+        if bar is not None:
+            bar.close()
+        train_loss, train_seen = dist.all_sum([loss_sum, seen])
+        rec = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
+               "train_loss": train_loss / max(1, train_seen), "images": int(train_seen),
+               "seconds": time.perf_counter() - t0}
+        rec["img_s"] = rec["images"] / rec["seconds"]
+        if val_loader is not None:
+            rec.update(evaluate(wrap, val_loader, dist, autocast))
+        digests = dist.gather(mask_digest(wrap))
+        if len(set(digests)) != 1:
+            raise CaitError(f"epoch {epoch + 1}: ranks hold different CDCP masks ({digests}); stopping")
+        rec.update(flops=ctl.flops, flops_reduction=ctl.flops_reduction, mask_updates=ctl.updates,
+                   pruning=epoch >= o.prune_start_epoch, target_reached=ctl.done, mask_digests=digests,
+                   max_masked_norm=ctl.max_masked_norm())
+        history.append(rec)
+        rngs = dist.gather(rng_state())
+        if dist.main:
+            snap = {"format": STATE_FORMAT, "options": json.dumps(dataclasses.asdict(o)), "epoch": epoch + 1,
+                    "step": step, "world": dist.world, "model": wrap.state_dict(), "opt": opt.state_dict(),
+                    "opt_c": opt_c.state_dict(), "scaler": scaler.state_dict(), "ctl": ctl.state_dict(),
+                    "rng": rngs, "history": history, "merges": merges_text(merges)}
+            if teacher is not None:
+                snap["teacher"] = teacher.state_dict()
+            _atomic_save(snap, out / "last.pt")
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            log(f"epoch {epoch + 1}/{o.epochs}: loss {rec['train_loss']:.4f}"
+                + (f", val top-1 {rec['val_top1']:.2%}" if "val_top1" in rec else "")
+                + f", FLOPs -{ctl.flops_reduction:.2%} ({ctl.updates} mask updates), {rec['img_s']:.1f} img/s, "
+                  f"masks identical on {dist.world} rank(s)")
+        dist.barrier()
+    summary = {"epochs_done": stop_at, "epochs": o.epochs, "step": step, "merges": merges_text(merges),
+               "flops_reduction": ctl.flops_reduction, "target": o.flops_reduction, "target_reached": ctl.done,
+               "world": dist.world, "final": None, "preprocess": dinfo["preprocess"]}
+    if stop_at < o.epochs:
+        log(f"stopped after epoch {stop_at} (--stop-after-epochs); continue with --resume")
+        return summary
+    # final checkpoint: masked rows to exactly zero when training left them above fuse's limit
+    norm = ctl.max_masked_norm()
+    if norm > o.max_dropped_norm:
+        ctl.finalize()
+        note = f"masked rows set to 0 (largest was {norm:.2e} > {o.max_dropped_norm:g})"
+    else:
+        note = f"saved as trained (largest masked row {norm:.2e} <= {o.max_dropped_norm:g})"
+    if dist.main:
+        final = save_checkpoint(wrap.cpu(), out / FINAL_NAME)
+        summary.update(final=str(final), note=note)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps({"final": summary}) + "\n")
+        if not ctl.done:
+            log(f"warning: FLOPs target not reached: -{ctl.flops_reduction:.2%} of -{o.flops_reduction:.2%} "
+                "(raise --epochs or --step-ratio, or lower --every / --prune-start-epoch)")
+        log(f"wrote {final} ({note}); next: caitdeploy fuse {final}")
+    dist.barrier()
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model, loader, dist: Dist, autocast) -> dict[str, float]:
+    """Top-1 and loss over the validation images, every image counted once over all ranks."""
+    model.eval()
+    correct = loss = n = 0.0
+    for x, y in loader:
+        x, y = x.to(dist.device), y.to(dist.device)
+        with autocast():
+            logits = model(x).float()
+        correct += float((logits.argmax(-1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        n += len(y)
+    correct, loss, n = dist.all_sum([correct, loss, n])
+    model.train()
+    return {"val_top1": correct / max(1, n), "val_loss": loss / max(1, n), "val_images": int(n)}
