@@ -14,6 +14,7 @@ FLOORS = {
     "caitdeploy.flops": 2, "caitdeploy.limits": 2, "caitdeploy.baselines": 2,
     "caitdeploy.fuse": 3, "caitdeploy.cdcp": 3, "caitdeploy.io": 3, "caitdeploy.train": 3, "caitdeploy.convert": 3,
     "caitdeploy.export": 4, "caitdeploy.runtime": 4, "caitdeploy.describe": 4, "caitdeploy.serve": 4, "caitdeploy.bench": 4,
+    "caitdeploy.trainer": 4,
     "caitdeploy.cli": 5, "caitdeploy.commands": 5, "caitdeploy": 5,
     "caitdeploy.kernels": 0,   # the wing: imports nothing else of caitdeploy
 }

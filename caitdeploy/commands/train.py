@@ -99,4 +99,4 @@ def train_cmd(arch, weights, model_args, img_size, data, output, flops_reduction
                         every=every, prune_start_epoch=prune_start_epoch, align=align, amp=amp, workers=workers,
                         seed=seed, resume=resume, stop_after_epochs=stop_after_epochs, progress=not quiet)
     con = console()
-    train(opts, log=lambda s: con.print(s, markup=False, highlight=False))
+    train(opts, log=lambda s: con.print(s, markup=False, highlight=False, soft_wrap=True))

@@ -1,0 +1,181 @@
+"""`caitdeploy train`: one process and torchrun (2 ranks, gloo) on a small ImageFolder written here; masks equal
+on every rank, the result fuses strictly, --resume is bit-exact, --merges auto, bad input gets one line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from caitdeploy.cdcp import auto_merges, merge_reduction
+from caitdeploy.cli import main
+from caitdeploy.errors import CaitError
+from caitdeploy.fuse import FuseOptions, fuse_file
+from caitdeploy.timm_compat import arch_config
+from caitdeploy.trainer import lr_at
+
+MODEL = ["--arch", "vit_tiny_patch16_224", "--model-args", "patch_size=8,depth=4,embed_dim=48,num_heads=3",
+         "--img-size", "32"]
+FAST = ["--epochs", "3", "--batch-size", "8", "--micro-batch", "4", "--prune-start-epoch", "1", "--step-ratio",
+        "0.05", "--every", "1", "--flops-reduction", "0.5", "--workers", "0", "--lr", "1e-3", "--warmup-epochs", "1",
+        "-q"]
+
+
+def write_shapes(root, n_train=8, n_val=4, size=32):
+    """Three classes of generated 32x32 RGB images (circle, square, stripes) as PNG, train/ and val/."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(("circle", "square", "stripes")):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+                cy, cx = rng.integers(10, size - 10, 2)
+                r = int(rng.integers(5, 9))
+                m = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r if c == 0 else
+                     (abs(yy - cy) < r) & (abs(xx - cx) < r) if c == 1 else (xx // 4) % 2 == 0)
+                img[m] = rng.integers(150, 255, 3)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp("shapes"))
+
+
+def run(*args):
+    r = CliRunner().invoke(main, ["train", *args])
+    return r
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_auto_merges_rule():
+    fmt = arch_config("deit_small_patch16_224")
+    merges, info = auto_merges(fmt, 0.55)
+    assert merges == {4: "h", 8: "v"} and info["uniform"] == {4: "h", 8: "v"}   # uniform thirds, kept
+    assert abs(info["token_reduction"] - merge_reduction(fmt, merges)) < 1e-12
+    assert info["token_reduction"] + info["channel_reduction"] == pytest.approx(0.55)
+    # a bigger token budget moves the merges earlier; the merges never exceed the total
+    m2, i2 = auto_merges(fmt, 0.6, token_reduction=0.55)
+    assert min(m2) < 4 and abs(i2["token_reduction"] - 0.55) < 0.01 and i2["token_reduction"] <= 0.6
+    with pytest.raises(CaitError, match="token_reduction"):
+        auto_merges(fmt, 0.3, token_reduction=0.5)
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(100, 100, 10, 1.0, 0.01) == pytest.approx(0.01)
+    assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+
+
+def test_one_process_run_fuses_strictly_and_resume_is_bit_exact(data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run(*MODEL, "--data", str(data), "-o", str(a), *FAST)
+    assert r.exit_code == 0, r.output
+    assert "merges 1:h,3:v (auto)" in r.output and "masks identical on 1 rank(s)" in r.output
+    recs = records(a)
+    epochs = [x for x in recs if "epoch" in x]
+    assert [x["epoch"] for x in epochs] == [1, 2, 3] and epochs[0]["val_images"] == 12
+    assert not epochs[0]["pruning"] and epochs[1]["pruning"] and epochs[-1]["target_reached"]
+    assert recs[-1]["final"]["flops_reduction"] >= 0.5
+    # the final file is a cait-compactor/1 checkpoint that fuses with strict consistency
+    rep = fuse_file(a / "cait-compactor.safetensors", tmp_path / "a.fused.safetensors",
+                    FuseOptions(consistency="strict", align=1), verify_batch=2)
+    assert rep["flops_reduction"] >= 0.5 and rep["verify"]["max_abs_diff"] < 1e-4
+
+    # stopped after one epoch and resumed: the same weights, bit for bit
+    r = run(*MODEL, "--data", str(data), "-o", str(b), *FAST, "--stop-after-epochs", "1")
+    assert r.exit_code == 0 and "continue with --resume" in r.output and not (b / "cait-compactor.safetensors").exists()
+    r = run(*MODEL, "--data", str(data), "-o", str(b), *FAST, "--resume")
+    assert r.exit_code == 0, r.output
+    ta, tb = load_file(a / "cait-compactor.safetensors"), load_file(b / "cait-compactor.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert [x["train_loss"] for x in records(b) if "epoch" in x] == [x["train_loss"] for x in epochs]
+
+    # a finished run is not overwritten; a resume must keep the options
+    r = run(*MODEL, "--data", str(data), "-o", str(a), *FAST)
+    assert r.exit_code == 2 and "holds a previous run" in r.output
+    r = run(*MODEL, "--data", str(data), "-o", str(b), *FAST[:-1], "--lr", "2e-3", "-q", "--resume")
+    assert r.exit_code == 2 and "--lr" in r.output and "differs from the run being resumed" in r.output
+
+
+def test_torchrun_two_ranks_same_masks(data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "caitdeploy.cli", "train", *MODEL, "--data", str(data), "-o", str(out), *FAST]
+    cmd[cmd.index("--micro-batch") + 1] = "2"      # 8 = 2 per rank x 2 ranks x 2 accumulation steps
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 process(es) (gloo), global batch 8 = micro 2 x 2 x 2 accumulation" in res.stdout
+    recs = records(out)
+    epochs = [x for x in recs if "epoch" in x]
+    assert len(epochs) == 3 and all(len(x["mask_digests"]) == 2 and len(set(x["mask_digests"])) == 1
+                                    for x in epochs)
+    assert epochs[-1]["mask_updates"] > 0 and recs[-1]["final"]["world"] == 2
+    assert epochs[0]["images"] == 24 and epochs[0]["val_images"] == 12   # every image once over both ranks
+    fuse_file(out / "cait-compactor.safetensors", tmp_path / "ddp.fused.safetensors",
+              FuseOptions(consistency="strict", align=1), verify_batch=2)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda d: (d / "train" / "circle" / "x.txt").write_text("x"), None),        # stray non-images are ignored
+    (lambda d: (d / "train" / "empty").mkdir(), "class folder without images"),
+    (lambda d: (d / "val" / "other").mkdir() or (d / "val" / "other" / "0.png").write_bytes(
+        (d / "val" / "circle" / "0.png").read_bytes()), "class folders differ"),
+])
+def test_bad_data_one_line(tmp_path, change, needle):
+    d = write_shapes(tmp_path / "d", n_train=2, n_val=1)
+    change(d)
+    r = run(*MODEL, "--data", str(d), "-o", str(tmp_path / "o"), *FAST, "--micro-batch", "2", "--batch-size", "2",
+            "--epochs", "2", "--stop-after-epochs", "1")
+    if needle is None:
+        assert r.exit_code == 0, r.output
+        return
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "nowhere"], "nowhere/train: no such folder"),
+    (["--micro-batch", "3", "--batch-size", "6"], "must be even"),
+    (["--batch-size", "6"], "not a multiple of --micro-batch 4"),
+    (["--prune-start-epoch", "3"], "or CDCP never prunes"),
+    (["--model-args", "depth"], "--model-args 'depth': expected KEY=VALUE"),
+    (["--merges", "1:x"], "--merges"),
+    (["--amp", "fp8"], "--amp 'fp8'"),
+    (["--teacher", "missing.pth"], "--teacher missing.pth: no such file"),
+    (["--resume"], "no training state to resume from"),
+    (["--flops-reduction", "1.5"], "--flops-reduction 1.5"),
+    (["--arch", "resnet18"], "--arch"),
+])
+def test_bad_options_one_line(data, tmp_path, args, needle):
+    argv = [*MODEL, "--data", str(data), "-o", str(tmp_path / "o"), *FAST]
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    if args == ["--resume"]:
+        argv.append("--resume")
+    r = run(*argv)
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.output
+    assert not (tmp_path / "o" / "last.pt").exists()
