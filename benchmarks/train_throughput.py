@@ -95,8 +95,9 @@ def main(argv=None) -> int:
                          "global_batch": batch, "micro_batch": args.micro_batch, "img_s": last["img_s"],
                          "epoch_seconds": last["seconds"], "images": last["images"], "wall_seconds": wall,
                          "imagenet_epoch_hours": IMAGENET_TRAIN / last["img_s"] / 3600,
-                         "command": ("" if procs == 1 else f"torchrun --standalone --nproc_per_node {procs} -m ")
-                         + "caitdeploy " + " ".join(cli).replace(tmp, "$TMP")})
+                         "command": ("caitdeploy " if procs == 1 else
+                                     f"torchrun --standalone --nproc_per_node {procs} -m caitdeploy.cli ")
+                         + " ".join(cli).replace(tmp, "$TMP")})
             print(f"{procs} process(es): {last['img_s']:.2f} img/s -> ImageNet epoch "
                   f"{rows[-1]['imagenet_epoch_hours']:.0f} h on this machine", flush=True)
 

@@ -46,7 +46,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")   # what timm's folder reader loads
 RESUME_KEYS = ("arch", "weights", "model_args", "img_size", "flops_reduction", "merges", "token_reduction",
                "epochs", "batch_size", "micro_batch", "lr", "min_lr", "warmup_epochs", "weight_decay",
                "compactor_lr", "compactor_momentum", "label_smoothing", "mixup", "cutmix", "rand_augment",
-               "reprob", "distill_alpha", "teacher", "lam", "step_ratio", "every", "prune_start_epoch", "align",
+               "reprob", "crop_scale", "hflip", "distill_alpha", "teacher", "lam", "step_ratio", "every", "prune_start_epoch", "align",
                "amp", "seed")
 
 
@@ -75,6 +75,8 @@ class TrainOptions:
     cutmix: float = 1.0
     rand_augment: str = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25
+    crop_scale: float = 0.08           # RandomResizedCrop's smallest area share (ImageNet recipe)
+    hflip: float = 0.5
     distill_alpha: float | None = None  # default: 0.1 for embed_dim <= 192 (Tiny), else 0.25
     teacher: str = "dense"              # dense | none | FILE (timm state dict of --arch)
     lam: float = 1e-5
@@ -183,6 +185,8 @@ def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
     rng("mixup", o.mixup, 0.0, 100.0)
     rng("cutmix", o.cutmix, 0.0, 100.0)
     rng("reprob", o.reprob, 0.0, 1.0)
+    rng("crop_scale", o.crop_scale, 0.01, 1.0)
+    rng("hflip", o.hflip, 0.0, 1.0)
     if o.distill_alpha is not None:
         rng("distill_alpha", o.distill_alpha, 0.0, 1.0)
     rng("step_ratio", o.step_ratio, 1e-9, 1.0)
@@ -279,7 +283,8 @@ def _loaders(o: TrainOptions, facts: dict, fmt: dict, dist: Dist):
     dc = resolve_data_config({"input_size": (fmt["in_chans"], size, size), "interpolation": "bicubic",
                               "crop_pct": 0.875})
     t_train = create_transform(dc["input_size"], is_training=True, auto_augment=o.rand_augment or None,
-                               re_prob=o.reprob, interpolation="bicubic", mean=dc["mean"], std=dc["std"])
+                               re_prob=o.reprob, interpolation="bicubic", mean=dc["mean"], std=dc["std"],
+                               scale=(o.crop_scale, 1.0), hflip=o.hflip)
     t_val = create_transform(dc["input_size"], is_training=False, interpolation="bicubic", mean=dc["mean"],
                              std=dc["std"], crop_pct=dc["crop_pct"])
     data = Path(o.data)
@@ -556,6 +561,7 @@ def _train(o, dist, log, DDP, CDCPController, cait_wrap, save_checkpoint) -> dic
         if len(set(digests)) != 1:
             raise CaitError(f"epoch {epoch + 1}: ranks hold different CDCP masks ({digests}); stopping")
         rec.update(flops=ctl.flops, flops_reduction=ctl.flops_reduction, mask_updates=ctl.updates,
+                   kept=ctl.history[-1]["kept"] if ctl.history else None,
                    pruning=epoch >= o.prune_start_epoch, target_reached=ctl.done, mask_digests=digests,
                    max_masked_norm=ctl.max_masked_norm())
         history.append(rec)
@@ -588,6 +594,8 @@ def _train(o, dist, log, DDP, CDCPController, cait_wrap, save_checkpoint) -> dic
         note = f"masked rows set to 0 (largest was {norm:.2e} > {o.max_dropped_norm:g})"
     else:
         note = f"saved as trained (largest masked row {norm:.2e} <= {o.max_dropped_norm:g})"
+    if val_loader is not None:   # what the saved checkpoint (masked rows exactly 0) scores
+        summary.update({f"final_{k}": v for k, v in evaluate(wrap, val_loader, dist, autocast).items()})
     if dist.main:
         final = save_checkpoint(wrap.cpu(), out / FINAL_NAME)
         summary.update(final=str(final), note=note)
@@ -596,7 +604,8 @@ def _train(o, dist, log, DDP, CDCPController, cait_wrap, save_checkpoint) -> dic
         if not ctl.done:
             log(f"warning: FLOPs target not reached: -{ctl.flops_reduction:.2%} of -{o.flops_reduction:.2%} "
                 "(raise --epochs or --step-ratio, or lower --every / --prune-start-epoch)")
-        log(f"wrote {final} ({note}); next: caitdeploy fuse {final}")
+        log(f"wrote {final} ({note})" + (f"; val top-1 {summary['final_val_top1']:.2%}" if val_loader else "")
+            + f"; next: caitdeploy fuse {final}")
     dist.barrier()
     return summary
 

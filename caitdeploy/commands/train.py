@@ -63,6 +63,9 @@ def _model_args(text: str | None) -> dict:
 @click.option("--cutmix", type=float, default=1.0, show_default=True, help="CutMix alpha (0: off).")
 @click.option("--rand-augment", default="rand-m9-mstd0.5-inc1", show_default=True, help="timm RandAugment ('' off).")
 @click.option("--reprob", type=float, default=0.25, show_default=True, help="Random erasing probability.")
+@click.option("--crop-scale", type=float, default=0.08, show_default=True,
+              help="RandomResizedCrop's smallest area share (raise it for small or centred images).")
+@click.option("--hflip", type=float, default=0.5, show_default=True, help="Horizontal flip probability.")
 @click.option("--teacher", default="dense", show_default=True,
               help="Hard distillation teacher: dense (the starting model), none, or a timm state dict of --arch.")
 @click.option("--distill-alpha", type=float, default=None,
@@ -83,7 +86,7 @@ def _model_args(text: str | None) -> dict:
 @handle_errors
 def train_cmd(arch, weights, model_args, img_size, data, output, flops_reduction, merges, token_reduction, epochs,
               batch_size, micro_batch, lr, min_lr, warmup_epochs, weight_decay, compactor_lr, compactor_momentum,
-              label_smoothing, mixup, cutmix, rand_augment, reprob, teacher, distill_alpha, lam, step_ratio, every,
+              label_smoothing, mixup, cutmix, rand_augment, reprob, crop_scale, hflip, teacher, distill_alpha, lam, step_ratio, every,
               prune_start_epoch, align, amp, workers, seed, resume, stop_after_epochs, quiet):
     """Fine-tune a timm ViT into a CAIT model (ATME merges + CDCP pruning) and write a cait-compactor/1
     checkpoint. Run as is, or under `torchrun --nproc_per_node K` for DDP (gloo on CPU, NCCL on GPU)."""
@@ -95,7 +98,7 @@ def train_cmd(arch, weights, model_args, img_size, data, output, flops_reduction
                         micro_batch=micro_batch, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
                         weight_decay=weight_decay, compactor_lr=compactor_lr, compactor_momentum=compactor_momentum,
                         label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, rand_augment=rand_augment,
-                        reprob=reprob, distill_alpha=distill_alpha, teacher=teacher, lam=lam, step_ratio=step_ratio,
+                        reprob=reprob, crop_scale=crop_scale, hflip=hflip, distill_alpha=distill_alpha, teacher=teacher, lam=lam, step_ratio=step_ratio,
                         every=every, prune_start_epoch=prune_start_epoch, align=align, amp=amp, workers=workers,
                         seed=seed, resume=resume, stop_after_epochs=stop_after_epochs, progress=not quiet)
     con = console()

@@ -1,0 +1,4 @@
+"""`python -m caitdeploy` (also `torchrun -m caitdeploy train ...`)."""
+from .cli import main
+
+main()
