@@ -179,7 +179,7 @@ def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
         v = getattr(o, name)
         if v is not None:
             rng(name, v, 0.0, 10.0)
-    rng("warmup_epochs", o.warmup_epochs, 0.0, float(o.epochs))
+    rng("warmup_epochs", o.warmup_epochs, 0.0, 100000.0)   # longer than the run: the lr only warms up
     rng("compactor_momentum", o.compactor_momentum, 0.0, 1.0, open_hi=True)
     rng("label_smoothing", o.label_smoothing, 0.0, 1.0, open_hi=True)
     rng("mixup", o.mixup, 0.0, 100.0)
@@ -306,15 +306,26 @@ def _loaders(o: TrainOptions, facts: dict, fmt: dict, dist: Dist):
 
 
 # ---- the run ------------------------------------------------------------------------------------------
+def _flagged(fn, flag: str, path: str):
+    """fn(path), its one-line error prefixed with the option that named the file."""
+    try:
+        return fn(path)
+    except CaitError as e:
+        raise CaitError(f"{flag} {e}" if not str(e).startswith(flag) else str(e)) from None
+
+
 def _build(o: TrainOptions, n_classes: int, log):
-    """(timm model with --weights, format config, merges, merge info)."""
+    """(timm model with --weights, format config, merges, merge info, whether the head is untrained)."""
     from .cdcp import auto_merges, load_weights, merge_reduction, parse_merges
     from .config import CaitConfig
     from .timm_compat import format_config_of, timm_model
 
-    model = timm_model(o.arch, n_classes, o.img_size, o.model_args)
+    try:
+        model = timm_model(o.arch, n_classes, o.img_size, o.model_args)
+    except CaitError as e:
+        raise CaitError(f"{e}" + (f" (with --model-args {o.model_args})" if o.model_args else "")) from None
     if o.weights:
-        sd = load_weights(o.weights)
+        sd = _flagged(load_weights, "--weights", o.weights)
         own = model.state_dict()
         # a pretrained head of another size is left out (the data set decides the classes)
         head = {k for k in own if k.startswith("head.") and k in sd and sd[k].shape != own[k].shape}
@@ -328,9 +339,16 @@ def _build(o: TrainOptions, n_classes: int, log):
                 raise CaitError(f"--weights {o.weights}: key {k!r} has shape {tuple(sd[k].shape)}, --arch "
                                 f"{o.arch} has {tuple(own[k].shape)}")
         model.load_state_dict({k: v for k, v in sd.items() if k not in head}, strict=not head)
+        if head and o.teacher == "dense" and o.distill_alpha != 0:
+            raise OptionError("teacher", f"dense: the starting model's head is untrained for {n_classes} classes "
+                                         f"(--weights has {sd['head.weight'].shape[0]}); give --teacher FILE (a dense "
+                                         "model fine-tuned on this data) or --teacher none")
         if head:
             log(f"--weights: head left at random init ({n_classes} classes; the file's head has "
                 f"{sd['head.weight'].shape[0]})")
+    if not o.weights and o.teacher == "dense" and o.distill_alpha != 0:
+        raise OptionError("teacher", "dense distils from the starting model, and without --weights that is a random "
+                                     "one: give --weights, --teacher FILE or --teacher none")
     fmt = format_config_of(model, {})
     if o.merges == "auto":
         merges, info = auto_merges(fmt, o.flops_reduction, o.token_reduction)
@@ -358,7 +376,7 @@ def _teacher(o: TrainOptions, model, dist: Dist):
     if o.teacher != "dense":
         from .cdcp import load_weights
 
-        sd = load_weights(o.teacher)
+        sd = _flagged(load_weights, "--teacher", o.teacher)
         try:
             t.load_state_dict(sd)
         except RuntimeError as e:

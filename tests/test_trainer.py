@@ -50,12 +50,24 @@ def write_shapes(root, n_train=8, n_val=4, size=32):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_shapes(tmp_path_factory.mktemp("shapes"))
+    d = write_shapes(tmp_path_factory.mktemp("shapes"))
+    # a dense teacher for these 3 classes (random weights: the mechanics, not the accuracy, are under test)
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    t = timm.create_model("vit_tiny_patch16_224", patch_size=8, depth=4, embed_dim=48, num_heads=3, img_size=32,
+                          num_classes=3)
+    save_file({k: v.contiguous() for k, v in t.state_dict().items()}, str(d / "teacher.safetensors"))
+    return d
 
 
 def run(*args):
-    r = CliRunner().invoke(main, ["train", *args])
-    return r
+    args = list(args)
+    if "--teacher" not in args:   # random init has no dense teacher worth the name: distil from the file
+        data = args[args.index("--data") + 1]
+        args += ["--teacher", os.path.join(data, "teacher.safetensors")]
+    return CliRunner().invoke(main, ["train", *args])
 
 
 def records(out):
@@ -119,7 +131,8 @@ def test_torchrun_two_ranks_same_masks(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "caitdeploy.cli", "train", *MODEL, "--data", str(data), "-o", str(out), *FAST]
+           "caitdeploy.cli", "train", *MODEL, "--data", str(data), "-o", str(out), *FAST, "--teacher",
+           str(data / "teacher.safetensors")]
     cmd[cmd.index("--micro-batch") + 1] = "2"      # 8 = 2 per rank x 2 ranks x 2 accumulation steps
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -144,7 +157,7 @@ def test_bad_data_one_line(tmp_path, change, needle):
     d = write_shapes(tmp_path / "d", n_train=2, n_val=1)
     change(d)
     r = run(*MODEL, "--data", str(d), "-o", str(tmp_path / "o"), *FAST, "--micro-batch", "2", "--batch-size", "2",
-            "--epochs", "2", "--stop-after-epochs", "1")
+            "--epochs", "2", "--stop-after-epochs", "1", "--teacher", "none")
     if needle is None:
         assert r.exit_code == 0, r.output
         return
@@ -154,7 +167,7 @@ def test_bad_data_one_line(tmp_path, change, needle):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--data", "nowhere"], "nowhere/train: no such folder"),
+    (["--data", "nowhere", "--teacher", "none"], "nowhere/train: no such folder"),
     (["--micro-batch", "3", "--batch-size", "6"], "must be even"),
     (["--batch-size", "6"], "not a multiple of --micro-batch 4"),
     (["--prune-start-epoch", "3"], "or CDCP never prunes"),
@@ -165,6 +178,7 @@ def test_bad_data_one_line(tmp_path, change, needle):
     (["--resume"], "no training state to resume from"),
     (["--flops-reduction", "1.5"], "--flops-reduction 1.5"),
     (["--arch", "resnet18"], "--arch"),
+    (["--teacher", "dense"], "without --weights that is a random one"),
 ])
 def test_bad_options_one_line(data, tmp_path, args, needle):
     argv = [*MODEL, "--data", str(data), "-o", str(tmp_path / "o"), *FAST]
