@@ -91,7 +91,9 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         "kind": "onnx", "format": meta.get("caitdeploy.format", "onnx"), "file": str(path),
         "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import}, "ir_version": m.ir_version,
         "producer": f"{m.producer_name} {m.producer_version}".strip(), **io_signature(m),
-        "dtype": meta.get("caitdeploy.dtype"), "attention": meta.get("caitdeploy.attention"),
+        "dtype": (f"int8 {meta['caitdeploy.int8'][:20]} ({meta.get('caitdeploy.int8.activations', '?')[:20]} "
+                  "activations)" if "caitdeploy.int8" in meta else meta.get("caitdeploy.dtype")),
+        "attention": meta.get("caitdeploy.attention"),
         "features": (meta.get("caitdeploy.features") or "")[:200] or None,
         "restore": (meta.get("caitdeploy.restore") or "")[:40] or None,
         "census": census, "nodes": sum(census.values()),

@@ -65,6 +65,9 @@ def test_static_qdq_graph_and_agreement(fused, tmp_path):
     assert meta["caitdeploy.int8"] == "static" and meta["caitdeploy.int8.calibration"] == "minmax"
     assert json.loads(meta["caitdeploy.preprocess"])["crop"] == [64, 64]
     assert json.loads(meta["caitdeploy.int8.calibration_data"])["images"] == 9
+    assert [o.domain for o in m.opset_import] == [""]   # no unused domains declared by the quantizer
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0 and "dtype int8 static (uint8 asymmetric activations)" in r.output, r.output
     # no Q/DQ on MatMul outputs: ONNX Runtime fuses DQ -> MatMul into MatMulIntegerToFloat (int8 GEMM, float out)
     import onnxruntime as ort
 

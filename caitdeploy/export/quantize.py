@@ -232,8 +232,12 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
         except Exception as e:  # noqa: BLE001 - the quantizer raises many types; one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise CaitError(f"int8 {mode} quantization failed: {type(e).__name__}: {first}") from None
+    used = {n.domain or "" for n in q.graph.node}   # the quantizer declares domains it does not use
+    keep = [o for o in q.opset_import if (o.domain or "") in used or (o.domain or "") in ("", "ai.onnx")]
+    del q.opset_import[:]
+    q.opset_import.extend(keep)
     del q.metadata_props[:]
-    meta = {**src_meta, "caitdeploy.int8": mode}
+    meta = {**src_meta, "caitdeploy.int8": mode, "caitdeploy.int8.activations": "uint8 dynamic"}
     if mode == "static":
         meta["caitdeploy.int8.calibration"] = method
         meta["caitdeploy.int8.attention"] = "int8" if attention else "float"
