@@ -1,0 +1,208 @@
+"""Swin deploy model (issue 15, first part): timm parity, analytic FLOPs, the Tab. XIV merge arithmetic, pruned
+widths and merges through a dynamic-batch ONNX."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from caitdeploy.models.swin import CaitSwin, SwinConfig, state_dict_from_timm, swin_config_of, swin_flops
+
+FORBIDDEN = {"TopK", "ArgMax", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "NonZero", "Loop", "If"}
+
+
+def small_timm(seed=0):
+    import timm
+
+    torch.manual_seed(seed)
+    m = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+                          num_classes=10).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.05)
+    return m
+
+
+def pruned_merged(cfg: SwinConfig) -> SwinConfig:
+    """Pruned widths everywhere (q/k and v per head, mlp) and an HTM before the odd (shifted) block 1 of stage 2:
+    14x14 -> 14x7, shifted along the height only; stage 3 then pads 14x7 to 14x8 and runs on 7x4 tokens with a
+    7x4 window (a non-square relative position table)."""
+    stages = []
+    for s, blocks in enumerate(cfg.stages):
+        out = []
+        for i, b in enumerate(blocks):
+            merge = {(2, 1): "h"}.get((s, i))
+            out.append(replace(b, qk_dim=max(1, b.qk_dim - 5), v_dim=max(1, b.v_dim - 3),
+                               mlp_hidden=b.mlp_hidden * 2 // 3, merge=merge))
+        stages.append(tuple(out))
+    return replace(cfg, stages=tuple(stages))
+
+
+def test_dense_equals_timm():
+    m = small_timm()
+    cfg = swin_config_of(m)
+    d = CaitSwin(cfg).eval()
+    d.load_state_dict(state_dict_from_timm(m.state_dict()), strict=True)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        ref, out = m(x), d(x)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("variant", ["dense", "pruned_merged"])
+def test_analytic_flops_equal_flop_counter(variant):
+    cfg = swin_config_of(small_timm())
+    if variant != "dense":
+        cfg = pruned_merged(cfg)
+    d = CaitSwin(cfg).eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        d(torch.randn(1, 3, 224, 224))
+    assert swin_flops(cfg)["total"] == fc.get_total_flops()
+
+
+def test_tab14_merge_arithmetic():
+    """HTM then VTM at the last two blocks of Swin-T's stage 3: 14x14 -> 14x7 -> 7x7; stage 4 pads 7x7 to 8x8
+    and runs on 4x4 tokens with a 4x4 window and no shift. The merges alone remove about 20% of the FLOPs
+    (paper: 20.1%)."""
+    import timm
+
+    with torch.device("meta"):
+        full = timm.create_model("swin_tiny_patch4_window7_224")
+    dense = swin_config_of(full)
+    cait = swin_config_of(full, {(2, 4): "h", (2, 5): "v"})
+    assert cait.grids()[2][-2:] == [(14, 7), (7, 7)] and cait.grids()[3] == [(4, 4), (4, 4)]
+    assert cait.window_shift(2, 5) == ((7, 7), (0, 0)) and cait.window_shift(3, 1) == ((4, 4), (0, 0))
+    small = pruned_merged(swin_config_of(small_timm()))
+    assert small.grids()[2] == [(14, 14), (14, 7)] and small.grids()[3] == [(7, 4), (7, 4)]
+    assert small.window_shift(2, 1) == ((7, 7), (3, 0))    # height 14 > 7 still shifts; width 7 does not
+    assert small.window_shift(3, 1) == ((7, 4), (0, 0))
+    f0, f1 = swin_flops(dense)["total"], swin_flops(cait)["total"]
+    assert f0 == pytest.approx(8.98e9, rel=1e-3)          # Swin-T: 4.49 GMACs
+    assert 0.195 < 1 - f1 / f0 < 0.21
+
+
+def test_merge_on_odd_side_is_refused():
+    cfg = swin_config_of(small_timm())
+    stages = list(cfg.stages)
+    stages[3] = (replace(stages[3][0], merge="h"), stages[3][1])   # stage 4 grid 7x7: odd
+    with pytest.raises(ValueError, match="horizontal merge on an odd grid width 7"):
+        replace(cfg, stages=tuple(stages))
+
+
+def test_pruned_merged_onnx_dynamic_batch(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    cfg = pruned_merged(swin_config_of(small_timm()))
+    torch.manual_seed(1)
+    d = CaitSwin(cfg).eval()
+    with torch.no_grad():
+        for p in d.parameters():
+            p.normal_(0, 0.05)
+    path = tmp_path / "swin.onnx"
+    torch.onnx.export(d, (torch.randn(2, 3, 224, 224),), str(path), input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=False)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert not ops & FORBIDDEN
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):   # a batch cast to int in window_reverse would break 5 while passing 2
+        x = torch.randn(batch, 3, 224, 224)
+        with torch.no_grad():
+            ref = d(x).numpy()
+        out = sess.run(None, {"images": x.numpy()})[0]
+        assert out.shape == (batch, 10) and np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_merged_pruned_equals_timm_blocks():
+    """An independent reference: timm's own SwinTransformerBlock / PatchMerging modules (their window clipping,
+    shift rule, masks and padding), built at each block's merged grid, with the same weights; pruned to head
+    width 12 (q, k and v alike, as timm's head_dim allows) and an mlp of 2.5x; HTM before stage 2's shifted
+    block 1 and VTM before stage 1's block 0. Only the merge Linears are ours."""
+    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
+
+    torch.manual_seed(3)
+    base = swin_config_of(small_timm())
+    merges = {(1, 0): "v", (2, 1): "h"}
+    stages = tuple(tuple(replace(b, qk_dim=12, v_dim=12, mlp_hidden=int(base.dims[s] * 2.5), merge=merges.get((s, i)))
+                         for i, b in enumerate(blocks)) for s, blocks in enumerate(base.stages))
+    cfg = replace(base, stages=stages)
+    d = CaitSwin(cfg).eval()
+    with torch.no_grad():
+        for p in d.parameters():
+            p.normal_(0, 0.05)
+    grids = cfg.grids()
+    ref_stages = []
+    for s, blocks in enumerate(cfg.stages):
+        mods = []
+        if s:
+            pm = PatchMerging(cfg.dims[s - 1], cfg.dims[s])
+            pm.load_state_dict(d.layers[s].downsample.state_dict())
+            mods.append(pm)
+        for i, b in enumerate(blocks):
+            tb = SwinTransformerBlock(cfg.dims[s], grids[s][i], num_heads=b.num_heads, head_dim=12, window_size=7,
+                                      shift_size=0 if i % 2 == 0 else 3, mlp_ratio=2.5)
+            mine = d.layers[s].blocks[i]
+            sd = {k: v for k, v in mine.state_dict().items() if not k.startswith("merge.")}
+            sd = {k.replace("fc1.", "mlp.fc1.").replace("fc2.", "mlp.fc2."): v for k, v in sd.items()}
+            tb.load_state_dict(sd, strict=False)
+            assert tb.window_size == mine.win and tb.shift_size == mine.shift    # timm's own rule agrees
+            mods.append((mine.merge, b.merge, grids[s][i], tb))
+        ref_stages.append(mods)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        y = d.patch_norm(d.patch_embed(x).permute(0, 2, 3, 1))
+        for mods in ref_stages:
+            for m in mods:
+                if isinstance(m, PatchMerging):
+                    y = m(y)
+                    continue
+                merge, kind, (h, w), tb = m
+                if kind == "h":
+                    y = merge(torch.cat([y[:, :, 0::2], y[:, :, 1::2]], dim=-1))
+                elif kind == "v":
+                    y = merge(torch.cat([y[:, 0::2], y[:, 1::2]], dim=-1))
+                y = tb(y)
+        ref = d.head(d.norm(y).mean(dim=(1, 2)))
+        out = d(x)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()
+
+
+def test_dimap_zero_rows_dropped_exactly():
+    """DIMAP-style unstructured masks: scattered zeros change nothing, whole zero rows/columns are removed and
+    the smaller model computes the same logits (the constant GELU(b) of a zero fc1 row folded into fc2's bias)."""
+    from caitdeploy.convert.dimap import drop_zero_rows, sparsity
+
+    m = small_timm(seed=4)
+    cfg = swin_config_of(m)
+    sd = state_dict_from_timm(m.state_dict())
+    g = torch.Generator().manual_seed(0)
+    for k, v in sd.items():   # scattered zeros: 30% of every matrix
+        if k.endswith(".weight") and v.ndim == 2:
+            v.mul_((torch.rand(v.shape, generator=g) > 0.3).float())
+    for s, blocks in enumerate(cfg.stages):
+        for i, b in enumerate(blocks):
+            p = f"layers.{s}.blocks.{i}."
+            sd[p + "fc1.weight"][::3] = 0                      # constant units (bias kept)
+            sd[p + "fc2.weight"][:, 1::5] = 0                  # units that feed nothing
+            hd = b.qk_dim
+            for h in range(b.num_heads):                       # q channels: 2 in head 0, 3 in the others
+                for c in range(2 if h == 0 else 3):
+                    sd[p + "attn.qkv.weight"][h * hd + c] = 0
+                    sd[p + "attn.qkv.bias"][h * hd + c] = 0
+                sd[p + "attn.proj.weight"][:, h * hd + 4] = 0  # one v channel per head via proj
+    rep = sparsity(sd)
+    assert all(r["zeros"] >= 0.29 for r in rep if ".blocks." in r["key"])
+    dense = CaitSwin(cfg).eval()
+    dense.load_state_dict(sd, strict=True)
+    small_cfg, small_sd, kept = drop_zero_rows(cfg, sd)
+    small = CaitSwin(small_cfg).eval()
+    small.load_state_dict(small_sd, strict=True)
+    b0 = kept[0]
+    assert b0["qk"][1] == b0["qk"][0] - 2 and b0["v"][1] == b0["v"][0] - 1 and b0["mlp"][1] < b0["mlp"][0] * 0.6
+    assert swin_flops(small_cfg)["total"] < swin_flops(cfg)["total"]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(small(x), dense(x), atol=1e-5, rtol=0)
