@@ -97,6 +97,21 @@ def test_int8_and_bf16_rows(tiny, tmp_path):
     assert by[("dense", "ort", "int8")]["speedup_vs_dense"] == 1.0
     ops = __import__("onnx").load(next(tmp_path.glob("*cait-int8.onnx")))
     assert any(n.op_type == "DequantizeLinear" for n in ops.graph.node)
+    # the TensorRT rows quantize with zero points 0 (its parser refuses others)
+    import numpy as np
+    import onnx
+
+    from caitdeploy.bench.runners import _onnx_file, close_context, new_context
+
+    opts = RunOptions(device="cpu", timing=FAST, work_dir=tmp_path / "trt")
+    ctx = new_context(opts)
+    try:
+        cait = build_models([tiny], baselines=(), log=lambda s: None)[0]
+        q = onnx.load(_onnx_file(cait, opts, "int8", ctx, symmetric=True))
+    finally:
+        close_context(ctx)
+    zps = [onnx.numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("_zero_point")]
+    assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)
 
 
 @pytest.mark.parametrize("backend,kind,reason", [("trt", "cait", "CUDA"), ("torch-triton", "dense", "CUDA")])

@@ -363,20 +363,21 @@ def _prepare_torch(m: BenchModel, batch: int, opts: RunOptions, dtype: str, back
     return (lambda: runner.infer(feed, check_inputs=False)), opts.device == "cuda"
 
 
-def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext) -> Path:
+def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext, symmetric: bool = False) -> Path:
     """Export once per (model, dtype) into the work dir; cached across batches. int8: the fp32 export quantized
-    (static QDQ calibrated on 16 synthetic images: the speed does not depend on the calibration data)."""
+    (static QDQ calibrated on 16 synthetic images: the speed does not depend on the calibration data;
+    `symmetric`: int8 activations with zero point 0 and float biases, the QDQ form TensorRT takes)."""
     if dtype == "bf16":
         raise NotApplicable("ONNX Runtime has no bfloat16 CPU kernels (MatMul(13): NOT_IMPLEMENTED); "
                             "bf16 runs on torch/compile")
-    key = (m.kind, m.setting, dtype)
+    key = (m.kind, m.setting, dtype + ("-sym" if symmetric else ""))
     if key in ctx.onnx_cache:
         if isinstance(ctx.onnx_cache[key], Exception):
             raise NotApplicable(f"ONNX export failed: {ctx.onnx_cache[key]}")
         return ctx.onnx_cache[key]
     from ..export.onnx import FORBIDDEN_OPS, export_onnx
 
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{m.setting}-{m.kind}-{dtype}")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{m.setting}-{m.kind}-{key[2]}")
     path = ctx.work_dir / f"{safe}.onnx"
     if dtype in INT8_DTYPES:
         from ..export.quantize import quantize_onnx_bytes, synthetic_images
@@ -385,7 +386,7 @@ def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext) -
         mode = "static" if dtype == "int8" else "dynamic"
         try:
             calib = synthetic_images(16, m.input_shape)[0] if mode == "static" else None
-            data, _ = quantize_onnx_bytes(fp32.read_bytes(), mode, calib)
+            data, _ = quantize_onnx_bytes(fp32.read_bytes(), mode, calib, symmetric=symmetric)
         except CaitError as e:
             ctx.onnx_cache[key] = e
             raise NotApplicable(str(e)) from None
@@ -437,7 +438,10 @@ def _prepare_trt(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: B
         raise NotApplicable("TensorRT needs a CUDA GPU")
     from ..export import tensorrt as trt_mod
 
-    path = _onnx_file(m, opts, dtype, ctx)
+    if dtype == "int8-dynamic":
+        raise NotApplicable("TensorRT does not take dynamic quantization (DynamicQuantizeLinear, MatMulInteger); "
+                            "use --dtype int8")
+    path = _onnx_file(m, opts, dtype, ctx, symmetric=dtype == "int8")
     engine = path.with_name(f"{path.stem}-b{batch}.engine")
     options = dict(min_batch=1, opt_batch=batch, max_batch=batch)
     key = engine_build_key(path.read_bytes(), options)
