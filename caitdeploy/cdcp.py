@@ -154,9 +154,11 @@ def parse_merges(text: str) -> dict[int, str]:
 TOKEN_SHARE = 0.75   # default share of the FLOPs reduction given to token merging (4:h,8:v on DeiT-S at 55%)
 
 
-def merge_reduction(fmt: dict[str, Any], merges: dict[int, str]) -> float:
-    """FLOPs reduction (vs the dense model) that `merges` alone give a model of format config `fmt`."""
-    dense = model_flops(CaitConfig.from_format({**fmt, "merges": {}}))["total"]
+def merge_reduction(fmt: dict[str, Any], merges: dict[int, str], dense: int | None = None) -> float:
+    """FLOPs reduction (vs the dense model, whose FLOPs `dense` may give) that `merges` alone give a model of
+    format config `fmt`."""
+    if dense is None:
+        dense = model_flops(CaitConfig.from_format({**fmt, "merges": {}}))["total"]
     return 1 - model_flops(CaitConfig.from_format({**fmt, "merges": merges}))["total"] / dense
 
 
@@ -173,12 +175,13 @@ def auto_merges(fmt: dict[str, Any], flops_reduction: float, token_reduction: fl
     if not 0 <= target <= flops_reduction:
         raise OptionError("token_reduction", f"{target:.4f}: must be in 0..--flops-reduction ({flops_reduction})")
     u1, u2 = max(1, round(depth / 3)), max(2, round(2 * depth / 3))
+    dense = model_flops(CaitConfig.from_format({**fmt, "merges": {}}))["total"]
     best = None
     for b1 in range(1, depth):
         for b2 in [*range(b1 + 1, depth), None]:
             merges = {b1: "h"} if b2 is None else {b1: "h", b2: "v"}
             try:
-                r = merge_reduction(fmt, merges)
+                r = merge_reduction(fmt, merges, dense)
             except ValueError:   # a merge on an odd grid side
                 continue
             if r > flops_reduction + 1e-9:
@@ -199,6 +202,29 @@ def auto_merges(fmt: dict[str, Any], flops_reduction: float, token_reduction: fl
 
 def merges_text(merges: dict[int, str]) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(merges.items())) or "none"
+
+
+def fit_state_dict(model, sd: dict[str, torch.Tensor], what: str, arch: str, new_head: bool = False) -> set[str]:
+    """Load a timm state dict into `model` after checking every key, shape and value (one-line CaitError naming
+    `what`, the file). `new_head`: a head of another size stays at the model's init (the data decide the
+    classes); returns the keys so left out."""
+    own = model.state_dict()
+    head = {k for k in own if new_head and k.startswith("head.") and k in sd and sd[k].shape != own[k].shape}
+    missing = [k for k in own if k not in sd and k not in head]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        bad = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise CaitError(f"{what}: does not fit --arch {arch}: {bad}")
+    for k, v in own.items():
+        if k in head:
+            continue
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise CaitError(f"{what}: key {k!r} has shape {tuple(sd[k].shape)}, --arch {arch} has "
+                            f"{tuple(v.shape)}")
+        if not bool(torch.isfinite(sd[k]).all()):
+            raise CaitError(f"{what}: key {k!r} contains NaN or Inf")
+    model.load_state_dict({k: v for k, v in sd.items() if k not in head}, strict=not head)
+    return head
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -226,20 +252,7 @@ def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], w
     torch.manual_seed(seed)
     model = timm_model(arch, num_classes, img_size)
     if weights:
-        sd = load_weights(weights)
-        own = model.state_dict()
-        missing = [k for k in own if k not in sd]
-        unexpected = [k for k in sd if k not in own]
-        if missing or unexpected:
-            what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-            raise CaitError(f"{weights}: does not fit --arch {arch}: {what}")
-        for k, v in own.items():
-            if tuple(sd[k].shape) != tuple(v.shape):
-                raise CaitError(f"{weights}: key {k!r} has shape {tuple(sd[k].shape)}, --arch {arch} has "
-                                f"{tuple(v.shape)}")
-            if not bool(torch.isfinite(sd[k]).all()):
-                raise CaitError(f"{weights}: key {k!r} contains NaN or Inf")
-        model.load_state_dict(sd)
+        fit_state_dict(model, load_weights(weights), weights, arch)
     fmt = {**format_config_of(model, merges), "arch": arch}
     try:
         cfg = CaitConfig.from_format(fmt)

@@ -86,6 +86,22 @@ def image_size(value: Any) -> int | tuple[int, int]:
     return check_bound(v, "img_size")
 
 
+def size_and_restore(img_size: Any, restore: str) -> int | tuple[int, int] | None:
+    """The --img-size / --restore pair of export and bench: the size as the config stores it (None if not
+    given); OptionError naming the option otherwise."""
+    from .errors import OptionError
+
+    size = None
+    if img_size is not None:
+        try:
+            size = image_size(img_size)
+        except ConfigError as e:
+            raise OptionError("img_size", str(e).removeprefix("img_size ")) from None
+    if restore not in RESTORE_MODES:
+        raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
+    return size
+
+
 @dataclass(frozen=True)
 class BlockConfig:
     """Widths of one transformer block after fusing.

@@ -315,8 +315,8 @@ def _flagged(fn, flag: str, path: str):
 
 
 def _build(o: TrainOptions, n_classes: int, log):
-    """(timm model with --weights, format config, merges, merge info, whether the head is untrained)."""
-    from .cdcp import auto_merges, load_weights, merge_reduction, parse_merges
+    """(timm model with --weights, format config, merges, merge info)."""
+    from .cdcp import auto_merges, fit_state_dict, load_weights, merge_reduction, parse_merges
     from .config import CaitConfig
     from .timm_compat import format_config_of, timm_model
 
@@ -326,19 +326,8 @@ def _build(o: TrainOptions, n_classes: int, log):
         raise CaitError(f"{e}" + (f" (with --model-args {o.model_args})" if o.model_args else "")) from None
     if o.weights:
         sd = _flagged(load_weights, "--weights", o.weights)
-        own = model.state_dict()
         # a pretrained head of another size is left out (the data set decides the classes)
-        head = {k for k in own if k.startswith("head.") and k in sd and sd[k].shape != own[k].shape}
-        missing = [k for k in own if k not in sd and k not in head]
-        unexpected = [k for k in sd if k not in own]
-        if missing or unexpected:
-            what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-            raise CaitError(f"--weights {o.weights}: does not fit --arch {o.arch}: {what}")
-        for k in own:
-            if k in sd and k not in head and tuple(sd[k].shape) != tuple(own[k].shape):
-                raise CaitError(f"--weights {o.weights}: key {k!r} has shape {tuple(sd[k].shape)}, --arch "
-                                f"{o.arch} has {tuple(own[k].shape)}")
-        model.load_state_dict({k: v for k, v in sd.items() if k not in head}, strict=not head)
+        head = fit_state_dict(model, sd, f"--weights {o.weights}", o.arch, new_head=True)
         if head and o.teacher == "dense" and o.distill_alpha != 0:
             raise OptionError("teacher", f"dense: the starting model's head is untrained for {n_classes} classes "
                                          f"(--weights has {sd['head.weight'].shape[0]}); give --teacher FILE (a dense "
@@ -367,13 +356,17 @@ def _build(o: TrainOptions, n_classes: int, log):
     return model, fmt, merges, info
 
 
-def _teacher(o: TrainOptions, model, dist: Dist):
+def _teacher(o: TrainOptions, model, dist: Dist, state: dict | None = None):
+    """The frozen hard-distillation teacher: a copy of the starting model (`dense`), of it loaded from --teacher
+    FILE, or from a resumed run's state; None for `none`."""
     import copy
 
     if o.teacher == "none":
         return None
     t = copy.deepcopy(model)
-    if o.teacher != "dense":
+    if state is not None:
+        t.load_state_dict(state)
+    elif o.teacher != "dense":
         from .cdcp import load_weights
 
         sd = _flagged(load_weights, "--teacher", o.teacher)
@@ -382,9 +375,7 @@ def _teacher(o: TrainOptions, model, dist: Dist):
         except RuntimeError as e:
             raise CaitError(f"--teacher {o.teacher}: does not fit --arch {o.arch}: "
                             f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
-    for p in t.parameters():
-        p.requires_grad_(False)
-    return t.to(dist.device).eval()
+    return t.requires_grad_(False).to(dist.device).eval()
 
 
 def _param_groups(model, wd: float):
@@ -416,20 +407,19 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def train(o: TrainOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) a CAIT training; returns the final summary (also the last line of log.jsonl)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from .train import CDCPController, cait_wrap, save_checkpoint
-
     dist = init_distributed()
     try:
-        return _train(o, dist, log if dist.main else (lambda s: None), DDP, CDCPController, cait_wrap,
-                      save_checkpoint)
+        return _train(o, dist, log if dist.main else (lambda s: None))
     finally:
         if dist.on and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _train(o, dist, log, DDP, CDCPController, cait_wrap, save_checkpoint) -> dict[str, Any]:
+def _train(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .train import CDCPController, cait_wrap, save_checkpoint
+
     facts = check_options(o, dist.world)
     out = Path(o.output)
     state = None
@@ -451,13 +441,7 @@ def _train(o, dist, log, DDP, CDCPController, cait_wrap, save_checkpoint) -> dic
     classes = facts["classes"]
     model, fmt, merges, minfo = _build(o, len(classes), log)
     wrap = cait_wrap(model, merges)
-    teacher = _teacher(o, model, dist) if state is None or "teacher" not in state else None
-    if state is not None and "teacher" in state:
-        import copy
-
-        teacher = copy.deepcopy(model)
-        teacher.load_state_dict(state["teacher"])
-        teacher = teacher.to(dist.device).eval().requires_grad_(False)
+    teacher = _teacher(o, model, dist, state.get("teacher") if state is not None else None)
     alpha = o.distill_alpha if o.distill_alpha is not None else (0.1 if fmt["embed_dim"] <= 192 else 0.25)
     if teacher is None:
         alpha = 0.0

@@ -47,28 +47,35 @@ def setting_name(path: str | os.PathLike) -> str:
     return name
 
 
-def parse_backends(text: str | Sequence[str]) -> list[str]:
-    items = [b.strip() for b in (text.split(",") if isinstance(text, str) else text) if b.strip()]
+def _items(text: str | Sequence[str]) -> list[str]:
+    """A comma list (or a sequence) of option values, stripped, empty ones dropped."""
+    return [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+
+
+def _choices(text: str | Sequence[str], allowed: Sequence[str], param: str, unknown: Callable[[str], str]
+             ) -> list[str]:
+    """The distinct values of a comma-list option, each one of `allowed`; `unknown(value)` words the error."""
+    items = _items(text)
     if not items:
-        raise OptionError("backends", f"is empty; choose from {','.join(BACKENDS)}")
-    bad = [b for b in items if b not in BACKENDS]
+        raise OptionError(param, f"is empty; choose from {','.join(allowed)}")
+    bad = [t for t in items if t not in allowed]
     if bad:
-        raise OptionError("backends", f"has unknown backend {bad[0]!r}; choose from {','.join(BACKENDS)}")
+        raise OptionError(param, unknown(bad[0]))
     return list(dict.fromkeys(items))
+
+
+def parse_backends(text: str | Sequence[str]) -> list[str]:
+    return _choices(text, BACKENDS, "backends",
+                    lambda b: f"has unknown backend {b!r}; choose from {','.join(BACKENDS)}")
 
 
 def parse_dtypes(text: str | Sequence[str]) -> list[str]:
-    items = [d.strip() for d in (text.split(",") if isinstance(text, str) else text) if d.strip()]
-    if not items:
-        raise OptionError("dtype", f"is empty; choose from {','.join(DTYPES)}")
-    bad = [d for d in items if d not in DTYPES]
-    if bad:
-        raise OptionError("dtype", f"{bad[0]!r}: choose from {', '.join(DTYPES)} (comma-separate for several)")
-    return list(dict.fromkeys(items))
+    return _choices(text, DTYPES, "dtype",
+                    lambda d: f"{d!r}: choose from {', '.join(DTYPES)} (comma-separate for several)")
 
 
 def parse_baselines(text: str | Sequence[str]) -> list[str]:
-    items = [b.strip() for b in (text.split(",") if isinstance(text, str) else text) if b.strip()]
+    items = _items(text)
     if len(items) == 1 and items[0] == "none":
         return []
     bad = [b for b in items if b not in BASELINES]
@@ -280,15 +287,9 @@ def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batch
         torch.set_num_threads(threads)
     opts = RunOptions(device=resolve_device(device), dtype=dtypes[0], timing=timing or Timing(), threads=threads,
                       work_dir=Path(work_dir) if work_dir else None, compile_mode=compile_mode, seed=seed)
-    from ..config import RESTORE_MODES, ConfigError, image_size
+    from ..config import size_and_restore
 
-    if img_size is not None:
-        try:
-            img_size = image_size(img_size)
-        except ConfigError as e:
-            raise OptionError("img_size", str(e).removeprefix("img_size ")) from None
-    if restore not in RESTORE_MODES:
-        raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
+    img_size = size_and_restore(img_size, restore)
     models = build_models(paths, baselines, tome_r, seed=seed, log=log, max_batch=max(batches), img_size=img_size,
                           features=features, restore=restore)
     if "fp16" in dtypes and opts.device == "cpu":

@@ -153,16 +153,9 @@ def block_table(rows: list[dict[str, Any]], title: str | None = None):
 def check_dense_options(img_size: str | None, features: str | None, restore: str):
     """--img-size / --features / --restore of export and bench, checked before any work.
     Returns (the size as the config stores it or None, the feature block texts or None)."""
-    from ..config import RESTORE_MODES, ConfigError, image_size
+    from ..config import size_and_restore
 
-    size = None
-    if img_size is not None:
-        try:
-            size = image_size(img_size)
-        except ConfigError as e:
-            raise OptionError("img_size", str(e).removeprefix("img_size ")) from None
-    if restore not in RESTORE_MODES:
-        raise OptionError("restore", f"{restore!r}: choose one of {', '.join(RESTORE_MODES)}")
+    size = size_and_restore(img_size, restore)
     if restore != "repeat" and features is None:
         raise OptionError("restore", "applies to feature outputs: add --features")
     parts = None

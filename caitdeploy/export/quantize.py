@@ -142,15 +142,17 @@ def synthetic_images(n: int, input_shape: tuple[int, int, int], seed: int = 0) -
                                   "preprocess": spec}
 
 
+def _constants(model) -> set[str]:
+    """Names of the graph's constant tensors: initializers and Constant node outputs."""
+    return ({i.name for i in model.graph.initializer}
+            | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output})
+
+
 def _weight_nodes(model) -> list[str]:
-    """Names of MatMul/Gemm nodes with a weight (initializer) input, and every Conv."""
-    inits = {i.name for i in model.graph.initializer}
-    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    out = []
-    for n in model.graph.node:
-        if n.op_type == "Conv" or (n.op_type in ("MatMul", "Gemm") and any(i in inits or i in consts for i in n.input)):
-            out.append(n.name)
-    return out
+    """Names of MatMul/Gemm nodes with a weight (constant) input, and every Conv."""
+    consts = _constants(model)
+    return [n.name for n in model.graph.node
+            if n.op_type == "Conv" or (n.op_type in ("MatMul", "Gemm") and any(i in consts for i in n.input))]
 
 
 @contextlib.contextmanager
@@ -167,10 +169,8 @@ def _quiet():
 
 def _attention_nodes(model) -> list[str]:
     """MatMul nodes whose two inputs are both activations (q @ k^T and attn @ v)."""
-    inits = {i.name for i in model.graph.initializer}
-    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in inits or i in consts
-                                                                                  for i in n.input)]
+    consts = _constants(model)
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input)]
 
 
 def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None, method: str = "minmax",
