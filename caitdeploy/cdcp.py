@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,31 +38,26 @@ class Unit:
     flops: int  # FLOPs saved per image
 
 
-def _folded(sd: dict[str, torch.Tensor], i: int, num_heads: int):
-    """Per-head folded q/k/v row norms [H, d] and fc1 row norms [F] of block i (bias included)."""
+def block_scores(sd: dict[str, torch.Tensor], prefix: str, num_heads: int, comps: dict | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Importance per channel of one block whose keys start with `prefix` (timm layout):
+    {"qk": [H, d], "v": [H, d], "mlp": [F]} (Alg. 1); `comps` name -> compactor weight (None: identity)."""
     from .surgery import fold_block, row_norms
 
-    p = f"blocks.{i}."
-    comps = {n: sd.get(compactor_prefix(i, n) + ".weight") for n in ("q", "k", "v", "fc1")}
+    p = prefix
     f = fold_block(sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"), sd[p + "mlp.fc1.weight"],
-                   sd[p + "mlp.fc1.bias"], num_heads, comps)
-    return (row_norms(f.wq, f.bq), row_norms(f.wk, f.bk), row_norms(f.wv, f.bv), row_norms(*f.fc1_folded()))
+                   sd[p + "mlp.fc1.bias"], num_heads, comps or {})
+    nq, nk, nv, n1 = row_norms(f.wq, f.bq), row_norms(f.wk, f.bk), row_norms(f.wv, f.bv), row_norms(*f.fc1_folded())
+    proj = sd[p + "attn.proj.weight"].double()           # [D, H*d]
+    fc2 = sd[p + "mlp.fc2.weight"].double()              # [D, F]
+    return {"qk": nq * nk, "v": nv * proj.pow(2).sum(0).sqrt().reshape(nv.shape), "mlp": n1 * fc2.pow(2).sum(0).sqrt()}
 
 
 def channel_scores(sd: dict[str, torch.Tensor], cfg: CaitConfig) -> list[dict[str, torch.Tensor]]:
     """Importance per channel and block: {"qk": [H, d], "v": [H, d], "mlp": [F]} (Alg. 1)."""
-    out = []
-    for i, b in enumerate(cfg.blocks):
-        h, d = b.num_heads, cfg.embed_dim // b.num_heads
-        nq, nk, nv, n1 = _folded(sd, i, h)
-        proj = sd[f"blocks.{i}.attn.proj.weight"].double()           # [D, H*d]
-        fc2 = sd[f"blocks.{i}.mlp.fc2.weight"].double()              # [D, F]
-        out.append({
-            "qk": nq * nk,
-            "v": nv * proj.pow(2).sum(0).sqrt().reshape(h, d),
-            "mlp": n1 * fc2.pow(2).sum(0).sqrt(),
-        })
-    return out
+    return [block_scores(sd, f"blocks.{i}.", b.num_heads,
+                         {n: sd.get(compactor_prefix(i, n) + ".weight") for n in ("q", "k", "v", "fc1")})
+            for i, b in enumerate(cfg.blocks)]
 
 
 def _units(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], align: int) -> list[Unit]:
@@ -239,6 +235,100 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CaitError(f"{path}: no state dict found")
     sd = {k: v for k, v in _strip_prefixes(sd).items() if isinstance(v, torch.Tensor)}
     return check_tensors(Path(path), sd)[0]  # dense real storage, float weights (half upcast)
+
+
+def is_swin_arch(arch: str) -> bool:
+    return arch.startswith("swin_") and not arch.startswith("swinv2")
+
+
+def parse_swin_merges(text: str) -> dict[tuple[int, int], str]:
+    """'2.4:h,2.5:v' -> {(2, 4): 'h', (2, 5): 'v'}; '' or 'none' -> {}."""
+    from .config import ConfigError
+    from .models.swin import parse_stage_merges
+
+    if text.strip().lower() in ("", "none"):
+        return {}
+    pairs = [item.split(":") for item in text.split(",")]
+    if any(len(p) != 2 for p in pairs):
+        raise OptionError("merges", f"{text!r}: a Swin merge is STAGE.BLOCK:h|v, e.g. 2.4:h,2.5:v")
+    keys = [k.strip() for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise OptionError("merges", f"{text!r}: a block is named twice; a block has at most one merge")
+    try:
+        return parse_stage_merges({k: v.strip() for k, v in zip(keys, (v for _, v in pairs))})
+    except ConfigError as e:
+        raise OptionError("merges", f"{text!r}: {e}") from None
+
+
+SWIN_DEFAULT_MERGES = "2.4:h,2.5:v"   # paper Tab. XIV: HTM and VTM at the last two blocks of Swin-T's stage 3
+SWIN_DEFAULT_REDUCTION = 0.354       # its ATME + CDCP setting (Tab. XII, CDCP only: --merges none, 0.267)
+
+
+def swin_timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None):
+    """A randomly initialised timm SwinTransformer (v1), one-line OptionError for other names."""
+    import timm
+    from timm.models.swin_transformer import SwinTransformer
+
+    if arch not in timm.list_models("swin_*"):
+        raise OptionError("arch", f"{arch!r} is not a timm Swin (v1) model; e.g. swin_tiny_patch4_window7_224")
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
+    try:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - timm's own refusal of a size, in one line
+        raise OptionError("arch", f"{arch}: timm cannot build it ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(model, SwinTransformer):
+        raise OptionError("arch", f"{arch!r} is not a timm SwinTransformer (v1)")
+    return model.eval()
+
+
+def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[int, int], str],
+                         weights: str | None = None, seed: int = 0, align: int = 1, num_classes: int | None = None,
+                         img_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`make_checkpoint` for a timm Swin: CDCP selection over every block of every stage, ATME merges inside a
+    stage (mean of the two tokens at start). A block whose window the merges clip (Tab. XIV: stage 4 runs on
+    4x4 tokens, window 4) gets its relative position table resized from the dense one, as timm resizes it."""
+    from timm.layers import resize_rel_pos_bias_table
+
+    from .config import ConfigError
+    from .models import swin as SW
+
+    torch.manual_seed(seed)
+    model = swin_timm_model(arch, num_classes, img_size)
+    if weights:
+        fit_state_dict(model, load_weights(weights), weights, arch)
+    try:
+        fmt = SW.check_format(SW.format_config_of(model, merges, arch))
+    except ConfigError as e:
+        raise OptionError("merges", f": {e}") from None
+    cfg = SW.swin_config_from_format(fmt)
+    req, _ = SW.checkpoint_shapes(cfg)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith(("_index", "attn_mask"))}
+    for k, shape in req.items():
+        if k.endswith("relative_position_bias_table") and tuple(sd[k].shape) != shape:
+            s, i = (int(x) for x in k.split(".")[1:4:2])
+            win, _ = cfg.window_shift(s, i)
+            with warnings.catch_warnings():   # timm's interpolation warns about torch internals
+                warnings.simplefilter("ignore")
+                sd[k] = resize_rel_pos_bias_table(sd[k], new_window_size=win, new_bias_shape=shape)
+    for (s, i), kind in merges.items():
+        eye = torch.eye(cfg.dims[s])
+        sd[f"layers.{s}.blocks.{i}.{SW._MERGE_NAME[kind]}.fc.weight"] = torch.cat([eye, eye], dim=1) / 2
+        sd[f"layers.{s}.blocks.{i}.{SW._MERGE_NAME[kind]}.fc.bias"] = torch.zeros(cfg.dims[s])
+    flat = cfg.flat()
+    scores = [block_scores(sd, f"layers.{s}.blocks.{i}.", b.num_heads) for s, i, b in flat]
+    masks, summary = cdcp_select(cfg, scores, flops_reduction, align)
+    for (s, i, _), m in zip(flat, masks):
+        p = f"layers.{s}.blocks.{i}."
+        for name in ("q", "k", "v"):
+            c = torch.eye(m[name].shape[-1]).repeat(m[name].shape[0], 1, 1) * m[name].unsqueeze(-1)
+            sd[p + f"attn.{name}_compactor.weight"], sd[p + f"attn.{name}_compactor.mask"] = c, m[name]
+        sd[p + "mlp.fc1_compactor.weight"], sd[p + "mlp.fc1_compactor.mask"] = torch.diag(m["fc1"]), m["fc1"]
+    missing = sorted(set(req) - set(sd))
+    if missing:   # a timm layout this version does not know
+        raise CaitError(f"{arch}: timm's state dict lacks {missing[0]!r} (not a Swin v1 layout)")
+    summary.update(arch=arch, merges={f"{s}.{i}": k for (s, i), k in merges.items()},
+                   kept=[{k: int(v.sum()) for k, v in m.items()} for m in masks])
+    return {"format": FORMAT, "config": fmt, "state_dict": sd}, summary
 
 
 def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], weights: str | None = None,

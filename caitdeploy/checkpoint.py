@@ -220,8 +220,9 @@ def check_tensors(path: Path, sd: dict[Any, Any]) -> tuple[dict[str, torch.Tenso
     return out, notes
 
 
-def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpoint:
-    """Load and validate a `cait-compactor/1` (or timm/DeiT-style `{"model": ...}`) checkpoint.
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> "Checkpoint | SwinCheckpoint":
+    """Load and validate a `cait-compactor/1` (or timm/DeiT-style `{"model": ...}`) checkpoint; one of family
+    "swin" gives a `SwinCheckpoint`.
 
     arch: a timm model name giving what shapes cannot tell (heads, pooling, LayerNorm eps); the checkpoint's
     shapes must agree with it."""
@@ -231,6 +232,10 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpo
     arch_cfg = arch_config(arch) if arch is not None else None  # an unknown name fails before the file is read
     raw = read_container(path)
     inferred: dict[str, Any] = {}
+    if "format" in raw and isinstance(raw.get("config"), dict) and raw["config"].get("family") == "swin":
+        if arch_cfg is not None:
+            raise CaitError(f"{path}: a Swin checkpoint carries its whole config: leave out --arch")
+        return load_swin_checkpoint(path, raw)
     if "format" in raw:
         if raw["format"] != FORMAT:
             raise CaitError(f"{path}: unknown format {str(raw['format'])[:80]!r}, expected {FORMAT!r}")
@@ -442,8 +447,15 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def validate(ckpt: Checkpoint) -> None:
-    path, sd, cfg = ckpt.path, ckpt.state_dict, ckpt.config
+    cfg = ckpt.config
     req, opt = expected_shapes(cfg, ckpt.format_config)
+    validate_state_dict(ckpt.path, ckpt.state_dict, req, opt, cfg)
+
+
+def validate_state_dict(path: Path, sd: dict[str, torch.Tensor], req: dict[str, tuple], opt: dict[str, tuple],
+                        cfg: CaitConfig | None = None) -> None:
+    """Exactly the keys `req` (+ any of `opt`), each of its shape and finite; compactor weights and masks in
+    pairs, masks 0/1, no head or fc1 masked whole. `cfg` (a ViT config) adds merge hints."""
     missing = [k for k in req if k not in sd]
     if missing:
         raise CaitError(f"{path}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -455,7 +467,7 @@ def validate(ckpt: Checkpoint) -> None:
             key = next(k for k in extra if unsupported_feature(k))
             raise CaitError(f"{path}: key {key!r}: {feature} is not supported (not part of {FORMAT})")
         hint = ""
-        if m := re.fullmatch(r"blocks\.(\d+)\.(htm|vtm)\..*", extra[0]):
+        if cfg is not None and (m := re.fullmatch(r"blocks\.(\d+)\.(htm|vtm)\..*", extra[0])):
             hint = f" (config merges say block {m.group(1)} has {cfg.blocks[int(m.group(1))].merge or 'no'} merge)" \
                 if int(m.group(1)) < cfg.depth else ""
         raise CaitError(f"{path}: unexpected key {extra[0]!r}{hint}")
@@ -477,7 +489,54 @@ def validate(ckpt: Checkpoint) -> None:
                 raise CaitError(f"{path}: key {k!r} must hold only 0 and 1, found {bad:g}")
             kept = (m != 0).reshape(-1, m.shape[-1]).sum(-1) if m.dim() == 2 else (m != 0).sum().reshape(1)
             if bool((kept == 0).any()):
-                blk = k.split(".")[1]
+                blk = re.sub(r"^blocks\.(\d+)$", r"\1", re.split(r"\.(?:attn|mlp)\.", k)[0])
                 which = k.split(".")[-2].replace("_compactor", "")
                 where = f" head {int((kept == 0).nonzero()[0])}" if m.dim() == 2 else ""
                 raise CaitError(f"{path}: block {blk}: every {which} channel{where} is masked ({k!r})")
+
+
+# ---- family "swin" -------------------------------------------------------------------------------------------
+@dataclass
+class SwinCheckpoint:
+    """A validated CAIT-Swin training checkpoint (`cait-compactor/1`, config family "swin"). Keys are timm's
+    SwinTransformer keys; blocks are numbered flat (stage by stage) where a block index is needed."""
+
+    path: Path
+    format_config: dict[str, Any]
+    config: Any                            # SwinConfig: the unpruned model with its merges
+    state_dict: dict[str, torch.Tensor]
+    notes: list[str] = field(default_factory=list)
+    inferred: dict[str, Any] = field(default_factory=dict)
+
+    def prefix(self, j: int) -> str:
+        s, i, _ = self.config.flat()[j]
+        return f"layers.{s}.blocks.{i}."
+
+    def compactor(self, j: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight, mask) of flat block j's compactor ("q", "k", "v" or "fc1"), or None (identity)."""
+        key = self.prefix(j) + ("mlp.fc1_compactor" if name == "fc1" else f"attn.{name}_compactor")
+        w = self.state_dict.get(key + ".weight")
+        return None if w is None else (w, self.state_dict[key + ".mask"])
+
+
+SWIN_BUFFERS = ("relative_position_index", "attn_mask")   # timm buffers some state dicts carry: rebuilt here
+
+
+def load_swin_checkpoint(path: Path, raw: dict[str, Any]) -> SwinCheckpoint:
+    from .models.swin import check_format, checkpoint_shapes, swin_config_from_format
+
+    if raw["format"] != FORMAT:
+        raise CaitError(f"{path}: unknown format {str(raw['format'])[:80]!r}, expected {FORMAT!r}")
+    if not isinstance(raw.get("state_dict"), dict):
+        raise CaitError(f"{path}: missing or malformed top-level key 'state_dict'")
+    try:
+        fmt = check_format(raw["config"])
+        cfg = swin_config_from_format(fmt)
+    except ConfigError as e:
+        raise CaitError(f"{path}: config {e}") from None
+    sd = {k: v for k, v in _strip_prefixes(raw["state_dict"]).items()
+          if not (isinstance(k, str) and k.endswith(SWIN_BUFFERS))}
+    sd, notes = check_tensors(path, sd)
+    req, opt = checkpoint_shapes(cfg)
+    validate_state_dict(path, sd, req, opt)
+    return SwinCheckpoint(path, fmt, cfg, sd, notes)

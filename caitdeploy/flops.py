@@ -53,10 +53,19 @@ def block_flops(cfg: CaitConfig, i: int) -> dict[str, int]:
     return parts
 
 
+def _swin(cfg) -> bool:
+    """A Swin config (models/swin.py) rather than a CaitConfig: its counts live in its family module."""
+    return getattr(cfg, "family", None) == "swin" and not isinstance(cfg, CaitConfig)
+
+
 def channel_savings(cfg: CaitConfig, i: int) -> dict[str, int]:
     """FLOPs per image saved in block i by removing one channel from every head (q and k together for "qk",
     "v") or one mlp channel ("mlp"): differences of `transformer_parts`, so the CDCP units count exactly
     what `model_flops` counts."""
+    if _swin(cfg):
+        from .models.swin import swin_channel_savings
+
+        return swin_channel_savings(cfg, i)
     b = cfg.blocks[i]
     n, d, h = cfg.tokens()[i], cfg.embed_dim, b.num_heads
 
@@ -71,6 +80,11 @@ def channel_savings(cfg: CaitConfig, i: int) -> dict[str, int]:
 
 def model_flops(cfg: CaitConfig) -> dict:
     """{"total", "patch_embed", "head", "blocks": [per-block dicts]} per image."""
+    if _swin(cfg):
+        from .models.swin import swin_flops
+
+        f = swin_flops(cfg)
+        return {**f, "blocks": [{"total": b} for b in f["blocks"]]}
     patch = patch_embed_flops(cfg)
     head = head_flops(cfg)
     blocks = [block_flops(cfg, i) for i in range(cfg.depth)]
@@ -96,6 +110,10 @@ def block_params(cfg: CaitConfig, i: int) -> int:
 
 
 def model_params(cfg: CaitConfig) -> int:
+    if _swin(cfg):
+        from .models.swin import swin_params
+
+        return swin_params(cfg)
     d = cfg.embed_dim
     n = _family(cfg).stem_params(cfg)                   # patch embed (or the family's stem)
     n += cfg.num_prefix_tokens * d + cfg.pos_embed_len * d  # prefix tokens, pos embed
@@ -106,6 +124,10 @@ def model_params(cfg: CaitConfig) -> int:
 
 def block_rows(cfg: CaitConfig) -> list[dict]:
     """The one per-block table (fuse's report, inspect, benchmarks): widths, tokens, FLOPs by part, params."""
+    if _swin(cfg):
+        from .models.swin import swin_block_rows
+
+        return swin_block_rows(cfg)
     f = model_flops(cfg)
     tokens = cfg.tokens()
     return [{"block": i, "merge": b.merge, "kind": b.kind, "slim": b.slim, "tokens": tokens[i], "heads": b.num_heads, "qk_per_head": b.qk_dim,

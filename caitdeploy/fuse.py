@@ -158,6 +158,58 @@ def fuse(ckpt: Checkpoint, opts: FuseOptions = FuseOptions(), progress=None) -> 
     return FuseResult(fused_cfg, {k: v.float() for k, v in out.items()}, plans)
 
 
+def fuse_swin(ckpt, opts: FuseOptions = FuseOptions(), progress=None) -> FuseResult:
+    """`fuse` for a `SwinCheckpoint`: the same fold, selection, consistency and alignment per block (flat block
+    index j, stage by stage), then the deploy `CaitSwin` keys; every tensor not in a block's q/k/v/proj/fc1/fc2
+    (norms, relative position tables, merges, patch merging, stem, head) is copied."""
+    from .models.swin import CaitSwin, checkpoint_key
+
+    sd, cfg = ckpt.state_dict, ckpt.config
+    out: dict[str, torch.Tensor] = {}
+    stages = [list(blocks) for blocks in cfg.stages]
+    plans = []
+    for j, (s, i, b) in enumerate(cfg.flat()):
+        p, q = ckpt.prefix(j), f"layers.{s}.blocks.{i}."
+        comps = {n: (None if (c := ckpt.compactor(j, n)) is None else c[0]) for n in ("q", "k", "v", "fc1")}
+        f = S.fold_block(sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"), sd[p + "mlp.fc1.weight"],
+                         sd[p + "mlp.fc1.bias"], b.num_heads, comps)
+        try:
+            plan = plan_block(ckpt, j, f, opts)
+        except CaitError as e:
+            raise CaitError(f"{ckpt.path}: {str(e).replace(f'block {j}', f'block {j} (stage {s} block {i})', 1)}"
+                            ) from None
+        if plan.max_dropped_norm > opts.max_dropped_norm and not opts.force:
+            raise CaitError(f"{ckpt.path}: block {j} (stage {s} block {i}): a dropped compactor row has norm "
+                            f"{plan.max_dropped_norm:.3g} > max_dropped_norm (--max-dropped-norm) "
+                            f"{opts.max_dropped_norm:g}; the fused model would differ from the checkpoint (force "
+                            "it with --force / force=True)")
+        sl = S.slice_block(f, sd[p + "attn.proj.weight"], sd[p + "mlp.fc2.weight"], plan)
+        for k, v in sl.items():
+            out[q + k.removeprefix("mlp.")] = v
+        stages[s][i] = replace(b, qk_dim=plan.qk.shape[-1], v_dim=plan.v.shape[-1], mlp_hidden=plan.mlp.shape[0])
+        plans.append(plan)
+        if progress is not None:
+            progress(j)
+    fused_cfg = replace(cfg, stages=tuple(tuple(x) for x in stages), source=dict(ckpt.format_config))
+    with torch.device("meta"):
+        keys = list(CaitSwin(fused_cfg).state_dict())
+    for k in keys:
+        if k not in out:
+            out[k] = sd[checkpoint_key(fused_cfg, k)]
+    return FuseResult(fused_cfg, {k: v.float().contiguous() for k, v in out.items()}, plans)
+
+
+def swin_reference(ckpt) -> torch.nn.Module:
+    """The checkpoint's own model in float64: dense widths, compactors applied at run time (absent ones are
+    the identity), merges; what a fused Swin must compute."""
+    from .models.swin import CaitSwin, checkpoint_key
+
+    model = CaitSwin(ckpt.config, compactors=True)
+    own = model.state_dict()
+    model.load_state_dict({k: ckpt.state_dict.get(checkpoint_key(ckpt.config, k), v) for k, v in own.items()})
+    return model.double().eval()
+
+
 @torch.no_grad()
 def max_logit_diff(ckpt: Checkpoint, model: torch.nn.Module, batch: int = 2, seed: int = 0) -> dict[str, float]:
     """Max |logit difference| of `model` (float32) against the checkpoint's own forward in float64."""
@@ -166,7 +218,7 @@ def max_logit_diff(ckpt: Checkpoint, model: torch.nn.Module, batch: int = 2, see
     cfg = ckpt.config
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *cfg.input_shape, generator=g)
-    ref = reference_forward(ckpt, x)
+    ref = swin_reference(ckpt)(x.double()) if cfg.family == "swin" else reference_forward(ckpt, x)
     got = model(x).double()
     return {"max_abs_diff": float((got - ref).abs().max()), "logit_scale": float(ref.abs().max()),
             "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).double().mean()), "batch": batch}
@@ -174,10 +226,10 @@ def max_logit_diff(ckpt: Checkpoint, model: torch.nn.Module, batch: int = 2, see
 
 def torch_counted_flops(config: CaitConfig) -> int:
     """FLOPs per image of `CaitViT(config)` by torch.utils.flop_counter, on the meta device (no compute)."""
-    from .model import CaitViT
+    from .models import build_model
 
     with torch.device("meta"):
-        model = CaitViT(config, attn_impl="math")
+        model = build_model(config, attn_impl="math")
         x = torch.empty(1, *config.input_shape)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
@@ -223,7 +275,7 @@ def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, 
     pooling, LayerNorm eps)."""
     from .io import save_fused
     from .limits import MAX_VERIFY_BATCH, WEIGHT_FACTOR, activation_bytes, check_memory
-    from .model import CaitViT
+    from .models import build_model
     from .paths import FUSED_SUFFIXES, check_paths
 
     t0 = time.perf_counter()
@@ -236,10 +288,10 @@ def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, 
     n_params = sum(t.numel() for t in ckpt.state_dict.values())
     check_memory(WEIGHT_FACTOR * 4 * n_params + activation_bytes(ckpt.config, max(verify_batch, 1), 8),
                  f"{path}: fusing {n_params} parameters (verify batch {verify_batch})")
-    res = fuse(ckpt, opts, progress=progress)
+    res = (fuse_swin if ckpt.config.family == "swin" else fuse)(ckpt, opts, progress=progress)
     t_fuse = time.perf_counter() - t0
     report = build_report(ckpt, res, opts)
-    model = CaitViT(res.config, attn_impl="math").eval()
+    model = build_model(res.config, attn_impl="math").eval()
     model.load_state_dict(res.state_dict)
     if verify_batch > 0:
         report["verify"] = max_logit_diff(ckpt, model, batch=verify_batch)

@@ -69,10 +69,10 @@ ST_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfl
 
 def expected_fused_shapes(config: CaitConfig) -> dict[str, tuple[int, ...]]:
     """key -> shape of a fused model's tensors, from its config (a meta-device model: nothing allocated)."""
-    from .model import CaitViT
+    from .models import build_model
 
     with torch.device("meta"):
-        model = CaitViT(config, attn_impl="math")
+        model = build_model(config, attn_impl="math")
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -101,7 +101,13 @@ def load_fused(path: str | os.PathLike) -> tuple[CaitConfig, dict[str, torch.Ten
     try:
         from .models import family
 
-        config = CaitConfig.from_dict(strict_json(meta["config"], "metadata 'config'"))
+        raw_cfg = strict_json(meta["config"], "metadata 'config'")
+        if isinstance(raw_cfg, dict) and raw_cfg.get("family") == "swin":
+            from .models.swin import SwinConfig
+
+            config = SwinConfig.from_dict(raw_cfg)
+        else:
+            config = CaitConfig.from_dict(raw_cfg)
         family(config.family).check_config(config)
     except (ConfigError, ValueError) as e:  # UnknownFamily is a ValueError
         raise CaitError(f"{path}: bad 'config' metadata: {e}") from None
@@ -136,18 +142,27 @@ def load_fused(path: str | os.PathLike) -> tuple[CaitConfig, dict[str, torch.Ten
 
 
 def load_model(path: str | os.PathLike, attn_impl: str = "sdpa", kernels: str | None = None, img_size=None):
-    """A `CaitViT` in eval mode from a fused safetensors file; `img_size` (int, (H, W) or 'HxW') runs it at
-    another input size (position embedding resampled, merges re-checked: models/resize.py)."""
-    from .model import CaitViT
+    """The deploy model (a `CaitViT`, or a `CaitSwin`) in eval mode from a fused safetensors file; `img_size`
+    (int, (H, W) or 'HxW') runs a ViT at another input size (position embedding resampled, merges re-checked:
+    models/resize.py)."""
+    from .models import build_model
 
     config, state_dict, _ = load_fused(path)  # keys and shapes already agree with the config
-    if img_size is not None:
+    if img_size is not None and getattr(config, "family", None) == "swin":
+        try:
+            config.at_size(img_size)
+        except ConfigError as e:
+            raise CaitError(f"{path}: {e}") from None
+    elif img_size is not None:
         from .models.resize import resize_state_dict
 
         try:
             config, state_dict = resize_state_dict(config, state_dict, img_size)
         except ConfigError as e:
             raise CaitError(f"{path}: {e}") from None
-    model = CaitViT(config, attn_impl=attn_impl, kernels=kernels)
+    try:
+        model = build_model(config, attn_impl=attn_impl, kernels=kernels)
+    except ValueError as e:
+        raise CaitError(f"{path}: {e}") from None
     model.load_state_dict(state_dict)
     return model.eval()

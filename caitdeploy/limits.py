@@ -94,6 +94,10 @@ def activation_bytes(config, batch: int, elem_bytes: int = 4) -> int:
     """Peak activation memory of one forward pass of `config` at `batch`, an estimate that does not
     overestimate: the largest block's live tensors (residual, qkv, attention scores and probabilities,
     mlp hidden) plus the patch embedding's input and output."""
+    if getattr(config, "family", None) == "swin" and hasattr(config, "stages"):
+        from .models.swin import swin_activation_bytes
+
+        return swin_activation_bytes(config, batch, elem_bytes)
     d = config.embed_dim
     tokens = config.tokens()
     n0 = 1 + config.grid[0] * config.grid[1]

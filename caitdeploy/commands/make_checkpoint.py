@@ -7,10 +7,14 @@ from .common import console, handle_errors, write_json
 
 
 @click.command("make-checkpoint")
-@click.option("--arch", default="deit_small_patch16_224", show_default=True, help="timm ViT architecture.")
-@click.option("--flops-reduction", type=float, default=0.55, show_default=True,
-              help="Target FLOPs reduction vs the dense model, merges included.")
-@click.option("--merges", default="4:h,8:v", show_default=True, help="ATME merges, BLOCK:h|v,... or 'none'.")
+@click.option("--arch", default="deit_small_patch16_224", show_default=True,
+              help="timm ViT architecture, or a timm Swin (v1), e.g. swin_tiny_patch4_window7_224.")
+@click.option("--flops-reduction", type=float, default=None,
+              help="Target FLOPs reduction vs the dense model, merges included [default: 0.55; Swin 0.354, "
+                   "the paper's Tab. XIV].")
+@click.option("--merges", default=None,
+              help="ATME merges, BLOCK:h|v,... or 'none' [default: 4:h,8:v]; Swin: STAGE.BLOCK:h|v "
+                   "[default: 2.4:h,2.5:v, Tab. XIV].")
 @click.option("--weights", type=click.Path(dir_okay=False), help="timm state dict (.safetensors or .pth); random init if absent.")
 @click.option("--align", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Prune in steps of N channels per head, so kept widths are multiples of N.")
@@ -22,19 +26,25 @@ from .common import console, handle_errors, write_json
 @handle_errors
 def make_checkpoint_cmd(arch, flops_reduction, merges, weights, align, num_classes, img_size, seed, output, report_path):
     """Write a cait-compactor/1 checkpoint chosen by CDCP selection (Alg. 1-3) for a FLOPs target."""
-    from ..cdcp import make_checkpoint, parse_merges, save_checkpoint_dict
+    from .. import cdcp
     from ..errors import Staging
     from ..limits import check_float
     from ..paths import CHECKPOINT_SUFFIXES, JSON_SUFFIXES, Out, check_paths
 
+    swin = cdcp.is_swin_arch(arch)
+    if flops_reduction is None:
+        flops_reduction = cdcp.SWIN_DEFAULT_REDUCTION if swin else 0.55
+    if merges is None:
+        merges = cdcp.SWIN_DEFAULT_MERGES if swin else "4:h,8:v"
     check_float(flops_reduction, "flops_reduction", 0.0, 0.95)
-    merge_map = parse_merges(merges)
+    merge_map = cdcp.parse_swin_merges(merges) if swin else cdcp.parse_merges(merges)
     check_paths({"--weights": weights}, [Out(output, "--output", CHECKPOINT_SUFFIXES),
                                          Out(report_path, "--report", JSON_SUFFIXES)])
-    ckpt, summary = make_checkpoint(arch, flops_reduction, merge_map, weights=weights, seed=seed,
-                                    align=align, num_classes=num_classes, img_size=img_size)
+    make = cdcp.make_swin_checkpoint if swin else cdcp.make_checkpoint
+    ckpt, summary = make(arch, flops_reduction, merge_map, weights=weights, seed=seed,
+                         align=align, num_classes=num_classes, img_size=img_size)
     with Staging() as st:
-        save_checkpoint_dict(ckpt, output, staging=st)
+        cdcp.save_checkpoint_dict(ckpt, output, staging=st)
         if report_path:
             write_json(report_path, summary, staging=st)
     con = console()
@@ -42,3 +52,4 @@ def make_checkpoint_cmd(arch, flops_reduction, merges, weights, align, num_class
               f"{summary['flops_pruned'] / 1e9:.3f}G (reduction {100 * summary['flops_reduction']:.2f}%, "
               f"target {100 * flops_reduction:.2f}%)")
     con.print(f"wrote {output}")
+    return

@@ -172,9 +172,11 @@ def feature_names(blocks: Iterable[int]) -> list[str]:
 
 
 def _is_cait(model) -> bool:
+    """A deploy model of ours (config attached): a CaitViT or a CaitSwin."""
     from ..model import CaitViT
+    from ..models.swin import CaitSwin
 
-    return isinstance(model, CaitViT)
+    return isinstance(model, (CaitViT, CaitSwin))
 
 
 def _prepare(model: torch.nn.Module, dtype: str, attention: str, features: tuple[int, ...] | None = None,
@@ -182,7 +184,7 @@ def _prepare(model: torch.nn.Module, dtype: str, attention: str, features: tuple
     """A copy of `model` ready to trace (the caller's model is never modified)."""
     m = copy.deepcopy(model).eval().float()
     inner = getattr(m, "model", None) if not _is_cait(m) else m   # a FeatureModel around a CaitViT
-    if _is_cait(inner):
+    if _is_cait(inner) and hasattr(inner, "set_impl"):
         inner.set_impl("sdpa" if attention == "op" else "math")
     if features:
         from ..models.vit import FeatureModel
@@ -363,6 +365,9 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
     opset = check_options(dtype, opset, attention)
     path = Path(path)   # where the caller will write it (recorded in the report); nothing is written here
     is_cait = _is_cait(model)
+    if attention == "op" and getattr(getattr(model, "config", None), "family", None) == "swin":
+        raise OptionError("attention", "op: a Swin model's window attention (relative position bias, shift "
+                                       "masks) exports as MatMul + Softmax only: use --attention matmul")
     if input_shape is None:
         if not is_cait:
             raise CaitError("export_onnx: input_shape=(C, H, W) is required for a model that is not a CaitViT")

@@ -1,7 +1,8 @@
 """The model registry: one module per family, in the timm manner; the surgery, export and benchmark code is
 shared. A fused file's config names its family (`CaitConfig.family`); `build_model` builds any of them.
 
-A family module provides:
+A family module provides (family "swin" is the exception: its own config, `SwinConfig`, and model, `CaitSwin`,
+in models/swin.py; flops.py, limits.py and io.py dispatch on it):
   NAME, DESCRIPTION        the registry key and one line for tables
   check_config(config)     ConfigError unless the blocks' kinds and slimming are ones the family has
   make_stem(config)        images [B, C, H, W] -> tokens [B, Gh*Gw, D]
@@ -17,8 +18,15 @@ from .registry import FAMILY_MODULES, UnknownFamily, families, family  # noqa: F
 
 
 def build_model(config: CaitConfig, attn_impl: AttnImpl = "sdpa", kernels: str | None = None):
-    """The deploy model of `config`, whatever its family."""
+    """The deploy model of `config`, whatever its family (a `SwinConfig` builds a `CaitSwin`: window attention
+    has one implementation, plain matmuls, and no Triton kernels)."""
+    from .swin import CaitSwin, SwinConfig
     from .vit import CaitViT
+
+    if isinstance(config, SwinConfig):
+        if kernels:
+            raise ValueError("the Triton kernels are for the ViT families; a Swin model runs without them")
+        return CaitSwin(config)
 
     return CaitViT(config, attn_impl=attn_impl, kernels=kernels)
 

@@ -5,7 +5,7 @@ import importlib
 from types import ModuleType
 
 FAMILY_MODULES = {"vit": "caitdeploy.models.vit", "lvvit": "caitdeploy.models.lvvit",
-                  "spvit": "caitdeploy.models.spvit"}
+                  "spvit": "caitdeploy.models.spvit", "swin": "caitdeploy.models.swin"}
 
 
 class UnknownFamily(ValueError):

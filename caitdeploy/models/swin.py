@@ -1,5 +1,7 @@
-"""Swin Transformer deploy model with CAIT widths and ATME merges (issue 15, first part: the model, its config,
-its FLOPs and timm parity; not yet wired into fuse / export / the registry).
+"""Family "swin": the Swin Transformer with CAIT widths and ATME merges. `CaitSwin` is the deploy model (what a
+fused file builds) and, with `compactors=True`, the checkpoint's own model (per-head q/k/v compactors and the
+fc1 compactor applied at run time: the float64 reference `fuse` checks against). `SwinConfig` is its config,
+with the surface export, bench and serve read (input_shape, size_text, depth, merges, unpruned, to_json).
 
 Layout: timm's `SwinTransformer` (NHWC stages, PatchMerging at the start of stages 1..3, relative position bias,
 shifted windows on odd blocks). Per block, CAIT widths as in the ViT family: `qk_dim` per head for q and k (the
@@ -20,12 +22,21 @@ Every reshape keeps the batch dynamic (-1), so an exported ONNX serves any batch
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..config import ConfigError
+
+NAME = "swin"
+DESCRIPTION = "Swin Transformer: shifted-window attention, per-head CAIT widths, ATME merges inside a stage"
+MAX_STAGES = 8
+MAX_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -49,20 +60,140 @@ class SwinConfig:
     window: int = 7
     qkv_bias: bool = True
     ln_eps: float = 1e-5
-    extra: dict = field(default_factory=dict, compare=False)
+    # the cait-compactor/1 config this model was fused from (empty for a dense model)
+    source: dict = field(default_factory=dict, compare=False)
+
+    family = "swin"
 
     def __post_init__(self):
-        if len(self.dims) != len(self.stages) or not self.stages:
-            raise ValueError("dims and stages must have one entry per stage")
+        from ..config import LN_EPS_MAX, check_bound
+
+        object.__setattr__(self, "dims", tuple(self.dims))
+        object.__setattr__(self, "stages", tuple(tuple(b) for b in self.stages))
+        for key in ("img_size", "patch_size", "in_chans", "num_classes"):
+            check_bound(getattr(self, key), key)
+        if not 1 <= len(self.stages) <= MAX_STAGES or len(self.dims) != len(self.stages):
+            raise ConfigError(f"dims and stages must have one entry per stage (1..{MAX_STAGES} stages)")
+        for d in self.dims:
+            check_bound(d, "embed_dim", what="stage ")
+        check_bound(sum(len(b) for b in self.stages), "depth")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= MAX_WINDOW:
+            raise ConfigError(f"window must be an integer in 1..{MAX_WINDOW}, got {self.window!r}")
+        if not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) \
+                or not 0 < self.ln_eps <= LN_EPS_MAX:
+            raise ConfigError(f"ln_eps must be a number in (0, {LN_EPS_MAX:g}], got {self.ln_eps!r}")
+        if not isinstance(self.source, dict):
+            raise ConfigError(f"source must be a dict, got {type(self.source).__name__}")
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        check_bound((self.img_size // self.patch_size) ** 2, "tokens (patch grid)", bound="tokens")
         for s, blocks in enumerate(self.stages):
+            if not blocks:
+                raise ConfigError(f"stage {s} has no blocks")
             for i, b in enumerate(blocks):
+                if not isinstance(b, SwinBlock):
+                    raise ConfigError(f"stage {s} block {i}: not a SwinBlock")
+                for key in ("num_heads", "qk_dim", "v_dim", "mlp_hidden"):
+                    check_bound(getattr(b, key), key, what=f"stage {s} block {i}: ")
                 if b.merge not in (None, "h", "v"):
-                    raise ValueError(f"stage {s} block {i}: merge must be 'h' or 'v', got {b.merge!r}")
-                if min(b.num_heads, b.qk_dim, b.v_dim, b.mlp_hidden) < 1:
-                    raise ValueError(f"stage {s} block {i}: widths must be positive")
+                    raise ConfigError(f"stage {s} block {i}: merge must be 'h' or 'v', got {b.merge!r}")
+                if isinstance(b.scale, bool) or not isinstance(b.scale, (int, float)) \
+                        or not (b.scale > 0 and math.isfinite(b.scale)):
+                    raise ConfigError(f"stage {s} block {i}: scale must be a positive finite number")
         self.grids()   # raises on a merge over an odd side
+
+    # ---- the surface shared with CaitConfig (export, bench, serve, describe) ----
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_chans, self.img_size, self.img_size)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return (self.img_size, self.img_size)
+
+    @property
+    def size_text(self) -> str:
+        return str(self.img_size)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.dims[0]
+
+    @property
+    def depth(self) -> int:
+        return sum(len(b) for b in self.stages)
+
+    def flat(self) -> list[tuple[int, int, SwinBlock]]:
+        """(stage, block in stage, block) for every block, in order; a flat index i is a position here."""
+        return [(s, i, b) for s, blocks in enumerate(self.stages) for i, b in enumerate(blocks)]
+
+    @property
+    def merges(self) -> dict[str, str]:
+        """{"stage.block": kind} (e.g. {"2.4": "h", "2.5": "v"} for Tab. XIV)."""
+        return {f"{s}.{i}": b.merge for s, i, b in self.flat() if b.merge}
+
+    def unpruned(self) -> "SwinConfig":
+        """The dense architecture this model came from: the source widths, no merges."""
+        if self.source:
+            return swin_config_from_format({**self.source, "merges": {}})
+        return replace(self, stages=tuple(tuple(replace(b, merge=None) for b in blk) for blk in self.stages))
+
+    def at_size(self, img_size) -> "SwinConfig":
+        from ..config import image_size
+
+        if image_size(img_size) != self.img_size:
+            raise ConfigError(f"img_size {img_size}: a Swin model runs at its trained size {self.img_size} "
+                              "(its windows and relative position tables are sized for it)")
+        return self
+
+    def feature_blocks(self, blocks) -> tuple[int, ...]:
+        raise ConfigError("features: feature-map outputs are for the ViT families; a Swin model exports logits")
+
+    def to_dict(self) -> dict:
+        return {"family": "swin", "img_size": self.img_size, "patch_size": self.patch_size,
+                "in_chans": self.in_chans, "num_classes": self.num_classes, "dims": list(self.dims),
+                "window": self.window, "qkv_bias": self.qkv_bias, "ln_eps": self.ln_eps, "source": self.source,
+                "stages": [[{"num_heads": b.num_heads, "qk_dim": b.qk_dim, "v_dim": b.v_dim,
+                             "mlp_hidden": b.mlp_hidden, "scale": b.scale, "merge": b.merge} for b in blocks]
+                           for blocks in self.stages]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SwinConfig":
+        """A validated config from untrusted JSON (a fused file's metadata): ConfigError naming the key."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+        want = {"family", "img_size", "patch_size", "in_chans", "num_classes", "dims", "window", "qkv_bias",
+                "ln_eps", "source", "stages"}
+        unknown, missing = sorted(set(d) - want), sorted(want - set(d) - {"source"})
+        if unknown or missing:
+            raise ConfigError(f"swin config: {'unknown' if unknown else 'missing'} key "
+                              f"{(unknown or missing)[0][:40]!r}")
+        stages_in, dims = d["stages"], d["dims"]
+        if not isinstance(stages_in, list) or not isinstance(dims, list) or not 1 <= len(stages_in) <= MAX_STAGES:
+            raise ConfigError(f"swin config: 'stages' and 'dims' must be lists of 1..{MAX_STAGES} stages")
+        stages = []
+        for s, blocks in enumerate(stages_in):
+            if not isinstance(blocks, list) or not 1 <= len(blocks) <= 256:
+                raise ConfigError(f"swin config: stages[{s}] must be a list of 1..256 blocks")
+            row = []
+            for i, b in enumerate(blocks):
+                if not isinstance(b, dict) or set(b) != {"num_heads", "qk_dim", "v_dim", "mlp_hidden", "scale",
+                                                           "merge"}:
+                    raise ConfigError(f"swin config: stages[{s}][{i}] must have num_heads, qk_dim, v_dim, "
+                                      "mlp_hidden, scale, merge")
+                row.append(SwinBlock(**b))
+            stages.append(tuple(row))
+        try:
+            return cls(img_size=d["img_size"], patch_size=d["patch_size"], in_chans=d["in_chans"],
+                       num_classes=d["num_classes"], dims=tuple(dims), stages=tuple(stages), window=d["window"],
+                       qkv_bias=d["qkv_bias"], ln_eps=d["ln_eps"], source=d.get("source", {}))
+        except TypeError as e:
+            raise ConfigError(f"swin config: {str(e)[:120]}") from None
 
     def grids(self) -> list[list[tuple[int, int]]]:
         """The (H, W) token grid each block runs on."""
@@ -75,12 +206,12 @@ class SwinConfig:
             for i, b in enumerate(blocks):
                 if b.merge == "h":
                     if w % 2:
-                        raise ValueError(f"stage {s} block {i}: horizontal merge on an odd grid width {w} "
+                        raise ConfigError(f"stage {s} block {i}: horizontal merge on an odd grid width {w} "
                                          f"(grid {h}x{w})")
                     w //= 2
                 elif b.merge == "v":
                     if h % 2:
-                        raise ValueError(f"stage {s} block {i}: vertical merge on an odd grid height {h} "
+                        raise ConfigError(f"stage {s} block {i}: vertical merge on an odd grid height {h} "
                                          f"(grid {h}x{w})")
                     h //= 2
                 row.append((h, w))
@@ -121,8 +252,22 @@ def relative_position_index(win: tuple[int, int]) -> torch.Tensor:
     return rel.sum(-1)
 
 
+class Compactor(nn.Module):
+    """CDCP's compactor in the checkpoint form: `weight` [H, d, d] per head (or [F, F]) applied as y <- y @ W^T,
+    `mask` (1 = kept) the channels CDCP keeps. Identity at init."""
+
+    def __init__(self, heads: int | None, width: int):
+        super().__init__()
+        eye = torch.eye(width)
+        self.weight = nn.Parameter(eye if heads is None else eye.repeat(heads, 1, 1))
+        self.register_buffer("mask", torch.ones(width if heads is None else (heads, width)))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y @ self.weight.transpose(-1, -2)
+
+
 class SwinAttention(nn.Module):
-    def __init__(self, dim: int, b: SwinBlock, win: tuple[int, int], qkv_bias: bool):
+    def __init__(self, dim: int, b: SwinBlock, win: tuple[int, int], qkv_bias: bool, compactors: bool = False):
         super().__init__()
         self.heads, self.qk, self.v, self.scale = b.num_heads, b.qk_dim, b.v_dim, b.scale
         self.win = win
@@ -131,6 +276,11 @@ class SwinAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * win[0] - 1) * (2 * win[1] - 1), b.num_heads))
         self.register_buffer("relative_position_index", relative_position_index(win), persistent=False)
+        self.compacts = compactors
+        if compactors:   # q/k/v [B, H, N, d] @ C_h^T per head
+            self.q_compactor = Compactor(b.num_heads, b.qk_dim)
+            self.k_compactor = Compactor(b.num_heads, b.qk_dim)
+            self.v_compactor = Compactor(b.num_heads, b.v_dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         n = x.shape[1]
@@ -139,6 +289,8 @@ class SwinAttention(nn.Module):
         q = q.reshape(-1, n, self.heads, self.qk).transpose(1, 2)
         k = k.reshape(-1, n, self.heads, self.qk).transpose(1, 2)
         v = v.reshape(-1, n, self.heads, self.v).transpose(1, 2)
+        if self.compacts:
+            q, k, v = self.q_compactor(q), self.k_compactor(k), self.v_compactor(v)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         attn = attn + bias.view(n, n, self.heads).permute(2, 0, 1).unsqueeze(0)
@@ -150,15 +302,17 @@ class SwinAttention(nn.Module):
 
 
 class SwinBlockModule(nn.Module):
-    def __init__(self, dim: int, b: SwinBlock, grid: tuple[int, int], win, shift, qkv_bias: bool, eps: float):
+    def __init__(self, dim: int, b: SwinBlock, grid: tuple[int, int], win, shift, qkv_bias: bool, eps: float,
+                 compactors: bool = False):
         super().__init__()
         self.grid, self.win, self.shift = grid, win, shift
         self.merge = nn.Linear(2 * dim, dim) if b.merge else None
         self.merge_kind = b.merge
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = SwinAttention(dim, b, win, qkv_bias)
+        self.attn = SwinAttention(dim, b, win, qkv_bias, compactors)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.fc1 = nn.Linear(dim, b.mlp_hidden)
+        self.fc1_compactor = Compactor(None, b.mlp_hidden) if compactors else None
         self.fc2 = nn.Linear(b.mlp_hidden, dim)
         mask = window_mask(grid, win, shift)
         self.register_buffer("attn_mask", mask, persistent=False)
@@ -190,7 +344,10 @@ class SwinBlockModule(nn.Module):
                 x = x.reshape(-1, h, 2, w, c).permute(0, 1, 3, 2, 4).reshape(-1, h, w, 2 * c)
             x = self.merge(x)
         x = x + self._attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        h = self.fc1(self.norm2(x))
+        if self.fc1_compactor is not None:
+            h = self.fc1_compactor(h)
+        return x + self.fc2(F.gelu(h))
 
 
 class PatchMerge(nn.Module):
@@ -214,9 +371,10 @@ class PatchMerge(nn.Module):
 
 class CaitSwin(nn.Module):
     """Images [B, C, H, W] -> logits [B, classes]. Parameter names follow timm's SwinTransformer
-    (`layers.{s}.downsample`, `layers.{s}.blocks.{i}.attn.qkv`, ...; fc1/fc2 at `blocks.{i}.fc1/fc2`)."""
+    (`layers.{s}.downsample`, `layers.{s}.blocks.{i}.attn.qkv`, ...; fc1/fc2 at `blocks.{i}.fc1/fc2`).
+    compactors: the checkpoint's model (CDCP compactors after q, k, v and fc1), not the deploy model."""
 
-    def __init__(self, cfg: SwinConfig):
+    def __init__(self, cfg: SwinConfig, compactors: bool = False):
         super().__init__()
         self.config = cfg
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dims[0], cfg.patch_size, cfg.patch_size)
@@ -228,7 +386,8 @@ class CaitSwin(nn.Module):
             stage = nn.Module()
             stage.downsample = PatchMerge(cfg.dims[s - 1], cfg.dims[s], g, cfg.ln_eps) if s else None
             stage.blocks = nn.ModuleList(
-                SwinBlockModule(cfg.dims[s], b, grids[s][i], *cfg.window_shift(s, i), cfg.qkv_bias, cfg.ln_eps)
+                SwinBlockModule(cfg.dims[s], b, grids[s][i], *cfg.window_shift(s, i), cfg.qkv_bias, cfg.ln_eps,
+                                compactors)
                 for i, b in enumerate(blocks))
             self.layers.append(stage)
             g = grids[s][-1]
@@ -281,34 +440,218 @@ def state_dict_from_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------------
-def swin_flops(cfg: SwinConfig) -> dict[str, int]:
+def _block_flops(cfg: SwinConfig, s: int, i: int, b: SwinBlock) -> int:
+    gh, gw = cfg.grids()[s][i]
+    c = cfg.dims[s]
+    f = 2 * gh * gw * 2 * c * c if b.merge else 0
+    (wh, ww), _ = cfg.window_shift(s, i)
+    t = math.ceil(gh / wh) * wh * math.ceil(gw / ww) * ww   # tokens computed (the windows' padding included)
+    n = wh * ww                                              # tokens per window
+    hq, hv = b.num_heads * b.qk_dim, b.num_heads * b.v_dim
+    f += 2 * t * c * (2 * hq + hv)                    # qkv
+    f += 2 * t * n * hq + 2 * t * n * hv              # q @ k^T, attn @ v (per window)
+    f += 2 * t * hv * c                               # proj
+    f += 2 * 2 * gh * gw * c * b.mlp_hidden           # fc1, fc2 (unpadded tokens)
+    return f
+
+
+def swin_flops(cfg: SwinConfig) -> dict:
     """Analytic FLOPs per image (2 x multiply-accumulates of matmuls and convolutions, as flops.py counts), with
-    the windows' zero padding counted (those tokens are computed)."""
+    the windows' zero padding counted (those tokens are computed). Keys: total, stem (patch_embed), head,
+    stages (per stage, its patch merging included), blocks (per block, flat order)."""
     g = cfg.img_size // cfg.patch_size
     stem = 2 * g * g * cfg.in_chans * cfg.patch_size ** 2 * cfg.dims[0]
-    total, per_stage = stem, []
+    head = 2 * cfg.dims[-1] * cfg.num_classes
+    per_stage, per_block = [], []
     grids = cfg.grids()
     h = w = g
     for s, blocks in enumerate(cfg.stages):
-        f = 0
-        if s:
-            h2, w2 = (h + 1) // 2, (w + 1) // 2
-            f += 2 * h2 * w2 * 4 * cfg.dims[s - 1] * cfg.dims[s]
-        c = cfg.dims[s]
+        f = 2 * ((h + 1) // 2) * ((w + 1) // 2) * 4 * cfg.dims[s - 1] * cfg.dims[s] if s else 0
         for i, b in enumerate(blocks):
-            gh, gw = grids[s][i]
-            if b.merge:
-                f += 2 * gh * gw * 2 * c * c
-            (wh, ww), _ = cfg.window_shift(s, i)
-            hp, wp = math.ceil(gh / wh) * wh, math.ceil(gw / ww) * ww
-            t, n = hp * wp, wh * ww          # tokens computed (padding included), tokens per window
-            hq, hv = b.num_heads * b.qk_dim, b.num_heads * b.v_dim
-            f += 2 * t * c * (2 * hq + hv)                    # qkv
-            f += 2 * t * n * hq + 2 * t * n * hv              # q @ k^T, attn @ v (per window)
-            f += 2 * t * hv * c                               # proj
-            f += 2 * 2 * gh * gw * c * b.mlp_hidden           # fc1, fc2 (unpadded tokens)
+            per_block.append(_block_flops(cfg, s, i, b))
+            f += per_block[-1]
         h, w = grids[s][-1]
         per_stage.append(f)
-        total += f
-    total += 2 * cfg.dims[-1] * cfg.num_classes
-    return {"total": total, "stem": stem, "stages": per_stage}
+    return {"total": stem + sum(per_stage) + head, "stem": stem, "patch_embed": stem, "head": head,
+            "stages": per_stage, "blocks": per_block}
+
+
+def swin_channel_savings(cfg: SwinConfig, j: int) -> dict[str, int]:
+    """FLOPs saved in flat block j by one channel less in every head ("qk": q and k together, "v") or one fc1
+    channel less ("mlp"): differences of the block's own count, so CDCP's units count what swin_flops counts."""
+    s, i, b = cfg.flat()[j]
+    full = _block_flops(cfg, s, i, b)
+    return {"qk": full - _block_flops(cfg, s, i, replace(b, qk_dim=b.qk_dim - 1)),
+            "v": full - _block_flops(cfg, s, i, replace(b, v_dim=b.v_dim - 1)),
+            "mlp": full - _block_flops(cfg, s, i, replace(b, mlp_hidden=b.mlp_hidden - 1))}
+
+
+# ---- the checkpoint format (cait-compactor/1 with family "swin"; docs/CHECKPOINT_FORMAT.md) ----------------
+FORMAT_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depths", "num_heads",
+               "window_size", "mlp_ratio", "qkv_bias")
+FORMAT_OPTIONAL = {"family": "swin", "arch": None, "ln_eps": 1e-5, "merges": {}}
+_MERGE_NAME = {"h": "htm", "v": "vtm"}
+
+
+def parse_stage_merges(merges: dict) -> dict[tuple[int, int], str]:
+    """{"2.4": "h"} (format and CLI text) -> {(2, 4): "h"}; ConfigError naming the entry."""
+    out: dict[tuple[int, int], str] = {}
+    if not isinstance(merges, dict):
+        raise ConfigError(f"merges must be an object {{\"stage.block\": \"h\"|\"v\"}}, got {type(merges).__name__}")
+    for k, v in merges.items():
+        parts = str(k).split(".")
+        if len(parts) != 2 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+            raise ConfigError(f"merge key {str(k)[:40]!r}: a Swin merge is named STAGE.BLOCK, e.g. 2.4")
+        key = (int(parts[0]), int(parts[1]))
+        if v not in ("h", "v"):
+            raise ConfigError(f"merge {k}: kind must be 'h' or 'v', got {str(v)[:20]!r}")
+        if key in out:
+            raise ConfigError(f"merge {k}: block {key[0]}.{key[1]} is named twice")
+        out[key] = v
+    return out
+
+
+def check_format(fmt: dict) -> dict:
+    """A Swin `config` of a cait-compactor/1 checkpoint with its defaults filled in; ConfigError naming the key."""
+    from ..config import check_bound
+
+    if not isinstance(fmt, dict):
+        raise ConfigError("config must be an object")
+    missing = [k for k in FORMAT_KEYS if k not in fmt]
+    if missing:
+        raise ConfigError(f"config is missing key {missing[0]!r} (family 'swin')")
+    unknown = [k for k in fmt if k not in (*FORMAT_KEYS, *FORMAT_OPTIONAL)]
+    if unknown:
+        raise ConfigError(f"config has unknown key {str(unknown[0])[:60]!r} (family 'swin')")
+    out = {**FORMAT_OPTIONAL, **fmt}
+    if out["family"] != "swin":
+        raise ConfigError(f"config family {str(out['family'])[:20]!r} is not 'swin'")
+    for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim"):
+        check_bound(out[key], key)
+    for key in ("depths", "num_heads"):
+        v = out[key]
+        if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= MAX_STAGES:
+            raise ConfigError(f"config key {key!r} must be a list of 1..{MAX_STAGES} integers, one per stage")
+    if len(out["depths"]) != len(out["num_heads"]):
+        raise ConfigError("config keys 'depths' and 'num_heads' must have one entry per stage")
+    for s, (n, h) in enumerate(zip(out["depths"], out["num_heads"])):
+        check_bound(n, f"depths[{s}]", bound="depth")
+        check_bound(h, f"num_heads[{s}]", bound="num_heads")
+        check_bound(out["embed_dim"] * 2 ** s, f"stage {s} width (embed_dim * 2**{s})", bound="embed_dim")
+        if (out["embed_dim"] * 2 ** s) % h:
+            raise ConfigError(f"stage {s}: width {out['embed_dim'] * 2 ** s} is not divisible by num_heads {h}")
+    r = out["mlp_ratio"]
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 16:
+        raise ConfigError(f"config key 'mlp_ratio' must be a number in (0, 16], got {str(r)[:20]}")
+    if not isinstance(out["qkv_bias"], bool):
+        raise ConfigError("config key 'qkv_bias' must be true or false")
+    if out["arch"] is not None and not isinstance(out["arch"], str):
+        raise ConfigError("config key 'arch' must be a string")
+    merges = parse_stage_merges(out["merges"])
+    for (s, i) in merges:
+        if not (s < len(out["depths"]) and i < out["depths"][s]):
+            raise ConfigError(f"merge {s}.{i}: no such block (depths {list(out['depths'])})")
+    out["merges"] = {f"{s}.{i}": v for (s, i), v in sorted(merges.items())}
+    swin_config_from_format(out)   # window, eps, grids (a merge over an odd side)
+    return out
+
+
+def swin_config_from_format(fmt: dict) -> SwinConfig:
+    """The unpruned SwinConfig (merges included) of a format config."""
+    merges = parse_stage_merges(fmt.get("merges", {}))
+    dims = tuple(int(fmt["embed_dim"]) * 2 ** s for s in range(len(fmt["depths"])))
+    stages = []
+    for s, (n, h) in enumerate(zip(fmt["depths"], fmt["num_heads"])):
+        d = dims[s] // h
+        hidden = int(dims[s] * float(fmt["mlp_ratio"]))
+        stages.append(tuple(SwinBlock(h, d, d, hidden, d ** -0.5, merges.get((s, i))) for i in range(n)))
+    return SwinConfig(img_size=fmt["img_size"], patch_size=fmt["patch_size"], in_chans=fmt["in_chans"],
+                      num_classes=fmt["num_classes"], dims=dims, stages=tuple(stages),
+                      window=fmt["window_size"], qkv_bias=fmt["qkv_bias"], ln_eps=fmt.get("ln_eps", 1e-5))
+
+
+def format_config_of(model, merges: dict[tuple[int, int], str] | None = None, arch: str | None = None) -> dict:
+    """The cait-compactor/1 config of a timm SwinTransformer (+ merges {(stage, block): kind})."""
+    c = swin_config_of(model)
+    blocks = [blk[0] for blk in c.stages]
+    return {"family": "swin", "arch": arch, "img_size": c.img_size, "patch_size": c.patch_size,
+            "in_chans": c.in_chans, "num_classes": c.num_classes, "embed_dim": c.dims[0],
+            "depths": [len(b) for b in c.stages], "num_heads": [b.num_heads for b in blocks],
+            "window_size": c.window, "mlp_ratio": blocks[0].mlp_hidden / c.dims[0], "qkv_bias": c.qkv_bias,
+            "ln_eps": c.ln_eps, "merges": {f"{s}.{i}": k for (s, i), k in sorted((merges or {}).items())}}
+
+
+def checkpoint_key(cfg: SwinConfig, key: str) -> str:
+    """A CaitSwin state-dict key -> the checkpoint's (timm's layout: `patch_embed.proj`, `patch_embed.norm`,
+    `...mlp.fc1`, `head.fc`; a merge at `layers.{s}.blocks.{i}.htm.fc` / `vtm.fc`)."""
+    m = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(merge|fc1|fc2|fc1_compactor)\.(\w+)", key)
+    if m:
+        s, i, mod, leaf = m.groups()
+        if mod == "merge":
+            return f"layers.{s}.blocks.{i}.{_MERGE_NAME[cfg.stages[int(s)][int(i)].merge]}.fc.{leaf}"
+        return f"layers.{s}.blocks.{i}.mlp.{mod}.{leaf}"
+    if key.startswith("patch_embed."):
+        return "patch_embed.proj." + key.removeprefix("patch_embed.")
+    if key.startswith("patch_norm."):
+        return "patch_embed.norm." + key.removeprefix("patch_norm.")
+    if key.startswith("head."):
+        return "head.fc." + key.removeprefix("head.")
+    return key
+
+
+def checkpoint_shapes(cfg: SwinConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(required, optional) checkpoint key -> shape: the weights, and the compactors (each optional; a missing
+    one is the identity). Built on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        model = CaitSwin(cfg, compactors=True)
+    req, opt = {}, {}
+    for k, v in model.state_dict().items():
+        (opt if "_compactor." in k else req)[checkpoint_key(cfg, k)] = tuple(v.shape)
+    return req, opt
+
+
+def check_config(config) -> None:
+    """The registry's check: a fused Swin file holds a SwinConfig (validated on construction)."""
+    if not isinstance(config, SwinConfig):
+        raise ConfigError("family 'swin' needs a Swin config (stages, dims, window)")
+
+
+# ---- counts the shared reports use ----------------------------------------------------------------------
+def swin_params(cfg: SwinConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in CaitSwin(cfg).parameters())
+
+
+def swin_block_rows(cfg: SwinConfig) -> list[dict]:
+    """One row per block, in the shape of flops.block_rows (stage and window added)."""
+    f = swin_flops(cfg)
+    grids = cfg.grids()
+    rows = []
+    with torch.device("meta"):
+        model = CaitSwin(cfg)
+    for j, (s, i, b) in enumerate(cfg.flat()):
+        (win, shift) = cfg.window_shift(s, i)
+        gh, gw = grids[s][i]
+        params = sum(p.numel() for p in model.layers[s].blocks[i].parameters())
+        rows.append({"block": j, "stage": s, "merge": b.merge, "kind": "window-attn", "slim": None,
+                     "tokens": gh * gw, "grid": [gh, gw], "window": list(win), "shift": list(shift),
+                     "heads": b.num_heads, "qk_per_head": b.qk_dim, "v_per_head": b.v_dim, "mlp": b.mlp_hidden,
+                     "attn_scale": b.scale, "flops": f["blocks"][j], "flops_parts": {"total": f["blocks"][j]},
+                     "params": params})
+    return rows
+
+
+def swin_activation_bytes(cfg: SwinConfig, batch: int, elem_bytes: int = 4) -> int:
+    """Peak activation estimate (not an overestimate): the largest block's residual, qkv, window scores and
+    mlp hidden, or the stem's input and output."""
+    g = cfg.img_size // cfg.patch_size
+    peak = cfg.in_chans * cfg.img_size ** 2 + g * g * cfg.dims[0]
+    grids = cfg.grids()
+    for s, i, b in cfg.flat():
+        (wh, ww), _ = cfg.window_shift(s, i)
+        gh, gw = grids[s][i]
+        t = math.ceil(gh / wh) * wh * math.ceil(gw / ww) * ww
+        qkv = t * b.num_heads * (2 * b.qk_dim + b.v_dim)
+        attn = 2 * b.num_heads * t * wh * ww
+        peak = max(peak, 2 * gh * gw * cfg.dims[s] + qkv + max(attn, gh * gw * b.mlp_hidden))
+    return int(batch * peak * elem_bytes)
