@@ -264,14 +264,17 @@ SWIN_DEFAULT_MERGES = "2.4:h,2.5:v"   # paper Tab. XIV: HTM and VTM at the last 
 SWIN_DEFAULT_REDUCTION = 0.354       # its ATME + CDCP setting (Tab. XII, CDCP only: --merges none, 0.267)
 
 
-def swin_timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None):
-    """A randomly initialised timm SwinTransformer (v1), one-line OptionError for other names."""
+def swin_timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None,
+                    model_args: dict | None = None):
+    """A randomly initialised timm SwinTransformer (v1), one-line OptionError for other names; `model_args`
+    override timm's (embed_dim, depths, num_heads, ...)."""
     import timm
     from timm.models.swin_transformer import SwinTransformer
 
     if arch not in timm.list_models("swin_*"):
         raise OptionError("arch", f"{arch!r} is not a timm Swin (v1) model; e.g. swin_tiny_patch4_window7_224")
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
+    kwargs.update(model_args or {})
     try:
         model = timm.create_model(arch, pretrained=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - timm's own refusal of a size, in one line
@@ -283,7 +286,8 @@ def swin_timm_model(arch: str, num_classes: int | None = None, img_size: int | N
 
 def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[int, int], str],
                          weights: str | None = None, seed: int = 0, align: int = 1, num_classes: int | None = None,
-                         img_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                         img_size: int | None = None, model_args: dict | None = None
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`make_checkpoint` for a timm Swin: CDCP selection over every block of every stage, ATME merges inside a
     stage (mean of the two tokens at start). A block whose window the merges clip (Tab. XIV: stage 4 runs on
     4x4 tokens, window 4) gets its relative position table resized from the dense one, as timm resizes it."""
@@ -293,7 +297,7 @@ def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[i
     from .models import swin as SW
 
     torch.manual_seed(seed)
-    model = swin_timm_model(arch, num_classes, img_size)
+    model = swin_timm_model(arch, num_classes, img_size, model_args)
     if weights:
         fit_state_dict(model, load_weights(weights), weights, arch)
     try:

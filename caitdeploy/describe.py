@@ -35,9 +35,10 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
 
     ckpt = load_checkpoint(path)
     cfg = ckpt.config
+    swin = cfg.family == "swin"
     blocks = []
     kept_detail = []
-    for i, b in enumerate(cfg.blocks):
+    for i, b in enumerate([b for _, _, b in cfg.flat()] if swin else cfg.blocks):
         widths = {}
         for name, full in (("q", b.qk_dim), ("k", b.qk_dim), ("v", b.v_dim)):
             c = ckpt.compactor(i, name)
@@ -46,8 +47,13 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         mlp = int(c[1].sum()) if c is not None else b.mlp_hidden
         qk = max(max(widths["q"]), max(widths["k"]))
         kept_detail.append({"q": widths["q"], "k": widths["k"], "v": widths["v"], "fc1": mlp})
-        blocks.append(BlockConfig(b.num_heads, qk, max(widths["v"]), mlp, b.attn_scale, b.merge))
-    pruned = replace(cfg, blocks=tuple(blocks))
+        blocks.append(replace(b, qk_dim=qk, v_dim=max(widths["v"]), mlp_hidden=mlp) if swin else
+                      BlockConfig(b.num_heads, qk, max(widths["v"]), mlp, b.attn_scale, b.merge))
+    if swin:
+        it = iter(blocks)
+        pruned = replace(cfg, stages=tuple(tuple(next(it) for _ in st) for st in cfg.stages))
+    else:
+        pruned = replace(cfg, blocks=tuple(blocks))
     out = {"kind": "checkpoint", "format": "cait-compactor/1", "file": str(path), **_config_summary(pruned)}
     dense = model_flops(cfg.unpruned())  # the dense ViT without merges, as `fuse` reports it
     out["flops_dense"] = dense["total"]

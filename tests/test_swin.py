@@ -206,3 +206,138 @@ def test_dimap_zero_rows_dropped_exactly():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(small(x), dense(x), atol=1e-5, rtol=0)
+
+
+# ---- the Swin family end to end: checkpoint -> fuse -> fused file -> export (issue 15, second part) --------
+SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
+ARCH = "swin_tiny_patch4_window7_224"
+
+
+def small_checkpoint(tmp_path, merges=None, reduction=0.3, perturb=True, weights=None, seed=0):
+    """A CAIT-Swin checkpoint on the small Swin: CDCP masks for `reduction`, and (perturb) random compactors
+    whose dropped rows are zero and random merge weights, so fusing is checked on non-trivial folds."""
+    from caitdeploy.cdcp import make_swin_checkpoint, save_checkpoint_dict
+
+    ckpt, summary = make_swin_checkpoint(ARCH, reduction, merges if merges is not None else {(2, 1): "h"},
+                                         weights=weights, seed=seed, num_classes=10, model_args=SMALL)
+    if perturb:
+        g = torch.Generator().manual_seed(seed + 1)
+        sd = ckpt["state_dict"]
+        for k in list(sd):
+            if k.endswith("_compactor.weight"):
+                mask = sd[k[: -len("weight")] + "mask"]
+                noise = torch.randn(sd[k].shape, generator=g) * 0.1
+                sd[k] = (sd[k] + noise) * mask.unsqueeze(-1)       # dropped rows stay zero
+            elif ".htm." in k or ".vtm." in k or "relative_position_bias_table" in k:
+                sd[k] = torch.randn(sd[k].shape, generator=g) * 0.1
+    path = tmp_path / "swin_ckpt.safetensors"
+    save_checkpoint_dict(ckpt, path)
+    return path, ckpt, summary
+
+
+def test_swin_checkpoint_fuses_exactly(tmp_path):
+    """Random compactors (non-identity kept rows) and a merge that leaves stage 3 on a 7x4 grid: the fused model
+    equals the checkpoint's own float64 forward, its FLOPs equal torch's counter, its widths are the masks'."""
+    from caitdeploy.fuse import FuseOptions, fuse_file, swin_reference
+    from caitdeploy.checkpoint import load_checkpoint
+    from caitdeploy.io import load_model
+
+    path, ckpt, summary = small_checkpoint(tmp_path)
+    assert abs(summary["flops_reduction"] - 0.3) < 0.01
+    rep = fuse_file(path, tmp_path / "f.safetensors", FuseOptions(align=1))
+    assert rep["verify"]["max_abs_diff"] < 1e-4 and rep["verify"]["top1_agree"] == 1.0
+    assert rep["flops_fused"] == rep["verify"]["torch_flops_per_img"]
+    assert abs(rep["flops_reduction"] - summary["flops_reduction"]) < 1e-9
+    model = load_model(tmp_path / "f.safetensors")
+    cfg = model.config
+    assert cfg.family == "swin" and cfg.merges == {"2.1": "h"} and cfg.grids()[3] == [(7, 4), (7, 4)]
+    kept = [k["q"] // b.num_heads for k, (_, _, b) in zip(summary["kept"], cfg.flat())]
+    assert [b.qk_dim for _, _, b in cfg.flat()] == kept
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        ref = swin_reference(load_checkpoint(path))(x.double())
+        assert (model(x).double() - ref).abs().max() < 1e-4
+
+
+def test_swin_identity_fuse_equals_timm(tmp_path):
+    """No pruning, no merges: the fused Swin computes timm's forward (1e-5)."""
+    from safetensors.torch import save_file
+
+    from caitdeploy.fuse import FuseOptions, fuse_file
+    from caitdeploy.io import load_model
+
+    m = small_timm(seed=3)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    path, _, _ = small_checkpoint(tmp_path, merges={}, reduction=0.0, perturb=False,
+                                  weights=str(tmp_path / "w.safetensors"))
+    fuse_file(path, tmp_path / "f.safetensors", FuseOptions(align=1))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (load_model(tmp_path / "f.safetensors")(x) - m(x)).abs().max() < 1e-5
+
+
+def test_swin_export_dynamic_batch(tmp_path):
+    """The fused Swin through the project's exporter: clean census, ONNX Runtime equals PyTorch at batch 1 and 5."""
+    import onnx
+    import onnxruntime as ort
+
+    from caitdeploy.export.onnx import FORBIDDEN_OPS, export_onnx_bytes
+    from caitdeploy.fuse import FuseOptions, fuse_file
+    from caitdeploy.io import load_model
+
+    path, _, _ = small_checkpoint(tmp_path)
+    fuse_file(path, tmp_path / "f.safetensors", FuseOptions(align=8))
+    model = load_model(tmp_path / "f.safetensors", attn_impl="math")
+    data, rep = export_onnx_bytes(model, tmp_path / "f.onnx", verify_batches=(1, 5))
+    assert rep["verify"]["passed"] and [b["batch"] for b in rep["verify"]["batches"]] == [1, 5]
+    assert not set(rep["census"]) & set(FORBIDDEN_OPS) and "Gather" not in rep["census"]
+    assert rep["flops"] == swin_flops(model.config)["total"]
+    meta = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+    assert '"family": "swin"' in meta["caitdeploy.config"]
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(sess.run(None, {"images": x.numpy()})[0], ref, atol=1e-4, rtol=0)
+
+
+def test_swin_bad_inputs_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from caitdeploy.checkpoint import load_checkpoint
+    from caitdeploy.cdcp import parse_swin_merges
+    from caitdeploy.errors import CaitError, OptionError
+    import json
+
+    path, ckpt, _ = small_checkpoint(tmp_path, perturb=False)
+    sd = load_file(str(path))
+    meta = {"format": "cait-compactor/1", "config": json.dumps(ckpt["config"])}
+
+    def bad(sd2, config=None):
+        p = tmp_path / "bad.safetensors"
+        save_file(sd2, str(p), metadata={**meta, **({"config": json.dumps(config)} if config else {})})
+        with pytest.raises(CaitError) as e:
+            load_checkpoint(p)
+        return str(e.value)
+
+    assert "missing key 'layers.1.blocks.0.attn.qkv.weight'" in bad(
+        {k: v for k, v in sd.items() if k != "layers.1.blocks.0.attn.qkv.weight"})
+    assert "has no mask" in bad({k: v for k, v in sd.items() if k != "layers.0.blocks.1.attn.q_compactor.mask"})
+    assert "stage 3 block 1: vertical merge on an odd grid height 7" in bad(sd, {**ckpt["config"],
+                                                                                 "merges": {"3.1": "v"}})
+    assert "stage 2 block 1: horizontal merge on an odd grid width 7" in bad(
+        sd, {**ckpt["config"], "merges": {"2.0": "h", "2.1": "h"}})
+    assert "merge 5.0: no such block" in bad(sd, {**ckpt["config"], "merges": {"5.0": "h"}})
+    assert "unexpected key 'layers.2.blocks.1.htm.fc." in bad(sd, {**ckpt["config"], "merges": {}})
+    assert "unknown key 'depth'" in bad(sd, {**ckpt["config"], "depth": 12})
+    nan = dict(sd)
+    nan["layers.2.blocks.0.mlp.fc1.weight"] = nan["layers.2.blocks.0.mlp.fc1.weight"].clone()
+    nan["layers.2.blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
+    assert "'layers.2.blocks.0.mlp.fc1.weight' contains NaN" in bad(nan)
+    zero = dict(sd)
+    zero["layers.1.blocks.0.attn.v_compactor.mask"] = torch.zeros_like(zero["layers.1.blocks.0.attn.v_compactor.mask"])
+    assert "block layers.1.blocks.0: every v channel head 0 is masked" in bad(zero)
+    with pytest.raises(OptionError, match="STAGE.BLOCK"):
+        parse_swin_merges("4:h")
+    with pytest.raises(OptionError, match="named twice"):
+        parse_swin_merges("2.4:h,2.4:v")

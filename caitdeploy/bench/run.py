@@ -36,7 +36,9 @@ MAX_BATCH = 65536
 
 
 def arch_name(cfg: CaitConfig) -> str:
-    """A short name of a dense architecture, e.g. 'vit-d384-x12-h6-224px'."""
+    """A short name of a dense architecture, e.g. 'vit-d384-x12-h6-224px' ('swin-d96-x2.2.6.2-224px')."""
+    if cfg.family == "swin":
+        return f"swin-d{cfg.dims[0]}-x{'.'.join(str(len(s)) for s in cfg.stages)}-{cfg.size_text}px"
     return f"vit-d{cfg.embed_dim}-x{cfg.depth}-h{cfg.blocks[0].num_heads}-{cfg.size_text}px"
 
 
@@ -123,10 +125,10 @@ def _features(model: torch.nn.Module, features: tuple[int, ...] | None, restore:
 def _dense_builder(cfg: CaitConfig, seed: int, features=None, restore: str = "repeat"
                    ) -> Callable[[str, str | None], torch.nn.Module]:
     def build(attn_impl: str, kernels: str | None):
-        from ..model import CaitViT
+        from ..models import build_model
 
         torch.manual_seed(seed)
-        return _features(CaitViT(cfg, attn_impl=attn_impl, kernels=kernels).eval(), features, restore)
+        return _features(build_model(cfg, attn_impl=attn_impl, kernels=kernels).eval(), features, restore)
 
     return build
 
@@ -206,7 +208,9 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
             models.append(BenchModel("dense", arch, arch, "dense", _dense_builder(dense_cfg, seed, blocks, restore),
                                      flops=f_dense,
                                      params=model_params(dense_cfg), **common))
-        if "tome" in baselines:
+        if "tome" in baselines and config.family == "swin":
+            log(f"{setting}: ToMe n/a (its bipartite merging needs global attention; Swin attends in windows)")
+        elif "tome" in baselines:
             enc = _encoder(dense_cfg, blocks)   # ToMe's r is matched on what runs (no head with features)
             extra = head_flops(enc) if blocks else 0
             if tome_r == "auto":
