@@ -341,3 +341,73 @@ def test_swin_bad_inputs_one_line(tmp_path):
         parse_swin_merges("4:h")
     with pytest.raises(OptionError, match="named twice"):
         parse_swin_merges("2.4:h,2.4:v")
+
+
+def dimap_style_state_dict(m, seed=0, scattered=0.5):
+    """A DIMAP-like file from a timm Swin: `scattered` of every block matrix zeroed at random (unstructured), and
+    some whole rows too (fc1 rows with and without bias, q rows + bias, k rows, v rows + bias, proj columns)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    for k, v in sd.items():
+        if k.startswith("layers.") and k.endswith(".weight") and v.dim() == 2 and "norm" not in k:
+            v.mul_((torch.rand(v.shape, generator=g) > scattered).float())
+    for s, layer in enumerate(m.layers):
+        for i, blk in enumerate(layer.blocks):
+            p = f"layers.{s}.blocks.{i}."
+            heads, dim = blk.attn.num_heads, blk.norm1.normalized_shape[0]
+            hd = dim // heads
+            sd[p + "mlp.fc1.weight"][: 5 + i] = 0                  # constant GELU(b) units (bias kept)
+            sd[p + "mlp.fc1.bias"][:2] = 0                         # two of them fully zero
+            sd[p + "mlp.fc2.weight"][:, 7] = 0                     # a dead output column
+            for h in range(heads):
+                sd[p + "attn.qkv.weight"][h * hd + (h % 2)] = 0    # q row (head-dependent position) ...
+                sd[p + "attn.qkv.bias"][h * hd + (h % 2)] = 0
+                sd[p + "attn.qkv.weight"][dim + h * hd + 3] = 0    # ... and a k row + bias elsewhere
+                sd[p + "attn.qkv.bias"][dim + h * hd + 3] = 0
+                sd[p + "attn.qkv.weight"][2 * dim + h * hd + 2] = 0  # v row + bias
+                sd[p + "attn.qkv.bias"][2 * dim + h * hd + 2] = 0
+                sd[p + "attn.proj.weight"][:, h * hd + 4] = 0        # a dead proj column
+    return sd
+
+
+@pytest.mark.parametrize("layout", ["timm", "microsoft"])
+def test_convert_dimap_exact(tmp_path, layout):
+    """`convert --from dimap`: per-layer sparsity reported, whole zero rows removed, the result equal to the
+    dense timm forward; Microsoft's layout (PatchMerging at the end of a stage, `head.*`) read as timm's."""
+    import re
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from caitdeploy.cli import main
+    from caitdeploy.io import load_model
+
+    m = small_timm(seed=5)
+    sd = dimap_style_state_dict(m)
+    m.load_state_dict(sd)
+    if layout == "microsoft":
+        sd = {re.sub(r"^layers\.(\d+)\.downsample", lambda g: f"layers.{int(g.group(1)) - 1}.downsample", k)
+              .replace("head.fc.", "head."): v for k, v in sd.items()}
+    src = tmp_path / "dimap.pth"
+    torch.save({"model": sd}, src)
+    r = CliRunner().invoke(main, ["convert", str(src), "--from", "dimap", "-o", str(tmp_path / "d.safetensors"),
+                                  "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert f"{layout} layout" in text and "sparsity:" in text
+    import json
+
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["verify"]["max_abs_diff"] < 1e-4 and 0.45 < rep["sparsity"]["zeros"] < 0.6
+    assert len(rep["sparsity"]["layers"]) > 20
+    cfg = load_model(tmp_path / "d.safetensors").config
+    dense = swin_config_of(m)
+    for (s, i, b), (_, _, d) in zip(cfg.flat(), dense.flat()):
+        assert b.mlp_hidden == d.mlp_hidden - (5 + i) - (0 if 7 < 5 + i else 1)   # zero fc1 rows, fc2 column 7
+        assert b.qk_dim == d.qk_dim - 2 and b.v_dim == d.v_dim - 2   # a q and a k position; a v row, a proj column
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (load_model(tmp_path / "d.safetensors")(x) - m(x)).abs().max() < 1e-4
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "junk.safetensors"))
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "junk.safetensors"), "--from", "dimap"])
+    assert r.exit_code == 2 and "not --from dimap" in r.output

@@ -1,4 +1,4 @@
-"""`caitdeploy convert`: SiT, LV-ViT and SPViT-DeiT checkpoints -> fused models."""
+"""`caitdeploy convert`: SiT, LV-ViT, SPViT-DeiT and DIMAP (Swin) checkpoints -> fused models."""
 from __future__ import annotations
 
 import click
@@ -20,8 +20,9 @@ def _stages(ctx, param, value):
 
 @click.command("convert")
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--from", "source", type=click.Choice(["sit", "lvvit", "spvit"]), required=True,
-              help="The checkpoint's system: SiT (Sense-X/SiT), its dense LV-ViT teachers, SPViT-DeiT (ziplab/SPViT).")
+@click.option("--from", "source", type=click.Choice(["sit", "lvvit", "spvit", "dimap"]), required=True,
+              help="The checkpoint's system: SiT (Sense-X/SiT), its dense LV-ViT teachers, SPViT-DeiT (ziplab/SPViT), "
+                   "DIMAP (a pruned Swin state dict, timm or Microsoft layout).")
 @click.option("--variant", type=click.Choice(["t", "xs", "s", "m", "l"]), default=None,
               help="SiT / LV-ViT release size (sets the slim positions and checks the sizes).")
 @click.option("--stages", callback=_stages, default=None,
@@ -36,7 +37,8 @@ def _stages(ctx, param, value):
 @click.option("-q", "--quiet", is_flag=True, help="No table.")
 @handle_errors
 def convert_cmd(checkpoint, source, variant, stages, num_heads, align, output, verify_batch, report_path, quiet):
-    """Convert a SiT / LV-ViT / SPViT-DeiT checkpoint into a dense fused model (then export, bench, serve)."""
+    """Convert a SiT / LV-ViT / SPViT-DeiT / DIMAP-Swin checkpoint into a dense fused model (then export, bench,
+    serve)."""
     from ..convert import convert_file
     from ..errors import Staging
     from ..flops import block_rows

@@ -1,6 +1,7 @@
 """`caitdeploy convert`: released pruned-ViT checkpoints of other systems -> dense deployable fused models.
 
-One module per source (`sit.py`: SiT and its dense LV-ViT teachers; `spvit.py`: SPViT-DeiT). Each reads the
+One module per source (`sit.py`: SiT and its dense LV-ViT teachers; `spvit.py`: SPViT-DeiT; `dimap.py`: DIMAP's
+unstructured-pruned Swin, whole zero rows removed). Each reads the
 upstream state dict (untrusted: `weights_only`, every key and shape checked against the layout its docs/
 describes), folds what deploys as plain weights (BatchNorm, skip_lam, the TSM scale, SPViT's head mixture),
 checks the result against a float64 forward written literally from the upstream format, and writes a
@@ -19,7 +20,7 @@ import torch
 from ..errors import CaitError, OptionError, Staging
 from .common import check_layout, verify  # noqa: F401
 
-SOURCES = ("sit", "lvvit", "spvit")
+SOURCES = ("sit", "lvvit", "spvit", "dimap")
 
 
 def detect(sd: dict[str, torch.Tensor]) -> str:
@@ -34,6 +35,13 @@ def detect(sd: dict[str, torch.Tensor]) -> str:
         return "spvit"
     if any(re.fullmatch(r"blocks\.\d+\.attn\.[qkv]_compactor\.weight", k) for k in keys):
         return "cait"
+    if any(re.fullmatch(r"layers\.\d+\.blocks\.\d+\.attn\.(qk\.weight|head_probs|bn_[13]x[13]\.weight)", k)
+           for k in keys):
+        return "spvit-swin"
+    if any(re.fullmatch(r"layers\.\d+\.blocks\.\d+\.attn\.[qkv]_compactor\.weight", k) for k in keys):
+        return "cait-swin"
+    if "layers.0.blocks.0.attn.relative_position_bias_table" in keys:
+        return "dimap"
     if "blocks.0.attn.qkv.weight" in keys:
         return "vit"
     return "unknown"
@@ -42,6 +50,10 @@ def detect(sd: dict[str, torch.Tensor]) -> str:
 NAMES = {"sit": "a SiT checkpoint (tsm.* keys)", "lvvit": "an LV-ViT checkpoint (conv stem, no tsm.* keys)",
          "spvit": "an SPViT-DeiT checkpoint (attn.qk / head_probs / bn_1x1 / bn_3x3 keys)",
          "cait": "a CAIT checkpoint (compactor keys): use `caitdeploy fuse`",
+         "cait-swin": "a CAIT-Swin checkpoint (compactor keys): use `caitdeploy fuse`",
+         "spvit-swin": "an SPViT-Swin checkpoint (attn.qk / head_probs / bn_* keys under layers.*), which this "
+                       "version does not convert",
+         "dimap": "a Swin state dict (a DIMAP checkpoint is one)",
          "vit": "a plain timm ViT checkpoint: use `caitdeploy fuse --arch NAME` or `make-checkpoint --weights`",
          "unknown": "not a checkpoint layout convert knows"}
 
@@ -80,8 +92,10 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
         raise OptionError("align", f"must be an integer in 1..{MAX_ALIGN}, got {align!r}")
     if isinstance(verify_batch, bool) or not isinstance(verify_batch, int) or not 0 <= verify_batch <= MAX_VERIFY_BATCH:
         raise OptionError("verify_batch", f"must be an integer in 0..{MAX_VERIFY_BATCH}, got {verify_batch!r}")
-    if source == "spvit" and (variant is not None or stages is not None):
+    if source in ("spvit", "dimap") and (variant is not None or stages is not None):
         raise OptionError("variant", "SPViT's layout is read from its keys: --variant/--stages are for sit/lvvit")
+    if source == "dimap" and num_heads is not None:
+        raise OptionError("num_heads", "a Swin state dict tells its heads (relative position tables): leave it out")
     if source != "spvit" and align != 1:
         raise OptionError("align", "zero-pads SPViT's pruned FFN widths: it applies to --from spvit only")
     output = Path(output) if output else path.with_name(path.name.split(".")[0] + ".fused.safetensors")
@@ -97,10 +111,14 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
         from . import sit as conv
 
         config, tensors, reference, notes = conv.convert(path, sd, source, variant, stages, num_heads)
-    else:
+    elif source == "spvit":
         from . import spvit as conv
 
         config, tensors, reference, notes = conv.convert(path, sd, num_heads, align)
+    else:
+        from . import dimap as conv
+
+        config, tensors, reference, notes, extra = conv.convert(path, sd)
     model = build_model(config, attn_impl="math").eval()
     model.load_state_dict(tensors)
     report: dict[str, Any] = {"checkpoint": str(path), "source": source, "variant": variant, "family": config.family,
@@ -108,6 +126,8 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
                               "flops_dense": model_flops(config.unpruned())["total"], "params": model_params(config),
                               "params_dense": model_params(config.unpruned())}
     report["flops_reduction"] = 1 - report["flops"] / report["flops_dense"]
+    if source == "dimap":
+        report.update(extra)
     if verify_batch:
         report["verify"] = verify(model, reference, config, verify_batch)
         counted = torch_counted_flops(config)

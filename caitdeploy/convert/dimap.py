@@ -1,7 +1,7 @@
-"""DIMAP (ICLR 2024) checkpoints: unstructured weight masking of Swin. What survives deployment is only what
-whole zero rows or columns allow; this module finds them and removes them exactly (issue 15, first part: pure
-functions on a `CaitSwin` config and state dict; the `convert --from dimap` command comes with the Swin family's
-fused-file support).
+"""`convert --from dimap`: DIMAP (ICLR 2024) checkpoints, unstructured weight masking of Swin (the file is a
+plain Swin state dict, timm's or Microsoft's layout, with zeros scattered inside full tensors). What survives
+deployment is only what whole zero rows or columns allow; this module reports the sparsity per layer, finds
+those rows and removes them exactly.
 
 Exact removals, per block:
 - FFN hidden unit r: fc1 row r and fc1 bias r both zero, so its output is the constant GELU(0) = 0, or just
@@ -15,6 +15,8 @@ head with the fewest removable ones (the lowest-index removable ones; any choice
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -36,7 +38,7 @@ def sparsity(sd: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
 def _keep_per_head(removable: torch.Tensor, heads: int) -> torch.Tensor:
     """[heads * width] bool removable -> [heads * width] bool keep, the same count kept in every head."""
     r = removable.view(heads, -1)
-    n = int(r.sum(1).min())
+    n = min(int(r.sum(1).min()), r.shape[1] - 1)   # a head keeps at least one channel
     keep = torch.ones_like(r)
     for h in range(heads):
         idx = torch.nonzero(r[h]).flatten()[:n]
@@ -98,3 +100,97 @@ def drop_zero_rows(cfg: SwinConfig, sd: dict[str, torch.Tensor]) -> tuple[SwinCo
             new_blocks.append(nb)
         stages.append(tuple(new_blocks))
     return replace(cfg, stages=tuple(stages)), sd, report
+
+
+# ---- the file -----------------------------------------------------------------------------------------------
+SWIN_BUFFERS = re.compile(r".*\.(relative_position_index|attn_mask)")
+
+
+def timm_layout(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """A Swin state dict in timm's layout (Microsoft's: PatchMerging at the END of a stage, `head.*`, remapped as
+    timm's own checkpoint filter does); buffers dropped. Returns (state dict, "timm" | "microsoft")."""
+    sd = {k: v for k, v in sd.items() if not SWIN_BUFFERS.fullmatch(k)}
+    if "layers.0.downsample.reduction.weight" not in sd:
+        return sd, "timm"
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
+        out[re.sub(r"^head\.", "head.fc.", k)] = v
+    return out, "microsoft"
+
+
+def infer_format(path, sd: dict[str, torch.Tensor], img_size: int = 224) -> dict[str, Any]:
+    """The Swin format config a plain state dict's shapes tell: widths from the stem, stages and depths from the
+    block keys, heads and window from the relative position tables, mlp ratio from fc1, classes from the head.
+    The input size is not in the weights: `img_size` (the releases' 224)."""
+    from ..errors import CaitError
+
+    pw = sd.get("patch_embed.proj.weight")
+    head = sd.get("head.fc.weight")
+    if pw is None or pw.dim() != 4 or head is None or head.dim() != 2:
+        raise CaitError(f"{path}: not a Swin state dict (no patch_embed.proj.weight [C, 3, p, p] or head weight)")
+    depths: dict[int, int] = {}
+    for k in sd:
+        if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k):
+            s, i = int(m.group(1)), int(m.group(2))
+            if s > 16 or i > 256:
+                raise CaitError(f"{path}: key {k!r}: stage or block index out of range")
+            depths[s] = max(depths.get(s, 0), i + 1)
+    if not depths or sorted(depths) != list(range(len(depths))):
+        raise CaitError(f"{path}: no Swin blocks (layers.S.blocks.I.*) numbered from stage 0")
+    heads, window = [], None
+    for s in range(len(depths)):
+        t = sd.get(f"layers.{s}.blocks.0.attn.relative_position_bias_table")
+        fc1 = sd.get(f"layers.{s}.blocks.0.mlp.fc1.weight")
+        if t is None or t.dim() != 2 or fc1 is None or fc1.dim() != 2:
+            raise CaitError(f"{path}: stage {s} block 0 lacks attn.relative_position_bias_table or mlp.fc1.weight")
+        heads.append(int(t.shape[1]))
+        if s == 0:
+            side = math.isqrt(int(t.shape[0]))
+            if side * side != t.shape[0] or side % 2 == 0:
+                raise CaitError(f"{path}: relative position table of {t.shape[0]} rows is not (2w-1)^2")
+            window = (side + 1) // 2
+    dim = int(pw.shape[0])
+    return {"family": "swin", "arch": None, "img_size": img_size, "patch_size": int(pw.shape[-1]),
+            "in_chans": int(pw.shape[1]), "num_classes": int(head.shape[0]), "embed_dim": dim,
+            "depths": [depths[s] for s in range(len(depths))], "num_heads": heads, "window_size": window,
+            "mlp_ratio": sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / dim,
+            "qkv_bias": "layers.0.blocks.0.attn.qkv.bias" in sd, "ln_eps": 1e-5, "merges": {}}
+
+
+def convert(path, sd: dict[str, torch.Tensor], img_size: int = 224):
+    """(config, deploy tensors, float64 reference forward, notes, extra report fields)."""
+    from ..checkpoint import validate_state_dict
+    from ..config import ConfigError
+    from ..errors import CaitError
+    from ..models.swin import CaitSwin, check_format, checkpoint_key, checkpoint_shapes, swin_config_from_format
+
+    sd, layout = timm_layout(sd)
+    try:
+        fmt = check_format(infer_format(path, sd, img_size))
+        cfg = swin_config_from_format(fmt)
+    except ConfigError as e:
+        raise CaitError(f"{path}: {e}") from None
+    req, _ = checkpoint_shapes(cfg)
+    validate_state_dict(path, sd, req, {})
+    with torch.device("meta"):
+        keys = list(CaitSwin(cfg).state_dict())
+    dense = {k: sd[checkpoint_key(cfg, k)].float() for k in keys}
+    layers = sparsity({k: sd[k] for k in req})
+    total = sum(math.prod(r["shape"]) for r in layers)
+    zeros = sum(r["zeros"] * math.prod(r["shape"]) for r in layers)
+    small, tensors, rows = drop_zero_rows(cfg, dense)
+    small = replace(small, source=fmt)
+    removed = {part: sum(r[part][0] - r[part][1] for r in rows) for part in ("qk", "v", "mlp")}
+
+    ref_model = CaitSwin(cfg)
+    ref_model.load_state_dict(dense)
+    ref_model = ref_model.double().eval()
+    notes = [f"{layout} layout, {len(cfg.stages)} stages {[len(b) for b in cfg.stages]}, heads {fmt['num_heads']}, "
+             f"window {cfg.window}; img_size {img_size} (not stored in the weights)",
+             f"sparsity: {100 * zeros / max(total, 1):.1f}% of the {total} weights in matrices are zero "
+             f"(layers from {100 * min(r['zeros'] for r in layers):.1f}% to {100 * max(r['zeros'] for r in layers):.1f}%)",
+             f"exact row removal: {removed['mlp']} FFN units, {removed['qk']} q/k and {removed['v']} v channels per "
+             "head summed over blocks (scattered zeros inside kept rows still cost their multiply-adds)"]
+    extra = {"sparsity": {"zeros": zeros / max(total, 1), "layers": layers}, "removed_rows": rows}
+    return small, tensors, ref_model, notes, extra
