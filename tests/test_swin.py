@@ -2,6 +2,7 @@
 widths and merges through a dynamic-batch ONNX."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -411,3 +412,95 @@ def test_convert_dimap_exact(tmp_path, layout):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "junk.safetensors"))
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "junk.safetensors"), "--from", "dimap"])
     assert r.exit_code == 2 and "not --from dimap" in r.output
+
+
+SPVIT_KINDS = [["attn", "conv1"], ["conv3", "skip"], ["attn", "conv3"], ["conv1", "attn"]]
+
+
+def spvit_swin_state_dict(seed=0, kinds=SPVIT_KINDS):
+    """An SPViT-Swin fine-tuned file as upstream writes it (Microsoft layout: PatchMerging at the end of a stage,
+    `head.*`; persistent relative_position_index / attn_mask buffers; qk + v; head_probs and BatchNorm for conv
+    blocks; pruned FFN widths), on the small Swin, with random weights and BatchNorm statistics."""
+    g = torch.Generator().manual_seed(seed)
+    m = small_timm(seed)
+    base = m.state_dict()
+    sd = {}
+    for k, v in base.items():
+        if ".blocks." not in k:
+            sd[re.sub(r"^layers\.(\d+)\.downsample", lambda x: f"layers.{int(x.group(1)) - 1}.downsample", k)
+               .replace("head.fc.", "head.")] = v.clone()
+    for s, layer in enumerate(m.layers):
+        c, h = layer.blocks[0].norm1.normalized_shape[0], layer.blocks[0].attn.num_heads
+        d = c // h
+        for i, blk in enumerate(layer.blocks):
+            p, kind = f"layers.{s}.blocks.{i}.", kinds[s][i]
+            for n in ("norm1", "norm2"):
+                sd[p + n + ".weight"], sd[p + n + ".bias"] = base[p + n + ".weight"], base[p + n + ".bias"]
+            keep = torch.randperm(blk.mlp.fc1.out_features, generator=g)[: blk.mlp.fc1.out_features // 2 + 3 * i]
+            sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = base[p + "mlp.fc1.weight"][keep], base[p + "mlp.fc1.bias"][keep]
+            sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = base[p + "mlp.fc2.weight"][:, keep], base[p + "mlp.fc2.bias"]
+            if kind == "skip":
+                continue
+            qkv_w, qkv_b = base[p + "attn.qkv.weight"], base[p + "attn.qkv.bias"]
+            sd[p + "attn.v.weight"], sd[p + "attn.v.bias"] = qkv_w[2 * c:], qkv_b[2 * c:]
+            sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"] = base[p + "attn.proj.weight"], base[p + "attn.proj.bias"]
+            if kind == "attn":
+                sd[p + "attn.qk.weight"], sd[p + "attn.qk.bias"] = qkv_w[: 2 * c], qkv_b[: 2 * c]
+                sd[p + "attn.relative_position_bias_table"] = base[p + "attn.relative_position_bias_table"]
+                sd[p + "attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)   # a buffer
+            else:
+                sd[p + "attn.head_probs"] = torch.randn(h, 9, generator=g) * 100   # alpha 1e2: a real mixture
+                bn = p + ("attn.bn_1x1." if kind == "conv1" else "attn.bn_3x3.")
+                sd[bn + "weight"] = 1 + 0.2 * torch.randn(d, generator=g)
+                sd[bn + "bias"] = 0.1 * torch.randn(d, generator=g)
+                sd[bn + "running_mean"] = 0.1 * torch.randn(d, generator=g)
+                sd[bn + "running_var"] = 0.5 + torch.rand(d, generator=g)
+                sd[bn + "num_batches_tracked"] = torch.tensor(7)
+    return sd
+
+
+def test_convert_spvit_swin(tmp_path):
+    """`convert --from spvit` detects SPViT-Swin; attention, 1x1, 3x3 (whole map) and skipped blocks with pruned
+    FFNs fold into the Swin family exactly (the float64 reference is written from the upstream format); the
+    fused file exports with a dynamic batch and its FLOPs equal torch's counter."""
+    from click.testing import CliRunner
+
+    from caitdeploy.cli import main
+    from caitdeploy.convert import convert_file
+    from caitdeploy.export.onnx import export_onnx_bytes
+    from caitdeploy.io import load_model
+
+    src = tmp_path / "spvit_swin.pth"
+    torch.save({"model": spvit_swin_state_dict()}, src)
+    rep = convert_file(src, "spvit", tmp_path / "s.safetensors", align=8)
+    assert rep["source"] == "spvit-swin" and rep["verify"]["max_abs_diff"] < 1e-4
+    assert rep["verify"]["top1_agree"] == 1.0 and rep["flops"] < rep["flops_dense"]
+    model = load_model(tmp_path / "s.safetensors", attn_impl="math")
+    assert [b.kind for _, _, b in model.config.flat()] == [k for row in SPVIT_KINDS for k in row]
+    assert all(b.mlp_hidden % 8 == 0 for _, _, b in model.config.flat())
+    _, erep = export_onnx_bytes(model, tmp_path / "s.onnx", verify_batches=(1, 5))
+    assert erep["verify"]["passed"] and erep["census"]["Conv"] == 1 + 4   # stem + the 4 conv blocks
+    r = CliRunner().invoke(main, ["convert", str(src), "--from", "dimap"])
+    assert r.exit_code == 2 and "SPViT-Swin" in r.output and "use --from spvit" in r.output
+
+
+def test_spvit_swin_3x3_tap_order():
+    """The 3x3 kernel's layout: head_probs column 0 is the centre, columns [1, 2, 3, 4, 0, 5, 6, 7, 8] fill the
+    kernel column-major. A mixture that puts all weight of column t on head 0 makes the kernel's tap at that
+    position v_0 and the others zero."""
+    from caitdeploy.convert.spvit_swin import SWIN_TAPS, conv_weights
+
+    c, h = 8, 2
+    for t in range(9):
+        probs = torch.full((h, 9), -1e6)
+        probs[1] = 0.0
+        probs[0, t] = 1e6                # column t: head 0 only; other columns: head 1 only
+        v = torch.randn(c, c)
+        sd = {"p.attn.v.weight": v, "p.attn.v.bias": torch.zeros(c), "p.attn.proj.weight": torch.randn(c, c),
+              "p.attn.proj.bias": torch.zeros(c), "p.attn.head_probs": probs}
+        w1, _, _, _ = conv_weights(sd, "p.", "conv3", h)
+        pos = SWIN_TAPS.index(t)
+        row, col = pos % 3, pos // 3
+        assert torch.allclose(w1[:, :, row, col], v[: c // h].double())
+        w0, *_ = conv_weights(sd, "p.", "conv1", h)
+        assert torch.allclose(w0[:, :, 0, 0], v[: c // h].double() if t == 0 else v[c // h:].double())

@@ -51,8 +51,8 @@ NAMES = {"sit": "a SiT checkpoint (tsm.* keys)", "lvvit": "an LV-ViT checkpoint 
          "spvit": "an SPViT-DeiT checkpoint (attn.qk / head_probs / bn_1x1 / bn_3x3 keys)",
          "cait": "a CAIT checkpoint (compactor keys): use `caitdeploy fuse`",
          "cait-swin": "a CAIT-Swin checkpoint (compactor keys): use `caitdeploy fuse`",
-         "spvit-swin": "an SPViT-Swin checkpoint (attn.qk / head_probs / bn_* keys under layers.*), which this "
-                       "version does not convert",
+         "spvit-swin": "an SPViT-Swin checkpoint (attn.qk / head_probs / bn_* keys under layers.*): use --from "
+                       "spvit",
          "dimap": "a Swin state dict (a DIMAP checkpoint is one)",
          "vit": "a plain timm ViT checkpoint: use `caitdeploy fuse --arch NAME` or `make-checkpoint --weights`",
          "unknown": "not a checkpoint layout convert knows"}
@@ -66,7 +66,10 @@ def load_upstream(path: Path) -> dict[str, torch.Tensor]:
     sd = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(sd, dict) or not sd:
         raise CaitError(f"{path}: no 'model'/'state_dict' dict of tensors")
-    sd = {k: v for k, v in sd.items() if not (isinstance(k, str) and k.endswith(".num_batches_tracked"))}
+    # training-only counters and Swin's index/mask buffers (rebuilt from the config; int64 in upstream files)
+    sd = {k: v for k, v in sd.items()
+          if not (isinstance(k, str) and k.endswith((".num_batches_tracked", ".relative_position_index",
+                                                     ".attn_mask")))}
     sd, _ = check_tensors(path, _strip_prefixes(sd))
     return sd
 
@@ -104,6 +107,8 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
     check_memory(6 * size + (256 << 20), f"{path}: converting a {size}-byte checkpoint")
     sd = load_upstream(path)
     found = detect(sd)
+    if found == "spvit-swin" and source == "spvit":
+        found = source = "spvit-swin"
     if found != source:
         raise CaitError(f"{path}: is {NAMES[found]}, not --from {source}"
                         + (f": use --from {found}" if found in SOURCES else ""))
@@ -111,6 +116,10 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
         from . import sit as conv
 
         config, tensors, reference, notes = conv.convert(path, sd, source, variant, stages, num_heads)
+    elif source == "spvit-swin":
+        from . import spvit_swin as conv
+
+        config, tensors, reference, notes = conv.convert(path, sd, num_heads, align)
     elif source == "spvit":
         from . import spvit as conv
 

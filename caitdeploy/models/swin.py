@@ -37,6 +37,8 @@ NAME = "swin"
 DESCRIPTION = "Swin Transformer: shifted-window attention, per-head CAIT widths, ATME merges inside a stage"
 MAX_STAGES = 8
 MAX_WINDOW = 64
+KINDS = ("attn", "conv1", "conv3", "skip")
+CONV_KERNEL = {"conv1": 1, "conv3": 3}
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class SwinBlock:
     mlp_hidden: int
     scale: float           # attention scale (the dense head width's ** -0.5, kept when q/k are pruned)
     merge: str | None = None   # "h" | "v": an ATME merge before this block
+    # the token mixer: window attention, SPViT-Swin's 1x1 / 3x3 convolution over the whole map (v_dim channels,
+    # BatchNorm folded, ReLU, Linear back), or nothing (the block adds its LayerNorm output)
+    kind: str = "attn"
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,9 @@ class SwinConfig:
                     check_bound(getattr(b, key), key, what=f"stage {s} block {i}: ")
                 if b.merge not in (None, "h", "v"):
                     raise ConfigError(f"stage {s} block {i}: merge must be 'h' or 'v', got {b.merge!r}")
+                if b.kind not in KINDS:
+                    raise ConfigError(f"stage {s} block {i}: kind must be one of {', '.join(KINDS)}, got "
+                                      f"{str(b.kind)[:20]!r}")
                 if isinstance(b.scale, bool) or not isinstance(b.scale, (int, float)) \
                         or not (b.scale > 0 and math.isfinite(b.scale)):
                     raise ConfigError(f"stage {s} block {i}: scale must be a positive finite number")
@@ -156,7 +164,8 @@ class SwinConfig:
                 "in_chans": self.in_chans, "num_classes": self.num_classes, "dims": list(self.dims),
                 "window": self.window, "qkv_bias": self.qkv_bias, "ln_eps": self.ln_eps, "source": self.source,
                 "stages": [[{"num_heads": b.num_heads, "qk_dim": b.qk_dim, "v_dim": b.v_dim,
-                             "mlp_hidden": b.mlp_hidden, "scale": b.scale, "merge": b.merge} for b in blocks]
+                             "mlp_hidden": b.mlp_hidden, "scale": b.scale, "merge": b.merge, "kind": b.kind}
+                            for b in blocks]
                            for blocks in self.stages]}
 
     def to_json(self) -> str:
@@ -182,10 +191,10 @@ class SwinConfig:
                 raise ConfigError(f"swin config: stages[{s}] must be a list of 1..256 blocks")
             row = []
             for i, b in enumerate(blocks):
-                if not isinstance(b, dict) or set(b) != {"num_heads", "qk_dim", "v_dim", "mlp_hidden", "scale",
-                                                           "merge"}:
+                if not isinstance(b, dict) or set(b) - {"kind"} != {"num_heads", "qk_dim", "v_dim", "mlp_hidden",
+                                                                      "scale", "merge"}:
                     raise ConfigError(f"swin config: stages[{s}][{i}] must have num_heads, qk_dim, v_dim, "
-                                      "mlp_hidden, scale, merge")
+                                      "mlp_hidden, scale, merge (and kind)")
                 row.append(SwinBlock(**b))
             stages.append(tuple(row))
         try:
@@ -301,6 +310,20 @@ class SwinAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(-1, n, hv))
 
 
+class SwinConvMixer(nn.Module):
+    """SPViT-Swin's convolutional mixer, deploy form: the whole map [B, H, W, C] -> Conv2d (C -> inner, k x k,
+    padding k // 2; BatchNorm folded) -> ReLU -> Linear (inner -> C). No windows, no shift (upstream runs its
+    3x3 blocks on the full map; a 1x1 is per token, so windows do not change it)."""
+
+    def __init__(self, dim: int, inner: int, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, inner, kernel, padding=kernel // 2)
+        self.proj = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
+
+
 class SwinBlockModule(nn.Module):
     def __init__(self, dim: int, b: SwinBlock, grid: tuple[int, int], win, shift, qkv_bias: bool, eps: float,
                  compactors: bool = False):
@@ -309,12 +332,18 @@ class SwinBlockModule(nn.Module):
         self.merge = nn.Linear(2 * dim, dim) if b.merge else None
         self.merge_kind = b.merge
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = SwinAttention(dim, b, win, qkv_bias, compactors)
+        self.kind = b.kind
+        if b.kind == "attn":
+            self.attn = SwinAttention(dim, b, win, qkv_bias, compactors)
+        elif b.kind in CONV_KERNEL:
+            self.attn = SwinConvMixer(dim, b.v_dim, CONV_KERNEL[b.kind])
+        else:
+            self.attn = None
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.fc1 = nn.Linear(dim, b.mlp_hidden)
         self.fc1_compactor = Compactor(None, b.mlp_hidden) if compactors else None
         self.fc2 = nn.Linear(b.mlp_hidden, dim)
-        mask = window_mask(grid, win, shift)
+        mask = window_mask(grid, win, shift) if b.kind == "attn" else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
@@ -343,7 +372,12 @@ class SwinBlockModule(nn.Module):
             else:                           # (2r, c) and (2r+1, c)
                 x = x.reshape(-1, h, 2, w, c).permute(0, 1, 3, 2, 4).reshape(-1, h, w, 2 * c)
             x = self.merge(x)
-        x = x + self._attn(self.norm1(x))
+        y = self.norm1(x)
+        if self.kind == "attn":
+            y = self._attn(y)
+        elif self.attn is not None:
+            y = self.attn(y)
+        x = x + y
         h = self.fc1(self.norm2(x))
         if self.fc1_compactor is not None:
             h = self.fc1_compactor(h)
@@ -444,6 +478,10 @@ def _block_flops(cfg: SwinConfig, s: int, i: int, b: SwinBlock) -> int:
     gh, gw = cfg.grids()[s][i]
     c = cfg.dims[s]
     f = 2 * gh * gw * 2 * c * c if b.merge else 0
+    f += 2 * 2 * gh * gw * c * b.mlp_hidden           # fc1, fc2 (unpadded tokens)
+    if b.kind != "attn":
+        k = CONV_KERNEL.get(b.kind, 0)
+        return f + (2 * gh * gw * c * b.v_dim * k * k + 2 * gh * gw * b.v_dim * c if k else 0)
     (wh, ww), _ = cfg.window_shift(s, i)
     t = math.ceil(gh / wh) * wh * math.ceil(gw / ww) * ww   # tokens computed (the windows' padding included)
     n = wh * ww                                              # tokens per window
@@ -451,7 +489,6 @@ def _block_flops(cfg: SwinConfig, s: int, i: int, b: SwinBlock) -> int:
     f += 2 * t * c * (2 * hq + hv)                    # qkv
     f += 2 * t * n * hq + 2 * t * n * hv              # q @ k^T, attn @ v (per window)
     f += 2 * t * hv * c                               # proj
-    f += 2 * 2 * gh * gw * c * b.mlp_hidden           # fc1, fc2 (unpadded tokens)
     return f
 
 
@@ -633,7 +670,8 @@ def swin_block_rows(cfg: SwinConfig) -> list[dict]:
         (win, shift) = cfg.window_shift(s, i)
         gh, gw = grids[s][i]
         params = sum(p.numel() for p in model.layers[s].blocks[i].parameters())
-        rows.append({"block": j, "stage": s, "merge": b.merge, "kind": "window-attn", "slim": None,
+        rows.append({"block": j, "stage": s, "merge": b.merge,
+                     "kind": "window-attn" if b.kind == "attn" else b.kind, "slim": None,
                      "tokens": gh * gw, "grid": [gh, gw], "window": list(win), "shift": list(shift),
                      "heads": b.num_heads, "qk_per_head": b.qk_dim, "v_per_head": b.v_dim, "mlp": b.mlp_hidden,
                      "attn_scale": b.scale, "flops": f["blocks"][j], "flops_parts": {"total": f["blocks"][j]},
