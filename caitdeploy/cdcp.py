@@ -233,7 +233,8 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     sd = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(sd, dict):
         raise CaitError(f"{path}: no state dict found")
-    sd = {k: v for k, v in _strip_prefixes(sd).items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in _strip_prefixes(sd).items() if isinstance(v, torch.Tensor)
+          and not k.endswith((".relative_position_index", ".attn_mask"))}   # Swin's buffers, rebuilt by the model
     return check_tensors(Path(path), sd)[0]  # dense real storage, float weights (half upcast)
 
 
@@ -299,7 +300,9 @@ def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[i
     torch.manual_seed(seed)
     model = swin_timm_model(arch, num_classes, img_size, model_args)
     if weights:
-        fit_state_dict(model, load_weights(weights), weights, arch)
+        from .convert.dimap import timm_layout
+
+        fit_state_dict(model, timm_layout(load_weights(weights))[0], weights, arch)   # Microsoft's layout too
     try:
         fmt = SW.check_format(SW.format_config_of(model, merges, arch))
     except ConfigError as e:

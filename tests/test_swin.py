@@ -2,7 +2,6 @@
 widths and merges through a dynamic-batch ONNX."""
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 import numpy as np
@@ -344,38 +343,10 @@ def test_swin_bad_inputs_one_line(tmp_path):
         parse_swin_merges("2.4:h,2.4:v")
 
 
-def dimap_style_state_dict(m, seed=0, scattered=0.5):
-    """A DIMAP-like file from a timm Swin: `scattered` of every block matrix zeroed at random (unstructured), and
-    some whole rows too (fc1 rows with and without bias, q rows + bias, k rows, v rows + bias, proj columns)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {k: v.clone() for k, v in m.state_dict().items()}
-    for k, v in sd.items():
-        if k.startswith("layers.") and k.endswith(".weight") and v.dim() == 2 and "norm" not in k:
-            v.mul_((torch.rand(v.shape, generator=g) > scattered).float())
-    for s, layer in enumerate(m.layers):
-        for i, blk in enumerate(layer.blocks):
-            p = f"layers.{s}.blocks.{i}."
-            heads, dim = blk.attn.num_heads, blk.norm1.normalized_shape[0]
-            hd = dim // heads
-            sd[p + "mlp.fc1.weight"][: 5 + i] = 0                  # constant GELU(b) units (bias kept)
-            sd[p + "mlp.fc1.bias"][:2] = 0                         # two of them fully zero
-            sd[p + "mlp.fc2.weight"][:, 7] = 0                     # a dead output column
-            for h in range(heads):
-                sd[p + "attn.qkv.weight"][h * hd + (h % 2)] = 0    # q row (head-dependent position) ...
-                sd[p + "attn.qkv.bias"][h * hd + (h % 2)] = 0
-                sd[p + "attn.qkv.weight"][dim + h * hd + 3] = 0    # ... and a k row + bias elsewhere
-                sd[p + "attn.qkv.bias"][dim + h * hd + 3] = 0
-                sd[p + "attn.qkv.weight"][2 * dim + h * hd + 2] = 0  # v row + bias
-                sd[p + "attn.qkv.bias"][2 * dim + h * hd + 2] = 0
-                sd[p + "attn.proj.weight"][:, h * hd + 4] = 0        # a dead proj column
-    return sd
-
-
 @pytest.mark.parametrize("layout", ["timm", "microsoft"])
 def test_convert_dimap_exact(tmp_path, layout):
     """`convert --from dimap`: per-layer sparsity reported, whole zero rows removed, the result equal to the
     dense timm forward; Microsoft's layout (PatchMerging at the end of a stage, `head.*`) read as timm's."""
-    import re
 
     from click.testing import CliRunner
     from safetensors.torch import save_file
@@ -383,12 +354,13 @@ def test_convert_dimap_exact(tmp_path, layout):
     from caitdeploy.cli import main
     from caitdeploy.io import load_model
 
+    from upstream_swin import dimap_state_dict, to_microsoft
+
     m = small_timm(seed=5)
-    sd = dimap_style_state_dict(m)
+    sd = dimap_state_dict(m)
     m.load_state_dict(sd)
     if layout == "microsoft":
-        sd = {re.sub(r"^layers\.(\d+)\.downsample", lambda g: f"layers.{int(g.group(1)) - 1}.downsample", k)
-              .replace("head.fc.", "head."): v for k, v in sd.items()}
+        sd = to_microsoft(sd)
     src = tmp_path / "dimap.pth"
     torch.save({"model": sd}, src)
     r = CliRunner().invoke(main, ["convert", str(src), "--from", "dimap", "-o", str(tmp_path / "d.safetensors"),
@@ -417,48 +389,6 @@ def test_convert_dimap_exact(tmp_path, layout):
 SPVIT_KINDS = [["attn", "conv1"], ["conv3", "skip"], ["attn", "conv3"], ["conv1", "attn"]]
 
 
-def spvit_swin_state_dict(seed=0, kinds=SPVIT_KINDS):
-    """An SPViT-Swin fine-tuned file as upstream writes it (Microsoft layout: PatchMerging at the end of a stage,
-    `head.*`; persistent relative_position_index / attn_mask buffers; qk + v; head_probs and BatchNorm for conv
-    blocks; pruned FFN widths), on the small Swin, with random weights and BatchNorm statistics."""
-    g = torch.Generator().manual_seed(seed)
-    m = small_timm(seed)
-    base = m.state_dict()
-    sd = {}
-    for k, v in base.items():
-        if ".blocks." not in k:
-            sd[re.sub(r"^layers\.(\d+)\.downsample", lambda x: f"layers.{int(x.group(1)) - 1}.downsample", k)
-               .replace("head.fc.", "head.")] = v.clone()
-    for s, layer in enumerate(m.layers):
-        c, h = layer.blocks[0].norm1.normalized_shape[0], layer.blocks[0].attn.num_heads
-        d = c // h
-        for i, blk in enumerate(layer.blocks):
-            p, kind = f"layers.{s}.blocks.{i}.", kinds[s][i]
-            for n in ("norm1", "norm2"):
-                sd[p + n + ".weight"], sd[p + n + ".bias"] = base[p + n + ".weight"], base[p + n + ".bias"]
-            keep = torch.randperm(blk.mlp.fc1.out_features, generator=g)[: blk.mlp.fc1.out_features // 2 + 3 * i]
-            sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = base[p + "mlp.fc1.weight"][keep], base[p + "mlp.fc1.bias"][keep]
-            sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = base[p + "mlp.fc2.weight"][:, keep], base[p + "mlp.fc2.bias"]
-            if kind == "skip":
-                continue
-            qkv_w, qkv_b = base[p + "attn.qkv.weight"], base[p + "attn.qkv.bias"]
-            sd[p + "attn.v.weight"], sd[p + "attn.v.bias"] = qkv_w[2 * c:], qkv_b[2 * c:]
-            sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"] = base[p + "attn.proj.weight"], base[p + "attn.proj.bias"]
-            if kind == "attn":
-                sd[p + "attn.qk.weight"], sd[p + "attn.qk.bias"] = qkv_w[: 2 * c], qkv_b[: 2 * c]
-                sd[p + "attn.relative_position_bias_table"] = base[p + "attn.relative_position_bias_table"]
-                sd[p + "attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)   # a buffer
-            else:
-                sd[p + "attn.head_probs"] = torch.randn(h, 9, generator=g) * 100   # alpha 1e2: a real mixture
-                bn = p + ("attn.bn_1x1." if kind == "conv1" else "attn.bn_3x3.")
-                sd[bn + "weight"] = 1 + 0.2 * torch.randn(d, generator=g)
-                sd[bn + "bias"] = 0.1 * torch.randn(d, generator=g)
-                sd[bn + "running_mean"] = 0.1 * torch.randn(d, generator=g)
-                sd[bn + "running_var"] = 0.5 + torch.rand(d, generator=g)
-                sd[bn + "num_batches_tracked"] = torch.tensor(7)
-    return sd
-
-
 def test_convert_spvit_swin(tmp_path):
     """`convert --from spvit` detects SPViT-Swin; attention, 1x1, 3x3 (whole map) and skipped blocks with pruned
     FFNs fold into the Swin family exactly (the float64 reference is written from the upstream format); the
@@ -470,8 +400,10 @@ def test_convert_spvit_swin(tmp_path):
     from caitdeploy.export.onnx import export_onnx_bytes
     from caitdeploy.io import load_model
 
+    from upstream_swin import spvit_swin_state_dict
+
     src = tmp_path / "spvit_swin.pth"
-    torch.save({"model": spvit_swin_state_dict()}, src)
+    torch.save({"model": spvit_swin_state_dict(small_timm(0), SPVIT_KINDS)}, src)
     rep = convert_file(src, "spvit", tmp_path / "s.safetensors", align=8)
     assert rep["source"] == "spvit-swin" and rep["verify"]["max_abs_diff"] < 1e-4
     assert rep["verify"]["top1_agree"] == 1.0 and rep["flops"] < rep["flops_dense"]
