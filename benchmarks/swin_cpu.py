@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--min-iters", type=int, default=5)
+    ap.add_argument("--min-iters", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
 
     import timm
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         files = [t / f"{n}.fused.safetensors" for n in ("cait_swin_t_tab12", "cait_swin_t_tab14", "spvit_swin_t",
                                                          "dimap_swin_t_50")]
         sh("bench", *files, "--batch", args.batch, "--backends", "ort", "--dtype", "fp32", "--baselines", "dense",
-           "--warmup", "2", "--min-iters", args.min_iters, "--min-seconds", "0", "--repeats", "2",
+           "--warmup", "3", "--min-iters", args.min_iters, "--min-seconds", "0", "--repeats", args.repeats,
            "--threads", args.threads, "--json", out_dir / f"{tag}.json", "--markdown", out_dir / f"{tag}.md",
            "--plot", out_dir / f"{tag}.png", "-q")
         metas = {f.name.removesuffix(".fused.safetensors"): load_fused(f)[2] for f in files}

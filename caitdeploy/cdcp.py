@@ -285,24 +285,15 @@ def swin_timm_model(arch: str, num_classes: int | None = None, img_size: int | N
     return model.eval()
 
 
-def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[int, int], str],
-                         weights: str | None = None, seed: int = 0, align: int = 1, num_classes: int | None = None,
-                         img_size: int | None = None, model_args: dict | None = None
-                         ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`make_checkpoint` for a timm Swin: CDCP selection over every block of every stage, ATME merges inside a
-    stage (mean of the two tokens at start). A block whose window the merges clip (Tab. XIV: stage 4 runs on
-    4x4 tokens, window 4) gets its relative position table resized from the dense one, as timm resizes it."""
+def swin_weights(model, merges: dict[tuple[int, int], str], arch: str | None = None):
+    """(format config, SwinConfig, checkpoint-keyed tensors without compactors) of a timm Swin `model` with ATME
+    `merges` (mean-initialised); the relative position tables of blocks whose window the merges clip are
+    resized from the dense ones as timm resizes them. OptionError naming --merges for a merge that does not fit."""
     from timm.layers import resize_rel_pos_bias_table
 
     from .config import ConfigError
     from .models import swin as SW
 
-    torch.manual_seed(seed)
-    model = swin_timm_model(arch, num_classes, img_size, model_args)
-    if weights:
-        from .convert.dimap import timm_layout
-
-        fit_state_dict(model, timm_layout(load_weights(weights))[0], weights, arch)   # Microsoft's layout too
     try:
         fmt = SW.check_format(SW.format_config_of(model, merges, arch))
     except ConfigError as e:
@@ -321,9 +312,39 @@ def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[i
         eye = torch.eye(cfg.dims[s])
         sd[f"layers.{s}.blocks.{i}.{SW._MERGE_NAME[kind]}.fc.weight"] = torch.cat([eye, eye], dim=1) / 2
         sd[f"layers.{s}.blocks.{i}.{SW._MERGE_NAME[kind]}.fc.bias"] = torch.zeros(cfg.dims[s])
+    return fmt, cfg, sd
+
+
+def swin_scores(sd: dict[str, torch.Tensor], cfg) -> list[dict[str, torch.Tensor]]:
+    """`channel_scores` for a Swin (checkpoint keys, flat block order), compactors folded in where present."""
+    out = []
+    for s, i, b in cfg.flat():
+        p = f"layers.{s}.blocks.{i}."
+        comps = {n: sd.get(p + (f"attn.{n}_compactor" if n != "fc1" else "mlp.fc1_compactor") + ".weight")
+                 for n in ("q", "k", "v", "fc1")}
+        out.append(block_scores(sd, p, b.num_heads, comps))
+    return out
+
+
+def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[int, int], str],
+                         weights: str | None = None, seed: int = 0, align: int = 1, num_classes: int | None = None,
+                         img_size: int | None = None, model_args: dict | None = None
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`make_checkpoint` for a timm Swin: CDCP selection over every block of every stage, ATME merges inside a
+    stage (mean of the two tokens at start). A block whose window the merges clip (Tab. XIV: stage 4 runs on
+    4x4 tokens, window 4) gets its relative position table resized from the dense one, as timm resizes it."""
+    from .models import swin as SW
+
+    torch.manual_seed(seed)
+    model = swin_timm_model(arch, num_classes, img_size, model_args)
+    if weights:
+        from .convert.dimap import timm_layout
+
+        fit_state_dict(model, timm_layout(load_weights(weights))[0], weights, arch)   # Microsoft's layout too
+    fmt, cfg, sd = swin_weights(model, merges, arch)
+    req, _ = SW.checkpoint_shapes(cfg)
     flat = cfg.flat()
-    scores = [block_scores(sd, f"layers.{s}.blocks.{i}.", b.num_heads) for s, i, b in flat]
-    masks, summary = cdcp_select(cfg, scores, flops_reduction, align)
+    masks, summary = cdcp_select(cfg, swin_scores(sd, cfg), flops_reduction, align)
     for (s, i, _), m in zip(flat, masks):
         p = f"layers.{s}.blocks.{i}."
         for name in ("q", "k", "v"):

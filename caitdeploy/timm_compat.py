@@ -85,6 +85,9 @@ def check_supported(vit, where: str = "model") -> None:
         raise CaitError(f"{where}: unsupported model: {what}")
 
     ident = lambda m: m is None or isinstance(m, nn.Identity)  # noqa: E731
+    if type(vit).__name__ == "SwinTransformer":
+        bad("a Swin is not a timm VisionTransformer: Swin checkpoints come from `make-checkpoint --arch swin_...` "
+            "or `caitdeploy.train.cait_wrap` (Python); this command takes timm ViTs")
     if not isinstance(vit, VisionTransformer):
         bad(f"{type(vit).__name__} is not a timm VisionTransformer")
     cls_tok, dist = vit.cls_token is not None, getattr(vit, "dist_token", None) is not None

@@ -256,18 +256,76 @@ class CaitTrainViT(nn.Module):
         return out
 
 
-def cait_wrap(model: nn.Module, merges: dict[int, str] | None = None) -> CaitTrainViT:
+class CaitTrainSwin(nn.Module):
+    """A timm SwinTransformer for CAIT training: `CaitSwin` at the dense widths with CDCP compactors after q, k, v
+    (per head) and fc1, and ATME merges inside a stage (mean-initialised; the relative position tables of blocks
+    whose window the merges clip resized as timm resizes them). The timm weights are copied. Blocks are numbered
+    flat (stage by stage) in `compactors()` and `masks()`, as in CDCP's selection."""
+
+    def __init__(self, swin: nn.Module, merges: dict[tuple[int, int], str]):
+        super().__init__()
+        from .cdcp import swin_weights
+        from .models.swin import CaitSwin, checkpoint_key
+
+        self.format_config, self.cait_config, sd = swin_weights(swin, merges, None)
+        self.model = CaitSwin(self.cait_config, compactors=True)
+        own = self.model.state_dict()
+        self.model.load_state_dict({k: sd.get(checkpoint_key(self.cait_config, k), v) for k, v in own.items()})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def compactors(self) -> list[tuple[int, str, nn.Module]]:
+        out = []
+        for j, (s, i, _) in enumerate(self.cait_config.flat()):
+            blk = self.model.layers[s].blocks[i]
+            out += [(j, n, getattr(blk.attn, f"{n}_compactor")) for n in ("q", "k", "v")]
+            out.append((j, "fc1", blk.fc1_compactor))
+        return out
+
+    def compactor_parameters(self) -> list[nn.Parameter]:
+        return [m.weight for _, _, m in self.compactors()]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        ids = {id(p) for p in self.compactor_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    def masks(self) -> list[dict[str, torch.Tensor]]:
+        out = [dict() for _ in self.cait_config.flat()]
+        for j, n, m in self.compactors():
+            out[j][n] = m.mask.detach().clone()
+        return out
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict under the checkpoint's (timm's) keys."""
+        from .models.swin import checkpoint_key
+
+        return {checkpoint_key(self.cait_config, k): v for k, v in self.model.state_dict().items()}
+
+    def channel_scores(self) -> list[dict[str, torch.Tensor]]:
+        from .cdcp import swin_scores
+
+        return swin_scores({k: v.detach().cpu() for k, v in self.checkpoint_state_dict().items()}, self.cait_config)
+
+
+def cait_wrap(model: nn.Module, merges: dict | None = None) -> "CaitTrainViT | CaitTrainSwin":
     """Wrap a timm VisionTransformer for CAIT training (identity compactors, mean-initialised merges).
 
     The wrapper shares (does not copy) the timm model's parameters. merges: block index -> "h" | "v".
+    A timm SwinTransformer (v1) gives a `CaitTrainSwin` (weights copied); merges: (stage, block) -> "h" | "v".
     """
+    from timm.models.swin_transformer import SwinTransformer
+
+    if isinstance(model, SwinTransformer):
+        return CaitTrainSwin(model, {} if merges is None else merges)
     return CaitTrainViT(model, {} if merges is None else merges)
 
 
 # ---- checkpoint ---------------------------------------------------------------------------------
-def checkpoint_dict(model: CaitTrainViT) -> dict[str, Any]:
+def checkpoint_dict(model: "CaitTrainViT | CaitTrainSwin") -> dict[str, Any]:
     """{"format", "config", "state_dict"} of the model as it is now (tensors detached, on CPU, cloned)."""
-    sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    sd = model.checkpoint_state_dict() if isinstance(model, CaitTrainSwin) else model.state_dict()
+    sd = {k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
     cfg = {**model.format_config, "merges": {str(k): v for k, v in model.format_config["merges"].items()}}
     return {"format": FORMAT, "config": cfg, "state_dict": sd}
 
@@ -306,7 +364,7 @@ class CDCPController:
 
     def __init__(self, model: CaitTrainViT, flops_reduction: float, lam: float = 1e-5, step_ratio: float = 0.00025,
                  every: int = 25, align: int = 1, lasso_on_kept: bool = True, sync=None):
-        if not isinstance(model, CaitTrainViT):
+        if not isinstance(model, (CaitTrainViT, CaitTrainSwin)):
             raise CaitError("CDCPController needs a model from cait_wrap()")
         if not 0 <= flops_reduction < 1:
             raise CaitError(f"flops_reduction must be in [0, 1), got {flops_reduction}")
@@ -357,8 +415,12 @@ class CDCPController:
         if ratio is None:
             ratio = min(self.target, self.ratio + self.step_ratio)
         cfg = self.model.cait_config
-        sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        masks, summary = cdcp_select(cfg, channel_scores(sd, cfg), ratio, self.align)
+        if isinstance(self.model, CaitTrainSwin):
+            scores = self.model.channel_scores()
+        else:
+            sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            scores = channel_scores(sd, cfg)
+        masks, summary = cdcp_select(cfg, scores, ratio, self.align)
         for i, n, m in self.model.compactors():
             m.mask.copy_(masks[i][n].to(m.mask))
         if self.sync is not None:

@@ -436,3 +436,32 @@ def test_spvit_swin_3x3_tap_order():
         assert torch.allclose(w1[:, :, row, col], v[: c // h].double())
         w0, *_ = conv_weights(sd, "p.", "conv1", h)
         assert torch.allclose(w0[:, :, 0, 0], v[: c // h].double() if t == 0 else v[c // h:].double())
+
+
+def test_cait_wrap_swin_trains_and_fuses(tmp_path):
+    """`cait_wrap` of a timm Swin with a Tab. XIV-style merge: CDCP's controller trains compactors (Eq. 2, masks
+    re-selected), `finalize` zeroes the masked rows, the checkpoint written from the wrapper fuses strictly and
+    the fused model equals the wrapper's forward."""
+    from caitdeploy.fuse import FuseOptions, fuse_file
+    from caitdeploy.io import load_model
+    from caitdeploy.train import CDCPController, cait_wrap, save_checkpoint
+
+    torch.manual_seed(0)
+    m = small_timm(seed=2)
+    wrap = cait_wrap(m, {(2, 1): "h"})
+    ctl = CDCPController(wrap, 0.3, lam=1e-3, step_ratio=0.1, every=1)
+    opt = torch.optim.SGD([{"params": wrap.base_parameters(), "lr": 1e-3},
+                           {"params": wrap.compactor_parameters(), "lr": 1e-2}])
+    x, y = torch.randn(4, 3, 224, 224), torch.randint(0, 10, (4,))
+    for _ in range(4):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(wrap(x), y).backward()
+        ctl.step()
+        opt.step()
+    assert ctl.done and abs(ctl.flops_reduction - 0.3) < 0.01
+    ctl.finalize()
+    save_checkpoint(wrap.eval(), tmp_path / "w.safetensors")
+    rep = fuse_file(tmp_path / "w.safetensors", tmp_path / "f.safetensors", FuseOptions(align=1))
+    assert rep["verify"]["max_abs_diff"] < 1e-4 and abs(rep["flops_reduction"] - ctl.flops_reduction) < 1e-9
+    with torch.no_grad():
+        assert (load_model(tmp_path / "f.safetensors")(x) - wrap(x)).abs().max() < 1e-4

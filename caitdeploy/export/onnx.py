@@ -114,6 +114,12 @@ def clean_graph(model):
     """onnx-graphsurgeon: fold constants, drop dead nodes, topologically sort."""
     import onnx_graphsurgeon as gs
 
+    try:   # graphsurgeon folds with ONNX Runtime sessions: its optimizer's notes are not for the terminal
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+    except ImportError:
+        pass
     graph = gs.import_onnx(model)
     with contextlib.redirect_stdout(io.StringIO()):
         graph.fold_constants().cleanup(remove_unused_graph_inputs=False).toposort()

@@ -321,6 +321,8 @@ class SwinConvMixer(nn.Module):
         self.proj = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv.kernel_size == (1, 1):   # per token: a MatMul on the channels-last map, no transposes
+            return self.proj(F.relu(F.linear(x, self.conv.weight.flatten(1), self.conv.bias)))
         return self.proj(F.relu(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
 
 
