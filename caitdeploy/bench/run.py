@@ -35,6 +35,9 @@ BASELINES = ("dense", "tome")
 MAX_BATCH = 65536
 
 
+CONVERTED = {"sit": "SiT", "lvvit": "LV-ViT", "spvit": "SPViT", "spvit-swin": "SPViT-Swin", "dimap": "DIMAP"}
+
+
 def arch_name(cfg: CaitConfig) -> str:
     """A short name of a dense architecture, e.g. 'vit-d384-x12-h6-224px' ('swin-d96-x2.2.6.2-224px')."""
     if cfg.family == "swin":
@@ -181,7 +184,8 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
     models: list[BenchModel] = []
     dense_seen: set[str] = set()
     for path in model_paths:
-        config, _, _ = load_fused(path)  # says what the file is instead, and to run `fuse`, when it is not
+        config, _, meta = load_fused(path)  # says what the file is instead, and to run `fuse`, when it is not
+        system = CONVERTED.get(meta.get("converted_from"), "CAIT")   # `convert`ed files name their system
         try:
             if img_size is not None:
                 config = config.at_size(img_size)
@@ -198,10 +202,10 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
         outputs = [f"feat{b}" for b in blocks] if blocks else None
         common = dict(input_shape=config.input_shape, num_classes=config.num_classes,
                       flops_dense=f_dense, output_names=outputs)
-        models.append(BenchModel("cait", setting, arch, f"CAIT -{100 * (1 - f_cait / f_dense):.1f}%",
+        models.append(BenchModel("cait", setting, arch, f"{system} -{100 * (1 - f_cait / f_dense):.1f}%",
                                  _cait_builder(str(path), img_size, blocks, restore), flops=f_cait,
                                  params=model_params(config), **common))
-        log(f"{setting}: CAIT {f_cait / 1e9:.3f} GFLOPs/img, dense {f_dense / 1e9:.3f} "
+        log(f"{setting}: {system} {f_cait / 1e9:.3f} GFLOPs/img, dense {f_dense / 1e9:.3f} "
             f"({100 * (1 - f_cait / f_dense):.1f}% fewer)")
         if "dense" in baselines and arch not in dense_seen:
             dense_seen.add(arch)
