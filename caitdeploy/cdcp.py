@@ -233,8 +233,10 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     sd = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(sd, dict):
         raise CaitError(f"{path}: no state dict found")
+    from .models.swin import BUFFER_SUFFIXES
+
     sd = {k: v for k, v in _strip_prefixes(sd).items() if isinstance(v, torch.Tensor)
-          and not k.endswith((".relative_position_index", ".attn_mask"))}   # Swin's buffers, rebuilt by the model
+          and not k.endswith(BUFFER_SUFFIXES)}   # Swin's buffers, rebuilt by the model
     return check_tensors(Path(path), sd)[0]  # dense real storage, float weights (half upcast)
 
 
@@ -300,7 +302,7 @@ def swin_weights(model, merges: dict[tuple[int, int], str], arch: str | None = N
         raise OptionError("merges", f": {e}") from None
     cfg = SW.swin_config_from_format(fmt)
     req, _ = SW.checkpoint_shapes(cfg)
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith(("_index", "attn_mask"))}
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith(SW.BUFFER_SUFFIXES)}
     for k, shape in req.items():
         if k.endswith("relative_position_bias_table") and tuple(sd[k].shape) != shape:
             s, i = (int(x) for x in k.split(".")[1:4:2])

@@ -519,11 +519,8 @@ class SwinCheckpoint:
         return None if w is None else (w, self.state_dict[key + ".mask"])
 
 
-SWIN_BUFFERS = ("relative_position_index", "attn_mask")   # timm buffers some state dicts carry: rebuilt here
-
-
 def load_swin_checkpoint(path: Path, raw: dict[str, Any]) -> SwinCheckpoint:
-    from .models.swin import check_format, checkpoint_shapes, swin_config_from_format
+    from .models.swin import BUFFER_SUFFIXES, check_format, checkpoint_shapes, swin_config_from_format
 
     if raw["format"] != FORMAT:
         raise CaitError(f"{path}: unknown format {str(raw['format'])[:80]!r}, expected {FORMAT!r}")
@@ -535,7 +532,7 @@ def load_swin_checkpoint(path: Path, raw: dict[str, Any]) -> SwinCheckpoint:
     except ConfigError as e:
         raise CaitError(f"{path}: config {e}") from None
     sd = {k: v for k, v in _strip_prefixes(raw["state_dict"]).items()
-          if not (isinstance(k, str) and k.endswith(SWIN_BUFFERS))}
+          if not (isinstance(k, str) and k.endswith(BUFFER_SUFFIXES))}
     sd, notes = check_tensors(path, sd)
     req, opt = checkpoint_shapes(cfg)
     validate_state_dict(path, sd, req, opt)

@@ -66,10 +66,11 @@ def load_upstream(path: Path) -> dict[str, torch.Tensor]:
     sd = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(sd, dict) or not sd:
         raise CaitError(f"{path}: no 'model'/'state_dict' dict of tensors")
+    from ..models.swin import BUFFER_SUFFIXES
+
     # training-only counters and Swin's index/mask buffers (rebuilt from the config; int64 in upstream files)
     sd = {k: v for k, v in sd.items()
-          if not (isinstance(k, str) and k.endswith((".num_batches_tracked", ".relative_position_index",
-                                                     ".attn_mask")))}
+          if not (isinstance(k, str) and k.endswith((".num_batches_tracked", *BUFFER_SUFFIXES)))}
     sd, _ = check_tensors(path, _strip_prefixes(sd))
     return sd
 

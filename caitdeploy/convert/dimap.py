@@ -103,13 +103,12 @@ def drop_zero_rows(cfg: SwinConfig, sd: dict[str, torch.Tensor]) -> tuple[SwinCo
 
 
 # ---- the file -----------------------------------------------------------------------------------------------
-SWIN_BUFFERS = re.compile(r".*\.(relative_position_index|attn_mask)")
-
-
 def timm_layout(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
     """A Swin state dict in timm's layout (Microsoft's: PatchMerging at the END of a stage, `head.*`, remapped as
     timm's own checkpoint filter does); buffers dropped. Returns (state dict, "timm" | "microsoft")."""
-    sd = {k: v for k, v in sd.items() if not SWIN_BUFFERS.fullmatch(k)}
+    from ..models.swin import BUFFER_SUFFIXES
+
+    sd = {k: v for k, v in sd.items() if not k.endswith(BUFFER_SUFFIXES)}
     if "layers.0.downsample.reduction.weight" not in sd:
         return sd, "timm"
     out = {}

@@ -39,20 +39,28 @@ def block_kind(sd: dict[str, torch.Tensor], i: int) -> str:
     return "skip"
 
 
-def conv_weights(sd: dict[str, torch.Tensor], i: int, kind: str, heads: int, alpha: float = ALPHA):
-    """(W1 [d, D, k, k], b1 [d], W2 [D, d], b2 [D]) of a conv block before its BatchNorm, float64.
-
-    Per tap t of the 3x3 window (column-major: t = 3 * col + row): V_t = sum_h P[h, t] v_h, c_t likewise for the
-    v bias, Q_t = sum_h P[h, t] proj[:, h]. 1x1 uses the centre tap; 3x3 sums the biases and proj over taps."""
-    p = f"blocks.{i}.attn."
+def mixed_taps(sd: dict[str, torch.Tensor], p: str, heads: int, alpha: float):
+    """SPViT's head mixture P = softmax(head_probs / alpha, over heads) [H, 9] applied to the attention keys under
+    `p` (".../attn."), float64: per tap t, V_t = sum_h P[h, t] v_h [9, d, D], c_t likewise for the v bias
+    [9, d], Q_t = sum_h P[h, t] proj[:, h] [9, D, d]."""
     vw, vb = sd[p + "v.weight"].double(), sd[p + "v.bias"].double()
     pw = sd[p + "proj.weight"].double()
     dim = vw.shape[1]
     d = dim // heads
     mix = torch.softmax(sd[p + "head_probs"].double() / alpha, dim=0)            # [H, 9]
-    v_taps = torch.einsum("ht,hdc->tdc", mix, vw.reshape(heads, d, dim))         # [9, d, D]
-    b_taps = torch.einsum("ht,hd->td", mix, vb.reshape(heads, d))                # [9, d]
-    p_taps = torch.einsum("ht,ohd->tod", mix, pw.reshape(dim, heads, d))         # [9, D, d]
+    return (torch.einsum("ht,hdc->tdc", mix, vw.reshape(heads, d, dim)),
+            torch.einsum("ht,hd->td", mix, vb.reshape(heads, d)),
+            torch.einsum("ht,ohd->tod", mix, pw.reshape(dim, heads, d)))
+
+
+def conv_weights(sd: dict[str, torch.Tensor], i: int, kind: str, heads: int, alpha: float = ALPHA):
+    """(W1 [d, D, k, k], b1 [d], W2 [D, d], b2 [D]) of a conv block before its BatchNorm, float64.
+
+    Taps of the 3x3 window column-major (t = 3 * col + row), from `mixed_taps`. 1x1 uses the centre tap; 3x3
+    sums the biases and proj over taps."""
+    p = f"blocks.{i}.attn."
+    v_taps, b_taps, p_taps = mixed_taps(sd, p, heads, alpha)
+    d, dim = v_taps.shape[1:]
     if kind == "conv1":
         return v_taps[4][:, :, None, None], b_taps[4], p_taps[4], sd[p + "proj.bias"].double()
     w1 = v_taps.reshape(3, 3, d, dim).permute(2, 3, 1, 0)                        # W1[:, :, row, col]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..errors import CaitError, OptionError
+from ..models.lvvit import fold_bn
 
 ALPHA = 1e2
 SWIN_TAPS = [1, 2, 3, 4, 0, 5, 6, 7, 8]   # head_probs column of each 3x3 kernel position (column-major)
@@ -50,26 +51,16 @@ def block_kind(sd: dict[str, torch.Tensor], p: str) -> str:
 
 def conv_weights(sd: dict[str, torch.Tensor], p: str, kind: str, heads: int, alpha: float = ALPHA):
     """(W1 [d, D, k, k], b1 [d], W2 [D, d], b2 [D]) of a conv block before its BatchNorm, float64."""
+    from .spvit import mixed_taps
+
     a = p + "attn."
-    vw, vb, pw = sd[a + "v.weight"].double(), sd[a + "v.bias"].double(), sd[a + "proj.weight"].double()
-    dim = vw.shape[1]
-    d = dim // heads
-    mix = torch.softmax(sd[a + "head_probs"].double() / alpha, dim=0)            # [H, 9]
-    v_taps = torch.einsum("ht,hdc->tdc", mix, vw.reshape(heads, d, dim))         # [9, d, D]
-    b_taps = torch.einsum("ht,hd->td", mix, vb.reshape(heads, d))                # [9, d]
-    p_taps = torch.einsum("ht,ohd->tod", mix, pw.reshape(dim, heads, d))         # [9, D, d]
+    v_taps, b_taps, p_taps = mixed_taps(sd, a, heads, alpha)
+    d, dim = v_taps.shape[1:]
     b2 = sd[a + "proj.bias"].double()
     if kind == "conv1":
         return v_taps[0][:, :, None, None], b_taps[0], p_taps[0], b2
     w1 = v_taps[SWIN_TAPS].reshape(3, 3, d, dim).permute(2, 3, 1, 0)              # W1[:, :, row, col]
     return w1, b_taps.sum(0), p_taps.sum(0), b2
-
-
-def _fold_bn(w, b, sd, prefix, eps=1e-5):
-    g, beta = sd[prefix + "weight"].double(), sd[prefix + "bias"].double()
-    mean, var = sd[prefix + "running_mean"].double(), sd[prefix + "running_var"].double()
-    s = g / torch.sqrt(var + eps)
-    return w * s.view(-1, *([1] * (w.dim() - 1))), (b - mean) * s + beta
 
 
 def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, align: int):
@@ -180,7 +171,9 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, alig
             out[p + "attn.qkv.bias"] = torch.cat([qb, sd[p + "attn.v.bias"]])
         elif b.kind != "skip":
             w1, b1, w2, b2 = conv_weights(sd, p, b.kind, b.num_heads)
-            w1, b1 = _fold_bn(w1, b1, sd, f"{p}attn.{BN[b.kind]}.")
+            bn = f"{p}attn.{BN[b.kind]}."
+            w1, b1 = fold_bn(w1, *(sd[bn + x].double() for x in ("weight", "bias", "running_mean", "running_var")),
+                             bias=b1)
             out.update({p + "attn.conv.weight": w1, p + "attn.conv.bias": b1, p + "attn.proj.weight": w2,
                         p + "attn.proj.bias": b2})
     for k in shapes:

@@ -38,6 +38,8 @@ DESCRIPTION = "Swin Transformer: shifted-window attention, per-head CAIT widths,
 MAX_STAGES = 8
 MAX_WINDOW = 64
 KINDS = ("attn", "conv1", "conv3", "skip")
+# Swin's index / mask buffers, which Microsoft's and upstream files save and the model rebuilds from its config
+BUFFER_SUFFIXES = (".relative_position_index", ".attn_mask")
 CONV_KERNEL = {"conv1": 1, "conv3": 3}
 
 
@@ -467,7 +469,7 @@ def state_dict_from_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """timm SwinTransformer keys -> CaitSwin keys (dense; merges, where a config has them, are not in timm)."""
     out = {}
     for k, v in sd.items():
-        if k.endswith(("relative_position_index", "attn_mask")):
+        if k.endswith(BUFFER_SUFFIXES):
             continue
         k2 = (k.replace("patch_embed.proj.", "patch_embed.").replace("patch_embed.norm.", "patch_norm.")
               .replace(".mlp.fc1.", ".fc1.").replace(".mlp.fc2.", ".fc2.").replace("head.fc.", "head."))
