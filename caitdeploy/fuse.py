@@ -162,7 +162,7 @@ def fuse_swin(ckpt, opts: FuseOptions = FuseOptions(), progress=None) -> FuseRes
     """`fuse` for a `SwinCheckpoint`: the same fold, selection, consistency and alignment per block (flat block
     index j, stage by stage), then the deploy `CaitSwin` keys; every tensor not in a block's q/k/v/proj/fc1/fc2
     (norms, relative position tables, merges, patch merging, stem, head) is copied."""
-    from .models.swin import CaitSwin, checkpoint_key
+    from .models.swin import from_checkpoint
 
     sd, cfg = ckpt.state_dict, ckpt.config
     out: dict[str, torch.Tensor] = {}
@@ -191,22 +191,17 @@ def fuse_swin(ckpt, opts: FuseOptions = FuseOptions(), progress=None) -> FuseRes
         if progress is not None:
             progress(j)
     fused_cfg = replace(cfg, stages=tuple(tuple(x) for x in stages), source=dict(ckpt.format_config))
-    with torch.device("meta"):
-        keys = list(CaitSwin(fused_cfg).state_dict())
-    for k in keys:
-        if k not in out:
-            out[k] = sd[checkpoint_key(fused_cfg, k)]
+    out = {**from_checkpoint(fused_cfg, sd), **out}   # the sliced tensors replace the dense ones
     return FuseResult(fused_cfg, {k: v.float().contiguous() for k, v in out.items()}, plans)
 
 
 def swin_reference(ckpt) -> torch.nn.Module:
     """The checkpoint's own model in float64: dense widths, compactors applied at run time (absent ones are
     the identity), merges; what a fused Swin must compute."""
-    from .models.swin import CaitSwin, checkpoint_key
+    from .models.swin import CaitSwin, from_checkpoint
 
     model = CaitSwin(ckpt.config, compactors=True)
-    own = model.state_dict()
-    model.load_state_dict({k: ckpt.state_dict.get(checkpoint_key(ckpt.config, k), v) for k, v in own.items()})
+    model.load_state_dict(from_checkpoint(ckpt.config, ckpt.state_dict, model.state_dict()))
     return model.double().eval()
 
 

@@ -168,7 +168,27 @@ class CaitTrainBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) / self.skip_lam
 
 
-class CaitTrainViT(nn.Module):
+class CompactorGroups:
+    """The parameter groups and masks of a CAIT training model, from its `compactors()`: (block, name, module)
+    for every compactor, blocks numbered from 0 in order."""
+
+    def compactor_parameters(self) -> list[nn.Parameter]:
+        return [m.weight for _, _, m in self.compactors()]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        ids = {id(p) for p in self.compactor_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    def masks(self) -> list[dict[str, torch.Tensor]]:
+        out: list[dict[str, torch.Tensor]] = []
+        for i, n, m in self.compactors():
+            while len(out) <= i:
+                out.append({})
+            out[i][n] = m.mask.detach().clone()
+        return out
+
+
+class CaitTrainViT(CompactorGroups, nn.Module):
     """A timm ViT with CAIT compactors and ATME merges; `state_dict()` is a `cait-compactor/1` state dict."""
 
     def __init__(self, vit: nn.Module, merges: dict[int, str]):
@@ -242,21 +262,9 @@ class CaitTrainViT(nn.Module):
             out.append((i, "fc1", b.mlp.fc1_compactor))
         return out
 
-    def compactor_parameters(self) -> list[nn.Parameter]:
-        return [m.weight for _, _, m in self.compactors()]
-
-    def base_parameters(self) -> list[nn.Parameter]:
-        ids = {id(p) for p in self.compactor_parameters()}
-        return [p for p in self.parameters() if id(p) not in ids]
-
-    def masks(self) -> list[dict[str, torch.Tensor]]:
-        out = [dict() for _ in self.blocks]
-        for i, n, m in self.compactors():
-            out[i][n] = m.mask.detach().clone()
-        return out
 
 
-class CaitTrainSwin(nn.Module):
+class CaitTrainSwin(CompactorGroups, nn.Module):
     """A timm SwinTransformer for CAIT training: `CaitSwin` at the dense widths with CDCP compactors after q, k, v
     (per head) and fc1, and ATME merges inside a stage (mean-initialised; the relative position tables of blocks
     whose window the merges clip resized as timm resizes them). The timm weights are copied. Blocks are numbered
@@ -265,12 +273,11 @@ class CaitTrainSwin(nn.Module):
     def __init__(self, swin: nn.Module, merges: dict[tuple[int, int], str]):
         super().__init__()
         from .cdcp import swin_weights
-        from .models.swin import CaitSwin, checkpoint_key
+        from .models.swin import CaitSwin, from_checkpoint
 
         self.format_config, self.cait_config, sd = swin_weights(swin, merges, None)
         self.model = CaitSwin(self.cait_config, compactors=True)
-        own = self.model.state_dict()
-        self.model.load_state_dict({k: sd.get(checkpoint_key(self.cait_config, k), v) for k, v in own.items()})
+        self.model.load_state_dict(from_checkpoint(self.cait_config, sd, self.model.state_dict()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -283,18 +290,6 @@ class CaitTrainSwin(nn.Module):
             out.append((j, "fc1", blk.fc1_compactor))
         return out
 
-    def compactor_parameters(self) -> list[nn.Parameter]:
-        return [m.weight for _, _, m in self.compactors()]
-
-    def base_parameters(self) -> list[nn.Parameter]:
-        ids = {id(p) for p in self.compactor_parameters()}
-        return [p for p in self.parameters() if id(p) not in ids]
-
-    def masks(self) -> list[dict[str, torch.Tensor]]:
-        out = [dict() for _ in self.cait_config.flat()]
-        for j, n, m in self.compactors():
-            out[j][n] = m.mask.detach().clone()
-        return out
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict under the checkpoint's (timm's) keys."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from caitdeploy.models.swin import CaitSwin, SwinConfig, state_dict_from_timm, swin_config_of, swin_flops
+from caitdeploy.models.swin import CaitSwin, SwinConfig, from_checkpoint, swin_config_of, swin_flops
 
 FORBIDDEN = {"TopK", "ArgMax", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "NonZero", "Loop", "If"}
 
@@ -45,7 +45,7 @@ def test_dense_equals_timm():
     m = small_timm()
     cfg = swin_config_of(m)
     d = CaitSwin(cfg).eval()
-    d.load_state_dict(state_dict_from_timm(m.state_dict()), strict=True)
+    d.load_state_dict(from_checkpoint(cfg, m.state_dict()), strict=True)
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
         ref, out = m(x), d(x)
@@ -177,7 +177,7 @@ def test_dimap_zero_rows_dropped_exactly():
 
     m = small_timm(seed=4)
     cfg = swin_config_of(m)
-    sd = state_dict_from_timm(m.state_dict())
+    sd = from_checkpoint(cfg, m.state_dict())
     g = torch.Generator().manual_seed(0)
     for k, v in sd.items():   # scattered zeros: 30% of every matrix
         if k.endswith(".weight") and v.ndim == 2:

@@ -162,7 +162,7 @@ def convert(path, sd: dict[str, torch.Tensor], img_size: int = 224):
     from ..checkpoint import validate_state_dict
     from ..config import ConfigError
     from ..errors import CaitError
-    from ..models.swin import CaitSwin, check_format, checkpoint_key, checkpoint_shapes, swin_config_from_format
+    from ..models.swin import CaitSwin, check_format, checkpoint_shapes, from_checkpoint, swin_config_from_format
 
     sd, layout = timm_layout(sd)
     try:
@@ -172,9 +172,7 @@ def convert(path, sd: dict[str, torch.Tensor], img_size: int = 224):
         raise CaitError(f"{path}: {e}") from None
     req, _ = checkpoint_shapes(cfg)
     validate_state_dict(path, sd, req, {})
-    with torch.device("meta"):
-        keys = list(CaitSwin(cfg).state_dict())
-    dense = {k: sd[checkpoint_key(cfg, k)].float() for k in keys}
+    dense = {k: v.float() for k, v in from_checkpoint(cfg, sd).items()}
     layers = sparsity({k: sd[k] for k in req})
     total = sum(math.prod(r["shape"]) for r in layers)
     zeros = sum(r["zeros"] * math.prod(r["shape"]) for r in layers)

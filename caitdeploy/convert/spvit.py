@@ -24,19 +24,24 @@ HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12}   # DeiT-Ti/S/B (head width 64)
 BN = {"conv1": "bn_1x1", "conv3": "bn_3x3"}
 
 
-def block_kind(sd: dict[str, torch.Tensor], i: int) -> str:
-    p = f"blocks.{i}.attn."
+def mixer_kind(sd: dict[str, torch.Tensor], p: str, where: str) -> str:
+    """The token mixer of the SPViT block whose attention keys start with `p` (".../attn."), from its keys;
+    CaitError naming `where` for keys of no known kind."""
     if p + "qk.weight" in sd:
         return "attn"
     if p + "bn_3x3.weight" in sd:
         return "conv3"
     if p + "bn_1x1.weight" in sd:
         return "conv1"
-    if any(k.startswith(p) for k in sd):
-        bad = next(k for k in sd if k.startswith(p))
-        raise CaitError(f"block {i}: key {bad!r} is neither attention (attn.qk), a 1x1/3x3 conv (attn.bn_1x1/"
+    bad = next((k for k in sd if k.startswith(p)), None)
+    if bad is not None:
+        raise CaitError(f"{where}key {bad!r} is neither attention (attn.qk), a 1x1/3x3 conv (attn.bn_1x1/"
                         "bn_3x3) nor a skipped block (no attn.* keys)")
     return "skip"
+
+
+def block_kind(sd: dict[str, torch.Tensor], i: int) -> str:
+    return mixer_kind(sd, f"blocks.{i}.attn.", f"block {i}: ")
 
 
 def mixed_taps(sd: dict[str, torch.Tensor], p: str, heads: int, alpha: float):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..errors import CaitError, OptionError
 from ..models.lvvit import fold_bn
+from .spvit import mixed_taps, mixer_kind
 
 ALPHA = 1e2
 SWIN_TAPS = [1, 2, 3, 4, 0, 5, 6, 7, 8]   # head_probs column of each 3x3 kernel position (column-major)
@@ -34,24 +35,8 @@ def is_spvit_swin(sd: dict[str, torch.Tensor]) -> bool:
                for k in sd)
 
 
-def block_kind(sd: dict[str, torch.Tensor], p: str) -> str:
-    a = p + "attn."
-    if a + "qk.weight" in sd:
-        return "attn"
-    if a + "bn_3x3.weight" in sd:
-        return "conv3"
-    if a + "bn_1x1.weight" in sd:
-        return "conv1"
-    bad = next((k for k in sd if k.startswith(a)), None)
-    if bad is not None:
-        raise CaitError(f"key {bad!r} is neither attention (attn.qk), a 1x1/3x3 conv (attn.bn_1x1/bn_3x3) nor a "
-                        "skipped block (no attn.* keys)")
-    return "skip"
-
-
 def conv_weights(sd: dict[str, torch.Tensor], p: str, kind: str, heads: int, alpha: float = ALPHA):
     """(W1 [d, D, k, k], b1 [d], W2 [D, d], b2 [D]) of a conv block before its BatchNorm, float64."""
-    from .spvit import mixed_taps
 
     a = p + "attn."
     v_taps, b_taps, p_taps = mixed_taps(sd, a, heads, alpha)
@@ -85,10 +70,8 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, alig
         raise CaitError(f"{path}: no Swin blocks (layers.S.blocks.I.*) numbered from stage 0")
     n_stages = len(depths)
     dims = [dim0 * 2 ** s for s in range(n_stages)]
-    try:
-        kinds = [[block_kind(sd, f"layers.{s}.blocks.{i}.") for i in range(depths[s])] for s in range(n_stages)]
-    except CaitError as e:
-        raise CaitError(f"{path}: {e}") from None
+    kinds = [[mixer_kind(sd, f"layers.{s}.blocks.{i}.attn.", f"{path}: ") for i in range(depths[s])]
+             for s in range(n_stages)]
     heads, window = [], None
     for s in range(n_stages):
         h = None

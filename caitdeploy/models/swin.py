@@ -465,18 +465,6 @@ def swin_config_of(model, merges: dict[tuple[int, int], str] | None = None) -> S
                       ln_eps=float(model.norm.eps))
 
 
-def state_dict_from_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm SwinTransformer keys -> CaitSwin keys (dense; merges, where a config has them, are not in timm)."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(BUFFER_SUFFIXES):
-            continue
-        k2 = (k.replace("patch_embed.proj.", "patch_embed.").replace("patch_embed.norm.", "patch_norm.")
-              .replace(".mlp.fc1.", ".fc1.").replace(".mlp.fc2.", ".fc2.").replace("head.fc.", "head."))
-        out[k2] = v
-    return out
-
-
 # ---- FLOPs ----------------------------------------------------------------------------------------------
 def _block_flops(cfg: SwinConfig, s: int, i: int, b: SwinBlock) -> int:
     gh, gw = cfg.grids()[s][i]
@@ -638,6 +626,17 @@ def checkpoint_key(cfg: SwinConfig, key: str) -> str:
     if key.startswith("head."):
         return "head.fc." + key.removeprefix("head.")
     return key
+
+
+def from_checkpoint(cfg: SwinConfig, sd: dict[str, torch.Tensor], defaults: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """`CaitSwin(cfg)`'s state dict from tensors under the checkpoint's (timm's) keys. With `defaults` (a
+    CaitSwin state dict, e.g. a compactor model's identity init) its keys are filled, from `sd` where present."""
+    if defaults is None:
+        with torch.device("meta"):
+            keys = list(CaitSwin(cfg).state_dict())
+        return {k: sd[checkpoint_key(cfg, k)] for k in keys}
+    return {k: sd.get(checkpoint_key(cfg, k), v) for k, v in defaults.items()}
 
 
 def checkpoint_shapes(cfg: SwinConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
