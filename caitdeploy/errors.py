@@ -216,13 +216,20 @@ def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 def install_signal_handlers() -> None:
     """SIGTERM and SIGHUP raise SystemExit (143, 129), so `Staging` removes its temporary files as it does
-    on Ctrl-C. SIGKILL cannot be caught: `sweep_stale_temps` cleans up after it on the next run."""
+    on Ctrl-C. SIGKILL cannot be caught: `sweep_stale_temps` cleans up after it on the next run.
+
+    A blocked-signal mask is inherited across exec: a command started by a runner that blocks SIGTERM
+    (some job runners and thread pools do) would otherwise never see `kill`/`timeout` and would run on to
+    the end. The signals handled here are unblocked, so a handler installed is a handler that runs."""
     import signal
 
     def _exit(signum, frame):
         raise SystemExit(128 + signum)
 
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            with contextlib.suppress(ValueError, OSError):  # not the main thread
-                signal.signal(sig, _exit)
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    for sig in sigs:
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
+            signal.signal(sig, _exit)
+    if hasattr(signal, "pthread_sigmask"):
+        with contextlib.suppress(ValueError, OSError):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)

@@ -405,8 +405,19 @@ def test_outputs_get_ordinary_permissions(small):
         os.umask(umask)
 
 
-def test_sigterm_removes_temporary_files(tmp_path):
-    """A command killed by SIGTERM while its outputs are staged leaves nothing behind (exit 143)."""
+def _signal_state(pid: int) -> str:
+    """The kernel's view of a process that did not exit: its state and signal masks (for the failure message)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "no /proc status"
+    return "; ".join(ln for ln in lines if ln.startswith(("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
+
+
+@pytest.mark.parametrize("inherited_mask", ["open", "sigterm_blocked"])
+def test_sigterm_removes_temporary_files(tmp_path, inherited_mask):
+    """A command killed by SIGTERM while its outputs are staged leaves nothing behind (exit 143), also when
+    it was started with SIGTERM blocked (a mask inherited from the runner that started it)."""
     code = textwrap.dedent(f"""
         import time, click
         from caitdeploy.commands.common import handle_errors
@@ -418,14 +429,27 @@ def test_sigterm_removes_temporary_files(tmp_path):
             with Staging() as st:
                 st.write_bytes({str(tmp_path / 'out.json')!r}, b"{{}}")
                 print("staged", flush=True)
-                time.sleep(30)
+                time.sleep(120)
         cmd()
     """)
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "staged"
-    assert [q.name for q in tmp_path.iterdir() if ".cdtmp-" in q.name]  # the temporary file exists
-    p.send_signal(signal.SIGTERM)
-    p.wait(timeout=20)
+
+    def block_sigterm():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=block_sigterm if inherited_mask == "sigterm_blocked" else None)
+    try:
+        assert p.stdout.readline().strip() == "staged", p.stderr.read()
+        assert [q.name for q in tmp_path.iterdir() if ".cdtmp-" in q.name]  # the temporary file exists
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"SIGTERM did not end the command within 60 s: {_signal_state(p.pid)}")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     assert p.returncode == 143, p.stderr.read()
     assert list(tmp_path.iterdir()) == []
 
