@@ -267,6 +267,44 @@ SWIN_DEFAULT_MERGES = "2.4:h,2.5:v"   # paper Tab. XIV: HTM and VTM at the last 
 SWIN_DEFAULT_REDUCTION = 0.354       # its ATME + CDCP setting (Tab. XII, CDCP only: --merges none, 0.267)
 
 
+def swin_merge_reduction(fmt: dict[str, Any], merges: dict[tuple[int, int], str]) -> float:
+    """FLOPs reduction that ATME `merges` {(stage, block): kind} alone give the Swin of format config `fmt`;
+    ConfigError for a merge that does not fit (an odd grid side)."""
+    from .models import swin as SW
+
+    def flops(m):
+        f = SW.check_format({**fmt, "merges": {f"{s}.{i}": k for (s, i), k in m.items()}})
+        return model_flops(SW.swin_config_from_format(f))["total"]
+
+    return 1 - flops(merges) / flops({})
+
+
+def swin_auto_merges(fmt: dict[str, Any], flops_reduction: float) -> tuple[dict[tuple[int, int], str], dict]:
+    """The paper's Swin placement (Tab. XIV): HTM and VTM at the last two blocks of the longest stage (stage 3
+    of Swin-T/S/B: 2.4:h,2.5:v on Swin-T); when those merges alone would cut more than `flops_reduction`, or
+    a grid side is odd, HTM alone at its last block, else none (CDCP prunes channels for the whole target).
+    Returns (merges, info: token / channel / total reduction)."""
+    from .config import ConfigError
+
+    depths = list(fmt["depths"])
+    s = max(range(len(depths)), key=lambda k: (depths[k], -k))
+    n = depths[s]
+    tries = ([{(s, n - 2): "h", (s, n - 1): "v"}] if n >= 2 else []) + [{(s, n - 1): "h"}, {}]
+    for merges in tries:
+        try:
+            r = swin_merge_reduction(fmt, merges)
+        except ConfigError:
+            continue
+        if r <= flops_reduction + 1e-9:
+            return merges, {"merges": merges, "token_reduction": r, "channel_reduction": flops_reduction - r,
+                            "flops_reduction": flops_reduction}
+    raise OptionError("merges", "auto: no Swin merge placement fits")   # unreachable: {} always fits
+
+
+def swin_merges_text(merges: dict[tuple[int, int], str]) -> str:
+    return ",".join(f"{s}.{i}:{k}" for (s, i), k in sorted(merges.items())) or "none"
+
+
 def swin_timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None,
                     model_args: dict | None = None):
     """A randomly initialised timm SwinTransformer (v1), one-line OptionError for other names; `model_args`

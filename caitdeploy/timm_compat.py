@@ -87,7 +87,7 @@ def check_supported(vit, where: str = "model") -> None:
     ident = lambda m: m is None or isinstance(m, nn.Identity)  # noqa: E731
     if type(vit).__name__ == "SwinTransformer":
         bad("a Swin is not a timm VisionTransformer: a Swin checkpoint carries its config (fuse it without "
-            "--arch); make one with `make-checkpoint --arch swin_...` or train with `caitdeploy.train.cait_wrap`")
+            "--arch); make one with `make-checkpoint --arch swin_...` or `train --arch swin_...`")
     if not isinstance(vit, VisionTransformer):
         bad(f"{type(vit).__name__} is not a timm VisionTransformer")
     cls_tok, dist = vit.cls_token is not None, getattr(vit, "dist_token", None) is not None

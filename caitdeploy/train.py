@@ -267,17 +267,21 @@ class CaitTrainViT(CompactorGroups, nn.Module):
 class CaitTrainSwin(CompactorGroups, nn.Module):
     """A timm SwinTransformer for CAIT training: `CaitSwin` at the dense widths with CDCP compactors after q, k, v
     (per head) and fc1, and ATME merges inside a stage (mean-initialised; the relative position tables of blocks
-    whose window the merges clip resized as timm resizes them). The timm weights are copied. Blocks are numbered
+    whose window the merges clip resized as timm resizes them). The timm weights are copied, and so are its
+    per-block stochastic-depth rates (timm's `drop_path_rate`), active in training only. Blocks are numbered
     flat (stage by stage) in `compactors()` and `masks()`, as in CDCP's selection."""
 
-    def __init__(self, swin: nn.Module, merges: dict[tuple[int, int], str]):
+    def __init__(self, swin: nn.Module, merges: dict[tuple[int, int], str], arch: str | None = None):
         super().__init__()
         from .cdcp import swin_weights
         from .models.swin import CaitSwin, from_checkpoint
 
-        self.format_config, self.cait_config, sd = swin_weights(swin, merges, None)
+        self.format_config, self.cait_config, sd = swin_weights(swin, merges, arch)
         self.model = CaitSwin(self.cait_config, compactors=True)
         self.model.load_state_dict(from_checkpoint(self.cait_config, sd, self.model.state_dict()))
+        for s, i, _ in self.cait_config.flat():
+            dp = getattr(swin.layers[s].blocks[i], "drop_path1", None)
+            self.model.layers[s].blocks[i].drop_prob = float(getattr(dp, "drop_prob", 0.0) or 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -303,16 +307,18 @@ class CaitTrainSwin(CompactorGroups, nn.Module):
         return swin_scores({k: v.detach().cpu() for k, v in self.checkpoint_state_dict().items()}, self.cait_config)
 
 
-def cait_wrap(model: nn.Module, merges: dict | None = None) -> "CaitTrainViT | CaitTrainSwin":
+def cait_wrap(model: nn.Module, merges: dict | None = None, arch: str | None = None
+              ) -> "CaitTrainViT | CaitTrainSwin":
     """Wrap a timm VisionTransformer for CAIT training (identity compactors, mean-initialised merges).
 
     The wrapper shares (does not copy) the timm model's parameters. merges: block index -> "h" | "v".
-    A timm SwinTransformer (v1) gives a `CaitTrainSwin` (weights copied); merges: (stage, block) -> "h" | "v".
+    A timm SwinTransformer (v1) gives a `CaitTrainSwin` (weights copied); merges: (stage, block) -> "h" | "v";
+    `arch` (the timm name) is recorded in its checkpoint's config.
     """
     from timm.models.swin_transformer import SwinTransformer
 
     if isinstance(model, SwinTransformer):
-        return CaitTrainSwin(model, {} if merges is None else merges)
+        return CaitTrainSwin(model, {} if merges is None else merges, arch)
     return CaitTrainViT(model, {} if merges is None else merges)
 
 

@@ -1,4 +1,4 @@
-"""`caitdeploy train`: CAIT fine-tuning of a timm ViT with the paper's recipe, on one process or under torchrun.
+"""`caitdeploy train`: CAIT fine-tuning of a timm ViT or Swin with the paper's recipe, on one process or under torchrun.
 
 Recipe (paper Tab. II; every value is an option): AdamW lr 1e-4, weight decay 0.05 (not on biases, norms,
 position embedding and class token), cosine schedule with linear warm-up, global batch 256, label smoothing 0.1,
@@ -58,7 +58,7 @@ class TrainOptions:
     weights: str | None = None
     model_args: dict = field(default_factory=dict)
     img_size: int | None = None
-    flops_reduction: float = 0.55
+    flops_reduction: float | None = None   # default: 0.55 for a ViT, 0.354 for a Swin (paper Tab. XIV)
     merges: str = "auto"
     token_reduction: float | None = None
     epochs: int = 300
@@ -77,7 +77,7 @@ class TrainOptions:
     reprob: float = 0.25
     crop_scale: float = 0.08           # RandomResizedCrop's smallest area share (ImageNet recipe)
     hflip: float = 0.5
-    distill_alpha: float | None = None  # default: 0.1 for embed_dim <= 192 (Tiny), else 0.25
+    distill_alpha: float | None = None  # default: 0.1 for a ViT of embed_dim <= 192 (Tiny), else 0.25
     teacher: str = "dense"              # dense | none | FILE (timm state dict of --arch)
     lam: float = 1e-5
     step_ratio: float = 0.00025
@@ -166,8 +166,25 @@ def image_folder_classes(root: Path, what: str) -> tuple[list[str], int]:
     return classes, n
 
 
+def is_swin(o: TrainOptions) -> bool:
+    from .cdcp import is_swin_arch
+
+    return is_swin_arch(o.arch)
+
+
+def with_defaults(o: TrainOptions) -> TrainOptions:
+    """The options with the family's defaults filled in (--flops-reduction: 0.55 for a ViT, the paper's Swin
+    setting 0.354 for a Swin), as a run records them and a --resume compares them."""
+    if o.flops_reduction is None:
+        from .cdcp import SWIN_DEFAULT_REDUCTION
+
+        o = dataclasses.replace(o, flops_reduction=SWIN_DEFAULT_REDUCTION if is_swin(o) else 0.55)
+    return o
+
+
 def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
     """Every option and the data layout, before any work; returns derived facts (classes, accumulation)."""
+    o = with_defaults(o)
     def rng(name, v, lo, hi, open_hi=False):
         if v is None or not (lo <= v < hi if open_hi else lo <= v <= hi) or (isinstance(v, float) and math.isnan(v)):
             raise OptionError(name, f"{v}: must be in {lo}..{hi}" + (" (exclusive)" if open_hi else ""))
@@ -197,6 +214,10 @@ def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
     if o.prune_start_epoch < 0 or o.prune_start_epoch >= o.epochs:
         raise OptionError("prune_start_epoch", f"{o.prune_start_epoch}: must be in 0..{o.epochs - 1} (--epochs "
                                                f"{o.epochs}), or CDCP never prunes")
+    if is_swin(o) and o.token_reduction is not None:
+        raise OptionError("token_reduction", "is for a ViT's --merges auto; a Swin's auto merges are the paper's "
+                                             "placement (HTM + VTM at the last two blocks of the longest stage): "
+                                             "give --merges STAGE.BLOCK:h|v,... to place them yourself")
     if o.amp not in ("auto", "bf16", "fp16", "off"):
         raise OptionError("amp", f"{o.amp!r}: choose auto, bf16, fp16 or off")
     if o.stop_after_epochs is not None:
@@ -314,30 +335,73 @@ def _flagged(fn, flag: str, path: str):
         raise CaitError(f"{flag} {e}" if not str(e).startswith(flag) else str(e)) from None
 
 
-def _build(o: TrainOptions, n_classes: int, log):
-    """(timm model with --weights, format config, merges, merge info)."""
-    from .cdcp import auto_merges, fit_state_dict, load_weights, merge_reduction, parse_merges
-    from .config import CaitConfig
-    from .timm_compat import format_config_of, timm_model
+def _timm_model(o: TrainOptions, n_classes: int):
+    """The timm model of --arch (a ViT or a Swin v1) with --img-size and --model-args."""
+    from .cdcp import swin_timm_model
+    from .timm_compat import timm_model
 
     try:
-        model = timm_model(o.arch, n_classes, o.img_size, o.model_args)
+        return (swin_timm_model if is_swin(o) else timm_model)(o.arch, n_classes, o.img_size, o.model_args)
     except CaitError as e:
         raise CaitError(f"{e}" + (f" (with --model-args {o.model_args})" if o.model_args else "")) from None
+
+
+def _load_start_weights(o: TrainOptions, model, n_classes: int, log) -> None:
+    """--weights into the timm model (a Swin's also in Microsoft's layout); a head of another size stays at its
+    init (the data set decides the classes), which a dense teacher then cannot be."""
+    from .cdcp import fit_state_dict, load_weights
+
     if o.weights:
         sd = _flagged(load_weights, "--weights", o.weights)
-        # a pretrained head of another size is left out (the data set decides the classes)
+        if is_swin(o):
+            from .convert.dimap import timm_layout
+
+            sd = timm_layout(sd)[0]
         head = fit_state_dict(model, sd, f"--weights {o.weights}", o.arch, new_head=True)
-        if head and o.teacher == "dense" and o.distill_alpha != 0:
-            raise OptionError("teacher", f"dense: the starting model's head is untrained for {n_classes} classes "
-                                         f"(--weights has {sd['head.weight'].shape[0]}); give --teacher FILE (a dense "
-                                         "model fine-tuned on this data) or --teacher none")
         if head:
-            log(f"--weights: head left at random init ({n_classes} classes; the file's head has "
-                f"{sd['head.weight'].shape[0]})")
+            classes = sd[next(k for k in sorted(head) if k.endswith("weight"))].shape[0]
+            if o.teacher == "dense" and o.distill_alpha != 0:
+                raise OptionError("teacher", f"dense: the starting model's head is untrained for {n_classes} "
+                                             f"classes (--weights has {classes}); give --teacher FILE (a dense model "
+                                             "fine-tuned on this data) or --teacher none")
+            log(f"--weights: head left at random init ({n_classes} classes; the file's head has {classes})")
     if not o.weights and o.teacher == "dense" and o.distill_alpha != 0:
         raise OptionError("teacher", "dense distils from the starting model, and without --weights that is a random "
                                      "one: give --weights, --teacher FILE or --teacher none")
+
+
+def _build_swin(o: TrainOptions, model) -> tuple[dict, dict, dict]:
+    """(format config, merges {(stage, block): kind}, merge info) of a timm Swin for --merges."""
+    from .cdcp import parse_swin_merges, swin_auto_merges, swin_merge_reduction
+    from .config import ConfigError
+    from .models.swin import check_format, format_config_of
+
+    fmt = check_format(format_config_of(model, {}, o.arch))
+    if o.merges == "auto":
+        merges, info = swin_auto_merges(fmt, o.flops_reduction)
+        return fmt, merges, info
+    merges = parse_swin_merges(o.merges)
+    try:
+        r = swin_merge_reduction(fmt, merges)
+    except ConfigError as e:
+        raise OptionError("merges", f"{o.merges}: {e}") from None
+    if r > o.flops_reduction:
+        raise OptionError("merges", f"{o.merges}: the merges alone cut FLOPs by {r:.2%}, more than "
+                                    f"--flops-reduction {o.flops_reduction}")
+    return fmt, merges, {"merges": merges, "token_reduction": r, "channel_reduction": o.flops_reduction - r,
+                         "flops_reduction": o.flops_reduction}
+
+
+def _build(o: TrainOptions, n_classes: int, log):
+    """(timm model with --weights, format config, merges, merge info)."""
+    from .cdcp import auto_merges, merge_reduction, parse_merges
+    from .config import CaitConfig
+    from .timm_compat import format_config_of
+
+    model = _timm_model(o, n_classes)
+    _load_start_weights(o, model, n_classes, log)
+    if is_swin(o):
+        return (model, *_build_swin(o, model))
     fmt = format_config_of(model, {})
     if o.merges == "auto":
         merges, info = auto_merges(fmt, o.flops_reduction, o.token_reduction)
@@ -379,15 +443,16 @@ def _teacher(o: TrainOptions, model, dist: Dist, state: dict | None = None):
 
 
 def _param_groups(model, wd: float):
-    """AdamW groups of the base parameters: weight decay on matrices, none on biases, norms, position embedding
-    and class/register tokens (compactors have their own SGD)."""
+    """AdamW groups of the base parameters: weight decay on matrices, none on biases, norms, position embedding,
+    class/register tokens and Swin's relative position tables (compactors have their own SGD)."""
     base = {id(p) for p in model.base_parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) not in base:
             continue
         (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token", "dist_token", "reg_token")
-         or name.endswith((".pos_embed", ".cls_token")) else decay).append(p)
+         or name.endswith((".pos_embed", ".cls_token", "relative_position_bias_table", "absolute_pos_embed"))
+         else decay).append(p)
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -407,6 +472,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def train(o: TrainOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) a CAIT training; returns the final summary (also the last line of log.jsonl)."""
+    o = with_defaults(o)
     dist = init_distributed()
     try:
         return _train(o, dist, log if dist.main else (lambda s: None))
@@ -440,9 +506,10 @@ def _train(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> dict[str,
     random.seed(o.seed)
     classes = facts["classes"]
     model, fmt, merges, minfo = _build(o, len(classes), log)
-    wrap = cait_wrap(model, merges)
+    wrap = cait_wrap(model, merges, o.arch)
     teacher = _teacher(o, model, dist, state.get("teacher") if state is not None else None)
-    alpha = o.distill_alpha if o.distill_alpha is not None else (0.1 if fmt["embed_dim"] <= 192 else 0.25)
+    alpha = o.distill_alpha if o.distill_alpha is not None else (
+        0.1 if fmt["embed_dim"] <= 192 and not is_swin(o) else 0.25)
     if teacher is None:
         alpha = 0.0
     wrap.to(dist.device)
@@ -483,12 +550,13 @@ def _train(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> dict[str,
         log(f"resumed {out / 'last.pt'}: epoch {start_epoch}/{o.epochs}, step {step}")
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-    from .cdcp import merges_text
+    from .cdcp import merges_text, swin_merges_text
 
+    mtext = (swin_merges_text if is_swin(o) else merges_text)(merges)   # Swin: STAGE.BLOCK:kind
     log(f"{o.arch}: {len(classes)} classes, {facts['train_images']} train / {facts['val_images']} val images; "
         f"{dist.world} process(es) ({dist.backend or dist.device.type}), global batch {o.batch_size} = micro "
         f"{facts['micro_batch']} x {dist.world} x {facts['accum']} accumulation; {steps_per_epoch} steps/epoch")
-    log(f"merges {merges_text(merges)}{' (auto)' if o.merges == 'auto' else ''}: tokens cut "
+    log(f"merges {mtext}{' (auto)' if o.merges == 'auto' else ''}: tokens cut "
         f"{minfo['token_reduction']:.2%} of the dense FLOPs, channels (CDCP) {minfo['channel_reduction']:.2%}, "
         f"total {o.flops_reduction:.2%}; distillation alpha {alpha:g} ({o.teacher}); amp "
         f"{'off' if amp is None else str(amp).removeprefix('torch.')}; CDCP from epoch {o.prune_start_epoch}")
@@ -572,7 +640,7 @@ def _train(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> dict[str,
             snap = {"format": STATE_FORMAT, "options": json.dumps(dataclasses.asdict(o)), "epoch": epoch + 1,
                     "step": step, "world": dist.world, "model": wrap.state_dict(), "opt": opt.state_dict(),
                     "opt_c": opt_c.state_dict(), "scaler": scaler.state_dict(), "ctl": ctl.state_dict(),
-                    "rng": rngs, "history": history, "merges": merges_text(merges)}
+                    "rng": rngs, "history": history, "merges": mtext}
             if teacher is not None:
                 snap["teacher"] = teacher.state_dict()
             _atomic_save(snap, out / "last.pt")
@@ -583,7 +651,7 @@ def _train(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> dict[str,
                 + f", FLOPs -{ctl.flops_reduction:.2%} ({ctl.updates} mask updates), {rec['img_s']:.1f} img/s, "
                   f"masks identical on {dist.world} rank(s)")
         dist.barrier()
-    summary = {"epochs_done": stop_at, "epochs": o.epochs, "step": step, "merges": merges_text(merges),
+    summary = {"epochs_done": stop_at, "epochs": o.epochs, "step": step, "merges": mtext,
                "flops_reduction": ctl.flops_reduction, "target": o.flops_reduction, "target_reached": ctl.done,
                "world": dist.world, "final": None, "preprocess": dinfo["preprocess"]}
     if stop_at < o.epochs:

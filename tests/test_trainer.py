@@ -193,3 +193,104 @@ def test_bad_options_one_line(data, tmp_path, args, needle):
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.output
     assert not (tmp_path / "o" / "last.pt").exists()
+
+
+# ---- Swin (issue 15's left-out: the train CLI for a timm Swin) ------------------------------------------
+SWIN = ["--arch", "swin_tiny_patch4_window7_224", "--model-args",
+        "embed_dim=16,depths=[2,4],num_heads=[1,2],window_size=4,drop_path_rate=0.1", "--img-size", "32"]
+SWIN_FAST = [a for a in FAST if a not in ("--flops-reduction", "0.5")]   # the Swin default, 0.354
+
+
+@pytest.fixture(scope="module")
+def swin_weights(data):
+    """A dense timm Swin for the shapes' 3 classes, saved in Microsoft's layout (what --weights also reads)."""
+    from safetensors.torch import save_file
+
+    from caitdeploy.cdcp import swin_timm_model
+    from upstream_swin import to_microsoft
+
+    torch.manual_seed(2)
+    m = swin_timm_model("swin_tiny_patch4_window7_224", 3, 32,
+                        dict(embed_dim=16, depths=(2, 4), num_heads=(1, 2), window_size=4))
+    path = data / "swin_dense_ms.safetensors"
+    save_file({k: v.contiguous() for k, v in to_microsoft(m.state_dict()).items()}, str(path))
+    return path
+
+
+def test_swin_run_fuses_strictly_and_resume_is_bit_exact(data, swin_weights, tmp_path):
+    """`train --arch swin_*`: the paper's Swin merges and target by default, a dense teacher from Microsoft-layout
+    weights, a checkpoint that fuses strictly at the target, and a bit-exact --resume."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = [*SWIN, "--data", str(data), "--weights", str(swin_weights), "--teacher", "dense", *SWIN_FAST]
+    r = run(*args, "-o", str(a))
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "merges 1.2:h,1.3:v (auto)" in text and "total 35.40%" in text and "distillation alpha 0.25 (dense)" in text
+    recs = records(a)
+    assert recs[-1]["final"]["flops_reduction"] >= 0.354 and recs[-1]["final"]["merges"] == "1.2:h,1.3:v"
+    with open(a / "cait-compactor.safetensors", "rb") as f:   # the config travels in the safetensors header
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    cfg = json.loads(header["config"])
+    assert cfg["family"] == "swin" and cfg["arch"] == "swin_tiny_patch4_window7_224" and cfg["depths"] == [2, 4]
+    rep = fuse_file(a / "cait-compactor.safetensors", tmp_path / "a.fused.safetensors",
+                    FuseOptions(consistency="strict", align=1), verify_batch=2)
+    assert rep["flops_reduction"] == pytest.approx(recs[-1]["final"]["flops_reduction"], abs=1e-9)
+    assert rep["verify"]["max_abs_diff"] < 1e-4
+
+    r = run(*args, "-o", str(b), "--stop-after-epochs", "1")
+    assert r.exit_code == 0, r.output
+    r = run(*args, "-o", str(b), "--resume")
+    assert r.exit_code == 0, r.output
+    ta, tb = load_file(a / "cait-compactor.safetensors"), load_file(b / "cait-compactor.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert "layers.1.blocks.2.htm.fc.weight" in ta and "layers.1.blocks.3.attn.q_compactor.mask" in ta
+
+
+def test_swin_wrapper_keeps_timm_stochastic_depth():
+    """drop_path_rate reaches the CAIT-Swin training model block by block (timm's linear rule), acts in training
+    (samples differ from the eval output) and never in eval."""
+    from caitdeploy.cdcp import swin_timm_model
+    from caitdeploy.train import cait_wrap
+
+    m = swin_timm_model("swin_tiny_patch4_window7_224", 3, 32, dict(embed_dim=16, depths=(2, 4), num_heads=(1, 2),
+                                                                    window_size=4, drop_path_rate=0.3))
+    w = cait_wrap(m, {(1, 2): "h"}, "swin_tiny_patch4_window7_224")
+    rates = [blk.drop_prob for st in w.model.layers for blk in st.blocks]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.3) and rates == sorted(rates)
+    assert w.format_config["arch"] == "swin_tiny_patch4_window7_224"
+    x = torch.randn(8, 3, 32, 32)
+    w.eval()
+    with torch.no_grad():
+        e1, e2 = w(x), w(x)
+        assert torch.equal(e1, e2)
+        w.train()
+        torch.manual_seed(0)
+        t = w(x)
+    assert not torch.allclose(t, e1)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--token-reduction", "0.1"], "--token-reduction is for a ViT's --merges auto"),
+    (["--merges", "3.0:h"], "--merges"),
+    (["--merges", "1.2:h,1.3:v", "--flops-reduction", "0.1"], "the merges alone cut FLOPs by"),
+    (["--model-args", "depths=[2,4"], "unbalanced [ ]"),
+    (["--model-args", "depths=[2,,4]"], "an empty list entry"),
+])
+def test_swin_bad_options_one_line(data, tmp_path, args, needle):
+    argv = [*SWIN, "--data", str(data), "-o", str(tmp_path / "o"), *SWIN_FAST, "--teacher", "none"]
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    r = run(*argv)
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_args_lists():
+    from caitdeploy.commands.train import _model_args
+
+    assert _model_args("depths=[2,2,6,2],num_heads=[3, 6],drop_path_rate=0.2,qkv_bias=false,act=gelu") == {
+        "depths": (2, 2, 6, 2), "num_heads": (3, 6), "drop_path_rate": 0.2, "qkv_bias": False, "act": "gelu"}

@@ -1,4 +1,4 @@
-"""`caitdeploy train`: CAIT fine-tuning of a timm ViT (the paper's recipe), one process or under torchrun."""
+"""`caitdeploy train`: CAIT fine-tuning of a timm ViT or Swin (the paper's recipe), one process or under torchrun."""
 from __future__ import annotations
 
 import click
@@ -6,47 +6,80 @@ import click
 from .common import console, handle_errors
 
 
+def _scalar(v: str):
+    """'4' -> 4, '0.1' -> 0.1, 'false' -> False, anything else stays text."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            continue
+    return v
+
+
+def _split_items(text: str) -> list[str]:
+    """Split on the commas outside [...]: 'a=1,b=[2,3]' -> ['a=1', 'b=[2,3]']; None on unbalanced brackets."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if depth < 0 or depth > 1:
+            return None
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return None if depth else [*items, cur]
+
+
 def _model_args(text: str | None) -> dict:
-    """'depth=4,embed_dim=64,qkv_bias=false' -> {'depth': 4, 'embed_dim': 64, 'qkv_bias': False}."""
+    """'depth=4,embed_dim=64,qkv_bias=false,depths=[2,2,6,2]' -> {'depth': 4, 'embed_dim': 64, 'qkv_bias': False,
+    'depths': (2, 2, 6, 2)} (a [...] list becomes a tuple, as timm's Swin takes depths and num_heads)."""
     from ..errors import OptionError
 
+    form = "expected KEY=VALUE[,KEY=VALUE...], a VALUE a number, true/false, text or [A,B,...]"
+    items = _split_items(text or "")
+    if items is None:
+        raise OptionError("model_args", f"{text!r}: unbalanced [ ]; {form}")
     out: dict = {}
-    for item in (text or "").split(","):
+    for item in items:
         if not item.strip():
             continue
         k, sep, v = item.partition("=")
         k, v = k.strip(), v.strip()
         if not sep or not k.isidentifier():
-            raise OptionError("model_args", f"{item!r}: expected KEY=VALUE[,KEY=VALUE...]")
-        low = v.lower()
-        if low in ("true", "false"):
-            out[k] = low == "true"
-            continue
-        for kind in (int, float):
-            try:
-                out[k] = kind(v)
-                break
-            except ValueError:
-                continue
+            raise OptionError("model_args", f"{item!r}: {form}")
+        if v.startswith("[") and v.endswith("]"):
+            parts = [p.strip() for p in v[1:-1].split(",")]
+            if not all(parts):
+                raise OptionError("model_args", f"{item!r}: an empty list entry; {form}")
+            out[k] = tuple(_scalar(p) for p in parts)
         else:
-            out[k] = v
+            out[k] = _scalar(v)
     return out
 
 
 @click.command("train")
-@click.option("--arch", required=True, help="timm ViT architecture, e.g. deit_small_patch16_224.")
+@click.option("--arch", required=True,
+              help="timm ViT architecture, e.g. deit_small_patch16_224, or a timm Swin (v1), e.g. "
+                   "swin_tiny_patch4_window7_224.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Pretrained timm state dict (.safetensors or .pth; weights_only); random init if absent.")
-@click.option("--model-args", default=None, help="Extra timm.create_model arguments, e.g. depth=4,embed_dim=64.")
+@click.option("--model-args", default=None,
+              help="Extra timm.create_model arguments, e.g. depth=4,embed_dim=64 or depths=[2,2,6,2],"
+                   "drop_path_rate=0.2.")
 @click.option("--img-size", type=click.IntRange(8, 8192), default=None, help="Override the input resolution.")
 @click.option("--data", required=True, type=click.Path(file_okay=False),
               help="ImageFolder root: DATA/train/CLASS/*.png|jpg (and DATA/val/CLASS/... for evaluation).")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Run folder: last.pt, log.jsonl, final checkpoint.")
-@click.option("--flops-reduction", type=float, default=0.55, show_default=True, help="Target vs the dense model.")
+@click.option("--flops-reduction", type=float, default=None,
+              help="Target vs the dense model [default: 0.55; Swin 0.354, paper Tab. XIV].")
 @click.option("--merges", default="auto", show_default=True,
-              help="auto (the paper's rule) | BLOCK:h|v,... | none.")
+              help="auto (the paper's rule) | BLOCK:h|v,... | none; Swin: STAGE.BLOCK:h|v,... (auto: HTM + VTM "
+                   "at the last two blocks of the longest stage, 2.4:h,2.5:v on Swin-T).")
 @click.option("--token-reduction", type=float, default=None,
-              help="--merges auto: FLOPs reduction the merges should give [default: 0.75 x --flops-reduction].")
+              help="ViT --merges auto: FLOPs reduction the merges should give [default: 0.75 x --flops-reduction].")
 @click.option("--epochs", type=int, default=300, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True,
               help="Global batch (micro batch x processes x accumulation steps).")
@@ -69,7 +102,7 @@ def _model_args(text: str | None) -> dict:
 @click.option("--teacher", default="dense", show_default=True,
               help="Hard distillation teacher: dense (the starting model), none, or a timm state dict of --arch.")
 @click.option("--distill-alpha", type=float, default=None,
-              help="Weight of the teacher's hard labels [default: 0.1 for Tiny widths (<= 192), else 0.25].")
+              help="Weight of the teacher's hard labels [default: 0.1 for ViT Tiny widths (<= 192), else 0.25].")
 @click.option("--lam", type=float, default=1e-5, show_default=True, help="CDCP lasso strength.")
 @click.option("--step-ratio", type=float, default=0.00025, show_default=True,
               help="FLOPs reduction added per mask update.")
@@ -88,7 +121,7 @@ def train_cmd(arch, weights, model_args, img_size, data, output, flops_reduction
               batch_size, micro_batch, lr, min_lr, warmup_epochs, weight_decay, compactor_lr, compactor_momentum,
               label_smoothing, mixup, cutmix, rand_augment, reprob, crop_scale, hflip, teacher, distill_alpha, lam, step_ratio, every,
               prune_start_epoch, align, amp, workers, seed, resume, stop_after_epochs, quiet):
-    """Fine-tune a timm ViT into a CAIT model (ATME merges + CDCP pruning) and write a cait-compactor/1
+    """Fine-tune a timm ViT or Swin into a CAIT model (ATME merges + CDCP pruning) and write a cait-compactor/1
     checkpoint. Run as is, or under `torchrun --nproc_per_node K` for DDP (gloo on CPU, NCCL on GPU)."""
     from ..trainer import TrainOptions, train
 

@@ -349,6 +349,15 @@ class SwinBlockModule(nn.Module):
         self.fc2 = nn.Linear(b.mlp_hidden, dim)
         mask = window_mask(grid, win, shift) if b.kind == "attn" else None
         self.register_buffer("attn_mask", mask, persistent=False)
+        self.drop_prob = 0.0   # stochastic depth, in training only (CaitTrainSwin copies timm's per-block rates)
+
+    def _drop_path(self, y: torch.Tensor) -> torch.Tensor:
+        """Each sample's residual branch dropped with probability drop_prob (scaled to keep the mean); the
+        identity in eval, so traced and exported graphs never see it."""
+        if not self.training or self.drop_prob <= 0.0:
+            return y
+        keep = 1.0 - self.drop_prob
+        return y * y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep).div_(keep)
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         (h, w), (wh, ww), (sh, sw) = self.grid, self.win, self.shift
@@ -381,11 +390,11 @@ class SwinBlockModule(nn.Module):
             y = self._attn(y)
         elif self.attn is not None:
             y = self.attn(y)
-        x = x + y
+        x = x + self._drop_path(y)
         h = self.fc1(self.norm2(x))
         if self.fc1_compactor is not None:
             h = self.fc1_compactor(h)
-        return x + self.fc2(F.gelu(h))
+        return x + self._drop_path(self.fc2(F.gelu(h)))
 
 
 class PatchMerge(nn.Module):
