@@ -48,6 +48,31 @@ class ConfigError(ValueError):
     """A configuration that cannot describe a valid model."""
 
 
+def parse_feature_blocks(blocks, depth: int) -> tuple[int, ...]:
+    """Block indices for feature outputs: an int, an int sequence or text '3,5,7,11'; negative indices count
+    from the end. Sorted, without duplicates; ConfigError naming the entry otherwise."""
+    if isinstance(blocks, str):
+        parts = [p.strip() for p in blocks.split(",") if p.strip()]
+        try:
+            items = [int(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"features {short(blocks)}: give block indices, e.g. 3,5,7,11") from None
+    elif isinstance(blocks, int) and not isinstance(blocks, bool):
+        items = [blocks]
+    else:
+        items = list(blocks)
+    if not items:
+        raise ConfigError("features: give at least one block index")
+    out = set()
+    for b in items:
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise ConfigError(f"features: block index {short(b)} is not an integer")
+        if not -depth <= b < depth:
+            raise ConfigError(f"features: block {b} is outside 0..{depth - 1} (the model has {depth})")
+        out.add(b % depth)
+    return tuple(sorted(out))
+
+
 def short(value: Any, limit: int = 60) -> str:
     """repr of an untrusted value, cut to `limit` characters."""
     import reprlib
@@ -297,29 +322,11 @@ class CaitConfig:
         """Validated block indices for feature outputs (after each listed block): an int sequence or text
         '3,5,7,11'; negative indices count from the end; refused, naming the block, when a block's tokens are
         no longer a grid (after token slimming). Returns them sorted, without duplicates."""
-        if isinstance(blocks, str):
-            parts = [p.strip() for p in blocks.split(",") if p.strip()]
-            try:
-                items = [int(p) for p in parts]
-            except ValueError:
-                raise ConfigError(f"features {short(blocks)}: give block indices, e.g. 3,5,7,11") from None
-        elif isinstance(blocks, int) and not isinstance(blocks, bool):
-            items = [blocks]
-        else:
-            items = list(blocks)
-        if not items:
-            raise ConfigError("features: give at least one block index")
-        out = set()
-        for b in items:
-            if isinstance(b, bool) or not isinstance(b, int):
-                raise ConfigError(f"features: block index {short(b)} is not an integer")
-            if not -self.depth <= b < self.depth:
-                raise ConfigError(f"features: block {b} is outside 0..{self.depth - 1} (the model has {self.depth})")
-            out.add(b % self.depth)
-        for b in sorted(out):
+        out = parse_feature_blocks(blocks, self.depth)
+        for b in out:
             if any(blk.slim is not None for blk in self.blocks[: b + 1]):
                 raise ConfigError(f"features: block {b} comes after token slimming; its tokens are no longer a grid")
-        return tuple(sorted(out))
+        return out
 
     def patch_tokens_in(self, i: int) -> int:
         """Patch tokens entering block i (before its merge and slimming)."""

@@ -140,4 +140,12 @@ def encoder_flops(cfg: CaitConfig, last_block: int | None = None) -> int:
     """FLOPs per image of a feature extractor: the stem and blocks 0..last_block (all by default), no head.
     Restoring a merged grid (copies or bilinear upsampling) is not a matmul and is not counted."""
     last = cfg.depth - 1 if last_block is None else last_block
+    if _swin(cfg):   # the stem, the stages up to the block's (their PatchMerging included), its blocks up to it
+        from .models.swin import swin_flops
+
+        f = swin_flops(cfg)
+        stage = cfg.flat()[last][0]
+        in_stage = [j for j, (s, _, _) in enumerate(cfg.flat()) if s == stage]
+        merge = f["stages"][stage] - sum(f["blocks"][j] for j in in_stage)   # its PatchMerging
+        return f["stem"] + sum(f["stages"][:stage]) + merge + sum(f["blocks"][in_stage[0]:last + 1])
     return patch_embed_flops(cfg) + sum(block_flops(cfg, i)["total"] for i in range(last + 1))

@@ -465,3 +465,49 @@ def test_cait_wrap_swin_trains_and_fuses(tmp_path):
     assert rep["verify"]["max_abs_diff"] < 1e-4 and abs(rep["flops_reduction"] - ctl.flops_reduction) < 1e-9
     with torch.no_grad():
         assert (load_model(tmp_path / "f.safetensors")(x) - wrap(x)).abs().max() < 1e-4
+
+
+# ---- feature maps (a Swin backbone for dense prediction) ----------------------------------------------------
+def test_swin_feature_maps_equal_timm_stages():
+    """No merges, no pruning: the maps after each stage's last block are timm's stage outputs (its
+    forward_intermediates, no norm), exactly; encoder FLOPs count the stem, the patch mergings and the blocks."""
+    from caitdeploy.flops import encoder_flops
+    from caitdeploy.train import cait_wrap
+
+    m = small_timm(seed=4)
+    w = cait_wrap(m, {}).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = m.forward_intermediates(x, indices=4, intermediates_only=True, norm=False)
+        ours = w.model.forward_features(x, "1,3,5,-1")
+    assert [tuple(t.shape) for t in ours] == [(2, 32, 56, 56), (2, 64, 28, 28), (2, 128, 14, 14), (2, 256, 7, 7)]
+    for a, b in zip(ours, ref):
+        assert (a - b).abs().max() < 1e-5
+    f = swin_flops(w.cait_config)
+    assert encoder_flops(w.cait_config) == f["total"] - f["head"]
+    assert encoder_flops(w.cait_config, 1) == f["stem"] + f["blocks"][0] + f["blocks"][1]
+    assert encoder_flops(w.cait_config, 2) == f["stem"] + f["stages"][0] + f["stages"][1] - f["blocks"][3]
+
+
+def test_swin_feature_export_merged_pruned(tmp_path):
+    """A fused, merged (2.1:h) and pruned Swin exported with --features: each map on its stage's grid, the merged
+    stage restored exactly (each merged token in both columns it came from), later stages on the grid the merge
+    leaves, ONNX Runtime equal to PyTorch at batch 1 and 5, no data-dependent ops."""
+    from caitdeploy.export.onnx import FORBIDDEN_OPS, export_onnx_bytes
+    from caitdeploy.fuse import FuseOptions, fuse_file
+    from caitdeploy.io import load_model
+
+    path, _, _ = small_checkpoint(tmp_path)
+    fuse_file(path, tmp_path / "f.safetensors", FuseOptions(align=1))
+    model = load_model(tmp_path / "f.safetensors", attn_impl="math")
+    assert model.config.stage_grids() == [(56, 56), (28, 28), (14, 14), (7, 4)]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        f4, f5, f7 = model.forward_features(x, [4, 5, 7])
+        (b5,) = model.forward_features(x, [5], restore="bilinear")
+    assert f5.shape == b5.shape == (2, 128, 14, 14) and f7.shape == (2, 256, 7, 4) and f4.shape == f5.shape
+    assert torch.equal(f5[..., 0::2], f5[..., 1::2]) and not torch.equal(f4[..., 0::2], f4[..., 1::2])
+    data, rep = export_onnx_bytes(model, tmp_path / "f.onnx", features="1,3,5,7", verify_batches=(1, 5))
+    assert rep["verify"]["passed"] and rep["feature_grid"] == "stage"
+    assert [o["shape"][1:] for o in rep["outputs"]] == [[32, 56, 56], [64, 28, 28], [128, 14, 14], [256, 7, 4]]
+    assert not set(rep["census"]) & set(FORBIDDEN_OPS)

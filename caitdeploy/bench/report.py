@@ -61,7 +61,7 @@ def io_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         if inp is None:
             continue
         if outs and outs != "logits":
-            out.append(f"input {inp} -> feature maps {outs.replace(',', ', ')} on the full patch grid "
+            out.append(f"input {inp} -> feature maps {outs.replace(',', ', ')} on the unmerged grid "
                        "(GFLOPs: encoder up to the last of them, no head)")
         else:
             out.append(f"input {inp} -> logits")

@@ -25,7 +25,8 @@ from .common import console, handle_errors
               help="Run every model at this input size: 512 or HEIGHTxWIDTH (position embedding resampled).")
 @click.option("--features", default=None,
               help="Benchmark feature extraction (dense prediction): block indices, e.g. 3,5,7,11; every model "
-                   "gives those blocks' maps on the full patch grid (ToMe's merges undone), no head.")
+                   "gives those blocks' maps on the unmerged grid (a ViT's patch grid, a Swin's stage grid; "
+                   "ToMe's merges undone), no head.")
 @click.option("--restore", default="repeat", show_default=True,
               help="How CAIT's merged grid is restored for --features: repeat or bilinear.")
 @click.option("--warmup", default="10", show_default=True, help="Untimed calls before timing.")

@@ -48,8 +48,11 @@ def print_export_report(report: dict) -> None:
     say(f"  {sig_in['name']} {sig_in['shape']} {sig_in['dtype']} -> {outs} {onnx_r['outputs'][0]['dtype']}   "
         f"{what} {human(onnx_r.get('flops', 0))}  stored params {human(onnx_r['params'])}")
     if onnx_r.get("features"):
-        say(f"  feature maps after blocks {', '.join(map(str, onnx_r['features']))} on the full patch grid "
-            f"(merged grids restored: {onnx_r['restore']}), prefix tokens dropped")
+        where = ("on each stage's grid" if onnx_r.get("feature_grid") == "stage"
+                 else "on the full patch grid")
+        say(f"  feature maps after blocks {', '.join(map(str, onnx_r['features']))} {where} "
+            f"(merged grids restored: {onnx_r['restore']})"
+            + (", prefix tokens dropped" if onnx_r.get("feature_grid") != "stage" else ""))
     t = Table(title="op census", show_lines=False)
     t.add_column("op")
     t.add_column("count", justify="right")

@@ -35,7 +35,7 @@ def print_inspect(info: dict[str, Any]) -> None:
         for s in info["outputs"]:
             say(f"  output {s['name']} {s['shape']} {s['dtype']}")
         if info.get("features"):
-            say(f"  feature maps after blocks {info['features']} on the full patch grid (merged grids restored: "
+            say(f"  feature maps after blocks {info['features']} on the unmerged grid (merged grids restored: "
                 f"{info.get('restore') or '?'}), no head")
         say(f"  {info['nodes']} nodes, {human(info['params'])} parameters; census: "
                   + ", ".join(f"{op} {n}" for op, n in info["census"].items()))

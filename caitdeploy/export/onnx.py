@@ -356,8 +356,9 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
                       restore: str = "repeat", output_names: list[str] | None = None) -> tuple[bytes, dict[str, Any]]:
     """Export `model` (images [B, C, H, W] -> logits [B, classes]) to a clean, checked ONNX file.
 
-    features (a CaitViT only): block indices; the graph's outputs are then `feat{i}` [B, D, Gh, Gw], each block's
-    output on the full patch grid (`CaitViT.forward_features(x, blocks, restore)`), and no logits.
+    features (a CaitViT or CaitSwin): block indices; the graph's outputs are then `feat{i}` [B, D, Gh, Gw], each
+    block's output on the full patch grid (`CaitViT.forward_features(x, blocks, restore)`; a Swin's on its
+    stage's grid, `CaitSwin.forward_features`), and no logits.
     output_names: for another model that returns a tuple of feature maps [B, D, H, W] (a `FeatureModel`).
 
     input_shape: (C, H, W) without batch; a CaitViT supplies it from its config. opset None -> 18 for
@@ -388,7 +389,7 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
         from ..config import RESTORE_MODES, ConfigError
 
         if not is_cait:
-            raise CaitError("export_onnx: feature outputs need a CaitViT")
+            raise CaitError("export_onnx: feature outputs need a CaitViT or CaitSwin")
         try:
             blocks = model.config.feature_blocks(features)
         except ConfigError as e:
@@ -457,7 +458,8 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
         if blocks:
             from ..flops import encoder_flops
 
-            report.update(features=list(blocks), restore=restore, flops=encoder_flops(model.config, blocks[-1]))
+            report.update(features=list(blocks), restore=restore, flops=encoder_flops(model.config, blocks[-1]),
+                          feature_grid="stage" if hasattr(model.config, "stage_grids") else "patch")
     if verify:
         from ..models.vit import FeatureModel
 

@@ -159,7 +159,24 @@ class SwinConfig:
         return self
 
     def feature_blocks(self, blocks) -> tuple[int, ...]:
-        raise ConfigError("features: feature-map outputs are for the ViT families; a Swin model exports logits")
+        """Validated flat block indices for feature outputs (text '1,3,9,11' or ints; negative from the end):
+        each gives that block's output on its stage's grid (`CaitSwin.forward_features`). Sorted, no duplicates."""
+        from ..config import parse_feature_blocks
+
+        return parse_feature_blocks(blocks, self.depth)
+
+    def stage_grids(self) -> list[tuple[int, int]]:
+        """The (H, W) grid each stage starts on (after its PatchMerging, before any ATME merge in it): where its
+        feature maps live. Without merges these are Swin's strides 4, 8, 16, 32 grids; after a merged stage the
+        next one starts on the merged grid halved (Tab. XIV: stage 4 on 4x4 instead of 7x7)."""
+        h = w = self.img_size // self.patch_size
+        out = []
+        for s, row in enumerate(self.grids()):
+            if s > 0:
+                h, w = (h + 1) // 2, (w + 1) // 2
+            out.append((h, w))
+            h, w = row[-1]
+        return out
 
     def to_dict(self) -> dict:
         return {"family": "swin", "img_size": self.img_size, "patch_size": self.patch_size,
@@ -449,6 +466,35 @@ class CaitSwin(nn.Module):
             for blk in stage.blocks:
                 x = blk(x)
         return self.head(self.norm(x).mean(dim=(1, 2)))
+
+    def forward_features(self, images: torch.Tensor, blocks, restore: str = "repeat") -> list[torch.Tensor]:
+        """Feature maps [B, C_s, H_s, W_s], one per listed flat block (its output, before any norm), each on its
+        stage's grid (`SwinConfig.stage_grids`): a grid merged inside the stage is restored by `restore` ("repeat":
+        each merged token copied back to the tokens it came from, the exact inverse of the grouping; "bilinear":
+        bilinear upsampling). A Swin backbone's pyramid is the stage ends: blocks 1,3,9,11 of Swin-T. Blocks
+        after the last listed one do not run."""
+        from ..config import RESTORE_MODES
+        from .layers import restore_grid
+
+        c = self.config
+        wanted = c.feature_blocks(blocks)
+        if restore not in RESTORE_MODES:
+            raise ValueError(f"restore must be one of {', '.join(RESTORE_MODES)}, got {restore!r}")
+        stage_grids = c.stage_grids()
+        x = self.patch_norm(self.patch_embed(images).permute(0, 2, 3, 1))
+        out, j = [], 0
+        for s, stage in enumerate(self.layers):
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+            for blk in stage.blocks:
+                x = blk(x)
+                if j in wanted:
+                    h, w = x.shape[1], x.shape[2]
+                    out.append(restore_grid(x.reshape(-1, h * w, x.shape[-1]), (h, w), stage_grids[s], restore))
+                    if j == wanted[-1]:
+                        return out
+                j += 1
+        return out
 
 
 # ---- timm -----------------------------------------------------------------------------------------------
