@@ -81,7 +81,6 @@ def inspect_fused(path: Path) -> dict[str, Any]:
 def inspect_onnx(path: Path) -> dict[str, Any]:
     import onnx
 
-    from .config import CaitConfig
     from .export.onnx import _numel, io_signature, op_census, read_onnx_metadata
 
     try:
@@ -109,7 +108,9 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         from .config import ConfigError
 
         try:
-            cfg = CaitConfig.from_json(meta["caitdeploy.config"])
+            from .models import config_from_json
+
+            cfg = config_from_json(meta["caitdeploy.config"])
         except ConfigError as e:
             raise CaitError(f"{path}: bad 'caitdeploy.config' metadata: {e}") from None
         out.update(_config_summary(cfg))
@@ -133,7 +134,6 @@ def _same_onnx(src: Path, recorded: dict[str, Any]) -> bool | None:
 
 
 def inspect_engine(path: Path) -> dict[str, Any]:
-    from .config import CaitConfig
     from .export.tensorrt import engine_header_check, read_sidecar
 
     side = read_sidecar(path)
@@ -159,7 +159,9 @@ def inspect_engine(path: Path) -> dict[str, Any]:
     src = Path(side["onnx"]["path"]) if (side.get("onnx") or {}).get("path") else None
     out["onnx_matches"] = _same_onnx(src, side["onnx"]) if src is not None else None
     if side.get("config"):
-        out.update(_config_summary(CaitConfig.from_dict(side["config"])))  # validated by read_sidecar
+        from .models import config_from_dict
+
+        out.update(_config_summary(config_from_dict(side["config"])))  # validated by read_sidecar
     return out
 
 

@@ -101,13 +101,9 @@ def load_fused(path: str | os.PathLike) -> tuple[CaitConfig, dict[str, torch.Ten
     try:
         from .models import family
 
-        raw_cfg = strict_json(meta["config"], "metadata 'config'")
-        if isinstance(raw_cfg, dict) and raw_cfg.get("family") == "swin":
-            from .models.swin import SwinConfig
+        from .models import config_from_dict
 
-            config = SwinConfig.from_dict(raw_cfg)
-        else:
-            config = CaitConfig.from_dict(raw_cfg)
+        config = config_from_dict(strict_json(meta["config"], "metadata 'config'"))
         family(config.family).check_config(config)
     except (ConfigError, ValueError) as e:  # UnknownFamily is a ValueError
         raise CaitError(f"{path}: bad 'config' metadata: {e}") from None

@@ -173,3 +173,26 @@ def test_import_trt_names_the_packages():
     assert import_trt().__name__ == "tensorrt_rtx"
     with pytest.raises(CaitError, match="unknown TensorRT module"):
         import_trt("onnxruntime")
+
+
+def test_swin_onnx_builds_and_inspects(tmp_path):
+    """A Swin export (feature maps here) carries a Swin config in its metadata: the engine build, its sidecar and
+    `inspect` of both files read it (they once parsed every config as a ViT's and refused it)."""
+    from caitdeploy.cdcp import swin_timm_model
+    from caitdeploy.describe import inspect_engine, inspect_onnx
+    from caitdeploy.models.swin import CaitSwin, SwinConfig, swin_config_of
+
+    timm_swin = swin_timm_model("swin_tiny_patch4_window7_224", 3, 32,
+                                dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4))
+    torch.manual_seed(0)
+    model = CaitSwin(swin_config_of(timm_swin, {(1, 0): "h"})).eval()
+    onnx_path = tmp_path / "swin.onnx"
+    export_onnx(model, onnx_path, features=[1, 3], verify=False)
+    report = build_engine(onnx_path, tmp_path / "swin.plan", min_batch=1, opt_batch=2, max_batch=4,
+                          workspace_mb=256, opt_level=0)
+    side = json.loads(sidecar_path(tmp_path / "swin.plan").read_text())
+    assert report["engine_bytes"] > 0 and SwinConfig.from_dict(side["config"]) == model.config
+    assert side["outputs"] == ["feat1", "feat3"]
+    info = inspect_onnx(onnx_path)
+    assert info["depth"] == 4 and info["merges"] == {"1.0": "h"} and info["features"] == "1,3"
+    assert inspect_engine(tmp_path / "swin.plan")["depth"] == 4

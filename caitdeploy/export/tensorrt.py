@@ -128,10 +128,11 @@ def _onnx_facts(onnx_path: Path, data: bytes) -> dict[str, Any]:
         raise CaitError(f"{onnx_path}: input {inputs[0].name!r} must be [batch, C, H, W] with fixed C, H, W, got {dims}")
     meta = {p.key: p.value for p in m.metadata_props}
     if "caitdeploy.config" in meta:
-        from ..config import CaitConfig, ConfigError
+        from ..config import ConfigError
+        from ..models import config_from_json
 
         try:
-            CaitConfig.from_json(meta["caitdeploy.config"])
+            config_from_json(meta["caitdeploy.config"])
         except ConfigError as e:
             raise CaitError(f"{onnx_path}: bad 'caitdeploy.config' metadata: {e}") from None
     wtypes = {onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in m.graph.initializer
@@ -375,10 +376,11 @@ def _sidecar_problem(d: dict[str, Any]) -> str | None:
     if "strongly_typed" in d and not isinstance(d["strongly_typed"], bool):
         return "'strongly_typed' must be true or false"
     if d.get("config") is not None:
-        from ..config import CaitConfig, ConfigError
+        from ..config import ConfigError
+        from ..models import config_from_dict
 
         try:
-            CaitConfig.from_dict(d["config"])
+            config_from_dict(d["config"])
         except ConfigError as e:
             return f"'config': {e}"
     return None

@@ -31,6 +31,27 @@ def build_model(config: CaitConfig, attn_impl: AttnImpl = "sdpa", kernels: str |
     return CaitViT(config, attn_impl=attn_impl, kernels=kernels)
 
 
+def config_from_dict(raw) -> CaitConfig:
+    """A deploy config from its dict (a fused file's or an ONNX file's metadata), whatever its family: a
+    `SwinConfig` for "family": "swin", else a `CaitConfig`; ConfigError naming what is wrong."""
+    from ..config import ConfigError
+
+    if isinstance(raw, dict) and raw.get("family") == "swin":
+        from .swin import SwinConfig
+
+        return SwinConfig.from_dict(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
+    return CaitConfig.from_dict(raw)
+
+
+def config_from_json(text: str) -> CaitConfig:
+    """`config_from_dict` of JSON text (strict: no duplicate keys, no NaN)."""
+    from ..config import strict_json
+
+    return config_from_dict(strict_json(text, "config"))
+
+
 def __getattr__(name: str):  # CaitViT imports this package: resolve it lazily
     if name == "CaitViT":
         from .vit import CaitViT
