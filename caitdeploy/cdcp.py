@@ -196,6 +196,15 @@ def auto_merges(fmt: dict[str, Any], flops_reduction: float, token_reduction: fl
     return merges, info
 
 
+def check_merge_budget(cfg, flops_reduction: float, text: str) -> None:
+    """OptionError naming --merges when the merges of `cfg` (dense widths) alone cut more FLOPs than the target:
+    CDCP could not prune at all and the result would miss the requested reduction."""
+    r = 1 - model_flops(cfg)["total"] / model_flops(cfg.unpruned())["total"]
+    if r > flops_reduction + 1e-9:
+        raise OptionError("merges", f"{text}: the merges alone cut FLOPs by {r:.2%}, more than --flops-reduction "
+                                    f"{flops_reduction}")
+
+
 def merges_text(merges: dict[int, str]) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(merges.items())) or "none"
 
@@ -263,7 +272,6 @@ def parse_swin_merges(text: str) -> dict[tuple[int, int], str]:
         raise OptionError("merges", f"{text!r}: {e}") from None
 
 
-SWIN_DEFAULT_MERGES = "2.4:h,2.5:v"   # paper Tab. XIV: HTM and VTM at the last two blocks of Swin-T's stage 3
 SWIN_DEFAULT_REDUCTION = 0.354       # its ATME + CDCP setting (Tab. XII, CDCP only: --merges none, 0.267)
 
 
@@ -366,13 +374,14 @@ def swin_scores(sd: dict[str, torch.Tensor], cfg) -> list[dict[str, torch.Tensor
     return out
 
 
-def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[int, int], str],
+def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[int, int], str] | None,
                          weights: str | None = None, seed: int = 0, align: int = 1, num_classes: int | None = None,
                          img_size: int | None = None, model_args: dict | None = None
                          ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`make_checkpoint` for a timm Swin: CDCP selection over every block of every stage, ATME merges inside a
-    stage (mean of the two tokens at start). A block whose window the merges clip (Tab. XIV: stage 4 runs on
-    4x4 tokens, window 4) gets its relative position table resized from the dense one, as timm resizes it."""
+    stage (mean of the two tokens at start; None: `swin_auto_merges`, the paper's placement). A block whose
+    window the merges clip (Tab. XIV: stage 4 runs on 4x4 tokens, window 4) gets its relative position table
+    resized from the dense one, as timm resizes it. OptionError when the merges alone exceed the target."""
     from .models import swin as SW
 
     torch.manual_seed(seed)
@@ -381,7 +390,10 @@ def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[i
         from .convert.dimap import timm_layout
 
         fit_state_dict(model, timm_layout(load_weights(weights))[0], weights, arch)   # Microsoft's layout too
+    if merges is None:
+        merges, _ = swin_auto_merges(SW.check_format(SW.format_config_of(model, {}, arch)), flops_reduction)
     fmt, cfg, sd = swin_weights(model, merges, arch)
+    check_merge_budget(cfg, flops_reduction, swin_merges_text(merges))
     req, _ = SW.checkpoint_shapes(cfg)
     flat = cfg.flat()
     masks, summary = cdcp_select(cfg, swin_scores(sd, cfg), flops_reduction, align)
@@ -416,6 +428,7 @@ def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], w
         cfg = CaitConfig.from_format(fmt)
     except ValueError as e:
         raise OptionError("merges", f": {e}") from None
+    check_merge_budget(cfg, flops_reduction, merges_text(merges))
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     d = fmt["embed_dim"]
     for i, kind in merges.items():

@@ -511,3 +511,24 @@ def test_swin_feature_export_merged_pruned(tmp_path):
     assert rep["verify"]["passed"] and rep["feature_grid"] == "stage"
     assert [o["shape"][1:] for o in rep["outputs"]] == [[32, 56, 56], [64, 28, 28], [128, 14, 14], [256, 7, 4]]
     assert not set(rep["census"]) & set(FORBIDDEN_OPS)
+
+
+def test_swin_make_checkpoint_auto_merges(tmp_path):
+    """make-checkpoint on a Swin places the paper's merges by the model's stages (auto: the longest stage's last
+    two blocks), so a deeper stage 3 (Swin-S, 18 blocks) does not overshoot the target."""
+    from click.testing import CliRunner
+
+    from caitdeploy.cli import main
+
+    from caitdeploy.cdcp import make_swin_checkpoint
+
+    deep = dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 2, 4))
+    _, summary = make_swin_checkpoint(ARCH, 0.354, None, num_classes=10, model_args=deep)
+    assert summary["merges"] == {"2.4": "h", "2.5": "v"} and abs(summary["flops_reduction"] - 0.354) < 0.005
+    deeper = dict(embed_dim=32, depths=(2, 2, 10, 2), num_heads=(1, 2, 2, 4))
+    _, summary = make_swin_checkpoint(ARCH, 0.354, None, num_classes=10, model_args=deeper)
+    assert summary["merges"] == {"2.8": "h", "2.9": "v"} and abs(summary["flops_reduction"] - 0.354) < 0.005
+    out = tmp_path / "x.safetensors"
+    res = CliRunner().invoke(main, ["make-checkpoint", "--arch", "swin_small_patch4_window7_224", "--merges",
+                                    "2.4:h,2.5:v", "-o", str(out)])
+    assert res.exit_code == 2 and "the merges alone cut FLOPs by 46.90%" in res.stderr and not out.exists()

@@ -13,8 +13,9 @@ from .common import console, handle_errors, write_json
               help="Target FLOPs reduction vs the dense model, merges included [default: 0.55; Swin 0.354, "
                    "the paper's Tab. XIV].")
 @click.option("--merges", default=None,
-              help="ATME merges, BLOCK:h|v,... or 'none' [default: 4:h,8:v]; Swin: STAGE.BLOCK:h|v "
-                   "[default: 2.4:h,2.5:v, Tab. XIV].")
+              help="ATME merges, BLOCK:h|v,... or 'none' [default: 4:h,8:v]; Swin: STAGE.BLOCK:h|v,..., 'none' or "
+                   "'auto' [default: auto, the paper's Tab. XIV placement: HTM + VTM at the last two blocks of the "
+                   "longest stage, 2.4:h,2.5:v on Swin-T].")
 @click.option("--weights", type=click.Path(dir_okay=False), help="timm state dict (.safetensors or .pth); random init if absent.")
 @click.option("--align", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Prune in steps of N channels per head, so kept widths are multiples of N.")
@@ -35,9 +36,12 @@ def make_checkpoint_cmd(arch, flops_reduction, merges, weights, align, num_class
     if flops_reduction is None:
         flops_reduction = cdcp.SWIN_DEFAULT_REDUCTION if swin else 0.55
     if merges is None:
-        merges = cdcp.SWIN_DEFAULT_MERGES if swin else "4:h,8:v"
+        merges = "auto" if swin else "4:h,8:v"
     check_float(flops_reduction, "flops_reduction", 0.0, 0.95)
-    merge_map = cdcp.parse_swin_merges(merges) if swin else cdcp.parse_merges(merges)
+    if swin:   # auto: placed once the model's stages are known
+        merge_map = None if merges.strip().lower() == "auto" else cdcp.parse_swin_merges(merges)
+    else:
+        merge_map = cdcp.parse_merges(merges)
     check_paths({"--weights": weights}, [Out(output, "--output", CHECKPOINT_SUFFIXES),
                                          Out(report_path, "--report", JSON_SUFFIXES)])
     make = cdcp.make_swin_checkpoint if swin else cdcp.make_checkpoint
@@ -48,7 +52,8 @@ def make_checkpoint_cmd(arch, flops_reduction, merges, weights, align, num_class
         if report_path:
             write_json(report_path, summary, staging=st)
     con = console()
-    con.print(f"{arch}: merges {merges}, FLOPs/img {summary['flops_dense'] / 1e9:.3f}G -> "
+    shown = ",".join(f"{k}:{v}" for k, v in summary["merges"].items()) if swin else merges
+    con.print(f"{arch}: merges {shown or 'none'}{' (auto)' if merge_map is None else ''}, FLOPs/img {summary['flops_dense'] / 1e9:.3f}G -> "
               f"{summary['flops_pruned'] / 1e9:.3f}G (reduction {100 * summary['flops_reduction']:.2f}%, "
               f"target {100 * flops_reduction:.2f}%)")
     con.print(f"wrote {output}")
