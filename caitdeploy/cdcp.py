@@ -196,10 +196,9 @@ def auto_merges(fmt: dict[str, Any], flops_reduction: float, token_reduction: fl
     return merges, info
 
 
-def check_merge_budget(cfg, flops_reduction: float, text: str) -> None:
-    """OptionError naming --merges when the merges of `cfg` (dense widths) alone cut more FLOPs than the target:
-    CDCP could not prune at all and the result would miss the requested reduction."""
-    r = 1 - model_flops(cfg)["total"] / model_flops(cfg.unpruned())["total"]
+def check_merge_budget(r: float, flops_reduction: float, text: str) -> None:
+    """OptionError naming --merges `text` when the merges alone cut more FLOPs (`r`, from `merge_reduction` or
+    `swin_merge_reduction`) than the target: CDCP could not prune at all and the result would miss it."""
     if r > flops_reduction + 1e-9:
         raise OptionError("merges", f"{text}: the merges alone cut FLOPs by {r:.2%}, more than --flops-reduction "
                                     f"{flops_reduction}")
@@ -393,7 +392,7 @@ def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[i
     if merges is None:
         merges, _ = swin_auto_merges(SW.check_format(SW.format_config_of(model, {}, arch)), flops_reduction)
     fmt, cfg, sd = swin_weights(model, merges, arch)
-    check_merge_budget(cfg, flops_reduction, swin_merges_text(merges))
+    check_merge_budget(swin_merge_reduction(fmt, merges), flops_reduction, swin_merges_text(merges))
     req, _ = SW.checkpoint_shapes(cfg)
     flat = cfg.flat()
     masks, summary = cdcp_select(cfg, swin_scores(sd, cfg), flops_reduction, align)
@@ -428,7 +427,7 @@ def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], w
         cfg = CaitConfig.from_format(fmt)
     except ValueError as e:
         raise OptionError("merges", f": {e}") from None
-    check_merge_budget(cfg, flops_reduction, merges_text(merges))
+    check_merge_budget(merge_reduction(fmt, merges), flops_reduction, merges_text(merges))
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     d = fmt["embed_dim"]
     for i, kind in merges.items():

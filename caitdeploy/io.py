@@ -99,9 +99,7 @@ def load_fused(path: str | os.PathLike) -> tuple[CaitConfig, dict[str, torch.Ten
     if "config" not in meta:
         raise CaitError(f"{path}: metadata has no 'config'")
     try:
-        from .models import family
-
-        from .models import config_from_dict
+        from .models import config_from_dict, family
 
         config = config_from_dict(strict_json(meta["config"], "metadata 'config'"))
         family(config.family).check_config(config)

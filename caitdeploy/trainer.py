@@ -372,7 +372,7 @@ def _load_start_weights(o: TrainOptions, model, n_classes: int, log) -> None:
 
 def _build_swin(o: TrainOptions, model) -> tuple[dict, dict, dict]:
     """(format config, merges {(stage, block): kind}, merge info) of a timm Swin for --merges."""
-    from .cdcp import parse_swin_merges, swin_auto_merges, swin_merge_reduction
+    from .cdcp import check_merge_budget, parse_swin_merges, swin_auto_merges, swin_merge_reduction
     from .config import ConfigError
     from .models.swin import check_format, format_config_of
 
@@ -385,16 +385,14 @@ def _build_swin(o: TrainOptions, model) -> tuple[dict, dict, dict]:
         r = swin_merge_reduction(fmt, merges)
     except ConfigError as e:
         raise OptionError("merges", f"{o.merges}: {e}") from None
-    if r > o.flops_reduction:
-        raise OptionError("merges", f"{o.merges}: the merges alone cut FLOPs by {r:.2%}, more than "
-                                    f"--flops-reduction {o.flops_reduction}")
+    check_merge_budget(r, o.flops_reduction, o.merges)
     return fmt, merges, {"merges": merges, "token_reduction": r, "channel_reduction": o.flops_reduction - r,
                          "flops_reduction": o.flops_reduction}
 
 
 def _build(o: TrainOptions, n_classes: int, log):
     """(timm model with --weights, format config, merges, merge info)."""
-    from .cdcp import auto_merges, merge_reduction, parse_merges
+    from .cdcp import auto_merges, check_merge_budget, merge_reduction, parse_merges
     from .config import CaitConfig
     from .timm_compat import format_config_of
 
@@ -412,9 +410,7 @@ def _build(o: TrainOptions, n_classes: int, log):
         except ValueError as e:
             raise OptionError("merges", f"{o.merges}: {e}") from None
         r = merge_reduction(fmt, merges)
-        if r > o.flops_reduction:
-            raise OptionError("merges", f"{o.merges}: the merges alone cut FLOPs by {r:.2%}, more than "
-                                        f"--flops-reduction {o.flops_reduction}")
+        check_merge_budget(r, o.flops_reduction, o.merges)
         info = {"merges": merges, "token_reduction": r, "channel_reduction": o.flops_reduction - r,
                 "flops_reduction": o.flops_reduction}
     return model, fmt, merges, info

@@ -36,12 +36,12 @@ def config_from_dict(raw) -> CaitConfig:
     `SwinConfig` for "family": "swin", else a `CaitConfig`; ConfigError naming what is wrong."""
     from ..config import ConfigError
 
-    if isinstance(raw, dict) and raw.get("family") == "swin":
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
+    if raw.get("family") == "swin":
         from .swin import SwinConfig
 
         return SwinConfig.from_dict(raw)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
     return CaitConfig.from_dict(raw)
 
 

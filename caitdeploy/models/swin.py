@@ -458,13 +458,19 @@ class CaitSwin(nn.Module):
         self.norm = nn.LayerNorm(cfg.dims[-1], eps=cfg.ln_eps)
         self.head = nn.Linear(cfg.dims[-1], cfg.num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_norm(self.patch_embed(x).permute(0, 2, 3, 1))
-        for stage in self.layers:
+    def _block_outputs(self, images: torch.Tensor):
+        """(stage, tokens [B, H, W, C]) after every block in order; the stem and the patch mergings run between."""
+        x = self.patch_norm(self.patch_embed(images).permute(0, 2, 3, 1))
+        for s, stage in enumerate(self.layers):
             if stage.downsample is not None:
                 x = stage.downsample(x)
             for blk in stage.blocks:
                 x = blk(x)
+                yield s, x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _, x in self._block_outputs(x):
+            pass
         return self.head(self.norm(x).mean(dim=(1, 2)))
 
     def forward_features(self, images: torch.Tensor, blocks, restore: str = "repeat") -> list[torch.Tensor]:
@@ -480,20 +486,13 @@ class CaitSwin(nn.Module):
         wanted = c.feature_blocks(blocks)
         if restore not in RESTORE_MODES:
             raise ValueError(f"restore must be one of {', '.join(RESTORE_MODES)}, got {restore!r}")
-        stage_grids = c.stage_grids()
-        x = self.patch_norm(self.patch_embed(images).permute(0, 2, 3, 1))
-        out, j = [], 0
-        for s, stage in enumerate(self.layers):
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-            for blk in stage.blocks:
-                x = blk(x)
-                if j in wanted:
-                    h, w = x.shape[1], x.shape[2]
-                    out.append(restore_grid(x.reshape(-1, h * w, x.shape[-1]), (h, w), stage_grids[s], restore))
-                    if j == wanted[-1]:
-                        return out
-                j += 1
+        stage_grids, out = c.stage_grids(), []
+        for j, (s, x) in enumerate(self._block_outputs(images)):
+            if j in wanted:
+                h, w = x.shape[1], x.shape[2]
+                out.append(restore_grid(x.reshape(-1, h * w, x.shape[-1]), (h, w), stage_grids[s], restore))
+            if j == wanted[-1]:
+                break
         return out
 
 
