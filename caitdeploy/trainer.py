@@ -342,8 +342,9 @@ def _timm_model(o: TrainOptions, n_classes: int):
 
     try:
         return (swin_timm_model if is_swin(o) else timm_model)(o.arch, n_classes, o.img_size, o.model_args)
-    except CaitError as e:
-        raise CaitError(f"{e}" + (f" (with --model-args {o.model_args})" if o.model_args else "")) from None
+    except CaitError as e:   # an OptionError names its flag as the CLI shows it
+        text = e.as_flag() if isinstance(e, OptionError) else str(e)
+        raise CaitError(text + (f" (with --model-args {o.model_args})" if o.model_args else "")) from None
 
 
 def _load_start_weights(o: TrainOptions, model, n_classes: int, log) -> None:
