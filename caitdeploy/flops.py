@@ -22,6 +22,24 @@ def merge_flops(n_patches_out: int, d: int) -> int:
     return 2 * n_patches_out * (2 * d) * d
 
 
+def flop_counter():
+    """`torch.utils.flop_counter.FlopCounterMode` (no display) that also counts SDPA's fused CPU kernel.
+
+    torch < 2.15 has no formula for `aten._scaled_dot_product_flash_attention_for_cpu`, the kernel CPU SDPA runs
+    when q, k and v share a head width, so it counts such attention as 0 FLOPs (measured: torch 2.11.0 and
+    2.14.1; torch 2.15 registers it). This supplies torch's own SDPA formula for that op where it is missing, so
+    every count here is the same on every supported torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    missing = op is not None and op not in flop_registry and op.default not in flop_registry
+    return FlopCounterMode(display=False, custom_mapping={op: cpu_sdpa} if missing else None)
+
+
 def _family(cfg: CaitConfig):
     from .models.registry import family
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import surgery as S
 from .checkpoint import Checkpoint, load_checkpoint
@@ -16,7 +15,7 @@ from .format import FUSED_MERGE, merge_prefix
 from .config import CaitConfig
 from .errors import CaitError, OptionError, Staging
 from .paths import Out
-from .flops import block_rows, model_flops, model_params
+from .flops import block_rows, flop_counter, model_flops, model_params
 
 CONSISTENCY_MODES = ("strict", "repair")
 
@@ -226,7 +225,7 @@ def torch_counted_flops(config: CaitConfig) -> int:
     with torch.device("meta"):
         model = build_model(config, attn_impl="math")
         x = torch.empty(1, *config.input_shape)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter, torch.no_grad():
         model(x)
     return counter.get_total_flops()
 
