@@ -36,6 +36,8 @@ def _triton_skip_reason():
         return f"triton is not importable ({type(exc).__name__}: {exc}); only the references and argument checks run"
     if not CUDA and not INTERPRET:
         return "no CUDA device and TRITON_INTERPRET is disabled: the Triton kernels cannot run"
+    if INTERPRET and _runtime.interpreter_defect():
+        return _runtime.interpreter_defect()
     if INTERPRET and _TRITON_PREIMPORTED and not _runtime._lang_interpreted():
         return ("triton was imported before TRITON_INTERPRET=1 was set (by another module); "
                 "run tests/test_kernels.py on its own")
@@ -296,6 +298,7 @@ def test_missing_triton_gives_clear_error(monkeypatch):
     assert kernels.attention_ref(q, q, q, 1.0).shape == (1, 1, 3, 4)
 
 
+@needs_triton
 def test_caitvit_uses_the_kernels_and_matches_math_path():
     """CaitViT(kernels="triton") runs both kernels (interpreter on CPU, compiled on CUDA) and equals the math path."""
     from caitdeploy.config import BlockConfig, CaitConfig
@@ -329,3 +332,18 @@ def test_caitvit_uses_the_kernels_and_matches_math_path():
         kernels.atme_merge_linear, kernels.attention = orig_merge, orig_attn
     assert calls == {"merge": 2, "attn": 3}
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+
+
+@pytest.mark.skipif(not (INTERPRET and _runtime.interpreter_defect()),
+                    reason="only where this triton's interpreter is known not to run with this numpy")
+def test_known_broken_interpreter_is_refused_with_the_reason():
+    """triton < 3.8 with numpy >= 2.5 (the lent GPU machine's stack, on a CPU): one clear error, not 58 crashes."""
+    x, w = torch.randn(1, 1 + 4 * 4, 8), torch.randn(8, 16)
+    with pytest.raises(kernels.TritonUnavailableError, match=r"cannot run with numpy .*fixed in triton 3\.8"):
+        kernels.atme_merge_linear(x, w, None, (4, 4), "h")
+
+
+def test_version_parsing():
+    assert _runtime._version("3.6.0") == (3, 6, 0) < (3, 8)
+    assert _runtime._version("2.5.2") >= (2, 5) and _runtime._version("2.11.0+cu130") == (2, 11, 0)
+    assert _runtime._version("3.8.0rc1") == (3, 8, 0) and _runtime._version("1.26.4") < (2, 5)

@@ -73,6 +73,31 @@ def ensure_interpret_env() -> bool:
     return interpret_requested()
 
 
+def _version(text: str) -> tuple[int, ...]:
+    import re
+
+    return tuple(int(m.group()) if (m := re.match(r"\d+", p)) else 0 for p in text.split("+")[0].split(".")[:3])
+
+
+def interpreter_defect() -> str | None:
+    """Why this triton's interpreter cannot run our kernels with this numpy, or None.
+
+    triton < 3.8's interpreter turns a tensor into a Python int with ``int(array_of_one_element)``, which numpy
+    >= 2.5 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every kernel with a loop
+    over a run-time bound (``range(0, D, BLOCK_K)``) fails. Measured: triton 3.6.0 + numpy 2.5.2 (the lent GPU
+    machine's stack) fails, triton 3.8.0 works. Compiled kernels (CUDA) are not affected."""
+    try:
+        from importlib.metadata import version
+
+        tri, npv = version("triton"), version("numpy")
+    except Exception:  # no triton: triton_available() says so
+        return None
+    if _version(tri) < (3, 8) and _version(npv) >= (2, 5):
+        return (f"the Triton interpreter of triton {tri} cannot run with numpy {npv} (int() of a one-element "
+                "array, refused since numpy 2.5; fixed in triton 3.8); compiled kernels on CUDA are not affected")
+    return None
+
+
 def load_impl(name: str, caller: str) -> ModuleType:
     """Import ``kernels._<name>_triton`` (defining its @triton.jit kernels)."""
     global _TRITON_ERR
@@ -92,6 +117,9 @@ def load_impl(name: str, caller: str) -> ModuleType:
             f"kernels.{caller} needs the 'triton' package, which could not be imported "
             f"({_TRITON_ERR}); install triton or use kernels.{caller}_ref (plain PyTorch)"
         )
+    if want_interp and interpreter_defect():
+        raise TritonUnavailableError(f"kernels.{caller}: {interpreter_defect()}; use kernels.{caller}_ref "
+                                     "(plain PyTorch) on this CPU")
     mod = importlib.import_module(f"{__package__}._{name}_triton")
     if want_interp and (not mod.INTERPRETED or (triton_was_imported and not _lang_interpreted())):
         raise RuntimeError(
