@@ -97,7 +97,8 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import}, "ir_version": m.ir_version,
         "producer": f"{m.producer_name} {m.producer_version}".strip(), **io_signature(m),
         "dtype": (f"int8 {meta['caitdeploy.int8'][:20]} ({meta.get('caitdeploy.int8.activations', '?')[:20]} "
-                  "activations)" if "caitdeploy.int8" in meta else meta.get("caitdeploy.dtype")),
+                  f"activations, {meta.get('caitdeploy.int8.weight_bits', '8')[:2]}-bit weights)"
+                  if "caitdeploy.int8" in meta else meta.get("caitdeploy.dtype")),
         "attention": meta.get("caitdeploy.attention"),
         "features": (meta.get("caitdeploy.features") or "")[:200] or None,
         "restore": (meta.get("caitdeploy.restore") or "")[:40] or None,

@@ -34,6 +34,14 @@ import numpy as np
 from ..errors import CaitError, OptionError
 
 QUANT_MODES = ("static", "dynamic")
+# int8 weights use 7 bits ([-64, 64]) by default. ONNX Runtime multiplies uint8 activations by int8 weights on x86
+# CPUs without VNNI (AVX2, AVX-512F/BW) with vpmaddubsw, which adds two u8 x s8 products into a SATURATING int16:
+# 2 x 255 x 127 overflows, 2 x 255 x 64 = 32640 does not. Measured on CAIT-DeiT test models (tests/test_int8.py;
+# a Haswell CPU emulated by qemu-user, AVX2 + FMA, against this AVX-512 VNNI CPU, onnxruntime 1.32): 8-bit
+# weights give int8-vs-fp32 cosine min 0.97 on AVX2 and 0.998 with VNNI; 7-bit weights give 0.994 on both. A
+# quantized file runs wherever it is copied, so the default is the one that is right on every x86 CPU; 8 is for
+# files that only meet VNNI CPUs, ARM or TensorRT.
+WEIGHT_BITS = (7, 8)
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_CALIB_IMAGES = 4096
@@ -41,7 +49,10 @@ MAX_IMAGE_PIXELS = 64 * 1024 * 1024   # a calibration image larger than this is 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def check_int8_options(mode: str, method: str, calib_dir, synthetic: int | None, samples: int) -> None:
+def check_int8_options(mode: str, method: str, calib_dir, synthetic: int | None, samples: int,
+                       weight_bits: int = 7) -> None:
+    if weight_bits not in WEIGHT_BITS:
+        raise OptionError("int8_weight_bits", f"{weight_bits!r}: choose 7 (no saturation on any x86 CPU) or 8")
     if mode not in QUANT_MODES:
         raise OptionError("int8", f"{mode!r}: choose static or dynamic")
     if method not in CALIB_METHODS:
@@ -175,13 +186,16 @@ def _attention_nodes(model) -> list[str]:
 
 def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None, method: str = "minmax",
                         calib_batch: int = 8, attention: bool = False, calib_info: dict[str, Any] | None = None,
-                        symmetric: bool = False) -> tuple[bytes, dict[str, Any]]:
+                        symmetric: bool = False, weight_bits: int = 7) -> tuple[bytes, dict[str, Any]]:
     """The int8 model (bytes) of an fp32 caitdeploy ONNX and what was done (`info`). `attention` (static only)
     also quantizes the activation x activation MatMuls of attention. `calib_info` (what `calibration_images`
     returns) goes into the metadata: the calibration source and the preprocessing a server must repeat.
     `symmetric` (static): int8 activations with zero point 0, what TensorRT's explicit quantization accepts
     (its parser refuses a non-zero zero point), and float biases (it refuses an int32 DequantizeLinear); the
-    default, asymmetric uint8, is ONNX Runtime's fast CPU path."""
+    default, asymmetric uint8, is ONNX Runtime's fast CPU path. `weight_bits` 7 (the default) keeps int8 weights
+    in [-64, 64], which no x86 CPU can saturate (see WEIGHT_BITS); 8 uses the whole int8 range."""
+    if weight_bits not in WEIGHT_BITS:
+        raise OptionError("int8_weight_bits", f"{weight_bits!r}: choose 7 or 8")
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
@@ -213,7 +227,7 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
                                 "entropy": CalibrationMethod.Entropy}[method]
                 with _quiet():
                     quantize_static(str(t / "pre.onnx"), str(t / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                                    per_channel=True,
+                                    per_channel=True, reduce_range=weight_bits == 7,
                                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                                     weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                                     calibrate_method=calib_method,
@@ -225,6 +239,7 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
             else:
                 with _quiet():
                     quantize_dynamic(str(t / "pre.onnx"), str(t / "int8.onnx"), per_channel=True,
+                                     reduce_range=weight_bits == 7,
                                      weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
             q = onnx.load(str(t / "int8.onnx"))
         except CaitError:
@@ -237,7 +252,8 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
     del q.opset_import[:]
     q.opset_import.extend(keep)
     del q.metadata_props[:]
-    meta = {**src_meta, "caitdeploy.int8": mode, "caitdeploy.int8.activations": "uint8 dynamic"}
+    meta = {**src_meta, "caitdeploy.int8": mode, "caitdeploy.int8.activations": "uint8 dynamic",
+            "caitdeploy.int8.weight_bits": str(weight_bits)}
     if mode == "static":
         meta["caitdeploy.int8.calibration"] = method
         meta["caitdeploy.int8.attention"] = "int8" if attention else "float"
@@ -260,7 +276,8 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
     float_ops = dict(sorted(float_nodes.items()))
     info = {"mode": mode, "census": census, "quantized_nodes": len(nodes),
             "qdq_pairs": census.get("DequantizeLinear", 0) if mode == "static" else 0,
-            "float_ops": float_ops, "weights": "int8 symmetric per output channel",
+            "float_ops": float_ops, "weight_bits": weight_bits,
+            "weights": "int8 symmetric per output channel" + (", 7-bit range [-64, 64]" if weight_bits == 7 else ""),
             "activations": (("int8 symmetric" if symmetric else "uint8 asymmetric") + ", calibrated"
                             if mode == "static" else "uint8, quantized at run time")}
     if mode == "static":
