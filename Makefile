@@ -1,18 +1,28 @@
 # caitdeploy: `make demo` runs the main job on an embedded default, `make test` runs the tests.
-# Both create the virtual environment at .venv first (python3 -m venv, pip install -e '.[test]').
+# The environments are nox sessions (noxfile.py), each a fresh virtual environment:
+#   latest  Python 3.11, `pip install -e '.[test]'`: .nox/latest, which .venv links to (make setup / demo / test)
+#   floor   Python 3.12, the lent GPU machine's stack (.ci/floor-constraints.txt): .nox/floor (make test-floor)
+# nox itself lives in .nox/.runner (pip install nox, the only thing installed outside the project's legs).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 OUT := out
+NOX_VERSION ?= 2026.10.20
+NOX := .nox/.runner/bin/nox
 
-.PHONY: setup demo test aot-check gpu-wheels gpu-check bench-fuse clean
+.PHONY: setup demo test test-floor ci aot-check gpu-wheels gpu-check bench-fuse clean
+
+$(NOX):
+	$(PYTHON) -m venv .nox/.runner
+	.nox/.runner/bin/python -m pip install -q "nox==$(NOX_VERSION)"
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[test]'
+# a fresh .nox/latest (nox recreates it), then .venv -> .nox/latest (an older real .venv folder is replaced)
+$(VENV)/.installed: pyproject.toml | $(NOX)
+	$(NOX) -s latest --install-only
+	if [ -d $(VENV) ] && [ ! -L $(VENV) ]; then rm -rf $(VENV); fi
+	ln -sfn .nox/latest $(VENV)
 	touch $@
 
 # CAIT-DeiT-Small at the paper's 55% FLOPs reduction: make a checkpoint, fuse it, export it (ONNX + engine), report.
@@ -22,30 +32,42 @@ demo: setup
 	$(BIN)/caitdeploy fuse $(OUT)/cait_deit_small.pth --report $(OUT)/cait_deit_small.fuse.json
 	$(BIN)/caitdeploy export $(OUT)/cait_deit_small.fused.safetensors --trt --report $(OUT)/cait_deit_small.export.json
 
+# the latest leg on the environment setup made (-R: reuse it, install nothing)
 test: setup
-	$(BIN)/python -m pytest -q
+	$(NOX) -R -s latest
+
+# the floor leg in a fresh environment: tests, the gpu-check rehearsal, AOT with the GPU machine's triton
+test-floor: | $(NOX)
+	$(NOX) -s floor
+
+# what .ci/run runs
+ci: test test-floor aot-check
 
 # Every Triton kernel compiled ahead of time (no GPU needed) for sm_80/86/89/90, each dtype, with this venv's
-# triton and with triton 3.6 (what the lent GPU machines carry): everything compiles, a config fits each
-# target's shared memory, sm_90 fp16/bf16 uses wgmma. CI runs it after the tests.
-TRITON_OLD ?= 3.6.0
+# triton: everything compiles, a config fits each target's shared memory, sm_90 fp16/bf16 uses wgmma. The floor
+# leg does the same with triton 3.6 (the lent GPU machine's). CI runs both.
 aot-check: setup
 	env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 $(BIN)/python -m caitdeploy.kernels.aot --quick
-	test -d .triton-$(TRITON_OLD) || $(BIN)/python -m pip install -q --no-deps --target .triton-$(TRITON_OLD) triton==$(TRITON_OLD)
-	env -u TRITON_INTERPRET PYTHONPATH=.triton-$(TRITON_OLD) $(BIN)/python -m caitdeploy.kernels.aot --quick
 
-# Wheels the lent GPU machine lacks (it has torch, triton, timm, onnx, onnxruntime, safetensors, click, rich,
-# matplotlib and no network): carry wheels/gpu there (< 64 MiB).
-gpu-wheels: setup
-	$(BIN)/python -m pip download -q --no-deps -d wheels/gpu polygraphy onnx-graphsurgeon onnxscript onnx_ir tqdm
+# Wheels the lent GPU machine lacks or has in another version (polygraphy, onnx-graphsurgeon, timm), at the floor
+# leg's versions, into wheels/gpu (< 5 MB): carry that folder. The floor leg does this itself.
+gpu-wheels:
+	test -x .nox/floor/bin/python || $(NOX) -s floor --install-only
+	.nox/floor/bin/python benchmarks/gpu_check.py --download-wheels
 
-# On a machine with a CUDA GPU (see benchmarks/README.md): tests, bench smoke, benchmarks, AOT, into $GPU_CHECK_OUT.
+# On a machine with a CUDA GPU and no network (see benchmarks/README.md): the carried wheels installed into
+# $(GPU_SITE) (no index), then every step into $$GPU_CHECK_OUT. Without CUDA: one line, exit 2, nothing run.
+# A re-run of the steps that failed: make gpu-check GPU_CHECK_ARGS=--steps=smoke,kernels
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/caitdeploy-gpu-site
 gpu-check:
-	test ! -d wheels/gpu || python3 -m pip install -q --no-index --no-deps --find-links wheels/gpu polygraphy onnx-graphsurgeon onnxscript onnx_ir tqdm
-	PYTHONPATH=$(CURDIR) python3 benchmarks/gpu_check.py
+	$(eval GPU_WHY := $(shell $(GPU_PYTHON) benchmarks/gpu_check.py --why-not 2>&1 | head -n 1))
+	$(if $(GPU_WHY),$(error $(GPU_WHY)))
+	test ! -d wheels/gpu || $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) wheels/gpu/*.whl
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 bench-fuse: setup
 	$(BIN)/python benchmarks/bench_fuse.py
 
 clean:
-	rm -rf $(OUT) .pytest_cache .triton-*
+	rm -rf $(OUT) .pytest_cache .triton-* .nox $(VENV)

@@ -89,7 +89,7 @@ def build_setting(size: str, reduction: float, work: Path, log) -> Path:
     return fused
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="tiny,small,base", help="comma list of tiny, small, base")
     ap.add_argument("--reductions", default="paper",
@@ -110,6 +110,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: one reduction (55%%), batch 2 unless given, 1 warm-up, 3 timed calls per repeat")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
 
     import torch
@@ -163,6 +168,8 @@ def main(argv=None) -> int:
     tag = f"paper_{machine}_{records[0]['dtype'] if records else dtype}_b{'-'.join(map(str, batches))}"
     if sizes != list(ARCHS):
         tag += "_" + "-".join(sizes)
+    if args.compile_mode:   # two runs that differ only in the compile mode must not overwrite each other
+        tag += "_" + re.sub(r"[^A-Za-z0-9]+", "-", args.compile_mode)
     if args.quick:
         tag += "_quick"
     command = "python benchmarks/paper_settings.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -163,12 +163,17 @@ def summary(results: list[Result]) -> dict[str, Any]:
             "seconds": round(sum(r.seconds for r in results), 2), "problems": check(results)}
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="most and least demanding autotune config only")
     ap.add_argument("--smoke", action="store_true", help="one kernel, sm_90 fp16: the AOT path works (seconds)")
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)), help="compute capabilities, e.g. 80,90")
     ap.add_argument("--json", default=None, help="write every result (and a summary) here; '-' for stdout")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     targets = tuple(int(t) for t in args.targets.split(","))

@@ -1,0 +1,70 @@
+"""The two stacks CI tests, each in its own fresh virtual environment (nox; `make test` and `make test-floor`).
+
+    latest  Python 3.11, what `pip install -e '.[test]'` resolves today       .nox/latest (.venv links to it)
+    floor   Python 3.12, the lent GPU machine's stack (.ci/floor-constraints.txt)  .nox/floor
+            + the wheels gpu-check carries (wheels/gpu), installed offline and imported, and the rehearsal of
+            `make gpu-check` on this CPU (benchmarks/gpu_check.py --rehearse), and the AOT compile with its triton
+
+Run one leg: `make test` (latest) or `make test-floor`; arguments after `--` go to pytest, e.g.
+`.nox/.runner/bin/nox -s floor -- tests/test_int8.py`. Each leg prints the versions it ran.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+
+import nox
+
+nox.options.sessions = ["latest"]
+nox.options.error_on_missing_interpreters = True   # a missing Python fails the leg, it is never skipped
+if hasattr(nox.options, "download_python"):
+    nox.options.download_python = "never"           # no interpreter downloads: these machines reach PyPI only
+
+VERSIONS = ("torch", "torchvision", "triton", "numpy", "onnxruntime", "onnx", "onnxscript", "onnx-ir", "safetensors",
+            "timm", "polygraphy", "onnx-graphsurgeon", "tensorrt-rtx-cu13", "tritonclient", "nvidia-pytriton", "pytest")
+PRINT_VERSIONS = ("import sys, platform; from importlib.metadata import version, PackageNotFoundError\n"
+                  "def v(n):\n    try: return version(n)\n    except PackageNotFoundError: return '-'\n"
+                  "print('stack: Python ' + platform.python_version() + ', ' + ', '.join(n + ' ' + v(n) for n in "
+                  "sys.argv[1:]))")
+
+
+def find_python(version: str) -> str:
+    """pythonX.Y on PATH if it runs; else pyenv's build of it (pyenv's shim refuses a version that is installed
+    but not selected, as on these machines); else the bare version, which nox reports as missing."""
+    exe = shutil.which(f"python{version}")
+    if exe and subprocess.run([exe, "-c", ""], capture_output=True).returncode == 0:
+        return exe
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    found = sorted(glob.glob(f"{root}/versions/{version}.*/bin/python{version}"),
+                   key=lambda p: [int(x) for x in p.split("/versions/")[1].split("/")[0].split(".") if x.isdigit()])
+    return found[-1] if found else version
+
+
+def _pytest(session: nox.Session) -> None:
+    session.run("python", "-c", PRINT_VERSIONS, *VERSIONS)
+    session.run("python", "-m", "pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session(python=find_python("3.11"))
+def latest(session: nox.Session) -> None:
+    """The default stack: `pip install -e '.[test]'` on Python 3.11 (what a new user gets)."""
+    session.install("--upgrade", "pip")
+    session.install("-e", ".[test]")
+    _pytest(session)
+
+
+@nox.session(python=find_python("3.12"))
+def floor(session: nox.Session) -> None:
+    """The GPU machine's stack, then the rehearsal of `make gpu-check` without CUDA."""
+    session.install("--upgrade", "pip")
+    session.install("-c", ".ci/floor-constraints.txt", "-e", ".[test-floor]")
+    _pytest(session)
+    if session.posargs:    # a chosen test subset: skip the rehearsal
+        return
+    session.run("python", "benchmarks/gpu_check.py", "--download-wheels")
+    session.run("python", "benchmarks/gpu_check.py", "--rehearse", env={"GPU_CHECK_OUT": "out/gpu-rehearsal"})
+    # every kernel for sm_80/86/89/90 with the GPU machine's triton (the rehearsal compiled its sm_90 step)
+    session.run("python", "-m", "caitdeploy.kernels.aot", "--quick",
+                env={"TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"})
