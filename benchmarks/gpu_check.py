@@ -76,9 +76,9 @@ def steps(out: Path, skip_benchmarks: bool = False) -> list[Step]:
     cpu_paper = [PY, "benchmarks/paper_settings.py", "--quick", "--models", "tiny", "--batch", "2", "--dtype", "fp32",
                  "--out-dir", str(out), "--repeats", "1", "--work-dir", str(work / "paper")]
     plan = [
-        Step("tests", [PY, "-m", "pytest", "-q", "-o", "addopts=-ra", "-n", "8", *TEST_FILES], 75,
+        Step("tests", [PY, "-m", "pytest", "-q", "-o", "addopts=-ra", "-n", "8", *TEST_FILES], 65,
              cpu_argv=[PY, "-m", "pytest", "-q", "-o", "addopts=-ra", *TEST_FILES], cpu_limit=300),
-        Step("smoke", [PY, "benchmarks/gpu_smoke.py", "--out", str(work / "smoke")], 50,
+        Step("smoke", [PY, "benchmarks/gpu_smoke.py", "--out", str(work / "smoke")], 60,
              cpu_argv=[PY, "benchmarks/gpu_smoke.py", "--out", str(work / "smoke-cpu"), "--device", "cpu",
                        "--backends", "torch,ort,torch-triton"], cpu_limit=300,
              parse=("benchmarks/gpu_smoke.py", "parser")),

@@ -12,7 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install nvidia-pytriton)")
+pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install nvidia-pytriton)" + (
+    f"; it needs numpy < 2 and this stack has numpy {np.__version__} (the floor leg)"
+    if int(np.__version__.split(".")[0]) >= 2 else ""))
 
 from caitdeploy.cli import main  # noqa: E402
 from caitdeploy.errors import CaitError  # noqa: E402
