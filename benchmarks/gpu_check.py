@@ -47,7 +47,7 @@ PY = sys.executable
 WHEEL_DIR = ROOT / "wheels" / "gpu"
 # what the GPU machine lacks (polygraphy, onnx-graphsurgeon) or has in an unknown version (timm): carried at the
 # versions the floor leg ran
-CARRY = ("polygraphy", "onnx-graphsurgeon", "timm")
+CARRY = {"polygraphy": "polygraphy", "onnx-graphsurgeon": "onnx_graphsurgeon", "timm": "timm"}  # dist: module
 TEST_FILES = ("tests/test_kernels.py", "tests/test_runtime.py")
 TOTAL_LIMIT = 480
 # modules the import check leaves out, and why (nothing gpu-check runs loads them)
@@ -196,11 +196,11 @@ def _check_wheels(env: dict[str, str]) -> tuple[str, str]:
         if status != "ok":
             return status, text
         probe = ("import importlib, sys\n"
-                 "for mod in ('polygraphy', 'onnx_graphsurgeon', 'timm'):\n"
+                 "for mod in sys.argv[2:]:\n"
                  "    m = importlib.import_module(mod)\n"
                  "    assert m.__file__.startswith(sys.argv[1]), (mod, m.__file__)\n"
                  "    print(mod, getattr(m, '__version__', '?'), m.__file__)\n")
-        status, more = _run([PY, "-c", probe, site], 120, {**env, "PYTHONPATH": f"{site}:{ROOT}"})
+        status, more = _run([PY, "-c", probe, site, *CARRY.values()], 120, {**env, "PYTHONPATH": f"{site}:{ROOT}"})
     size = sum(w.stat().st_size for w in wheels)
     return status, text + more + f"{len(wheels)} wheels, {size / 2**20:.1f} MiB\n"
 

@@ -42,6 +42,11 @@ QUANT_MODES = ("static", "dynamic")
 # quantized file runs wherever it is copied, so the default is the one that is right on every x86 CPU; 8 is for
 # files that only meet VNNI CPUs, ARM or TensorRT.
 WEIGHT_BITS = (7, 8)
+
+
+def check_weight_bits(weight_bits: int) -> None:
+    if weight_bits not in WEIGHT_BITS:
+        raise OptionError("int8_weight_bits", f"{weight_bits!r}: choose 7 (no saturation on any x86 CPU) or 8")
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_CALIB_IMAGES = 4096
@@ -51,8 +56,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def check_int8_options(mode: str, method: str, calib_dir, synthetic: int | None, samples: int,
                        weight_bits: int = 7) -> None:
-    if weight_bits not in WEIGHT_BITS:
-        raise OptionError("int8_weight_bits", f"{weight_bits!r}: choose 7 (no saturation on any x86 CPU) or 8")
+    check_weight_bits(weight_bits)
     if mode not in QUANT_MODES:
         raise OptionError("int8", f"{mode!r}: choose static or dynamic")
     if method not in CALIB_METHODS:
@@ -194,8 +198,7 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
     (its parser refuses a non-zero zero point), and float biases (it refuses an int32 DequantizeLinear); the
     default, asymmetric uint8, is ONNX Runtime's fast CPU path. `weight_bits` 7 (the default) keeps int8 weights
     in [-64, 64], which no x86 CPU can saturate (see WEIGHT_BITS); 8 uses the whole int8 range."""
-    if weight_bits not in WEIGHT_BITS:
-        raise OptionError("int8_weight_bits", f"{weight_bits!r}: choose 7 or 8")
+    check_weight_bits(weight_bits)
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
