@@ -370,7 +370,9 @@ PICKLE_GLOBALS = [
     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"),
     ("builtins", "complex"), ("builtins", "slice"), ("builtins", "getattr"), ("builtins", "eval"), ("os", "system"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy", "dtype"), ("torch.serialization", "_get_layout"),
-    ("__main__", "x"), ("", ""), ("torch", "x" * 300),
+    ("__main__", "x"), ("", ""), ("torch", "x" * 300), ("torch", "FloatTensor"), ("torch", "LongTensor"),
+    ("collections", "Counter"), ("_codecs", "encode"), ("argparse", "Namespace"), ("__builtin__", "bytearray"),
+    ("copy_reg", "_reconstructor"),
 ]
 PICKLE_STRINGS = ["format", "config", "state_dict", "model", "img_size", "patch_size", "embed_dim", "depth",
                   "num_heads", "mlp_ratio", "merges", "qkv_bias", "cait-compactor/1", "", "0", "1", "7", "99",
@@ -395,9 +397,39 @@ def _pickle_str(s: str) -> bytes:
     return b"X" + struct.pack("<I", len(raw)) + raw
 
 
+def _memo(op: str, i: int) -> bytes:
+    return (b"r" if op == "put" else b"j") + struct.pack("<I", i)   # LONG_BINPUT / LONG_BINGET
+
+
+def pickle_bomb(kind: str, n: int, base: int = 1 << 20) -> bytes:
+    """A pickle fragment that pushes exactly one value, built to hurt a reader that trusts `weights_only`:
+    memo (shared-reference) chains of lists or tuples `n` levels deep (2^n items as a tree), `n`-deep nesting,
+    a list that contains itself, allocations the safe unpickler allows (bytearray(n), FloatTensor of shared
+    lists). Memo slots start at `base`, clear of the seed's own."""
+    if kind in ("memo-list", "memo-tuple"):
+        out = (b"]" if kind == "memo-list" else b")") + _memo("put", base) + b"0"
+        for i in range(n):
+            pair = b"(" + _memo("get", base + i) * 2 + b"l" if kind == "memo-list" else _memo("get", base + i) * 2 + b"\x86"
+            out += pair + _memo("put", base + i + 1) + b"0"
+        return out + _memo("get", base + n)
+    if kind == "deep":
+        return b"]" * n + b"a" * (n - 1)
+    if kind == "cycle":
+        return b"]" + _memo("put", base) + _memo("get", base) + b"a"
+    if kind == "bytearray":
+        return b"c__builtin__\nbytearray\n" + _pickle_int(n) + b"\x85R"
+    if kind == "float-tensor":
+        return b"ctorch\nFloatTensor\n(" + pickle_bomb("memo-list", n, base) + b"tR"
+    raise ValueError(kind)
+
+
+BOMBS = {"memo-list": [16, 40, 64], "memo-tuple": [16, 40, 80], "deep": [40, 1000, 200_000], "cycle": [1],
+         "bytearray": [1 << 20, 5 << 30], "float-tensor": [10, 30]}
+
+
 def mutate_pickle(data, pkl: bytes, desc: list[str]) -> bytes:
     """1-3 opcode-level mutations: integer and string arguments, globals, inserted, deleted, duplicated,
-    swapped ops, truncation."""
+    swapped ops, truncation, and bombs (a value replaced by a `pickle_bomb`)."""
     import pickletools
 
     st = _st()
@@ -409,7 +441,7 @@ def mutate_pickle(data, pkl: bytes, desc: list[str]) -> bytes:
         spans = [(op, arg, pos, ops[i + 1][2] if i + 1 < len(ops) else len(pkl))
                  for i, (op, arg, pos) in enumerate(ops)]
         kind = data.draw(st.sampled_from(["int", "int", "str", "global", "insert", "delete", "dup", "swap",
-                                          "truncate"]))
+                                          "truncate", "bomb", "bomb"]))
         ints = [s for s in spans if s[0].name in ("BININT", "BININT1", "BININT2", "LONG1", "INT", "LONG")]
         strs = [s for s in spans if s[0].name in ("BINUNICODE", "SHORT_BINUNICODE", "BINSTRING", "SHORT_BINSTRING",
                                                   "UNICODE", "STRING")]
@@ -424,6 +456,12 @@ def mutate_pickle(data, pkl: bytes, desc: list[str]) -> bytes:
             s = data.draw(st.one_of(st.sampled_from(PICKLE_STRINGS), st.text(max_size=12)))
             pkl = pkl[:lo] + _pickle_str(s) + pkl[hi:]
             desc.append(f"pickle str @{lo} {str(arg)[:40]!r} -> {s[:40]!r}")
+        elif kind == "bomb" and (ints or strs):
+            op, arg, lo, hi = data.draw(st.sampled_from(ints + strs))
+            bomb = data.draw(st.sampled_from(sorted(BOMBS)))
+            n = data.draw(st.sampled_from(BOMBS[bomb]))
+            pkl = pkl[:lo] + pickle_bomb(bomb, n) + pkl[hi:]
+            desc.append(f"pickle bomb @{lo} {str(arg)[:40]!r} -> {bomb} {n}")
         elif kind == "global" and globs:
             op, arg, lo, hi = data.draw(st.sampled_from(globs))
             mod, name = data.draw(st.sampled_from(PICKLE_GLOBALS))

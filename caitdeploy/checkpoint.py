@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .config import CaitConfig, ConfigError
-from .errors import CaitError
+from .errors import CaitError, render
 
 from .format import (ATTN_COMPACTORS, CONFIG_KEYS, FORMAT, MERGE_KEY, OPTIONAL_CONFIG, compactor_prefix,  # noqa: F401
                      merge_prefix)
@@ -57,7 +57,7 @@ def _first_line(e: BaseException) -> str:
     return type(e).__name__
 
 
-REFUSED = "caitdeploy never runs code from a checkpoint"
+from .safepickle import REFUSED  # noqa: E402
 
 
 def _refusal(path: Path, e: BaseException) -> CaitError:
@@ -84,11 +84,20 @@ def _check_zip(path: Path) -> None:
             raise CaitError(f"{path}: a legacy (pre-1.6) torch.save file or a bare pickle: re-save it with "
                             "torch.save (zip format, the default since torch 1.6) or convert it to .safetensors")
         raise CaitError(f"{path}: not a readable checkpoint: not a torch.save file (no zip header){_hint_suffix(path)}")
+    from .safepickle import PickleRefused, check_torch_zip
+
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
+            _check_records(path, infos, size)
+            check_torch_zip(z, size)  # the pickle itself, statically, before torch.load builds anything
+    except PickleRefused as e:
+        raise CaitError(f"{path}: {e}") from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise CaitError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+
+
+def _check_records(path: Path, infos: list[zipfile.ZipInfo], size: int) -> None:
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED:
             raise CaitError(f"{path}: zip record {info.filename!r} is compressed; torch.save never compresses "
@@ -238,7 +247,7 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> "Checkp
         return load_swin_checkpoint(path, raw)
     if "format" in raw:
         if raw["format"] != FORMAT:
-            raise CaitError(f"{path}: unknown format {str(raw['format'])[:80]!r}, expected {FORMAT!r}")
+            raise CaitError(f"{path}: unknown format {render(raw['format'])}, expected {FORMAT!r}")
         for key in ("config", "state_dict"):
             if not isinstance(raw.get(key), dict):
                 raise CaitError(f"{path}: missing or malformed top-level key {key!r}")
@@ -276,19 +285,19 @@ def _check_format_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             raise CaitError(f"{path}: config is missing key {key!r}")
     unknown = [k for k in cfg if k not in (*CONFIG_KEYS, *OPTIONAL_CONFIG, "merges")]
     if unknown:
-        raise CaitError(f"{path}: config has unknown key {str(unknown[0])[:80]!r}")
+        raise CaitError(f"{path}: config has unknown key {render(unknown[0])}")
     out = {**{k: default for k, (default, _) in OPTIONAL_CONFIG.items()}, **cfg}
     for key, (_, types) in OPTIONAL_CONFIG.items():
         v = out[key]
         if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-            raise CaitError(f"{path}: config key {key!r} has value {str(v)[:80]!r}, expected "
+            raise CaitError(f"{path}: config key {key!r} has value {render(v)}, expected "
                             f"{' or '.join(t.__name__ for t in types)}")
     if not (isinstance(out["skip_lam"], (int, float)) and 0.01 <= out["skip_lam"] <= 100):  # NaN fails too
-        raise CaitError(f"{path}: config key 'skip_lam' = {out['skip_lam']!r} is outside 0.01..100")
+        raise CaitError(f"{path}: config key 'skip_lam' = {render(out['skip_lam'])} is outside 0.01..100")
     for key in CONFIG_KEYS:
         want = {"mlp_ratio": (int, float), "qkv_bias": (bool,)}.get(key, (int,))
         if not isinstance(cfg[key], want) or (key != "qkv_bias" and isinstance(cfg[key], bool)):
-            raise CaitError(f"{path}: config key {key!r} has value {str(cfg[key])[:80]!r}, expected {want[-1].__name__}")
+            raise CaitError(f"{path}: config key {key!r} has value {render(cfg[key])}, expected {want[-1].__name__}")
     try:
         check_bound(cfg["depth"], "depth")
     except ConfigError as e:
@@ -301,13 +310,13 @@ def _check_format_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         try:
             i = int(k) if isinstance(k, (int, str)) and not isinstance(k, bool) else int("x")
         except (TypeError, ValueError):
-            raise CaitError(f"{path}: config merges key {str(k)[:40]!r} is not a block index") from None
+            raise CaitError(f"{path}: config merges key {render(k)} is not a block index") from None
         if not isinstance(v, str) or v not in MERGE_KEY:
-            raise CaitError(f"{path}: config merges[{str(k)[:20]!r}] = {str(v)[:40]!r}, expected 'h' or 'v'")
+            raise CaitError(f"{path}: config merges[{render(k)}] = {render(v)}, expected 'h' or 'v'")
         if not 0 <= i < cfg["depth"]:
             raise CaitError(f"{path}: config merges block {i} is outside 0..{cfg['depth'] - 1}")
         if i in out["merges"]:
-            raise CaitError(f"{path}: config merges name block {i} twice ({out['merges'][i]!r} and {v!r}); "
+            raise CaitError(f"{path}: config merges name block {i} twice ({render(out['merges'][i])} and {render(v)}); "
                             "a block has at most one merge")
         out["merges"][i] = v
     return out
@@ -392,8 +401,8 @@ def _agree(path: Path, cfg: dict[str, Any], arch_cfg: dict[str, Any], arch: str)
     for key in ("patch_size", "embed_dim", "depth", "num_heads", "qkv_bias", "class_token", "dist_token",
                 "reg_tokens", "no_embed_class", "fc_norm", "layer_scale", "global_pool"):
         if key in arch_cfg and cfg.get(key) != arch_cfg[key]:
-            raise CaitError(f"{path}: does not match --arch {arch}: the checkpoint has {key} = {cfg.get(key)!r}, "
-                            f"timm's {arch} has {arch_cfg[key]!r}")
+            raise CaitError(f"{path}: does not match --arch {arch}: the checkpoint has {key} = {render(cfg.get(key))}, "
+                            f"timm's {arch} has {render(arch_cfg[key])}")
     if abs(cfg["mlp_ratio"] - arch_cfg["mlp_ratio"]) > 1e-6:
         raise CaitError(f"{path}: does not match --arch {arch}: mlp width ratio {cfg['mlp_ratio']:g} vs "
                         f"{arch_cfg['mlp_ratio']:g}")
@@ -523,7 +532,7 @@ def load_swin_checkpoint(path: Path, raw: dict[str, Any]) -> SwinCheckpoint:
     from .models.swin import BUFFER_SUFFIXES, check_format, checkpoint_shapes, swin_config_from_format
 
     if raw["format"] != FORMAT:
-        raise CaitError(f"{path}: unknown format {str(raw['format'])[:80]!r}, expected {FORMAT!r}")
+        raise CaitError(f"{path}: unknown format {render(raw['format'])}, expected {FORMAT!r}")
     if not isinstance(raw.get("state_dict"), dict):
         raise CaitError(f"{path}: missing or malformed top-level key 'state_dict'")
     try:

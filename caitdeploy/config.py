@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .errors import render
+
 MERGE_KINDS = ("h", "v")
 # token mixer of a block: multi-head attention, SPViT's 1x1 / 3x3 convolution (cross-head mixed, BatchNorm
 # folded), or nothing at all (SPViT's pruned attention: the mixer returns its LayerNorm input)
@@ -74,13 +76,8 @@ def parse_feature_blocks(blocks, depth: int) -> tuple[int, ...]:
 
 
 def short(value: Any, limit: int = 60) -> str:
-    """repr of an untrusted value, cut to `limit` characters."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 6, 4, 2
-    text = r.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """repr of an untrusted value, bounded and cycle-safe (errors.render), cut to `limit` characters."""
+    return render(value, limit)
 
 
 def check_bound(value, key: str, bound: str | None = None, what: str = "") -> int:
@@ -99,7 +96,9 @@ def image_size(value: Any) -> int | tuple[int, int]:
     v = value
     if isinstance(v, str):
         parts = v.lower().replace("×", "x").split("x")
-        if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
+        # ASCII digits only: str.isdigit() also takes '²' and '٣', which int() refuses or misreads
+        if not 1 <= len(parts) <= 2 or not all(p.strip().isascii() and p.strip().isdigit() and len(p.strip()) <= 9
+                                               for p in parts):
             raise ConfigError(f"img_size {short(value)}: give one integer or HEIGHTxWIDTH, e.g. 512 or 512x1024")
         v = [int(p) for p in parts]
         v = v[0] if len(v) == 1 else v
@@ -163,7 +162,7 @@ class BlockConfig:
         if isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, (int, float)):
             raise ConfigError(f"block attn_scale must be a number, got {short(self.attn_scale)}")
         if not (self.attn_scale > 0 and math.isfinite(self.attn_scale)):
-            raise ConfigError(f"block attn_scale must be a positive finite number, got {self.attn_scale!r}")
+            raise ConfigError(f"block attn_scale must be a positive finite number, got {render(self.attn_scale)}")
 
 
 @dataclass(frozen=True)
@@ -214,7 +213,7 @@ class CaitConfig:
         if self.stem not in STEMS:
             raise ConfigError(f"stem must be one of {', '.join(STEMS)}, got {short(self.stem)}")
         if self.stem != "patch" and (self.patch_size != 16 or self.embed_dim % 8):
-            raise ConfigError(f"stem {self.stem!r} downsamples by 16 into embed_dim / 8.. channels: it needs "
+            raise ConfigError(f"stem {render(self.stem)} downsamples by 16 into embed_dim / 8.. channels: it needs "
                               f"patch_size 16 and embed_dim divisible by 8 (got {self.patch_size}, {self.embed_dim})")
         if not isinstance(self.family, str) or not self.family.isidentifier() or len(self.family) > 32:
             raise ConfigError(f"family must be a short name, got {short(self.family)}")

@@ -30,6 +30,71 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
+def render(value: object, limit: int = 80) -> str:
+    """A bounded, cycle-safe, repr-like text of an untrusted value for a message: never `str()` or `repr()` of
+    the whole (a pickle's shared references can make that walk 2^64 items, a deep list overflow the stack, a
+    huge int refuse to convert). It stops after `limit` characters or 4 x `limit` visited items, whatever the
+    value; containers it is already inside show as `...`."""
+    out: list[str] = []
+    size = 0
+    budget = [4 * limit]
+    work: list[object] = [value]      # values, or str tokens (already-rendered punctuation) via _Tok
+    inside: list[int] = []
+
+    class _Tok(str):
+        pass
+
+    class _Leave(int):
+        pass
+
+    while work and size <= limit and budget[0] > 0:
+        v = work.pop()
+        budget[0] -= 1
+        if isinstance(v, _Leave):
+            inside.remove(int(v))
+            continue
+        if isinstance(v, _Tok):
+            text = str(v)
+        elif isinstance(v, (list, tuple, dict, set, frozenset)):
+            if id(v) in inside:
+                text = "..."
+            else:
+                if isinstance(v, dict):
+                    items: list[object] = []
+                    for k, x in v.items():
+                        items += [k, _Tok(": "), x, _Tok(", ")]
+                        if len(items) > 4 * limit:
+                            break
+                    opn, cls = "{", "}"
+                else:
+                    items = []
+                    for x in v:
+                        items += [x, _Tok(", ")]
+                        if len(items) > 2 * limit:
+                            break
+                    opn, cls = {list: ("[", "]"), tuple: ("(", ")")}.get(type(v), ("{", "}"))
+                if items:
+                    items.pop()   # the last separator
+                inside.append(id(v))
+                work += [_Leave(id(v)), _Tok(cls), *reversed(items)]
+                text = opn
+        elif isinstance(v, bool) or v is None:
+            text = str(v)
+        elif isinstance(v, int):
+            text = str(v) if v.bit_length() <= 256 else f"<int of {v.bit_length()} bits>"
+        elif isinstance(v, float):
+            text = repr(v)
+        elif isinstance(v, (str, bytes)):
+            text = repr(v[: limit + 1])
+        else:
+            shape = getattr(v, "shape", None)
+            text = f"<{type(v).__name__}{' of shape ' + str(tuple(shape)) if isinstance(shape, tuple) else ''}>"
+        out.append(text)
+        size += len(text)
+    text = one_line("".join(out))
+    return text if size <= limit and not work else text[: max(limit - 3, 0)] + "..."
+
+
 class CaitError(Exception):
     """A user-facing error. Its message names the file, key, block or option at fault; it is always one
     printable line of at most MAX_MESSAGE characters, whatever untrusted text it quotes."""
@@ -233,3 +298,33 @@ def install_signal_handlers() -> None:
     if hasattr(signal, "pthread_sigmask"):
         with contextlib.suppress(ValueError, OSError):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+
+
+# ---- text from files, for output ------------------------------------------------------------------
+MAX_SHOWN = 200
+
+
+def safe_text(value: object, limit: int = MAX_SHOWN) -> str:
+    """Untrusted text (a name, producer, op type or metadata value from a file, a file name) as one printable
+    line of at most `limit` characters, for any output that is not JSON: control characters (ESC and the rest
+    of C0, DEL, C1), line and paragraph breaks, bidi overrides and isolates (U+202A-U+202E, U+2066-U+2069) and
+    other invisible format characters are shown escaped (`\\x1b`, `\\n`, `\\u202e`), so a file cannot clear the
+    screen, colour the output, reorder it or forge an `error:` line. Rich markup is a second, separate matter:
+    print through `commands.common.rich_safe` (or a console with markup off)."""
+    text = value if isinstance(value, str) else str(value)
+    pieces: list[str] = []
+    total = 0
+    for ch in text:
+        pieces.append(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1])
+        total += len(pieces[-1])
+        if total > limit:
+            break
+    if total <= limit:
+        return "".join(pieces)
+    out, n = [], 0
+    for piece in pieces:  # cut between characters, never inside an escape
+        if n + len(piece) > limit - 3:
+            break
+        out.append(piece)
+        n += len(piece)
+    return "".join(out) + "..."

@@ -109,3 +109,29 @@ def make_ckpt(tmp_path):
         return path
 
     return _make
+
+
+def run_cli_limited(cases: dict[str, list[str]], cwd, address_space: int = 4 << 30, timeout: float = 600):
+    """Each case's CLI args through the real CLI in ONE fresh process under RLIMIT_AS = `address_space` (imports
+    paid once). Returns ({name: (exit code, stderr, seconds)}, peak RSS of that process in KiB)."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import json, resource, sys, time
+        resource.setrlimit(resource.RLIMIT_AS, ({address_space}, {address_space}))
+        from click.testing import CliRunner
+        from caitdeploy.cli import main
+        out = {{}}
+        for name, args in {cases!r}.items():
+            t0 = time.perf_counter()
+            r = CliRunner().invoke(main, args)
+            out[name] = [r.exit_code, r.stderr, time.perf_counter() - t0]
+        print(json.dumps([out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out, peak = json.loads(p.stdout.strip().splitlines()[-1])
+    return {k: tuple(v) for k, v in out.items()}, peak

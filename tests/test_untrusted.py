@@ -24,7 +24,7 @@ from caitdeploy.checkpoint import FORMAT, expected_shapes
 from caitdeploy.cli import main
 from caitdeploy.config import CaitConfig
 
-from conftest import random_checkpoint
+from conftest import random_checkpoint, run_cli_limited
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(embed_dim=24, depth=2, num_heads=2, img_size=16, patch_size=8, num_classes=5)
@@ -152,23 +152,10 @@ def test_memory_bombs_fail_fast_under_4gib(small):
         assert f.stat().st_size < 20_000_000  # small files describing models of GBs
     before = listing(small)
     cases = {name: [a.replace("FILE", str(files[name])) for a in args] for name, (_, args, _) in BOMBS.items()}
-    code = textwrap.dedent(f"""
-        import json, resource, sys, time
-        resource.setrlimit(resource.RLIMIT_AS, ({4 << 30}, {4 << 30}))
-        from click.testing import CliRunner
-        from caitdeploy.cli import main
-        out = {{}}
-        for name, args in {cases!r}.items():
-            t0 = time.perf_counter()
-            r = CliRunner().invoke(main, args)
-            out[name] = [r.exit_code, r.stderr, time.perf_counter() - t0]
-        print(json.dumps(out))
-    """)
-    p = subprocess.run([sys.executable, "-c", code], cwd=small, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    results, _ = run_cli_limited(cases, small)
     import re
 
-    for name, (rc, err, secs) in json.loads(p.stdout.strip().splitlines()[-1]).items():
+    for name, (rc, err, secs) in results.items():
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
         assert re.search(BOMBS[name][2], lines[0]), (name, lines[0])

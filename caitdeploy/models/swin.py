@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
+from ..errors import render
 
 NAME = "swin"
 DESCRIPTION = "Swin Transformer: shifted-window attention, per-head CAIT widths, ATME merges inside a stage"
@@ -85,12 +86,12 @@ class SwinConfig:
             check_bound(d, "embed_dim", what="stage ")
         check_bound(sum(len(b) for b in self.stages), "depth")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= MAX_WINDOW:
-            raise ConfigError(f"window must be an integer in 1..{MAX_WINDOW}, got {self.window!r}")
+            raise ConfigError(f"window must be an integer in 1..{MAX_WINDOW}, got {render(self.window)}")
         if not isinstance(self.qkv_bias, bool):
-            raise ConfigError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+            raise ConfigError(f"qkv_bias must be true or false, got {render(self.qkv_bias)}")
         if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) \
                 or not 0 < self.ln_eps <= LN_EPS_MAX:
-            raise ConfigError(f"ln_eps must be a number in (0, {LN_EPS_MAX:g}], got {self.ln_eps!r}")
+            raise ConfigError(f"ln_eps must be a number in (0, {LN_EPS_MAX:g}], got {render(self.ln_eps)}")
         if not isinstance(self.source, dict):
             raise ConfigError(f"source must be a dict, got {type(self.source).__name__}")
         if self.img_size % self.patch_size:
@@ -108,7 +109,7 @@ class SwinConfig:
                     raise ConfigError(f"stage {s} block {i}: merge must be 'h' or 'v', got {b.merge!r}")
                 if b.kind not in KINDS:
                     raise ConfigError(f"stage {s} block {i}: kind must be one of {', '.join(KINDS)}, got "
-                                      f"{str(b.kind)[:20]!r}")
+                                      f"{render(b.kind)}")
                 if isinstance(b.scale, bool) or not isinstance(b.scale, (int, float)) \
                         or not (b.scale > 0 and math.isfinite(b.scale)):
                     raise ConfigError(f"stage {s} block {i}: scale must be a positive finite number")
@@ -221,7 +222,7 @@ class SwinConfig:
                        num_classes=d["num_classes"], dims=tuple(dims), stages=tuple(stages), window=d["window"],
                        qkv_bias=d["qkv_bias"], ln_eps=d["ln_eps"], source=d.get("source", {}))
         except TypeError as e:
-            raise ConfigError(f"swin config: {str(e)[:120]}") from None
+            raise ConfigError(f"swin config: {render(e)}") from None
 
     def grids(self) -> list[list[tuple[int, int]]]:
         """The (H, W) token grid each block runs on."""
@@ -584,10 +585,10 @@ def parse_stage_merges(merges: dict) -> dict[tuple[int, int], str]:
     for k, v in merges.items():
         parts = str(k).split(".")
         if len(parts) != 2 or not all(p.isdigit() and len(p) <= 3 for p in parts):
-            raise ConfigError(f"merge key {str(k)[:40]!r}: a Swin merge is named STAGE.BLOCK, e.g. 2.4")
+            raise ConfigError(f"merge key {render(k)}: a Swin merge is named STAGE.BLOCK, e.g. 2.4")
         key = (int(parts[0]), int(parts[1]))
         if v not in ("h", "v"):
-            raise ConfigError(f"merge {k}: kind must be 'h' or 'v', got {str(v)[:20]!r}")
+            raise ConfigError(f"merge {k}: kind must be 'h' or 'v', got {render(v)}")
         if key in out:
             raise ConfigError(f"merge {k}: block {key[0]}.{key[1]} is named twice")
         out[key] = v
@@ -605,10 +606,10 @@ def check_format(fmt: dict) -> dict:
         raise ConfigError(f"config is missing key {missing[0]!r} (family 'swin')")
     unknown = [k for k in fmt if k not in (*FORMAT_KEYS, *FORMAT_OPTIONAL)]
     if unknown:
-        raise ConfigError(f"config has unknown key {str(unknown[0])[:60]!r} (family 'swin')")
+        raise ConfigError(f"config has unknown key {render(unknown[0])} (family 'swin')")
     out = {**FORMAT_OPTIONAL, **fmt}
     if out["family"] != "swin":
-        raise ConfigError(f"config family {str(out['family'])[:20]!r} is not 'swin'")
+        raise ConfigError(f"config family {render(out['family'])} is not 'swin'")
     for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim"):
         check_bound(out[key], key)
     for key in ("depths", "num_heads"):
@@ -625,7 +626,7 @@ def check_format(fmt: dict) -> dict:
             raise ConfigError(f"stage {s}: width {out['embed_dim'] * 2 ** s} is not divisible by num_heads {h}")
     r = out["mlp_ratio"]
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 16:
-        raise ConfigError(f"config key 'mlp_ratio' must be a number in (0, 16], got {str(r)[:20]}")
+        raise ConfigError(f"config key 'mlp_ratio' must be a number in (0, 16], got {render(r)}")
     if not isinstance(out["qkv_bias"], bool):
         raise ConfigError("config key 'qkv_bias' must be true or false")
     if out["arch"] is not None and not isinstance(out["arch"], str):
