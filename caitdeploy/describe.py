@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import CaitError
+from .errors import CaitError, safe_text
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
@@ -64,10 +64,46 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
     return out
 
 
+# the fields of a fused file's `caitdeploy` metadata (written by `fuse` and `convert`) that readers use:
+# name -> (kind, lowest, highest). Counts are of one image's FLOPs / the model's parameters.
+FUSED_META_FIELDS: dict[str, tuple[str, float, float]] = {
+    "flops": ("number", 0, 1e18), "flops_dense": ("number", 1, 1e18), "flops_fused": ("number", 0, 1e18),
+    "params": ("number", 0, 1e15), "params_dense": ("number", 0, 1e15), "params_fused": ("number", 0, 1e15),
+    "source": ("text", 0, 4096), "converted_from": ("text", 0, 64), "options": ("object", 0, 0),
+}
+
+
+def fused_meta(meta: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The `caitdeploy` metadata of a fused file with every field a reader uses checked (type and range;
+    FUSED_META_FIELDS): a one-line CaitError naming the file and the field otherwise. Unknown fields are kept
+    as they are: no reader uses them."""
+    import math
+
+    from .config import short
+
+    for key, (kind, lo, hi) in FUSED_META_FIELDS.items():
+        if key not in meta or meta[key] is None:
+            continue
+        v = meta[key]
+        if kind == "number":
+            ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi)
+            want = f"a finite number in {lo:g}..{hi:g}"
+        elif kind == "text":
+            ok = isinstance(v, str) and len(v) <= hi
+            want = f"a string of at most {hi:g} characters"
+        else:
+            ok = isinstance(v, dict)
+            want = "a JSON object"
+        if not ok:
+            raise CaitError(f"{path}: metadata 'caitdeploy' field {key!r} must be {want}, got {short(v)}")
+    return meta
+
+
 def inspect_fused(path: Path) -> dict[str, Any]:
     from .io import load_fused
 
     config, sd, meta = load_fused(path)
+    meta = fused_meta(meta, path)
     out = {"kind": "fused", "format": "cait-fused/1", "file": str(path), **_config_summary(config)}
     out["tensors"] = len(sd)
     out["stored_params"] = int(sum(t.numel() for t in sd.values()))
@@ -79,15 +115,23 @@ def inspect_fused(path: Path) -> dict[str, Any]:
 
 
 def inspect_onnx(path: Path) -> dict[str, Any]:
+    from .paths import MAX_ONNX_BYTES, read_bounded, regular_file_size
+
+    size = regular_file_size(path, MAX_ONNX_BYTES, "ONNX file")  # before onnx (or torch) is even imported
     import onnx
 
     from .export.onnx import _numel, io_signature, op_census, read_onnx_metadata
+    from .limits import check_memory
 
+    # the file's bytes and the parsed protobuf (about as large again), plus onnx's own copies while parsing
+    check_memory(3 * size, f"{path}: reading a {size}-byte ONNX file")
+    data = read_bounded(path, MAX_ONNX_BYTES, "ONNX file")
     try:
-        m = onnx.load(str(path), load_external_data=False)
+        m = onnx.load_from_string(data)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaitError(f"{path}: not a readable ONNX file ({first[:200]})") from None
+    del data
     if not m.graph.node or not m.opset_import:
         raise CaitError(f"{path}: not an ONNX model (no graph nodes or opset)")
     meta = read_onnx_metadata(m)
@@ -135,13 +179,18 @@ def _same_onnx(src: Path, recorded: dict[str, Any]) -> bool | None:
 
 
 def inspect_engine(path: Path) -> dict[str, Any]:
-    from .export.tensorrt import engine_header_check, read_sidecar
+    from .export.tensorrt import check_engine_file, engine_header_check, read_sidecar
+    from .paths import MAX_ENGINE_BYTES, regular_file_size
 
     side = read_sidecar(path)
+    size = regular_file_size(path, MAX_ENGINE_BYTES, "engine")
+    # the plan against the sidecar's byte count and SHA-256 (streamed): a truncated or swapped plan is refused
+    # before anything is said about it
+    file_check = check_engine_file(path, side)
     with open(path, "rb") as f:
         data = f.read(1 << 20)  # the header check needs the first bytes only, never the whole engine
-    out: dict[str, Any] = {"kind": "engine", "file": str(path), "bytes": path.stat().st_size,
-                           "sidecar": side is not None}
+    out: dict[str, Any] = {"kind": "engine", "file": str(path), "bytes": size, "sidecar": side is not None,
+                           "engine_check": file_check}
     try:
         check = engine_header_check(data, side.get("flavour") if side else None)
     except CaitError as e:  # no TensorRT module installed
@@ -155,7 +204,7 @@ def inspect_engine(path: Path) -> dict[str, Any]:
         out["note"] = f"no sidecar {path.name}.json: build details unknown"
         return out
     keep = ("flavour", "trt_version", "build_target", "strongly_typed", "dtype", "io_dtype", "input", "outputs",
-            "profile", "onnx", "opt_level", "workspace_mb", "build_seconds", "engine_bytes", "created")
+            "profile", "onnx", "opt_level", "workspace_mb", "build_seconds", "engine_bytes", "engine_sha256", "created")
     out.update({k: side.get(k) for k in keep})
     src = Path(side["onnx"]["path"]) if (side.get("onnx") or {}).get("path") else None
     out["onnx_matches"] = _same_onnx(src, side["onnx"]) if src is not None else None
@@ -175,15 +224,15 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
         raise CaitError(f"{path}: not a regular file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from .io import read_safetensors
+        from .tensorfile import read_safetensors_header
 
-        _, meta = read_safetensors(path)
+        _, meta = read_safetensors_header(path)  # the header says which reader; no tensor is read twice
         fmt = meta.get("format")
         if fmt == "cait-fused/1":
             return inspect_fused(path)
         if fmt == "cait-compactor/1":
             return inspect_checkpoint(path)
-        raise CaitError(f"{path}: safetensors file with format {str(fmt)[:60]!r}: neither a cait-compactor/1 checkpoint nor "
+        raise CaitError(f"{path}: safetensors file with format {safe_text(fmt, 60)!r}: neither a cait-compactor/1 checkpoint nor "
                         "a cait-fused/1 model")
     if suffix in TORCH_SUFFIXES:
         return inspect_checkpoint(path)

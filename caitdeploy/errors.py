@@ -311,7 +311,7 @@ def safe_text(value: object, limit: int = MAX_SHOWN) -> str:
     other invisible format characters are shown escaped (`\\x1b`, `\\n`, `\\u202e`), so a file cannot clear the
     screen, colour the output, reorder it or forge an `error:` line. Rich markup is a second, separate matter:
     print through `commands.common.rich_safe` (or a console with markup off)."""
-    text = value if isinstance(value, str) else str(value)
+    text = value if isinstance(value, str) else render(value, limit)   # never str() of an untrusted whole
     pieces: list[str] = []
     total = 0
     for ch in text:

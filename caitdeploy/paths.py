@@ -108,3 +108,83 @@ def check_paths(inputs: Mapping[str, str | os.PathLike | Iterable[str | os.PathL
             if same_file(p, q):
                 raise CaitError(f"{o.option} {p}: is also the {other.option} output; give every output its own path")
         seen.append((o, p))
+
+
+# ---- bounded reads ---------------------------------------------------------------------------------
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+MAX_SIDECAR_BYTES = 4 * MIB        # a JSON sidecar or report is a few KB
+MAX_ONNX_BYTES = 2 * GIB           # protobuf's own limit on one serialized ONNX model (weights inline)
+MAX_ENGINE_BYTES = 16 * GIB        # a TensorRT plan is about the size of its weights
+MAX_TIMING_CACHE_BYTES = 1 * GIB
+
+
+def _size_text(n: int) -> str:
+    for div, unit in ((GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")):
+        if n >= div:
+            return f"{n / div:.1f} {unit}".replace(".0 ", " ")
+    return f"{n} bytes"
+
+
+def regular_file_size(path: str | os.PathLike, limit: int, what: str) -> int:
+    """The size of the regular file `path` (symlinks followed), checked before anything reads it: CaitError,
+    one line naming the file and the limit, for a missing file, a folder, a FIFO or device (whose reads never
+    end) and a file larger than `limit` bytes."""
+    from .errors import safe_text
+
+    shown = safe_text(os.fspath(path), 300)
+    try:
+        st = os.stat(path)  # follows symlinks: the size of what a read would get
+    except FileNotFoundError:
+        raise CaitError(f"{shown}: no such file") from None
+    except OSError as e:
+        raise CaitError(f"{shown}: cannot read {what} ({e.strerror or type(e).__name__})") from None
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise CaitError(f"{shown}: {what} is {kind}")
+    if st.st_size > limit:
+        raise CaitError(f"{shown}: {what} is {_size_text(st.st_size)}, over the limit of {_size_text(limit)}; "
+                        "refusing to read it")
+    return st.st_size
+
+
+def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The whole of the regular file `path`, at most `limit` bytes, checked BEFORE reading (see
+    `regular_file_size`: symlinks resolved, non-regular files and files over `limit` refused in one line naming
+    the file and the limit). At most limit + 1 bytes are ever read: a file that grew past the limit after the
+    check is refused too, so memory stays bounded by `limit` whatever happens to the file meanwhile."""
+    from .errors import safe_text
+
+    size = regular_file_size(path, limit, what)
+    shown = safe_text(os.fspath(path), 300)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CaitError(f"{shown}: cannot read {what} ({e.strerror or type(e).__name__})") from None
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for a FIFO or device after the check
+            raise CaitError(f"{shown}: {what} is not a regular file")
+        # one read of the size stat gave returns the whole file on local file systems (up to 2 GiB - 4 KiB
+        # per call on Linux) without a second copy; anything else (short reads, a file that grew) is read in
+        # chunks, never past limit + 1 bytes
+        first = os.read(fd, min(size + 1, limit + 1, 0x7FFFF000))
+        chunks, got = [first], len(first)
+        if got == size:
+            extra = os.read(fd, 1)
+            if not extra:
+                return first
+            chunks.append(extra)
+            got += 1
+        while chunks[-1] and got <= limit:
+            chunks.append(os.read(fd, min(limit + 1 - got, 64 * MIB)))
+            got += len(chunks[-1])
+    except OSError as e:
+        raise CaitError(f"{shown}: cannot read {what} ({e.strerror or type(e).__name__})") from None
+    finally:
+        os.close(fd)
+    if got > limit:
+        raise CaitError(f"{shown}: {what} grew past the {_size_text(limit)} limit while it was read; refusing it")
+    return b"".join(chunks)

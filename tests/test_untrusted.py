@@ -24,7 +24,7 @@ from caitdeploy.checkpoint import FORMAT, expected_shapes
 from caitdeploy.cli import main
 from caitdeploy.config import CaitConfig
 
-from conftest import random_checkpoint, run_cli_limited
+from conftest import one_line_error, random_checkpoint, run_cli_limited
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(embed_dim=24, depth=2, num_heads=2, img_size=16, patch_size=8, num_classes=5)
@@ -35,18 +35,6 @@ def cli(*args, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
-def one_line_error(res, pattern: str | None = None, code: int = 2) -> str:
-    """The contract: exit `code`, exactly one non-empty stderr line starting with 'error:', no traceback."""
-    assert res.exit_code == code, (res.exit_code, res.output, res.stderr)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: ") or lines[0].startswith("internal error"), lines[0]
-    assert "Traceback" not in res.output
-    if pattern is not None:
-        import re
-
-        assert re.search(pattern, lines[0]), lines[0]
-    return lines[0]
 
 
 def listing(folder: Path) -> set[str]:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..errors import CaitError, Staging, atomic_output
+from ..errors import CaitError, Staging, atomic_output, safe_text
 
 COLUMNS = ("model", "backend", "batch", "GFLOPs", "params", "p50 ms", "p90 ms", "p99 ms", "img/s",
            "vs dense", "vs ToMe", "spread", "mem MB", "status")
@@ -34,6 +34,7 @@ def rows(records: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[str]]
     out, notes = [], []
 
     def ref(text: str) -> str:
+        text = safe_text(text, 1000)  # statuses quote errors, which quote file names and library messages
         if text not in notes:
             notes.append(text)
         return f"[{notes.index(text) + 1}]"
@@ -44,7 +45,7 @@ def rows(records: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[str]]
         else:
             status = "n/a " + ref(r["status"].removeprefix("n/a: "))
         out.append([
-            r["model_detail"] if r["model"] != "dense" else f"dense {r['arch']}",
+            safe_text(r["model_detail"] if r["model"] != "dense" else f"dense {r['arch']}", 200),
             backend_label(r, records), str(r["batch"]), f"{r['flops_per_img'] / 1e9:.3f}", _params(r["params"]),
             _f(r["latency_ms_p50"], ".2f"), _f(r["latency_ms_p90"], ".2f"), _f(r["latency_ms_p99"], ".2f"),
             _f(r["throughput_img_s"], ".1f"), _f(r["speedup_vs_dense"], ".2f", "x"),
@@ -99,15 +100,19 @@ def print_table(records: Sequence[dict[str, Any]], console=None, title: str = "c
         console = Console(highlight=False)
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a piped table keeps one line per row
-    t = Table(title=title)
+    from rich.markup import escape
+
+    # model names come from file names, statuses from error messages: every cell is `safe_text` (rows) and its
+    # rich markup escaped; the lines below are printed with markup, emoji codes and wrapping off
+    t = Table(title=escape(safe_text(title)))
     for c in COLUMNS:
         t.add_column(c, justify="left" if c in ("model", "backend", "status") else "right", overflow="fold")
     body, notes = rows(records)
     for row in body:
-        t.add_row(*row)
+        t.add_row(*(escape(safe_text(c, 1000)) for c in row))
     console.print(t)
     for line in [*notes, FLOPS_NOTE, *environment_lines(records)]:
-        console.print(line, markup=False, highlight=False)
+        console.print(safe_text(line, 2000), markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 def to_markdown(records: Sequence[dict[str, Any]], title: str | None = None) -> str:
@@ -117,7 +122,7 @@ def to_markdown(records: Sequence[dict[str, Any]], title: str | None = None) -> 
     for row in body:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
     lines += [""] + [n + "  " for n in notes] + ["", FLOPS_NOTE + ".", ""]
-    lines += [f"- {line}" for line in environment_lines(records)]
+    lines += [f"- {safe_text(line, 2000)}" for line in environment_lines(records)]
     return "\n".join(lines) + "\n"
 
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from ..config import CaitConfig
-from ..errors import CaitError, OptionError
+from ..errors import CaitError, OptionError, safe_text
 from ..flops import model_flops, model_params
 from ..limits import activation_bytes, check_memory, param_bytes
 from .runners import (BACKENDS, DTYPES, BenchModel, RunOptions, Timing, close_context, new_context, run_one)
@@ -89,14 +90,17 @@ def parse_baselines(text: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+_ASCII_INT = re.compile(r"[+-]?[0-9]{1,64}")
+MAX_TOME_R = 1 << 20   # tokens merged per block; more than any input has (choose_r / tome check the model)
+
+
 def parse_batches(values: Iterable[Any]) -> list[int]:
     out = []
     for v in values:
         for part in str(v).split(","):
-            try:
-                b = int(part)
-            except ValueError:
-                raise OptionError("batch", f"{part!r}: not an integer") from None
+            if not _ASCII_INT.fullmatch(part.strip()):  # int() also takes '٣' and '1_0'
+                raise OptionError("batch", f"{safe_text(part, 40)!r}: not an integer")
+            b = int(part)
             if not 1 <= b <= MAX_BATCH:
                 raise OptionError("batch", f"{b}: must be in 1..{MAX_BATCH}")
             out.append(b)
@@ -108,12 +112,11 @@ def parse_batches(values: Iterable[Any]) -> list[int]:
 def parse_tome_r(value: Any) -> str | int:
     if value in (None, "auto"):
         return "auto"
-    try:
-        r = int(value)
-    except (TypeError, ValueError):
-        raise OptionError("tome_r", f"{value!r}: 'auto' or a non-negative integer") from None
-    if r < 0:
-        raise OptionError("tome_r", f"{r}: must be >= 0")
+    if not _ASCII_INT.fullmatch(str(value).strip()):
+        raise OptionError("tome_r", f"{safe_text(value, 40)!r}: 'auto' or a non-negative integer")
+    r = int(value)
+    if not 0 <= r <= MAX_TOME_R:
+        raise OptionError("tome_r", f"{r}: must be in 0..{MAX_TOME_R}")
     return r
 
 
@@ -185,6 +188,9 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
     dense_seen: set[str] = set()
     for path in model_paths:
         config, _, meta = load_fused(path)  # says what the file is instead, and to run `fuse`, when it is not
+        from ..describe import fused_meta
+
+        meta = fused_meta(meta, path)  # every metadata field read here checked: type and range
         system = CONVERTED.get(meta.get("converted_from"), "CAIT")   # `convert`ed files name their system
         try:
             if img_size is not None:

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import click
 
-from .common import console, handle_errors
+from .options import BlockList, ImageSize, parse_float, parse_int
+from ..errors import safe_text
+from .common import console, handle_errors, print_plain
 
 
 @click.command("bench")
@@ -21,9 +23,9 @@ from .common import console, handle_errors
 @click.option("--tome-r", default="auto", show_default=True,
               help="ToMe tokens merged per block: 'auto' matches CAIT's FLOPs within 2%, or an integer.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--img-size", default=None,
+@click.option("--img-size", type=ImageSize(), default=None,
               help="Run every model at this input size: 512 or HEIGHTxWIDTH (position embedding resampled).")
-@click.option("--features", default=None,
+@click.option("--features", type=BlockList(), default=None,
               help="Benchmark feature extraction (dense prediction): block indices, e.g. 3,5,7,11; every model "
                    "gives those blocks' maps on the unmerged grid (a ViT's patch grid, a Swin's stage grid; "
                    "ToMe's merges undone), no head.")
@@ -56,12 +58,13 @@ def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, img_si
     from ..paths import JSON_SUFFIXES, MARKDOWN_SUFFIXES, PLOT_SUFFIXES, Out, check_paths
 
     def num(name, value, kind=int, lo=0, hi=MAX_ITERS):
-        try:
-            v = kind(value)
-        except (TypeError, ValueError):
-            raise CaitError(f"--{name} {value!r}: not a number") from None
+        # the rules of options.parse_int / parse_float: plain ASCII notation (no '²', '٣', '1_0'); nan and inf
+        # are read so that the range check names them
+        v = parse_int(value) if kind is int else parse_float(value, finite=False)
+        if v is None:
+            raise CaitError(f"--{name} {safe_text(value, 40)!r}: not {'an integer' if kind is int else 'a number'}")
         if not lo <= v <= hi:  # NaN fails too
-            raise CaitError(f"--{name} {value}: must be in {lo}..{hi:g}")
+            raise CaitError(f"--{name} {v}: must be in {lo}..{hi:g}")
         return v
 
     timing = Timing(warmup=num("warmup", warmup), min_iters=num("min-iters", min_iters, lo=1),
@@ -81,7 +84,7 @@ def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, img_si
     if work_dir is not None and Path(work_dir).exists() and not Path(work_dir).is_dir():
         raise CaitError(f"--work-dir {work_dir}: exists and is not a folder")
     con = console()
-    log = (lambda s: None) if quiet else (lambda s: con.print(s, markup=False))
+    log = (lambda s: None) if quiet else (lambda s: print_plain(con, s))
     records = run_bench(list(model), batches=batches_l, backends=backends_l, dtype=dtypes, baselines=baselines_l,
                         tome_r=tome, device=device, timing=timing, threads=nthreads, work_dir=work_dir,
                         compile_mode=compile_mode, progress=not quiet, log=log, img_size=img_size,
@@ -100,4 +103,4 @@ def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, img_si
         print_table(records, con)
         for p in (json_path, md_path, plot_path):
             if p:
-                con.print(f"wrote {p}", markup=False)
+                print_plain(con, f"wrote {p}")

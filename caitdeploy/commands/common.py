@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import click
 
-from ..errors import CaitError, OptionError, atomic_output
+from ..errors import CaitError, OptionError, atomic_output, safe_text
 
 
 DEBUG = {"on": False}   # set by `caitdeploy --debug` or CAITDEPLOY_DEBUG=1
@@ -116,6 +116,22 @@ def console():
     return Console(stderr=False, highlight=False, width=width)
 
 
+def print_plain(con, text: Any, limit: int = 4000) -> None:
+    """Print one report line on a rich console with nothing interpreted: `text` passes through `safe_text`
+    (control characters, ESC, line breaks, bidi overrides escaped; at most `limit` characters) and rich's
+    markup (`[red]`), emoji codes (`:x:`), highlighting and wrapping are off, so no inserted line break can
+    start a line with text from a file."""
+    con.print(safe_text(text, limit), markup=False, emoji=False, highlight=False, soft_wrap=True)
+
+
+def rich_safe(text: Any, limit: int = 200) -> str:
+    """Untrusted text for a rich renderable that parses markup (a table cell, a title): `safe_text`, then
+    rich's markup escaped."""
+    from rich.markup import escape
+
+    return escape(safe_text(text, limit))
+
+
 def human(n: float, unit: str = "") -> str:
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
@@ -128,8 +144,12 @@ def block_table(rows: list[dict[str, Any]], title: str | None = None):
     them). Rows with `qk_pruned` etc. show the kept count before alignment in parentheses; rows with
     `flops_dense` get a dense column."""
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=title, show_lines=False)
+    # a title is plain text (no markup), never wrapped (no line of its own for part of a name); callers print
+    # file names with print_plain above the table instead, where they are never cropped
+    t = Table(title=Text(safe_text(title, 300), no_wrap=True, overflow="ellipsis") if title is not None else None,
+              show_lines=False)
     dense = any("flops_dense" in r for r in rows)
     for col in ("block", "merge", "tokens", "heads", "qk/head", "v/head", "mlp", "GFLOPs", *(("dense",) if dense else ())):
         t.add_column(col, justify="right", no_wrap=True)
@@ -146,7 +166,7 @@ def block_table(rows: list[dict[str, Any]], title: str | None = None):
                  f"{r['flops'] / 1e9:.3f}"]
         if dense:
             cells.append(f"{r['flops_dense'] / 1e9:.3f}")
-        t.add_row(*cells)
+        t.add_row(*(rich_safe(c, 80) for c in cells))
     return t
 
 
@@ -160,7 +180,13 @@ def check_dense_options(img_size: str | None, features: str | None, restore: str
         raise OptionError("restore", "applies to feature outputs: add --features")
     parts = None
     if features is not None:
+        import re
+
         parts = [p.strip() for p in features.split(",") if p.strip()]
-        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
-            raise OptionError("features", f"{features!r}: give block indices, e.g. 3,5,7,11")
+        if not parts or not all(re.fullmatch(r"[+-]?[0-9]{1,6}", p) for p in parts):
+            raise OptionError("features", f"{safe_text(features, 60)!r}: give block indices, e.g. 3,5,7,11")
+        if any(int(p) < 0 for p in parts):
+            raise OptionError("features", f"block {next(p for p in parts if int(p) < 0)}: block indices count from "
+                                          "0 (the first block); negative indices are not taken")
+        parts = [str(int(p)) for p in parts]
     return size, parts

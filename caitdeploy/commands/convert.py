@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import block_table, console, handle_errors, human, write_json
+from .options import Int
+from .common import block_table, console, handle_errors, human, print_plain, write_json
 
 
 def _stages(ctx, param, value):
@@ -27,11 +28,11 @@ def _stages(ctx, param, value):
               help="SiT / LV-ViT release size (sets the slim positions and checks the sizes).")
 @click.option("--stages", callback=_stages, default=None,
               help="Blocks per token stage of a SiT without --variant, e.g. 9,3,2,2.")
-@click.option("--num-heads", type=click.IntRange(1, 256), default=None, help="Override the head count.")
-@click.option("--align", type=click.IntRange(1, 256), default=1, show_default=True,
+@click.option("--num-heads", type=Int(1, 256), default=None, help="Override the head count.")
+@click.option("--align", type=Int(1, 256), default=1, show_default=True,
               help="SPViT: zero-pad the pruned FFN widths to a multiple of N (exact).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Fused file [default: <stem>.fused.safetensors].")
-@click.option("--verify-batch", type=click.IntRange(0, 256), default=2, show_default=True,
+@click.option("--verify-batch", type=Int(0, 256), default=2, show_default=True,
               help="Random images for the float64 check against the upstream forward (0 = skip).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No table.")
@@ -54,14 +55,15 @@ def convert_cmd(checkpoint, source, variant, stages, num_heads, align, output, v
     if quiet:
         return
     con = console()
-    con.print(block_table(block_rows(cfg), title=f"converted {checkpoint} ({source}, family {cfg.family})"))
+    print_plain(con, f"converted {checkpoint} ({source}, family {cfg.family})")   # never cropped
+    con.print(block_table(block_rows(cfg)))
     for note in rep["notes"]:
-        con.print(f"note: {note}")
-    con.print(f"params {human(rep['params'])} (dense {human(rep['params_dense'])})   FLOPs/img {human(rep['flops'])} "
+        print_plain(con, f"note: {note}")
+    print_plain(con, f"params {human(rep['params'])} (dense {human(rep['params_dense'])})   FLOPs/img {human(rep['flops'])} "
               f"(dense {human(rep['flops_dense'])}: -{100 * rep['flops_reduction']:.1f}%)")
     if "verify" in rep:
         v = rep["verify"]
-        con.print(f"max |logit diff| vs the upstream forward (float64, {v['batch']} random images): "
+        print_plain(con, f"max |logit diff| vs the upstream forward (float64, {v['batch']} random images): "
                   f"{v['max_abs_diff']:.3g} (logit scale {v['logit_scale']:.3g}, top-1 agreement "
                   f"{100 * v['top1_agree']:.0f}%); FLOPs equal torch.utils.flop_counter")
-    con.print(f"wrote {rep['output']} in {rep['seconds']:.2f} s")
+    print_plain(con, f"wrote {rep['output']} in {rep['seconds']:.2f} s")

@@ -7,6 +7,13 @@ import click
 
 from ..errors import CaitError
 from .common import console, handle_errors, human, write_json
+from .options import BlockList, Float, ImageSize, Int, StrictInt
+
+# the ranges of export.quantize.MAX_CALIB_IMAGES and export.tensorrt.MAX_PROFILE_BATCH (tests/test_hostile_output.py
+# checks they agree), written out so that `caitdeploy --help` imports neither; --opt-level is StrictInt: its
+# range (0..5) is checked, with its message, by export.tensorrt.check_build_options
+MAX_CALIB_IMAGES = 4096
+MAX_PROFILE_BATCH = 65536
 
 
 def default_onnx_path(model_path: str, dtype: str, size: str | None = None, features: str | None = None,
@@ -22,21 +29,24 @@ def default_onnx_path(model_path: str, dtype: str, size: str | None = None, feat
 def _parse_opset(opset: str | None) -> int | None:
     if opset is None:
         return None
-    try:
-        return int(opset)
-    except ValueError:
-        raise CaitError(f"unsupported opset {opset!r}: give an integer (18..23)") from None
+    from ..errors import safe_text
+    from .options import parse_int
+
+    n = parse_int(opset)
+    if n is None:
+        raise CaitError(f"unsupported opset {safe_text(opset, 40)!r}: give an integer (18..23)")
+    return n
 
 
 def print_export_report(report: dict) -> None:
     from rich.table import Table
 
-    from rich.markup import escape
+    from .common import print_plain, rich_safe
 
     con = console()
 
-    def say(text: str) -> None:
-        con.print(escape(text))
+    def say(text: str) -> None:  # file names and graph names: escaped, no markup, one line each
+        print_plain(con, text)
 
     onnx_r = report["onnx"]
     say(f"exported {report['model']} -> {onnx_r['output']}  ({onnx_r['dtype']}, opset "
@@ -57,7 +67,7 @@ def print_export_report(report: dict) -> None:
     t.add_column("op")
     t.add_column("count", justify="right")
     for op, n in onnx_r["census"].items():
-        t.add_row(op, str(n))
+        t.add_row(rich_safe(op, 80), str(n))
     con.print(t)
     say(f"forbidden ops: none of {', '.join(onnx_r['forbidden_checked'])}")
     q = report.get("int8")
@@ -123,10 +133,10 @@ def print_export_report(report: dict) -> None:
 @click.option("--opset", default=None, help="ONNX opset 18..23 [default: 18; 23 with --attention op].")
 @click.option("--attention", default="matmul", show_default=True,
               help="matmul: Mul/MatMul/Softmax/MatMul; op: the ONNX Attention op (opset >= 23).")
-@click.option("--img-size", default=None,
+@click.option("--img-size", type=ImageSize(), default=None,
               help="Input size: 512 or HEIGHTxWIDTH (e.g. 512x1024); the position embedding is resampled "
                    "(bicubic, as timm) and merges re-checked [default: the model's].")
-@click.option("--features", default=None,
+@click.option("--features", type=BlockList(), default=None,
               help="Block indices, e.g. 3,5,7,11: outputs feat3, feat5, ... [B, D, H/patch, W/patch] on the full "
                    "patch grid instead of logits (dense prediction).")
 @click.option("--restore", default="repeat", show_default=True,
@@ -136,8 +146,8 @@ def print_export_report(report: dict) -> None:
                    "Runtime's dynamic quantization (int8 weights, activations quantized at run time).")
 @click.option("--calib", "calib_dir", type=click.Path(file_okay=False), default=None,
               help="Calibration images for --int8 static: a folder of PNG/JPEG files (searched recursively).")
-@click.option("--calib-synthetic", type=int, default=None, help="Calibrate on N synthetic images instead.")
-@click.option("--calib-samples", type=int, default=64, show_default=True, help="At most this many images from --calib.")
+@click.option("--calib-synthetic", type=Int(1, MAX_CALIB_IMAGES), default=None, help="Calibrate on N synthetic images instead.")
+@click.option("--calib-samples", type=Int(1, MAX_CALIB_IMAGES), default=64, show_default=True, help="At most this many images from --calib.")
 @click.option("--calib-method", default="minmax", show_default=True, help="minmax | percentile | entropy")
 @click.option("--int8-attention", is_flag=True,
               help="--int8 static: also quantize the attention MatMuls (q @ k^T, softmax @ v).")
@@ -150,23 +160,23 @@ def print_export_report(report: dict) -> None:
 @click.option("--int8-check", "int8_check", type=click.Path(file_okay=False), default=None,
               help="Compare int8 with fp32 on the PNG/JPEG images of this folder (a held-out set) instead of the "
                    "calibration images.")
-@click.option("--int8-min-cosine", type=float, default=0.99, show_default=True,
+@click.option("--int8-min-cosine", type=Float(-1.0, 1.0), default=0.99, show_default=True,
               help="Fail unless every check image's int8 outputs (logits, or all feature maps) have this cosine "
                    "similarity with fp32.")
-@click.option("--int8-min-top1", type=float, default=0.0, show_default=True,
+@click.option("--int8-min-top1", type=Float(0.0, 1.0), default=0.0, show_default=True,
               help="Fail unless int8 and fp32 top-1 agree on this fraction of the check images.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
-@click.option("--fp16-samples", type=click.IntRange(0, 65536), default=256, show_default=True,
+@click.option("--fp16-samples", type=Int(0, 65536), default=256, show_default=True,
               help="Random images for the fp16 top-1 agreement check.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT / TensorRT-RTX engine.")
 @click.option("--trt-module", default="auto", show_default=True, help="auto | tensorrt | tensorrt_rtx")
 @click.option("--engine", type=click.Path(dir_okay=False), help="Engine file [default: <onnx stem>.plan].")
-@click.option("--min-batch", type=int, default=1, show_default=True)
-@click.option("--opt-batch", type=int, default=256, show_default=True)
-@click.option("--max-batch", type=int, default=256, show_default=True)
-@click.option("--workspace-mb", type=int, default=None, help="Builder workspace limit in MiB.")
+@click.option("--min-batch", type=Int(1, MAX_PROFILE_BATCH), default=1, show_default=True)
+@click.option("--opt-batch", type=Int(1, MAX_PROFILE_BATCH), default=256, show_default=True)
+@click.option("--max-batch", type=Int(1, MAX_PROFILE_BATCH), default=256, show_default=True)
+@click.option("--workspace-mb", type=Int(1, 1 << 20), default=None, help="Builder workspace limit in MiB.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file, reused across builds (full TensorRT).")
-@click.option("--opt-level", type=int, default=None, help="Builder optimization level 0..5.")
+@click.option("--opt-level", type=StrictInt(), default=None, help="Builder optimization level 0..5.")
 @click.option("--compute-capability", "compute_capabilities", multiple=True,
               help="TensorRT-RTX target, repeatable: SM75 SM80 SM86 SM89 SM120 [default: library default].")
 @click.option("--triton-repo", type=click.Path(file_okay=False), help="Write a Triton model repository entry here.")
@@ -174,11 +184,11 @@ def print_export_report(report: dict) -> None:
 @click.option("--triton-backend", default=None,
               help="onnxruntime | tensorrt | python (model.py running the ONNX with ONNX Runtime, for servers "
                    "without the onnxruntime backend) [default: tensorrt with --trt, else onnxruntime].")
-@click.option("--max-queue-delay-us", type=click.IntRange(0, 10**8), default=100, show_default=True,
+@click.option("--max-queue-delay-us", type=Int(0, 10**8), default=100, show_default=True,
               help="Triton dynamic batching: how long a request may wait for others to batch with.")
 @click.option("--triton-warmup", is_flag=True,
               help="Add a model_warmup (random images at the preferred batch sizes) run before the model is READY.")
-@click.option("--instances", type=click.IntRange(1, 256), default=1, show_default=True, help="Triton instance count.")
+@click.option("--instances", type=Int(1, 256), default=1, show_default=True, help="Triton instance count.")
 @click.option("--instance-kind", default="gpu", show_default=True, help="Triton instance kind: gpu | cpu | auto.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No tables.")

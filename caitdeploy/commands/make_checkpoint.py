@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import click
 
-from .common import console, handle_errors, write_json
+from .options import Int, StrictFloat  # --flops-reduction: range checked by limits.check_float
+from .common import console, handle_errors, print_plain, write_json
 
 
 @click.command("make-checkpoint")
 @click.option("--arch", default="deit_small_patch16_224", show_default=True,
               help="timm ViT architecture, or a timm Swin (v1), e.g. swin_tiny_patch4_window7_224.")
-@click.option("--flops-reduction", type=float, default=None,
+@click.option("--flops-reduction", type=StrictFloat(), default=None,
               help="Target FLOPs reduction vs the dense model, merges included [default: 0.55; Swin 0.354, "
                    "the paper's Tab. XIV].")
 @click.option("--merges", default=None,
@@ -17,11 +18,11 @@ from .common import console, handle_errors, write_json
                    "'auto' [default: auto, the paper's Tab. XIV placement: HTM + VTM at the last two blocks of the "
                    "longest stage, 2.4:h,2.5:v on Swin-T].")
 @click.option("--weights", type=click.Path(dir_okay=False), help="timm state dict (.safetensors or .pth); random init if absent.")
-@click.option("--align", type=click.IntRange(1, 256), default=1, show_default=True,
+@click.option("--align", type=Int(1, 256), default=1, show_default=True,
               help="Prune in steps of N channels per head, so kept widths are multiples of N.")
-@click.option("--num-classes", type=click.IntRange(1, 262144), default=None, help="Override the head size.")
-@click.option("--img-size", type=click.IntRange(1, 8192), default=None, help="Override the input resolution.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-classes", type=Int(1, 262144), default=None, help="Override the head size.")
+@click.option("--img-size", type=Int(1, 8192), default=None, help="Override the input resolution.")
+@click.option("--seed", type=Int(0, 2**32 - 1), default=0, show_default=True, help="Random seed, 0..2^32-1.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help=".pth or .safetensors")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the selection summary as JSON.")
 @handle_errors
@@ -53,8 +54,8 @@ def make_checkpoint_cmd(arch, flops_reduction, merges, weights, align, num_class
             write_json(report_path, summary, staging=st)
     con = console()
     shown = ",".join(f"{k}:{v}" for k, v in summary["merges"].items()) if swin else merges
-    con.print(f"{arch}: merges {shown or 'none'}{' (auto)' if merge_map is None else ''}, FLOPs/img {summary['flops_dense'] / 1e9:.3f}G -> "
+    print_plain(con, f"{arch}: merges {shown or 'none'}{' (auto)' if merge_map is None else ''}, FLOPs/img {summary['flops_dense'] / 1e9:.3f}G -> "
               f"{summary['flops_pruned'] / 1e9:.3f}G (reduction {100 * summary['flops_reduction']:.2f}%, "
               f"target {100 * flops_reduction:.2f}%)")
-    con.print(f"wrote {output}")
+    print_plain(con, f"wrote {output}")
     return

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CaitError, OptionError, Staging, check_output_dir
+from ..errors import CaitError, OptionError, Staging, check_output_dir, safe_text
+from ..paths import (MAX_ENGINE_BYTES, MAX_ONNX_BYTES, MAX_SIDECAR_BYTES, MAX_TIMING_CACHE_BYTES, read_bounded,
+                     regular_file_size)
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 from ..format import ENGINE_FORMAT  # noqa: E402
 MAX_PROFILE_BATCH = 65536
 BUILD_KEYS = ("min_batch", "opt_batch", "max_batch", "workspace_mb", "opt_level", "compute_capabilities", "flavour")
@@ -177,16 +182,22 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
     """Build a serialized engine from an exported ONNX file; write it and `<engine>.json` atomically (see
     `build_engine_bytes`). Returns the sidecar dict plus `output`, `sidecar`, `seconds_total`."""
     t0 = time.perf_counter()
+    from ..limits import check_memory
+
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise CaitError(f"{onnx_path}: no such file")
+    size = regular_file_size(onnx_path, MAX_ONNX_BYTES, "ONNX file")
+    check_memory(3 * size, f"building an engine from {onnx_path} ({size} bytes: the file, its parsed graph and "
+                 "the engine)")
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".plan")
     check_output_dir(engine_path, "engine")
     tc_path = Path(timing_cache) if timing_cache else None
     if tc_path is not None:
         check_output_dir(tc_path, "timing cache")
     with Staging() as st:
-        built = build_engine_bytes(onnx_path.read_bytes(), onnx_path, engine_path, min_batch=min_batch,
+        onnx_data = read_bounded(onnx_path, MAX_ONNX_BYTES, "ONNX file")
+        built = build_engine_bytes(onnx_data, onnx_path, engine_path, min_batch=min_batch,
                                    opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,
                                    timing_cache=tc_path, opt_level=opt_level,
                                    compute_capabilities=compute_capabilities, flavour=flavour)
@@ -301,7 +312,7 @@ def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_pa
         if flav == "tensorrt_rtx":
             tc_info.update(used=False, reason="TensorRT-RTX timing-cache operations are no-ops (deprecated in 1.2)")
         else:
-            blob = tc_path.read_bytes() if tc_path.is_file() else b""
+            blob = read_bounded(tc_path, MAX_TIMING_CACHE_BYTES, "timing cache") if tc_path.is_file() else b""
             cache = config.create_timing_cache(blob)
             config.set_timing_cache(cache, ignore_mismatch=False)
             tc_info.update(used=True, loaded_bytes=len(blob), reused=bool(blob))
@@ -326,7 +337,8 @@ def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_pa
         "build_key": normalize_build_options(dict(
             min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,
             opt_level=opt_level, compute_capabilities=compute_capabilities, flavour=flavour)),
-        "build_seconds": build_s, "engine_bytes": len(engine_bytes), "host": platform.node(),
+        "build_seconds": build_s, "engine_bytes": len(engine_bytes),
+        "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(), "host": platform.node(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if "caitdeploy.config" in facts["meta"]:
@@ -344,9 +356,11 @@ def _sidecar_problem(d: dict[str, Any]) -> str | None:
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
-    for key in ("flavour", "trt_version", "input", "dtype", "io_dtype"):
+    for key in ("flavour", "trt_version", "input", "dtype", "io_dtype", "created", "engine", "host"):
         if key in d and not isinstance(d[key], str):
             return f"{key!r} must be a string"
+        if key in d and len(d[key]) > 4096:
+            return f"{key!r} is {len(d[key])} characters long; a sidecar field is short"
     if d.get("flavour") not in (None, *FLAVOURS):
         return f"'flavour' must be one of {', '.join(FLAVOURS)}"
     prof = d.get("profile")
@@ -361,14 +375,20 @@ def _sidecar_problem(d: dict[str, Any]) -> str | None:
         if not isinstance(onnx, dict) or not isinstance(onnx.get("path"), str) \
                 or not isinstance(onnx.get("sha256"), str) or len(onnx["sha256"]) != 64:
             return "'onnx' must hold a path and a 64-character sha256"
-        if "bytes" in onnx and (isinstance(onnx["bytes"], bool) or not isinstance(onnx["bytes"], int)):
-            return "'onnx.bytes' must be an integer"
+        if not _HEX64.fullmatch(onnx["sha256"]):
+            return "'onnx.sha256' must be 64 hexadecimal digits"
+        if "bytes" in onnx and not (is_int(onnx["bytes"]) and 0 <= onnx["bytes"] <= 1 << 62):
+            return "'onnx.bytes' must be a non-negative integer"
     for key in ("build_seconds",):
-        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, float)) or d[key] != d[key]):
-            return f"{key!r} must be a number"
-    for key in ("opt_level", "engine_bytes"):
-        if d.get(key) is not None and not is_int(d[key]):
-            return f"{key!r} must be an integer"
+        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, float))
+                         or not math.isfinite(d[key]) or d[key] < 0):
+            return f"{key!r} must be a finite number >= 0"
+    for key, lo, hi in (("opt_level", 0, 5), ("engine_bytes", 0, 1 << 62), ("workspace_mb", 0, 1 << 40)):
+        if d.get(key) is not None and not (is_int(d[key]) and lo <= d[key] <= hi):
+            return f"{key!r} must be an integer in {lo}..{hi}"
+    if d.get("engine_sha256") is not None and not (isinstance(d["engine_sha256"], str)
+                                                    and _HEX64.fullmatch(d["engine_sha256"])):
+        return "'engine_sha256' must be 64 hexadecimal digits"
     if "outputs" in d and not (isinstance(d["outputs"], list) and all(isinstance(x, str) for x in d["outputs"])):
         return "'outputs' must be a list of names"
     if "build_target" in d and not isinstance(d["build_target"], dict):
@@ -393,19 +413,50 @@ def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any] | None:
     p = sidecar_path(engine_path)
     if not p.is_file():
         return None
+    raw = read_bounded(p, MAX_SIDECAR_BYTES, "engine sidecar")  # size checked before reading (symlinks too)
     try:
-        raw = p.read_bytes()
-        if len(raw) > 4 << 20:
-            raise CaitError(f"{p}: engine sidecar is {len(raw)} bytes; a sidecar is a few KB")
         data = strict_json(raw.decode("utf-8"), "engine sidecar")
     except (ConfigError, UnicodeDecodeError) as e:
         raise CaitError(f"{p}: {e}") from None
     if not isinstance(data, dict) or data.get("format") != ENGINE_FORMAT:
         fmt = data.get("format") if isinstance(data, dict) else None
-        raise CaitError(f"{p}: not a caitdeploy engine sidecar (format {str(fmt)[:60]!r})")
+        raise CaitError(f"{p}: not a caitdeploy engine sidecar (format {safe_text(fmt, 60)!r})")
     if (why := _sidecar_problem(data)) is not None:
         raise CaitError(f"{p}: bad engine sidecar: {why}")
     return data
+
+
+def check_engine_file(engine_path: str | os.PathLike, side: dict[str, Any] | None,
+                      data: bytes | None = None) -> dict[str, Any]:
+    """The engine file against its sidecar: its size must equal `engine_bytes` and its SHA-256 `engine_sha256`
+    (a truncated, appended-to or swapped plan is refused in one line naming the file). Sidecars written before
+    caitdeploy recorded the hash are checked by size only, and the result says so.
+
+    Returns {"bytes": size, "bytes_match": bool | None, "sha256": hex | None, "sha256_match": bool | None,
+    "note": str | None}; None entries mean the sidecar has no such field. `data`: the file's bytes when the
+    caller already read them (hashed instead of reading the file again)."""
+    path = Path(engine_path)
+    size = len(data) if data is not None else regular_file_size(path, MAX_ENGINE_BYTES, "engine")
+    out: dict[str, Any] = {"bytes": size, "bytes_match": None, "sha256": None, "sha256_match": None, "note": None}
+    if side is None:
+        return out
+    want = side.get("engine_bytes")
+    if want is not None:
+        out["bytes_match"] = size == want
+        if size != want:
+            raise CaitError(f"{path}: engine is {size} bytes but its sidecar {sidecar_path(path).name} records "
+                            f"{want}: the file was truncated, extended or replaced since the build")
+    if side.get("engine_sha256") is None:
+        out["note"] = ("the sidecar records no engine SHA-256 (written by an older caitdeploy): only the byte count "
+                       "was checked" if want is not None else "the sidecar records neither the engine's size nor "
+                       "its SHA-256: the engine file is unchecked")
+        return out
+    digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
+    out["sha256"], out["sha256_match"] = digest, digest == side["engine_sha256"]
+    if digest != side["engine_sha256"]:
+        raise CaitError(f"{path}: engine SHA-256 {digest[:16]}... differs from the {side['engine_sha256'][:16]}... "
+                        f"its sidecar {sidecar_path(path).name} records: the file changed since the build")
+    return out
 
 
 def engine_header_check(engine_bytes: bytes, flavour: str | None = None) -> dict[str, Any]:
@@ -444,6 +495,10 @@ class TrtRunner:
         if not self.path.is_file():
             raise CaitError(f"{self.path}: no such file")
         side = read_sidecar(self.path)
+        from ..limits import check_memory
+
+        size = regular_file_size(self.path, MAX_ENGINE_BYTES, "engine")
+        check_memory(2 * size, f"loading the engine {self.path} ({size} bytes, read and deserialized)")
         if flavour is None and side:
             flavour = side.get("flavour")
         self.trt = trt = import_trt(flavour)
@@ -454,7 +509,10 @@ class TrtRunner:
         torch.cuda.set_device(self.device)
         self.logger = _make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        plan = read_bounded(self.path, MAX_ENGINE_BYTES, "engine")
+        check_engine_file(self.path, side, plan)
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
+        del plan
         if self.engine is None:
             errs = self.logger.errors()
             raise CaitError(f"{self.path}: {flavour_of(trt)} {trt.__version__} cannot deserialize the engine: "
