@@ -144,3 +144,63 @@ def test_loadtest_against_the_live_server(served, tmp_path):
     assert md.read_text().count("\n| cait") == 4
     bad = CliRunner().invoke(main, ["loadtest", f"localhost:{server.http_port}", "--model", "nope", "--duration", "0.2"])
     assert bad.exit_code == 2 and "model 'nope' is not ready" in bad.stderr
+
+
+def test_bad_requests_fail_alone_while_the_good_ones_batched_with_them_succeed(served):
+    """gRPC requests declaring 2^40 rows pass Triton's own checks (the batch size overflows to 0) and reach the
+    model without their batch dimension; before model.py checked each request (and config.pbtxt reshaped the
+    input so that the Python backend counts their rows as the batcher does), the batch they joined failed."""
+    import grpc
+    import tritonclient.http as th
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    server, model = served
+
+    def good(i):
+        c = th.InferenceServerClient(server.http_url)
+        try:
+            inp = th.InferInput("images", [1, 3, 64, 64], "FP32")
+            inp.set_data_from_numpy(_x(1, seed=i))
+            return c.infer("cait", [inp]).as_numpy("logits")
+        finally:
+            c.close()
+
+    def bad(i):
+        req = service_pb2.ModelInferRequest(model_name="cait")
+        t = req.inputs.add(name="images", datatype="FP32", shape=[2 ** 40, 3, 64, 64])
+        t.contents.fp32_contents.extend(_x(1, seed=i).ravel().tolist())
+        with grpc.insecure_channel(server.grpc_url) as ch:
+            try:
+                service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+            except grpc.RpcError as e:
+                return e.code(), e.details()
+        return None
+
+    before = _stats(server, "cait")
+    with cf.ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(bad if i % 5 == 0 else good, i) for i in range(60)]
+        results = [f.result() for f in futures]
+    after = _stats(server, "cait")
+    goods = [r for i, r in enumerate(results) if i % 5]
+    bads = [r for i, r in enumerate(results) if i % 5 == 0]
+    assert len(goods) == 48 and all(r.shape == (1, 10) for r in goods)
+    ref = model(torch.from_numpy(_x(1, seed=1))).detach().numpy()
+    assert np.abs(goods[0] - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+    assert len(bads) == 12
+    for r in bads:
+        assert r is not None and r[0] == grpc.StatusCode.INVALID_ARGUMENT, r
+        assert "input 'images' reached the model without its batch dimension" in r[1]
+    executions = after["execution_count"] - before["execution_count"]
+    assert executions < 60, executions   # requests were batched, the bad ones with good ones among them
+
+
+def test_the_server_listens_on_loopback_only(served):
+    server, _ = served
+    for port in (server.http_port, server.grpc_port, server.metrics_port):
+        addrs = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, st = line.split()[1], line.split()[3]
+                if st == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    addrs.add(local.rsplit(":", 1)[0])
+        assert addrs and addrs <= {"0100007F", "0000000000000000FFFF00000100007F"}, (port, addrs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import console, handle_errors, json_text
+from .options import Float, Int
 
 
 def _plot(records, path, staging) -> None:
@@ -36,11 +37,11 @@ def _plot(records, path, staging) -> None:
 @click.argument("url")
 @click.option("--model", "models", multiple=True, required=True, help="Model name; repeat to compare models.")
 @click.option("--concurrency", default="1,8,32", show_default=True, help="Comma list of concurrent clients.")
-@click.option("--duration", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
+@click.option("--duration", type=Float(0.1, 3600), default=10.0, show_default=True,
               help="Seconds per level (after --warmup).")
-@click.option("--warmup", type=click.FloatRange(0, 600), default=1.0, show_default=True)
-@click.option("--batch", type=click.IntRange(1, 4096), default=1, show_default=True, help="Images per request.")
-@click.option("--max-requests", type=click.IntRange(1), default=None, help="Stop a level after this many requests.")
+@click.option("--warmup", type=Float(0, 600), default=1.0, show_default=True)
+@click.option("--batch", type=Int(1, 4096), default=1, show_default=True, help="Images per request.")
+@click.option("--max-requests", type=Int(1, 10**9), default=None, help="Stop a level after this many requests.")
 @click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
 @click.option("--stats-url", default=None, help="HTTP host:port for Triton's statistics API with --protocol grpc.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the records as JSON.")
@@ -55,15 +56,17 @@ def loadtest_cmd(url, models, concurrency, duration, warmup, batch, max_requests
 
     from ..errors import CaitError, Staging
     from ..paths import JSON_SUFFIXES, MARKDOWN_SUFFIXES, PLOT_SUFFIXES, Out, check_paths
-    from ..serve.loadtest import load_test, to_markdown
+    from ..serve.loadtest import check_url, load_test, to_markdown
 
-    try:
-        levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    except ValueError:
-        raise CaitError(f"--concurrency {concurrency!r}: a comma list of integers, e.g. 1,8,32") from None
+    parts = [c.strip() for c in concurrency.split(",") if c.strip()]
+    if len(concurrency) > 4096 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise CaitError(f"--concurrency {concurrency[:40]!r}: a comma list of integers, e.g. 1,8,32")
+    levels = [int(p) for p in parts]
     if not levels:
         raise CaitError("--concurrency: give at least one level")
-    url = url.removeprefix("http://").removeprefix("https://").rstrip("/")
+    url = check_url(url)
+    if stats_url is not None:
+        check_url(stats_url, "--stats-url")
     check_paths({}, [Out(json_path, "--json", JSON_SUFFIXES), Out(md_path, "--markdown", MARKDOWN_SUFFIXES),
                      Out(plot_path, "--plot", PLOT_SUFFIXES)])
     con = console()

@@ -1,44 +1,51 @@
-"""`caitdeploy serve DIR`: a real Triton Inference Server on a model repository, until Ctrl-C / SIGTERM."""
+"""`caitdeploy serve DIR`: a real Triton Inference Server on a model repository, until Ctrl-C / SIGTERM.
+
+Binds 127.0.0.1 unless --host widens it; restarts tritonserver if it dies while serving; the server never
+outlives the CLI (see `serve.server`). Ctrl-C exits 130, SIGTERM 143, each with one line, the server stopped."""
 from __future__ import annotations
 
 import click
 
 from .common import console, handle_errors
+from .options import PORT, Float
 
 
 @click.command("serve")
 @click.argument("repo", type=click.Path(path_type=str))
-@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
-@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
-@click.option("--timeout", type=click.FloatRange(1, 3600), default=120, show_default=True,
-              help="Seconds to wait until every model is ready.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="IPv4 address to bind HTTP, gRPC and metrics to; 0.0.0.0 for every interface, which makes the "
+                   "server (no authentication) reachable from the network.")
+@click.option("--http-port", type=PORT, default=8000, show_default=True)
+@click.option("--grpc-port", type=PORT, default=8001, show_default=True)
+@click.option("--metrics-port", type=PORT, default=8002, show_default=True)
+@click.option("--timeout", type=Float(1, 3600), default=120.0, show_default=True,
+              help="Seconds to wait until every model is ready (also after a restart).")
 @handle_errors
-def serve_cmd(repo, http_port, grpc_port, metrics_port, timeout):
+def serve_cmd(repo, host, http_port, grpc_port, metrics_port, timeout):
     """Serve a Triton model repository (written by `caitdeploy export --triton-repo`) until interrupted."""
     import time
     from pathlib import Path
 
-    from ..serve.server import TritonServer
+    from ..errors import one_line
+    from ..serve.server import TritonServer, is_loopback
 
-    server = TritonServer(Path(repo), http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    server = TritonServer(Path(repo), http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host)
     con = console()
+    say = lambda s: con.print(s, markup=False, emoji=False, soft_wrap=True)  # noqa: E731 - a log: a line each
     t0 = time.perf_counter()
-    with server:
-        con.print(f"tritonserver ({server.source}) ready in {time.perf_counter() - t0:.1f} s on {repo}", markup=False)
-        con.print(f"  HTTP    http://localhost:{http_port}/v2/models/<name>/infer", markup=False)
-        con.print(f"  gRPC    localhost:{grpc_port}", markup=False)
-        con.print(f"  metrics http://localhost:{metrics_port}/metrics", markup=False)
+    server.start(timeout=timeout)
+    try:
+        at = server.host
+        say(f"tritonserver ({server.source}) ready in {time.perf_counter() - t0:.1f} s on {one_line(repo)}")
+        say(f"  HTTP    http://{at}:{http_port}/v2/models/<name>/infer")
+        say(f"  gRPC    {at}:{grpc_port}")
+        say(f"  metrics http://{at}:{metrics_port}/metrics")
         for m in server.repository_index():
-            con.print(f"  model {m.get('name')} version {m.get('version')}: {m.get('state')}", markup=False)
-        con.print("Ctrl-C or SIGTERM stops it", markup=False)
-        try:
-            while server.proc.poll() is None:   # SIGTERM arrives as SystemExit(143): `with` stops the server too
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        if server.proc.poll() is not None:
-            from ..errors import CaitError
-
-            raise CaitError(f"tritonserver exited with code {server.proc.returncode}: {server.log_tail()}")
-    con.print("stopped; shared memory removed", markup=False)
+            say(one_line(f"  model {m.get('name')} version {m.get('version')}: {m.get('state')}"))
+        if not is_loopback(server.host):
+            click.echo(f"warning: --host {server.host} is not a loopback address: HTTP, gRPC and metrics are "
+                       "reachable from the network, without authentication", err=True)
+        say("Ctrl-C or SIGTERM stops it")
+        server.serve_forever(timeout, say)   # returns only by exception: Ctrl-C, SIGTERM, no restart
+    finally:
+        server.stop()

@@ -5,6 +5,13 @@ model.onnx, for Triton servers without the onnxruntime backend (e.g. the one bun
 Every `execute` call concatenates the batches of all its requests (Triton's dynamic batcher hands several
 requests to one call) into ONE ONNX Runtime run and splits the logits back per request.
 
+Each request is checked on its own first, against config.pbtxt (rank, dims, 1..max_batch_size rows, dtype,
+byte count): Triton's core checks these too, but not every lie (a gRPC or HTTP request declaring 2^40 rows
+passes as a batch of 0 and reaches the model without its batch dimension). A bad request gets its own error
+response; the good requests batched with it are answered as usual. Should the batched run itself fail, each
+request is run alone, so one poisoned request still fails alone. The input arrives as [n, 1, *dims] when
+config.pbtxt reshapes it so (triton_repo does, for the reason given there); the 1 is dropped here.
+
 It imports nothing of caitdeploy: the server's Python stub runs it with only numpy, onnxruntime and Triton's
 `triton_python_backend_utils`.
 """
@@ -14,14 +21,29 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the Triton Python backend
 
+NUMPY_DTYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
+
+
+class BadRequest(ValueError):
+    """A request that does not match the model's config: answered with an error, alone."""
+
 
 class TritonPythonModel:
     def initialize(self, args):
         import onnxruntime as ort
 
         config = json.loads(args["model_config"])
-        self.input_name = config["input"][0]["name"]
+        inp = config["input"][0]
+        self.input_name = inp["name"]
         self.output_name = config["output"][0]["name"]
+        self.dims = tuple(int(d) for d in inp["dims"])
+        # what the backend hands us: triton_repo writes reshape [1, *dims] (see there why)
+        self.seen_dims = tuple(int(d) for d in (inp.get("reshape") or {}).get("shape") or self.dims)
+        if int(np.prod(self.seen_dims)) != int(np.prod(self.dims)):
+            raise ValueError(f"input {self.input_name!r}: reshape {list(self.seen_dims)} does not hold dims "
+                             f"{list(self.dims)}")
+        self.max_batch = int(config.get("max_batch_size", 0) or 0)
+        self.wire_dtype = np.dtype(NUMPY_DTYPES.get(inp.get("data_type"), np.float32))
         params = {k: v.get("string_value") for k, v in config.get("parameters", {}).items()}
         here = os.path.dirname(os.path.abspath(__file__))
         so = ort.SessionOptions()
@@ -35,18 +57,85 @@ class TritonPythonModel:
         self.input_dtype = np.float16 if declared.get(self.input_name) == "tensor(float16)" else np.float32
         self.executions = 0
 
-    def execute(self, requests):
-        arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        sizes = [a.shape[0] for a in arrays]
+    def _checked(self, request):
+        """The request's input as an array of shape (n, *dims), n in 1..max_batch_size, or BadRequest."""
+        tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+        if tensor is None:
+            raise BadRequest(f"input {self.input_name!r} is missing")
+        try:
+            a = tensor.as_numpy()
+        except Exception as e:  # noqa: BLE001 - a buffer that does not match its declared shape
+            raise BadRequest(f"input {self.input_name!r}: unreadable tensor ({type(e).__name__})") from None
+        if self.max_batch == 0:  # no batch dimension: dims are the whole shape
+            if tuple(a.shape) != self.seen_dims:
+                raise BadRequest(f"input {self.input_name!r} has shape {self._shown(a.shape)}, expected "
+                                 f"{list(self.dims)}")
+        else:
+            want = f"expected [n, {', '.join(map(str, self.dims))}] with n in 1..{self.max_batch}"
+            if tuple(a.shape) == self.seen_dims:
+                raise BadRequest(f"input {self.input_name!r} reached the model without its batch dimension (Triton "
+                                 f"reads a batch of a multiple of 2^32 rows as 0): {want}")
+            if a.ndim != len(self.seen_dims) + 1 or tuple(a.shape[1:]) != self.seen_dims \
+                    or not 1 <= a.shape[0] <= self.max_batch:
+                raise BadRequest(f"input {self.input_name!r} has shape {self._shown(a.shape)}, {want}")
+        if a.dtype != self.wire_dtype:
+            raise BadRequest(f"input {self.input_name!r} has dtype {a.dtype}, expected {self.wire_dtype}")
+        expected_bytes = int(np.prod(a.shape, dtype=np.int64)) * self.wire_dtype.itemsize
+        if a.nbytes != expected_bytes:
+            raise BadRequest(f"input {self.input_name!r} has {a.nbytes} bytes, expected {expected_bytes}")
+        return a.reshape(self.dims if self.max_batch == 0 else (a.shape[0],) + self.dims)
+
+    def _shown(self, shape):
+        """A shape as the client sent it (without the reshape's 1), for messages."""
+        shape = list(shape)
+        if self.seen_dims != self.dims and len(shape) == len(self.seen_dims) + 1 and shape[1] == 1:
+            del shape[1]
+        return shape
+
+    def _respond(self, logits):
+        out = pb_utils.Tensor(self.output_name, np.ascontiguousarray(logits, dtype=np.float32))
+        return pb_utils.InferenceResponse(output_tensors=[out])
+
+    @staticmethod
+    def _error(message, invalid=True):
+        code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
+        err = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        return pb_utils.InferenceResponse(output_tensors=[], error=err)
+
+    def _run(self, arrays):
         batch = np.concatenate(arrays, axis=0).astype(self.input_dtype, copy=False)
-        logits = self.session.run([self.output_name], {self.input_name: batch})[0].astype(np.float32, copy=False)
         self.executions += 1
-        responses, start = [], 0
-        for n in sizes:
-            out = pb_utils.Tensor(self.output_name, logits[start:start + n])
-            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
-            start += n
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        good, arrays = [], []
+        for i, r in enumerate(requests):
+            try:
+                arrays.append(self._checked(r))
+                good.append(i)
+            except BadRequest as e:
+                responses[i] = self._error(str(e))
+        logits = self._batched(arrays) if arrays and self.max_batch > 0 else None
+        if logits is not None:
+            start = 0
+            for i, a in zip(good, arrays):
+                responses[i] = self._respond(logits[start:start + a.shape[0]])
+                start += a.shape[0]
+            return responses
+        for i, a in zip(good, arrays):  # one by one: a failed batch, or a model without a batch dimension
+            try:
+                responses[i] = self._respond(self._run([a]))
+            except Exception as e:  # noqa: BLE001 - this request's own failure, its own response
+                responses[i] = self._error(f"{type(e).__name__}: {str(e)[:300]}", invalid=False)
         return responses
+
+    def _batched(self, arrays):
+        """All good requests in one run; None if that fails (one poisoned request must not fail the rest)."""
+        try:
+            return self._run(arrays)
+        except Exception:  # noqa: BLE001 - the caller runs each request alone
+            return None
 
     def finalize(self):
         self.session = None

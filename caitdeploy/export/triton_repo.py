@@ -4,6 +4,13 @@ DIR/<name>/config.pbtxt and DIR/<name>/1/model.onnx (platform onnxruntime_onnx) 
 (platform tensorrt_plan). Dims in config.pbtxt exclude the batch dimension (max_batch_size > 0 adds it).
 The text is written by hand (no tritonclient needed at export time); tests parse it with Triton's own
 model_config protobuf.
+
+Backend "python" (our model.py) gets `reshape: { shape: [ 1, <dims> ] }` on its input: clients still send
+[n, <dims>], the model sees [n, 1, <dims>] and drops the 1. Why: a request whose batch dimension overflows
+32 bits (2^40 rows) passes Triton's checks as a batch of 0 and reaches the backend without its batch
+dimension; the dynamic batcher counts it as 1 row, but the Python backend counts the first dimension it sees
+(3 channels) and, when the sum exceeds max_batch_size, fails every request of the batch before model.py can
+answer the bad one alone. With the reshape both count 1, so a batch never exceeds max_batch_size.
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ def config_text(name: str, platform: str, max_batch_size: int, input_name: str, 
         f'    name: "{input_name}"',
         f"    data_type: {t}",
         f"    dims: [ {', '.join(map(str, input_dims))} ]",
+        *([f"    reshape: {{ shape: [ 1, {', '.join(map(str, input_dims))} ] }}"] if platform == "python" else []),
         "  }",
         "]",
         "output [",

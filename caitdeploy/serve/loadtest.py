@@ -9,6 +9,7 @@ requests/s, images/s, p50/p90/p99/mean latency, and from Triton's statistics API
 """
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -37,6 +38,41 @@ def _client_module(protocol: str):
     return mod
 
 
+def check_url(url: str, what: str = "URL") -> str:
+    """`host:port` (the scheme dropped), the port, if given, in 1..65535: tritonclient would raise on a bad
+    one from inside its constructor, and the half-built client then prints a traceback from `__del__`."""
+    text = str(url).strip()
+    for scheme in ("http://", "https://"):
+        if text.lower().startswith(scheme):
+            text = text[len(scheme):]
+    text = text.rstrip("/")
+    host, port = text, None
+    if text.startswith("["):  # [IPv6]:port
+        close = text.find("]")
+        host, rest = (text[:close + 1], text[close + 1:]) if close > 1 else ("", "")
+        if rest and not rest.startswith(":"):
+            host = ""
+        port = rest[1:] if rest else None
+    elif ":" in text:
+        host, port = text.rsplit(":", 1)
+    bad_host = not host or "/" in host or (":" in host and not host.startswith("[")) or any(c.isspace() for c in text)
+    bad_port = port is not None and not (port.isascii() and port.isdigit() and len(port) <= 5
+                                         and 1 <= int(port) <= 65535)
+    if bad_host or bad_port:
+        raise CaitError(f"{what} {str(url)[:80]!r}: give HOST:PORT with a port in 1..65535, e.g. localhost:8000")
+    return text
+
+
+def _close(client) -> None:
+    """Close a tritonclient client now, not in its noisy `__del__`."""
+    close = getattr(client, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - closing a client that never connected
+            pass
+
+
 def _percentile(xs: list[float], q: float) -> float:
     s = sorted(xs)
     k = (len(s) - 1) * q / 100
@@ -47,6 +83,8 @@ def _percentile(xs: list[float], q: float) -> float:
 def model_input(url: str, model: str, protocol: str = "http") -> tuple[str, list[int], str, str]:
     """(input name, dims without batch, Triton datatype, output name) from the server's model metadata."""
     mod = _client_module(protocol)
+    url = check_url(url)
+    c = None
     try:
         c = mod.InferenceServerClient(url)
         if not c.is_model_ready(model):
@@ -56,7 +94,11 @@ def model_input(url: str, model: str, protocol: str = "http") -> tuple[str, list
     except CaitError:
         raise
     except Exception as e:  # noqa: BLE001 - connection refused, unknown model, ...: one line
-        raise CaitError(f"{url}: cannot reach model {model!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CaitError(f"{url}: cannot reach model {model!r} ({type(e).__name__}: {first})") from None
+    finally:
+        if c is not None:
+            _close(c)
     if protocol == "grpc":
         from google.protobuf.json_format import MessageToDict
 
@@ -91,8 +133,16 @@ def load_test(url: str, model: str, concurrency: Sequence[int] = (1, 8, 32), dur
     for c in concurrency:
         if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 1024:
             raise OptionError("concurrency", f"{c!r}: must be in 1..1024")
-    if not 0.1 <= duration <= 3600:
-        raise OptionError("duration", f"{duration}: must be in 0.1..3600 seconds")
+    for key, value, lo, hi in (("duration", duration, 0.1, 3600.0), ("warmup", warmup, 0.0, 600.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not lo <= value <= hi:
+            raise OptionError(key, f"{value!r}: must be a number in {lo:g}..{hi:g} seconds")
+    if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
+                                     or max_requests < 1):
+        raise OptionError("max_requests", f"{max_requests!r}: must be a positive integer")
+    url = check_url(url)
+    if stats_url is not None:
+        stats_url = check_url(stats_url, "--stats-url")
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
         raise OptionError("batch", f"{batch!r}: must be in 1..4096")
     name, dims, dtype, out_name = model_input(url, model, protocol)
@@ -122,6 +172,12 @@ def _run_level(mod, url: str, model: str, clients: int, x: np.ndarray, name: str
 
     def worker() -> None:
         client = mod.InferenceServerClient(url)
+        try:
+            _send(client)
+        finally:
+            _close(client)
+
+    def _send(client) -> None:
         inp = mod.InferInput(name, list(x.shape), dtype)
         inp.set_data_from_numpy(x)
         outs = [mod.InferRequestedOutput(out_name)]
