@@ -150,3 +150,9 @@ def stored_elements_check(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int
         raise CaitError(f"its tensors claim {claimed} bytes but their storages hold only {real}: tensors share or "
                         "overlap storage (views of one buffer), which a checkpoint never needs")
     return claimed, real
+
+
+# ---- images (imagefile.py) -----------------------------------------------------------------------
+MAX_IMAGE_BYTES = 256 << 20        # an image file larger than this is refused before a byte of it is read
+MAX_IMAGE_SIDE = 16384             # pixels on either side (a 60,000,000 x 1 PNG is 175 KB and passes any area bound)
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # width x height, and what a resize to the model's input would make

@@ -12,6 +12,7 @@ FLOORS = {
     "caitdeploy.timm_compat": 2,
     "caitdeploy.checkpoint": 2, "caitdeploy.reference": 2, "caitdeploy.surgery": 2, "caitdeploy.model": 2, "caitdeploy.models": 2,
     "caitdeploy.flops": 2, "caitdeploy.limits": 2, "caitdeploy.safepickle": 2, "caitdeploy.baselines": 2,
+    "caitdeploy.imagefile": 2,
     "caitdeploy.fuse": 3, "caitdeploy.cdcp": 3, "caitdeploy.io": 3, "caitdeploy.train": 3, "caitdeploy.convert": 3,
     "caitdeploy.export": 4, "caitdeploy.runtime": 4, "caitdeploy.describe": 4, "caitdeploy.serve": 4, "caitdeploy.bench": 4,
     "caitdeploy.trainer": 4,

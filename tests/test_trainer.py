@@ -275,7 +275,8 @@ def test_swin_wrapper_keeps_timm_stochastic_depth():
     (["--merges", "1.2:h,1.3:v", "--flops-reduction", "0.1"], "the merges alone cut FLOPs by"),
     (["--model-args", "depths=[2,4"], "unbalanced [ ]"),
     (["--model-args", "depths=[2,,4]"], "an empty list entry"),
-    (["--model-args", "depths=[a,b]"], "--arch swin_tiny_patch4_window7_224: timm cannot build it"),
+    (["--model-args", "depths=[a,b]"], "--model-args depths=[a,b]: must be an integer (or a list of integers)"),
+    (["--model-args", "embed_dim=16,depths=[2,4],foo=2"], "--arch swin_tiny_patch4_window7_224: timm cannot build it"),
 ])
 def test_swin_bad_options_one_line(data, tmp_path, args, needle):
     argv = [*SWIN, "--data", str(data), "-o", str(tmp_path / "o"), *SWIN_FAST, "--teacher", "none"]

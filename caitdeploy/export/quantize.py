@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,6 @@ def check_weight_bits(weight_bits: int) -> None:
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_CALIB_IMAGES = 4096
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024   # a calibration image larger than this is refused (decompression bombs)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -85,16 +83,11 @@ def preprocess_spec(input_shape: tuple[int, int, int]) -> dict[str, Any]:
 def _image_array(path: Path, channels: int, spec: dict[str, Any], flag: str = "--calib") -> np.ndarray:
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # the size check below says it
-            im = Image.open(path)
+    from ..imagefile import open_image
+
+    try:   # size, sides, area and the resized area checked from the header before anything is decoded
+        im = open_image(path, flag, resize_shorter=spec["resize_shorter"])
         with im:
-            im.draft(None, None)
-            w, h = im.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise CaitError(f"{flag} {path}: {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
             mode = im.mode
             if mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
