@@ -519,3 +519,15 @@ def test_good_fused_metadata_still_reads(small, tmp_path):
     assert_terminal_safe(r.stdout)
     info = json.loads(cli("inspect", ok, "--json").stdout)
     assert info["flops_dense"] == 2e5 and 0 < info["flops_reduction"] < 1
+
+
+def test_unknown_family_in_file_metadata_is_one_config_error():
+    """Found by the fuzz run: a config (ONNX metadata, sidecar) naming an unknown family reached the FLOPs code
+    and raised UnknownFamily uncaught; `config_from_dict`, the one reader, now refuses it as a ConfigError."""
+    from caitdeploy.config import CaitConfig, ConfigError
+    from caitdeploy.models import config_from_dict
+
+    d = CaitConfig.from_format(random_checkpoint(**SMALL)["config"]).to_dict()
+    assert config_from_dict(d).family == "vit"
+    with pytest.raises(ConfigError, match=r"unknown model family 'fp16'; known: vit"):
+        config_from_dict(dict(d, family="fp16"))

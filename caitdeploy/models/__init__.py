@@ -42,7 +42,12 @@ def config_from_dict(raw) -> CaitConfig:
         from .swin import SwinConfig
 
         return SwinConfig.from_dict(raw)
-    return CaitConfig.from_dict(raw)
+    config = CaitConfig.from_dict(raw)
+    try:
+        family(config.family)   # a family this version knows, or the one ConfigError every reader handles
+    except UnknownFamily as e:
+        raise ConfigError(str(e)) from None
+    return config
 
 
 def config_from_json(text: str) -> CaitConfig:
