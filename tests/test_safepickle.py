@@ -197,26 +197,29 @@ def test_reader_refuses(hostile, name):
 
 
 def test_every_command_refuses_in_one_line_under_4gib(hostile):
-    """fuse, inspect, make-checkpoint --weights and convert, in one fresh process under RLIMIT_AS = 4 GiB."""
+    """fuse, inspect, make-checkpoint --weights and convert under RLIMIT_AS = 4 GiB: one line, exit 2, < 10 s,
+    nothing written. Reading the hostile files (fuse, all of them, in one fresh process) peaks under 1 GiB of RSS;
+    the other commands run in a second process (make-checkpoint builds a timm model: its own memory)."""
     d, files = hostile
     before = sorted(p.name for p in d.iterdir())
-    cases = {}
-    for name, f in files.items():
-        cases[f"fuse: {name}"] = ["fuse", str(f), "-q"]
+    readers = {f"fuse: {name}": ["fuse", str(f), "-q"] for name, f in files.items()}
+    others = {}
     for name in ("bytearray(5 GiB) beside valid weights", "memo bomb as format", "shared tuple as a dict key (hash bomb)",
                  "200,000-deep list as format"):
-        cases[f"inspect: {name}"] = ["inspect", str(files[name])]
-        cases[f"make-checkpoint: {name}"] = ["make-checkpoint", "--arch", "deit_tiny_patch16_224", "--weights", str(files[name]), "-o",
-                                             str(d / "mk.pth")]
-        cases[f"convert: {name}"] = ["convert", "--from", "sit", str(files[name]), "-o", str(d / "cv.fused.safetensors")]
-    out, peak = run_cli_limited(cases, d)
+        others[f"inspect: {name}"] = ["inspect", str(files[name])]
+        others[f"make-checkpoint: {name}"] = ["make-checkpoint", "--arch", "deit_tiny_patch16_224", "--weights",
+                                              str(files[name]), "-o", str(d / "mk.pth")]
+        others[f"convert: {name}"] = ["convert", "--from", "sit", str(files[name]), "-o", str(d / "cv.fused.safetensors")]
+    out, peak = run_cli_limited(readers, d)
+    print(f"peak RSS reading {len(readers)} hostile files: {peak / 1024:.0f} MiB")
+    assert peak < 1 << 20, f"peak RSS {peak / 1024:.0f} MiB"   # KiB: under 1 GiB (imports included)
+    out.update(run_cli_limited(others, d)[0])
     for name, (rc, err, secs) in out.items():
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, rc, err)
         if name.startswith("fuse: "):
             assert re.search(HOSTILE[name.removeprefix("fuse: ")][1], lines[0]), (name, lines[0])
         assert secs < 10, f"{name}: {secs:.1f} s"
-    assert peak < 1 << 20, f"peak RSS {peak / 1024:.0f} MiB"   # KiB: under 1 GiB
     assert sorted(p.name for p in d.iterdir()) == before       # nothing written
 
 
