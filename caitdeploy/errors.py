@@ -30,6 +30,14 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
+class _Tok(str):
+    """Punctuation `render` has already written (never a value from the input)."""
+
+
+class _Leave(int):
+    """`render` leaves the container with this id()."""
+
+
 def render(value: object, limit: int = 80) -> str:
     """A bounded, cycle-safe, repr-like text of an untrusted value for a message: never `str()` or `repr()` of
     the whole (a pickle's shared references can make that walk 2^64 items, a deep list overflow the stack, a
@@ -37,19 +45,12 @@ def render(value: object, limit: int = 80) -> str:
     value; containers it is already inside show as `...`."""
     out: list[str] = []
     size = 0
-    budget = [4 * limit]
-    work: list[object] = [value]      # values, or str tokens (already-rendered punctuation) via _Tok
+    budget = 4 * limit
+    work: list[object] = [value]      # values, punctuation already rendered (_Tok), container exits (_Leave)
     inside: list[int] = []
-
-    class _Tok(str):
-        pass
-
-    class _Leave(int):
-        pass
-
-    while work and size <= limit and budget[0] > 0:
+    while work and size <= limit and budget > 0:
         v = work.pop()
-        budget[0] -= 1
+        budget -= 1
         if isinstance(v, _Leave):
             inside.remove(int(v))
             continue
