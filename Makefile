@@ -1,5 +1,6 @@
-# caitdeploy: `make demo` runs the main job on an embedded default, `make test` runs the tests.
+# caitdeploy: `make demo` runs the main job on an embedded default, `make test` runs the tests, `make lint` ruff.
 # The environments are nox sessions (noxfile.py), each a fresh virtual environment:
+#   lint    ruff only, at the version pyproject's `dev` extra pins: .nox/lint (make lint)
 #   latest  Python 3.11, `pip install -e '.[test]'`: .nox/latest, which .venv links to (make setup / demo / test)
 #   floor   Python 3.12, the lent GPU machine's stack (.ci/floor-constraints.txt): .nox/floor (make test-floor)
 # nox itself lives in .nox/.runner (pip install nox, the only thing installed outside the project's legs).
@@ -10,7 +11,7 @@ OUT := out
 NOX_VERSION ?= 2026.10.20
 NOX := .nox/.runner/bin/nox
 
-.PHONY: setup demo test test-floor ci aot-check gpu-wheels gpu-check bench-fuse clean
+.PHONY: setup demo lint test test-floor ci aot-check gpu-wheels gpu-check bench-fuse clean
 
 $(NOX):
 	$(PYTHON) -m venv .nox/.runner
@@ -32,6 +33,10 @@ demo: setup
 	$(BIN)/caitdeploy fuse $(OUT)/cait_deit_small.pth --report $(OUT)/cait_deit_small.fuse.json
 	$(BIN)/caitdeploy export $(OUT)/cait_deit_small.fused.safetensors --trt --report $(OUT)/cait_deit_small.export.json
 
+# ruff on the whole tree (settings: pyproject.toml [tool.ruff]), in its own small environment
+lint: | $(NOX)
+	$(NOX) -s lint
+
 # the latest leg on the environment setup made (-R: reuse it, install nothing)
 test: setup
 	$(NOX) -R -s latest
@@ -41,7 +46,7 @@ test-floor: | $(NOX)
 	$(NOX) -s floor
 
 # what .ci/run runs
-ci: test test-floor aot-check
+ci: lint test test-floor aot-check
 
 # Every Triton kernel compiled ahead of time (no GPU needed) for sm_80/86/89/90, each dtype, with this venv's
 # triton: everything compiles, a config fits each target's shared memory, sm_90 fp16/bf16 uses wgmma. The floor

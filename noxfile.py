@@ -1,23 +1,27 @@
-"""The two stacks CI tests, each in its own fresh virtual environment (nox; `make test` and `make test-floor`).
+"""The lint and the two stacks CI tests, each in its own fresh virtual environment (nox; `make lint`, `make test`,
+`make test-floor`).
 
+    lint    ruff alone (the version pinned in pyproject's `dev` extra) on the whole tree   .nox/lint
     latest  Python 3.11, what `pip install -e '.[test]'` resolves today       .nox/latest (.venv links to it)
     floor   Python 3.12, the lent GPU machine's stack (.ci/floor-constraints.txt)  .nox/floor
             + the wheels gpu-check carries (wheels/gpu), installed offline and imported, and the rehearsal of
             `make gpu-check` on this CPU (benchmarks/gpu_check.py --rehearse), and the AOT compile with its triton
 
-Run one leg: `make test` (latest) or `make test-floor`; arguments after `--` go to pytest, e.g.
+Run one leg: `make lint`, `make test` (latest) or `make test-floor`; arguments after `--` go to pytest, e.g.
 `.nox/.runner/bin/nox -s floor -- tests/test_int8.py`. Each leg prints the versions it ran.
 """
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
+import tomllib
 
 import nox
 
-nox.options.sessions = ["latest"]
+nox.options.sessions = ["lint", "latest"]
 nox.options.error_on_missing_interpreters = True   # a missing Python fails the leg, it is never skipped
 if hasattr(nox.options, "download_python"):
     nox.options.download_python = "never"           # no interpreter downloads: these machines reach PyPI only
@@ -34,7 +38,7 @@ def find_python(version: str) -> str:
     """pythonX.Y on PATH if it runs; else pyenv's build of it (pyenv's shim refuses a version that is installed
     but not selected, as on these machines); else the bare version, which nox reports as missing."""
     exe = shutil.which(f"python{version}")
-    if exe and subprocess.run([exe, "-c", ""], capture_output=True).returncode == 0:
+    if exe and subprocess.run([exe, "-c", ""], capture_output=True, check=False).returncode == 0:
         return exe
     root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
     found = sorted(glob.glob(f"{root}/versions/{version}.*/bin/python{version}"),
@@ -42,9 +46,33 @@ def find_python(version: str) -> str:
     return found[-1] if found else version
 
 
+def dev_pin(name: str) -> str:
+    """`name==X.Y.Z` as pyproject's `dev` extra pins it: the one place a tool's version is written."""
+    with open("pyproject.toml", "rb") as f:
+        dev = tomllib.load(f)["project"]["optional-dependencies"]["dev"]
+    pins = [r for r in dev if r.replace(" ", "").startswith(f"{name}==")]
+    if len(pins) != 1:
+        raise ValueError(f"pyproject.toml: the dev extra must pin {name} exactly once with ==, found {pins}")
+    return pins[0]
+
+
 def _pytest(session: nox.Session) -> None:
     session.run("python", "-c", PRINT_VERSIONS, *VERSIONS)
     session.run("python", "-m", "pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session(python=find_python("3.11"))
+def lint(session: nox.Session) -> None:
+    """ruff on every Python file of the repository (settings: pyproject.toml [tool.ruff]); nothing else installed."""
+    session.install("--upgrade", "pip")
+    pin = dev_pin("ruff")
+    with open(".pre-commit-config.yaml") as f:   # the developers' hook runs the same ruff
+        hook = re.search(r"ruff-pre-commit\s+rev:\s*v(\S+)", f.read())
+    if not hook or f"ruff=={hook.group(1)}" != pin.replace(" ", ""):
+        session.error(f".pre-commit-config.yaml: the ruff hook's rev must be v{pin.split('==')[1]} ({pin} in pyproject)")
+    session.install(pin)
+    session.run("ruff", "--version")
+    session.run("ruff", "check", ".")
 
 
 @nox.session(python=find_python("3.11"))

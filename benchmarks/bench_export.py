@@ -59,7 +59,7 @@ def bench_arch(key: str, work: Path, fp16_samples: int, trt_ok: bool) -> dict:
     arch, fr = ARCHS[key]
     out: dict = {"arch": arch, "flops_reduction_target": fr, "merges": MERGES}
     t = time.perf_counter()
-    ckpt, summary = make_checkpoint(arch, fr, MERGES)
+    ckpt, _summary = make_checkpoint(arch, fr, MERGES)
     save_checkpoint_dict(ckpt, work / f"{key}.pth")
     out["make_checkpoint_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -101,13 +101,13 @@ def write_md(path: Path, res: dict) -> None:
              f"GPU: {m['gpu'] or 'none'}. Load average at start {', '.join(f'{x:.1f}' for x in m['load_avg_start'])}"
              + (" (above the core count: the machine was shared, absolute times are noisy)."
                 if m["load_avg_start"][0] > m["cores"] else " (a quiet machine)."), "",
-             "CAIT checkpoints: one-shot CDCP selection on random weights, merges 4:h,8:v, fused with align 8. "
+             ("CAIT checkpoints: one-shot CDCP selection on random weights, merges 4:h,8:v, fused with align 8. "
              "Export = torch.onnx dynamo export + onnxscript optimizer; check = graph-surgeon fold/cleanup/toposort, "
              "shape inference, onnx.checker; verify = ONNX Runtime CPU vs PyTorch (fp32: batches 1+7; fp16: + "
-             f"{res['fp16_samples']} images). Engine = TensorRT-RTX ahead-of-time build on the CPU, profile 1/256/256.",
+             f"{res['fp16_samples']} images). Engine = TensorRT-RTX ahead-of-time build on the CPU, profile 1/256/256."),
              "",
-             "| model | FLOPs/img (fused) | reduction | dtype | export s | check s | verify s | max abs diff "
-             "| logit scale | top-1 agree | engine build s | engine MB |",
+             ("| model | FLOPs/img (fused) | reduction | dtype | export s | check s | verify s | max abs diff "
+             "| logit scale | top-1 agree | engine build s | engine MB |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         for dt in ("fp32", "fp16"):
@@ -118,9 +118,9 @@ def write_md(path: Path, res: dict) -> None:
                          f"| {x['export_s']:.1f} | {x['clean_check_s']:.1f} | {x['verify_s']:.1f} "
                          f"| {x['max_abs_diff']:.3g} | {x['logit_scale']:.3g} | {100 * x['top1_agree']:.1f}% "
                          f"| {eng} | {mb} |")
-    lines += ["", f"Random-init timm heads give near-tie logits; the head weights were multiplied by {HEAD_SCALE:g} "
+    lines += ["", (f"Random-init timm heads give near-tie logits; the head weights were multiplied by {HEAD_SCALE:g} "
               "before export so the fp16 top-1 agreement measures the graph (export and build times do not depend "
-              "on weight values)."]
+              "on weight values).")]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -83,13 +83,13 @@ def main() -> None:
     tag = f"fuse_{args.arch}_{os.cpu_count()}core"
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# `caitdeploy fuse` on {args.arch} (CAIT {args.flops_reduction:.0%} FLOPs reduction, merges {args.merges})", "",
-          f"Machine: {machine}. Median of {args.runs} runs, each a fresh process (whole CLI: load, validate, fold, "
-          f"slice, float64 verification on {args.verify_batch} images, FLOPs check against torch's counter, write).", "",
+          (f"Machine: {machine}. Median of {args.runs} runs, each a fresh process (whole CLI: load, validate, fold, "
+          f"slice, float64 verification on {args.verify_batch} images, FLOPs check against torch's counter, write)."), "",
           "| checkpoint | wall (s) | fuse (s) | verify (s) | peak RSS | RSS / checkpoint | (RSS - torch baseline) / checkpoint | max abs logit diff |",
           "|---|---|---|---|---|---|---|---|",
-          f"| {size_mb:.0f} MiB | {med['wall_s']:.2f} | {med['fuse_s']:.2f} | {med['verify_s']:.2f} | "
+          (f"| {size_mb:.0f} MiB | {med['wall_s']:.2f} | {med['fuse_s']:.2f} | {med['verify_s']:.2f} | "
           f"{med['peak_rss_mb']:.0f} MiB | {result['rss_over_checkpoint']:.2f}x | "
-          f"{result['rss_minus_baseline_over_checkpoint']:.2f}x | {med['max_abs_diff']:.2g} |", "",
+          f"{result['rss_minus_baseline_over_checkpoint']:.2f}x | {med['max_abs_diff']:.2g} |"), "",
           f"Baseline RSS of `import torch, caitdeploy` alone: {base_rss:.0f} MiB. Targets: < 10 s, < 3x checkpoint size."]
     (out / f"{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

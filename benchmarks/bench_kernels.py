@@ -160,8 +160,8 @@ def merge_cases(batch, dtype, dev):
         else:
             alt_name = "transpose+contiguous+F.linear(+cat)"
         alts = {
-            alt_name: lambda x=x, w=w, b=b, grid=grid, kind=kind: kernels.atme_merge_linear_ref(x, w, b, grid, kind),  # noqa: E731
-            "F.linear only (pre-paired input)": lambda pairs=pairs, w=w, b=b: F.linear(pairs, w, b),  # noqa: E731
+            alt_name: lambda x=x, w=w, b=b, grid=grid, kind=kind: kernels.atme_merge_linear_ref(x, w, b, grid, kind),
+            "F.linear only (pre-paired input)": lambda pairs=pairs, w=w, b=b: F.linear(pairs, w, b),
         }
         check = {"kind": "merge", "x": x, "w": w, "b": b, "grid": grid, "mkind": kind, "alt_exact": {alt_name}}
         shape = f"x[{batch},{1 + gh * gw},{D}] {gh}x{gw}->{ho}x{wo}"
@@ -282,14 +282,14 @@ def write_markdown(path, meta, results, checks):
     lines = [
         f"# kernels/ benchmark on {meta['gpu']}",
         "",
-        f"- GPU: **{meta['gpu']}** (peaks: {meta['peak']['bw_tbs']} TB/s, {meta['peak']['tflops']} TFLOP/s dense "
-        f"fp16/bf16; source: {meta['peak']['source']})",
-        f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, dtype {meta['dtype']}, "
-        f"batch {meta['batch']}",
-        f"- timing: CUDA events, {meta['warmup']} warm-up calls, median of {meta['repeats']} repeats of "
-        f"{meta['inner']} calls; {meta['date']}",
-        "- kernel speed-up = t(method) / t(Triton kernel); bandwidth and FLOP rates use the op's minimal bytes "
-        "and FLOPs, the same for every method",
+        (f"- GPU: **{meta['gpu']}** (peaks: {meta['peak']['bw_tbs']} TB/s, {meta['peak']['tflops']} TFLOP/s dense "
+        f"fp16/bf16; source: {meta['peak']['source']})"),
+        (f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, dtype {meta['dtype']}, "
+        f"batch {meta['batch']}"),
+        (f"- timing: CUDA events, {meta['warmup']} warm-up calls, median of {meta['repeats']} repeats of "
+        f"{meta['inner']} calls; {meta['date']}"),
+        ("- kernel speed-up = t(method) / t(Triton kernel); bandwidth and FLOP rates use the op's minimal bytes "
+        "and FLOPs, the same for every method"),
         "",
         "| " + " | ".join(RESULT_COLUMNS) + " |",
         "|" + "---|" * len(RESULT_COLUMNS),
@@ -371,7 +371,7 @@ def main(argv=None) -> int:
         "gpu": name, "peak": peak, "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(), "dtype": args.dtype,
         "batch": args.batch, "warmup": args.warmup, "repeats": args.repeats, "inner": args.inner,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     slug = gpu_slug(name)
     jpath = resolve_out(args.json, slug, "json")

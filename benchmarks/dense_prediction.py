@@ -48,12 +48,11 @@ def main(argv=None) -> int:
                          "paper_settings.py)")
     args = ap.parse_args(argv)
 
-    from paper_settings import ARCHS, PAPER, build_setting, machine_name, write_results
-
     from caitdeploy.bench import run_bench
     from caitdeploy.bench.report import print_table
     from caitdeploy.bench.runners import Timing
     from caitdeploy.commands.common import console
+    from paper_settings import ARCHS, PAPER, build_setting, machine_name, write_results
 
     con = console()
     log = lambda s: con.print(s, markup=False)  # noqa: E731

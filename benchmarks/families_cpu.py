@@ -39,18 +39,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+
+    from caitdeploy.io import load_fused
+    from paper_settings import machine_name
     from upstream_sit import sit_state_dict
     from upstream_spvit import SPVIT_RELEASED, spvit_state_dict
-
-    from paper_settings import machine_name
-    from caitdeploy.io import load_fused
 
     out_dir = ROOT / "benchmarks" / "results"
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         torch.save({"model": sit_state_dict("s")}, t / "sit_s.pth")
         sh("convert", t / "sit_s.pth", "--from", "sit", "--variant", "s", "-o", t / "sit_s.fused.safetensors", "-q")
-        cfg, _, meta = load_fused(t / "sit_s.fused.safetensors")
+        _cfg, _, meta = load_fused(t / "sit_s.fused.safetensors")
         reduction = 1 - meta["flops"] / meta["flops_dense"]
         sh("make-checkpoint", "--arch", "lvvit_s", "--merges", "9:h,12:v", "--flops-reduction", f"{reduction:.4f}",
            "--align", "8", "-o", t / "cait_lvvit_s.pth")
@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     tag = f"families_{machine_name()}_b{args.batch}"
     (out_dir / f"{tag}.json").write_text(json.dumps(records, indent=1))
     label = {"sit_s": "SiT-S (convert)", "cait_lvvit_s": "CAIT-LV-ViT-S (fuse)", "spvit_s": "SPViT-DeiT-S (convert)"}
-    lines = [f"# New families on ONNX Runtime CPU fp32, batch {args.batch} ({records[0]['env_cpu']}, "
-             f"{args.threads} threads; random weights in the released layouts: speed only)", "",
+    lines = [(f"# New families on ONNX Runtime CPU fp32, batch {args.batch} ({records[0]['env_cpu']}, "
+             f"{args.threads} threads; random weights in the released layouts: speed only)"), "",
              "| model | GFLOPs/img | params | p50 ms | img/s | speed-up vs its dense model |", "|---|---|---|---|---|---|"]
     dense_speed = {}
     for r in records:

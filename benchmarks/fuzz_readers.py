@@ -55,8 +55,9 @@ import tempfile
 import time
 import traceback
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -436,7 +437,7 @@ def mutate_pickle(data, pkl: bytes, desc: list[str]) -> bytes:
     for _ in range(data.draw(st.integers(1, 3))):
         try:
             ops = list(pickletools.genops(pkl))
-        except Exception:  # an earlier mutation broke the stream: stop at the bytes we have
+        except Exception:  # noqa: BLE001 - an earlier mutation broke the stream: stop at the bytes we have
             break
         spans = [(op, arg, pos, ops[i + 1][2] if i + 1 < len(ops) else len(pkl))
                  for i, (op, arg, pos) in enumerate(ops)]
@@ -629,12 +630,12 @@ def mutate_safetensors(data, buf: bytes, desc: list[str], meta_keys: tuple[str, 
             s, e = entry["data_offsets"]
             op = data.draw(st.sampled_from(["start", "end", "swap", "shift", "other", "short", "long", "nonint"]))
             other = header[data.draw(st.sampled_from(names))]
-            val = lambda: data.draw(st.sampled_from(  # noqa: E731
-                [0, 1, -1, s + 1, e - 1, e + 4, len(rest), len(rest) + 4, 2**32, 2**63 - 1, 2**64 - 1, 2**64]))
-            offs = {"start": lambda: [val(), e], "end": lambda: [s, val()], "swap": lambda: [e, s],
-                    "shift": lambda: [s + 4, e + 4], "other": lambda: list(other["data_offsets"]) if
-                    isinstance(other, dict) else [s, e], "short": lambda: [s], "long": lambda: [s, e, e],
-                    "nonint": lambda: [str(s), e]}[op]()
+            val = lambda: data.draw(st.sampled_from(  # noqa: E731 - these lambdas run at once, in this iteration (B023 below)
+                [0, 1, -1, s + 1, e - 1, e + 4, len(rest), len(rest) + 4, 2**32, 2**63 - 1, 2**64 - 1, 2**64]))  # noqa: B023
+            offs = {"start": lambda: [val(), e], "end": lambda: [s, val()], "swap": lambda: [e, s],  # noqa: B023
+                    "shift": lambda: [s + 4, e + 4], "other": lambda: list(other["data_offsets"]) if  # noqa: B023
+                    isinstance(other, dict) else [s, e], "short": lambda: [s], "long": lambda: [s, e, e],  # noqa: B023
+                    "nonint": lambda: [str(s), e]}[op]()  # noqa: B023
             entry["data_offsets"] = offs
         elif field == "delete":
             del header[name]
@@ -713,9 +714,9 @@ def mutate_checkpoint_dict(data, ck: dict, desc: list[str], safetensors: bool) -
         else:
             top = {}
         desc.append(f"top {op}")
-        if safetensors:  # only a string format survives a safetensors file
-            if isinstance(top, dict) and not isinstance(top.get("format", ""), str):
-                top["format"] = str(top["format"])
+        # only a string format survives a safetensors file
+        if safetensors and isinstance(top, dict) and not isinstance(top.get("format", ""), str):
+            top["format"] = str(top["format"])
     if parts == "deit":
         wrap = data.draw(st.sampled_from(["model", "state_dict", "module.", "model.module."]))
         if wrap.endswith("."):
@@ -1048,8 +1049,8 @@ def make_targets(seeds: dict[str, Any]) -> dict[str, Target]:
 
     from caitdeploy.checkpoint import load_checkpoint
     from caitdeploy.commands.inspect import print_inspect
-    from caitdeploy.describe import describe_file as inspect_file
     from caitdeploy.config import BlockConfig, CaitConfig
+    from caitdeploy.describe import describe_file as inspect_file
     from caitdeploy.export.tensorrt import read_sidecar
     from caitdeploy.io import load_fused, load_model, save_fused
 
@@ -1091,7 +1092,7 @@ def make_targets(seeds: dict[str, Any]) -> dict[str, Target]:
             return fn(*a)
         except HypothesisException:
             raise
-        except Exception:  # the generator cannot write this object (e.g. torch.save of a meta tensor)
+        except Exception:  # noqa: BLE001 - the generator cannot write this object (e.g. torch.save of a meta tensor)
             reject()
 
     def make_pth(data, desc):
@@ -1441,7 +1442,7 @@ def fuzz_target(target: Target, opts: dict[str, Any], hb: Heartbeat) -> dict[str
             if isinstance(e, UnsatisfiedAssumption):
                 stats["rejected_generations"] += 1
             raise
-        except Exception as e:  # a mutation this harness cannot write: not a reader finding
+        except Exception as e:  # noqa: BLE001 - a mutation this harness cannot write: not a reader finding
             key = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
             stats["generation_errors"][key] = stats["generation_errors"].get(key, 0) + 1
             reject()
@@ -1510,14 +1511,13 @@ def fuzz_target(target: Target, opts: dict[str, Any], hb: Heartbeat) -> dict[str
 
 
 def worker_main(args) -> int:
-    import resource
-
     import faulthandler
+    import resource
 
     workdir = Path(args.workdir)
     hb = Heartbeat(workdir / "heartbeat.json")
     hb.beat(stage="setup")
-    dump = open(workdir / "stacks.txt", "w")  # the supervisor asks for every thread's stack before killing a hang
+    dump = open(workdir / "stacks.txt", "w")  # noqa: SIM115 - open for the process's life; the supervisor asks for every thread's stack before killing a hang
     faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
     t0 = time.monotonic()
     seeds = build_seeds(workdir / "seeds")
@@ -1583,7 +1583,7 @@ def source_state() -> dict[str, Any]:
     """The commit fuzzed and whether caitdeploy/ had uncommitted changes (results name what they tested)."""
     def git(*a: str) -> str:
         try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.rstrip()
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=20, check=False).stdout.rstrip()
         except (OSError, subprocess.SubprocessError):
             return ""
     changed = git("status", "--porcelain", "--", "caitdeploy")
@@ -1709,8 +1709,8 @@ def _read_json(path: Path) -> dict | None:
 
 def format_summary(s: dict[str, Any]) -> str:
     m = s["machine"]
-    lines = [f"fuzz_readers: {s['cases']} cases, {s['reader_calls']} reader calls in {s['seconds']} s "
-             f"(seed {s['seed']}; {m['cpu']}, {m['cores']} cores; torch {m['torch']}, hypothesis {m['hypothesis']})",
+    lines = [(f"fuzz_readers: {s['cases']} cases, {s['reader_calls']} reader calls in {s['seconds']} s "
+             f"(seed {s['seed']}; {m['cpu']}, {m['cores']} cores; torch {m['torch']}, hypothesis {m['hypothesis']})"),
              f"{'target':24} {'cases':>6} {'s':>7}  reader: calls accepted/refused/findings max_s max_MB"]
     for name, t in s["targets"].items():
         readers = "; ".join(f"{r}: {x['calls']} {x['accepted']}/{x['refused']}/{x['findings']} {x['max_seconds']} "
@@ -1771,16 +1771,16 @@ def write_markdown(s: dict[str, Any], path: Path, json_name: str) -> None:
     notes.append("")
     text = "\n".join([
         "# Reader fuzzing (`benchmarks/fuzz_readers.py`)", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, GPU {m['gpu'] or 'none'}; "
+        (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, GPU {m['gpu'] or 'none'}; "
         f"Python {m['python']}, "
         f"torch {m['torch']}, hypothesis {m['hypothesis']}, safetensors {m['safetensors']}, onnx {m['onnx']}, "
-        f"tensorrt_rtx {m['tensorrt_rtx_cu13']}. Date {s['date']}, seed {s['seed']}, budget {budget} per target.", "",
-        f"**{s['cases']} cases, {s['reader_calls']} reader calls, {s['seconds']} s wall, "
+        f"tensorrt_rtx {m['tensorrt_rtx_cu13']}. Date {s['date']}, seed {s['seed']}, budget {budget} per target."), "",
+        (f"**{s['cases']} cases, {s['reader_calls']} reader calls, {s['seconds']} s wall, "
         f"{len(groups)} distinct problem(s) found.** Limits per call: {lim['case_seconds']} s, peak RSS growth "
         f"{lim['case_memory_mb']} MiB, address space +{lim['address_space_headroom_mb']} MiB (RLIMIT_AS), message "
-        f"one line of at most {lim['max_message_chars']} characters.", "",
-        *rows, "", f"Findings ({len(groups)} distinct problems; the JSON lists them per target and reader, with "
-        "the mutations that produced them):", "", *finds, "",
+        f"one line of at most {lim['max_message_chars']} characters."), "",
+        *rows, "", (f"Findings ({len(groups)} distinct problems; the JSON lists them per target and reader, with "
+        "the mutations that produced them):"), "", *finds, "",
         *notes,
         f"Full numbers: `{json_name}`. Command:", "",
         "    .venv/bin/python benchmarks/fuzz_readers.py "
@@ -1809,7 +1809,7 @@ def main(argv: list[str] | None = None) -> int:
         globals()["CASE_SECONDS"] = args.case_seconds  # the timeout message names the limit
         try:
             return worker_main(args)
-        except Exception:  # a bug of this harness, not a reader finding
+        except Exception:  # noqa: BLE001 - a bug of this harness, not a reader finding
             traceback.print_exc()
             return HARNESS_ERROR
     summary = run_fuzz(args.examples, args.seconds, args.seed, tuple(t for t in args.targets.split(",") if t),

@@ -126,7 +126,7 @@ def _load(script: str):
 
 def _run(cmd: list[str], limit: int, env: dict[str, str]) -> tuple[str, str]:
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit, check=False)
         return ("ok" if p.returncode == 0 else f"failed (exit {p.returncode})"), p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         text = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
@@ -174,7 +174,7 @@ def download_wheels(dest: Path = WHEEL_DIR) -> int:
     cmd = [PY, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
            "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
            "-d", str(dest), *pins]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if p.returncode:
         print(f"error: pip download {' '.join(pins)} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}",
               file=sys.stderr)
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
                             if s["step"] not in {p.name for p in plan}]
     try:
         summary["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20).stdout.strip()
+                                           capture_output=True, text=True, timeout=20, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         summary["driver"] = None
     summary["cuda"] = torch.version.cuda

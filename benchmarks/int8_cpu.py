@@ -79,13 +79,12 @@ def main(argv=None) -> int:
                     help="fused model and ONNX files (default: <tmp>/caitdeploy-paper-settings)")
     args = ap.parse_args(argv)
 
-    from paper_settings import PAPER, build_setting, machine_name, write_results
-
     from caitdeploy.bench import run_bench
     from caitdeploy.bench.report import print_table
     from caitdeploy.bench.runners import Timing
     from caitdeploy.commands.common import console
     from caitdeploy.export.quantize import compare_int8, quantize_onnx_bytes, synthetic_images
+    from paper_settings import PAPER, build_setting, machine_name, write_results
 
     con = console()
     log = lambda s: con.print(s, markup=False)  # noqa: E731

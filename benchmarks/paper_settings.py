@@ -58,7 +58,7 @@ def write_results(stem: Path, records: list, title: str, command: str, settings:
     machine = machine_name()
     write_json(stem.with_name(stem.name + ".json"), {
         "machine": machine, "command": command,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "settings": settings, "records": records})
     write_markdown(records, stem.with_name(stem.name + ".md"), title=title)
     with open(stem.with_name(stem.name + ".md"), "a") as f:
@@ -79,7 +79,7 @@ def build_setting(size: str, reduction: float, work: Path, log) -> Path:
         return fused
     t0 = time.perf_counter()
     # align=8 in selection too, so fusing with align=8 keeps the selected widths (and the FLOPs reduction)
-    ckpt, summary = make_checkpoint(ARCHS[size], reduction, MERGES, align=8)
+    ckpt, _summary = make_checkpoint(ARCHS[size], reduction, MERGES, align=8)
     ck_path = work / f"{stem}.pth"
     save_checkpoint_dict(ckpt, ck_path)
     report = fuse_file(ck_path, fused, FuseOptions(align=8), verify_batch=0)

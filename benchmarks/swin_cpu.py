@@ -47,10 +47,10 @@ def main(argv=None) -> int:
 
     import timm
     import torch
-    from upstream_swin import SPVIT_SWIN_RELEASED, dimap_state_dict, spvit_swin_state_dict
 
-    from paper_settings import machine_name
     from caitdeploy.io import load_fused
+    from paper_settings import machine_name
+    from upstream_swin import SPVIT_SWIN_RELEASED, dimap_state_dict, spvit_swin_state_dict
 
     out_dir = ROOT / "benchmarks" / "results"
     tag = f"swin_{machine_name()}_b{args.batch}"
@@ -86,12 +86,12 @@ def main(argv=None) -> int:
              "spvit_swin_t": "SPViT-Swin-T (released architecture)",
              "dimap_swin_t_50": "DIMAP-style Swin-T (50% unstructured zeros)"}
     dense = next(r for r in records if r["model"] == "dense")
-    lines = [f"# Swin-T on ONNX Runtime CPU fp32, batch {args.batch} ({dense['env_cpu']}, {args.threads} threads; "
-             "random weights in the released layouts: speed only)", "",
+    lines = [(f"# Swin-T on ONNX Runtime CPU fp32, batch {args.batch} ({dense['env_cpu']}, {args.threads} threads; "
+             "random weights in the released layouts: speed only)"), "",
              "| model | GFLOPs/img | FLOPs vs dense | params | p50 ms | img/s | speed-up vs dense Swin-T |",
              "|---|---|---|---|---|---|---|",
-             f"| Swin-T (dense) | {dense['flops_per_img'] / 1e9:.3f} | - | {dense['params'] / 1e6:.2f}M | "
-             f"{dense['latency_ms_p50']:.1f} | {dense['throughput_img_s']:.1f} | 1.00x |"]
+             (f"| Swin-T (dense) | {dense['flops_per_img'] / 1e9:.3f} | - | {dense['params'] / 1e6:.2f}M | "
+             f"{dense['latency_ms_p50']:.1f} | {dense['throughput_img_s']:.1f} | 1.00x |")]
     for r in records:
         if r["model"] == "dense":
             continue
@@ -100,9 +100,9 @@ def main(argv=None) -> int:
                      f"{r['latency_ms_p50']:.1f} | {r['throughput_img_s']:.1f} | {r['speedup_vs_dense']:.2f}x |")
     zeros = dimap["sparsity"]["zeros"]
     removed = sum(b["mlp"][0] - b["mlp"][1] for b in dimap["removed_rows"])
-    lines += ["", f"DIMAP-style file: {100 * zeros:.1f}% of the weights in its matrices are zero; exact row removal "
+    lines += ["", (f"DIMAP-style file: {100 * zeros:.1f}% of the weights in its matrices are zero; exact row removal "
               f"found {removed} removable FFN units (scattered zeros leave whole rows intact), so the deployed model "
-              "has the dense widths and the dense speed: unstructured sparsity buys nothing on a dense runtime.",
+              "has the dense widths and the dense speed: unstructured sparsity buys nothing on a dense runtime."),
               "", "Fuse/convert checks (max |logit diff| vs the checkpoint's float64 forward, 1 image): " + ", ".join(
                   f"{n} {m['verify']['max_abs_diff']:.1e}" for n, m in metas.items())]
     (out_dir / f"{tag}.summary.md").write_text("\n".join(lines) + "\n")

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from .format import FORMAT, compactor_prefix, merge_prefix
 from .config import CaitConfig
 from .errors import CaitError, OptionError, atomic_output
 from .flops import model_flops
+from .format import FORMAT, compactor_prefix, merge_prefix
 
 
 @dataclass(frozen=True)
@@ -233,9 +233,7 @@ def fit_state_dict(model, sd: dict[str, torch.Tensor], what: str, arch: str, new
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A plain timm state dict from .safetensors or .pth (weights_only), `model`/`state_dict` unwrapped."""
-    from .checkpoint import read_container
-
-    from .checkpoint import _strip_prefixes, check_tensors
+    from .checkpoint import _strip_prefixes, check_tensors, read_container
 
     raw = read_container(Path(path))
     sd = raw.get("model", raw.get("state_dict", raw))

@@ -19,9 +19,7 @@ import torch
 
 from .config import CaitConfig, ConfigError
 from .errors import CaitError, render
-
-from .format import (ATTN_COMPACTORS, CONFIG_KEYS, FORMAT, MERGE_KEY, OPTIONAL_CONFIG, compactor_prefix,  # noqa: F401
-                     merge_prefix)
+from .format import ATTN_COMPACTORS, CONFIG_KEYS, FORMAT, MERGE_KEY, OPTIONAL_CONFIG, compactor_prefix, merge_prefix
 
 
 @dataclass
@@ -229,7 +227,7 @@ def check_tensors(path: Path, sd: dict[Any, Any]) -> tuple[dict[str, torch.Tenso
     return out, notes
 
 
-def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> "Checkpoint | SwinCheckpoint":
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpoint | SwinCheckpoint:
     """Load and validate a `cait-compactor/1` (or timm/DeiT-style `{"model": ...}`) checkpoint; one of family
     "swin" gives a `SwinCheckpoint`.
 
@@ -486,13 +484,12 @@ def validate_state_dict(path: Path, sd: dict[str, torch.Tensor], req: dict[str, 
             raise CaitError(f"{path}: key {k!r} has shape {tuple(v.shape)}, expected {want}")
         if v.is_floating_point() and v.numel() and not _all_finite(v):
             raise CaitError(f"{path}: key {k!r} contains NaN or Inf")
-    for k in sd:
+    for k, m in sd.items():
         if k.endswith("_compactor.weight") and k.replace(".weight", ".mask") not in sd:
             raise CaitError(f"{path}: compactor {k!r} has no mask (missing key {k.replace('.weight', '.mask')!r})")
         if k.endswith("_compactor.mask"):
             if k.replace(".mask", ".weight") not in sd:
                 raise CaitError(f"{path}: mask {k!r} has no compactor (missing key {k.replace('.mask', '.weight')!r})")
-            m = sd[k]
             if not bool(((m == 0) | (m == 1)).all()):
                 bad = m[(m != 0) & (m != 1)].flatten()[0].item()
                 raise CaitError(f"{path}: key {k!r} must hold only 0 and 1, found {bad:g}")

@@ -38,20 +38,20 @@ def main(debug: bool) -> None:
 
 
 def _register() -> None:
+    from .commands.bench import bench_cmd
     from .commands.convert import convert_cmd
+    from .commands.export import export_cmd
     from .commands.fuse import fuse_cmd
+    from .commands.inspect import inspect_cmd
+    from .commands.loadtest import loadtest_cmd
     from .commands.make_checkpoint import make_checkpoint_cmd
+    from .commands.serve import serve_cmd
+    from .commands.train import train_cmd
 
-    main.add_command(make_checkpoint_cmd)
-    main.add_command(fuse_cmd)
-    main.add_command(convert_cmd)
-    # further subcommands register below, one line each
-    from .commands.bench import bench_cmd; main.add_command(bench_cmd)
-    from .commands.export import export_cmd; main.add_command(export_cmd)
-    from .commands.inspect import inspect_cmd; main.add_command(inspect_cmd)
-    from .commands.serve import serve_cmd; main.add_command(serve_cmd)
-    from .commands.loadtest import loadtest_cmd; main.add_command(loadtest_cmd)
-    from .commands.train import train_cmd; main.add_command(train_cmd)
+    # a new subcommand: one import above, one name here
+    for cmd in (make_checkpoint_cmd, fuse_cmd, convert_cmd, bench_cmd, export_cmd, inspect_cmd, serve_cmd,
+                loadtest_cmd, train_cmd):
+        main.add_command(cmd)
 
 
 _register()

@@ -265,7 +265,7 @@ class CaitConfig:
         h, w = self.image_hw
         return (h // self.patch_size, w // self.patch_size)
 
-    def at_size(self, img_size) -> "CaitConfig":
+    def at_size(self, img_size) -> CaitConfig:
         """The same model run on another input size (int, (H, W) or 'HxW'): merges and 3x3 convolutions are
         re-checked against the new grid (ConfigError naming the block when a merged side is odd). The
         `source` widths follow, so `unpruned()` gives the dense model at the same size."""
@@ -362,7 +362,7 @@ class CaitConfig:
         qkv_bias: bool = True,
         merges: dict[int, str] | None = None,
         **options: Any,
-    ) -> "CaitConfig":
+    ) -> CaitConfig:
         """The unpruned model of a `cait-compactor/1` config (merges included, no channel pruning).
 
         options: the model-level fields beyond the widths (ln_eps, family, class_token, dist_token,
@@ -395,7 +395,7 @@ class CaitConfig:
         return {k: getattr(self, k) for k in MODEL_OPTIONS}
 
     @classmethod
-    def from_format(cls, cfg: dict[str, Any]) -> "CaitConfig":
+    def from_format(cls, cfg: dict[str, Any]) -> CaitConfig:
         """Dense config from the `config` dict of a `cait-compactor/1` checkpoint (its optional keys
         included; the training-only ones, layer_scale and skip_lam, are folded away by `fuse`)."""
         return cls.dense(
@@ -412,10 +412,10 @@ class CaitConfig:
             merges={int(k): v for k, v in cfg.get("merges", {}).items()},
         )
 
-    def without_merges(self) -> "CaitConfig":
+    def without_merges(self) -> CaitConfig:
         return replace(self, blocks=tuple(replace(b, merge=None) for b in self.blocks))
 
-    def unpruned(self) -> "CaitConfig":
+    def unpruned(self) -> CaitConfig:
         """The dense architecture this model came from: same depth, width, heads, no merges."""
         src = self.source
         if src:
@@ -429,7 +429,7 @@ class CaitConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CaitConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CaitConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
         blocks_in = d.get("blocks")
@@ -456,7 +456,7 @@ class CaitConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "CaitConfig":
+    def from_json(cls, text: str) -> CaitConfig:
         return cls.from_dict(strict_json(text, "config"))
 
 

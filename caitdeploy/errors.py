@@ -14,8 +14,9 @@ import os
 import re
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Self
 
 TMP_TAG = ".cdtmp-"   # hidden temp names: .<target name>.cdtmp-<host>-<pid>-<random>.tmp
 
@@ -255,7 +256,7 @@ class Staging:
                 tmp.unlink()
         self._items = []
 
-    def __enter__(self) -> "Staging":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

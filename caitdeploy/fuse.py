@@ -11,11 +11,11 @@ import torch
 
 from . import surgery as S
 from .checkpoint import Checkpoint, load_checkpoint
-from .format import FUSED_MERGE, merge_prefix
 from .config import CaitConfig
 from .errors import CaitError, OptionError, Staging
-from .paths import Out
 from .flops import block_rows, flop_counter, model_flops, model_params
+from .format import FUSED_MERGE, merge_prefix
+from .paths import Out
 
 CONSISTENCY_MODES = ("strict", "repair")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from .errors import CaitError
 from .limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
 
-__all__ = ["ImageInfo", "IMAGE_SUFFIXES", "probe", "check_stream", "check_image", "open_image", "load_rgb"]
+__all__ = ["IMAGE_SUFFIXES", "ImageInfo", "check_image", "check_stream", "load_rgb", "open_image", "probe"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PIL_FORMATS = ("PNG", "JPEG")

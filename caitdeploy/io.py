@@ -12,9 +12,8 @@ import torch
 
 from .config import CaitConfig, ConfigError
 from .errors import CaitError, Staging, atomic_output
-from .tensorfile import read_safetensors, read_safetensors_header  # noqa: F401 - re-exported
-
 from .format import FUSED_FORMAT
+from .tensorfile import read_safetensors, read_safetensors_header  # re-exported
 
 
 def save_fused(path: str | os.PathLike, config: CaitConfig, state_dict: dict[str, torch.Tensor],

@@ -11,9 +11,9 @@ the same command, a missing or read-only folder, an output that is a folder.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from .errors import CaitError, check_output_dir, nearest_existing
 

@@ -160,7 +160,7 @@ class _Machine:
         depth, expanded = self.measure()
         return PickleFacts(ops, len(self.kind), sum(self.storages.values()), self.object_bytes, depth, expanded)
 
-    def step(self, name: str, arg: Any) -> None:  # noqa: C901 - one branch per opcode family, flat on purpose
+    def step(self, name: str, arg: Any) -> None:  # one branch per opcode family, flat on purpose
         if name in ("PROTO", "FRAME"):
             return
         if name in ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"):

@@ -3,8 +3,9 @@ then the data; every failure is one CaitError naming the file. Used by checkpoin
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ def _read(path: str | os.PathLike, take: Callable[[Any], Any]) -> tuple[Any, dic
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             out = take(f)
-    except Exception as e:  # safetensors raises SafetensorError, OSError, ValueError, ...: one line for all
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError, OSError, ValueError, ...: one line for all
         raise _st_error(path, e) from None
     return out, meta
 
@@ -39,7 +40,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[tu
     backed by real bytes in the file."""
     def shapes(f):
         out = {}
-        for k in f.keys():
+        for k in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
             sl = f.get_slice(k)
             out[k] = (tuple(int(n) for n in sl.get_shape()), str(sl.get_dtype()))
         return out
@@ -52,4 +53,4 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[tu
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of a safetensors file, with errors that name the file."""
-    return _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+    return _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 - safe_open: no __iter__

@@ -43,14 +43,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cdcp import cdcp_select, channel_scores, format_config_of, save_checkpoint_dict
-from .format import FORMAT, MERGE_KEY
 from .config import CaitConfig, ConfigError
 from .errors import CaitError
-from .timm_compat import check_supported
 from .flops import model_flops
+from .format import FORMAT, MERGE_KEY
+from .timm_compat import check_supported
 
-__all__ = ["HeadCompactor", "Compactor", "TokenMergeTrain", "CaitTrainAttention", "CaitTrainMlp",
-           "CaitTrainBlock", "CaitTrainViT", "cait_wrap", "CDCPController", "checkpoint_dict", "save_checkpoint"]
+__all__ = [
+    "CDCPController",
+    "CaitTrainAttention",
+    "CaitTrainBlock",
+    "CaitTrainMlp",
+    "CaitTrainViT",
+    "Compactor",
+    "HeadCompactor",
+    "TokenMergeTrain",
+    "cait_wrap",
+    "checkpoint_dict",
+    "save_checkpoint",
+]
 
 
 # ---- modules ------------------------------------------------------------------------------------
@@ -308,7 +319,7 @@ class CaitTrainSwin(CompactorGroups, nn.Module):
 
 
 def cait_wrap(model: nn.Module, merges: dict | None = None, arch: str | None = None
-              ) -> "CaitTrainViT | CaitTrainSwin":
+              ) -> CaitTrainViT | CaitTrainSwin:
     """Wrap a timm VisionTransformer for CAIT training (identity compactors, mean-initialised merges).
 
     The wrapper shares (does not copy) the timm model's parameters. merges: block index -> "h" | "v".
@@ -323,7 +334,7 @@ def cait_wrap(model: nn.Module, merges: dict | None = None, arch: str | None = N
 
 
 # ---- checkpoint ---------------------------------------------------------------------------------
-def checkpoint_dict(model: "CaitTrainViT | CaitTrainSwin") -> dict[str, Any]:
+def checkpoint_dict(model: CaitTrainViT | CaitTrainSwin) -> dict[str, Any]:
     """{"format", "config", "state_dict"} of the model as it is now (tensors detached, on CPU, cloned)."""
     sd = model.checkpoint_state_dict() if isinstance(model, CaitTrainSwin) else model.state_dict()
     sd = {k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}

@@ -36,9 +36,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,7 +112,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - a torch.device is immutable
     backend: str | None = None
 
     @property
@@ -294,8 +295,8 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(
-                lambda v: float(v) if isinstance(v, float) else int(v), np_state[2:])],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      *(float(v) if isinstance(v, float) else int(v) for v in np_state[2:])],
             "python": random.getstate()}
 
 
@@ -320,7 +321,7 @@ def mask_digest(model) -> str:
 # ---- data ---------------------------------------------------------------------------------------------
 def eval_resize(size: int) -> int:
     """The shorter side timm's eval transform resizes a validation image to (crop_pct 0.875)."""
-    return int(math.floor(size / 0.875))
+    return math.floor(size / 0.875)
 
 
 def image_lists(o: TrainOptions, facts: dict, size: int, log: Callable[[str], None] = print
@@ -1024,7 +1025,7 @@ def _train(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> dict[str,
     steps_per_epoch = len(train_loader) // facts["accum"]
     if steps_per_epoch < 1:
         raise OptionError("batch_size", f"{o.batch_size}: larger than one epoch of {facts['train_images']} images")
-    total, warmup = steps_per_epoch * o.epochs, int(round(o.warmup_epochs * steps_per_epoch))
+    total, warmup = steps_per_epoch * o.epochs, round(o.warmup_epochs * steps_per_epoch)
     mixup = None
     if o.mixup > 0 or o.cutmix > 0:
         from timm.data import Mixup
@@ -1140,7 +1141,7 @@ def _train(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> dict[str,
                 snap["teacher"] = teacher.state_dict()
             text = _log_text(history)
 
-            def stage_epoch(st):
+            def stage_epoch(st, snap=snap, text=text):   # this epoch's state, bound now
                 _save_torch(snap, st.stage(out / "last.pt", create_dirs=True))
                 st.write_text(out / "log.jsonl", text, create_dirs=True)
 

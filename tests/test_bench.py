@@ -8,8 +8,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.bench import (MEASURED_KEYS, RECORD_KEYS, RECORD_SCHEMA, RunOptions, Timing, add_speedups,
-                              build_models, run_one, to_markdown, write_plot)
+from caitdeploy.bench import (
+    MEASURED_KEYS,
+    RECORD_KEYS,
+    RECORD_SCHEMA,
+    RunOptions,
+    Timing,
+    add_speedups,
+    build_models,
+    run_one,
+    to_markdown,
+    write_plot,
+)
 from caitdeploy.cli import main
 from caitdeploy.config import CaitConfig
 from caitdeploy.errors import CaitError

@@ -8,7 +8,6 @@ from click.testing import CliRunner
 
 from caitdeploy.bench import RECORD_KEYS
 from caitdeploy.cli import main
-
 from test_bench import write_tiny_fused
 
 

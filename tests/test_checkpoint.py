@@ -9,7 +9,6 @@ import torch
 from click.testing import CliRunner
 
 from caitdeploy.cli import main
-
 from conftest import random_checkpoint
 
 

@@ -17,7 +17,6 @@ from caitdeploy.io import load_model
 from caitdeploy.models.layers import restore_grid
 from caitdeploy.models.resize import at_size, resample_pos_embed
 from caitdeploy.reference import reference_forward
-
 from conftest import random_checkpoint
 
 MERGES = {1: "h", 2: "v"}

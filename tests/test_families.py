@@ -10,11 +10,11 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from upstream_sit import lvvit_forward, lvvit_spec, lvvit_state_dict, sit_forward, sit_spec, sit_state_dict
-from upstream_spvit import spvit_forward, spvit_state_dict
 
 from caitdeploy.cli import main
 from caitdeploy.io import load_fused, load_model
+from upstream_sit import lvvit_forward, lvvit_spec, lvvit_state_dict, sit_forward, sit_spec, sit_state_dict
+from upstream_spvit import spvit_forward, spvit_state_dict
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 

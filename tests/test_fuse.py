@@ -11,7 +11,6 @@ from caitdeploy.errors import CaitError
 from caitdeploy.fuse import FuseOptions, fuse, fuse_file, max_logit_diff
 from caitdeploy.model import CaitViT
 from caitdeploy.reference import reference_forward
-
 from conftest import random_checkpoint
 
 DEIT = {  # the option matrix runs on a small ViT; one full-size DeiT-Small case checks real shapes

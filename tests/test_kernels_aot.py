@@ -10,13 +10,13 @@ import pytest
 
 pytest.importorskip("triton")
 
-from caitdeploy.kernels.aot import Result, check  # noqa: E402
+from caitdeploy.kernels.aot import Result, check
 
 
 def test_aot_smoke_compiles_cubin_with_wgmma_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, "-m", "caitdeploy.kernels.aot", "--smoke", "--json", "-"], env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-2000:]
     doc = json.loads(p.stdout)
     (r,) = doc["results"]

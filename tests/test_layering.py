@@ -4,6 +4,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parents[1] / "caitdeploy"
 
 # floor of each module (README, "Architecture"); a package maps all its modules to one floor
@@ -16,9 +18,20 @@ FLOORS = {
     "caitdeploy.fuse": 3, "caitdeploy.cdcp": 3, "caitdeploy.io": 3, "caitdeploy.train": 3, "caitdeploy.convert": 3,
     "caitdeploy.export": 4, "caitdeploy.runtime": 4, "caitdeploy.describe": 4, "caitdeploy.serve": 4, "caitdeploy.bench": 4,
     "caitdeploy.trainer": 4,
-    "caitdeploy.cli": 5, "caitdeploy.commands": 5, "caitdeploy": 5,
+    "caitdeploy.pipelines": 5,
+    "caitdeploy.cli": 6, "caitdeploy.commands": 6, "caitdeploy": 6,
     "caitdeploy.kernels": 0,   # the wing: imports nothing else of caitdeploy
 }
+FLOORS["caitdeploy.__main__"] = FLOORS["caitdeploy.cli"]   # `python -m caitdeploy` is the CLI
+
+
+# A package key places every module under its folder; the root "caitdeploy" places only caitdeploy/__init__.py, so
+# a new top-level module is unknown (test_every_module_has_a_floor fails) until it is given its floor above.
+ROOT = "caitdeploy"
+
+
+class UnknownModule(KeyError):
+    """A module the FLOORS table does not place."""
 
 
 def module_name(path: Path) -> str:
@@ -29,10 +42,25 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def floor_of(name: str) -> int:
-    while name not in FLOORS:
-        name = name.rsplit(".", 1)[0]
-    return FLOORS[name]
+def _packages(floors: dict[str, int]) -> set[str]:
+    """The FLOORS keys that are package folders (each places its whole subtree), the root excepted."""
+    return {k for k in floors if k != ROOT and (PKG.parent / k.replace(".", "/")).is_dir()}
+
+
+def floor_of(name: str, floors: dict[str, int] | None = None, packages: set[str] | None = None) -> int:
+    """The floor of module `name`: its own entry, else that of the nearest enclosing package entry (never the
+    root's). Raises UnknownModule for a module nothing places."""
+    floors = FLOORS if floors is None else floors
+    packages = _packages(floors) if packages is None else packages
+    if name in floors:
+        return floors[name]
+    parent = name
+    while "." in parent:
+        parent = parent.rsplit(".", 1)[0]
+        if parent in packages:
+            return floors[parent]
+    raise UnknownModule(f"{name}: not in tests/test_layering.py FLOORS (nor in a package listed there): give it "
+                        "its floor (README, Architecture)")
 
 
 def imports_of(path: Path) -> set[str]:
@@ -64,33 +92,41 @@ def graph() -> dict[str, set[str]]:
     return {module_name(p): imports_of(p) for p in PKG.rglob("*.py")}
 
 
-def test_every_module_has_a_floor():
-    for name in graph():
-        floor_of(name)  # raises KeyError for a module the README's table does not place
+def unknown_modules(g: dict[str, set[str]], floors: dict[str, int] | None = None,
+                    packages: set[str] | None = None) -> list[str]:
+    """Every module of `g`, and every module one of them imports, that FLOORS does not place."""
+    bad = set()
+    for name in set(g) | {d for deps in g.values() for d in deps}:
+        try:
+            floor_of(name, floors, packages)
+        except UnknownModule:
+            bad.add(name)
+    return sorted(bad)
 
 
-def test_no_upward_imports():
+def upward_imports(g: dict[str, set[str]], floors: dict[str, int] | None = None,
+                   packages: set[str] | None = None) -> list[str]:
     bad = []
-    for mod, deps in graph().items():
-        f = floor_of(mod)
+    for mod, deps in g.items():
+        f = floor_of(mod, floors, packages)
         for d in deps:
-            fd = floor_of(d)
+            fd = floor_of(d, floors, packages)
             if mod.startswith("caitdeploy.kernels"):
                 if not d.startswith("caitdeploy.kernels"):
                     bad.append(f"{mod} (wing) imports {d}")
             elif fd > f:
                 bad.append(f"{mod} (floor {f}) imports {d} (floor {fd})")
-    assert not bad, "\n".join(sorted(bad))
+    return sorted(bad)
 
 
-def test_no_import_cycles():
-    g = graph()
-    state: dict[str, int] = {}
+def find_cycles(g: dict[str, set[str]]) -> list[str]:
+    """Import cycles of `g` (module -> the modules it imports), each as `a -> b -> a`; [] when there is none."""
+    state: dict[str, int] = {}   # 1: on the current path, 2: done
     cycles = []
 
     def visit(n, stack):
         state[n] = 1
-        for d in g.get(n, ()):
+        for d in sorted(g.get(n, ())):
             if d not in g:
                 continue
             if state.get(d) == 1:
@@ -99,9 +135,24 @@ def test_no_import_cycles():
                 visit(d, stack + [d])
         state[n] = 2
 
-    for n in g:
+    for n in sorted(g):
         if n not in state:
             visit(n, [n])
+    return cycles
+
+
+def test_every_module_has_a_floor():
+    unknown = unknown_modules(graph())
+    assert not unknown, "modules the README's table does not place:\n" + "\n".join(unknown)
+
+
+def test_no_upward_imports():
+    bad = upward_imports(graph())
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+    cycles = find_cycles(graph())
     assert not cycles, "\n".join(cycles)
 
 
@@ -110,3 +161,23 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     deps = imports_of(PKG / "bench" / "run.py")
     assert "caitdeploy.io" in deps and "caitdeploy.limits" in deps  # lazy and top-level
     assert "caitdeploy.config" in imports_of(PKG / "checkpoint.py")
+
+
+def test_the_checker_rejects_an_unknown_module_and_a_cycle():
+    """Self-test on a made-up graph: a module nothing places is refused (the root's floor is not inherited), a
+    listed package places its modules, an upward import and a cycle are found."""
+    floors = {"caitdeploy": 3, "caitdeploy.low": 1, "caitdeploy.pkg": 2}
+    packages = {"caitdeploy.pkg"}
+    assert floor_of("caitdeploy.pkg.anything", floors, packages) == 2
+    assert floor_of("caitdeploy", floors, packages) == 3
+    with pytest.raises(UnknownModule, match="caitdeploy.new"):
+        floor_of("caitdeploy.new", floors, packages)
+    g = {"caitdeploy": {"caitdeploy.pkg.a"}, "caitdeploy.new": set(), "caitdeploy.low": {"caitdeploy.pkg.b"},
+         "caitdeploy.pkg.a": {"caitdeploy.pkg.b"}, "caitdeploy.pkg.b": {"caitdeploy.gone"}}
+    assert unknown_modules(g, floors, packages) == ["caitdeploy.gone", "caitdeploy.new"]
+    del g["caitdeploy.new"], g["caitdeploy.pkg.b"]
+    assert upward_imports(g, floors, packages) == ["caitdeploy.low (floor 1) imports caitdeploy.pkg.b (floor 2)"]
+    assert find_cycles(g) == []
+    cyclic = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"a"}}
+    assert find_cycles(cyclic) == ["a -> b -> c -> a"]
+    assert find_cycles({"a": {"a"}}) == ["a -> a"]

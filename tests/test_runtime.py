@@ -10,8 +10,15 @@ import torch
 from onnx import TensorProto, helper
 
 from caitdeploy.errors import CaitError
-from caitdeploy.runtime import (OrtRunner, RuntimeSpec, TorchRunner, choose_providers, cuda_graphs_ok,
-                                engine_build_key, reusable_engine)
+from caitdeploy.runtime import (
+    OrtRunner,
+    RuntimeSpec,
+    TorchRunner,
+    choose_providers,
+    cuda_graphs_ok,
+    engine_build_key,
+    reusable_engine,
+)
 
 
 def _graph(in_type, out_type) -> bytes:
@@ -99,12 +106,11 @@ def test_engine_build_key_rejects_unknown_options():
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt_rtx (pip install tensorrt-rtx-cu13)")
 def test_engine_is_reused_only_for_the_same_onnx_and_options(tmp_path):
     """A real TensorRT-RTX build (ahead of time, on the CPU); the cache decision reads its sidecar."""
-    from caitdeploy.export.tensorrt import build_engine
-
-    from conftest import random_checkpoint
     from caitdeploy.export.onnx import export_onnx
+    from caitdeploy.export.tensorrt import build_engine
     from caitdeploy.fuse import fuse_file
     from caitdeploy.io import load_model
+    from conftest import random_checkpoint
 
     ck = tmp_path / "c.pth"
     torch.save(random_checkpoint(embed_dim=24, depth=1, num_heads=2, img_size=16, patch_size=8), ck)

@@ -159,7 +159,7 @@ def test_merged_pruned_equals_timm_blocks():
                 if isinstance(m, PatchMerging):
                     y = m(y)
                     continue
-                merge, kind, (h, w), tb = m
+                merge, kind, (_h, _w), tb = m
                 if kind == "h":
                     y = merge(torch.cat([y[:, :, 0::2], y[:, :, 1::2]], dim=-1))
                 elif kind == "v":
@@ -238,11 +238,11 @@ def small_checkpoint(tmp_path, merges=None, reduction=0.3, perturb=True, weights
 def test_swin_checkpoint_fuses_exactly(tmp_path):
     """Random compactors (non-identity kept rows) and a merge that leaves stage 3 on a 7x4 grid: the fused model
     equals the checkpoint's own float64 forward, its FLOPs equal torch's counter, its widths are the masks'."""
-    from caitdeploy.fuse import FuseOptions, fuse_file, swin_reference
     from caitdeploy.checkpoint import load_checkpoint
+    from caitdeploy.fuse import FuseOptions, fuse_file, swin_reference
     from caitdeploy.io import load_model
 
-    path, ckpt, summary = small_checkpoint(tmp_path)
+    path, _ckpt, summary = small_checkpoint(tmp_path)
     assert abs(summary["flops_reduction"] - 0.3) < 0.01
     rep = fuse_file(path, tmp_path / "f.safetensors", FuseOptions(align=1))
     assert rep["verify"]["max_abs_diff"] < 1e-4 and rep["verify"]["top1_agree"] == 1.0
@@ -302,12 +302,13 @@ def test_swin_export_dynamic_batch(tmp_path):
 
 
 def test_swin_bad_inputs_one_line(tmp_path):
+    import json
+
     from safetensors.torch import load_file, save_file
 
-    from caitdeploy.checkpoint import load_checkpoint
     from caitdeploy.cdcp import parse_swin_merges
+    from caitdeploy.checkpoint import load_checkpoint
     from caitdeploy.errors import CaitError, OptionError
-    import json
 
     path, ckpt, _ = small_checkpoint(tmp_path, perturb=False)
     sd = load_file(str(path))
@@ -353,7 +354,6 @@ def test_convert_dimap_exact(tmp_path, layout):
 
     from caitdeploy.cli import main
     from caitdeploy.io import load_model
-
     from upstream_swin import dimap_state_dict, to_microsoft
 
     m = small_timm(seed=5)
@@ -399,7 +399,6 @@ def test_convert_spvit_swin(tmp_path):
     from caitdeploy.convert import convert_file
     from caitdeploy.export.onnx import export_onnx_bytes
     from caitdeploy.io import load_model
-
     from upstream_swin import spvit_swin_state_dict
 
     src = tmp_path / "spvit_swin.pth"
@@ -507,7 +506,7 @@ def test_swin_feature_export_merged_pruned(tmp_path):
         (b5,) = model.forward_features(x, [5], restore="bilinear")
     assert f5.shape == b5.shape == (2, 128, 14, 14) and f7.shape == (2, 256, 7, 4) and f4.shape == f5.shape
     assert torch.equal(f5[..., 0::2], f5[..., 1::2]) and not torch.equal(f4[..., 0::2], f4[..., 1::2])
-    data, rep = export_onnx_bytes(model, tmp_path / "f.onnx", features="1,3,5,7", verify_batches=(1, 5))
+    _data, rep = export_onnx_bytes(model, tmp_path / "f.onnx", features="1,3,5,7", verify_batches=(1, 5))
     assert rep["verify"]["passed"] and rep["feature_grid"] == "stage"
     assert [o["shape"][1:] for o in rep["outputs"]] == [[32, 56, 56], [64, 28, 28], [128, 14, 14], [256, 7, 4]]
     assert not set(rep["census"]) & set(FORBIDDEN_OPS)
@@ -518,9 +517,8 @@ def test_swin_make_checkpoint_auto_merges(tmp_path):
     two blocks), so a deeper stage 3 (Swin-S, 18 blocks) does not overshoot the target."""
     from click.testing import CliRunner
 
-    from caitdeploy.cli import main
-
     from caitdeploy.cdcp import make_swin_checkpoint
+    from caitdeploy.cli import main
 
     deep = dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 2, 4))
     _, summary = make_swin_checkpoint(ARCH, 0.354, None, num_classes=10, model_args=deep)

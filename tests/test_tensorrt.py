@@ -17,8 +17,14 @@ from onnx import TensorProto, helper
 from caitdeploy.config import BlockConfig, CaitConfig
 from caitdeploy.errors import CaitError
 from caitdeploy.export.onnx import export_onnx
-from caitdeploy.export.tensorrt import (TrtRunner, _make_logger, build_engine, engine_header_check, import_trt,
-                                        sidecar_path)
+from caitdeploy.export.tensorrt import (
+    TrtRunner,
+    _make_logger,
+    build_engine,
+    engine_header_check,
+    import_trt,
+    sidecar_path,
+)
 from caitdeploy.model import CaitViT
 
 trt = pytest.importorskip("tensorrt_rtx") if importlib.util.find_spec("tensorrt") is None else None
@@ -80,7 +86,7 @@ def test_engine_header_without_gpu(built):
 
 
 def test_deserialize_same_module(built):
-    model, onnx_path, engine, _ = built
+    model, _onnx_path, engine, _ = built
     mod = import_trt()
     runtime = mod.Runtime(_make_logger(mod))  # collects the CUDA-driver error instead of printing it
     eng = runtime.deserialize_cuda_engine(engine.read_bytes())

@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caitdeploy.baselines.tome import (ToMeViT, bipartite_soft_matching, choose_r, merge_wavg, r_schedule,
-                                       tome_flops, tome_tokens)
+from caitdeploy.baselines.tome import (
+    ToMeViT,
+    bipartite_soft_matching,
+    choose_r,
+    merge_wavg,
+    r_schedule,
+    tome_flops,
+    tome_tokens,
+)
 from caitdeploy.config import CaitConfig
 from caitdeploy.flops import flop_counter, model_flops
 from caitdeploy.model import CaitViT
@@ -101,7 +108,7 @@ def test_r0_equals_dense_exactly():
 
 
 def test_merging_changes_output_and_impls_agree():
-    cfg, vit = small_dense()
+    _cfg, vit = small_dense()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         dense = vit(x)
@@ -148,7 +155,7 @@ def test_choose_r_within_2_percent(arch, reduction):
     if isinstance(r, list):  # schedule only when no constant r is within 2%
         lo = min(r)
         assert r == [lo + 1] * r.count(lo + 1) + [lo] * r.count(lo)
-        for c in range(0, 99):
+        for c in range(99):
             assert abs(tome_flops(cfg, c)["total"] - target) > 0.02 * target
 
 

@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("timm")
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+import itertools
 
-from caitdeploy.checkpoint import expected_shapes, load_checkpoint  # noqa: E402
-from caitdeploy.errors import CaitError  # noqa: E402
-from caitdeploy.fuse import FuseOptions, fuse_file  # noqa: E402
-from caitdeploy.reference import reference_forward  # noqa: E402
-from caitdeploy.train import CDCPController, cait_wrap, checkpoint_dict, save_checkpoint  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer
+
+from caitdeploy.checkpoint import expected_shapes, load_checkpoint
+from caitdeploy.errors import CaitError
+from caitdeploy.fuse import FuseOptions, fuse_file
+from caitdeploy.reference import reference_forward
+from caitdeploy.train import CDCPController, cait_wrap, checkpoint_dict, save_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -140,7 +142,7 @@ def test_controller_keeps_consistency_at_every_update():
             assert ctl.flops_reduction >= ctl.ratio - 1e-9  # every update reaches its scheduled ratio
         opt.step()
     assert ctl.updates == 8
-    assert all(b > a or a == b == 0.5 for a, b in zip(reductions, reductions[1:]))  # up until the target
+    assert all(b > a or a == b == 0.5 for a, b in itertools.pairwise(reductions))  # up until the target
     assert reductions[0] > ctl.merge_reduction  # the first update already prunes channels
     assert ctl.done and ctl.flops_reduction >= 0.5 - 1e-3
     assert seen[-1] < seen[0]  # fewer channels kept at the end

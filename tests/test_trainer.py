@@ -134,7 +134,7 @@ def test_torchrun_two_ranks_same_masks(data, tmp_path):
            "caitdeploy.cli", "train", *MODEL, "--data", str(data), "-o", str(out), *FAST, "--teacher",
            str(data / "teacher.safetensors")]
     cmd[cmd.index("--micro-batch") + 1] = "2"      # 8 = 2 per rank x 2 ranks x 2 accumulation steps
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 process(es) (gloo), global batch 8 = micro 2 x 2 x 2 accumulation" in res.stdout
     recs = records(out)

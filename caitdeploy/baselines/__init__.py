@@ -1,6 +1,15 @@
 """Baselines the CAIT models are benchmarked against."""
-from .tome import (ToMeViT, bipartite_soft_matching, choose_r, describe_r, merge_wavg, r_schedule, tome_flops,
-                   tome_model, tome_tokens)
+from .tome import (
+    ToMeViT,
+    bipartite_soft_matching,
+    choose_r,
+    describe_r,
+    merge_wavg,
+    r_schedule,
+    tome_flops,
+    tome_model,
+    tome_tokens,
+)
 
 __all__ = ["ToMeViT", "bipartite_soft_matching", "choose_r", "describe_r", "merge_wavg", "r_schedule",
            "tome_flops", "tome_model", "tome_tokens"]

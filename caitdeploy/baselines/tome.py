@@ -23,7 +23,7 @@ normalisation, mean over heads, argmax, sort, gather and scatter are not matmuls
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +185,7 @@ def choose_r(config_dense: CaitConfig, target_flops: float, tol: float = 0.02) -
     depth = config_dense.depth
     p = config_dense.num_prefix_tokens
     n0 = p + config_dense.grid[0] * config_dense.grid[1]
-    cost = {r: tome_flops(config_dense, r)["total"] for r in range(0, max_r(n0, p) + 1)}
+    cost = {r: tome_flops(config_dense, r)["total"] for r in range(max_r(n0, p) + 1)}
     best = min(cost, key=lambda r: abs(cost[r] - target_flops))
     if abs(cost[best] - target_flops) <= tol * target_flops:
         return best

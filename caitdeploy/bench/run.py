@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ from ..config import CaitConfig
 from ..errors import CaitError, OptionError, safe_text
 from ..flops import model_flops, model_params
 from ..limits import activation_bytes, check_memory, param_bytes
-from .runners import (BACKENDS, DTYPES, BenchModel, RunOptions, Timing, close_context, new_context, run_one)
+from .runners import BACKENDS, DTYPES, BenchModel, RunOptions, Timing, close_context, new_context, run_one
 
 BASELINES = ("dense", "tome")
 MAX_BATCH = 65536

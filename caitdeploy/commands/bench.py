@@ -5,9 +5,9 @@ from pathlib import Path
 
 import click
 
-from .options import BlockList, ImageSize, parse_float, parse_int
 from ..errors import safe_text
 from .common import console, handle_errors, print_plain
+from .options import BlockList, ImageSize, parse_float, parse_int
 
 
 @click.command("bench")
@@ -48,12 +48,10 @@ from .common import console, handle_errors, print_plain
 def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, img_size, features, restore, warmup, min_iters, min_seconds, repeats,
               threads, compile_mode, work_dir, json_path, md_path, plot_path, quiet):
     """Benchmark fused MODEL(s) against the dense architecture and FLOPs-matched ToMe."""
-    from ..errors import CaitError
     from ..bench.report import print_table, write_markdown, write_plot, write_records_json
-    from ..bench.run import parse_backends, parse_baselines, parse_dtypes, parse_batches, parse_tome_r, run_bench
+    from ..bench.run import parse_backends, parse_baselines, parse_batches, parse_dtypes, parse_tome_r, run_bench
     from ..bench.runners import Timing
-
-    from ..errors import Staging
+    from ..errors import CaitError, Staging
     from ..limits import MAX_ITERS, MAX_SECONDS
     from ..paths import JSON_SUFFIXES, MARKDOWN_SUFFIXES, PLOT_SUFFIXES, Out, check_paths
 

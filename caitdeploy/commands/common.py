@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import functools
-import json
-import math
 import sys
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-from ..errors import CaitError, OptionError, atomic_output, safe_text
+from ..errors import CaitError, OptionError, safe_text
 
+# the report writer and the dense option check belong to the pipelines; re-exported for the commands
+from ..pipelines.common import check_dense_options, json_text, write_json  # noqa: F401
 
 DEBUG = {"on": False}   # set by `caitdeploy --debug` or CAITDEPLOY_DEBUG=1
 
@@ -69,7 +69,7 @@ def handle_errors(fn: Callable) -> Callable:
             click.echo("error: out of memory (the memory budget check should have refused this first: a bug in "
                        "caitdeploy; set CAITDEPLOY_MAX_MEMORY_MB lower or re-run with --debug)", err=True)
             sys.exit(1)
-        except Exception as e:  # noqa: BLE001 - the contract: a bug gets one line, not a traceback
+        except Exception as e:  # the contract: a bug gets one line, not a traceback
             if debug_enabled():
                 raise
             from .. import __version__
@@ -79,31 +79,6 @@ def handle_errors(fn: Callable) -> Callable:
             sys.exit(1)
 
     return wrapper
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def json_text(data: Any) -> str:
-    return json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n"
-
-
-def write_json(path: str | Path, data: Any, staging=None) -> None:
-    """Write `data` as JSON atomically (no half-written report on failure); staged when `staging` is given."""
-    if staging is not None:
-        staging.write_text(path, json_text(data))
-        return
-    with atomic_output(path) as tmp:
-        tmp.write_text(json_text(data))
 
 
 def console():
@@ -168,25 +143,3 @@ def block_table(rows: list[dict[str, Any]], title: str | None = None):
             cells.append(f"{r['flops_dense'] / 1e9:.3f}")
         t.add_row(*(rich_safe(c, 80) for c in cells))
     return t
-
-
-def check_dense_options(img_size: str | None, features: str | None, restore: str):
-    """--img-size / --features / --restore of export and bench, checked before any work.
-    Returns (the size as the config stores it or None, the feature block texts or None)."""
-    from ..config import size_and_restore
-
-    size = size_and_restore(img_size, restore)
-    if restore != "repeat" and features is None:
-        raise OptionError("restore", "applies to feature outputs: add --features")
-    parts = None
-    if features is not None:
-        import re
-
-        parts = [p.strip() for p in features.split(",") if p.strip()]
-        if not parts or not all(re.fullmatch(r"[+-]?[0-9]{1,6}", p) for p in parts):
-            raise OptionError("features", f"{safe_text(features, 60)!r}: give block indices, e.g. 3,5,7,11")
-        if any(int(p) < 0 for p in parts):
-            raise OptionError("features", f"block {next(p for p in parts if int(p) < 0)}: block indices count from "
-                                          "0 (the first block); negative indices are not taken")
-        parts = [str(int(p)) for p in parts]
-    return size, parts

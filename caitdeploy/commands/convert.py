@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .options import Int
 from .common import block_table, console, handle_errors, human, print_plain, write_json
+from .options import Int
 
 
 def _stages(ctx, param, value):

@@ -1,12 +1,11 @@
 """`caitdeploy export`: fused model -> ONNX [-> TensorRT engine] [-> Triton repository]."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..errors import CaitError
-from .common import console, handle_errors, human, write_json
+from ..pipelines.export import default_onnx_path  # noqa: F401 (where scripts and tests import it from)
+from .common import console, handle_errors, human
 from .options import BlockList, Float, ImageSize, Int, StrictInt
 
 # the ranges of export.quantize.MAX_CALIB_IMAGES and export.tensorrt.MAX_PROFILE_BATCH (tests/test_hostile_output.py
@@ -14,16 +13,6 @@ from .options import BlockList, Float, ImageSize, Int, StrictInt
 # range (0..5) is checked, with its message, by export.tensorrt.check_build_options
 MAX_CALIB_IMAGES = 4096
 MAX_PROFILE_BATCH = 65536
-
-
-def default_onnx_path(model_path: str, dtype: str, size: str | None = None, features: str | None = None,
-                      int8: str | None = None) -> Path:
-    """<stem>[.SIZE][.featA-B-C][.fp16|.int8-static|.int8-dynamic].onnx next to the model."""
-    p = Path(model_path)
-    stem = p.name.removesuffix(".safetensors").removesuffix(".fused")
-    extra = (f".{size}" if size else "") + (f".feat{features.replace(',', '-')}" if features else "")
-    kind = f".int8-{int8}" if int8 else (".fp16" if dtype == "fp16" else "")
-    return p.with_name(stem + extra + kind + ".onnx")
 
 
 def _parse_opset(opset: str | None) -> int | None:
@@ -193,172 +182,17 @@ def print_export_report(report: dict) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No tables.")
 @handle_errors
-def export_cmd(model, output, dtype, opset, attention, img_size, features, restore, int8, calib_dir, calib_synthetic,
-               calib_samples, calib_method, int8_attention, int8_symmetric, int8_weight_bits, int8_check, int8_min_cosine, int8_min_top1, no_verify, fp16_samples, trt, trt_module, engine, min_batch,
-               opt_batch, max_batch, workspace_mb, timing_cache, opt_level, compute_capabilities, triton_repo, name,
-               triton_backend, max_queue_delay_us, triton_warmup, instances, instance_kind, report_path, quiet):
+def export_cmd(opset, int8_weight_bits, no_verify, compute_capabilities, quiet, **flags):
     """Export a fused CAIT model to ONNX; optionally build an engine and a Triton repository.
 
     Every option and output path is checked before any work, and the outputs (ONNX, engine, sidecar, timing
     cache, Triton entry, report) are written together at the end, or none of them."""
-    from ..errors import Staging
-    from ..export.onnx import check_options, export_onnx_bytes
-    from ..export.tensorrt import check_build_options, sidecar_path
-    from ..io import load_model
-    from ..limits import activation_bytes, check_memory, param_bytes
-    from ..paths import ENGINE_SUFFIXES, JSON_SUFFIXES, ONNX_SUFFIXES, Out, check_paths
+    from ..pipelines.export import ExportOptions, export
 
-    # 1. options
-    from ..config import ConfigError
-    from ..errors import OptionError
-    from .common import check_dense_options
-
-    opset_n = check_options(dtype, _parse_opset(opset), attention)
-    size, parts = check_dense_options(img_size, features, restore)
-    size_text = None if size is None else (str(size) if isinstance(size, int) else f"{size[0]}x{size[1]}")
-    if int8 is not None:
-        from ..export.quantize import check_int8_options
-        from ..limits import check_float
-
-        int8_weight_bits = int(int8_weight_bits or 7)
-        check_int8_options(int8, calib_method, calib_dir, calib_synthetic, calib_samples, int8_weight_bits)
-        check_float(int8_min_cosine, "int8_min_cosine", -1.0, 1.0)
-        check_float(int8_min_top1, "int8_min_top1", 0.0, 1.0)
-        if dtype != "fp32":
-            raise OptionError("int8", "quantizes the fp32 graph: leave --dtype at fp32")
-        if int8_attention and int8 != "static":
-            raise OptionError("int8_attention", "is for --int8 static (dynamic quantization leaves attention float)")
-        if int8_symmetric and int8 != "static":
-            raise OptionError("int8_symmetric", "is for --int8 static (dynamic quantization picks its own ranges)")
-        if int8 == "dynamic" and trt:
-            raise OptionError("int8", "dynamic makes ONNX Runtime ops (DynamicQuantizeLinear, MatMulInteger) that "
-                                      "TensorRT does not take: use --int8 static with --trt")
-        if int8_check is not None and not Path(int8_check).is_dir():
-            raise OptionError("int8_check", f"{int8_check}: no such folder")
-    elif calib_dir is not None or calib_synthetic is not None:
-        raise OptionError("calib" if calib_dir is not None else "calib_synthetic",
-                          "is an --int8 static option: add --int8 static")
-    elif int8_attention or int8_symmetric or int8_check is not None or int8_weight_bits is not None:
-        raise OptionError("int8_attention" if int8_attention else "int8_symmetric" if int8_symmetric else
-                          "int8_check" if int8_check is not None else "int8_weight_bits",
-                          "is an --int8 option: add --int8")
-    if features is not None and triton_repo:
-        raise OptionError("triton_repo", "serves classifiers (one logits output); export feature maps "
-                                         "without --triton-repo")
-    if not 0 <= fp16_samples <= 65536:
-        raise CaitError(f"--fp16-samples must be in 0..65536, got {fp16_samples}")
-    if not trt:
-        given = [flag for flag, v in (("--engine", engine), ("--timing-cache", timing_cache),
-                                      ("--workspace-mb", workspace_mb), ("--opt-level", opt_level),
-                                      ("--compute-capability", compute_capabilities)) if v]
-        if given:
-            raise CaitError(f"{given[0]} is an engine option: add --trt")
-    if trt:
-        check_build_options(min_batch, opt_batch, max_batch, workspace_mb, opt_level,
-                            list(compute_capabilities) or None, trt_module)
-    out = Path(output or default_onnx_path(model, dtype, size_text, features and ",".join(parts), int8))
-    engine_path = Path(engine or out.with_suffix(".plan")) if trt else None
-    entry = None
-    if (triton_backend is not None or triton_warmup) and not triton_repo:
-        raise CaitError("--triton-backend and --triton-warmup are Triton repository options: add --triton-repo DIR")
-    if triton_repo:
-        from ..export.triton_repo import plan_triton_repo
-
-        if triton_backend == "tensorrt" and not trt:
-            raise CaitError("--triton-backend tensorrt serves an engine: add --trt")
-        # an engine is served with --trt unless another backend is asked for; otherwise the ONNX
-        served_suffix = engine_path.suffix if trt and triton_backend in (None, "tensorrt") else ".onnx"
-        entry = plan_triton_repo(
-            triton_repo, name or out.name.removesuffix(".onnx"), served_suffix, max_batch_size=max_batch,
-            backend=triton_backend,
-            input_dims=(1, 1, 1), output_dims=(1,), dtype="fp32", preferred_batch_sizes=sorted({opt_batch, max_batch}),
-            instance_count=instances, instance_kind=instance_kind)  # dims are filled in from the model below
-    # 2. paths: none is an input, none is another output, extensions match, folders writable
-    check_paths({"MODEL": model}, [
-        Out(out, "--output", ONNX_SUFFIXES),
-        Out(engine_path, "--engine", ENGINE_SUFFIXES),
-        Out(sidecar_path(engine_path) if engine_path else None, "--engine (its sidecar)", JSON_SUFFIXES),
-        Out(timing_cache if trt else None, "--timing-cache", None),
-        Out(report_path, "--report", JSON_SUFFIXES),
-        Out(entry.model_target if entry else None, "--triton-repo", (".onnx", ".plan"), create_dirs=True),
-        Out(entry.config_path if entry else None, "--triton-repo", (".pbtxt",), create_dirs=True),
-        Out(entry.python_model if entry else None, "--triton-repo", (".py",), create_dirs=True),
-    ])
-    # 3. the model (header-first validation, memory rule), then the work, in memory
-    net = load_model(model, attn_impl="math", img_size=size)  # a non-fused MODEL: one line saying what it is
-    c = net.config
-    if features is not None:
-        try:
-            c.feature_blocks(features)
-        except ConfigError as e:
-            raise OptionError("features", f"{str(e).removeprefix('features: ')} ({model})") from None
-    if int8 is not None:   # calibration images are read (and refused, one line) before any export work
-        from ..export.quantize import calibration_images, synthetic_images
-
-        if calib_dir is not None:
-            images, cal = calibration_images(calib_dir, c.input_shape, calib_samples)
-        else:
-            images, cal = synthetic_images(calib_synthetic or 16, c.input_shape, seed=0)
-        check_images, check_src = images[:64], cal["source"]
-        if int8_check is not None:
-            check_images, held = calibration_images(int8_check, c.input_shape, 64, flag="--int8-check")
-            check_src = held["source"]
-    check_memory(4 * param_bytes(c) + activation_bytes(c, 32 if dtype == "fp16" and not no_verify else 7),
-                 f"{model}: export and verification")
-    report: dict = {"model": model}
-    data, report["onnx"] = export_onnx_bytes(net, out, dtype=dtype, opset=opset_n, attention=attention,
-                                             verify=not no_verify, fp16_samples=fp16_samples,
-                                             features=features, restore=restore)
-    if int8 is not None:
-        from ..export.quantize import check_int8, compare_int8, quantize_onnx_bytes
-
-        fp32_data = data
-        data, qinfo = quantize_onnx_bytes(fp32_data, int8, images if int8 == "static" else None, calib_method,
-                                          attention=int8_attention, calib_info=cal if int8 == "static" else None,
-                                          symmetric=int8_symmetric or bool(trt), weight_bits=int8_weight_bits)
-        check = dict(compare_int8(fp32_data, data, check_images), source=check_src)
-        check_int8(check, int8_min_cosine, int8_min_top1, str(model))
-        report["int8"] = {**qinfo, "check": check, "min_cosine": int8_min_cosine, "min_top1": int8_min_top1,
-                          "calibration_data": cal if int8 == "static" else None, "bytes": len(data)}
-        report["onnx"]["census"] = qinfo["census"]
-        report["onnx"]["nodes"] = sum(qinfo["census"].values())
-        report["onnx"]["bytes"] = len(data)
-    built = None
-    if trt:
-        from ..export.tensorrt import build_engine_bytes
-
-        try:
-            built = build_engine_bytes(data, out, engine_path, min_batch=min_batch, opt_batch=opt_batch,
-                                       max_batch=max_batch, workspace_mb=workspace_mb, timing_cache=timing_cache,
-                                       opt_level=opt_level, compute_capabilities=list(compute_capabilities) or None,
-                                       flavour=trt_module)
-        except CaitError as e:
-            raise CaitError(f"{e} [nothing written: the ONNX export succeeded"
-                            f"{'' if no_verify else ' and verified'}; use `caitdeploy export` without --trt to "
-                            "keep it]") from None
-    if entry is not None:
-        from ..export.triton_repo import plan_triton_repo
-
-        entry = plan_triton_repo(
-            triton_repo, entry.info["name"], served_suffix, max_batch_size=max_batch, backend=triton_backend,
-            input_dims=c.input_shape, output_dims=(c.num_classes,), dtype="fp32",
-            preferred_batch_sizes=sorted({opt_batch, max_batch}), instance_count=instances,
-            instance_kind=instance_kind, warmup_batches=sorted({opt_batch, max_batch}) if triton_warmup else (),
-            max_queue_delay_us=max_queue_delay_us)
-    # 4. every output at once
-    with Staging() as st:
-        st.write_bytes(out, data)
-        if built is not None:
-            from ..export.tensorrt import write_engine
-
-            write_engine(st, built, engine_path, Path(timing_cache) if timing_cache else None)
-            report["engine"] = dict(built.sidecar, output=str(engine_path), sidecar=str(sidecar_path(engine_path)))
-        if entry is not None:
-            from ..export.triton_repo import stage_triton_repo
-
-            stage_triton_repo(st, entry, data if served_suffix == ".onnx" else built.engine)
-            report["triton"] = entry.info
-        if report_path:
-            write_json(report_path, report, staging=st)
+    # the other flags are ExportOptions' fields by name; these four arrive as text, negated or as a list
+    options = ExportOptions(**flags, opset=_parse_opset(opset), verify=not no_verify,
+                            int8_weight_bits=None if int8_weight_bits is None else int(int8_weight_bits),
+                            compute_capabilities=tuple(compute_capabilities))
+    result = export(options)
     if not quiet:
-        print_export_report(report)
+        print_export_report(result.report)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
+from .common import block_table, console, handle_errors, human, print_plain, rich_safe
 from .options import Int, StrictFloat  # --threshold, --max-dropped-norm: range checked by FuseOptions
-from .common import block_table, console, handle_errors, human, print_plain, rich_safe, write_json
 
 
 def print_fuse_report(report: dict) -> None:
@@ -53,19 +53,10 @@ def print_fuse_report(report: dict) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No table.")
 @handle_errors
-def fuse_cmd(checkpoint, output, arch, threshold, max_dropped_norm, force, consistency, align, equal_head_dims,
-             verify_batch, report_path, quiet):
+def fuse_cmd(quiet, **flags):
     """Fold CAIT compactors into the weights and slice the pruned channels away."""
-    from ..errors import Staging
-    from ..fuse import FuseOptions, fuse_file
-    from ..paths import JSON_SUFFIXES, Out
+    from ..pipelines.fuse import FuseOptions, fuse
 
-    opts = FuseOptions(threshold=threshold, max_dropped_norm=max_dropped_norm, force=force,
-                       consistency=consistency, align=align, equal_head_dims=equal_head_dims)
-    with Staging() as staging:  # the fused file and the report appear together, or neither does
-        report = fuse_file(checkpoint, output, opts, verify_batch=verify_batch, staging=staging,
-                           other_outputs=(Out(report_path, "--report", JSON_SUFFIXES),), arch=arch)
-        if report_path:
-            write_json(report_path, report, staging=staging)
+    result = fuse(FuseOptions(**flags))   # every flag but --quiet is a FuseOptions field of the same name
     if not quiet:
-        print_fuse_report(report)
+        print_fuse_report(result.report)

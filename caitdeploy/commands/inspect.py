@@ -1,7 +1,6 @@
 """`caitdeploy inspect FILE`: what a checkpoint, fused model, ONNX file or engine is, and its shapes."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
@@ -104,12 +103,10 @@ def print_inspect(info: dict[str, Any]) -> None:
 @handle_errors
 def inspect_cmd(file, as_json):
     """Describe a checkpoint, fused model, ONNX file or TensorRT engine."""
-    from .common import _jsonable
+    from ..pipelines.inspect import inspect
 
-    from ..describe import describe_file
-
-    info = describe_file(file)
+    result = inspect(file)
     if as_json:
-        click.echo(json.dumps(_jsonable(info), indent=2))
+        click.echo(result.json())
     else:
-        print_inspect(info)
+        print_inspect(result.info)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .options import Int, StrictFloat  # --flops-reduction: range checked by limits.check_float
 from .common import console, handle_errors, print_plain, write_json
+from .options import Int, StrictFloat  # --flops-reduction: range checked by limits.check_float
 
 
 @click.command("make-checkpoint")
@@ -58,4 +58,3 @@ def make_checkpoint_cmd(arch, flops_reduction, merges, weights, align, num_class
               f"{summary['flops_pruned'] / 1e9:.3f}G (reduction {100 * summary['flops_reduction']:.2f}%, "
               f"target {100 * flops_reduction:.2f}%)")
     print_plain(con, f"wrote {output}")
-    return

@@ -81,12 +81,12 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
                  other_outputs: tuple = ()) -> dict[str, Any]:
     """Convert an upstream checkpoint to a fused file. Options and paths are checked before the file is read;
     the file's layout must be `source`'s (a mislabelled checkpoint names what it is)."""
+    from ..flops import model_flops, model_params
     from ..fuse import torch_counted_flops
     from ..io import save_fused
     from ..limits import MAX_ALIGN, MAX_VERIFY_BATCH, check_memory
     from ..models import build_model
     from ..paths import FUSED_SUFFIXES, Out, check_paths
-    from ..flops import model_flops, model_params
 
     t0 = time.perf_counter()
     path = Path(path)

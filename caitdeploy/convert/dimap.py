@@ -183,11 +183,11 @@ def convert(path, sd: dict[str, torch.Tensor], img_size: int = 224):
     ref_model = CaitSwin(cfg)
     ref_model.load_state_dict(dense)
     ref_model = ref_model.double().eval()
-    notes = [f"{layout} layout, {len(cfg.stages)} stages {[len(b) for b in cfg.stages]}, heads {fmt['num_heads']}, "
-             f"window {cfg.window}; img_size {img_size} (not stored in the weights)",
-             f"sparsity: {100 * zeros / max(total, 1):.1f}% of the {total} weights in matrices are zero "
-             f"(layers from {100 * min(r['zeros'] for r in layers):.1f}% to {100 * max(r['zeros'] for r in layers):.1f}%)",
-             f"exact row removal: {removed['mlp']} FFN units, {removed['qk']} q/k and {removed['v']} v channels per "
-             "head summed over blocks (scattered zeros inside kept rows still cost their multiply-adds)"]
+    notes = [(f"{layout} layout, {len(cfg.stages)} stages {[len(b) for b in cfg.stages]}, heads {fmt['num_heads']}, "
+             f"window {cfg.window}; img_size {img_size} (not stored in the weights)"),
+             (f"sparsity: {100 * zeros / max(total, 1):.1f}% of the {total} weights in matrices are zero "
+             f"(layers from {100 * min(r['zeros'] for r in layers):.1f}% to {100 * max(r['zeros'] for r in layers):.1f}%)"),
+             (f"exact row removal: {removed['mlp']} FFN units, {removed['qk']} q/k and {removed['v']} v channels per "
+             "head summed over blocks (scattered zeros inside kept rows still cost their multiply-adds)")]
     extra = {"sparsity": {"zeros": zeros / max(total, 1), "layers": layers}, "removed_rows": rows}
     return small, tensors, ref_model, notes, extra

@@ -74,8 +74,8 @@ def conv_weights(sd: dict[str, torch.Tensor], i: int, kind: str, heads: int, alp
 
 def convert(path: Path, sd: dict[str, torch.Tensor], num_heads, align: int):
     """(config, deploy tensors, float64 reference forward, notes)."""
-    from .common import check_layout
     from ..surgery import round_up
+    from .common import check_layout
 
     if any(k.endswith(".attn.bconv.0.weight") for k in sd):
         raise CaitError(f"{path}: a post-training-optimized SPViT file (attn.bconv.*): convert the fine-tuned "

@@ -168,8 +168,8 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, alig
     notes = [f"SPViT-Swin ({layout} layout): {', '.join(f'{v} {k}' for k, v in counts.items())}; heads {heads}, "
              f"window {window}; FFN widths {[b.mlp_hidden for _, _, b in cfg.flat()]}"
              + (f" (zero-padded to multiples of {align})" if align > 1 else ""),
-             f"folded: head_probs (alpha {ALPHA:g}; 1x1 = column 0, 3x3 taps {SWIN_TAPS}) and BatchNorm of every "
-             "conv block; qk + v -> qkv; img_size 224 (not stored in the weights)"]
+             (f"folded: head_probs (alpha {ALPHA:g}; 1x1 = column 0, 3x3 taps {SWIN_TAPS}) and BatchNorm of every "
+             "conv block; qk + v -> qkv; img_size 224 (not stored in the weights)")]
     return cfg, tensors, lambda x: reference(sd, cfg, x), notes
 
 

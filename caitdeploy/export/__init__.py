@@ -6,5 +6,14 @@ from .onnx import DEFAULT_OPSET, FORBIDDEN_OPS, SUPPORTED_OPSETS, export_onnx, o
 from .tensorrt import TrtRunner, build_engine, import_trt
 from .triton_repo import write_triton_repo
 
-__all__ = ["DEFAULT_OPSET", "FORBIDDEN_OPS", "SUPPORTED_OPSETS", "export_onnx", "op_census", "TrtRunner",
-           "build_engine", "import_trt", "write_triton_repo"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "FORBIDDEN_OPS",
+    "SUPPORTED_OPSETS",
+    "TrtRunner",
+    "build_engine",
+    "export_onnx",
+    "import_trt",
+    "op_census",
+    "write_triton_repo",
+]

@@ -28,8 +28,9 @@ import os
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -43,6 +44,7 @@ ATTENTION_OP_OPSET = 23                   # first opset with the ONNX `Attention
 DTYPES = ("fp32", "fp16")
 ATTENTIONS = ("matmul", "op")
 from ..format import ONNX_FORMAT  # noqa: E402
+
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
@@ -217,7 +219,7 @@ def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int,
                                      input_names=[INPUT_NAME], output_names=output_names or [OUTPUT_NAME],
                                      dynamic_shapes=({0: batch},), optimize=True, verbose=False,
                                      external_data=False)
-    except Exception as e:  # the exporter raises many types; the user gets one line
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types; the user gets one line
         raise CaitError(f"torch.onnx export failed: {type(e).__name__}: {_first_line(e)}") from None
     finally:
         for lg, lv in zip(loggers, levels):

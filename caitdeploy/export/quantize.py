@@ -76,7 +76,8 @@ def preprocess_spec(input_shape: tuple[int, int, int]) -> dict[str, Any]:
     to (H, W), scale to [0, 1], normalise (ImageNet mean/std for 3 channels, 0.5/0.5 otherwise)."""
     c, h, w = input_shape
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.5,) * c)
-    return {"resize_shorter": int(round(min(h, w) / 0.875)), "crop": [h, w], "interpolation": "bicubic",
+    shorter = int(round(min(h, w) / 0.875))  # noqa: RUF046 - h, w may be numpy ints (numpy 1 rounds to a float)
+    return {"resize_shorter": shorter, "crop": [h, w], "interpolation": "bicubic",
             "scale": "1/255", "mean": list(mean), "std": list(std)}
 
 
@@ -193,8 +194,14 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
     in [-64, 64], which no x86 CPU can saturate (see WEIGHT_BITS); 8 uses the whole int8 range."""
     check_weight_bits(weight_bits)
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from .onnx import INPUT_NAME, op_census
@@ -265,9 +272,9 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
     dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     float_nodes = Counter()
     for n in q.graph.node:
-        if n.op_type in ("MatMul", "Gemm", "Conv") and not all(i in dq_out for i in n.input[:2]):
-            float_nodes[n.op_type] += 1
-        elif n.op_type in ("LayerNormalization", "Softmax", "Erf"):
+        # a matmul that kept a float input, or an op that is never quantized
+        matmul_in_float = n.op_type in ("MatMul", "Gemm", "Conv") and not all(i in dq_out for i in n.input[:2])
+        if matmul_in_float or n.op_type in ("LayerNormalization", "Softmax", "Erf"):
             float_nodes[n.op_type] += 1
     float_ops = dict(sorted(float_nodes.items()))
     info = {"mode": mode, "census": census, "quantized_nodes": len(nodes),
@@ -305,7 +312,7 @@ def compare_int8(fp32: bytes, int8: bytes, images: np.ndarray, threads: int | No
     out2 = np.concatenate([o.reshape(len(images), -1) for o in out], axis=1)
     cos = (ref2 * out2).sum(1) / np.maximum(np.linalg.norm(ref2, axis=1) * np.linalg.norm(out2, axis=1), 1e-30)
     diff = np.abs(out2 - ref2)
-    res = {"images": int(len(images)), "outputs": len(ref), "max_abs_diff": float(diff.max()),
+    res = {"images": len(images), "outputs": len(ref), "max_abs_diff": float(diff.max()),
            "mean_abs_diff": float(diff.mean()), "logit_scale": float(np.abs(ref2).max()),
            "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
     if len(ref) == 1 and ref[0].ndim == 2 and ref[0].shape[1] > 1:

@@ -22,12 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CaitError, OptionError, Staging, check_output_dir, safe_text
-from ..paths import (MAX_ENGINE_BYTES, MAX_ONNX_BYTES, MAX_SIDECAR_BYTES, MAX_TIMING_CACHE_BYTES, read_bounded,
-                     regular_file_size)
+from ..paths import (
+    MAX_ENGINE_BYTES,
+    MAX_ONNX_BYTES,
+    MAX_SIDECAR_BYTES,
+    MAX_TIMING_CACHE_BYTES,
+    read_bounded,
+    regular_file_size,
+)
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 from ..format import ENGINE_FORMAT  # noqa: E402
+
 MAX_PROFILE_BATCH = 65536
 BUILD_KEYS = ("min_batch", "opt_batch", "max_batch", "workspace_mb", "opt_level", "compute_capabilities", "flavour")
 
@@ -122,7 +129,7 @@ def _onnx_facts(onnx_path: Path, data: bytes) -> dict[str, Any]:
 
     try:
         m = onnx.load_from_string(data)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - onnx raises many types for a hostile file: one line for all
         raise CaitError(f"{onnx_path}: not a readable ONNX file ({str(e).splitlines()[0] if str(e) else e})") from None
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import CaitError, Staging
 
@@ -80,8 +81,8 @@ def config_text(name: str, platform: str, max_batch_size: int, input_name: str, 
         lines.append("model_warmup [")
         for i, b in enumerate(warmup_batches):
             lines += ["  {", f'    name: "warmup_b{b}"', f"    batch_size: {b}",
-                      f'    inputs {{ key: "{input_name}" value: {{ data_type: {t} '
-                      f"dims: [ {', '.join(map(str, input_dims))} ] random_data: true }} }}",
+                      (f'    inputs {{ key: "{input_name}" value: {{ data_type: {t} '
+                      f"dims: [ {', '.join(map(str, input_dims))} ] random_data: true }} }}"),
                       "  }" + ("," if i < len(warmup_batches) - 1 else "")]
         lines.append("]")
     return "\n".join(lines) + "\n"

@@ -15,13 +15,13 @@ from .atme_merge import atme_merge_linear, atme_merge_linear_ref, merged_grid
 from .attention import MAX_HEAD_DIM, attention, attention_ref
 
 __all__ = [
-    "atme_merge_linear",
-    "atme_merge_linear_ref",
-    "merged_grid",
-    "attention",
-    "attention_ref",
     "MAX_HEAD_DIM",
     "TritonUnavailableError",
-    "triton_available",
+    "atme_merge_linear",
+    "atme_merge_linear_ref",
+    "attention",
+    "attention_ref",
     "interpret_requested",
+    "merged_grid",
+    "triton_available",
 ]

@@ -25,10 +25,10 @@ import torch
 
 __all__ = [
     "TritonUnavailableError",
-    "triton_available",
+    "ensure_interpret_env",
     "interpret_requested",
     "load_impl",
-    "ensure_interpret_env",
+    "triton_available",
 ]
 
 
@@ -90,7 +90,7 @@ def interpreter_defect() -> str | None:
         from importlib.metadata import version
 
         tri, npv = version("triton"), version("numpy")
-    except Exception:  # no triton: triton_available() says so
+    except Exception:  # noqa: BLE001 - no triton: triton_available() says so
         return None
     if _version(tri) < (3, 8) and _version(npv) >= (2, 5):
         return (f"the Triton interpreter of triton {tri} cannot run with numpy {npv} (int() of a one-element "
@@ -108,9 +108,9 @@ def load_impl(name: str, caller: str) -> ModuleType:
     want_interp = ensure_interpret_env()
     if _TRITON_ERR is None:
         try:
-            import triton  # noqa: F401
+            import triton
             import triton.language  # noqa: F401
-        except Exception as exc:  # ImportError, or a broken install
+        except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install
             _TRITON_ERR = f"{type(exc).__name__}: {exc}"
     if _TRITON_ERR is not None:
         raise TritonUnavailableError(

@@ -16,8 +16,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 # max dynamic shared memory per thread block (bytes), CUDA programming guide, compute capabilities table
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}

@@ -15,7 +15,7 @@ first D input columns act on the left/top token), bias is [D] or None.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,18 +35,18 @@ def merged_grid(grid_hw: Sequence[int], kind: str) -> tuple:
 
 def _validate(x, weight, bias, grid_hw, kind, name: str, allowed_dtypes=_DTYPES) -> tuple:
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise ValueError(f"{name}: x and weight must be torch.Tensor")
+        raise ValueError(f"{name}: x and weight must be torch.Tensor")  # noqa: TRY004 - ValueError for every bad argument
     if kind not in ("h", "v"):
         raise ValueError(f"{name}: kind must be 'h' or 'v', got {kind!r}")
     try:
         gh, gw = (int(v) for v in grid_hw)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever grid_hw is, the error is a ValueError
         raise ValueError(f"{name}: grid_hw must be a pair of ints (Gh, Gw), got {grid_hw!r}") from None
     if gh <= 0 or gw <= 0:
         raise ValueError(f"{name}: grid sides must be positive, got {(gh, gw)}")
     if x.dim() != 3:
         raise ValueError(f"{name}: x must be [B, 1 + Gh*Gw, D], got shape {tuple(x.shape)}")
-    B, N, D = x.shape
+    _B, N, D = x.shape
     if N != 1 + gh * gw:
         raise ValueError(f"{name}: x has {N} tokens but grid {gh}x{gw} needs 1 + {gh * gw} = {1 + gh * gw}")
     if kind == "h" and gw % 2:
@@ -73,7 +73,7 @@ def _validate(x, weight, bias, grid_hw, kind, name: str, allowed_dtypes=_DTYPES)
 def atme_merge_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     grid_hw: Sequence[int],
     kind: str,
 ) -> torch.Tensor:
@@ -96,7 +96,7 @@ def atme_merge_linear_ref(
 def atme_merge_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     grid_hw: Sequence[int],
     kind: str,
 ) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from ._runtime import check_device_for_triton, load_impl
 
-__all__ = ["attention", "attention_ref", "MAX_HEAD_DIM"]
+__all__ = ["MAX_HEAD_DIM", "attention", "attention_ref"]
 
 MAX_HEAD_DIM = 256  # widest Dqk / Dv the Triton kernel tiles (padded to a power of two)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,8 +38,8 @@ def _validate(q, k, v, scale, name: str, allowed_dtypes=_DTYPES, max_dim=None) -
         raise ValueError(f"{name}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"{name}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if isinstance(scale, torch.Tensor) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"{name}: scale must be a Python float, got {type(scale).__name__}")
+    if isinstance(scale, (torch.Tensor, bool)) or not isinstance(scale, (int, float)):
+        raise ValueError(f"{name}: scale must be a Python float, got {type(scale).__name__}")  # noqa: TRY004 - ValueError for every bad argument
     if not math.isfinite(float(scale)):
         raise ValueError(f"{name}: scale must be finite, got {scale}")
 

@@ -14,8 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CaitConfig
-from .vit import (PatchEmbed, fuse_stem, make_slim, reference_stem, slim_flops, slim_params,  # noqa: F401
-                  stem_flops, stem_params, stem_shapes)
+from .vit import (  # noqa: F401
+    PatchEmbed,
+    fuse_stem,
+    make_slim,
+    reference_stem,
+    slim_flops,
+    slim_params,
+    stem_flops,
+    stem_params,
+    stem_shapes,
+)
 
 NAME = "spvit"
 DESCRIPTION = "SPViT-DeiT: attention, 1x1/3x3 convolution or skipped blocks, pruned FFN widths"

@@ -145,13 +145,13 @@ class SwinConfig:
         """{"stage.block": kind} (e.g. {"2.4": "h", "2.5": "v"} for Tab. XIV)."""
         return {f"{s}.{i}": b.merge for s, i, b in self.flat() if b.merge}
 
-    def unpruned(self) -> "SwinConfig":
+    def unpruned(self) -> SwinConfig:
         """The dense architecture this model came from: the source widths, no merges."""
         if self.source:
             return swin_config_from_format({**self.source, "merges": {}})
         return replace(self, stages=tuple(tuple(replace(b, merge=None) for b in blk) for blk in self.stages))
 
-    def at_size(self, img_size) -> "SwinConfig":
+    def at_size(self, img_size) -> SwinConfig:
         from ..config import image_size
 
         if image_size(img_size) != self.img_size:
@@ -192,7 +192,7 @@ class SwinConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SwinConfig":
+    def from_dict(cls, d: dict) -> SwinConfig:
         """A validated config from untrusted JSON (a fused file's metadata): ConfigError naming the key."""
         if not isinstance(d, dict):
             raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
@@ -470,9 +470,10 @@ class CaitSwin(nn.Module):
                 yield s, x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _, x in self._block_outputs(x):
+        y = x
+        for _, y in self._block_outputs(x):   # the last stage's output
             pass
-        return self.head(self.norm(x).mean(dim=(1, 2)))
+        return self.head(self.norm(y).mean(dim=(1, 2)))
 
     def forward_features(self, images: torch.Tensor, blocks, restore: str = "repeat") -> list[torch.Tensor]:
         """Feature maps [B, C_s, H_s, W_s], one per listed flat block (its output, before any norm), each on its

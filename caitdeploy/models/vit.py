@@ -13,7 +13,6 @@ from torch import nn
 from ..config import CaitConfig
 from .layers import ATTN_IMPLS, AttnImpl, Block, restore_grid
 
-
 NAME = "vit"
 DESCRIPTION = "timm VisionTransformer: DeiT, DeiT III (layer scale), distilled DeiT, registers, average pooling"
 
@@ -136,7 +135,7 @@ class CaitViT(nn.Module):
             self.head_dist = nn.Linear(d, c.num_classes)
         self.set_impl(attn_impl, kernels)
 
-    def set_impl(self, attn_impl: AttnImpl = "sdpa", kernels: str | None = None) -> "CaitViT":
+    def set_impl(self, attn_impl: AttnImpl = "sdpa", kernels: str | None = None) -> CaitViT:
         """Choose the attention implementation and whether Triton kernels are used (on CUDA)."""
         if kernels not in (None, "triton"):
             raise ValueError(f"kernels must be None or 'triton', got {kernels!r}")

@@ -12,7 +12,7 @@ whose input metadata (names, dtypes, shapes) is read from the model, session or 
 
 Export verification (`export.onnx.verify_onnx`) and `bench` both use these runners.
 """
-from .base import (ORT_TYPES, RuntimeSpec, choose_providers, cuda_graphs_ok, quiet_polygraphy, torch_dtype_of_ort)
+from .base import ORT_TYPES, RuntimeSpec, choose_providers, cuda_graphs_ok, quiet_polygraphy, torch_dtype_of_ort
 from .ort_runner import OrtRunner
 from .torch_runner import TorchRunner
 from .trt_runner import TrtRunner, engine_build_key, reusable_engine

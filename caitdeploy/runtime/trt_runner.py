@@ -13,7 +13,6 @@ from polygraphy.common import TensorMetadata
 from polygraphy.datatype import DataType
 
 from ..errors import CaitError
-
 from ..export.tensorrt import BUILD_KEYS, normalize_build_options
 
 

@@ -13,7 +13,8 @@ import math
 import statistics
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def _close(client) -> None:
     if close is not None:
         try:
             close()
-        except Exception:  # noqa: BLE001 - closing a client that never connected
+        except Exception:  # noqa: BLE001, S110 - closing a client that never connected
             pass
 
 

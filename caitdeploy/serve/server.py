@@ -38,9 +38,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 
 from ..errors import CaitError, OptionError, _host, _pid_alive
 
@@ -344,7 +345,7 @@ class TritonServer:
             args += [f"--backend-directory={_bundled_backends(work)}", f"--cache-directory={work}"]
         return env, args + list(self.extra_args)
 
-    def start(self, timeout: float = READY_TIMEOUT_S) -> "TritonServer":
+    def start(self, timeout: float = READY_TIMEOUT_S) -> TritonServer:
         """Check everything, start the server and wait until every model is READY, at most `timeout` s."""
         timeout = check_timeout(timeout)
         t0 = time.monotonic()
@@ -368,15 +369,14 @@ class TritonServer:
         self.shm_prefix = f"{SHM_PREFIX}{_owner_tag()}{uuid.uuid4().hex[:8]}_"
         env, args = self._env_and_args(self._binary, self._work)
         self.log_path = self._work / f"tritonserver-{self._starts}.log"
-        log = open(self.log_path, "wb")
-        try:
-            self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True,  # Ctrl-C reaches the CLI only: it stops the server
-                                         preexec_fn=_die_with_parent())
-        except OSError as e:
-            raise CaitError(f"{self._binary}: cannot start ({e.strerror})") from None
-        finally:
-            log.close()
+        with open(self.log_path, "wb") as log:   # the server keeps its own descriptor
+            try:
+                self.proc = subprocess.Popen(
+                    args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C reaches the CLI only: it stops the server
+                    preexec_fn=_die_with_parent())  # noqa: PLW1509 - prctl in the child; no other way to set it
+            except OSError as e:
+                raise CaitError(f"{self._binary}: cannot start ({e.strerror})") from None
         (self._work / "server.pid").write_text(str(self.proc.pid))  # for the watchdog
 
     def _get(self, path: str, data: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -497,7 +497,7 @@ class TritonServer:
                     self._watch.wait(timeout=10)
                 self._watch = None
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,34 @@
+"""`caitdeploy inspect` as a library: what a checkpoint, fused model, ONNX file or TensorRT engine is, and its
+shapes, read header-first (`describe.describe_file` does the reading; this gives it the pipelines' shape)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """`info` is the dict `caitdeploy inspect` prints (and `--json` prints as JSON). Its strings may come from
+    the file: print them through `errors.safe_text`, as the CLI does."""
+
+    info: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        """checkpoint | fused | onnx | engine"""
+        return str(self.info["kind"])
+
+    def json(self) -> str:
+        """The `--json` output: paths as text, NaN and Inf as null."""
+        from .common import _jsonable
+
+        return json.dumps(_jsonable(self.info), indent=2)
+
+
+def inspect(path: str | os.PathLike) -> InspectResult:
+    """Describe the file at `path`; CaitError (one line, naming the file) for a missing, unknown or corrupt one."""
+    from ..describe import describe_file
+
+    return InspectResult(describe_file(path))
