@@ -51,10 +51,10 @@ def slug(m: dict) -> str:
 
 
 def bench_arch(key: str, work: Path, fp16_samples: int, trt_ok: bool) -> dict:
-    from caitdeploy.cdcp import make_checkpoint, save_checkpoint_dict
+    from caitdeploy.compress.cdcp import make_checkpoint, save_checkpoint_dict
+    from caitdeploy.compress.fuse import FuseOptions, fuse_file
     from caitdeploy.export.onnx import export_onnx
-    from caitdeploy.fuse import FuseOptions, fuse_file
-    from caitdeploy.io import load_model
+    from caitdeploy.formats.fused import load_model
 
     arch, fr = ARCHS[key]
     out: dict = {"arch": arch, "flops_reduction_target": fr, "merges": MERGES}
@@ -134,7 +134,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from caitdeploy.errors import CaitError
+    from caitdeploy.core.errors import CaitError
 
     versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
     try:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_fuse.py [--arch deit_base_patch16_224] [--flops-reduction 0.58] [--runs 3]
 
 Makes the checkpoint with `caitdeploy make-checkpoint`, then runs `caitdeploy fuse` in a fresh process per run
-and reads that process's peak RSS (ru_maxrss of the child). Also runs `python -c "import caitdeploy.cli, torch"`
+and reads that process's peak RSS (ru_maxrss of the child). Also runs `python -c "import caitdeploy.cli.main, torch"`
 for the baseline RSS of the interpreter + torch, so the checkpoint-attributable memory is reported too.
 Writes benchmarks/results/fuse_<arch>_<machine>.json and .md.
 """
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "caitdeploy.cli"]
+CLI = [sys.executable, "-m", "caitdeploy.cli.main"]
 
 
 def cpu_name() -> str:
@@ -60,7 +60,7 @@ def main() -> None:
         subprocess.run([*CLI, "make-checkpoint", "--arch", args.arch, "--flops-reduction", str(args.flops_reduction),
                         "--merges", args.merges, "-o", str(ckpt)], check=True, stdout=subprocess.DEVNULL)
         size_mb = ckpt.stat().st_size / 2**20
-        _, base_rss = run_child([sys.executable, "-c", "import torch, caitdeploy.cli, caitdeploy.fuse"])
+        _, base_rss = run_child([sys.executable, "-c", "import torch, caitdeploy.cli.main, caitdeploy.compress.fuse"])
         runs = []
         for _ in range(args.runs):
             rep = Path(tmp) / "r.json"

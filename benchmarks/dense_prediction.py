@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from caitdeploy.bench import run_bench
     from caitdeploy.bench.report import print_table
     from caitdeploy.bench.runners import Timing
-    from caitdeploy.commands.common import console
+    from caitdeploy.cli.common import console
     from paper_settings import ARCHS, PAPER, build_setting, machine_name, write_results
 
     con = console()

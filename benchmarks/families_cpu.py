@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-CLI = [sys.executable, "-m", "caitdeploy.cli"]
+CLI = [sys.executable, "-m", "caitdeploy.cli.main"]
 
 
 def sh(*args) -> None:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from caitdeploy.io import load_fused
+    from caitdeploy.formats.fused import load_fused
     from paper_settings import machine_name
     from upstream_sit import sit_state_dict
     from upstream_spvit import SPVIT_RELEASED, spvit_state_dict

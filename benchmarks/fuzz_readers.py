@@ -17,12 +17,12 @@ Targets (small valid seed files, mutated; each case runs every reader of its tar
     fused                   the fused .safetensors model: the same header mutations, the config and caitdeploy
                             metadata JSON (tree and text), NaN data, random valid configs
                                                                               -> load_fused, load_model, inspect
-    onnx_metadata           metadata_props (caitdeploy.config JSON tree and text, other keys, duplicates),
+    onnx_metadata           metadata_props (caitdeploy.families.vit.config JSON tree and text, other keys, duplicates),
                             graph I/O, opsets, raw protobuf bytes               -> inspect
     engine_sidecar          `<engine>.json` (JSON tree and text, onnx path, sizes), engine bytes
                                                                                 -> read_sidecar, inspect
 
-Readers: caitdeploy.checkpoint.load_checkpoint; caitdeploy.io.load_fused, and load_model after it;
+Readers: caitdeploy.formats.checkpoint.load_checkpoint; caitdeploy.formats.fused.load_fused, and load_model after it;
 caitdeploy.export.tensorrt.read_sidecar; "inspect" is what `caitdeploy inspect FILE` runs, inspect_file then
 print_inspect of its result (rendered into a string).
 
@@ -854,7 +854,7 @@ ONNX_KEYS = ("caitdeploy.format", "caitdeploy.dtype", "caitdeploy.io_dtype", "ca
 
 
 def mutate_onnx(data, model, raw: bytes, desc: list[str], cfg_keys: tuple[str, ...]) -> bytes:
-    """metadata_props (caitdeploy.config as a JSON tree or text, other keys, duplicates), graph I/O, opsets,
+    """metadata_props (caitdeploy.families.vit.config as a JSON tree or text, other keys, duplicates), graph I/O, opsets,
     or the raw protobuf bytes."""
     import onnx
 
@@ -873,7 +873,7 @@ def mutate_onnx(data, model, raw: bytes, desc: list[str], cfg_keys: tuple[str, .
         if data.draw(st.integers(0, 5)) == 0:  # a second, different config entry
             extra = m.metadata_props.add()
             extra.key, extra.value = "caitdeploy.config", data.draw(st.sampled_from(["{}", "x", p.value[:50]]))
-            desc.append("duplicate caitdeploy.config entry")
+            desc.append("duplicate caitdeploy.families.vit.config entry")
     elif kind == "props":
         for _ in range(data.draw(st.integers(1, 3))):
             op = data.draw(st.sampled_from(["value", "delete", "add", "many"]))
@@ -994,7 +994,7 @@ def build_seeds(folder: Path) -> dict[str, Any]:
 
     import torch
 
-    from caitdeploy.cdcp import save_checkpoint_dict
+    from caitdeploy.compress.cdcp import save_checkpoint_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     ck = _conftest().random_checkpoint(embed_dim=24, depth=2, num_heads=2, img_size=16, patch_size=8,
@@ -1005,10 +1005,10 @@ def build_seeds(folder: Path) -> dict[str, Any]:
     if not sft.is_file():
         save_checkpoint_dict(ck, sft)
     if not fused.is_file():
-        from caitdeploy.fuse import fuse_file
+        from caitdeploy.compress.fuse import fuse_file
 
         fuse_file(pth, fused, verify_batch=0)
-    from caitdeploy.io import load_fused, load_model
+    from caitdeploy.formats.fused import load_fused, load_model
 
     config, _, _ = load_fused(fused)
     if not onnx_p.is_file():
@@ -1047,12 +1047,12 @@ def make_targets(seeds: dict[str, Any]) -> dict[str, Target]:
     import torch
     from safetensors.torch import save as save_st_bytes
 
-    from caitdeploy.checkpoint import load_checkpoint
-    from caitdeploy.commands.inspect import print_inspect
-    from caitdeploy.config import BlockConfig, CaitConfig
-    from caitdeploy.describe import describe_file as inspect_file
+    from caitdeploy.cli.inspect import print_inspect
     from caitdeploy.export.tensorrt import read_sidecar
-    from caitdeploy.io import load_fused, load_model, save_fused
+    from caitdeploy.families.vit.config import BlockConfig, CaitConfig
+    from caitdeploy.formats.checkpoint import load_checkpoint
+    from caitdeploy.formats.describe import describe_file as inspect_file
+    from caitdeploy.formats.fused import load_fused, load_model, save_fused
 
     st = _st()
     pth = seeds["pth"].read_bytes()
@@ -1155,7 +1155,7 @@ def make_targets(seeds: dict[str, Any]) -> dict[str, Target]:
         config = CaitConfig(g * patch, patch, data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5)),
                             data.draw(st.integers(1, 8)), data.draw(st.booleans()), tuple(blocks),
                             data.draw(st.sampled_from([1e-6, 1e-5, 0.1])))
-        from caitdeploy.model import CaitViT
+        from caitdeploy.families.vit.model import CaitViT
 
         torch.manual_seed(0)
         sd = CaitViT(config).state_dict()
@@ -1276,7 +1276,7 @@ def call_reader(fn: Callable[[Path], Any], path: Path, capture: Path, limits: di
     """Run fn(path) under the time limit; returns {"outcome": accepted|refused|finding, ...}."""
     import warnings
 
-    from caitdeploy.errors import CaitError
+    from caitdeploy.core.errors import CaitError
 
     rss0 = _status_kb("VmRSS")
     peak_ok = _reset_peak_rss()
@@ -1383,11 +1383,11 @@ def _write_case(folder: Path, suffix: str, files: dict[str, bytes]) -> Path:
     return main
 
 
-REPRO = {"load_checkpoint": "from caitdeploy.checkpoint import load_checkpoint\nload_checkpoint(path)",
-         "inspect": "from caitdeploy.commands.inspect import print_inspect\n"
-                    "from caitdeploy.describe import describe_file\nprint_inspect(describe_file(path))",
-         "load_fused": "from caitdeploy.io import load_fused\nload_fused(path)",
-         "load_model": "from caitdeploy.io import load_fused, load_model\nload_fused(path)\nload_model(path)",
+REPRO = {"load_checkpoint": "from caitdeploy.formats.checkpoint import load_checkpoint\nload_checkpoint(path)",
+         "inspect": "from caitdeploy.cli.inspect import print_inspect\n"
+                    "from caitdeploy.formats.describe import describe_file\nprint_inspect(describe_file(path))",
+         "load_fused": "from caitdeploy.formats.fused import load_fused\nload_fused(path)",
+         "load_model": "from caitdeploy.formats.fused import load_fused, load_model\nload_fused(path)\nload_model(path)",
          "read_sidecar": "from caitdeploy.export.tensorrt import read_sidecar\nread_sidecar(path)"}
 
 

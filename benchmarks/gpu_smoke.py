@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     from caitdeploy.bench.report import write_records_json
     from caitdeploy.bench.run import run_bench
     from caitdeploy.bench.runners import Timing
-    from caitdeploy.cdcp import make_checkpoint, save_checkpoint_dict
-    from caitdeploy.fuse import FuseOptions, fuse_file
+    from caitdeploy.compress.cdcp import make_checkpoint, save_checkpoint_dict
+    from caitdeploy.compress.fuse import FuseOptions, fuse_file
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

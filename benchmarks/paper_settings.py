@@ -53,7 +53,7 @@ def write_results(stem: Path, records: list, title: str, command: str, settings:
     """<stem>.json ({"machine", "command", "date", "settings", "records"}), <stem>.md (table, environment, the
     machine, the command, `note`) and <stem>.png (when a record is ok)."""
     from caitdeploy.bench.report import write_markdown, write_plot
-    from caitdeploy.commands.common import write_json
+    from caitdeploy.cli.common import write_json
 
     machine = machine_name()
     write_json(stem.with_name(stem.name + ".json"), {
@@ -69,8 +69,8 @@ def write_results(stem: Path, records: list, title: str, command: str, settings:
 
 def build_setting(size: str, reduction: float, work: Path, log) -> Path:
     """Checkpoint + fused model of one setting; reused when the fused file already exists."""
-    from caitdeploy.cdcp import make_checkpoint, save_checkpoint_dict
-    from caitdeploy.fuse import FuseOptions, fuse_file
+    from caitdeploy.compress.cdcp import make_checkpoint, save_checkpoint_dict
+    from caitdeploy.compress.fuse import FuseOptions, fuse_file
 
     stem = f"cait-deit-{size}-r{100 * reduction:g}"
     fused = work / f"{stem}.fused.safetensors"
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     from caitdeploy.bench.report import print_table
     from caitdeploy.bench.run import parse_batches
     from caitdeploy.bench.runners import Timing
-    from caitdeploy.commands.common import console
-    from caitdeploy.errors import CaitError
+    from caitdeploy.cli.common import console
+    from caitdeploy.core.errors import CaitError
 
     con = console()
     log = lambda s: con.print(s, markup=False)  # noqa: E731

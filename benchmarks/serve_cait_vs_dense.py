@@ -33,13 +33,13 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.paper_settings import machine_name
-    from caitdeploy.cdcp import make_checkpoint, save_checkpoint_dict
-    from caitdeploy.errors import Staging
+    from caitdeploy.compress.cdcp import make_checkpoint, save_checkpoint_dict
+    from caitdeploy.compress.fuse import FuseOptions, fuse_file
+    from caitdeploy.core.errors import Staging
     from caitdeploy.export.onnx import export_onnx_bytes
     from caitdeploy.export.triton_repo import plan_triton_repo, stage_triton_repo
-    from caitdeploy.fuse import FuseOptions, fuse_file
-    from caitdeploy.io import load_model
-    from caitdeploy.model import CaitViT
+    from caitdeploy.families.vit.model import CaitViT
+    from caitdeploy.formats.fused import load_model
     from caitdeploy.serve.loadtest import load_test, to_markdown
     from caitdeploy.serve.server import TritonServer, free_port
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         md += f"| {c} | {cr['throughput_req_s']:.1f} | {dense_by[c]['throughput_req_s']:.1f} | {cr['speedup_vs_dense']:.2f}x |\n"
     md += f"\n{doc['server']}. Random weights (speed only). Command: `{doc['command']}`\n"
     stem.with_suffix(".md").write_text(md)
-    from caitdeploy.commands.loadtest import _plot
+    from caitdeploy.cli.loadtest import _plot
 
     with Staging() as st:
         _plot(records, stem.with_suffix(".png"), st)

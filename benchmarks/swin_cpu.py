@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-CLI = [sys.executable, "-m", "caitdeploy.cli"]
+CLI = [sys.executable, "-m", "caitdeploy.cli.main"]
 ARCH = "swin_tiny_patch4_window7_224"
 
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     import timm
     import torch
 
-    from caitdeploy.io import load_fused
+    from caitdeploy.formats.fused import load_fused
     from paper_settings import machine_name
     from upstream_swin import SPVIT_SWIN_RELEASED, dimap_state_dict, spvit_swin_state_dict
 

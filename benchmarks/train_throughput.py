@@ -62,10 +62,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
 
-    from caitdeploy.cdcp import merge_reduction
-    from caitdeploy.config import CaitConfig
-    from caitdeploy.flops import model_flops
-    from caitdeploy.timm_compat import arch_config
+    from caitdeploy.compress.cdcp import merge_reduction
+    from caitdeploy.families.flops import model_flops
+    from caitdeploy.families.timm_compat import arch_config
+    from caitdeploy.families.vit.config import CaitConfig
     from paper_settings import machine_name
 
     machine = machine_name()
@@ -84,9 +84,9 @@ def main(argv=None) -> int:
             env.pop("WORLD_SIZE", None)
             cli = [*base, "-o", str(out), "--batch-size", str(batch), "--micro-batch", str(args.micro_batch),
                    "--stop-after-epochs", str(args.epochs_run)]
-            cmd = ([sys.executable, "-m", "caitdeploy.cli", *cli] if procs == 1 else
+            cmd = ([sys.executable, "-m", "caitdeploy.cli.main", *cli] if procs == 1 else
                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-                    "-m", "caitdeploy.cli", *cli])
+                    "-m", "caitdeploy.cli.main", *cli])
             wall = run(cmd, env)
             recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
             last = [r for r in recs if "epoch" in r][-1]
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                          "epoch_seconds": last["seconds"], "images": last["images"], "wall_seconds": wall,
                          "imagenet_epoch_hours": IMAGENET_TRAIN / last["img_s"] / 3600,
                          "command": ("caitdeploy " if procs == 1 else
-                                     f"torchrun --standalone --nproc_per_node {procs} -m caitdeploy.cli ")
+                                     f"torchrun --standalone --nproc_per_node {procs} -m caitdeploy.cli.main ")
                          + " ".join(cli).replace(tmp, "$TMP")})
             print(f"{procs} process(es): {last['img_s']:.2f} img/s -> ImageNet epoch "
                   f"{rows[-1]['imagenet_epoch_hours']:.0f} h on this machine", flush=True)

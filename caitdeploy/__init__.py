@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 def load_model(path, attn_impl: str = "sdpa", kernels: str | None = None):
     """A `CaitViT` (eval mode) from a fused safetensors file written by `caitdeploy fuse`."""
-    from .io import load_model as _load
+    from caitdeploy.formats.fused import load_model as _load
 
     return _load(path, attn_impl=attn_impl, kernels=kernels)
 

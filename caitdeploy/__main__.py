@@ -1,4 +1,4 @@
 """`python -m caitdeploy` (also `torchrun -m caitdeploy train ...`)."""
-from .cli import main
+from caitdeploy.cli.main import main
 
 main()

@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caitdeploy.checkpoint import load_checkpoint
-from caitdeploy.flops import encoder_flops
-from caitdeploy.fuse import FuseOptions, fuse_file
-from caitdeploy.io import load_model
-from caitdeploy.train import CDCPController, cait_wrap, save_checkpoint
+from caitdeploy.compress.fuse import FuseOptions, fuse_file
+from caitdeploy.families.flops import encoder_flops
+from caitdeploy.formats.checkpoint import load_checkpoint
+from caitdeploy.formats.fused import load_model
+from caitdeploy.training.wrappers import CDCPController, cait_wrap, save_checkpoint
 
 MERGES = {2: "h", 4: "v"}
 BLOCKS = (1, 3, 5)
@@ -207,7 +207,7 @@ def export_features(fused_path: Path, onnx_path: Path, threads: int) -> None:
     feat3, feat5 [batch, D, 8, 8]. The CLI checks the ONNX against PyTorch itself; its JSON report says how well."""
     report = onnx_path.with_suffix(".export.json")
     features = ",".join(map(str, BLOCKS))
-    cmd = [sys.executable, "-m", "caitdeploy.cli", "export", str(fused_path), "--features", features,
+    cmd = [sys.executable, "-m", "caitdeploy", "export", str(fused_path), "--features", features,
            "-o", str(onnx_path), "-q", "--report", str(report)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from caitdeploy.checkpoint import load_checkpoint
-from caitdeploy.fuse import FuseOptions, fuse_file
-from caitdeploy.io import load_model
-from caitdeploy.train import CDCPController, cait_wrap, save_checkpoint
+from caitdeploy.compress.fuse import FuseOptions, fuse_file
+from caitdeploy.formats.checkpoint import load_checkpoint
+from caitdeploy.formats.fused import load_model
+from caitdeploy.training.wrappers import CDCPController, cait_wrap, save_checkpoint
 
 MERGES = {2: "h", 4: "v"}
 

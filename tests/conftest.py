@@ -19,9 +19,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(_share)
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
-from caitdeploy.checkpoint import FORMAT, MERGE_KEY
-from caitdeploy.config import CaitConfig
-from caitdeploy.model import CaitViT
+from caitdeploy.families.vit.config import CaitConfig
+from caitdeploy.families.vit.model import CaitViT
+from caitdeploy.formats.checkpoint import FORMAT, MERGE_KEY
 
 
 def _orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
@@ -102,7 +102,7 @@ def make_ckpt(tmp_path):
         path = tmp_path / name
         ckpt = random_checkpoint(**kw)
         if path.suffix == ".safetensors":
-            from caitdeploy.cdcp import save_checkpoint_dict
+            from caitdeploy.compress.cdcp import save_checkpoint_dict
             save_checkpoint_dict(ckpt, path)
         else:
             torch.save(ckpt, path)
@@ -123,7 +123,7 @@ def run_cli_limited(cases: dict[str, list[str]], cwd, address_space: int = 4 << 
         import json, resource, sys, time
         resource.setrlimit(resource.RLIMIT_AS, ({address_space}, {address_space}))
         from click.testing import CliRunner
-        from caitdeploy.cli import main
+        from caitdeploy.cli.main import main
         out = {{}}
         for name, args in {cases!r}.items():
             t0 = time.perf_counter()

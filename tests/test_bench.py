@@ -20,12 +20,12 @@ from caitdeploy.bench import (
     to_markdown,
     write_plot,
 )
-from caitdeploy.cli import main
-from caitdeploy.config import CaitConfig
-from caitdeploy.errors import CaitError
-from caitdeploy.flops import model_flops
-from caitdeploy.io import save_fused
-from caitdeploy.model import CaitViT
+from caitdeploy.cli.main import main
+from caitdeploy.core.errors import CaitError
+from caitdeploy.families.flops import model_flops
+from caitdeploy.families.vit.config import CaitConfig
+from caitdeploy.families.vit.model import CaitViT
+from caitdeploy.formats.fused import save_fused
 
 FAST = Timing(warmup=1, min_iters=2, min_seconds=0.0, repeats=2)
 

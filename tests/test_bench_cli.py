@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from caitdeploy.bench import RECORD_KEYS
-from caitdeploy.cli import main
+from caitdeploy.cli.main import main
 from test_bench import write_tiny_fused
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.cli import main
+from caitdeploy.cli.main import main
 from conftest import random_checkpoint
 
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.checkpoint import load_checkpoint
-from caitdeploy.cli import main
-from caitdeploy.config import CaitConfig, ConfigError
-from caitdeploy.fuse import FuseOptions, fuse_file
-from caitdeploy.io import load_model
-from caitdeploy.models.layers import restore_grid
-from caitdeploy.models.resize import at_size, resample_pos_embed
-from caitdeploy.reference import reference_forward
+from caitdeploy.cli.main import main
+from caitdeploy.compress.fuse import FuseOptions, fuse_file
+from caitdeploy.compress.reference import reference_forward
+from caitdeploy.families.layers import restore_grid
+from caitdeploy.families.vit.config import CaitConfig, ConfigError
+from caitdeploy.families.vit.resize import at_size, resample_pos_embed
+from caitdeploy.formats.checkpoint import load_checkpoint
+from caitdeploy.formats.fused import load_model
 from conftest import random_checkpoint
 
 MERGES = {1: "h", 2: "v"}
@@ -52,7 +52,7 @@ def test_plain_vit_at_another_size_equals_timm(tmp_path):
     96x160 from the same weights through its checkpoint filter (which resamples pos_embed)."""
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-    from caitdeploy.train import cait_wrap, save_checkpoint
+    from caitdeploy.training.wrappers import cait_wrap, save_checkpoint
 
     torch.manual_seed(0)
     kw = dict(patch_size=16, num_classes=7, embed_dim=48, depth=2, num_heads=3)
@@ -179,7 +179,7 @@ def test_export_refuses_bad_feature_options_in_one_line(fused224, tmp_path):
 
 
 def test_export_default_name_says_size_and_features(fused224, tmp_path):
-    from caitdeploy.commands.export import default_onnx_path
+    from caitdeploy.cli.export import default_onnx_path
 
     assert default_onnx_path("a/m.fused.safetensors", "fp16", "512", "3,5").name == "m.512.feat3-5.fp16.onnx"
     assert default_onnx_path("m.fused.safetensors", "fp32").name == "m.onnx"
@@ -229,7 +229,7 @@ def test_other_families_at_another_size():
     a slimming are refused (the tokens are no longer a grid)."""
     from dataclasses import replace
 
-    from caitdeploy.model import CaitViT
+    from caitdeploy.families.vit.model import CaitViT
 
     base = CaitConfig.dense(img_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=5)
     lv = replace(CaitConfig.dense(img_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=5,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.cdcp import make_checkpoint, save_checkpoint_dict
-from caitdeploy.cli import main
-from caitdeploy.config import BlockConfig, CaitConfig
-from caitdeploy.fuse import FuseOptions, fuse_file
-from caitdeploy.io import save_fused
-from caitdeploy.model import CaitViT
+from caitdeploy.cli.main import main
+from caitdeploy.compress.cdcp import make_checkpoint, save_checkpoint_dict
+from caitdeploy.compress.fuse import FuseOptions, fuse_file
+from caitdeploy.families.vit.config import BlockConfig, CaitConfig
+from caitdeploy.families.vit.model import CaitViT
+from caitdeploy.formats.fused import save_fused
 
 HAS_TRT = importlib.util.find_spec("tensorrt_rtx") is not None or importlib.util.find_spec("tensorrt") is not None
 

@@ -13,10 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from caitdeploy.config import BlockConfig, CaitConfig
-from caitdeploy.errors import CaitError
+from caitdeploy.core.errors import CaitError
 from caitdeploy.export.onnx import FORBIDDEN_OPS, export_onnx, op_census
-from caitdeploy.model import CaitViT
+from caitdeploy.families.vit.config import BlockConfig, CaitConfig
+from caitdeploy.families.vit.model import CaitViT
 
 SCALE = 16 ** -0.5
 

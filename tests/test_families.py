@@ -11,8 +11,8 @@ import timm
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.cli import main
-from caitdeploy.io import load_fused, load_model
+from caitdeploy.cli.main import main
+from caitdeploy.formats.fused import load_fused, load_model
 from upstream_sit import lvvit_forward, lvvit_spec, lvvit_state_dict, sit_forward, sit_spec, sit_state_dict
 from upstream_spvit import spvit_forward, spvit_state_dict
 
@@ -50,7 +50,7 @@ VARIANTS = [
 @pytest.mark.parametrize("name,kw", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_timm_variant_fuses_to_timms_forward(tmp_path, name, kw):
     """cait_wrap (identity compactors, no merges) -> checkpoint -> fuse: the fused model computes timm's forward."""
-    from caitdeploy.train import cait_wrap, save_checkpoint
+    from caitdeploy.training.wrappers import cait_wrap, save_checkpoint
 
     kw = dict(kw)
     img = kw.pop("img", 32)

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from caitdeploy import load_model
-from caitdeploy.cdcp import make_checkpoint, save_checkpoint_dict
-from caitdeploy.checkpoint import load_checkpoint
-from caitdeploy.errors import CaitError
-from caitdeploy.fuse import FuseOptions, fuse, fuse_file, max_logit_diff
-from caitdeploy.model import CaitViT
-from caitdeploy.reference import reference_forward
+from caitdeploy.compress.cdcp import make_checkpoint, save_checkpoint_dict
+from caitdeploy.compress.fuse import FuseOptions, fuse, fuse_file, max_logit_diff
+from caitdeploy.compress.reference import reference_forward
+from caitdeploy.core.errors import CaitError
+from caitdeploy.families.vit.model import CaitViT
+from caitdeploy.formats.checkpoint import load_checkpoint
 from conftest import random_checkpoint
 
 DEIT = {  # the option matrix runs on a small ViT; one full-size DeiT-Small case checks real shapes
@@ -184,7 +184,7 @@ def test_safetensors_checkpoint_and_deit_style_inference(tmp_path):
 
 
 def test_make_checkpoint_hits_flops_target_and_fuses_exactly(tmp_path):
-    from caitdeploy.flops import model_flops
+    from caitdeploy.families.flops import model_flops
 
     for arch, target in (("deit_tiny_patch16_224", 0.505), ("deit_small_patch16_224", 0.55)):
         ckpt, summary = make_checkpoint(arch, target, {4: "h", 8: "v"}, seed=0)

@@ -29,9 +29,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.cli import main
-from caitdeploy.errors import CaitError, safe_text
-from caitdeploy.format import ENGINE_FORMAT
+from caitdeploy.cli.main import main
+from caitdeploy.core.errors import CaitError, safe_text
+from caitdeploy.formats.names import ENGINE_FORMAT
 from conftest import one_line_error, random_checkpoint
 
 HAS_TRT = importlib.util.find_spec("tensorrt_rtx") is not None or importlib.util.find_spec("tensorrt") is not None
@@ -181,7 +181,7 @@ def test_bad_option_values_are_one_line_before_any_work(small, name, monkeypatch
 def test_option_types():
     import click
 
-    from caitdeploy.commands.options import (
+    from caitdeploy.cli.options import (
         PORT,
         BlockList,
         Float,
@@ -226,7 +226,7 @@ def test_option_types():
 
 
 def test_option_ranges_agree_with_the_library():
-    from caitdeploy.commands import export as E
+    from caitdeploy.cli import export as E
     from caitdeploy.export.quantize import MAX_CALIB_IMAGES
     from caitdeploy.export.tensorrt import MAX_PROFILE_BATCH
 
@@ -234,7 +234,7 @@ def test_option_ranges_agree_with_the_library():
 
 
 def test_image_size_parser_takes_ascii_digits_only():
-    from caitdeploy.config import ConfigError, image_size
+    from caitdeploy.families.vit.config import ConfigError, image_size
 
     assert image_size("224") == 224 and image_size("224x320") == (224, 320)
     for bad in ("²", "224x²", "٣٢", "1" * 40):
@@ -244,8 +244,8 @@ def test_image_size_parser_takes_ascii_digits_only():
 
 # ---- 4. sizes checked before reading -------------------------------------------------------------------
 def test_read_bounded(tmp_path, monkeypatch):
-    from caitdeploy import paths
-    from caitdeploy.paths import read_bounded
+    from caitdeploy.core import paths
+    from caitdeploy.core.paths import read_bounded
 
     p = tmp_path / "f.json"
     p.write_bytes(b"x" * 100)
@@ -303,8 +303,8 @@ def test_big_files_are_refused_before_reading_with_small_rss(tmp_path):
         resource.setrlimit(resource.RLIMIT_AS, ({4 << 30}, {4 << 30}))
         os.environ["CAITDEPLOY_MAX_MEMORY_MB"] = "1024"
         from click.testing import CliRunner
-        from caitdeploy.cli import main
-        import caitdeploy.describe, caitdeploy.export.tensorrt, onnx  # the imports' RSS, before any case
+        from caitdeploy.cli.main import main
+        import caitdeploy.formats.describe, caitdeploy.export.tensorrt, onnx  # the imports' RSS, before any case
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) across fork and exec
         rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
         out = {{"base": rss()}}
@@ -329,7 +329,7 @@ def test_big_files_are_refused_before_reading_with_small_rss(tmp_path):
 
 # ---- 5. terminal injection ------------------------------------------------------------------------------
 def test_safe_text():
-    from caitdeploy.commands.common import rich_safe
+    from caitdeploy.cli.common import rich_safe
 
     for ch in ("\x1b", "\x9b", "\x07", "\x7f", "\n", "\r", "\t", "\v", "\f", "\x85", "\u2028", "\u2029", "\u202a",
                "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069", "\u200b", "\ufeff",
@@ -532,8 +532,8 @@ def test_good_fused_metadata_still_reads(small, tmp_path):
 def test_unknown_family_in_file_metadata_is_one_config_error():
     """Found by the fuzz run: a config (ONNX metadata, sidecar) naming an unknown family reached the FLOPs code
     and raised UnknownFamily uncaught; `config_from_dict`, the one reader, now refuses it as a ConfigError."""
-    from caitdeploy.config import CaitConfig, ConfigError
-    from caitdeploy.models import config_from_dict
+    from caitdeploy.families import config_from_dict
+    from caitdeploy.families.vit.config import CaitConfig, ConfigError
 
     d = CaitConfig.from_format(random_checkpoint(**SMALL)["config"]).to_dict()
     assert config_from_dict(d).family == "vit"

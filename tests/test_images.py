@@ -1,4 +1,4 @@
-"""Untrusted images (caitdeploy.imagefile): every bound checked from the header before a pixel is decoded, damaged
+"""Untrusted images (caitdeploy.core.images): every bound checked from the header before a pixel is decoded, damaged
 files refused without decoding, one line naming the file; int8 calibration images go through the same checks."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caitdeploy.errors import CaitError
-from caitdeploy.imagefile import check_image, load_rgb, open_image, probe
-from caitdeploy.limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from caitdeploy.core.budgets import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from caitdeploy.core.errors import CaitError
+from caitdeploy.core.images import check_image, load_rgb, open_image, probe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,7 @@ def test_calibration_bombs_refused_under_a_memory_limit(tmp_path):
         (d / "b_bomb.png").write_bytes(data)
     code = textwrap.dedent(f"""
         import resource, sys, time
-        from caitdeploy.errors import CaitError
+        from caitdeploy.core.errors import CaitError
         from caitdeploy.export.quantize import calibration_images
         import PIL.Image, PIL.PngImagePlugin
         vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")) * 1024

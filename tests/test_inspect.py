@@ -9,13 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.cdcp import make_checkpoint, save_checkpoint_dict
-from caitdeploy.cli import main
-from caitdeploy.config import BlockConfig, CaitConfig
+from caitdeploy.cli.main import main
+from caitdeploy.compress.cdcp import make_checkpoint, save_checkpoint_dict
 from caitdeploy.export.onnx import export_onnx, op_census
-from caitdeploy.flops import model_flops
-from caitdeploy.io import save_fused
-from caitdeploy.model import CaitViT
+from caitdeploy.families.flops import model_flops
+from caitdeploy.families.vit.config import BlockConfig, CaitConfig
+from caitdeploy.families.vit.model import CaitViT
+from caitdeploy.formats.fused import save_fused
 
 HAS_TRT = importlib.util.find_spec("tensorrt_rtx") is not None or importlib.util.find_spec("tensorrt") is not None
 S = 16 ** -0.5

@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.cli import main
-from caitdeploy.fuse import FuseOptions, fuse_file
+from caitdeploy.cli.main import main
+from caitdeploy.compress.fuse import FuseOptions, fuse_file
 from conftest import random_checkpoint
 
 FORBIDDEN = {"TopK", "ArgMax", "ArgMin", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "NonZero",

@@ -302,8 +302,8 @@ def test_missing_triton_gives_clear_error(monkeypatch):
 def test_caitvit_uses_the_kernels_and_matches_math_path():
     """CaitViT(kernels="triton") runs both kernels (interpreter on CPU, compiled on CUDA) and equals the math path."""
     from caitdeploy import kernels
-    from caitdeploy.config import BlockConfig, CaitConfig
-    from caitdeploy.model import CaitViT
+    from caitdeploy.families.vit.config import BlockConfig, CaitConfig
+    from caitdeploy.families.vit.model import CaitViT
 
     blocks = (BlockConfig(2, 12, 20, 40, 16**-0.5, None), BlockConfig(2, 12, 20, 40, 16**-0.5, "h"),
               BlockConfig(2, 8, 12, 24, 16**-0.5, "v"))

@@ -10,17 +10,19 @@ PKG = Path(__file__).resolve().parents[1] / "caitdeploy"
 
 # floor of each module (README, "Architecture"); a package maps all its modules to one floor
 FLOORS = {
-    "caitdeploy.config": 1, "caitdeploy.format": 1, "caitdeploy.errors": 1, "caitdeploy.paths": 1, "caitdeploy.tensorfile": 1,
-    "caitdeploy.timm_compat": 2,
-    "caitdeploy.checkpoint": 2, "caitdeploy.reference": 2, "caitdeploy.surgery": 2, "caitdeploy.model": 2, "caitdeploy.models": 2,
-    "caitdeploy.flops": 2, "caitdeploy.limits": 2, "caitdeploy.safepickle": 2, "caitdeploy.baselines": 2,
-    "caitdeploy.imagefile": 2,
-    "caitdeploy.fuse": 3, "caitdeploy.cdcp": 3, "caitdeploy.io": 3, "caitdeploy.train": 3, "caitdeploy.convert": 3,
-    "caitdeploy.export": 4, "caitdeploy.runtime": 4, "caitdeploy.describe": 4, "caitdeploy.serve": 4, "caitdeploy.bench": 4,
-    "caitdeploy.trainer": 4,
+    "caitdeploy.kernels": 0,       # the wing: imports nothing else of caitdeploy
+    "caitdeploy.core": 1,          # errors, staging, budgets, bounded readers
+    "caitdeploy.formats.names": 1,
+    "caitdeploy.families": 2,      # configs, deploy models, FLOPs, the timm adapter
+    "caitdeploy.baselines": 2,
+    "caitdeploy.formats": 3,       # checkpoints and fused files (read through a family)
+    "caitdeploy.compress": 3,
+    "caitdeploy.convert": 3,
+    "caitdeploy.training.wrappers": 3,
+    "caitdeploy.export": 4, "caitdeploy.runtime": 4, "caitdeploy.formats.describe": 4, "caitdeploy.serve": 4,
+    "caitdeploy.bench": 4, "caitdeploy.training": 4,
     "caitdeploy.pipelines": 5,
-    "caitdeploy.cli": 6, "caitdeploy.commands": 6, "caitdeploy": 6,
-    "caitdeploy.kernels": 0,   # the wing: imports nothing else of caitdeploy
+    "caitdeploy.cli": 6, "caitdeploy": 6,
 }
 FLOORS["caitdeploy.__main__"] = FLOORS["caitdeploy.cli"]   # `python -m caitdeploy` is the CLI
 
@@ -159,8 +161,8 @@ def test_no_import_cycles():
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     """Self-test: the walker finds an import inside a function and resolves `..` relative imports."""
     deps = imports_of(PKG / "bench" / "run.py")
-    assert "caitdeploy.io" in deps and "caitdeploy.limits" in deps  # lazy and top-level
-    assert "caitdeploy.config" in imports_of(PKG / "checkpoint.py")
+    assert "caitdeploy.formats.fused" in deps and "caitdeploy.core.budgets" in deps  # lazy and top-level
+    assert "caitdeploy.families.vit.config" in imports_of(PKG / "formats" / "checkpoint.py")
 
 
 def test_the_checker_rejects_an_unknown_module_and_a_cycle():

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caitdeploy.config import BlockConfig, CaitConfig, ConfigError
-from caitdeploy.flops import flop_counter, model_flops, model_params
-from caitdeploy.model import CaitViT, merge_tokens
+from caitdeploy.families.flops import flop_counter, model_flops, model_params
+from caitdeploy.families.layers import merge_tokens
+from caitdeploy.families.vit.config import BlockConfig, CaitConfig, ConfigError
+from caitdeploy.families.vit.model import CaitViT
 
 
 def test_dense_caitvit_equals_timm():

@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.cli import main
-from caitdeploy.errors import CaitError, OptionError
+from caitdeploy.cli.main import main
+from caitdeploy.core.errors import CaitError, OptionError
 from caitdeploy.pipelines.export import ExportOptions, check, export
 from caitdeploy.pipelines.fuse import FuseOptions, fuse
 from caitdeploy.pipelines.inspect import inspect

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from caitdeploy.cli import main
+from caitdeploy.cli.main import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

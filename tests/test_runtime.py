@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from caitdeploy.errors import CaitError
+from caitdeploy.core.errors import CaitError
 from caitdeploy.runtime import (
     OrtRunner,
     RuntimeSpec,
@@ -56,8 +56,8 @@ def test_ort_runner_binds_the_dtypes_its_session_declares(in_type, out_type, wan
 
 
 def test_torch_runner_reads_metadata_from_the_model_and_never_converts_it_in_place():
-    from caitdeploy.config import CaitConfig
-    from caitdeploy.model import CaitViT
+    from caitdeploy.families.vit.config import CaitConfig
+    from caitdeploy.families.vit.model import CaitViT
 
     model = CaitViT(CaitConfig.dense(img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2, num_classes=5))
     with TorchRunner(model, RuntimeSpec("cpu"), dtype=torch.float64) as r:
@@ -106,10 +106,10 @@ def test_engine_build_key_rejects_unknown_options():
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt_rtx (pip install tensorrt-rtx-cu13)")
 def test_engine_is_reused_only_for_the_same_onnx_and_options(tmp_path):
     """A real TensorRT-RTX build (ahead of time, on the CPU); the cache decision reads its sidecar."""
+    from caitdeploy.compress.fuse import fuse_file
     from caitdeploy.export.onnx import export_onnx
     from caitdeploy.export.tensorrt import build_engine
-    from caitdeploy.fuse import fuse_file
-    from caitdeploy.io import load_model
+    from caitdeploy.formats.fused import load_model
     from conftest import random_checkpoint
 
     ck = tmp_path / "c.pth"

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from caitdeploy.checkpoint import read_container
-from caitdeploy.errors import CaitError, render
-from caitdeploy.safepickle import MAX_DEPTH, MAX_EXPANDED, check_torch_zip
+from caitdeploy.core.errors import CaitError, render
+from caitdeploy.core.safepickle import MAX_DEPTH, MAX_EXPANDED, check_torch_zip
+from caitdeploy.formats.checkpoint import read_container
 from conftest import random_checkpoint, run_cli_limited
 
 SMALL = dict(embed_dim=24, depth=2, num_heads=2, img_size=16, patch_size=8, num_classes=5)

@@ -16,9 +16,9 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip in
     f"; it needs numpy < 2 and this stack has numpy {np.__version__} (the floor leg)"
     if int(np.__version__.split(".")[0]) >= 2 else ""))
 
-from caitdeploy.cli import main
-from caitdeploy.errors import CaitError
-from caitdeploy.io import load_model
+from caitdeploy.cli.main import main
+from caitdeploy.core.errors import CaitError
+from caitdeploy.formats.fused import load_model
 from caitdeploy.serve.server import TritonServer, free_port
 from test_bench import write_tiny_fused
 

@@ -28,7 +28,7 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip in
     f"; it needs numpy < 2 and this stack has numpy {np.__version__} (the floor leg)"
     if int(np.__version__.split(".")[0]) >= 2 else ""))
 
-from caitdeploy.cli import main
+from caitdeploy.cli.main import main
 from caitdeploy.serve.server import free_port, sweep_stale_servers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,7 +260,7 @@ def test_sigkill_of_the_cli_takes_the_server_its_stubs_and_its_folder(repo):
 def test_what_a_lost_watchdog_leaves_is_swept_at_the_next_start(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=False)
     dead = int(done.stdout)                 # a pid that no longer runs
-    from caitdeploy.errors import _host
+    from caitdeploy.core.errors import _host
 
     stale = Path(tempfile.mkdtemp(prefix=f"caitdeploy-serve-{_host()}-{dead}-"))
     (stale / "tritonserver-1.log").write_text("x")

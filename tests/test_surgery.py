@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caitdeploy import surgery as S
-from caitdeploy.errors import CaitError
+from caitdeploy.compress import surgery as S
+from caitdeploy.core.errors import CaitError
 
 
 def test_fold_is_compactor_times_weight():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from caitdeploy.flops import flop_counter
-from caitdeploy.models.swin import CaitSwin, SwinConfig, from_checkpoint, swin_config_of, swin_flops
+from caitdeploy.families.flops import flop_counter
+from caitdeploy.families.swin.model import CaitSwin, SwinConfig, from_checkpoint, swin_config_of, swin_flops
 
 FORBIDDEN = {"TopK", "ArgMax", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "NonZero", "Loop", "If"}
 
@@ -216,7 +216,7 @@ ARCH = "swin_tiny_patch4_window7_224"
 def small_checkpoint(tmp_path, merges=None, reduction=0.3, perturb=True, weights=None, seed=0):
     """A CAIT-Swin checkpoint on the small Swin: CDCP masks for `reduction`, and (perturb) random compactors
     whose dropped rows are zero and random merge weights, so fusing is checked on non-trivial folds."""
-    from caitdeploy.cdcp import make_swin_checkpoint, save_checkpoint_dict
+    from caitdeploy.compress.cdcp import make_swin_checkpoint, save_checkpoint_dict
 
     ckpt, summary = make_swin_checkpoint(ARCH, reduction, merges if merges is not None else {(2, 1): "h"},
                                          weights=weights, seed=seed, num_classes=10, model_args=SMALL)
@@ -238,9 +238,9 @@ def small_checkpoint(tmp_path, merges=None, reduction=0.3, perturb=True, weights
 def test_swin_checkpoint_fuses_exactly(tmp_path):
     """Random compactors (non-identity kept rows) and a merge that leaves stage 3 on a 7x4 grid: the fused model
     equals the checkpoint's own float64 forward, its FLOPs equal torch's counter, its widths are the masks'."""
-    from caitdeploy.checkpoint import load_checkpoint
-    from caitdeploy.fuse import FuseOptions, fuse_file, swin_reference
-    from caitdeploy.io import load_model
+    from caitdeploy.compress.fuse import FuseOptions, fuse_file, swin_reference
+    from caitdeploy.formats.checkpoint import load_checkpoint
+    from caitdeploy.formats.fused import load_model
 
     path, _ckpt, summary = small_checkpoint(tmp_path)
     assert abs(summary["flops_reduction"] - 0.3) < 0.01
@@ -263,8 +263,8 @@ def test_swin_identity_fuse_equals_timm(tmp_path):
     """No pruning, no merges: the fused Swin computes timm's forward (1e-5)."""
     from safetensors.torch import save_file
 
-    from caitdeploy.fuse import FuseOptions, fuse_file
-    from caitdeploy.io import load_model
+    from caitdeploy.compress.fuse import FuseOptions, fuse_file
+    from caitdeploy.formats.fused import load_model
 
     m = small_timm(seed=3)
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "w.safetensors"))
@@ -281,9 +281,9 @@ def test_swin_export_dynamic_batch(tmp_path):
     import onnx
     import onnxruntime as ort
 
+    from caitdeploy.compress.fuse import FuseOptions, fuse_file
     from caitdeploy.export.onnx import FORBIDDEN_OPS, export_onnx_bytes
-    from caitdeploy.fuse import FuseOptions, fuse_file
-    from caitdeploy.io import load_model
+    from caitdeploy.formats.fused import load_model
 
     path, _, _ = small_checkpoint(tmp_path)
     fuse_file(path, tmp_path / "f.safetensors", FuseOptions(align=8))
@@ -306,9 +306,9 @@ def test_swin_bad_inputs_one_line(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from caitdeploy.cdcp import parse_swin_merges
-    from caitdeploy.checkpoint import load_checkpoint
-    from caitdeploy.errors import CaitError, OptionError
+    from caitdeploy.compress.cdcp import parse_swin_merges
+    from caitdeploy.core.errors import CaitError, OptionError
+    from caitdeploy.formats.checkpoint import load_checkpoint
 
     path, ckpt, _ = small_checkpoint(tmp_path, perturb=False)
     sd = load_file(str(path))
@@ -352,8 +352,8 @@ def test_convert_dimap_exact(tmp_path, layout):
     from click.testing import CliRunner
     from safetensors.torch import save_file
 
-    from caitdeploy.cli import main
-    from caitdeploy.io import load_model
+    from caitdeploy.cli.main import main
+    from caitdeploy.formats.fused import load_model
     from upstream_swin import dimap_state_dict, to_microsoft
 
     m = small_timm(seed=5)
@@ -395,10 +395,10 @@ def test_convert_spvit_swin(tmp_path):
     fused file exports with a dynamic batch and its FLOPs equal torch's counter."""
     from click.testing import CliRunner
 
-    from caitdeploy.cli import main
+    from caitdeploy.cli.main import main
     from caitdeploy.convert import convert_file
     from caitdeploy.export.onnx import export_onnx_bytes
-    from caitdeploy.io import load_model
+    from caitdeploy.formats.fused import load_model
     from upstream_swin import spvit_swin_state_dict
 
     src = tmp_path / "spvit_swin.pth"
@@ -441,9 +441,9 @@ def test_cait_wrap_swin_trains_and_fuses(tmp_path):
     """`cait_wrap` of a timm Swin with a Tab. XIV-style merge: CDCP's controller trains compactors (Eq. 2, masks
     re-selected), `finalize` zeroes the masked rows, the checkpoint written from the wrapper fuses strictly and
     the fused model equals the wrapper's forward."""
-    from caitdeploy.fuse import FuseOptions, fuse_file
-    from caitdeploy.io import load_model
-    from caitdeploy.train import CDCPController, cait_wrap, save_checkpoint
+    from caitdeploy.compress.fuse import FuseOptions, fuse_file
+    from caitdeploy.formats.fused import load_model
+    from caitdeploy.training.wrappers import CDCPController, cait_wrap, save_checkpoint
 
     torch.manual_seed(0)
     m = small_timm(seed=2)
@@ -470,8 +470,8 @@ def test_cait_wrap_swin_trains_and_fuses(tmp_path):
 def test_swin_feature_maps_equal_timm_stages():
     """No merges, no pruning: the maps after each stage's last block are timm's stage outputs (its
     forward_intermediates, no norm), exactly; encoder FLOPs count the stem, the patch mergings and the blocks."""
-    from caitdeploy.flops import encoder_flops
-    from caitdeploy.train import cait_wrap
+    from caitdeploy.families.flops import encoder_flops
+    from caitdeploy.training.wrappers import cait_wrap
 
     m = small_timm(seed=4)
     w = cait_wrap(m, {}).eval()
@@ -492,9 +492,9 @@ def test_swin_feature_export_merged_pruned(tmp_path):
     """A fused, merged (2.1:h) and pruned Swin exported with --features: each map on its stage's grid, the merged
     stage restored exactly (each merged token in both columns it came from), later stages on the grid the merge
     leaves, ONNX Runtime equal to PyTorch at batch 1 and 5, no data-dependent ops."""
+    from caitdeploy.compress.fuse import FuseOptions, fuse_file
     from caitdeploy.export.onnx import FORBIDDEN_OPS, export_onnx_bytes
-    from caitdeploy.fuse import FuseOptions, fuse_file
-    from caitdeploy.io import load_model
+    from caitdeploy.formats.fused import load_model
 
     path, _, _ = small_checkpoint(tmp_path)
     fuse_file(path, tmp_path / "f.safetensors", FuseOptions(align=1))
@@ -517,8 +517,8 @@ def test_swin_make_checkpoint_auto_merges(tmp_path):
     two blocks), so a deeper stage 3 (Swin-S, 18 blocks) does not overshoot the target."""
     from click.testing import CliRunner
 
-    from caitdeploy.cdcp import make_swin_checkpoint
-    from caitdeploy.cli import main
+    from caitdeploy.cli.main import main
+    from caitdeploy.compress.cdcp import make_swin_checkpoint
 
     deep = dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 2, 4))
     _, summary = make_swin_checkpoint(ARCH, 0.354, None, num_classes=10, model_args=deep)

@@ -14,8 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from caitdeploy.config import BlockConfig, CaitConfig
-from caitdeploy.errors import CaitError
+from caitdeploy.core.errors import CaitError
 from caitdeploy.export.onnx import export_onnx
 from caitdeploy.export.tensorrt import (
     TrtRunner,
@@ -25,7 +24,8 @@ from caitdeploy.export.tensorrt import (
     import_trt,
     sidecar_path,
 )
-from caitdeploy.model import CaitViT
+from caitdeploy.families.vit.config import BlockConfig, CaitConfig
+from caitdeploy.families.vit.model import CaitViT
 
 trt = pytest.importorskip("tensorrt_rtx") if importlib.util.find_spec("tensorrt") is None else None
 CUDA = torch.cuda.is_available()
@@ -184,9 +184,9 @@ def test_import_trt_names_the_packages():
 def test_swin_onnx_builds_and_inspects(tmp_path):
     """A Swin export (feature maps here) carries a Swin config in its metadata: the engine build, its sidecar and
     `inspect` of both files read it (they once parsed every config as a ViT's and refused it)."""
-    from caitdeploy.cdcp import swin_timm_model
-    from caitdeploy.describe import inspect_engine, inspect_onnx
-    from caitdeploy.models.swin import CaitSwin, SwinConfig, swin_config_of
+    from caitdeploy.compress.cdcp import swin_timm_model
+    from caitdeploy.families.swin.model import CaitSwin, SwinConfig, swin_config_of
+    from caitdeploy.formats.describe import inspect_engine, inspect_onnx
 
     timm_swin = swin_timm_model("swin_tiny_patch4_window7_224", 3, 32,
                                 dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4))

@@ -5,10 +5,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.cli import main
-from caitdeploy.errors import CaitError
-from caitdeploy.timm_compat import timm_model, unsupported_feature
-from caitdeploy.train import cait_wrap
+from caitdeploy.cli.main import main
+from caitdeploy.core.errors import CaitError
+from caitdeploy.families.timm_compat import timm_model, unsupported_feature
+from caitdeploy.training.wrappers import cait_wrap
 
 # timm name -> None (supported) or the feature the refusal must name
 NAMES = {

@@ -13,9 +13,9 @@ from caitdeploy.baselines.tome import (
     tome_flops,
     tome_tokens,
 )
-from caitdeploy.config import CaitConfig
-from caitdeploy.flops import flop_counter, model_flops
-from caitdeploy.model import CaitViT
+from caitdeploy.families.flops import flop_counter, model_flops
+from caitdeploy.families.vit.config import CaitConfig
+from caitdeploy.families.vit.model import CaitViT
 
 
 def small_dense(img_size=64, patch_size=8, depth=4, embed_dim=48, num_heads=3):

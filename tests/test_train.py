@@ -12,11 +12,11 @@ import itertools
 
 from timm.models.vision_transformer import VisionTransformer
 
-from caitdeploy.checkpoint import expected_shapes, load_checkpoint
-from caitdeploy.errors import CaitError
-from caitdeploy.fuse import FuseOptions, fuse_file
-from caitdeploy.reference import reference_forward
-from caitdeploy.train import CDCPController, cait_wrap, checkpoint_dict, save_checkpoint
+from caitdeploy.compress.fuse import FuseOptions, fuse_file
+from caitdeploy.compress.reference import reference_forward
+from caitdeploy.core.errors import CaitError
+from caitdeploy.formats.checkpoint import expected_shapes, load_checkpoint
+from caitdeploy.training.wrappers import CDCPController, cait_wrap, checkpoint_dict, save_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -20,8 +20,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.cli import main
-from caitdeploy.trainer import STATE_FORMAT
+from caitdeploy.cli.main import main
+from caitdeploy.training.loop import STATE_FORMAT
 from conftest import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,7 +262,7 @@ def test_plain_parts_are_bounded_without_the_pickle_check():
     through a pickle, whose reader refuses them first) is refused in bounded time, never walked."""
     import time
 
-    from caitdeploy.trainer import _check_plain, _Malformed
+    from caitdeploy.training.loop import _check_plain, _Malformed
 
     t = time.perf_counter()
     wide: list = []
@@ -308,7 +308,7 @@ def _train_with_fsize_limit(limit: int, *args) -> subprocess.CompletedProcess:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
         sys.argv = ["caitdeploy", "train", *{[str(a) for a in args]!r}]
-        from caitdeploy.cli import main
+        from caitdeploy.cli.main import main
         main()
     """)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
@@ -402,8 +402,8 @@ def test_bad_options_are_one_line_exit_2(data, tmp_path, args, pattern):
 
 def test_library_refuses_micro_batch_zero(data, tmp_path):
     """0 is no sentinel: None is the default (batch size / processes)."""
-    from caitdeploy.errors import OptionError
-    from caitdeploy.trainer import TrainOptions, check_options
+    from caitdeploy.core.errors import OptionError
+    from caitdeploy.training.loop import TrainOptions, check_options
 
     o = TrainOptions(arch="vit_tiny_patch16_224", data=str(data), output=str(tmp_path / "o"), batch_size=4,
                      micro_batch=0, teacher="none")

@@ -13,12 +13,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from caitdeploy.cdcp import auto_merges, merge_reduction
-from caitdeploy.cli import main
-from caitdeploy.errors import CaitError
-from caitdeploy.fuse import FuseOptions, fuse_file
-from caitdeploy.timm_compat import arch_config
-from caitdeploy.trainer import lr_at
+from caitdeploy.cli.main import main
+from caitdeploy.compress.cdcp import auto_merges, merge_reduction
+from caitdeploy.compress.fuse import FuseOptions, fuse_file
+from caitdeploy.core.errors import CaitError
+from caitdeploy.families.timm_compat import arch_config
+from caitdeploy.training.loop import lr_at
 
 MODEL = ["--arch", "vit_tiny_patch16_224", "--model-args", "patch_size=8,depth=4,embed_dim=48,num_heads=3",
          "--img-size", "32"]
@@ -131,7 +131,7 @@ def test_torchrun_two_ranks_same_masks(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "caitdeploy.cli", "train", *MODEL, "--data", str(data), "-o", str(out), *FAST, "--teacher",
+           "caitdeploy.cli.main", "train", *MODEL, "--data", str(data), "-o", str(out), *FAST, "--teacher",
            str(data / "teacher.safetensors")]
     cmd[cmd.index("--micro-batch") + 1] = "2"      # 8 = 2 per rank x 2 ranks x 2 accumulation steps
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
@@ -206,7 +206,7 @@ def swin_weights(data):
     """A dense timm Swin for the shapes' 3 classes, saved in Microsoft's layout (what --weights also reads)."""
     from safetensors.torch import save_file
 
-    from caitdeploy.cdcp import swin_timm_model
+    from caitdeploy.compress.cdcp import swin_timm_model
     from upstream_swin import to_microsoft
 
     torch.manual_seed(2)
@@ -249,8 +249,8 @@ def test_swin_run_fuses_strictly_and_resume_is_bit_exact(data, swin_weights, tmp
 def test_swin_wrapper_keeps_timm_stochastic_depth():
     """drop_path_rate reaches the CAIT-Swin training model block by block (timm's linear rule), acts in training
     (samples differ from the eval output) and never in eval."""
-    from caitdeploy.cdcp import swin_timm_model
-    from caitdeploy.train import cait_wrap
+    from caitdeploy.compress.cdcp import swin_timm_model
+    from caitdeploy.training.wrappers import cait_wrap
 
     m = swin_timm_model("swin_tiny_patch4_window7_224", 3, 32, dict(embed_dim=16, depths=(2, 4), num_heads=(1, 2),
                                                                     window_size=4, drop_path_rate=0.3))
@@ -297,7 +297,7 @@ def test_swin_bad_options_one_line(data, tmp_path, args, needle):
 
 
 def test_model_args_lists():
-    from caitdeploy.commands.train import _model_args
+    from caitdeploy.cli.train import _model_args
 
     assert _model_args("depths=[2,2,6,2],num_heads=[3, 6],drop_path_rate=0.2,qkv_bias=false,act=gelu") == {
         "depths": (2, 2, 6, 2), "num_heads": (3, 6), "drop_path_rate": 0.2, "qkv_bias": False, "act": "gelu"}

@@ -7,11 +7,11 @@ import onnx
 import pytest
 import torch
 
-from caitdeploy.config import BlockConfig, CaitConfig
-from caitdeploy.errors import CaitError
+from caitdeploy.core.errors import CaitError
 from caitdeploy.export.onnx import export_onnx
 from caitdeploy.export.triton_repo import write_triton_repo
-from caitdeploy.model import CaitViT
+from caitdeploy.families.vit.config import BlockConfig, CaitConfig
+from caitdeploy.families.vit.model import CaitViT
 
 mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")

@@ -20,9 +20,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caitdeploy.checkpoint import FORMAT, expected_shapes
-from caitdeploy.cli import main
-from caitdeploy.config import CaitConfig
+from caitdeploy.cli.main import main
+from caitdeploy.families.vit.config import CaitConfig
+from caitdeploy.formats.checkpoint import FORMAT, expected_shapes
 from conftest import one_line_error, random_checkpoint, run_cli_limited
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def listing(folder: Path) -> set[str]:
 
 def save(ck, path: Path) -> Path:
     if path.suffix == ".safetensors":
-        from caitdeploy.cdcp import save_checkpoint_dict
+        from caitdeploy.compress.cdcp import save_checkpoint_dict
 
         save_checkpoint_dict(ck, path)
     else:
@@ -95,7 +95,7 @@ def _lying_fused(path: Path, small_fused: Path) -> Path:
     """A fused file whose metadata config claims DeiT-Base-like widths x 10 while its tensors are tiny."""
     from safetensors.torch import load_file, save_file
 
-    from caitdeploy.io import read_safetensors_header
+    from caitdeploy.formats.fused import read_safetensors_header
 
     _, meta = read_safetensors_header(small_fused)
     cfg = json.loads(meta["config"])
@@ -345,7 +345,7 @@ def test_engine_build_failure_writes_nothing(small, monkeypatch):
 
 # ---- 5. one error contract: user errors exit 2, bugs exit 1 in one line, traceback only with --debug -----
 def test_internal_error_is_one_line_and_debug_shows_the_traceback(small, monkeypatch):
-    import caitdeploy.fuse as F
+    import caitdeploy.compress.fuse as F
 
     def boom(*a, **k):
         raise TypeError("simulated bug")
@@ -394,8 +394,8 @@ def test_sigterm_removes_temporary_files(tmp_path, inherited_mask):
     it was started with SIGTERM blocked (a mask inherited from the runner that started it)."""
     code = textwrap.dedent(f"""
         import time, click
-        from caitdeploy.commands.common import handle_errors
-        from caitdeploy.errors import Staging
+        from caitdeploy.cli.common import handle_errors
+        from caitdeploy.core.errors import Staging
 
         @click.command()
         @handle_errors
@@ -430,7 +430,7 @@ def test_sigterm_removes_temporary_files(tmp_path, inherited_mask):
 
 def test_temporary_files_of_a_killed_process_are_swept(tmp_path):
     """SIGKILL cannot be caught: the next write into the folder removes what a dead process left."""
-    from caitdeploy.errors import Staging, _host
+    from caitdeploy.core.errors import Staging, _host
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -454,7 +454,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(small, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         sys.argv = ["caitdeploy", "fuse", {str(small / 'ck.pth')!r}, "-o", {str(out)!r}, "-q"]
-        from caitdeploy.cli import main
+        from caitdeploy.cli.main import main
         main()
     """)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
@@ -468,7 +468,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(small, tmp_path):
 def _fused_variant(small: Path, name: str, tensors=None, config=None) -> Path:
     from safetensors.torch import load_file, save_file
 
-    from caitdeploy.io import read_safetensors_header
+    from caitdeploy.formats.fused import read_safetensors_header
 
     src = small / "ck.fused.safetensors"
     _, meta = read_safetensors_header(src)
@@ -513,8 +513,8 @@ def test_bad_fused_files_are_refused_by_every_reader(small, name, command):
 
 
 def test_bad_fused_files_are_refused_by_load_model(small):
-    from caitdeploy.errors import CaitError
-    from caitdeploy.io import load_model
+    from caitdeploy.core.errors import CaitError
+    from caitdeploy.formats.fused import load_model
 
     path = _fused_variant(small, "nan2.fused.safetensors",
                           tensors=lambda sd: sd["blocks.0.mlp.fc1.weight"].__setitem__((1, 1), float("inf")))
@@ -522,7 +522,7 @@ def test_bad_fused_files_are_refused_by_load_model(small):
         load_model(path)
     from safetensors.torch import load_file, save_file
 
-    from caitdeploy.io import read_safetensors_header
+    from caitdeploy.formats.fused import read_safetensors_header
 
     weights = load_file(small / "ck.fused.safetensors")
     _, meta = read_safetensors_header(small / "ck.fused.safetensors")

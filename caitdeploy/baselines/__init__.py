@@ -1,5 +1,5 @@
 """Baselines the CAIT models are benchmarked against."""
-from .tome import (
+from caitdeploy.baselines.tome import (
     ToMeViT,
     bipartite_soft_matching,
     choose_r,

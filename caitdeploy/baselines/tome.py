@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CaitConfig
-from ..models.layers import restore_grid
+from caitdeploy.families.layers import restore_grid
+from caitdeploy.families.vit.config import CaitConfig
 
 MergeFn = Callable[..., torch.Tensor]
 
@@ -157,7 +157,7 @@ def tome_flops(config: CaitConfig, r: int | Sequence[int]) -> dict:
     {"total", "patch_embed", "head", "blocks": [{"tokens", "tokens_out", "qkv", "attn", "match", "proj",
     "mlp", "total"}]}. With r = 0 the total equals `flops.model_flops(config)["total"]`.
     """
-    from ..flops import head_flops, patch_embed_flops, transformer_parts
+    from caitdeploy.families.flops import head_flops, patch_embed_flops, transformer_parts
 
     _check_dense(config)
     d = config.embed_dim
@@ -300,7 +300,7 @@ class ToMeViT(nn.Module):
 def tome_model(config: CaitConfig, r: int | Sequence[int], attn_impl: str = "sdpa", seed: int | None = 0,
                state_dict: dict[str, torch.Tensor] | None = None) -> ToMeViT:
     """A `ToMeViT` over a fresh dense CaitViT of `config` (random weights unless `state_dict` is given)."""
-    from ..model import CaitViT
+    from caitdeploy.families.vit.model import CaitViT
 
     if seed is not None:
         torch.manual_seed(seed)

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import CaitError, Staging, atomic_output, safe_text
+from caitdeploy.core.errors import CaitError, Staging, atomic_output, safe_text
 
 COLUMNS = ("model", "backend", "batch", "GFLOPs", "params", "p50 ms", "p90 ms", "p99 ms", "img/s",
            "vs dense", "vs ToMe", "spread", "mem MB", "status")

@@ -27,11 +27,20 @@ from typing import Any
 
 import torch
 
-from ..config import CaitConfig
-from ..errors import CaitError, OptionError, safe_text
-from ..flops import model_flops, model_params
-from ..limits import activation_bytes, check_memory, param_bytes
-from .runners import BACKENDS, DTYPES, BenchModel, RunOptions, Timing, close_context, new_context, run_one
+from caitdeploy.bench.runners import (
+    BACKENDS,
+    DTYPES,
+    BenchModel,
+    RunOptions,
+    Timing,
+    close_context,
+    new_context,
+    run_one,
+)
+from caitdeploy.core.budgets import check_memory
+from caitdeploy.core.errors import CaitError, OptionError, safe_text
+from caitdeploy.families.flops import activation_bytes, model_flops, model_params, param_bytes
+from caitdeploy.families.vit.config import CaitConfig
 
 BASELINES = ("dense", "tome")
 MAX_BATCH = 65536
@@ -124,7 +133,7 @@ def parse_tome_r(value: Any) -> str | int:
 def _features(model: torch.nn.Module, features: tuple[int, ...] | None, restore: str) -> torch.nn.Module:
     if not features:
         return model
-    from ..models.vit import FeatureModel
+    from caitdeploy.families.vit.model import FeatureModel
 
     return FeatureModel(model, features, restore).eval()
 
@@ -132,7 +141,7 @@ def _features(model: torch.nn.Module, features: tuple[int, ...] | None, restore:
 def _dense_builder(cfg: CaitConfig, seed: int, features=None, restore: str = "repeat"
                    ) -> Callable[[str, str | None], torch.nn.Module]:
     def build(attn_impl: str, kernels: str | None):
-        from ..models import build_model
+        from caitdeploy.families import build_model
 
         torch.manual_seed(seed)
         return _features(build_model(cfg, attn_impl=attn_impl, kernels=kernels).eval(), features, restore)
@@ -143,7 +152,7 @@ def _dense_builder(cfg: CaitConfig, seed: int, features=None, restore: str = "re
 def _cait_builder(path: str, img_size=None, features=None, restore: str = "repeat"
                   ) -> Callable[[str, str | None], torch.nn.Module]:
     def build(attn_impl: str, kernels: str | None):
-        from ..io import load_model
+        from caitdeploy.formats.fused import load_model
 
         model = load_model(path, attn_impl=attn_impl, kernels=kernels, img_size=img_size)
         return _features(model, features, restore)
@@ -153,7 +162,7 @@ def _cait_builder(path: str, img_size=None, features=None, restore: str = "repea
 
 def _tome_builder(cfg: CaitConfig, r, seed: int, features=None) -> Callable[[str, str | None], torch.nn.Module]:
     def build(attn_impl: str, kernels: str | None):
-        from ..baselines.tome import tome_model
+        from caitdeploy.baselines.tome import tome_model
 
         model = tome_model(cfg, r, attn_impl="math" if attn_impl == "math" else "sdpa", seed=seed)
         return _features(model, features, "repeat")
@@ -169,7 +178,7 @@ def _encoder(cfg: CaitConfig, features: tuple[int, ...] | None) -> CaitConfig:
 
 
 def _flops(cfg: CaitConfig, features: tuple[int, ...] | None) -> int:
-    from ..flops import encoder_flops
+    from caitdeploy.families.flops import encoder_flops
 
     return encoder_flops(cfg, features[-1]) if features else model_flops(cfg)["total"]
 
@@ -180,16 +189,16 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
     """The models to benchmark: every fused CAIT model, one dense model per distinct architecture, one
     ToMe model per CAIT model (FLOPs-matched unless `tome_r` is an int). img_size: run every model at this
     input size; features: block indices, benchmark feature extraction (see the module docstring)."""
-    from ..baselines.tome import choose_r, describe_r, tome_flops
-    from ..config import ConfigError
-    from ..flops import head_flops
-    from ..io import load_fused
+    from caitdeploy.baselines.tome import choose_r, describe_r, tome_flops
+    from caitdeploy.families.flops import head_flops
+    from caitdeploy.families.vit.config import ConfigError
+    from caitdeploy.formats.fused import load_fused
 
     models: list[BenchModel] = []
     dense_seen: set[str] = set()
     for path in model_paths:
         config, _, meta = load_fused(path)  # says what the file is instead, and to run `fuse`, when it is not
-        from ..describe import fused_meta
+        from caitdeploy.formats.describe import fused_meta
 
         meta = fused_meta(meta, path)  # every metadata field read here checked: type and range
         system = CONVERTED.get(meta.get("converted_from"), "CAIT")   # `convert`ed files name their system
@@ -302,7 +311,7 @@ def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batch
         torch.set_num_threads(threads)
     opts = RunOptions(device=resolve_device(device), dtype=dtypes[0], timing=timing or Timing(), threads=threads,
                       work_dir=Path(work_dir) if work_dir else None, compile_mode=compile_mode, seed=seed)
-    from ..config import size_and_restore
+    from caitdeploy.families.vit.config import size_and_restore
 
     img_size = size_and_restore(img_size, restore)
     models = build_models(paths, baselines, tome_r, seed=seed, log=log, max_batch=max(batches), img_size=img_size,

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CaitError, OptionError
+from caitdeploy.core.errors import CaitError, OptionError
 
 BACKENDS = ("torch", "compile", "ort", "trt", "torch-triton")
 DTYPES = ("fp32", "fp16", "bf16", "int8", "int8-dynamic")
@@ -82,7 +82,7 @@ class Timing:
     max_iters: int = 100_000
 
     def __post_init__(self) -> None:
-        from ..limits import MAX_ITERS, MAX_SECONDS, check_float
+        from caitdeploy.core.budgets import MAX_ITERS, MAX_SECONDS, check_float
 
         for name, v, lo in (("warmup", self.warmup, 0), ("min_iters", self.min_iters, 1),
                             ("repeats", self.repeats, 1), ("max_iters", self.max_iters, 1)):
@@ -331,13 +331,13 @@ def _inputs(m: BenchModel, batch: int, dtype: torch.dtype, device: str, seed: in
 
 
 def _spec(opts: RunOptions):
-    from ..runtime import RuntimeSpec
+    from caitdeploy.runtime import RuntimeSpec
 
     return RuntimeSpec(opts.device, opts.threads, opts.compile_mode)
 
 
 def _prepare_torch(m: BenchModel, batch: int, opts: RunOptions, dtype: str, backend: str, ctx: BenchContext):
-    from ..runtime import TorchRunner
+    from caitdeploy.runtime import TorchRunner
 
     if backend == "torch-triton":
         if opts.device != "cuda":
@@ -376,12 +376,12 @@ def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext, s
         if isinstance(ctx.onnx_cache[key], Exception):
             raise NotApplicable(f"ONNX export failed: {ctx.onnx_cache[key]}")
         return ctx.onnx_cache[key]
-    from ..export.onnx import FORBIDDEN_OPS, export_onnx
+    from caitdeploy.export.onnx import FORBIDDEN_OPS, export_onnx
 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{m.setting}-{m.kind}-{key[2]}")
     path = ctx.work_dir / f"{safe}.onnx"
     if dtype in INT8_DTYPES:
-        from ..export.quantize import quantize_onnx_bytes, synthetic_images
+        from caitdeploy.export.quantize import quantize_onnx_bytes, synthetic_images
 
         fp32 = _onnx_file(m, opts, "fp32", ctx)
         mode = "static" if dtype == "int8" else "dynamic"
@@ -407,7 +407,7 @@ def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext, s
 
 
 def _prepare_ort(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: BenchContext):
-    from ..runtime import OrtRunner
+    from caitdeploy.runtime import OrtRunner
 
     try:
         import onnxruntime  # noqa: F401
@@ -433,11 +433,11 @@ def _prepare_ort(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: B
 
 
 def _prepare_trt(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: BenchContext):
-    from ..runtime import TrtRunner, engine_build_key, reusable_engine
+    from caitdeploy.runtime import TrtRunner, engine_build_key, reusable_engine
 
     if opts.device != "cuda":
         raise NotApplicable("TensorRT needs a CUDA GPU")
-    from ..export import tensorrt as trt_mod
+    from caitdeploy.export import tensorrt as trt_mod
 
     if dtype == "int8-dynamic":
         raise NotApplicable("TensorRT does not take dynamic quantization (DynamicQuantizeLinear, MatMulInteger); "

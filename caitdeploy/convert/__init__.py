@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CaitError, OptionError, Staging
-from .common import check_layout, verify  # noqa: F401
+from caitdeploy.convert.common import check_layout, verify  # noqa: F401
+from caitdeploy.core.errors import CaitError, OptionError, Staging
 
 SOURCES = ("sit", "lvvit", "spvit", "dimap")
 
@@ -60,13 +60,13 @@ NAMES = {"sit": "a SiT checkpoint (tsm.* keys)", "lvvit": "an LV-ViT checkpoint 
 
 def load_upstream(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of an upstream training file (`{"model": ...}`, `{"state_dict": ...}` or bare), safely."""
-    from ..checkpoint import _strip_prefixes, check_tensors, read_container
+    from caitdeploy.formats.checkpoint import _strip_prefixes, check_tensors, read_container
 
     raw = read_container(path)
     sd = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(sd, dict) or not sd:
         raise CaitError(f"{path}: no 'model'/'state_dict' dict of tensors")
-    from ..models.swin import BUFFER_SUFFIXES
+    from caitdeploy.families.swin.model import BUFFER_SUFFIXES
 
     # training-only counters and Swin's index/mask buffers (rebuilt from the config; int64 in upstream files)
     sd = {k: v for k, v in sd.items()
@@ -81,12 +81,12 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
                  other_outputs: tuple = ()) -> dict[str, Any]:
     """Convert an upstream checkpoint to a fused file. Options and paths are checked before the file is read;
     the file's layout must be `source`'s (a mislabelled checkpoint names what it is)."""
-    from ..flops import model_flops, model_params
-    from ..fuse import torch_counted_flops
-    from ..io import save_fused
-    from ..limits import MAX_ALIGN, MAX_VERIFY_BATCH, check_memory
-    from ..models import build_model
-    from ..paths import FUSED_SUFFIXES, Out, check_paths
+    from caitdeploy.compress.fuse import torch_counted_flops
+    from caitdeploy.core.budgets import MAX_ALIGN, MAX_VERIFY_BATCH, check_memory
+    from caitdeploy.core.paths import FUSED_SUFFIXES, Out, check_paths
+    from caitdeploy.families import build_model
+    from caitdeploy.families.flops import model_flops, model_params
+    from caitdeploy.formats.fused import save_fused
 
     t0 = time.perf_counter()
     path = Path(path)
@@ -114,19 +114,19 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
         raise CaitError(f"{path}: is {NAMES[found]}, not --from {source}"
                         + (f": use --from {found}" if found in SOURCES else ""))
     if source in ("sit", "lvvit"):
-        from . import sit as conv
+        from caitdeploy.convert import sit as conv
 
         config, tensors, reference, notes = conv.convert(path, sd, source, variant, stages, num_heads)
     elif source == "spvit-swin":
-        from . import spvit_swin as conv
+        from caitdeploy.convert import spvit_swin as conv
 
         config, tensors, reference, notes = conv.convert(path, sd, num_heads, align)
     elif source == "spvit":
-        from . import spvit as conv
+        from caitdeploy.convert import spvit as conv
 
         config, tensors, reference, notes = conv.convert(path, sd, num_heads, align)
     else:
-        from . import dimap as conv
+        from caitdeploy.convert import dimap as conv
 
         config, tensors, reference, notes, extra = conv.convert(path, sd)
     model = build_model(config, attn_impl="math").eval()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CaitError
+from caitdeploy.core.errors import CaitError
 
 
 def check_layout(path: Path, sd: dict[str, torch.Tensor], required: dict[str, tuple], ignored: re.Pattern | None,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models.swin import SwinConfig
+from caitdeploy.families.swin.model import SwinConfig
 
 
 def sparsity(sd: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -106,7 +106,7 @@ def drop_zero_rows(cfg: SwinConfig, sd: dict[str, torch.Tensor]) -> tuple[SwinCo
 def timm_layout(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
     """A Swin state dict in timm's layout (Microsoft's: PatchMerging at the END of a stage, `head.*`, remapped as
     timm's own checkpoint filter does); buffers dropped. Returns (state dict, "timm" | "microsoft")."""
-    from ..models.swin import BUFFER_SUFFIXES
+    from caitdeploy.families.swin.model import BUFFER_SUFFIXES
 
     sd = {k: v for k, v in sd.items() if not k.endswith(BUFFER_SUFFIXES)}
     if "layers.0.downsample.reduction.weight" not in sd:
@@ -122,7 +122,7 @@ def infer_format(path, sd: dict[str, torch.Tensor], img_size: int = 224) -> dict
     """The Swin format config a plain state dict's shapes tell: widths from the stem, stages and depths from the
     block keys, heads and window from the relative position tables, mlp ratio from fc1, classes from the head.
     The input size is not in the weights: `img_size` (the releases' 224)."""
-    from ..errors import CaitError
+    from caitdeploy.core.errors import CaitError
 
     pw = sd.get("patch_embed.proj.weight")
     head = sd.get("head.fc.weight")
@@ -159,10 +159,16 @@ def infer_format(path, sd: dict[str, torch.Tensor], img_size: int = 224) -> dict
 
 def convert(path, sd: dict[str, torch.Tensor], img_size: int = 224):
     """(config, deploy tensors, float64 reference forward, notes, extra report fields)."""
-    from ..checkpoint import validate_state_dict
-    from ..config import ConfigError
-    from ..errors import CaitError
-    from ..models.swin import CaitSwin, check_format, checkpoint_shapes, from_checkpoint, swin_config_from_format
+    from caitdeploy.core.errors import CaitError
+    from caitdeploy.families.swin.model import (
+        CaitSwin,
+        check_format,
+        checkpoint_shapes,
+        from_checkpoint,
+        swin_config_from_format,
+    )
+    from caitdeploy.families.vit.config import ConfigError
+    from caitdeploy.formats.checkpoint import validate_state_dict
 
     sd, layout = timm_layout(sd)
     try:

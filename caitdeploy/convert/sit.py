@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import CaitConfig, ConfigError
-from ..errors import CaitError, OptionError
-from ..models import lvvit as L
+from caitdeploy.core.errors import CaitError, OptionError
+from caitdeploy.families import lvvit as L
+from caitdeploy.families.vit.config import CaitConfig, ConfigError
 
 TRAINING_ONLY = re.compile(r"(rtsm\..*|aux_head\.(weight|bias))")
 HEAD_DIM = 64   # every release: embed_dim / num_heads
@@ -129,7 +129,7 @@ def convert(path: Path, sd: dict[str, torch.Tensor], source: str, variant, stage
         required.update({p + "scale": (1, 1, 1), p + "weight.0.weight": (d,), p + "weight.0.bias": (d,),
                          p + "weight.1.weight": (t, d), p + "weight.1.bias": (t,), p + "weight.3.weight": (m, t),
                          p + "weight.3.bias": (m,)})
-    from .common import check_layout
+    from caitdeploy.convert.common import check_layout
 
     check_layout(path, sd, required, TRAINING_ONLY, f"{'SiT' if st else 'LV-ViT'} layout")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import BlockConfig, CaitConfig, ConfigError
-from ..errors import CaitError, OptionError
-from ..models.lvvit import fold_bn
+from caitdeploy.core.errors import CaitError, OptionError
+from caitdeploy.families.lvvit import fold_bn
+from caitdeploy.families.vit.config import BlockConfig, CaitConfig, ConfigError
 
 ALPHA = 0.01          # upstream's constructor default; never stored in a checkpoint
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12}   # DeiT-Ti/S/B (head width 64)
@@ -74,8 +74,8 @@ def conv_weights(sd: dict[str, torch.Tensor], i: int, kind: str, heads: int, alp
 
 def convert(path: Path, sd: dict[str, torch.Tensor], num_heads, align: int):
     """(config, deploy tensors, float64 reference forward, notes)."""
-    from ..surgery import round_up
-    from .common import check_layout
+    from caitdeploy.compress.surgery import round_up
+    from caitdeploy.convert.common import check_layout
 
     if any(k.endswith(".attn.bconv.0.weight") for k in sd):
         raise CaitError(f"{path}: a post-training-optimized SPViT file (attn.bconv.*): convert the fine-tuned "

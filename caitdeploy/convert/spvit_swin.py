@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
-from ..errors import CaitError, OptionError
-from ..models.lvvit import fold_bn
-from .spvit import mixed_taps, mixer_kind
+from caitdeploy.convert.spvit import mixed_taps, mixer_kind
+from caitdeploy.core.errors import CaitError, OptionError
+from caitdeploy.families.lvvit import fold_bn
+from caitdeploy.families.vit.config import ConfigError
 
 ALPHA = 1e2
 SWIN_TAPS = [1, 2, 3, 4, 0, 5, 6, 7, 8]   # head_probs column of each 3x3 kernel position (column-major)
@@ -50,10 +50,10 @@ def conv_weights(sd: dict[str, torch.Tensor], p: str, kind: str, heads: int, alp
 
 def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, align: int):
     """(SwinConfig, deploy tensors, float64 reference forward, notes)."""
-    from ..models.swin import CaitSwin, SwinBlock, SwinConfig, checkpoint_key
-    from ..surgery import round_up
-    from .common import check_layout
-    from .dimap import timm_layout
+    from caitdeploy.compress.surgery import round_up
+    from caitdeploy.convert.common import check_layout
+    from caitdeploy.convert.dimap import timm_layout
+    from caitdeploy.families.swin.model import CaitSwin, SwinBlock, SwinConfig, checkpoint_key
 
     if num_heads is not None:
         raise OptionError("num_heads", "an SPViT-Swin file tells its heads per stage: leave it out")

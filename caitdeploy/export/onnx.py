@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CaitError, OptionError, atomic_output, check_output_dir
+from caitdeploy.core.errors import CaitError, OptionError, atomic_output, check_output_dir
 
 FORBIDDEN_OPS = ("TopK", "ArgMax", "ArgMin", "GatherElements", "GatherND", "ScatterElements", "ScatterND",
                  "NonZero", "Loop", "If", "Where")
@@ -43,7 +43,7 @@ DEFAULT_OPSET = 18                        # widest support (TensorRT 10, TensorR
 ATTENTION_OP_OPSET = 23                   # first opset with the ONNX `Attention` op
 DTYPES = ("fp32", "fp16")
 ATTENTIONS = ("matmul", "op")
-from ..format import ONNX_FORMAT  # noqa: E402
+from caitdeploy.formats.names import ONNX_FORMAT  # noqa: E402
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
@@ -181,8 +181,8 @@ def feature_names(blocks: Iterable[int]) -> list[str]:
 
 def _is_cait(model) -> bool:
     """A deploy model of ours (config attached): a CaitViT or a CaitSwin."""
-    from ..model import CaitViT
-    from ..models.swin import CaitSwin
+    from caitdeploy.families.swin.model import CaitSwin
+    from caitdeploy.families.vit.model import CaitViT
 
     return isinstance(model, (CaitViT, CaitSwin))
 
@@ -195,7 +195,7 @@ def _prepare(model: torch.nn.Module, dtype: str, attention: str, features: tuple
     if _is_cait(inner) and hasattr(inner, "set_impl"):
         inner.set_impl("sdpa" if attention == "op" else "math")
     if features:
-        from ..models.vit import FeatureModel
+        from caitdeploy.families.vit.model import FeatureModel
 
         m = FeatureModel(m, features, restore)
     if dtype == "fp16":
@@ -246,7 +246,7 @@ def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tup
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.exception import PolygraphyException
 
-    from ..runtime import RuntimeSpec, TorchRunner, quiet_polygraphy
+    from caitdeploy.runtime import RuntimeSpec, TorchRunner, quiet_polygraphy
 
     names = list(output_names or [OUTPUT_NAME])
     quiet_polygraphy()
@@ -388,7 +388,7 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
 
     blocks: tuple[int, ...] | None = None
     if features is not None:
-        from ..config import RESTORE_MODES, ConfigError
+        from caitdeploy.families.vit.config import RESTORE_MODES, ConfigError
 
         if not is_cait:
             raise CaitError("export_onnx: feature outputs need a CaitViT or CaitSwin")
@@ -453,17 +453,17 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
         "forbidden_checked": sorted(set(forbid)),
     }
     if is_cait:
-        from ..flops import model_flops, model_params
+        from caitdeploy.families.flops import model_flops, model_params
 
         report.update(flops=model_flops(model.config)["total"], model_params=model_params(model.config),
                       depth=model.config.depth, merges=model.config.merges, img_size=model.config.size_text)
         if blocks:
-            from ..flops import encoder_flops
+            from caitdeploy.families.flops import encoder_flops
 
             report.update(features=list(blocks), restore=restore, flops=encoder_flops(model.config, blocks[-1]),
                           feature_grid="stage" if hasattr(model.config, "stage_grids") else "patch")
     if verify:
-        from ..models.vit import FeatureModel
+        from caitdeploy.families.vit.model import FeatureModel
 
         ref = FeatureModel(model, blocks, restore) if blocks else model
         report["verify"] = verify_onnx(data, ref, input_shape, dtype=dtype, what=f"{what} {dtype} ONNX",

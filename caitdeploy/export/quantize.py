@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CaitError, OptionError
+from caitdeploy.core.errors import CaitError, OptionError
 
 QUANT_MODES = ("static", "dynamic")
 # int8 weights use 7 bits ([-64, 64]) by default. ONNX Runtime multiplies uint8 activations by int8 weights on x86
@@ -84,7 +84,7 @@ def preprocess_spec(input_shape: tuple[int, int, int]) -> dict[str, Any]:
 def _image_array(path: Path, channels: int, spec: dict[str, Any], flag: str = "--calib") -> np.ndarray:
     from PIL import Image
 
-    from ..imagefile import open_image
+    from caitdeploy.core.images import open_image
 
     try:   # size, sides, area and the resized area checked from the header before anything is decoded
         im = open_image(path, flag, resize_shorter=spec["resize_shorter"])
@@ -204,7 +204,7 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from .onnx import INPUT_NAME, op_census
+    from caitdeploy.export.onnx import INPUT_NAME, op_census
 
     src_meta = {p.key: p.value for p in onnx.load_from_string(fp32).metadata_props}
     with tempfile.TemporaryDirectory(prefix="caitdeploy-int8-") as tmp:
@@ -296,7 +296,7 @@ def compare_int8(fp32: bytes, int8: bytes, images: np.ndarray, threads: int | No
     top-1 agreement."""
     import onnxruntime as ort
 
-    from .onnx import INPUT_NAME
+    from caitdeploy.export.onnx import INPUT_NAME
 
     def run(data: bytes) -> list[np.ndarray]:
         so = ort.SessionOptions()
@@ -332,6 +332,6 @@ def check_int8(res: dict[str, Any], min_cosine: float, min_top1: float, what: st
 def op_counts(model_bytes: bytes) -> Counter:
     import onnx
 
-    from .onnx import op_census
+    from caitdeploy.export.onnx import op_census
 
     return Counter(op_census(onnx.load_from_string(model_bytes)))

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CaitError, OptionError, Staging, check_output_dir, safe_text
-from ..paths import (
+from caitdeploy.core.errors import CaitError, OptionError, Staging, check_output_dir, safe_text
+from caitdeploy.core.paths import (
     MAX_ENGINE_BYTES,
     MAX_ONNX_BYTES,
     MAX_SIDECAR_BYTES,
@@ -33,7 +33,7 @@ from ..paths import (
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-from ..format import ENGINE_FORMAT  # noqa: E402
+from caitdeploy.formats.names import ENGINE_FORMAT  # noqa: E402
 
 MAX_PROFILE_BATCH = 65536
 BUILD_KEYS = ("min_batch", "opt_batch", "max_batch", "workspace_mb", "opt_level", "compute_capabilities", "flavour")
@@ -140,8 +140,8 @@ def _onnx_facts(onnx_path: Path, data: bytes) -> dict[str, Any]:
         raise CaitError(f"{onnx_path}: input {inputs[0].name!r} must be [batch, C, H, W] with fixed C, H, W, got {dims}")
     meta = {p.key: p.value for p in m.metadata_props}
     if "caitdeploy.config" in meta:
-        from ..config import ConfigError
-        from ..models import config_from_json
+        from caitdeploy.families import config_from_json
+        from caitdeploy.families.vit.config import ConfigError
 
         try:
             config_from_json(meta["caitdeploy.config"])
@@ -189,7 +189,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
     """Build a serialized engine from an exported ONNX file; write it and `<engine>.json` atomically (see
     `build_engine_bytes`). Returns the sidecar dict plus `output`, `sidecar`, `seconds_total`."""
     t0 = time.perf_counter()
-    from ..limits import check_memory
+    from caitdeploy.core.budgets import check_memory
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -403,8 +403,8 @@ def _sidecar_problem(d: dict[str, Any]) -> str | None:
     if "strongly_typed" in d and not isinstance(d["strongly_typed"], bool):
         return "'strongly_typed' must be true or false"
     if d.get("config") is not None:
-        from ..config import ConfigError
-        from ..models import config_from_dict
+        from caitdeploy.families import config_from_dict
+        from caitdeploy.families.vit.config import ConfigError
 
         try:
             config_from_dict(d["config"])
@@ -415,7 +415,7 @@ def _sidecar_problem(d: dict[str, Any]) -> str | None:
 
 def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any] | None:
     """The engine's sidecar `<engine>.json`, validated field by field; None when there is none."""
-    from ..config import ConfigError, strict_json
+    from caitdeploy.families.vit.config import ConfigError, strict_json
 
     p = sidecar_path(engine_path)
     if not p.is_file():
@@ -502,7 +502,7 @@ class TrtRunner:
         if not self.path.is_file():
             raise CaitError(f"{self.path}: no such file")
         side = read_sidecar(self.path)
-        from ..limits import check_memory
+        from caitdeploy.core.budgets import check_memory
 
         size = regular_file_size(self.path, MAX_ENGINE_BYTES, "engine")
         check_memory(2 * size, f"loading the engine {self.path} ({size} bytes, read and deserialized)")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CaitError, Staging
+from caitdeploy.core.errors import CaitError, Staging
 
 TRITON_DTYPES = {"fp32": "TYPE_FP32", "float32": "TYPE_FP32", "fp16": "TYPE_FP16", "float16": "TYPE_FP16"}
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")

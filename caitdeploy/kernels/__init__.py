@@ -10,9 +10,9 @@ everywhere and a missing triton only fails the Triton entry points, with
 TritonUnavailableError (an ImportError).
 """
 
-from ._runtime import TritonUnavailableError, interpret_requested, triton_available
-from .atme_merge import atme_merge_linear, atme_merge_linear_ref, merged_grid
-from .attention import MAX_HEAD_DIM, attention, attention_ref
+from caitdeploy.kernels._runtime import TritonUnavailableError, interpret_requested, triton_available
+from caitdeploy.kernels.atme_merge import atme_merge_linear, atme_merge_linear_ref, merged_grid
+from caitdeploy.kernels.attention import MAX_HEAD_DIM, attention, attention_ref
 
 __all__ = [
     "MAX_HEAD_DIM",

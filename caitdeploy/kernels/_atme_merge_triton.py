@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import INTERPRETED, dot_mode, mma, next_pow2
+from caitdeploy.kernels._triton_common import INTERPRETED, dot_mode, mma, next_pow2
 
 
 @triton.jit

@@ -46,7 +46,7 @@ class Result:
 
 
 def _dot_mode(dtype: str) -> int:
-    from ._triton_common import DOT_NATIVE, DOT_TF32
+    from caitdeploy.kernels._triton_common import DOT_NATIVE, DOT_TF32
 
     return DOT_TF32 if dtype == "fp32" else DOT_NATIVE
 
@@ -62,8 +62,8 @@ def _smem_weight(c) -> int:
 
 def _jobs(quick: bool) -> Iterator[tuple[str, Any, dict[str, str], dict[str, Any], str, Any]]:
     """(kernel, fn, signature, constexprs, shape class, config) to compile."""
-    from . import _atme_merge_triton as M
-    from . import _attention_triton as A
+    from caitdeploy.kernels import _atme_merge_triton as M
+    from caitdeploy.kernels import _attention_triton as A
 
     for kernel, mod, fn in (("attention", A, A._attention_fwd_kernel), ("atme_merge", M, M._atme_merge_kernel)):
         configs = list(mod._kernel.configs)
@@ -105,7 +105,7 @@ def compile_all(targets=TARGETS, quick: bool = False, log=None, smoke: bool = Fa
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ._triton_common import INTERPRETED
+    from caitdeploy.kernels._triton_common import INTERPRETED
 
     if INTERPRETED:
         raise RuntimeError("the kernels were imported under the Triton interpreter")

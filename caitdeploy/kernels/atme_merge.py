@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._runtime import check_device_for_triton, load_impl
+from caitdeploy.kernels._runtime import check_device_for_triton, load_impl
 
 __all__ = ["atme_merge_linear", "atme_merge_linear_ref", "merged_grid"]
 

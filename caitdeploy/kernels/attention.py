@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._runtime import check_device_for_triton, load_impl
+from caitdeploy.kernels._runtime import check_device_for_triton, load_impl
 
 __all__ = ["MAX_HEAD_DIM", "attention", "attention_ref"]
 

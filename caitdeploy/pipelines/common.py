@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError, Staging, atomic_output, safe_text
+from caitdeploy.core.errors import OptionError, Staging, atomic_output, safe_text
 
 
 def _jsonable(x: Any) -> Any:
@@ -43,7 +43,7 @@ def write_json(path: str | Path, data: Any, staging: Staging | None = None) -> N
 def check_dense_options(img_size: Any, features: str | None, restore: str):
     """img_size / features / restore of export and bench, checked before any work.
     Returns (the size as the config stores it or None, the feature block texts or None)."""
-    from ..config import size_and_restore
+    from caitdeploy.families.vit.config import size_and_restore
 
     size = size_and_restore(img_size, restore)
     if restore != "repeat" and features is None:

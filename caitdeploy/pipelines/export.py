@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CaitError, OptionError
+from caitdeploy.core.errors import CaitError, OptionError
 
 if TYPE_CHECKING:
-    from ..export.tensorrt import BuiltEngine
-    from ..export.triton_repo import TritonEntry
+    from caitdeploy.export.tensorrt import BuiltEngine
+    from caitdeploy.export.triton_repo import TritonEntry
 
 Progress = Callable[[str], None]   # called with each step's name as it starts (see `STEPS`)
 STEPS = ("load", "onnx", "int8", "engine", "write")
@@ -131,8 +131,8 @@ def default_onnx_path(model_path: str | Path, dtype: str, size: str | None = Non
 def check(options: ExportOptions) -> ExportPlan:
     """Check every option and output path before any work, in the order `caitdeploy export` always has (the
     first error wins): CaitError, or OptionError naming the parameter. The model is not loaded; nothing is written."""
-    from ..export.onnx import check_options
-    from .common import check_dense_options
+    from caitdeploy.export.onnx import check_options
+    from caitdeploy.pipelines.common import check_dense_options
 
     o = options
     opset = check_options(o.dtype, o.opset, o.attention)
@@ -169,8 +169,8 @@ def _check_int8(o: ExportOptions) -> int:
         if given:
             raise OptionError(given[0], "is an --int8 option: add --int8")
         return 7
-    from ..export.quantize import check_int8_options
-    from ..limits import check_float
+    from caitdeploy.core.budgets import check_float
+    from caitdeploy.export.quantize import check_int8_options
 
     weight_bits = int(o.int8_weight_bits or 7)
     check_int8_options(o.int8, o.calib_method, o.calib_dir, o.calib_synthetic, o.calib_samples, weight_bits)
@@ -204,7 +204,7 @@ def _check_outputs_and_engine(o: ExportOptions) -> None:
         if given:
             raise OptionError(given[0], "is an engine option: add --trt")
         return
-    from ..export.tensorrt import check_build_options
+    from caitdeploy.export.tensorrt import check_build_options
 
     check_build_options(o.min_batch, o.opt_batch, o.max_batch, o.workspace_mb, o.opt_level,
                         list(o.compute_capabilities) or None, o.trt_module)
@@ -223,7 +223,7 @@ def _check_triton(o: ExportOptions, onnx: Path, served_suffix: str) -> TritonEnt
 
 def _triton_entry(o: ExportOptions, name: str, served_suffix: str, input_dims: Sequence[int],
                   classes: int) -> TritonEntry:
-    from ..export.triton_repo import plan_triton_repo
+    from caitdeploy.export.triton_repo import plan_triton_repo
 
     batches = sorted({o.opt_batch, o.max_batch})
     assert o.triton_repo is not None
@@ -236,8 +236,8 @@ def _triton_entry(o: ExportOptions, name: str, served_suffix: str, input_dims: S
 
 def _check_paths(o: ExportOptions, plan: ExportPlan) -> None:
     """No output is an input or another output, extensions match, folders are writable."""
-    from ..export.tensorrt import sidecar_path
-    from ..paths import ENGINE_SUFFIXES, JSON_SUFFIXES, ONNX_SUFFIXES, Out, check_paths
+    from caitdeploy.core.paths import ENGINE_SUFFIXES, JSON_SUFFIXES, ONNX_SUFFIXES, Out, check_paths
+    from caitdeploy.export.tensorrt import sidecar_path
 
     entry = plan.triton
     check_paths({"MODEL": o.model}, [
@@ -256,9 +256,10 @@ def _check_paths(o: ExportOptions, plan: ExportPlan) -> None:
 def _load(o: ExportOptions, plan: ExportPlan) -> tuple[Any, _Calibration | None]:
     """The model (header-first validation; a non-fused file is one line saying what it is), the feature blocks
     against its depth, the int8 images, and the memory rule."""
-    from ..config import ConfigError
-    from ..io import load_model
-    from ..limits import activation_bytes, check_memory, param_bytes
+    from caitdeploy.core.budgets import check_memory
+    from caitdeploy.families.flops import activation_bytes, param_bytes
+    from caitdeploy.families.vit.config import ConfigError
+    from caitdeploy.formats.fused import load_model
 
     net = load_model(o.model, attn_impl="math", img_size=plan.size)
     c = net.config
@@ -274,7 +275,7 @@ def _load(o: ExportOptions, plan: ExportPlan) -> tuple[Any, _Calibration | None]
 
 
 def _calibration(o: ExportOptions, input_shape: tuple[int, int, int]) -> _Calibration:
-    from ..export.quantize import calibration_images, synthetic_images
+    from caitdeploy.export.quantize import calibration_images, synthetic_images
 
     if o.calib_dir is not None:
         images, cal = calibration_images(o.calib_dir, input_shape, o.calib_samples)
@@ -291,7 +292,7 @@ def _calibration(o: ExportOptions, input_shape: tuple[int, int, int]) -> _Calibr
 def _quantize(o: ExportOptions, plan: ExportPlan, fp32_data: bytes, cal: _Calibration,
               report: dict[str, Any]) -> bytes:
     """int8 graph from the fp32 one, checked against it; the report's onnx entry then describes the int8 graph."""
-    from ..export.quantize import check_int8, compare_int8, quantize_onnx_bytes
+    from caitdeploy.export.quantize import check_int8, compare_int8, quantize_onnx_bytes
 
     assert o.int8 is not None
     data, qinfo = quantize_onnx_bytes(fp32_data, o.int8, cal.images if o.int8 == "static" else None,
@@ -307,7 +308,7 @@ def _quantize(o: ExportOptions, plan: ExportPlan, fp32_data: bytes, cal: _Calibr
 
 def _build_engine(o: ExportOptions, plan: ExportPlan, data: bytes) -> BuiltEngine:
     """The engine, in memory; a failure says the ONNX export had succeeded (nothing is written either way)."""
-    from ..export.tensorrt import build_engine_bytes
+    from caitdeploy.export.tensorrt import build_engine_bytes
 
     try:
         return build_engine_bytes(data, plan.onnx, plan.engine, min_batch=o.min_batch, opt_batch=o.opt_batch,
@@ -323,10 +324,10 @@ def _build_engine(o: ExportOptions, plan: ExportPlan, data: bytes) -> BuiltEngin
 # ---- 4. every output at once ----------------------------------------------------------------------------
 def _write(o: ExportOptions, plan: ExportPlan, data: bytes, built: BuiltEngine | None, entry: TritonEntry | None,
            report: dict[str, Any]) -> ExportResult:
-    from ..errors import Staging
-    from ..export.tensorrt import sidecar_path, write_engine
-    from ..export.triton_repo import stage_triton_repo
-    from .common import write_json
+    from caitdeploy.core.errors import Staging
+    from caitdeploy.export.tensorrt import sidecar_path, write_engine
+    from caitdeploy.export.triton_repo import stage_triton_repo
+    from caitdeploy.pipelines.common import write_json
 
     sidecar = sidecar_path(plan.engine) if built is not None and plan.engine is not None else None
     with Staging() as st:
@@ -353,7 +354,7 @@ def export(options: ExportOptions, progress: Progress | None = None) -> ExportRe
     step("load")
     net, calibration = _load(options, plan)
     step("onnx")
-    from ..export.onnx import export_onnx_bytes
+    from caitdeploy.export.onnx import export_onnx_bytes
 
     report: dict[str, Any] = {"model": options.model}
     data, report["onnx"] = export_onnx_bytes(net, plan.onnx, dtype=options.dtype, opset=plan.opset,

@@ -13,13 +13,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..fuse import FuseOptions as SurgeryOptions
+from caitdeploy.compress.fuse import FuseOptions as SurgeryOptions
 
 
 @dataclass(frozen=True, kw_only=True)
 class FuseOptions(SurgeryOptions):
     """Every option of `caitdeploy fuse`, named as its flag, with the CLI's defaults: the surgery's
-    (`caitdeploy.fuse.FuseOptions`: threshold, max_dropped_norm, force, consistency, align, equal_head_dims,
+    (`caitdeploy.compress.fuse.FuseOptions`: threshold, max_dropped_norm, force, consistency, align, equal_head_dims,
     checked when this is made) and the files'. Keyword arguments only; `checkpoint` is required."""
 
     checkpoint: str | Path               # a cait-compactor/1 checkpoint (.pth / .pt or .safetensors)
@@ -47,10 +47,10 @@ def fuse(options: FuseOptions, progress: Callable[[int], None] | None = None) ->
     """Fuse `options.checkpoint` as `caitdeploy fuse` does: the options, the output paths, the checkpoint and the
     memory rule are checked before any work; the fused file and the report appear together, or neither does.
     `progress`, if given, is called with each block's index as it is fused."""
-    from ..errors import Staging
-    from ..fuse import fuse_file
-    from ..paths import JSON_SUFFIXES, Out
-    from .common import write_json
+    from caitdeploy.compress.fuse import fuse_file
+    from caitdeploy.core.errors import Staging
+    from caitdeploy.core.paths import JSON_SUFFIXES, Out
+    from caitdeploy.pipelines.common import write_json
 
     o = options
     with Staging() as staging:

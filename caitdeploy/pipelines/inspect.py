@@ -22,13 +22,13 @@ class InspectResult:
 
     def json(self) -> str:
         """The `--json` output: paths as text, NaN and Inf as null."""
-        from .common import _jsonable
+        from caitdeploy.pipelines.common import _jsonable
 
         return json.dumps(_jsonable(self.info), indent=2)
 
 
 def inspect(path: str | os.PathLike) -> InspectResult:
     """Describe the file at `path`; CaitError (one line, naming the file) for a missing, unknown or corrupt one."""
-    from ..describe import describe_file
+    from caitdeploy.formats.describe import describe_file
 
     return InspectResult(describe_file(path))

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CaitError
+from caitdeploy.core.errors import CaitError
 
 # ONNX Runtime type strings -> torch dtypes (what an IO binding must allocate)
 ORT_TYPES: dict[str, torch.dtype] = {

@@ -10,8 +10,8 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.datatype import DataType
 
-from ..errors import CaitError
-from .base import RuntimeSpec, choose_providers, torch_dtype_of_ort
+from caitdeploy.core.errors import CaitError
+from caitdeploy.runtime.base import RuntimeSpec, choose_providers, torch_dtype_of_ort
 
 
 class OrtRunner(BaseRunner):

@@ -9,7 +9,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.datatype import DataType
 
-from .base import RuntimeSpec, cuda_graphs_ok
+from caitdeploy.runtime.base import RuntimeSpec, cuda_graphs_ok
 
 
 class TorchRunner(BaseRunner):

@@ -12,8 +12,8 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.datatype import DataType
 
-from ..errors import CaitError
-from ..export.tensorrt import BUILD_KEYS, normalize_build_options
+from caitdeploy.core.errors import CaitError
+from caitdeploy.export.tensorrt import BUILD_KEYS, normalize_build_options
 
 
 def engine_build_key(onnx_bytes: bytes, options: dict[str, Any]) -> dict[str, Any]:
@@ -27,7 +27,7 @@ def engine_build_key(onnx_bytes: bytes, options: dict[str, Any]) -> dict[str, An
 def reusable_engine(engine_path: str | Path, key: dict[str, Any]) -> tuple[bool, str]:
     """(reuse?, why): an engine is reused only when it exists with a sidecar whose ONNX SHA-256 and build
     options equal `key` (a changed ONNX, other options or a missing/invalid sidecar mean: build again)."""
-    from ..export.tensorrt import read_sidecar
+    from caitdeploy.export.tensorrt import read_sidecar
 
     engine_path = Path(engine_path)
     if not engine_path.is_file():
@@ -54,7 +54,7 @@ class TrtRunner(BaseRunner):
         self.engine_path, self._flavour = Path(engine_path), flavour
 
     def activate_impl(self):
-        from ..export.tensorrt import TrtRunner as _Engine
+        from caitdeploy.export.tensorrt import TrtRunner as _Engine
 
         self.engine = _Engine(self.engine_path, flavour=self._flavour)
 

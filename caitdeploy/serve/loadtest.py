@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CaitError, OptionError
+from caitdeploy.core.errors import CaitError, OptionError
 
 PROTOCOLS = ("http", "grpc")
 LOADTEST_KEYS = ("model", "protocol", "url", "concurrency", "batch", "duration_s", "requests", "errors",

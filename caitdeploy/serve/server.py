@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from ..errors import CaitError, OptionError, _host, _pid_alive
+from caitdeploy.core.errors import CaitError, OptionError, _host, _pid_alive
 
 READY_TIMEOUT_S = 120.0
 TIMEOUT_RANGE = (1.0, 3600.0)

@@ -1,0 +1,2 @@
+"""The command line: one thin module per command (parse options, call one pipeline, print); `main` holds the
+click group."""

@@ -1,1 +1,0 @@
-"""One module per CLI subcommand; each exposes one click command built on `common.py`."""

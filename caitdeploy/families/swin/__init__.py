@@ -1,0 +1,1 @@
+"""The Swin family: config, deploy model, FLOPs and key layout (`model`)."""
