@@ -16,13 +16,11 @@ import json
 import os
 import platform
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ARCHS = {"small": ("deit_small_patch16_224", 0.55), "base": ("deit_base_patch16_224", 0.58)}
 MERGES = {4: "h", 8: "v"}
@@ -138,7 +136,7 @@ def main() -> None:
 
     versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
     try:
-        from caitdeploy.export.tensorrt import import_trt
+        from caitdeploy.runtime.tensorrt import import_trt
 
         mod = import_trt()
         versions["trt"] = f"{mod.__name__} {mod.__version__}"

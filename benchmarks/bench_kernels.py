@@ -39,13 +39,11 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 # Spec-sheet peaks: (HBM bandwidth in TB/s, dense fp16/bf16 tensor TFLOP/s).
 # Matched against torch.cuda.get_device_name() in order; first match wins.

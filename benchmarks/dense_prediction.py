@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # the paper's Tab. IV reports encoder speed-ups of 1.46x-1.64x (Semantic FPN, UperNet, Mask2Former on ADE20K,
 # 512x512, batch 32, GPU) with no mIoU loss; the per-row values are in the paper, not repeated here

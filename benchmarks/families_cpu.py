@@ -4,8 +4,8 @@ DeiT-S (ONNX Runtime, fp32, this machine's CPU).
 
     .venv/bin/python benchmarks/families_cpu.py [--batch 16] [--threads 2]
 
-Random weights in the released layouts (tests/upstream_sit.py, tests/upstream_spvit.py: speed only, no
-accuracy): SiT-S converted with `convert --from sit --variant s`; the dense LV-ViT-S teacher is SiT-S's dense
+Random weights in the released layouts (caitdeploy/testing/upstream_sit.py and upstream_spvit.py: speed only,
+no accuracy): SiT-S converted with `convert --from sit --variant s`; the dense LV-ViT-S teacher is SiT-S's dense
 baseline (`bench --baselines dense`); CAIT-LV-ViT-S is `make-checkpoint --arch lvvit_s --merges 9:h,12:v` (where SiT-S slims) with
 CDCP pruning to SiT-S's FLOPs reduction, then `fuse`; SPViT-DeiT-S is the released `spvit_deit_sm_l30_t32`
 architecture converted with `--align 8`, its dense baseline DeiT-S. Writes benchmarks/results/
@@ -21,9 +21,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 CLI = [sys.executable, "-m", "caitdeploy.cli.main"]
 
 
@@ -41,9 +38,9 @@ def main(argv=None) -> int:
     import torch
 
     from caitdeploy.formats.fused import load_fused
+    from caitdeploy.testing.upstream_sit import sit_state_dict
+    from caitdeploy.testing.upstream_spvit import SPVIT_RELEASED, spvit_state_dict
     from paper_settings import machine_name
-    from upstream_sit import sit_state_dict
-    from upstream_spvit import SPVIT_RELEASED, spvit_state_dict
 
     out_dir = ROOT / "benchmarks" / "results"
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # issue 14: ONNX Runtime's tools used naively on CAIT-DeiT-Small (batch 16, 2 threads): static QDQ s8s8 1.50x
 # fp32 (logit cosine 0.995), dynamic 1.71x (0.998); targets below

@@ -9,8 +9,8 @@ Random weights (no hub here; speed does not depend on them):
 - CAIT-Swin-T, Tab. XII: CDCP only, `make-checkpoint --arch swin_tiny_patch4_window7_224 --merges none
   --flops-reduction 0.267 --align 8`, then `fuse`;
 - CAIT-Swin-T, Tab. XIV: HTM + VTM at the last two blocks of stage 3 (`--merges 2.4:h,2.5:v`) and CDCP to 35.4%;
-- SPViT-Swin-T: the released spvit_swin_tn_l28_t32 architecture (tests/upstream_swin.py) in upstream's key
-  layout, `convert --from spvit --align 8`;
+- SPViT-Swin-T: the released spvit_swin_tn_l28_t32 architecture (caitdeploy/testing/upstream_swin.py) in
+  upstream's key layout, `convert --from spvit --align 8`;
 - DIMAP-style Swin-T: 50% of every block matrix zeroed by magnitude (unstructured, as DIMAP's masks are), no
   whole rows: `convert --from dimap` finds none to remove, so the fused model has the dense widths;
 - dense Swin-T: `bench`'s dense baseline.
@@ -26,9 +26,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 CLI = [sys.executable, "-m", "caitdeploy.cli.main"]
 ARCH = "swin_tiny_patch4_window7_224"
 
@@ -49,8 +46,8 @@ def main(argv=None) -> int:
     import torch
 
     from caitdeploy.formats.fused import load_fused
+    from caitdeploy.testing.upstream_swin import SPVIT_SWIN_RELEASED, dimap_state_dict, spvit_swin_state_dict
     from paper_settings import machine_name
-    from upstream_swin import SPVIT_SWIN_RELEASED, dimap_state_dict, spvit_swin_state_dict
 
     out_dir = ROOT / "benchmarks" / "results"
     tag = f"swin_{machine_name()}_b{args.batch}"

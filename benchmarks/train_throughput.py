@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 IMAGENET_TRAIN = 1_281_167
 
 
@@ -62,10 +60,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
 
-    from caitdeploy.compress.cdcp import merge_reduction
     from caitdeploy.families.flops import model_flops
     from caitdeploy.families.timm_compat import arch_config
     from caitdeploy.families.vit.config import CaitConfig
+    from caitdeploy.families.vit.family import merge_reduction
     from paper_settings import machine_name
 
     machine = machine_name()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,6 @@ PKG = Path(__file__).resolve().parents[1] / "caitdeploy"
 FLOORS = {
     "caitdeploy.kernels": 0,       # the wing: imports nothing else of caitdeploy
     "caitdeploy.core": 1,          # errors, staging, budgets, bounded readers
-    "caitdeploy.formats.names": 1,
     "caitdeploy.families": 2,      # configs, deploy models, FLOPs, the timm adapter
     "caitdeploy.baselines": 2,
     "caitdeploy.formats": 3,       # checkpoints and fused files (read through a family)
@@ -22,6 +22,8 @@ FLOORS = {
     "caitdeploy.export": 4, "caitdeploy.runtime": 4, "caitdeploy.formats.describe": 4, "caitdeploy.serve": 4,
     "caitdeploy.bench": 4, "caitdeploy.training": 4,
     "caitdeploy.pipelines": 5,
+    "caitdeploy.testing": 5,       # helpers and harnesses shared by tests/ and benchmarks/; nothing imports them
+    "caitdeploy.testing.fuzz": 6,  # the fuzz harness's "inspect" reader is what `caitdeploy inspect` runs (cli)
     "caitdeploy.cli": 6, "caitdeploy": 6,
 }
 FLOORS["caitdeploy.__main__"] = FLOORS["caitdeploy.cli"]   # `python -m caitdeploy` is the CLI
@@ -143,6 +145,26 @@ def find_cycles(g: dict[str, set[str]]) -> list[str]:
     return cycles
 
 
+def package_of(name: str) -> str:
+    """The package directly under caitdeploy that holds module `name` (caitdeploy.X); the root stays itself."""
+    return ".".join(name.split(".")[:2])
+
+
+def package_graph(g: dict[str, set[str]]) -> dict[str, set[str]]:
+    """`g` with every module collapsed to its package (`package_of`); imports inside one package are dropped."""
+    out: dict[str, set[str]] = {}
+    for mod, deps in g.items():
+        out.setdefault(package_of(mod), set()).update(package_of(d) for d in deps)
+    for pkg, deps in out.items():
+        deps.discard(pkg)
+    return out
+
+
+def package_edges(g: dict[str, set[str]], a: str, b: str) -> list[str]:
+    """The module imports of `g` behind the package edge a -> b, as `module -> module`."""
+    return sorted(f"{m} -> {d}" for m, deps in g.items() if package_of(m) == a for d in deps if package_of(d) == b)
+
+
 def test_every_module_has_a_floor():
     unknown = unknown_modules(graph())
     assert not unknown, "modules the README's table does not place:\n" + "\n".join(unknown)
@@ -156,6 +178,18 @@ def test_no_upward_imports():
 def test_no_import_cycles():
     cycles = find_cycles(graph())
     assert not cycles, "\n".join(cycles)
+
+
+def test_no_package_import_cycles():
+    """Collapsed to the packages directly under caitdeploy (caitdeploy.X), the imports form no cycle either: a
+    concern is owned by one package, and no package reaches back into one that imports it."""
+    g = graph()
+    cycles = find_cycles(package_graph(g))
+    why = []
+    for cycle in cycles:
+        pkgs = cycle.split(" -> ")
+        why += [cycle] + [f"    {e}" for a, b in pairwise(pkgs) for e in package_edges(g, a, b)]
+    assert not cycles, "package import cycles (the module imports behind each):\n" + "\n".join(why)
 
 
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
@@ -183,3 +217,20 @@ def test_the_checker_rejects_an_unknown_module_and_a_cycle():
     cyclic = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"a"}}
     assert find_cycles(cyclic) == ["a -> b -> c -> a"]
     assert find_cycles({"a": {"a"}}) == ["a -> a"]
+
+
+def test_the_package_checker_collapses_modules_and_finds_a_package_cycle():
+    """Self-test on a made-up graph: modules collapse to caitdeploy.X (the root stays itself, a deep module goes to
+    its top package), imports inside a package vanish, and a cycle that no module graph shows is found."""
+    g = {"caitdeploy": {"caitdeploy.low.a"}, "caitdeploy.low.a": {"caitdeploy.low.b"},
+         "caitdeploy.low.b": {"caitdeploy.high.x"}, "caitdeploy.high.x": set(),
+         "caitdeploy.high.y.z": {"caitdeploy.low.a"}, "caitdeploy.__main__": {"caitdeploy"}}
+    assert package_of("caitdeploy") == "caitdeploy" and package_of("caitdeploy.high.y.z") == "caitdeploy.high"
+    assert find_cycles(g) == []   # module by module: no cycle
+    pg = package_graph(g)
+    assert pg == {"caitdeploy": {"caitdeploy.low"}, "caitdeploy.low": {"caitdeploy.high"},
+                  "caitdeploy.high": {"caitdeploy.low"}, "caitdeploy.__main__": {"caitdeploy"}}
+    assert find_cycles(pg) == ["caitdeploy.low -> caitdeploy.high -> caitdeploy.low"]
+    assert package_edges(g, "caitdeploy.high", "caitdeploy.low") == ["caitdeploy.high.y.z -> caitdeploy.low.a"]
+    g["caitdeploy.high.y.z"] = set()
+    assert find_cycles(package_graph(g)) == []

@@ -23,14 +23,18 @@ normalisation, mean over heads, argmax, sort, gather and scatter are not matmuls
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caitdeploy.families.layers import restore_grid
+from caitdeploy.families.layers import Attention, Block, restore_grid
 from caitdeploy.families.vit.config import CaitConfig
+
+if TYPE_CHECKING:
+    from caitdeploy.families.vit.model import CaitViT
 
 MergeFn = Callable[..., torch.Tensor]
 
@@ -120,6 +124,8 @@ def r_schedule(r: int | Sequence[int], depth: int) -> list[int]:
         if r < 0:
             raise ValueError(f"ToMe r must be >= 0, got {r}")
         return [r] * depth
+    if isinstance(r, bool):   # neither a count nor a list (it is no more iterable than it ever was)
+        raise TypeError(f"ToMe r must be an int or a list of ints, got {r!r}")
     sched = [int(v) for v in r]
     if len(sched) != depth:
         raise ValueError(f"ToMe r schedule has {len(sched)} entries for {depth} blocks")
@@ -157,7 +163,8 @@ def tome_flops(config: CaitConfig, r: int | Sequence[int]) -> dict:
     {"total", "patch_embed", "head", "blocks": [{"tokens", "tokens_out", "qkv", "attn", "match", "proj",
     "mlp", "total"}]}. With r = 0 the total equals `flops.model_flops(config)["total"]`.
     """
-    from caitdeploy.families.flops import head_flops, patch_embed_flops, transformer_parts
+    from caitdeploy.families.flops import transformer_parts
+    from caitdeploy.families.vit.flops import head_flops, patch_embed_flops
 
     _check_dense(config)
     d = config.embed_dim
@@ -227,7 +234,7 @@ class ToMeViT(nn.Module):
     attn_impl: "sdpa" (default) or "math" (explicit MatMul/Softmax/MatMul, for export).
     """
 
-    def __init__(self, vit: nn.Module, r: int | Sequence[int], attn_impl: str = "sdpa",
+    def __init__(self, vit: CaitViT, r: int | Sequence[int], attn_impl: str = "sdpa",
                  prop_attn: bool = True):
         super().__init__()
         config: CaitConfig = vit.config
@@ -241,9 +248,9 @@ class ToMeViT(nn.Module):
         self.attn_impl = attn_impl
         self.prop_attn = prop_attn
 
-    def _attention(self, blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None
+    def _attention(self, blk: Block, x: torch.Tensor, size: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        at = blk.attn
+        at = cast(Attention, blk.attn)   # _check_dense: every block is an attention block
         b, n, _ = x.shape
         h, dv = at.num_heads, at.v_dim
         q, k, v = at.heads(x)
@@ -274,7 +281,7 @@ class ToMeViT(nn.Module):
         if wanted:   # source[b, t]: where original token t lives now
             source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         out, p, grid = [], vit.num_prefix_tokens, self.config.grid
-        for i, (blk, r) in enumerate(zip(vit.blocks, self.schedule)):
+        for i, (blk, r) in enumerate(zip(cast("Iterable[Block]", vit.blocks), self.schedule)):
             if wanted and i > wanted[-1]:
                 break
             y, metric = self._attention(blk, blk.norm1(x), size)
@@ -288,7 +295,7 @@ class ToMeViT(nn.Module):
                         step = unmerge(now.reshape(1, -1, 1).expand(x.shape[0], -1, 1))[..., 0].long()
                         source = step.gather(1, source)
             x = x + blk.mlp(blk.norm2(x))
-            if i in wanted:
+            if source is not None and i in wanted:   # source is set whenever blocks are wanted
                 idx = source[:, p:, None].expand(-1, -1, x.shape[-1])
                 out.append(restore_grid(x.gather(1, idx), grid, grid))
         return out if wanted else vit.norm(x)

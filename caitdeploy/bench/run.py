@@ -39,7 +39,9 @@ from caitdeploy.bench.runners import (
 )
 from caitdeploy.core.budgets import check_memory
 from caitdeploy.core.errors import CaitError, OptionError, safe_text
+from caitdeploy.families import family_of
 from caitdeploy.families.flops import activation_bytes, model_flops, model_params, param_bytes
+from caitdeploy.families.layers import AttnImpl
 from caitdeploy.families.vit.config import CaitConfig
 
 BASELINES = ("dense", "tome")
@@ -49,11 +51,9 @@ MAX_BATCH = 65536
 CONVERTED = {"sit": "SiT", "lvvit": "LV-ViT", "spvit": "SPViT", "spvit-swin": "SPViT-Swin", "dimap": "DIMAP"}
 
 
-def arch_name(cfg: CaitConfig) -> str:
+def arch_name(cfg) -> str:
     """A short name of a dense architecture, e.g. 'vit-d384-x12-h6-224px' ('swin-d96-x2.2.6.2-224px')."""
-    if cfg.family == "swin":
-        return f"swin-d{cfg.dims[0]}-x{'.'.join(str(len(s)) for s in cfg.stages)}-{cfg.size_text}px"
-    return f"vit-d{cfg.embed_dim}-x{cfg.depth}-h{cfg.blocks[0].num_heads}-{cfg.size_text}px"
+    return family_of(cfg).arch_name(cfg)
 
 
 def setting_name(path: str | os.PathLike) -> str:
@@ -139,8 +139,8 @@ def _features(model: torch.nn.Module, features: tuple[int, ...] | None, restore:
 
 
 def _dense_builder(cfg: CaitConfig, seed: int, features=None, restore: str = "repeat"
-                   ) -> Callable[[str, str | None], torch.nn.Module]:
-    def build(attn_impl: str, kernels: str | None):
+                   ) -> Callable[[AttnImpl, str | None], torch.nn.Module]:
+    def build(attn_impl: AttnImpl, kernels: str | None):
         from caitdeploy.families import build_model
 
         torch.manual_seed(seed)
@@ -150,8 +150,8 @@ def _dense_builder(cfg: CaitConfig, seed: int, features=None, restore: str = "re
 
 
 def _cait_builder(path: str, img_size=None, features=None, restore: str = "repeat"
-                  ) -> Callable[[str, str | None], torch.nn.Module]:
-    def build(attn_impl: str, kernels: str | None):
+                  ) -> Callable[[AttnImpl, str | None], torch.nn.Module]:
+    def build(attn_impl: AttnImpl, kernels: str | None):
         from caitdeploy.formats.fused import load_model
 
         model = load_model(path, attn_impl=attn_impl, kernels=kernels, img_size=img_size)
@@ -160,8 +160,8 @@ def _cait_builder(path: str, img_size=None, features=None, restore: str = "repea
     return build
 
 
-def _tome_builder(cfg: CaitConfig, r, seed: int, features=None) -> Callable[[str, str | None], torch.nn.Module]:
-    def build(attn_impl: str, kernels: str | None):
+def _tome_builder(cfg: CaitConfig, r, seed: int, features=None) -> Callable[[AttnImpl, str | None], torch.nn.Module]:
+    def build(attn_impl: AttnImpl, kernels: str | None):
         from caitdeploy.baselines.tome import tome_model
 
         model = tome_model(cfg, r, attn_impl="math" if attn_impl == "math" else "sdpa", seed=seed)
@@ -190,8 +190,8 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
     ToMe model per CAIT model (FLOPs-matched unless `tome_r` is an int). img_size: run every model at this
     input size; features: block indices, benchmark feature extraction (see the module docstring)."""
     from caitdeploy.baselines.tome import choose_r, describe_r, tome_flops
-    from caitdeploy.families.flops import head_flops
     from caitdeploy.families.vit.config import ConfigError
+    from caitdeploy.families.vit.flops import head_flops
     from caitdeploy.formats.fused import load_fused
 
     models: list[BenchModel] = []
@@ -201,7 +201,7 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
         from caitdeploy.formats.describe import fused_meta
 
         meta = fused_meta(meta, path)  # every metadata field read here checked: type and range
-        system = CONVERTED.get(meta.get("converted_from"), "CAIT")   # `convert`ed files name their system
+        system = CONVERTED.get(meta.get("converted_from") or "", "CAIT")   # `convert`ed files name their system
         try:
             if img_size is not None:
                 config = config.at_size(img_size)
@@ -216,7 +216,7 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
         setting = setting_name(path)
         f_cait, f_dense = _flops(config, blocks), _flops(dense_cfg, blocks)
         outputs = [f"feat{b}" for b in blocks] if blocks else None
-        common = dict(input_shape=config.input_shape, num_classes=config.num_classes,
+        common: dict[str, Any] = dict(input_shape=config.input_shape, num_classes=config.num_classes,
                       flops_dense=f_dense, output_names=outputs)
         models.append(BenchModel("cait", setting, arch, f"{system} -{100 * (1 - f_cait / f_dense):.1f}%",
                                  _cait_builder(str(path), img_size, blocks, restore), flops=f_cait,
@@ -228,8 +228,8 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
             models.append(BenchModel("dense", arch, arch, "dense", _dense_builder(dense_cfg, seed, blocks, restore),
                                      flops=f_dense,
                                      params=model_params(dense_cfg), **common))
-        if "tome" in baselines and config.family == "swin":
-            log(f"{setting}: ToMe n/a (its bipartite merging needs global attention; Swin attends in windows)")
+        if "tome" in baselines and family_of(config).tome_note:
+            log(f"{setting}: ToMe n/a ({family_of(config).tome_note})")
         elif "tome" in baselines:
             enc = _encoder(dense_cfg, blocks)   # ToMe's r is matched on what runs (no head with features)
             extra = head_flops(enc) if blocks else 0

@@ -6,7 +6,7 @@ Backends
                 e.g. "reduce-overhead" for CUDA graphs); on CPU the default mode (compiling may take minutes)
   ort           ONNX Runtime: TensorRT EP > CUDA EP > CPU EP, the first available for the device;
                 IO binding of torch CUDA tensors on GPU; the model is exported with export.onnx.export_onnx
-  trt           a TensorRT engine built by export.tensorrt.build_engine and run by its TrtRunner (CUDA only)
+  trt           a TensorRT engine built by export.tensorrt.build_engine and run by runtime.TrtRunner (CUDA only)
   torch-triton  CaitViT with kernels="triton" (CUDA only; n/a for ToMe, which is not a CaitViT)
 
 Timing: `warmup` untimed calls, then per repeat at least `min_iters` calls and at least `min_seconds`
@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from caitdeploy.core.errors import CaitError, OptionError
+from caitdeploy.families.layers import AttnImpl
 
 BACKENDS = ("torch", "compile", "ort", "trt", "torch-triton")
 DTYPES = ("fp32", "fp16", "bf16", "int8", "int8-dynamic")
@@ -99,7 +100,7 @@ class BenchModel:
     setting: str                   # the CAIT setting this row belongs to (dense: the architecture)
     arch: str                      # the dense architecture, e.g. "vit d384 x12 h6 224px"
     detail: str                    # e.g. "CAIT -55.0%", "dense", "ToMe r=18"
-    build: Callable[[str, str | None], nn.Module]
+    build: Callable[[AttnImpl, str | None], nn.Module]
     input_shape: tuple[int, int, int]   # (C, H, W)
     num_classes: int
     flops: int
@@ -444,7 +445,7 @@ def _prepare_trt(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: B
                             "use --dtype int8")
     path = _onnx_file(m, opts, dtype, ctx, symmetric=dtype == "int8")
     engine = path.with_name(f"{path.stem}-b{batch}.engine")
-    options = dict(min_batch=1, opt_batch=batch, max_batch=batch)
+    options: dict[str, Any] = dict(min_batch=1, opt_batch=batch, max_batch=batch)
     key = engine_build_key(path.read_bytes(), options)
     try:
         reuse, why = reusable_engine(engine, key)

@@ -1,13 +1,10 @@
 """`caitdeploy bench`: latency/throughput of a fused model vs its dense architecture and ToMe."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from caitdeploy.cli.common import console, handle_errors, print_plain
-from caitdeploy.cli.options import BlockList, ImageSize, parse_float, parse_int
-from caitdeploy.core.errors import safe_text
+from caitdeploy.cli.options import BlockList, ImageSize
 
 
 @click.command("bench")
@@ -45,67 +42,16 @@ from caitdeploy.core.errors import safe_text
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot.")
 @click.option("-q", "--quiet", is_flag=True, help="No table, no progress bar.")
 @handle_errors
-def bench_cmd(model, batches, backends, dtype, baselines, tome_r, device, img_size, features, restore, warmup, min_iters, min_seconds, repeats,
-              threads, compile_mode, work_dir, json_path, md_path, plot_path, quiet):
+def bench_cmd(quiet, **flags):
     """Benchmark fused MODEL(s) against the dense architecture and FLOPs-matched ToMe."""
-    from caitdeploy.bench.report import print_table, write_markdown, write_plot, write_records_json
-    from caitdeploy.bench.run import (
-        parse_backends,
-        parse_baselines,
-        parse_batches,
-        parse_dtypes,
-        parse_tome_r,
-        run_bench,
-    )
-    from caitdeploy.bench.runners import Timing
-    from caitdeploy.core.budgets import MAX_ITERS, MAX_SECONDS
-    from caitdeploy.core.errors import CaitError, Staging
-    from caitdeploy.core.paths import JSON_SUFFIXES, MARKDOWN_SUFFIXES, PLOT_SUFFIXES, Out, check_paths
+    from caitdeploy.bench.report import print_table
+    from caitdeploy.pipelines.bench import BenchOptions, bench
 
-    def num(name, value, kind=int, lo=0, hi=MAX_ITERS):
-        # the rules of options.parse_int / parse_float: plain ASCII notation (no '²', '٣', '1_0'); nan and inf
-        # are read so that the range check names them
-        v = parse_int(value) if kind is int else parse_float(value, finite=False)
-        if v is None:
-            raise CaitError(f"--{name} {safe_text(value, 40)!r}: not {'an integer' if kind is int else 'a number'}")
-        if not lo <= v <= hi:  # NaN fails too
-            raise CaitError(f"--{name} {v}: must be in {lo}..{hi:g}")
-        return v
-
-    timing = Timing(warmup=num("warmup", warmup), min_iters=num("min-iters", min_iters, lo=1),
-                    min_seconds=num("min-seconds", min_seconds, float, hi=MAX_SECONDS),
-                    repeats=num("repeats", repeats, lo=1))
-    nthreads = num("threads", threads, lo=1, hi=1024) if threads is not None else None
-    dtypes = parse_dtypes(dtype)
-    # validate everything before loading models: options, then every output path
-    from caitdeploy.cli.common import check_dense_options
-
-    check_dense_options(img_size, features, restore)
-    backends_l, baselines_l = parse_backends(backends), parse_baselines(baselines)
-    batches_l, tome = parse_batches(batches), parse_tome_r(tome_r)
-    check_paths({"MODEL": list(model)}, [Out(json_path, "--json", JSON_SUFFIXES),
-                                         Out(md_path, "--markdown", MARKDOWN_SUFFIXES),
-                                         Out(plot_path, "--plot", PLOT_SUFFIXES)])
-    if work_dir is not None and Path(work_dir).exists() and not Path(work_dir).is_dir():
-        raise CaitError(f"--work-dir {work_dir}: exists and is not a folder")
+    options = BenchOptions(**flags)   # every flag but --quiet is a BenchOptions field of the same name
     con = console()
-    log = (lambda s: None) if quiet else (lambda s: print_plain(con, s))
-    records = run_bench(list(model), batches=batches_l, backends=backends_l, dtype=dtypes, baselines=baselines_l,
-                        tome_r=tome, device=device, timing=timing, threads=nthreads, work_dir=work_dir,
-                        compile_mode=compile_mode, progress=not quiet, log=log, img_size=img_size,
-                        features=features, restore=restore)
-    if not any(r["status"] == "ok" for r in records):
-        why = "; ".join(dict.fromkeys(f"{r['backend']}: {r['status']}" for r in records))
-        raise CaitError(f"no measurement succeeded ({why[:600]}); nothing written")
-    with Staging() as st:
-        if json_path:
-            write_records_json(records, json_path, staging=st)
-        if md_path:
-            write_markdown(records, md_path, title="caitdeploy bench", staging=st)
-        if plot_path:
-            write_plot(records, plot_path, staging=st)
+    result = bench(options, progress=None if quiet else (lambda s: print_plain(con, s)), progress_bar=not quiet)
     if not quiet:
-        print_table(records, con)
-        for p in (json_path, md_path, plot_path):
+        print_table(result.records, con)
+        for p in (options.json_path, options.md_path, options.plot_path):
             if p:
                 print_plain(con, f"wrote {p}")

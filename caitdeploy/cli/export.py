@@ -8,7 +8,7 @@ from caitdeploy.cli.options import BlockList, Float, ImageSize, Int, StrictInt
 from caitdeploy.core.errors import CaitError
 from caitdeploy.pipelines.export import default_onnx_path  # noqa: F401 (where scripts and tests import it from)
 
-# the ranges of export.quantize.MAX_CALIB_IMAGES and export.tensorrt.MAX_PROFILE_BATCH (tests/test_hostile_output.py
+# the ranges of export.quantize.MAX_CALIB_IMAGES and export.tensorrt.MAX_PROFILE_BATCH (tests/security/test_hostile_output.py
 # checks they agree), written out so that `caitdeploy --help` imports neither; --opt-level is StrictInt: its
 # range (0..5) is checked, with its message, by export.tensorrt.check_build_options
 MAX_CALIB_IMAGES = 4096

@@ -20,7 +20,8 @@ class _Group(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except click.ClickException as e:
-            cmd = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) is not None else ""
+            ctx = getattr(e, "ctx", None)   # UsageError and BadParameter carry one, a plain ClickException not
+            cmd = f"{ctx.command_path}: " if ctx is not None else ""
             msg = " ".join(e.format_message().split())
             click.echo(f"error: {cmd}{msg} (see --help)", err=True)
             sys.exit(e.exit_code)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from caitdeploy.cli.common import console, handle_errors, print_plain, write_json
+from caitdeploy.cli.common import console, handle_errors, print_plain
 from caitdeploy.cli.options import Int, StrictFloat  # --flops-reduction: range checked by limits.check_float
 
 
@@ -28,33 +28,14 @@ from caitdeploy.cli.options import Int, StrictFloat  # --flops-reduction: range 
 @handle_errors
 def make_checkpoint_cmd(arch, flops_reduction, merges, weights, align, num_classes, img_size, seed, output, report_path):
     """Write a cait-compactor/1 checkpoint chosen by CDCP selection (Alg. 1-3) for a FLOPs target."""
-    from caitdeploy.compress import cdcp
-    from caitdeploy.core.budgets import check_float
-    from caitdeploy.core.errors import Staging
-    from caitdeploy.core.paths import CHECKPOINT_SUFFIXES, JSON_SUFFIXES, Out, check_paths
+    from caitdeploy.pipelines.make_checkpoint import MakeCheckpointOptions, make_checkpoint
 
-    swin = cdcp.is_swin_arch(arch)
-    if flops_reduction is None:
-        flops_reduction = cdcp.SWIN_DEFAULT_REDUCTION if swin else 0.55
-    if merges is None:
-        merges = "auto" if swin else "4:h,8:v"
-    check_float(flops_reduction, "flops_reduction", 0.0, 0.95)
-    if swin:   # auto: placed once the model's stages are known
-        merge_map = None if merges.strip().lower() == "auto" else cdcp.parse_swin_merges(merges)
-    else:
-        merge_map = cdcp.parse_merges(merges)
-    check_paths({"--weights": weights}, [Out(output, "--output", CHECKPOINT_SUFFIXES),
-                                         Out(report_path, "--report", JSON_SUFFIXES)])
-    make = cdcp.make_swin_checkpoint if swin else cdcp.make_checkpoint
-    ckpt, summary = make(arch, flops_reduction, merge_map, weights=weights, seed=seed,
-                         align=align, num_classes=num_classes, img_size=img_size)
-    with Staging() as st:
-        cdcp.save_checkpoint_dict(ckpt, output, staging=st)
-        if report_path:
-            write_json(report_path, summary, staging=st)
+    r = make_checkpoint(MakeCheckpointOptions(
+        arch=arch, flops_reduction=flops_reduction, merges=merges, weights=weights, align=align,
+        num_classes=num_classes, img_size=img_size, seed=seed, output=output, report_path=report_path))
+    s = r.summary
     con = console()
-    shown = ",".join(f"{k}:{v}" for k, v in summary["merges"].items()) if swin else merges
-    print_plain(con, f"{arch}: merges {shown or 'none'}{' (auto)' if merge_map is None else ''}, FLOPs/img {summary['flops_dense'] / 1e9:.3f}G -> "
-              f"{summary['flops_pruned'] / 1e9:.3f}G (reduction {100 * summary['flops_reduction']:.2f}%, "
-              f"target {100 * flops_reduction:.2f}%)")
+    print_plain(con, f"{arch}: merges {r.merges_text}{' (auto)' if r.auto_merges else ''}, FLOPs/img "
+                     f"{s['flops_dense'] / 1e9:.3f}G -> {s['flops_pruned'] / 1e9:.3f}G (reduction "
+                     f"{100 * s['flops_reduction']:.2f}%, target {100 * r.flops_reduction:.2f}%)")
     print_plain(con, f"wrote {output}")

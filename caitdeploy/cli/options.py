@@ -25,53 +25,26 @@ and the wording is the one the older options had).
                          range a library function checks with its own message (`limits.check_float`,
                          `export.tensorrt.check_build_options`): the option's help or the command names it
 
-`parse_int` / `parse_float` are the same rules for option text a command parses itself (comma lists).
+`parse_int` / `parse_float` (from `pipelines.common`) are the same rules for option text a command or a
+pipeline parses itself (comma lists).
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import click
 
 from caitdeploy.core.errors import safe_text
 
-_INT = re.compile(r"[+-]?[0-9]+")
-_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_NONFINITE = ("nan", "inf", "infinity")
-MAX_CHARS = 64   # longer text is no number an option takes (and int() of huge text is slow)
+# the notation rules live with the pipelines, which check option text given to them as the commands do
+from caitdeploy.pipelines.common import _INT, MAX_CHARS, parse_float, parse_int
+
 INT64 = 1 << 63
 
 
 def _shown(value: Any) -> str:
     return f"'{safe_text(value, 40)}'"
-
-
-def parse_int(text: Any) -> int | None:
-    """`text` as an int when it is plain ASCII decimal notation (`-12`, `+3`), else None."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    s = str(text).strip()
-    return int(s) if len(s) <= MAX_CHARS and _INT.fullmatch(s) else None
-
-
-def parse_float(text: Any, finite: bool = True) -> float | None:
-    """`text` as a float when it is plain ASCII decimal notation (`0.5`, `1e-3`), else None; with
-    finite=False the spelled-out `nan`, `inf`, `infinity` pass too (for a check that names them itself)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        v = float(text)
-    else:
-        s = str(text).strip()
-        if len(s) > MAX_CHARS:
-            return None
-        if _FLOAT.fullmatch(s):
-            v = float(s)
-        elif not finite and s.lower().lstrip("+-") in _NONFINITE:
-            v = float(s.lower())
-        else:
-            return None
-    return v if (math.isfinite(v) or not finite) else None
 
 
 class Int(click.IntRange):

@@ -28,7 +28,7 @@ def _scalar(v: str, item: str | None = None):
     return v
 
 
-def _split_items(text: str) -> list[str]:
+def _split_items(text: str) -> list[str] | None:
     """Split on the commas outside [...]: 'a=1,b=[2,3]' -> ['a=1', 'b=[2,3]']; None on unbalanced brackets."""
     items, depth, cur = [], 0, ""
     for ch in text:

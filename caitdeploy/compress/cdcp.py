@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ from typing import Any
 import torch
 
 from caitdeploy.core.errors import CaitError, OptionError, atomic_output
+from caitdeploy.core.names import FORMAT
+from caitdeploy.families.base import check_merge_budget
 from caitdeploy.families.flops import model_flops
 from caitdeploy.families.vit.config import CaitConfig
-from caitdeploy.formats.names import FORMAT, compactor_prefix, merge_prefix
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,15 @@ def block_scores(sd: dict[str, torch.Tensor], prefix: str, num_heads: int, comps
     return {"qk": nq * nk, "v": nv * proj.pow(2).sum(0).sqrt().reshape(nv.shape), "mlp": n1 * fc2.pow(2).sum(0).sqrt()}
 
 
-def channel_scores(sd: dict[str, torch.Tensor], cfg: CaitConfig) -> list[dict[str, torch.Tensor]]:
-    """Importance per channel and block: {"qk": [H, d], "v": [H, d], "mlp": [F]} (Alg. 1)."""
-    return [block_scores(sd, f"blocks.{i}.", b.num_heads,
-                         {n: sd.get(compactor_prefix(i, n) + ".weight") for n in ("q", "k", "v", "fc1")})
-            for i, b in enumerate(cfg.blocks)]
+def channel_scores(sd: dict[str, torch.Tensor], cfg: Any) -> list[dict[str, torch.Tensor]]:
+    """Importance per channel and block, in the family's flat block order: {"qk": [H, d], "v": [H, d], "mlp": [F]}
+    (Alg. 1), compactors folded in where `sd` has them."""
+    from caitdeploy.families.registry import family_of
+
+    fam = family_of(cfg)
+    return [block_scores(sd, site.prefix, site.num_heads,
+                         {n: sd.get(fam.compactor_key(cfg, site.index, n) + ".weight") for n in ("q", "k", "v", "fc1")})
+            for site in fam.block_sites(cfg)]
 
 
 def _units(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], align: int) -> list[Unit]:
@@ -114,100 +118,6 @@ def cdcp_select(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], flops_re
 
 
 # ---- timm -> cait-compactor/1 -------------------------------------------------------------------
-def timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None):
-    """A randomly initialised timm VisionTransformer in the layout the format supports (timm_compat)."""
-    from caitdeploy.families.timm_compat import timm_model as make
-
-    return make(arch, num_classes, img_size)
-
-
-def format_config_of(model, merges: dict[int, str]) -> dict[str, Any]:
-    from caitdeploy.families.timm_compat import format_config_of as of
-
-    return of(model, merges)
-
-
-def parse_merges(text: str) -> dict[int, str]:
-    """'4:h,8:v' -> {4: 'h', 8: 'v'}; '' or 'none' -> {}."""
-    out: dict[int, str] = {}
-    if text.strip().lower() in ("", "none"):
-        return out
-    for item in text.split(","):
-        try:
-            k, v = item.split(":")
-            block = int(k)
-        except ValueError:
-            raise OptionError("merges", f"{text!r}: expected BLOCK:h|v[,BLOCK:h|v...], e.g. 4:h,8:v") from None
-        if v not in ("h", "v"):
-            raise OptionError("merges", f"{text!r}: merge kind {v!r} must be 'h' or 'v'")
-        if block in out:
-            raise OptionError("merges", f"{text!r}: block {block} is named twice ({out[block]} and {v}); "
-                            "a block has at most one merge")
-        out[block] = v
-    return out
-
-
-TOKEN_SHARE = 0.75   # default share of the FLOPs reduction given to token merging (4:h,8:v on DeiT-S at 55%)
-
-
-def merge_reduction(fmt: dict[str, Any], merges: dict[int, str], dense: int | None = None) -> float:
-    """FLOPs reduction (vs the dense model, whose FLOPs `dense` may give) that `merges` alone give a model of
-    format config `fmt`."""
-    if dense is None:
-        dense = model_flops(CaitConfig.from_format({**fmt, "merges": {}}))["total"]
-    return 1 - model_flops(CaitConfig.from_format({**fmt, "merges": merges}))["total"] / dense
-
-
-def auto_merges(fmt: dict[str, Any], flops_reduction: float, token_reduction: float | None = None
-                ) -> tuple[dict[int, str], dict[str, Any]]:
-    """The paper's rule for ATME blocks: divide the blocks uniformly (a horizontal merge after the first third,
-    a vertical one after the second: 4:h,8:v for 12 blocks), then move them to the pair whose merge-only FLOPs
-    reduction is closest to the token-FLOPs target (`token_reduction`, default TOKEN_SHARE x flops_reduction),
-    never above `flops_reduction` (CDCP prunes channels for the rest). Ties go to the pair nearest the uniform
-    one; each block moved costs 0.2 points of reduction, so the uniform pair wins when it is within reach.
-    Returns (merges, info: uniform pair, chosen pair, token / channel / total reduction)."""
-    depth = int(fmt["depth"])
-    target = TOKEN_SHARE * flops_reduction if token_reduction is None else float(token_reduction)
-    if not 0 <= target <= flops_reduction:
-        raise OptionError("token_reduction", f"{target:.4f}: must be in 0..--flops-reduction ({flops_reduction})")
-    u1, u2 = max(1, round(depth / 3)), max(2, round(2 * depth / 3))
-    dense = model_flops(CaitConfig.from_format({**fmt, "merges": {}}))["total"]
-    best = None
-    for b1 in range(1, depth):
-        for b2 in [*range(b1 + 1, depth), None]:
-            merges = {b1: "h"} if b2 is None else {b1: "h", b2: "v"}
-            try:
-                r = merge_reduction(fmt, merges, dense)
-            except ValueError:   # a merge on an odd grid side
-                continue
-            if r > flops_reduction + 1e-9:
-                continue
-            moved = abs(b1 - u1) + (abs(b2 - u2) if b2 is not None else depth)
-            cost = abs(r - target) + 0.002 * moved
-            if best is None or cost < best[0]:
-                best = (cost, merges, r)
-    if best is None:
-        raise OptionError("merges", f"auto: no merge placement fits {depth} blocks, grid "
-                                    f"{CaitConfig.from_format({**fmt, 'merges': {}}).grid} and --flops-reduction "
-                                    f"{flops_reduction}; give --merges BLOCK:h|v,... or none")
-    _, merges, r = best
-    info = {"uniform": {u1: "h", u2: "v"}, "merges": merges, "token_target": target, "token_reduction": r,
-            "channel_reduction": flops_reduction - r, "flops_reduction": flops_reduction}
-    return merges, info
-
-
-def check_merge_budget(r: float, flops_reduction: float, text: str) -> None:
-    """OptionError naming --merges `text` when the merges alone cut more FLOPs (`r`, from `merge_reduction` or
-    `swin_merge_reduction`) than the target: CDCP could not prune at all and the result would miss it."""
-    if r > flops_reduction + 1e-9:
-        raise OptionError("merges", f"{text}: the merges alone cut FLOPs by {r:.2%}, more than --flops-reduction "
-                                    f"{flops_reduction}")
-
-
-def merges_text(merges: dict[int, str]) -> str:
-    return ",".join(f"{k}:{v}" for k, v in sorted(merges.items())) or "none"
-
-
 def fit_state_dict(model, sd: dict[str, torch.Tensor], what: str, arch: str, new_head: bool = False) -> set[str]:
     """Load a timm state dict into `model` after checking every key, shape and value (one-line CaitError naming
     `what`, the file). `new_head`: a head of another size stays at the model's init (the data decide the
@@ -239,210 +149,56 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     sd = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(sd, dict):
         raise CaitError(f"{path}: no state dict found")
-    from caitdeploy.families.swin.model import BUFFER_SUFFIXES
+    from caitdeploy.families.registry import buffer_suffixes
 
     sd = {k: v for k, v in _strip_prefixes(sd).items() if isinstance(v, torch.Tensor)
-          and not k.endswith(BUFFER_SUFFIXES)}   # Swin's buffers, rebuilt by the model
+          and not k.endswith(buffer_suffixes())}   # buffers the models rebuild (Swin's masks and indices)
     return check_tensors(Path(path), sd)[0]  # dense real storage, float weights (half upcast)
 
 
-def is_swin_arch(arch: str) -> bool:
-    return arch.startswith("swin_") and not arch.startswith("swinv2")
-
-
-def parse_swin_merges(text: str) -> dict[tuple[int, int], str]:
-    """'2.4:h,2.5:v' -> {(2, 4): 'h', (2, 5): 'v'}; '' or 'none' -> {}."""
-    from caitdeploy.families.swin.model import parse_stage_merges
-    from caitdeploy.families.vit.config import ConfigError
-
-    if text.strip().lower() in ("", "none"):
-        return {}
-    pairs = [item.split(":") for item in text.split(",")]
-    if any(len(p) != 2 for p in pairs):
-        raise OptionError("merges", f"{text!r}: a Swin merge is STAGE.BLOCK:h|v, e.g. 2.4:h,2.5:v")
-    keys = [k.strip() for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise OptionError("merges", f"{text!r}: a block is named twice; a block has at most one merge")
-    try:
-        return parse_stage_merges({k: v.strip() for k, v in zip(keys, (v for _, v in pairs))})
-    except ConfigError as e:
-        raise OptionError("merges", f"{text!r}: {e}") from None
-
-
-SWIN_DEFAULT_REDUCTION = 0.354       # its ATME + CDCP setting (Tab. XII, CDCP only: --merges none, 0.267)
-
-
-def swin_merge_reduction(fmt: dict[str, Any], merges: dict[tuple[int, int], str]) -> float:
-    """FLOPs reduction that ATME `merges` {(stage, block): kind} alone give the Swin of format config `fmt`;
-    ConfigError for a merge that does not fit (an odd grid side)."""
-    from caitdeploy.families.swin import model as SW
-
-    def flops(m):
-        f = SW.check_format({**fmt, "merges": {f"{s}.{i}": k for (s, i), k in m.items()}})
-        return model_flops(SW.swin_config_from_format(f))["total"]
-
-    return 1 - flops(merges) / flops({})
-
-
-def swin_auto_merges(fmt: dict[str, Any], flops_reduction: float) -> tuple[dict[tuple[int, int], str], dict]:
-    """The paper's Swin placement (Tab. XIV): HTM and VTM at the last two blocks of the longest stage (stage 3
-    of Swin-T/S/B: 2.4:h,2.5:v on Swin-T); when those merges alone would cut more than `flops_reduction`, or
-    a grid side is odd, HTM alone at its last block, else none (CDCP prunes channels for the whole target).
-    Returns (merges, info: token / channel / total reduction)."""
-    from caitdeploy.families.vit.config import ConfigError
-
-    depths = list(fmt["depths"])
-    s = max(range(len(depths)), key=lambda k: (depths[k], -k))
-    n = depths[s]
-    tries = ([{(s, n - 2): "h", (s, n - 1): "v"}] if n >= 2 else []) + [{(s, n - 1): "h"}, {}]
-    for merges in tries:
-        try:
-            r = swin_merge_reduction(fmt, merges)
-        except ConfigError:
-            continue
-        if r <= flops_reduction + 1e-9:
-            return merges, {"merges": merges, "token_reduction": r, "channel_reduction": flops_reduction - r,
-                            "flops_reduction": flops_reduction}
-    raise OptionError("merges", "auto: no Swin merge placement fits")   # unreachable: {} always fits
-
-
-def swin_merges_text(merges: dict[tuple[int, int], str]) -> str:
-    return ",".join(f"{s}.{i}:{k}" for (s, i), k in sorted(merges.items())) or "none"
-
-
-def swin_timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None,
-                    model_args: dict | None = None):
-    """A randomly initialised timm SwinTransformer (v1), one-line OptionError for other names; `model_args`
-    override timm's (embed_dim, depths, num_heads, ...)."""
-    import timm
-    from timm.models.swin_transformer import SwinTransformer
-
-    if arch not in timm.list_models("swin_*"):
-        raise OptionError("arch", f"{arch!r} is not a timm Swin (v1) model; e.g. swin_tiny_patch4_window7_224")
-    kwargs = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
-    kwargs.update(model_args or {})
-    try:
-        model = timm.create_model(arch, pretrained=False, **kwargs)
-    except Exception as e:  # noqa: BLE001 - timm's own refusal of a size, in one line
-        raise OptionError("arch", f"{arch}: timm cannot build it ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(model, SwinTransformer):
-        raise OptionError("arch", f"{arch!r} is not a timm SwinTransformer (v1)")
-    return model.eval()
-
-
-def swin_weights(model, merges: dict[tuple[int, int], str], arch: str | None = None):
-    """(format config, SwinConfig, checkpoint-keyed tensors without compactors) of a timm Swin `model` with ATME
-    `merges` (mean-initialised); the relative position tables of blocks whose window the merges clip are
-    resized from the dense ones as timm resizes them. OptionError naming --merges for a merge that does not fit."""
-    from timm.layers import resize_rel_pos_bias_table
-
-    from caitdeploy.families.swin import model as SW
-    from caitdeploy.families.vit.config import ConfigError
-
-    try:
-        fmt = SW.check_format(SW.format_config_of(model, merges, arch))
-    except ConfigError as e:
-        raise OptionError("merges", f": {e}") from None
-    cfg = SW.swin_config_from_format(fmt)
-    req, _ = SW.checkpoint_shapes(cfg)
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith(SW.BUFFER_SUFFIXES)}
-    for k, shape in req.items():
-        if k.endswith("relative_position_bias_table") and tuple(sd[k].shape) != shape:
-            s, i = (int(x) for x in k.split(".")[1:4:2])
-            win, _ = cfg.window_shift(s, i)
-            with warnings.catch_warnings():   # timm's interpolation warns about torch internals
-                warnings.simplefilter("ignore")
-                sd[k] = resize_rel_pos_bias_table(sd[k], new_window_size=win, new_bias_shape=shape)
-    for (s, i), kind in merges.items():
-        eye = torch.eye(cfg.dims[s])
-        sd[f"layers.{s}.blocks.{i}.{SW._MERGE_NAME[kind]}.fc.weight"] = torch.cat([eye, eye], dim=1) / 2
-        sd[f"layers.{s}.blocks.{i}.{SW._MERGE_NAME[kind]}.fc.bias"] = torch.zeros(cfg.dims[s])
-    return fmt, cfg, sd
-
-
-def swin_scores(sd: dict[str, torch.Tensor], cfg) -> list[dict[str, torch.Tensor]]:
-    """`channel_scores` for a Swin (checkpoint keys, flat block order), compactors folded in where present."""
-    out = []
-    for s, i, b in cfg.flat():
-        p = f"layers.{s}.blocks.{i}."
-        comps = {n: sd.get(p + (f"attn.{n}_compactor" if n != "fc1" else "mlp.fc1_compactor") + ".weight")
-                 for n in ("q", "k", "v", "fc1")}
-        out.append(block_scores(sd, p, b.num_heads, comps))
-    return out
-
-
-def make_swin_checkpoint(arch: str, flops_reduction: float, merges: dict[tuple[int, int], str] | None,
-                         weights: str | None = None, seed: int = 0, align: int = 1, num_classes: int | None = None,
-                         img_size: int | None = None, model_args: dict | None = None
-                         ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`make_checkpoint` for a timm Swin: CDCP selection over every block of every stage, ATME merges inside a
-    stage (mean of the two tokens at start; None: `swin_auto_merges`, the paper's placement). A block whose
-    window the merges clip (Tab. XIV: stage 4 runs on 4x4 tokens, window 4) gets its relative position table
-    resized from the dense one, as timm resizes it. OptionError when the merges alone exceed the target."""
-    from caitdeploy.families.swin import model as SW
-
-    torch.manual_seed(seed)
-    model = swin_timm_model(arch, num_classes, img_size, model_args)
-    if weights:
-        from caitdeploy.convert.dimap import timm_layout
-
-        fit_state_dict(model, timm_layout(load_weights(weights))[0], weights, arch)   # Microsoft's layout too
-    if merges is None:
-        merges, _ = swin_auto_merges(SW.check_format(SW.format_config_of(model, {}, arch)), flops_reduction)
-    fmt, cfg, sd = swin_weights(model, merges, arch)
-    check_merge_budget(swin_merge_reduction(fmt, merges), flops_reduction, swin_merges_text(merges))
-    req, _ = SW.checkpoint_shapes(cfg)
-    flat = cfg.flat()
-    masks, summary = cdcp_select(cfg, swin_scores(sd, cfg), flops_reduction, align)
-    for (s, i, _), m in zip(flat, masks):
-        p = f"layers.{s}.blocks.{i}."
-        for name in ("q", "k", "v"):
-            c = torch.eye(m[name].shape[-1]).repeat(m[name].shape[0], 1, 1) * m[name].unsqueeze(-1)
-            sd[p + f"attn.{name}_compactor.weight"], sd[p + f"attn.{name}_compactor.mask"] = c, m[name]
-        sd[p + "mlp.fc1_compactor.weight"], sd[p + "mlp.fc1_compactor.mask"] = torch.diag(m["fc1"]), m["fc1"]
-    missing = sorted(set(req) - set(sd))
-    if missing:   # a timm layout this version does not know
-        raise CaitError(f"{arch}: timm's state dict lacks {missing[0]!r} (not a Swin v1 layout)")
-    summary.update(arch=arch, merges={f"{s}.{i}": k for (s, i), k in merges.items()},
-                   kept=[{k: int(v.sum()) for k, v in m.items()} for m in masks])
-    return {"format": FORMAT, "config": fmt, "state_dict": sd}, summary
-
-
-def make_checkpoint(arch: str, flops_reduction: float, merges: dict[int, str], weights: str | None = None,
-                    seed: int = 0, align: int = 1, num_classes: int | None = None,
-                    img_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A valid `cait-compactor/1` checkpoint from a timm architecture, pruned one-shot by CDCP selection.
+def make_checkpoint(arch: str, flops_reduction: float | None = None, merges: dict | str | None = None,
+                    weights: str | None = None, seed: int = 0, align: int = 1, num_classes: int | None = None,
+                    img_size: int | None = None, model_args: dict | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A valid `cait-compactor/1` checkpoint from a timm architecture of any family that timm builds, pruned
+    one-shot by CDCP selection. `merges`: a parsed merge map, a --merges spec, "auto" (the family's placement
+    for the target) or None (the family's default); `flops_reduction` None: the family's default.
 
     Compactors are identity with the dropped rows set to zero, as converged CDCP training leaves them;
-    ATME merges start as the mean of the two tokens. Returns (checkpoint dict, selection summary).
-    """
+    ATME merges start as the mean of the two tokens. OptionError when the merges alone exceed the target.
+    Returns (checkpoint dict, selection summary)."""
+    from caitdeploy.core.budgets import check_float
+    from caitdeploy.families.registry import family_for_arch
+
+    fam = family_for_arch(arch)
+    flops_reduction = fam.default_flops_reduction if flops_reduction is None else flops_reduction
+    check_float(flops_reduction, "flops_reduction", 0.0, 0.95)
+    if isinstance(merges, str) or merges is None:
+        text = fam.default_merges if merges is None else merges
+        merge_map = None if text.strip().lower() == "auto" else fam.parse_merges(text)
+    else:
+        merge_map = dict(merges)
     torch.manual_seed(seed)
-    model = timm_model(arch, num_classes, img_size)
+    model = fam.timm_model(arch, num_classes, img_size, model_args)
     if weights:
-        fit_state_dict(model, load_weights(weights), weights, arch)
-    fmt = {**format_config_of(model, merges), "arch": arch}
-    try:
-        cfg = CaitConfig.from_format(fmt)
-    except ValueError as e:
-        raise OptionError("merges", f": {e}") from None
-    check_merge_budget(merge_reduction(fmt, merges), flops_reduction, merges_text(merges))
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    d = fmt["embed_dim"]
-    for i, kind in merges.items():
-        eye = torch.eye(d)
-        sd[merge_prefix(i, kind) + ".weight"] = torch.cat([eye, eye], dim=1) / 2
-        sd[merge_prefix(i, kind) + ".bias"] = torch.zeros(d)
+        fit_state_dict(model, fam.timm_keys(load_weights(weights)), weights, arch)
+    auto = merge_map is None
+    if merge_map is None:
+        merge_map, _ = fam.auto_merges(fam.format_config_of(model, arch), flops_reduction)
+    fmt, cfg, sd = fam.initial_weights(model, merge_map, arch)
+    check_merge_budget(fam.merge_reduction(fmt, merge_map), flops_reduction, fam.merges_text(merge_map))
     masks, summary = cdcp_select(cfg, channel_scores(sd, cfg), flops_reduction, align)
-    for i, m in enumerate(masks):
+    for site, m in zip(fam.block_sites(cfg), masks):
         for name in ("q", "k", "v"):
             c = torch.eye(m[name].shape[-1]).repeat(m[name].shape[0], 1, 1) * m[name].unsqueeze(-1)
-            sd[compactor_prefix(i, name) + ".weight"] = c
-            sd[compactor_prefix(i, name) + ".mask"] = m[name]
-        sd[compactor_prefix(i, "fc1") + ".weight"] = torch.diag(m["fc1"])
-        sd[compactor_prefix(i, "fc1") + ".mask"] = m["fc1"]
-    ckpt = {"format": FORMAT, "config": {**fmt, "merges": {str(k): v for k, v in merges.items()}}, "state_dict": sd}
-    summary.update(arch=arch, merges=merges, kept=[{k: int(v.sum()) for k, v in m.items()} for m in masks])
-    return ckpt, summary
+            sd[fam.compactor_key(cfg, site.index, name) + ".weight"] = c
+            sd[fam.compactor_key(cfg, site.index, name) + ".mask"] = m[name]
+        sd[fam.compactor_key(cfg, site.index, "fc1") + ".weight"] = torch.diag(m["fc1"])
+        sd[fam.compactor_key(cfg, site.index, "fc1") + ".mask"] = m["fc1"]
+    config = {**fmt, "merges": fam.merges_summary(merge_map)}
+    summary.update(arch=arch, family=fam.name, merges=fam.merges_summary(merge_map),
+                   merges_text=fam.merges_text(merge_map), auto=auto, kept=[{k: int(v.sum()) for k, v in m.items()} for m in masks])
+    return {"format": FORMAT, "config": config, "state_dict": sd}, summary
 
 
 def save_checkpoint_dict(ckpt: dict[str, Any], path: str | os.PathLike, staging=None) -> Path:

@@ -15,7 +15,6 @@ from caitdeploy.core.paths import Out
 from caitdeploy.families.flops import block_rows, flop_counter, model_flops, model_params
 from caitdeploy.families.vit.config import CaitConfig
 from caitdeploy.formats.checkpoint import Checkpoint, load_checkpoint
-from caitdeploy.formats.names import FUSED_MERGE, merge_prefix
 
 CONSISTENCY_MODES = ("strict", "repair")
 
@@ -67,7 +66,7 @@ def plan_block(ckpt: Checkpoint, i: int, f: S.FoldedBlock, opts: FuseOptions) ->
     hidden = f.w1.shape[0]
     comp = {n: ckpt.compactor(i, n) for n in ("q", "k", "v", "fc1")}
     shapes = {"q": (h, d), "k": (h, d), "v": (h, d), "fc1": (hidden,)}
-    comp_norms = {n: _compactor_row_norms(None if comp[n] is None else comp[n][0], shapes[n]) for n in shapes}
+    comp_norms = {n: _compactor_row_norms(None if (cn := comp[n]) is None else cn[0], shapes[n]) for n in shapes}
     if opts.threshold is not None:
         norms = {"q": S.row_norms(f.wq, f.bq), "k": S.row_norms(f.wk, f.bk), "v": S.row_norms(f.wv, f.bv),
                  "fc1": S.row_norms(*f.fc1_folded())}
@@ -78,7 +77,8 @@ def plan_block(ckpt: Checkpoint, i: int, f: S.FoldedBlock, opts: FuseOptions) ->
         if opts.threshold is not None:
             keep[name] = S.keep_from_threshold(norms[name], opts.threshold)
         else:
-            keep[name] = S.keep_from_mask(None if comp[name] is None else comp[name][1], shape)
+            cm = comp[name]
+            keep[name] = S.keep_from_mask(None if cm is None else cm[1], shape)
         empty = (keep[name].sum(-1) == 0).reshape(-1)
         if bool(empty.any()):
             where = f" head {int(empty.nonzero()[0])}" if name != "fc1" else ""
@@ -114,105 +114,48 @@ def plan_block(ckpt: Checkpoint, i: int, f: S.FoldedBlock, opts: FuseOptions) ->
     return S.BlockPlan(qk, v, mlp, repairs, *pruned, max_dropped_norm=dropped)
 
 
-def fuse(ckpt: Checkpoint, opts: FuseOptions = FuseOptions(), progress=None) -> FuseResult:
-    """Fold and slice every block of a validated checkpoint. Returns the fused config and tensors."""
-    from caitdeploy.families import family
+def fuse(ckpt: Any, opts: FuseOptions = FuseOptions(), progress=None) -> FuseResult:
+    """Fold and slice every block of a validated checkpoint of any family (its `block_sites`, in flat order).
+    Returns the fused config and the deploy model's tensors."""
+    from caitdeploy.families import family_of
 
     sd, cfg = ckpt.state_dict, ckpt.config
-    num_heads = ckpt.format_config["num_heads"]
-    out: dict[str, torch.Tensor] = family(cfg.family).fuse_stem(cfg, sd.__getitem__)
-    norm = "fc_norm" if cfg.fc_norm else "norm"
-    for k in ("cls_token", "dist_token", "reg_token", "pos_embed", f"{norm}.weight", f"{norm}.bias", "head.weight",
-              "head.bias", "head_dist.weight", "head_dist.bias"):
-        if k in sd:
-            out[k] = sd[k]
-    lam = float(ckpt.format_config.get("skip_lam", 1.0))
+    fam = family_of(cfg)
+    out: dict[str, torch.Tensor] = fam.fuse_start(ckpt)
     blocks, plans = [], []
-    for i, blk in enumerate(cfg.blocks):
-        p = f"blocks.{i}."
-        comps = {n: (None if (c := ckpt.compactor(i, n)) is None else c[0]) for n in ("q", "k", "v", "fc1")}
-        f = S.fold_block(sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"), sd[p + "mlp.fc1.weight"],
-                         sd[p + "mlp.fc1.bias"], num_heads, comps)
-        plan = plan_block(ckpt, i, f, opts)
-        if plan.max_dropped_norm > opts.max_dropped_norm and not opts.force:
-            raise CaitError(f"{ckpt.path}: block {i}: a dropped compactor row has norm {plan.max_dropped_norm:.3g} "
-                            f"> max_dropped_norm (--max-dropped-norm) {opts.max_dropped_norm:g}; the fused model would differ from "
-                            "the checkpoint (force it with --force / force=True)")
-        for k, v in S.slice_block(f, sd[p + "attn.proj.weight"], sd[p + "mlp.fc2.weight"], plan).items():
-            out[p + k] = v
-        for k in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.proj.bias", "mlp.fc2.bias"):
-            out[p + k] = sd[p + k]
-        for layer, gamma in (("attn.proj", "ls1.gamma"), ("mlp.fc2", "ls2.gamma")):
-            out[p + layer + ".weight"], out[p + layer + ".bias"] = S.scale_rows(
-                out[p + layer + ".weight"], out[p + layer + ".bias"], sd.get(p + gamma), 1 / lam)
-        if blk.merge:
-            for k in ("weight", "bias"):
-                out[f"{p}{FUSED_MERGE}.fc.{k}"] = sd[f"{merge_prefix(i, blk.merge)}.{k}"]
-        blocks.append(replace(blk, qk_dim=plan.qk.shape[-1], v_dim=plan.v.shape[-1], mlp_hidden=plan.mlp.shape[0]))
-        plans.append(plan)
-        if progress is not None:
-            progress(i)
-    source = {**ckpt.format_config, "merges": {str(k): v for k, v in ckpt.format_config["merges"].items()}}
-    fused_cfg = replace(cfg, blocks=tuple(blocks), source=source)
-    return FuseResult(fused_cfg, {k: v.float() for k, v in out.items()}, plans)
-
-
-def fuse_swin(ckpt, opts: FuseOptions = FuseOptions(), progress=None) -> FuseResult:
-    """`fuse` for a `SwinCheckpoint`: the same fold, selection, consistency and alignment per block (flat block
-    index j, stage by stage), then the deploy `CaitSwin` keys; every tensor not in a block's q/k/v/proj/fc1/fc2
-    (norms, relative position tables, merges, patch merging, stem, head) is copied."""
-    from caitdeploy.families.swin.model import from_checkpoint
-
-    sd, cfg = ckpt.state_dict, ckpt.config
-    out: dict[str, torch.Tensor] = {}
-    stages = [list(blocks) for blocks in cfg.stages]
-    plans = []
-    for j, (s, i, b) in enumerate(cfg.flat()):
-        p, q = ckpt.prefix(j), f"layers.{s}.blocks.{i}."
+    for site, blk in zip(fam.block_sites(cfg), fam.blocks(cfg)):
+        p, j = site.prefix, site.index
         comps = {n: (None if (c := ckpt.compactor(j, n)) is None else c[0]) for n in ("q", "k", "v", "fc1")}
         f = S.fold_block(sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"), sd[p + "mlp.fc1.weight"],
-                         sd[p + "mlp.fc1.bias"], b.num_heads, comps)
+                         sd[p + "mlp.fc1.bias"], site.num_heads, comps)
         try:
             plan = plan_block(ckpt, j, f, opts)
         except CaitError as e:
-            raise CaitError(f"{ckpt.path}: {str(e).replace(f'block {j}', f'block {j} (stage {s} block {i})', 1)}"
-                            ) from None
+            raise CaitError(f"{ckpt.path}: {str(e).replace(f'block {j}', site.label, 1)}") from None
         if plan.max_dropped_norm > opts.max_dropped_norm and not opts.force:
-            raise CaitError(f"{ckpt.path}: block {j} (stage {s} block {i}): a dropped compactor row has norm "
-                            f"{plan.max_dropped_norm:.3g} > max_dropped_norm (--max-dropped-norm) "
-                            f"{opts.max_dropped_norm:g}; the fused model would differ from the checkpoint (force "
-                            "it with --force / force=True)")
-        sl = S.slice_block(f, sd[p + "attn.proj.weight"], sd[p + "mlp.fc2.weight"], plan)
-        for k, v in sl.items():
-            out[q + k.removeprefix("mlp.")] = v
-        stages[s][i] = replace(b, qk_dim=plan.qk.shape[-1], v_dim=plan.v.shape[-1], mlp_hidden=plan.mlp.shape[0])
+            raise CaitError(f"{ckpt.path}: {site.label}: a dropped compactor row has norm {plan.max_dropped_norm:.3g} "
+                            f"> max_dropped_norm (--max-dropped-norm) {opts.max_dropped_norm:g}; the fused model would "
+                            "differ from the checkpoint (force it with --force / force=True)")
+        fam.fuse_block(ckpt, site, S.slice_block(f, sd[p + "attn.proj.weight"], sd[p + "mlp.fc2.weight"], plan), out)
+        blocks.append(replace(blk, qk_dim=plan.qk.shape[-1], v_dim=plan.v.shape[-1], mlp_hidden=plan.mlp.shape[0]))
         plans.append(plan)
         if progress is not None:
             progress(j)
-    fused_cfg = replace(cfg, stages=tuple(tuple(x) for x in stages), source=dict(ckpt.format_config))
-    out = {**from_checkpoint(fused_cfg, sd), **out}   # the sliced tensors replace the dense ones
+    source = {**ckpt.format_config, "merges": {str(k): v for k, v in ckpt.format_config["merges"].items()}}
+    fused_cfg = replace(fam.with_blocks(cfg, blocks), source=source)
+    out = fam.fuse_finish(ckpt, fused_cfg, out)
     return FuseResult(fused_cfg, {k: v.float().contiguous() for k, v in out.items()}, plans)
-
-
-def swin_reference(ckpt) -> torch.nn.Module:
-    """The checkpoint's own model in float64: dense widths, compactors applied at run time (absent ones are
-    the identity), merges; what a fused Swin must compute."""
-    from caitdeploy.families.swin.model import CaitSwin, from_checkpoint
-
-    model = CaitSwin(ckpt.config, compactors=True)
-    model.load_state_dict(from_checkpoint(ckpt.config, ckpt.state_dict, model.state_dict()))
-    return model.double().eval()
 
 
 @torch.no_grad()
 def max_logit_diff(ckpt: Checkpoint, model: torch.nn.Module, batch: int = 2, seed: int = 0) -> dict[str, float]:
     """Max |logit difference| of `model` (float32) against the checkpoint's own forward in float64."""
-    from caitdeploy.compress.reference import reference_forward
+    from caitdeploy.families import family_of
 
     cfg = ckpt.config
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *cfg.input_shape, generator=g)
-    ref = swin_reference(ckpt)(x.double()) if cfg.family == "swin" else reference_forward(ckpt, x)
+    ref = family_of(cfg).reference(ckpt)(x.double())
     got = model(x).double()
     return {"max_abs_diff": float((got - ref).abs().max()), "logit_scale": float(ref.abs().max()),
             "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).double().mean()), "batch": batch}
@@ -283,7 +226,7 @@ def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, 
     n_params = sum(t.numel() for t in ckpt.state_dict.values())
     check_memory(WEIGHT_FACTOR * 4 * n_params + activation_bytes(ckpt.config, max(verify_batch, 1), 8),
                  f"{path}: fusing {n_params} parameters (verify batch {verify_batch})")
-    res = (fuse_swin if ckpt.config.family == "swin" else fuse)(ckpt, opts, progress=progress)
+    res = fuse(ckpt, opts, progress=progress)
     t_fuse = time.perf_counter() - t0
     report = build_report(ckpt, res, opts)
     model = build_model(res.config, attn_impl="math").eval()

@@ -235,7 +235,7 @@ def slice_block(f: FoldedBlock, proj_w: torch.Tensor, fc2_w: torch.Tensor, plan:
     dim = proj_w.shape[0]
     rows = [take(f.wq, plan.qk, 1), take(f.wk, plan.qk, 1), take(f.wv, plan.v, 1)]
     out = {"attn.qkv.weight": torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])}
-    if f.bq is not None:
+    if f.bq is not None and f.bk is not None and f.bv is not None:   # qkv has a bias: all three or none
         out["attn.qkv.bias"] = torch.cat([take(f.bq, plan.qk, 1).reshape(-1), take(f.bk, plan.qk, 1).reshape(-1),
                                           take(f.bv, plan.v, 1).reshape(-1)])
     pw = proj_w.reshape(dim, h, -1).transpose(0, 1)  # [H, D, d]

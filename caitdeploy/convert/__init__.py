@@ -114,21 +114,21 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
         raise CaitError(f"{path}: is {NAMES[found]}, not --from {source}"
                         + (f": use --from {found}" if found in SOURCES else ""))
     if source in ("sit", "lvvit"):
-        from caitdeploy.convert import sit as conv
+        from caitdeploy.convert import sit
 
-        config, tensors, reference, notes = conv.convert(path, sd, source, variant, stages, num_heads)
+        config, tensors, reference, notes = sit.convert(path, sd, source, variant, stages, num_heads)
     elif source == "spvit-swin":
-        from caitdeploy.convert import spvit_swin as conv
+        from caitdeploy.convert import spvit_swin
 
-        config, tensors, reference, notes = conv.convert(path, sd, num_heads, align)
+        config, tensors, reference, notes = spvit_swin.convert(path, sd, num_heads, align)
     elif source == "spvit":
-        from caitdeploy.convert import spvit as conv
+        from caitdeploy.convert import spvit
 
-        config, tensors, reference, notes = conv.convert(path, sd, num_heads, align)
+        config, tensors, reference, notes = spvit.convert(path, sd, num_heads, align)
     else:
-        from caitdeploy.convert import dimap as conv
+        from caitdeploy.convert import dimap
 
-        config, tensors, reference, notes, extra = conv.convert(path, sd)
+        config, tensors, reference, notes, extra = dimap.convert(path, sd)
     model = build_model(config, attn_impl="math").eval()
     model.load_state_dict(tensors)
     report: dict[str, Any] = {"checkpoint": str(path), "source": source, "variant": variant, "family": config.family,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from caitdeploy.families.swin.keys import timm_layout
 from caitdeploy.families.swin.model import SwinConfig
 
 
@@ -54,11 +55,11 @@ def _zero_rows(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def drop_zero_rows(cfg: SwinConfig, sd: dict[str, torch.Tensor]) -> tuple[SwinConfig, dict[str, torch.Tensor],
-                                                                           list[dict[str, int]]]:
+                                                                           list[dict[str, Any]]]:
     """The smaller, exactly equivalent (config, state dict) of a CaitSwin with zero rows/columns; per block what
     was kept: {"stage", "block", "qk", "v", "mlp"} (per-head widths and the hidden width, before -> after)."""
     sd = {k: v.clone() for k, v in sd.items()}
-    stages, report = [], []
+    stages, report = [], []   # report: {"stage": int, "block": int, "qk"|"v"|"mlp": [before, after]}
     for s, blocks in enumerate(cfg.stages):
         new_blocks = []
         for i, b in enumerate(blocks):
@@ -90,7 +91,7 @@ def drop_zero_rows(cfg: SwinConfig, sd: dict[str, torch.Tensor]) -> tuple[SwinCo
             proj_dead = (sd[p + "attn.proj.weight"] == 0).all(dim=0)
             keep_v = _keep_per_head(v0 | proj_dead, b.num_heads)
             sd[p + "attn.qkv.weight"] = torch.cat([wq[keep_qk], wk[keep_qk], wv[keep_v]]).contiguous()
-            if bqkv is not None:
+            if bq is not None and bk is not None and bv is not None:   # qkv has a bias (bqkv split)
                 sd[p + "attn.qkv.bias"] = torch.cat([bq[keep_qk], bk[keep_qk], bv[keep_v]]).contiguous()
             sd[p + "attn.proj.weight"] = sd[p + "attn.proj.weight"][:, keep_v].contiguous()
             nb = replace(b, qk_dim=int(keep_qk.sum()) // b.num_heads, v_dim=int(keep_v.sum()) // b.num_heads,
@@ -103,21 +104,6 @@ def drop_zero_rows(cfg: SwinConfig, sd: dict[str, torch.Tensor]) -> tuple[SwinCo
 
 
 # ---- the file -----------------------------------------------------------------------------------------------
-def timm_layout(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """A Swin state dict in timm's layout (Microsoft's: PatchMerging at the END of a stage, `head.*`, remapped as
-    timm's own checkpoint filter does); buffers dropped. Returns (state dict, "timm" | "microsoft")."""
-    from caitdeploy.families.swin.model import BUFFER_SUFFIXES
-
-    sd = {k: v for k, v in sd.items() if not k.endswith(BUFFER_SUFFIXES)}
-    if "layers.0.downsample.reduction.weight" not in sd:
-        return sd, "timm"
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
-        out[re.sub(r"^head\.", "head.fc.", k)] = v
-    return out, "microsoft"
-
-
 def infer_format(path, sd: dict[str, torch.Tensor], img_size: int = 224) -> dict[str, Any]:
     """The Swin format config a plain state dict's shapes tell: widths from the stem, stages and depths from the
     block keys, heads and window from the relative position tables, mlp ratio from fc1, classes from the head.

@@ -146,8 +146,8 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads, align: int):
         elif kind != "skip":
             w1, b1, w2, b2 = conv_weights(sd, i, kind, heads)
             bn = f"{b}attn.{BN[kind]}."
-            w1, b1 = fold_bn(w1, *(sd[bn + s].double() for s in ("weight", "bias", "running_mean", "running_var")),
-                             bias=b1)
+            gamma, beta, mean, var = (sd[bn + s].double() for s in ("weight", "bias", "running_mean", "running_var"))
+            w1, b1 = fold_bn(w1, gamma, beta, mean, var, bias=b1)
             out.update({b + "attn.conv.weight": w1, b + "attn.conv.bias": b1, b + "attn.proj.weight": w2,
                         b + "attn.proj.bias": b2})
         blocks.append(BlockConfig(heads, d, d, width, d**-0.5, None, kind))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, alig
     """(SwinConfig, deploy tensors, float64 reference forward, notes)."""
     from caitdeploy.compress.surgery import round_up
     from caitdeploy.convert.common import check_layout
-    from caitdeploy.convert.dimap import timm_layout
+    from caitdeploy.families.swin.keys import timm_layout
     from caitdeploy.families.swin.model import CaitSwin, SwinBlock, SwinConfig, checkpoint_key
 
     if num_heads is not None:
@@ -124,7 +125,7 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, alig
                                                                          "running_var")})
             row.append(SwinBlock(h, d, d, round_up(f, align), d ** -0.5, None, kind))
         stages.append(tuple(row))
-    fmt = {"family": "swin", "arch": None, "img_size": 224, "patch_size": patch, "in_chans": in_chans,
+    fmt: dict[str, Any] = {"family": "swin", "arch": None, "img_size": 224, "patch_size": patch, "in_chans": in_chans,
            "num_classes": classes, "embed_dim": dim0, "depths": [depths[s] for s in range(n_stages)],
            "num_heads": heads, "window_size": window, "mlp_ratio": 4.0, "qkv_bias": True, "ln_eps": 1e-5,
            "merges": {}}
@@ -155,8 +156,8 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, alig
         elif b.kind != "skip":
             w1, b1, w2, b2 = conv_weights(sd, p, b.kind, b.num_heads)
             bn = f"{p}attn.{BN[b.kind]}."
-            w1, b1 = fold_bn(w1, *(sd[bn + x].double() for x in ("weight", "bias", "running_mean", "running_var")),
-                             bias=b1)
+            gamma, beta, mean, var = (sd[bn + x].double() for x in ("weight", "bias", "running_mean", "running_var"))
+            w1, b1 = fold_bn(w1, gamma, beta, mean, var, bias=b1)
             out.update({p + "attn.conv.weight": w1, p + "attn.conv.bias": b1, p + "attn.proj.weight": w2,
                         p + "attn.proj.bias": b2})
     for k in shapes:

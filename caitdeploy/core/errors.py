@@ -134,7 +134,7 @@ def _pid_alive(pid: int) -> bool:
 
 def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Remove temporary files that a killed caitdeploy process on this host left in `folder`."""
-    removed = []
+    removed: list[Path] = []
     pat = re.compile(r"^\..+" + re.escape(TMP_TAG) + re.escape(_host()) + r"-(\d+)-[^/]*\.tmp$")
     try:
         names = os.listdir(folder)

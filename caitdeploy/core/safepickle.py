@@ -312,7 +312,7 @@ class _Machine:
     def storage(self, pid: int) -> int:
         a = self.kids[pid] if self.kind[pid] == TUPLE else None
         vals = [self.atom_value(k) for k in a] if a is not None and len(a) == 5 else None
-        if vals is None or vals[0] != "storage" or self.kind[a[1]] != GLOBAL:
+        if a is None or vals is None or vals[0] != "storage" or self.kind[a[1]] != GLOBAL:
             raise PickleRefused("malformed pickle (a persistent id that is not a torch.save storage)")
         stype, key, location, numel = self.value[a[1]], vals[2], vals[3], vals[4]
         if stype not in STORAGE_TYPES:

@@ -27,7 +27,6 @@ import logging
 import os
 import time
 import warnings
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from caitdeploy.core.errors import CaitError, OptionError, atomic_output, check_output_dir
+from caitdeploy.formats.onnx_meta import _all_nodes, _numel, io_signature, op_census
 
 FORBIDDEN_OPS = ("TopK", "ArgMax", "ArgMin", "GatherElements", "GatherND", "ScatterElements", "ScatterND",
                  "NonZero", "Loop", "If", "Where")
@@ -43,7 +43,7 @@ DEFAULT_OPSET = 18                        # widest support (TensorRT 10, TensorR
 ATTENTION_OP_OPSET = 23                   # first opset with the ONNX `Attention` op
 DTYPES = ("fp32", "fp16")
 ATTENTIONS = ("matmul", "op")
-from caitdeploy.formats.names import ONNX_FORMAT  # noqa: E402
+from caitdeploy.core.names import ONNX_FORMAT  # noqa: E402
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
@@ -71,33 +71,6 @@ def check_options(dtype: str, opset: int | None, attention: str) -> int:
 
 
 # ---- graph utilities ----------------------------------------------------------------------------
-def _all_nodes(graph) -> Iterable:
-    """Every node of a GraphProto, including nodes inside If/Loop/Scan subgraphs."""
-    import onnx
-
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_nodes(g)
-
-
-def _op_name(node) -> str:
-    """`domain::op_type` of a node as text, even when a hostile file's strings are not valid UTF-8."""
-    op = node.op_type if isinstance(node.op_type, str) else repr(node.op_type)
-    dom = node.domain if isinstance(node.domain, str) else repr(node.domain)
-    return op if dom in ("", "ai.onnx") else f"{dom}::{op}"
-
-
-def op_census(model) -> dict[str, int]:
-    """op_type -> count over the whole model (subgraphs included), most frequent first."""
-    counts = Counter(_op_name(n) for n in _all_nodes(model.graph))
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
 def check_forbidden(model, forbid: Iterable[str], what: str = "model") -> None:
     """Raise CaitError naming the first forbidden op and its node."""
     forbid = set(forbid)
@@ -138,27 +111,6 @@ def _set_batch_dim(value_info, name: str = "batch") -> None:
     dim.dim_param = name
 
 
-def _elem_type_name(value_info) -> str:
-    import onnx
-
-    t = value_info.type.tensor_type.elem_type
-    try:
-        return onnx.helper.tensor_dtype_to_np_dtype(t).name
-    except (KeyError, ValueError, TypeError):
-        return onnx.TensorProto.DataType.Name(t).lower() if t in onnx.TensorProto.DataType.values() else f"type {t}"
-
-
-def io_signature(model) -> dict[str, Any]:
-    """{"inputs": [{"name", "shape", "dtype"}], "outputs": [...]} of a ModelProto (dynamic dims as names)."""
-    def sig(v):
-        dims = [d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim]
-        return {"name": v.name, "shape": dims, "dtype": _elem_type_name(v)}
-
-    inits = {i.name for i in model.graph.initializer}
-    return {"inputs": [sig(v) for v in model.graph.input if v.name not in inits],
-            "outputs": [sig(v) for v in model.graph.output]}
-
-
 # ---- export -------------------------------------------------------------------------------------
 class _Fp16Graph(torch.nn.Module):
     """float32 images -> float16 model -> float32 outputs (one Cast at each edge of the graph)."""
@@ -179,19 +131,36 @@ def feature_names(blocks: Iterable[int]) -> list[str]:
     return [f"feat{b}" for b in blocks]
 
 
-def _is_cait(model) -> bool:
-    """A deploy model of ours (config attached): a CaitViT or a CaitSwin."""
-    from caitdeploy.families.swin.model import CaitSwin
-    from caitdeploy.families.vit.model import CaitViT
+def _family(model):
+    """The family of a deploy model of ours (its `config` names it), or None for any other module."""
+    from caitdeploy.families import UnknownFamily, family_of
 
-    return isinstance(model, (CaitViT, CaitSwin))
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        fam = family_of(config)
+    except UnknownFamily:
+        return None
+    return fam if isinstance(model, fam.deploy_type()) else None
+
+
+def _is_cait(model) -> bool:
+    """A deploy model of ours (config attached), of any registered family."""
+    return _family(model) is not None
+
+
+def _family_note(model, what: str) -> str | None:
+    """The family's reason (`Family.<what>`) why a feature does not apply to `model`, or None."""
+    fam = _family(model)
+    return getattr(fam, what) if fam is not None else None
 
 
 def _prepare(model: torch.nn.Module, dtype: str, attention: str, features: tuple[int, ...] | None = None,
              restore: str = "repeat") -> torch.nn.Module:
     """A copy of `model` ready to trace (the caller's model is never modified)."""
     m = copy.deepcopy(model).eval().float()
-    inner = getattr(m, "model", None) if not _is_cait(m) else m   # a FeatureModel around a CaitViT
+    inner: Any = getattr(m, "model", None) if not _is_cait(m) else m   # a FeatureModel around a CaitViT
     if _is_cait(inner) and hasattr(inner, "set_impl"):
         inner.set_impl("sdpa" if attention == "op" else "math")
     if features:
@@ -224,6 +193,7 @@ def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int,
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+    assert prog is not None   # dynamo=True always returns an ONNXProgram
     return prog.model_proto
 
 
@@ -272,7 +242,7 @@ def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tup
     for name in names:
         refs = [torch.from_numpy(it[name]).float() for it in ref_iters]
         outs = [torch.from_numpy(it[name]).float() for it in ort_iters]
-        per_batch = []
+        per_batch: list[dict[str, Any]] = []
         for b, r, y in zip(sizes, refs, outs):
             if tuple(y.shape) != tuple(r.shape):
                 raise CaitError(f"{what}: ONNX output {name!r} shape {tuple(y.shape)} != PyTorch {tuple(r.shape)} "
@@ -374,13 +344,14 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
     opset = check_options(dtype, opset, attention)
     path = Path(path)   # where the caller will write it (recorded in the report); nothing is written here
     is_cait = _is_cait(model)
-    if attention == "op" and getattr(getattr(model, "config", None), "family", None) == "swin":
-        raise OptionError("attention", "op: a Swin model's window attention (relative position bias, shift "
-                                       "masks) exports as MatMul + Softmax only: use --attention matmul")
+    config: Any = getattr(model, "config", None)   # a deploy model's config, of any family (used when is_cait)
+    note = _family_note(model, "attention_op_note")
+    if attention == "op" and note:
+        raise OptionError("attention", f"op: {note}")
     if input_shape is None:
         if not is_cait:
             raise CaitError("export_onnx: input_shape=(C, H, W) is required for a model that is not a CaitViT")
-        c = model.config
+        c = config
         input_shape = c.input_shape
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 3 or min(input_shape) < 1:
@@ -393,7 +364,7 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
         if not is_cait:
             raise CaitError("export_onnx: feature outputs need a CaitViT or CaitSwin")
         try:
-            blocks = model.config.feature_blocks(features)
+            blocks = config.feature_blocks(features)
         except ConfigError as e:
             raise OptionError("features", str(e).removeprefix("features: ")) from None
         if restore not in RESTORE_MODES:
@@ -410,7 +381,7 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
     meta = {"caitdeploy.format": ONNX_FORMAT, "caitdeploy.dtype": dtype, "caitdeploy.io_dtype": "float32",
             "caitdeploy.attention": attention, "caitdeploy.model": type(model).__name__}
     if is_cait:
-        meta["caitdeploy.config"] = model.config.to_json()
+        meta["caitdeploy.config"] = config.to_json()
     if blocks:
         meta["caitdeploy.features"] = ",".join(map(str, blocks))
         meta["caitdeploy.restore"] = restore
@@ -438,7 +409,7 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
     census = op_census(mp)
     if is_cait:
         n_attn = census.get("Attention", 0)
-        want = model.config.depth if attention == "op" else 0
+        want = config.depth if attention == "op" else 0
         if n_attn != want:
             raise CaitError(f"{what}: expected {want} ONNX Attention nodes for --attention {attention}, found {n_attn}")
     data = mp.SerializeToString()
@@ -455,13 +426,13 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
     if is_cait:
         from caitdeploy.families.flops import model_flops, model_params
 
-        report.update(flops=model_flops(model.config)["total"], model_params=model_params(model.config),
-                      depth=model.config.depth, merges=model.config.merges, img_size=model.config.size_text)
+        report.update(flops=model_flops(config)["total"], model_params=model_params(config),
+                      depth=config.depth, merges=config.merges, img_size=config.size_text)
         if blocks:
             from caitdeploy.families.flops import encoder_flops
 
-            report.update(features=list(blocks), restore=restore, flops=encoder_flops(model.config, blocks[-1]),
-                          feature_grid="stage" if hasattr(model.config, "stage_grids") else "patch")
+            report.update(features=list(blocks), restore=restore, flops=encoder_flops(config, blocks[-1]),
+                          feature_grid="stage" if hasattr(config, "stage_grids") else "patch")
     if verify:
         from caitdeploy.families.vit.model import FeatureModel
 
@@ -473,14 +444,3 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
     report["seconds"] = {"export": t_export, "clean_check": t_clean, "verify": t_verify,
                          "total": time.perf_counter() - t0}
     return data, report
-
-
-def _numel(t) -> int:  # element count of an ONNX TensorProto
-    n = 1
-    for d in t.dims:
-        n *= d
-    return n
-
-
-def read_onnx_metadata(model) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}

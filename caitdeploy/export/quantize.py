@@ -35,7 +35,7 @@ from caitdeploy.core.errors import CaitError, OptionError
 QUANT_MODES = ("static", "dynamic")
 # int8 weights use 7 bits ([-64, 64]) by default. ONNX Runtime multiplies uint8 activations by int8 weights on x86
 # CPUs without VNNI (AVX2, AVX-512F/BW) with vpmaddubsw, which adds two u8 x s8 products into a SATURATING int16:
-# 2 x 255 x 127 overflows, 2 x 255 x 64 = 32640 does not. Measured on CAIT-DeiT test models (tests/test_int8.py;
+# 2 x 255 x 127 overflows, 2 x 255 x 64 = 32640 does not. Measured on CAIT-DeiT test models (tests/unit/export/test_int8.py;
 # a Haswell CPU emulated by qemu-user, AVX2 + FMA, against this AVX-512 VNNI CPU, onnxruntime 1.32): 8-bit
 # weights give int8-vs-fp32 cosine min 0.97 on AVX2 and 0.998 with VNNI; 7-bit weights give 0.994 on both. A
 # quantized file runs wherever it is copied, so the default is the one that is right on every x86 CPU; 8 is for
@@ -204,7 +204,8 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from caitdeploy.export.onnx import INPUT_NAME, op_census
+    from caitdeploy.export.onnx import INPUT_NAME
+    from caitdeploy.formats.onnx_meta import op_census
 
     src_meta = {p.key: p.value for p in onnx.load_from_string(fp32).metadata_props}
     with tempfile.TemporaryDirectory(prefix="caitdeploy-int8-") as tmp:
@@ -216,6 +217,7 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
             pre = onnx.load(str(t / "pre.onnx"))
             nodes = _weight_nodes(pre) + (_attention_nodes(pre) if attention and mode == "static" else [])
             if mode == "static":
+                assert calib is not None, "static quantization needs calibration images (check_int8_options)"
                 batches = [calib[i:i + calib_batch] for i in range(0, len(calib), calib_batch)]
 
                 class Reader(CalibrationDataReader):
@@ -270,7 +272,7 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
     q.producer_name = "caitdeploy"
     census = op_census(q)
     dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    float_nodes = Counter()
+    float_nodes: Counter[str] = Counter()
     for n in q.graph.node:
         # a matmul that kept a float input, or an op that is never quantized
         matmul_in_float = n.op_type in ("MatMul", "Gemm", "Conv") and not all(i in dq_out for i in n.input[:2])
@@ -332,6 +334,6 @@ def check_int8(res: dict[str, Any], min_cosine: float, min_top1: float, what: st
 def op_counts(model_bytes: bytes) -> Counter:
     import onnx
 
-    from caitdeploy.export.onnx import op_census
+    from caitdeploy.formats.onnx_meta import op_census
 
     return Counter(op_census(onnx.load_from_string(model_bytes)))

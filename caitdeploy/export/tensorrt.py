@@ -6,122 +6,31 @@ in the ONNX file, so an fp16 engine comes from an fp16 ONNX (`caitdeploy export 
 TensorRT-RTX builds ahead of time on the CPU (no GPU needed); by default its engines run on compute
 capability 8.0, 8.6, 8.9, 12.0 and later (pass `compute_capabilities` to choose). Its timing-cache API is a
 no-op (deprecated in TensorRT-RTX 1.2), so a timing-cache path is only used with full TensorRT.
-Running an engine needs a CUDA GPU in both flavours (`TrtRunner`).
+Running an engine needs a CUDA GPU in both flavours (`runtime.tensorrt.TrtRunner`); the TensorRT module
+itself comes from `runtime.tensorrt.import_trt`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from caitdeploy.core.errors import CaitError, OptionError, Staging, check_output_dir, safe_text
+from caitdeploy.core.errors import CaitError, OptionError, Staging, check_output_dir
+from caitdeploy.core.names import ENGINE_FORMAT
 from caitdeploy.core.paths import (
-    MAX_ENGINE_BYTES,
     MAX_ONNX_BYTES,
-    MAX_SIDECAR_BYTES,
     MAX_TIMING_CACHE_BYTES,
     read_bounded,
     regular_file_size,
 )
-
-FLAVOURS = ("tensorrt", "tensorrt_rtx")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-from caitdeploy.formats.names import ENGINE_FORMAT  # noqa: E402
+from caitdeploy.formats.sidecar import normalize_build_options, sidecar_path
 
 MAX_PROFILE_BATCH = 65536
-BUILD_KEYS = ("min_batch", "opt_batch", "max_batch", "workspace_mb", "opt_level", "compute_capabilities", "flavour")
-
-
-def normalize_build_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Build options as recorded in an engine's sidecar (`build_key`): every key, flavour "auto" for None,
-    compute capabilities upper-cased."""
-    out = {k: options.get(k) for k in BUILD_KEYS}
-    out["flavour"] = out["flavour"] or "auto"
-    out["min_batch"] = out["min_batch"] if out["min_batch"] is not None else 1
-    if out["compute_capabilities"]:
-        out["compute_capabilities"] = [str(c).upper() for c in out["compute_capabilities"]]
-    else:
-        out["compute_capabilities"] = None
-    return out
-
-
-
-INSTALL_HINT = "pip install tensorrt-rtx-cu13 (TensorRT-RTX) or pip install tensorrt (TensorRT >= 10)"
-_CUDA_NOISE = ("cudaError 35", "CUDA driver version is insufficient", "catchCudaError", "Error reading CUDA GPU")
-
-
-def import_trt(flavour: str | None = None):
-    """The TensorRT Python module: `tensorrt` (>= 10) if importable, else `tensorrt_rtx`.
-
-    flavour: None/"auto" (that order), "tensorrt" or "tensorrt_rtx" (only that one).
-    """
-    import importlib
-
-    if flavour in (None, "auto"):
-        order = FLAVOURS
-    elif flavour in FLAVOURS:
-        order = (flavour,)
-    else:
-        raise CaitError(f"unknown TensorRT module {flavour!r}: choose auto, {', '.join(FLAVOURS)}")
-    problems = []
-    for name in order:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as e:
-            problems.append(f"{name}: {str(e).splitlines()[0] if str(e) else 'not installed'}")
-            continue
-        major = int(str(getattr(mod, "__version__", "0")).split(".")[0] or 0)
-        if name == "tensorrt" and major < 10:
-            problems.append(f"tensorrt {mod.__version__} is older than 10")
-            continue
-        return mod
-    raise CaitError(f"no usable TensorRT Python module ({'; '.join(problems)}): {INSTALL_HINT}")
-
-
-def flavour_of(trt) -> str:
-    return "tensorrt_rtx" if trt.__name__.split(".")[0] == "tensorrt_rtx" else "tensorrt"
-
-
-def _clean(msg: str) -> str:
-    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip() and not any(n in ln for n in _CUDA_NOISE)]
-    return "; ".join(lines)
-
-
-def _make_logger(trt):
-    class _Log(trt.ILogger):
-        """Collects messages instead of printing them; errors end up in CaitError text."""
-
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages: list[tuple[Any, str]] = []
-
-        def log(self, severity, msg):
-            self.messages.append((severity, msg))
-
-        def errors(self) -> list[str]:
-            bad = (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR)
-            return [c for s, m in self.messages if s in bad and (c := _clean(m))]
-
-    return _Log()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sidecar_path(engine_path: str | os.PathLike) -> Path:
-    return Path(str(engine_path) + ".json")
 
 
 def _onnx_facts(onnx_path: Path, data: bytes) -> dict[str, Any]:
@@ -171,6 +80,8 @@ def check_build_options(min_batch: int = 1, opt_batch: int = 256, max_batch: int
     if workspace_mb is not None and (isinstance(workspace_mb, bool) or not isinstance(workspace_mb, int)
                                      or not 1 <= workspace_mb <= 1 << 20):
         raise OptionError("workspace_mb", f"must be an integer in 1..{1 << 20}, got {workspace_mb!r}")
+    from caitdeploy.runtime.tensorrt import flavour_of, import_trt
+
     trt = import_trt(flavour)
     if compute_capabilities:
         if flavour_of(trt) != "tensorrt_rtx":
@@ -243,6 +154,8 @@ def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_pa
     optimization level 0..5. compute_capabilities (TensorRT-RTX): e.g. ["SM86", "SM89"]; None = library
     default. Parser and builder failures raise CaitError naming the node; no engine file is left behind.
     """
+    from caitdeploy.runtime.tensorrt import _clean, _make_logger, flavour_of
+
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     trt = check_build_options(min_batch, opt_batch, max_batch, workspace_mb, opt_level, compute_capabilities, flavour)
     flav = flavour_of(trt)
@@ -356,210 +269,3 @@ def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_pa
         sidecar["quantization"] = quant
     saved = bytes(config.get_timing_cache().serialize()) if cache is not None else None
     return BuiltEngine(engine_bytes, sidecar, saved)
-
-
-def _sidecar_problem(d: dict[str, Any]) -> str | None:
-    """Why a sidecar's fields cannot be used (types, shapes), or None."""
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for key in ("flavour", "trt_version", "input", "dtype", "io_dtype", "created", "engine", "host"):
-        if key in d and not isinstance(d[key], str):
-            return f"{key!r} must be a string"
-        if key in d and len(d[key]) > 4096:
-            return f"{key!r} is {len(d[key])} characters long; a sidecar field is short"
-    if d.get("flavour") not in (None, *FLAVOURS):
-        return f"'flavour' must be one of {', '.join(FLAVOURS)}"
-    prof = d.get("profile")
-    if prof is not None:
-        if not isinstance(prof, dict) or set(prof) != {"min", "opt", "max"}:
-            return "'profile' must have min, opt and max"
-        for k, v in prof.items():
-            if not (isinstance(v, list) and len(v) == 4 and all(is_int(x) and 0 < x <= 1 << 20 for x in v)):
-                return f"'profile.{k}' must be 4 positive integers"
-    onnx = d.get("onnx")
-    if onnx is not None:
-        if not isinstance(onnx, dict) or not isinstance(onnx.get("path"), str) \
-                or not isinstance(onnx.get("sha256"), str) or len(onnx["sha256"]) != 64:
-            return "'onnx' must hold a path and a 64-character sha256"
-        if not _HEX64.fullmatch(onnx["sha256"]):
-            return "'onnx.sha256' must be 64 hexadecimal digits"
-        if "bytes" in onnx and not (is_int(onnx["bytes"]) and 0 <= onnx["bytes"] <= 1 << 62):
-            return "'onnx.bytes' must be a non-negative integer"
-    for key in ("build_seconds",):
-        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, float))
-                         or not math.isfinite(d[key]) or d[key] < 0):
-            return f"{key!r} must be a finite number >= 0"
-    for key, lo, hi in (("opt_level", 0, 5), ("engine_bytes", 0, 1 << 62), ("workspace_mb", 0, 1 << 40)):
-        if d.get(key) is not None and not (is_int(d[key]) and lo <= d[key] <= hi):
-            return f"{key!r} must be an integer in {lo}..{hi}"
-    if d.get("engine_sha256") is not None and not (isinstance(d["engine_sha256"], str)
-                                                    and _HEX64.fullmatch(d["engine_sha256"])):
-        return "'engine_sha256' must be 64 hexadecimal digits"
-    if "outputs" in d and not (isinstance(d["outputs"], list) and all(isinstance(x, str) for x in d["outputs"])):
-        return "'outputs' must be a list of names"
-    if "build_target" in d and not isinstance(d["build_target"], dict):
-        return "'build_target' must be an object"
-    if "strongly_typed" in d and not isinstance(d["strongly_typed"], bool):
-        return "'strongly_typed' must be true or false"
-    if d.get("config") is not None:
-        from caitdeploy.families import config_from_dict
-        from caitdeploy.families.vit.config import ConfigError
-
-        try:
-            config_from_dict(d["config"])
-        except ConfigError as e:
-            return f"'config': {e}"
-    return None
-
-
-def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The engine's sidecar `<engine>.json`, validated field by field; None when there is none."""
-    from caitdeploy.families.vit.config import ConfigError, strict_json
-
-    p = sidecar_path(engine_path)
-    if not p.is_file():
-        return None
-    raw = read_bounded(p, MAX_SIDECAR_BYTES, "engine sidecar")  # size checked before reading (symlinks too)
-    try:
-        data = strict_json(raw.decode("utf-8"), "engine sidecar")
-    except (ConfigError, UnicodeDecodeError) as e:
-        raise CaitError(f"{p}: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != ENGINE_FORMAT:
-        fmt = data.get("format") if isinstance(data, dict) else None
-        raise CaitError(f"{p}: not a caitdeploy engine sidecar (format {safe_text(fmt, 60)!r})")
-    if (why := _sidecar_problem(data)) is not None:
-        raise CaitError(f"{p}: bad engine sidecar: {why}")
-    return data
-
-
-def check_engine_file(engine_path: str | os.PathLike, side: dict[str, Any] | None,
-                      data: bytes | None = None) -> dict[str, Any]:
-    """The engine file against its sidecar: its size must equal `engine_bytes` and its SHA-256 `engine_sha256`
-    (a truncated, appended-to or swapped plan is refused in one line naming the file). Sidecars written before
-    caitdeploy recorded the hash are checked by size only, and the result says so.
-
-    Returns {"bytes": size, "bytes_match": bool | None, "sha256": hex | None, "sha256_match": bool | None,
-    "note": str | None}; None entries mean the sidecar has no such field. `data`: the file's bytes when the
-    caller already read them (hashed instead of reading the file again)."""
-    path = Path(engine_path)
-    size = len(data) if data is not None else regular_file_size(path, MAX_ENGINE_BYTES, "engine")
-    out: dict[str, Any] = {"bytes": size, "bytes_match": None, "sha256": None, "sha256_match": None, "note": None}
-    if side is None:
-        return out
-    want = side.get("engine_bytes")
-    if want is not None:
-        out["bytes_match"] = size == want
-        if size != want:
-            raise CaitError(f"{path}: engine is {size} bytes but its sidecar {sidecar_path(path).name} records "
-                            f"{want}: the file was truncated, extended or replaced since the build")
-    if side.get("engine_sha256") is None:
-        out["note"] = ("the sidecar records no engine SHA-256 (written by an older caitdeploy): only the byte count "
-                       "was checked" if want is not None else "the sidecar records neither the engine's size nor "
-                       "its SHA-256: the engine file is unchecked")
-        return out
-    digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
-    out["sha256"], out["sha256_match"] = digest, digest == side["engine_sha256"]
-    if digest != side["engine_sha256"]:
-        raise CaitError(f"{path}: engine SHA-256 {digest[:16]}... differs from the {side['engine_sha256'][:16]}... "
-                        f"its sidecar {sidecar_path(path).name} records: the file changed since the build")
-    return out
-
-
-def engine_header_check(engine_bytes: bytes, flavour: str | None = None) -> dict[str, Any]:
-    """GPU-free plausibility check of a TensorRT-RTX engine header (`Runtime.get_engine_validity`).
-
-    Returns {"supported", "validity", "diagnostics": [names], "malformed", "version_mismatch"}. Without a GPU
-    the runtime cannot read the device properties and reports INVALID with no diagnostic bit for a good engine;
-    a corrupt or foreign file is flagged MALFORMED_ENGINE / VERSION_MISMATCH.
-    """
-    trt = import_trt(flavour)
-    logger = _make_logger(trt)
-    runtime = trt.Runtime(logger)
-    if not hasattr(runtime, "get_engine_validity"):
-        return {"supported": False}
-    size = int(getattr(runtime, "engine_header_size", 0) or 0)
-    if len(engine_bytes) < max(size, 1):
-        return {"supported": True, "validity": "INVALID", "diagnostics": ["TRUNCATED"], "malformed": True,
-                "version_mismatch": False}
-    validity, diag = runtime.get_engine_validity(engine_bytes[:size] if size else engine_bytes)
-    names = [n for n, v in trt.EngineInvalidityDiagnostics.__members__.items() if int(diag) & int(v)]
-    return {"supported": True, "validity": validity.name, "diagnostics": names,
-            "malformed": "MALFORMED_ENGINE" in names, "version_mismatch": "VERSION_MISMATCH" in names}
-
-
-class TrtRunner:
-    """Deserialize an engine and run it on CUDA with named tensors and `execute_async_v3`.
-
-    runner = TrtRunner("m.plan"); logits = runner(images)  # images: torch tensor [B, C, H, W]
-    Buffers are torch CUDA tensors; the batch must lie inside the engine's optimization profile.
-    """
-
-    def __init__(self, engine_path: str | os.PathLike, flavour: str | None = None, device: int = 0):
-        import torch
-
-        self.path = Path(engine_path)
-        if not self.path.is_file():
-            raise CaitError(f"{self.path}: no such file")
-        side = read_sidecar(self.path)
-        from caitdeploy.core.budgets import check_memory
-
-        size = regular_file_size(self.path, MAX_ENGINE_BYTES, "engine")
-        check_memory(2 * size, f"loading the engine {self.path} ({size} bytes, read and deserialized)")
-        if flavour is None and side:
-            flavour = side.get("flavour")
-        self.trt = trt = import_trt(flavour)
-        if not torch.cuda.is_available():
-            raise CaitError(f"{self.path}: running a TensorRT engine needs a CUDA GPU and none is available "
-                            "(torch.cuda.is_available() is False)")
-        self.device = torch.device("cuda", device)
-        torch.cuda.set_device(self.device)
-        self.logger = _make_logger(trt)
-        self.runtime = trt.Runtime(self.logger)
-        plan = read_bounded(self.path, MAX_ENGINE_BYTES, "engine")
-        check_engine_file(self.path, side, plan)
-        self.engine = self.runtime.deserialize_cuda_engine(plan)
-        del plan
-        if self.engine is None:
-            errs = self.logger.errors()
-            raise CaitError(f"{self.path}: {flavour_of(trt)} {trt.__version__} cannot deserialize the engine: "
-                            f"{errs[-1] if errs else 'no error message'}")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.stream = torch.cuda.Stream(self.device)
-
-    def _torch_dtype(self, name: str):
-        import torch
-
-        dt = self.engine.get_tensor_dtype(name)
-        table = {self.trt.DataType.FLOAT: torch.float32, self.trt.DataType.HALF: torch.float16,
-                 self.trt.DataType.INT32: torch.int32, self.trt.DataType.INT64: torch.int64,
-                 self.trt.DataType.BOOL: torch.bool}
-        if hasattr(self.trt.DataType, "BF16"):
-            table[self.trt.DataType.BF16] = torch.bfloat16
-        if dt not in table:
-            raise CaitError(f"{self.path}: tensor {name!r} has unsupported dtype {dt}")
-        return table[dt]
-
-    def __call__(self, images):
-        import torch
-
-        if len(self.inputs) != 1:
-            raise CaitError(f"{self.path}: expected one input tensor, engine has {self.inputs}")
-        name = self.inputs[0]
-        x = images.to(self.device, self._torch_dtype(name)).contiguous()
-        if not self.context.set_input_shape(name, tuple(x.shape)):
-            raise CaitError(f"{self.path}: input shape {tuple(x.shape)} is outside the engine's profile")
-        self.context.set_tensor_address(name, x.data_ptr())
-        outs = {}
-        for out in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(out))
-            outs[out] = torch.empty(shape, dtype=self._torch_dtype(out), device=self.device)
-            self.context.set_tensor_address(out, outs[out].data_ptr())
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise CaitError(f"{self.path}: execute_async_v3 failed: {'; '.join(self.logger.errors()[-1:])}")
-        self.stream.synchronize()
-        return outs[self.outputs[0]] if len(outs) == 1 else outs

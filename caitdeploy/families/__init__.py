@@ -1,8 +1,8 @@
-"""The model registry: one module per family, in the timm manner; the surgery, export and benchmark code is
-shared. A fused file's config names its family (`CaitConfig.family`); `build_model` builds any of them.
+"""Model families: one protocol (`base.Family`), one registry (`registry.py`), one package or module per family
+(vit/, lvvit, spvit, swin/). Fuse, export, bench and the rest ask `family_of(config)`; `build_model` and
+`config_from_dict` build any family's model or config.
 
-A family module provides (family "swin" is the exception: its own config, `SwinConfig`, and model, `CaitSwin`,
-in models/swin.py; flops.py, limits.py and io.py dispatch on it):
+A ViT variant (vit, lvvit, spvit) shares `CaitConfig` and `CaitViT` and provides hooks (vit/family.py):
   NAME, DESCRIPTION        the registry key and one line for tables
   check_config(config)     ConfigError unless the blocks' kinds and slimming are ones the family has
   make_stem(config)        images [B, C, H, W] -> tokens [B, Gh*Gw, D]
@@ -12,42 +12,38 @@ in models/swin.py; flops.py, limits.py and io.py dispatch on it):
 """
 from __future__ import annotations
 
+from typing import Any
+
 from caitdeploy.families.layers import ATTN_IMPLS, Attention, AttnImpl, Block, Mlp, TokenMerge, merge_tokens  # noqa: F401
-from caitdeploy.families.registry import FAMILY_MODULES, UnknownFamily, families, family  # noqa: F401
+from caitdeploy.families.registry import (  # noqa: F401
+    FAMILY_MODULES,
+    UnknownFamily,
+    families,
+    family,
+    family_for_arch,
+    family_of,
+)
 from caitdeploy.families.vit.config import CaitConfig
 
 
-def build_model(config: CaitConfig, attn_impl: AttnImpl = "sdpa", kernels: str | None = None):
-    """The deploy model of `config`, whatever its family (a `SwinConfig` builds a `CaitSwin`: window attention
-    has one implementation, plain matmuls, and no Triton kernels)."""
-    from caitdeploy.families.swin.model import CaitSwin, SwinConfig
-    from caitdeploy.families.vit.model import CaitViT
-
-    if isinstance(config, SwinConfig):
-        if kernels:
-            raise ValueError("the Triton kernels are for the ViT families; a Swin model runs without them")
-        return CaitSwin(config)
-
-    return CaitViT(config, attn_impl=attn_impl, kernels=kernels)
+def build_model(config: Any, attn_impl: AttnImpl = "sdpa", kernels: str | None = None):
+    """The deploy model of `config`, whatever its family; ValueError for what the family cannot do (e.g. the
+    Triton kernels on a Swin)."""
+    return family_of(config).build(config, attn_impl=attn_impl, kernels=kernels)
 
 
-def config_from_dict(raw) -> CaitConfig:
-    """A deploy config from its dict (a fused file's or an ONNX file's metadata), whatever its family: a
-    `SwinConfig` for "family": "swin", else a `CaitConfig`; ConfigError naming what is wrong."""
+def config_from_dict(raw) -> Any:
+    """A deploy config from its dict (a fused file's or an ONNX file's metadata), whatever its family (default
+    "vit"); ConfigError naming what is wrong, an unknown family included."""
     from caitdeploy.families.vit.config import ConfigError
 
     if not isinstance(raw, dict):
         raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
-    if raw.get("family") == "swin":
-        from caitdeploy.families.swin.model import SwinConfig
-
-        return SwinConfig.from_dict(raw)
-    config = CaitConfig.from_dict(raw)
     try:
-        family(config.family)   # a family this version knows, or the one ConfigError every reader handles
+        fam = family(raw.get("family", "vit"))
     except UnknownFamily as e:
         raise ConfigError(str(e)) from None
-    return config
+    return fam.config_from_dict(raw)
 
 
 def config_from_json(text: str) -> CaitConfig:

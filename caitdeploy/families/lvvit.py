@@ -9,6 +9,8 @@ upstream files): `patch_embed.conv{k}.weight` without bias and `patch_embed.bn{k
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +27,7 @@ TSM_RATIO = 0.5   # TSM hidden width = int(embed_dim * 0.5)
 
 # Released sizes (Sense-X/SiT; the dense LV-ViT teachers share the student's stem and blocks). mlp ratio 3,
 # qkv without bias, LayerNorm eps 1e-5, keep ratio 0.5 per stage; `stages`: blocks per token stage.
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "t": dict(img_size=224, embed_dim=320, depth=14, num_heads=5, skip_lam=2.0, stem="4c", stages=(1, 1, 1, 11),
               teacher="t"),
     "xs": dict(img_size=224, embed_dim=384, depth=16, num_heads=6, skip_lam=2.0, stem="4c", stages=(1, 1, 1, 13),
@@ -234,6 +236,7 @@ def _slim_sizes(c: CaitConfig, i: int) -> tuple[int, int, int, int]:
     """(input patch tokens, width, hidden, output tokens) of the TSM before block i."""
     b = c.blocks[i]
     n_in = c.patch_tokens_in(i) // (2 if b.merge else 1)
+    assert b.slim is not None, f"block {i} has no token slimming module"
     return n_in, c.embed_dim, int(c.embed_dim * TSM_RATIO), b.slim
 
 
@@ -284,10 +287,10 @@ def timm_lvvit(name: str, num_classes: int = 1000, img_size: int | None = None):
                               embed_dim=v["embed_dim"], depth=v["depth"], num_heads=v["num_heads"], mlp_ratio=3.0,
                               qkv_bias=False, norm_layer=partial(nn.LayerNorm, eps=1e-5),
                               embed_layer=partial(ConvBNStem, stem=v["stem"]))
-    model.skip_lam = float(v["skip_lam"])
+    model.skip_lam = float(v["skip_lam"])  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is exercised even at random init
         for m in model.patch_embed.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm2d) and m.running_var is not None and m.running_mean is not None:
                 m.running_var.uniform_(0.5, 1.5)
                 m.running_mean.normal_(0, 0.1)
     return model

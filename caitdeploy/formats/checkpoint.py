@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from caitdeploy.core.errors import CaitError, render
-from caitdeploy.families.vit.config import CaitConfig, ConfigError
-from caitdeploy.formats.names import (
+from caitdeploy.core.names import (
     ATTN_COMPACTORS,
     CONFIG_KEYS,
     FORMAT,
@@ -28,22 +27,27 @@ from caitdeploy.formats.names import (
     compactor_prefix,
     merge_prefix,
 )
+from caitdeploy.families.vit.config import CaitConfig, ConfigError
 
 
 @dataclass
 class Checkpoint:
-    """A validated CAIT training checkpoint."""
+    """A validated CAIT training checkpoint of any family. Keys are the timm model's (plus compactors and merges);
+    blocks are numbered flat, in the family's `block_sites` order."""
 
     path: Path
-    format_config: dict[str, Any]          # the `config` of the format (merges keyed by int)
-    config: CaitConfig                     # the unpruned model with its merges
+    format_config: dict[str, Any]          # the `config` of the format (a ViT's merges keyed by int)
+    config: Any                            # the family's config: the unpruned model with its merges
     state_dict: dict[str, torch.Tensor]
     inferred: dict[str, Any] = field(default_factory=dict)  # config values inferred from shapes
     notes: list[str] = field(default_factory=list)          # what loading changed (e.g. half -> float32)
 
     def compactor(self, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(weight, mask) of a compactor ("q", "k", "v" or "fc1"), or None when absent (identity)."""
-        prefix = compactor_prefix(block, name)
+        """(weight, mask) of flat block `block`'s compactor ("q", "k", "v" or "fc1"), or None when absent
+        (identity)."""
+        from caitdeploy.families import family_of
+
+        prefix = family_of(self.config).compactor_key(self.config, block, name)
         w = self.state_dict.get(prefix + ".weight")
         return None if w is None else (w, self.state_dict[prefix + ".mask"])
 
@@ -235,9 +239,10 @@ def check_tensors(path: Path, sd: dict[Any, Any]) -> tuple[dict[str, torch.Tenso
     return out, notes
 
 
-def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpoint | SwinCheckpoint:
-    """Load and validate a `cait-compactor/1` (or timm/DeiT-style `{"model": ...}`) checkpoint; one of family
-    "swin" gives a `SwinCheckpoint`.
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpoint:
+    """Load and validate a `cait-compactor/1` (or timm/DeiT-style `{"model": ...}`) checkpoint of any family; a
+    family whose checkpoints carry their whole config (`Family.whole_config_checkpoint`: Swin) is read from it
+    alone.
 
     arch: a timm model name giving what shapes cannot tell (heads, pooling, LayerNorm eps); the checkpoint's
     shapes must agree with it."""
@@ -247,10 +252,11 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpo
     arch_cfg = arch_config(arch) if arch is not None else None  # an unknown name fails before the file is read
     raw = read_container(path)
     inferred: dict[str, Any] = {}
-    if "format" in raw and isinstance(raw.get("config"), dict) and raw["config"].get("family") == "swin":
+    fam = _declared_family(raw)
+    if fam is not None and fam.whole_config_checkpoint:
         if arch_cfg is not None:
-            raise CaitError(f"{path}: a Swin checkpoint carries its whole config: leave out --arch")
-        return load_swin_checkpoint(path, raw)
+            raise CaitError(f"{path}: a {fam.name} checkpoint carries its whole config: leave out --arch")
+        return _load_whole_config(path, raw, fam)
     if "format" in raw:
         if raw["format"] != FORMAT:
             raise CaitError(f"{path}: unknown format {render(raw['format'])}, expected {FORMAT!r}")
@@ -260,12 +266,12 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpo
         sd, notes = check_tensors(path, _strip_prefixes(raw["state_dict"]))
         fmt_cfg = _check_format_config(path, raw["config"])
     else:
-        sd = raw.get("model", raw.get("state_dict"))
-        if not isinstance(sd, dict):
+        found = raw.get("model", raw.get("state_dict"))
+        if not isinstance(found, dict):
             raise CaitError(f"{path}: no 'format' key and no 'model'/'state_dict' dict: not a CAIT checkpoint")
-        sd, notes = check_tensors(path, _strip_prefixes(sd))
+        sd, notes = check_tensors(path, _strip_prefixes(found))
         fmt_cfg, inferred = infer_config(path, sd, arch_cfg)
-    if arch_cfg is not None:
+    if arch is not None and arch_cfg is not None:   # both or neither
         _agree(path, fmt_cfg, arch_cfg, arch)
     try:
         config = CaitConfig.from_format(fmt_cfg)
@@ -370,7 +376,11 @@ def infer_config(path: Path, sd: dict[str, torch.Tensor], arch_cfg: dict[str, An
                         "(the bound for real ViTs)")
     heads = [sd[k].shape[0] for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.[qkv]_compactor\.weight", k)
              and sd[k].dim() == 3]
-    if not heads and arch_cfg is None:
+    if heads:
+        num_heads = heads[0]
+    elif arch_cfg is not None:
+        num_heads = arch_cfg["num_heads"]
+    else:
         raise CaitError(f"{path}: cannot infer num_heads from a state dict without per-head compactors: pass "
                         "--arch with the timm model name (e.g. --arch deit_tiny_patch16_224), or write a "
                         "cait-compactor/1 checkpoint with a 'config'")
@@ -386,7 +396,7 @@ def infer_config(path: Path, sd: dict[str, torch.Tensor], arch_cfg: dict[str, An
     cfg = {
         "img_size": g * pw.shape[-1], "patch_size": pw.shape[-1], "in_chans": pw.shape[1],
         "num_classes": need("head.weight", 2).shape[0], "embed_dim": d, "depth": depth,
-        "num_heads": heads[0] if heads else arch_cfg["num_heads"],
+        "num_heads": num_heads,
         "mlp_ratio": fc1.shape[0] / d if d else 0.0, "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
         "merges": merges,
         "class_token": class_token, "dist_token": dist_token, "reg_tokens": reg, "no_embed_class": no_embed_class,
@@ -492,62 +502,53 @@ def validate_state_dict(path: Path, sd: dict[str, torch.Tensor], req: dict[str, 
             raise CaitError(f"{path}: key {k!r} has shape {tuple(v.shape)}, expected {want}")
         if v.is_floating_point() and v.numel() and not _all_finite(v):
             raise CaitError(f"{path}: key {k!r} contains NaN or Inf")
-    for k, m in sd.items():
+    for k, mask in sd.items():
         if k.endswith("_compactor.weight") and k.replace(".weight", ".mask") not in sd:
             raise CaitError(f"{path}: compactor {k!r} has no mask (missing key {k.replace('.weight', '.mask')!r})")
         if k.endswith("_compactor.mask"):
             if k.replace(".mask", ".weight") not in sd:
                 raise CaitError(f"{path}: mask {k!r} has no compactor (missing key {k.replace('.mask', '.weight')!r})")
-            if not bool(((m == 0) | (m == 1)).all()):
-                bad = m[(m != 0) & (m != 1)].flatten()[0].item()
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
                 raise CaitError(f"{path}: key {k!r} must hold only 0 and 1, found {bad:g}")
-            kept = (m != 0).reshape(-1, m.shape[-1]).sum(-1) if m.dim() == 2 else (m != 0).sum().reshape(1)
+            kept = (mask != 0).reshape(-1, mask.shape[-1]).sum(-1) if mask.dim() == 2 else (mask != 0).sum().reshape(1)
             if bool((kept == 0).any()):
                 blk = re.sub(r"^blocks\.(\d+)$", r"\1", re.split(r"\.(?:attn|mlp)\.", k)[0])
                 which = k.split(".")[-2].replace("_compactor", "")
-                where = f" head {int((kept == 0).nonzero()[0])}" if m.dim() == 2 else ""
+                where = f" head {int((kept == 0).nonzero()[0])}" if mask.dim() == 2 else ""
                 raise CaitError(f"{path}: block {blk}: every {which} channel{where} is masked ({k!r})")
 
 
-# ---- family "swin" -------------------------------------------------------------------------------------------
-@dataclass
-class SwinCheckpoint:
-    """A validated CAIT-Swin training checkpoint (`cait-compactor/1`, config family "swin"). Keys are timm's
-    SwinTransformer keys; blocks are numbered flat (stage by stage) where a block index is needed."""
+# ---- families whose checkpoints carry their whole config (Family.whole_config_checkpoint) ------------------
+def _declared_family(raw: dict[str, Any]):
+    """The family a `cait-compactor/1` file's config names (None: not one, or no family named, or an unknown one,
+    left for the format check to name)."""
+    from caitdeploy.families import UnknownFamily, family
 
-    path: Path
-    format_config: dict[str, Any]
-    config: Any                            # SwinConfig: the unpruned model with its merges
-    state_dict: dict[str, torch.Tensor]
-    notes: list[str] = field(default_factory=list)
-    inferred: dict[str, Any] = field(default_factory=dict)
-
-    def prefix(self, j: int) -> str:
-        s, i, _ = self.config.flat()[j]
-        return f"layers.{s}.blocks.{i}."
-
-    def compactor(self, j: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(weight, mask) of flat block j's compactor ("q", "k", "v" or "fc1"), or None (identity)."""
-        key = self.prefix(j) + ("mlp.fc1_compactor" if name == "fc1" else f"attn.{name}_compactor")
-        w = self.state_dict.get(key + ".weight")
-        return None if w is None else (w, self.state_dict[key + ".mask"])
+    cfg = raw.get("config") if "format" in raw else None
+    if not isinstance(cfg, dict) or "family" not in cfg:
+        return None
+    try:
+        return family(cfg["family"])
+    except UnknownFamily:
+        return None
 
 
-def load_swin_checkpoint(path: Path, raw: dict[str, Any]) -> SwinCheckpoint:
-    from caitdeploy.families.swin.model import BUFFER_SUFFIXES, check_format, checkpoint_shapes, swin_config_from_format
+def _load_whole_config(path: Path, raw: dict[str, Any], fam) -> Checkpoint:
+    from caitdeploy.families.registry import buffer_suffixes
 
     if raw["format"] != FORMAT:
         raise CaitError(f"{path}: unknown format {render(raw['format'])}, expected {FORMAT!r}")
     if not isinstance(raw.get("state_dict"), dict):
         raise CaitError(f"{path}: missing or malformed top-level key 'state_dict'")
     try:
-        fmt = check_format(raw["config"])
-        cfg = swin_config_from_format(fmt)
+        fmt = fam.check_format(raw["config"])
+        cfg = fam.config_from_format(fmt)
     except ConfigError as e:
         raise CaitError(f"{path}: config {e}") from None
     sd = {k: v for k, v in _strip_prefixes(raw["state_dict"]).items()
-          if not (isinstance(k, str) and k.endswith(BUFFER_SUFFIXES))}
+          if not (isinstance(k, str) and k.endswith(buffer_suffixes()))}
     sd, notes = check_tensors(path, sd)
-    req, opt = checkpoint_shapes(cfg)
+    req, opt = fam.checkpoint_shapes(cfg)
     validate_state_dict(path, sd, req, opt)
-    return SwinCheckpoint(path, fmt, cfg, sd, notes)
+    return Checkpoint(path, fmt, cfg, sd, notes=notes)

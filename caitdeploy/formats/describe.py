@@ -3,10 +3,13 @@
 `describe_file(path)` returns a JSON-able dict (kind, input shape, per-block widths from `flops.block_rows`,
 merges, op census, FLOPs, params); `caitdeploy inspect` prints it. Every reader is the validated one
 (checkpoints, fused files, ONNX metadata and sidecars), so hostile files get the one-line error.
+An engine's header is checked by TensorRT, which this layer does not import: the caller passes the check
+(`header_check`, `runtime.tensorrt.engine_header_check` from `pipelines.inspect`).
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,16 +31,16 @@ def _config_summary(config) -> dict[str, Any]:
 
 
 def inspect_checkpoint(path: Path) -> dict[str, Any]:
+    from caitdeploy.families import family_of
     from caitdeploy.families.flops import model_flops
-    from caitdeploy.families.vit.config import BlockConfig
     from caitdeploy.formats.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     cfg = ckpt.config
-    swin = cfg.family == "swin"
+    fam = family_of(cfg)
     blocks = []
     kept_detail = []
-    for i, b in enumerate([b for _, _, b in cfg.flat()] if swin else cfg.blocks):
+    for i, b in enumerate(fam.blocks(cfg)):
         widths = {}
         for name, full in (("q", b.qk_dim), ("k", b.qk_dim), ("v", b.v_dim)):
             c = ckpt.compactor(i, name)
@@ -46,13 +49,8 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         mlp = int(c[1].sum()) if c is not None else b.mlp_hidden
         qk = max(max(widths["q"]), max(widths["k"]))
         kept_detail.append({"q": widths["q"], "k": widths["k"], "v": widths["v"], "fc1": mlp})
-        blocks.append(replace(b, qk_dim=qk, v_dim=max(widths["v"]), mlp_hidden=mlp) if swin else
-                      BlockConfig(b.num_heads, qk, max(widths["v"]), mlp, b.attn_scale, b.merge))
-    if swin:
-        it = iter(blocks)
-        pruned = replace(cfg, stages=tuple(tuple(next(it) for _ in st) for st in cfg.stages))
-    else:
-        pruned = replace(cfg, blocks=tuple(blocks))
+        blocks.append(replace(b, qk_dim=qk, v_dim=max(widths["v"]), mlp_hidden=mlp))
+    pruned = fam.with_blocks(cfg, blocks)
     out = {"kind": "checkpoint", "format": "cait-compactor/1", "file": str(path), **_config_summary(pruned)}
     dense = model_flops(cfg.unpruned())  # the dense ViT without merges, as `fuse` reports it
     out["flops_dense"] = dense["total"]
@@ -120,7 +118,7 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
     import onnx
 
     from caitdeploy.core.budgets import check_memory
-    from caitdeploy.export.onnx import _numel, io_signature, op_census, read_onnx_metadata
+    from caitdeploy.formats.onnx_meta import _numel, io_signature, op_census, read_onnx_metadata
 
     # the file's bytes and the parsed protobuf (about as large again), plus onnx's own copies while parsing
     check_memory(3 * size, f"{path}: reading a {size}-byte ONNX file")
@@ -164,7 +162,7 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 def _same_onnx(src: Path, recorded: dict[str, Any]) -> bool | None:
     """Whether the ONNX file the sidecar names (an untrusted path) still has the recorded SHA-256: None when it
     is not a regular file; False without hashing when its size differs from the recorded size."""
-    from caitdeploy.export.tensorrt import sha256_file
+    from caitdeploy.formats.sidecar import sha256_file
 
     try:
         if not src.is_file():
@@ -177,9 +175,14 @@ def _same_onnx(src: Path, recorded: dict[str, Any]) -> bool | None:
         return None
 
 
-def inspect_engine(path: Path) -> dict[str, Any]:
+# (engine bytes, flavour or None) -> {'supported': ...}: `runtime.tensorrt.engine_header_check`
+HeaderCheck = Callable[[bytes, str | None], dict[str, Any]]
+
+
+def inspect_engine(path: Path, header_check: HeaderCheck | None = None) -> dict[str, Any]:
+    """An engine and its sidecar; `header_check` None: the header is not checked (reported unsupported)."""
     from caitdeploy.core.paths import MAX_ENGINE_BYTES, regular_file_size
-    from caitdeploy.export.tensorrt import check_engine_file, engine_header_check, read_sidecar
+    from caitdeploy.formats.sidecar import check_engine_file, read_sidecar
 
     side = read_sidecar(path)
     size = regular_file_size(path, MAX_ENGINE_BYTES, "engine")
@@ -190,10 +193,14 @@ def inspect_engine(path: Path) -> dict[str, Any]:
         data = f.read(1 << 20)  # the header check needs the first bytes only, never the whole engine
     out: dict[str, Any] = {"kind": "engine", "file": str(path), "bytes": size, "sidecar": side is not None,
                            "engine_check": file_check}
-    try:
-        check = engine_header_check(data, side.get("flavour") if side else None)
-    except CaitError as e:  # no TensorRT module installed
-        check = {"supported": False, "reason": str(e)}
+    check: dict[str, Any]
+    if header_check is None:
+        check = {"supported": False, "reason": "no engine header check given (pipelines.inspect passes TensorRT's)"}
+    else:
+        try:
+            check = header_check(data, side.get("flavour") if side else None)
+        except CaitError as e:  # no TensorRT module installed
+            check = {"supported": False, "reason": str(e)}
     out["header_check"] = check
     if check.get("supported") and (check.get("malformed") or check.get("version_mismatch")):
         raise CaitError(f"{path}: not a valid engine for this TensorRT ({', '.join(check['diagnostics'])})")
@@ -214,8 +221,9 @@ def inspect_engine(path: Path) -> dict[str, Any]:
     return out
 
 
-def describe_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Describe FILE; raises CaitError for a missing, unknown or corrupt file."""
+def describe_file(path: str | os.PathLike, header_check: HeaderCheck | None = None) -> dict[str, Any]:
+    """Describe FILE; raises CaitError for a missing, unknown or corrupt file. header_check: how an engine's
+    header is checked (`inspect_engine`)."""
     path = Path(path)
     if not path.exists():
         raise CaitError(f"{path}: no such file")
@@ -238,6 +246,6 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
     if suffix in ONNX_SUFFIXES:
         return inspect_onnx(path)
     if suffix in ENGINE_SUFFIXES or Path(str(path) + ".json").is_file():
-        return inspect_engine(path)
+        return inspect_engine(path, header_check)
     raise CaitError(f"{path}: unrecognised file type {suffix or '(no suffix)'!r}: expected a checkpoint "
                     "(.pth/.safetensors), a fused model (.safetensors), an ONNX file (.onnx) or an engine (.plan)")

@@ -6,14 +6,17 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from caitdeploy.core.errors import CaitError, Staging, atomic_output
+from caitdeploy.core.names import FUSED_FORMAT
 from caitdeploy.core.tensorfile import read_safetensors, read_safetensors_header  # re-exported
 from caitdeploy.families.vit.config import CaitConfig, ConfigError
-from caitdeploy.formats.names import FUSED_FORMAT
+
+if TYPE_CHECKING:
+    from caitdeploy.families.layers import AttnImpl
 
 
 def save_fused(path: str | os.PathLike, config: CaitConfig, state_dict: dict[str, torch.Tensor],
@@ -42,8 +45,8 @@ def save_fused(path: str | os.PathLike, config: CaitConfig, state_dict: dict[str
 
 def _not_fused(path: Path) -> CaitError:
     """The one-line error for a file that is not a fused model, saying what it is where that is known."""
+    from caitdeploy.core.names import FORMAT
     from caitdeploy.formats.checkpoint import read_container
-    from caitdeploy.formats.names import FORMAT
 
     raw: Any = None
     try:
@@ -134,23 +137,18 @@ def load_fused(path: str | os.PathLike) -> tuple[CaitConfig, dict[str, torch.Ten
     return config, tensors, extra
 
 
-def load_model(path: str | os.PathLike, attn_impl: str = "sdpa", kernels: str | None = None, img_size=None):
-    """The deploy model (a `CaitViT`, or a `CaitSwin`) in eval mode from a fused safetensors file; `img_size`
-    (int, (H, W) or 'HxW') runs a ViT at another input size (position embedding resampled, merges re-checked:
-    models/resize.py)."""
+def load_model(path: str | os.PathLike, attn_impl: AttnImpl = "sdpa", kernels: str | None = None, img_size=None):
+    """The deploy model of its family in eval mode from a fused safetensors file; `img_size` (int, (H, W) or
+    'HxW') runs it at another input size where the family can (a ViT's position embedding resampled, merges
+    re-checked: `Family.resized`)."""
     from caitdeploy.families import build_model
 
     config, state_dict, _ = load_fused(path)  # keys and shapes already agree with the config
-    if img_size is not None and getattr(config, "family", None) == "swin":
-        try:
-            config.at_size(img_size)
-        except ConfigError as e:
-            raise CaitError(f"{path}: {e}") from None
-    elif img_size is not None:
-        from caitdeploy.families.vit.resize import resize_state_dict
+    if img_size is not None:
+        from caitdeploy.families import family_of
 
         try:
-            config, state_dict = resize_state_dict(config, state_dict, img_size)
+            config, state_dict = family_of(config).resized(config, state_dict, img_size)
         except ConfigError as e:
             raise CaitError(f"{path}: {e}") from None
     try:

@@ -150,6 +150,6 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias, gh: int, gw: int, kind: 
         grid = (triton.cdiv(M, bm) * triton.cdiv(D, bn),)
         _kernel[grid](*args, HAS_BIAS=has_bias, DOT_MODE=mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)  # noqa: E731
-        _kernel[grid](*args, HAS_BIAS=has_bias, DOT_MODE=mode)
+        grid_of = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)  # noqa: E731
+        _kernel[grid_of](*args, HAS_BIAS=has_bias, DOT_MODE=mode)
     return out

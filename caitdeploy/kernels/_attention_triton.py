@@ -125,7 +125,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
         grid = (triton.cdiv(N, blk) * B * H,)
         _kernel[grid](*args, DOT_MODE=mode, BLOCK_M=blk, BLOCK_N=blk, BLOCK_DQK=bdq, BLOCK_DV=bdv)
     else:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-        _kernel[grid](*args, DOT_MODE=mode, BLOCK_DQK=bdq, BLOCK_DV=bdv)
+        grid_of = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+        _kernel[grid_of](*args, DOT_MODE=mode, BLOCK_DQK=bdq, BLOCK_DV=bdv)
     return out
 

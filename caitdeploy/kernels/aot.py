@@ -82,7 +82,7 @@ def _jobs(quick: bool) -> Iterator[tuple[str, Any, dict[str, str], dict[str, Any
                     sig[p.name] = "fp32"
                 else:
                     sig[p.name] = "i32"
-            classes = ATTENTION_CLASSES if kernel == "attention" else ((True,), (False,))
+            classes: tuple[tuple[Any, ...], ...] = ATTENTION_CLASSES if kernel == "attention" else ((True,), (False,))
             if quick and kernel == "attention":
                 classes = ((64, 64),)
             if quick and kernel == "atme_merge":
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    doc = {"summary": summary(results), "results": [asdict(r) for r in results]}
+    doc: dict[str, Any] = {"summary": summary(results), "results": [asdict(r) for r in results]}
     if args.json == "-":
         print(json.dumps(doc))
     else:

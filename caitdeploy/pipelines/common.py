@@ -1,17 +1,57 @@
-"""What the pipelines share: the JSON report writer and the dense-prediction option check.
+"""What the pipelines share: the JSON report writer, the dense-prediction option check and the notation rules of
+numeric option text (`parse_int` / `parse_float`).
 
 They live here, below the CLI, because a pipeline writes its own report (inside its all-or-nothing staging)
-and checks its own options before any work; `commands/common.py` re-exports them for the commands that have
-not become pipelines yet."""
+and checks its own options before any work; `cli/common.py` re-exports the first two for the commands that have
+not become pipelines yet, and `cli/options.py` the parsers for its click types."""
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from caitdeploy.core.errors import OptionError, Staging, atomic_output, safe_text
+
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NONFINITE = ("nan", "inf", "infinity")
+MAX_CHARS = 64   # longer text is no number an option takes (and int() of huge text is slow)
+
+
+def parse_int(text: Any) -> int | None:
+    """`text` as an int when it is plain ASCII decimal notation (`-12`, `+3`), else None."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    s = str(text).strip()
+    return int(s) if len(s) <= MAX_CHARS and _INT.fullmatch(s) else None
+
+
+def parse_float(text: Any, finite: bool = True) -> float | None:
+    """`text` as a float when it is plain ASCII decimal notation (`0.5`, `1e-3`), else None; with
+    finite=False the spelled-out `nan`, `inf`, `infinity` pass too (for a check that names them itself)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        v = float(text)
+    else:
+        s = str(text).strip()
+        if len(s) > MAX_CHARS:
+            return None
+        if _FLOAT.fullmatch(s):
+            v = float(s)
+        elif not finite and s.lower().lstrip("+-") in _NONFINITE:
+            v = float(s.lower())
+        else:
+            return None
+    return v if (math.isfinite(v) or not finite) else None
+
+
+def features_text(features: str | int | Sequence[int] | None) -> str | None:
+    """Block indices as the CLI gives them ("3,5,7"): a library caller may pass an int or a sequence of ints."""
+    if features is None or isinstance(features, str):
+        return features
+    return ",".join(str(b) for b in ([features] if isinstance(features, int) else features))
 
 
 def _jsonable(x: Any) -> Any:

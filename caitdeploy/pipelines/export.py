@@ -237,7 +237,7 @@ def _triton_entry(o: ExportOptions, name: str, served_suffix: str, input_dims: S
 def _check_paths(o: ExportOptions, plan: ExportPlan) -> None:
     """No output is an input or another output, extensions match, folders are writable."""
     from caitdeploy.core.paths import ENGINE_SUFFIXES, JSON_SUFFIXES, ONNX_SUFFIXES, Out, check_paths
-    from caitdeploy.export.tensorrt import sidecar_path
+    from caitdeploy.formats.sidecar import sidecar_path
 
     entry = plan.triton
     check_paths({"MODEL": o.model}, [
@@ -310,6 +310,7 @@ def _build_engine(o: ExportOptions, plan: ExportPlan, data: bytes) -> BuiltEngin
     """The engine, in memory; a failure says the ONNX export had succeeded (nothing is written either way)."""
     from caitdeploy.export.tensorrt import build_engine_bytes
 
+    assert plan.engine is not None   # planned whenever --trt is given
     try:
         return build_engine_bytes(data, plan.onnx, plan.engine, min_batch=o.min_batch, opt_batch=o.opt_batch,
                                   max_batch=o.max_batch, workspace_mb=o.workspace_mb, timing_cache=o.timing_cache,
@@ -325,8 +326,9 @@ def _build_engine(o: ExportOptions, plan: ExportPlan, data: bytes) -> BuiltEngin
 def _write(o: ExportOptions, plan: ExportPlan, data: bytes, built: BuiltEngine | None, entry: TritonEntry | None,
            report: dict[str, Any]) -> ExportResult:
     from caitdeploy.core.errors import Staging
-    from caitdeploy.export.tensorrt import sidecar_path, write_engine
+    from caitdeploy.export.tensorrt import write_engine
     from caitdeploy.export.triton_repo import stage_triton_repo
+    from caitdeploy.formats.sidecar import sidecar_path
     from caitdeploy.pipelines.common import write_json
 
     sidecar = sidecar_path(plan.engine) if built is not None and plan.engine is not None else None
@@ -336,7 +338,11 @@ def _write(o: ExportOptions, plan: ExportPlan, data: bytes, built: BuiltEngine |
             write_engine(st, built, plan.engine, Path(o.timing_cache) if o.timing_cache else None)
             report["engine"] = dict(built.sidecar, output=str(plan.engine), sidecar=str(sidecar))
         if entry is not None:
-            stage_triton_repo(st, entry, data if plan.served_suffix == ".onnx" else built.engine)
+            if plan.served_suffix == ".onnx":
+                stage_triton_repo(st, entry, data)
+            else:
+                assert built is not None   # the entry serves the engine: --trt built one
+                stage_triton_repo(st, entry, built.engine)
             report["triton"] = entry.info
         if o.report_path:
             write_json(o.report_path, report, staging=st)

@@ -31,4 +31,12 @@ def inspect(path: str | os.PathLike) -> InspectResult:
     """Describe the file at `path`; CaitError (one line, naming the file) for a missing, unknown or corrupt one."""
     from caitdeploy.formats.describe import describe_file
 
-    return InspectResult(describe_file(path))
+    return InspectResult(describe_file(path, header_check=engine_header_check))
+
+
+def engine_header_check(engine_bytes: bytes, flavour: str | None = None) -> dict[str, Any]:
+    """TensorRT's check of an engine header (`runtime.tensorrt.engine_header_check`), imported only when an engine
+    is inspected: describing any other file imports neither TensorRT nor the runtimes."""
+    from caitdeploy.runtime.tensorrt import engine_header_check as check
+
+    return check(engine_bytes, flavour)

@@ -11,6 +11,8 @@ whose input metadata (names, dtypes, shapes) is read from the model, session or 
                   `tensorrt` module and cannot load `tensorrt_rtx`.
 
 Export verification (`export.onnx.verify_onnx`) and `bench` both use these runners.
+`runtime.tensorrt` holds every TensorRT import (`import_trt`, used by `export.tensorrt` to build), the engine
+class underneath `TrtRunner` and the engine header check.
 """
 from caitdeploy.runtime.base import (
            ORT_TYPES,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 from polygraphy.backend.base import BaseRunner
@@ -56,7 +57,7 @@ class OrtRunner(BaseRunner):
             raise CaitError("onnxruntime fell back to the CPU execution provider on a GPU machine")
         self.inputs = {i.name: torch_dtype_of_ort(i.type, f"input {i.name!r}") for i in self.sess.get_inputs()}
         self.outputs = {o.name: torch_dtype_of_ort(o.type, f"output {o.name!r}") for o in self.sess.get_outputs()}
-        self._bound = None
+        self._bound: tuple[Any, dict[str, torch.Tensor]] | None = None   # (IOBinding, tensors it holds)
 
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
@@ -83,8 +84,9 @@ class OrtRunner(BaseRunner):
             dims.update({d: n for d, n in zip(i.shape, t.shape) if isinstance(d, str)})
         for o in self.sess.get_outputs():
             shape = [d if isinstance(d, int) else dims.get(d) for d in o.shape]
-            if all(isinstance(d, int) and d >= 0 for d in shape):   # preallocate in the declared dtype
-                y = torch.empty(shape, dtype=self.outputs[o.name], device=dev)
+            sizes = [d for d in shape if isinstance(d, int) and d >= 0]
+            if len(sizes) == len(shape):   # every size known: preallocate in the declared dtype
+                y = torch.empty(sizes, dtype=self.outputs[o.name], device=dev)
                 keep[o.name] = y
                 binding.bind_output(o.name, dev, idx, _np(y.dtype), tuple(y.shape), y.data_ptr())
             else:
@@ -93,6 +95,7 @@ class OrtRunner(BaseRunner):
         return keep
 
     def run_bound(self):
+        assert self._bound is not None, "bind() first"
         binding, _ = self._bound
         self.sess.run_with_iobinding(binding)
         return binding
@@ -103,6 +106,7 @@ class OrtRunner(BaseRunner):
         start = time.perf_counter()
         binding = self.run_bound()
         self.inference_time = time.perf_counter() - start
+        assert self._bound is not None   # bound just above
         _, keep = self._bound
         out = OrderedDict()
         for name, val in zip(self.outputs, binding.get_outputs()):

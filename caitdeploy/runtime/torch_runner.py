@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from polygraphy.backend.base import BaseRunner
@@ -22,7 +24,7 @@ class TorchRunner(BaseRunner):
     """
 
     def __init__(self, model: torch.nn.Module, spec: RuntimeSpec = RuntimeSpec(), *, dtype: torch.dtype | None = None,
-                 compile: bool = False, input_shape: tuple[int, int, int] | None = None,
+                 compile: bool = False, input_shape: tuple[int, ...] | None = None,
                  input_name: str = "images", output_name: str = "logits", name: str | None = None,
                  output_names: list[str] | None = None, autocast: torch.dtype | None = None):
         super().__init__(name=name, prefix="torch-runner")
@@ -46,7 +48,7 @@ class TorchRunner(BaseRunner):
             import copy
 
             model = copy.deepcopy(model)  # never convert the caller's model in place
-        self.model = model.to(device=self.spec.device, dtype=dtype).eval()
+        self.model: Callable[..., Any] = model.to(device=self.spec.device, dtype=dtype).eval()  # or compiled
         self.dtype = dtype
         if self._compile:
             mode = self.spec.compile_mode or ("max-autotune-no-cudagraphs" if self.spec.device == "cuda" else None)

@@ -13,7 +13,7 @@ from polygraphy.common import TensorMetadata
 from polygraphy.datatype import DataType
 
 from caitdeploy.core.errors import CaitError
-from caitdeploy.export.tensorrt import BUILD_KEYS, normalize_build_options
+from caitdeploy.formats.sidecar import BUILD_KEYS, normalize_build_options
 
 
 def engine_build_key(onnx_bytes: bytes, options: dict[str, Any]) -> dict[str, Any]:
@@ -27,7 +27,7 @@ def engine_build_key(onnx_bytes: bytes, options: dict[str, Any]) -> dict[str, An
 def reusable_engine(engine_path: str | Path, key: dict[str, Any]) -> tuple[bool, str]:
     """(reuse?, why): an engine is reused only when it exists with a sidecar whose ONNX SHA-256 and build
     options equal `key` (a changed ONNX, other options or a missing/invalid sidecar mean: build again)."""
-    from caitdeploy.export.tensorrt import read_sidecar
+    from caitdeploy.formats.sidecar import read_sidecar
 
     engine_path = Path(engine_path)
     if not engine_path.is_file():
@@ -46,7 +46,7 @@ def reusable_engine(engine_path: str | Path, key: dict[str, Any]) -> tuple[bool,
 
 
 class TrtRunner(BaseRunner):
-    """Run a serialized engine (`caitdeploy.export.tensorrt.TrtRunner` underneath: CUDA, named tensors,
+    """Run a serialized engine (`caitdeploy.runtime.tensorrt.TrtRunner` underneath: CUDA, named tensors,
     `execute_async_v3`). Input metadata is read from the engine."""
 
     def __init__(self, engine_path: str | Path, flavour: str | None = None, name: str | None = None):
@@ -54,7 +54,7 @@ class TrtRunner(BaseRunner):
         self.engine_path, self._flavour = Path(engine_path), flavour
 
     def activate_impl(self):
-        from caitdeploy.export.tensorrt import TrtRunner as _Engine
+        from caitdeploy.runtime.tensorrt import TrtRunner as _Engine
 
         self.engine = _Engine(self.engine_path, flavour=self._flavour)
 

@@ -205,7 +205,7 @@ def _run_level(mod, url: str, model: str, clients: int, x: np.ndarray, name: str
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t_start
-    after = _stats(stats_url, model) if before is not None else None
+    after = _stats(stats_url, model) if stats_url and before is not None else None
     n, batch = len(lat), x.shape[0]
     execs = (after[1] - before[1]) if before and after else None
     reqs_server = (after[0] - before[0]) if before and after else None
@@ -218,7 +218,7 @@ def _run_level(mod, url: str, model: str, clients: int, x: np.ndarray, name: str
             "latency_ms_p99": _percentile(lat, 99) * 1e3 if lat else None,
             "latency_ms_mean": statistics.fmean(lat) * 1e3 if lat else None,
             "server_executions": execs,
-            "requests_per_execution": (reqs_server / batch / execs) if execs else None,
+            "requests_per_execution": (reqs_server / batch / execs) if execs and reqs_server is not None else None,
             "first_error": errors[0] if errors else None}
 
 

@@ -345,7 +345,7 @@ class TritonServer:
             args += [f"--backend-directory={_bundled_backends(work)}", f"--cache-directory={work}"]
         return env, args + list(self.extra_args)
 
-    def start(self, timeout: float = READY_TIMEOUT_S) -> TritonServer:
+    def start(self, timeout: float = READY_TIMEOUT_S) -> Self:
         """Check everything, start the server and wait until every model is READY, at most `timeout` s."""
         timeout = check_timeout(timeout)
         t0 = time.monotonic()
@@ -367,8 +367,10 @@ class TritonServer:
         """Start one tritonserver process (a fresh shared-memory prefix and log each time)."""
         self._starts += 1
         self.shm_prefix = f"{SHM_PREFIX}{_owner_tag()}{uuid.uuid4().hex[:8]}_"
-        env, args = self._env_and_args(self._binary, self._work)
-        self.log_path = self._work / f"tritonserver-{self._starts}.log"
+        work = self._work
+        assert self._binary is not None and work is not None, "_launch runs inside start()"
+        env, args = self._env_and_args(self._binary, work)
+        self.log_path = work / f"tritonserver-{self._starts}.log"
         with open(self.log_path, "wb") as log:   # the server keeps its own descriptor
             try:
                 self.proc = subprocess.Popen(
@@ -377,7 +379,7 @@ class TritonServer:
                     preexec_fn=_die_with_parent())  # noqa: PLW1509 - prctl in the child; no other way to set it
             except OSError as e:
                 raise CaitError(f"{self._binary}: cannot start ({e.strerror})") from None
-        (self._work / "server.pid").write_text(str(self.proc.pid))  # for the watchdog
+        (work / "server.pid").write_text(str(self.proc.pid))  # for the watchdog
 
     def _get(self, path: str, data: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
         req = urllib.request.Request(f"http://{self.http_url}{path}", data=data, method="POST" if data else "GET")
@@ -406,6 +408,7 @@ class TritonServer:
         return None
 
     def _wait_ready(self, deadline: float, timeout: float) -> None:
+        assert self.proc is not None, "_wait_ready runs after _launch"
         while True:
             left = deadline - time.monotonic()
             if self.proc.poll() is not None:
@@ -450,6 +453,7 @@ class TritonServer:
         an outage. There is no limit on restarts: a client that keeps crashing it must not end the service
         for everyone (each restart takes a second or two, which bounds what it costs). A server that does
         not come back is a CaitError. Returns only by exception (Ctrl-C, SIGTERM's SystemExit)."""
+        assert self.proc is not None, "serve_forever runs after start()"
         while True:
             while self.proc.poll() is None:
                 time.sleep(0.2)
@@ -492,7 +496,8 @@ class TritonServer:
                 self._work = None
             if self._watch is not None:
                 with contextlib.suppress(OSError):
-                    self._watch.stdin.close()
+                    if self._watch.stdin is not None:   # always: _start_watchdog opens it with stdin=PIPE
+                        self._watch.stdin.close()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._watch.wait(timeout=10)
                 self._watch = None

@@ -181,19 +181,18 @@ def image_folder_classes(root: Path, what: str) -> tuple[list[str], int]:
     return classes, n
 
 
-def is_swin(o: TrainOptions) -> bool:
-    from caitdeploy.compress.cdcp import is_swin_arch
+def family(o: TrainOptions):
+    """The family of --arch (families/registry.py: a timm Swin v1 name is Swin, any other a ViT)."""
+    from caitdeploy.families import family_for_arch
 
-    return is_swin_arch(o.arch)
+    return family_for_arch(o.arch)
 
 
 def with_defaults(o: TrainOptions) -> TrainOptions:
     """The options with the family's defaults filled in (--flops-reduction: 0.55 for a ViT, the paper's Swin
     setting 0.354 for a Swin), as a run records them and a --resume compares them."""
     if o.flops_reduction is None:
-        from caitdeploy.compress.cdcp import SWIN_DEFAULT_REDUCTION
-
-        o = dataclasses.replace(o, flops_reduction=SWIN_DEFAULT_REDUCTION if is_swin(o) else 0.55)
+        o = dataclasses.replace(o, flops_reduction=family(o).default_flops_reduction)
     return o
 
 
@@ -236,10 +235,8 @@ def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
     if not isinstance(o.prune_start_epoch, int) or o.prune_start_epoch < 0 or o.prune_start_epoch >= o.epochs:
         raise OptionError("prune_start_epoch", f"{o.prune_start_epoch}: must be in 0..{o.epochs - 1} (--epochs "
                                                f"{o.epochs}), or CDCP never prunes")
-    if is_swin(o) and o.token_reduction is not None:
-        raise OptionError("token_reduction", "is for a ViT's --merges auto; a Swin's auto merges are the paper's "
-                                             "placement (HTM + VTM at the last two blocks of the longest stage): "
-                                             "give --merges STAGE.BLOCK:h|v,... to place them yourself")
+    if family(o).token_reduction_note and o.token_reduction is not None:
+        raise OptionError("token_reduction", family(o).token_reduction_note or "")
     if o.amp not in ("auto", "bf16", "fp16", "off"):
         raise OptionError("amp", f"{o.amp!r}: choose auto, bf16, fp16 or off")
     if o.stop_after_epochs is not None:
@@ -292,7 +289,7 @@ def lr_at(step: int, total: int, warmup: int, base: float, floor: float) -> floa
 
 # ---- RNG ----------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()   # the legacy tuple (numpy's stubs type the default call as a dict)
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
@@ -429,7 +426,7 @@ def _loaders(o: TrainOptions, facts: dict, fmt: dict, dist: Dist, lists: dict[st
                              std=dc["std"], crop_pct=dc["crop_pct"])
     shape = (3, size, size)   # the folder reader gives RGB, as timm's does
     train = ImageList(lists["train"], t_train, shape)
-    sampler = DistributedSampler(train, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=o.seed,
+    sampler: DistributedSampler[Any] = DistributedSampler(train, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=o.seed,
                                  drop_last=True)
     train_loader = DataLoader(train, batch_size=facts["micro_batch"], sampler=sampler, num_workers=o.workers,
                               drop_last=True, pin_memory=dist.device.type == "cuda",
@@ -453,11 +450,8 @@ def _flagged(fn, flag: str, path: str):
 
 def _timm_model(o: TrainOptions, n_classes: int):
     """The timm model of --arch (a ViT or a Swin v1) with --img-size and --model-args."""
-    from caitdeploy.compress.cdcp import swin_timm_model
-    from caitdeploy.families.timm_compat import timm_model
-
     try:
-        return (swin_timm_model if is_swin(o) else timm_model)(o.arch, n_classes, o.img_size, o.model_args)
+        return family(o).timm_model(o.arch, n_classes, o.img_size, o.model_args)
     except CaitError as e:   # an OptionError names its flag as the CLI shows it
         text = e.as_flag() if isinstance(e, OptionError) else str(e)
         raise CaitError(text + (f" (with --model-args {o.model_args})" if o.model_args else "")) from None
@@ -532,8 +526,7 @@ def check_model(o: TrainOptions, n_classes: int, micro: int) -> int | None:
     not overestimate) against the budget (`limits.check_memory`). One-line errors naming the option. Returns the input side (None when the model
     cannot be built on the meta device: then only the bounds were checked)."""
     from caitdeploy.core.budgets import check_memory
-    from caitdeploy.families.flops import activation_bytes
-    from caitdeploy.families.vit.config import CaitConfig, ConfigError
+    from caitdeploy.families.vit.config import ConfigError
 
     check_model_args(o.model_args)
     flag = "model_args" if o.model_args else "arch"
@@ -549,21 +542,9 @@ def check_model(o: TrainOptions, n_classes: int, micro: int) -> int | None:
         raise OptionError(flag, f"{_args_text(o) if o.model_args else o.arch}: timm cannot build --arch {o.arch} "
                                 f"with it ({type(e).__name__}: {first})") from None
     try:
-        if is_swin(o):
-            from caitdeploy.families.swin.model import (
-                check_format,
-                format_config_of,
-                swin_activation_bytes,
-                swin_config_from_format,
-            )
-
-            cfg = swin_config_from_format(check_format(format_config_of(meta, {}, o.arch)))
-            act = swin_activation_bytes(cfg, micro)
-        else:
-            from caitdeploy.families.timm_compat import format_config_of
-
-            cfg = CaitConfig.from_format(format_config_of(meta, {}))
-            act = activation_bytes(cfg, micro)
+        fam = family(o)
+        cfg = fam.config_from_format(fam.format_config_of(meta, o.arch))
+        act = fam.activation_bytes(cfg, micro)
     except (ConfigError, ValueError) as e:
         raise OptionError(flag, f"{_args_text(o) if o.model_args else o.arch}: {e}") from None
     params, comp = _structure(meta)
@@ -593,10 +574,7 @@ def _load_start_weights(o: TrainOptions, model, n_classes: int, log) -> None:
 
     if o.weights:
         sd = _flagged(load_weights, "--weights", o.weights)
-        if is_swin(o):
-            from caitdeploy.convert.dimap import timm_layout
-
-            sd = timm_layout(sd)[0]
+        sd = family(o).timm_keys(sd)   # a Swin's also in Microsoft's layout
         head = fit_state_dict(model, sd, f"--weights {o.weights}", o.arch, new_head=True)
         if head:
             classes = sd[next(k for k in sorted(head) if k.endswith("weight"))].shape[0]
@@ -610,49 +588,14 @@ def _load_start_weights(o: TrainOptions, model, n_classes: int, log) -> None:
                                      "one: give --weights, --teacher FILE or --teacher none")
 
 
-def _build_swin(o: TrainOptions, model) -> tuple[dict, dict, dict]:
-    """(format config, merges {(stage, block): kind}, merge info) of a timm Swin for --merges."""
-    from caitdeploy.compress.cdcp import check_merge_budget, parse_swin_merges, swin_auto_merges, swin_merge_reduction
-    from caitdeploy.families.swin.model import check_format, format_config_of
-    from caitdeploy.families.vit.config import ConfigError
-
-    fmt = check_format(format_config_of(model, {}, o.arch))
-    if o.merges == "auto":
-        merges, info = swin_auto_merges(fmt, o.flops_reduction)
-        return fmt, merges, info
-    merges = parse_swin_merges(o.merges)
-    try:
-        r = swin_merge_reduction(fmt, merges)
-    except ConfigError as e:
-        raise OptionError("merges", f"{o.merges}: {e}") from None
-    check_merge_budget(r, o.flops_reduction, o.merges)
-    return fmt, merges, {"merges": merges, "token_reduction": r, "channel_reduction": o.flops_reduction - r,
-                         "flops_reduction": o.flops_reduction}
-
-
 def _build(o: TrainOptions, n_classes: int, log):
-    """(timm model with --weights, format config, merges, merge info)."""
-    from caitdeploy.compress.cdcp import auto_merges, check_merge_budget, merge_reduction, parse_merges
-    from caitdeploy.families.timm_compat import format_config_of
-    from caitdeploy.families.vit.config import CaitConfig
-
+    """(timm model with --weights, format config, merges, merge info: --merges auto or a spec, checked against
+    --flops-reduction)."""
+    fam = family(o)
     model = _timm_model(o, n_classes)
     _load_start_weights(o, model, n_classes, log)
-    if is_swin(o):
-        return (model, *_build_swin(o, model))
-    fmt = format_config_of(model, {})
-    if o.merges == "auto":
-        merges, info = auto_merges(fmt, o.flops_reduction, o.token_reduction)
-    else:
-        merges = parse_merges(o.merges)
-        try:
-            CaitConfig.from_format({**fmt, "merges": merges})
-        except ValueError as e:
-            raise OptionError("merges", f"{o.merges}: {e}") from None
-        r = merge_reduction(fmt, merges)
-        check_merge_budget(r, o.flops_reduction, o.merges)
-        info = {"merges": merges, "token_reduction": r, "channel_reduction": o.flops_reduction - r,
-                "flops_reduction": o.flops_reduction}
+    fmt = fam.format_config_of(model, o.arch)
+    merges, info = fam.plan_merges(fmt, o.merges, o.flops_reduction, o.token_reduction)
     return model, fmt, merges, info
 
 
@@ -682,7 +625,8 @@ def _param_groups(model, wd: float):
     """AdamW groups of the base parameters: weight decay on matrices, none on biases, norms, position embedding,
     class/register tokens and Swin's relative position tables (compactors have their own SGD)."""
     base = {id(p) for p in model.base_parameters()}
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) not in base:
             continue
@@ -1009,19 +953,21 @@ def _train(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> dict[str,
     teacher = _teacher(o, model, dist, state.get("teacher") if state is not None else None,
                        state_path if state is not None else None)
     alpha = o.distill_alpha if o.distill_alpha is not None else (
-        0.1 if fmt["embed_dim"] <= 192 and not is_swin(o) else 0.25)
+        family(o).default_distill_alpha(fmt))
     if teacher is None:
         alpha = 0.0
     wrap.to(dist.device)
+    assert o.flops_reduction is not None   # with_defaults filled it in
     ctl = CDCPController(wrap, o.flops_reduction, lam=o.lam, step_ratio=o.step_ratio, every=o.every,
                          align=o.align, sync=dist.broadcast_masks)
-    ddp = wrap
+    ddp: Any = wrap   # DistributedDataParallel(wrap) when distributed
     if dist.on:   # masks are broadcast at each update (CDCPController.sync), not at every forward
         import inspect
 
         quiet = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                  else "broadcast_buffers")
-        ddp = DDP(wrap, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, **{quiet: False})
+        ddp_options: dict[str, Any] = {quiet: False}
+        ddp = DDP(wrap, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, **ddp_options)
     opt = torch.optim.AdamW(_param_groups(wrap, o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
     opt_c = torch.optim.SGD(wrap.compactor_parameters(), lr=o.compactor_lr or o.lr,
                             momentum=o.compactor_momentum, weight_decay=0.0)
@@ -1051,9 +997,7 @@ def _train(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> dict[str,
         _load_part(state_path, "RNG state", set_rng_state, state["rng"][dist.rank])
         log(f"resumed {state_path}: epoch {start_epoch}/{o.epochs}, step {step}")
     kept_epoch = start_epoch if state is not None else None   # what a failed write leaves in place
-    from caitdeploy.compress.cdcp import merges_text, swin_merges_text
-
-    mtext = (swin_merges_text if is_swin(o) else merges_text)(merges)   # Swin: STAGE.BLOCK:kind
+    mtext = family(o).merges_text(merges)   # Swin: STAGE.BLOCK:kind
     log(f"{o.arch}: {len(classes)} classes, {facts['train_images']} train / {facts['val_images']} val images; "
         f"{dist.world} process(es) ({dist.backend or dist.device.type}), global batch {o.batch_size} = micro "
         f"{facts['micro_batch']} x {dist.world} x {facts['accum']} accumulation; {steps_per_epoch} steps/epoch")

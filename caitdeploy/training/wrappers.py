@@ -35,19 +35,20 @@ re-admit a channel (it then gets its task gradient back), as in ResRep.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caitdeploy.compress.cdcp import cdcp_select, channel_scores, format_config_of, save_checkpoint_dict
+from caitdeploy.compress.cdcp import cdcp_select, channel_scores, save_checkpoint_dict
 from caitdeploy.core.errors import CaitError
+from caitdeploy.core.names import FORMAT, MERGE_KEY
 from caitdeploy.families.flops import model_flops
-from caitdeploy.families.timm_compat import check_supported
+from caitdeploy.families.timm_compat import check_supported, format_config_of
 from caitdeploy.families.vit.config import CaitConfig, ConfigError
-from caitdeploy.formats.names import FORMAT, MERGE_KEY
 
 __all__ = [
     "CDCPController",
@@ -65,8 +66,17 @@ __all__ = [
 
 
 # ---- modules ------------------------------------------------------------------------------------
+class CompactorLike(Protocol):
+    """What CDCP asks of a compactor module (HeadCompactor, Compactor, or a family's own)."""
+
+    weight: nn.Parameter
+    mask: torch.Tensor
+
+
 class HeadCompactor(nn.Module):
     """Per-head compactor: weight [H, d, d] (identity at start), mask buffer [H, d] (1 = kept)."""
+
+    mask: torch.Tensor   # a buffer (registered in __init__)
 
     def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None):
         super().__init__()
@@ -81,6 +91,8 @@ class HeadCompactor(nn.Module):
 
 class Compactor(nn.Module):
     """fc1 compactor: weight [F, F] (identity at start), mask buffer [F]."""
+
+    mask: torch.Tensor   # a buffer (registered in __init__)
 
     def __init__(self, width: int, device=None, dtype=None):
         super().__init__()
@@ -101,7 +113,8 @@ class TokenMergeTrain(nn.Module):
         super().__init__()
         if kind not in MERGE_KEY:
             raise CaitError(f"merge kind {kind!r} must be 'h' or 'v'")
-        self.kind, self.grid_hw, self.prefix = kind, tuple(grid_hw), prefix
+        gh, gw = grid_hw
+        self.kind, self.grid_hw, self.prefix = kind, (gh, gw), prefix
         self.fc = nn.Linear(2 * dim, dim, device=device, dtype=dtype)
         with torch.no_grad():
             eye = torch.eye(dim, device=device, dtype=dtype)
@@ -121,7 +134,11 @@ class TokenMergeTrain(nn.Module):
 class CaitTrainAttention(nn.Module):
     """timm Attention's qkv/proj (shared) + per-head q/k/v compactors."""
 
-    def __init__(self, attn: nn.Module):
+    q_compactor: HeadCompactor   # added in __init__ (add_module)
+    k_compactor: HeadCompactor
+    v_compactor: HeadCompactor
+
+    def __init__(self, attn: Any):   # a timm Attention
         super().__init__()
         self.num_heads, self.head_dim = int(attn.num_heads), int(attn.head_dim)
         self.scale = self.head_dim ** -0.5  # the ORIGINAL head width, whatever the compactors prune
@@ -144,7 +161,7 @@ class CaitTrainAttention(nn.Module):
 class CaitTrainMlp(nn.Module):
     """timm Mlp's fc1/act/fc2 (shared) + the fc1 compactor between fc1 and the activation."""
 
-    def __init__(self, mlp: nn.Module):
+    def __init__(self, mlp: Any):   # a timm Mlp
         super().__init__()
         self.fc1, self.act, self.drop1, self.fc2, self.drop2 = mlp.fc1, mlp.act, mlp.drop1, mlp.fc2, mlp.drop2
         w = mlp.fc1.weight
@@ -155,7 +172,7 @@ class CaitTrainMlp(nn.Module):
 
 
 class CaitTrainBlock(nn.Module):
-    def __init__(self, blk: nn.Module, merge: str | None, grid_in: tuple[int, int], prefix: int = 1,
+    def __init__(self, blk: Any, merge: str | None, grid_in: tuple[int, int], prefix: int = 1,   # a timm Block
                  skip_lam: float = 1.0):
         super().__init__()
         self.skip_lam = skip_lam   # LV-ViT divides both residual branches by it
@@ -175,24 +192,38 @@ class CaitTrainBlock(nn.Module):
         return None if self.merge_kind is None else getattr(self, MERGE_KEY[self.merge_kind])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merge_kind is not None:
-            x = self.merge(x)
+        if (merge := self.merge) is not None:   # set exactly when merge_kind is
+            x = merge(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x)))) / self.skip_lam
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) / self.skip_lam
 
 
+class _CompactorModel(Protocol):
+    """What CompactorGroups' methods use of the nn.Module that mixes it in."""
+
+    def compactors(self) -> list[tuple[int, str, CompactorLike]]: ...
+
+    def compactor_parameters(self) -> list[nn.Parameter]: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+
 class CompactorGroups:
     """The parameter groups and masks of a CAIT training model, from its `compactors()`: (block, name, module)
-    for every compactor, blocks numbered from 0 in order."""
+    for every compactor, blocks numbered from 0 in order; `checkpoint_state_dict()` is its state under the
+    checkpoint's keys (a model wrapped in place: its own state dict)."""
 
-    def compactor_parameters(self) -> list[nn.Parameter]:
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()  # type: ignore[attr-defined]
+
+    def compactor_parameters(self: _CompactorModel) -> list[nn.Parameter]:
         return [m.weight for _, _, m in self.compactors()]
 
-    def base_parameters(self) -> list[nn.Parameter]:
+    def base_parameters(self: _CompactorModel) -> list[nn.Parameter]:
         ids = {id(p) for p in self.compactor_parameters()}
         return [p for p in self.parameters() if id(p) not in ids]
 
-    def masks(self) -> list[dict[str, torch.Tensor]]:
+    def masks(self: _CompactorModel) -> list[dict[str, torch.Tensor]]:
         out: list[dict[str, torch.Tensor]] = []
         for i, n, m in self.compactors():
             while len(out) <= i:
@@ -204,7 +235,7 @@ class CompactorGroups:
 class CaitTrainViT(CompactorGroups, nn.Module):
     """A timm ViT with CAIT compactors and ATME merges; `state_dict()` is a `cait-compactor/1` state dict."""
 
-    def __init__(self, vit: nn.Module, merges: dict[int, str]):
+    def __init__(self, vit: Any, merges: dict[int, str]):   # a timm VisionTransformer
         super().__init__()
         check_supported(vit, "cait_wrap")
         merges = {int(k): v for k, v in merges.items()}
@@ -246,7 +277,8 @@ class CaitTrainViT(CompactorGroups, nn.Module):
         else:
             x = torch.cat([*prefix, x], dim=1) + self.pos_embed
         x = self.pos_drop(x)
-        out, grids, p = [], c.grids(), c.num_prefix_tokens
+        out: list[torch.Tensor] = []
+        grids, p = c.grids(), c.num_prefix_tokens
         for i, blk in enumerate(self.blocks):
             if wanted and i > wanted[-1]:
                 return out
@@ -267,78 +299,59 @@ class CaitTrainViT(CompactorGroups, nn.Module):
         return self.head(self.head_drop(self.fc_norm(x[:, 0])))
 
     # ---- parameter groups ----
-    def compactors(self) -> list[tuple[int, str, nn.Module]]:
+    def compactors(self) -> list[tuple[int, str, CompactorLike]]:
         """(block, name, module) for every compactor; name in q, k, v, fc1."""
-        out = []
-        for i, b in enumerate(self.blocks):
+        out: list[tuple[int, str, CompactorLike]] = []
+        for i, b in enumerate(cast("Iterable[CaitTrainBlock]", self.blocks)):
             out += [(i, n, getattr(b.attn, f"{n}_compactor")) for n in ("q", "k", "v")]
             out.append((i, "fc1", b.mlp.fc1_compactor))
         return out
 
 
 
-class CaitTrainSwin(CompactorGroups, nn.Module):
-    """A timm SwinTransformer for CAIT training: `CaitSwin` at the dense widths with CDCP compactors after q, k, v
-    (per head) and fc1, and ATME merges inside a stage (mean-initialised; the relative position tables of blocks
-    whose window the merges clip resized as timm resizes them). The timm weights are copied, and so are its
-    per-block stochastic-depth rates (timm's `drop_path_rate`), active in training only. Blocks are numbered
-    flat (stage by stage) in `compactors()` and `masks()`, as in CDCP's selection."""
+class CaitTrainFamily(CompactorGroups, nn.Module):
+    """CAIT training for a family that does not train its timm model in place (`Family.train_in_place` False, e.g.
+    Swin): the family's own compactor model (`Family.compactor_model`: the deploy model at the dense widths with CDCP
+    compactors after q, k, v (per head) and fc1, and ATME merges; the timm weights copied, and the stochastic-depth
+    rates where the family has them). Blocks are numbered flat, as in CDCP's selection."""
 
-    def __init__(self, swin: nn.Module, merges: dict[tuple[int, int], str], arch: str | None = None):
+    def __init__(self, family, model: nn.Module, merges: dict, arch: str | None = None):
         super().__init__()
-        from caitdeploy.compress.cdcp import swin_weights
-        from caitdeploy.families.swin.model import CaitSwin, from_checkpoint
-
-        self.format_config, self.cait_config, sd = swin_weights(swin, merges, arch)
-        self.model = CaitSwin(self.cait_config, compactors=True)
-        self.model.load_state_dict(from_checkpoint(self.cait_config, sd, self.model.state_dict()))
-        for s, i, _ in self.cait_config.flat():
-            dp = getattr(swin.layers[s].blocks[i], "drop_path1", None)
-            self.model.layers[s].blocks[i].drop_prob = float(getattr(dp, "drop_prob", 0.0) or 0.0)
+        self.family = family
+        self.format_config, self.cait_config, self.model = family.compactor_model(model, merges, arch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def compactors(self) -> list[tuple[int, str, nn.Module]]:
-        out = []
-        for j, (s, i, _) in enumerate(self.cait_config.flat()):
-            blk = self.model.layers[s].blocks[i]
-            out += [(j, n, getattr(blk.attn, f"{n}_compactor")) for n in ("q", "k", "v")]
-            out.append((j, "fc1", blk.fc1_compactor))
-        return out
-
+    def compactors(self) -> list[tuple[int, str, CompactorLike]]:
+        return self.family.compactor_modules(self.cait_config, self.model)
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict under the checkpoint's (timm's) keys."""
-        from caitdeploy.families.swin.model import checkpoint_key
-
-        return {checkpoint_key(self.cait_config, k): v for k, v in self.model.state_dict().items()}
-
-    def channel_scores(self) -> list[dict[str, torch.Tensor]]:
-        from caitdeploy.compress.cdcp import swin_scores
-
-        return swin_scores({k: v.detach().cpu() for k, v in self.checkpoint_state_dict().items()}, self.cait_config)
+        """The state dict under the checkpoint's keys."""
+        return self.family.checkpoint_state(self.cait_config, self.model)
 
 
 def cait_wrap(model: nn.Module, merges: dict | None = None, arch: str | None = None
-              ) -> CaitTrainViT | CaitTrainSwin:
-    """Wrap a timm VisionTransformer for CAIT training (identity compactors, mean-initialised merges).
+              ) -> CaitTrainViT | CaitTrainFamily:
+    """Wrap a timm model for CAIT training (identity compactors, mean-initialised merges).
 
-    The wrapper shares (does not copy) the timm model's parameters. merges: block index -> "h" | "v".
-    A timm SwinTransformer (v1) gives a `CaitTrainSwin` (weights copied); merges: (stage, block) -> "h" | "v";
-    `arch` (the timm name) is recorded in its checkpoint's config.
+    A timm VisionTransformer gives a `CaitTrainViT`, which shares (does not copy) the timm model's parameters;
+    merges: block index -> "h" | "v". A model of a family that builds its own compactor model (a timm
+    SwinTransformer v1) gives a `CaitTrainFamily` (weights copied); merges: (stage, block) -> "h" | "v". `arch`
+    (the timm name) is recorded in its checkpoint's config.
     """
-    from timm.models.swin_transformer import SwinTransformer
+    from caitdeploy.families.registry import family_for_timm_model
 
-    if isinstance(model, SwinTransformer):
-        return CaitTrainSwin(model, {} if merges is None else merges, arch)
+    fam = family_for_timm_model(model)
+    if not fam.train_in_place:
+        return CaitTrainFamily(fam, model, {} if merges is None else merges, arch)
     return CaitTrainViT(model, {} if merges is None else merges)
 
 
 # ---- checkpoint ---------------------------------------------------------------------------------
-def checkpoint_dict(model: CaitTrainViT | CaitTrainSwin) -> dict[str, Any]:
+def checkpoint_dict(model: CaitTrainViT | CaitTrainFamily) -> dict[str, Any]:
     """{"format", "config", "state_dict"} of the model as it is now (tensors detached, on CPU, cloned)."""
-    sd = model.checkpoint_state_dict() if isinstance(model, CaitTrainSwin) else model.state_dict()
+    sd = model.checkpoint_state_dict()
     sd = {k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
     cfg = {**model.format_config, "merges": {str(k): v for k, v in model.format_config["merges"].items()}}
     return {"format": FORMAT, "config": cfg, "state_dict": sd}
@@ -376,9 +389,9 @@ class CDCPController:
         for k in self.STATE_KEYS:
             setattr(self, k, state[k])
 
-    def __init__(self, model: CaitTrainViT, flops_reduction: float, lam: float = 1e-5, step_ratio: float = 0.00025,
+    def __init__(self, model: CaitTrainViT | CaitTrainFamily, flops_reduction: float, lam: float = 1e-5, step_ratio: float = 0.00025,
                  every: int = 25, align: int = 1, lasso_on_kept: bool = True, sync=None):
-        if not isinstance(model, (CaitTrainViT, CaitTrainSwin)):
+        if not isinstance(model, CompactorGroups):
             raise CaitError("CDCPController needs a model from cait_wrap()")
         if not 0 <= flops_reduction < 1:
             raise CaitError(f"flops_reduction must be in [0, 1), got {flops_reduction}")
@@ -429,11 +442,7 @@ class CDCPController:
         if ratio is None:
             ratio = min(self.target, self.ratio + self.step_ratio)
         cfg = self.model.cait_config
-        if isinstance(self.model, CaitTrainSwin):
-            scores = self.model.channel_scores()
-        else:
-            sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-            scores = channel_scores(sd, cfg)
+        scores = channel_scores({k: v.detach().cpu() for k, v in self.model.checkpoint_state_dict().items()}, cfg)
         masks, summary = cdcp_select(cfg, scores, ratio, self.align)
         for i, n, m in self.model.compactors():
             m.mask.copy_(masks[i][n].to(m.mask))

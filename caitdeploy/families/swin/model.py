@@ -26,6 +26,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -296,6 +297,8 @@ class Compactor(nn.Module):
 
 
 class SwinAttention(nn.Module):
+    relative_position_index: torch.Tensor   # a buffer (registered in __init__)
+
     def __init__(self, dim: int, b: SwinBlock, win: tuple[int, int], qkv_bias: bool, compactors: bool = False):
         super().__init__()
         self.heads, self.qk, self.v, self.scale = b.num_heads, b.qk_dim, b.v_dim, b.scale
@@ -355,6 +358,7 @@ class SwinBlockModule(nn.Module):
         self.merge_kind = b.merge
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.kind = b.kind
+        self.attn: SwinAttention | SwinConvMixer | None
         if b.kind == "attn":
             self.attn = SwinAttention(dim, b, win, qkv_bias, compactors)
         elif b.kind in CONV_KERNEL:
@@ -367,7 +371,7 @@ class SwinBlockModule(nn.Module):
         self.fc2 = nn.Linear(b.mlp_hidden, dim)
         mask = window_mask(grid, win, shift) if b.kind == "attn" else None
         self.register_buffer("attn_mask", mask, persistent=False)
-        self.drop_prob = 0.0   # stochastic depth, in training only (CaitTrainSwin copies timm's per-block rates)
+        self.drop_prob = 0.0   # stochastic depth, in training only (Family.compactor_model copies timm's per-block rates)
 
     def _drop_path(self, y: torch.Tensor) -> torch.Tensor:
         """Each sample's residual branch dropped with probability drop_prob (scaled to keep the mean); the
@@ -387,6 +391,7 @@ class SwinBlockModule(nn.Module):
             x = F.pad(x, (0, 0, 0, pw, 0, ph))
         hp, wp = h + ph, w + pw
         xw = x.reshape(-1, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
+        assert self.attn is not None   # _attn runs for attention blocks only
         yw = self.attn(xw, self.attn_mask)
         y = yw.reshape(-1, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, hp, wp, c)
         if ph or pw:
@@ -448,7 +453,7 @@ class CaitSwin(nn.Module):
         g = (cfg.img_size // cfg.patch_size,) * 2
         self.layers = nn.ModuleList()
         for s, blocks in enumerate(cfg.stages):
-            stage = nn.Module()
+            stage: Any = nn.Module()   # a bare container: downsample and blocks, under timm's keys
             stage.downsample = PatchMerge(cfg.dims[s - 1], cfg.dims[s], g, cfg.ln_eps) if s else None
             stage.blocks = nn.ModuleList(
                 SwinBlockModule(cfg.dims[s], b, grids[s][i], *cfg.window_shift(s, i), cfg.qkv_bias, cfg.ln_eps,
@@ -462,6 +467,7 @@ class CaitSwin(nn.Module):
     def _block_outputs(self, images: torch.Tensor):
         """(stage, tokens [B, H, W, C]) after every block in order; the stem and the patch mergings run between."""
         x = self.patch_norm(self.patch_embed(images).permute(0, 2, 3, 1))
+        stage: Any   # the bare containers __init__ builds
         for s, stage in enumerate(self.layers):
             if stage.downsample is not None:
                 x = stage.downsample(x)
@@ -574,7 +580,7 @@ def swin_channel_savings(cfg: SwinConfig, j: int) -> dict[str, int]:
 # ---- the checkpoint format (cait-compactor/1 with family "swin"; docs/CHECKPOINT_FORMAT.md) ----------------
 FORMAT_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depths", "num_heads",
                "window_size", "mlp_ratio", "qkv_bias")
-FORMAT_OPTIONAL = {"family": "swin", "arch": None, "ln_eps": 1e-5, "merges": {}}
+FORMAT_OPTIONAL: dict[str, Any] = {"family": "swin", "arch": None, "ln_eps": 1e-5, "merges": {}}
 _MERGE_NAME = {"h": "htm", "v": "vtm"}
 
 
@@ -673,7 +679,9 @@ def checkpoint_key(cfg: SwinConfig, key: str) -> str:
     if m:
         s, i, mod, leaf = m.groups()
         if mod == "merge":
-            return f"layers.{s}.blocks.{i}.{_MERGE_NAME[cfg.stages[int(s)][int(i)].merge]}.fc.{leaf}"
+            kind = cfg.stages[int(s)][int(i)].merge
+            assert kind is not None   # a merge module exists only in a block that merges
+            return f"layers.{s}.blocks.{i}.{_MERGE_NAME[kind]}.fc.{leaf}"
         return f"layers.{s}.blocks.{i}.mlp.{mod}.{leaf}"
     if key.startswith("patch_embed."):
         return "patch_embed.proj." + key.removeprefix("patch_embed.")
@@ -700,7 +708,8 @@ def checkpoint_shapes(cfg: SwinConfig) -> tuple[dict[str, tuple], dict[str, tupl
     one is the identity). Built on the meta device: nothing is allocated."""
     with torch.device("meta"):
         model = CaitSwin(cfg, compactors=True)
-    req, opt = {}, {}
+    req: dict[str, tuple] = {}
+    opt: dict[str, tuple] = {}
     for k, v in model.state_dict().items():
         (opt if "_compactor." in k else req)[checkpoint_key(cfg, k)] = tuple(v.shape)
     return req, opt
@@ -728,7 +737,8 @@ def swin_block_rows(cfg: SwinConfig) -> list[dict]:
     for j, (s, i, b) in enumerate(cfg.flat()):
         (win, shift) = cfg.window_shift(s, i)
         gh, gw = grids[s][i]
-        params = sum(p.numel() for p in model.layers[s].blocks[i].parameters())
+        stage: Any = model.layers[s]   # a bare container (CaitSwin.__init__)
+        params = sum(p.numel() for p in stage.blocks[i].parameters())
         rows.append({"block": j, "stage": s, "merge": b.merge,
                      "kind": "window-attn" if b.kind == "attn" else b.kind, "slim": None,
                      "tokens": gh * gw, "grid": [gh, gw], "window": list(win), "shift": list(shift),

@@ -351,7 +351,7 @@ class CaitConfig:
     def dense(
         cls,
         *,
-        img_size: int = 224,
+        img_size: int | tuple[int, int] = 224,
         patch_size: int = 16,
         in_chans: int = 3,
         num_classes: int = 1000,

@@ -7,6 +7,9 @@ State-dict keys follow timm's VisionTransformer: `patch_embed.*`, `cls_token`, `
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, cast
+
 import torch
 from torch import nn
 
@@ -143,9 +146,10 @@ class CaitViT(nn.Module):
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         if kernels == "triton":
             attn_impl = "triton"
-        for blk in self.blocks:
-            if hasattr(blk.attn, "impl"):
-                blk.attn.impl = attn_impl
+        for blk in cast("Iterable[Block]", self.blocks):
+            attn: Any = blk.attn   # Attention, a family's mixer, or None: any with an `impl` takes it
+            if hasattr(attn, "impl"):
+                attn.impl = attn_impl
             if blk.merge is not None:
                 blk.merge.use_triton = kernels == "triton"
         return self
@@ -213,7 +217,7 @@ class FeatureModel(nn.Module):
     of a CaitViT (or of any model with that method, e.g. the ToMe baseline) as a module with plain outputs,
     for export and benchmarks."""
 
-    def __init__(self, model: nn.Module, blocks, restore: str = "repeat"):
+    def __init__(self, model: Any, blocks, restore: str = "repeat"):   # duck-typed: any module with the two
         super().__init__()
         self.model, self.restore = model, restore
         self.blocks = model.config.feature_blocks(blocks)

@@ -49,10 +49,11 @@ def resize_state_dict(config: CaitConfig, state: dict[str, torch.Tensor], img_si
 def at_size(model, img_size):
     """A new `CaitViT` running `model` at another input size (same weights, resampled position embedding,
     same attention implementation); `model` is left as it is."""
+    from caitdeploy.families.layers import AttnImpl
     from caitdeploy.families.vit.model import CaitViT
 
     cfg, sd = resize_state_dict(model.config, model.state_dict(), img_size)
-    impl = getattr(next((b.attn for b in model.blocks if hasattr(b.attn, "impl")), None), "impl", "sdpa")
+    impl: AttnImpl = getattr(next((b.attn for b in model.blocks if hasattr(b.attn, "impl")), None), "impl", "sdpa")
     kernels = "triton" if any(b.merge is not None and b.merge.use_triton for b in model.blocks) else None
     new = CaitViT(cfg, attn_impl=impl, kernels=kernels)
     new.load_state_dict(sd)
