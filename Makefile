@@ -1,7 +1,9 @@
-# caitdeploy: `make demo` runs the main job on an embedded default, `make test` runs the tests, `make lint` ruff.
+# caitdeploy: `make demo` runs the main job on an embedded default, `make test` runs mypy and the tests, `make lint`
+# ruff.
 # The environments are nox sessions (noxfile.py), each a fresh virtual environment:
 #   lint    ruff only, at the version pyproject's `dev` extra pins: .nox/lint (make lint)
-#   latest  Python 3.11, `pip install -e '.[test]'`: .nox/latest, which .venv links to (make setup / demo / test)
+#   latest  Python 3.11, `pip install -e '.[test]'`: .nox/latest, which .venv links to (make setup / demo / test);
+#           make test runs mypy (pinned in the `dev` and `test` extras, settings: pyproject.toml [tool.mypy]) first
 #   floor   Python 3.12, the lent GPU machine's stack (.ci/floor-constraints.txt): .nox/floor (make test-floor)
 # nox itself lives in .nox/.runner (pip install nox, the only thing installed outside the project's legs).
 PYTHON ?= python3
@@ -37,7 +39,7 @@ demo: setup
 lint: | $(NOX)
 	$(NOX) -s lint
 
-# the latest leg on the environment setup made (-R: reuse it, install nothing)
+# the latest leg on the environment setup made (-R: reuse it, install nothing): mypy on caitdeploy/, then pytest
 test: setup
 	$(NOX) -R -s latest
 
@@ -66,7 +68,7 @@ gpu-wheels:
 GPU_PYTHON ?= python3
 GPU_SITE ?= /tmp/caitdeploy-gpu-site
 gpu-check:
-	$(eval GPU_WHY := $(shell $(GPU_PYTHON) benchmarks/gpu_check.py --why-not 2>&1 | head -n 1))
+	$(eval GPU_WHY := $(shell PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py --why-not 2>&1 | head -n 1))
 	$(if $(GPU_WHY),$(error $(GPU_WHY)))
 	test ! -d wheels/gpu || $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) wheels/gpu/*.whl
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

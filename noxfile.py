@@ -3,12 +3,14 @@
 
     lint    ruff alone (the version pinned in pyproject's `dev` extra) on the whole tree   .nox/lint
     latest  Python 3.11, what `pip install -e '.[test]'` resolves today       .nox/latest (.venv links to it)
+            + mypy on caitdeploy/ first (pinned in the `dev` and `test` extras; settings: pyproject.toml
+            [tool.mypy]): a type error fails the leg before pytest runs
     floor   Python 3.12, the lent GPU machine's stack (.ci/floor-constraints.txt)  .nox/floor
             + the wheels gpu-check carries (wheels/gpu), installed offline and imported, and the rehearsal of
             `make gpu-check` on this CPU (benchmarks/gpu_check.py --rehearse), and the AOT compile with its triton
 
 Run one leg: `make lint`, `make test` (latest) or `make test-floor`; arguments after `--` go to pytest, e.g.
-`.nox/.runner/bin/nox -s floor -- tests/test_int8.py`. Each leg prints the versions it ran.
+`.nox/.runner/bin/nox -s floor -- tests/unit/export/test_int8.py`. Each leg prints the versions it ran.
 """
 from __future__ import annotations
 
@@ -46,14 +48,24 @@ def find_python(version: str) -> str:
     return found[-1] if found else version
 
 
-def dev_pin(name: str) -> str:
-    """`name==X.Y.Z` as pyproject's `dev` extra pins it: the one place a tool's version is written."""
+def dev_pin(name: str, extra: str = "dev") -> str:
+    """`name==X.Y.Z` as pyproject's `dev` extra pins it: the one place a tool's version is written (mypy is pinned
+    in the `test` extra too, so the latest leg's environment has it: `extra="test"` reads that one)."""
     with open("pyproject.toml", "rb") as f:
-        dev = tomllib.load(f)["project"]["optional-dependencies"]["dev"]
-    pins = [r for r in dev if r.replace(" ", "").startswith(f"{name}==")]
+        reqs = tomllib.load(f)["project"]["optional-dependencies"][extra]
+    pins = [r for r in reqs if r.replace(" ", "").startswith(f"{name}==")]
     if len(pins) != 1:
-        raise ValueError(f"pyproject.toml: the dev extra must pin {name} exactly once with ==, found {pins}")
+        raise ValueError(f"pyproject.toml: the {extra} extra must pin {name} exactly once with ==, found {pins}")
     return pins[0]
+
+
+def _mypy(session: nox.Session) -> None:
+    """mypy (the version the `test` extra installed) on caitdeploy/ (settings: pyproject.toml [tool.mypy])."""
+    pin = dev_pin("mypy")
+    if dev_pin("mypy", extra="test").replace(" ", "") != pin.replace(" ", ""):
+        session.error(f"pyproject.toml: the test extra must pin the dev extra's {pin}")
+    session.run("python", "-m", "mypy", "--version")
+    session.run("python", "-m", "mypy")
 
 
 def _pytest(session: nox.Session) -> None:
@@ -77,9 +89,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=find_python("3.11"))
 def latest(session: nox.Session) -> None:
-    """The default stack: `pip install -e '.[test]'` on Python 3.11 (what a new user gets)."""
+    """The default stack: `pip install -e '.[test]'` on Python 3.11 (what a new user gets); mypy, then pytest."""
     session.install("--upgrade", "pip")
     session.install("-e", ".[test]")
+    _mypy(session)
     _pytest(session)
 
 

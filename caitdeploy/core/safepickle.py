@@ -356,6 +356,8 @@ class _Machine:
                     if state[k] == 0:
                         state[k] = 1
                         path.append((k, 0))
+                        if len(path) > 32 * MAX_DEPTH:   # a chain of containers this long nests too deep: refuse
+                            raise PickleRefused(_TOO_DEEP)  # it now, not after walking all of it (200,000 deep)
                     continue
                 path.pop()
                 state[v] = 2
@@ -363,13 +365,16 @@ class _Machine:
                 s = min(self.own[v] + sum(size[k] for k in kids), MAX_EXPANDED + 1)
                 depth[v], size[v] = d, s
                 if d > MAX_DEPTH:
-                    raise PickleRefused(f"refused: the pickle nests containers more than {MAX_DEPTH} deep; a "
-                                        "checkpoint needs fewer than 10 levels")
+                    raise PickleRefused(_TOO_DEEP)
                 if s > MAX_EXPANDED:
                     raise PickleRefused(f"refused: a {_KIND.get(self.kind[v], 'value')} of the pickle expands to "
                                         f"more than {MAX_EXPANDED} items through shared references (a memo bomb)")
                 worst_d, worst_s = max(worst_d, d), max(worst_s, s)
         return worst_d, worst_s
+
+
+_TOO_DEEP = (f"refused: the pickle nests containers more than {MAX_DEPTH} deep; a checkpoint needs fewer than 10 "
+             "levels")
 
 
 def _allowed_global(dotted: str) -> str:

@@ -6,7 +6,7 @@ in the ONNX file, so an fp16 engine comes from an fp16 ONNX (`caitdeploy export 
 TensorRT-RTX builds ahead of time on the CPU (no GPU needed); by default its engines run on compute
 capability 8.0, 8.6, 8.9, 12.0 and later (pass `compute_capabilities` to choose). Its timing-cache API is a
 no-op (deprecated in TensorRT-RTX 1.2), so a timing-cache path is only used with full TensorRT.
-Running an engine needs a CUDA GPU in both flavours (`runtime.tensorrt.TrtRunner`); the TensorRT module
+Running an engine needs a CUDA GPU in both flavours (`runtime.tensorrt.TrtEngine`); the TensorRT module
 itself comes from `runtime.tensorrt.import_trt`.
 """
 from __future__ import annotations

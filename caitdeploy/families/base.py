@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from caitdeploy.core.errors import OptionError
+
+if TYPE_CHECKING:
+    from caitdeploy.families.layers import AttnImpl
 
 AUTO = "auto"
 
@@ -88,7 +91,7 @@ class Family(abc.ABC):
         naming what is wrong."""
 
     @abc.abstractmethod
-    def build(self, config: Any, attn_impl: str = "sdpa", kernels: str | None = None) -> Any:
+    def build(self, config: Any, attn_impl: AttnImpl = "sdpa", kernels: str | None = None) -> Any:
         """The deploy model (an nn.Module with `.config`)."""
 
     @abc.abstractmethod

@@ -169,3 +169,19 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class Compactor(nn.Module):
+    """CDCP's compactor in the checkpoint form: `weight` [H, d, d] per head (`heads` given; after q, k or v) or
+    [F, F] (`heads` None; after fc1), applied as y <- y @ W^T (per head on [B, H, N, d]); `mask` (1 = kept) the
+    channels CDCP keeps. Identity at init. Every training model and the checkpoints' compactor models use it."""
+
+    mask: torch.Tensor   # a buffer (registered in __init__)
+
+    def __init__(self, heads: int | None, width: int, device=None, dtype=None):
+        super().__init__()
+        eye = torch.eye(width, device=device, dtype=dtype)
+        self.weight = nn.Parameter(eye if heads is None else eye.repeat(heads, 1, 1))
+        self.register_buffer("mask", torch.ones(width if heads is None else (heads, width), device=device,
+                                                dtype=dtype))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y @ self.weight.transpose(-1, -2)

@@ -432,7 +432,8 @@ def expected_shapes(cfg: CaitConfig, fmt: dict[str, Any]) -> tuple[dict[str, tup
     d, h = cfg.embed_dim, fmt["num_heads"]
     hd, hidden = d // h, int(d * fmt["mlp_ratio"])
     req: dict[str, tuple] = {"cls_token": (1, 1, d)} if cfg.class_token else {}
-    req.update({"pos_embed": (1, cfg.pos_embed_len, d), **family(cfg.family).stem_shapes(cfg),
+    fam: Any = family(cfg.family)   # a VitFamily: its variant's hooks give the stem's shapes
+    req.update({"pos_embed": (1, cfg.pos_embed_len, d), **fam.stem_shapes(cfg),
                 "head.weight": (cfg.num_classes, d), "head.bias": (cfg.num_classes,)})
     if cfg.dist_token:
         req.update({"dist_token": (1, 1, d), "head_dist.weight": (cfg.num_classes, d),

@@ -1,9 +1,9 @@
 """Loading and running TensorRT / TensorRT-RTX engines: every `tensorrt` / `tensorrt_rtx` import goes through
 `import_trt` here (one line naming both packages when neither is installed); `export.tensorrt` builds with it.
 
-`TrtRunner` deserializes an engine (checked against its sidecar first, `formats.sidecar`) and runs it on CUDA;
+`TrtEngine` deserializes an engine (checked against its sidecar first, `formats.sidecar`) and runs it on CUDA;
 `engine_header_check` is the GPU-free plausibility check of an engine's header that `caitdeploy inspect` runs.
-`runtime.trt_runner.TrtRunner` wraps `TrtRunner` as a Polygraphy runner.
+`runtime.trt_runner.TrtRunner` wraps `TrtEngine` as a Polygraphy runner.
 """
 from __future__ import annotations
 
@@ -99,10 +99,10 @@ def engine_header_check(engine_bytes: bytes, flavour: str | None = None) -> dict
             "malformed": "MALFORMED_ENGINE" in names, "version_mismatch": "VERSION_MISMATCH" in names}
 
 
-class TrtRunner:
+class TrtEngine:
     """Deserialize an engine and run it on CUDA with named tensors and `execute_async_v3`.
 
-    runner = TrtRunner("m.plan"); logits = runner(images)  # images: torch tensor [B, C, H, W]
+    engine = TrtEngine("m.plan"); logits = engine(images)  # images: torch tensor [B, C, H, W]
     Buffers are torch CUDA tensors; the batch must lie inside the engine's optimization profile.
     """
 

@@ -46,7 +46,7 @@ def reusable_engine(engine_path: str | Path, key: dict[str, Any]) -> tuple[bool,
 
 
 class TrtRunner(BaseRunner):
-    """Run a serialized engine (`caitdeploy.runtime.tensorrt.TrtRunner` underneath: CUDA, named tensors,
+    """Run a serialized engine (`caitdeploy.runtime.tensorrt.TrtEngine` underneath: CUDA, named tensors,
     `execute_async_v3`). Input metadata is read from the engine."""
 
     def __init__(self, engine_path: str | Path, flavour: str | None = None, name: str | None = None):
@@ -54,9 +54,9 @@ class TrtRunner(BaseRunner):
         self.engine_path, self._flavour = Path(engine_path), flavour
 
     def activate_impl(self):
-        from caitdeploy.runtime.tensorrt import TrtRunner as _Engine
+        from caitdeploy.runtime.tensorrt import TrtEngine
 
-        self.engine = _Engine(self.engine_path, flavour=self._flavour)
+        self.engine = TrtEngine(self.engine_path, flavour=self._flavour)
 
     def get_input_metadata_impl(self):
         meta = TensorMetadata()

@@ -47,6 +47,7 @@ from caitdeploy.compress.cdcp import cdcp_select, channel_scores, save_checkpoin
 from caitdeploy.core.errors import CaitError
 from caitdeploy.core.names import FORMAT, MERGE_KEY
 from caitdeploy.families.flops import model_flops
+from caitdeploy.families.layers import Compactor
 from caitdeploy.families.timm_compat import check_supported, format_config_of
 from caitdeploy.families.vit.config import CaitConfig, ConfigError
 
@@ -54,10 +55,10 @@ __all__ = [
     "CDCPController",
     "CaitTrainAttention",
     "CaitTrainBlock",
+    "CaitTrainFamily",
     "CaitTrainMlp",
     "CaitTrainViT",
     "Compactor",
-    "HeadCompactor",
     "TokenMergeTrain",
     "cait_wrap",
     "checkpoint_dict",
@@ -67,40 +68,10 @@ __all__ = [
 
 # ---- modules ------------------------------------------------------------------------------------
 class CompactorLike(Protocol):
-    """What CDCP asks of a compactor module (HeadCompactor, Compactor, or a family's own)."""
+    """What CDCP asks of a compactor module (`families.layers.Compactor`, or a family's own)."""
 
     weight: nn.Parameter
     mask: torch.Tensor
-
-
-class HeadCompactor(nn.Module):
-    """Per-head compactor: weight [H, d, d] (identity at start), mask buffer [H, d] (1 = kept)."""
-
-    mask: torch.Tensor   # a buffer (registered in __init__)
-
-    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None):
-        super().__init__()
-        eye = torch.eye(head_dim, device=device, dtype=dtype)
-        self.weight = nn.Parameter(eye.repeat(num_heads, 1, 1))
-        self.register_buffer("mask", torch.ones(num_heads, head_dim, device=device, dtype=dtype))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """t: [B, H, N, d] -> t_h @ C_h^T per head."""
-        return torch.einsum("bhnj,hij->bhni", t, self.weight)
-
-
-class Compactor(nn.Module):
-    """fc1 compactor: weight [F, F] (identity at start), mask buffer [F]."""
-
-    mask: torch.Tensor   # a buffer (registered in __init__)
-
-    def __init__(self, width: int, device=None, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.eye(width, device=device, dtype=dtype))
-        self.register_buffer("mask", torch.ones(width, device=device, dtype=dtype))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return F.linear(t, self.weight)  # t @ C^T
 
 
 class TokenMergeTrain(nn.Module):
@@ -134,9 +105,9 @@ class TokenMergeTrain(nn.Module):
 class CaitTrainAttention(nn.Module):
     """timm Attention's qkv/proj (shared) + per-head q/k/v compactors."""
 
-    q_compactor: HeadCompactor   # added in __init__ (add_module)
-    k_compactor: HeadCompactor
-    v_compactor: HeadCompactor
+    q_compactor: Compactor   # added in __init__ (add_module)
+    k_compactor: Compactor
+    v_compactor: Compactor
 
     def __init__(self, attn: Any):   # a timm Attention
         super().__init__()
@@ -146,7 +117,7 @@ class CaitTrainAttention(nn.Module):
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
         w = attn.qkv.weight
         for name in ("q", "k", "v"):
-            self.add_module(f"{name}_compactor", HeadCompactor(self.num_heads, self.head_dim, w.device, w.dtype))
+            self.add_module(f"{name}_compactor", Compactor(self.num_heads, self.head_dim, w.device, w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -165,7 +136,7 @@ class CaitTrainMlp(nn.Module):
         super().__init__()
         self.fc1, self.act, self.drop1, self.fc2, self.drop2 = mlp.fc1, mlp.act, mlp.drop1, mlp.fc2, mlp.drop2
         w = mlp.fc1.weight
-        self.fc1_compactor = Compactor(w.shape[0], w.device, w.dtype)
+        self.fc1_compactor = Compactor(None, w.shape[0], w.device, w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1_compactor(self.fc1(x))))))

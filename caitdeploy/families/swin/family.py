@@ -4,12 +4,15 @@ adds the merge specs (STAGE.BLOCK:h|v), the paper's placement and defaults, and 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from caitdeploy.core.errors import CaitError, OptionError
 from caitdeploy.families.base import BlockSite, Family
 from caitdeploy.families.swin import model as SW
 from caitdeploy.families.vit.config import ConfigError
+
+if TYPE_CHECKING:
+    from caitdeploy.families.layers import AttnImpl
 
 DEFAULT_REDUCTION = 0.354       # the paper's ATME + CDCP setting (Tab. XIV; Tab. XII, CDCP only: --merges none, 0.267)
 
@@ -139,7 +142,7 @@ class SwinFamily(Family):
     def config_from_format(self, fmt: dict[str, Any]) -> SW.SwinConfig:
         return SW.swin_config_from_format(SW.check_format(fmt))
 
-    def build(self, config, attn_impl: str = "sdpa", kernels: str | None = None):
+    def build(self, config, attn_impl: AttnImpl = "sdpa", kernels: str | None = None):
         if kernels:
             raise ValueError(self.kernels_note)
         return SW.CaitSwin(config)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caitdeploy.core.errors import render
+from caitdeploy.families.layers import Compactor
 from caitdeploy.families.vit.config import ConfigError
 
 NAME = "swin"
@@ -253,8 +254,8 @@ class SwinConfig:
         only where the side exceeds the window."""
         h, w = self.grids()[stage][block]
         win = (min(self.window, h), min(self.window, w))
-        shift = tuple(0 if (block % 2 == 0 or side <= self.window) else self.window // 2 for side in (h, w))
-        return win, shift   # type: ignore[return-value]
+        sh, sw = (0 if (block % 2 == 0 or side <= self.window) else self.window // 2 for side in (h, w))
+        return win, (sh, sw)
 
 
 def window_mask(grid: tuple[int, int], win: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor | None:
@@ -280,20 +281,6 @@ def relative_position_index(win: tuple[int, int]) -> torch.Tensor:
     rel[:, :, 1] += win[1] - 1
     rel[:, :, 0] *= 2 * win[1] - 1
     return rel.sum(-1)
-
-
-class Compactor(nn.Module):
-    """CDCP's compactor in the checkpoint form: `weight` [H, d, d] per head (or [F, F]) applied as y <- y @ W^T,
-    `mask` (1 = kept) the channels CDCP keeps. Identity at init."""
-
-    def __init__(self, heads: int | None, width: int):
-        super().__init__()
-        eye = torch.eye(width)
-        self.weight = nn.Parameter(eye if heads is None else eye.repeat(heads, 1, 1))
-        self.register_buffer("mask", torch.ones(width if heads is None else (heads, width)))
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return y @ self.weight.transpose(-1, -2)
 
 
 class SwinAttention(nn.Module):

@@ -8,7 +8,7 @@ is built from a timm model by name (make-checkpoint, train); LV-ViT and SPViT ar
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +16,9 @@ from caitdeploy.core.errors import OptionError
 from caitdeploy.families.base import BlockSite, Family
 from caitdeploy.families.vit import flops as F
 from caitdeploy.families.vit.config import CaitConfig, ConfigError
+
+if TYPE_CHECKING:
+    from caitdeploy.families.layers import AttnImpl
 
 TOKEN_SHARE = 0.75   # default share of the FLOPs reduction given to token merging (4:h,8:v on DeiT-S at 55%)
 
@@ -126,10 +129,10 @@ class VitFamily(Family):
     def config_from_format(self, fmt: dict[str, Any]) -> CaitConfig:
         return CaitConfig.from_format(fmt)
 
-    def build(self, config: CaitConfig, attn_impl: str = "sdpa", kernels: str | None = None):
+    def build(self, config: CaitConfig, attn_impl: AttnImpl = "sdpa", kernels: str | None = None):
         from caitdeploy.families.vit.model import CaitViT
 
-        return CaitViT(config, attn_impl=attn_impl, kernels=kernels)  # type: ignore[arg-type]
+        return CaitViT(config, attn_impl=attn_impl, kernels=kernels)
 
     def blocks(self, config: CaitConfig) -> list:
         return list(config.blocks)

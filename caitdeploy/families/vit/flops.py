@@ -6,6 +6,8 @@ from its hooks (lvvit.py, spvit.py).
 """
 from __future__ import annotations
 
+from typing import Any
+
 from caitdeploy.families.flops import merge_flops, transformer_parts
 from caitdeploy.families.vit.config import BlockConfig, CaitConfig
 
@@ -13,7 +15,8 @@ from caitdeploy.families.vit.config import BlockConfig, CaitConfig
 def _family(cfg: CaitConfig):
     from caitdeploy.families.registry import family
 
-    return family(cfg.family).hooks
+    fam: Any = family(cfg.family)   # a VitFamily (the hooks module of the config's variant)
+    return fam.hooks
 
 
 def patch_embed_flops(cfg: CaitConfig) -> int:

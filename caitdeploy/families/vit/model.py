@@ -112,7 +112,7 @@ class CaitViT(nn.Module):
 
         super().__init__()
         self.config = c = config
-        fam = family(c.family)
+        fam: Any = family(c.family)   # a VitFamily: its variant's hooks answer make_stem, make_mixer, make_slim
         fam.check_config(c)
         d = c.embed_dim
         p = c.num_prefix_tokens

@@ -20,7 +20,7 @@ from caitdeploy.export.tensorrt import build_engine
 from caitdeploy.families.vit.config import BlockConfig, CaitConfig
 from caitdeploy.families.vit.model import CaitViT
 from caitdeploy.formats.sidecar import sidecar_path
-from caitdeploy.runtime.tensorrt import TrtRunner, _make_logger, engine_header_check, import_trt
+from caitdeploy.runtime.tensorrt import TrtEngine, _make_logger, engine_header_check, import_trt
 
 trt = pytest.importorskip("tensorrt_rtx") if importlib.util.find_spec("tensorrt") is None else None
 CUDA = torch.cuda.is_available()
@@ -92,7 +92,7 @@ def test_deserialize_same_module(built):
                     "(the build and the header check above ran on the CPU)")
     names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
     assert names == ["images", "logits"]
-    runner = TrtRunner(engine)
+    runner = TrtEngine(engine)
     x = torch.randn(5, 3, 64, 64)
     got = runner(x).float().cpu()
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_runner_says_no_gpu(built):
     if CUDA:
         pytest.skip("a GPU is present: the no-GPU message cannot be checked here")
     with pytest.raises(CaitError, match="needs a CUDA GPU"):
-        TrtRunner(built[2])
+        TrtEngine(built[2])
 
 
 def _attention_onnx(path, qk=8, v=16):

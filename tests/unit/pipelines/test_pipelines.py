@@ -317,3 +317,28 @@ def test_bench_writes_nothing_unless_something_ran(tiny_fused, tmp_path):
         bench(BenchOptions(tiny_fused, **{**QUICK, "backends": "trt"}, baselines="none", json_path=tmp_path / "b.json",
                            md_path=tmp_path / "b.md"))
     assert not any(tmp_path.iterdir())
+
+
+def test_make_checkpoint_pipeline_writes_what_the_cli_writes(tmp_path):
+    """`make_checkpoint(MakeCheckpointOptions(...))` -> the checkpoint and its report, the family's defaults filled in;
+    a bad option is an OptionError naming the field, raised before any model is built, and nothing is written."""
+    import json
+
+    from caitdeploy.core.errors import OptionError
+    from caitdeploy.formats.checkpoint import load_checkpoint
+    from caitdeploy.pipelines.make_checkpoint import MakeCheckpointOptions, make_checkpoint
+
+    out, rep = tmp_path / "ck.pth", tmp_path / "ck.json"
+    r = make_checkpoint(MakeCheckpointOptions(arch="deit_tiny_patch16_224", img_size=64, num_classes=10,
+                                              output=out, report_path=rep))
+    assert (r.family, r.flops_reduction, r.merges_text, r.auto_merges) == ("vit", 0.55, "4:h,8:v", False)
+    assert r.output == out and r.report_path == rep and json.loads(rep.read_text())["merges"] == {"4": "h", "8": "v"}
+    assert abs(r.summary["flops_reduction"] - 0.55) < 0.02
+    ck = load_checkpoint(out)
+    assert ck.config.merges == {4: "h", 8: "v"} and ck.compactor(0, "q") is not None
+    for bad, field in ((dict(flops_reduction=0.99), "flops_reduction"), (dict(merges="4:x"), "merges"),
+                       (dict(arch="swin_tiny_patch4_window7_224", merges="4:h"), "merges")):
+        dst = tmp_path / f"bad_{field}.pth"
+        with pytest.raises(OptionError) as e:
+            make_checkpoint(MakeCheckpointOptions(output=dst, **bad))
+        assert e.value.param == field and not dst.exists()
