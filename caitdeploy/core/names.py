@@ -11,26 +11,6 @@ FUSED_FORMAT = "cait-fused/1"
 ONNX_FORMAT = "caitdeploy-onnx/1"
 ENGINE_FORMAT = "caitdeploy-engine/1"
 
-CONFIG_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-               "mlp_ratio", "qkv_bias")
-# optional `config` keys of a cait-compactor/1 checkpoint -> (default, accepted types). The model options of
-# `CaitConfig` plus two the training model has and the fused model folds away: `layer_scale` (DeiT III's
-# ls1/ls2 gammas, folded into proj/fc2) and `skip_lam` (LV-ViT's residual divisor, folded likewise); `arch`
-# names the timm model the checkpoint came from (informational).
-OPTIONAL_CONFIG: dict[str, tuple] = {
-    "family": ("vit", (str,)),
-    "arch": (None, (str, type(None))),
-    "class_token": (True, (bool,)),
-    "dist_token": (False, (bool,)),
-    "reg_tokens": (0, (int,)),
-    "no_embed_class": (False, (bool,)),
-    "global_pool": ("token", (str,)),
-    "fc_norm": (False, (bool,)),
-    "ln_eps": (1e-6, (int, float)),
-    "layer_scale": (False, (bool,)),
-    "skip_lam": (1.0, (int, float)),
-    "stem": ("patch", (str,)),
-}
 ATTN_COMPACTORS = ("q", "k", "v")
 COMPACTORS = (*ATTN_COMPACTORS, "fc1")
 MERGE_KEY = {"h": "htm", "v": "vtm"}           # merge kind -> module name in a cait-compactor/1 checkpoint

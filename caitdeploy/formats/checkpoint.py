@@ -18,16 +18,8 @@ from typing import Any
 import torch
 
 from caitdeploy.core.errors import CaitError, render
-from caitdeploy.core.names import (
-    ATTN_COMPACTORS,
-    CONFIG_KEYS,
-    FORMAT,
-    MERGE_KEY,
-    OPTIONAL_CONFIG,
-    compactor_prefix,
-    merge_prefix,
-)
-from caitdeploy.families.vit.config import CaitConfig, ConfigError
+from caitdeploy.core.names import ATTN_COMPACTORS, FORMAT, MERGE_KEY, compactor_prefix, merge_prefix
+from caitdeploy.families.vit.config import FORMAT_KEYS, FORMAT_OPTIONAL, CaitConfig, ConfigError
 
 
 @dataclass
@@ -292,21 +284,21 @@ def _check_format_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """Types and bounds of a format config, and its merges (one per block, inside the model)."""
     from caitdeploy.families.vit.config import ConfigError, check_bound
 
-    for key in CONFIG_KEYS:
+    for key in FORMAT_KEYS:
         if key not in cfg:
             raise CaitError(f"{path}: config is missing key {key!r}")
-    unknown = [k for k in cfg if k not in (*CONFIG_KEYS, *OPTIONAL_CONFIG, "merges")]
+    unknown = [k for k in cfg if k not in (*FORMAT_KEYS, *FORMAT_OPTIONAL, "merges")]
     if unknown:
         raise CaitError(f"{path}: config has unknown key {render(unknown[0])}")
-    out = {**{k: default for k, (default, _) in OPTIONAL_CONFIG.items()}, **cfg}
-    for key, (_, types) in OPTIONAL_CONFIG.items():
+    out = {**{k: default for k, (default, _) in FORMAT_OPTIONAL.items()}, **cfg}
+    for key, (_, types) in FORMAT_OPTIONAL.items():
         v = out[key]
         if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
             raise CaitError(f"{path}: config key {key!r} has value {render(v)}, expected "
                             f"{' or '.join(t.__name__ for t in types)}")
     if not (isinstance(out["skip_lam"], (int, float)) and 0.01 <= out["skip_lam"] <= 100):  # NaN fails too
         raise CaitError(f"{path}: config key 'skip_lam' = {render(out['skip_lam'])} is outside 0.01..100")
-    for key in CONFIG_KEYS:
+    for key in FORMAT_KEYS:
         want = {"mlp_ratio": (int, float), "qkv_bias": (bool,)}.get(key, (int,))
         if not isinstance(cfg[key], want) or (key != "qkv_bias" and isinstance(cfg[key], bool)):
             raise CaitError(f"{path}: config key {key!r} has value {render(cfg[key])}, expected {want[-1].__name__}")
@@ -408,7 +400,7 @@ def infer_config(path: Path, sd: dict[str, torch.Tensor], arch_cfg: dict[str, An
         cfg.update(global_pool=arch_cfg["global_pool"], ln_eps=arch_cfg["ln_eps"], arch=arch_cfg["arch"])
         if not heads:
             inferred.pop("num_heads")
-    return {**{k: v for k, (v, _) in OPTIONAL_CONFIG.items()}, **cfg}, inferred
+    return {**{k: v for k, (v, _) in FORMAT_OPTIONAL.items()}, **cfg}, inferred
 
 
 def _agree(path: Path, cfg: dict[str, Any], arch_cfg: dict[str, Any], arch: str) -> None:

@@ -709,9 +709,31 @@ def check_config(config) -> None:
 
 
 # ---- counts the shared reports use ----------------------------------------------------------------------
+def swin_block_params(cfg: SwinConfig, s: int, i: int, b: SwinBlock) -> int:
+    """Parameters of block i of stage s, counted from the config (the same layers `CaitSwin` builds)."""
+    c = cfg.dims[s]
+    n = (2 * c * c + c) if b.merge else 0                        # the merge's Linear(2C -> C)
+    n += 4 * c                                                   # norm1, norm2
+    if b.kind == "attn":
+        (wh, ww), _ = cfg.window_shift(s, i)
+        qkv = b.num_heads * (2 * b.qk_dim + b.v_dim)
+        n += c * qkv + (qkv if cfg.qkv_bias else 0)              # qkv
+        n += b.num_heads * b.v_dim * c + c                       # proj
+        n += (2 * wh - 1) * (2 * ww - 1) * b.num_heads           # relative position bias table
+    elif b.kind in CONV_KERNEL:
+        k = CONV_KERNEL[b.kind]
+        n += c * b.v_dim * k * k + b.v_dim + b.v_dim * c + c     # conv (BN folded), Linear back
+    return n + c * b.mlp_hidden + b.mlp_hidden + b.mlp_hidden * c + c   # fc1, fc2
+
+
 def swin_params(cfg: SwinConfig) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in CaitSwin(cfg).parameters())
+    """Parameters of `CaitSwin(cfg)`, counted from the config (tests check it against the model)."""
+    c0, p = cfg.dims[0], cfg.patch_size
+    n = cfg.in_chans * c0 * p * p + c0 + 2 * c0                  # patch embedding, its norm
+    for s in range(1, len(cfg.stages)):
+        n += 2 * 4 * cfg.dims[s - 1] + 4 * cfg.dims[s - 1] * cfg.dims[s]   # PatchMerging: norm, reduction (no bias)
+    n += sum(swin_block_params(cfg, s, i, b) for s, i, b in cfg.flat())
+    return n + 2 * cfg.dims[-1] + cfg.dims[-1] * cfg.num_classes + cfg.num_classes   # final norm, head
 
 
 def swin_block_rows(cfg: SwinConfig) -> list[dict]:
@@ -719,13 +741,10 @@ def swin_block_rows(cfg: SwinConfig) -> list[dict]:
     f = swin_flops(cfg)
     grids = cfg.grids()
     rows = []
-    with torch.device("meta"):
-        model = CaitSwin(cfg)
     for j, (s, i, b) in enumerate(cfg.flat()):
         (win, shift) = cfg.window_shift(s, i)
         gh, gw = grids[s][i]
-        stage: Any = model.layers[s]   # a bare container (CaitSwin.__init__)
-        params = sum(p.numel() for p in stage.blocks[i].parameters())
+        params = swin_block_params(cfg, s, i, b)
         rows.append({"block": j, "stage": s, "merge": b.merge,
                      "kind": "window-attn" if b.kind == "attn" else b.kind, "slim": None,
                      "tokens": gh * gw, "grid": [gh, gw], "window": list(win), "shift": list(shift),

@@ -45,6 +45,30 @@ MODEL_OPTIONS = ("ln_eps", "family", "class_token", "dist_token", "reg_tokens", 
                  "fc_norm", "stem")
 STEMS = ("patch", "4c", "6c")   # a patch projection, or LV-ViT's 4 / 6 conv stem (downsampling by 16)
 
+FORMAT_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
+               "mlp_ratio", "qkv_bias")
+# The ViT family's checkpoint schema (docs/CHECKPOINT_FORMAT.md; Swin's is swin/model.py's FORMAT_KEYS and
+# FORMAT_OPTIONAL): the required `config` keys of a cait-compactor/1 checkpoint, and the optional ones -> (default, accepted types). The model options of
+# `CaitConfig` plus two the training model has and the fused model folds away: `layer_scale` (DeiT III's
+# ls1/ls2 gammas, folded into proj/fc2) and `skip_lam` (LV-ViT's residual divisor, folded likewise); `arch`
+# names the timm model the checkpoint came from (informational).
+FORMAT_OPTIONAL: dict[str, tuple] = {
+    "family": ("vit", (str,)),
+    "arch": (None, (str, type(None))),
+    "class_token": (True, (bool,)),
+    "dist_token": (False, (bool,)),
+    "reg_tokens": (0, (int,)),
+    "no_embed_class": (False, (bool,)),
+    "global_pool": ("token", (str,)),
+    "fc_norm": (False, (bool,)),
+    "ln_eps": (1e-6, (int, float)),
+    "layer_scale": (False, (bool,)),
+    "skip_lam": (1.0, (int, float)),
+    "stem": ("patch", (str,)),
+}
+FOLDED_OPTIONS = ("arch", "layer_scale", "skip_lam")   # in a checkpoint's config, not in a deploy config
+assert set(MODEL_OPTIONS) == set(FORMAT_OPTIONAL) - set(FOLDED_OPTIONS), "the ViT schema and CaitConfig disagree"
+
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid model."""

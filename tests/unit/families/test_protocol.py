@@ -160,3 +160,29 @@ def test_swin_fuse_is_verified_against_the_reference_and_a_wrong_weight_is_caugh
         model.state_dict()[key][0] += 1.0                             # one output channel of one block off
     bad = max_logit_diff(swin_checkpoint, model)
     assert bad["max_abs_diff"] > 1000 * good["max_abs_diff"] and bad["max_abs_diff"] > 1e-4 * good["logit_scale"]
+
+
+def test_params_are_counted_from_the_config_for_every_family(swin_checkpoint):
+    """One FLOPs-and-params source per family, analytic: the counts equal the built deploy model's parameters
+    (Swin: merged, pruned, and with SPViT-Swin's conv / skip blocks; ViT: a DeiT with merges)."""
+    import dataclasses
+
+    from caitdeploy.families.timm_compat import timm_model
+
+    cfg = swin_checkpoint.config
+    st = [list(x) for x in cfg.stages]
+    st[0][0] = dataclasses.replace(st[0][0], kind="conv3", v_dim=5)
+    st[0][1] = dataclasses.replace(st[0][1], kind="conv1", v_dim=7, mlp_hidden=11)
+    st[1][0] = dataclasses.replace(st[1][0], kind="skip")
+    st[1][1] = dataclasses.replace(st[1][1], qk_dim=3, v_dim=6)
+    mixed = dataclasses.replace(cfg, stages=tuple(tuple(x) for x in st))
+    with torch.device("meta"):
+        vit_model = timm_model("deit_tiny_patch16_224", 10, 64)
+    vit = family("vit")
+    vit_cfg = vit.config_from_format({**vit.format_config_of(vit_model), "merges": {2: "h", 4: "v"}})
+    for c in (cfg, mixed, vit_cfg):
+        fam = family_of(c)
+        with torch.device("meta"):
+            model = fam.build(c, attn_impl="math")
+        assert fam.params(c) == sum(p.numel() for p in model.parameters()), fam.name
+        assert sum(r["params"] for r in fam.block_rows(c)) < fam.params(c)
