@@ -234,3 +234,17 @@ def test_the_package_checker_collapses_modules_and_finds_a_package_cycle():
     assert package_edges(g, "caitdeploy.high", "caitdeploy.low") == ["caitdeploy.high.y.z -> caitdeploy.low.a"]
     g["caitdeploy.high.y.z"] = set()
     assert find_cycles(package_graph(g)) == []
+
+
+def test_tests_and_benchmarks_share_code_only_through_the_package():
+    """Shared helpers live in caitdeploy/testing: no test or benchmark edits sys.path, loads a file by path, or
+    imports another test module."""
+    root = PKG.parent
+    bad = []
+    for path in sorted([*root.glob("tests/**/*.py"), *root.glob("benchmarks/**/*.py"), *root.glob("examples/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = ast.unparse(node) if isinstance(node, (ast.Call, ast.Import, ast.ImportFrom)) else ""
+            if isinstance(node, ast.Call) and ("sys.path" in text.split("(")[0] or "spec_from_file_location" in text
+                                               or "SourceFileLoader" in text) or isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0].startswith(("test_", "bench_")):
+                bad.append(f"{path.relative_to(root)}:{node.lineno}: {text[:80]}")
+    assert not bad, "\n".join(bad)

@@ -903,238 +903,408 @@ def train(o: TrainOptions, log: Callable[[str], None] = print) -> dict[str, Any]
             torch.distributed.destroy_process_group()
 
 
+@dataclass
+class Run:
+    """One training run's state, handed from step to step of `_train`. The first fields are what was checked
+    before any work (`_check_run`); the others are filled in by the step named above them, in that order."""
+    o: TrainOptions
+    dist: Dist
+    log: Callable[[str], None]
+    facts: dict[str, Any]               # check_options' facts: classes, micro_batch, accum, image counts, world
+    out: Path                           # the run folder (--output)
+    size: int | None                    # check_model's input side (None: known once the model is built)
+    state: dict[str, Any] | None        # the checked state to resume (--resume), else None
+    state_path: Path                    # <output>/last.pt
+    # _set_up_model
+    lists: dict[str, list[tuple[str, int]]] = field(init=False)   # the checked images of each split
+    fmt: dict[str, Any] = field(init=False)       # the model's format config
+    merges: Any = field(init=False)               # the token merges (--merges auto or the spec)
+    minfo: dict[str, Any] = field(init=False)     # the merges' share of the FLOPs reduction
+    wrap: Any = field(init=False)                 # the CAIT-wrapped timm model (compactors, masks)
+    teacher: Any = field(init=False)              # the frozen distillation teacher, or None
+    alpha: float = field(init=False)              # the distillation weight (0 without a teacher)
+    ctl: Any = field(init=False)                  # the CDCPController (mask schedule, Eq. 2)
+    ddp: Any = field(init=False)                  # DistributedDataParallel(wrap) when distributed, else wrap
+    # _set_up_training
+    opt: torch.optim.AdamW = field(init=False)    # the base parameters
+    opt_c: torch.optim.SGD = field(init=False)    # the compactors
+    amp: torch.dtype | None = field(init=False)
+    scaler: torch.amp.GradScaler = field(init=False)
+    autocast: Callable[[], Any] = field(init=False)
+    train_loader: Any = field(init=False)
+    sampler: Any = field(init=False)
+    val_loader: Any = field(init=False)           # None without validation images
+    dinfo: dict[str, Any] = field(init=False)     # the preprocessing (timm data config)
+    steps_per_epoch: int = field(init=False)
+    total: int = field(init=False)                # optimizer steps of the whole run
+    warmup: int = field(init=False)               # of them, warm-up steps
+    mixup: Any = field(init=False)                # timm's Mixup, or None
+    # _resume, _log_plan; then advanced by every epoch
+    start_epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)   # the records of log.jsonl
+    kept_epoch: int | None = None      # the epoch whose state is on disk (what a failed write leaves in place)
+    mtext: str = ""                    # the merges as text (Swin: STAGE.BLOCK:kind)
+
+
 def _train(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> dict[str, Any]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    """A training run, top to bottom: everything checked before any work (options, model, output folder, the
+    state to resume); the seeded model with its teacher and CDCP controller; optimizers, grad scaler and data;
+    the resumed state; then each epoch's optimizer steps, its validation and mask check, its staged last.pt and
+    log.jsonl; finally the fuse-ready checkpoint. Returns the final summary."""
+    run = _check_run(o, dist, log)
+    _set_up_model(run)
+    _set_up_training(run)
+    _resume(run)
+    _log_plan(run)
+    stop_at = o.epochs if o.stop_after_epochs is None else min(o.epochs, run.start_epoch + o.stop_after_epochs)
+    for epoch in range(run.start_epoch, stop_at):
+        rec = _train_epoch(run, epoch)
+        _evaluate_epoch(run, epoch, rec)
+        _save_epoch(run, epoch, rec)
+        dist.barrier()
+    return _finish(run, stop_at)
 
-    from caitdeploy.compress.cdcp import save_checkpoint_dict
-    from caitdeploy.core.errors import check_output_dir, nearest_existing
-    from caitdeploy.families.vit.config import short
-    from caitdeploy.training.wrappers import CDCPController, cait_wrap, checkpoint_dict
 
-    # everything checked before any work: options, the model (on the meta device, memory budgeted), the output
-    # folder, the state to resume, every image of the data set; only then is anything built or written
+def _check_run(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> Run:
+    """Everything checked before any work: the options, the model (on the meta device, memory budgeted), the
+    output folder, the state to resume (the images follow in `_set_up_model`); only then is anything built or
+    written. Returns the Run that carries them."""
     facts = check_options(o, dist.world)
     facts["world"] = dist.world
     out = Path(o.output)
-    classes = facts["classes"]
-    size = check_model(o, len(classes), facts["micro_batch"])
-    if dist.main:   # where the run folder will be made must take files (a probe file, removed at once)
-        base = nearest_existing(out)
-        if not base.is_dir():
-            raise OptionError("output", f"{out}: {base} is not a folder")
-        try:
-            check_output_dir(base / ".caitdeploy-probe")
-        except CaitError:
-            raise OptionError("output", f"{out}: the folder {base} is not writable") from None
-    state = None
+    size = check_model(o, len(facts["classes"]), facts["micro_batch"])
+    if dist.main:
+        _check_output_folder(out)
     state_path = out / "last.pt"
-    if o.resume:
-        state = read_state(state_path, o)
-        saved = json.loads(state["options"])   # checked by read_state (strict_json, bounded)
-        mine = json.loads(json.dumps(dataclasses.asdict(o)))
-        diff = [k for k in RESUME_KEYS if saved.get(k) != mine[k]]
-        if diff:
-            raise OptionError(diff[0], f"{short(getattr(o, diff[0]))} differs from the run being resumed "
-                                       f"({short(saved.get(diff[0]))}); resume with the same options")
-        if state["world"] != dist.world:
-            raise CaitError(f"{state_path}: the run used {state['world']} process(es), this one {dist.world}; "
-                            "a bit-exact resume needs the same world size")
-        if state["epoch"] > o.epochs:
-            raise CaitError(f"{state_path}: epoch {state['epoch']} is past --epochs {o.epochs}")
-    lists = image_lists(o, facts, size, log) if size is not None else None
+    state = _read_resume(o, dist, state_path) if o.resume else None
+    return Run(o=o, dist=dist, log=log, facts=facts, out=out, size=size, state=state, state_path=state_path)
+
+
+def _check_output_folder(out: Path) -> None:
+    """Where the run folder will be made must take files (a probe file, removed at once)."""
+    from caitdeploy.core.errors import check_output_dir, nearest_existing
+
+    base = nearest_existing(out)
+    if not base.is_dir():
+        raise OptionError("output", f"{out}: {base} is not a folder")
+    try:
+        check_output_dir(base / ".caitdeploy-probe")
+    except CaitError:
+        raise OptionError("output", f"{out}: the folder {base} is not writable") from None
+
+
+def _read_resume(o: TrainOptions, dist: Dist, state_path: Path) -> dict[str, Any]:
+    """The state to resume (`read_state`), checked against this run: the same RESUME_KEYS options, the same world
+    size, an epoch not past --epochs."""
+    from caitdeploy.families.vit.config import short
+
+    state = read_state(state_path, o)
+    saved = json.loads(state["options"])   # checked by read_state (strict_json, bounded)
+    mine = json.loads(json.dumps(dataclasses.asdict(o)))
+    diff = [k for k in RESUME_KEYS if saved.get(k) != mine[k]]
+    if diff:
+        raise OptionError(diff[0], f"{short(getattr(o, diff[0]))} differs from the run being resumed "
+                                   f"({short(saved.get(diff[0]))}); resume with the same options")
+    if state["world"] != dist.world:
+        raise CaitError(f"{state_path}: the run used {state['world']} process(es), this one {dist.world}; "
+                        "a bit-exact resume needs the same world size")
+    if state["epoch"] > o.epochs:
+        raise CaitError(f"{state_path}: epoch {state['epoch']} is past --epochs {o.epochs}")
+    return state
+
+
+def _set_up_model(run: Run) -> None:
+    """The checked image lists, the seeds (torch, numpy, random), the model with --weights and its merges, the
+    teacher and distillation weight, the CDCP controller, DDP when distributed."""
+    from caitdeploy.training.wrappers import CDCPController, cait_wrap
+
+    o, dist, log, n_classes = run.o, run.dist, run.log, len(run.facts["classes"])
+    lists = image_lists(o, run.facts, run.size, log) if run.size is not None else None
     torch.manual_seed(o.seed)
     np.random.seed(o.seed)
     random.seed(o.seed)
-    model, fmt, merges, minfo = _build(o, len(classes), log)
+    model, run.fmt, run.merges, run.minfo = _build(o, n_classes, log)
     if lists is None:
-        lists = image_lists(o, facts, fmt["img_size"] if isinstance(fmt["img_size"], int) else fmt["img_size"][0],
-                            log)
-    wrap = cait_wrap(model, merges, o.arch)
-    teacher = _teacher(o, model, dist, state.get("teacher") if state is not None else None,
-                       state_path if state is not None else None)
-    alpha = o.distill_alpha if o.distill_alpha is not None else (
-        family(o).default_distill_alpha(fmt))
-    if teacher is None:
-        alpha = 0.0
-    wrap.to(dist.device)
+        img_size = run.fmt["img_size"]
+        lists = image_lists(o, run.facts, img_size if isinstance(img_size, int) else img_size[0], log)
+    run.lists = lists
+    run.wrap = cait_wrap(model, run.merges, o.arch)
+    state = run.state
+    run.teacher = _teacher(o, model, dist, state.get("teacher") if state is not None else None,
+                           run.state_path if state is not None else None)
+    alpha = o.distill_alpha if o.distill_alpha is not None else family(o).default_distill_alpha(run.fmt)
+    run.alpha = 0.0 if run.teacher is None else alpha
+    run.wrap.to(dist.device)
     assert o.flops_reduction is not None   # with_defaults filled it in
-    ctl = CDCPController(wrap, o.flops_reduction, lam=o.lam, step_ratio=o.step_ratio, every=o.every,
-                         align=o.align, sync=dist.broadcast_masks)
-    ddp: Any = wrap   # DistributedDataParallel(wrap) when distributed
-    if dist.on:   # masks are broadcast at each update (CDCPController.sync), not at every forward
-        import inspect
+    run.ctl = CDCPController(run.wrap, o.flops_reduction, lam=o.lam, step_ratio=o.step_ratio, every=o.every,
+                             align=o.align, sync=dist.broadcast_masks)
+    run.ddp = _ddp(run.wrap, dist)
 
-        quiet = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                 else "broadcast_buffers")
-        ddp_options: dict[str, Any] = {quiet: False}
-        ddp = DDP(wrap, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, **ddp_options)
-    opt = torch.optim.AdamW(_param_groups(wrap, o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
-    opt_c = torch.optim.SGD(wrap.compactor_parameters(), lr=o.compactor_lr or o.lr,
-                            momentum=o.compactor_momentum, weight_decay=0.0)
-    amp = _amp(o, dist)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
-    train_loader, sampler, val_loader, dinfo = _loaders(o, facts, fmt, dist, lists)
-    steps_per_epoch = len(train_loader) // facts["accum"]
-    if steps_per_epoch < 1:
-        raise OptionError("batch_size", f"{o.batch_size}: larger than one epoch of {facts['train_images']} images")
-    total, warmup = steps_per_epoch * o.epochs, round(o.warmup_epochs * steps_per_epoch)
-    mixup = None
+
+def _ddp(wrap, dist: Dist) -> Any:
+    """DistributedDataParallel(wrap) when distributed (masks are broadcast at each update, by
+    CDCPController.sync, not at every forward), else `wrap` itself."""
+    if not dist.on:
+        return wrap
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    quiet = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+             else "broadcast_buffers")
+    ddp_options: dict[str, Any] = {quiet: False}
+    return DDP(wrap, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, **ddp_options)
+
+
+def _set_up_training(run: Run) -> None:
+    """The optimizers (AdamW for the base parameters, SGD for the compactors), amp and the grad scaler, the data
+    loaders, the step counts of the schedule, mixup/cutmix."""
+    o, dist = run.o, run.dist
+    run.opt = torch.optim.AdamW(_param_groups(run.wrap, o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
+    run.opt_c = torch.optim.SGD(run.wrap.compactor_parameters(), lr=o.compactor_lr or o.lr,
+                                momentum=o.compactor_momentum, weight_decay=0.0)
+    amp = run.amp = _amp(o, dist)
+    run.scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
+    run.autocast = (lambda: torch.autocast(dist.device.type, dtype=amp)) if amp else contextlib.nullcontext
+    run.train_loader, run.sampler, run.val_loader, run.dinfo = _loaders(o, run.facts, run.fmt, dist, run.lists)
+    run.steps_per_epoch = len(run.train_loader) // run.facts["accum"]
+    if run.steps_per_epoch < 1:
+        raise OptionError("batch_size", f"{o.batch_size}: larger than one epoch of {run.facts['train_images']} images")
+    run.total, run.warmup = run.steps_per_epoch * o.epochs, round(o.warmup_epochs * run.steps_per_epoch)
+    run.mixup = None
     if o.mixup > 0 or o.cutmix > 0:
         from timm.data import Mixup
 
-        mixup = Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, label_smoothing=o.label_smoothing,
-                      num_classes=len(classes))
-    start_epoch, step, history = 0, 0, []
-    if state is not None:
-        _load_part(state_path, "model", wrap.load_state_dict, state["model"])
-        _load_part(state_path, "optimizer", opt.load_state_dict, state["opt"])
-        _check_optimizer_state(state_path, "optimizer", opt)
-        _load_part(state_path, "compactor optimizer", opt_c.load_state_dict, state["opt_c"])
-        _check_optimizer_state(state_path, "compactor optimizer", opt_c)
-        _load_part(state_path, "grad scaler", scaler.load_state_dict, state["scaler"])
-        _load_part(state_path, "CDCP schedule", ctl.load_state_dict, state["ctl"])
-        start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
-        _load_part(state_path, "RNG state", set_rng_state, state["rng"][dist.rank])
-        log(f"resumed {state_path}: epoch {start_epoch}/{o.epochs}, step {step}")
-    kept_epoch = start_epoch if state is not None else None   # what a failed write leaves in place
-    mtext = family(o).merges_text(merges)   # Swin: STAGE.BLOCK:kind
-    log(f"{o.arch}: {len(classes)} classes, {facts['train_images']} train / {facts['val_images']} val images; "
-        f"{dist.world} process(es) ({dist.backend or dist.device.type}), global batch {o.batch_size} = micro "
-        f"{facts['micro_batch']} x {dist.world} x {facts['accum']} accumulation; {steps_per_epoch} steps/epoch")
-    log(f"merges {mtext}{' (auto)' if o.merges == 'auto' else ''}: tokens cut "
-        f"{minfo['token_reduction']:.2%} of the dense FLOPs, channels (CDCP) {minfo['channel_reduction']:.2%}, "
-        f"total {o.flops_reduction:.2%}; distillation alpha {alpha:g} ({o.teacher}); amp "
-        f"{'off' if amp is None else str(amp).removeprefix('torch.')}; CDCP from epoch {o.prune_start_epoch}")
+        run.mixup = Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, label_smoothing=o.label_smoothing,
+                          num_classes=len(run.facts["classes"]))
 
-    def loss_fn(logits, target):
-        if mixup is not None:
-            return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
 
-    autocast = (lambda: torch.autocast(dist.device.type, dtype=amp)) if amp else contextlib.nullcontext
-    stop_at = o.epochs if o.stop_after_epochs is None else min(o.epochs, start_epoch + o.stop_after_epochs)
-    for epoch in range(start_epoch, stop_at):
-        t0 = time.perf_counter()
-        wrap.train()
-        sampler.set_epoch(epoch)
-        it = iter(train_loader)
-        bar = None
-        if dist.main and o.progress:
-            from tqdm import tqdm
+def _resume(run: Run) -> None:
+    """--resume: the model, both optimizers, the grad scaler, the CDCP schedule, the progress and this rank's RNG
+    states from the checked state (a part that does not fit is one line naming the file)."""
+    state, path = run.state, run.state_path
+    if state is None:
+        return
+    _load_part(path, "model", run.wrap.load_state_dict, state["model"])
+    _load_part(path, "optimizer", run.opt.load_state_dict, state["opt"])
+    _check_optimizer_state(path, "optimizer", run.opt)
+    _load_part(path, "compactor optimizer", run.opt_c.load_state_dict, state["opt_c"])
+    _check_optimizer_state(path, "compactor optimizer", run.opt_c)
+    _load_part(path, "grad scaler", run.scaler.load_state_dict, state["scaler"])
+    _load_part(path, "CDCP schedule", run.ctl.load_state_dict, state["ctl"])
+    run.start_epoch, run.step, run.history = state["epoch"], state["step"], list(state["history"])
+    _load_part(path, "RNG state", set_rng_state, state["rng"][run.dist.rank])
+    run.log(f"resumed {path}: epoch {run.start_epoch}/{run.o.epochs}, step {run.step}")
+    run.kept_epoch = run.start_epoch
 
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step", leave=False,
-                       dynamic_ncols=True)
-        loss_sum, seen = 0.0, 0
-        for _ in range(steps_per_epoch):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warmup, o.lr, o.min_lr)
-            for g in opt_c.param_groups:
-                g["lr"] = lr_at(step, total, warmup, o.compactor_lr or o.lr, o.min_lr)
-            opt.zero_grad(set_to_none=True)
-            opt_c.zero_grad(set_to_none=True)
-            for micro in range(facts["accum"]):
-                x, y = next(it)
-                check_batch(train_loader, y)
-                x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-                target = y
-                if mixup is not None:
-                    x, target = mixup(x, y)
-                sync = micro == facts["accum"] - 1 or not dist.on
-                with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                    with autocast():
-                        logits = ddp(x)
-                        loss = loss_fn(logits, target)
-                        if alpha > 0:
-                            with torch.no_grad():
-                                hard = teacher(x).argmax(-1)
-                            loss = (1 - alpha) * loss + alpha * F.cross_entropy(logits.float(), hard)
-                    scaler.scale(loss / facts["accum"]).backward()
-                loss_sum += float(loss.detach()) * len(x)
-                seen += len(x)
-            scaler.unscale_(opt)
-            scaler.unscale_(opt_c)
-            if epoch >= o.prune_start_epoch:
-                ctl.step()          # mask schedule + Eq. 2, on the all-reduced gradients
-                if ctl.done and not ctl.frozen:
-                    ctl.freeze()    # target reached: keep the masks, let the masked rows shrink
-            scaler.step(opt)
-            scaler.step(opt_c)
-            scaler.update()
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"loss {loss_sum / max(1, seen):.3f} FLOPs -{ctl.flops_reduction:.1%}")
+
+def _log_plan(run: Run) -> None:
+    """The run's plan in two lines: data, processes and batch; merges, FLOPs shares, distillation, amp, CDCP."""
+    o, dist, facts, minfo, amp = run.o, run.dist, run.facts, run.minfo, run.amp
+    run.mtext = family(o).merges_text(run.merges)   # Swin: STAGE.BLOCK:kind
+    run.log(f"{o.arch}: {len(facts['classes'])} classes, {facts['train_images']} train / {facts['val_images']} val "
+            f"images; {dist.world} process(es) ({dist.backend or dist.device.type}), global batch {o.batch_size} = "
+            f"micro {facts['micro_batch']} x {dist.world} x {facts['accum']} accumulation; "
+            f"{run.steps_per_epoch} steps/epoch")
+    run.log(f"merges {run.mtext}{' (auto)' if o.merges == 'auto' else ''}: tokens cut "
+            f"{minfo['token_reduction']:.2%} of the dense FLOPs, channels (CDCP) {minfo['channel_reduction']:.2%}, "
+            f"total {o.flops_reduction:.2%}; distillation alpha {run.alpha:g} ({o.teacher}); amp "
+            f"{'off' if amp is None else str(amp).removeprefix('torch.')}; CDCP from epoch {o.prune_start_epoch}")
+
+
+def _train_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """One epoch of optimizer steps, each over `accum` micro-batches; its record for log.jsonl (step, lr, train
+    loss over every rank's images, speed)."""
+    t0 = time.perf_counter()
+    run.wrap.train()
+    run.sampler.set_epoch(epoch)
+    it = iter(run.train_loader)
+    bar = _progress_bar(run, epoch)
+    loss_sum, seen = 0.0, 0
+    for _ in range(run.steps_per_epoch):
+        _start_step(run)
+        for micro in range(run.facts["accum"]):
+            loss, n = _micro_step(run, it, micro)
+            loss_sum += loss * n
+            seen += n
+        _optimizer_step(run, epoch)
         if bar is not None:
-            bar.close()
-        train_loss, train_seen = dist.all_sum([loss_sum, seen])
-        rec = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
-               "train_loss": train_loss / max(1, train_seen), "images": int(train_seen),
-               "seconds": time.perf_counter() - t0}
-        rec["img_s"] = rec["images"] / rec["seconds"]
-        if val_loader is not None:
-            rec.update(evaluate(wrap, val_loader, dist, autocast))
-        digests = dist.gather(mask_digest(wrap))
-        if len(set(digests)) != 1:
-            raise CaitError(f"epoch {epoch + 1}: ranks hold different CDCP masks ({digests}); stopping")
-        rec.update(flops=ctl.flops, flops_reduction=ctl.flops_reduction, mask_updates=ctl.updates,
-                   kept=ctl.history[-1]["kept"] if ctl.history else None,
-                   pruning=epoch >= o.prune_start_epoch, target_reached=ctl.done, mask_digests=digests,
-                   max_masked_norm=ctl.max_masked_norm())
-        history.append(rec)
-        rngs = dist.gather(rng_state())
-        if dist.main:
-            snap = {"format": STATE_FORMAT, "options": json.dumps(dataclasses.asdict(o)), "epoch": epoch + 1,
-                    "step": step, "world": dist.world, "model": wrap.state_dict(), "opt": opt.state_dict(),
-                    "opt_c": opt_c.state_dict(), "scaler": scaler.state_dict(), "ctl": ctl.state_dict(),
-                    "rng": rngs, "history": history, "merges": mtext}
-            if teacher is not None:
-                snap["teacher"] = teacher.state_dict()
-            text = _log_text(history)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss_sum / max(1, seen):.3f} FLOPs -{run.ctl.flops_reduction:.1%}")
+    if bar is not None:
+        bar.close()
+    train_loss, train_seen = run.dist.all_sum([loss_sum, seen])
+    rec = {"epoch": epoch + 1, "step": run.step, "lr": run.opt.param_groups[0]["lr"],
+           "train_loss": train_loss / max(1, train_seen), "images": int(train_seen),
+           "seconds": time.perf_counter() - t0}
+    rec["img_s"] = rec["images"] / rec["seconds"]
+    return rec
 
-            def stage_epoch(st, snap=snap, text=text):   # this epoch's state, bound now
-                _save_torch(snap, st.stage(out / "last.pt", create_dirs=True))
-                st.write_text(out / "log.jsonl", text, create_dirs=True)
 
-            _write_outputs(out, stage_epoch, kept_epoch)
-            kept_epoch = epoch + 1
-            log(f"epoch {epoch + 1}/{o.epochs}: loss {rec['train_loss']:.4f}"
-                + (f", val top-1 {rec['val_top1']:.2%}" if "val_top1" in rec else "")
-                + f", FLOPs -{ctl.flops_reduction:.2%} ({ctl.updates} mask updates), {rec['img_s']:.1f} img/s, "
-                  f"masks identical on {dist.world} rank(s)")
-        dist.barrier()
-    summary = {"epochs_done": stop_at, "epochs": o.epochs, "step": step, "merges": mtext,
+def _progress_bar(run: Run, epoch: int):
+    """The epoch's progress bar (tqdm) on rank 0 with --progress, else None."""
+    if not (run.dist.main and run.o.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.o.epochs}", unit="step", leave=False,
+                dynamic_ncols=True)
+
+
+def _start_step(run: Run) -> None:
+    """This optimizer step's learning rates (linear warm-up, then cosine) and cleared gradients."""
+    o = run.o
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(run.step, run.total, run.warmup, o.lr, o.min_lr)
+    for g in run.opt_c.param_groups:
+        g["lr"] = lr_at(run.step, run.total, run.warmup, o.compactor_lr or o.lr, o.min_lr)
+    run.opt.zero_grad(set_to_none=True)
+    run.opt_c.zero_grad(set_to_none=True)
+
+
+def _micro_step(run: Run, it, micro: int) -> tuple[float, int]:
+    """Forward and backward of the next micro-batch (mixup/cutmix, distillation from the teacher's hard labels);
+    DDP syncs only the step's last one. Returns (its loss, its images)."""
+    dist = run.dist
+    x, y = next(it)
+    check_batch(run.train_loader, y)
+    x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+    target = y
+    if run.mixup is not None:
+        x, target = run.mixup(x, y)
+    sync = micro == run.facts["accum"] - 1 or not dist.on
+    with (contextlib.nullcontext() if sync else run.ddp.no_sync()):
+        with run.autocast():
+            logits = run.ddp(x)
+            loss = _loss(run, logits, target)
+            if run.alpha > 0:
+                with torch.no_grad():
+                    hard = run.teacher(x).argmax(-1)
+                loss = (1 - run.alpha) * loss + run.alpha * F.cross_entropy(logits.float(), hard)
+        run.scaler.scale(loss / run.facts["accum"]).backward()
+    return float(loss.detach()), len(x)
+
+
+def _loss(run: Run, logits, target):
+    """Soft-target cross-entropy under mixup/cutmix (the targets carry the smoothing), else label-smoothed."""
+    if run.mixup is not None:
+        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits.float(), target, label_smoothing=run.o.label_smoothing)
+
+
+def _optimizer_step(run: Run, epoch: int) -> None:
+    """After the step's last backward (gradients all-reduced): CDCP's mask schedule and Eq. 2 from
+    --prune-start-epoch (masks frozen once the target is reached), then both optimizers and the scaler."""
+    ctl, scaler = run.ctl, run.scaler
+    scaler.unscale_(run.opt)
+    scaler.unscale_(run.opt_c)
+    if epoch >= run.o.prune_start_epoch:
+        ctl.step()          # mask schedule + Eq. 2, on the all-reduced gradients
+        if ctl.done and not ctl.frozen:
+            ctl.freeze()    # target reached: keep the masks, let the masked rows shrink
+    scaler.step(run.opt)
+    scaler.step(run.opt_c)
+    scaler.update()
+    run.step += 1
+
+
+def _evaluate_epoch(run: Run, epoch: int, rec: dict[str, Any]) -> None:
+    """The epoch's validation, the check that every rank holds the same CDCP masks (a mismatch stops the run),
+    the CDCP schedule's figures; `rec` completed and added to the history."""
+    ctl = run.ctl
+    if run.val_loader is not None:
+        rec.update(evaluate(run.wrap, run.val_loader, run.dist, run.autocast))
+    digests = run.dist.gather(mask_digest(run.wrap))
+    if len(set(digests)) != 1:
+        raise CaitError(f"epoch {epoch + 1}: ranks hold different CDCP masks ({digests}); stopping")
+    rec.update(flops=ctl.flops, flops_reduction=ctl.flops_reduction, mask_updates=ctl.updates,
+               kept=ctl.history[-1]["kept"] if ctl.history else None,
+               pruning=epoch >= run.o.prune_start_epoch, target_reached=ctl.done, mask_digests=digests,
+               max_masked_norm=ctl.max_masked_norm())
+    run.history.append(rec)
+
+
+def _save_epoch(run: Run, epoch: int, rec: dict[str, Any]) -> None:
+    """The epoch's state (every rank's RNG states gathered) staged as last.pt with log.jsonl, all or nothing, by
+    rank 0, and its log line."""
+    o, dist, ctl = run.o, run.dist, run.ctl
+    rngs = dist.gather(rng_state())
+    if not dist.main:
+        return
+    snap = {"format": STATE_FORMAT, "options": json.dumps(dataclasses.asdict(o)), "epoch": epoch + 1,
+            "step": run.step, "world": dist.world, "model": run.wrap.state_dict(), "opt": run.opt.state_dict(),
+            "opt_c": run.opt_c.state_dict(), "scaler": run.scaler.state_dict(), "ctl": ctl.state_dict(),
+            "rng": rngs, "history": run.history, "merges": run.mtext}
+    if run.teacher is not None:
+        snap["teacher"] = run.teacher.state_dict()
+    text = _log_text(run.history)
+    out = run.out
+
+    def stage_epoch(st, snap=snap, text=text):   # this epoch's state, bound now
+        _save_torch(snap, st.stage(out / "last.pt", create_dirs=True))
+        st.write_text(out / "log.jsonl", text, create_dirs=True)
+
+    _write_outputs(out, stage_epoch, run.kept_epoch)
+    run.kept_epoch = epoch + 1
+    run.log(f"epoch {epoch + 1}/{o.epochs}: loss {rec['train_loss']:.4f}"
+            + (f", val top-1 {rec['val_top1']:.2%}" if "val_top1" in rec else "")
+            + f", FLOPs -{ctl.flops_reduction:.2%} ({ctl.updates} mask updates), {rec['img_s']:.1f} img/s, "
+              f"masks identical on {dist.world} rank(s)")
+
+
+def _finish(run: Run, stop_at: int) -> dict[str, Any]:
+    """The run's summary; after the last epoch also the masked rows settled (`_finalize_masks`), the saved
+    checkpoint's validation and the final file written (`_write_final`)."""
+    o, dist, ctl = run.o, run.dist, run.ctl
+    summary = {"epochs_done": stop_at, "epochs": o.epochs, "step": run.step, "merges": run.mtext,
                "flops_reduction": ctl.flops_reduction, "target": o.flops_reduction, "target_reached": ctl.done,
-               "world": dist.world, "final": None, "preprocess": dinfo["preprocess"]}
+               "world": dist.world, "final": None, "preprocess": run.dinfo["preprocess"]}
     if stop_at < o.epochs:
-        log(f"stopped after epoch {stop_at} (--stop-after-epochs); continue with --resume")
+        run.log(f"stopped after epoch {stop_at} (--stop-after-epochs); continue with --resume")
         return summary
-    # final checkpoint: masked rows to exactly zero when training left them above fuse's limit
+    note = _finalize_masks(run)
+    if run.val_loader is not None:   # what the saved checkpoint (masked rows exactly 0) scores
+        summary.update({f"final_{k}": v for k, v in evaluate(run.wrap, run.val_loader, dist, run.autocast).items()})
+    if dist.main:
+        _write_final(run, summary, note)
+    dist.barrier()
+    return summary
+
+
+def _finalize_masks(run: Run) -> str:
+    """Masked rows to exactly zero when training left them above fuse's limit (--max-dropped-norm); the note
+    saying which."""
+    o, ctl = run.o, run.ctl
     norm = ctl.max_masked_norm()
     if norm > o.max_dropped_norm:
         ctl.finalize()
-        note = f"masked rows set to 0 (largest was {norm:.2e} > {o.max_dropped_norm:g})"
-    else:
-        note = f"saved as trained (largest masked row {norm:.2e} <= {o.max_dropped_norm:g})"
-    if val_loader is not None:   # what the saved checkpoint (masked rows exactly 0) scores
-        summary.update({f"final_{k}": v for k, v in evaluate(wrap, val_loader, dist, autocast).items()})
-    if dist.main:
-        final = out / FINAL_NAME
-        ckpt = checkpoint_dict(wrap.cpu())
-        summary.update(final=str(final), note=note)
-        text = _log_text(history, summary)
+        return f"masked rows set to 0 (largest was {norm:.2e} > {o.max_dropped_norm:g})"
+    return f"saved as trained (largest masked row {norm:.2e} <= {o.max_dropped_norm:g})"
 
-        def stage_final(st):
-            save_checkpoint_dict(ckpt, final, staging=st)
-            st.write_text(out / "log.jsonl", text, create_dirs=True)
 
-        _write_outputs(out, stage_final, kept_epoch)
-        if not ctl.done:
-            log(f"warning: FLOPs target not reached: -{ctl.flops_reduction:.2%} of -{o.flops_reduction:.2%} "
+def _write_final(run: Run, summary: dict[str, Any], note: str) -> None:
+    """Rank 0: the `cait-compactor/1` checkpoint and log.jsonl with its final line, all or nothing; the last log
+    lines (a warning when the FLOPs target was not reached)."""
+    from caitdeploy.compress.cdcp import save_checkpoint_dict
+    from caitdeploy.training.wrappers import checkpoint_dict
+
+    o, out, ctl = run.o, run.out, run.ctl
+    final = out / FINAL_NAME
+    ckpt = checkpoint_dict(run.wrap.cpu())
+    summary.update(final=str(final), note=note)
+    text = _log_text(run.history, summary)
+
+    def stage_final(st):
+        save_checkpoint_dict(ckpt, final, staging=st)
+        st.write_text(out / "log.jsonl", text, create_dirs=True)
+
+    _write_outputs(out, stage_final, run.kept_epoch)
+    if not ctl.done:
+        run.log(f"warning: FLOPs target not reached: -{ctl.flops_reduction:.2%} of -{o.flops_reduction:.2%} "
                 "(raise --epochs or --step-ratio, or lower --every / --prune-start-epoch)")
-        log(f"wrote {final} ({note})" + (f"; val top-1 {summary['final_val_top1']:.2%}" if val_loader else "")
+    run.log(f"wrote {final} ({note})" + (f"; val top-1 {summary['final_val_top1']:.2%}" if run.val_loader else "")
             + f"; next: caitdeploy fuse {final}")
-    dist.barrier()
-    return summary
 
 
 @torch.no_grad()

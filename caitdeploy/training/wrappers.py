@@ -240,14 +240,12 @@ class CaitTrainViT(CompactorGroups, nn.Module):
 
         c = self.cait_config
         wanted = c.feature_blocks(blocks) if blocks is not None else ()
+        from caitdeploy.families.vit.model import add_position
+
         x = self.patch_embed(x)
         prefix = [getattr(self, n).expand(x.shape[0], -1, -1) for n in ("cls_token", "dist_token", "reg_token")
                   if hasattr(self, n)]
-        if c.no_embed_class:
-            x = torch.cat([*prefix, x + self.pos_embed], dim=1)
-        else:
-            x = torch.cat([*prefix, x], dim=1) + self.pos_embed
-        x = self.pos_drop(x)
+        x = self.pos_drop(add_position(x, prefix, self.pos_embed, c.no_embed_class))
         out: list[torch.Tensor] = []
         grids, p = c.grids(), c.num_prefix_tokens
         for i, blk in enumerate(self.blocks):
@@ -261,13 +259,10 @@ class CaitTrainViT(CompactorGroups, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """timm's eval output: class token, patch-token mean ('avg', then fc_norm), or with a distillation
         token the mean of both heads (also in training: the distillation loss is the trainer's business)."""
-        c = self.cait_config
-        x = self.forward_features(x)
-        if c.global_pool == "avg":
-            return self.head(self.head_drop(self.fc_norm(x[:, c.num_prefix_tokens:].mean(dim=1))))
-        if c.dist_token:
-            return (self.head(self.head_drop(x[:, 0])) + self.head_dist(self.head_drop(x[:, 1]))) / 2
-        return self.head(self.head_drop(self.fc_norm(x[:, 0])))
+        from caitdeploy.families.vit.model import pool_logits
+
+        return pool_logits(self.forward_features(x), self.cait_config, self.head, getattr(self, "head_dist", None),
+                           self.fc_norm, self.head_drop)
 
     # ---- parameter groups ----
     def compactors(self) -> list[tuple[int, str, CompactorLike]]:

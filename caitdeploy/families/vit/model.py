@@ -98,6 +98,28 @@ def slim_params(c: CaitConfig, i: int) -> int:
     return 0
 
 
+def add_position(tokens: torch.Tensor, prefix: list[torch.Tensor], pos_embed: torch.Tensor,
+                 no_embed_class: bool) -> torch.Tensor:
+    """Patch tokens [B, Gh*Gw, D] + prefix tokens + position embedding in timm's order: [B, prefix + Gh*Gw, D]
+    (with no_embed_class the prefix tokens get no position). CaitViT and the training wrapper both use it."""
+    if no_embed_class:
+        return torch.cat([*prefix, tokens + pos_embed], dim=1) if prefix else tokens + pos_embed
+    return torch.cat([*prefix, tokens], dim=1) + pos_embed
+
+
+def pool_logits(x: torch.Tensor, c: CaitConfig, head: nn.Module, head_dist: nn.Module | None, fc_norm: nn.Module,
+                drop: nn.Module | None = None) -> torch.Tensor:
+    """Pooling and classifier on the final tokens, timm's eval output: the class token; the mean of the patch
+    tokens with global_pool 'avg' (then fc_norm); with a distillation token, the mean of both heads. `drop`: the
+    training wrapper's head dropout."""
+    d = drop if drop is not None else nn.Identity()
+    if c.global_pool == "avg":
+        return head(d(fc_norm(x[:, c.num_prefix_tokens:].mean(dim=1))))
+    if c.dist_token and head_dist is not None:
+        return (head(d(x[:, 0])) + head_dist(d(x[:, 1]))) / 2
+    return head(d(fc_norm(x[:, 0])))
+
+
 class CaitViT(nn.Module):
     """A fused CAIT ViT (or any dense ViT of a registered family) described by a `CaitConfig`.
 
@@ -166,10 +188,7 @@ class CaitViT(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Stem, prefix tokens and position embedding: images -> [B, prefix + Gh*Gw, D] (timm's order)."""
         x = self.patch_embed(images)
-        prefix = self.prefix_tokens(x.shape[0])
-        if self.config.no_embed_class:
-            return torch.cat([*prefix, x + self.pos_embed], dim=1) if prefix else x + self.pos_embed
-        return torch.cat([*prefix, x], dim=1) + self.pos_embed
+        return add_position(x, self.prefix_tokens(x.shape[0]), self.pos_embed, self.config.no_embed_class)
 
     def forward_features(self, images: torch.Tensor, blocks=None, restore: str = "repeat"):
         """Without `blocks`: every token after the last block and the final norm, [B, N, D] (the head's input).
@@ -202,11 +221,7 @@ class CaitViT(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Pooling and classifier: timm's eval output (class token; mean of the patch tokens with
         global_pool 'avg'; with a distillation token, the mean of both heads)."""
-        if self.config.global_pool == "avg":
-            return self.head(self.fc_norm(x[:, self.num_prefix_tokens:].mean(dim=1)))
-        if self.config.dist_token:
-            return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
-        return self.head(self.fc_norm(x[:, 0]))
+        return pool_logits(x, self.config, self.head, getattr(self, "head_dist", None), self.fc_norm)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
