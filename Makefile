@@ -35,7 +35,7 @@ demo: setup
 	$(BIN)/caitdeploy fuse $(OUT)/cait_deit_small.pth --report $(OUT)/cait_deit_small.fuse.json
 	$(BIN)/caitdeploy export $(OUT)/cait_deit_small.fused.safetensors --trt --report $(OUT)/cait_deit_small.export.json
 
-# ruff on the whole tree (settings: pyproject.toml [tool.ruff]), in its own small environment
+# ruff check and ruff format --check on the whole tree (settings: pyproject.toml [tool.ruff]), in its own small environment
 lint: | $(NOX)
 	$(NOX) -s lint
 

@@ -12,6 +12,7 @@
 Run one leg: `make lint`, `make test` (latest) or `make test-floor`; arguments after `--` go to pytest, e.g.
 `.nox/.runner/bin/nox -s floor -- tests/unit/export/test_int8.py`. Each leg prints the versions it ran.
 """
+
 from __future__ import annotations
 
 import glob
@@ -24,16 +25,34 @@ import tomllib
 import nox
 
 nox.options.sessions = ["lint", "latest"]
-nox.options.error_on_missing_interpreters = True   # a missing Python fails the leg, it is never skipped
+nox.options.error_on_missing_interpreters = True  # a missing Python fails the leg, it is never skipped
 if hasattr(nox.options, "download_python"):
-    nox.options.download_python = "never"           # no interpreter downloads: these machines reach PyPI only
+    nox.options.download_python = "never"  # no interpreter downloads: these machines reach PyPI only
 
-VERSIONS = ("torch", "torchvision", "triton", "numpy", "onnxruntime", "onnx", "onnxscript", "onnx-ir", "safetensors",
-            "timm", "polygraphy", "onnx-graphsurgeon", "tensorrt-rtx-cu13", "tritonclient", "nvidia-pytriton", "pytest")
-PRINT_VERSIONS = ("import sys, platform; from importlib.metadata import version, PackageNotFoundError\n"
-                  "def v(n):\n    try: return version(n)\n    except PackageNotFoundError: return '-'\n"
-                  "print('stack: Python ' + platform.python_version() + ', ' + ', '.join(n + ' ' + v(n) for n in "
-                  "sys.argv[1:]))")
+VERSIONS = (
+    "torch",
+    "torchvision",
+    "triton",
+    "numpy",
+    "onnxruntime",
+    "onnx",
+    "onnxscript",
+    "onnx-ir",
+    "safetensors",
+    "timm",
+    "polygraphy",
+    "onnx-graphsurgeon",
+    "tensorrt-rtx-cu13",
+    "tritonclient",
+    "nvidia-pytriton",
+    "pytest",
+)
+PRINT_VERSIONS = (
+    "import sys, platform; from importlib.metadata import version, PackageNotFoundError\n"
+    "def v(n):\n    try: return version(n)\n    except PackageNotFoundError: return '-'\n"
+    "print('stack: Python ' + platform.python_version() + ', ' + ', '.join(n + ' ' + v(n) for n in "
+    "sys.argv[1:]))"
+)
 
 
 def find_python(version: str) -> str:
@@ -43,8 +62,10 @@ def find_python(version: str) -> str:
     if exe and subprocess.run([exe, "-c", ""], capture_output=True, check=False).returncode == 0:
         return exe
     root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
-    found = sorted(glob.glob(f"{root}/versions/{version}.*/bin/python{version}"),
-                   key=lambda p: [int(x) for x in p.split("/versions/")[1].split("/")[0].split(".") if x.isdigit()])
+    found = sorted(
+        glob.glob(f"{root}/versions/{version}.*/bin/python{version}"),
+        key=lambda p: [int(x) for x in p.split("/versions/")[1].split("/")[0].split(".") if x.isdigit()],
+    )
     return found[-1] if found else version
 
 
@@ -75,16 +96,20 @@ def _pytest(session: nox.Session) -> None:
 
 @nox.session(python=find_python("3.11"))
 def lint(session: nox.Session) -> None:
-    """ruff on every Python file of the repository (settings: pyproject.toml [tool.ruff]); nothing else installed."""
+    """ruff lint and format check on every Python file of the repository (settings: pyproject.toml [tool.ruff]);
+    nothing else installed."""
     session.install("--upgrade", "pip")
     pin = dev_pin("ruff")
-    with open(".pre-commit-config.yaml") as f:   # the developers' hook runs the same ruff
+    with open(".pre-commit-config.yaml") as f:  # the developers' hook runs the same ruff
         hook = re.search(r"ruff-pre-commit\s+rev:\s*v(\S+)", f.read())
     if not hook or f"ruff=={hook.group(1)}" != pin.replace(" ", ""):
-        session.error(f".pre-commit-config.yaml: the ruff hook's rev must be v{pin.split('==')[1]} ({pin} in pyproject)")
+        session.error(
+            f".pre-commit-config.yaml: the ruff hook's rev must be v{pin.split('==')[1]} ({pin} in pyproject)"
+        )
     session.install(pin)
     session.run("ruff", "--version")
     session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session(python=find_python("3.11"))
@@ -102,10 +127,15 @@ def floor(session: nox.Session) -> None:
     session.install("--upgrade", "pip")
     session.install("-c", ".ci/floor-constraints.txt", "-e", ".[test-floor]")
     _pytest(session)
-    if session.posargs:    # a chosen test subset: skip the rehearsal
+    if session.posargs:  # a chosen test subset: skip the rehearsal
         return
     session.run("python", "benchmarks/gpu_check.py", "--download-wheels")
     session.run("python", "benchmarks/gpu_check.py", "--rehearse", env={"GPU_CHECK_OUT": "out/gpu-rehearsal"})
     # every kernel for sm_80/86/89/90 with the GPU machine's triton (the rehearsal compiled its sm_90 step)
-    session.run("python", "-m", "caitdeploy.kernels.aot", "--quick",
-                env={"TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"})
+    session.run(
+        "python",
+        "-m",
+        "caitdeploy.kernels.aot",
+        "--quick",
+        env={"TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"},
+    )

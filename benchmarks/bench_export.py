@@ -9,6 +9,7 @@ Writes benchmarks/results/export_times_<machine>.json and .md.
 
     python benchmarks/bench_export.py [--fp16-samples 64] [--archs small,base]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,14 @@ def machine() -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "load_avg_start": os.getloadavg(),
-            "python": platform.python_version(), "host": platform.node()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "load_avg_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
 
 
 def slug(m: dict) -> str:
@@ -63,8 +70,12 @@ def bench_arch(key: str, work: Path, fp16_samples: int, trt_ok: bool) -> dict:
     t = time.perf_counter()
     fuse_rep = fuse_file(work / f"{key}.pth", work / f"{key}.fused.safetensors", FuseOptions(align=8), verify_batch=0)
     out["fuse_s"] = time.perf_counter() - t
-    out.update(flops_fused=fuse_rep["flops_fused"], flops_dense=fuse_rep["flops_dense"],
-               flops_reduction=fuse_rep["flops_reduction"], params_fused=fuse_rep["params_fused"])
+    out.update(
+        flops_fused=fuse_rep["flops_fused"],
+        flops_dense=fuse_rep["flops_dense"],
+        flops_reduction=fuse_rep["flops_reduction"],
+        params_fused=fuse_rep["params_fused"],
+    )
     model = load_model(work / f"{key}.fused.safetensors", attn_impl="math")
     import torch
 
@@ -74,18 +85,32 @@ def bench_arch(key: str, work: Path, fp16_samples: int, trt_ok: bool) -> dict:
         p = work / f"{key}.{dtype}.onnx"
         rep = export_onnx(model, p, dtype=dtype, fp16_samples=fp16_samples)
         v = rep["verify"]
-        row = {"export_s": rep["seconds"]["export"], "clean_check_s": rep["seconds"]["clean_check"],
-               "verify_s": rep["seconds"]["verify"], "total_s": rep["seconds"]["total"], "onnx_bytes": rep["bytes"],
-               "nodes": rep["nodes"], "verify_samples": v["samples"], "max_abs_diff": v["max_abs_diff"],
-               "logit_scale": v["logit_scale"], "top1_agree": v["top1_agree"]}
-        print(f"{arch} {dtype}: export {row['export_s']:.1f} s, verify {row['verify_s']:.1f} s, "
-              f"max|diff| {v['max_abs_diff']:.3g} (scale {v['logit_scale']:.3g})", flush=True)
+        row = {
+            "export_s": rep["seconds"]["export"],
+            "clean_check_s": rep["seconds"]["clean_check"],
+            "verify_s": rep["seconds"]["verify"],
+            "total_s": rep["seconds"]["total"],
+            "onnx_bytes": rep["bytes"],
+            "nodes": rep["nodes"],
+            "verify_samples": v["samples"],
+            "max_abs_diff": v["max_abs_diff"],
+            "logit_scale": v["logit_scale"],
+            "top1_agree": v["top1_agree"],
+        }
+        print(
+            f"{arch} {dtype}: export {row['export_s']:.1f} s, verify {row['verify_s']:.1f} s, "
+            f"max|diff| {v['max_abs_diff']:.3g} (scale {v['logit_scale']:.3g})",
+            flush=True,
+        )
         if trt_ok:
             from caitdeploy.export.tensorrt import build_engine
 
             e = build_engine(p, work / f"{key}.{dtype}.plan", min_batch=1, opt_batch=256, max_batch=256)
-            row.update(engine_build_s=e["build_seconds"], engine_bytes=e["engine_bytes"],
-                       trt=f"{e['flavour']} {e['trt_version']}")
+            row.update(
+                engine_build_s=e["build_seconds"],
+                engine_bytes=e["engine_bytes"],
+                trt=f"{e['flavour']} {e['trt_version']}",
+            )
             print(f"{arch} {dtype}: {e['flavour']} engine build {e['build_seconds']:.1f} s", flush=True)
         out[dtype] = row
     return out
@@ -93,32 +118,50 @@ def bench_arch(key: str, work: Path, fp16_samples: int, trt_ok: bool) -> dict:
 
 def write_md(path: Path, res: dict) -> None:
     m = res["machine"]
-    lines = [f"# caitdeploy export timings: {m['cpu']} ({m['cores']} cores)", "",
-             f"Measured {res['date']} with torch {res['versions']['torch']}, onnx {res['versions']['onnx']}, "
-             f"onnxruntime {res['versions']['onnxruntime']}, {res['versions'].get('trt', 'no TensorRT')}. "
-             f"GPU: {m['gpu'] or 'none'}. Load average at start {', '.join(f'{x:.1f}' for x in m['load_avg_start'])}"
-             + (" (above the core count: the machine was shared, absolute times are noisy)."
-                if m["load_avg_start"][0] > m["cores"] else " (a quiet machine)."), "",
-             ("CAIT checkpoints: one-shot CDCP selection on random weights, merges 4:h,8:v, fused with align 8. "
-             "Export = torch.onnx dynamo export + onnxscript optimizer; check = graph-surgeon fold/cleanup/toposort, "
-             "shape inference, onnx.checker; verify = ONNX Runtime CPU vs PyTorch (fp32: batches 1+7; fp16: + "
-             f"{res['fp16_samples']} images). Engine = TensorRT-RTX ahead-of-time build on the CPU, profile 1/256/256."),
-             "",
-             ("| model | FLOPs/img (fused) | reduction | dtype | export s | check s | verify s | max abs diff "
-             "| logit scale | top-1 agree | engine build s | engine MB |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# caitdeploy export timings: {m['cpu']} ({m['cores']} cores)",
+        "",
+        f"Measured {res['date']} with torch {res['versions']['torch']}, onnx {res['versions']['onnx']}, "
+        f"onnxruntime {res['versions']['onnxruntime']}, {res['versions'].get('trt', 'no TensorRT')}. "
+        f"GPU: {m['gpu'] or 'none'}. Load average at start {', '.join(f'{x:.1f}' for x in m['load_avg_start'])}"
+        + (
+            " (above the core count: the machine was shared, absolute times are noisy)."
+            if m["load_avg_start"][0] > m["cores"]
+            else " (a quiet machine)."
+        ),
+        "",
+        (
+            "CAIT checkpoints: one-shot CDCP selection on random weights, merges 4:h,8:v, fused with align 8. "
+            "Export = torch.onnx dynamo export + onnxscript optimizer; check = graph-surgeon fold/cleanup/toposort, "
+            "shape inference, onnx.checker; verify = ONNX Runtime CPU vs PyTorch (fp32: batches 1+7; fp16: + "
+            f"{res['fp16_samples']} images). Engine = TensorRT-RTX ahead-of-time build on the CPU, profile 1/256/256."
+        ),
+        "",
+        (
+            "| model | FLOPs/img (fused) | reduction | dtype | export s | check s | verify s | max abs diff "
+            "| logit scale | top-1 agree | engine build s | engine MB |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["results"]:
         for dt in ("fp32", "fp16"):
             x = r[dt]
             eng = f"{x['engine_build_s']:.1f}" if "engine_build_s" in x else "-"
             mb = f"{x['engine_bytes'] / 1e6:.1f}" if "engine_bytes" in x else "-"
-            lines.append(f"| {r['arch']} | {r['flops_fused'] / 1e9:.2f} G | {100 * r['flops_reduction']:.1f}% | {dt} "
-                         f"| {x['export_s']:.1f} | {x['clean_check_s']:.1f} | {x['verify_s']:.1f} "
-                         f"| {x['max_abs_diff']:.3g} | {x['logit_scale']:.3g} | {100 * x['top1_agree']:.1f}% "
-                         f"| {eng} | {mb} |")
-    lines += ["", (f"Random-init timm heads give near-tie logits; the head weights were multiplied by {HEAD_SCALE:g} "
-              "before export so the fp16 top-1 agreement measures the graph (export and build times do not depend "
-              "on weight values).")]
+            lines.append(
+                f"| {r['arch']} | {r['flops_fused'] / 1e9:.2f} G | {100 * r['flops_reduction']:.1f}% | {dt} "
+                f"| {x['export_s']:.1f} | {x['clean_check_s']:.1f} | {x['verify_s']:.1f} "
+                f"| {x['max_abs_diff']:.3g} | {x['logit_scale']:.3g} | {100 * x['top1_agree']:.1f}% "
+                f"| {eng} | {mb} |"
+            )
+    lines += [
+        "",
+        (
+            f"Random-init timm heads give near-tie logits; the head weights were multiplied by {HEAD_SCALE:g} "
+            "before export so the fp16 top-1 agreement measures the graph (export and build times do not depend "
+            "on weight values)."
+        ),
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -145,8 +188,13 @@ def main() -> None:
         print(f"no engine builds: {e}")
         trt_ok = False
     m = machine()
-    res = {"machine": m, "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M"),
-           "fp16_samples": args.fp16_samples, "results": []}
+    res = {
+        "machine": m,
+        "versions": versions,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "fp16_samples": args.fp16_samples,
+        "results": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.archs.split(","):
             res["results"].append(bench_arch(key.strip(), Path(tmp), args.fp16_samples, trt_ok))

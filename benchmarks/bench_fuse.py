@@ -7,6 +7,7 @@ and reads that process's peak RSS (ru_maxrss of the child). Also runs `python -c
 for the baseline RSS of the interpreter + torch, so the checkpoint-attributable memory is reported too.
 Writes benchmarks/results/fuse_<arch>_<machine>.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,23 +58,62 @@ def main() -> None:
     machine = f"{cpu_name()}, {os.cpu_count()} cores"
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt.pth"
-        subprocess.run([*CLI, "make-checkpoint", "--arch", args.arch, "--flops-reduction", str(args.flops_reduction),
-                        "--merges", args.merges, "-o", str(ckpt)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                *CLI,
+                "make-checkpoint",
+                "--arch",
+                args.arch,
+                "--flops-reduction",
+                str(args.flops_reduction),
+                "--merges",
+                args.merges,
+                "-o",
+                str(ckpt),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         size_mb = ckpt.stat().st_size / 2**20
         _, base_rss = run_child([sys.executable, "-c", "import torch, caitdeploy.cli.main, caitdeploy.compress.fuse"])
         runs = []
         for _ in range(args.runs):
             rep = Path(tmp) / "r.json"
-            wall, rss = run_child([*CLI, "fuse", str(ckpt), "-o", str(Path(tmp) / "f.safetensors"), "-q",
-                                   "--verify-batch", str(args.verify_batch), "--report", str(rep)])
+            wall, rss = run_child(
+                [
+                    *CLI,
+                    "fuse",
+                    str(ckpt),
+                    "-o",
+                    str(Path(tmp) / "f.safetensors"),
+                    "-q",
+                    "--verify-batch",
+                    str(args.verify_batch),
+                    "--report",
+                    str(rep),
+                ]
+            )
             r = json.loads(rep.read_text())
-            runs.append({"wall_s": wall, "peak_rss_mb": rss, "fuse_s": r["seconds"]["fuse"],
-                         "verify_s": r["seconds"]["verify"], "max_abs_diff": r["verify"]["max_abs_diff"]})
+            runs.append(
+                {
+                    "wall_s": wall,
+                    "peak_rss_mb": rss,
+                    "fuse_s": r["seconds"]["fuse"],
+                    "verify_s": r["seconds"]["verify"],
+                    "max_abs_diff": r["verify"]["max_abs_diff"],
+                }
+            )
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     result = {
-        "arch": args.arch, "flops_reduction": args.flops_reduction, "merges": args.merges, "machine": machine,
-        "python": platform.python_version(), "checkpoint_mb": size_mb, "baseline_rss_mb": base_rss,
-        "runs": runs, "median": med,
+        "arch": args.arch,
+        "flops_reduction": args.flops_reduction,
+        "merges": args.merges,
+        "machine": machine,
+        "python": platform.python_version(),
+        "checkpoint_mb": size_mb,
+        "baseline_rss_mb": base_rss,
+        "runs": runs,
+        "median": med,
         "rss_over_checkpoint": med["peak_rss_mb"] / size_mb,
         "rss_minus_baseline_over_checkpoint": (med["peak_rss_mb"] - base_rss) / size_mb,
         "targets": {"wall_s_lt": 10, "rss_over_checkpoint_lt": 3},
@@ -82,15 +122,24 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tag = f"fuse_{args.arch}_{os.cpu_count()}core"
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# `caitdeploy fuse` on {args.arch} (CAIT {args.flops_reduction:.0%} FLOPs reduction, merges {args.merges})", "",
-          (f"Machine: {machine}. Median of {args.runs} runs, each a fresh process (whole CLI: load, validate, fold, "
-          f"slice, float64 verification on {args.verify_batch} images, FLOPs check against torch's counter, write)."), "",
-          "| checkpoint | wall (s) | fuse (s) | verify (s) | peak RSS | RSS / checkpoint | (RSS - torch baseline) / checkpoint | max abs logit diff |",
-          "|---|---|---|---|---|---|---|---|",
-          (f"| {size_mb:.0f} MiB | {med['wall_s']:.2f} | {med['fuse_s']:.2f} | {med['verify_s']:.2f} | "
-          f"{med['peak_rss_mb']:.0f} MiB | {result['rss_over_checkpoint']:.2f}x | "
-          f"{result['rss_minus_baseline_over_checkpoint']:.2f}x | {med['max_abs_diff']:.2g} |"), "",
-          f"Baseline RSS of `import torch, caitdeploy` alone: {base_rss:.0f} MiB. Targets: < 10 s, < 3x checkpoint size."]
+    md = [
+        f"# `caitdeploy fuse` on {args.arch} (CAIT {args.flops_reduction:.0%} FLOPs reduction, merges {args.merges})",
+        "",
+        (
+            f"Machine: {machine}. Median of {args.runs} runs, each a fresh process (whole CLI: load, validate, fold, "
+            f"slice, float64 verification on {args.verify_batch} images, FLOPs check against torch's counter, write)."
+        ),
+        "",
+        "| checkpoint | wall (s) | fuse (s) | verify (s) | peak RSS | RSS / checkpoint | (RSS - torch baseline) / checkpoint | max abs logit diff |",
+        "|---|---|---|---|---|---|---|---|",
+        (
+            f"| {size_mb:.0f} MiB | {med['wall_s']:.2f} | {med['fuse_s']:.2f} | {med['verify_s']:.2f} | "
+            f"{med['peak_rss_mb']:.0f} MiB | {result['rss_over_checkpoint']:.2f}x | "
+            f"{result['rss_minus_baseline_over_checkpoint']:.2f}x | {med['max_abs_diff']:.2g} |"
+        ),
+        "",
+        f"Baseline RSS of `import torch, caitdeploy` alone: {base_rss:.0f} MiB. Targets: < 10 s, < 3x checkpoint size.",
+    ]
     (out / f"{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -63,23 +63,39 @@ DEFAULT_PAIRS = "40:56,32:48,56:24,64:64"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
     p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="dtype (default fp16)")
-    p.add_argument("--pairs", default=DEFAULT_PAIRS,
-                   help=f"attention head widths as Dqk:Dv,... (default {DEFAULT_PAIRS})")
+    p.add_argument(
+        "--pairs", default=DEFAULT_PAIRS, help=f"attention head widths as Dqk:Dv,... (default {DEFAULT_PAIRS})"
+    )
     p.add_argument("--tokens", default="197,99,50", help="attention token counts (default 197,99,50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (default 10)")
     p.add_argument("--repeats", type=int, default=30, help="timed repeats, median reported (default 30)")
     p.add_argument("--inner", type=int, default=10, help="calls per timed repeat (default 10)")
     p.add_argument("--peak-bw", type=float, default=None, help="peak memory bandwidth in TB/s (default: by GPU name)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak dense fp16/bf16 tensor TFLOP/s (default: by GPU name)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak dense fp16/bf16 tensor TFLOP/s (default: by GPU name)"
+    )
     p.add_argument("--check", action="store_true", help="compare every method against the references first")
-    p.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
-                   help="write results as JSON (default path benchmarks/results/bench_kernels_<gpu>.json)")
-    p.add_argument("--markdown", nargs="?", const="", default=None, metavar="PATH",
-                   help="write results as a Markdown table (default path benchmarks/results/bench_kernels_<gpu>.md)")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="write results as JSON (default path benchmarks/results/bench_kernels_<gpu>.json)",
+    )
+    p.add_argument(
+        "--markdown",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="write results as a Markdown table (default path benchmarks/results/bench_kernels_<gpu>.md)",
+    )
     return p.parse_args(argv)
 
 
@@ -177,7 +193,7 @@ def attention_cases(batch, dtype, dev, pairs, tokens):
             q = torch.randn(batch, HEADS, n, dqk, device=dev, dtype=dtype, generator=gen)
             k = torch.randn(batch, HEADS, n, dqk, device=dev, dtype=dtype, generator=gen)
             v = torch.randn(batch, HEADS, n, dv, device=dev, dtype=dtype, generator=gen)
-            scale = dqk ** -0.5
+            scale = dqk**-0.5
             P = round8(max(dqk, dv))
             qp, kp, vp = (F.pad(t, (0, P - t.shape[-1])) for t in (q, k, v))
 
@@ -264,14 +280,32 @@ def print_table(title, columns, rows):
             print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
 
 
-RESULT_COLUMNS = ["op", "shape", "method", "time (us)", "kernel speed-up", "GB/s", "% peak BW", "TFLOP/s",
-                  "% peak FLOP"]
+RESULT_COLUMNS = [
+    "op",
+    "shape",
+    "method",
+    "time (us)",
+    "kernel speed-up",
+    "GB/s",
+    "% peak BW",
+    "TFLOP/s",
+    "% peak FLOP",
+]
 
 
 def result_rows(results):
     return [
-        [r["op"], r["shape"], r["method"], f"{r['time_us']:.1f}", f"{r['kernel_speedup']:.2f}x",
-         f"{r['gbps']:.0f}", fmt_frac(r["bw_frac"]), f"{r['tflops']:.1f}", fmt_frac(r["flop_frac"])]
+        [
+            r["op"],
+            r["shape"],
+            r["method"],
+            f"{r['time_us']:.1f}",
+            f"{r['kernel_speedup']:.2f}x",
+            f"{r['gbps']:.0f}",
+            fmt_frac(r["bw_frac"]),
+            f"{r['tflops']:.1f}",
+            fmt_frac(r["flop_frac"]),
+        ]
         for r in results
     ]
 
@@ -280,22 +314,35 @@ def write_markdown(path, meta, results, checks):
     lines = [
         f"# kernels/ benchmark on {meta['gpu']}",
         "",
-        (f"- GPU: **{meta['gpu']}** (peaks: {meta['peak']['bw_tbs']} TB/s, {meta['peak']['tflops']} TFLOP/s dense "
-        f"fp16/bf16; source: {meta['peak']['source']})"),
-        (f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, dtype {meta['dtype']}, "
-        f"batch {meta['batch']}"),
-        (f"- timing: CUDA events, {meta['warmup']} warm-up calls, median of {meta['repeats']} repeats of "
-        f"{meta['inner']} calls; {meta['date']}"),
-        ("- kernel speed-up = t(method) / t(Triton kernel); bandwidth and FLOP rates use the op's minimal bytes "
-        "and FLOPs, the same for every method"),
+        (
+            f"- GPU: **{meta['gpu']}** (peaks: {meta['peak']['bw_tbs']} TB/s, {meta['peak']['tflops']} TFLOP/s dense "
+            f"fp16/bf16; source: {meta['peak']['source']})"
+        ),
+        (
+            f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, dtype {meta['dtype']}, "
+            f"batch {meta['batch']}"
+        ),
+        (
+            f"- timing: CUDA events, {meta['warmup']} warm-up calls, median of {meta['repeats']} repeats of "
+            f"{meta['inner']} calls; {meta['date']}"
+        ),
+        (
+            "- kernel speed-up = t(method) / t(Triton kernel); bandwidth and FLOP rates use the op's minimal bytes "
+            "and FLOPs, the same for every method"
+        ),
         "",
         "| " + " | ".join(RESULT_COLUMNS) + " |",
         "|" + "---|" * len(RESULT_COLUMNS),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in result_rows(results)]
     if checks:
-        lines += ["", "## --check (max abs error vs fp32 reference, batch 8)", "",
-                  "| op | shape | method | max abs err | ok |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## --check (max abs error vs fp32 reference, batch 8)",
+            "",
+            "| op | shape | method | max abs err | ok |",
+            "|---|---|---|---|---|",
+        ]
         lines += [f"| {c['op']} | {c['shape']} | {c['method']} | {c['max_abs_err']:.3g} | {c['ok']} |" for c in checks]
     Path(path).write_text("\n".join(lines) + "\n")
 
@@ -337,9 +384,11 @@ def main(argv=None) -> int:
     checks = []
     if args.check:
         checks, ok = run_checks(cases, dtype)
-        print_table(f"--check on {name} (max abs error vs fp32 reference, batch 8)",
-                    ["op", "shape", "method", "max abs err", "ok"],
-                    [[c["op"], c["shape"], c["method"], f"{c['max_abs_err']:.3g}", str(c["ok"])] for c in checks])
+        print_table(
+            f"--check on {name} (max abs error vs fp32 reference, batch 8)",
+            ["op", "shape", "method", "max abs err", "ok"],
+            [[c["op"], c["shape"], c["method"], f"{c['max_abs_err']:.3g}", str(c["ok"])] for c in checks],
+        )
         if not ok:
             print("bench_kernels: --check failed; not timing")
             return 1
@@ -347,28 +396,49 @@ def main(argv=None) -> int:
     results = []
     for label, shape, kern, alts, nbytes, flops, _ in cases:
         t_k = cuda_time_ms(kern, args.warmup, args.repeats, args.inner)
-        timings = [("triton kernel", t_k)] + [(n, cuda_time_ms(fn, args.warmup, args.repeats, args.inner))
-                                               for n, fn in alts.items()]
+        timings = [("triton kernel", t_k)] + [
+            (n, cuda_time_ms(fn, args.warmup, args.repeats, args.inner)) for n, fn in alts.items()
+        ]
         for method, t_ms in timings:
             sec = t_ms * 1e-3
             gbps = nbytes / sec / 1e9
             tflops = flops / sec / 1e12
-            results.append({
-                "op": label, "shape": shape, "method": method, "time_us": t_ms * 1e3,
-                "kernel_speedup": t_ms / t_k, "bytes": nbytes, "flops": flops,
-                "gbps": gbps, "bw_frac": gbps / (peak["bw_tbs"] * 1e3) if peak["bw_tbs"] else None,
-                "tflops": tflops, "flop_frac": tflops / peak["tflops"] if peak["tflops"] else None,
-            })
+            results.append(
+                {
+                    "op": label,
+                    "shape": shape,
+                    "method": method,
+                    "time_us": t_ms * 1e3,
+                    "kernel_speedup": t_ms / t_k,
+                    "bytes": nbytes,
+                    "flops": flops,
+                    "gbps": gbps,
+                    "bw_frac": gbps / (peak["bw_tbs"] * 1e3) if peak["bw_tbs"] else None,
+                    "tflops": tflops,
+                    "flop_frac": tflops / peak["tflops"] if peak["tflops"] else None,
+                }
+            )
 
     bw_txt = f"{peak['bw_tbs']} TB/s" if peak["bw_tbs"] else "unknown (use --peak-bw)"
     tf_txt = f"{peak['tflops']} TFLOP/s" if peak["tflops"] else "unknown (use --peak-tflops)"
-    print_table(f"kernels/ on {name}, {args.dtype}, batch {args.batch} "
-                f"(peak {bw_txt}, {tf_txt}; {peak['source']})", RESULT_COLUMNS, result_rows(results))
+    print_table(
+        f"kernels/ on {name}, {args.dtype}, batch {args.batch} (peak {bw_txt}, {tf_txt}; {peak['source']})",
+        RESULT_COLUMNS,
+        result_rows(results),
+    )
 
     meta = {
-        "gpu": name, "peak": peak, "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "dtype": args.dtype,
-        "batch": args.batch, "warmup": args.warmup, "repeats": args.repeats, "inner": args.inner,
+        "gpu": name,
+        "peak": peak,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "inner": args.inner,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     slug = gpu_slug(name)

@@ -12,6 +12,7 @@ repetition. ToMe's r is matched to CAIT's encoder FLOPs at 512 px.
 
 Writes benchmarks/results/dense_<machine>_<size>_b<batch>_<models>.{json,md,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,11 @@ def main(argv=None) -> int:
     ap.add_argument("--min-seconds", type=float, default=0.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--work-dir", default=None,
-                    help="fused models and ONNX files (default: <tmp>/caitdeploy-paper-settings, shared with "
-                         "paper_settings.py)")
+    ap.add_argument(
+        "--work-dir",
+        default=None,
+        help="fused models and ONNX files (default: <tmp>/caitdeploy-paper-settings, shared with paper_settings.py)",
+    )
     args = ap.parse_args(argv)
 
     from caitdeploy.bench import run_bench
@@ -62,24 +65,47 @@ def main(argv=None) -> int:
     paths = [build_setting(s, PAPER[s], work, log) for s in sizes]
     timing = Timing(warmup=args.warmup, min_iters=args.min_iters, min_seconds=args.min_seconds, repeats=args.repeats)
     t0 = time.perf_counter()
-    records = run_bench(paths, batches=[args.batch], backends=args.backends.split(","), dtype="fp32", timing=timing,
-                        threads=args.threads, work_dir=work / f"onnx-dense-{args.img_size}", log=log,
-                        img_size=args.img_size, features=args.features)
+    records = run_bench(
+        paths,
+        batches=[args.batch],
+        backends=args.backends.split(","),
+        dtype="fp32",
+        timing=timing,
+        threads=args.threads,
+        work_dir=work / f"onnx-dense-{args.img_size}",
+        log=log,
+        img_size=args.img_size,
+        features=args.features,
+    )
     elapsed = time.perf_counter() - t0
     machine = machine_name()
     tag = f"dense_{machine}_{args.img_size}_b{args.batch}_{'-'.join(sizes)}"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/dense_prediction.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    title = (f"CAIT backbones for dense prediction on {machine}: features {args.features} at {args.img_size} px, "
-             f"batch {args.batch}")
-    write_results(out_dir / tag, records, title, command,
-                  {"models": sizes, "reductions_at_224": [PAPER[s] for s in sizes], "merges": "4:h,8:v",
-                   "img_size": args.img_size, "features": args.features, "restore": "repeat",
-                   "weights": "random (speed only)", "seconds": round(elapsed, 1),
-                   "paper_tab4_encoder_speedup_range": list(PAPER_RANGE)},
-                  f"paper Tab. IV (GPU, 512x512, batch 32): encoder speed-ups {PAPER_RANGE[0]}x-{PAPER_RANGE[1]}x "
-                  "over the dense backbone")
+    title = (
+        f"CAIT backbones for dense prediction on {machine}: features {args.features} at {args.img_size} px, "
+        f"batch {args.batch}"
+    )
+    write_results(
+        out_dir / tag,
+        records,
+        title,
+        command,
+        {
+            "models": sizes,
+            "reductions_at_224": [PAPER[s] for s in sizes],
+            "merges": "4:h,8:v",
+            "img_size": args.img_size,
+            "features": args.features,
+            "restore": "repeat",
+            "weights": "random (speed only)",
+            "seconds": round(elapsed, 1),
+            "paper_tab4_encoder_speedup_range": list(PAPER_RANGE),
+        },
+        f"paper Tab. IV (GPU, 512x512, batch 32): encoder speed-ups {PAPER_RANGE[0]}x-{PAPER_RANGE[1]}x "
+        "over the dense backbone",
+    )
     print_table(records, con, title=title)
     log(f"wrote {out_dir / tag}.json/.md/.png in {elapsed:.0f} s of benchmarking")
     return 0

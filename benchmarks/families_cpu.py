@@ -11,6 +11,7 @@ CDCP pruning to SiT-S's FLOPs reduction, then `fuse`; SPViT-DeiT-S is the releas
 architecture converted with `--align 8`, its dense baseline DeiT-S. Writes benchmarks/results/
 families_<machine>_b<batch>.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,19 @@ def main(argv=None) -> int:
         sh("convert", t / "sit_s.pth", "--from", "sit", "--variant", "s", "-o", t / "sit_s.fused.safetensors", "-q")
         _cfg, _, meta = load_fused(t / "sit_s.fused.safetensors")
         reduction = 1 - meta["flops"] / meta["flops_dense"]
-        sh("make-checkpoint", "--arch", "lvvit_s", "--merges", "9:h,12:v", "--flops-reduction", f"{reduction:.4f}",
-           "--align", "8", "-o", t / "cait_lvvit_s.pth")
+        sh(
+            "make-checkpoint",
+            "--arch",
+            "lvvit_s",
+            "--merges",
+            "9:h,12:v",
+            "--flops-reduction",
+            f"{reduction:.4f}",
+            "--align",
+            "8",
+            "-o",
+            t / "cait_lvvit_s.pth",
+        )
         sh("fuse", t / "cait_lvvit_s.pth", "-q", "--verify-batch", "1")
         arch = SPVIT_RELEASED["spvit_deit_sm_l30_t32"]
         torch.save({"model": spvit_state_dict(arch["kinds"], arch["mlp_widths"])}, t / "spvit_s.pth")
@@ -59,31 +71,64 @@ def main(argv=None) -> int:
         for name in ("sit_s", "cait_lvvit_s", "spvit_s"):
             js = t / f"{name}.json"
             baselines = "dense" if name != "cait_lvvit_s" else "none"
-            sh("bench", t / f"{name}.fused.safetensors", "--batch", args.batch, "--backends", "ort", "--dtype", "fp32",
-               "--baselines", baselines, "--warmup", "2", "--min-iters", args.min_iters, "--min-seconds", "0",
-               "--repeats", "2", "--threads", args.threads, "--json", js, "-q")
+            sh(
+                "bench",
+                t / f"{name}.fused.safetensors",
+                "--batch",
+                args.batch,
+                "--backends",
+                "ort",
+                "--dtype",
+                "fp32",
+                "--baselines",
+                baselines,
+                "--warmup",
+                "2",
+                "--min-iters",
+                args.min_iters,
+                "--min-seconds",
+                "0",
+                "--repeats",
+                "2",
+                "--threads",
+                args.threads,
+                "--json",
+                js,
+                "-q",
+            )
             for r in json.loads(js.read_text()):
                 r["setting"] = name if r["model"].startswith("CAIT") or name == "cait_lvvit_s" else r["setting"]
                 records.append({**r, "source_model": name})
     tag = f"families_{machine_name()}_b{args.batch}"
     (out_dir / f"{tag}.json").write_text(json.dumps(records, indent=1))
     label = {"sit_s": "SiT-S (convert)", "cait_lvvit_s": "CAIT-LV-ViT-S (fuse)", "spvit_s": "SPViT-DeiT-S (convert)"}
-    lines = [(f"# New families on ONNX Runtime CPU fp32, batch {args.batch} ({records[0]['env_cpu']}, "
-             f"{args.threads} threads; random weights in the released layouts: speed only)"), "",
-             "| model | GFLOPs/img | params | p50 ms | img/s | speed-up vs its dense model |", "|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"# New families on ONNX Runtime CPU fp32, batch {args.batch} ({records[0]['env_cpu']}, "
+            f"{args.threads} threads; random weights in the released layouts: speed only)"
+        ),
+        "",
+        "| model | GFLOPs/img | params | p50 ms | img/s | speed-up vs its dense model |",
+        "|---|---|---|---|---|---|",
+    ]
     dense_speed = {}
     for r in records:
         if r["model"].startswith("dense"):
             dense_speed[r["source_model"]] = r["throughput_img_s"]
     for r in records:
-        name = label[r["source_model"]] if not r["model"].startswith("dense") else \
-            ("LV-ViT-S (dense)" if r["source_model"] != "spvit_s" else "DeiT-S (dense)")
+        name = (
+            label[r["source_model"]]
+            if not r["model"].startswith("dense")
+            else ("LV-ViT-S (dense)" if r["source_model"] != "spvit_s" else "DeiT-S (dense)")
+        )
         if r["model"].startswith("dense") and r["source_model"] == "cait_lvvit_s":
             continue
         base = dense_speed.get("sit_s" if r["source_model"] != "spvit_s" else "spvit_s")
         sp = f"{r['throughput_img_s'] / base:.2f}x" if base and r["throughput_img_s"] else "-"
-        lines.append(f"| {name} | {r['flops_per_img'] / 1e9:.3f} | {r['params'] / 1e6:.2f}M | {r['latency_ms_p50']:.1f} "
-                     f"| {r['throughput_img_s']:.1f} | {sp} |")
+        lines.append(
+            f"| {name} | {r['flops_per_img'] / 1e9:.3f} | {r['params'] / 1e6:.2f}M | {r['latency_ms_p50']:.1f} "
+            f"| {r['throughput_img_s']:.1f} | {sp} |"
+        )
     (out_dir / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

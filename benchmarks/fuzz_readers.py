@@ -8,6 +8,7 @@ The command line of the harness in caitdeploy/testing/fuzz.py (targets, readers,
 finding are described there); tests/security/test_fuzz_readers.py runs a bounded version of it. The committed
 long run: --json results/fuzz_readers.json --md results/fuzz_readers.md (benchmarks/README.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,19 +24,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--examples", type=int, default=None, help="cases per target (default 200 without --seconds)")
     ap.add_argument("--seconds", type=float, default=None, help="time budget per target (with --examples: first hit)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--targets", default=",".join(fuzz.TARGETS),
-                    help=f"comma-separated, from: {', '.join(fuzz.TARGETS)}")
+    ap.add_argument(
+        "--targets", default=",".join(fuzz.TARGETS), help=f"comma-separated, from: {', '.join(fuzz.TARGETS)}"
+    )
     ap.add_argument("--json", default=None, help="write the summary here")
     ap.add_argument("--md", default=None, help="write a short markdown report here")
     ap.add_argument("--findings", default=None, help="folder for failing files and repro.py (default: a temp folder)")
     ap.add_argument("--case-seconds", type=float, default=fuzz.CASE_SECONDS)
     ap.add_argument("--case-memory-mb", type=float, default=fuzz.CASE_MEMORY_MB)
-    ap.add_argument("--memory-mb", type=int, default=fuzz.MEMORY_MB,
-                    help="RLIMIT_AS headroom over the worker after setup")
+    ap.add_argument(
+        "--memory-mb", type=int, default=fuzz.MEMORY_MB, help="RLIMIT_AS headroom over the worker after setup"
+    )
     args = ap.parse_args(argv)
-    summary = fuzz.run_fuzz(args.examples, args.seconds, args.seed, tuple(t for t in args.targets.split(",") if t),
-                            args.findings, args.case_seconds, args.case_memory_mb, args.memory_mb,
-                            log=lambda s: print(s, file=sys.stderr, flush=True))
+    summary = fuzz.run_fuzz(
+        args.examples,
+        args.seconds,
+        args.seed,
+        tuple(t for t in args.targets.split(",") if t),
+        args.findings,
+        args.case_seconds,
+        args.case_memory_mb,
+        args.memory_mb,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
     print(fuzz.format_summary(summary))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@
 The steps, their time limits and the rehearsal are in caitdeploy/testing/gpu_check.py (the tests import them from
 there); this is its command line. caitdeploy must be importable: installed, or PYTHONPATH=. as `make gpu-check` sets.
 """
+
 from __future__ import annotations
 
 import sys

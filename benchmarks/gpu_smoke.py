@@ -7,6 +7,7 @@ Every row must be "ok" or "n/a: <reason>" for a runtime this machine lacks (Tens
 row that "failed" is a bug and makes the exit status 1. The torch rows must be ok. On a CPU machine
 (`--device cpu`) the same script checks the CPU backends, which is how it is tested without a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,18 +43,35 @@ def main(argv=None) -> int:
     ck, _ = make_checkpoint("deit_tiny_patch16_224", 0.6, {2: "h", 4: "v"}, num_classes=10, img_size=64)
     save_checkpoint_dict(ck, out / "smoke.pth")
     fuse_file(out / "smoke.pth", out / "smoke.fused.safetensors", FuseOptions(align=8), verify_batch=1)
-    backends = (args.backends or ("torch,compile,ort,trt,torch-triton" if args.device == "cuda" else "torch,ort"))
-    recs = run_bench([str(out / "smoke.fused.safetensors")], batches=[8], backends=backends.split(","),
-                     dtype="fp16" if args.device == "cuda" else "fp32", baselines=["dense", "tome"], tome_r=4,
-                     device=args.device, timing=Timing(warmup=1, min_iters=3, min_seconds=0.0, repeats=1),
-                     work_dir=out / "work", progress=False, log=lambda s: None)
+    backends = args.backends or ("torch,compile,ort,trt,torch-triton" if args.device == "cuda" else "torch,ort")
+    recs = run_bench(
+        [str(out / "smoke.fused.safetensors")],
+        batches=[8],
+        backends=backends.split(","),
+        dtype="fp16" if args.device == "cuda" else "fp32",
+        baselines=["dense", "tome"],
+        tome_r=4,
+        device=args.device,
+        timing=Timing(warmup=1, min_iters=3, min_seconds=0.0, repeats=1),
+        work_dir=out / "work",
+        progress=False,
+        log=lambda s: None,
+    )
     write_records_json(recs, out / "smoke.json")
     bad = [r for r in recs if r["status"] != "ok" and "failed" in r["status"]]
     torch_bad = [r for r in recs if r["backend"] == "torch" and r["status"] != "ok"]
     for r in recs:
         print(f"{r['model']:6} {r['backend']:13} {r['status']}")
-    print(json.dumps({"rows": len(recs), "ok": sum(r["status"] == "ok" for r in recs), "failed": len(bad),
-                      "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}))
+    print(
+        json.dumps(
+            {
+                "rows": len(recs),
+                "ok": sum(r["status"] == "ok" for r in recs),
+                "failed": len(bad),
+                "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            }
+        )
+    )
     return 1 if bad or torch_bad else 0
 
 

@@ -13,6 +13,7 @@ speed and numeric agreement only; accuracy on real data is examples/train_digits
 Writes benchmarks/results/int8_<machine>_b<batch>_small.{json,md,png}; the JSON's "targets" holds every target,
 the measured value and whether it is met.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,17 @@ TARGETS = {"static_vs_fp32": 1.7, "dynamic_vs_fp32": 1.9, "cosine": 0.99}
 
 
 def _row(records, model, backend, dtype):
-    hit = [r for r in records if r["model"] == model and r["backend"] == backend and r["dtype"] == dtype
-           and r["status"] == "ok"]
+    hit = [
+        r
+        for r in records
+        if r["model"] == model and r["backend"] == backend and r["dtype"] == dtype and r["status"] == "ok"
+    ]
     return hit[0] if hit else None
 
 
 def targets(records, agreement) -> list[dict]:
     """Each target, the measured value and whether it is met (None where a row did not run)."""
+
     def ratio(a, b):
         return b["latency_ms_p50"] / a["latency_ms_p50"] if a and b else None
 
@@ -46,18 +51,37 @@ def targets(records, agreement) -> list[dict]:
     for mode, dt in (("static", "int8"), ("dynamic", "int8-dynamic")):
         q = _row(records, "cait", "ort", dt)
         v = ratio(q, fp32)
-        out.append({"target": f"CAIT {mode} int8 vs CAIT fp32 (ort)", "goal": TARGETS[f"{mode}_vs_fp32"],
-                    "measured": v, "met": None if v is None else v >= TARGETS[f"{mode}_vs_fp32"]})
+        out.append(
+            {
+                "target": f"CAIT {mode} int8 vs CAIT fp32 (ort)",
+                "goal": TARGETS[f"{mode}_vs_fp32"],
+                "measured": v,
+                "met": None if v is None else v >= TARGETS[f"{mode}_vs_fp32"],
+            }
+        )
         c = agreement.get(mode, {}).get("cosine_min")
-        out.append({"target": f"CAIT {mode} int8 logit cosine vs fp32 (min over images)", "goal": TARGETS["cosine"],
-                    "measured": c, "met": None if c is None else c >= TARGETS["cosine"]})
+        out.append(
+            {
+                "target": f"CAIT {mode} int8 logit cosine vs fp32 (min over images)",
+                "goal": TARGETS["cosine"],
+                "measured": c,
+                "met": None if c is None else c >= TARGETS["cosine"],
+            }
+        )
         v = ratio(q, dense)
-        out.append({"target": f"CAIT {mode} int8 vs dense fp32 (ort; combined, reported)", "goal": None,
-                    "measured": v, "met": None})
+        out.append(
+            {
+                "target": f"CAIT {mode} int8 vs dense fp32 (ort; combined, reported)",
+                "goal": None,
+                "measured": v,
+                "met": None,
+            }
+        )
     bf, t32 = _row(records, "cait", "torch", "bf16"), _row(records, "cait", "torch", "fp32")
     v = ratio(bf, t32)
-    out.append({"target": "CAIT bf16 autocast vs CAIT fp32 (torch, reported)", "goal": None, "measured": v,
-                "met": None})
+    out.append(
+        {"target": "CAIT bf16 autocast vs CAIT fp32 (torch, reported)", "goal": None, "measured": v, "met": None}
+    )
     return out
 
 
@@ -73,8 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--check-images", type=int, default=32, help="synthetic images for int8-vs-fp32 agreement")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--work-dir", default=None,
-                    help="fused model and ONNX files (default: <tmp>/caitdeploy-paper-settings)")
+    ap.add_argument(
+        "--work-dir", default=None, help="fused model and ONNX files (default: <tmp>/caitdeploy-paper-settings)"
+    )
     args = ap.parse_args(argv)
 
     from caitdeploy.bench import run_bench
@@ -92,8 +117,16 @@ def main(argv=None) -> int:
     onnx_dir = work / "onnx-int8"
     timing = Timing(warmup=args.warmup, min_iters=args.min_iters, min_seconds=args.min_seconds, repeats=args.repeats)
     t0 = time.perf_counter()
-    records = run_bench([path], batches=[args.batch], backends=args.backends.split(","), dtype=args.dtypes,
-                        timing=timing, threads=args.threads, work_dir=onnx_dir, log=log)
+    records = run_bench(
+        [path],
+        batches=[args.batch],
+        backends=args.backends.split(","),
+        dtype=args.dtypes,
+        timing=timing,
+        threads=args.threads,
+        work_dir=onnx_dir,
+        log=log,
+    )
     elapsed = time.perf_counter() - t0
 
     # numeric agreement of the CAIT int8 models with fp32 on held-out synthetic images (another seed than the
@@ -105,8 +138,11 @@ def main(argv=None) -> int:
     for mode in ("static", "dynamic"):
         calib = synthetic_images(64, (3, 224, 224), seed=0)[0] if mode == "static" else None
         q, info = quantize_onnx_bytes(fp32, mode, calib)
-        agreement[mode] = dict(compare_int8(fp32, q, held, threads=args.threads), float_ops=info["float_ops"],
-                               quantized_nodes=info["quantized_nodes"])
+        agreement[mode] = dict(
+            compare_int8(fp32, q, held, threads=args.threads),
+            float_ops=info["float_ops"],
+            quantized_nodes=info["quantized_nodes"],
+        )
     tg = targets(records, agreement)
 
     machine = machine_name()
@@ -120,11 +156,24 @@ def main(argv=None) -> int:
         m = "n/a" if t["measured"] is None else f"{t['measured']:.3f}" + ("x" if "cosine" not in t["target"] else "")
         goal = "" if t["goal"] is None else f" (target >= {t['goal']}: {'met' if t['met'] else 'NOT met'})"
         lines.append(f"{t['target']}: {m}{goal}")
-    write_results(out_dir / tag, records, title, command,
-                  {"model": "small", "reduction_at_224": PAPER["small"], "merges": "4:h,8:v", "batch": args.batch,
-                   "threads": args.threads, "weights": "random (speed and numeric agreement only)",
-                   "seconds": round(elapsed, 1), "agreement": agreement, "targets": tg},
-                  "issue-14 targets: " + "; ".join(lines))
+    write_results(
+        out_dir / tag,
+        records,
+        title,
+        command,
+        {
+            "model": "small",
+            "reduction_at_224": PAPER["small"],
+            "merges": "4:h,8:v",
+            "batch": args.batch,
+            "threads": args.threads,
+            "weights": "random (speed and numeric agreement only)",
+            "seconds": round(elapsed, 1),
+            "agreement": agreement,
+            "targets": tg,
+        },
+        "issue-14 targets: " + "; ".join(lines),
+    )
     print_table(records, con, title=title)
     for ln in lines:
         log(ln)

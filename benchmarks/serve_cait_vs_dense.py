@@ -9,6 +9,7 @@ ONNX with ONNX Runtime; the bundled nvidia-pytriton server has no onnxruntime ba
 `caitdeploy.serve.TritonServer`, and load-tests both with `caitdeploy.serve.loadtest.load_test` at every
 concurrency level. Writes benchmarks/results/serve_<machine>_b<batch>.{json,md,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +56,18 @@ def main(argv=None) -> int:
         with Staging() as st:
             for name, model in (("cait_deit_small", cait), ("deit_small_dense", dense)):
                 data, _ = export_onnx_bytes(model, tmp / f"{name}.onnx", verify=False)
-                entry = plan_triton_repo(repo, name, ".onnx", backend="python", max_batch_size=args.max_batch,
-                                         input_dims=(3, 224, 224), output_dims=(1000,),
-                                         preferred_batch_sizes=[args.max_batch], instance_kind="cpu",
-                                         max_queue_delay_us=2000)
+                entry = plan_triton_repo(
+                    repo,
+                    name,
+                    ".onnx",
+                    backend="python",
+                    max_batch_size=args.max_batch,
+                    input_dims=(3, 224, 224),
+                    output_dims=(1000,),
+                    preferred_batch_sizes=[args.max_batch],
+                    instance_kind="cpu",
+                    max_queue_delay_us=2000,
+                )
                 stage_triton_repo(st, entry, data)
         server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
         with server:
@@ -72,11 +81,15 @@ def main(argv=None) -> int:
     machine = machine_name()
     out = Path(args.out_dir)
     stem = out / f"serve_{machine}_b{args.batch}"
-    doc = {"machine": machine, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-           "command": "python benchmarks/serve_cait_vs_dense.py " + " ".join(sys.argv[1:]),
-           "server": f"tritonserver ({server.source}), Python backend, ONNX Runtime CPU, dynamic batching "
-                     f"max_batch_size {args.max_batch}, 2 ms queue delay",
-           "flops": {"cait": summary["flops_pruned"], "dense": summary["flops_dense"]}, "records": records}
+    doc = {
+        "machine": machine,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": "python benchmarks/serve_cait_vs_dense.py " + " ".join(sys.argv[1:]),
+        "server": f"tritonserver ({server.source}), Python backend, ONNX Runtime CPU, dynamic batching "
+        f"max_batch_size {args.max_batch}, 2 ms queue delay",
+        "flops": {"cait": summary["flops_pruned"], "dense": summary["flops_dense"]},
+        "records": records,
+    }
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     md = to_markdown(records, title=f"CAIT-DeiT-Small (55%) vs dense DeiT-Small on Triton, {machine}")
     md += "\n| concurrency | CAIT req/s | dense req/s | CAIT / dense |\n|---|---|---|---|\n"

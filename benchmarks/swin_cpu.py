@@ -16,6 +16,7 @@ Random weights (no hub here; speed does not depend on them):
 - dense Swin-T: `bench`'s dense baseline.
 Writes benchmarks/results/swin_<machine>_b<batch>.{json,md,png} and a summary (.summary.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,55 +54,146 @@ def main(argv=None) -> int:
     tag = f"swin_{machine_name()}_b{args.batch}"
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        sh("make-checkpoint", "--arch", ARCH, "--merges", "none", "--flops-reduction", "0.267", "--align", "8",
-           "-o", t / "cait_swin_t_tab12.pth")
-        sh("make-checkpoint", "--arch", ARCH, "--merges", "2.4:h,2.5:v", "--flops-reduction", "0.354", "--align", "8",
-           "-o", t / "cait_swin_t_tab14.pth")
+        sh(
+            "make-checkpoint",
+            "--arch",
+            ARCH,
+            "--merges",
+            "none",
+            "--flops-reduction",
+            "0.267",
+            "--align",
+            "8",
+            "-o",
+            t / "cait_swin_t_tab12.pth",
+        )
+        sh(
+            "make-checkpoint",
+            "--arch",
+            ARCH,
+            "--merges",
+            "2.4:h,2.5:v",
+            "--flops-reduction",
+            "0.354",
+            "--align",
+            "8",
+            "-o",
+            t / "cait_swin_t_tab14.pth",
+        )
         for name in ("cait_swin_t_tab12", "cait_swin_t_tab14"):
             sh("fuse", t / f"{name}.pth", "-q", "--verify-batch", "1")
         torch.manual_seed(0)
         arch = SPVIT_SWIN_RELEASED["spvit_swin_tn_l28_t32"]
-        torch.save({"model": spvit_swin_state_dict(timm.create_model(ARCH), arch["kinds"], arch["mlp_widths"])},
-                   t / "spvit_swin_t.pth")
-        sh("convert", t / "spvit_swin_t.pth", "--from", "spvit", "--align", "8", "-o",
-           t / "spvit_swin_t.fused.safetensors", "-q", "--verify-batch", "1")
-        torch.save({"model": dimap_state_dict(timm.create_model(ARCH), 0.5, whole_rows=False)},
-                   t / "dimap_swin_t_50.pth")
-        sh("convert", t / "dimap_swin_t_50.pth", "--from", "dimap", "-o", t / "dimap_swin_t_50.fused.safetensors",
-           "--report", t / "dimap.json", "-q", "--verify-batch", "1")
+        torch.save(
+            {"model": spvit_swin_state_dict(timm.create_model(ARCH), arch["kinds"], arch["mlp_widths"])},
+            t / "spvit_swin_t.pth",
+        )
+        sh(
+            "convert",
+            t / "spvit_swin_t.pth",
+            "--from",
+            "spvit",
+            "--align",
+            "8",
+            "-o",
+            t / "spvit_swin_t.fused.safetensors",
+            "-q",
+            "--verify-batch",
+            "1",
+        )
+        torch.save(
+            {"model": dimap_state_dict(timm.create_model(ARCH), 0.5, whole_rows=False)}, t / "dimap_swin_t_50.pth"
+        )
+        sh(
+            "convert",
+            t / "dimap_swin_t_50.pth",
+            "--from",
+            "dimap",
+            "-o",
+            t / "dimap_swin_t_50.fused.safetensors",
+            "--report",
+            t / "dimap.json",
+            "-q",
+            "--verify-batch",
+            "1",
+        )
         dimap = json.loads((t / "dimap.json").read_text())
-        files = [t / f"{n}.fused.safetensors" for n in ("cait_swin_t_tab12", "cait_swin_t_tab14", "spvit_swin_t",
-                                                         "dimap_swin_t_50")]
-        sh("bench", *files, "--batch", args.batch, "--backends", "ort", "--dtype", "fp32", "--baselines", "dense",
-           "--warmup", "3", "--min-iters", args.min_iters, "--min-seconds", "0", "--repeats", args.repeats,
-           "--threads", args.threads, "--json", out_dir / f"{tag}.json", "--markdown", out_dir / f"{tag}.md",
-           "--plot", out_dir / f"{tag}.png", "-q")
+        files = [
+            t / f"{n}.fused.safetensors"
+            for n in ("cait_swin_t_tab12", "cait_swin_t_tab14", "spvit_swin_t", "dimap_swin_t_50")
+        ]
+        sh(
+            "bench",
+            *files,
+            "--batch",
+            args.batch,
+            "--backends",
+            "ort",
+            "--dtype",
+            "fp32",
+            "--baselines",
+            "dense",
+            "--warmup",
+            "3",
+            "--min-iters",
+            args.min_iters,
+            "--min-seconds",
+            "0",
+            "--repeats",
+            args.repeats,
+            "--threads",
+            args.threads,
+            "--json",
+            out_dir / f"{tag}.json",
+            "--markdown",
+            out_dir / f"{tag}.md",
+            "--plot",
+            out_dir / f"{tag}.png",
+            "-q",
+        )
         metas = {f.name.removesuffix(".fused.safetensors"): load_fused(f)[2] for f in files}
     records = json.loads((out_dir / f"{tag}.json").read_text())
-    label = {"cait_swin_t_tab12": "CAIT-Swin-T, Tab. XII (CDCP only)",
-             "cait_swin_t_tab14": "CAIT-Swin-T, Tab. XIV (ATME 2.4:h,2.5:v + CDCP)",
-             "spvit_swin_t": "SPViT-Swin-T (released architecture)",
-             "dimap_swin_t_50": "DIMAP-style Swin-T (50% unstructured zeros)"}
+    label = {
+        "cait_swin_t_tab12": "CAIT-Swin-T, Tab. XII (CDCP only)",
+        "cait_swin_t_tab14": "CAIT-Swin-T, Tab. XIV (ATME 2.4:h,2.5:v + CDCP)",
+        "spvit_swin_t": "SPViT-Swin-T (released architecture)",
+        "dimap_swin_t_50": "DIMAP-style Swin-T (50% unstructured zeros)",
+    }
     dense = next(r for r in records if r["model"] == "dense")
-    lines = [(f"# Swin-T on ONNX Runtime CPU fp32, batch {args.batch} ({dense['env_cpu']}, {args.threads} threads; "
-             "random weights in the released layouts: speed only)"), "",
-             "| model | GFLOPs/img | FLOPs vs dense | params | p50 ms | img/s | speed-up vs dense Swin-T |",
-             "|---|---|---|---|---|---|---|",
-             (f"| Swin-T (dense) | {dense['flops_per_img'] / 1e9:.3f} | - | {dense['params'] / 1e6:.2f}M | "
-             f"{dense['latency_ms_p50']:.1f} | {dense['throughput_img_s']:.1f} | 1.00x |")]
+    lines = [
+        (
+            f"# Swin-T on ONNX Runtime CPU fp32, batch {args.batch} ({dense['env_cpu']}, {args.threads} threads; "
+            "random weights in the released layouts: speed only)"
+        ),
+        "",
+        "| model | GFLOPs/img | FLOPs vs dense | params | p50 ms | img/s | speed-up vs dense Swin-T |",
+        "|---|---|---|---|---|---|---|",
+        (
+            f"| Swin-T (dense) | {dense['flops_per_img'] / 1e9:.3f} | - | {dense['params'] / 1e6:.2f}M | "
+            f"{dense['latency_ms_p50']:.1f} | {dense['throughput_img_s']:.1f} | 1.00x |"
+        ),
+    ]
     for r in records:
         if r["model"] == "dense":
             continue
-        lines.append(f"| {label.get(r['setting'], r['setting'])} | {r['flops_per_img'] / 1e9:.3f} | "
-                     f"-{100 * (1 - r['flops_per_img'] / dense['flops_per_img']):.1f}% | {r['params'] / 1e6:.2f}M | "
-                     f"{r['latency_ms_p50']:.1f} | {r['throughput_img_s']:.1f} | {r['speedup_vs_dense']:.2f}x |")
+        lines.append(
+            f"| {label.get(r['setting'], r['setting'])} | {r['flops_per_img'] / 1e9:.3f} | "
+            f"-{100 * (1 - r['flops_per_img'] / dense['flops_per_img']):.1f}% | {r['params'] / 1e6:.2f}M | "
+            f"{r['latency_ms_p50']:.1f} | {r['throughput_img_s']:.1f} | {r['speedup_vs_dense']:.2f}x |"
+        )
     zeros = dimap["sparsity"]["zeros"]
     removed = sum(b["mlp"][0] - b["mlp"][1] for b in dimap["removed_rows"])
-    lines += ["", (f"DIMAP-style file: {100 * zeros:.1f}% of the weights in its matrices are zero; exact row removal "
-              f"found {removed} removable FFN units (scattered zeros leave whole rows intact), so the deployed model "
-              "has the dense widths and the dense speed: unstructured sparsity buys nothing on a dense runtime."),
-              "", "Fuse/convert checks (max |logit diff| vs the checkpoint's float64 forward, 1 image): " + ", ".join(
-                  f"{n} {m['verify']['max_abs_diff']:.1e}" for n, m in metas.items())]
+    lines += [
+        "",
+        (
+            f"DIMAP-style file: {100 * zeros:.1f}% of the weights in its matrices are zero; exact row removal "
+            f"found {removed} removable FFN units (scattered zeros leave whole rows intact), so the deployed model "
+            "has the dense widths and the dense speed: unstructured sparsity buys nothing on a dense runtime."
+        ),
+        "",
+        "Fuse/convert checks (max |logit diff| vs the checkpoint's float64 forward, 1 image): "
+        + ", ".join(f"{n} {m['verify']['max_abs_diff']:.1e}" for n, m in metas.items()),
+    ]
     (out_dir / f"{tag}.summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

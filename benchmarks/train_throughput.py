@@ -14,6 +14,7 @@ images / measured img/s on this machine; the 8-GPU line is an ESTIMATE from FLOP
 DeiT paper's own training time implies (see the markdown), not a measurement. On a GPU machine the same script
 measures the GPU (amp bf16 by default there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,31 +73,84 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="caitdeploy-train-bench-") as tmp:
         data = Path(tmp) / "data"
         write_data(data, args.images)
-        base = ["train", "--arch", args.arch, "--data", str(data), "--epochs", str(args.epochs_run + 1),
-                "--prune-start-epoch", "0", "--every", "1", "--workers", str(args.workers), "--warmup-epochs", "0",
-                "--merges", "4:h,8:v", "-q"]
+        base = [
+            "train",
+            "--arch",
+            args.arch,
+            "--data",
+            str(data),
+            "--epochs",
+            str(args.epochs_run + 1),
+            "--prune-start-epoch",
+            "0",
+            "--every",
+            "1",
+            "--workers",
+            str(args.workers),
+            "--warmup-epochs",
+            "0",
+            "--merges",
+            "4:h,8:v",
+            "-q",
+        ]
         for procs in (1, 2):
             out = Path(tmp) / f"run{procs}"
             batch = args.micro_batch * procs
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // procs))}
             env.pop("WORLD_SIZE", None)
-            cli = [*base, "-o", str(out), "--batch-size", str(batch), "--micro-batch", str(args.micro_batch),
-                   "--stop-after-epochs", str(args.epochs_run)]
-            cmd = ([sys.executable, "-m", "caitdeploy.cli.main", *cli] if procs == 1 else
-                   [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-                    "-m", "caitdeploy.cli.main", *cli])
+            cli = [
+                *base,
+                "-o",
+                str(out),
+                "--batch-size",
+                str(batch),
+                "--micro-batch",
+                str(args.micro_batch),
+                "--stop-after-epochs",
+                str(args.epochs_run),
+            ]
+            cmd = (
+                [sys.executable, "-m", "caitdeploy.cli.main", *cli]
+                if procs == 1
+                else [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node",
+                    str(procs),
+                    "-m",
+                    "caitdeploy.cli.main",
+                    *cli,
+                ]
+            )
             wall = run(cmd, env)
             recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
             last = [r for r in recs if "epoch" in r][-1]
-            rows.append({"processes": procs, "threads_per_process": int(env["OMP_NUM_THREADS"]),
-                         "global_batch": batch, "micro_batch": args.micro_batch, "img_s": last["img_s"],
-                         "epoch_seconds": last["seconds"], "images": last["images"], "wall_seconds": wall,
-                         "imagenet_epoch_hours": IMAGENET_TRAIN / last["img_s"] / 3600,
-                         "command": ("caitdeploy " if procs == 1 else
-                                     f"torchrun --standalone --nproc_per_node {procs} -m caitdeploy.cli.main ")
-                         + " ".join(cli).replace(tmp, "$TMP")})
-            print(f"{procs} process(es): {last['img_s']:.2f} img/s -> ImageNet epoch "
-                  f"{rows[-1]['imagenet_epoch_hours']:.0f} h on this machine", flush=True)
+            rows.append(
+                {
+                    "processes": procs,
+                    "threads_per_process": int(env["OMP_NUM_THREADS"]),
+                    "global_batch": batch,
+                    "micro_batch": args.micro_batch,
+                    "img_s": last["img_s"],
+                    "epoch_seconds": last["seconds"],
+                    "images": last["images"],
+                    "wall_seconds": wall,
+                    "imagenet_epoch_hours": IMAGENET_TRAIN / last["img_s"] / 3600,
+                    "command": (
+                        "caitdeploy "
+                        if procs == 1
+                        else f"torchrun --standalone --nproc_per_node {procs} -m caitdeploy.cli.main "
+                    )
+                    + " ".join(cli).replace(tmp, "$TMP"),
+                }
+            )
+            print(
+                f"{procs} process(es): {last['img_s']:.2f} img/s -> ImageNet epoch "
+                f"{rows[-1]['imagenet_epoch_hours']:.0f} h on this machine",
+                flush=True,
+            )
 
     # FLOPs per training image: student forward with merges at full width (masks do not skip compute during
     # training) x 3 (forward + backward), plus the dense teacher's forward
@@ -112,27 +166,47 @@ def main(argv=None) -> int:
     v100 = IMAGENET_TRAIN * 300 * 3 * deit_b / (53 * 3600) / 8 / 1e12
     assumed_tflops = {f"8x V100 at DeiT's own sustained rate ({v100:.1f} TFLOP/s per GPU)": v100}
     est = {k: IMAGENET_TRAIN * per_img / (8 * v * 1e12) / 60 for k, v in assumed_tflops.items()}
-    result = {"machine": machine, "arch": args.arch, "merges": "4:h,8:v",
-              "merge_reduction": merge_reduction(fmt, {4: "h", 8: "v"}),
-              "flops_per_train_image": per_img, "rows": rows, "achieved_tflops_here": achieved,
-              "estimate_8gpu_minutes_per_imagenet_epoch": est,
-              "estimate_note": "ESTIMATE, not measured: ImageNet images x FLOPs per training image / (8 GPUs x the "
-                               "sustained TFLOP/s per GPU implied by the DeiT paper's timing of DeiT-B, 300 epochs "
-                               "in 53 h on 8 V100); newer GPUs are faster by a factor not measured here"}
+    result = {
+        "machine": machine,
+        "arch": args.arch,
+        "merges": "4:h,8:v",
+        "merge_reduction": merge_reduction(fmt, {4: "h", 8: "v"}),
+        "flops_per_train_image": per_img,
+        "rows": rows,
+        "achieved_tflops_here": achieved,
+        "estimate_8gpu_minutes_per_imagenet_epoch": est,
+        "estimate_note": "ESTIMATE, not measured: ImageNet images x FLOPs per training image / (8 GPUs x the "
+        "sustained TFLOP/s per GPU implied by the DeiT paper's timing of DeiT-B, 300 epochs "
+        "in 53 h on 8 V100); newer GPUs are faster by a factor not measured here",
+    }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"train_{machine}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [(f"## `caitdeploy train` throughput on {machine}: {args.arch}, merges 4:h,8:v, distillation, mixup/cutmix, "
-             "RandAugment, CDCP on"), "",
-             "| processes | threads each | global batch | img/s (measured) | ImageNet epoch on this machine |",
-             "|---|---|---|---|---|"]
+    lines = [
+        (
+            f"## `caitdeploy train` throughput on {machine}: {args.arch}, merges 4:h,8:v, distillation, mixup/cutmix, "
+            "RandAugment, CDCP on"
+        ),
+        "",
+        "| processes | threads each | global batch | img/s (measured) | ImageNet epoch on this machine |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['processes']} | {r['threads_per_process']} | {r['global_batch']} | {r['img_s']:.2f} | "
-                     f"{r['imagenet_epoch_hours']:.0f} h |")
-    lines += ["", (f"FLOPs per training image: {per_img / 1e9:.1f} G (3 x the merged student's forward + the dense "
-              f"teacher's forward); achieved here {achieved * 1e3:.0f} GFLOP/s."), "",
-              "**Estimate, not a measurement** (8 GPUs, " + result["estimate_note"] + "):", ""]
+        lines.append(
+            f"| {r['processes']} | {r['threads_per_process']} | {r['global_batch']} | {r['img_s']:.2f} | "
+            f"{r['imagenet_epoch_hours']:.0f} h |"
+        )
+    lines += [
+        "",
+        (
+            f"FLOPs per training image: {per_img / 1e9:.1f} G (3 x the merged student's forward + the dense "
+            f"teacher's forward); achieved here {achieved * 1e3:.0f} GFLOP/s."
+        ),
+        "",
+        "**Estimate, not a measurement** (8 GPUs, " + result["estimate_note"] + "):",
+        "",
+    ]
     lines += [f"- {k}: {v:.1f} min per ImageNet epoch, {v * 300 / 60:.0f} h for 300 epochs" for k, v in est.items()]
     lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

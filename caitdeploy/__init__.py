@@ -1,4 +1,5 @@
 """caitdeploy: turn CAIT-compressed Vision Transformers into fast deployable models."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -24,6 +24,7 @@ pixel accuracy at every stage. Exits 1 if the fused or the ONNX Runtime mIoU dif
 the dense ONNX Runtime mIoU from the dense model's) by more than 0.002, or if an int8 encoder's mIoU is more than
 0.01 below its fp32 ONNX encoder's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,8 @@ MERGES = {2: "h", 4: "v"}
 BLOCKS = (1, 3, 5)
 CLASSES = ("background", "circle", "rectangle", "triangle")
 SIZE, PATCH = 64, 8
-MAX_OVERLAP = 0.15    # largest share of a new shape allowed to cover earlier shapes
-TRIANGLE_TILT = 0.3   # triangles point roughly up: rotated by up to +-0.3 rad (17 degrees)
+MAX_OVERLAP = 0.15  # largest share of a new shape allowed to cover earlier shapes
+TRIANGLE_TILT = 0.3  # triangles point roughly up: rotated by up to +-0.3 rad (17 degrees)
 CLASS_WEIGHTS = (0.5, 1.5, 1.5, 2.0)  # cross-entropy weights: shape pixels are rare, mIoU weighs classes equally
 TOLERANCE = 0.002  # largest mIoU difference allowed between the checkpoint, the fused model and ONNX Runtime
 INT8_TOLERANCE = 0.01  # largest mIoU loss allowed from an fp32 ONNX encoder to its int8 versions
@@ -66,14 +67,18 @@ def background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.n
     theta = rng.uniform(0, np.pi)
     u = xx * np.cos(theta) + yy * np.sin(theta)
     v = -xx * np.sin(theta) + yy * np.cos(theta)
-    if kind == 0:    # smooth noise: a few random low-frequency plane waves
-        t = sum(rng.uniform(0.5, 1) * np.sin(2 * np.pi * rng.uniform(0.01, 0.08)
-                                             * (xx * np.cos(a) + yy * np.sin(a)) + rng.uniform(0, 2 * np.pi))
-                for a in rng.uniform(0, np.pi, 4))
+    if kind == 0:  # smooth noise: a few random low-frequency plane waves
+        t = sum(
+            rng.uniform(0.5, 1)
+            * np.sin(
+                2 * np.pi * rng.uniform(0.01, 0.08) * (xx * np.cos(a) + yy * np.sin(a)) + rng.uniform(0, 2 * np.pi)
+            )
+            for a in rng.uniform(0, np.pi, 4)
+        )
         t = (t - t.min()) / (t.max() - t.min() + 1e-6)
     elif kind == 1:  # stripes
         t = (np.sin(2 * np.pi * u / rng.uniform(4, 14) + rng.uniform(0, 2 * np.pi)) > 0).astype(np.float32)
-    else:            # checker board
+    else:  # checker board
         s = rng.uniform(4, 12)
         t = ((np.floor(u / s) + np.floor(v / s)) % 2).astype(np.float32)
     c1 = rng.uniform(0, 1, 3)
@@ -91,8 +96,12 @@ def shape_mask(kind: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarr
         h, w = rng.uniform(10, 28, 2)
         return (np.abs(yy - cy) <= h / 2) & (np.abs(xx - cx) <= w / 2)
     r = rng.uniform(9, 17)  # triangle: three vertices on a circle, roughly evenly spread (no slivers)
-    ang = -np.pi / 2 + rng.uniform(-TRIANGLE_TILT, TRIANGLE_TILT) + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]) \
+    ang = (
+        -np.pi / 2
+        + rng.uniform(-TRIANGLE_TILT, TRIANGLE_TILT)
+        + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3])
         + rng.uniform(-0.35, 0.35, 3)
+    )
     py, px = cy + r * np.sin(ang), cx + r * np.cos(ang)
     edges = [(px[j] - px[i]) * (yy - py[i]) - (py[j] - py[i]) * (xx - px[i]) for i, j in ((0, 1), (1, 2), (2, 0))]
     return ((edges[0] >= 0) & (edges[1] >= 0) & (edges[2] >= 0)) | ((edges[0] <= 0) & (edges[1] <= 0) & (edges[2] <= 0))
@@ -126,7 +135,7 @@ def make_data(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Ten
 def batches(n: int, bs: int, g: torch.Generator):
     perm = torch.randperm(n, generator=g)
     for i in range(0, n - bs + 1, bs):  # drop the last partial batch: fixed shapes, fixed iteration count
-        yield perm[i:i + bs]
+        yield perm[i : i + bs]
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +201,7 @@ def scores(conf: torch.Tensor) -> tuple[float, float, list[float]]:
 def predict(features, head: nn.Module, x: torch.Tensor, bs: int = 100) -> torch.Tensor:
     """Label maps [N, S, S] from `features(images) -> maps` and the head (eval mode)."""
     head.eval()
-    return torch.cat([head(features(x[i:i + bs])).argmax(1) for i in range(0, len(x), bs)])
+    return torch.cat([head(features(x[i : i + bs])).argmax(1) for i in range(0, len(x), bs)])
 
 
 def cosine(step: int, total: int, base: float, warmup: int = 0) -> float:
@@ -207,16 +216,30 @@ def export_features(fused_path: Path, onnx_path: Path, threads: int) -> None:
     feat3, feat5 [batch, D, 8, 8]. The CLI checks the ONNX against PyTorch itself; its JSON report says how well."""
     report = onnx_path.with_suffix(".export.json")
     features = ",".join(map(str, BLOCKS))
-    cmd = [sys.executable, "-m", "caitdeploy", "export", str(fused_path), "--features", features,
-           "-o", str(onnx_path), "-q", "--report", str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "caitdeploy",
+        "export",
+        str(fused_path),
+        "--features",
+        features,
+        "-o",
+        str(onnx_path),
+        "-q",
+        "--report",
+        str(report),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         sys.exit(f"export failed ({' '.join(cmd)}):\n{res.stdout}{res.stderr}")
     r = json.loads(report.read_text())["onnx"]
-    print(f"    caitdeploy export {fused_path.name} --features {features} -> {onnx_path.name} (opset {r['opset']}, "
-          f"{r['bytes'] / 2**20:.1f} MiB, {r['nodes']} nodes); its check vs PyTorch: max |diff| "
-          f"{r['verify']['max_abs_diff']:.1e}")
+    print(
+        f"    caitdeploy export {fused_path.name} --features {features} -> {onnx_path.name} (opset {r['opset']}, "
+        f"{r['bytes'] / 2**20:.1f} MiB, {r['nodes']} nodes); its check vs PyTorch: max |diff| "
+        f"{r['verify']['max_abs_diff']:.1e}"
+    )
 
 
 def ort_session(path: Path, threads: int):
@@ -303,9 +326,12 @@ def main() -> int:
     xtr, ytr = make_data(args.train, np.random.default_rng([args.seed, 0]))
     xte, yte = make_data(args.test, np.random.default_rng([args.seed, 1]))
     share = torch.bincount(ytr.reshape(-1), minlength=len(CLASSES)).double() / ytr.numel()
-    print(f"shapes: {len(xtr)} train / {len(xte)} test generated in {time.perf_counter() - t0:.1f} s, "
-          f"{SIZE}x{SIZE}x3, pixels " + ", ".join(f"{c} {s:.0%}" for c, s in zip(CLASSES, share.tolist()))
-          + f"; output in {out}")
+    print(
+        f"shapes: {len(xtr)} train / {len(xte)} test generated in {time.perf_counter() - t0:.1f} s, "
+        f"{SIZE}x{SIZE}x3, pixels "
+        + ", ".join(f"{c} {s:.0%}" for c, s in zip(CLASSES, share.tolist()))
+        + f"; output in {out}"
+    )
     g = torch.Generator().manual_seed(args.seed)
     bs = args.batch
     its_per_epoch = len(xtr) // bs
@@ -313,8 +339,16 @@ def main() -> int:
 
     from timm.models.vision_transformer import VisionTransformer
 
-    vit = VisionTransformer(img_size=SIZE, patch_size=PATCH, num_classes=len(CLASSES), embed_dim=96, depth=6,
-                            num_heads=4, mlp_ratio=4.0, qkv_bias=True)
+    vit = VisionTransformer(
+        img_size=SIZE,
+        patch_size=PATCH,
+        num_classes=len(CLASSES),
+        embed_dim=96,
+        depth=6,
+        num_heads=4,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+    )
     head = SegHead(vit.embed_dim, len(BLOCKS))
     rows: list[tuple[str, float, float]] = []
 
@@ -350,13 +384,22 @@ def main() -> int:
     # ---- 2. CAIT fine-tuning -----------------------------------------------------------------
     t0 = time.perf_counter()
     model = cait_wrap(vit, MERGES)
-    ctl = CDCPController(model, args.flops_reduction, lam=args.lam, step_ratio=args.step_ratio, every=args.every,
-                         lasso_on_kept=args.lasso_on_kept)
+    ctl = CDCPController(
+        model,
+        args.flops_reduction,
+        lam=args.lam,
+        step_ratio=args.step_ratio,
+        every=args.every,
+        lasso_on_kept=args.lasso_on_kept,
+    )
     model.eval()
-    _, _, line = report("CAIT wrapped, before fine-tuning", predict(lambda x: model.forward_features(x, BLOCKS),
-                                                                    head, xte))
-    print(f"[2] wrapped: identity compactors, merges {MERGES} (token mean at start): test {line}; merges alone cut "
-          f"FLOPs by {ctl.merge_reduction:.1%}")
+    _, _, line = report(
+        "CAIT wrapped, before fine-tuning", predict(lambda x: model.forward_features(x, BLOCKS), head, xte)
+    )
+    print(
+        f"[2] wrapped: identity compactors, merges {MERGES} (token mean at start): test {line}; merges alone cut "
+        f"FLOPs by {ctl.merge_reduction:.1%}"
+    )
     # base weights + head: AdamW; compactors: plain SGD + momentum, no weight decay (keeps the lasso rate lr*lam)
     opt = torch.optim.AdamW([*model.base_parameters(), *head.parameters()], lr=args.cait_lr, weight_decay=0.05)
     opt_c = torch.optim.SGD(model.compactor_parameters(), lr=0.05, momentum=0.9)
@@ -374,12 +417,12 @@ def main() -> int:
             opt.zero_grad(set_to_none=True)
             opt_c.zero_grad(set_to_none=True)
             loss.backward()
-            ctl.step()              # mask schedule + Eq. 2 compactor gradients
+            ctl.step()  # mask schedule + Eq. 2 compactor gradients
             opt.step()
             opt_c.step()
             if ctl.done and reached is None:
                 reached = step
-                ctl.freeze()        # target reached: keep the masks, let the masked rows shrink
+                ctl.freeze()  # target reached: keep the masks, let the masked rows shrink
             step += 1
     if reached is None:
         print(f"FLOPs target not reached in {step} iterations (at {ctl.flops_reduction:.1%}): raise --cait-epochs")
@@ -387,12 +430,18 @@ def main() -> int:
     model.eval()
     miou_cait, _, line = report("CAIT fine-tuned", predict(lambda x: model.forward_features(x, BLOCKS), head, xte))
     masked_norm = ctl.max_masked_norm()
-    print(f"    CDCP: {ctl.updates} mask updates, target reached at iteration {reached}/{step}; FLOPs "
-          f"{ctl.flops / 1e6:.1f}M vs dense {ctl.flops_dense / 1e6:.1f}M ({ctl.flops_reduction:.1%} fewer)")
-    print("    kept per block (q/k, v per head; fc1): "
-          + " ".join(f"{int(m['q'][0].sum())}/{int(m['v'][0].sum())}/{int(m['fc1'].sum())}" for m in ctl.masks()))
-    print(f"    after CAIT fine-tuning: test {line}; largest masked compactor row norm {masked_norm:.2e} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"    CDCP: {ctl.updates} mask updates, target reached at iteration {reached}/{step}; FLOPs "
+        f"{ctl.flops / 1e6:.1f}M vs dense {ctl.flops_dense / 1e6:.1f}M ({ctl.flops_reduction:.1%} fewer)"
+    )
+    print(
+        "    kept per block (q/k, v per head; fc1): "
+        + " ".join(f"{int(m['q'][0].sum())}/{int(m['v'][0].sum())}/{int(m['fc1'].sum())}" for m in ctl.masks())
+    )
+    print(
+        f"    after CAIT fine-tuning: test {line}; largest masked compactor row norm {masked_norm:.2e} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     if masked_norm <= 1e-3 and not args.finalize:
         note = "saved as trained: masked rows <= fuse's --max-dropped-norm 1e-3"
     else:  # finite training leaves masked rows small, not 0: finalize() zeroes them, and says by how much
@@ -411,15 +460,21 @@ def main() -> int:
     fused = load_model(fused_path)
     with torch.no_grad():
         probe = xte[:64]
-        diff = max(float((a - b).abs().max()) for a, b in zip(model.forward_features(probe, BLOCKS),
-                                                              fused.forward_features(probe, BLOCKS)))
+        diff = max(
+            float((a - b).abs().max())
+            for a, b in zip(model.forward_features(probe, BLOCKS), fused.forward_features(probe, BLOCKS))
+        )
     pred_fused = predict(lambda x: fused.forward_features(x, BLOCKS), head, xte)
     miou_fused, _, line = report("CAIT fused (PyTorch)", pred_fused)
     widths = " ".join(f"{b['qk_per_head']}/{b['v_per_head']}/{b['mlp']}" for b in rep["blocks"])
-    print(f"[4] fused ({fused_path.name}): widths {widths}; params {rep['params_dense']} -> {rep['params_fused']}; "
-          f"FLOPs {rep['flops_fused'] / 1e6:.1f}M ({rep['flops_reduction']:.1%} fewer)")
-    print(f"    max |feature diff| vs the checkpoint model (64 test images, blocks {BLOCKS}) {diff:.2e}; test {line}, "
-          f"{float((pred_fused == pred_ckpt).double().mean()):.4%} of pixels equal to the checkpoint's")
+    print(
+        f"[4] fused ({fused_path.name}): widths {widths}; params {rep['params_dense']} -> {rep['params_fused']}; "
+        f"FLOPs {rep['flops_fused'] / 1e6:.1f}M ({rep['flops_reduction']:.1%} fewer)"
+    )
+    print(
+        f"    max |feature diff| vs the checkpoint model (64 test images, blocks {BLOCKS}) {diff:.2e}; test {line}, "
+        f"{float((pred_fused == pred_ckpt).double().mean()):.4%} of pixels equal to the checkpoint's"
+    )
 
     # ---- 4. ONNX export (caitdeploy CLI) + ONNX Runtime ----------------------------------------
     t0 = time.perf_counter()
@@ -427,12 +482,15 @@ def main() -> int:
     export_features(fused_path, onnx_path, args.threads)
     sess = ort_session(onnx_path, args.threads)
     with torch.no_grad():
-        diff = max(float((a - b).abs().max()) for a, b in zip(ort_features(sess)(probe),
-                                                              fused.forward_features(probe, BLOCKS)))
+        diff = max(
+            float((a - b).abs().max()) for a, b in zip(ort_features(sess)(probe), fused.forward_features(probe, BLOCKS))
+        )
     pred_onnx = predict(ort_features(sess), head, xte)
     miou_onnx, _, line = report("CAIT ONNX Runtime", pred_onnx)
-    print(f"[5] ONNX Runtime CPU ({args.threads} thread(s)): max |feature diff| vs the fused model {diff:.2e}; test "
-          f"{line}, {float((pred_onnx == pred_ckpt).double().mean()):.4%} of pixels equal to the checkpoint's")
+    print(
+        f"[5] ONNX Runtime CPU ({args.threads} thread(s)): max |feature diff| vs the fused model {diff:.2e}; test "
+        f"{line}, {float((pred_onnx == pred_ckpt).double().mean()):.4%} of pixels equal to the checkpoint's"
+    )
     # the dense backbone through the same path: no merges, identity compactors -> checkpoint -> fuse -> export
     dense_ckpt = save_checkpoint(cait_wrap(vit_dense, {}), out / "shapes_dense.pth")
     dense_fused = out / "shapes_dense.fused.safetensors"
@@ -441,58 +499,85 @@ def main() -> int:
     export_features(dense_fused, dense_onnx, args.threads)
     sess_dense = ort_session(dense_onnx, args.threads)
     miou_dense_onnx, _, line = report("dense ONNX Runtime", predict(ort_features(sess_dense), head_dense, xte))
-    print(f"    dense backbone, same path (cait_wrap(vit, {{}}) -> fuse -> export): test {line} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"    dense backbone, same path (cait_wrap(vit, {{}}) -> fuse -> export): test {line} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
 
     # ---- 5. encoder speed in ONNX Runtime --------------------------------------------------------
-    xb = xte[:args.bench_batch].contiguous()
+    xb = xte[: args.bench_batch].contiguous()
     if len(xb) < args.bench_batch:
-        xb = xb.repeat(math.ceil(args.bench_batch / len(xb)), 1, 1, 1)[:args.bench_batch].contiguous()
+        xb = xb.repeat(math.ceil(args.bench_batch / len(xb)), 1, 1, 1)[: args.bench_batch].contiguous()
     sec = time_encoders({"dense": sess_dense, "cait": sess}, xb, args.bench_runs)
-    flops = {"dense": encoder_flops(load_model(dense_fused).config, max(BLOCKS)),
-             "cait": encoder_flops(fused.config, max(BLOCKS))}
-    print(f"[6] encoder (blocks 0..{max(BLOCKS)}, outputs feat{BLOCKS}) in ONNX Runtime CPU, {args.threads} thread(s), "
-          f"batch {len(xb)}, median of {args.bench_runs} runs:")
+    flops = {
+        "dense": encoder_flops(load_model(dense_fused).config, max(BLOCKS)),
+        "cait": encoder_flops(fused.config, max(BLOCKS)),
+    }
+    print(
+        f"[6] encoder (blocks 0..{max(BLOCKS)}, outputs feat{BLOCKS}) in ONNX Runtime CPU, {args.threads} thread(s), "
+        f"batch {len(xb)}, median of {args.bench_runs} runs:"
+    )
     for name in ("dense", "cait"):
-        print(f"    {name:5s}: {sec[name] * 1e3:7.1f} ms/batch, {len(xb) / sec[name]:7.0f} img/s, "
-              f"{flops[name] / 1e6:6.1f} MFLOPs/img")
+        print(
+            f"    {name:5s}: {sec[name] * 1e3:7.1f} ms/batch, {len(xb) / sec[name]:7.0f} img/s, "
+            f"{flops[name] / 1e6:6.1f} MFLOPs/img"
+        )
     print(f"    CAIT speed-up {sec['dense'] / sec['cait']:.2f}x (FLOPs ratio {flops['dense'] / flops['cait']:.2f}x)")
 
     # ---- 6. INT8 encoders (ONNX Runtime) ---------------------------------------------------------------
     t0 = time.perf_counter()
-    q = {"dense": int8_sessions(dense_onnx, xtr[:128].contiguous(), args.threads),
-         "cait": int8_sessions(onnx_path, xtr[:128].contiguous(), args.threads)}
+    q = {
+        "dense": int8_sessions(dense_onnx, xtr[:128].contiguous(), args.threads),
+        "cait": int8_sessions(onnx_path, xtr[:128].contiguous(), args.threads),
+    }
     heads = {"dense": head_dense, "cait": head}
     fp32_miou = {"dense": miou_dense_onnx, "cait": miou_onnx}
     int8_bad = []
     print("[7] INT8 encoders in ONNX Runtime CPU (static: QDQ, minmax on 128 training images; dynamic):")
     for name in ("dense", "cait"):
         for mode, qs in q[name].items():
-            miou_q, _, line = report(f"{'CAIT' if name == 'cait' else 'dense'} ONNX Runtime int8 {mode}",
-                                     predict(ort_features(qs), heads[name], xte))
+            miou_q, _, line = report(
+                f"{'CAIT' if name == 'cait' else 'dense'} ONNX Runtime int8 {mode}",
+                predict(ort_features(qs), heads[name], xte),
+            )
             print(f"    {name:5s} int8 {mode:7s}: test {line} (fp32 {fp32_miou[name]:.4f})")
             if fp32_miou[name] - miou_q > INT8_TOLERANCE:
                 int8_bad.append(f"{name} int8 {mode} {miou_q:.4f} vs fp32 {fp32_miou[name]:.4f}")
-    sec_q = time_encoders({"dense fp32": sess_dense, "cait fp32": sess, **{f"{n} int8 {m}": s for n in q
-                                                                           for m, s in q[n].items()}},
-                          xb, args.bench_runs)
+    sec_q = time_encoders(
+        {"dense fp32": sess_dense, "cait fp32": sess, **{f"{n} int8 {m}": s for n in q for m, s in q[n].items()}},
+        xb,
+        args.bench_runs,
+    )
     for name, t in sec_q.items():
-        print(f"    {name:18s}: {t * 1e3:7.1f} ms/batch, {len(xb) / t:7.0f} img/s, "
-              f"{sec_q['dense fp32'] / t:.2f}x dense fp32")
+        print(
+            f"    {name:18s}: {t * 1e3:7.1f} ms/batch, {len(xb) / t:7.0f} img/s, "
+            f"{sec_q['dense fp32'] / t:.2f}x dense fp32"
+        )
     print(f"    ({time.perf_counter() - t0:.0f} s)")
 
-    print(f"summary: CAIT mIoU {miou_cait - miou_dense:+.4f} vs dense at {rep['flops_reduction']:.1%} fewer FLOPs, "
-          f"encoder {sec['dense'] / sec['cait']:.2f}x faster in ONNX Runtime; "
-          f"{time.perf_counter() - t_start:.0f} s total")
+    print(
+        f"summary: CAIT mIoU {miou_cait - miou_dense:+.4f} vs dense at {rep['flops_reduction']:.1%} fewer FLOPs, "
+        f"encoder {sec['dense'] / sec['cait']:.2f}x faster in ONNX Runtime; "
+        f"{time.perf_counter() - t_start:.0f} s total"
+    )
     print(f"    {'stage':34s} {'mIoU':>7s} {'pixel acc':>9s}")
     for stage, miou, pacc in rows:
         print(f"    {stage:34s} {miou:7.4f} {pacc:9.4f}")
-    bad = [f"{name} {miou:.4f} vs {ref:.4f}" for name, miou, ref in (
-        ("fused", miou_fused, miou_ckpt), ("CAIT onnxruntime", miou_onnx, miou_ckpt),
-        ("dense onnxruntime", miou_dense_onnx, miou_dense)) if abs(miou - ref) > TOLERANCE]
+    bad = [
+        f"{name} {miou:.4f} vs {ref:.4f}"
+        for name, miou, ref in (
+            ("fused", miou_fused, miou_ckpt),
+            ("CAIT onnxruntime", miou_onnx, miou_ckpt),
+            ("dense onnxruntime", miou_dense_onnx, miou_dense),
+        )
+        if abs(miou - ref) > TOLERANCE
+    ]
     if bad:
-        print(f"!!! MISMATCH (mIoU differs by more than {TOLERANCE} from the PyTorch model it was exported from): "
-              f"{'; '.join(bad)} !!!", file=sys.stderr)
+        print(
+            f"!!! MISMATCH (mIoU differs by more than {TOLERANCE} from the PyTorch model it was exported from): "
+            f"{'; '.join(bad)} !!!",
+            file=sys.stderr,
+        )
         return 1
     if int8_bad:
         print(f"!!! int8 mIoU more than {INT8_TOLERANCE} below fp32: {'; '.join(int8_bad)} !!!", file=sys.stderr)

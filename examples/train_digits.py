@@ -12,6 +12,7 @@ CAIT: HTM at block 2 (4x4 -> 4x2), VTM at block 4 (4x2 -> 2x2), CDCP channel pru
 Exits 1 if the fused or the ONNX Runtime accuracy differs from the checkpoint's, or if an int8 model's test
 accuracy is more than 1 point below its fp32 ONNX model's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,8 @@ def load_data(seed: int):
     except ImportError:
         sys.exit("this example needs scikit-learn for its bundled digits data: pip install scikit-learn")
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32) / 16.0                  # [N, 8, 8] in [0, 1]
-    x = F.interpolate(x.unsqueeze(1), scale_factor=2, mode="nearest")      # [N, 1, 16, 16]
+    x = torch.tensor(d.images, dtype=torch.float32) / 16.0  # [N, 8, 8] in [0, 1]
+    x = F.interpolate(x.unsqueeze(1), scale_factor=2, mode="nearest")  # [N, 1, 16, 16]
     x = (x - 0.3) / 0.4
     y = torch.tensor(d.target, dtype=torch.long)
     itr, ite = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=d.target)
@@ -52,13 +53,13 @@ def load_data(seed: int):
 def batches(n: int, bs: int, g: torch.Generator):
     perm = torch.randperm(n, generator=g)
     for i in range(0, n - bs + 1, bs):  # drop the last partial batch: fixed shapes, fixed iteration count
-        yield perm[i:i + bs]
+        yield perm[i : i + bs]
 
 
 @torch.no_grad()
 def predict(model, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i:i + 256]).argmax(-1) for i in range(0, len(x), 256)])
+    return torch.cat([model(x[i : i + 256]).argmax(-1) for i in range(0, len(x), 256)])
 
 
 def acc(pred: torch.Tensor, y: torch.Tensor) -> float:
@@ -84,9 +85,16 @@ def onnx_predict(fused_model, path: Path, x: torch.Tensor) -> tuple[torch.Tensor
         how = "caitdeploy.export.onnx.export_onnx"
     else:
         fused_model.set_impl("math")
-        torch.onnx.export(fused_model.eval(), (x[:2],), str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+        torch.onnx.export(
+            fused_model.eval(),
+            (x[:2],),
+            str(path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
         how = "torch.onnx.export (opset 17)"
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
@@ -95,7 +103,7 @@ def onnx_predict(fused_model, path: Path, x: torch.Tensor) -> tuple[torch.Tensor
     bs = inp.shape[0] if isinstance(inp.shape[0], int) else 64  # a static batch is honoured, padded at the end
     preds = []
     for i in range(0, len(x), bs):
-        chunk = x[i:i + bs].numpy()
+        chunk = x[i : i + bs].numpy()
         n = len(chunk)
         if n < bs and isinstance(inp.shape[0], int):
             chunk = np.concatenate([chunk, np.zeros((bs - n, *chunk.shape[1:]), chunk.dtype)])
@@ -112,16 +120,19 @@ def int8_accuracies(fp32_path: Path, calib: torch.Tensor, x: torch.Tensor, y: to
     from caitdeploy.export.quantize import quantize_onnx_bytes
 
     fp32 = fp32_path.read_bytes()
-    models = {"fp32": fp32,
-              "int8 static": quantize_onnx_bytes(fp32, "static", calib.numpy(), "minmax")[0],
-              "int8 dynamic": quantize_onnx_bytes(fp32, "dynamic")[0]}
+    models = {
+        "fp32": fp32,
+        "int8 static": quantize_onnx_bytes(fp32, "static", calib.numpy(), "minmax")[0],
+        "int8 dynamic": quantize_onnx_bytes(fp32, "dynamic")[0],
+    }
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     out = {}
     for name, data in models.items():
         sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-        pred = np.concatenate([sess.run(None, {"images": x[i:i + 64].numpy()})[0].argmax(-1)
-                               for i in range(0, len(x), 64)])
+        pred = np.concatenate(
+            [sess.run(None, {"images": x[i : i + 64].numpy()})[0].argmax(-1) for i in range(0, len(x), 64)]
+        )
         out[name] = float((torch.from_numpy(pred) == y).double().mean())
     return out
 
@@ -168,8 +179,17 @@ def main() -> int:
 
     from timm.models.vision_transformer import VisionTransformer
 
-    vit = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6,
-                            num_heads=4, mlp_ratio=4.0, qkv_bias=True)
+    vit = VisionTransformer(
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=64,
+        depth=6,
+        num_heads=4,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+    )
 
     # ---- 1. dense training -------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -187,16 +207,24 @@ def main() -> int:
             opt.step()
             step += 1
     acc_dense = acc(predict(vit, xte), yte)
-    dense_vit = copy.deepcopy(vit)   # cait_wrap shares the parameters: keep the dense model for the int8 step
+    dense_vit = copy.deepcopy(vit)  # cait_wrap shares the parameters: keep the dense model for the int8 step
     print(f"[1] dense ViT: test accuracy {acc_dense:.4f}  ({step} iterations, {time.perf_counter() - t0:.0f} s)")
 
     # ---- 2. CAIT fine-tuning -----------------------------------------------------------------
     t0 = time.perf_counter()
     model = cait_wrap(vit, MERGES)
-    ctl = CDCPController(model, args.flops_reduction, lam=args.lam, step_ratio=args.step_ratio, every=args.every,
-                         lasso_on_kept=args.lasso_on_kept)
-    print(f"[2] wrapped: identity compactors, merges {MERGES} (token mean at start): test accuracy "
-          f"{acc(predict(model, xte), yte):.4f}; merges alone cut FLOPs by {ctl.merge_reduction:.1%}")
+    ctl = CDCPController(
+        model,
+        args.flops_reduction,
+        lam=args.lam,
+        step_ratio=args.step_ratio,
+        every=args.every,
+        lasso_on_kept=args.lasso_on_kept,
+    )
+    print(
+        f"[2] wrapped: identity compactors, merges {MERGES} (token mean at start): test accuracy "
+        f"{acc(predict(model, xte), yte):.4f}; merges alone cut FLOPs by {ctl.merge_reduction:.1%}"
+    )
     # base weights: AdamW; compactors: plain SGD + momentum, no weight decay (keeps the lasso rate lr*lam)
     opt = torch.optim.AdamW(model.base_parameters(), lr=5e-4, weight_decay=0.05)
     opt_c = torch.optim.SGD(model.compactor_parameters(), lr=0.05, momentum=0.9)
@@ -212,24 +240,30 @@ def main() -> int:
             opt.zero_grad(set_to_none=True)
             opt_c.zero_grad(set_to_none=True)
             loss.backward()
-            ctl.step()              # mask schedule + Eq. 2 compactor gradients
+            ctl.step()  # mask schedule + Eq. 2 compactor gradients
             opt.step()
             opt_c.step()
             if ctl.done and reached is None:
                 reached = step
-                ctl.freeze()        # target reached: keep the masks, let the masked rows shrink
+                ctl.freeze()  # target reached: keep the masks, let the masked rows shrink
             step += 1
     if reached is None:
         print(f"FLOPs target not reached in {step} iterations (at {ctl.flops_reduction:.1%}): raise --cait-epochs")
         return 1
     acc_trained = acc(predict(model, xte), yte)
     masked_norm = ctl.max_masked_norm()
-    print(f"    CDCP: {ctl.updates} mask updates, target reached at iteration {reached}/{step}; FLOPs "
-          f"{ctl.flops / 1e6:.2f}M vs dense {ctl.flops_dense / 1e6:.2f}M ({ctl.flops_reduction:.1%} fewer)")
-    print("    kept per block (q/k, v per head; fc1): "
-          + " ".join(f"{int(m['q'][0].sum())}/{int(m['v'][0].sum())}/{int(m['fc1'].sum())}" for m in ctl.masks()))
-    print(f"    after CAIT fine-tuning: test accuracy {acc_trained:.4f}; largest masked compactor row norm "
-          f"{masked_norm:.2e} ({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"    CDCP: {ctl.updates} mask updates, target reached at iteration {reached}/{step}; FLOPs "
+        f"{ctl.flops / 1e6:.2f}M vs dense {ctl.flops_dense / 1e6:.2f}M ({ctl.flops_reduction:.1%} fewer)"
+    )
+    print(
+        "    kept per block (q/k, v per head; fc1): "
+        + " ".join(f"{int(m['q'][0].sum())}/{int(m['v'][0].sum())}/{int(m['fc1'].sum())}" for m in ctl.masks())
+    )
+    print(
+        f"    after CAIT fine-tuning: test accuracy {acc_trained:.4f}; largest masked compactor row norm "
+        f"{masked_norm:.2e} ({time.perf_counter() - t0:.0f} s)"
+    )
     if masked_norm <= 1e-3 and not args.finalize:
         note = "saved as trained: masked rows <= fuse's --max-dropped-norm 1e-3"
     else:  # finite training leaves masked rows small, not 0: finalize() zeroes them, and says by how much
@@ -248,32 +282,44 @@ def main() -> int:
     pred_fused = predict(fused, xte)
     acc_fused = acc(pred_fused, yte)
     widths = " ".join(f"{b['qk_per_head']}/{b['v_per_head']}/{b['mlp']}" for b in rep["blocks"])
-    print(f"[4] fused ({fused_path.name}): widths {widths}; params {rep['params_dense']} -> {rep['params_fused']}; "
-          f"FLOPs {rep['flops_fused'] / 1e6:.2f}M ({rep['flops_reduction']:.1%} fewer)")
-    print(f"    fuse verify: max |logit diff| vs the checkpoint's float64 forward {rep['verify']['max_abs_diff']:.2e}; "
-          f"test accuracy {acc_fused:.4f}, {int((pred_fused == pred_ckpt).sum())}/{len(yte)} predictions equal")
+    print(
+        f"[4] fused ({fused_path.name}): widths {widths}; params {rep['params_dense']} -> {rep['params_fused']}; "
+        f"FLOPs {rep['flops_fused'] / 1e6:.2f}M ({rep['flops_reduction']:.1%} fewer)"
+    )
+    print(
+        f"    fuse verify: max |logit diff| vs the checkpoint's float64 forward {rep['verify']['max_abs_diff']:.2e}; "
+        f"test accuracy {acc_fused:.4f}, {int((pred_fused == pred_ckpt).sum())}/{len(yte)} predictions equal"
+    )
 
     # ---- 4. ONNX Runtime ------------------------------------------------------------------------
     onnx_path = out / "digits_cait.onnx"
     pred_onnx, how = onnx_predict(fused, onnx_path, xte)
     acc_onnx = acc(pred_onnx, yte)
-    print(f"[5] ONNX ({how}) + ONNX Runtime CPU: test accuracy {acc_onnx:.4f}, "
-          f"{int((pred_onnx == pred_ckpt).sum())}/{len(yte)} predictions equal to the checkpoint's")
+    print(
+        f"[5] ONNX ({how}) + ONNX Runtime CPU: test accuracy {acc_onnx:.4f}, "
+        f"{int((pred_onnx == pred_ckpt).sum())}/{len(yte)} predictions equal to the checkpoint's"
+    )
 
     # ---- 5. INT8 (ONNX Runtime): dense and CAIT, calibrated on 256 training images ----------------
     calib = xtr[:256]
-    q = {"dense": int8_accuracies(dense_onnx(dense_vit, out), calib, xte, yte),
-         "CAIT": int8_accuracies(onnx_path, calib, xte, yte)}
+    q = {
+        "dense": int8_accuracies(dense_onnx(dense_vit, out), calib, xte, yte),
+        "CAIT": int8_accuracies(onnx_path, calib, xte, yte),
+    }
     worst = 0.0
     for name, r in q.items():
-        print(f"[6] {name} ONNX Runtime CPU: test accuracy fp32 {r['fp32']:.4f} | int8 static (QDQ, minmax on 256 "
-              f"training images) {r['int8 static']:.4f} | int8 dynamic {r['int8 dynamic']:.4f}")
+        print(
+            f"[6] {name} ONNX Runtime CPU: test accuracy fp32 {r['fp32']:.4f} | int8 static (QDQ, minmax on 256 "
+            f"training images) {r['int8 static']:.4f} | int8 dynamic {r['int8 dynamic']:.4f}"
+        )
         worst = max(worst, r["fp32"] - r["int8 static"], r["fp32"] - r["int8 dynamic"])
 
-    print(f"summary: dense {acc_dense:.4f} | CAIT {acc_trained:.4f} | checkpoint {acc_ckpt:.4f} | fused {acc_fused:.4f} "
-          f"| onnxruntime {acc_onnx:.4f} | CAIT int8 static {q['CAIT']['int8 static']:.4f} dynamic "
-          f"{q['CAIT']['int8 dynamic']:.4f} | FLOPs -{rep['flops_reduction']:.1%} | "
-          f"{time.perf_counter() - t_start:.0f} s total")
+    print(
+        f"summary: dense {acc_dense:.4f} | CAIT {acc_trained:.4f} | checkpoint {acc_ckpt:.4f} | fused {acc_fused:.4f} "
+        f"| onnxruntime {acc_onnx:.4f} | CAIT int8 static {q['CAIT']['int8 static']:.4f} dynamic "
+        f"{q['CAIT']['int8 dynamic']:.4f} | FLOPs -{rep['flops_reduction']:.1%} | "
+        f"{time.perf_counter() - t_start:.0f} s total"
+    )
     if not (acc_fused == acc_ckpt == acc_onnx):
         print("!!! MISMATCH: the fused / ONNX accuracy differs from the checkpoint's !!!", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
 """Fixtures and process set-up for every test under tests/; the helpers themselves are in caitdeploy.testing."""
+
 from __future__ import annotations
 
 import os
@@ -34,6 +35,7 @@ def make_ckpt(tmp_path):
         ckpt = random_checkpoint(**kw)
         if path.suffix == ".safetensors":
             from caitdeploy.compress.cdcp import save_checkpoint_dict
+
             save_checkpoint_dict(ckpt, path)
         else:
             torch.save(ckpt, path)

@@ -1,4 +1,5 @@
 """The layering the README states is true: no module imports a higher floor (lazy imports included), no cycles."""
+
 from __future__ import annotations
 
 import ast
@@ -11,22 +12,27 @@ PKG = Path(__file__).resolve().parents[1] / "caitdeploy"
 
 # floor of each module (README, "Architecture"); a package maps all its modules to one floor
 FLOORS = {
-    "caitdeploy.kernels": 0,       # the wing: imports nothing else of caitdeploy
-    "caitdeploy.core": 1,          # errors, staging, budgets, bounded readers
-    "caitdeploy.families": 2,      # configs, deploy models, FLOPs, the timm adapter
+    "caitdeploy.kernels": 0,  # the wing: imports nothing else of caitdeploy
+    "caitdeploy.core": 1,  # errors, staging, budgets, bounded readers
+    "caitdeploy.families": 2,  # configs, deploy models, FLOPs, the timm adapter
     "caitdeploy.baselines": 2,
-    "caitdeploy.formats": 3,       # checkpoints and fused files (read through a family)
+    "caitdeploy.formats": 3,  # checkpoints and fused files (read through a family)
     "caitdeploy.compress": 3,
     "caitdeploy.convert": 3,
     "caitdeploy.training.wrappers": 3,
-    "caitdeploy.export": 4, "caitdeploy.runtime": 4, "caitdeploy.formats.describe": 4, "caitdeploy.serve": 4,
-    "caitdeploy.bench": 4, "caitdeploy.training": 4,
+    "caitdeploy.export": 4,
+    "caitdeploy.runtime": 4,
+    "caitdeploy.formats.describe": 4,
+    "caitdeploy.serve": 4,
+    "caitdeploy.bench": 4,
+    "caitdeploy.training": 4,
     "caitdeploy.pipelines": 5,
-    "caitdeploy.testing": 5,       # helpers and harnesses shared by tests/ and benchmarks/; nothing imports them
+    "caitdeploy.testing": 5,  # helpers and harnesses shared by tests/ and benchmarks/; nothing imports them
     "caitdeploy.testing.fuzz": 6,  # the fuzz harness's "inspect" reader is what `caitdeploy inspect` runs (cli)
-    "caitdeploy.cli": 6, "caitdeploy": 6,
+    "caitdeploy.cli": 6,
+    "caitdeploy": 6,
 }
-FLOORS["caitdeploy.__main__"] = FLOORS["caitdeploy.cli"]   # `python -m caitdeploy` is the CLI
+FLOORS["caitdeploy.__main__"] = FLOORS["caitdeploy.cli"]  # `python -m caitdeploy` is the CLI
 
 
 # A package key places every module under its folder; the root "caitdeploy" places only caitdeploy/__init__.py, so
@@ -63,8 +69,10 @@ def floor_of(name: str, floors: dict[str, int] | None = None, packages: set[str]
         parent = parent.rsplit(".", 1)[0]
         if parent in packages:
             return floors[parent]
-    raise UnknownModule(f"{name}: not in tests/test_layering.py FLOORS (nor in a package listed there): give it "
-                        "its floor (README, Architecture)")
+    raise UnknownModule(
+        f"{name}: not in tests/test_layering.py FLOORS (nor in a package listed there): give it "
+        "its floor (README, Architecture)"
+    )
 
 
 def imports_of(path: Path) -> set[str]:
@@ -86,8 +94,12 @@ def imports_of(path: Path) -> set[str]:
                 continue
             for a in node.names:  # `from . import kernels` names a module
                 sub = f"{target}.{a.name}"
-                out.add(sub if (PKG.parent / sub.replace(".", "/")).exists()
-                        or (PKG.parent / (sub.replace(".", "/") + ".py")).exists() else target)
+                out.add(
+                    sub
+                    if (PKG.parent / sub.replace(".", "/")).exists()
+                    or (PKG.parent / (sub.replace(".", "/") + ".py")).exists()
+                    else target
+                )
     out.discard(me)
     return out
 
@@ -96,8 +108,9 @@ def graph() -> dict[str, set[str]]:
     return {module_name(p): imports_of(p) for p in PKG.rglob("*.py")}
 
 
-def unknown_modules(g: dict[str, set[str]], floors: dict[str, int] | None = None,
-                    packages: set[str] | None = None) -> list[str]:
+def unknown_modules(
+    g: dict[str, set[str]], floors: dict[str, int] | None = None, packages: set[str] | None = None
+) -> list[str]:
     """Every module of `g`, and every module one of them imports, that FLOORS does not place."""
     bad = set()
     for name in set(g) | {d for deps in g.values() for d in deps}:
@@ -108,8 +121,9 @@ def unknown_modules(g: dict[str, set[str]], floors: dict[str, int] | None = None
     return sorted(bad)
 
 
-def upward_imports(g: dict[str, set[str]], floors: dict[str, int] | None = None,
-                   packages: set[str] | None = None) -> list[str]:
+def upward_imports(
+    g: dict[str, set[str]], floors: dict[str, int] | None = None, packages: set[str] | None = None
+) -> list[str]:
     bad = []
     for mod, deps in g.items():
         f = floor_of(mod, floors, packages)
@@ -125,7 +139,7 @@ def upward_imports(g: dict[str, set[str]], floors: dict[str, int] | None = None,
 
 def find_cycles(g: dict[str, set[str]]) -> list[str]:
     """Import cycles of `g` (module -> the modules it imports), each as `a -> b -> a`; [] when there is none."""
-    state: dict[str, int] = {}   # 1: on the current path, 2: done
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
     cycles = []
 
     def visit(n, stack):
@@ -134,7 +148,7 @@ def find_cycles(g: dict[str, set[str]]) -> list[str]:
             if d not in g:
                 continue
             if state.get(d) == 1:
-                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+                cycles.append(" -> ".join(stack[stack.index(d) :] + [d]))
             elif d not in state:
                 visit(d, stack + [d])
         state[n] = 2
@@ -208,8 +222,13 @@ def test_the_checker_rejects_an_unknown_module_and_a_cycle():
     assert floor_of("caitdeploy", floors, packages) == 3
     with pytest.raises(UnknownModule, match="caitdeploy.new"):
         floor_of("caitdeploy.new", floors, packages)
-    g = {"caitdeploy": {"caitdeploy.pkg.a"}, "caitdeploy.new": set(), "caitdeploy.low": {"caitdeploy.pkg.b"},
-         "caitdeploy.pkg.a": {"caitdeploy.pkg.b"}, "caitdeploy.pkg.b": {"caitdeploy.gone"}}
+    g = {
+        "caitdeploy": {"caitdeploy.pkg.a"},
+        "caitdeploy.new": set(),
+        "caitdeploy.low": {"caitdeploy.pkg.b"},
+        "caitdeploy.pkg.a": {"caitdeploy.pkg.b"},
+        "caitdeploy.pkg.b": {"caitdeploy.gone"},
+    }
     assert unknown_modules(g, floors, packages) == ["caitdeploy.gone", "caitdeploy.new"]
     del g["caitdeploy.new"], g["caitdeploy.pkg.b"]
     assert upward_imports(g, floors, packages) == ["caitdeploy.low (floor 1) imports caitdeploy.pkg.b (floor 2)"]
@@ -222,14 +241,23 @@ def test_the_checker_rejects_an_unknown_module_and_a_cycle():
 def test_the_package_checker_collapses_modules_and_finds_a_package_cycle():
     """Self-test on a made-up graph: modules collapse to caitdeploy.X (the root stays itself, a deep module goes to
     its top package), imports inside a package vanish, and a cycle that no module graph shows is found."""
-    g = {"caitdeploy": {"caitdeploy.low.a"}, "caitdeploy.low.a": {"caitdeploy.low.b"},
-         "caitdeploy.low.b": {"caitdeploy.high.x"}, "caitdeploy.high.x": set(),
-         "caitdeploy.high.y.z": {"caitdeploy.low.a"}, "caitdeploy.__main__": {"caitdeploy"}}
+    g = {
+        "caitdeploy": {"caitdeploy.low.a"},
+        "caitdeploy.low.a": {"caitdeploy.low.b"},
+        "caitdeploy.low.b": {"caitdeploy.high.x"},
+        "caitdeploy.high.x": set(),
+        "caitdeploy.high.y.z": {"caitdeploy.low.a"},
+        "caitdeploy.__main__": {"caitdeploy"},
+    }
     assert package_of("caitdeploy") == "caitdeploy" and package_of("caitdeploy.high.y.z") == "caitdeploy.high"
-    assert find_cycles(g) == []   # module by module: no cycle
+    assert find_cycles(g) == []  # module by module: no cycle
     pg = package_graph(g)
-    assert pg == {"caitdeploy": {"caitdeploy.low"}, "caitdeploy.low": {"caitdeploy.high"},
-                  "caitdeploy.high": {"caitdeploy.low"}, "caitdeploy.__main__": {"caitdeploy"}}
+    assert pg == {
+        "caitdeploy": {"caitdeploy.low"},
+        "caitdeploy.low": {"caitdeploy.high"},
+        "caitdeploy.high": {"caitdeploy.low"},
+        "caitdeploy.__main__": {"caitdeploy"},
+    }
     assert find_cycles(pg) == ["caitdeploy.low -> caitdeploy.high -> caitdeploy.low"]
     assert package_edges(g, "caitdeploy.high", "caitdeploy.low") == ["caitdeploy.high.y.z -> caitdeploy.low.a"]
     g["caitdeploy.high.y.z"] = set()
@@ -244,7 +272,13 @@ def test_tests_and_benchmarks_share_code_only_through_the_package():
     for path in sorted([*root.glob("tests/**/*.py"), *root.glob("benchmarks/**/*.py"), *root.glob("examples/*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
             text = ast.unparse(node) if isinstance(node, (ast.Call, ast.Import, ast.ImportFrom)) else ""
-            if isinstance(node, ast.Call) and ("sys.path" in text.split("(")[0] or "spec_from_file_location" in text
-                                               or "SourceFileLoader" in text) or isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0].startswith(("test_", "bench_")):
+            if (
+                isinstance(node, ast.Call)
+                and (
+                    "sys.path" in text.split("(")[0] or "spec_from_file_location" in text or "SourceFileLoader" in text
+                )
+                or isinstance(node, ast.ImportFrom)
+                and (node.module or "").split(".")[0].startswith(("test_", "bench_"))
+            ):
                 bad.append(f"{path.relative_to(root)}:{node.lineno}: {text[:80]}")
     assert not bad, "\n".join(bad)

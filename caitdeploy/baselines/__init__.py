@@ -1,4 +1,5 @@
 """Baselines the CAIT models are benchmarked against."""
+
 from caitdeploy.baselines.tome import (
     ToMeViT,
     bipartite_soft_matching,
@@ -11,5 +12,14 @@ from caitdeploy.baselines.tome import (
     tome_tokens,
 )
 
-__all__ = ["ToMeViT", "bipartite_soft_matching", "choose_r", "describe_r", "merge_wavg", "r_schedule",
-           "tome_flops", "tome_model", "tome_tokens"]
+__all__ = [
+    "ToMeViT",
+    "bipartite_soft_matching",
+    "choose_r",
+    "describe_r",
+    "merge_wavg",
+    "r_schedule",
+    "tome_flops",
+    "tome_model",
+    "tome_tokens",
+]

@@ -15,11 +15,12 @@ The output token order is [unmerged A tokens in their original order (class toke
 `r` is the number of tokens removed per block: one int for every block, or a per-block list (a schedule).
 At most floor((N-1)/2) tokens can be removed from N tokens (every A token except the class token).
 
-FLOPs (`tome_flops`) follow flops.py: 2 per multiply-accumulate, matmuls and convolutions only. ToMe's own
+FLOPs (`tome_flops`) follow families/flops.py: 2 per multiply-accumulate, matmuls and convolutions only. ToMe's own
 cost is counted: the similarity matmul of each merging block, 2 * |A| * |B| * head_dim per image. Its
 normalisation, mean over heads, argmax, sort, gather and scatter are not matmuls and are not counted
 (as LayerNorm/softmax are not counted for the dense model).
 """
+
 from __future__ import annotations
 
 import math
@@ -72,14 +73,14 @@ def bipartite_soft_matching(k: torch.Tensor, r: int, protect_cls: bool | int = T
         return _identity, _identity
     with torch.no_grad():
         unit = F.normalize(k, dim=-1)
-        sim = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)   # [B, |A|, |B|] cosine similarity, A = even
+        sim = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)  # [B, |A|, |B|] cosine similarity, A = even
         if p:
-            sim[:, : (p + 1) // 2, :] = -math.inf              # prefix tokens in A (even indices) never leave
-            sim[:, :, : p // 2] = -math.inf                    # prefix tokens in B (odd indices) never absorb
-        best_sim, partner = sim.max(dim=-1)                    # each A token's most similar B token
-        ranked = best_sim.argsort(dim=-1, descending=True)     # strongest edges first
-        gone = ranked[:, :r, None]                             # A tokens folded into their partner
-        stay = ranked[:, r:].sort(dim=-1).values[..., None]    # A tokens kept, original order
+            sim[:, : (p + 1) // 2, :] = -math.inf  # prefix tokens in A (even indices) never leave
+            sim[:, :, : p // 2] = -math.inf  # prefix tokens in B (odd indices) never absorb
+        best_sim, partner = sim.max(dim=-1)  # each A token's most similar B token
+        ranked = best_sim.argsort(dim=-1, descending=True)  # strongest edges first
+        gone = ranked[:, :r, None]  # A tokens folded into their partner
+        stay = ranked[:, r:].sort(dim=-1).values[..., None]  # A tokens kept, original order
         target = partner.gather(1, gone.squeeze(-1))[..., None]  # where each folded A token lands in B
     n_a = (n + 1) // 2
     n_stay = n_a - r
@@ -104,8 +105,7 @@ def bipartite_soft_matching(k: torch.Tensor, r: int, protect_cls: bool | int = T
     return merge, unmerge
 
 
-def merge_wavg(merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_wavg(merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge. x: [B, N, D]; size: [B, N, 1] patches per token (None = all ones).
 
     Returns (merged x [B, N', D], merged size [B, N', 1]); merged sizes are the sums of the sizes merged.
@@ -124,7 +124,7 @@ def r_schedule(r: int | Sequence[int], depth: int) -> list[int]:
         if r < 0:
             raise ValueError(f"ToMe r must be >= 0, got {r}")
         return [r] * depth
-    if isinstance(r, bool):   # neither a count nor a list (it is no more iterable than it ever was)
+    if isinstance(r, bool):  # neither a count nor a list (it is no more iterable than it ever was)
         raise TypeError(f"ToMe r must be an int or a list of ints, got {r!r}")
     sched = [int(v) for v in r]
     if len(sched) != depth:
@@ -151,8 +151,10 @@ def _check_dense(config: CaitConfig) -> None:
         raise ValueError("ToMe runs a dense ViT: the config has ATME merges (use config.unpruned())")
     for i, b in enumerate(config.blocks):
         if b.kind != "attn" or b.slim is not None:
-            raise ValueError(f"ToMe runs a dense ViT: block {i} is a {b.kind!r} block"
-                             f"{' with token slimming' if b.slim is not None else ''}")
+            raise ValueError(
+                f"ToMe runs a dense ViT: block {i} is a {b.kind!r} block"
+                f"{' with token slimming' if b.slim is not None else ''}"
+            )
         if b.qk_dim != b.v_dim or b.num_heads * b.qk_dim != config.embed_dim:
             raise ValueError(f"ToMe runs a dense ViT: block {i} has pruned attention widths")
 
@@ -173,13 +175,20 @@ def tome_flops(config: CaitConfig, r: int | Sequence[int]) -> dict:
     blocks = []
     for b, (n, m) in zip(config.blocks, tome_tokens(config, r)):
         na, nb = (n + 1) // 2, n // 2
-        parts = {"tokens": n, "tokens_out": m,
-                 **transformer_parts(n, d, b.num_heads, b.qk_dim, b.v_dim, b.mlp_hidden, n_mlp=m),
-                 "match": 2 * na * nb * b.qk_dim if m < n else 0}
+        parts = {
+            "tokens": n,
+            "tokens_out": m,
+            **transformer_parts(n, d, b.num_heads, b.qk_dim, b.v_dim, b.mlp_hidden, n_mlp=m),
+            "match": 2 * na * nb * b.qk_dim if m < n else 0,
+        }
         parts["total"] = sum(v for k, v in parts.items() if k not in ("tokens", "tokens_out"))
         blocks.append(parts)
-    return {"total": patch + head + sum(p["total"] for p in blocks), "patch_embed": patch, "head": head,
-            "blocks": blocks}
+    return {
+        "total": patch + head + sum(p["total"] for p in blocks),
+        "patch_embed": patch,
+        "head": head,
+        "blocks": blocks,
+    }
 
 
 def choose_r(config_dense: CaitConfig, target_flops: float, tol: float = 0.02) -> int | list[int]:
@@ -200,14 +209,17 @@ def choose_r(config_dense: CaitConfig, target_flops: float, tol: float = 0.02) -
     lo = max([r for r in cost if cost[r] >= target_flops], default=None)
     if lo is None or lo + 1 not in cost:
         lim = "above" if lo is None else "below"
-        raise ValueError(f"ToMe cannot reach {target_flops / 1e9:.3f} GFLOPs: target is {lim} its range "
-                         f"[{min(cost.values()) / 1e9:.3f}, {max(cost.values()) / 1e9:.3f}]")
+        raise ValueError(
+            f"ToMe cannot reach {target_flops / 1e9:.3f} GFLOPs: target is {lim} its range "
+            f"[{min(cost.values()) / 1e9:.3f}, {max(cost.values()) / 1e9:.3f}]"
+        )
     cands = [[lo + 1] * k + [lo] * (depth - k) for k in range(depth + 1)]
     sched = min(cands, key=lambda s: abs(tome_flops(config_dense, s)["total"] - target_flops))
     got = tome_flops(config_dense, sched)["total"]
     if abs(got - target_flops) > tol * target_flops:
-        raise ValueError(f"no ToMe r schedule within {100 * tol:g}% of {target_flops / 1e9:.3f} GFLOPs "
-                         f"(closest {got / 1e9:.3f})")
+        raise ValueError(
+            f"no ToMe r schedule within {100 * tol:g}% of {target_flops / 1e9:.3f} GFLOPs (closest {got / 1e9:.3f})"
+        )
     return sched
 
 
@@ -234,8 +246,7 @@ class ToMeViT(nn.Module):
     attn_impl: "sdpa" (default) or "math" (explicit MatMul/Softmax/MatMul, for export).
     """
 
-    def __init__(self, vit: CaitViT, r: int | Sequence[int], attn_impl: str = "sdpa",
-                 prop_attn: bool = True):
+    def __init__(self, vit: CaitViT, r: int | Sequence[int], attn_impl: str = "sdpa", prop_attn: bool = True):
         super().__init__()
         config: CaitConfig = vit.config
         _check_dense(config)
@@ -248,9 +259,8 @@ class ToMeViT(nn.Module):
         self.attn_impl = attn_impl
         self.prop_attn = prop_attn
 
-    def _attention(self, blk: Block, x: torch.Tensor, size: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        at = cast(Attention, blk.attn)   # _check_dense: every block is an attention block
+    def _attention(self, blk: Block, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        at = cast(Attention, blk.attn)  # _check_dense: every block is an attention block
         b, n, _ = x.shape
         h, dv = at.num_heads, at.v_dim
         q, k, v = at.heads(x)
@@ -278,7 +288,7 @@ class ToMeViT(nn.Module):
         size = None
         wanted = self.config.feature_blocks(blocks) if blocks is not None else ()
         source = None
-        if wanted:   # source[b, t]: where original token t lives now
+        if wanted:  # source[b, t]: where original token t lives now
             source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         out, p, grid = [], vit.num_prefix_tokens, self.config.grid
         for i, (blk, r) in enumerate(zip(cast("Iterable[Block]", vit.blocks), self.schedule)):
@@ -295,7 +305,7 @@ class ToMeViT(nn.Module):
                         step = unmerge(now.reshape(1, -1, 1).expand(x.shape[0], -1, 1))[..., 0].long()
                         source = step.gather(1, source)
             x = x + blk.mlp(blk.norm2(x))
-            if source is not None and i in wanted:   # source is set whenever blocks are wanted
+            if source is not None and i in wanted:  # source is set whenever blocks are wanted
                 idx = source[:, p:, None].expand(-1, -1, x.shape[-1])
                 out.append(restore_grid(x.gather(1, idx), grid, grid))
         return out if wanted else vit.norm(x)
@@ -304,8 +314,13 @@ class ToMeViT(nn.Module):
         return self.vit.forward_head(self.forward_features(images))
 
 
-def tome_model(config: CaitConfig, r: int | Sequence[int], attn_impl: str = "sdpa", seed: int | None = 0,
-               state_dict: dict[str, torch.Tensor] | None = None) -> ToMeViT:
+def tome_model(
+    config: CaitConfig,
+    r: int | Sequence[int],
+    attn_impl: str = "sdpa",
+    seed: int | None = 0,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> ToMeViT:
     """A `ToMeViT` over a fresh dense CaitViT of `config` (random weights unless `state_dict` is given)."""
     from caitdeploy.families.vit.model import CaitViT
 

@@ -1,4 +1,5 @@
 """Benchmark reports: rich table, Markdown, JSON (flat records) and a PNG plot."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +10,35 @@ from typing import Any
 
 from caitdeploy.core.errors import CaitError, Staging, atomic_output, safe_text
 
-COLUMNS = ("model", "backend", "batch", "GFLOPs", "params", "p50 ms", "p90 ms", "p99 ms", "img/s",
-           "vs dense", "vs ToMe", "spread", "mem MB", "status")
-ENV_KEYS = ("env_cpu", "env_cpu_count", "env_threads", "env_gpu", "env_driver", "env_cuda", "env_torch",
-            "env_onnxruntime", "env_tensorrt", "env_python", "env_os")
+COLUMNS = (
+    "model",
+    "backend",
+    "batch",
+    "GFLOPs",
+    "params",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "img/s",
+    "vs dense",
+    "vs ToMe",
+    "spread",
+    "mem MB",
+    "status",
+)
+ENV_KEYS = (
+    "env_cpu",
+    "env_cpu_count",
+    "env_threads",
+    "env_gpu",
+    "env_driver",
+    "env_cuda",
+    "env_torch",
+    "env_onnxruntime",
+    "env_tensorrt",
+    "env_python",
+    "env_os",
+)
 FLOPS_NOTE = "GFLOPs per image, 2 x multiply-accumulates (matmuls and convolutions); ToMe includes its matching matmul"
 
 
@@ -45,14 +71,24 @@ def rows(records: Sequence[dict[str, Any]]) -> tuple[list[list[str]], list[str]]
             status = "ok" + (" " + ref(r["note"]) if r.get("note") else "")
         else:
             status = "n/a " + ref(r["status"].removeprefix("n/a: "))
-        out.append([
-            safe_text(r["model_detail"] if r["model"] != "dense" else f"dense {r['arch']}", 200),
-            backend_label(r, records), str(r["batch"]), f"{r['flops_per_img'] / 1e9:.3f}", _params(r["params"]),
-            _f(r["latency_ms_p50"], ".2f"), _f(r["latency_ms_p90"], ".2f"), _f(r["latency_ms_p99"], ".2f"),
-            _f(r["throughput_img_s"], ".1f"), _f(r["speedup_vs_dense"], ".2f", "x"),
-            _f(r["speedup_vs_tome"], ".2f", "x"), _f(r["repeat_spread_pct"], ".1f", "%"),
-            _f(r["peak_mem_mb"], ".0f"), status,
-        ])
+        out.append(
+            [
+                safe_text(r["model_detail"] if r["model"] != "dense" else f"dense {r['arch']}", 200),
+                backend_label(r, records),
+                str(r["batch"]),
+                f"{r['flops_per_img'] / 1e9:.3f}",
+                _params(r["params"]),
+                _f(r["latency_ms_p50"], ".2f"),
+                _f(r["latency_ms_p90"], ".2f"),
+                _f(r["latency_ms_p99"], ".2f"),
+                _f(r["throughput_img_s"], ".1f"),
+                _f(r["speedup_vs_dense"], ".2f", "x"),
+                _f(r["speedup_vs_tome"], ".2f", "x"),
+                _f(r["repeat_spread_pct"], ".1f", "%"),
+                _f(r["peak_mem_mb"], ".0f"),
+                status,
+            ]
+        )
     return out, [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
 
 
@@ -63,8 +99,10 @@ def io_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         if inp is None:
             continue
         if outs and outs != "logits":
-            out.append(f"input {inp} -> feature maps {outs.replace(',', ', ')} on the unmerged grid "
-                       "(GFLOPs: encoder up to the last of them, no head)")
+            out.append(
+                f"input {inp} -> feature maps {outs.replace(',', ', ')} on the unmerged grid "
+                "(GFLOPs: encoder up to the last of them, no head)"
+            )
         else:
             out.append(f"input {inp} -> logits")
     return out
@@ -74,21 +112,28 @@ def environment_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     if not records:
         return []
     r = records[0]
-    lines = [*io_lines(records), f"cpu: {r['env_cpu']} ({r['env_cpu_count']} logical cores, {r['env_threads']} torch threads)"]
+    lines = [
+        *io_lines(records),
+        f"cpu: {r['env_cpu']} ({r['env_cpu_count']} logical cores, {r['env_threads']} torch threads)",
+    ]
     if r["env_gpu"]:
         lines.append(f"gpu: {r['env_gpu']} (driver {r['env_driver'] or '?'}, CUDA {r['env_cuda'] or '?'})")
     else:
         lines.append("gpu: none")
-    lines.append(f"torch {r['env_torch']}, onnxruntime {r['env_onnxruntime'] or '-'}, "
-                 f"tensorrt {r['env_tensorrt'] or '-'}, python {r['env_python']}, {r['env_os']}")
+    lines.append(
+        f"torch {r['env_torch']}, onnxruntime {r['env_onnxruntime'] or '-'}, "
+        f"tensorrt {r['env_tensorrt'] or '-'}, python {r['env_python']}, {r['env_os']}"
+    )
     kinds = sorted({x["peak_mem_kind"] for x in records if x.get("peak_mem_kind")})
     if kinds:
         lines.append(f"memory: {', '.join(kinds)} (see caitdeploy/bench/runners.py)")
     ok = [x for x in records if x["status"] == "ok"]
     if ok:
-        lines.append(f"timing: {ok[0]['warmup']} warm-up calls, {ok[0]['repeats']} repeats, "
-                     f"{min(x['iters'] for x in ok)}-{max(x['iters'] for x in ok)} timed calls per row; "
-                     "latency per batch; spread = max-min of the repeat medians")
+        lines.append(
+            f"timing: {ok[0]['warmup']} warm-up calls, {ok[0]['repeats']} repeats, "
+            f"{min(x['iters'] for x in ok)}-{max(x['iters'] for x in ok)} timed calls per row; "
+            "latency per batch; spread = max-min of the repeat medians"
+        )
     return lines
 
 
@@ -127,8 +172,9 @@ def to_markdown(records: Sequence[dict[str, Any]], title: str | None = None) -> 
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(records: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None,
-                   staging: Staging | None = None) -> None:
+def write_markdown(
+    records: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None, staging: Staging | None = None
+) -> None:
     with _target(path, staging) as tmp:
         tmp.write_text(to_markdown(records, title))
 
@@ -144,8 +190,9 @@ def records_json(records: Sequence[dict[str, Any]]) -> str:
     return json.dumps([{k: clean(v) for k, v in r.items()} for r in records], indent=2) + "\n"
 
 
-def write_records_json(records: Sequence[dict[str, Any]], path: str | os.PathLike,
-                       staging: Staging | None = None) -> None:
+def write_records_json(
+    records: Sequence[dict[str, Any]], path: str | os.PathLike, staging: Staging | None = None
+) -> None:
     with _target(path, staging) as tmp:
         tmp.write_text(records_json(records))
 
@@ -164,8 +211,9 @@ def _label(r: dict[str, Any]) -> str:
     return "dense" if r["model"] == "dense" else r["model_detail"]
 
 
-def write_plot(records: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None,
-               staging: Staging | None = None) -> None:
+def write_plot(
+    records: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None, staging: Staging | None = None
+) -> None:
     """PNG: throughput by backend (groups) and model (bars) at the largest batch; with several batch sizes a
     second panel of p50 latency vs batch, one line per (model, backend)."""
     import matplotlib
@@ -201,8 +249,9 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | os.PathLike, title
         ax2 = axes[0][1]
         for lab in labels:
             for be in backends:
-                pts = sorted((r["batch"], r["latency_ms_p50"]) for r in ok
-                             if backend_label(r, ok) == be and _label(r) == lab)
+                pts = sorted(
+                    (r["batch"], r["latency_ms_p50"]) for r in ok if backend_label(r, ok) == be and _label(r) == lab
+                )
                 if pts:
                     ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{lab} / {be}")
         ax2.set_xscale("log", base=2)

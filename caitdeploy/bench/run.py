@@ -16,6 +16,7 @@ fp32 weights under torch.autocast; ONNX Runtime has no bf16 CPU kernels, so its 
 int8 and int8-dynamic (ONNX Runtime and TensorRT: the fp32 export quantized by `export.quantize`, static QDQ
 calibrated on synthetic images, or dynamic; torch rows n/a). Speed-ups compare rows of the same precision.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,8 +69,7 @@ def _items(text: str | Sequence[str]) -> list[str]:
     return [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
 
 
-def _choices(text: str | Sequence[str], allowed: Sequence[str], param: str, unknown: Callable[[str], str]
-             ) -> list[str]:
+def _choices(text: str | Sequence[str], allowed: Sequence[str], param: str, unknown: Callable[[str], str]) -> list[str]:
     """The distinct values of a comma-list option, each one of `allowed`; `unknown(value)` words the error."""
     items = _items(text)
     if not items:
@@ -81,13 +81,15 @@ def _choices(text: str | Sequence[str], allowed: Sequence[str], param: str, unkn
 
 
 def parse_backends(text: str | Sequence[str]) -> list[str]:
-    return _choices(text, BACKENDS, "backends",
-                    lambda b: f"has unknown backend {b!r}; choose from {','.join(BACKENDS)}")
+    return _choices(
+        text, BACKENDS, "backends", lambda b: f"has unknown backend {b!r}; choose from {','.join(BACKENDS)}"
+    )
 
 
 def parse_dtypes(text: str | Sequence[str]) -> list[str]:
-    return _choices(text, DTYPES, "dtype",
-                    lambda d: f"{d!r}: choose from {', '.join(DTYPES)} (comma-separate for several)")
+    return _choices(
+        text, DTYPES, "dtype", lambda d: f"{d!r}: choose from {', '.join(DTYPES)} (comma-separate for several)"
+    )
 
 
 def parse_baselines(text: str | Sequence[str]) -> list[str]:
@@ -101,7 +103,7 @@ def parse_baselines(text: str | Sequence[str]) -> list[str]:
 
 
 _ASCII_INT = re.compile(r"[+-]?[0-9]{1,64}")
-MAX_TOME_R = 1 << 20   # tokens merged per block; more than any input has (choose_r / tome check the model)
+MAX_TOME_R = 1 << 20  # tokens merged per block; more than any input has (choose_r / tome check the model)
 
 
 def parse_batches(values: Iterable[Any]) -> list[int]:
@@ -138,8 +140,9 @@ def _features(model: torch.nn.Module, features: tuple[int, ...] | None, restore:
     return FeatureModel(model, features, restore).eval()
 
 
-def _dense_builder(cfg: CaitConfig, seed: int, features=None, restore: str = "repeat"
-                   ) -> Callable[[AttnImpl, str | None], torch.nn.Module]:
+def _dense_builder(
+    cfg: CaitConfig, seed: int, features=None, restore: str = "repeat"
+) -> Callable[[AttnImpl, str | None], torch.nn.Module]:
     def build(attn_impl: AttnImpl, kernels: str | None):
         from caitdeploy.families import build_model
 
@@ -149,8 +152,9 @@ def _dense_builder(cfg: CaitConfig, seed: int, features=None, restore: str = "re
     return build
 
 
-def _cait_builder(path: str, img_size=None, features=None, restore: str = "repeat"
-                  ) -> Callable[[AttnImpl, str | None], torch.nn.Module]:
+def _cait_builder(
+    path: str, img_size=None, features=None, restore: str = "repeat"
+) -> Callable[[AttnImpl, str | None], torch.nn.Module]:
     def build(attn_impl: AttnImpl, kernels: str | None):
         from caitdeploy.formats.fused import load_model
 
@@ -183,9 +187,17 @@ def _flops(cfg: CaitConfig, features: tuple[int, ...] | None) -> int:
     return encoder_flops(cfg, features[-1]) if features else model_flops(cfg)["total"]
 
 
-def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[str] = BASELINES,
-                 tome_r: str | int = "auto", seed: int = 0, log: Callable[[str], None] = print,
-                 max_batch: int = 1, img_size=None, features=None, restore: str = "repeat") -> list[BenchModel]:
+def build_models(
+    model_paths: Sequence[str | os.PathLike],
+    baselines: Sequence[str] = BASELINES,
+    tome_r: str | int = "auto",
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    max_batch: int = 1,
+    img_size=None,
+    features=None,
+    restore: str = "repeat",
+) -> list[BenchModel]:
     """The models to benchmark: every fused CAIT model, one dense model per distinct architecture, one
     ToMe model per CAIT model (FLOPs-matched unless `tome_r` is an int). img_size: run every model at this
     input size; features: block indices, benchmark feature extraction (see the module docstring)."""
@@ -201,7 +213,7 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
         from caitdeploy.formats.describe import fused_meta
 
         meta = fused_meta(meta, path)  # every metadata field read here checked: type and range
-        system = CONVERTED.get(meta.get("converted_from") or "", "CAIT")   # `convert`ed files name their system
+        system = CONVERTED.get(meta.get("converted_from") or "", "CAIT")  # `convert`ed files name their system
         try:
             if img_size is not None:
                 config = config.at_size(img_size)
@@ -209,29 +221,52 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
         except ConfigError as e:
             raise CaitError(f"{path}: {e}") from None
         dense_cfg = config.unpruned()
-        check_memory(3 * param_bytes(dense_cfg) + activation_bytes(dense_cfg, max_batch),
-                     f"{path}: benchmarking its dense architecture at batch {max_batch}",
-                     hint="choose a smaller --batch")
+        check_memory(
+            3 * param_bytes(dense_cfg) + activation_bytes(dense_cfg, max_batch),
+            f"{path}: benchmarking its dense architecture at batch {max_batch}",
+            hint="choose a smaller --batch",
+        )
         arch = arch_name(dense_cfg)
         setting = setting_name(path)
         f_cait, f_dense = _flops(config, blocks), _flops(dense_cfg, blocks)
         outputs = [f"feat{b}" for b in blocks] if blocks else None
-        common: dict[str, Any] = dict(input_shape=config.input_shape, num_classes=config.num_classes,
-                      flops_dense=f_dense, output_names=outputs)
-        models.append(BenchModel("cait", setting, arch, f"{system} -{100 * (1 - f_cait / f_dense):.1f}%",
-                                 _cait_builder(str(path), img_size, blocks, restore), flops=f_cait,
-                                 params=model_params(config), **common))
-        log(f"{setting}: {system} {f_cait / 1e9:.3f} GFLOPs/img, dense {f_dense / 1e9:.3f} "
-            f"({100 * (1 - f_cait / f_dense):.1f}% fewer)")
+        common: dict[str, Any] = dict(
+            input_shape=config.input_shape, num_classes=config.num_classes, flops_dense=f_dense, output_names=outputs
+        )
+        models.append(
+            BenchModel(
+                "cait",
+                setting,
+                arch,
+                f"{system} -{100 * (1 - f_cait / f_dense):.1f}%",
+                _cait_builder(str(path), img_size, blocks, restore),
+                flops=f_cait,
+                params=model_params(config),
+                **common,
+            )
+        )
+        log(
+            f"{setting}: {system} {f_cait / 1e9:.3f} GFLOPs/img, dense {f_dense / 1e9:.3f} "
+            f"({100 * (1 - f_cait / f_dense):.1f}% fewer)"
+        )
         if "dense" in baselines and arch not in dense_seen:
             dense_seen.add(arch)
-            models.append(BenchModel("dense", arch, arch, "dense", _dense_builder(dense_cfg, seed, blocks, restore),
-                                     flops=f_dense,
-                                     params=model_params(dense_cfg), **common))
+            models.append(
+                BenchModel(
+                    "dense",
+                    arch,
+                    arch,
+                    "dense",
+                    _dense_builder(dense_cfg, seed, blocks, restore),
+                    flops=f_dense,
+                    params=model_params(dense_cfg),
+                    **common,
+                )
+            )
         if "tome" in baselines and family_of(config).tome_note:
             log(f"{setting}: ToMe n/a ({family_of(config).tome_note})")
         elif "tome" in baselines:
-            enc = _encoder(dense_cfg, blocks)   # ToMe's r is matched on what runs (no head with features)
+            enc = _encoder(dense_cfg, blocks)  # ToMe's r is matched on what runs (no head with features)
             extra = head_flops(enc) if blocks else 0
             if tome_r == "auto":
                 try:
@@ -244,11 +279,23 @@ def build_models(model_paths: Sequence[str | os.PathLike], baselines: Sequence[s
                 r = list(r) + [0] * (dense_cfg.depth - len(r))
             f_tome = tome_flops(enc, r if isinstance(r, int) else r[: enc.depth])["total"] - extra
             how = "constant r" if isinstance(r, int) else "schedule: r+1 in the first blocks, r after"
-            log(f"{setting}: ToMe {describe_r(r)} ({how}) {f_tome / 1e9:.3f} GFLOPs/img vs CAIT "
-                f"{f_cait / 1e9:.3f} ({100 * (f_tome / f_cait - 1):+.2f}%)")
+            log(
+                f"{setting}: ToMe {describe_r(r)} ({how}) {f_tome / 1e9:.3f} GFLOPs/img vs CAIT "
+                f"{f_cait / 1e9:.3f} ({100 * (f_tome / f_cait - 1):+.2f}%)"
+            )
             detail = f"ToMe {describe_r(r)}" + (" unmerged" if blocks else "")
-            models.append(BenchModel("tome", setting, arch, detail, _tome_builder(dense_cfg, r, seed, blocks),
-                                     flops=f_tome, params=model_params(dense_cfg), **common))
+            models.append(
+                BenchModel(
+                    "tome",
+                    setting,
+                    arch,
+                    detail,
+                    _tome_builder(dense_cfg, r, seed, blocks),
+                    flops=f_tome,
+                    params=model_params(dense_cfg),
+                    **common,
+                )
+            )
     return models
 
 
@@ -256,6 +303,7 @@ def add_speedups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fill speedup_vs_dense / speedup_vs_tome (p50 ratio, > 1 = faster) among records of the same backend,
     batch, dtype and device: dense by architecture, ToMe by CAIT setting (for a dense row: the ToMe of its
     architecture when there is exactly one)."""
+
     def key(r):
         return (r["backend"], r["batch"], r["dtype"], r["device"])
 
@@ -288,13 +336,25 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batches: Sequence[int] = (256,),
-              backends: Sequence[str] = ("torch",), dtype: str | Sequence[str] = "fp32", baselines: Sequence[str] = BASELINES,
-              tome_r: str | int = "auto", device: str | None = "auto", timing: Timing | None = None,
-              threads: int | None = None, work_dir: str | os.PathLike | None = None,
-              compile_mode: str | None = None, seed: int = 0, progress: bool = True,
-              log: Callable[[str], None] = print, img_size=None, features=None,
-              restore: str = "repeat") -> list[dict[str, Any]]:
+def run_bench(
+    model_path: str | os.PathLike | Sequence[str | os.PathLike],
+    batches: Sequence[int] = (256,),
+    backends: Sequence[str] = ("torch",),
+    dtype: str | Sequence[str] = "fp32",
+    baselines: Sequence[str] = BASELINES,
+    tome_r: str | int = "auto",
+    device: str | None = "auto",
+    timing: Timing | None = None,
+    threads: int | None = None,
+    work_dir: str | os.PathLike | None = None,
+    compile_mode: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    img_size=None,
+    features=None,
+    restore: str = "repeat",
+) -> list[dict[str, Any]]:
     """Benchmark fused model(s) against their dense architecture and ToMe; one flat record per
     (model, backend, batch). See runners.py for timing, memory and record keys."""
     paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
@@ -309,21 +369,42 @@ def run_bench(model_path: str | os.PathLike | Sequence[str | os.PathLike], batch
         if threads < 1:
             raise OptionError("threads", f"{threads}: must be at least 1")
         torch.set_num_threads(threads)
-    opts = RunOptions(device=resolve_device(device), dtype=dtypes[0], timing=timing or Timing(), threads=threads,
-                      work_dir=Path(work_dir) if work_dir else None, compile_mode=compile_mode, seed=seed)
+    opts = RunOptions(
+        device=resolve_device(device),
+        dtype=dtypes[0],
+        timing=timing or Timing(),
+        threads=threads,
+        work_dir=Path(work_dir) if work_dir else None,
+        compile_mode=compile_mode,
+        seed=seed,
+    )
     from caitdeploy.families.vit.config import size_and_restore
 
     img_size = size_and_restore(img_size, restore)
-    models = build_models(paths, baselines, tome_r, seed=seed, log=log, max_batch=max(batches), img_size=img_size,
-                          features=features, restore=restore)
+    models = build_models(
+        paths,
+        baselines,
+        tome_r,
+        seed=seed,
+        log=log,
+        max_batch=max(batches),
+        img_size=img_size,
+        features=features,
+        restore=restore,
+    )
     if "fp16" in dtypes and opts.device == "cpu":
         if "fp32" in dtypes:
             dtypes.remove("fp16")
             log("fp16 on CPU runs fp32, which is already asked for: fp16 dropped")
         else:
             log("fp16 on CPU: running fp32 instead (see each record's note)")
-    jobs = [(dataclasses.replace(opts, dtype=d), backend, batch, m)
-            for d in dtypes for backend in backends for batch in batches for m in models]
+    jobs = [
+        (dataclasses.replace(opts, dtype=d), backend, batch, m)
+        for d in dtypes
+        for backend in backends
+        for batch in batches
+        for m in models
+    ]
     ctx = new_context(opts)
     records: list[dict[str, Any]] = []
     bar = None

@@ -28,6 +28,7 @@ Peak memory (`peak_mem_kind` says which):
 Any failure of one pair (missing runtime, export error, no GPU, unsupported op) gives a record with
 status "n/a: <reason>" and None measurements; the benchmark goes on.
 """
+
 from __future__ import annotations
 
 import gc
@@ -49,29 +50,69 @@ from caitdeploy.families.layers import AttnImpl
 
 BACKENDS = ("torch", "compile", "ort", "trt", "torch-triton")
 DTYPES = ("fp32", "fp16", "bf16", "int8", "int8-dynamic")
-INT8_DTYPES = ("int8", "int8-dynamic")   # ONNX Runtime only: static QDQ (synthetic calibration) / dynamic
+INT8_DTYPES = ("int8", "int8-dynamic")  # ONNX Runtime only: static QDQ (synthetic calibration) / dynamic
 MODEL_KINDS = ("cait", "dense", "tome")
 
 # every record has exactly these keys; the types of an "ok" record (None allowed where listed)
 _S, _I, _F, _N = str, int, float, type(None)
 RECORD_SCHEMA: dict[str, tuple[type, ...]] = {
-    "model": (_S,), "setting": (_S,), "arch": (_S,), "model_detail": (_S,),
-    "backend": (_S,), "device": (_S,), "dtype": (_S,), "batch": (_I,), "input": (_S,), "outputs": (_S,),
-    "flops_per_img": (_I,), "flops_reduction": (_F,), "params": (_I,),
-    "latency_ms_p50": (_F,), "latency_ms_p90": (_F,), "latency_ms_p99": (_F,), "latency_ms_mean": (_F,),
-    "throughput_img_s": (_F,), "peak_mem_mb": (_F, _N), "peak_mem_kind": (_S,),
-    "speedup_vs_dense": (_F, _N), "speedup_vs_tome": (_F, _N), "repeat_spread_pct": (_F, _N),
-    "iters": (_I,), "warmup": (_I,), "repeats": (_I,), "setup_s": (_F,),
-    "status": (_S,), "note": (_S,),
-    "env_cpu": (_S,), "env_cpu_count": (_I,), "env_threads": (_I,), "env_gpu": (_S, _N), "env_driver": (_S, _N),
-    "env_cuda": (_S, _N), "env_torch": (_S,), "env_onnxruntime": (_S, _N), "env_tensorrt": (_S, _N),
-    "env_python": (_S,), "env_os": (_S,),
+    "model": (_S,),
+    "setting": (_S,),
+    "arch": (_S,),
+    "model_detail": (_S,),
+    "backend": (_S,),
+    "device": (_S,),
+    "dtype": (_S,),
+    "batch": (_I,),
+    "input": (_S,),
+    "outputs": (_S,),
+    "flops_per_img": (_I,),
+    "flops_reduction": (_F,),
+    "params": (_I,),
+    "latency_ms_p50": (_F,),
+    "latency_ms_p90": (_F,),
+    "latency_ms_p99": (_F,),
+    "latency_ms_mean": (_F,),
+    "throughput_img_s": (_F,),
+    "peak_mem_mb": (_F, _N),
+    "peak_mem_kind": (_S,),
+    "speedup_vs_dense": (_F, _N),
+    "speedup_vs_tome": (_F, _N),
+    "repeat_spread_pct": (_F, _N),
+    "iters": (_I,),
+    "warmup": (_I,),
+    "repeats": (_I,),
+    "setup_s": (_F,),
+    "status": (_S,),
+    "note": (_S,),
+    "env_cpu": (_S,),
+    "env_cpu_count": (_I,),
+    "env_threads": (_I,),
+    "env_gpu": (_S, _N),
+    "env_driver": (_S, _N),
+    "env_cuda": (_S, _N),
+    "env_torch": (_S,),
+    "env_onnxruntime": (_S, _N),
+    "env_tensorrt": (_S, _N),
+    "env_python": (_S,),
+    "env_os": (_S,),
 }
 RECORD_KEYS = tuple(RECORD_SCHEMA)
 # keys that are None in an "n/a" record
-MEASURED_KEYS = ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean", "throughput_img_s",
-                 "peak_mem_mb", "peak_mem_kind", "speedup_vs_dense", "speedup_vs_tome", "repeat_spread_pct",
-                 "iters", "setup_s")
+MEASURED_KEYS = (
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "latency_ms_p99",
+    "latency_ms_mean",
+    "throughput_img_s",
+    "peak_mem_mb",
+    "peak_mem_kind",
+    "speedup_vs_dense",
+    "speedup_vs_tome",
+    "repeat_spread_pct",
+    "iters",
+    "setup_s",
+)
 
 
 @dataclass
@@ -85,8 +126,12 @@ class Timing:
     def __post_init__(self) -> None:
         from caitdeploy.core.budgets import MAX_ITERS, MAX_SECONDS, check_float
 
-        for name, v, lo in (("warmup", self.warmup, 0), ("min_iters", self.min_iters, 1),
-                            ("repeats", self.repeats, 1), ("max_iters", self.max_iters, 1)):
+        for name, v, lo in (
+            ("warmup", self.warmup, 0),
+            ("min_iters", self.min_iters, 1),
+            ("repeats", self.repeats, 1),
+            ("max_iters", self.max_iters, 1),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= MAX_ITERS:
                 raise OptionError(name, f"must be an integer in {lo}..{MAX_ITERS}, got {v!r}")
         check_float(self.min_seconds, "min_seconds", 0.0, MAX_SECONDS)  # inf would never stop
@@ -96,26 +141,26 @@ class Timing:
 class BenchModel:
     """One model to benchmark. `build(attn_impl, kernels)` returns a fresh fp32 CPU module in eval mode."""
 
-    kind: str                      # "cait" | "dense" | "tome"
-    setting: str                   # the CAIT setting this row belongs to (dense: the architecture)
-    arch: str                      # the dense architecture, e.g. "vit d384 x12 h6 224px"
-    detail: str                    # e.g. "CAIT -55.0%", "dense", "ToMe r=18"
+    kind: str  # "cait" | "dense" | "tome"
+    setting: str  # the CAIT setting this row belongs to (dense: the architecture)
+    arch: str  # the dense architecture, e.g. "vit d384 x12 h6 224px"
+    detail: str  # e.g. "CAIT -55.0%", "dense", "ToMe r=18"
     build: Callable[[AttnImpl, str | None], nn.Module]
-    input_shape: tuple[int, int, int]   # (C, H, W)
+    input_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int
     flops: int
     flops_dense: int
     params: int
-    output_names: list[str] | None = None   # feature maps (feat3, ...) instead of logits
+    output_names: list[str] | None = None  # feature maps (feat3, ...) instead of logits
 
 
 @dataclass
 class RunOptions:
-    device: str = "cpu"            # "cpu" | "cuda"
+    device: str = "cpu"  # "cpu" | "cuda"
     dtype: str = "fp32"
     timing: Timing = field(default_factory=Timing)
     threads: int | None = None
-    work_dir: Path | None = None   # ONNX files and engines; a temporary folder if None
+    work_dir: Path | None = None  # ONNX files and engines; a temporary folder if None
     compile_mode: str | None = None  # None: "max-autotune-no-cudagraphs" on CUDA, default mode on CPU
     seed: int = 0
 
@@ -150,8 +195,13 @@ def _driver() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -166,14 +216,16 @@ def environment() -> dict[str, Any]:
     if _ENV_CACHE is None:
         cuda = torch.cuda.is_available()
         _ENV_CACHE = {
-            "env_cpu": _cpu_name(), "env_cpu_count": os.cpu_count() or 1,
+            "env_cpu": _cpu_name(),
+            "env_cpu_count": os.cpu_count() or 1,
             "env_gpu": torch.cuda.get_device_name(0) if cuda else None,
             "env_driver": _driver() if cuda else None,
             "env_cuda": torch.version.cuda if cuda else None,
             "env_torch": torch.__version__,
             "env_onnxruntime": _pkg_version("onnxruntime", "onnxruntime-gpu"),
             "env_tensorrt": _pkg_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt_rtx"),
-            "env_python": platform.python_version(), "env_os": platform.platform(terse=True),
+            "env_python": platform.python_version(),
+            "env_os": platform.platform(terse=True),
         }
     return {**_ENV_CACHE, "env_threads": torch.get_num_threads()}
 
@@ -242,8 +294,9 @@ def _percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def measure(step: Callable[[], Any], timing: Timing, cuda_events: bool = False,
-            sync: Callable[[], None] = lambda: None) -> list[list[float]]:
+def measure(
+    step: Callable[[], Any], timing: Timing, cuda_events: bool = False, sync: Callable[[], None] = lambda: None
+) -> list[list[float]]:
     """Per-repeat lists of per-call latencies in ms (after `timing.warmup` untimed calls)."""
     for _ in range(timing.warmup):
         step()
@@ -253,7 +306,8 @@ def measure(step: Callable[[], Any], timing: Timing, cuda_events: bool = False,
         samples: list[float] = []
         t_start = time.perf_counter()
         while len(samples) < timing.max_iters and (
-                len(samples) < timing.min_iters or time.perf_counter() - t_start < timing.min_seconds):
+            len(samples) < timing.min_iters or time.perf_counter() - t_start < timing.min_seconds
+        ):
             if cuda_events:
                 ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 ev0.record()
@@ -275,25 +329,46 @@ def summarize(repeats: list[list[float]], batch: int) -> dict[str, Any]:
     p50 = _percentile(allv, 50)
     meds = [statistics.median(r) for r in repeats]
     spread = 100 * (max(meds) - min(meds)) / statistics.median(meds) if len(meds) > 1 else None
-    return {"latency_ms_p50": p50, "latency_ms_p90": _percentile(allv, 90), "latency_ms_p99": _percentile(allv, 99),
-            "latency_ms_mean": statistics.fmean(allv), "throughput_img_s": batch / p50 * 1e3,
-            "repeat_spread_pct": spread, "iters": len(allv)}
+    return {
+        "latency_ms_p50": p50,
+        "latency_ms_p90": _percentile(allv, 90),
+        "latency_ms_p99": _percentile(allv, 99),
+        "latency_ms_mean": statistics.fmean(allv),
+        "throughput_img_s": batch / p50 * 1e3,
+        "repeat_spread_pct": spread,
+        "iters": len(allv),
+    }
 
 
 # ---- records -----------------------------------------------------------------------------------------
 def base_record(m: BenchModel, backend: str, batch: int, opts: RunOptions, dtype: str) -> dict[str, Any]:
     rec: dict[str, Any] = {k: None for k in RECORD_KEYS}
-    rec.update(model=m.kind, setting=m.setting, arch=m.arch, model_detail=m.detail, backend=backend,
-               device=opts.device, dtype=dtype, batch=int(batch), input="x".join(map(str, m.input_shape)),
-               outputs=",".join(m.output_names or ["logits"]), flops_per_img=int(m.flops),
-               flops_reduction=float(1 - m.flops / m.flops_dense), params=int(m.params),
-               warmup=opts.timing.warmup, repeats=opts.timing.repeats, status="ok", note="")
+    rec.update(
+        model=m.kind,
+        setting=m.setting,
+        arch=m.arch,
+        model_detail=m.detail,
+        backend=backend,
+        device=opts.device,
+        dtype=dtype,
+        batch=int(batch),
+        input="x".join(map(str, m.input_shape)),
+        outputs=",".join(m.output_names or ["logits"]),
+        flops_per_img=int(m.flops),
+        flops_reduction=float(1 - m.flops / m.flops_dense),
+        params=int(m.params),
+        warmup=opts.timing.warmup,
+        repeats=opts.timing.repeats,
+        status="ok",
+        note="",
+    )
     rec.update(environment())
     return rec
 
 
-def na_record(m: BenchModel, backend: str, batch: int, opts: RunOptions, reason: str, dtype: str | None = None
-              ) -> dict[str, Any]:
+def na_record(
+    m: BenchModel, backend: str, batch: int, opts: RunOptions, reason: str, dtype: str | None = None
+) -> dict[str, Any]:
     rec = base_record(m, backend, batch, opts, dtype or opts.dtype)
     reason = " ".join(str(reason).split()) or "unknown error"
     rec["status"] = "n/a: " + (reason if len(reason) <= 300 else reason[:297] + "...")
@@ -305,7 +380,7 @@ class NotApplicable(Exception):
 
 
 # ---- backends ----------------------------------------------------------------------------------------
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.float32}   # bf16: fp32 + autocast
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.float32}  # bf16: fp32 + autocast
 
 
 @dataclass
@@ -351,9 +426,15 @@ def _prepare_torch(m: BenchModel, batch: int, opts: RunOptions, dtype: str, back
     if dtype in INT8_DTYPES:
         raise NotApplicable(f"{dtype} runs on ONNX Runtime (--backends ort): the quantized model is an ONNX graph")
     tdt = _TORCH_DTYPES[dtype]
-    runner = TorchRunner(model, _spec(opts), dtype=tdt, compile=backend == "compile",
-                         input_shape=m.input_shape, output_names=m.output_names,
-                         autocast=torch.bfloat16 if dtype == "bf16" else None)
+    runner = TorchRunner(
+        model,
+        _spec(opts),
+        dtype=tdt,
+        compile=backend == "compile",
+        input_shape=m.input_shape,
+        output_names=m.output_names,
+        autocast=torch.bfloat16 if dtype == "bf16" else None,
+    )
     runner.activate()
     ctx.keep.append(runner)
     if backend == "compile":
@@ -370,8 +451,9 @@ def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext, s
     (static QDQ calibrated on 16 synthetic images: the speed does not depend on the calibration data;
     `symmetric`: int8 activations with zero point 0 and float biases, the QDQ form TensorRT takes)."""
     if dtype == "bf16":
-        raise NotApplicable("ONNX Runtime has no bfloat16 CPU kernels (MatMul(13): NOT_IMPLEMENTED); "
-                            "bf16 runs on torch/compile")
+        raise NotApplicable(
+            "ONNX Runtime has no bfloat16 CPU kernels (MatMul(13): NOT_IMPLEMENTED); bf16 runs on torch/compile"
+        )
     key = (m.kind, m.setting, dtype + ("-sym" if symmetric else ""))
     if key in ctx.onnx_cache:
         if isinstance(ctx.onnx_cache[key], Exception):
@@ -397,8 +479,15 @@ def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext, s
         return path
     model = m.build("math", None).eval()
     try:
-        export_onnx(model, path, input_shape=m.input_shape, dtype=dtype,
-                    forbid=() if m.kind == "tome" else FORBIDDEN_OPS, verify=False, output_names=m.output_names)
+        export_onnx(
+            model,
+            path,
+            input_shape=m.input_shape,
+            dtype=dtype,
+            forbid=() if m.kind == "tome" else FORBIDDEN_OPS,
+            verify=False,
+            output_names=m.output_names,
+        )
     except Exception as e:  # noqa: BLE001 -- any exporter failure makes this pair n/a
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         ctx.onnx_cache[key] = CaitError(f"{type(e).__name__}: {first}")
@@ -441,8 +530,9 @@ def _prepare_trt(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: B
     from caitdeploy.export import tensorrt as trt_mod
 
     if dtype == "int8-dynamic":
-        raise NotApplicable("TensorRT does not take dynamic quantization (DynamicQuantizeLinear, MatMulInteger); "
-                            "use --dtype int8")
+        raise NotApplicable(
+            "TensorRT does not take dynamic quantization (DynamicQuantizeLinear, MatMulInteger); use --dtype int8"
+        )
     path = _onnx_file(m, opts, dtype, ctx, symmetric=dtype == "int8")
     engine = path.with_name(f"{path.stem}-b{batch}.engine")
     options: dict[str, Any] = dict(min_batch=1, opt_batch=batch, max_batch=batch)
@@ -463,8 +553,9 @@ def _prepare_trt(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: B
     return (lambda: runner.infer(feed, check_inputs=False)), False
 
 
-def run_one(m: BenchModel, backend: str, batch: int, opts: RunOptions, ctx: BenchContext | None = None
-            ) -> dict[str, Any]:
+def run_one(
+    m: BenchModel, backend: str, batch: int, opts: RunOptions, ctx: BenchContext | None = None
+) -> dict[str, Any]:
     """Benchmark one (model, backend, batch). Never raises for a pair that cannot run: returns an n/a record.
 
     ctx: shared state across calls of one benchmark (ONNX cache, work dir); created if None.

@@ -1,4 +1,5 @@
 """Pieces every CLI subcommand shares: one-line errors, JSON reports, rich output."""
+
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,7 @@ from caitdeploy.core.errors import CaitError, OptionError, safe_text
 # the report writer and the dense option check belong to the pipelines; re-exported for the commands
 from caitdeploy.pipelines.common import check_dense_options, json_text, write_json  # noqa: F401
 
-DEBUG = {"on": False}   # set by `caitdeploy --debug` or CAITDEPLOY_DEBUG=1
+DEBUG = {"on": False}  # set by `caitdeploy --debug` or CAITDEPLOY_DEBUG=1
 
 
 def debug_enabled() -> bool:
@@ -66,16 +67,22 @@ def handle_errors(fn: Callable) -> Callable:
         except MemoryError:
             if debug_enabled():
                 raise
-            click.echo("error: out of memory (the memory budget check should have refused this first: a bug in "
-                       "caitdeploy; set CAITDEPLOY_MAX_MEMORY_MB lower or re-run with --debug)", err=True)
+            click.echo(
+                "error: out of memory (the memory budget check should have refused this first: a bug in "
+                "caitdeploy; set CAITDEPLOY_MAX_MEMORY_MB lower or re-run with --debug)",
+                err=True,
+            )
             sys.exit(1)
         except Exception as e:  # the contract: a bug gets one line, not a traceback
             if debug_enabled():
                 raise
             from caitdeploy import __version__
 
-            click.echo(f"internal error (a bug in caitdeploy {__version__}): {type(e).__name__}: "
-                       f"{_one_line(str(e), 300)}; re-run with --debug for the traceback", err=True)
+            click.echo(
+                f"internal error (a bug in caitdeploy {__version__}): {type(e).__name__}: "
+                f"{_one_line(str(e), 300)}; re-run with --debug for the traceback",
+                err=True,
+            )
             sys.exit(1)
 
     return wrapper
@@ -123,10 +130,22 @@ def block_table(rows: list[dict[str, Any]], title: str | None = None):
 
     # a title is plain text (no markup), never wrapped (no line of its own for part of a name); callers print
     # file names with print_plain above the table instead, where they are never cropped
-    t = Table(title=Text(safe_text(title, 300), no_wrap=True, overflow="ellipsis") if title is not None else None,
-              show_lines=False)
+    t = Table(
+        title=Text(safe_text(title, 300), no_wrap=True, overflow="ellipsis") if title is not None else None,
+        show_lines=False,
+    )
     dense = any("flops_dense" in r for r in rows)
-    for col in ("block", "merge", "tokens", "heads", "qk/head", "v/head", "mlp", "GFLOPs", *(("dense",) if dense else ())):
+    for col in (
+        "block",
+        "merge",
+        "tokens",
+        "heads",
+        "qk/head",
+        "v/head",
+        "mlp",
+        "GFLOPs",
+        *(("dense",) if dense else ()),
+    ):
         t.add_column(col, justify="right", no_wrap=True)
 
     def width(r, key, pruned):
@@ -134,11 +153,28 @@ def block_table(rows: list[dict[str, Any]], title: str | None = None):
         return f"{v}" + (f" ({r[pruned]})" if pruned in r and r[pruned] != v else "")
 
     for r in rows:
-        op = " ".join(x for x in (r["merge"], f"slim {r['slim']}" if r.get("slim") else None,
-                                  r["kind"] if r.get("kind", "attn") != "attn" else None) if x) or "-"
-        cells = [str(r["block"]), op, str(r["tokens"]), str(r["heads"]),
-                 width(r, "qk_per_head", "qk_pruned"), width(r, "v_per_head", "v_pruned"), width(r, "mlp", "mlp_pruned"),
-                 f"{r['flops'] / 1e9:.3f}"]
+        op = (
+            " ".join(
+                x
+                for x in (
+                    r["merge"],
+                    f"slim {r['slim']}" if r.get("slim") else None,
+                    r["kind"] if r.get("kind", "attn") != "attn" else None,
+                )
+                if x
+            )
+            or "-"
+        )
+        cells = [
+            str(r["block"]),
+            op,
+            str(r["tokens"]),
+            str(r["heads"]),
+            width(r, "qk_per_head", "qk_pruned"),
+            width(r, "v_per_head", "v_pruned"),
+            width(r, "mlp", "mlp_pruned"),
+            f"{r['flops'] / 1e9:.3f}",
+        ]
         if dense:
             cells.append(f"{r['flops_dense'] / 1e9:.3f}")
         t.add_row(*(rich_safe(c, 80) for c in cells))

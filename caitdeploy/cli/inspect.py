@@ -1,4 +1,5 @@
 """`caitdeploy inspect FILE`: what a checkpoint, fused model, ONNX file or engine is, and its shapes."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,30 +31,45 @@ def print_inspect(info: dict[str, Any]) -> None:
         print_plain(con, text)
 
     kind = info["kind"]
-    title = {"checkpoint": "CAIT training checkpoint (cait-compactor/1)", "fused": "fused CAIT model (cait-fused/1)",
-             "onnx": f"ONNX model ({t(info.get('format'), 60)})", "engine": "TensorRT engine"}[kind]
+    title = {
+        "checkpoint": "CAIT training checkpoint (cait-compactor/1)",
+        "fused": "fused CAIT model (cait-fused/1)",
+        "onnx": f"ONNX model ({t(info.get('format'), 60)})",
+        "engine": "TensorRT engine",
+    }[kind]
     say(f"{t(info['file'], 1000)}: {title}")
     if "img_size" in info:
         merges = ", ".join(f"{k}:{v}" for k, v in info["merges"].items()) or "none"
         hw = info["img_size"] if isinstance(info["img_size"], list) else [info["img_size"]] * 2
-        say(f"  image {info['in_chans']}x{hw[0]}x{hw[1]}, patch {info['patch_size']}, "
-            f"embed {info['embed_dim']}, depth {info['depth']}, classes {info['num_classes']}, merges {t(merges)}")
+        say(
+            f"  image {info['in_chans']}x{hw[0]}x{hw[1]}, patch {info['patch_size']}, "
+            f"embed {info['embed_dim']}, depth {info['depth']}, classes {info['num_classes']}, merges {t(merges)}"
+        )
     if kind == "onnx":
         opsets = _listing([f"{t(k, 60)} {v}" for k, v in info["opset"].items()], 8)
-        say(f"  opset {opsets}, IR {info['ir_version']}, producer {t(info['producer'])}, dtype "
-            f"{t(info.get('dtype') or '?', 80)}, attention {t(info.get('attention') or '?', 40)}")
+        say(
+            f"  opset {opsets}, IR {info['ir_version']}, producer {t(info['producer'])}, dtype "
+            f"{t(info.get('dtype') or '?', 80)}, attention {t(info.get('attention') or '?', 40)}"
+        )
         for label, sigs in (("input ", info["inputs"]), ("output", info["outputs"])):
             for s in sigs[:16]:
-                shape = "[" + ", ".join(t(d, 40) if isinstance(d, str) else str(d) for d in s["shape"][:16]) + \
-                    (", ...]" if len(s["shape"]) > 16 else "]")
+                shape = (
+                    "["
+                    + ", ".join(t(d, 40) if isinstance(d, str) else str(d) for d in s["shape"][:16])
+                    + (", ...]" if len(s["shape"]) > 16 else "]")
+                )
                 say(f"  {label} {t(s['name'])} {shape} {t(s['dtype'], 40)}")
             if len(sigs) > 16:
                 say(f"  ... {len(sigs) - 16} more {label.strip()}s")
         if info.get("features"):
-            say(f"  feature maps after blocks {t(info['features'])} on the unmerged grid (merged grids restored: "
-                f"{t(info.get('restore') or '?', 40)}), no head")
-        say(f"  {info['nodes']} nodes, {human(info['params'])} parameters; census: "
-            + _listing([f"{t(op, 80)} {n}" for op, n in info["census"].items()], 40))
+            say(
+                f"  feature maps after blocks {t(info['features'])} on the unmerged grid (merged grids restored: "
+                f"{t(info.get('restore') or '?', 40)}), no head"
+            )
+        say(
+            f"  {info['nodes']} nodes, {human(info['params'])} parameters; census: "
+            + _listing([f"{t(op, 80)} {n}" for op, n in info["census"].items()], 40)
+        )
     if kind == "engine":
         hc = info["header_check"]
         if not hc.get("supported"):
@@ -61,8 +77,10 @@ def print_inspect(info: dict[str, Any]) -> None:
         elif hc.get("validity") == "VALID":
             state = "valid for this GPU"
         else:
-            state = (f"well-formed, version matches ({t(hc['validity'], 40)} here: "
-                     f"{', '.join(t(d, 40) for d in hc['diagnostics']) or 'no GPU to check against'})")
+            state = (
+                f"well-formed, version matches ({t(hc['validity'], 40)} here: "
+                f"{', '.join(t(d, 40) for d in hc['diagnostics']) or 'no GPU to check against'})"
+            )
         say(f"  {human(info['bytes'], 'B')}; engine header: {state}")
         chk = info.get("engine_check") or {}
         if chk.get("sha256_match"):
@@ -73,16 +91,22 @@ def print_inspect(info: dict[str, Any]) -> None:
             say(f"  {t(chk['note'], 300)}")
         if info.get("sidecar"):
             p = info.get("profile") or {}
-            say(f"  {t(info.get('flavour'), 40)} {t(info.get('trt_version'), 40)}, {t(info.get('dtype'), 40)} "
+            say(
+                f"  {t(info.get('flavour'), 40)} {t(info.get('trt_version'), 40)}, {t(info.get('dtype'), 40)} "
                 f"(I/O {t(info.get('io_dtype'), 40)}), strongly typed {info.get('strongly_typed')}, "
-                f"target {t(info.get('build_target'), 300)}")
+                f"target {t(info.get('build_target'), 300)}"
+            )
             built = f"{info['build_seconds']:.2f} s" if info.get("build_seconds") is not None else "?"
-            say(f"  profile {t(info.get('input'))}: min {p.get('min')} opt {p.get('opt')} max {p.get('max')}; built "
-                f"in {built}; opt level {info.get('opt_level')}")
+            say(
+                f"  profile {t(info.get('input'))}: min {p.get('min')} opt {p.get('opt')} max {p.get('max')}; built "
+                f"in {built}; opt level {info.get('opt_level')}"
+            )
             if info.get("onnx"):
                 match = {True: "matches", False: "CHANGED since the build", None: "not found"}[info.get("onnx_matches")]
-                say(f"  source ONNX {t(info['onnx']['path'], 1000)} sha256 {t(info['onnx']['sha256'][:16], 16)}... "
-                    f"({match})")
+                say(
+                    f"  source ONNX {t(info['onnx']['path'], 1000)} sha256 {t(info['onnx']['sha256'][:16], 16)}... "
+                    f"({match})"
+                )
         else:
             say(f"  {t(info.get('note'), 300)}")
     if info.get("blocks"):

@@ -1,4 +1,5 @@
 """`caitdeploy loadtest URL --model NAME`: requests/s and latency per concurrency on a Triton server."""
+
 from __future__ import annotations
 
 import click
@@ -37,8 +38,9 @@ def _plot(records, path, staging) -> None:
 @click.argument("url")
 @click.option("--model", "models", multiple=True, required=True, help="Model name; repeat to compare models.")
 @click.option("--concurrency", default="1,8,32", show_default=True, help="Comma list of concurrent clients.")
-@click.option("--duration", type=Float(0.1, 3600), default=10.0, show_default=True,
-              help="Seconds per level (after --warmup).")
+@click.option(
+    "--duration", type=Float(0.1, 3600), default=10.0, show_default=True, help="Seconds per level (after --warmup)."
+)
 @click.option("--warmup", type=Float(0, 600), default=1.0, show_default=True)
 @click.option("--batch", type=Int(1, 4096), default=1, show_default=True, help="Images per request.")
 @click.option("--max-requests", type=Int(1, 10**9), default=None, help="Stop a level after this many requests.")
@@ -49,8 +51,21 @@ def _plot(records, path, staging) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG (or SVG/PDF) plot.")
 @click.option("-q", "--quiet", is_flag=True)
 @handle_errors
-def loadtest_cmd(url, models, concurrency, duration, warmup, batch, max_requests, protocol, stats_url, json_path,
-                 md_path, plot_path, quiet):
+def loadtest_cmd(
+    url,
+    models,
+    concurrency,
+    duration,
+    warmup,
+    batch,
+    max_requests,
+    protocol,
+    stats_url,
+    json_path,
+    md_path,
+    plot_path,
+    quiet,
+):
     """Load-test models on a running Triton server (e.g. `caitdeploy serve`): closed loop, per concurrency."""
     from rich.table import Table
 
@@ -67,8 +82,14 @@ def loadtest_cmd(url, models, concurrency, duration, warmup, batch, max_requests
     url = check_url(url)
     if stats_url is not None:
         check_url(stats_url, "--stats-url")
-    check_paths({}, [Out(json_path, "--json", JSON_SUFFIXES), Out(md_path, "--markdown", MARKDOWN_SUFFIXES),
-                     Out(plot_path, "--plot", PLOT_SUFFIXES)])
+    check_paths(
+        {},
+        [
+            Out(json_path, "--json", JSON_SUFFIXES),
+            Out(md_path, "--markdown", MARKDOWN_SUFFIXES),
+            Out(plot_path, "--plot", PLOT_SUFFIXES),
+        ],
+    )
     con = console()
     log = (lambda s: None) if quiet else (lambda s: con.print(s, markup=False))
     records = []
@@ -91,9 +112,18 @@ def loadtest_cmd(url, models, concurrency, duration, warmup, batch, max_requests
         return "-" if v is None else format(v, fmt)
 
     for r in records:
-        t.add_row(r["model"], str(r["concurrency"]), str(r["requests"]), f(r["throughput_req_s"], ".1f"),
-                  f(r["throughput_img_s"], ".1f"), f(r["latency_ms_p50"], ".2f"), f(r["latency_ms_p90"], ".2f"),
-                  f(r["latency_ms_p99"], ".2f"), f(r["requests_per_execution"], ".2f"), str(r["errors"]))
+        t.add_row(
+            r["model"],
+            str(r["concurrency"]),
+            str(r["requests"]),
+            f(r["throughput_req_s"], ".1f"),
+            f(r["throughput_img_s"], ".1f"),
+            f(r["latency_ms_p50"], ".2f"),
+            f(r["latency_ms_p90"], ".2f"),
+            f(r["latency_ms_p99"], ".2f"),
+            f(r["requests_per_execution"], ".2f"),
+            str(r["errors"]),
+        )
     con.print(t)
     for p in (json_path, md_path, plot_path):
         if p:

@@ -1,4 +1,5 @@
-"""`caitdeploy` command line: thin click commands, one module each under `commands/`."""
+"""`caitdeploy` command line: thin click commands, one module each in this package (`cli/`)."""
+
 from __future__ import annotations
 
 import click
@@ -20,7 +21,7 @@ class _Group(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except click.ClickException as e:
-            ctx = getattr(e, "ctx", None)   # UsageError and BadParameter carry one, a plain ClickException not
+            ctx = getattr(e, "ctx", None)  # UsageError and BadParameter carry one, a plain ClickException not
             cmd = f"{ctx.command_path}: " if ctx is not None else ""
             msg = " ".join(e.format_message().split())
             click.echo(f"error: {cmd}{msg} (see --help)", err=True)
@@ -50,8 +51,17 @@ def _register() -> None:
     from caitdeploy.cli.train import train_cmd
 
     # a new subcommand: one import above, one name here
-    for cmd in (make_checkpoint_cmd, fuse_cmd, convert_cmd, bench_cmd, export_cmd, inspect_cmd, serve_cmd,
-                loadtest_cmd, train_cmd):
+    for cmd in (
+        make_checkpoint_cmd,
+        fuse_cmd,
+        convert_cmd,
+        bench_cmd,
+        export_cmd,
+        inspect_cmd,
+        serve_cmd,
+        loadtest_cmd,
+        train_cmd,
+    ):
         main.add_command(cmd)
 
 

@@ -28,6 +28,7 @@ and the wording is the one the older options had).
 `parse_int` / `parse_float` (from `pipelines.common`) are the same rules for option text a command or a
 pipeline parses itself (comma lists).
 """
+
 from __future__ import annotations
 
 import math
@@ -170,6 +171,10 @@ class BlockList(click.ParamType):
         idx = [int(p) for p in parts]
         for i in idx:
             if not 0 <= i <= hi:
-                _option_error(param, ctx, f"block {i} is outside 0..{hi} (blocks count from 0, the first block; "
-                                          "negative indices are not taken)")
+                _option_error(
+                    param,
+                    ctx,
+                    f"block {i} is outside 0..{hi} (blocks count from 0, the first block; "
+                    "negative indices are not taken)",
+                )
         return ",".join(map(str, idx))

@@ -11,6 +11,7 @@ Selection, as implemented here:
 4. Units from all blocks are ranked globally and removed, least important first, until the FLOPs of the
    pruned model (merges included) reach the target. Each layer keeps at least 1/8 of its width.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,25 +32,32 @@ from caitdeploy.families.vit.config import CaitConfig
 @dataclass(frozen=True)
 class Unit:
     block: int
-    part: str   # "qk", "v" or "mlp"
-    rank: int   # first sorted position this unit removes
+    part: str  # "qk", "v" or "mlp"
+    rank: int  # first sorted position this unit removes
     width: int  # channels removed per head (or in fc1)
     score: float
     flops: int  # FLOPs saved per image
 
 
-def block_scores(sd: dict[str, torch.Tensor], prefix: str, num_heads: int, comps: dict | None = None
-                 ) -> dict[str, torch.Tensor]:
+def block_scores(
+    sd: dict[str, torch.Tensor], prefix: str, num_heads: int, comps: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Importance per channel of one block whose keys start with `prefix` (timm layout):
     {"qk": [H, d], "v": [H, d], "mlp": [F]} (Alg. 1); `comps` name -> compactor weight (None: identity)."""
     from caitdeploy.compress.surgery import fold_block, row_norms
 
     p = prefix
-    f = fold_block(sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"), sd[p + "mlp.fc1.weight"],
-                   sd[p + "mlp.fc1.bias"], num_heads, comps or {})
+    f = fold_block(
+        sd[p + "attn.qkv.weight"],
+        sd.get(p + "attn.qkv.bias"),
+        sd[p + "mlp.fc1.weight"],
+        sd[p + "mlp.fc1.bias"],
+        num_heads,
+        comps or {},
+    )
     nq, nk, nv, n1 = row_norms(f.wq, f.bq), row_norms(f.wk, f.bk), row_norms(f.wv, f.bv), row_norms(*f.fc1_folded())
-    proj = sd[p + "attn.proj.weight"].double()           # [D, H*d]
-    fc2 = sd[p + "mlp.fc2.weight"].double()              # [D, F]
+    proj = sd[p + "attn.proj.weight"].double()  # [D, H*d]
+    fc2 = sd[p + "mlp.fc2.weight"].double()  # [D, F]
     return {"qk": nq * nk, "v": nv * proj.pow(2).sum(0).sqrt().reshape(nv.shape), "mlp": n1 * fc2.pow(2).sum(0).sqrt()}
 
 
@@ -59,9 +67,15 @@ def channel_scores(sd: dict[str, torch.Tensor], cfg: Any) -> list[dict[str, torc
     from caitdeploy.families.registry import family_of
 
     fam = family_of(cfg)
-    return [block_scores(sd, site.prefix, site.num_heads,
-                         {n: sd.get(fam.compactor_key(cfg, site.index, n) + ".weight") for n in ("q", "k", "v", "fc1")})
-            for site in fam.block_sites(cfg)]
+    return [
+        block_scores(
+            sd,
+            site.prefix,
+            site.num_heads,
+            {n: sd.get(fam.compactor_key(cfg, site.index, n) + ".weight") for n in ("q", "k", "v", "fc1")},
+        )
+        for site in fam.block_sites(cfg)
+    ]
 
 
 def _units(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], align: int) -> list[Unit]:
@@ -78,13 +92,14 @@ def _units(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], align: int) -
             removable -= removable % align
             best = -math.inf
             for r in range(0, removable, align):
-                best = max(best, float(ranked[r:r + align].mean()))  # monotone within a layer
+                best = max(best, float(ranked[r : r + align].mean()))  # monotone within a layer
                 units.append(Unit(i, part, r, align, best, per_channel[part] * align))
     return units
 
 
-def cdcp_select(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], flops_reduction: float,
-                align: int = 1) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+def cdcp_select(
+    cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], flops_reduction: float, align: int = 1
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
     """Masks (1 = kept) per block, {"q","k","v": [H, d], "fc1": [F]}, reaching the FLOPs target.
 
     cfg: the unpruned model WITH its merges; the target is relative to the same model without merges.
@@ -101,8 +116,11 @@ def cdcp_select(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], flops_re
         removed[(u.block, u.part)] = removed.get((u.block, u.part), 0) + u.width
         current -= u.flops
     if current > target * 1.0005:
-        raise OptionError("flops_reduction", f"{flops_reduction}: unreachable, pruning every layer to 1/8 of its "
-                        f"width reaches only {1 - current / dense:.3f}")
+        raise OptionError(
+            "flops_reduction",
+            f"{flops_reduction}: unreachable, pruning every layer to 1/8 of its "
+            f"width reaches only {1 - current / dense:.3f}",
+        )
     masks = []
     for i, s in enumerate(scores):
         m = {}
@@ -113,8 +131,12 @@ def cdcp_select(cfg: CaitConfig, scores: list[dict[str, torch.Tensor]], flops_re
             m[key] = keep
         m["k"] = m["q"].clone()
         masks.append(m)
-    return masks, {"flops_dense": dense, "flops_target": target, "flops_pruned": current,
-                   "flops_reduction": 1 - current / dense}
+    return masks, {
+        "flops_dense": dense,
+        "flops_target": target,
+        "flops_pruned": current,
+        "flops_reduction": 1 - current / dense,
+    }
 
 
 # ---- timm -> cait-compactor/1 -------------------------------------------------------------------
@@ -133,8 +155,7 @@ def fit_state_dict(model, sd: dict[str, torch.Tensor], what: str, arch: str, new
         if k in head:
             continue
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise CaitError(f"{what}: key {k!r} has shape {tuple(sd[k].shape)}, --arch {arch} has "
-                            f"{tuple(v.shape)}")
+            raise CaitError(f"{what}: key {k!r} has shape {tuple(sd[k].shape)}, --arch {arch} has {tuple(v.shape)}")
         if not bool(torch.isfinite(sd[k]).all()):
             raise CaitError(f"{what}: key {k!r} contains NaN or Inf")
     model.load_state_dict({k: v for k, v in sd.items() if k not in head}, strict=not head)
@@ -151,15 +172,25 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CaitError(f"{path}: no state dict found")
     from caitdeploy.families.registry import buffer_suffixes
 
-    sd = {k: v for k, v in _strip_prefixes(sd).items() if isinstance(v, torch.Tensor)
-          and not k.endswith(buffer_suffixes())}   # buffers the models rebuild (Swin's masks and indices)
+    sd = {
+        k: v
+        for k, v in _strip_prefixes(sd).items()
+        if isinstance(v, torch.Tensor) and not k.endswith(buffer_suffixes())
+    }  # buffers the models rebuild (Swin's masks and indices)
     return check_tensors(Path(path), sd)[0]  # dense real storage, float weights (half upcast)
 
 
-def make_checkpoint(arch: str, flops_reduction: float | None = None, merges: dict | str | None = None,
-                    weights: str | None = None, seed: int = 0, align: int = 1, num_classes: int | None = None,
-                    img_size: int | None = None, model_args: dict | None = None
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+def make_checkpoint(
+    arch: str,
+    flops_reduction: float | None = None,
+    merges: dict | str | None = None,
+    weights: str | None = None,
+    seed: int = 0,
+    align: int = 1,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    model_args: dict | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """A valid `cait-compactor/1` checkpoint from a timm architecture of any family that timm builds, pruned
     one-shot by CDCP selection. `merges`: a parsed merge map, a --merges spec, "auto" (the family's placement
     for the target) or None (the family's default); `flops_reduction` None: the family's default.
@@ -196,8 +227,14 @@ def make_checkpoint(arch: str, flops_reduction: float | None = None, merges: dic
         sd[fam.compactor_key(cfg, site.index, "fc1") + ".weight"] = torch.diag(m["fc1"])
         sd[fam.compactor_key(cfg, site.index, "fc1") + ".mask"] = m["fc1"]
     config = {**fmt, "merges": fam.merges_summary(merge_map)}
-    summary.update(arch=arch, family=fam.name, merges=fam.merges_summary(merge_map),
-                   merges_text=fam.merges_text(merge_map), auto=auto, kept=[{k: int(v.sum()) for k, v in m.items()} for m in masks])
+    summary.update(
+        arch=arch,
+        family=fam.name,
+        merges=fam.merges_summary(merge_map),
+        merges_text=fam.merges_text(merge_map),
+        auto=auto,
+        kept=[{k: int(v.sum()) for k, v in m.items()} for m in masks],
+    )
     return {"format": FORMAT, "config": config, "state_dict": sd}, summary
 
 
@@ -212,8 +249,10 @@ def save_checkpoint_dict(ckpt: dict[str, Any], path: str | os.PathLike, staging=
     if path.suffix == ".safetensors":
         from safetensors.torch import save
 
-        data = save({k: v.contiguous() for k, v in ckpt["state_dict"].items()},
-                    metadata={"format": ckpt["format"], "config": json.dumps(ckpt["config"])})
+        data = save(
+            {k: v.contiguous() for k, v in ckpt["state_dict"].items()},
+            metadata={"format": ckpt["format"], "config": json.dumps(ckpt["config"])},
+        )
     else:
         buf = io.BytesIO()
         torch.save(ckpt, buf)

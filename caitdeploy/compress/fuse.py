@@ -1,4 +1,5 @@
 """Checkpoint -> fused file: fold compactors, select kept channels, enforce consistency, align, slice, verify."""
+
 from __future__ import annotations
 
 import os
@@ -21,12 +22,12 @@ CONSISTENCY_MODES = ("strict", "repair")
 
 @dataclass(frozen=True)
 class FuseOptions:
-    threshold: float | None = None      # keep rows whose folded norm > threshold instead of mask == 1
-    max_dropped_norm: float = 1e-3      # largest compactor-row norm allowed among dropped rows
-    force: bool = False                 # fuse even above max_dropped_norm
-    consistency: str = "strict"         # "strict" or "repair"
-    align: int = 8                      # round kept widths per head and the mlp width up to a multiple of this
-    equal_head_dims: bool = False       # zero-pad q/k and v per head to one width
+    threshold: float | None = None  # keep rows whose folded norm > threshold instead of mask == 1
+    max_dropped_norm: float = 1e-3  # largest compactor-row norm allowed among dropped rows
+    force: bool = False  # fuse even above max_dropped_norm
+    consistency: str = "strict"  # "strict" or "repair"
+    align: int = 8  # round kept widths per head and the mlp width up to a multiple of this
+    equal_head_dims: bool = False  # zero-pad q/k and v per head to one width
 
     def __post_init__(self) -> None:
         from caitdeploy.core.budgets import MAX_ALIGN, check_float
@@ -68,8 +69,12 @@ def plan_block(ckpt: Checkpoint, i: int, f: S.FoldedBlock, opts: FuseOptions) ->
     shapes = {"q": (h, d), "k": (h, d), "v": (h, d), "fc1": (hidden,)}
     comp_norms = {n: _compactor_row_norms(None if (cn := comp[n]) is None else cn[0], shapes[n]) for n in shapes}
     if opts.threshold is not None:
-        norms = {"q": S.row_norms(f.wq, f.bq), "k": S.row_norms(f.wk, f.bk), "v": S.row_norms(f.wv, f.bv),
-                 "fc1": S.row_norms(*f.fc1_folded())}
+        norms = {
+            "q": S.row_norms(f.wq, f.bq),
+            "k": S.row_norms(f.wk, f.bk),
+            "v": S.row_norms(f.wv, f.bv),
+            "fc1": S.row_norms(*f.fc1_folded()),
+        }
     else:
         norms = comp_norms
     keep = {}
@@ -126,16 +131,24 @@ def fuse(ckpt: Any, opts: FuseOptions = FuseOptions(), progress=None) -> FuseRes
     for site, blk in zip(fam.block_sites(cfg), fam.blocks(cfg)):
         p, j = site.prefix, site.index
         comps = {n: (None if (c := ckpt.compactor(j, n)) is None else c[0]) for n in ("q", "k", "v", "fc1")}
-        f = S.fold_block(sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"), sd[p + "mlp.fc1.weight"],
-                         sd[p + "mlp.fc1.bias"], site.num_heads, comps)
+        f = S.fold_block(
+            sd[p + "attn.qkv.weight"],
+            sd.get(p + "attn.qkv.bias"),
+            sd[p + "mlp.fc1.weight"],
+            sd[p + "mlp.fc1.bias"],
+            site.num_heads,
+            comps,
+        )
         try:
             plan = plan_block(ckpt, j, f, opts)
         except CaitError as e:
             raise CaitError(f"{ckpt.path}: {str(e).replace(f'block {j}', site.label, 1)}") from None
         if plan.max_dropped_norm > opts.max_dropped_norm and not opts.force:
-            raise CaitError(f"{ckpt.path}: {site.label}: a dropped compactor row has norm {plan.max_dropped_norm:.3g} "
-                            f"> max_dropped_norm (--max-dropped-norm) {opts.max_dropped_norm:g}; the fused model would "
-                            "differ from the checkpoint (force it with --force / force=True)")
+            raise CaitError(
+                f"{ckpt.path}: {site.label}: a dropped compactor row has norm {plan.max_dropped_norm:.3g} "
+                f"> max_dropped_norm (--max-dropped-norm) {opts.max_dropped_norm:g}; the fused model would "
+                "differ from the checkpoint (force it with --force / force=True)"
+            )
         fam.fuse_block(ckpt, site, S.slice_block(f, sd[p + "attn.proj.weight"], sd[p + "mlp.fc2.weight"], plan), out)
         blocks.append(replace(blk, qk_dim=plan.qk.shape[-1], v_dim=plan.v.shape[-1], mlp_hidden=plan.mlp.shape[0]))
         plans.append(plan)
@@ -157,8 +170,12 @@ def max_logit_diff(ckpt: Checkpoint, model: torch.nn.Module, batch: int = 2, see
     x = torch.randn(batch, *cfg.input_shape, generator=g)
     ref = family_of(cfg).reference(ckpt)(x.double())
     got = model(x).double()
-    return {"max_abs_diff": float((got - ref).abs().max()), "logit_scale": float(ref.abs().max()),
-            "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).double().mean()), "batch": batch}
+    return {
+        "max_abs_diff": float((got - ref).abs().max()),
+        "logit_scale": float(ref.abs().max()),
+        "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).double().mean()),
+        "batch": batch,
+    }
 
 
 def torch_counted_flops(config: CaitConfig) -> int:
@@ -180,15 +197,27 @@ def build_report(ckpt: Checkpoint, res: FuseResult, opts: FuseOptions) -> dict[s
     dense_rows = block_rows(before.unpruned())
     blocks = []
     for row, plan, dense in zip(block_rows(after), res.plans, dense_rows):
-        blocks.append({**row, "qk_pruned": plan.pruned_qk, "v_pruned": plan.pruned_v, "mlp_pruned": plan.pruned_mlp,
-                       "flops_dense": dense["flops"], "params_dense": dense["params"],
-                       "max_dropped_norm": plan.max_dropped_norm})
+        blocks.append(
+            {
+                **row,
+                "qk_pruned": plan.pruned_qk,
+                "v_pruned": plan.pruned_v,
+                "mlp_pruned": plan.pruned_mlp,
+                "flops_dense": dense["flops"],
+                "params_dense": dense["params"],
+                "max_dropped_norm": plan.max_dropped_norm,
+            }
+        )
     return {
-        "checkpoint": str(ckpt.path), "inferred_config": ckpt.inferred, "notes": list(ckpt.notes),
+        "checkpoint": str(ckpt.path),
+        "inferred_config": ckpt.inferred,
+        "notes": list(ckpt.notes),
         "options": asdict(opts),
         "blocks": blocks,
-        "params_dense": pb, "params_fused": pa,
-        "flops_dense": fb["total"], "flops_fused": fa["total"],
+        "params_dense": pb,
+        "params_fused": pa,
+        "flops_dense": fb["total"],
+        "flops_fused": fa["total"],
         "flops_reduction": 1 - fa["total"] / fb["total"],
         "max_dropped_norm": max((p.max_dropped_norm for p in res.plans), default=0.0),
         "repairs": [asdict(r) for p in res.plans for r in p.repairs],
@@ -200,9 +229,16 @@ def default_output(path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + ".fused.safetensors")
 
 
-def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, opts: FuseOptions = FuseOptions(),
-              verify_batch: int = 2, progress=None, staging: Staging | None = None,
-              other_outputs: tuple[Out, ...] = (), arch: str | None = None) -> dict[str, Any]:
+def fuse_file(
+    path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    opts: FuseOptions = FuseOptions(),
+    verify_batch: int = 2,
+    progress=None,
+    staging: Staging | None = None,
+    other_outputs: tuple[Out, ...] = (),
+    arch: str | None = None,
+) -> dict[str, Any]:
     """`caitdeploy fuse`: checkpoint file -> fused safetensors file. Returns the report dict.
 
     Checked before any work: the options, the output (a .safetensors name, a writable folder, never the input;
@@ -224,8 +260,10 @@ def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, 
     check_paths({"CHECKPOINT": path}, [Out(output, "--output", FUSED_SUFFIXES), *other_outputs])
     ckpt = load_checkpoint(path, arch=arch)
     n_params = sum(t.numel() for t in ckpt.state_dict.values())
-    check_memory(WEIGHT_FACTOR * 4 * n_params + activation_bytes(ckpt.config, max(verify_batch, 1), 8),
-                 f"{path}: fusing {n_params} parameters (verify batch {verify_batch})")
+    check_memory(
+        WEIGHT_FACTOR * 4 * n_params + activation_bytes(ckpt.config, max(verify_batch, 1), 8),
+        f"{path}: fusing {n_params} parameters (verify batch {verify_batch})",
+    )
     res = fuse(ckpt, opts, progress=progress)
     t_fuse = time.perf_counter() - t0
     report = build_report(ckpt, res, opts)
@@ -235,12 +273,13 @@ def fuse_file(path: str | os.PathLike, output: str | os.PathLike | None = None, 
         report["verify"] = max_logit_diff(ckpt, model, batch=verify_batch)
         report["verify"]["torch_flops_per_img"] = torch_counted_flops(res.config)
         if report["verify"]["torch_flops_per_img"] != report["flops_fused"]:  # a bug, never a user error
-            raise RuntimeError(f"analytic FLOPs {report['flops_fused']} != torch.utils.flop_counter "
-                               f"{report['verify']['torch_flops_per_img']}")
+            raise RuntimeError(
+                f"analytic FLOPs {report['flops_fused']} != torch.utils.flop_counter "
+                f"{report['verify']['torch_flops_per_img']}"
+            )
     t_verify = time.perf_counter() - t0 - t_fuse
     meta = {k: report[k] for k in ("flops_dense", "flops_fused", "params_dense", "params_fused", "options")}
     meta.update(source=str(path.name), verify=report.get("verify"))
     save_fused(output, res.config, res.state_dict, meta, staging=staging)
-    report.update(output=str(output), seconds={"fuse": t_fuse, "verify": t_verify,
-                                               "total": time.perf_counter() - t0})
+    report.update(output=str(output), seconds={"fuse": t_fuse, "verify": t_verify, "total": time.perf_counter() - t0})
     return report

@@ -3,6 +3,7 @@
 No nn.Module is involved. Per-head tensors are laid out [H, d, ...]. A selection of channels is an index
 tensor; the index -1 stands for a zero channel (exact zero padding).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -76,14 +77,18 @@ def check_consistency(block: int, keep_q: torch.Tensor, keep_k: torch.Tensor, ke
         if not torch.equal(keep_q[h], keep_k[h]):
             nq, nk = int(keep_q[h].sum()), int(keep_k[h].sum())
             diff = int((keep_q[h] ^ keep_k[h]).sum())
-            raise CaitError(f"block {block} head {h}: q keeps {nq} channels and k keeps {nk}, {diff} positions "
-                            "differ (attention-level consistency broken; try --consistency repair)")
+            raise CaitError(
+                f"block {block} head {h}: q keeps {nq} channels and k keeps {nk}, {diff} positions "
+                "differ (attention-level consistency broken; try --consistency repair)"
+            )
     for part, keep in (("q/k", keep_q), ("v", keep_v)):
         counts = keep.sum(-1).tolist()
         if len(set(counts)) > 1:
             h = next(i for i, c in enumerate(counts) if c != counts[0])
-            raise CaitError(f"block {block} head {h}: keeps {counts[h]} {part} channels but head 0 keeps {counts[0]} "
-                            f"(head-level consistency broken: {counts}; try --consistency repair)")
+            raise CaitError(
+                f"block {block} head {h}: keeps {counts[h]} {part} channels but head 0 keeps {counts[0]} "
+                f"(head-level consistency broken: {counts}; try --consistency repair)"
+            )
 
 
 def readmit(keep: torch.Tensor, scores: torch.Tensor, count: int) -> tuple[torch.Tensor, list[int]]:
@@ -103,8 +108,14 @@ def readmit(keep: torch.Tensor, scores: torch.Tensor, count: int) -> tuple[torch
     return keep, added
 
 
-def repair_consistency(block: int, keep_q: torch.Tensor, keep_k: torch.Tensor, keep_v: torch.Tensor,
-                       score_qk: torch.Tensor, score_v: torch.Tensor):
+def repair_consistency(
+    block: int,
+    keep_q: torch.Tensor,
+    keep_k: torch.Tensor,
+    keep_v: torch.Tensor,
+    score_qk: torch.Tensor,
+    score_v: torch.Tensor,
+):
     """Repair mode: union of q and k positions, then every head raised to the block's largest kept count.
 
     Returns (keep_qk [H, d], keep_v [H, d], list[Repair]).
@@ -179,11 +190,11 @@ def take(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
 class BlockPlan:
     """Kept channels of one block after selection, consistency and alignment (-1 = zero pad)."""
 
-    qk: torch.Tensor   # [H, n_qk]
-    v: torch.Tensor    # [H, n_v]
+    qk: torch.Tensor  # [H, n_qk]
+    v: torch.Tensor  # [H, n_v]
     mlp: torch.Tensor  # [n_mlp]
     repairs: list[Repair] = field(default_factory=list)
-    pruned_qk: int = 0   # kept per head before alignment
+    pruned_qk: int = 0  # kept per head before alignment
     pruned_v: int = 0
     pruned_mlp: int = 0
     max_dropped_norm: float = 0.0
@@ -235,9 +246,10 @@ def slice_block(f: FoldedBlock, proj_w: torch.Tensor, fc2_w: torch.Tensor, plan:
     dim = proj_w.shape[0]
     rows = [take(f.wq, plan.qk, 1), take(f.wk, plan.qk, 1), take(f.wv, plan.v, 1)]
     out = {"attn.qkv.weight": torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])}
-    if f.bq is not None and f.bk is not None and f.bv is not None:   # qkv has a bias: all three or none
-        out["attn.qkv.bias"] = torch.cat([take(f.bq, plan.qk, 1).reshape(-1), take(f.bk, plan.qk, 1).reshape(-1),
-                                          take(f.bv, plan.v, 1).reshape(-1)])
+    if f.bq is not None and f.bk is not None and f.bv is not None:  # qkv has a bias: all three or none
+        out["attn.qkv.bias"] = torch.cat(
+            [take(f.bq, plan.qk, 1).reshape(-1), take(f.bk, plan.qk, 1).reshape(-1), take(f.bv, plan.v, 1).reshape(-1)]
+        )
     pw = proj_w.reshape(dim, h, -1).transpose(0, 1)  # [H, D, d]
     out["attn.proj.weight"] = take(pw, plan.v, 2).transpose(0, 1).reshape(dim, -1)
     out["mlp.fc1.weight"], out["mlp.fc1.bias"] = fold_rows(f.w1, f.b1, f.c1, plan.mlp)

@@ -7,6 +7,7 @@ describes), folds what deploys as plain weights (BatchNorm, skip_lam, the TSM sc
 checks the result against a float64 forward written literally from the upstream format, and writes a
 `cait-fused/1` file that export, bench and serve take like any other.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,13 +31,16 @@ def detect(sd: dict[str, torch.Tensor]) -> str:
         return "sit"
     if "patch_embed.conv1.weight" in keys and "patch_embed.bn1.weight" in keys:
         return "lvvit"
-    if any(re.fullmatch(r"blocks\.\d+\.attn\.(qk\.weight|head_probs|bn_[13]x[13]\.weight|bconv\.0\.weight)", k)
-           for k in keys):
+    if any(
+        re.fullmatch(r"blocks\.\d+\.attn\.(qk\.weight|head_probs|bn_[13]x[13]\.weight|bconv\.0\.weight)", k)
+        for k in keys
+    ):
         return "spvit"
     if any(re.fullmatch(r"blocks\.\d+\.attn\.[qkv]_compactor\.weight", k) for k in keys):
         return "cait"
-    if any(re.fullmatch(r"layers\.\d+\.blocks\.\d+\.attn\.(qk\.weight|head_probs|bn_[13]x[13]\.weight)", k)
-           for k in keys):
+    if any(
+        re.fullmatch(r"layers\.\d+\.blocks\.\d+\.attn\.(qk\.weight|head_probs|bn_[13]x[13]\.weight)", k) for k in keys
+    ):
         return "spvit-swin"
     if any(re.fullmatch(r"layers\.\d+\.blocks\.\d+\.attn\.[qkv]_compactor\.weight", k) for k in keys):
         return "cait-swin"
@@ -47,15 +51,17 @@ def detect(sd: dict[str, torch.Tensor]) -> str:
     return "unknown"
 
 
-NAMES = {"sit": "a SiT checkpoint (tsm.* keys)", "lvvit": "an LV-ViT checkpoint (conv stem, no tsm.* keys)",
-         "spvit": "an SPViT-DeiT checkpoint (attn.qk / head_probs / bn_1x1 / bn_3x3 keys)",
-         "cait": "a CAIT checkpoint (compactor keys): use `caitdeploy fuse`",
-         "cait-swin": "a CAIT-Swin checkpoint (compactor keys): use `caitdeploy fuse`",
-         "spvit-swin": "an SPViT-Swin checkpoint (attn.qk / head_probs / bn_* keys under layers.*): use --from "
-                       "spvit",
-         "dimap": "a Swin state dict (a DIMAP checkpoint is one)",
-         "vit": "a plain timm ViT checkpoint: use `caitdeploy fuse --arch NAME` or `make-checkpoint --weights`",
-         "unknown": "not a checkpoint layout convert knows"}
+NAMES = {
+    "sit": "a SiT checkpoint (tsm.* keys)",
+    "lvvit": "an LV-ViT checkpoint (conv stem, no tsm.* keys)",
+    "spvit": "an SPViT-DeiT checkpoint (attn.qk / head_probs / bn_1x1 / bn_3x3 keys)",
+    "cait": "a CAIT checkpoint (compactor keys): use `caitdeploy fuse`",
+    "cait-swin": "a CAIT-Swin checkpoint (compactor keys): use `caitdeploy fuse`",
+    "spvit-swin": "an SPViT-Swin checkpoint (attn.qk / head_probs / bn_* keys under layers.*): use --from spvit",
+    "dimap": "a Swin state dict (a DIMAP checkpoint is one)",
+    "vit": "a plain timm ViT checkpoint: use `caitdeploy fuse --arch NAME` or `make-checkpoint --weights`",
+    "unknown": "not a checkpoint layout convert knows",
+}
 
 
 def load_upstream(path: Path) -> dict[str, torch.Tensor]:
@@ -69,16 +75,28 @@ def load_upstream(path: Path) -> dict[str, torch.Tensor]:
     from caitdeploy.families.swin.model import BUFFER_SUFFIXES
 
     # training-only counters and Swin's index/mask buffers (rebuilt from the config; int64 in upstream files)
-    sd = {k: v for k, v in sd.items()
-          if not (isinstance(k, str) and k.endswith((".num_batches_tracked", *BUFFER_SUFFIXES)))}
+    sd = {
+        k: v
+        for k, v in sd.items()
+        if not (isinstance(k, str) and k.endswith((".num_batches_tracked", *BUFFER_SUFFIXES)))
+    }
     sd, _ = check_tensors(path, _strip_prefixes(sd))
     return sd
 
 
-def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike | None = None, *,
-                 variant: str | None = None, stages: tuple[int, ...] | None = None, num_heads: int | None = None,
-                 align: int = 1, verify_batch: int = 2, staging: Staging | None = None,
-                 other_outputs: tuple = ()) -> dict[str, Any]:
+def convert_file(
+    path: str | os.PathLike,
+    source: str,
+    output: str | os.PathLike | None = None,
+    *,
+    variant: str | None = None,
+    stages: tuple[int, ...] | None = None,
+    num_heads: int | None = None,
+    align: int = 1,
+    verify_batch: int = 2,
+    staging: Staging | None = None,
+    other_outputs: tuple = (),
+) -> dict[str, Any]:
     """Convert an upstream checkpoint to a fused file. Options and paths are checked before the file is read;
     the file's layout must be `source`'s (a mislabelled checkpoint names what it is)."""
     from caitdeploy.compress.fuse import torch_counted_flops
@@ -111,8 +129,9 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
     if found == "spvit-swin" and source == "spvit":
         found = source = "spvit-swin"
     if found != source:
-        raise CaitError(f"{path}: is {NAMES[found]}, not --from {source}"
-                        + (f": use --from {found}" if found in SOURCES else ""))
+        raise CaitError(
+            f"{path}: is {NAMES[found]}, not --from {source}" + (f": use --from {found}" if found in SOURCES else "")
+        )
     if source in ("sit", "lvvit"):
         from caitdeploy.convert import sit
 
@@ -131,10 +150,17 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
         config, tensors, reference, notes, extra = dimap.convert(path, sd)
     model = build_model(config, attn_impl="math").eval()
     model.load_state_dict(tensors)
-    report: dict[str, Any] = {"checkpoint": str(path), "source": source, "variant": variant, "family": config.family,
-                              "notes": notes, "flops": model_flops(config)["total"],
-                              "flops_dense": model_flops(config.unpruned())["total"], "params": model_params(config),
-                              "params_dense": model_params(config.unpruned())}
+    report: dict[str, Any] = {
+        "checkpoint": str(path),
+        "source": source,
+        "variant": variant,
+        "family": config.family,
+        "notes": notes,
+        "flops": model_flops(config)["total"],
+        "flops_dense": model_flops(config.unpruned())["total"],
+        "params": model_params(config),
+        "params_dense": model_params(config.unpruned()),
+    }
     report["flops_reduction"] = 1 - report["flops"] / report["flops_dense"]
     if source == "dimap":
         report.update(extra)
@@ -145,8 +171,13 @@ def convert_file(path: str | os.PathLike, source: str, output: str | os.PathLike
             raise RuntimeError(f"analytic FLOPs {report['flops']} != torch.utils.flop_counter {counted}")
         report["verify"]["torch_flops_per_img"] = counted
     meta = {k: report[k] for k in ("flops", "flops_dense", "params", "params_dense")}
-    meta.update(source=path.name, converted_from=source, variant=variant, verify=report.get("verify"),
-                flops_fused=report["flops"])
+    meta.update(
+        source=path.name,
+        converted_from=source,
+        variant=variant,
+        verify=report.get("verify"),
+        flops_fused=report["flops"],
+    )
     save_fused(output, config, tensors, meta, staging=staging)
     report.update(output=str(output), config=config, seconds=time.perf_counter() - t0)
     return report

@@ -1,4 +1,5 @@
 """What every converter shares: reading the upstream file, checking its layout, verifying the result."""
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,9 @@ import torch
 from caitdeploy.core.errors import CaitError
 
 
-def check_layout(path: Path, sd: dict[str, torch.Tensor], required: dict[str, tuple], ignored: re.Pattern | None,
-                 what: str) -> None:
+def check_layout(
+    path: Path, sd: dict[str, torch.Tensor], required: dict[str, tuple], ignored: re.Pattern | None, what: str
+) -> None:
     """Every required key with its shape; nothing else but the `ignored` (training-only) keys."""
     for k, shape in required.items():
         if k not in sd:
@@ -31,5 +33,9 @@ def verify(model: torch.nn.Module, reference, config, batch: int, seed: int = 0)
     x = torch.randn(batch, *config.input_shape, generator=g)
     ref = reference(x.double())
     got = model(x).double()
-    return {"max_abs_diff": float((got - ref).abs().max()), "logit_scale": float(ref.abs().max()),
-            "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).double().mean()), "batch": batch}
+    return {
+        "max_abs_diff": float((got - ref).abs().max()),
+        "logit_scale": float(ref.abs().max()),
+        "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).double().mean()),
+        "batch": batch,
+    }

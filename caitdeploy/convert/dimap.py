@@ -13,6 +13,7 @@ Exact removals, per block:
 Every head of a block keeps the same widths (the deploy model's layout): a head drops as many channels as the
 head with the fewest removable ones (the lowest-index removable ones; any choice is exact).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ def sparsity(sd: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
 def _keep_per_head(removable: torch.Tensor, heads: int) -> torch.Tensor:
     """[heads * width] bool removable -> [heads * width] bool keep, the same count kept in every head."""
     r = removable.view(heads, -1)
-    n = min(int(r.sum(1).min()), r.shape[1] - 1)   # a head keeps at least one channel
+    n = min(int(r.sum(1).min()), r.shape[1] - 1)  # a head keeps at least one channel
     keep = torch.ones_like(r)
     for h in range(heads):
         idx = torch.nonzero(r[h]).flatten()[:n]
@@ -54,12 +55,13 @@ def _zero_rows(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def drop_zero_rows(cfg: SwinConfig, sd: dict[str, torch.Tensor]) -> tuple[SwinConfig, dict[str, torch.Tensor],
-                                                                           list[dict[str, Any]]]:
+def drop_zero_rows(
+    cfg: SwinConfig, sd: dict[str, torch.Tensor]
+) -> tuple[SwinConfig, dict[str, torch.Tensor], list[dict[str, Any]]]:
     """The smaller, exactly equivalent (config, state dict) of a CaitSwin with zero rows/columns; per block what
     was kept: {"stage", "block", "qk", "v", "mlp"} (per-head widths and the hidden width, before -> after)."""
     sd = {k: v.clone() for k, v in sd.items()}
-    stages, report = [], []   # report: {"stage": int, "block": int, "qk"|"v"|"mlp": [before, after]}
+    stages, report = [], []  # report: {"stage": int, "block": int, "qk"|"v"|"mlp": [before, after]}
     for s, blocks in enumerate(cfg.stages):
         new_blocks = []
         for i, b in enumerate(blocks):
@@ -70,13 +72,15 @@ def drop_zero_rows(cfg: SwinConfig, sd: dict[str, torch.Tensor]) -> tuple[SwinCo
             rows, _ = _zero_rows(w1, None)
             dead_out = (w2 == 0).all(dim=0)
             drop = rows | dead_out
-            const = rows & ~dead_out      # constant GELU(b) units: fold into fc2's bias
+            const = rows & ~dead_out  # constant GELU(b) units: fold into fc2's bias
             if bool(const.any()):
                 b2 += w2[:, const] @ F.gelu(b1[const])
             keep = ~drop
-            if not bool(keep.any()):      # keep one unit (zero in, zero out) so the layer stays a layer
+            if not bool(keep.any()):  # keep one unit (zero in, zero out) so the layer stays a layer
                 keep[0] = True
-                w1[0].zero_(); b1[0] = 0; w2[:, 0].zero_()
+                w1[0].zero_()
+                b1[0] = 0
+                w2[:, 0].zero_()
             sd[p + "fc1.weight"], sd[p + "fc1.bias"] = w1[keep].contiguous(), b1[keep].contiguous()
             sd[p + "fc2.weight"], sd[p + "fc2.bias"] = w2[:, keep].contiguous(), b2
             # attention
@@ -91,13 +95,24 @@ def drop_zero_rows(cfg: SwinConfig, sd: dict[str, torch.Tensor]) -> tuple[SwinCo
             proj_dead = (sd[p + "attn.proj.weight"] == 0).all(dim=0)
             keep_v = _keep_per_head(v0 | proj_dead, b.num_heads)
             sd[p + "attn.qkv.weight"] = torch.cat([wq[keep_qk], wk[keep_qk], wv[keep_v]]).contiguous()
-            if bq is not None and bk is not None and bv is not None:   # qkv has a bias (bqkv split)
+            if bq is not None and bk is not None and bv is not None:  # qkv has a bias (bqkv split)
                 sd[p + "attn.qkv.bias"] = torch.cat([bq[keep_qk], bk[keep_qk], bv[keep_v]]).contiguous()
             sd[p + "attn.proj.weight"] = sd[p + "attn.proj.weight"][:, keep_v].contiguous()
-            nb = replace(b, qk_dim=int(keep_qk.sum()) // b.num_heads, v_dim=int(keep_v.sum()) // b.num_heads,
-                         mlp_hidden=int(keep.sum()))
-            report.append({"stage": s, "block": i, "qk": [b.qk_dim, nb.qk_dim], "v": [b.v_dim, nb.v_dim],
-                           "mlp": [b.mlp_hidden, nb.mlp_hidden]})
+            nb = replace(
+                b,
+                qk_dim=int(keep_qk.sum()) // b.num_heads,
+                v_dim=int(keep_v.sum()) // b.num_heads,
+                mlp_hidden=int(keep.sum()),
+            )
+            report.append(
+                {
+                    "stage": s,
+                    "block": i,
+                    "qk": [b.qk_dim, nb.qk_dim],
+                    "v": [b.v_dim, nb.v_dim],
+                    "mlp": [b.mlp_hidden, nb.mlp_hidden],
+                }
+            )
             new_blocks.append(nb)
         stages.append(tuple(new_blocks))
     return replace(cfg, stages=tuple(stages)), sd, report
@@ -136,11 +151,22 @@ def infer_format(path, sd: dict[str, torch.Tensor], img_size: int = 224) -> dict
                 raise CaitError(f"{path}: relative position table of {t.shape[0]} rows is not (2w-1)^2")
             window = (side + 1) // 2
     dim = int(pw.shape[0])
-    return {"family": "swin", "arch": None, "img_size": img_size, "patch_size": int(pw.shape[-1]),
-            "in_chans": int(pw.shape[1]), "num_classes": int(head.shape[0]), "embed_dim": dim,
-            "depths": [depths[s] for s in range(len(depths))], "num_heads": heads, "window_size": window,
-            "mlp_ratio": sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / dim,
-            "qkv_bias": "layers.0.blocks.0.attn.qkv.bias" in sd, "ln_eps": 1e-5, "merges": {}}
+    return {
+        "family": "swin",
+        "arch": None,
+        "img_size": img_size,
+        "patch_size": int(pw.shape[-1]),
+        "in_chans": int(pw.shape[1]),
+        "num_classes": int(head.shape[0]),
+        "embed_dim": dim,
+        "depths": [depths[s] for s in range(len(depths))],
+        "num_heads": heads,
+        "window_size": window,
+        "mlp_ratio": sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        "qkv_bias": "layers.0.blocks.0.attn.qkv.bias" in sd,
+        "ln_eps": 1e-5,
+        "merges": {},
+    }
 
 
 def convert(path, sd: dict[str, torch.Tensor], img_size: int = 224):
@@ -175,11 +201,19 @@ def convert(path, sd: dict[str, torch.Tensor], img_size: int = 224):
     ref_model = CaitSwin(cfg)
     ref_model.load_state_dict(dense)
     ref_model = ref_model.double().eval()
-    notes = [(f"{layout} layout, {len(cfg.stages)} stages {[len(b) for b in cfg.stages]}, heads {fmt['num_heads']}, "
-             f"window {cfg.window}; img_size {img_size} (not stored in the weights)"),
-             (f"sparsity: {100 * zeros / max(total, 1):.1f}% of the {total} weights in matrices are zero "
-             f"(layers from {100 * min(r['zeros'] for r in layers):.1f}% to {100 * max(r['zeros'] for r in layers):.1f}%)"),
-             (f"exact row removal: {removed['mlp']} FFN units, {removed['qk']} q/k and {removed['v']} v channels per "
-             "head summed over blocks (scattered zeros inside kept rows still cost their multiply-adds)")]
+    notes = [
+        (
+            f"{layout} layout, {len(cfg.stages)} stages {[len(b) for b in cfg.stages]}, heads {fmt['num_heads']}, "
+            f"window {cfg.window}; img_size {img_size} (not stored in the weights)"
+        ),
+        (
+            f"sparsity: {100 * zeros / max(total, 1):.1f}% of the {total} weights in matrices are zero "
+            f"(layers from {100 * min(r['zeros'] for r in layers):.1f}% to {100 * max(r['zeros'] for r in layers):.1f}%)"
+        ),
+        (
+            f"exact row removal: {removed['mlp']} FFN units, {removed['qk']} q/k and {removed['v']} v channels per "
+            "head summed over blocks (scattered zeros inside kept rows still cost their multiply-adds)"
+        ),
+    ]
     extra = {"sparsity": {"zeros": zeros / max(total, 1), "layers": layers}, "removed_rows": rows}
     return small, tensors, ref_model, notes, extra

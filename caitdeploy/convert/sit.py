@@ -5,6 +5,7 @@ it), each TSM's `scale` into its second Linear (it multiplies the softmax logits
 `aux_head.*` (training only). Slim positions are not stored in the file: they follow the variant (`--variant`)
 or `--stages` (blocks per token stage).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,11 +21,12 @@ from caitdeploy.families import lvvit as L
 from caitdeploy.families.vit.config import CaitConfig, ConfigError
 
 TRAINING_ONLY = re.compile(r"(rtsm\..*|aux_head\.(weight|bias))")
-HEAD_DIM = 64   # every release: embed_dim / num_heads
+HEAD_DIM = 64  # every release: embed_dim / num_heads
 
 
 def _sizes(path: Path, sd: dict[str, torch.Tensor]) -> dict:
     """Sizes read from the keys: width, depth, stem, image size, classes, TSM output tokens."""
+
     def get(k, ndim):
         if k not in sd or sd[k].dim() != ndim:
             raise CaitError(f"{path}: missing key {k!r} or wrong rank (an LV-ViT/SiT checkpoint has it)")
@@ -44,8 +46,16 @@ def _sizes(path: Path, sd: dict[str, torch.Tensor]) -> dict:
     if tsm != list(range(len(tsm))):
         raise CaitError(f"{path}: tsm indices {tsm} are not 0..{len(tsm) - 1}")
     keep = [get(f"tsm.{j}.weight.3.weight", 2).shape[0] for j in tsm]
-    return {"embed_dim": d, "grid": g, "img_size": 16 * g, "stem": stem, "depth": depth, "keep": keep,
-            "num_classes": get("head.weight", 2).shape[0], "mlp_hidden": get("blocks.0.mlp.fc1.weight", 2).shape[0]}
+    return {
+        "embed_dim": d,
+        "grid": g,
+        "img_size": 16 * g,
+        "stem": stem,
+        "depth": depth,
+        "keep": keep,
+        "num_classes": get("head.weight", 2).shape[0],
+        "mlp_hidden": get("blocks.0.mlp.fc1.weight", 2).shape[0],
+    }
 
 
 def _choose(path: Path, s: dict, source: str, variant, stages, num_heads) -> tuple[tuple[int, ...] | None, int, float]:
@@ -55,24 +65,31 @@ def _choose(path: Path, s: dict, source: str, variant, stages, num_heads) -> tup
             raise OptionError("variant", f"must be one of {', '.join(L.VARIANTS)}, got {variant!r}")
         v = L.VARIANTS[variant]
         if source == "lvvit" and variant not in L.TEACHERS:
-            raise OptionError("variant", f"{variant!r} is a SiT student size; LV-ViT teachers are "
-                              f"{', '.join(L.TEACHERS)}")
+            raise OptionError(
+                "variant", f"{variant!r} is a SiT student size; LV-ViT teachers are {', '.join(L.TEACHERS)}"
+            )
         got = (s["embed_dim"], s["depth"], s["stem"])
         want = (v["embed_dim"], v["depth"], v["stem"])
         if got != want:
             match = [n for n, w in L.VARIANTS.items() if (w["embed_dim"], w["depth"], w["stem"]) == got]
             hint = f" (it matches --variant {' or '.join(match)})" if match else ""
-            raise CaitError(f"{path}: has embed_dim {got[0]}, depth {got[1]}, stem {got[2]}, but --variant "
-                            f"{variant} is {want[0]}/{want[1]}/{want[2]}{hint}")
+            raise CaitError(
+                f"{path}: has embed_dim {got[0]}, depth {got[1]}, stem {got[2]}, but --variant "
+                f"{variant} is {want[0]}/{want[1]}/{want[2]}{hint}"
+            )
         st = tuple(v["stages"]) if source == "sit" else None
         if stages is not None and st is not None and tuple(stages) != st:
-            raise OptionError("stages", f"{','.join(map(str, stages))} disagrees with --variant {variant} "
-                              f"({','.join(map(str, st))})")
+            raise OptionError(
+                "stages", f"{','.join(map(str, stages))} disagrees with --variant {variant} ({','.join(map(str, st))})"
+            )
         heads, lam = v["num_heads"], v["skip_lam"]
     else:
         if source == "sit" and stages is None:
-            raise OptionError("variant", "a SiT file does not store where it slims tokens: give --variant "
-                              f"({'|'.join(L.VARIANTS)}) or --stages (blocks per token stage, e.g. 9,3,2,2)")
+            raise OptionError(
+                "variant",
+                "a SiT file does not store where it slims tokens: give --variant "
+                f"({'|'.join(L.VARIANTS)}) or --stages (blocks per token stage, e.g. 9,3,2,2)",
+            )
         st = tuple(stages) if stages is not None and source == "sit" else None
         heads = num_heads or max(1, s["embed_dim"] // HEAD_DIM)
         lam = 2.0 if s["stem"] == "4c" else 3.0
@@ -80,11 +97,14 @@ def _choose(path: Path, s: dict, source: str, variant, stages, num_heads) -> tup
         heads = num_heads
     if st is not None:
         if sum(st) != s["depth"] or min(st) < 1:
-            raise OptionError("stages", f"{','.join(map(str, st))} must be >= 1 each and sum to the checkpoint's "
-                              f"depth {s['depth']}")
+            raise OptionError(
+                "stages", f"{','.join(map(str, st))} must be >= 1 each and sum to the checkpoint's depth {s['depth']}"
+            )
         if len(st) - 1 != len(s["keep"]):
-            raise CaitError(f"{path}: has {len(s['keep'])} token slimming modules, the stages "
-                            f"{','.join(map(str, st))} need {len(st) - 1}")
+            raise CaitError(
+                f"{path}: has {len(s['keep'])} token slimming modules, the stages "
+                f"{','.join(map(str, st))} need {len(st) - 1}"
+            )
     if s["embed_dim"] % heads:
         raise OptionError("num_heads", f"{heads} does not divide embed_dim {s['embed_dim']}")
     return st, heads, lam
@@ -98,37 +118,92 @@ def convert(path: Path, sd: dict[str, torch.Tensor], source: str, variant, stage
     st, heads, lam = _choose(path, s, source, variant, stages, num_heads)
     d = s["embed_dim"]
     try:
-        cfg = CaitConfig.dense(img_size=s["img_size"], patch_size=16, num_classes=s["num_classes"], embed_dim=d,
-                               depth=s["depth"], num_heads=heads, mlp_ratio=s["mlp_hidden"] / d, qkv_bias=False,
-                               ln_eps=1e-5, family="lvvit", stem=s["stem"])
+        cfg = CaitConfig.dense(
+            img_size=s["img_size"],
+            patch_size=16,
+            num_classes=s["num_classes"],
+            embed_dim=d,
+            depth=s["depth"],
+            num_heads=heads,
+            mlp_ratio=s["mlp_hidden"] / d,
+            qkv_bias=False,
+            ln_eps=1e-5,
+            family="lvvit",
+            stem=s["stem"],
+        )
         if st is not None:
             plan = L.slim_plan(s["grid"] ** 2, st)
             if [plan[k] for k in sorted(plan)] != s["keep"]:
-                raise CaitError(f"{path}: its token slimming modules keep {s['keep']} tokens, stages "
-                                f"{','.join(map(str, st))} at {s['img_size']}px keep {[plan[k] for k in sorted(plan)]}")
-            source_cfg = {**{k: getattr(cfg, k) for k in ("img_size", "patch_size", "in_chans", "num_classes",
-                                                         "embed_dim", "qkv_bias", "ln_eps", "family", "stem")},
-                          "depth": cfg.depth, "num_heads": heads, "mlp_ratio": s["mlp_hidden"] / d, "merges": {}}
-            cfg = replace(cfg, blocks=tuple(replace(b, slim=plan.get(i)) for i, b in enumerate(cfg.blocks)),
-                          source=source_cfg)
+                raise CaitError(
+                    f"{path}: its token slimming modules keep {s['keep']} tokens, stages "
+                    f"{','.join(map(str, st))} at {s['img_size']}px keep {[plan[k] for k in sorted(plan)]}"
+                )
+            source_cfg = {
+                **{
+                    k: getattr(cfg, k)
+                    for k in (
+                        "img_size",
+                        "patch_size",
+                        "in_chans",
+                        "num_classes",
+                        "embed_dim",
+                        "qkv_bias",
+                        "ln_eps",
+                        "family",
+                        "stem",
+                    )
+                },
+                "depth": cfg.depth,
+                "num_heads": heads,
+                "mlp_ratio": s["mlp_hidden"] / d,
+                "merges": {},
+            }
+            cfg = replace(
+                cfg, blocks=tuple(replace(b, slim=plan.get(i)) for i, b in enumerate(cfg.blocks)), source=source_cfg
+            )
     except ConfigError as e:
         raise CaitError(f"{path}: {e}") from None
-    required = {"cls_token": (1, 1, d), "pos_embed": (1, 1 + s["grid"] ** 2, d), **L.stem_shapes(cfg),
-                "norm.weight": (d,), "norm.bias": (d,), "head.weight": (cfg.num_classes, d),
-                "head.bias": (cfg.num_classes,)}
+    required = {
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, 1 + s["grid"] ** 2, d),
+        **L.stem_shapes(cfg),
+        "norm.weight": (d,),
+        "norm.bias": (d,),
+        "head.weight": (cfg.num_classes, d),
+        "head.bias": (cfg.num_classes,),
+    }
     f = s["mlp_hidden"]
     for i in range(cfg.depth):
         b = f"blocks.{i}."
-        required.update({b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "attn.qkv.weight": (3 * d, d),
-                         b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,), b + "norm2.weight": (d,),
-                         b + "norm2.bias": (d,), b + "mlp.fc1.weight": (f, d), b + "mlp.fc1.bias": (f,),
-                         b + "mlp.fc2.weight": (d, f), b + "mlp.fc2.bias": (d,)})
+        required.update(
+            {
+                b + "norm1.weight": (d,),
+                b + "norm1.bias": (d,),
+                b + "attn.qkv.weight": (3 * d, d),
+                b + "attn.proj.weight": (d, d),
+                b + "attn.proj.bias": (d,),
+                b + "norm2.weight": (d,),
+                b + "norm2.bias": (d,),
+                b + "mlp.fc1.weight": (f, d),
+                b + "mlp.fc1.bias": (f,),
+                b + "mlp.fc2.weight": (d, f),
+                b + "mlp.fc2.bias": (d,),
+            }
+        )
     t = int(d * L.TSM_RATIO)
     for j, m in enumerate(s["keep"]):
         p = f"tsm.{j}."
-        required.update({p + "scale": (1, 1, 1), p + "weight.0.weight": (d,), p + "weight.0.bias": (d,),
-                         p + "weight.1.weight": (t, d), p + "weight.1.bias": (t,), p + "weight.3.weight": (m, t),
-                         p + "weight.3.bias": (m,)})
+        required.update(
+            {
+                p + "scale": (1, 1, 1),
+                p + "weight.0.weight": (d,),
+                p + "weight.0.bias": (d,),
+                p + "weight.1.weight": (t, d),
+                p + "weight.1.bias": (t,),
+                p + "weight.3.weight": (m, t),
+                p + "weight.3.bias": (m,),
+            }
+        )
     from caitdeploy.convert.common import check_layout
 
     check_layout(path, sd, required, TRAINING_ONLY, f"{'SiT' if st else 'LV-ViT'} layout")
@@ -138,8 +213,15 @@ def convert(path: Path, sd: dict[str, torch.Tensor], source: str, variant, stage
         out[k] = sd[k]
     for i in range(cfg.depth):
         b = f"blocks.{i}."
-        for k in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.qkv.weight", "mlp.fc1.weight",
-                  "mlp.fc1.bias"):
+        for k in (
+            "norm1.weight",
+            "norm1.bias",
+            "norm2.weight",
+            "norm2.bias",
+            "attn.qkv.weight",
+            "mlp.fc1.weight",
+            "mlp.fc1.bias",
+        ):
             out[b + k] = sd[b + k]
         for layer in ("attn.proj", "mlp.fc2"):  # residual branch / skip_lam
             out[b + layer + ".weight"] = sd[b + layer + ".weight"] / lam
@@ -148,9 +230,16 @@ def convert(path: Path, sd: dict[str, torch.Tensor], source: str, variant, stage
     for j, i in enumerate(positions):
         p, q = f"tsm.{j}.", f"blocks.{i}.slim."
         scale = sd[p + "scale"].reshape(())
-        out.update({q + "norm.weight": sd[p + "weight.0.weight"], q + "norm.bias": sd[p + "weight.0.bias"],
-                    q + "fc1.weight": sd[p + "weight.1.weight"], q + "fc1.bias": sd[p + "weight.1.bias"],
-                    q + "fc2.weight": sd[p + "weight.3.weight"] * scale, q + "fc2.bias": sd[p + "weight.3.bias"] * scale})
+        out.update(
+            {
+                q + "norm.weight": sd[p + "weight.0.weight"],
+                q + "norm.bias": sd[p + "weight.0.bias"],
+                q + "fc1.weight": sd[p + "weight.1.weight"],
+                q + "fc1.bias": sd[p + "weight.1.bias"],
+                q + "fc2.weight": sd[p + "weight.3.weight"] * scale,
+                q + "fc2.bias": sd[p + "weight.3.bias"] * scale,
+            }
+        )
     tensors = {k: v.float().contiguous() for k, v in out.items()}
     dropped = sorted({k.split(".")[0] for k in sd if TRAINING_ONLY.fullmatch(k)})
     notes = [f"dropped training-only {', '.join(x + '.*' for x in dropped)}"] if dropped else []
@@ -160,6 +249,7 @@ def convert(path: Path, sd: dict[str, torch.Tensor], source: str, variant, stage
 
 def reference(sd: dict[str, torch.Tensor], cfg: CaitConfig, heads: int, lam: float, stages, images: torch.Tensor):
     """The upstream eval forward written literally from docs/formats/sit.md, float64, nothing folded."""
+
     def w(k):
         return sd[k].double()
 
@@ -186,7 +276,7 @@ def reference(sd: dict[str, torch.Tensor], cfg: CaitConfig, heads: int, lam: flo
             patches = x[:, 1:]
             t = F.layer_norm(patches, (d,), w(p + "0.weight"), w(p + "0.bias"), eps)
             t = F.gelu(t @ w(p + "1.weight").T + w(p + "1.bias")) @ w(p + "3.weight").T + w(p + "3.bias")
-            weights = (t * w(f"tsm.{j}.scale")).softmax(dim=1)            # [B, N_in, M]
+            weights = (t * w(f"tsm.{j}.scale")).softmax(dim=1)  # [B, N_in, M]
             x = torch.cat([x[:, :1], weights.transpose(1, 2) @ patches], dim=1)
     x = F.layer_norm(x, (d,), w("norm.weight"), w("norm.bias"), eps)
     return x[:, 0] @ w("head.weight").T + w("head.bias")

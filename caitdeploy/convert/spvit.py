@@ -6,6 +6,7 @@ multiple of N, exactly: zero fc1 rows give GELU(0) = 0 into zero fc2 columns). A
 P = softmax(head_probs / alpha, over heads) is folded into one Conv2d (D -> d, BatchNorm folded in) and one
 Linear (d -> D); attention's `qk` + `v` become one `qkv`.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,8 @@ from caitdeploy.core.errors import CaitError, OptionError
 from caitdeploy.families.lvvit import fold_bn
 from caitdeploy.families.vit.config import BlockConfig, CaitConfig, ConfigError
 
-ALPHA = 0.01          # upstream's constructor default; never stored in a checkpoint
-HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12}   # DeiT-Ti/S/B (head width 64)
+ALPHA = 0.01  # upstream's constructor default; never stored in a checkpoint
+HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12}  # DeiT-Ti/S/B (head width 64)
 BN = {"conv1": "bn_1x1", "conv3": "bn_3x3"}
 
 
@@ -35,8 +36,10 @@ def mixer_kind(sd: dict[str, torch.Tensor], p: str, where: str) -> str:
         return "conv1"
     bad = next((k for k in sd if k.startswith(p)), None)
     if bad is not None:
-        raise CaitError(f"{where}key {bad!r} is neither attention (attn.qk), a 1x1/3x3 conv (attn.bn_1x1/"
-                        "bn_3x3) nor a skipped block (no attn.* keys)")
+        raise CaitError(
+            f"{where}key {bad!r} is neither attention (attn.qk), a 1x1/3x3 conv (attn.bn_1x1/"
+            "bn_3x3) nor a skipped block (no attn.* keys)"
+        )
     return "skip"
 
 
@@ -52,10 +55,12 @@ def mixed_taps(sd: dict[str, torch.Tensor], p: str, heads: int, alpha: float):
     pw = sd[p + "proj.weight"].double()
     dim = vw.shape[1]
     d = dim // heads
-    mix = torch.softmax(sd[p + "head_probs"].double() / alpha, dim=0)            # [H, 9]
-    return (torch.einsum("ht,hdc->tdc", mix, vw.reshape(heads, d, dim)),
-            torch.einsum("ht,hd->td", mix, vb.reshape(heads, d)),
-            torch.einsum("ht,ohd->tod", mix, pw.reshape(dim, heads, d)))
+    mix = torch.softmax(sd[p + "head_probs"].double() / alpha, dim=0)  # [H, 9]
+    return (
+        torch.einsum("ht,hdc->tdc", mix, vw.reshape(heads, d, dim)),
+        torch.einsum("ht,hd->td", mix, vb.reshape(heads, d)),
+        torch.einsum("ht,ohd->tod", mix, pw.reshape(dim, heads, d)),
+    )
 
 
 def conv_weights(sd: dict[str, torch.Tensor], i: int, kind: str, heads: int, alpha: float = ALPHA):
@@ -68,7 +73,7 @@ def conv_weights(sd: dict[str, torch.Tensor], i: int, kind: str, heads: int, alp
     d, dim = v_taps.shape[1:]
     if kind == "conv1":
         return v_taps[4][:, :, None, None], b_taps[4], p_taps[4], sd[p + "proj.bias"].double()
-    w1 = v_taps.reshape(3, 3, d, dim).permute(2, 3, 1, 0)                        # W1[:, :, row, col]
+    w1 = v_taps.reshape(3, 3, d, dim).permute(2, 3, 1, 0)  # W1[:, :, row, col]
     return w1, b_taps.sum(0), p_taps.sum(0), sd[p + "proj.bias"].double()
 
 
@@ -78,12 +83,16 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads, align: int):
     from caitdeploy.convert.common import check_layout
 
     if any(k.endswith(".attn.bconv.0.weight") for k in sd):
-        raise CaitError(f"{path}: a post-training-optimized SPViT file (attn.bconv.*): convert the fine-tuned "
-                        "checkpoint it came from (its head_probs and BatchNorms are folded here)")
+        raise CaitError(
+            f"{path}: a post-training-optimized SPViT file (attn.bconv.*): convert the fine-tuned "
+            "checkpoint it came from (its head_probs and BatchNorms are folded here)"
+        )
     pw = sd.get("patch_embed.proj.weight")
     if pw is None or pw.dim() != 4 or "cls_token" not in sd or "pos_embed" not in sd or "head.weight" not in sd:
-        raise CaitError(f"{path}: missing the DeiT stem/token/head keys (patch_embed.proj.weight, cls_token, "
-                        "pos_embed, head.weight)")
+        raise CaitError(
+            f"{path}: missing the DeiT stem/token/head keys (patch_embed.proj.weight, cls_token, "
+            "pos_embed, head.weight)"
+        )
     dim, patch = pw.shape[0], pw.shape[-1]
     n = sd["pos_embed"].shape[1] - 1
     g = math.isqrt(max(n, 0))
@@ -108,28 +117,62 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads, align: int):
         if w1 is None or w1.dim() != 2 or w1.shape[1] != dim:
             raise CaitError(f"{path}: key 'blocks.{i}.mlp.fc1.weight' is missing or not [F, {dim}]")
         widths.append(w1.shape[0])
-    required = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + n, dim),
-                "patch_embed.proj.weight": (dim, pw.shape[1], patch, patch),
-                "patch_embed.proj.bias": (dim,), "norm.weight": (dim,), "norm.bias": (dim,),
-                "head.weight": (classes, dim), "head.bias": (classes,)}
+    required = {
+        "cls_token": (1, 1, dim),
+        "pos_embed": (1, 1 + n, dim),
+        "patch_embed.proj.weight": (dim, pw.shape[1], patch, patch),
+        "patch_embed.proj.bias": (dim,),
+        "norm.weight": (dim,),
+        "norm.bias": (dim,),
+        "head.weight": (classes, dim),
+        "head.bias": (classes,),
+    }
     for i, (kind, f) in enumerate(zip(kinds, widths)):
         b = f"blocks.{i}."
-        required.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,), b + "norm2.weight": (dim,),
-                         b + "norm2.bias": (dim,), b + "mlp.fc1.weight": (f, dim), b + "mlp.fc1.bias": (f,),
-                         b + "mlp.fc2.weight": (dim, f), b + "mlp.fc2.bias": (dim,)})
+        required.update(
+            {
+                b + "norm1.weight": (dim,),
+                b + "norm1.bias": (dim,),
+                b + "norm2.weight": (dim,),
+                b + "norm2.bias": (dim,),
+                b + "mlp.fc1.weight": (f, dim),
+                b + "mlp.fc1.bias": (f,),
+                b + "mlp.fc2.weight": (dim, f),
+                b + "mlp.fc2.bias": (dim,),
+            }
+        )
         if kind != "skip":
-            required.update({b + "attn.v.weight": (dim, dim), b + "attn.v.bias": (dim,),
-                             b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,)})
+            required.update(
+                {
+                    b + "attn.v.weight": (dim, dim),
+                    b + "attn.v.bias": (dim,),
+                    b + "attn.proj.weight": (dim, dim),
+                    b + "attn.proj.bias": (dim,),
+                }
+            )
         if kind == "attn":
             required.update({b + "attn.qk.weight": (2 * dim, dim), b + "attn.qk.bias": (2 * dim,)})
         elif kind != "skip":
             required[b + "attn.head_probs"] = (heads, 9)
-            required.update({f"{b}attn.{BN[kind]}.{s}": (d,) for s in ("weight", "bias", "running_mean", "running_var")})
+            required.update(
+                {f"{b}attn.{BN[kind]}.{s}": (d,) for s in ("weight", "bias", "running_mean", "running_var")}
+            )
     check_layout(path, sd, required, None, "SPViT-DeiT layout")
 
     blocks = []
-    out = {k: sd[k] for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
-                              "norm.weight", "norm.bias", "head.weight", "head.bias")}
+    out = {
+        k: sd[k]
+        for k in (
+            "cls_token",
+            "pos_embed",
+            "patch_embed.proj.weight",
+            "patch_embed.proj.bias",
+            "norm.weight",
+            "norm.bias",
+            "head.weight",
+            "head.bias",
+        )
+    }
     for i, (kind, f) in enumerate(zip(kinds, widths)):
         b = f"blocks.{i}."
         width = round_up(f, align)
@@ -142,33 +185,62 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads, align: int):
         if kind == "attn":
             out[b + "attn.qkv.weight"] = torch.cat([sd[b + "attn.qk.weight"], sd[b + "attn.v.weight"]])
             out[b + "attn.qkv.bias"] = torch.cat([sd[b + "attn.qk.bias"], sd[b + "attn.v.bias"]])
-            out[b + "attn.proj.weight"], out[b + "attn.proj.bias"] = sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"]
+            out[b + "attn.proj.weight"], out[b + "attn.proj.bias"] = (
+                sd[b + "attn.proj.weight"],
+                sd[b + "attn.proj.bias"],
+            )
         elif kind != "skip":
             w1, b1, w2, b2 = conv_weights(sd, i, kind, heads)
             bn = f"{b}attn.{BN[kind]}."
             gamma, beta, mean, var = (sd[bn + s].double() for s in ("weight", "bias", "running_mean", "running_var"))
             w1, b1 = fold_bn(w1, gamma, beta, mean, var, bias=b1)
-            out.update({b + "attn.conv.weight": w1, b + "attn.conv.bias": b1, b + "attn.proj.weight": w2,
-                        b + "attn.proj.bias": b2})
+            out.update(
+                {
+                    b + "attn.conv.weight": w1,
+                    b + "attn.conv.bias": b1,
+                    b + "attn.proj.weight": w2,
+                    b + "attn.proj.bias": b2,
+                }
+            )
         blocks.append(BlockConfig(heads, d, d, width, d**-0.5, None, kind))
     try:
-        cfg = CaitConfig(img_size=g * patch, patch_size=patch, in_chans=pw.shape[1], num_classes=classes,
-                         embed_dim=dim, qkv_bias=True, blocks=tuple(blocks), family="spvit",
-                         source={"img_size": g * patch, "patch_size": patch, "in_chans": pw.shape[1],
-                                 "num_classes": classes, "embed_dim": dim, "depth": depth, "num_heads": heads,
-                                 "mlp_ratio": 4.0, "qkv_bias": True, "merges": {}})
+        cfg = CaitConfig(
+            img_size=g * patch,
+            patch_size=patch,
+            in_chans=pw.shape[1],
+            num_classes=classes,
+            embed_dim=dim,
+            qkv_bias=True,
+            blocks=tuple(blocks),
+            family="spvit",
+            source={
+                "img_size": g * patch,
+                "patch_size": patch,
+                "in_chans": pw.shape[1],
+                "num_classes": classes,
+                "embed_dim": dim,
+                "depth": depth,
+                "num_heads": heads,
+                "mlp_ratio": 4.0,
+                "qkv_bias": True,
+                "merges": {},
+            },
+        )
     except ConfigError as e:
         raise CaitError(f"{path}: {e}") from None
     tensors = {k: v.float().contiguous() for k, v in out.items()}
     counts = {k: kinds.count(k) for k in ("attn", "conv1", "conv3", "skip") if kinds.count(k)}
-    notes = [f"blocks: {', '.join(f'{v} {k}' for k, v in counts.items())}; FFN widths {widths}"
-             + (f" (zero-padded to multiples of {align})" if align > 1 else ""),
-             f"folded: head_probs (alpha {ALPHA:g}) and BatchNorm of every conv block; qk + v -> qkv"]
+    notes = [
+        f"blocks: {', '.join(f'{v} {k}' for k, v in counts.items())}; FFN widths {widths}"
+        + (f" (zero-padded to multiples of {align})" if align > 1 else ""),
+        f"folded: head_probs (alpha {ALPHA:g}) and BatchNorm of every conv block; qk + v -> qkv",
+    ]
     return cfg, tensors, lambda x: reference(sd, kinds, heads, x), notes
 
 
 def reference(sd: dict[str, torch.Tensor], kinds: list[str], heads: int, images: torch.Tensor) -> torch.Tensor:
     """SPViT-DeiT's eval forward written from docs/formats/spvit.md, float64, BatchNorm unfolded."""
+
     def w(k):
         return sd[k].double()
 
@@ -193,13 +265,23 @@ def reference(sd: dict[str, torch.Tensor], kinds: list[str], heads: int, images:
             bn = f"{b}attn.{BN[kind]}."
             t = y[:, 1:].reshape(bsz, g, g, dim).permute(0, 3, 1, 2)
             t = F.conv2d(t, w1, b1, padding=w1.shape[-1] // 2)
-            t = F.batch_norm(t, w(bn + "running_mean"), w(bn + "running_var"), w(bn + "weight"), w(bn + "bias"),
-                             training=False, eps=1e-5)
+            t = F.batch_norm(
+                t,
+                w(bn + "running_mean"),
+                w(bn + "running_var"),
+                w(bn + "weight"),
+                w(bn + "bias"),
+                training=False,
+                eps=1e-5,
+            )
             t = F.relu(t).flatten(2).transpose(1, 2) @ w2.T + b2
             y = torch.cat([y[:, :1], t], dim=1)
         x = x + y
         y = F.layer_norm(x, (dim,), w(b + "norm2.weight"), w(b + "norm2.bias"), 1e-6)
-        x = x + F.gelu(y @ w(b + "mlp.fc1.weight").T + w(b + "mlp.fc1.bias")) @ w(b + "mlp.fc2.weight").T \
+        x = (
+            x
+            + F.gelu(y @ w(b + "mlp.fc1.weight").T + w(b + "mlp.fc1.bias")) @ w(b + "mlp.fc2.weight").T
             + w(b + "mlp.fc2.bias")
+        )
     x = F.layer_norm(x, (dim,), w("norm.weight"), w("norm.bias"), 1e-6)
     return x[:, 0] @ w("head.weight").T + w("head.bias")

@@ -11,6 +11,7 @@ What differs from SPViT-DeiT (convert/spvit.py), as upstream's `UnifiedWindowAtt
 - 3x3 blocks run on the whole map: no cyclic shift, no window partition (a 1x1 is per token: windows do not
   change it). Attention blocks keep Swin's windows and shifts.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,13 +28,14 @@ from caitdeploy.families.lvvit import fold_bn
 from caitdeploy.families.vit.config import ConfigError
 
 ALPHA = 1e2
-SWIN_TAPS = [1, 2, 3, 4, 0, 5, 6, 7, 8]   # head_probs column of each 3x3 kernel position (column-major)
+SWIN_TAPS = [1, 2, 3, 4, 0, 5, 6, 7, 8]  # head_probs column of each 3x3 kernel position (column-major)
 BN = {"conv1": "bn_1x1", "conv3": "bn_3x3"}
 
 
 def is_spvit_swin(sd: dict[str, torch.Tensor]) -> bool:
-    return any(re.fullmatch(r"layers\.\d+\.blocks\.\d+\.attn\.(qk\.weight|head_probs|bn_[13]x[13]\.weight)", k)
-               for k in sd)
+    return any(
+        re.fullmatch(r"layers\.\d+\.blocks\.\d+\.attn\.(qk\.weight|head_probs|bn_[13]x[13]\.weight)", k) for k in sd
+    )
 
 
 def conv_weights(sd: dict[str, torch.Tensor], p: str, kind: str, heads: int, alpha: float = ALPHA):
@@ -45,7 +47,7 @@ def conv_weights(sd: dict[str, torch.Tensor], p: str, kind: str, heads: int, alp
     b2 = sd[a + "proj.bias"].double()
     if kind == "conv1":
         return v_taps[0][:, :, None, None], b_taps[0], p_taps[0], b2
-    w1 = v_taps[SWIN_TAPS].reshape(3, 3, d, dim).permute(2, 3, 1, 0)              # W1[:, :, row, col]
+    w1 = v_taps[SWIN_TAPS].reshape(3, 3, d, dim).permute(2, 3, 1, 0)  # W1[:, :, row, col]
     return w1, b_taps.sum(0), p_taps.sum(0), b2
 
 
@@ -70,9 +72,10 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, alig
     if not depths or sorted(depths) != list(range(len(depths))):
         raise CaitError(f"{path}: no Swin blocks (layers.S.blocks.I.*) numbered from stage 0")
     n_stages = len(depths)
-    dims = [dim0 * 2 ** s for s in range(n_stages)]
-    kinds = [[mixer_kind(sd, f"layers.{s}.blocks.{i}.attn.", f"{path}: ") for i in range(depths[s])]
-             for s in range(n_stages)]
+    dims = [dim0 * 2**s for s in range(n_stages)]
+    kinds = [
+        [mixer_kind(sd, f"layers.{s}.blocks.{i}.attn.", f"{path}: ") for i in range(depths[s])] for s in range(n_stages)
+    ]
     heads, window = [], None
     for s in range(n_stages):
         h = None
@@ -85,13 +88,19 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, alig
                     side = math.isqrt(int(t.shape[0]))
                     window = (side + 1) // 2 if side * side == t.shape[0] and side % 2 else None
                 break
-        heads.append(h if h is not None else max(1, dims[s] // 32))   # Swin's 32-wide heads otherwise
+        heads.append(h if h is not None else max(1, dims[s] // 32))  # Swin's 32-wide heads otherwise
     window = window or 7
     classes = int(sd["head.fc.weight"].shape[0])
-    req = {"patch_embed.proj.weight": tuple(pw.shape), "patch_embed.proj.bias": (dim0,),
-           "patch_embed.norm.weight": (dim0,), "patch_embed.norm.bias": (dim0,),
-           "norm.weight": (dims[-1],), "norm.bias": (dims[-1],), "head.fc.weight": (classes, dims[-1]),
-           "head.fc.bias": (classes,)}
+    req = {
+        "patch_embed.proj.weight": tuple(pw.shape),
+        "patch_embed.proj.bias": (dim0,),
+        "patch_embed.norm.weight": (dim0,),
+        "patch_embed.norm.bias": (dim0,),
+        "norm.weight": (dims[-1],),
+        "norm.bias": (dims[-1],),
+        "head.fc.weight": (classes, dims[-1]),
+        "head.fc.bias": (classes,),
+    }
     stages = []
     for s in range(n_stages):
         c, h = dims[s], heads[s]
@@ -99,9 +108,13 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, alig
             raise CaitError(f"{path}: stage {s}: width {c} is not divisible by {h} heads")
         d = c // h
         if s:
-            req.update({f"layers.{s}.downsample.norm.weight": (4 * dims[s - 1],),
-                        f"layers.{s}.downsample.norm.bias": (4 * dims[s - 1],),
-                        f"layers.{s}.downsample.reduction.weight": (c, 4 * dims[s - 1])})
+            req.update(
+                {
+                    f"layers.{s}.downsample.norm.weight": (4 * dims[s - 1],),
+                    f"layers.{s}.downsample.norm.bias": (4 * dims[s - 1],),
+                    f"layers.{s}.downsample.reduction.weight": (c, 4 * dims[s - 1]),
+                }
+            )
         row = []
         for i, kind in enumerate(kinds[s]):
             p = f"layers.{s}.blocks.{i}."
@@ -109,40 +122,76 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, alig
             if w1 is None or w1.dim() != 2 or w1.shape[1] != c:
                 raise CaitError(f"{path}: key '{p}mlp.fc1.weight' is missing or not [F, {c}]")
             f = int(w1.shape[0])
-            req.update({p + "norm1.weight": (c,), p + "norm1.bias": (c,), p + "norm2.weight": (c,),
-                        p + "norm2.bias": (c,), p + "mlp.fc1.weight": (f, c), p + "mlp.fc1.bias": (f,),
-                        p + "mlp.fc2.weight": (c, f), p + "mlp.fc2.bias": (c,)})
+            req.update(
+                {
+                    p + "norm1.weight": (c,),
+                    p + "norm1.bias": (c,),
+                    p + "norm2.weight": (c,),
+                    p + "norm2.bias": (c,),
+                    p + "mlp.fc1.weight": (f, c),
+                    p + "mlp.fc1.bias": (f,),
+                    p + "mlp.fc2.weight": (c, f),
+                    p + "mlp.fc2.bias": (c,),
+                }
+            )
             if kind != "skip":
-                req.update({p + "attn.v.weight": (c, c), p + "attn.v.bias": (c,), p + "attn.proj.weight": (c, c),
-                            p + "attn.proj.bias": (c,)})
+                req.update(
+                    {
+                        p + "attn.v.weight": (c, c),
+                        p + "attn.v.bias": (c,),
+                        p + "attn.proj.weight": (c, c),
+                        p + "attn.proj.bias": (c,),
+                    }
+                )
             if kind == "attn":
                 req[p + "attn.qk.weight"] = (2 * c, c)
                 if p + "attn.qk.bias" in sd:
                     req[p + "attn.qk.bias"] = (2 * c,)
             elif kind != "skip":
                 req[p + "attn.head_probs"] = (h, 9)
-                req.update({f"{p}attn.{BN[kind]}.{x}": (d,) for x in ("weight", "bias", "running_mean",
-                                                                         "running_var")})
-            row.append(SwinBlock(h, d, d, round_up(f, align), d ** -0.5, None, kind))
+                req.update({f"{p}attn.{BN[kind]}.{x}": (d,) for x in ("weight", "bias", "running_mean", "running_var")})
+            row.append(SwinBlock(h, d, d, round_up(f, align), d**-0.5, None, kind))
         stages.append(tuple(row))
-    fmt: dict[str, Any] = {"family": "swin", "arch": None, "img_size": 224, "patch_size": patch, "in_chans": in_chans,
-           "num_classes": classes, "embed_dim": dim0, "depths": [depths[s] for s in range(n_stages)],
-           "num_heads": heads, "window_size": window, "mlp_ratio": 4.0, "qkv_bias": True, "ln_eps": 1e-5,
-           "merges": {}}
+    fmt: dict[str, Any] = {
+        "family": "swin",
+        "arch": None,
+        "img_size": 224,
+        "patch_size": patch,
+        "in_chans": in_chans,
+        "num_classes": classes,
+        "embed_dim": dim0,
+        "depths": [depths[s] for s in range(n_stages)],
+        "num_heads": heads,
+        "window_size": window,
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "ln_eps": 1e-5,
+        "merges": {},
+    }
     try:
-        cfg = SwinConfig(img_size=224, patch_size=patch, in_chans=in_chans, num_classes=classes, dims=tuple(dims),
-                         stages=tuple(stages), window=window, qkv_bias=True, ln_eps=1e-5, source=fmt)
+        cfg = SwinConfig(
+            img_size=224,
+            patch_size=patch,
+            in_chans=in_chans,
+            num_classes=classes,
+            dims=tuple(dims),
+            stages=tuple(stages),
+            window=window,
+            qkv_bias=True,
+            ln_eps=1e-5,
+            source=fmt,
+        )
     except ConfigError as e:
         raise CaitError(f"{path}: {e}") from None
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in CaitSwin(cfg).state_dict().items()}
-    for s, i, b in cfg.flat():   # attention blocks' relative position tables, sized by the block's window
+    for s, i, b in cfg.flat():  # attention blocks' relative position tables, sized by the block's window
         if b.kind == "attn":
             key = f"layers.{s}.blocks.{i}.attn.relative_position_bias_table"
             req[key] = shapes[key]
     check_layout(path, sd, req, re.compile(r".*\.num_batches_tracked"), "SPViT-Swin layout")
     out: dict[str, torch.Tensor] = {}
-    for (s, i, b) in cfg.flat():
+    for s, i, b in cfg.flat():
         p = f"layers.{s}.blocks.{i}."
         f = sd[p + "mlp.fc1.weight"].shape[0]
         pad = b.mlp_hidden - f
@@ -158,19 +207,29 @@ def convert(path: Path, sd: dict[str, torch.Tensor], num_heads: int | None, alig
             bn = f"{p}attn.{BN[b.kind]}."
             gamma, beta, mean, var = (sd[bn + x].double() for x in ("weight", "bias", "running_mean", "running_var"))
             w1, b1 = fold_bn(w1, gamma, beta, mean, var, bias=b1)
-            out.update({p + "attn.conv.weight": w1, p + "attn.conv.bias": b1, p + "attn.proj.weight": w2,
-                        p + "attn.proj.bias": b2})
+            out.update(
+                {
+                    p + "attn.conv.weight": w1,
+                    p + "attn.conv.bias": b1,
+                    p + "attn.proj.weight": w2,
+                    p + "attn.proj.bias": b2,
+                }
+            )
     for k in shapes:
         if k not in out:
             out[k] = sd[checkpoint_key(cfg, k)]
     tensors = {k: v.float().contiguous() for k, v in out.items()}
     flat = [k for row in kinds for k in row]
     counts = {k: flat.count(k) for k in ("attn", "conv1", "conv3", "skip") if flat.count(k)}
-    notes = [f"SPViT-Swin ({layout} layout): {', '.join(f'{v} {k}' for k, v in counts.items())}; heads {heads}, "
-             f"window {window}; FFN widths {[b.mlp_hidden for _, _, b in cfg.flat()]}"
-             + (f" (zero-padded to multiples of {align})" if align > 1 else ""),
-             (f"folded: head_probs (alpha {ALPHA:g}; 1x1 = column 0, 3x3 taps {SWIN_TAPS}) and BatchNorm of every "
-             "conv block; qk + v -> qkv; img_size 224 (not stored in the weights)")]
+    notes = [
+        f"SPViT-Swin ({layout} layout): {', '.join(f'{v} {k}' for k, v in counts.items())}; heads {heads}, "
+        f"window {window}; FFN widths {[b.mlp_hidden for _, _, b in cfg.flat()]}"
+        + (f" (zero-padded to multiples of {align})" if align > 1 else ""),
+        (
+            f"folded: head_probs (alpha {ALPHA:g}; 1x1 = column 0, 3x3 taps {SWIN_TAPS}) and BatchNorm of every "
+            "conv block; qk + v -> qkv; img_size 224 (not stored in the weights)"
+        ),
+    ]
     return cfg, tensors, lambda x: reference(sd, cfg, x), notes
 
 
@@ -187,12 +246,15 @@ def _unwindows(y, w, h, wd):
 def reference(sd: dict[str, torch.Tensor], cfg, images: torch.Tensor) -> torch.Tensor:
     """SPViT-Swin's eval forward written from the upstream format (timm-layout keys), float64, BatchNorm unfolded,
     square windows as upstream (window = the side when the map is no larger; no shift then)."""
+
     def w(k):
         return sd[k].double()
 
     eps = 1e-5
     x = F.conv2d(images, w("patch_embed.proj.weight"), w("patch_embed.proj.bias"), stride=cfg.patch_size)
-    x = F.layer_norm(x.permute(0, 2, 3, 1), (cfg.dims[0],), w("patch_embed.norm.weight"), w("patch_embed.norm.bias"), eps)
+    x = F.layer_norm(
+        x.permute(0, 2, 3, 1), (cfg.dims[0],), w("patch_embed.norm.weight"), w("patch_embed.norm.bias"), eps
+    )
     for s, blocks in enumerate(cfg.stages):
         c = cfg.dims[s]
         if s:
@@ -215,11 +277,13 @@ def reference(sd: dict[str, torch.Tensor], cfg, images: torch.Tensor) -> torch.T
                 qk = t @ w(p + "attn.qk.weight").T + (w(p + "attn.qk.bias") if p + "attn.qk.bias" in sd else 0)
                 q, k = (z.reshape(-1, n, heads, d).transpose(1, 2) for z in qk.split(c, dim=-1))
                 v = (t @ w(p + "attn.v.weight").T + w(p + "attn.v.bias")).reshape(-1, n, heads, d).transpose(1, 2)
-                a = (q * d ** -0.5) @ k.transpose(-2, -1)
+                a = (q * d**-0.5) @ k.transpose(-2, -1)
                 coords = torch.stack(torch.meshgrid(torch.arange(win), torch.arange(win), indexing="ij")).flatten(1)
                 rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (win - 1)
                 idx = rel[..., 0] * (2 * win - 1) + rel[..., 1]
-                a = a + w(p + "attn.relative_position_bias_table")[idx.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1)
+                a = a + w(p + "attn.relative_position_bias_table")[idx.reshape(-1)].reshape(n, n, heads).permute(
+                    2, 0, 1
+                )
                 if shift:
                     img = torch.zeros(hh, ww)
                     cnt = 0
@@ -238,12 +302,22 @@ def reference(sd: dict[str, torch.Tensor], cfg, images: torch.Tensor) -> torch.T
                 w1, b1, w2, b2 = conv_weights(sd, p, b.kind, b.num_heads)
                 bn = f"{p}attn.{BN[b.kind]}."
                 t = F.conv2d(y.permute(0, 3, 1, 2), w1, b1, padding=w1.shape[-1] // 2)
-                t = F.batch_norm(t, w(bn + "running_mean"), w(bn + "running_var"), w(bn + "weight"), w(bn + "bias"),
-                                 training=False, eps=eps)
+                t = F.batch_norm(
+                    t,
+                    w(bn + "running_mean"),
+                    w(bn + "running_var"),
+                    w(bn + "weight"),
+                    w(bn + "bias"),
+                    training=False,
+                    eps=eps,
+                )
                 y = F.relu(t).permute(0, 2, 3, 1) @ w2.T + b2
             x = x + y
             y = F.layer_norm(x, (c,), w(p + "norm2.weight"), w(p + "norm2.bias"), eps)
-            x = x + F.gelu(y @ w(p + "mlp.fc1.weight").T + w(p + "mlp.fc1.bias")) @ w(p + "mlp.fc2.weight").T \
+            x = (
+                x
+                + F.gelu(y @ w(p + "mlp.fc1.weight").T + w(p + "mlp.fc1.bias")) @ w(p + "mlp.fc2.weight").T
                 + w(p + "mlp.fc2.bias")
+            )
     x = F.layer_norm(x, (cfg.dims[-1],), w("norm.weight"), w("norm.bias"), eps).mean(dim=(1, 2))
     return x @ w("head.fc.weight").T + w("head.fc.bias")

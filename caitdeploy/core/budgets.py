@@ -12,6 +12,7 @@ The memory rule (README, "Errors and untrusted input"):
              the smallest of the machine's memory, RLIMIT_AS / RLIMIT_DATA, the cgroup limit and
              CAITDEPLOY_MAX_MEMORY_MB.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,10 +24,10 @@ import torch
 
 from caitdeploy.core.errors import CaitError, OptionError
 
-WEIGHT_FACTOR = 4                 # fuse: checkpoint + folded + fused + float64 reference, each a layer at a time
+WEIGHT_FACTOR = 4  # fuse: checkpoint + folded + fused + float64 reference, each a layer at a time
 MAX_ALIGN = 256
 MAX_VERIFY_BATCH = 256
-MAX_SECONDS = 3600.0              # any per-repeat timing option
+MAX_SECONDS = 3600.0  # any per-repeat timing option
 MAX_ITERS = 1_000_000
 GIB = 1 << 30
 
@@ -87,8 +88,10 @@ def check_memory(need: int, what: str, hint: str = "") -> None:
     """Refuse work whose planned memory `need` (bytes) exceeds the budget, before allocating any of it."""
     budget, source = memory_budget()
     if need > budget:
-        raise CaitError(f"{what} needs about {need / GIB:.2f} GiB, more than the {budget / GIB:.2f} GiB budget "
-                        f"({source}){'; ' + hint if hint else ''}")
+        raise CaitError(
+            f"{what} needs about {need / GIB:.2f} GiB, more than the {budget / GIB:.2f} GiB budget "
+            f"({source}){'; ' + hint if hint else ''}"
+        )
 
 
 def tensor_problem(key: str, t: Any) -> str | None:
@@ -104,8 +107,10 @@ def tensor_problem(key: str, t: Any) -> str | None:
         return f"key {key!r} has complex dtype {t.dtype}: CAIT weights are real"
     if t.numel() > 1 and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
         n = t.untyped_storage().nbytes() // max(t.element_size(), 1)
-        return (f"key {key!r} is an expanded (stride-0) view: its storage holds only {n} element{'s' * (n != 1)} "
-                f"for shape {tuple(t.shape)}")
+        return (
+            f"key {key!r} is an expanded (stride-0) view: its storage holds only {n} element{'s' * (n != 1)} "
+            f"for shape {tuple(t.shape)}"
+        )
     return None
 
 
@@ -120,12 +125,14 @@ def stored_elements_check(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int
         stored[s.data_ptr() if s.nbytes() else id(t)] = s.nbytes()
     real = sum(stored.values())
     if claimed > real:
-        raise CaitError(f"its tensors claim {claimed} bytes but their storages hold only {real}: tensors share or "
-                        "overlap storage (views of one buffer), which a checkpoint never needs")
+        raise CaitError(
+            f"its tensors claim {claimed} bytes but their storages hold only {real}: tensors share or "
+            "overlap storage (views of one buffer), which a checkpoint never needs"
+        )
     return claimed, real
 
 
 # ---- images (imagefile.py) -----------------------------------------------------------------------
-MAX_IMAGE_BYTES = 256 << 20        # an image file larger than this is refused before a byte of it is read
-MAX_IMAGE_SIDE = 16384             # pixels on either side (a 60,000,000 x 1 PNG is 175 KB and passes any area bound)
+MAX_IMAGE_BYTES = 256 << 20  # an image file larger than this is refused before a byte of it is read
+MAX_IMAGE_SIDE = 16384  # pixels on either side (a 60,000,000 x 1 PNG is 175 KB and passes any area bound)
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # width x height, and what a resize to the model's input would make

@@ -6,6 +6,7 @@ only when the whole command succeeded, so on any error (or SIGINT/SIGTERM) nothi
 files carry the host and pid that made them; one left by a killed process (SIGKILL) is removed by the next
 `Staging` that writes into the same folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
-TMP_TAG = ".cdtmp-"   # hidden temp names: .<target name>.cdtmp-<host>-<pid>-<random>.tmp
+TMP_TAG = ".cdtmp-"  # hidden temp names: .<target name>.cdtmp-<host>-<pid>-<random>.tmp
 
 
 MAX_MESSAGE = 1000
@@ -47,7 +48,7 @@ def render(value: object, limit: int = 80) -> str:
     out: list[str] = []
     size = 0
     budget = 4 * limit
-    work: list[object] = [value]      # values, punctuation already rendered (_Tok), container exits (_Leave)
+    work: list[object] = [value]  # values, punctuation already rendered (_Tok), container exits (_Leave)
     inside: list[int] = []
     while work and size <= limit and budget > 0:
         v = work.pop()
@@ -76,7 +77,7 @@ def render(value: object, limit: int = 80) -> str:
                             break
                     opn, cls = {list: ("[", "]"), tuple: ("(", ")")}.get(type(v), ("{", "}"))
                 if items:
-                    items.pop()   # the last separator
+                    items.pop()  # the last separator
                 inside.append(id(v))
                 work += [_Leave(id(v)), _Tok(cls), *reversed(items)]
                 text = opn
@@ -212,8 +213,9 @@ class Staging:
             parent = check_output_dir(path)
         sweep_stale_temps(parent)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:80]}{TMP_TAG}{_host()}-{os.getpid()}-",
-                                       suffix=suffix + ".tmp", dir=parent)
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{path.name[:80]}{TMP_TAG}{_host()}-{os.getpid()}-", suffix=suffix + ".tmp", dir=parent
+            )
         except OSError as e:
             raise _os_error(path, e, "create a temporary file") from None
         os.close(fd)
@@ -313,7 +315,7 @@ def safe_text(value: object, limit: int = MAX_SHOWN) -> str:
     other invisible format characters are shown escaped (`\\x1b`, `\\n`, `\\u202e`), so a file cannot clear the
     screen, colour the output, reorder it or forge an `error:` line. Rich markup is a second, separate matter:
     print through `commands.common.rich_safe` (or a console with markup off)."""
-    text = value if isinstance(value, str) else render(value, limit)   # never str() of an untrusted whole
+    text = value if isinstance(value, str) else render(value, limit)  # never str() of an untrusted whole
     pieces: list[str] = []
     total = 0
     for ch in text:

@@ -15,6 +15,7 @@ header, read here (PNG IHDR, JPEG SOFn) before PIL sees the file; PIL then opens
 JPEG decoders, with `Image.MAX_IMAGE_PIXELS` at the same bound as a second guard. Every refusal is a
 `CaitError` of one line naming the file (after the `what` prefix, e.g. the option that named the folder).
 """
+
 from __future__ import annotations
 
 import mmap
@@ -36,13 +37,13 @@ PIL_FORMATS = ("PNG", "JPEG")
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (C4 DHT, C8 JPG and CC DAC are not frames)
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_STANDALONE = {0x01, *range(0xD0, 0xD9)}          # TEM, RST0-7, SOI: markers without a length
+_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI: markers without a length
 
 
 @dataclass(frozen=True)
 class ImageInfo:
     path: Path
-    format: str        # "PNG" or "JPEG"
+    format: str  # "PNG" or "JPEG"
     width: int
     height: int
     bytes: int
@@ -79,20 +80,25 @@ def _check_size(what: str, path, w: int, h: int, resize_shorter: int | None) -> 
     if w < 1 or h < 1:
         raise _unreadable(what, path, f"its header says {w}x{h} pixels")
     if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE:
-        raise _fail(what, path, f"{w}x{h} pixels: a side longer than the {MAX_IMAGE_SIDE} allowed "
-                                "(refused before decoding)")
+        raise _fail(
+            what, path, f"{w}x{h} pixels: a side longer than the {MAX_IMAGE_SIDE} allowed (refused before decoding)"
+        )
     if w * h > MAX_IMAGE_PIXELS:
         raise _fail(what, path, f"{w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} allowed (refused before decoding)")
     if resize_shorter:
         scale = resize_shorter / min(w, h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
         if nw * nh > MAX_IMAGE_PIXELS:
-            raise _fail(what, path, f"{w}x{h} pixels: resized to a shorter side of {resize_shorter} it would be "
-                                    f"{nw}x{nh}, more than the {MAX_IMAGE_PIXELS} pixels allowed (too elongated)")
+            raise _fail(
+                what,
+                path,
+                f"{w}x{h} pixels: resized to a shorter side of {resize_shorter} it would be "
+                f"{nw}x{nh}, more than the {MAX_IMAGE_PIXELS} pixels allowed (too elongated)",
+            )
 
 
 def _png_size(f, what: str, path) -> tuple[int, int]:
-    ihdr = f.read(25)   # length, "IHDR", width, height, depth, colour type, compression, filter, interlace, (crc)
+    ihdr = f.read(25)  # length, "IHDR", width, height, depth, colour type, compression, filter, interlace, (crc)
     if len(ihdr) < 24:
         raise _unreadable(what, path, "truncated PNG header")
     length, ctype, w, h = struct.unpack(">I4sII", ihdr[:16])
@@ -104,14 +110,17 @@ def _png_size(f, what: str, path) -> tuple[int, int]:
 def _jpeg_size(f, size: int, what: str, path) -> tuple[int, int]:
     """Width and height from the first SOFn, walking the marker segments before it (APPn, DQT, DHT, ...)."""
     pos = 2
-    for _ in range(100_000):   # segments are >= 4 bytes: the file size bounds the walk anyway
+    for _ in range(100_000):  # segments are >= 4 bytes: the file size bounds the walk anyway
         f.seek(pos)
         head = f.read(4)
         if len(head) < 2 or head[0] != 0xFF:
-            raise _unreadable(what, path, "truncated JPEG: no frame header (SOF)" if len(head) < 2 else
-                              f"corrupt JPEG: no marker at byte {pos}")
+            raise _unreadable(
+                what,
+                path,
+                "truncated JPEG: no frame header (SOF)" if len(head) < 2 else f"corrupt JPEG: no marker at byte {pos}",
+            )
         marker = head[1]
-        if marker == 0xFF:        # fill byte before a marker
+        if marker == 0xFF:  # fill byte before a marker
             pos += 1
             continue
         if marker in _STANDALONE:
@@ -125,7 +134,7 @@ def _jpeg_size(f, size: int, what: str, path) -> tuple[int, int]:
         if length < 2 or pos + 2 + length > size:
             raise _unreadable(what, path, f"truncated or corrupt JPEG segment at byte {pos}")
         if marker in _SOF:
-            sof = f.read(5)   # precision, height, width
+            sof = f.read(5)  # precision, height, width
             if len(sof) < 5 or length < 7:
                 raise _unreadable(what, path, "truncated JPEG frame header")
             h, w = struct.unpack(">HH", sof[1:5])
@@ -140,7 +149,7 @@ def probe(path: str | os.PathLike, what: str = "", resize_shorter: int | None = 
     st = _stat(path, what)
     try:
         with open(path, "rb") as f:
-            fst = os.fstat(f.fileno())   # the file opened is the file checked (not swapped since the stat)
+            fst = os.fstat(f.fileno())  # the file opened is the file checked (not swapped since the stat)
             if not stat.S_ISREG(fst.st_mode) or fst.st_size != st.st_size:
                 raise _fail(what, path, "changed while it was being read")
             magic = f.read(8)
@@ -149,8 +158,9 @@ def probe(path: str | os.PathLike, what: str = "", resize_shorter: int | None = 
             elif magic[:3] == b"\xff\xd8\xff":
                 fmt, (w, h) = "JPEG", _jpeg_size(f, st.st_size, what, path)
             else:
-                kind = "an image truncated before its header" if len(magic) < 8 else \
-                    f"the file starts with {magic[:8]!r}"
+                kind = (
+                    "an image truncated before its header" if len(magic) < 8 else f"the file starts with {magic[:8]!r}"
+                )
                 raise _unreadable(what, path, f"neither PNG nor JPEG: {kind}")
     except OSError as e:
         raise _fail(what, path, f"cannot read ({e.strerror or type(e).__name__})") from None
@@ -163,12 +173,12 @@ def _check_png(mm, n: int) -> str | None:
     while True:
         if pos + 8 > n:
             return "truncated PNG: no IEND chunk"
-        length, ctype = struct.unpack(">I4s", mm[pos:pos + 8])
+        length, ctype = struct.unpack(">I4s", mm[pos : pos + 8])
         end = pos + 8 + length + 4
         if length > 0x7FFFFFFF or end > n:
             return f"truncated PNG: chunk {ctype.decode('latin-1')!r} at byte {pos} runs past the end of the file"
-        crc = zlib.crc32(memoryview(mm)[pos + 4:pos + 8 + length])
-        if crc != int.from_bytes(mm[end - 4:end], "big") and not ctype[:1].islower():  # critical chunk: corrupt
+        crc = zlib.crc32(memoryview(mm)[pos + 4 : pos + 8 + length])
+        if crc != int.from_bytes(mm[end - 4 : end], "big") and not ctype[:1].islower():  # critical chunk: corrupt
             return f"corrupt PNG: chunk {ctype.decode('latin-1')!r} at byte {pos} fails its CRC"
         seen_idat |= ctype == b"IDAT"
         if ctype == b"IEND":
@@ -195,7 +205,7 @@ def _check_jpeg(mm, n: int) -> str | None:
         if marker in _STANDALONE:
             pos += 2
             continue
-        length = int.from_bytes(mm[pos + 2:pos + 4], "big")
+        length = int.from_bytes(mm[pos + 2 : pos + 4], "big")
         end = pos + 2 + length
         if length < 2 or end > n:
             return f"truncated JPEG: segment at byte {pos} runs past the end of the file"
@@ -240,16 +250,16 @@ def open_image(path: str | os.PathLike, what: str = "", resize_shorter: int | No
 
     path = Path(path)
     info = probe(path, what, resize_shorter)
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS   # PIL's own guard, the same bound (a second line of defence)
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's own guard, the same bound (a second line of defence)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # the checks above say it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the checks above say it
             im = Image.open(path, formats=PIL_FORMATS)
     except Image.DecompressionBombError:
         raise _fail(what, path, f"more than the {MAX_IMAGE_PIXELS} pixels allowed (refused before decoding)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise decode_error(path, e, what) from None
-    if im.size != (info.width, info.height):   # two readings of one header disagree: refuse the file
+    if im.size != (info.width, info.height):  # two readings of one header disagree: refuse the file
         w, h = im.size
         im.close()
         raise _unreadable(what, path, f"corrupt header ({info.width}x{info.height} or {w}x{h} pixels)")

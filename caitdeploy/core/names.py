@@ -4,6 +4,7 @@
 `cait-fused/1`: a fused model (safetensors; config in the metadata).
 `caitdeploy-onnx/1`, `caitdeploy-engine/1`: our ONNX metadata and engine sidecars.
 """
+
 from __future__ import annotations
 
 FORMAT = "cait-compactor/1"
@@ -13,8 +14,8 @@ ENGINE_FORMAT = "caitdeploy-engine/1"
 
 ATTN_COMPACTORS = ("q", "k", "v")
 COMPACTORS = (*ATTN_COMPACTORS, "fc1")
-MERGE_KEY = {"h": "htm", "v": "vtm"}           # merge kind -> module name in a cait-compactor/1 checkpoint
-FUSED_MERGE = "merge"                            # module name of a merge in a fused model
+MERGE_KEY = {"h": "htm", "v": "vtm"}  # merge kind -> module name in a cait-compactor/1 checkpoint
+FUSED_MERGE = "merge"  # module name of a merge in a fused model
 
 
 def compactor_prefix(block: int, name: str) -> str:

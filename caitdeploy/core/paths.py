@@ -8,6 +8,7 @@ Every rule raises a one-line CaitError naming the option: an output whose extens
 (`fuse -o out.onnx`), an output that resolves (symlinks, `..`, hard links) to an input or to another output of
 the same command, a missing or read-only folder, an output that is a folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,10 +20,22 @@ from caitdeploy.core.errors import CaitError, check_output_dir, nearest_existing
 
 # what each extension means; an output whose extension is listed here for another format is refused
 KNOWN_SUFFIXES = {
-    ".safetensors": "safetensors", ".pth": "torch checkpoint", ".pt": "torch checkpoint", ".bin": "torch checkpoint",
-    ".ckpt": "torch checkpoint", ".onnx": "ONNX", ".plan": "TensorRT engine", ".engine": "TensorRT engine",
-    ".trt": "TensorRT engine", ".json": "JSON", ".md": "Markdown", ".png": "PNG", ".svg": "SVG", ".pdf": "PDF",
-    ".pbtxt": "Triton config", ".py": "Python source",
+    ".safetensors": "safetensors",
+    ".pth": "torch checkpoint",
+    ".pt": "torch checkpoint",
+    ".bin": "torch checkpoint",
+    ".ckpt": "torch checkpoint",
+    ".onnx": "ONNX",
+    ".plan": "TensorRT engine",
+    ".engine": "TensorRT engine",
+    ".trt": "TensorRT engine",
+    ".json": "JSON",
+    ".md": "Markdown",
+    ".png": "PNG",
+    ".svg": "SVG",
+    ".pdf": "PDF",
+    ".pbtxt": "Triton config",
+    ".py": "Python source",
 }
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
 FUSED_SUFFIXES = (".safetensors",)
@@ -64,13 +77,15 @@ def check_suffix(path: str | os.PathLike, option: str, suffixes: tuple[str, ...]
     suffix = Path(path).suffix.lower()
     if suffixes is None:
         if suffix in KNOWN_SUFFIXES:
-            raise CaitError(f"{option} {path}: the extension {suffix} means {KNOWN_SUFFIXES[suffix]}; "
-                            "choose another name")
+            raise CaitError(
+                f"{option} {path}: the extension {suffix} means {KNOWN_SUFFIXES[suffix]}; choose another name"
+            )
         return
     if suffix not in suffixes:
         what = f" ({suffix} means {KNOWN_SUFFIXES[suffix]})" if suffix in KNOWN_SUFFIXES else ""
-        raise CaitError(f"{option} {path}: expected a {' or '.join(suffixes)} file name, got "
-                        f"{suffix or 'no extension'!r}{what}")
+        raise CaitError(
+            f"{option} {path}: expected a {' or '.join(suffixes)} file name, got {suffix or 'no extension'!r}{what}"
+        )
 
 
 def _check_creatable(path: Path, option: str) -> None:
@@ -81,8 +96,9 @@ def _check_creatable(path: Path, option: str) -> None:
     check_output_dir(parent / "probe", option)
 
 
-def check_paths(inputs: Mapping[str, str | os.PathLike | Iterable[str | os.PathLike] | None],
-                outputs: Iterable[Out]) -> None:
+def check_paths(
+    inputs: Mapping[str, str | os.PathLike | Iterable[str | os.PathLike] | None], outputs: Iterable[Out]
+) -> None:
     """Validate every output of a command against the inputs and each other; raises CaitError.
 
     inputs: option or argument name -> path (or several paths). Outputs whose path is None are skipped.
@@ -112,9 +128,9 @@ def check_paths(inputs: Mapping[str, str | os.PathLike | Iterable[str | os.PathL
 
 # ---- bounded reads ---------------------------------------------------------------------------------
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
-MAX_SIDECAR_BYTES = 4 * MIB        # a JSON sidecar or report is a few KB
-MAX_ONNX_BYTES = 2 * GIB           # protobuf's own limit on one serialized ONNX model (weights inline)
-MAX_ENGINE_BYTES = 16 * GIB        # a TensorRT plan is about the size of its weights
+MAX_SIDECAR_BYTES = 4 * MIB  # a JSON sidecar or report is a few KB
+MAX_ONNX_BYTES = 2 * GIB  # protobuf's own limit on one serialized ONNX model (weights inline)
+MAX_ENGINE_BYTES = 16 * GIB  # a TensorRT plan is about the size of its weights
 MAX_TIMING_CACHE_BYTES = 1 * GIB
 
 
@@ -144,8 +160,9 @@ def regular_file_size(path: str | os.PathLike, limit: int, what: str) -> int:
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise CaitError(f"{shown}: {what} is {kind}")
     if st.st_size > limit:
-        raise CaitError(f"{shown}: {what} is {_size_text(st.st_size)}, over the limit of {_size_text(limit)}; "
-                        "refusing to read it")
+        raise CaitError(
+            f"{shown}: {what} is {_size_text(st.st_size)}, over the limit of {_size_text(limit)}; refusing to read it"
+        )
     return st.st_size
 
 

@@ -18,6 +18,7 @@ checkpoint needs:
   memo bomb is refused; cycles are refused); the memory the unpickler will allocate for the objects is
   estimated and checked against the budget (`limits.check_memory`) before torch builds anything.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,25 +29,42 @@ from typing import Any
 
 from caitdeploy.core.errors import CaitError
 
-MAX_PICKLE_BYTES = 64 << 20     # data.pkl; a ViT-H state dict's pickle is ~100 KB
-MAX_OPS = 4_000_000             # opcodes
-MAX_DEPTH = 32                  # nesting; checkpoints need < 10 (dict -> state dict -> tensor args -> shape)
-MAX_EXPANDED = 4_000_000        # units (one per object, plus its characters) of any object expanded as a tree
-MAX_LONG_BYTES = 64             # a LONG opcode's payload: no checkpoint number needs more than 512 bits
-BYTES_PER_NODE = 160            # what the unpickler allocates per object at most (list/dict header + slots)
+MAX_PICKLE_BYTES = 64 << 20  # data.pkl; a ViT-H state dict's pickle is ~100 KB
+MAX_OPS = 4_000_000  # opcodes
+MAX_DEPTH = 32  # nesting; checkpoints need < 10 (dict -> state dict -> tensor args -> shape)
+MAX_EXPANDED = 4_000_000  # units (one per object, plus its characters) of any object expanded as a tree
+MAX_LONG_BYTES = 64  # a LONG opcode's payload: no checkpoint number needs more than 512 bits
+BYTES_PER_NODE = 160  # what the unpickler allocates per object at most (list/dict header + slots)
 
 # storage classes -> bytes per element (`torch.save` names the typed-storage class in the persistent id)
 STORAGE_TYPES = {
-    "torch.FloatStorage": 4, "torch.HalfStorage": 2, "torch.BFloat16Storage": 2, "torch.DoubleStorage": 8,
-    "torch.LongStorage": 8, "torch.IntStorage": 4, "torch.ShortStorage": 2, "torch.CharStorage": 1,
-    "torch.ByteStorage": 1, "torch.BoolStorage": 1, "torch.storage.UntypedStorage": 1,
-    "torch.ComplexFloatStorage": 8, "torch.ComplexDoubleStorage": 16,   # loaded, then refused by key (tensor_problem)
+    "torch.FloatStorage": 4,
+    "torch.HalfStorage": 2,
+    "torch.BFloat16Storage": 2,
+    "torch.DoubleStorage": 8,
+    "torch.LongStorage": 8,
+    "torch.IntStorage": 4,
+    "torch.ShortStorage": 2,
+    "torch.CharStorage": 1,
+    "torch.ByteStorage": 1,
+    "torch.BoolStorage": 1,
+    "torch.storage.UntypedStorage": 1,
+    "torch.ComplexFloatStorage": 8,
+    "torch.ComplexDoubleStorage": 16,  # loaded, then refused by key (tensor_problem)
 }
-DTYPES = {"torch." + n for n in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
-                                 "uint8", "bool")}
-CALLABLES = {"collections.OrderedDict", "_codecs.encode", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
-             "torch.Size", "torch.device"}
-CLASSES = {"argparse.Namespace"}   # NEWOBJ + BUILD(dict): a plain attribute bag
+DTYPES = {
+    "torch." + n
+    for n in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+}
+CALLABLES = {
+    "collections.OrderedDict",
+    "_codecs.encode",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "torch.Size",
+    "torch.device",
+}
+CLASSES = {"argparse.Namespace"}  # NEWOBJ + BUILD(dict): a plain attribute bag
 # what torch's weights_only loader also lets a pickle call (its allocators: bytearray(N), torch.FloatTensor(lists))
 TORCH_ALSO_ALLOWS = {"builtins.bytearray", "builtins.set", "builtins.complex", "collections.Counter"}
 ALLOWED = set(STORAGE_TYPES) | DTYPES | CALLABLES | CLASSES
@@ -62,10 +80,10 @@ class PickleRefused(CaitError):
 
 @dataclass
 class PickleFacts:
-    ops: int                 # opcodes
-    objects: int             # objects the unpickler will build
-    stored_bytes: int        # tensor bytes the file's records really hold (each record once)
-    object_bytes: int        # estimated memory of the unpickled objects (tensors excluded: memory-mapped)
+    ops: int  # opcodes
+    objects: int  # objects the unpickler will build
+    stored_bytes: int  # tensor bytes the file's records really hold (each record once)
+    object_bytes: int  # estimated memory of the unpickled objects (tensors excluded: memory-mapped)
     max_depth: int
     max_expanded: int
 
@@ -76,9 +94,9 @@ class _Machine:
     def __init__(self, records: dict[str, int], prefix: str) -> None:
         self.records, self.prefix = records, prefix
         self.kind: list[int] = []
-        self.own: list[int] = []          # units of the node itself (1 + its characters)
+        self.own: list[int] = []  # units of the node itself (1 + its characters)
         self.kids: list[list[int] | None] = []
-        self.value: list[Any] = []        # small atoms (str <= 256 chars, ints), global names, storage facts
+        self.value: list[Any] = []  # small atoms (str <= 256 chars, ints), global names, storage facts
         self.stack: list[int] = []
         self.marks: list[int] = []
         self.memo: dict[int, int] = {}
@@ -153,8 +171,9 @@ class _Machine:
             raise
         except (ValueError, TypeError, KeyError, IndexError, OverflowError, UnicodeDecodeError, EOFError) as e:
             # pickletools on truncated or corrupt data
-            raise PickleRefused(f"truncated or corrupt pickle ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+            raise PickleRefused(
+                f"truncated or corrupt pickle ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            ) from None
         if not stopped:
             raise PickleRefused("truncated or corrupt pickle (no STOP opcode)")
         depth, expanded = self.measure()
@@ -165,13 +184,24 @@ class _Machine:
             return
         if name in ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"):
             if name in ("LONG1", "LONG4", "LONG") and isinstance(arg, int) and arg.bit_length() > 8 * MAX_LONG_BYTES:
-                raise PickleRefused(f"refused: the pickle holds an integer of {arg.bit_length()} bits "
-                                    f"(more than {8 * MAX_LONG_BYTES})")
+                raise PickleRefused(
+                    f"refused: the pickle holds an integer of {arg.bit_length()} bits (more than {8 * MAX_LONG_BYTES})"
+                )
             self.push(self.node(ATOM, 2, value=arg))
         elif name in ("BINFLOAT", "FLOAT", "NONE", "NEWTRUE", "NEWFALSE"):
             self.push(self.node(ATOM, 2, value={"NONE": None, "NEWTRUE": True, "NEWFALSE": False}.get(name, arg)))
-        elif name in ("UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING",
-                      "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"):
+        elif name in (
+            "UNICODE",
+            "SHORT_BINUNICODE",
+            "BINUNICODE",
+            "BINUNICODE8",
+            "STRING",
+            "BINSTRING",
+            "SHORT_BINSTRING",
+            "BINBYTES",
+            "SHORT_BINBYTES",
+            "BINBYTES8",
+        ):
             n = len(arg)
             self.object_bytes += n
             self.push(self.node(ATOM, 1 + n, value=arg if n <= 256 else None))
@@ -243,8 +273,10 @@ class _Machine:
             state = self.pop()
             obj = self.top()
             if self.kind[obj] not in (OBJ, DICT) or self.kind[state] != DICT:  # Namespace attributes, or a
-                raise PickleRefused("refused: the pickle sets the state of an object other than an "  # state
-                                    "argparse.Namespace or a state dict (BUILD)")  # dict's `_metadata`
+                raise PickleRefused(
+                    "refused: the pickle sets the state of an object other than an "  # state
+                    "argparse.Namespace or a state dict (BUILD)"
+                )  # dict's `_metadata`
             self.add_kids(obj, [state], (OBJ, DICT), "BUILD")
         elif name == "BINPERSID":
             self.push(self.storage(self.pop()))
@@ -262,10 +294,11 @@ class _Machine:
         a = self.kids[args] or []
         if name == "collections.OrderedDict":
             if a:
-                raise PickleRefused("refused: collections.OrderedDict is called with arguments (torch.save "
-                                    "writes its items separately)")
+                raise PickleRefused(
+                    "refused: collections.OrderedDict is called with arguments (torch.save writes its items separately)"
+                )
             return self.node(DICT, kids=[])
-        if name == "_codecs.encode":   # how protocol 2 writes bytes: encode(text, "latin1")
+        if name == "_codecs.encode":  # how protocol 2 writes bytes: encode(text, "latin1")
             vals = [self.atom_value(k) for k in a]
             if len(vals) != 2 or vals[1] != "latin1" or self.kind[a[0]] != ATOM:
                 raise PickleRefused("refused: _codecs.encode is called other than as protocol 2 writes bytes")
@@ -294,15 +327,25 @@ class _Machine:
         key, numel = self.value[a[0]]
         offset = self.atom_value(a[1])
         size, stride = self.ints(a[2], "size"), self.ints(a[3], "stride")
-        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or len(size) != len(stride) \
-                or len(size) > 16 or any(s < 0 for s in size) or any(s < 0 for s in stride):
-            raise PickleRefused(f"a tensor on record {key!r} has a malformed view (offset {offset!r}, "
-                                f"size {size[:16]}, stride {stride[:16]})")
+        if (
+            not isinstance(offset, int)
+            or isinstance(offset, bool)
+            or offset < 0
+            or len(size) != len(stride)
+            or len(size) > 16
+            or any(s < 0 for s in size)
+            or any(s < 0 for s in stride)
+        ):
+            raise PickleRefused(
+                f"a tensor on record {key!r} has a malformed view (offset {offset!r}, "
+                f"size {size[:16]}, stride {stride[:16]})"
+            )
         if all(size):
             last = offset + sum((n - 1) * s for n, s in zip(size, stride))
             if last >= numel:
-                raise PickleRefused(f"a tensor of shape {size} reaches element {last} of record {key!r}, which "
-                                    f"holds {numel}")
+                raise PickleRefused(
+                    f"a tensor of shape {size} reaches element {last} of record {key!r}, which holds {numel}"
+                )
         return self.node(TENSOR, 8)
 
     def empty_hooks(self, n: int) -> None:
@@ -317,8 +360,13 @@ class _Machine:
         stype, key, location, numel = self.value[a[1]], vals[2], vals[3], vals[4]
         if stype not in STORAGE_TYPES:
             raise PickleRefused(f"refused: a storage of type {stype}")
-        if not isinstance(key, str) or not isinstance(location, str) or not isinstance(numel, int) \
-                or isinstance(numel, bool) or numel < 0:
+        if (
+            not isinstance(key, str)
+            or not isinstance(location, str)
+            or not isinstance(numel, int)
+            or isinstance(numel, bool)
+            or numel < 0
+        ):
             raise PickleRefused("malformed pickle (a storage id without record name, location and size)")
         record = f"{self.prefix}data/{key}"
         have = self.records.get(record)
@@ -337,7 +385,7 @@ class _Machine:
         n = len(self.kind)
         depth = [0] * n
         size = [0] * n
-        state = bytearray(n)   # 0 new, 1 on the path, 2 done
+        state = bytearray(n)  # 0 new, 1 on the path, 2 done
         worst_d = worst_s = 0
         for root in range(n):
             if state[root]:
@@ -351,12 +399,13 @@ class _Machine:
                     path[-1] = (v, i + 1)
                     k = kids[i]
                     if state[k] == 1:
-                        raise PickleRefused(f"refused: a {_KIND.get(self.kind[k], 'container')} contains itself "
-                                            "(a cyclic pickle)")
+                        raise PickleRefused(
+                            f"refused: a {_KIND.get(self.kind[k], 'container')} contains itself (a cyclic pickle)"
+                        )
                     if state[k] == 0:
                         state[k] = 1
                         path.append((k, 0))
-                        if len(path) > 32 * MAX_DEPTH:   # a chain of containers this long nests too deep: refuse
+                        if len(path) > 32 * MAX_DEPTH:  # a chain of containers this long nests too deep: refuse
                             raise PickleRefused(_TOO_DEEP)  # it now, not after walking all of it (200,000 deep)
                     continue
                 path.pop()
@@ -367,27 +416,30 @@ class _Machine:
                 if d > MAX_DEPTH:
                     raise PickleRefused(_TOO_DEEP)
                 if s > MAX_EXPANDED:
-                    raise PickleRefused(f"refused: a {_KIND.get(self.kind[v], 'value')} of the pickle expands to "
-                                        f"more than {MAX_EXPANDED} items through shared references (a memo bomb)")
+                    raise PickleRefused(
+                        f"refused: a {_KIND.get(self.kind[v], 'value')} of the pickle expands to "
+                        f"more than {MAX_EXPANDED} items through shared references (a memo bomb)"
+                    )
                 worst_d, worst_s = max(worst_d, d), max(worst_s, s)
         return worst_d, worst_s
 
 
-_TOO_DEEP = (f"refused: the pickle nests containers more than {MAX_DEPTH} deep; a checkpoint needs fewer than 10 "
-             "levels")
+_TOO_DEEP = f"refused: the pickle nests containers more than {MAX_DEPTH} deep; a checkpoint needs fewer than 10 levels"
 
 
 def _allowed_global(dotted: str) -> str:
     import _compat_pickle
 
-    mod, _, attr = dotted.rpartition(".")   # protocol 2 writes Python 2 names (__builtin__, copy_reg), as pickle
+    mod, _, attr = dotted.rpartition(".")  # protocol 2 writes Python 2 names (__builtin__, copy_reg), as pickle
     mod, attr = _compat_pickle.NAME_MAPPING.get((mod, attr), (_compat_pickle.IMPORT_MAPPING.get(mod, mod), attr))
     dotted = f"{mod}.{attr}"
     if dotted in ALLOWED:
         return dotted
     if dotted.startswith("torch.") or dotted in TORCH_ALSO_ALLOWS:
-        raise PickleRefused(f"refused: the pickle uses {dotted[:120]}, which builds data the file does not store "
-                            "(caitdeploy loads only tensors whose bytes are records of the file)")
+        raise PickleRefused(
+            f"refused: the pickle uses {dotted[:120]}, which builds data the file does not store "
+            "(caitdeploy loads only tensors whose bytes are records of the file)"
+        )
     raise PickleRefused(f"refused: the pickle needs code to load (it references {dotted[:120]}); {REFUSED}")
 
 
@@ -400,13 +452,16 @@ def check_torch_zip(z: zipfile.ZipFile, file_size: int) -> PickleFacts:
         raise PickleRefused(f"zip record {dup[:120]!r} appears twice (readers could disagree on which is meant)")
     pkls = [i for i in infos if i.filename.endswith("data.pkl") and i.filename.count("/") == 1]
     if len(pkls) != 1:
-        raise PickleRefused("not a torch.save zip: " + ("no <name>/data.pkl record" if not pkls
-                                                         else "more than one <name>/data.pkl record"))
+        raise PickleRefused(
+            "not a torch.save zip: "
+            + ("no <name>/data.pkl record" if not pkls else "more than one <name>/data.pkl record")
+        )
     pkl = pkls[0]
     prefix = pkl.filename[: -len("data.pkl")]
     if pkl.file_size > MAX_PICKLE_BYTES:
-        raise PickleRefused(f"refused: its pickle is {pkl.file_size} bytes, more than the {MAX_PICKLE_BYTES} a "
-                            "checkpoint's needs")
+        raise PickleRefused(
+            f"refused: its pickle is {pkl.file_size} bytes, more than the {MAX_PICKLE_BYTES} a checkpoint's needs"
+        )
     with z.open(pkl) as f:
         data = f.read(MAX_PICKLE_BYTES + 1)
     if len(data) != pkl.file_size:

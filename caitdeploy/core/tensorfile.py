@@ -1,5 +1,6 @@
 """Reading safetensors files safely: header first (shapes, dtypes, metadata) without touching tensor data,
 then the data; every failure is one CaitError naming the file. Used by checkpoint loading and fused files."""
+
 from __future__ import annotations
 
 import os
@@ -38,6 +39,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[tu
 
     safetensors checks on open that the offsets tile the data section exactly, so the shapes it reports are
     backed by real bytes in the file."""
+
     def shapes(f):
         out = {}
         for k in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable

@@ -1,5 +1,6 @@
 """Export: PyTorch -> ONNX (`onnx`), ONNX -> TensorRT / TensorRT-RTX engines (`tensorrt`), Triton model
 repositories (`triton_repo`). Heavy imports (onnx, onnxruntime, tensorrt) happen inside the functions."""
+
 from __future__ import annotations
 
 from caitdeploy.export.onnx import DEFAULT_OPSET, FORBIDDEN_OPS, SUPPORTED_OPSETS, export_onnx

@@ -18,6 +18,7 @@ The exporter is torch.onnx's dynamo (torch.export) exporter with its onnxscript 
 TorchScript exporter lowers `cls_token.expand(B, -1, -1)` with Equal + Where, which the forbidden-op rule
 rejects; the dynamo exporter emits a plain Shape -> Expand, so no rewriting is needed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,11 +37,22 @@ import torch
 from caitdeploy.core.errors import CaitError, OptionError, atomic_output, check_output_dir
 from caitdeploy.formats.onnx_meta import _all_nodes, _numel, io_signature, op_census
 
-FORBIDDEN_OPS = ("TopK", "ArgMax", "ArgMin", "GatherElements", "GatherND", "ScatterElements", "ScatterND",
-                 "NonZero", "Loop", "If", "Where")
-SUPPORTED_OPSETS = tuple(range(18, 24))   # 18..23: what torch's dynamo exporter emits natively
-DEFAULT_OPSET = 18                        # widest support (TensorRT 10, TensorRT-RTX, ONNX Runtime)
-ATTENTION_OP_OPSET = 23                   # first opset with the ONNX `Attention` op
+FORBIDDEN_OPS = (
+    "TopK",
+    "ArgMax",
+    "ArgMin",
+    "GatherElements",
+    "GatherND",
+    "ScatterElements",
+    "ScatterND",
+    "NonZero",
+    "Loop",
+    "If",
+    "Where",
+)
+SUPPORTED_OPSETS = tuple(range(18, 24))  # 18..23: what torch's dynamo exporter emits natively
+DEFAULT_OPSET = 18  # widest support (TensorRT 10, TensorRT-RTX, ONNX Runtime)
+ATTENTION_OP_OPSET = 23  # first opset with the ONNX `Attention` op
 DTYPES = ("fp32", "fp16")
 ATTENTIONS = ("matmul", "op")
 from caitdeploy.core.names import ONNX_FORMAT  # noqa: E402
@@ -80,16 +92,18 @@ def check_forbidden(model, forbid: Iterable[str], what: str = "model") -> None:
     if bad:
         n = bad[0]
         more = f" ({len(bad) - 1} more forbidden node(s))" if len(bad) > 1 else ""
-        raise CaitError(f"{what}: the exported graph contains forbidden op {n.op_type} at node {n.name!r} "
-                        f"(inputs {list(n.input)}){more}; deploy graphs must not use "
-                        f"{', '.join(sorted(forbid))}")
+        raise CaitError(
+            f"{what}: the exported graph contains forbidden op {n.op_type} at node {n.name!r} "
+            f"(inputs {list(n.input)}){more}; deploy graphs must not use "
+            f"{', '.join(sorted(forbid))}"
+        )
 
 
 def clean_graph(model):
     """onnx-graphsurgeon: fold constants, drop dead nodes, topologically sort."""
     import onnx_graphsurgeon as gs
 
-    try:   # graphsurgeon folds with ONNX Runtime sessions: its optimizer's notes are not for the terminal
+    try:  # graphsurgeon folds with ONNX Runtime sessions: its optimizer's notes are not for the terminal
         import onnxruntime as ort
 
         ort.set_default_logger_severity(3)
@@ -156,11 +170,12 @@ def _family_note(model, what: str) -> str | None:
     return getattr(fam, what) if fam is not None else None
 
 
-def _prepare(model: torch.nn.Module, dtype: str, attention: str, features: tuple[int, ...] | None = None,
-             restore: str = "repeat") -> torch.nn.Module:
+def _prepare(
+    model: torch.nn.Module, dtype: str, attention: str, features: tuple[int, ...] | None = None, restore: str = "repeat"
+) -> torch.nn.Module:
     """A copy of `model` ready to trace (the caller's model is never modified)."""
     m = copy.deepcopy(model).eval().float()
-    inner: Any = getattr(m, "model", None) if not _is_cait(m) else m   # a FeatureModel around a CaitViT
+    inner: Any = getattr(m, "model", None) if not _is_cait(m) else m  # a FeatureModel around a CaitViT
     if _is_cait(inner) and hasattr(inner, "set_impl"):
         inner.set_impl("sdpa" if attention == "op" else "math")
     if features:
@@ -172,8 +187,7 @@ def _prepare(model: torch.nn.Module, dtype: str, attention: str, features: tuple
     return m
 
 
-def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int,
-                  output_names: list[str] | None = None):
+def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int, output_names: list[str] | None = None):
     """Run torch.onnx's dynamo exporter; returns an onnx.ModelProto. Exporter chatter is swallowed."""
     batch = torch.export.Dim("batch")
     sink = io.StringIO()
@@ -184,23 +198,42 @@ def _torch_export(module: torch.nn.Module, example: torch.Tensor, opset: int,
             lg.setLevel(logging.ERROR)
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
-            prog = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=opset,
-                                     input_names=[INPUT_NAME], output_names=output_names or [OUTPUT_NAME],
-                                     dynamic_shapes=({0: batch},), optimize=True, verbose=False,
-                                     external_data=False)
+            prog = torch.onnx.export(
+                module,
+                (example,),
+                None,
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=output_names or [OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                optimize=True,
+                verbose=False,
+                external_data=False,
+            )
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; the user gets one line
         raise CaitError(f"torch.onnx export failed: {type(e).__name__}: {_first_line(e)}") from None
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
-    assert prog is not None   # dynamo=True always returns an ONNXProgram
+    assert prog is not None  # dynamo=True always returns an ONNXProgram
     return prog.model_proto
 
 
 @torch.no_grad()
-def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tuple[int, ...], *, dtype: str,
-                what: str = "exported", batches: tuple[int, ...] = (1, 7), fp16_samples: int = 256,
-                chunk: int = 32, seed: int = 0, output_names: list[str] | None = None) -> dict[str, Any]:
+def verify_onnx(
+    model_bytes: bytes,
+    reference: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    dtype: str,
+    what: str = "exported",
+    batches: tuple[int, ...] = (1, 7),
+    fp16_samples: int = 256,
+    chunk: int = 32,
+    seed: int = 0,
+    output_names: list[str] | None = None,
+) -> dict[str, Any]:
     """ONNX Runtime CPU vs the float32 PyTorch model on seeded N(0, 1) images, through Polygraphy: its
     Comparator runs our `TorchRunner` and its own `OnnxrtRunner` on the same feeds, and `compare_accuracy`
     (`CompareFunc.simple`, absolute tolerance) decides the fp32 check.
@@ -227,16 +260,26 @@ def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tup
         sizes += [chunk] * (-(-fp16_samples // chunk))
     feeds = [{INPUT_NAME: torch.randn(b, *input_shape, generator=g).numpy()} for b in sizes]
     ref_model = reference.eval()
-    runners = [TorchRunner(ref_model, RuntimeSpec("cpu"), dtype=torch.float32, input_shape=tuple(input_shape),
-                           name="pytorch", output_names=names),
-               OnnxrtRunner(SessionFromOnnx(model_bytes, providers=["CPUExecutionProvider"]), name="onnxruntime")]
+    runners = [
+        TorchRunner(
+            ref_model,
+            RuntimeSpec("cpu"),
+            dtype=torch.float32,
+            input_shape=tuple(input_shape),
+            name="pytorch",
+            output_names=names,
+        ),
+        OnnxrtRunner(SessionFromOnnx(model_bytes, providers=["CPUExecutionProvider"]), name="onnxruntime"),
+    ]
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             results = Comparator.run(runners, data_loader=feeds)
     except (PolygraphyException, Exception) as e:  # noqa: BLE001 - session or run failures: one line
-        raise CaitError(f"onnxruntime {ort.__version__} (CPU) cannot run the {what} graph: {_first_line(e)}; "
-                        "export with --no-verify to skip the check") from None
+        raise CaitError(
+            f"onnxruntime {ort.__version__} (CPU) cannot run the {what} graph: {_first_line(e)}; "
+            "export with --no-verify to skip the check"
+        ) from None
     (_, ref_iters), (_, ort_iters) = results
     per_output: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -245,46 +288,63 @@ def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tup
         per_batch: list[dict[str, Any]] = []
         for b, r, y in zip(sizes, refs, outs):
             if tuple(y.shape) != tuple(r.shape):
-                raise CaitError(f"{what}: ONNX output {name!r} shape {tuple(y.shape)} != PyTorch {tuple(r.shape)} "
-                                f"at batch {b}")
+                raise CaitError(
+                    f"{what}: ONNX output {name!r} shape {tuple(y.shape)} != PyTorch {tuple(r.shape)} at batch {b}"
+                )
             if len(per_batch) < len(batches):
                 per_batch.append({"batch": b, "max_abs_diff": float((y - r).abs().max())})
         ref, out = torch.cat(refs), torch.cat(outs)
-        o: dict[str, Any] = {"batches": per_batch, "max_abs_diff": float((out - ref).abs().max()),
-                             "scale": float(ref.abs().max()), "std": float(ref.std())}
+        o: dict[str, Any] = {
+            "batches": per_batch,
+            "max_abs_diff": float((out - ref).abs().max()),
+            "scale": float(ref.abs().max()),
+            "std": float(ref.std()),
+        }
         if ref.dim() == 2:
             top2 = ref.topk(2, dim=-1).values if ref.shape[-1] > 1 else None
             margin = (top2[:, 0] - top2[:, 1]) if top2 is not None else None
-            o.update(top1_agree=float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
-                     median_top1_margin=float(margin.median()) if margin is not None else None,
-                     ties=int((margin < 2 * o["max_abs_diff"]).sum()) if margin is not None else 0)
+            o.update(
+                top1_agree=float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
+                median_top1_margin=float(margin.median()) if margin is not None else None,
+                ties=int((margin < 2 * o["max_abs_diff"]).sum()) if margin is not None else 0,
+            )
         else:
             cos = torch.nn.functional.cosine_similarity(out.flatten(1).double(), ref.flatten(1).double(), dim=1)
             o["min_cosine"] = float(cos.min())
         per_output[name] = o
     first = per_output[names[0]]
     res: dict[str, Any] = {
-        "dtype": dtype, "samples": int(sum(sizes)), "outputs": per_output,
+        "dtype": dtype,
+        "samples": int(sum(sizes)),
+        "outputs": per_output,
         # the first output's numbers at the top level (the logits of a classifier)
-        "batches": first["batches"], "max_abs_diff": first["max_abs_diff"], "logit_scale": first["scale"],
-        "logit_std": first["std"], "top1_agree": first.get("top1_agree"),
+        "batches": first["batches"],
+        "max_abs_diff": first["max_abs_diff"],
+        "logit_scale": first["scale"],
+        "logit_std": first["std"],
+        "top1_agree": first.get("top1_agree"),
         "median_top1_margin": first.get("median_top1_margin"),
-        "seconds": time.perf_counter() - t0, "checked_by": "polygraphy Comparator (TorchRunner vs OnnxrtRunner)",
+        "seconds": time.perf_counter() - t0,
+        "checked_by": "polygraphy Comparator (TorchRunner vs OnnxrtRunner)",
     }
     if dtype == "fp32":
         for o in per_output.values():
             o["tolerance"] = 1e-4 * max(1.0, o["scale"])
             o["passed"] = o["max_abs_diff"] <= o["tolerance"]
-        with contextlib.redirect_stdout(io.StringIO()):   # Polygraphy's verdict, per-output tolerances
-            acc = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(
-                atol={n: o["tolerance"] for n, o in per_output.items()}, rtol=0.0))
+        with contextlib.redirect_stdout(io.StringIO()):  # Polygraphy's verdict, per-output tolerances
+            acc = Comparator.compare_accuracy(
+                results,
+                compare_func=SimpleCompareFunc(atol={n: o["tolerance"] for n, o in per_output.items()}, rtol=0.0),
+            )
         bad = [n for n, o in per_output.items() if not o["passed"]] or ([] if acc else names[:1])
         res.update(tolerance=first["tolerance"], passed=not bad)
         if bad:
             o = per_output[bad[0]]
             unit = "logit diff" if bad[0] == OUTPUT_NAME else f"{bad[0]} diff"
-            raise CaitError(f"{what}: ONNX Runtime vs PyTorch max |{unit}| {o['max_abs_diff']:.3g} > tolerance "
-                            f"{o['tolerance']:.3g} (scale {o['scale']:.3g})")
+            raise CaitError(
+                f"{what}: ONNX Runtime vs PyTorch max |{unit}| {o['max_abs_diff']:.3g} > tolerance "
+                f"{o['tolerance']:.3g} (scale {o['scale']:.3g})"
+            )
     else:
         for name, o in per_output.items():
             o["passed"] = (o["top1_agree"] >= 0.99) if "top1_agree" in o else (o["min_cosine"] >= 0.999)
@@ -293,39 +353,82 @@ def verify_onnx(model_bytes: bytes, reference: torch.nn.Module, input_shape: tup
             if o["passed"]:
                 continue
             if "top1_agree" in o:
-                raise CaitError(f"{what}: fp16 top-1 agreement {100 * o['top1_agree']:.1f}% < 99% over "
-                                f"{res['samples']} random images (max |logit diff| {o['max_abs_diff']:.3g}; {o['ties']} "
-                                "images have a top-1/top-2 margin below 2x that: near-ties, e.g. random-init weights)")
-            raise CaitError(f"{what}: fp16 output {name!r}: cosine similarity {o['min_cosine']:.5f} < 0.999 on some "
-                            f"image (max |diff| {o['max_abs_diff']:.3g}, scale {o['scale']:.3g})")
+                raise CaitError(
+                    f"{what}: fp16 top-1 agreement {100 * o['top1_agree']:.1f}% < 99% over "
+                    f"{res['samples']} random images (max |logit diff| {o['max_abs_diff']:.3g}; {o['ties']} "
+                    "images have a top-1/top-2 margin below 2x that: near-ties, e.g. random-init weights)"
+                )
+            raise CaitError(
+                f"{what}: fp16 output {name!r}: cosine similarity {o['min_cosine']:.5f} < 0.999 on some "
+                f"image (max |diff| {o['max_abs_diff']:.3g}, scale {o['scale']:.3g})"
+            )
     return res
 
 
-def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, ...] | None = None,
-                dtype: str = "fp32", opset: int | None = None, attention: str = "matmul",
-                forbid: Iterable[str] = FORBIDDEN_OPS, verify: bool = True, verify_batches: tuple[int, ...] = (1, 7),
-                fp16_samples: int = 256, example_batch: int = 2, seed: int = 0,
-                metadata: dict[str, str] | None = None, features=None, restore: str = "repeat",
-                output_names: list[str] | None = None) -> dict[str, Any]:
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    dtype: str = "fp32",
+    opset: int | None = None,
+    attention: str = "matmul",
+    forbid: Iterable[str] = FORBIDDEN_OPS,
+    verify: bool = True,
+    verify_batches: tuple[int, ...] = (1, 7),
+    fp16_samples: int = 256,
+    example_batch: int = 2,
+    seed: int = 0,
+    metadata: dict[str, str] | None = None,
+    features=None,
+    restore: str = "repeat",
+    output_names: list[str] | None = None,
+) -> dict[str, Any]:
     """Export `model` to a clean, checked ONNX file at `path` (see `export_onnx_bytes`); returns the report."""
     path = Path(path)
     check_output_dir(path)
-    data, report = export_onnx_bytes(model, path, input_shape=input_shape, dtype=dtype, opset=opset,
-                                     attention=attention, forbid=forbid, verify=verify, verify_batches=verify_batches,
-                                     fp16_samples=fp16_samples, example_batch=example_batch, seed=seed,
-                                     metadata=metadata, features=features, restore=restore,
-                                     output_names=output_names)
+    data, report = export_onnx_bytes(
+        model,
+        path,
+        input_shape=input_shape,
+        dtype=dtype,
+        opset=opset,
+        attention=attention,
+        forbid=forbid,
+        verify=verify,
+        verify_batches=verify_batches,
+        fp16_samples=fp16_samples,
+        example_batch=example_batch,
+        seed=seed,
+        metadata=metadata,
+        features=features,
+        restore=restore,
+        output_names=output_names,
+    )
     with atomic_output(path, ".onnx") as tmp:
         tmp.write_bytes(data)
     return report
 
 
-def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, ...] | None = None,
-                      dtype: str = "fp32", opset: int | None = None, attention: str = "matmul",
-                      forbid: Iterable[str] = FORBIDDEN_OPS, verify: bool = True,
-                      verify_batches: tuple[int, ...] = (1, 7), fp16_samples: int = 256, example_batch: int = 2,
-                      seed: int = 0, metadata: dict[str, str] | None = None, features=None,
-                      restore: str = "repeat", output_names: list[str] | None = None) -> tuple[bytes, dict[str, Any]]:
+def export_onnx_bytes(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    dtype: str = "fp32",
+    opset: int | None = None,
+    attention: str = "matmul",
+    forbid: Iterable[str] = FORBIDDEN_OPS,
+    verify: bool = True,
+    verify_batches: tuple[int, ...] = (1, 7),
+    fp16_samples: int = 256,
+    example_batch: int = 2,
+    seed: int = 0,
+    metadata: dict[str, str] | None = None,
+    features=None,
+    restore: str = "repeat",
+    output_names: list[str] | None = None,
+) -> tuple[bytes, dict[str, Any]]:
     """Export `model` (images [B, C, H, W] -> logits [B, classes]) to a clean, checked ONNX file.
 
     features (a CaitViT or CaitSwin): block indices; the graph's outputs are then `feat{i}` [B, D, Gh, Gw], each
@@ -342,9 +445,9 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
 
     t0 = time.perf_counter()
     opset = check_options(dtype, opset, attention)
-    path = Path(path)   # where the caller will write it (recorded in the report); nothing is written here
+    path = Path(path)  # where the caller will write it (recorded in the report); nothing is written here
     is_cait = _is_cait(model)
-    config: Any = getattr(model, "config", None)   # a deploy model's config, of any family (used when is_cait)
+    config: Any = getattr(model, "config", None)  # a deploy model's config, of any family (used when is_cait)
     note = _family_note(model, "attention_op_note")
     if attention == "op" and note:
         raise OptionError("attention", f"op: {note}")
@@ -375,11 +478,16 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
     raw = _torch_export(module, example, opset, out_names)
     t_export = time.perf_counter() - t0
     what = "CAIT model" if is_cait else type(model).__name__
-    check_forbidden(raw, forbid, what)   # before cleaning too: a folded-away op must not hide a problem
+    check_forbidden(raw, forbid, what)  # before cleaning too: a folded-away op must not hide a problem
 
     mp = clean_graph(raw)
-    meta = {"caitdeploy.format": ONNX_FORMAT, "caitdeploy.dtype": dtype, "caitdeploy.io_dtype": "float32",
-            "caitdeploy.attention": attention, "caitdeploy.model": type(model).__name__}
+    meta = {
+        "caitdeploy.format": ONNX_FORMAT,
+        "caitdeploy.dtype": dtype,
+        "caitdeploy.io_dtype": "float32",
+        "caitdeploy.attention": attention,
+        "caitdeploy.model": type(model).__name__,
+    }
     if is_cait:
         meta["caitdeploy.config"] = config.to_json()
     if blocks:
@@ -393,14 +501,17 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
     try:
         mp = onnx.shape_inference.infer_shapes(mp, check_type=True, strict_mode=True, data_prop=True)
         if [i.name for i in mp.graph.input] != [INPUT_NAME] or [o.name for o in mp.graph.output] != out_names:
-            raise CaitError(f"{what}: expected one input {INPUT_NAME!r} and outputs {out_names}, got "
-                            f"{[i.name for i in mp.graph.input]} -> {[o.name for o in mp.graph.output]}")
+            raise CaitError(
+                f"{what}: expected one input {INPUT_NAME!r} and outputs {out_names}, got "
+                f"{[i.name for i in mp.graph.input]} -> {[o.name for o in mp.graph.output]}"
+            )
         _set_batch_dim(mp.graph.input[0])
         rank = 2 if out_names == [OUTPUT_NAME] else 4
         for o in mp.graph.output:
             if len(o.type.tensor_type.shape.dim) != rank:
-                raise CaitError(f"{what}: output {o.name!r} must be "
-                                f"{'[batch, num_classes]' if rank == 2 else '[batch, D, Gh, Gw]'}")
+                raise CaitError(
+                    f"{what}: output {o.name!r} must be {'[batch, num_classes]' if rank == 2 else '[batch, D, Gh, Gw]'}"
+                )
             _set_batch_dim(o)
         onnx.checker.check_model(mp, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -416,31 +527,59 @@ def export_onnx_bytes(model: torch.nn.Module, path: str | os.PathLike, *, input_
     t_clean = time.perf_counter() - t0 - t_export
 
     report: dict[str, Any] = {
-        "output": str(path), "dtype": dtype, "io_dtype": "float32", "opset": opset, "attention": attention,
+        "output": str(path),
+        "dtype": dtype,
+        "io_dtype": "float32",
+        "opset": opset,
+        "attention": attention,
         "exporter": f"torch.onnx dynamo (torch {torch.__version__.split('+')[0]}, onnx {onnx.__version__})",
-        "input_shape": ["batch", *input_shape], **io_signature(mp),
-        "census": census, "nodes": sum(census.values()),
-        "params": int(sum(_numel(t) for t in mp.graph.initializer)), "bytes": len(data),
+        "input_shape": ["batch", *input_shape],
+        **io_signature(mp),
+        "census": census,
+        "nodes": sum(census.values()),
+        "params": int(sum(_numel(t) for t in mp.graph.initializer)),
+        "bytes": len(data),
         "forbidden_checked": sorted(set(forbid)),
     }
     if is_cait:
         from caitdeploy.families.flops import model_flops, model_params
 
-        report.update(flops=model_flops(config)["total"], model_params=model_params(config),
-                      depth=config.depth, merges=config.merges, img_size=config.size_text)
+        report.update(
+            flops=model_flops(config)["total"],
+            model_params=model_params(config),
+            depth=config.depth,
+            merges=config.merges,
+            img_size=config.size_text,
+        )
         if blocks:
             from caitdeploy.families.flops import encoder_flops
 
-            report.update(features=list(blocks), restore=restore, flops=encoder_flops(config, blocks[-1]),
-                          feature_grid="stage" if hasattr(config, "stage_grids") else "patch")
+            report.update(
+                features=list(blocks),
+                restore=restore,
+                flops=encoder_flops(config, blocks[-1]),
+                feature_grid="stage" if hasattr(config, "stage_grids") else "patch",
+            )
     if verify:
         from caitdeploy.families.vit.model import FeatureModel
 
         ref = FeatureModel(model, blocks, restore) if blocks else model
-        report["verify"] = verify_onnx(data, ref, input_shape, dtype=dtype, what=f"{what} {dtype} ONNX",
-                                       batches=verify_batches, fp16_samples=fp16_samples, seed=seed + 1,
-                                       output_names=out_names)
+        report["verify"] = verify_onnx(
+            data,
+            ref,
+            input_shape,
+            dtype=dtype,
+            what=f"{what} {dtype} ONNX",
+            batches=verify_batches,
+            fp16_samples=fp16_samples,
+            seed=seed + 1,
+            output_names=out_names,
+        )
     t_verify = time.perf_counter() - t0 - t_export - t_clean
-    report["seconds"] = {"export": t_export, "clean_check": t_clean, "verify": t_verify,
-                         "total": time.perf_counter() - t0}
+    report["seconds"] = {
+        "export": t_export,
+        "clean_check": t_clean,
+        "verify": t_verify,
+        "total": time.perf_counter() - t0,
+    }
     return data, report

@@ -16,6 +16,7 @@ float result): 2.0x fp32 instead of 1.7x. uint8 activations with int8 weights is
 s8s8 and u8u8 measured slower. Per-tensor weights were no faster and less accurate; rewriting MatMul + Add into
 Gemm (bias fused in QGemm) was no faster.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,14 +47,17 @@ WEIGHT_BITS = (7, 8)
 def check_weight_bits(weight_bits: int) -> None:
     if weight_bits not in WEIGHT_BITS:
         raise OptionError("int8_weight_bits", f"{weight_bits!r}: choose 7 (no saturation on any x86 CPU) or 8")
+
+
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_CALIB_IMAGES = 4096
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def check_int8_options(mode: str, method: str, calib_dir, synthetic: int | None, samples: int,
-                       weight_bits: int = 7) -> None:
+def check_int8_options(
+    mode: str, method: str, calib_dir, synthetic: int | None, samples: int, weight_bits: int = 7
+) -> None:
     check_weight_bits(weight_bits)
     if mode not in QUANT_MODES:
         raise OptionError("int8", f"{mode!r}: choose static or dynamic")
@@ -77,8 +81,14 @@ def preprocess_spec(input_shape: tuple[int, int, int]) -> dict[str, Any]:
     c, h, w = input_shape
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.5,) * c)
     shorter = int(round(min(h, w) / 0.875))  # noqa: RUF046 - h, w may be numpy ints (numpy 1 rounds to a float)
-    return {"resize_shorter": shorter, "crop": [h, w], "interpolation": "bicubic",
-            "scale": "1/255", "mean": list(mean), "std": list(std)}
+    return {
+        "resize_shorter": shorter,
+        "crop": [h, w],
+        "interpolation": "bicubic",
+        "scale": "1/255",
+        "mean": list(mean),
+        "std": list(std),
+    }
 
 
 def _image_array(path: Path, channels: int, spec: dict[str, Any], flag: str = "--calib") -> np.ndarray:
@@ -86,28 +96,31 @@ def _image_array(path: Path, channels: int, spec: dict[str, Any], flag: str = "-
 
     from caitdeploy.core.images import open_image
 
-    try:   # size, sides, area and the resized area checked from the header before anything is decoded
+    try:  # size, sides, area and the resized area checked from the header before anything is decoded
         im = open_image(path, flag, resize_shorter=spec["resize_shorter"])
         with im:
             mode = im.mode
             if mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
                 mode = im.mode
-            have = {"1": 1, "L": 1, "I;16": 1, "I": 1, "F": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4,
-                    "CMYK": 4}.get(mode)
+            have = {"1": 1, "L": 1, "I;16": 1, "I": 1, "F": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4, "CMYK": 4}.get(
+                mode
+            )
             if have is None:
                 raise CaitError(f"{flag} {path}: image mode {mode} is not supported (use RGB or greyscale)")
             if have != channels:
-                raise CaitError(f"{flag} {path}: has {have} channel{'s' * (have != 1)} ({mode}), the model takes "
-                                f"{channels}")
+                raise CaitError(
+                    f"{flag} {path}: has {have} channel{'s' * (have != 1)} ({mode}), the model takes {channels}"
+                )
             im = im.convert("RGB" if channels == 3 else "L")
             s = spec["resize_shorter"]
             scale = s / min(im.size)
-            im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))),
-                           Image.Resampling.BICUBIC)
+            im = im.resize(
+                (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.Resampling.BICUBIC
+            )
             ch, cw = spec["crop"]
             left, top = (im.size[0] - cw) // 2, (im.size[1] - ch) // 2
-            if left < 0 or top < 0:   # a very elongated image: pad by resizing to cover the crop
+            if left < 0 or top < 0:  # a very elongated image: pad by resizing to cover the crop
                 im = im.resize((max(cw, im.size[0]), max(ch, im.size[1])), Image.Resampling.BICUBIC)
                 left, top = (im.size[0] - cw) // 2, (im.size[1] - ch) // 2
             im = im.crop((left, top, left + cw, top + ch))
@@ -122,8 +135,9 @@ def _image_array(path: Path, channels: int, spec: dict[str, Any], flag: str = "-
     return a.transpose(2, 0, 1)
 
 
-def calibration_images(folder: str | os.PathLike, input_shape: tuple[int, int, int], samples: int = 64,
-                       flag: str = "--calib") -> tuple[np.ndarray, dict[str, Any]]:
+def calibration_images(
+    folder: str | os.PathLike, input_shape: tuple[int, int, int], samples: int = 64, flag: str = "--calib"
+) -> tuple[np.ndarray, dict[str, Any]]:
     """[N, C, H, W] float32 images from a folder (PNG/JPEG, searched recursively, sorted by path; the first
     `samples`), preprocessed as `preprocess_spec` says. One-line CaitError for an empty folder, a file that is
     not an image, or the wrong channel count."""
@@ -133,12 +147,18 @@ def calibration_images(folder: str | os.PathLike, input_shape: tuple[int, int, i
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         others = sum(1 for p in root.rglob("*") if p.is_file())
-        raise CaitError(f"{flag} {root}: no PNG or JPEG images" + (f" ({others} other files)" if others else
-                                                                      " (the folder is empty)"))
+        raise CaitError(
+            f"{flag} {root}: no PNG or JPEG images"
+            + (f" ({others} other files)" if others else " (the folder is empty)")
+        )
     spec = preprocess_spec(input_shape)
     arrs = [_image_array(p, input_shape[0], spec, flag) for p in files[:samples]]
-    return np.stack(arrs).astype(np.float32), {"source": str(root), "images": len(arrs), "found": len(files),
-                                               "preprocess": spec}
+    return np.stack(arrs).astype(np.float32), {
+        "source": str(root),
+        "images": len(arrs),
+        "found": len(files),
+        "preprocess": spec,
+    }
 
 
 def synthetic_images(n: int, input_shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, dict]:
@@ -147,21 +167,28 @@ def synthetic_images(n: int, input_shape: tuple[int, int, int], seed: int = 0) -
     rng = np.random.default_rng(seed)
     x = rng.random((n, *input_shape), dtype=np.float32)
     x = (x - np.asarray(spec["mean"], np.float32)[:, None, None]) / np.asarray(spec["std"], np.float32)[:, None, None]
-    return x.astype(np.float32), {"source": f"synthetic ({n} uniform-noise images, seed {seed})", "images": n,
-                                  "preprocess": spec}
+    return x.astype(np.float32), {
+        "source": f"synthetic ({n} uniform-noise images, seed {seed})",
+        "images": n,
+        "preprocess": spec,
+    }
 
 
 def _constants(model) -> set[str]:
     """Names of the graph's constant tensors: initializers and Constant node outputs."""
-    return ({i.name for i in model.graph.initializer}
-            | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output})
+    return {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
+    }
 
 
 def _weight_nodes(model) -> list[str]:
     """Names of MatMul/Gemm nodes with a weight (constant) input, and every Conv."""
     consts = _constants(model)
-    return [n.name for n in model.graph.node
-            if n.op_type == "Conv" or (n.op_type in ("MatMul", "Gemm") and any(i in consts for i in n.input))]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Conv" or (n.op_type in ("MatMul", "Gemm") and any(i in consts for i in n.input))
+    ]
 
 
 @contextlib.contextmanager
@@ -182,9 +209,17 @@ def _attention_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input)]
 
 
-def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None, method: str = "minmax",
-                        calib_batch: int = 8, attention: bool = False, calib_info: dict[str, Any] | None = None,
-                        symmetric: bool = False, weight_bits: int = 7) -> tuple[bytes, dict[str, Any]]:
+def quantize_onnx_bytes(
+    fp32: bytes,
+    mode: str,
+    calib: np.ndarray | None = None,
+    method: str = "minmax",
+    calib_batch: int = 8,
+    attention: bool = False,
+    calib_info: dict[str, Any] | None = None,
+    symmetric: bool = False,
+    weight_bits: int = 7,
+) -> tuple[bytes, dict[str, Any]]:
     """The int8 model (bytes) of an fp32 caitdeploy ONNX and what was done (`info`). `attention` (static only)
     also quantizes the activation x activation MatMuls of attention. `calib_info` (what `calibration_images`
     returns) goes into the metadata: the calibration source and the preprocessing a server must repeat.
@@ -218,7 +253,7 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
             nodes = _weight_nodes(pre) + (_attention_nodes(pre) if attention and mode == "static" else [])
             if mode == "static":
                 assert calib is not None, "static quantization needs calibration images (check_int8_options)"
-                batches = [calib[i:i + calib_batch] for i in range(0, len(calib), calib_batch)]
+                batches = [calib[i : i + calib_batch] for i in range(0, len(calib), calib_batch)]
 
                 class Reader(CalibrationDataReader):
                     def __init__(self):
@@ -228,44 +263,67 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
                         b = next(self.it, None)
                         return None if b is None else {INPUT_NAME: b}
 
-                calib_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                                "entropy": CalibrationMethod.Entropy}[method]
+                calib_method = {
+                    "minmax": CalibrationMethod.MinMax,
+                    "percentile": CalibrationMethod.Percentile,
+                    "entropy": CalibrationMethod.Entropy,
+                }[method]
                 with _quiet():
-                    quantize_static(str(t / "pre.onnx"), str(t / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                                    per_channel=True, reduce_range=weight_bits == 7,
-                                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                                    weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                                    calibrate_method=calib_method,
-                                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric,
-                                                   "CalibTensorRangeSymmetric": symmetric,
-                                                   # TensorRT's DequantizeLinear takes int8, not an int32 bias
-                                                   "QuantizeBias": not symmetric,
-                                                   "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})
+                    quantize_static(
+                        str(t / "pre.onnx"),
+                        str(t / "int8.onnx"),
+                        Reader(),
+                        quant_format=QuantFormat.QDQ,
+                        per_channel=True,
+                        reduce_range=weight_bits == 7,
+                        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        nodes_to_quantize=nodes,
+                        calibrate_method=calib_method,
+                        extra_options={
+                            "WeightSymmetric": True,
+                            "ActivationSymmetric": symmetric,
+                            "CalibTensorRangeSymmetric": symmetric,
+                            # TensorRT's DequantizeLinear takes int8, not an int32 bias
+                            "QuantizeBias": not symmetric,
+                            "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+                        },
+                    )
             else:
                 with _quiet():
-                    quantize_dynamic(str(t / "pre.onnx"), str(t / "int8.onnx"), per_channel=True,
-                                     reduce_range=weight_bits == 7,
-                                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+                    quantize_dynamic(
+                        str(t / "pre.onnx"),
+                        str(t / "int8.onnx"),
+                        per_channel=True,
+                        reduce_range=weight_bits == 7,
+                        weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Gemm"],
+                    )
             q = onnx.load(str(t / "int8.onnx"))
         except CaitError:
             raise
         except Exception as e:  # noqa: BLE001 - the quantizer raises many types; one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise CaitError(f"int8 {mode} quantization failed: {type(e).__name__}: {first}") from None
-    used = {n.domain or "" for n in q.graph.node}   # the quantizer declares domains it does not use
+    used = {n.domain or "" for n in q.graph.node}  # the quantizer declares domains it does not use
     keep = [o for o in q.opset_import if (o.domain or "") in used or (o.domain or "") in ("", "ai.onnx")]
     del q.opset_import[:]
     q.opset_import.extend(keep)
     del q.metadata_props[:]
-    meta = {**src_meta, "caitdeploy.int8": mode, "caitdeploy.int8.activations": "uint8 dynamic",
-            "caitdeploy.int8.weight_bits": str(weight_bits)}
+    meta = {
+        **src_meta,
+        "caitdeploy.int8": mode,
+        "caitdeploy.int8.activations": "uint8 dynamic",
+        "caitdeploy.int8.weight_bits": str(weight_bits),
+    }
     if mode == "static":
         meta["caitdeploy.int8.calibration"] = method
         meta["caitdeploy.int8.attention"] = "int8" if attention else "float"
         meta["caitdeploy.int8.activations"] = "int8 symmetric" if symmetric else "uint8 asymmetric"
         if calib_info:
             meta["caitdeploy.int8.calibration_data"] = json.dumps(
-                {k: calib_info[k] for k in ("source", "images") if k in calib_info})
+                {k: calib_info[k] for k in ("source", "images") if k in calib_info}
+            )
             meta["caitdeploy.preprocess"] = json.dumps(calib_info.get("preprocess", {}))
     for k, v in meta.items():
         q.metadata_props.add(key=k, value=str(v))
@@ -279,20 +337,29 @@ def quantize_onnx_bytes(fp32: bytes, mode: str, calib: np.ndarray | None = None,
         if matmul_in_float or n.op_type in ("LayerNormalization", "Softmax", "Erf"):
             float_nodes[n.op_type] += 1
     float_ops = dict(sorted(float_nodes.items()))
-    info = {"mode": mode, "census": census, "quantized_nodes": len(nodes),
-            "qdq_pairs": census.get("DequantizeLinear", 0) if mode == "static" else 0,
-            "float_ops": float_ops, "weight_bits": weight_bits,
-            "weights": "int8 symmetric per output channel" + (", 7-bit range [-64, 64]" if weight_bits == 7 else ""),
-            "activations": (("int8 symmetric" if symmetric else "uint8 asymmetric") + ", calibrated"
-                            if mode == "static" else "uint8, quantized at run time")}
+    info = {
+        "mode": mode,
+        "census": census,
+        "quantized_nodes": len(nodes),
+        "qdq_pairs": census.get("DequantizeLinear", 0) if mode == "static" else 0,
+        "float_ops": float_ops,
+        "weight_bits": weight_bits,
+        "weights": "int8 symmetric per output channel" + (", 7-bit range [-64, 64]" if weight_bits == 7 else ""),
+        "activations": (
+            ("int8 symmetric" if symmetric else "uint8 asymmetric") + ", calibrated"
+            if mode == "static"
+            else "uint8, quantized at run time"
+        ),
+    }
     if mode == "static":
         info["calibration"] = method
         info["attention_matmuls"] = "int8" if attention else "float"
     return q.SerializeToString(), info
 
 
-def compare_int8(fp32: bytes, int8: bytes, images: np.ndarray, threads: int | None = None, batch: int = 16
-                 ) -> dict[str, Any]:
+def compare_int8(
+    fp32: bytes, int8: bytes, images: np.ndarray, threads: int | None = None, batch: int = 16
+) -> dict[str, Any]:
     """int8 vs fp32 ONNX Runtime CPU on `images`: cosine similarity per image (all outputs of an image
     flattened together: logits, or every feature map), max and mean |diff|, and for one [N, classes] output the
     top-1 agreement."""
@@ -306,7 +373,7 @@ def compare_int8(fp32: bytes, int8: bytes, images: np.ndarray, threads: int | No
         if threads:
             so.intra_op_num_threads = threads
         sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-        outs = [sess.run(None, {INPUT_NAME: images[i:i + batch]}) for i in range(0, len(images), batch)]
+        outs = [sess.run(None, {INPUT_NAME: images[i : i + batch]}) for i in range(0, len(images), batch)]
         return [np.concatenate([o[k] for o in outs]).astype(np.float64) for k in range(len(outs[0]))]
 
     ref, out = run(fp32), run(int8)
@@ -314,9 +381,15 @@ def compare_int8(fp32: bytes, int8: bytes, images: np.ndarray, threads: int | No
     out2 = np.concatenate([o.reshape(len(images), -1) for o in out], axis=1)
     cos = (ref2 * out2).sum(1) / np.maximum(np.linalg.norm(ref2, axis=1) * np.linalg.norm(out2, axis=1), 1e-30)
     diff = np.abs(out2 - ref2)
-    res = {"images": len(images), "outputs": len(ref), "max_abs_diff": float(diff.max()),
-           "mean_abs_diff": float(diff.mean()), "logit_scale": float(np.abs(ref2).max()),
-           "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
+    res = {
+        "images": len(images),
+        "outputs": len(ref),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "logit_scale": float(np.abs(ref2).max()),
+        "cosine_min": float(cos.min()),
+        "cosine_mean": float(cos.mean()),
+    }
     if len(ref) == 1 and ref[0].ndim == 2 and ref[0].shape[1] > 1:
         res["top1_agree"] = float((out[0].argmax(1) == ref[0].argmax(1)).mean())
     return res
@@ -324,11 +397,15 @@ def compare_int8(fp32: bytes, int8: bytes, images: np.ndarray, threads: int | No
 
 def check_int8(res: dict[str, Any], min_cosine: float, min_top1: float, what: str) -> None:
     if res["cosine_min"] < min_cosine:
-        raise CaitError(f"{what}: int8 vs fp32 output cosine similarity {res['cosine_min']:.4f} < {min_cosine} "
-                        f"(--int8-min-cosine) over {res['images']} images")
+        raise CaitError(
+            f"{what}: int8 vs fp32 output cosine similarity {res['cosine_min']:.4f} < {min_cosine} "
+            f"(--int8-min-cosine) over {res['images']} images"
+        )
     if "top1_agree" in res and res["top1_agree"] < min_top1:
-        raise CaitError(f"{what}: int8 vs fp32 top-1 agreement {100 * res['top1_agree']:.1f}% < "
-                        f"{100 * min_top1:g}% (--int8-min-top1) over {res['images']} images")
+        raise CaitError(
+            f"{what}: int8 vs fp32 top-1 agreement {100 * res['top1_agree']:.1f}% < "
+            f"{100 * min_top1:g}% (--int8-min-top1) over {res['images']} images"
+        )
 
 
 def op_counts(model_bytes: bytes) -> Counter:

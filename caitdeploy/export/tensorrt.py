@@ -9,6 +9,7 @@ no-op (deprecated in TensorRT-RTX 1.2), so a timing-cache path is only used with
 Running an engine needs a CUDA GPU in both flavours (`runtime.tensorrt.TrtEngine`); the TensorRT module
 itself comes from `runtime.tensorrt.import_trt`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,9 @@ def _onnx_facts(onnx_path: Path, data: bytes) -> dict[str, Any]:
         raise CaitError(f"{onnx_path}: expected one image input, found {[i.name for i in inputs]}")
     dims = [d.dim_param or d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
     if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
-        raise CaitError(f"{onnx_path}: input {inputs[0].name!r} must be [batch, C, H, W] with fixed C, H, W, got {dims}")
+        raise CaitError(
+            f"{onnx_path}: input {inputs[0].name!r} must be [batch, C, H, W] with fixed C, H, W, got {dims}"
+        )
     meta = {p.key: p.value for p in m.metadata_props}
     if "caitdeploy.config" in meta:
         from caitdeploy.families import config_from_json
@@ -56,36 +59,54 @@ def _onnx_facts(onnx_path: Path, data: bytes) -> dict[str, Any]:
             config_from_json(meta["caitdeploy.config"])
         except ConfigError as e:
             raise CaitError(f"{onnx_path}: bad 'caitdeploy.config' metadata: {e}") from None
-    wtypes = {onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in m.graph.initializer
-              if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    wtypes = {
+        onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name
+        for i in m.graph.initializer
+        if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    }
     dtype = meta.get("caitdeploy.dtype") or ("fp16" if wtypes == {"float16"} else "fp32")
     if "caitdeploy.int8" in meta:
         dtype = f"int8-{meta['caitdeploy.int8']}"
-    return {"input": inputs[0].name, "chw": dims[1:], "dtype": dtype, "meta": meta,
-            "outputs": [o.name for o in m.graph.output]}
+    return {
+        "input": inputs[0].name,
+        "chw": dims[1:],
+        "dtype": dtype,
+        "meta": meta,
+        "outputs": [o.name for o in m.graph.output],
+    }
 
 
-def check_build_options(min_batch: int = 1, opt_batch: int = 256, max_batch: int = 256, workspace_mb: int | None = None,
-                        opt_level: int | None = None, compute_capabilities: list[str] | None = None,
-                        flavour: str | None = None):
+def check_build_options(
+    min_batch: int = 1,
+    opt_batch: int = 256,
+    max_batch: int = 256,
+    workspace_mb: int | None = None,
+    opt_level: int | None = None,
+    compute_capabilities: list[str] | None = None,
+    flavour: str | None = None,
+):
     """Validate every engine-build option before any work; returns the TensorRT module to build with."""
     for name, v in (("min_batch", min_batch), ("opt_batch", opt_batch), ("max_batch", max_batch)):
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_PROFILE_BATCH:
             raise OptionError(name, f"must be an integer in 1..{MAX_PROFILE_BATCH}, got {v!r}")
     if not (1 <= min_batch <= opt_batch <= max_batch):
         raise CaitError(f"batch profile must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
-    if opt_level is not None and (isinstance(opt_level, bool) or not isinstance(opt_level, int)
-                                  or not 0 <= opt_level <= 5):
+    if opt_level is not None and (
+        isinstance(opt_level, bool) or not isinstance(opt_level, int) or not 0 <= opt_level <= 5
+    ):
         raise OptionError("opt_level", f"must be 0..5, got {opt_level!r}")
-    if workspace_mb is not None and (isinstance(workspace_mb, bool) or not isinstance(workspace_mb, int)
-                                     or not 1 <= workspace_mb <= 1 << 20):
+    if workspace_mb is not None and (
+        isinstance(workspace_mb, bool) or not isinstance(workspace_mb, int) or not 1 <= workspace_mb <= 1 << 20
+    ):
         raise OptionError("workspace_mb", f"must be an integer in 1..{1 << 20}, got {workspace_mb!r}")
     from caitdeploy.runtime.tensorrt import flavour_of, import_trt
 
     trt = import_trt(flavour)
     if compute_capabilities:
         if flavour_of(trt) != "tensorrt_rtx":
-            raise OptionError("compute_capability", "is a TensorRT-RTX option; full TensorRT builds for the GPU present")
+            raise OptionError(
+                "compute_capability", "is a TensorRT-RTX option; full TensorRT builds for the GPU present"
+            )
         names = [n for n in trt.ComputeCapability.__members__ if n not in ("NONE",)]
         for name in compute_capabilities:
             if str(name).upper() not in names:
@@ -93,10 +114,19 @@ def check_build_options(min_batch: int = 1, opt_batch: int = 256, max_batch: int
     return trt
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | None = None, *, min_batch: int = 1,
-                 opt_batch: int = 256, max_batch: int = 256, workspace_mb: int | None = None,
-                 timing_cache: str | os.PathLike | None = None, opt_level: int | None = None,
-                 compute_capabilities: list[str] | None = None, flavour: str | None = None) -> dict[str, Any]:
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike | None = None,
+    *,
+    min_batch: int = 1,
+    opt_batch: int = 256,
+    max_batch: int = 256,
+    workspace_mb: int | None = None,
+    timing_cache: str | os.PathLike | None = None,
+    opt_level: int | None = None,
+    compute_capabilities: list[str] | None = None,
+    flavour: str | None = None,
+) -> dict[str, Any]:
     """Build a serialized engine from an exported ONNX file; write it and `<engine>.json` atomically (see
     `build_engine_bytes`). Returns the sidecar dict plus `output`, `sidecar`, `seconds_total`."""
     t0 = time.perf_counter()
@@ -106,8 +136,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
     if not onnx_path.is_file():
         raise CaitError(f"{onnx_path}: no such file")
     size = regular_file_size(onnx_path, MAX_ONNX_BYTES, "ONNX file")
-    check_memory(3 * size, f"building an engine from {onnx_path} ({size} bytes: the file, its parsed graph and "
-                 "the engine)")
+    check_memory(
+        3 * size, f"building an engine from {onnx_path} ({size} bytes: the file, its parsed graph and the engine)"
+    )
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".plan")
     check_output_dir(engine_path, "engine")
     tc_path = Path(timing_cache) if timing_cache else None
@@ -115,14 +146,24 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
         check_output_dir(tc_path, "timing cache")
     with Staging() as st:
         onnx_data = read_bounded(onnx_path, MAX_ONNX_BYTES, "ONNX file")
-        built = build_engine_bytes(onnx_data, onnx_path, engine_path, min_batch=min_batch,
-                                   opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,
-                                   timing_cache=tc_path, opt_level=opt_level,
-                                   compute_capabilities=compute_capabilities, flavour=flavour)
+        built = build_engine_bytes(
+            onnx_data,
+            onnx_path,
+            engine_path,
+            min_batch=min_batch,
+            opt_batch=opt_batch,
+            max_batch=max_batch,
+            workspace_mb=workspace_mb,
+            timing_cache=tc_path,
+            opt_level=opt_level,
+            compute_capabilities=compute_capabilities,
+            flavour=flavour,
+        )
         write_engine(st, built, engine_path, tc_path)
     sidecar = built.sidecar
-    sidecar.update(output=str(engine_path), sidecar=str(sidecar_path(engine_path)),
-                   seconds_total=time.perf_counter() - t0)
+    sidecar.update(
+        output=str(engine_path), sidecar=str(sidecar_path(engine_path)), seconds_total=time.perf_counter() - t0
+    )
     return sidecar
 
 
@@ -130,7 +171,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
 class BuiltEngine:
     engine: bytes
     sidecar: dict[str, Any]
-    timing_cache: bytes | None = None   # to save (full TensorRT with a timing-cache path)
+    timing_cache: bytes | None = None  # to save (full TensorRT with a timing-cache path)
 
 
 def write_engine(staging: Staging, built: BuiltEngine, engine_path: Path, timing_cache: Path | None = None) -> None:
@@ -142,11 +183,20 @@ def write_engine(staging: Staging, built: BuiltEngine, engine_path: Path, timing
         built.sidecar["timing_cache"]["saved_bytes"] = len(built.timing_cache)
 
 
-def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *,
-                       min_batch: int = 1, opt_batch: int = 256, max_batch: int = 256,
-                       workspace_mb: int | None = None, timing_cache: str | os.PathLike | None = None,
-                       opt_level: int | None = None, compute_capabilities: list[str] | None = None,
-                       flavour: str | None = None) -> BuiltEngine:
+def build_engine_bytes(
+    onnx_data: bytes,
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    *,
+    min_batch: int = 1,
+    opt_batch: int = 256,
+    max_batch: int = 256,
+    workspace_mb: int | None = None,
+    timing_cache: str | os.PathLike | None = None,
+    opt_level: int | None = None,
+    compute_capabilities: list[str] | None = None,
+    flavour: str | None = None,
+) -> BuiltEngine:
     """Build a serialized engine from ONNX bytes in memory; nothing is written (see `write_engine`).
 
     One optimization profile for the image input: batch min/opt/max. workspace_mb: workspace pool limit.
@@ -179,18 +229,25 @@ def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_pa
             errs.append(f"node {node!r} ({e.node_operator() or '?'}): {_clean(e.desc())}")
         hint = ""
         if any("Key and Value must have the same shape" in x for x in errs):
-            hint = (" -- this parser's Attention import needs equal q/k and v head widths: export with "
-                    "--attention matmul, or fuse with --equal-head-dims")
-        raise CaitError(f"{onnx_path}: {flav} {trt.__version__} ONNX parser: {errs[0] if errs else 'failed'}"
-                        + (f" (+{len(errs) - 1} more)" if len(errs) > 1 else "") + hint)
+            hint = (
+                " -- this parser's Attention import needs equal q/k and v head widths: export with "
+                "--attention matmul, or fuse with --equal-head-dims"
+            )
+        raise CaitError(
+            f"{onnx_path}: {flav} {trt.__version__} ONNX parser: {errs[0] if errs else 'failed'}"
+            + (f" (+{len(errs) - 1} more)" if len(errs) > 1 else "")
+            + hint
+        )
 
     quant = None
-    if "caitdeploy.int8" in facts["meta"]:   # explicit quantization: count the Q/DQ layers the parser made
+    if "caitdeploy.int8" in facts["meta"]:  # explicit quantization: count the Q/DQ layers the parser made
         kinds = [network.get_layer(i).type for i in range(network.num_layers)]
-        quant = {"int8": facts["meta"]["caitdeploy.int8"],
-                 "quantize_layers": sum(k == trt.LayerType.QUANTIZE for k in kinds),
-                 "dequantize_layers": sum(k == trt.LayerType.DEQUANTIZE for k in kinds),
-                 "network_layers": len(kinds)}
+        quant = {
+            "int8": facts["meta"]["caitdeploy.int8"],
+            "quantize_layers": sum(k == trt.LayerType.QUANTIZE for k in kinds),
+            "dequantize_layers": sum(k == trt.LayerType.DEQUANTIZE for k in kinds),
+            "network_layers": len(kinds),
+        }
     config = builder.create_builder_config()
     if workspace_mb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
@@ -221,8 +278,10 @@ def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_pa
         if compute_capabilities:
             raise CaitError("compute_capabilities is a TensorRT-RTX option; full TensorRT builds for the GPU present")
         if not torch.cuda.is_available():
-            raise CaitError("full TensorRT builds engines on a CUDA GPU and none is available "
-                            "(TensorRT-RTX builds on the CPU: pip install tensorrt-rtx-cu13)")
+            raise CaitError(
+                "full TensorRT builds engines on a CUDA GPU and none is available "
+                "(TensorRT-RTX builds on the CPU: pip install tensorrt-rtx-cu13)"
+            )
         major, minor = torch.cuda.get_device_capability()
         target = {"compute_capability": f"{major}.{minor}", "gpu": torch.cuda.get_device_name()}
 
@@ -242,23 +301,42 @@ def build_engine_bytes(onnx_data: bytes, onnx_path: str | os.PathLike, engine_pa
     build_s = time.perf_counter() - t_build
     if serialized is None:
         errs = logger.errors()
-        raise CaitError(f"{onnx_path}: {flav} {trt.__version__} engine build failed: "
-                        f"{errs[-1] if errs else 'no error message'}")
+        raise CaitError(
+            f"{onnx_path}: {flav} {trt.__version__} engine build failed: {errs[-1] if errs else 'no error message'}"
+        )
     engine_bytes = bytes(serialized)
 
     sidecar = {
-        "format": ENGINE_FORMAT, "engine": engine_path.name, "flavour": flav, "trt_version": trt.__version__,
-        "build_target": target, "strongly_typed": strongly_typed, "dtype": facts["dtype"],
+        "format": ENGINE_FORMAT,
+        "engine": engine_path.name,
+        "flavour": flav,
+        "trt_version": trt.__version__,
+        "build_target": target,
+        "strongly_typed": strongly_typed,
+        "dtype": facts["dtype"],
         "io_dtype": facts["meta"].get("caitdeploy.io_dtype", "float32"),
-        "input": facts["input"], "outputs": facts["outputs"],
+        "input": facts["input"],
+        "outputs": facts["outputs"],
         "profile": {"min": [min_batch, c, h, w], "opt": [opt_batch, c, h, w], "max": [max_batch, c, h, w]},
         "onnx": {"path": str(onnx_path), "sha256": hashlib.sha256(onnx_data).hexdigest(), "bytes": len(onnx_data)},
-        "opt_level": config.builder_optimization_level, "workspace_mb": workspace_mb, "timing_cache": tc_info,
-        "build_key": normalize_build_options(dict(
-            min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,
-            opt_level=opt_level, compute_capabilities=compute_capabilities, flavour=flavour)),
-        "build_seconds": build_s, "engine_bytes": len(engine_bytes),
-        "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(), "host": platform.node(),
+        "opt_level": config.builder_optimization_level,
+        "workspace_mb": workspace_mb,
+        "timing_cache": tc_info,
+        "build_key": normalize_build_options(
+            dict(
+                min_batch=min_batch,
+                opt_batch=opt_batch,
+                max_batch=max_batch,
+                workspace_mb=workspace_mb,
+                opt_level=opt_level,
+                compute_capabilities=compute_capabilities,
+                flavour=flavour,
+            )
+        ),
+        "build_seconds": build_s,
+        "engine_bytes": len(engine_bytes),
+        "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
+        "host": platform.node(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if "caitdeploy.config" in facts["meta"]:

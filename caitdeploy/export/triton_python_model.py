@@ -15,6 +15,7 @@ config.pbtxt reshapes it so (triton_repo does, for the reason given there); the 
 It imports nothing of caitdeploy: the server's Python stub runs it with only numpy, onnxruntime and Triton's
 `triton_python_backend_utils`.
 """
+
 import json
 import os
 
@@ -40,8 +41,9 @@ class TritonPythonModel:
         # what the backend hands us: triton_repo writes reshape [1, *dims] (see there why)
         self.seen_dims = tuple(int(d) for d in (inp.get("reshape") or {}).get("shape") or self.dims)
         if int(np.prod(self.seen_dims)) != int(np.prod(self.dims)):
-            raise ValueError(f"input {self.input_name!r}: reshape {list(self.seen_dims)} does not hold dims "
-                             f"{list(self.dims)}")
+            raise ValueError(
+                f"input {self.input_name!r}: reshape {list(self.seen_dims)} does not hold dims {list(self.dims)}"
+            )
         self.max_batch = int(config.get("max_batch_size", 0) or 0)
         self.wire_dtype = np.dtype(NUMPY_DTYPES.get(inp.get("data_type"), np.float32))
         params = {k: v.get("string_value") for k, v in config.get("parameters", {}).items()}
@@ -68,15 +70,21 @@ class TritonPythonModel:
             raise BadRequest(f"input {self.input_name!r}: unreadable tensor ({type(e).__name__})") from None
         if self.max_batch == 0:  # no batch dimension: dims are the whole shape
             if tuple(a.shape) != self.seen_dims:
-                raise BadRequest(f"input {self.input_name!r} has shape {self._shown(a.shape)}, expected "
-                                 f"{list(self.dims)}")
+                raise BadRequest(
+                    f"input {self.input_name!r} has shape {self._shown(a.shape)}, expected {list(self.dims)}"
+                )
         else:
             want = f"expected [n, {', '.join(map(str, self.dims))}] with n in 1..{self.max_batch}"
             if tuple(a.shape) == self.seen_dims:
-                raise BadRequest(f"input {self.input_name!r} reached the model without its batch dimension (Triton "
-                                 f"reads a batch of a multiple of 2^32 rows as 0): {want}")
-            if a.ndim != len(self.seen_dims) + 1 or tuple(a.shape[1:]) != self.seen_dims \
-                    or not 1 <= a.shape[0] <= self.max_batch:
+                raise BadRequest(
+                    f"input {self.input_name!r} reached the model without its batch dimension (Triton "
+                    f"reads a batch of a multiple of 2^32 rows as 0): {want}"
+                )
+            if (
+                a.ndim != len(self.seen_dims) + 1
+                or tuple(a.shape[1:]) != self.seen_dims
+                or not 1 <= a.shape[0] <= self.max_batch
+            ):
                 raise BadRequest(f"input {self.input_name!r} has shape {self._shown(a.shape)}, {want}")
         if a.dtype != self.wire_dtype:
             raise BadRequest(f"input {self.input_name!r} has dtype {a.dtype}, expected {self.wire_dtype}")
@@ -120,7 +128,7 @@ class TritonPythonModel:
         if logits is not None:
             start = 0
             for i, a in zip(good, arrays):
-                responses[i] = self._respond(logits[start:start + a.shape[0]])
+                responses[i] = self._respond(logits[start : start + a.shape[0]])
                 start += a.shape[0]
             return responses
         for i, a in zip(good, arrays):  # one by one: a failed batch, or a model without a batch dimension

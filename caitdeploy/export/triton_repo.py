@@ -12,6 +12,7 @@ dimension; the dynamic batcher counts it as 1 row, but the Python backend counts
 (3 channels) and, when the sum exceeds max_batch_size, fails every request of the batch before model.py can
 answer the bad one alone. With the reshape both count 1, so a batch never exceeds max_batch_size.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,12 +26,18 @@ from caitdeploy.core.errors import CaitError, Staging
 
 TRITON_DTYPES = {"fp32": "TYPE_FP32", "float32": "TYPE_FP32", "fp16": "TYPE_FP16", "float16": "TYPE_FP16"}
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
-PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan"),
-             ".engine": ("tensorrt_plan", "model.plan")}
+PLATFORMS = {
+    ".onnx": ("onnxruntime_onnx", "model.onnx"),
+    ".plan": ("tensorrt_plan", "model.plan"),
+    ".engine": ("tensorrt_plan", "model.plan"),
+}
 # --triton-backend -> (model suffix it serves, config line). "python": our model.py runs the ONNX with ONNX
 # Runtime, for servers without the onnxruntime backend (the tritonserver bundled in nvidia-pytriton).
-BACKENDS = {"onnxruntime": (".onnx", 'platform: "onnxruntime_onnx"'), "tensorrt": (".plan", 'platform: "tensorrt_plan"'),
-            "python": (".onnx", 'backend: "python"')}
+BACKENDS = {
+    "onnxruntime": (".onnx", 'platform: "onnxruntime_onnx"'),
+    "tensorrt": (".plan", 'platform: "tensorrt_plan"'),
+    "python": (".onnx", 'backend: "python"'),
+}
 
 
 def _dims(dims: Sequence[int], what: str) -> list[int]:
@@ -40,9 +47,21 @@ def _dims(dims: Sequence[int], what: str) -> list[int]:
     return out
 
 
-def config_text(name: str, platform: str, max_batch_size: int, input_name: str, input_dims: list[int],
-                output_name: str, output_dims: list[int], dtype: str, preferred_batch_sizes: list[int],
-                max_queue_delay_us: int, instance_count: int, instance_kind: str, warmup_batches: Sequence[int] = ()) -> str:
+def config_text(
+    name: str,
+    platform: str,
+    max_batch_size: int,
+    input_name: str,
+    input_dims: list[int],
+    output_name: str,
+    output_dims: list[int],
+    dtype: str,
+    preferred_batch_sizes: list[int],
+    max_queue_delay_us: int,
+    instance_count: int,
+    instance_kind: str,
+    warmup_batches: Sequence[int] = (),
+) -> str:
     t = TRITON_DTYPES[dtype]
     lines = [
         f'name: "{name}"',
@@ -80,10 +99,16 @@ def config_text(name: str, platform: str, max_batch_size: int, input_name: str, 
     if warmup_batches:  # Triton runs these random-data requests before it reports the model READY
         lines.append("model_warmup [")
         for i, b in enumerate(warmup_batches):
-            lines += ["  {", f'    name: "warmup_b{b}"', f"    batch_size: {b}",
-                      (f'    inputs {{ key: "{input_name}" value: {{ data_type: {t} '
-                      f"dims: [ {', '.join(map(str, input_dims))} ] random_data: true }} }}"),
-                      "  }" + ("," if i < len(warmup_batches) - 1 else "")]
+            lines += [
+                "  {",
+                f'    name: "warmup_b{b}"',
+                f"    batch_size: {b}",
+                (
+                    f'    inputs {{ key: "{input_name}" value: {{ data_type: {t} '
+                    f"dims: [ {', '.join(map(str, input_dims))} ] random_data: true }} }}"
+                ),
+                "  }" + ("," if i < len(warmup_batches) - 1 else ""),
+            ]
         lines.append("]")
     return "\n".join(lines) + "\n"
 
@@ -92,20 +117,31 @@ def config_text(name: str, platform: str, max_batch_size: int, input_name: str, 
 class TritonEntry:
     """What a repository entry consists of; `write_triton_repo` or a caller's Staging writes it."""
 
-    model_target: Path     # DIR/<name>/1/model.onnx or model.plan
-    config_path: Path      # DIR/<name>/config.pbtxt
+    model_target: Path  # DIR/<name>/1/model.onnx or model.plan
+    config_path: Path  # DIR/<name>/config.pbtxt
     config_text: str
     info: dict[str, Any]
-    python_model: Path | None = None   # DIR/<name>/1/model.py (backend "python")
+    python_model: Path | None = None  # DIR/<name>/1/model.py (backend "python")
 
 
-def plan_triton_repo(repo_dir: str | os.PathLike, name: str, model_suffix: str, *, max_batch_size: int,
-                     backend: str | None = None,
-                     input_dims: Sequence[int], output_dims: Sequence[int], dtype: str = "fp32",
-                     preferred_batch_sizes: Sequence[int] = (), instance_count: int = 1,
-                     instance_kind: str = "KIND_GPU", max_queue_delay_us: int = 100,
-                     input_name: str = "images", output_name: str = "logits",
-                     warmup_batches: Sequence[int] = ()) -> TritonEntry:
+def plan_triton_repo(
+    repo_dir: str | os.PathLike,
+    name: str,
+    model_suffix: str,
+    *,
+    max_batch_size: int,
+    backend: str | None = None,
+    input_dims: Sequence[int],
+    output_dims: Sequence[int],
+    dtype: str = "fp32",
+    preferred_batch_sizes: Sequence[int] = (),
+    instance_count: int = 1,
+    instance_kind: str = "KIND_GPU",
+    max_queue_delay_us: int = 100,
+    input_name: str = "images",
+    output_name: str = "logits",
+    warmup_batches: Sequence[int] = (),
+) -> TritonEntry:
     """Validate every option and say what the entry will be, writing nothing.
 
     model_suffix: ".onnx" or ".plan"/".engine". dtype: the I/O tensor type (fp32 for every caitdeploy export,
@@ -144,8 +180,11 @@ def plan_triton_repo(repo_dir: str | os.PathLike, name: str, model_suffix: str, 
         raise CaitError("triton repo: a TensorRT plan runs on GPU instances only (instance kind cpu)")
     if isinstance(instance_count, bool) or not isinstance(instance_count, int) or not 1 <= instance_count <= 256:
         raise CaitError(f"triton repo: instance count must be an integer in 1..256, got {instance_count!r}")
-    if isinstance(max_queue_delay_us, bool) or not isinstance(max_queue_delay_us, int) \
-            or not 0 <= max_queue_delay_us <= 10**8:
+    if (
+        isinstance(max_queue_delay_us, bool)
+        or not isinstance(max_queue_delay_us, int)
+        or not 0 <= max_queue_delay_us <= 10**8
+    ):
         raise CaitError(f"triton repo: max queue delay must be 0..1e8 microseconds, got {max_queue_delay_us!r}")
     in_dims, out_dims = _dims(input_dims, "input"), _dims(output_dims, "output")
     model_dir = repo_dir / name
@@ -153,16 +192,40 @@ def plan_triton_repo(repo_dir: str | os.PathLike, name: str, model_suffix: str, 
     warm = sorted({int(b) for b in warmup_batches})
     if any(not 1 <= b <= max_batch_size for b in warm):
         raise CaitError(f"triton repo: warm-up batch sizes must be in 1..max_batch_size {max_batch_size}, got {warm}")
-    text = config_text(name, platform, max_batch_size, input_name, in_dims, output_name, out_dims, dtype,
-                       prefs, max_queue_delay_us, instance_count, kind, warm)
-    info = {"repo": str(repo_dir), "name": name, "platform": platform, "model": str(target),
-            "config": str(model_dir / "config.pbtxt"), "max_batch_size": max_batch_size,
-            "input": {"name": input_name, "dims": in_dims}, "output": {"name": output_name, "dims": out_dims},
-            "dtype": TRITON_DTYPES[dtype], "preferred_batch_sizes": prefs,
-            "instance_group": {"count": instance_count, "kind": kind}}
-    info["backend"] = "python" if platform == "python" else ("tensorrt" if platform == "tensorrt_plan" else "onnxruntime")
-    return TritonEntry(target, model_dir / "config.pbtxt", text, info,
-                       model_dir / "1" / "model.py" if platform == "python" else None)
+    text = config_text(
+        name,
+        platform,
+        max_batch_size,
+        input_name,
+        in_dims,
+        output_name,
+        out_dims,
+        dtype,
+        prefs,
+        max_queue_delay_us,
+        instance_count,
+        kind,
+        warm,
+    )
+    info = {
+        "repo": str(repo_dir),
+        "name": name,
+        "platform": platform,
+        "model": str(target),
+        "config": str(model_dir / "config.pbtxt"),
+        "max_batch_size": max_batch_size,
+        "input": {"name": input_name, "dims": in_dims},
+        "output": {"name": output_name, "dims": out_dims},
+        "dtype": TRITON_DTYPES[dtype],
+        "preferred_batch_sizes": prefs,
+        "instance_group": {"count": instance_count, "kind": kind},
+    }
+    info["backend"] = (
+        "python" if platform == "python" else ("tensorrt" if platform == "tensorrt_plan" else "onnxruntime")
+    )
+    return TritonEntry(
+        target, model_dir / "config.pbtxt", text, info, model_dir / "1" / "model.py" if platform == "python" else None
+    )
 
 
 def stage_triton_repo(staging: Staging, entry: TritonEntry, model_bytes: bytes) -> None:

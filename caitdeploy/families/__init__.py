@@ -10,6 +10,7 @@ A ViT variant (vit, lvvit, spvit) shares `CaitConfig` and `CaitViT` and provides
   make_slim(config, i)     the token-slimming module before block i (SiT), where the family has one
   stem_flops / stem_params, mixer_flops / mixer_params, slim_flops / slim_params (config, i): analytic counts
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -27,6 +27,7 @@ provides:
 - fuse: `fuse_start`, `fuse_block`, `fuse_finish` place the sliced tensors under the deploy model's keys, and
   `reference(ckpt)` is the float64 forward a fused model is verified against.
 """
+
 from __future__ import annotations
 
 import abc
@@ -45,6 +46,7 @@ AUTO = "auto"
 class BlockSite:
     """One prunable block of a checkpoint: its flat index, a label for messages, the key prefix of its timm-layout
     tensors (`attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`) and its head count."""
+
     index: int
     label: str
     prefix: str
@@ -55,8 +57,9 @@ def check_merge_budget(r: float, flops_reduction: float, text: str) -> None:
     """OptionError naming --merges `text` when the merges alone cut more FLOPs (`r`) than the target: CDCP could
     not prune at all and the result would miss it."""
     if r > flops_reduction + 1e-9:
-        raise OptionError("merges", f"{text}: the merges alone cut FLOPs by {r:.2%}, more than --flops-reduction "
-                                    f"{flops_reduction}")
+        raise OptionError(
+            "merges", f"{text}: the merges alone cut FLOPs by {r:.2%}, more than --flops-reduction {flops_reduction}"
+        )
 
 
 class Family(abc.ABC):
@@ -70,8 +73,8 @@ class Family(abc.ABC):
     tome_note: str | None = None
     attention_op_note: str | None = None
     kernels_note: str | None = None
-    token_reduction_note: str | None = None   # why --token-reduction does not apply to its auto merges
-    buffer_suffixes: tuple[str, ...] = ()   # state-dict keys of buffers its models rebuild (dropped on reading)
+    token_reduction_note: str | None = None  # why --token-reduction does not apply to its auto merges
+    buffer_suffixes: tuple[str, ...] = ()  # state-dict keys of buffers its models rebuild (dropped on reading)
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -146,8 +149,9 @@ class Family(abc.ABC):
         """Whether timm architecture `arch` belongs to this family (make-checkpoint and train pick by it)."""
         return False
 
-    def timm_model(self, arch: str, num_classes: int | None = None, img_size: int | None = None,
-                   model_args: dict | None = None) -> Any:
+    def timm_model(
+        self, arch: str, num_classes: int | None = None, img_size: int | None = None, model_args: dict | None = None
+    ) -> Any:
         raise OptionError("arch", f"{arch}: family {self.name} is not built from a timm model")
 
     def format_config_of(self, model: Any, arch: str | None = None) -> dict[str, Any]:
@@ -198,12 +202,14 @@ class Family(abc.ABC):
         merge that does not fit."""
 
     @abc.abstractmethod
-    def auto_merges(self, fmt: dict[str, Any], flops_reduction: float, token_reduction: float | None = None
-                    ) -> tuple[dict, dict[str, Any]]:
+    def auto_merges(
+        self, fmt: dict[str, Any], flops_reduction: float, token_reduction: float | None = None
+    ) -> tuple[dict, dict[str, Any]]:
         """The paper's placement for a FLOPs target: (merges, info)."""
 
-    def plan_merges(self, fmt: dict[str, Any], text: str | None, flops_reduction: float,
-                    token_reduction: float | None = None) -> tuple[dict, dict[str, Any]]:
+    def plan_merges(
+        self, fmt: dict[str, Any], text: str | None, flops_reduction: float, token_reduction: float | None = None
+    ) -> tuple[dict, dict[str, Any]]:
         """(merges, info) for --merges `text` (None: the family's default; "auto": `auto_merges`), checked against
         the target: the merges alone must not cut more than `flops_reduction`."""
         text = self.default_merges if text is None else text
@@ -214,13 +220,16 @@ class Family(abc.ABC):
         merges = self.parse_merges(text)
         r = self.merge_reduction(fmt, merges)
         check_merge_budget(r, flops_reduction, self.merges_text(merges))
-        return merges, {"merges": merges, "token_reduction": r, "channel_reduction": flops_reduction - r,
-                        "flops_reduction": flops_reduction}
+        return merges, {
+            "merges": merges,
+            "token_reduction": r,
+            "channel_reduction": flops_reduction - r,
+            "flops_reduction": flops_reduction,
+        }
 
     # ---- checkpoints ----
     @abc.abstractmethod
-    def initial_weights(self, model: Any, merges: dict, arch: str | None = None
-                        ) -> tuple[dict[str, Any], Any, dict]:
+    def initial_weights(self, model: Any, merges: dict, arch: str | None = None) -> tuple[dict[str, Any], Any, dict]:
         """(format config with the merges, config, checkpoint-keyed tensors without compactors, merges at their
         starting value: the mean of the two tokens) of a timm `model`."""
 

@@ -5,6 +5,7 @@ swin/model.py).
 FLOPs follow `torch.utils.flop_counter`: 2 per multiply-accumulate, matmuls and convolutions only
 (LayerNorm, GELU, softmax and additions are not counted). Divide by 2 for the MACs papers call "FLOPs".
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,8 +15,12 @@ def transformer_parts(n: int, d: int, h: int, qk: int, v: int, hidden: int, n_ml
     """FLOPs of one pre-norm block's matmuls for n tokens of width d, h heads of q/k width qk and v width v,
     an mlp of `hidden` channels run on n_mlp tokens (n unless tokens are merged between attention and mlp)."""
     n_mlp = n if n_mlp is None else n_mlp
-    return {"qkv": 2 * n * d * h * (2 * qk + v), "attn": 2 * h * n * n * (qk + v), "proj": 2 * n * h * v * d,
-            "mlp": 2 * 2 * n_mlp * d * hidden}
+    return {
+        "qkv": 2 * n * d * h * (2 * qk + v),
+        "attn": 2 * h * n * n * (qk + v),
+        "proj": 2 * n * h * v * d,
+        "mlp": 2 * 2 * n_mlp * d * hidden,
+    }
 
 
 def merge_flops(n_patches_out: int, d: int) -> int:

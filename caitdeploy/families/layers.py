@@ -4,6 +4,7 @@ from its v width, MLP, the block. Pure PyTorch, no compactors; they run whatever
 State-dict keys follow timm's VisionTransformer, plus `blocks.{i}.merge.fc.*` for ATME merges. The fused
 qkv projection is one Linear whose rows are [q: H*qk_dim | k: H*qk_dim | v: H*v_dim].
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -45,8 +46,9 @@ def merge_tokens(x: torch.Tensor, grid_hw: tuple[int, int], kind: str) -> torch.
     raise ValueError(f"unknown merge kind {kind!r}")
 
 
-def restore_grid(tokens: torch.Tensor, grid_hw: tuple[int, int], full_hw: tuple[int, int],
-                 mode: str = "repeat") -> torch.Tensor:
+def restore_grid(
+    tokens: torch.Tensor, grid_hw: tuple[int, int], full_hw: tuple[int, int], mode: str = "repeat"
+) -> torch.Tensor:
     """Patch tokens on a (merged) grid -> a feature map on the full patch grid.
 
     tokens: [B, gh*gw, D], row-major, no prefix tokens. Returns [B, D, Gh, Gw] with Gh = fh*gh, Gw = fw*gw.
@@ -111,8 +113,11 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         h, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
         q, k, v = self.qkv(x).split([h * dqk, h * dqk, h * dv], dim=-1)
-        return (q.reshape(b, n, h, dqk).transpose(1, 2), k.reshape(b, n, h, dqk).transpose(1, 2),
-                v.reshape(b, n, h, dv).transpose(1, 2))
+        return (
+            q.reshape(b, n, h, dqk).transpose(1, 2),
+            k.reshape(b, n, h, dqk).transpose(1, 2),
+            v.reshape(b, n, h, dv).transpose(1, 2),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -149,8 +154,17 @@ class Block(nn.Module):
     convolutions, or nothing ("skip": the block adds norm1(x) itself, as SPViT's pruned attention does).
     """
 
-    def __init__(self, dim: int, cfg: BlockConfig, grid_in: tuple[int, int], qkv_bias: bool, eps: float,
-                 prefix: int = 1, mixer: nn.Module | None = None, slim: nn.Module | None = None):
+    def __init__(
+        self,
+        dim: int,
+        cfg: BlockConfig,
+        grid_in: tuple[int, int],
+        qkv_bias: bool,
+        eps: float,
+        prefix: int = 1,
+        mixer: nn.Module | None = None,
+        slim: nn.Module | None = None,
+    ):
         super().__init__()
         self.merge = TokenMerge(dim, cfg.merge, grid_in, prefix) if cfg.merge else None
         self.slim = slim
@@ -174,14 +188,13 @@ class Compactor(nn.Module):
     [F, F] (`heads` None; after fc1), applied as y <- y @ W^T (per head on [B, H, N, d]); `mask` (1 = kept) the
     channels CDCP keeps. Identity at init. Every training model and the checkpoints' compactor models use it."""
 
-    mask: torch.Tensor   # a buffer (registered in __init__)
+    mask: torch.Tensor  # a buffer (registered in __init__)
 
     def __init__(self, heads: int | None, width: int, device=None, dtype=None):
         super().__init__()
         eye = torch.eye(width, device=device, dtype=dtype)
         self.weight = nn.Parameter(eye if heads is None else eye.repeat(heads, 1, 1))
-        self.register_buffer("mask", torch.ones(width if heads is None else (heads, width), device=device,
-                                                dtype=dtype))
+        self.register_buffer("mask", torch.ones(width if heads is None else (heads, width), device=device, dtype=dtype))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return y @ self.weight.transpose(-1, -2)

@@ -7,6 +7,7 @@ last), `skip_lam` folded into `proj`/`fc2`, each TSM's `scale` folded into its s
 (`blocks.{i}.slim.{norm,fc1,fc2}.*`). Checkpoint form (`cait-compactor/1` with family "lvvit", and the
 upstream files): `patch_embed.conv{k}.weight` without bias and `patch_embed.bn{k}.*`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,23 +24,28 @@ DESCRIPTION = "LV-ViT (conv stem, skip_lam) and SiT (LV-ViT + token slimming)"
 BN_EPS = 1e-5
 # stem kind -> (out channels as a divisor of embed_dim, stride) per 3x3 conv (padding 1)
 STEM_LAYERS = {"4c": ((8, 2), (4, 2), (2, 2), (1, 2)), "6c": ((8, 2), (8, 1), (8, 1), (4, 2), (2, 2), (1, 2))}
-TSM_RATIO = 0.5   # TSM hidden width = int(embed_dim * 0.5)
+TSM_RATIO = 0.5  # TSM hidden width = int(embed_dim * 0.5)
 
 # Released sizes (Sense-X/SiT; the dense LV-ViT teachers share the student's stem and blocks). mlp ratio 3,
 # qkv without bias, LayerNorm eps 1e-5, keep ratio 0.5 per stage; `stages`: blocks per token stage.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "t": dict(img_size=224, embed_dim=320, depth=14, num_heads=5, skip_lam=2.0, stem="4c", stages=(1, 1, 1, 11),
-              teacher="t"),
-    "xs": dict(img_size=224, embed_dim=384, depth=16, num_heads=6, skip_lam=2.0, stem="4c", stages=(1, 1, 1, 13),
-               teacher="s"),
-    "s": dict(img_size=224, embed_dim=384, depth=16, num_heads=6, skip_lam=2.0, stem="4c", stages=(9, 3, 2, 2),
-              teacher="s"),
-    "m": dict(img_size=224, embed_dim=512, depth=20, num_heads=8, skip_lam=2.0, stem="4c", stages=(10, 4, 3, 3),
-              teacher="m"),
-    "l": dict(img_size=288, embed_dim=768, depth=24, num_heads=12, skip_lam=3.0, stem="6c", stages=(10, 4, 3, 7),
-              teacher="l"),
+    "t": dict(
+        img_size=224, embed_dim=320, depth=14, num_heads=5, skip_lam=2.0, stem="4c", stages=(1, 1, 1, 11), teacher="t"
+    ),
+    "xs": dict(
+        img_size=224, embed_dim=384, depth=16, num_heads=6, skip_lam=2.0, stem="4c", stages=(1, 1, 1, 13), teacher="s"
+    ),
+    "s": dict(
+        img_size=224, embed_dim=384, depth=16, num_heads=6, skip_lam=2.0, stem="4c", stages=(9, 3, 2, 2), teacher="s"
+    ),
+    "m": dict(
+        img_size=224, embed_dim=512, depth=20, num_heads=8, skip_lam=2.0, stem="4c", stages=(10, 4, 3, 3), teacher="m"
+    ),
+    "l": dict(
+        img_size=288, embed_dim=768, depth=24, num_heads=12, skip_lam=3.0, stem="6c", stages=(10, 4, 3, 7), teacher="l"
+    ),
 }
-TEACHERS = {"t": "t", "s": "s", "m": "m", "l": "l"}   # dense LV-ViT name -> the SiT variant with its sizes
+TEACHERS = {"t": "t", "s": "s", "m": "m", "l": "l"}  # dense LV-ViT name -> the SiT variant with its sizes
 
 
 def stem_layers(c: CaitConfig) -> list[tuple[int, int, int, bool]]:
@@ -88,8 +94,9 @@ class ConvBNStem(nn.Module):
 
     caitdeploy_stem = True
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
-                 stem: str = "4c", **_):
+    def __init__(
+        self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384, stem: str = "4c", **_
+    ):
         super().__init__()
         size = img_size if isinstance(img_size, int) else img_size[0]
         self.img_size, self.patch_size = (size, size), (16, 16)
@@ -131,8 +138,8 @@ class TokenSlim(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.prefix
         patches = x[:, p:]
-        logits = self.fc2(F.gelu(self.fc1(self.norm(patches))))          # [B, N, M]
-        mixed = logits.transpose(1, 2).softmax(dim=-1) @ patches          # [B, M, D]
+        logits = self.fc2(F.gelu(self.fc1(self.norm(patches))))  # [B, N, M]
+        mixed = logits.transpose(1, 2).softmax(dim=-1) @ patches  # [B, M, D]
         return torch.cat([x[:, :p], mixed], dim=1) if p else mixed
 
 
@@ -185,8 +192,10 @@ def fuse_stem(c: CaitConfig, get) -> dict[str, torch.Tensor]:
     out = {}
     for j in range(1, len(STEM_LAYERS[c.stem]) + 1):
         p = f"patch_embed.bn{j}."
-        w, b = fold_bn(get(f"patch_embed.conv{j}.weight").double(), *(get(p + s).double() for s in
-                       ("weight", "bias", "running_mean", "running_var")))
+        w, b = fold_bn(
+            get(f"patch_embed.conv{j}.weight").double(),
+            *(get(p + s).double() for s in ("weight", "bias", "running_mean", "running_var")),
+        )
         out[f"patch_embed.conv{j}.weight"], out[f"patch_embed.conv{j}.bias"] = w.float(), b.float()
     return out
 
@@ -201,8 +210,15 @@ def reference_stem(c: CaitConfig, get, images: torch.Tensor) -> torch.Tensor:
     for j, (_, _, stride, gelu) in enumerate(stem_layers(c), start=1):
         p = f"patch_embed.bn{j}."
         x = F.conv2d(x, get(f"patch_embed.conv{j}.weight"), stride=stride, padding=1)
-        x = F.batch_norm(x, get(p + "running_mean"), get(p + "running_var"), get(p + "weight"), get(p + "bias"),
-                         training=False, eps=BN_EPS)
+        x = F.batch_norm(
+            x,
+            get(p + "running_mean"),
+            get(p + "running_var"),
+            get(p + "weight"),
+            get(p + "bias"),
+            training=False,
+            eps=BN_EPS,
+        )
         x = F.gelu(x) if gelu else x
     return x.flatten(2).transpose(1, 2)
 
@@ -255,16 +271,32 @@ def slim_params(c: CaitConfig, i: int) -> int:
     return 2 * d + d * t + t + t * m + m
 
 
-def dense_config(variant: str, num_classes: int = 1000, img_size: int | None = None, slim: bool = False,
-                 merges: dict[int, str] | None = None) -> CaitConfig:
+def dense_config(
+    variant: str,
+    num_classes: int = 1000,
+    img_size: int | None = None,
+    slim: bool = False,
+    merges: dict[int, str] | None = None,
+) -> CaitConfig:
     """The LV-ViT teacher (or, with slim=True, the SiT student) of a released variant."""
     from dataclasses import replace
 
     v = VARIANTS[variant]
     img = img_size or v["img_size"]
-    cfg = CaitConfig.dense(img_size=img, patch_size=16, num_classes=num_classes, embed_dim=v["embed_dim"],
-                           depth=v["depth"], num_heads=v["num_heads"], mlp_ratio=3.0, qkv_bias=False,
-                           merges=merges, ln_eps=1e-5, family=NAME, stem=v["stem"])
+    cfg = CaitConfig.dense(
+        img_size=img,
+        patch_size=16,
+        num_classes=num_classes,
+        embed_dim=v["embed_dim"],
+        depth=v["depth"],
+        num_heads=v["num_heads"],
+        mlp_ratio=3.0,
+        qkv_bias=False,
+        merges=merges,
+        ln_eps=1e-5,
+        family=NAME,
+        stem=v["stem"],
+    )
     if not slim:
         return cfg
     plan = slim_plan((img // 16) ** 2, v["stages"])
@@ -283,10 +315,18 @@ def timm_lvvit(name: str, num_classes: int = 1000, img_size: int | None = None):
     if not name.startswith("lvvit_") or size not in TEACHERS:
         raise KeyError(name)
     v = VARIANTS[TEACHERS[size]]
-    model = VisionTransformer(img_size=img_size or v["img_size"], patch_size=16, num_classes=num_classes,
-                              embed_dim=v["embed_dim"], depth=v["depth"], num_heads=v["num_heads"], mlp_ratio=3.0,
-                              qkv_bias=False, norm_layer=partial(nn.LayerNorm, eps=1e-5),
-                              embed_layer=partial(ConvBNStem, stem=v["stem"]))
+    model = VisionTransformer(
+        img_size=img_size or v["img_size"],
+        patch_size=16,
+        num_classes=num_classes,
+        embed_dim=v["embed_dim"],
+        depth=v["depth"],
+        num_heads=v["num_heads"],
+        mlp_ratio=3.0,
+        qkv_bias=False,
+        norm_layer=partial(nn.LayerNorm, eps=1e-5),
+        embed_layer=partial(ConvBNStem, stem=v["stem"]),
+    )
     model.skip_lam = float(v["skip_lam"])  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is exercised even at random init
         for m in model.patch_embed.modules():

@@ -2,6 +2,7 @@
 
 `family(name)` for a config's "family" key, `family_of(config)` for a config, `family_for_arch(arch)` for a timm
 architecture name (make-checkpoint, train). The ViT variants share `VitFamily` with their own hooks module."""
+
 from __future__ import annotations
 
 import importlib
@@ -10,9 +11,13 @@ from typing import Any
 from caitdeploy.families.base import Family
 
 # name -> "module:object", the family's `Family` object (imported when first asked for)
-FAMILY_MODULES = {"vit": "caitdeploy.families.vit.family:VIT", "lvvit": "caitdeploy.families.vit.family:LVVIT",
-                  "spvit": "caitdeploy.families.vit.family:SPVIT", "swin": "caitdeploy.families.swin.family:FAMILY"}
-TIMM_BUILT = ("swin", "vit")   # asked in this order by family_for_arch; the ViT takes every other timm name
+FAMILY_MODULES = {
+    "vit": "caitdeploy.families.vit.family:VIT",
+    "lvvit": "caitdeploy.families.vit.family:LVVIT",
+    "spvit": "caitdeploy.families.vit.family:SPVIT",
+    "swin": "caitdeploy.families.swin.family:FAMILY",
+}
+TIMM_BUILT = ("swin", "vit")  # asked in this order by family_for_arch; the ViT takes every other timm name
 _cache: dict[str, Family] = {}
 
 

@@ -7,6 +7,7 @@ blocks as `attn.conv` (Conv2d D -> d, k x k, padding k // 2: the head mixture so
 the BatchNorm folded in), ReLU, `attn.proj` (Linear d -> D, head mixture folded in); the class token passes the
 conv branch unchanged (the block adds norm1(x) to it); skipped blocks add norm1(x) to every token.
 """
+
 from __future__ import annotations
 
 import torch

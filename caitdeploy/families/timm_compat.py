@@ -8,6 +8,7 @@ average pooling (with fc_norm), layer scale (DeiT III), qkv with or without bias
 and LayerNorm eps (one eps for the whole model). Anything else is refused up front, naming the feature
 (pre-norm, qk-norm, attention pooling, ...).
 """
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,7 @@ def unsupported_feature(key: str) -> str | None:
     return None
 
 
-def timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None,
-               model_args: dict | None = None):
+def timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None, model_args: dict | None = None):
     """A randomly initialised timm model of `arch`, refused (naming the feature) unless supported. `model_args`
     are passed to timm.create_model (e.g. depth=4, embed_dim=64 for a small variant)."""
     import timm
@@ -48,8 +48,9 @@ def timm_model(arch: str, num_classes: int | None = None, img_size: int | None =
         from caitdeploy.families.lvvit import TEACHERS, timm_lvvit
 
         if arch.removeprefix("lvvit_") not in TEACHERS:
-            raise CaitError(f"--arch {arch!r}: unknown LV-ViT size; choose one of "
-                            f"{', '.join('lvvit_' + t for t in TEACHERS)}")
+            raise CaitError(
+                f"--arch {arch!r}: unknown LV-ViT size; choose one of {', '.join('lvvit_' + t for t in TEACHERS)}"
+            )
         try:
             model = timm_lvvit(arch, **{k: v for k, v in kw.items() if k != "pretrained"})
         except ValueError as e:
@@ -86,8 +87,10 @@ def check_supported(vit, where: str = "model") -> None:
 
     ident = lambda m: m is None or isinstance(m, nn.Identity)  # noqa: E731
     if type(vit).__name__ == "SwinTransformer":
-        bad("a Swin is not a timm VisionTransformer: a Swin checkpoint carries its config (fuse it without "
-            "--arch); make one with `make-checkpoint --arch swin_...` or `train --arch swin_...`")
+        bad(
+            "a Swin is not a timm VisionTransformer: a Swin checkpoint carries its config (fuse it without "
+            "--arch); make one with `make-checkpoint --arch swin_...` or `train --arch swin_...`"
+        )
     if not isinstance(vit, VisionTransformer):
         bad(f"{type(vit).__name__} is not a timm VisionTransformer")
     cls_tok, dist = vit.cls_token is not None, getattr(vit, "dist_token", None) is not None
@@ -118,10 +121,16 @@ def check_supported(vit, where: str = "model") -> None:
     if ident(vit.norm) and ident(vit.fc_norm):
         bad("no final norm")
     pe = vit.patch_embed
-    if getattr(pe, "caitdeploy_stem", False):  # LV-ViT's conv stem (models/lvvit.py)
+    if getattr(pe, "caitdeploy_stem", False):  # LV-ViT's conv stem (families/lvvit.py)
         pass
-    elif not isinstance(pe, PatchEmbed) or not ident(pe.norm) or pe.img_size[0] != pe.img_size[1] \
-            or pe.patch_size[0] != pe.patch_size[1] or not pe.flatten or pe.proj.bias is None:
+    elif (
+        not isinstance(pe, PatchEmbed)
+        or not ident(pe.norm)
+        or pe.img_size[0] != pe.img_size[1]
+        or pe.patch_size[0] != pe.patch_size[1]
+        or not pe.flatten
+        or pe.proj.bias is None
+    ):
         bad("patch_embed must be a square PatchEmbed with a biased conv, no norm")
     heads = {int(b.attn.num_heads) for b in vit.blocks}
     if len(heads) != 1:
@@ -133,15 +142,19 @@ def check_supported(vit, where: str = "model") -> None:
     for i, b in enumerate(vit.blocks):
         blk = f"block {i}"
         if type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp:
-            bad(f"{blk}: expected timm Block/Attention/Mlp, got {type(b).__name__}/{type(b.attn).__name__}/"
-                f"{type(b.mlp).__name__}")
+            bad(
+                f"{blk}: expected timm Block/Attention/Mlp, got {type(b).__name__}/{type(b.attn).__name__}/"
+                f"{type(b.mlp).__name__}"
+            )
         for ls in (b.ls1, b.ls2):
             if not ident(ls) and not isinstance(ls, LayerScale):
                 bad(f"{blk}: layer scale must be timm's LayerScale")
         ls_kinds.add((ident(b.ls1), ident(b.ls2)))
         a = b.attn
-        if not (ident(a.q_norm) and ident(a.k_norm) and ident(getattr(a, "norm", None))) \
-                or getattr(a, "gate", None) is not None:
+        if (
+            not (ident(a.q_norm) and ident(a.k_norm) and ident(getattr(a, "norm", None)))
+            or getattr(a, "gate", None) is not None
+        ):
             bad(f"{blk}: qk_norm / scale_norm / gated attention are not part of the format")
         if a.head_dim * a.num_heads != vit.embed_dim or a.proj.bias is None:
             bad(f"{blk}: attention width must equal embed_dim and proj must have a bias")
@@ -153,8 +166,14 @@ def check_supported(vit, where: str = "model") -> None:
                 bad(f"{blk}: {n} must be an affine LayerNorm")
             eps.add(float(ln.eps))
         m = b.mlp
-        if not isinstance(m.act, nn.GELU) or m.act.approximate != "none" or not ident(m.norm) \
-                or m.fc1.bias is None or m.fc2.bias is None or not isinstance(m.fc1, nn.Linear):
+        if (
+            not isinstance(m.act, nn.GELU)
+            or m.act.approximate != "none"
+            or not ident(m.norm)
+            or m.fc1.bias is None
+            or m.fc2.bias is None
+            or not isinstance(m.fc1, nn.Linear)
+        ):
             bad(f"{blk}: mlp must be Linear -> GELU(erf) -> Linear with biases and no norm")
     if len(ls_kinds) > 1 or (ls_kinds and len(set(next(iter(ls_kinds)))) > 1):
         bad("layer scale on some branches only")
@@ -173,17 +192,30 @@ def format_config_of(model, merges: dict[int, str] | None = None) -> dict:
     fc_norm = not isinstance(model.fc_norm, nn.Identity)
     ln = model.fc_norm if fc_norm else model.norm
     return {
-        "img_size": int(model.patch_embed.img_size[0]), "patch_size": int(model.patch_embed.patch_size[0]),
-        "in_chans": int(next(model.patch_embed.parameters()).shape[1]), "num_classes": int(model.num_classes),
-        "embed_dim": d, "depth": len(model.blocks), "num_heads": int(blk.attn.num_heads),
-        "mlp_ratio": blk.mlp.fc1.weight.shape[0] / d, "qkv_bias": blk.attn.qkv.bias is not None,
+        "img_size": int(model.patch_embed.img_size[0]),
+        "patch_size": int(model.patch_embed.patch_size[0]),
+        "in_chans": int(next(model.patch_embed.parameters()).shape[1]),
+        "num_classes": int(model.num_classes),
+        "embed_dim": d,
+        "depth": len(model.blocks),
+        "num_heads": int(blk.attn.num_heads),
+        "mlp_ratio": blk.mlp.fc1.weight.shape[0] / d,
+        "qkv_bias": blk.attn.qkv.bias is not None,
         "merges": {int(k): v for k, v in (merges or {}).items()},
-        "class_token": model.cls_token is not None, "dist_token": getattr(model, "dist_token", None) is not None,
-        "reg_tokens": int(getattr(model, "num_reg_tokens", 0) or 0), "no_embed_class": bool(model.no_embed_class),
-        "global_pool": str(model.global_pool), "fc_norm": fc_norm, "ln_eps": float(ln.eps),
-        "layer_scale": not isinstance(blk.ls1, nn.Identity), "family": "vit",
-        **({"family": "lvvit", "stem": model.patch_embed.stem, "skip_lam": float(getattr(model, "skip_lam", 1.0))}
-           if getattr(model.patch_embed, "caitdeploy_stem", False) else {}),
+        "class_token": model.cls_token is not None,
+        "dist_token": getattr(model, "dist_token", None) is not None,
+        "reg_tokens": int(getattr(model, "num_reg_tokens", 0) or 0),
+        "no_embed_class": bool(model.no_embed_class),
+        "global_pool": str(model.global_pool),
+        "fc_norm": fc_norm,
+        "ln_eps": float(ln.eps),
+        "layer_scale": not isinstance(blk.ls1, nn.Identity),
+        "family": "vit",
+        **(
+            {"family": "lvvit", "stem": model.patch_embed.stem, "skip_lam": float(getattr(model, "skip_lam", 1.0))}
+            if getattr(model.patch_embed, "caitdeploy_stem", False)
+            else {}
+        ),
     }
 
 

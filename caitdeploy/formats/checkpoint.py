@@ -2,6 +2,7 @@
 
 Every check raises `CaitError` with a message that names the file and the key or block at fault.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,11 @@ class Checkpoint:
     blocks are numbered flat, in the family's `block_sites` order."""
 
     path: Path
-    format_config: dict[str, Any]          # the `config` of the format (a ViT's merges keyed by int)
-    config: Any                            # the family's config: the unpruned model with its merges
+    format_config: dict[str, Any]  # the `config` of the format (a ViT's merges keyed by int)
+    config: Any  # the family's config: the unpruned model with its merges
     state_dict: dict[str, torch.Tensor]
     inferred: dict[str, Any] = field(default_factory=dict)  # config values inferred from shapes
-    notes: list[str] = field(default_factory=list)          # what loading changed (e.g. half -> float32)
+    notes: list[str] = field(default_factory=list)  # what loading changed (e.g. half -> float32)
 
     def compactor(self, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(weight, mask) of flat block `block`'s compactor ("q", "k", "v" or "fc1"), or None when absent
@@ -45,8 +46,17 @@ class Checkpoint:
 
 
 # ---- loading ------------------------------------------------------------------------------------
-_TORCH_HINTS = ("weights_only", "re-running", "trusted source", "documentation", "torch.serialization",
-                "add_safe_globals", "safe_globals", "pytorch 2.6", "https://")
+_TORCH_HINTS = (
+    "weights_only",
+    "re-running",
+    "trusted source",
+    "documentation",
+    "torch.serialization",
+    "add_safe_globals",
+    "safe_globals",
+    "pytorch 2.6",
+    "https://",
+)
 
 
 def _first_line(e: BaseException) -> str:
@@ -83,8 +93,10 @@ def _check_zip(path: Path) -> None:
         if magic[:1] == b"\x80":
             if (code := _pickle_global(path)) is not None:
                 raise CaitError(f"{path}: refused: the pickle needs code to load (it references {code}); {REFUSED}")
-            raise CaitError(f"{path}: a legacy (pre-1.6) torch.save file or a bare pickle: re-save it with "
-                            "torch.save (zip format, the default since torch 1.6) or convert it to .safetensors")
+            raise CaitError(
+                f"{path}: a legacy (pre-1.6) torch.save file or a bare pickle: re-save it with "
+                "torch.save (zip format, the default since torch 1.6) or convert it to .safetensors"
+            )
         raise CaitError(f"{path}: not a readable checkpoint: not a torch.save file (no zip header){_hint_suffix(path)}")
     from caitdeploy.core.safepickle import PickleRefused, check_torch_zip
 
@@ -102,11 +114,14 @@ def _check_zip(path: Path) -> None:
 def _check_records(path: Path, infos: list[zipfile.ZipInfo], size: int) -> None:
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED:
-            raise CaitError(f"{path}: zip record {info.filename!r} is compressed; torch.save never compresses "
-                            "(refused: a compressed record could inflate far beyond the file)")
+            raise CaitError(
+                f"{path}: zip record {info.filename!r} is compressed; torch.save never compresses "
+                "(refused: a compressed record could inflate far beyond the file)"
+            )
         if info.file_size > size:
-            raise CaitError(f"{path}: zip record {info.filename!r} claims {info.file_size} bytes, more than the "
-                            f"{size}-byte file")
+            raise CaitError(
+                f"{path}: zip record {info.filename!r} claims {info.file_size} bytes, more than the {size}-byte file"
+            )
 
 
 def _pickle_global(path: Path, limit: int = 1 << 20) -> str | None:
@@ -185,7 +200,7 @@ def _strip_prefixes(sd: dict[str, Any]) -> dict[str, Any]:
     while sd:
         for prefix in ("module.", "model."):
             if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
                 break
         else:
             return sd
@@ -203,8 +218,13 @@ def check_tensors(path: Path, sd: dict[Any, Any]) -> tuple[dict[str, torch.Tenso
     out: dict[str, torch.Tensor] = {}
     upcast: dict[str, int] = {}
     # BatchNorm's step counter (int64): eval-mode BatchNorm never reads it
-    sd = {k: v for k, v in sd.items() if not (isinstance(k, str) and k.endswith(".num_batches_tracked")
-                                              and isinstance(v, torch.Tensor) and v.numel() == 1)}
+    sd = {
+        k: v
+        for k, v in sd.items()
+        if not (
+            isinstance(k, str) and k.endswith(".num_batches_tracked") and isinstance(v, torch.Tensor) and v.numel() == 1
+        )
+    }
     for k, v in sd.items():
         if not isinstance(k, str):
             raise CaitError(f"{path}: state dict key {k!r} is not a string")
@@ -220,14 +240,15 @@ def check_tensors(path: Path, sd: dict[Any, Any]) -> tuple[dict[str, torch.Tenso
                 upcast[str(v.dtype).removeprefix("torch.")] = upcast.get(str(v.dtype).removeprefix("torch."), 0) + 1
                 v = v.float()
             elif v.dtype not in (torch.float32, torch.float64):
-                raise CaitError(f"{path}: key {k!r} has dtype {v.dtype}; expected float32, float64, float16 or bfloat16")
+                raise CaitError(
+                    f"{path}: key {k!r} has dtype {v.dtype}; expected float32, float64, float16 or bfloat16"
+                )
         elif k.endswith("_compactor.mask"):
             v = v.float()  # integer or bool masks: their 0/1 values are checked with the float ones
         else:
             raise CaitError(f"{path}: key {k!r} has {v.dtype} values: CAIT weights are floating point")
         out[k] = v
-    notes = [f"{n} {dt} tensors upcast to float32 for surgery (the fused model is float32)"
-             for dt, n in upcast.items()]
+    notes = [f"{n} {dt} tensors upcast to float32 for surgery (the fused model is float32)" for dt, n in upcast.items()]
     return out, notes
 
 
@@ -263,7 +284,7 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpo
             raise CaitError(f"{path}: no 'format' key and no 'model'/'state_dict' dict: not a CAIT checkpoint")
         sd, notes = check_tensors(path, _strip_prefixes(found))
         fmt_cfg, inferred = infer_config(path, sd, arch_cfg)
-    if arch is not None and arch_cfg is not None:   # both or neither
+    if arch is not None and arch_cfg is not None:  # both or neither
         _agree(path, fmt_cfg, arch_cfg, arch)
     try:
         config = CaitConfig.from_format(fmt_cfg)
@@ -294,8 +315,9 @@ def _check_format_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     for key, (_, types) in FORMAT_OPTIONAL.items():
         v = out[key]
         if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-            raise CaitError(f"{path}: config key {key!r} has value {render(v)}, expected "
-                            f"{' or '.join(t.__name__ for t in types)}")
+            raise CaitError(
+                f"{path}: config key {key!r} has value {render(v)}, expected {' or '.join(t.__name__ for t in types)}"
+            )
     if not (isinstance(out["skip_lam"], (int, float)) and 0.01 <= out["skip_lam"] <= 100):  # NaN fails too
         raise CaitError(f"{path}: config key 'skip_lam' = {render(out['skip_lam'])} is outside 0.01..100")
     for key in FORMAT_KEYS:
@@ -320,14 +342,17 @@ def _check_format_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         if not 0 <= i < cfg["depth"]:
             raise CaitError(f"{path}: config merges block {i} is outside 0..{cfg['depth'] - 1}")
         if i in out["merges"]:
-            raise CaitError(f"{path}: config merges name block {i} twice ({render(out['merges'][i])} and {render(v)}); "
-                            "a block has at most one merge")
+            raise CaitError(
+                f"{path}: config merges name block {i} twice ({render(out['merges'][i])} and {render(v)}); "
+                "a block has at most one merge"
+            )
         out["merges"][i] = v
     return out
 
 
-def infer_config(path: Path, sd: dict[str, torch.Tensor], arch_cfg: dict[str, Any] | None = None
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+def infer_config(
+    path: Path, sd: dict[str, torch.Tensor], arch_cfg: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Config of a timm/DeiT-style state dict from its shapes and keys (class, distillation and register
     tokens, layer scale, fc_norm); `arch_cfg` (timm's definition, `--arch`) supplies what shapes cannot tell:
     the head count (without per-head compactors), the pooling and the LayerNorm eps. Returns (config, the
@@ -354,8 +379,10 @@ def infer_config(path: Path, sd: dict[str, torch.Tensor], arch_cfg: dict[str, An
             no_embed_class = candidate
             break
     if no_embed_class is None:
-        raise CaitError(f"{path}: cannot infer img_size: pos_embed has {n_pos} positions; neither they nor they "
-                        f"minus the {prefix} prefix tokens form a square grid")
+        raise CaitError(
+            f"{path}: cannot infer img_size: pos_embed has {n_pos} positions; neither they nor they "
+            f"minus the {prefix} prefix tokens form a square grid"
+        )
     g = math.isqrt(n_pos - (0 if no_embed_class else prefix))
     if pw.shape[-1] != pw.shape[-2]:
         raise CaitError(f"{path}: key 'patch_embed.proj.weight' has a non-square kernel {tuple(pw.shape[-2:])}")
@@ -364,18 +391,25 @@ def infer_config(path: Path, sd: dict[str, torch.Tensor], arch_cfg: dict[str, An
     if depth == 0:
         raise CaitError(f"{path}: cannot infer depth: no 'blocks.{{i}}.*' keys")
     if depth > BOUNDS["depth"][1]:
-        raise CaitError(f"{path}: key prefix 'blocks.{depth - 1}.' gives depth {depth}, outside 1..{BOUNDS['depth'][1]} "
-                        "(the bound for real ViTs)")
-    heads = [sd[k].shape[0] for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.[qkv]_compactor\.weight", k)
-             and sd[k].dim() == 3]
+        raise CaitError(
+            f"{path}: key prefix 'blocks.{depth - 1}.' gives depth {depth}, outside 1..{BOUNDS['depth'][1]} "
+            "(the bound for real ViTs)"
+        )
+    heads = [
+        sd[k].shape[0]
+        for k in sd
+        if re.fullmatch(r"blocks\.\d+\.attn\.[qkv]_compactor\.weight", k) and sd[k].dim() == 3
+    ]
     if heads:
         num_heads = heads[0]
     elif arch_cfg is not None:
         num_heads = arch_cfg["num_heads"]
     else:
-        raise CaitError(f"{path}: cannot infer num_heads from a state dict without per-head compactors: pass "
-                        "--arch with the timm model name (e.g. --arch deit_tiny_patch16_224), or write a "
-                        "cait-compactor/1 checkpoint with a 'config'")
+        raise CaitError(
+            f"{path}: cannot infer num_heads from a state dict without per-head compactors: pass "
+            "--arch with the timm model name (e.g. --arch deit_tiny_patch16_224), or write a "
+            "cait-compactor/1 checkpoint with a 'config'"
+        )
     merges: dict[int, str] = {}
     for k in sd:
         if m := re.fullmatch(r"blocks\.(\d+)\.(htm|vtm)\.fc\.weight", k):
@@ -386,13 +420,22 @@ def infer_config(path: Path, sd: dict[str, torch.Tensor], arch_cfg: dict[str, An
     fc1 = need("blocks.0.mlp.fc1.weight", 2)
     fc_norm = "fc_norm.weight" in sd
     cfg = {
-        "img_size": g * pw.shape[-1], "patch_size": pw.shape[-1], "in_chans": pw.shape[1],
-        "num_classes": need("head.weight", 2).shape[0], "embed_dim": d, "depth": depth,
+        "img_size": g * pw.shape[-1],
+        "patch_size": pw.shape[-1],
+        "in_chans": pw.shape[1],
+        "num_classes": need("head.weight", 2).shape[0],
+        "embed_dim": d,
+        "depth": depth,
         "num_heads": num_heads,
-        "mlp_ratio": fc1.shape[0] / d if d else 0.0, "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
+        "mlp_ratio": fc1.shape[0] / d if d else 0.0,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
         "merges": merges,
-        "class_token": class_token, "dist_token": dist_token, "reg_tokens": reg, "no_embed_class": no_embed_class,
-        "fc_norm": fc_norm, "global_pool": "avg" if (fc_norm or not class_token) else "token",
+        "class_token": class_token,
+        "dist_token": dist_token,
+        "reg_tokens": reg,
+        "no_embed_class": no_embed_class,
+        "fc_norm": fc_norm,
+        "global_pool": "avg" if (fc_norm or not class_token) else "token",
         "layer_scale": "blocks.0.ls1.gamma" in sd,
     }
     inferred = dict(cfg)
@@ -406,14 +449,29 @@ def infer_config(path: Path, sd: dict[str, torch.Tensor], arch_cfg: dict[str, An
 def _agree(path: Path, cfg: dict[str, Any], arch_cfg: dict[str, Any], arch: str) -> None:
     """The checkpoint's structure must be the one timm defines for `arch` (image size may differ: timm
     models run at other resolutions with a resized pos_embed)."""
-    for key in ("patch_size", "embed_dim", "depth", "num_heads", "qkv_bias", "class_token", "dist_token",
-                "reg_tokens", "no_embed_class", "fc_norm", "layer_scale", "global_pool"):
+    for key in (
+        "patch_size",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "qkv_bias",
+        "class_token",
+        "dist_token",
+        "reg_tokens",
+        "no_embed_class",
+        "fc_norm",
+        "layer_scale",
+        "global_pool",
+    ):
         if key in arch_cfg and cfg.get(key) != arch_cfg[key]:
-            raise CaitError(f"{path}: does not match --arch {arch}: the checkpoint has {key} = {render(cfg.get(key))}, "
-                            f"timm's {arch} has {render(arch_cfg[key])}")
+            raise CaitError(
+                f"{path}: does not match --arch {arch}: the checkpoint has {key} = {render(cfg.get(key))}, "
+                f"timm's {arch} has {render(arch_cfg[key])}"
+            )
     if abs(cfg["mlp_ratio"] - arch_cfg["mlp_ratio"]) > 1e-6:
-        raise CaitError(f"{path}: does not match --arch {arch}: mlp width ratio {cfg['mlp_ratio']:g} vs "
-                        f"{arch_cfg['mlp_ratio']:g}")
+        raise CaitError(
+            f"{path}: does not match --arch {arch}: mlp width ratio {cfg['mlp_ratio']:g} vs {arch_cfg['mlp_ratio']:g}"
+        )
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -424,12 +482,19 @@ def expected_shapes(cfg: CaitConfig, fmt: dict[str, Any]) -> tuple[dict[str, tup
     d, h = cfg.embed_dim, fmt["num_heads"]
     hd, hidden = d // h, int(d * fmt["mlp_ratio"])
     req: dict[str, tuple] = {"cls_token": (1, 1, d)} if cfg.class_token else {}
-    fam: Any = family(cfg.family)   # a VitFamily: its variant's hooks give the stem's shapes
-    req.update({"pos_embed": (1, cfg.pos_embed_len, d), **fam.stem_shapes(cfg),
-                "head.weight": (cfg.num_classes, d), "head.bias": (cfg.num_classes,)})
+    fam: Any = family(cfg.family)  # a VitFamily: its variant's hooks give the stem's shapes
+    req.update(
+        {
+            "pos_embed": (1, cfg.pos_embed_len, d),
+            **fam.stem_shapes(cfg),
+            "head.weight": (cfg.num_classes, d),
+            "head.bias": (cfg.num_classes,),
+        }
+    )
     if cfg.dist_token:
-        req.update({"dist_token": (1, 1, d), "head_dist.weight": (cfg.num_classes, d),
-                    "head_dist.bias": (cfg.num_classes,)})
+        req.update(
+            {"dist_token": (1, 1, d), "head_dist.weight": (cfg.num_classes, d), "head_dist.bias": (cfg.num_classes,)}
+        )
     if cfg.reg_tokens:
         req["reg_token"] = (1, cfg.reg_tokens, d)
     norm = "fc_norm" if cfg.fc_norm else "norm"
@@ -437,12 +502,21 @@ def expected_shapes(cfg: CaitConfig, fmt: dict[str, Any]) -> tuple[dict[str, tup
     opt: dict[str, tuple] = {}
     for i, blk in enumerate(cfg.blocks):
         b = f"blocks.{i}."
-        req.update({
-            b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "norm2.weight": (d,), b + "norm2.bias": (d,),
-            b + "attn.qkv.weight": (3 * d, d), b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-            b + "mlp.fc1.weight": (hidden, d), b + "mlp.fc1.bias": (hidden,),
-            b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,),
-        })
+        req.update(
+            {
+                b + "norm1.weight": (d,),
+                b + "norm1.bias": (d,),
+                b + "norm2.weight": (d,),
+                b + "norm2.bias": (d,),
+                b + "attn.qkv.weight": (3 * d, d),
+                b + "attn.proj.weight": (d, d),
+                b + "attn.proj.bias": (d,),
+                b + "mlp.fc1.weight": (hidden, d),
+                b + "mlp.fc1.bias": (hidden,),
+                b + "mlp.fc2.weight": (d, hidden),
+                b + "mlp.fc2.bias": (d,),
+            }
+        )
         if fmt.get("layer_scale"):
             req.update({b + "ls1.gamma": (d,), b + "ls2.gamma": (d,)})
         if cfg.qkv_bias:
@@ -470,13 +544,16 @@ def validate(ckpt: Checkpoint) -> None:
     validate_state_dict(ckpt.path, ckpt.state_dict, req, opt, cfg)
 
 
-def validate_state_dict(path: Path, sd: dict[str, torch.Tensor], req: dict[str, tuple], opt: dict[str, tuple],
-                        cfg: CaitConfig | None = None) -> None:
+def validate_state_dict(
+    path: Path, sd: dict[str, torch.Tensor], req: dict[str, tuple], opt: dict[str, tuple], cfg: CaitConfig | None = None
+) -> None:
     """Exactly the keys `req` (+ any of `opt`), each of its shape and finite; compactor weights and masks in
     pairs, masks 0/1, no head or fc1 masked whole. `cfg` (a ViT config) adds merge hints."""
     missing = [k for k in req if k not in sd]
     if missing:
-        raise CaitError(f"{path}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CaitError(
+            f"{path}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     extra = [k for k in sd if k not in req and k not in opt]
     if extra:
         from caitdeploy.families.timm_compat import unsupported_feature
@@ -486,8 +563,11 @@ def validate_state_dict(path: Path, sd: dict[str, torch.Tensor], req: dict[str, 
             raise CaitError(f"{path}: key {key!r}: {feature} is not supported (not part of {FORMAT})")
         hint = ""
         if cfg is not None and (m := re.fullmatch(r"blocks\.(\d+)\.(htm|vtm)\..*", extra[0])):
-            hint = f" (config merges say block {m.group(1)} has {cfg.blocks[int(m.group(1))].merge or 'no'} merge)" \
-                if int(m.group(1)) < cfg.depth else ""
+            hint = (
+                f" (config merges say block {m.group(1)} has {cfg.blocks[int(m.group(1))].merge or 'no'} merge)"
+                if int(m.group(1)) < cfg.depth
+                else ""
+            )
         raise CaitError(f"{path}: unexpected key {extra[0]!r}{hint}")
     for k, v in sd.items():
         want = req.get(k, opt.get(k))
@@ -539,8 +619,11 @@ def _load_whole_config(path: Path, raw: dict[str, Any], fam) -> Checkpoint:
         cfg = fam.config_from_format(fmt)
     except ConfigError as e:
         raise CaitError(f"{path}: config {e}") from None
-    sd = {k: v for k, v in _strip_prefixes(raw["state_dict"]).items()
-          if not (isinstance(k, str) and k.endswith(buffer_suffixes()))}
+    sd = {
+        k: v
+        for k, v in _strip_prefixes(raw["state_dict"]).items()
+        if not (isinstance(k, str) and k.endswith(buffer_suffixes()))
+    }
     sd, notes = check_tensors(path, sd)
     req, opt = fam.checkpoint_shapes(cfg)
     validate_state_dict(path, sd, req, opt)

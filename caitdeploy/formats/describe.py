@@ -6,6 +6,7 @@ merges, op census, FLOPs, params); `caitdeploy inspect` prints it. Every reader 
 An engine's header is checked by TensorRT, which this layer does not import: the caller passes the check
 (`header_check`, `runtime.tensorrt.engine_header_check` from `pipelines.inspect`).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,10 +25,18 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 def _config_summary(config) -> dict[str, Any]:
     from caitdeploy.families.flops import block_rows, model_flops, model_params
 
-    return {"img_size": config.img_size if isinstance(config.img_size, int) else list(config.img_size), "patch_size": config.patch_size, "in_chans": config.in_chans,
-            "num_classes": config.num_classes, "embed_dim": config.embed_dim, "depth": config.depth,
-            "merges": config.merges, "flops": model_flops(config)["total"], "params": model_params(config),
-            "blocks": block_rows(config)}
+    return {
+        "img_size": config.img_size if isinstance(config.img_size, int) else list(config.img_size),
+        "patch_size": config.patch_size,
+        "in_chans": config.in_chans,
+        "num_classes": config.num_classes,
+        "embed_dim": config.embed_dim,
+        "depth": config.depth,
+        "merges": config.merges,
+        "flops": model_flops(config)["total"],
+        "params": model_params(config),
+        "blocks": block_rows(config),
+    }
 
 
 def inspect_checkpoint(path: Path) -> dict[str, Any]:
@@ -64,9 +73,15 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
 # the fields of a fused file's `caitdeploy` metadata (written by `fuse` and `convert`) that readers use:
 # name -> (kind, lowest, highest). Counts are of one image's FLOPs / the model's parameters.
 FUSED_META_FIELDS: dict[str, tuple[str, float, float]] = {
-    "flops": ("number", 0, 1e18), "flops_dense": ("number", 1, 1e18), "flops_fused": ("number", 0, 1e18),
-    "params": ("number", 0, 1e15), "params_dense": ("number", 0, 1e15), "params_fused": ("number", 0, 1e15),
-    "source": ("text", 0, 4096), "converted_from": ("text", 0, 64), "options": ("object", 0, 0),
+    "flops": ("number", 0, 1e18),
+    "flops_dense": ("number", 1, 1e18),
+    "flops_fused": ("number", 0, 1e18),
+    "params": ("number", 0, 1e15),
+    "params_dense": ("number", 0, 1e15),
+    "params_fused": ("number", 0, 1e15),
+    "source": ("text", 0, 4096),
+    "converted_from": ("text", 0, 64),
+    "options": ("object", 0, 0),
 }
 
 
@@ -83,7 +98,7 @@ def fused_meta(meta: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
             continue
         v = meta[key]
         if kind == "number":
-            ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi)
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi
             want = f"a finite number in {lo:g}..{hi:g}"
         elif kind == "text":
             ok = isinstance(v, str) and len(v) <= hi
@@ -134,16 +149,24 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
     meta = read_onnx_metadata(m)
     census = op_census(m)
     out: dict[str, Any] = {
-        "kind": "onnx", "format": meta.get("caitdeploy.format", "onnx"), "file": str(path),
-        "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import}, "ir_version": m.ir_version,
-        "producer": f"{m.producer_name} {m.producer_version}".strip(), **io_signature(m),
-        "dtype": (f"int8 {meta['caitdeploy.int8'][:20]} ({meta.get('caitdeploy.int8.activations', '?')[:20]} "
-                  f"activations, {meta.get('caitdeploy.int8.weight_bits', '8')[:2]}-bit weights)"
-                  if "caitdeploy.int8" in meta else meta.get("caitdeploy.dtype")),
+        "kind": "onnx",
+        "format": meta.get("caitdeploy.format", "onnx"),
+        "file": str(path),
+        "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import},
+        "ir_version": m.ir_version,
+        "producer": f"{m.producer_name} {m.producer_version}".strip(),
+        **io_signature(m),
+        "dtype": (
+            f"int8 {meta['caitdeploy.int8'][:20]} ({meta.get('caitdeploy.int8.activations', '?')[:20]} "
+            f"activations, {meta.get('caitdeploy.int8.weight_bits', '8')[:2]}-bit weights)"
+            if "caitdeploy.int8" in meta
+            else meta.get("caitdeploy.dtype")
+        ),
         "attention": meta.get("caitdeploy.attention"),
         "features": (meta.get("caitdeploy.features") or "")[:200] or None,
         "restore": (meta.get("caitdeploy.restore") or "")[:40] or None,
-        "census": census, "nodes": sum(census.values()),
+        "census": census,
+        "nodes": sum(census.values()),
         "params": int(sum(_numel(t) for t in m.graph.initializer)),
     }
     if "caitdeploy.config" in meta:
@@ -191,8 +214,13 @@ def inspect_engine(path: Path, header_check: HeaderCheck | None = None) -> dict[
     file_check = check_engine_file(path, side)
     with open(path, "rb") as f:
         data = f.read(1 << 20)  # the header check needs the first bytes only, never the whole engine
-    out: dict[str, Any] = {"kind": "engine", "file": str(path), "bytes": size, "sidecar": side is not None,
-                           "engine_check": file_check}
+    out: dict[str, Any] = {
+        "kind": "engine",
+        "file": str(path),
+        "bytes": size,
+        "sidecar": side is not None,
+        "engine_check": file_check,
+    }
     check: dict[str, Any]
     if header_check is None:
         check = {"supported": False, "reason": "no engine header check given (pipelines.inspect passes TensorRT's)"}
@@ -209,8 +237,24 @@ def inspect_engine(path: Path, header_check: HeaderCheck | None = None) -> dict[
             raise CaitError(f"{path}: no sidecar {path.name}.json and no TensorRT module to check the engine")
         out["note"] = f"no sidecar {path.name}.json: build details unknown"
         return out
-    keep = ("flavour", "trt_version", "build_target", "strongly_typed", "dtype", "io_dtype", "input", "outputs",
-            "profile", "onnx", "opt_level", "workspace_mb", "build_seconds", "engine_bytes", "engine_sha256", "created")
+    keep = (
+        "flavour",
+        "trt_version",
+        "build_target",
+        "strongly_typed",
+        "dtype",
+        "io_dtype",
+        "input",
+        "outputs",
+        "profile",
+        "onnx",
+        "opt_level",
+        "workspace_mb",
+        "build_seconds",
+        "engine_bytes",
+        "engine_sha256",
+        "created",
+    )
     out.update({k: side.get(k) for k in keep})
     src = Path(side["onnx"]["path"]) if (side.get("onnx") or {}).get("path") else None
     out["onnx_matches"] = _same_onnx(src, side["onnx"]) if src is not None else None
@@ -239,13 +283,17 @@ def describe_file(path: str | os.PathLike, header_check: HeaderCheck | None = No
             return inspect_fused(path)
         if fmt == "cait-compactor/1":
             return inspect_checkpoint(path)
-        raise CaitError(f"{path}: safetensors file with format {safe_text(fmt, 60)!r}: neither a cait-compactor/1 checkpoint nor "
-                        "a cait-fused/1 model")
+        raise CaitError(
+            f"{path}: safetensors file with format {safe_text(fmt, 60)!r}: neither a cait-compactor/1 checkpoint nor "
+            "a cait-fused/1 model"
+        )
     if suffix in TORCH_SUFFIXES:
         return inspect_checkpoint(path)
     if suffix in ONNX_SUFFIXES:
         return inspect_onnx(path)
     if suffix in ENGINE_SUFFIXES or Path(str(path) + ".json").is_file():
         return inspect_engine(path, header_check)
-    raise CaitError(f"{path}: unrecognised file type {suffix or '(no suffix)'!r}: expected a checkpoint "
-                    "(.pth/.safetensors), a fused model (.safetensors), an ONNX file (.onnx) or an engine (.plan)")
+    raise CaitError(
+        f"{path}: unrecognised file type {suffix or '(no suffix)'!r}: expected a checkpoint "
+        "(.pth/.safetensors), a fused model (.safetensors), an ONNX file (.onnx) or an engine (.plan)"
+    )

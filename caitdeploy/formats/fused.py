@@ -1,4 +1,5 @@
 """Fused-model files: safetensors with the config as JSON metadata (never a pickled module)."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,13 @@ if TYPE_CHECKING:
     from caitdeploy.families.layers import AttnImpl
 
 
-def save_fused(path: str | os.PathLike, config: CaitConfig, state_dict: dict[str, torch.Tensor],
-               meta: dict[str, Any] | None = None, staging: Staging | None = None) -> Path:
+def save_fused(
+    path: str | os.PathLike,
+    config: CaitConfig,
+    state_dict: dict[str, torch.Tensor],
+    meta: dict[str, Any] | None = None,
+    staging: Staging | None = None,
+) -> Path:
     """Write a fused model atomically. `meta` (JSON-able) lands under the `caitdeploy` metadata key.
     With `staging` the file is staged there and appears only when the caller commits."""
     from safetensors.torch import save_file
@@ -60,10 +66,12 @@ def _not_fused(path: Path) -> CaitError:
     fmt = raw.get("format") if isinstance(raw, dict) else None
     if isinstance(raw, dict) and (fmt == FORMAT or (fmt is None and ("model" in raw or "state_dict" in raw))):
         what = fmt if isinstance(fmt, str) else "DeiT-style state dict"
-        return CaitError(f"{path}: is a CAIT training checkpoint ({what}), not a fused model: run "
-                         "`caitdeploy fuse` on it first")
-    return CaitError(f"{path}: not a fused model: expected a {FUSED_FORMAT} .safetensors file written by "
-                     "`caitdeploy fuse`")
+        return CaitError(
+            f"{path}: is a CAIT training checkpoint ({what}), not a fused model: run `caitdeploy fuse` on it first"
+        )
+    return CaitError(
+        f"{path}: not a fused model: expected a {FUSED_FORMAT} .safetensors file written by `caitdeploy fuse`"
+    )
 
 
 ST_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -124,8 +132,10 @@ def load_fused(path: str | os.PathLike) -> tuple[CaitConfig, dict[str, torch.Ten
         if shape != want:
             raise CaitError(f"{path}: key {k!r} has shape {shape}, config says {want}")
         if dtype not in ST_FLOAT_DTYPES:
-            raise CaitError(f"{path}: key {k!r} has dtype {dtype}; a fused model holds float32 (or float16, "
-                            "bfloat16, float64) weights")
+            raise CaitError(
+                f"{path}: key {k!r} has dtype {dtype}; a fused model holds float32 (or float16, "
+                "bfloat16, float64) weights"
+            )
     n = sum(math.prod(s) for s, _ in info.values())
     check_memory(3 * 4 * n, f"{path}: loading {n} parameters")
     tensors, _ = read_safetensors(path)

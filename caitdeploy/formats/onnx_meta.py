@@ -3,6 +3,7 @@
 Pure readers, no export logic: `export.onnx` writes the files and checks its own graphs with them, and
 `formats.describe` (`caitdeploy inspect`) reports what they say about any ONNX file, hostile ones included.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -49,13 +50,16 @@ def _elem_type_name(value_info) -> str:
 
 def io_signature(model) -> dict[str, Any]:
     """{"inputs": [{"name", "shape", "dtype"}], "outputs": [...]} of a ModelProto (dynamic dims as names)."""
+
     def sig(v):
         dims = [d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim]
         return {"name": v.name, "shape": dims, "dtype": _elem_type_name(v)}
 
     inits = {i.name for i in model.graph.initializer}
-    return {"inputs": [sig(v) for v in model.graph.input if v.name not in inits],
-            "outputs": [sig(v) for v in model.graph.output]}
+    return {
+        "inputs": [sig(v) for v in model.graph.input if v.name not in inits],
+        "outputs": [sig(v) for v in model.graph.output],
+    }
 
 
 def _numel(t) -> int:  # element count of an ONNX TensorProto

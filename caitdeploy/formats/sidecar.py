@@ -5,6 +5,7 @@ stranger), the build options it records (`BUILD_KEYS`, `normalize_build_options`
 engine may be reused) and the check of an engine file against it (`check_engine_file`: byte count and SHA-256).
 No TensorRT here: `runtime.tensorrt` loads and runs engines.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,7 @@ from caitdeploy.core.errors import CaitError, safe_text
 from caitdeploy.core.names import ENGINE_FORMAT
 from caitdeploy.core.paths import MAX_ENGINE_BYTES, MAX_SIDECAR_BYTES, read_bounded, regular_file_size
 
-FLAVOURS = ("tensorrt", "tensorrt_rtx")   # the TensorRT Python modules: full TensorRT (>= 10) and TensorRT-RTX
+FLAVOURS = ("tensorrt", "tensorrt_rtx")  # the TensorRT Python modules: full TensorRT (>= 10) and TensorRT-RTX
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 BUILD_KEYS = ("min_batch", "opt_batch", "max_batch", "workspace_mb", "opt_level", "compute_capabilities", "flavour")
 
@@ -50,6 +51,7 @@ def sidecar_path(engine_path: str | os.PathLike) -> Path:
 
 def _sidecar_problem(d: dict[str, Any]) -> str | None:
     """Why a sidecar's fields cannot be used (types, shapes), or None."""
+
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -69,22 +71,28 @@ def _sidecar_problem(d: dict[str, Any]) -> str | None:
                 return f"'profile.{k}' must be 4 positive integers"
     onnx = d.get("onnx")
     if onnx is not None:
-        if not isinstance(onnx, dict) or not isinstance(onnx.get("path"), str) \
-                or not isinstance(onnx.get("sha256"), str) or len(onnx["sha256"]) != 64:
+        if (
+            not isinstance(onnx, dict)
+            or not isinstance(onnx.get("path"), str)
+            or not isinstance(onnx.get("sha256"), str)
+            or len(onnx["sha256"]) != 64
+        ):
             return "'onnx' must hold a path and a 64-character sha256"
         if not _HEX64.fullmatch(onnx["sha256"]):
             return "'onnx.sha256' must be 64 hexadecimal digits"
         if "bytes" in onnx and not (is_int(onnx["bytes"]) and 0 <= onnx["bytes"] <= 1 << 62):
             return "'onnx.bytes' must be a non-negative integer"
     for key in ("build_seconds",):
-        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, float))
-                         or not math.isfinite(d[key]) or d[key] < 0):
+        if key in d and (
+            isinstance(d[key], bool) or not isinstance(d[key], (int, float)) or not math.isfinite(d[key]) or d[key] < 0
+        ):
             return f"{key!r} must be a finite number >= 0"
     for key, lo, hi in (("opt_level", 0, 5), ("engine_bytes", 0, 1 << 62), ("workspace_mb", 0, 1 << 40)):
         if d.get(key) is not None and not (is_int(d[key]) and lo <= d[key] <= hi):
             return f"{key!r} must be an integer in {lo}..{hi}"
-    if d.get("engine_sha256") is not None and not (isinstance(d["engine_sha256"], str)
-                                                    and _HEX64.fullmatch(d["engine_sha256"])):
+    if d.get("engine_sha256") is not None and not (
+        isinstance(d["engine_sha256"], str) and _HEX64.fullmatch(d["engine_sha256"])
+    ):
         return "'engine_sha256' must be 64 hexadecimal digits"
     if "outputs" in d and not (isinstance(d["outputs"], list) and all(isinstance(x, str) for x in d["outputs"])):
         return "'outputs' must be a list of names"
@@ -123,8 +131,9 @@ def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any] | None:
     return data
 
 
-def check_engine_file(engine_path: str | os.PathLike, side: dict[str, Any] | None,
-                      data: bytes | None = None) -> dict[str, Any]:
+def check_engine_file(
+    engine_path: str | os.PathLike, side: dict[str, Any] | None, data: bytes | None = None
+) -> dict[str, Any]:
     """The engine file against its sidecar: its size must equal `engine_bytes` and its SHA-256 `engine_sha256`
     (a truncated, appended-to or swapped plan is refused in one line naming the file). Sidecars written before
     caitdeploy recorded the hash are checked by size only, and the result says so.
@@ -141,16 +150,22 @@ def check_engine_file(engine_path: str | os.PathLike, side: dict[str, Any] | Non
     if want is not None:
         out["bytes_match"] = size == want
         if size != want:
-            raise CaitError(f"{path}: engine is {size} bytes but its sidecar {sidecar_path(path).name} records "
-                            f"{want}: the file was truncated, extended or replaced since the build")
+            raise CaitError(
+                f"{path}: engine is {size} bytes but its sidecar {sidecar_path(path).name} records "
+                f"{want}: the file was truncated, extended or replaced since the build"
+            )
     if side.get("engine_sha256") is None:
-        out["note"] = ("the sidecar records no engine SHA-256 (written by an older caitdeploy): only the byte count "
-                       "was checked" if want is not None else "the sidecar records neither the engine's size nor "
-                       "its SHA-256: the engine file is unchecked")
+        out["note"] = (
+            "the sidecar records no engine SHA-256 (written by an older caitdeploy): only the byte count was checked"
+            if want is not None
+            else "the sidecar records neither the engine's size nor its SHA-256: the engine file is unchecked"
+        )
         return out
     digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
     out["sha256"], out["sha256_match"] = digest, digest == side["engine_sha256"]
     if digest != side["engine_sha256"]:
-        raise CaitError(f"{path}: engine SHA-256 {digest[:16]}... differs from the {side['engine_sha256'][:16]}... "
-                        f"its sidecar {sidecar_path(path).name} records: the file changed since the build")
+        raise CaitError(
+            f"{path}: engine SHA-256 {digest[:16]}... differs from the {side['engine_sha256'][:16]}... "
+            f"its sidecar {sidecar_path(path).name} records: the file changed since the build"
+        )
     return out

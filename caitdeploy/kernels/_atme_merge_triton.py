@@ -92,7 +92,9 @@ def _atme_merge_kernel(
 
     # Class-token rows: copy x[b, 0, :] through unchanged.
     is_cls = row_ok & (tok == 0)
-    cls = tl.load(x_ptr + img_off[:, None] + offs_n[None, :] * stride_xd, mask=is_cls[:, None] & col_ok[None, :], other=0.0)
+    cls = tl.load(
+        x_ptr + img_off[:, None] + offs_n[None, :] * stride_xd, mask=is_cls[:, None] & col_ok[None, :], other=0.0
+    )
     res = tl.where(is_cls[:, None], cls.to(tl.float32), acc)
 
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * D + offs_n[None, :]
@@ -135,10 +137,22 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias, gh: int, gw: int, kind: 
     has_bias = bias is not None
     b_arg = bias if has_bias else weight  # dummy pointer, never read
     args = (
-        x, weight, b_arg, out,
-        M, t1, D, wo, row_step, col_step, pair_step,
-        x.stride(0), x.stride(1), x.stride(2),
-        weight.stride(0), weight.stride(1),
+        x,
+        weight,
+        b_arg,
+        out,
+        M,
+        t1,
+        D,
+        wo,
+        row_step,
+        col_step,
+        pair_step,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        weight.stride(0),
+        weight.stride(1),
         bias.stride(0) if has_bias else 0,
     )
     mode = dot_mode(x.dtype)

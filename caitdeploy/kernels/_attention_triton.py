@@ -36,9 +36,18 @@ def _attention_fwd_kernel(
     DQK,
     DV,
     qk_scale,  # scale * log2(e)
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
     DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -73,14 +82,18 @@ def _attention_fwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        k_t = tl.load(k_base + offs_n[None, :] * skn + offs_dq[:, None] * skd, mask=dq_ok[:, None] & n_ok[None, :], other=0.0)
+        k_t = tl.load(
+            k_base + offs_n[None, :] * skn + offs_dq[:, None] * skd, mask=dq_ok[:, None] & n_ok[None, :], other=0.0
+        )
         s = mma(q, k_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_MODE) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has >= 1 valid key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        v = tl.load(
+            v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=n_ok[:, None] & dv_ok[None, :], other=0.0
+        )
         acc = acc * alpha[:, None]
         acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
         m_i = m_new
@@ -116,8 +129,18 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     bdq = max(16, next_pow2(dqk))
     bdv = max(16, next_pow2(dv))
     args = (
-        q, k, v, out, N, H, dqk, dv, float(scale) * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(),
+        q,
+        k,
+        v,
+        out,
+        N,
+        H,
+        dqk,
+        dv,
+        float(scale) * _LOG2E,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
     )
     mode = dot_mode(q.dtype)
     if INTERPRETED:
@@ -128,4 +151,3 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
         grid_of = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)  # noqa: E731
         _kernel[grid_of](*args, DOT_MODE=mode, BLOCK_DQK=bdq, BLOCK_DV=bdv)
     return out
-

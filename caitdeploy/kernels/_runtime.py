@@ -93,8 +93,10 @@ def interpreter_defect() -> str | None:
     except Exception:  # noqa: BLE001 - no triton: triton_available() says so
         return None
     if _version(tri) < (3, 8) and _version(npv) >= (2, 5):
-        return (f"the Triton interpreter of triton {tri} cannot run with numpy {npv} (int() of a one-element "
-                "array, refused since numpy 2.5; fixed in triton 3.8); compiled kernels on CUDA are not affected")
+        return (
+            f"the Triton interpreter of triton {tri} cannot run with numpy {npv} (int() of a one-element "
+            "array, refused since numpy 2.5; fixed in triton 3.8); compiled kernels on CUDA are not affected"
+        )
     return None
 
 
@@ -118,8 +120,9 @@ def load_impl(name: str, caller: str) -> ModuleType:
             f"({_TRITON_ERR}); install triton or use kernels.{caller}_ref (plain PyTorch)"
         )
     if want_interp and interpreter_defect():
-        raise TritonUnavailableError(f"kernels.{caller}: {interpreter_defect()}; use kernels.{caller}_ref "
-                                     "(plain PyTorch) on this CPU")
+        raise TritonUnavailableError(
+            f"kernels.{caller}: {interpreter_defect()}; use kernels.{caller}_ref (plain PyTorch) on this CPU"
+        )
     mod = importlib.import_module(f"{__package__}._{name}_triton")
     if want_interp and (not mod.INTERPRETED or (triton_was_imported and not _lang_interpreted())):
         raise RuntimeError(
@@ -152,4 +155,6 @@ def check_device_for_triton(device: torch.device, interpreted: bool, caller: str
             f"{caller}: CPU tensors need the Triton interpreter, but the kernels were compiled for CUDA "
             "(set TRITON_INTERPRET=1 before the first kernel call, or pass CUDA tensors)"
         )
-    raise ValueError(f"{caller}: unsupported device type {device.type!r} (expected cuda, or cpu with TRITON_INTERPRET=1)")
+    raise ValueError(
+        f"{caller}: unsupported device type {device.type!r} (expected cuda, or cpu with TRITON_INTERPRET=1)"
+    )

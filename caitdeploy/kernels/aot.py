@@ -9,6 +9,7 @@ shared memory the kernel needs against the target's per-block limit, and whether
 and its least demanding one; the full run compiles every autotune config. Must run with TRITON_INTERPRET unset
 (the interpreter replaces @triton.jit functions and compiles nothing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -117,21 +118,48 @@ def compile_all(targets=TARGETS, quick: bool = False, log=None, smoke: bool = Fa
         kw, warps, stages = _cfg(c)
         consts = {**const, **kw}
         cfg_name = ",".join(f"{k}={v}" for k, v in kw.items()) + f",warps={warps},stages={stages}"
-        dtype = {"*fp16": "fp16", "*bf16": "bf16", "*fp32": "fp32"}[next(v for k, v in sig.items() if k.endswith("_ptr"))]
+        dtype = {"*fp16": "fp16", "*bf16": "bf16", "*fp32": "fp32"}[
+            next(v for k, v in sig.items() if k.endswith("_ptr"))
+        ]
         for cc in targets:
             t0 = time.perf_counter()
             try:
                 src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-                k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                   options={"num_warps": warps, "num_stages": stages})
+                k = triton.compile(
+                    src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": stages}
+                )
                 shared = int(k.metadata.shared)
-                r = Result(kernel, f"sm_{cc}", dtype, shape, cfg_name, True, shared, SMEM_LIMIT[cc],
-                           shared <= SMEM_LIMIT[cc], "wgmma" in k.asm["ptx"], len(k.asm["cubin"]),
-                           time.perf_counter() - t0)
+                r = Result(
+                    kernel,
+                    f"sm_{cc}",
+                    dtype,
+                    shape,
+                    cfg_name,
+                    True,
+                    shared,
+                    SMEM_LIMIT[cc],
+                    shared <= SMEM_LIMIT[cc],
+                    "wgmma" in k.asm["ptx"],
+                    len(k.asm["cubin"]),
+                    time.perf_counter() - t0,
+                )
             except Exception as e:  # noqa: BLE001 - recorded: a failed compile is a result
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                r = Result(kernel, f"sm_{cc}", dtype, shape, cfg_name, False, None, SMEM_LIMIT[cc], None, None,
-                           None, time.perf_counter() - t0, f"{type(e).__name__}: {first}")
+                r = Result(
+                    kernel,
+                    f"sm_{cc}",
+                    dtype,
+                    shape,
+                    cfg_name,
+                    False,
+                    None,
+                    SMEM_LIMIT[cc],
+                    None,
+                    None,
+                    None,
+                    time.perf_counter() - t0,
+                    f"{type(e).__name__}: {first}",
+                )
             out.append(r)
             if log:
                 log(r)
@@ -149,8 +177,10 @@ def check(results: list[Result]) -> list[str]:
     for (kernel, target, dtype, shape), rs in groups.items():
         if not any(r.ok and r.fits for r in rs):
             need = min((r.shared_bytes or 0) for r in rs)
-            problems.append(f"{kernel} {target} {dtype} {shape}: no autotune config fits "
-                            f"({need} > {rs[0].smem_limit} bytes of shared memory)")
+            problems.append(
+                f"{kernel} {target} {dtype} {shape}: no autotune config fits "
+                f"({need} > {rs[0].smem_limit} bytes of shared memory)"
+            )
         if target == "sm_90" and dtype in ("fp16", "bf16") and not any(r.wgmma for r in rs if r.ok):
             problems.append(f"{kernel} sm_90 {dtype} {shape}: no wgmma in the PTX")
     return problems
@@ -159,9 +189,14 @@ def check(results: list[Result]) -> list[str]:
 def summary(results: list[Result]) -> dict[str, Any]:
     import triton
 
-    return {"triton": triton.__version__, "compiled": sum(r.ok for r in results), "failed": sum(not r.ok for r in results),
-            "over_smem_limit": sum(1 for r in results if r.ok and not r.fits),
-            "seconds": round(sum(r.seconds for r in results), 2), "problems": check(results)}
+    return {
+        "triton": triton.__version__,
+        "compiled": sum(r.ok for r in results),
+        "failed": sum(not r.ok for r in results),
+        "over_smem_limit": sum(1 for r in results if r.ok and not r.fits),
+        "seconds": round(sum(r.seconds for r in results), 2),
+        "problems": check(results),
+    }
 
 
 def parser() -> argparse.ArgumentParser:

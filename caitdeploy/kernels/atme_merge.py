@@ -62,7 +62,9 @@ def _validate(x, weight, bias, grid_hw, kind, name: str, allowed_dtypes=_DTYPES)
             raise ValueError(f"{name}: bias must be [D] = [{D}], got {tuple(bias.shape)}")
     tensors = [x, weight] + ([bias] if bias is not None else [])
     if x.dtype not in allowed_dtypes:
-        raise ValueError(f"{name}: dtype {x.dtype} not supported (use one of {', '.join(str(d) for d in allowed_dtypes)})")
+        raise ValueError(
+            f"{name}: dtype {x.dtype} not supported (use one of {', '.join(str(d) for d in allowed_dtypes)})"
+        )
     if any(t.dtype != x.dtype for t in tensors):
         raise ValueError(f"{name}: x, weight and bias must share one dtype, got {[str(t.dtype) for t in tensors]}")
     if any(t.device != x.device for t in tensors):
@@ -81,7 +83,15 @@ def atme_merge_linear_ref(
 
     Runs in the dtype of its inputs; upcast them first for an fp32 reference.
     """
-    gh, gw = _validate(x, weight, bias, grid_hw, kind, "atme_merge_linear_ref", allowed_dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    gh, gw = _validate(
+        x,
+        weight,
+        bias,
+        grid_hw,
+        kind,
+        "atme_merge_linear_ref",
+        allowed_dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    )
     B, _, D = x.shape
     patches = x[:, 1:]
     if kind == "h":

@@ -23,17 +23,25 @@ def _validate(q, k, v, scale, name: str, allowed_dtypes=_DTYPES, max_dim=None) -
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         raise ValueError(f"{name}: q, k and v must be torch.Tensor")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{name}: q, k, v must be 4-D [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"{name}: q, k, v must be 4-D [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if k.shape != q.shape:
         raise ValueError(f"{name}: k must have q's shape [B, H, N, Dqk] = {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{name}: v must be [B, H, N, Dv] with q's B, H, N = {tuple(q.shape[:3])}, got {tuple(v.shape)}")
+        raise ValueError(
+            f"{name}: v must be [B, H, N, Dv] with q's B, H, N = {tuple(q.shape[:3])}, got {tuple(v.shape)}"
+        )
     if q.shape[-1] < 1 or v.shape[-1] < 1:
         raise ValueError(f"{name}: head widths must be >= 1, got Dqk={q.shape[-1]}, Dv={v.shape[-1]}")
     if max_dim is not None and (q.shape[-1] > max_dim or v.shape[-1] > max_dim):
-        raise ValueError(f"{name}: head widths above {max_dim} are not supported, got Dqk={q.shape[-1]}, Dv={v.shape[-1]}")
+        raise ValueError(
+            f"{name}: head widths above {max_dim} are not supported, got Dqk={q.shape[-1]}, Dv={v.shape[-1]}"
+        )
     if q.dtype not in allowed_dtypes:
-        raise ValueError(f"{name}: dtype {q.dtype} not supported (use one of {', '.join(str(d) for d in allowed_dtypes)})")
+        raise ValueError(
+            f"{name}: dtype {q.dtype} not supported (use one of {', '.join(str(d) for d in allowed_dtypes)})"
+        )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"{name}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:

@@ -13,6 +13,7 @@ together at the end, or none of them.
 option and output path before any model is loaded, runs, and writes. Heavy imports (torch) happen inside the
 functions, so `caitdeploy --help` stays fast.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ from caitdeploy.core.errors import CaitError, OptionError, safe_text
 if TYPE_CHECKING:
     from caitdeploy.bench.runners import Timing
 
-Log = Callable[[str], None]   # called with each line the run reports as it goes (models, ToMe's r, fp16 notes)
+Log = Callable[[str], None]  # called with each line the run reports as it goes (models, ToMe's r, fp16 notes)
 
 
 @dataclass(frozen=True)
@@ -35,26 +36,26 @@ class BenchOptions:
     `--markdown` -> `md_path`, `--plot` -> `plot_path`), with the CLI's defaults. Only `model` is required.
     Numbers may also be given as the CLI's text ("10", "2.0"): the same notation rules apply."""
 
-    model: str | os.PathLike | Sequence[str | os.PathLike]   # one fused model file or several
-    batches: int | str | Sequence[int | str] = (256,)   # batch sizes: 64, "1,64" or (1, 64) (1..65536)
-    backends: str | Sequence[str] = "torch,ort"          # torch, compile, ort, trt, torch-triton
-    dtype: str | Sequence[str] = "fp32"                  # fp32, fp16, bf16, int8, int8-dynamic: "fp32,int8"
-    baselines: str | Sequence[str] = "dense,tome"        # dense, tome, both or "none"
-    tome_r: str | int = "auto"                           # ToMe tokens merged per block: "auto" matches CAIT's FLOPs
-    device: str = "auto"                                 # auto | cpu | cuda
+    model: str | os.PathLike | Sequence[str | os.PathLike]  # one fused model file or several
+    batches: int | str | Sequence[int | str] = (256,)  # batch sizes: 64, "1,64" or (1, 64) (1..65536)
+    backends: str | Sequence[str] = "torch,ort"  # torch, compile, ort, trt, torch-triton
+    dtype: str | Sequence[str] = "fp32"  # fp32, fp16, bf16, int8, int8-dynamic: "fp32,int8"
+    baselines: str | Sequence[str] = "dense,tome"  # dense, tome, both or "none"
+    tome_r: str | int = "auto"  # ToMe tokens merged per block: "auto" matches CAIT's FLOPs
+    device: str = "auto"  # auto | cpu | cuda
     img_size: int | tuple[int, int] | str | None = None  # run every model at this input size: 512, (512, 1024)
-    features: str | int | Sequence[int] | None = None    # block indices ("3,5,7,11"): benchmark feature extraction
-    restore: str = "repeat"                              # how CAIT's merged grid is restored: repeat | bilinear
-    warmup: int | str = 10                               # untimed calls before timing
-    min_iters: int | str = 20                            # timed calls per repeat, at least
-    min_seconds: float | str = 2.0                       # seconds per repeat, at least
-    repeats: int | str = 2                               # timed repeats (their medians give the spread)
-    threads: int | str | None = None                     # CPU threads for PyTorch and ONNX Runtime [default: all]
-    compile_mode: str | None = None                      # torch.compile mode [default: by device]
-    work_dir: str | os.PathLike | None = None            # keep ONNX files and engines here [default: a temp folder]
-    json_path: str | os.PathLike | None = None           # write the flat records as JSON
-    md_path: str | os.PathLike | None = None             # write a Markdown table
-    plot_path: str | os.PathLike | None = None           # write a plot (.png, .svg or .pdf)
+    features: str | int | Sequence[int] | None = None  # block indices ("3,5,7,11"): benchmark feature extraction
+    restore: str = "repeat"  # how CAIT's merged grid is restored: repeat | bilinear
+    warmup: int | str = 10  # untimed calls before timing
+    min_iters: int | str = 20  # timed calls per repeat, at least
+    min_seconds: float | str = 2.0  # seconds per repeat, at least
+    repeats: int | str = 2  # timed repeats (their medians give the spread)
+    threads: int | str | None = None  # CPU threads for PyTorch and ONNX Runtime [default: all]
+    compile_mode: str | None = None  # torch.compile mode [default: by device]
+    work_dir: str | os.PathLike | None = None  # keep ONNX files and engines here [default: a temp folder]
+    json_path: str | os.PathLike | None = None  # write the flat records as JSON
+    md_path: str | os.PathLike | None = None  # write a Markdown table
+    plot_path: str | os.PathLike | None = None  # write a plot (.png, .svg or .pdf)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class BenchPlan:
     tome_r: str | int
     timing: Timing
     threads: int | None
-    features: str | None                 # normalised block list ("3,5"), None for logits
+    features: str | None  # normalised block list ("3,5"), None for logits
 
 
 def _number(name: str, value: Any, kind: type = int, lo: float = 0, hi: float | None = None) -> Any:
@@ -134,9 +135,12 @@ def check(options: BenchOptions) -> BenchPlan:
     models = [str(o.model)] if isinstance(o.model, (str, os.PathLike)) else [str(m) for m in o.model]
     if not models:
         raise CaitError("no model given")
-    timing = Timing(warmup=_number("warmup", o.warmup), min_iters=_number("min_iters", o.min_iters, lo=1),
-                    min_seconds=_number("min_seconds", o.min_seconds, float, hi=MAX_SECONDS),
-                    repeats=_number("repeats", o.repeats, lo=1))
+    timing = Timing(
+        warmup=_number("warmup", o.warmup),
+        min_iters=_number("min_iters", o.min_iters, lo=1),
+        min_seconds=_number("min_seconds", o.min_seconds, float, hi=MAX_SECONDS),
+        repeats=_number("repeats", o.repeats, lo=1),
+    )
     threads = _number("threads", o.threads, lo=1, hi=1024) if o.threads is not None else None
     dtypes = parse_dtypes(o.dtype)
     features = features_text(o.features)
@@ -144,13 +148,19 @@ def check(options: BenchOptions) -> BenchPlan:
     backends, baselines = parse_backends(o.backends), parse_baselines(o.baselines)
     batches = parse_batches([o.batches] if isinstance(o.batches, (int, str)) else o.batches)
     tome_r = parse_tome_r(o.tome_r)
-    check_paths({"MODEL": models}, [Out(o.json_path, "--json", JSON_SUFFIXES),
-                                    Out(o.md_path, "--markdown", MARKDOWN_SUFFIXES),
-                                    Out(o.plot_path, "--plot", PLOT_SUFFIXES)])
+    check_paths(
+        {"MODEL": models},
+        [
+            Out(o.json_path, "--json", JSON_SUFFIXES),
+            Out(o.md_path, "--markdown", MARKDOWN_SUFFIXES),
+            Out(o.plot_path, "--plot", PLOT_SUFFIXES),
+        ],
+    )
     if o.work_dir is not None and Path(o.work_dir).exists() and not Path(o.work_dir).is_dir():
         raise CaitError(f"--work-dir {o.work_dir}: exists and is not a folder")
-    return BenchPlan(models, batches, backends, dtypes, baselines, tome_r, timing, threads,
-                     ",".join(parts) if parts else None)
+    return BenchPlan(
+        models, batches, backends, dtypes, baselines, tome_r, timing, threads, ",".join(parts) if parts else None
+    )
 
 
 def bench(options: BenchOptions, progress: Log | None = None, *, progress_bar: bool = False) -> BenchResult:
@@ -164,11 +174,24 @@ def bench(options: BenchOptions, progress: Log | None = None, *, progress_bar: b
 
     o = options
     plan = check(o)
-    records = run_bench(plan.models, batches=plan.batches, backends=plan.backends, dtype=plan.dtypes,
-                        baselines=plan.baselines, tome_r=plan.tome_r, device=o.device, timing=plan.timing,
-                        threads=plan.threads, work_dir=o.work_dir, compile_mode=o.compile_mode, progress=progress_bar,
-                        log=progress or (lambda s: None), img_size=o.img_size, features=plan.features,
-                        restore=o.restore)
+    records = run_bench(
+        plan.models,
+        batches=plan.batches,
+        backends=plan.backends,
+        dtype=plan.dtypes,
+        baselines=plan.baselines,
+        tome_r=plan.tome_r,
+        device=o.device,
+        timing=plan.timing,
+        threads=plan.threads,
+        work_dir=o.work_dir,
+        compile_mode=o.compile_mode,
+        progress=progress_bar,
+        log=progress or (lambda s: None),
+        img_size=o.img_size,
+        features=plan.features,
+        restore=o.restore,
+    )
     if not any(r["status"] == "ok" for r in records):
         why = "; ".join(dict.fromkeys(f"{r['backend']}: {r['status']}" for r in records))
         raise CaitError(f"no measurement succeeded ({why[:600]}); nothing written")

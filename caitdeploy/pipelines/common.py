@@ -4,6 +4,7 @@ numeric option text (`parse_int` / `parse_float`).
 They live here, below the CLI, because a pipeline writes its own report (inside its all-or-nothing staging)
 and checks its own options before any work; `cli/common.py` re-exports the first two for the commands that have
 not become pipelines yet, and `cli/options.py` the parsers for its click types."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from caitdeploy.core.errors import OptionError, Staging, atomic_output, safe_tex
 _INT = re.compile(r"[+-]?[0-9]+")
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _NONFINITE = ("nan", "inf", "infinity")
-MAX_CHARS = 64   # longer text is no number an option takes (and int() of huge text is slow)
+MAX_CHARS = 64  # longer text is no number an option takes (and int() of huge text is slow)
 
 
 def parse_int(text: Any) -> int | None:
@@ -94,7 +95,10 @@ def check_dense_options(img_size: Any, features: str | None, restore: str):
         if not parts or not all(re.fullmatch(r"[+-]?[0-9]{1,6}", p) for p in parts):
             raise OptionError("features", f"{safe_text(features, 60)!r}: give block indices, e.g. 3,5,7,11")
         if any(int(p) < 0 for p in parts):
-            raise OptionError("features", f"block {next(p for p in parts if int(p) < 0)}: block indices count from "
-                                          "0 (the first block); negative indices are not taken")
+            raise OptionError(
+                "features",
+                f"block {next(p for p in parts if int(p) < 0)}: block indices count from "
+                "0 (the first block); negative indices are not taken",
+            )
         parts = [str(int(p)) for p in parts]
     return size, parts

@@ -10,6 +10,7 @@ file (and its report), written together or not at all.
 the upstream layout recognised, the result checked against a float64 forward of the upstream format); this gives
 it the pipelines' shape. Heavy imports (torch) happen inside the functions, so `caitdeploy --help` stays fast.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -19,9 +20,9 @@ from typing import Any
 
 from caitdeploy.core.errors import OptionError
 
-Progress = Callable[[str], None]   # called with each step's name as it starts (see `STEPS`)
+Progress = Callable[[str], None]  # called with each step's name as it starts (see `STEPS`)
 STEPS = ("convert", "write")
-VARIANTS = ("t", "xs", "s", "m", "l")            # the SiT / LV-ViT release sizes
+VARIANTS = ("t", "xs", "s", "m", "l")  # the SiT / LV-ViT release sizes
 MAX_HEADS = 256
 MAX_STAGES = 16
 
@@ -31,15 +32,15 @@ class ConvertOptions:
     """Every option of `caitdeploy convert`, named as its flag (`--from` -> `source`, `--report` -> `report_path`),
     with the CLI's defaults. `checkpoint` and `source` are required."""
 
-    checkpoint: str | Path               # the upstream training file (.pth / .pt or .safetensors)
-    source: str                          # sit | lvvit | spvit | dimap: the checkpoint's system
-    variant: str | None = None           # t | xs | s | m | l: the SiT / LV-ViT release size (sit, lvvit)
-    stages: str | Sequence[int] | None = None   # blocks per token stage of a SiT without variant: "9,3,2,2"
-    num_heads: int | None = None         # override the head count (1..256)
-    align: int = 1                       # SPViT: zero-pad the pruned FFN widths to a multiple of N (1..256)
-    output: str | Path | None = None     # the fused file [default: <stem>.fused.safetensors next to it]
-    verify_batch: int = 2                # random images for the float64 check against the upstream forward (0..256)
-    report_path: str | Path | None = None   # also write the report as JSON
+    checkpoint: str | Path  # the upstream training file (.pth / .pt or .safetensors)
+    source: str  # sit | lvvit | spvit | dimap: the checkpoint's system
+    variant: str | None = None  # t | xs | s | m | l: the SiT / LV-ViT release size (sit, lvvit)
+    stages: str | Sequence[int] | None = None  # blocks per token stage of a SiT without variant: "9,3,2,2"
+    num_heads: int | None = None  # override the head count (1..256)
+    align: int = 1  # SPViT: zero-pad the pruned FFN widths to a multiple of N (1..256)
+    output: str | Path | None = None  # the fused file [default: <stem>.fused.safetensors next to it]
+    verify_batch: int = 2  # random images for the float64 check against the upstream forward (0..256)
+    report_path: str | Path | None = None  # also write the report as JSON
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ConvertResult:
     per-block rows (`families.flops.block_rows`) the CLI's table shows."""
 
     report: dict[str, Any]
-    config: Any                          # the converted model's config (a CaitConfig, or a SwinConfig for dimap)
+    config: Any  # the converted model's config (a CaitConfig, or a SwinConfig for dimap)
     output: Path
     report_path: Path | None = None
 
@@ -122,8 +123,9 @@ def _check(o: ConvertOptions) -> tuple[int, ...] | None:
     if o.variant is not None and o.variant not in VARIANTS:
         raise OptionError("variant", f"must be one of {', '.join(VARIANTS)}, got {o.variant!r}")
     stages = parse_stages(o.stages)
-    if o.num_heads is not None and (isinstance(o.num_heads, bool) or not isinstance(o.num_heads, int)
-                                    or not 1 <= o.num_heads <= MAX_HEADS):
+    if o.num_heads is not None and (
+        isinstance(o.num_heads, bool) or not isinstance(o.num_heads, int) or not 1 <= o.num_heads <= MAX_HEADS
+    ):
         raise OptionError("num_heads", f"must be an integer in 1..{MAX_HEADS}, got {o.num_heads!r}")
     return stages
 
@@ -145,9 +147,18 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> Conver
     others = (Out(o.report_path, "--report", JSON_SUFFIXES),) if o.report_path else ()
     with Staging() as staging:
         step("convert")
-        report = convert_file(o.checkpoint, o.source, o.output, variant=o.variant, stages=stages,
-                              num_heads=o.num_heads, align=o.align, verify_batch=o.verify_batch, staging=staging,
-                              other_outputs=others)
+        report = convert_file(
+            o.checkpoint,
+            o.source,
+            o.output,
+            variant=o.variant,
+            stages=stages,
+            num_heads=o.num_heads,
+            align=o.align,
+            verify_batch=o.verify_batch,
+            staging=staging,
+            other_outputs=others,
+        )
         config = report.pop("config")
         report["blocks"] = block_rows(config)
         step("write")

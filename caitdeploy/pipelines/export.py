@@ -13,6 +13,7 @@ engine build leaves no ONNX either). Errors are the CLI's: `CaitError`, or `Opti
 
 Heavy imports (torch, onnx, onnxruntime, tensorrt) happen inside the functions, so `caitdeploy --help` stays fast.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from caitdeploy.export.tensorrt import BuiltEngine
     from caitdeploy.export.triton_repo import TritonEntry
 
-Progress = Callable[[str], None]   # called with each step's name as it starts (see `STEPS`)
+Progress = Callable[[str], None]  # called with each step's name as it starts (see `STEPS`)
 STEPS = ("load", "onnx", "int8", "engine", "write")
 
 
@@ -35,45 +36,45 @@ class ExportOptions:
     """Every option of `caitdeploy export`, named as its flag (`--int8-min-cosine` -> `int8_min_cosine`), with the
     CLI's defaults. Only `model` is required."""
 
-    model: str | Path                    # the fused model file (`caitdeploy fuse` output)
-    output: str | Path | None = None     # the ONNX file [default: `default_onnx_path`, next to the model]
-    dtype: str = "fp32"                  # fp32 | fp16 (fp16 weights and compute, fp32 I/O)
-    opset: int | None = None             # 18..23 [default: 18; 23 with attention="op"]
-    attention: str = "matmul"            # matmul: Mul/MatMul/Softmax/MatMul; op: the ONNX Attention op (opset 23)
-    img_size: int | tuple[int, int] | str | None = None   # another input size: 512, (512, 1024) or "512x1024"
-    features: str | int | Sequence[int] | None = None   # block indices ("3,5,7,11"): feature maps instead of logits
-    restore: str = "repeat"              # how features restore a merged grid: repeat | bilinear
-    int8: str | None = None              # static (QDQ, calibrated) | dynamic (ONNX Runtime's) | None
+    model: str | Path  # the fused model file (`caitdeploy fuse` output)
+    output: str | Path | None = None  # the ONNX file [default: `default_onnx_path`, next to the model]
+    dtype: str = "fp32"  # fp32 | fp16 (fp16 weights and compute, fp32 I/O)
+    opset: int | None = None  # 18..23 [default: 18; 23 with attention="op"]
+    attention: str = "matmul"  # matmul: Mul/MatMul/Softmax/MatMul; op: the ONNX Attention op (opset 23)
+    img_size: int | tuple[int, int] | str | None = None  # another input size: 512, (512, 1024) or "512x1024"
+    features: str | int | Sequence[int] | None = None  # block indices ("3,5,7,11"): feature maps instead of logits
+    restore: str = "repeat"  # how features restore a merged grid: repeat | bilinear
+    int8: str | None = None  # static (QDQ, calibrated) | dynamic (ONNX Runtime's) | None
     calib_dir: str | Path | None = None  # int8 static: a folder of PNG/JPEG calibration images (recursive)
-    calib_synthetic: int | None = None   # int8 static: calibrate on N synthetic images instead (1..4096)
-    calib_samples: int = 64              # at most this many images from calib_dir (1..4096)
-    calib_method: str = "minmax"         # minmax | percentile | entropy
-    int8_attention: bool = False         # int8 static: also quantize the attention MatMuls
-    int8_symmetric: bool = False         # int8 static: zero-point-0 activations (TensorRT's; on with trt)
+    calib_synthetic: int | None = None  # int8 static: calibrate on N synthetic images instead (1..4096)
+    calib_samples: int = 64  # at most this many images from calib_dir (1..4096)
+    calib_method: str = "minmax"  # minmax | percentile | entropy
+    int8_attention: bool = False  # int8 static: also quantize the attention MatMuls
+    int8_symmetric: bool = False  # int8 static: zero-point-0 activations (TensorRT's; on with trt)
     int8_weight_bits: int | None = None  # 7 (exact on every x86 CPU) or 8 [default: 7]
-    int8_check: str | Path | None = None   # compare int8 with fp32 on this folder's images, not the calibration set
-    int8_min_cosine: float = 0.99        # fail unless every check image's int8 outputs have this cosine with fp32
-    int8_min_top1: float = 0.0           # fail unless int8 and fp32 top-1 agree on this fraction of the images
-    verify: bool = True                  # ONNX Runtime vs PyTorch check (`--no-verify` sets False)
-    fp16_samples: int = 256              # random images for the fp16 top-1 agreement check (0..65536)
-    trt: bool = False                    # also build a TensorRT / TensorRT-RTX engine
-    trt_module: str = "auto"             # auto | tensorrt | tensorrt_rtx
-    engine: str | Path | None = None     # the engine file [default: <onnx stem>.plan]
-    min_batch: int = 1                   # the engine's batch profile, min <= opt <= max (1..65536); max and
-    opt_batch: int = 256                 # opt are also the Triton entry's max_batch_size and preferred sizes
+    int8_check: str | Path | None = None  # compare int8 with fp32 on this folder's images, not the calibration set
+    int8_min_cosine: float = 0.99  # fail unless every check image's int8 outputs have this cosine with fp32
+    int8_min_top1: float = 0.0  # fail unless int8 and fp32 top-1 agree on this fraction of the images
+    verify: bool = True  # ONNX Runtime vs PyTorch check (`--no-verify` sets False)
+    fp16_samples: int = 256  # random images for the fp16 top-1 agreement check (0..65536)
+    trt: bool = False  # also build a TensorRT / TensorRT-RTX engine
+    trt_module: str = "auto"  # auto | tensorrt | tensorrt_rtx
+    engine: str | Path | None = None  # the engine file [default: <onnx stem>.plan]
+    min_batch: int = 1  # the engine's batch profile, min <= opt <= max (1..65536); max and
+    opt_batch: int = 256  # opt are also the Triton entry's max_batch_size and preferred sizes
     max_batch: int = 256
-    workspace_mb: int | None = None      # builder workspace limit in MiB
-    timing_cache: str | Path | None = None   # timing cache file, reused across builds (full TensorRT)
-    opt_level: int | None = None         # builder optimization level 0..5
-    compute_capabilities: tuple[str, ...] = ()   # TensorRT-RTX targets: SM75 SM80 SM86 SM89 SM120
-    triton_repo: str | Path | None = None   # write a Triton model repository entry into this folder
-    name: str | None = None              # the Triton model name [default: the ONNX file's stem]
-    triton_backend: str | None = None    # onnxruntime | tensorrt | python [default: tensorrt with trt]
-    max_queue_delay_us: int = 100        # Triton dynamic batching: how long a request may wait (0..1e8)
-    triton_warmup: bool = False          # a model_warmup at the preferred batch sizes before READY
-    instances: int = 1                   # Triton instance count (1..256)
-    instance_kind: str = "gpu"           # gpu | cpu | auto
-    report_path: str | Path | None = None   # also write the report as JSON
+    workspace_mb: int | None = None  # builder workspace limit in MiB
+    timing_cache: str | Path | None = None  # timing cache file, reused across builds (full TensorRT)
+    opt_level: int | None = None  # builder optimization level 0..5
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets: SM75 SM80 SM86 SM89 SM120
+    triton_repo: str | Path | None = None  # write a Triton model repository entry into this folder
+    name: str | None = None  # the Triton model name [default: the ONNX file's stem]
+    triton_backend: str | None = None  # onnxruntime | tensorrt | python [default: tensorrt with trt]
+    max_queue_delay_us: int = 100  # Triton dynamic batching: how long a request may wait (0..1e8)
+    triton_warmup: bool = False  # a model_warmup at the preferred batch sizes before READY
+    instances: int = 1  # Triton instance count (1..256)
+    instance_kind: str = "gpu"  # gpu | cpu | auto
+    report_path: str | Path | None = None  # also write the report as JSON
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,13 @@ class ExportPlan:
     """What the options resolve to, once checked: nothing here has been read or written yet."""
 
     opset: int
-    size: int | tuple[int, int] | None   # the input size as the config stores it, None for the model's
-    features: str | None                 # normalised block list ("3,5"), None for logits
+    size: int | tuple[int, int] | None  # the input size as the config stores it, None for the model's
+    features: str | None  # normalised block list ("3,5"), None for logits
     int8_weight_bits: int
     onnx: Path
     engine: Path | None
-    triton: TritonEntry | None           # planned with placeholder dims: the model fills them in
-    served_suffix: str                   # what the Triton entry serves: ".onnx" or the engine's suffix
+    triton: TritonEntry | None  # planned with placeholder dims: the model fills them in
+    served_suffix: str  # what the Triton entry serves: ".onnx" or the engine's suffix
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ class ExportResult:
     report: dict[str, Any]
     onnx: Path
     engine: Path | None = None
-    sidecar: Path | None = None          # the engine's `<engine>.json`
-    triton_config: Path | None = None    # the Triton entry's config.pbtxt
+    sidecar: Path | None = None  # the engine's `<engine>.json`
+    triton_config: Path | None = None  # the Triton entry's config.pbtxt
     report_path: Path | None = None
 
     @property
@@ -112,13 +113,14 @@ class _Calibration:
     """int8 images, read (and refused, one line) before any export work."""
 
     images: Any
-    info: dict[str, Any] | None          # the calibration data's report (int8 static), None for dynamic
+    info: dict[str, Any] | None  # the calibration data's report (int8 static), None for dynamic
     check_images: Any
     check_source: str
 
 
-def default_onnx_path(model_path: str | Path, dtype: str, size: str | None = None, features: str | None = None,
-                      int8: str | None = None) -> Path:
+def default_onnx_path(
+    model_path: str | Path, dtype: str, size: str | None = None, features: str | None = None, int8: str | None = None
+) -> Path:
     """<stem>[.SIZE][.featA-B-C][.fp16|.int8-static|.int8-dynamic].onnx next to the model."""
     p = Path(model_path)
     stem = p.name.removesuffix(".safetensors").removesuffix(".fused")
@@ -161,11 +163,20 @@ def _check_int8(o: ExportOptions) -> int:
     """The int8 options, and no int8 option without int8; returns the weight bits (7 unless given)."""
     if o.int8 is None:
         if o.calib_dir is not None or o.calib_synthetic is not None:
-            raise OptionError("calib" if o.calib_dir is not None else "calib_synthetic",
-                              "is an --int8 static option: add --int8 static")
-        given = [n for n, v in (("int8_attention", o.int8_attention), ("int8_symmetric", o.int8_symmetric),
-                                ("int8_check", o.int8_check is not None),
-                                ("int8_weight_bits", o.int8_weight_bits is not None)) if v]
+            raise OptionError(
+                "calib" if o.calib_dir is not None else "calib_synthetic",
+                "is an --int8 static option: add --int8 static",
+            )
+        given = [
+            n
+            for n, v in (
+                ("int8_attention", o.int8_attention),
+                ("int8_symmetric", o.int8_symmetric),
+                ("int8_check", o.int8_check is not None),
+                ("int8_weight_bits", o.int8_weight_bits is not None),
+            )
+            if v
+        ]
         if given:
             raise OptionError(given[0], "is an --int8 option: add --int8")
         return 7
@@ -183,8 +194,11 @@ def _check_int8(o: ExportOptions) -> int:
     if o.int8_symmetric and o.int8 != "static":
         raise OptionError("int8_symmetric", "is for --int8 static (dynamic quantization picks its own ranges)")
     if o.int8 == "dynamic" and o.trt:
-        raise OptionError("int8", "dynamic makes ONNX Runtime ops (DynamicQuantizeLinear, MatMulInteger) that "
-                                  "TensorRT does not take: use --int8 static with --trt")
+        raise OptionError(
+            "int8",
+            "dynamic makes ONNX Runtime ops (DynamicQuantizeLinear, MatMulInteger) that "
+            "TensorRT does not take: use --int8 static with --trt",
+        )
     if o.int8_check is not None and not Path(o.int8_check).is_dir():
         raise OptionError("int8_check", f"{o.int8_check}: no such folder")
     return weight_bits
@@ -193,21 +207,37 @@ def _check_int8(o: ExportOptions) -> int:
 def _check_outputs_and_engine(o: ExportOptions) -> None:
     """Feature maps vs Triton, the fp16 sample count, and the engine options (only with trt, all checked then)."""
     if o.features is not None and o.triton_repo:
-        raise OptionError("triton_repo", "serves classifiers (one logits output); export feature maps "
-                                         "without --triton-repo")
+        raise OptionError(
+            "triton_repo", "serves classifiers (one logits output); export feature maps without --triton-repo"
+        )
     if isinstance(o.fp16_samples, bool) or not isinstance(o.fp16_samples, int) or not 0 <= o.fp16_samples <= 65536:
         raise OptionError("fp16_samples", f"must be in 0..65536, got {o.fp16_samples}")
     if not o.trt:
-        given = [name for name, v in (("engine", o.engine), ("timing_cache", o.timing_cache),
-                                      ("workspace_mb", o.workspace_mb), ("opt_level", o.opt_level),
-                                      ("compute_capability", o.compute_capabilities)) if v]
+        given = [
+            name
+            for name, v in (
+                ("engine", o.engine),
+                ("timing_cache", o.timing_cache),
+                ("workspace_mb", o.workspace_mb),
+                ("opt_level", o.opt_level),
+                ("compute_capability", o.compute_capabilities),
+            )
+            if v
+        ]
         if given:
             raise OptionError(given[0], "is an engine option: add --trt")
         return
     from caitdeploy.export.tensorrt import check_build_options
 
-    check_build_options(o.min_batch, o.opt_batch, o.max_batch, o.workspace_mb, o.opt_level,
-                        list(o.compute_capabilities) or None, o.trt_module)
+    check_build_options(
+        o.min_batch,
+        o.opt_batch,
+        o.max_batch,
+        o.workspace_mb,
+        o.opt_level,
+        list(o.compute_capabilities) or None,
+        o.trt_module,
+    )
 
 
 def _check_triton(o: ExportOptions, onnx: Path, served_suffix: str) -> TritonEntry | None:
@@ -221,17 +251,28 @@ def _check_triton(o: ExportOptions, onnx: Path, served_suffix: str) -> TritonEnt
     return _triton_entry(o, o.name or onnx.name.removesuffix(".onnx"), served_suffix, (1, 1, 1), 1)
 
 
-def _triton_entry(o: ExportOptions, name: str, served_suffix: str, input_dims: Sequence[int],
-                  classes: int) -> TritonEntry:
+def _triton_entry(
+    o: ExportOptions, name: str, served_suffix: str, input_dims: Sequence[int], classes: int
+) -> TritonEntry:
     from caitdeploy.export.triton_repo import plan_triton_repo
 
     batches = sorted({o.opt_batch, o.max_batch})
     assert o.triton_repo is not None
     return plan_triton_repo(
-        o.triton_repo, name, served_suffix, max_batch_size=o.max_batch, backend=o.triton_backend,
-        input_dims=input_dims, output_dims=(classes,), dtype="fp32", preferred_batch_sizes=batches,
-        instance_count=o.instances, instance_kind=o.instance_kind,
-        warmup_batches=batches if o.triton_warmup else (), max_queue_delay_us=o.max_queue_delay_us)
+        o.triton_repo,
+        name,
+        served_suffix,
+        max_batch_size=o.max_batch,
+        backend=o.triton_backend,
+        input_dims=input_dims,
+        output_dims=(classes,),
+        dtype="fp32",
+        preferred_batch_sizes=batches,
+        instance_count=o.instances,
+        instance_kind=o.instance_kind,
+        warmup_batches=batches if o.triton_warmup else (),
+        max_queue_delay_us=o.max_queue_delay_us,
+    )
 
 
 def _check_paths(o: ExportOptions, plan: ExportPlan) -> None:
@@ -240,16 +281,19 @@ def _check_paths(o: ExportOptions, plan: ExportPlan) -> None:
     from caitdeploy.formats.sidecar import sidecar_path
 
     entry = plan.triton
-    check_paths({"MODEL": o.model}, [
-        Out(plan.onnx, "--output", ONNX_SUFFIXES),
-        Out(plan.engine, "--engine", ENGINE_SUFFIXES),
-        Out(sidecar_path(plan.engine) if plan.engine else None, "--engine (its sidecar)", JSON_SUFFIXES),
-        Out(o.timing_cache if o.trt else None, "--timing-cache", None),
-        Out(o.report_path, "--report", JSON_SUFFIXES),
-        Out(entry.model_target if entry else None, "--triton-repo", (".onnx", ".plan"), create_dirs=True),
-        Out(entry.config_path if entry else None, "--triton-repo", (".pbtxt",), create_dirs=True),
-        Out(entry.python_model if entry else None, "--triton-repo", (".py",), create_dirs=True),
-    ])
+    check_paths(
+        {"MODEL": o.model},
+        [
+            Out(plan.onnx, "--output", ONNX_SUFFIXES),
+            Out(plan.engine, "--engine", ENGINE_SUFFIXES),
+            Out(sidecar_path(plan.engine) if plan.engine else None, "--engine (its sidecar)", JSON_SUFFIXES),
+            Out(o.timing_cache if o.trt else None, "--timing-cache", None),
+            Out(o.report_path, "--report", JSON_SUFFIXES),
+            Out(entry.model_target if entry else None, "--triton-repo", (".onnx", ".plan"), create_dirs=True),
+            Out(entry.config_path if entry else None, "--triton-repo", (".pbtxt",), create_dirs=True),
+            Out(entry.python_model if entry else None, "--triton-repo", (".py",), create_dirs=True),
+        ],
+    )
 
 
 # ---- 2. the model and the images it is checked on, still before any work ----------------------------------
@@ -269,8 +313,10 @@ def _load(o: ExportOptions, plan: ExportPlan) -> tuple[Any, _Calibration | None]
         except ConfigError as e:
             raise OptionError("features", f"{str(e).removeprefix('features: ')} ({o.model})") from None
     calibration = _calibration(o, c.input_shape) if o.int8 is not None else None
-    check_memory(4 * param_bytes(c) + activation_bytes(c, 32 if o.dtype == "fp16" and o.verify else 7),
-                 f"{o.model}: export and verification")
+    check_memory(
+        4 * param_bytes(c) + activation_bytes(c, 32 if o.dtype == "fp16" and o.verify else 7),
+        f"{o.model}: export and verification",
+    )
     return net, calibration
 
 
@@ -289,19 +335,31 @@ def _calibration(o: ExportOptions, input_shape: tuple[int, int, int]) -> _Calibr
 
 
 # ---- 3. the work, in memory ---------------------------------------------------------------------------
-def _quantize(o: ExportOptions, plan: ExportPlan, fp32_data: bytes, cal: _Calibration,
-              report: dict[str, Any]) -> bytes:
+def _quantize(o: ExportOptions, plan: ExportPlan, fp32_data: bytes, cal: _Calibration, report: dict[str, Any]) -> bytes:
     """int8 graph from the fp32 one, checked against it; the report's onnx entry then describes the int8 graph."""
     from caitdeploy.export.quantize import check_int8, compare_int8, quantize_onnx_bytes
 
     assert o.int8 is not None
-    data, qinfo = quantize_onnx_bytes(fp32_data, o.int8, cal.images if o.int8 == "static" else None,
-                                      o.calib_method, attention=o.int8_attention, calib_info=cal.info,
-                                      symmetric=o.int8_symmetric or bool(o.trt), weight_bits=plan.int8_weight_bits)
+    data, qinfo = quantize_onnx_bytes(
+        fp32_data,
+        o.int8,
+        cal.images if o.int8 == "static" else None,
+        o.calib_method,
+        attention=o.int8_attention,
+        calib_info=cal.info,
+        symmetric=o.int8_symmetric or bool(o.trt),
+        weight_bits=plan.int8_weight_bits,
+    )
     check = dict(compare_int8(fp32_data, data, cal.check_images), source=cal.check_source)
     check_int8(check, o.int8_min_cosine, o.int8_min_top1, str(o.model))
-    report["int8"] = {**qinfo, "check": check, "min_cosine": o.int8_min_cosine, "min_top1": o.int8_min_top1,
-                      "calibration_data": cal.info, "bytes": len(data)}
+    report["int8"] = {
+        **qinfo,
+        "check": check,
+        "min_cosine": o.int8_min_cosine,
+        "min_top1": o.int8_min_top1,
+        "calibration_data": cal.info,
+        "bytes": len(data),
+    }
     report["onnx"].update(census=qinfo["census"], nodes=sum(qinfo["census"].values()), bytes=len(data))
     return data
 
@@ -310,21 +368,38 @@ def _build_engine(o: ExportOptions, plan: ExportPlan, data: bytes) -> BuiltEngin
     """The engine, in memory; a failure says the ONNX export had succeeded (nothing is written either way)."""
     from caitdeploy.export.tensorrt import build_engine_bytes
 
-    assert plan.engine is not None   # planned whenever --trt is given
+    assert plan.engine is not None  # planned whenever --trt is given
     try:
-        return build_engine_bytes(data, plan.onnx, plan.engine, min_batch=o.min_batch, opt_batch=o.opt_batch,
-                                  max_batch=o.max_batch, workspace_mb=o.workspace_mb, timing_cache=o.timing_cache,
-                                  opt_level=o.opt_level, compute_capabilities=list(o.compute_capabilities) or None,
-                                  flavour=o.trt_module)
+        return build_engine_bytes(
+            data,
+            plan.onnx,
+            plan.engine,
+            min_batch=o.min_batch,
+            opt_batch=o.opt_batch,
+            max_batch=o.max_batch,
+            workspace_mb=o.workspace_mb,
+            timing_cache=o.timing_cache,
+            opt_level=o.opt_level,
+            compute_capabilities=list(o.compute_capabilities) or None,
+            flavour=o.trt_module,
+        )
     except CaitError as e:
-        raise CaitError(f"{e} [nothing written: the ONNX export succeeded"
-                        f"{' and verified' if o.verify else ''}; use `caitdeploy export` without --trt to "
-                        "keep it]") from None
+        raise CaitError(
+            f"{e} [nothing written: the ONNX export succeeded"
+            f"{' and verified' if o.verify else ''}; use `caitdeploy export` without --trt to "
+            "keep it]"
+        ) from None
 
 
 # ---- 4. every output at once ----------------------------------------------------------------------------
-def _write(o: ExportOptions, plan: ExportPlan, data: bytes, built: BuiltEngine | None, entry: TritonEntry | None,
-           report: dict[str, Any]) -> ExportResult:
+def _write(
+    o: ExportOptions,
+    plan: ExportPlan,
+    data: bytes,
+    built: BuiltEngine | None,
+    entry: TritonEntry | None,
+    report: dict[str, Any],
+) -> ExportResult:
     from caitdeploy.core.errors import Staging
     from caitdeploy.export.tensorrt import write_engine
     from caitdeploy.export.triton_repo import stage_triton_repo
@@ -341,14 +416,19 @@ def _write(o: ExportOptions, plan: ExportPlan, data: bytes, built: BuiltEngine |
             if plan.served_suffix == ".onnx":
                 stage_triton_repo(st, entry, data)
             else:
-                assert built is not None   # the entry serves the engine: --trt built one
+                assert built is not None  # the entry serves the engine: --trt built one
                 stage_triton_repo(st, entry, built.engine)
             report["triton"] = entry.info
         if o.report_path:
             write_json(o.report_path, report, staging=st)
-    return ExportResult(report, plan.onnx, plan.engine if built is not None else None, sidecar,
-                        entry.config_path if entry is not None else None,
-                        Path(o.report_path) if o.report_path else None)
+    return ExportResult(
+        report,
+        plan.onnx,
+        plan.engine if built is not None else None,
+        sidecar,
+        entry.config_path if entry is not None else None,
+        Path(o.report_path) if o.report_path else None,
+    )
 
 
 def export(options: ExportOptions, progress: Progress | None = None) -> ExportResult:
@@ -363,10 +443,17 @@ def export(options: ExportOptions, progress: Progress | None = None) -> ExportRe
     from caitdeploy.export.onnx import export_onnx_bytes
 
     report: dict[str, Any] = {"model": options.model}
-    data, report["onnx"] = export_onnx_bytes(net, plan.onnx, dtype=options.dtype, opset=plan.opset,
-                                             attention=options.attention, verify=options.verify,
-                                             fp16_samples=options.fp16_samples, features=plan.features,
-                                             restore=options.restore)
+    data, report["onnx"] = export_onnx_bytes(
+        net,
+        plan.onnx,
+        dtype=options.dtype,
+        opset=plan.opset,
+        attention=options.attention,
+        verify=options.verify,
+        fp16_samples=options.fp16_samples,
+        features=plan.features,
+        restore=options.restore,
+    )
     if calibration is not None:
         step("int8")
         data = _quantize(options, plan, data, calibration, report)
@@ -375,8 +462,9 @@ def export(options: ExportOptions, progress: Progress | None = None) -> ExportRe
         step("engine")
         built = _build_engine(options, plan, data)
     entry = None
-    if plan.triton is not None:   # planned again, now with the model's input and output dims
-        entry = _triton_entry(options, plan.triton.info["name"], plan.served_suffix, net.config.input_shape,
-                              net.config.num_classes)
+    if plan.triton is not None:  # planned again, now with the model's input and output dims
+        entry = _triton_entry(
+            options, plan.triton.info["name"], plan.served_suffix, net.config.input_shape, net.config.num_classes
+        )
     step("write")
     return _write(options, plan, data, built, entry, report)

@@ -6,6 +6,7 @@ or not at all.
     result = fuse(FuseOptions(checkpoint="ck.pth", align=8, report_path="ck.fuse.json"))
     result.output, result.report["flops_reduction"]
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,11 +23,11 @@ class FuseOptions(SurgeryOptions):
     (`caitdeploy.compress.fuse.FuseOptions`: threshold, max_dropped_norm, force, consistency, align, equal_head_dims,
     checked when this is made) and the files'. Keyword arguments only; `checkpoint` is required."""
 
-    checkpoint: str | Path               # a cait-compactor/1 checkpoint (.pth / .pt or .safetensors)
-    output: str | Path | None = None     # the fused file [default: <stem>.fused.safetensors next to it]
-    arch: str | None = None              # a timm model name for what a plain state dict's shapes cannot tell
-    verify_batch: int = 2                # random images for the float64 check against the checkpoint (0 = skip)
-    report_path: str | Path | None = None   # also write the report as JSON
+    checkpoint: str | Path  # a cait-compactor/1 checkpoint (.pth / .pt or .safetensors)
+    output: str | Path | None = None  # the fused file [default: <stem>.fused.safetensors next to it]
+    arch: str | None = None  # a timm model name for what a plain state dict's shapes cannot tell
+    verify_batch: int = 2  # random images for the float64 check against the checkpoint (0 = skip)
+    report_path: str | Path | None = None  # also write the report as JSON
 
     @property
     def surgery(self) -> SurgeryOptions:
@@ -54,9 +55,16 @@ def fuse(options: FuseOptions, progress: Callable[[int], None] | None = None) ->
 
     o = options
     with Staging() as staging:
-        report = fuse_file(o.checkpoint, o.output, o.surgery, verify_batch=o.verify_batch, progress=progress,
-                           staging=staging, other_outputs=(Out(o.report_path, "--report", JSON_SUFFIXES),),
-                           arch=o.arch)
+        report = fuse_file(
+            o.checkpoint,
+            o.output,
+            o.surgery,
+            verify_batch=o.verify_batch,
+            progress=progress,
+            staging=staging,
+            other_outputs=(Out(o.report_path, "--report", JSON_SUFFIXES),),
+            arch=o.arch,
+        )
         if o.report_path:
             write_json(o.report_path, report, staging=staging)
     return FuseResult(report, Path(report["output"]), Path(o.report_path) if o.report_path else None)

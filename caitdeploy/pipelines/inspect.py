@@ -1,5 +1,6 @@
 """`caitdeploy inspect` as a library: what a checkpoint, fused model, ONNX file or TensorRT engine is, and its
 shapes, read header-first (`describe.describe_file` does the reading; this gives it the pipelines' shape)."""
+
 from __future__ import annotations
 
 import json

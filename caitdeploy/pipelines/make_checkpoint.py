@@ -7,6 +7,7 @@ written together or not at all.
     result = make_checkpoint(MakeCheckpointOptions(arch="deit_small_patch16_224", output="ck.pth"))
     result.summary["flops_reduction"], result.merges_text
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,16 +20,16 @@ class MakeCheckpointOptions:
     """Every option of `caitdeploy make-checkpoint`, named as its flag, with the CLI's defaults. `flops_reduction`
     and `merges` None: the family's defaults (ViT 0.55 and 4:h,8:v; Swin 0.354 and auto, the paper's settings)."""
 
-    output: str | Path                        # .pth or .safetensors
-    arch: str = "deit_small_patch16_224"      # a timm ViT, or a timm Swin (v1)
+    output: str | Path  # .pth or .safetensors
+    arch: str = "deit_small_patch16_224"  # a timm ViT, or a timm Swin (v1)
     flops_reduction: float | None = None
-    merges: str | None = None                 # BLOCK:h|v,... (Swin: STAGE.BLOCK:h|v,...), 'none' or 'auto'
-    weights: str | Path | None = None         # a timm state dict; random init when absent
-    align: int = 1                            # prune in steps of N channels per head
+    merges: str | None = None  # BLOCK:h|v,... (Swin: STAGE.BLOCK:h|v,...), 'none' or 'auto'
+    weights: str | Path | None = None  # a timm state dict; random init when absent
+    align: int = 1  # prune in steps of N channels per head
     num_classes: int | None = None
     img_size: int | None = None
     seed: int = 0
-    report_path: str | Path | None = None     # also write the selection summary as JSON
+    report_path: str | Path | None = None  # also write the selection summary as JSON
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,31 @@ def make_checkpoint(options: MakeCheckpointOptions) -> MakeCheckpointResult:
     reduction = fam.default_flops_reduction if o.flops_reduction is None else o.flops_reduction
     check_float(reduction, "flops_reduction", 0.0, 0.95)
     text = fam.default_merges if o.merges is None else o.merges
-    merge_map = None if text.strip().lower() == "auto" else fam.parse_merges(text)   # auto: once the model is known
-    check_paths({"--weights": o.weights}, [Out(o.output, "--output", CHECKPOINT_SUFFIXES),
-                                           Out(o.report_path, "--report", JSON_SUFFIXES)])
-    ckpt, summary = cdcp.make_checkpoint(o.arch, reduction, merge_map if merge_map is not None else "auto",
-                                         weights=None if o.weights is None else str(o.weights), seed=o.seed,
-                                         align=o.align, num_classes=o.num_classes, img_size=o.img_size)
+    merge_map = None if text.strip().lower() == "auto" else fam.parse_merges(text)  # auto: once the model is known
+    check_paths(
+        {"--weights": o.weights},
+        [Out(o.output, "--output", CHECKPOINT_SUFFIXES), Out(o.report_path, "--report", JSON_SUFFIXES)],
+    )
+    ckpt, summary = cdcp.make_checkpoint(
+        o.arch,
+        reduction,
+        merge_map if merge_map is not None else "auto",
+        weights=None if o.weights is None else str(o.weights),
+        seed=o.seed,
+        align=o.align,
+        num_classes=o.num_classes,
+        img_size=o.img_size,
+    )
     with Staging() as st:
         cdcp.save_checkpoint_dict(ckpt, o.output, staging=st)
         if o.report_path:
             write_json(o.report_path, summary, staging=st)
-    return MakeCheckpointResult(Path(o.output), summary, fam.name, summary["merges_text"], merge_map is None,
-                                reduction, Path(o.report_path) if o.report_path else None)
+    return MakeCheckpointResult(
+        Path(o.output),
+        summary,
+        fam.name,
+        summary["merges_text"],
+        merge_map is None,
+        reduction,
+        Path(o.report_path) if o.report_path else None,
+    )

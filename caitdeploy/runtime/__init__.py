@@ -14,17 +14,29 @@ Export verification (`export.onnx.verify_onnx`) and `bench` both use these runne
 `runtime.tensorrt` holds every TensorRT import (`import_trt`, used by `export.tensorrt` to build), the engine
 class underneath `TrtRunner` and the engine header check.
 """
+
 from caitdeploy.runtime.base import (
-           ORT_TYPES,
-           RuntimeSpec,
-           choose_providers,
-           cuda_graphs_ok,
-           quiet_polygraphy,
-           torch_dtype_of_ort,
+    ORT_TYPES,
+    RuntimeSpec,
+    choose_providers,
+    cuda_graphs_ok,
+    quiet_polygraphy,
+    torch_dtype_of_ort,
 )
 from caitdeploy.runtime.ort_runner import OrtRunner
 from caitdeploy.runtime.torch_runner import TorchRunner
 from caitdeploy.runtime.trt_runner import TrtRunner, engine_build_key, reusable_engine
 
-__all__ = ["ORT_TYPES", "OrtRunner", "RuntimeSpec", "TorchRunner", "TrtRunner", "choose_providers", "cuda_graphs_ok",
-           "engine_build_key", "quiet_polygraphy", "reusable_engine", "torch_dtype_of_ort"]
+__all__ = [
+    "ORT_TYPES",
+    "OrtRunner",
+    "RuntimeSpec",
+    "TorchRunner",
+    "TrtRunner",
+    "choose_providers",
+    "cuda_graphs_ok",
+    "engine_build_key",
+    "quiet_polygraphy",
+    "reusable_engine",
+    "torch_dtype_of_ort",
+]

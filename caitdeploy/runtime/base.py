@@ -1,4 +1,5 @@
 """Decisions the GPU paths make, as pure functions a CPU can test, and shared runner helpers."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,9 +11,15 @@ from caitdeploy.core.errors import CaitError
 
 # ONNX Runtime type strings -> torch dtypes (what an IO binding must allocate)
 ORT_TYPES: dict[str, torch.dtype] = {
-    "tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
-    "tensor(double)": torch.float64, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
-    "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8, "tensor(bool)": torch.bool,
+    "tensor(float)": torch.float32,
+    "tensor(float16)": torch.float16,
+    "tensor(bfloat16)": torch.bfloat16,
+    "tensor(double)": torch.float64,
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
+    "tensor(int8)": torch.int8,
+    "tensor(uint8)": torch.uint8,
+    "tensor(bool)": torch.bool,
 }
 
 
@@ -35,9 +42,16 @@ class RuntimeSpec:
             raise CaitError(f"device {self.device!r}: cpu or cuda")
 
 
-def choose_providers(available: list[str], device: str, *, fp16: bool = False, batch: int = 1,
-                     input_name: str = "images", chw: tuple[int, int, int] | None = None,
-                     trt_cache_dir: str | None = None) -> list[Any]:
+def choose_providers(
+    available: list[str],
+    device: str,
+    *,
+    fp16: bool = False,
+    batch: int = 1,
+    input_name: str = "images",
+    chw: tuple[int, int, int] | None = None,
+    trt_cache_dir: str | None = None,
+) -> list[Any]:
     """ONNX Runtime execution providers, in order: TensorRT EP > CUDA EP > CPU EP on CUDA, CPU EP on CPU.
 
     Raises CaitError when a GPU is asked for and this onnxruntime has no GPU provider (the CPU-only wheel)."""
@@ -51,8 +65,11 @@ def choose_providers(available: list[str], device: str, *, fp16: bool = False, b
         opts: dict[str, Any] = {"trt_fp16_enable": fp16}
         if chw is not None:
             shape = f"{input_name}:{{}}x{chw[0]}x{chw[1]}x{chw[2]}"
-            opts.update(trt_profile_min_shapes=shape.format(1), trt_profile_opt_shapes=shape.format(batch),
-                        trt_profile_max_shapes=shape.format(batch))
+            opts.update(
+                trt_profile_min_shapes=shape.format(1),
+                trt_profile_opt_shapes=shape.format(batch),
+                trt_profile_max_shapes=shape.format(batch),
+            )
         if trt_cache_dir is not None:
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=trt_cache_dir)
         out.append(("TensorrtExecutionProvider", opts))
@@ -61,7 +78,9 @@ def choose_providers(available: list[str], device: str, *, fp16: bool = False, b
     return out + ["CPUExecutionProvider"]
 
 
-def cuda_graphs_ok(device: str, backend: str, compile_mode: str | None, dynamic_shapes: bool = False) -> tuple[bool, str]:
+def cuda_graphs_ok(
+    device: str, backend: str, compile_mode: str | None, dynamic_shapes: bool = False
+) -> tuple[bool, str]:
     """(whether a run captures CUDA graphs, why). CUDA graphs need a CUDA device, torch.compile in a mode that
     captures them ("reduce-overhead" or "max-autotune"), and static shapes (one graph per input shape)."""
     if device != "cuda":

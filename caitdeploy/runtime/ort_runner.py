@@ -1,4 +1,5 @@
 """ONNX Runtime with IO binding, in the dtypes the session declares, as a Polygraphy runner."""
+
 from __future__ import annotations
 
 import time
@@ -25,8 +26,16 @@ class OrtRunner(BaseRunner):
     `bind(feed)` binds once for repeated `run_bound()` calls (benchmarks); `infer` binds every call.
     """
 
-    def __init__(self, model: str | Path | bytes, spec: RuntimeSpec = RuntimeSpec(), *, fp16_hint: bool = False,
-                 batch_hint: int = 1, trt_cache_dir: str | None = None, name: str | None = None):
+    def __init__(
+        self,
+        model: str | Path | bytes,
+        spec: RuntimeSpec = RuntimeSpec(),
+        *,
+        fp16_hint: bool = False,
+        batch_hint: int = 1,
+        trt_cache_dir: str | None = None,
+        name: str | None = None,
+    ):
         super().__init__(name=name, prefix="ort-runner")
         self._model, self.spec = model, spec
         self._fp16_hint, self._batch_hint, self._trt_cache_dir = fp16_hint, batch_hint, trt_cache_dir
@@ -40,8 +49,13 @@ class OrtRunner(BaseRunner):
         so.log_severity_level = 3
         if self.spec.threads:
             so.intra_op_num_threads = self.spec.threads
-        providers = choose_providers(ort.get_available_providers(), self.spec.device, fp16=self._fp16_hint,
-                                     batch=self._batch_hint, trt_cache_dir=self._trt_cache_dir)
+        providers = choose_providers(
+            ort.get_available_providers(),
+            self.spec.device,
+            fp16=self._fp16_hint,
+            batch=self._batch_hint,
+            trt_cache_dir=self._trt_cache_dir,
+        )
         src = self._model if isinstance(self._model, bytes) else str(self._model)
         last = None
         while providers:
@@ -57,7 +71,7 @@ class OrtRunner(BaseRunner):
             raise CaitError("onnxruntime fell back to the CPU execution provider on a GPU machine")
         self.inputs = {i.name: torch_dtype_of_ort(i.type, f"input {i.name!r}") for i in self.sess.get_inputs()}
         self.outputs = {o.name: torch_dtype_of_ort(o.type, f"output {o.name!r}") for o in self.sess.get_outputs()}
-        self._bound: tuple[Any, dict[str, torch.Tensor]] | None = None   # (IOBinding, tensors it holds)
+        self._bound: tuple[Any, dict[str, torch.Tensor]] | None = None  # (IOBinding, tensors it holds)
 
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
@@ -75,7 +89,7 @@ class OrtRunner(BaseRunner):
         dev, idx = self._device
         binding = self.sess.io_binding()
         keep: dict[str, torch.Tensor] = {}
-        dims: dict[str, int] = {}   # symbolic dim name -> size, from the inputs
+        dims: dict[str, int] = {}  # symbolic dim name -> size, from the inputs
         for i in self.sess.get_inputs():
             want = self.inputs[i.name]
             t = torch.as_tensor(feed_dict[i.name]).to(device=dev, dtype=want).contiguous()
@@ -85,7 +99,7 @@ class OrtRunner(BaseRunner):
         for o in self.sess.get_outputs():
             shape = [d if isinstance(d, int) else dims.get(d) for d in o.shape]
             sizes = [d for d in shape if isinstance(d, int) and d >= 0]
-            if len(sizes) == len(shape):   # every size known: preallocate in the declared dtype
+            if len(sizes) == len(shape):  # every size known: preallocate in the declared dtype
                 y = torch.empty(sizes, dtype=self.outputs[o.name], device=dev)
                 keep[o.name] = y
                 binding.bind_output(o.name, dev, idx, _np(y.dtype), tuple(y.shape), y.data_ptr())
@@ -106,7 +120,7 @@ class OrtRunner(BaseRunner):
         start = time.perf_counter()
         binding = self.run_bound()
         self.inference_time = time.perf_counter() - start
-        assert self._bound is not None   # bound just above
+        assert self._bound is not None  # bound just above
         _, keep = self._bound
         out = OrderedDict()
         for name, val in zip(self.outputs, binding.get_outputs()):
@@ -121,9 +135,16 @@ class OrtRunner(BaseRunner):
 def _np(dtype: torch.dtype):
     import numpy as np
 
-    table = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
-             torch.int64: np.int64, torch.int32: np.int32, torch.int8: np.int8, torch.uint8: np.uint8,
-             torch.bool: np.bool_}
+    table = {
+        torch.float32: np.float32,
+        torch.float16: np.float16,
+        torch.float64: np.float64,
+        torch.int64: np.int64,
+        torch.int32: np.int32,
+        torch.int8: np.int8,
+        torch.uint8: np.uint8,
+        torch.bool: np.bool_,
+    }
     if dtype not in table:
         raise CaitError(f"no numpy type for {dtype}")
     return table[dtype]

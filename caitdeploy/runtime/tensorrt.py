@@ -5,6 +5,7 @@
 `engine_header_check` is the GPU-free plausibility check of an engine's header that `caitdeploy inspect` runs.
 `runtime.trt_runner.TrtRunner` wraps `TrtEngine` as a Polygraphy runner.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,7 +59,7 @@ def _clean(msg: str) -> str:
 
 
 def _make_logger(trt):
-    ilogger: Any = trt.ILogger   # the module is imported at run time (tensorrt or tensorrt_rtx)
+    ilogger: Any = trt.ILogger  # the module is imported at run time (tensorrt or tensorrt_rtx)
 
     class _Log(ilogger):
         """Collects messages instead of printing them; errors end up in CaitError text."""
@@ -91,12 +92,22 @@ def engine_header_check(engine_bytes: bytes, flavour: str | None = None) -> dict
         return {"supported": False}
     size = int(getattr(runtime, "engine_header_size", 0) or 0)
     if len(engine_bytes) < max(size, 1):
-        return {"supported": True, "validity": "INVALID", "diagnostics": ["TRUNCATED"], "malformed": True,
-                "version_mismatch": False}
+        return {
+            "supported": True,
+            "validity": "INVALID",
+            "diagnostics": ["TRUNCATED"],
+            "malformed": True,
+            "version_mismatch": False,
+        }
     validity, diag = runtime.get_engine_validity(engine_bytes[:size] if size else engine_bytes)
     names = [n for n, v in trt.EngineInvalidityDiagnostics.__members__.items() if int(diag) & int(v)]
-    return {"supported": True, "validity": validity.name, "diagnostics": names,
-            "malformed": "MALFORMED_ENGINE" in names, "version_mismatch": "VERSION_MISMATCH" in names}
+    return {
+        "supported": True,
+        "validity": validity.name,
+        "diagnostics": names,
+        "malformed": "MALFORMED_ENGINE" in names,
+        "version_mismatch": "VERSION_MISMATCH" in names,
+    }
 
 
 class TrtEngine:
@@ -121,8 +132,10 @@ class TrtEngine:
             flavour = side.get("flavour")
         self.trt = trt = import_trt(flavour)
         if not torch.cuda.is_available():
-            raise CaitError(f"{self.path}: running a TensorRT engine needs a CUDA GPU and none is available "
-                            "(torch.cuda.is_available() is False)")
+            raise CaitError(
+                f"{self.path}: running a TensorRT engine needs a CUDA GPU and none is available "
+                "(torch.cuda.is_available() is False)"
+            )
         self.device = torch.device("cuda", device)
         torch.cuda.set_device(self.device)
         self.logger = _make_logger(trt)
@@ -133,8 +146,10 @@ class TrtEngine:
         del plan
         if self.engine is None:
             errs = self.logger.errors()
-            raise CaitError(f"{self.path}: {flavour_of(trt)} {trt.__version__} cannot deserialize the engine: "
-                            f"{errs[-1] if errs else 'no error message'}")
+            raise CaitError(
+                f"{self.path}: {flavour_of(trt)} {trt.__version__} cannot deserialize the engine: "
+                f"{errs[-1] if errs else 'no error message'}"
+            )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -145,9 +160,13 @@ class TrtEngine:
         import torch
 
         dt = self.engine.get_tensor_dtype(name)
-        table = {self.trt.DataType.FLOAT: torch.float32, self.trt.DataType.HALF: torch.float16,
-                 self.trt.DataType.INT32: torch.int32, self.trt.DataType.INT64: torch.int64,
-                 self.trt.DataType.BOOL: torch.bool}
+        table = {
+            self.trt.DataType.FLOAT: torch.float32,
+            self.trt.DataType.HALF: torch.float16,
+            self.trt.DataType.INT32: torch.int32,
+            self.trt.DataType.INT64: torch.int64,
+            self.trt.DataType.BOOL: torch.bool,
+        }
         if hasattr(self.trt.DataType, "BF16"):
             table[self.trt.DataType.BF16] = torch.bfloat16
         if dt not in table:

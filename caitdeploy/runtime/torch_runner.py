@@ -1,4 +1,5 @@
 """PyTorch eager and torch.compile as a Polygraphy runner."""
+
 from __future__ import annotations
 
 import time
@@ -23,13 +24,23 @@ class TorchRunner(BaseRunner):
     (e.g. torch.bfloat16) runs the model under torch.autocast; numpy outputs come back as float32.
     """
 
-    def __init__(self, model: torch.nn.Module, spec: RuntimeSpec = RuntimeSpec(), *, dtype: torch.dtype | None = None,
-                 compile: bool = False, input_shape: tuple[int, ...] | None = None,
-                 input_name: str = "images", output_name: str = "logits", name: str | None = None,
-                 output_names: list[str] | None = None, autocast: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: RuntimeSpec = RuntimeSpec(),
+        *,
+        dtype: torch.dtype | None = None,
+        compile: bool = False,
+        input_shape: tuple[int, ...] | None = None,
+        input_name: str = "images",
+        output_name: str = "logits",
+        name: str | None = None,
+        output_names: list[str] | None = None,
+        autocast: torch.dtype | None = None,
+    ):
         super().__init__(name=name, prefix="torch-runner")
         self._model, self.spec, self._dtype, self._compile = model, spec, dtype, compile
-        self.autocast = autocast   # e.g. torch.bfloat16: run under torch.autocast (weights stay in `dtype`)
+        self.autocast = autocast  # e.g. torch.bfloat16: run under torch.autocast (weights stay in `dtype`)
         cfg = getattr(model, "config", None)
         if input_shape is None and cfg is not None:
             input_shape = cfg.input_shape
@@ -64,8 +75,10 @@ class TorchRunner(BaseRunner):
         numpy_in = not isinstance(x, torch.Tensor)
         xt = torch.as_tensor(x).to(device=self.spec.device, dtype=self.dtype)
         start = time.perf_counter()
-        with torch.inference_mode(), torch.autocast(self.spec.device, dtype=self.autocast or torch.float32,
-                                                    enabled=self.autocast is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.spec.device, dtype=self.autocast or torch.float32, enabled=self.autocast is not None),
+        ):
             y = self.model(xt)
         if self.spec.device == "cuda":
             torch.cuda.synchronize()
@@ -73,8 +86,9 @@ class TorchRunner(BaseRunner):
         ys = list(y) if isinstance(y, (tuple, list)) else [y]
         if len(ys) != len(self.output_names):
             raise ValueError(f"the model returned {len(ys)} outputs for names {self.output_names}")
-        return OrderedDict((n, t.float().cpu().contiguous().numpy() if numpy_in else t)
-                           for n, t in zip(self.output_names, ys))
+        return OrderedDict(
+            (n, t.float().cpu().contiguous().numpy() if numpy_in else t) for n, t in zip(self.output_names, ys)
+        )
 
     def deactivate_impl(self):
         del self.model, self.dtype

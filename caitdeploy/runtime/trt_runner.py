@@ -1,4 +1,5 @@
 """TensorRT / TensorRT-RTX engines as a Polygraphy runner, and when a built engine may be reused."""
+
 from __future__ import annotations
 
 import hashlib

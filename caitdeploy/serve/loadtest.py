@@ -7,6 +7,7 @@ every request carries `batch` random images shaped as the model's metadata says.
 requests/s, images/s, p50/p90/p99/mean latency, and from Triton's statistics API the executions the server ran
 (requests per execution = what the dynamic batcher merged).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,9 +22,25 @@ import numpy as np
 from caitdeploy.core.errors import CaitError, OptionError
 
 PROTOCOLS = ("http", "grpc")
-LOADTEST_KEYS = ("model", "protocol", "url", "concurrency", "batch", "duration_s", "requests", "errors",
-                 "throughput_req_s", "throughput_img_s", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
-                 "latency_ms_mean", "server_executions", "requests_per_execution", "first_error")
+LOADTEST_KEYS = (
+    "model",
+    "protocol",
+    "url",
+    "concurrency",
+    "batch",
+    "duration_s",
+    "requests",
+    "errors",
+    "throughput_req_s",
+    "throughput_img_s",
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "latency_ms_p99",
+    "latency_ms_mean",
+    "server_executions",
+    "requests_per_execution",
+    "first_error",
+)
 
 
 def _client_module(protocol: str):
@@ -45,20 +62,21 @@ def check_url(url: str, what: str = "URL") -> str:
     text = str(url).strip()
     for scheme in ("http://", "https://"):
         if text.lower().startswith(scheme):
-            text = text[len(scheme):]
+            text = text[len(scheme) :]
     text = text.rstrip("/")
     host, port = text, None
     if text.startswith("["):  # [IPv6]:port
         close = text.find("]")
-        host, rest = (text[:close + 1], text[close + 1:]) if close > 1 else ("", "")
+        host, rest = (text[: close + 1], text[close + 1 :]) if close > 1 else ("", "")
         if rest and not rest.startswith(":"):
             host = ""
         port = rest[1:] if rest else None
     elif ":" in text:
         host, port = text.rsplit(":", 1)
     bad_host = not host or "/" in host or (":" in host and not host.startswith("[")) or any(c.isspace() for c in text)
-    bad_port = port is not None and not (port.isascii() and port.isdigit() and len(port) <= 5
-                                         and 1 <= int(port) <= 65535)
+    bad_port = port is not None and not (
+        port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535
+    )
     if bad_host or bad_port:
         raise CaitError(f"{what} {str(url)[:80]!r}: give HOST:PORT with a port in 1..65535, e.g. localhost:8000")
     return text
@@ -126,20 +144,34 @@ def _stats(url: str, model: str) -> tuple[int, int] | None:
         return None
 
 
-def load_test(url: str, model: str, concurrency: Sequence[int] = (1, 8, 32), duration: float = 10.0, batch: int = 1,
-              protocol: str = "http", warmup: float = 1.0, max_requests: int | None = None,
-              stats_url: str | None = None, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def load_test(
+    url: str,
+    model: str,
+    concurrency: Sequence[int] = (1, 8, 32),
+    duration: float = 10.0,
+    batch: int = 1,
+    protocol: str = "http",
+    warmup: float = 1.0,
+    max_requests: int | None = None,
+    stats_url: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
     """One record (LOADTEST_KEYS) per concurrency level."""
     mod = _client_module(protocol)
     for c in concurrency:
         if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 1024:
             raise OptionError("concurrency", f"{c!r}: must be in 1..1024")
     for key, value, lo, hi in (("duration", duration, 0.1, 3600.0), ("warmup", warmup, 0.0, 600.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not lo <= value <= hi:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not lo <= value <= hi
+        ):
             raise OptionError(key, f"{value!r}: must be a number in {lo:g}..{hi:g} seconds")
-    if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
-                                     or max_requests < 1):
+    if max_requests is not None and (
+        isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1
+    ):
         raise OptionError("max_requests", f"{max_requests!r}: must be a positive integer")
     url = check_url(url)
     if stats_url is not None:
@@ -155,15 +187,42 @@ def load_test(url: str, model: str, concurrency: Sequence[int] = (1, 8, 32), dur
     for c in concurrency:
         if progress:
             progress(f"{model}: concurrency {c}, {duration:g} s")
-        records.append(_run_level(mod, url, model, c, x, name, dtype, out_name, duration, warmup, max_requests,
-                                  stats_url or (url if protocol == "http" else None)) | {"protocol": protocol})
+        records.append(
+            _run_level(
+                mod,
+                url,
+                model,
+                c,
+                x,
+                name,
+                dtype,
+                out_name,
+                duration,
+                warmup,
+                max_requests,
+                stats_url or (url if protocol == "http" else None),
+            )
+            | {"protocol": protocol}
+        )
     if not any(r["requests"] for r in records):
         raise CaitError(f"{url}: no request to model {model!r} succeeded ({records[0]['first_error']})")
     return records
 
 
-def _run_level(mod, url: str, model: str, clients: int, x: np.ndarray, name: str, dtype: str, out_name: str,
-               duration: float, warmup: float, max_requests: int | None, stats_url: str | None) -> dict[str, Any]:
+def _run_level(
+    mod,
+    url: str,
+    model: str,
+    clients: int,
+    x: np.ndarray,
+    name: str,
+    dtype: str,
+    out_name: str,
+    duration: float,
+    warmup: float,
+    max_requests: int | None,
+    stats_url: str | None,
+) -> dict[str, Any]:
     """One concurrency level: `clients` threads send back to back; latencies count after `warmup`."""
     lat: list[float] = []
     errors: list[str] = []
@@ -209,31 +268,64 @@ def _run_level(mod, url: str, model: str, clients: int, x: np.ndarray, name: str
     n, batch = len(lat), x.shape[0]
     execs = (after[1] - before[1]) if before and after else None
     reqs_server = (after[0] - before[0]) if before and after else None
-    return {"model": model, "protocol": None, "url": url, "concurrency": clients, "batch": batch,
-            "duration_s": elapsed, "requests": n, "errors": len(errors),
-            "throughput_req_s": n / elapsed if elapsed > 0 else 0.0,
-            "throughput_img_s": n * batch / elapsed if elapsed > 0 else 0.0,
-            "latency_ms_p50": _percentile(lat, 50) * 1e3 if lat else None,
-            "latency_ms_p90": _percentile(lat, 90) * 1e3 if lat else None,
-            "latency_ms_p99": _percentile(lat, 99) * 1e3 if lat else None,
-            "latency_ms_mean": statistics.fmean(lat) * 1e3 if lat else None,
-            "server_executions": execs,
-            "requests_per_execution": (reqs_server / batch / execs) if execs and reqs_server is not None else None,
-            "first_error": errors[0] if errors else None}
+    return {
+        "model": model,
+        "protocol": None,
+        "url": url,
+        "concurrency": clients,
+        "batch": batch,
+        "duration_s": elapsed,
+        "requests": n,
+        "errors": len(errors),
+        "throughput_req_s": n / elapsed if elapsed > 0 else 0.0,
+        "throughput_img_s": n * batch / elapsed if elapsed > 0 else 0.0,
+        "latency_ms_p50": _percentile(lat, 50) * 1e3 if lat else None,
+        "latency_ms_p90": _percentile(lat, 90) * 1e3 if lat else None,
+        "latency_ms_p99": _percentile(lat, 99) * 1e3 if lat else None,
+        "latency_ms_mean": statistics.fmean(lat) * 1e3 if lat else None,
+        "server_executions": execs,
+        "requests_per_execution": (reqs_server / batch / execs) if execs and reqs_server is not None else None,
+        "first_error": errors[0] if errors else None,
+    }
 
 
 def to_markdown(records: list[dict[str, Any]], title: str = "caitdeploy loadtest") -> str:
-    head = ["model", "protocol", "concurrency", "batch", "req/s", "img/s", "p50 ms", "p90 ms", "p99 ms",
-            "req/execution", "errors"]
+    head = [
+        "model",
+        "protocol",
+        "concurrency",
+        "batch",
+        "req/s",
+        "img/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "req/execution",
+        "errors",
+    ]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     for r in records:
-        lines.append("| " + " | ".join([r["model"], r["protocol"], str(r["concurrency"]), str(r["batch"]),
-                                        f(r["throughput_req_s"], ".1f"), f(r["throughput_img_s"], ".1f"),
-                                        f(r["latency_ms_p50"], ".2f"), f(r["latency_ms_p90"], ".2f"),
-                                        f(r["latency_ms_p99"], ".2f"), f(r["requests_per_execution"], ".2f"),
-                                        str(r["errors"])]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["model"],
+                    r["protocol"],
+                    str(r["concurrency"]),
+                    str(r["batch"]),
+                    f(r["throughput_req_s"], ".1f"),
+                    f(r["throughput_img_s"], ".1f"),
+                    f(r["latency_ms_p50"], ".2f"),
+                    f(r["latency_ms_p90"], ".2f"),
+                    f(r["latency_ms_p99"], ".2f"),
+                    f(r["requests_per_execution"], ".2f"),
+                    str(r["errors"]),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ Hostile surroundings:
 - `serve_forever` restarts a server that dies while serving (one request can abort tritonserver: a bug in
   Triton, not ours), so one crash is not an outage.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,10 +49,10 @@ from caitdeploy.core.errors import CaitError, OptionError, _host, _pid_alive
 READY_TIMEOUT_S = 120.0
 TIMEOUT_RANGE = (1.0, 3600.0)
 DEFAULT_HOST = "127.0.0.1"
-WORK_PREFIX = "caitdeploy-serve-"       # <tmp>/caitdeploy-serve-<host>-<pid>-<random>
-SHM_PREFIX = "caitdeploy_"              # /dev/shm/caitdeploy_<host>-<pid>-<random>_<backend's own name>
+WORK_PREFIX = "caitdeploy-serve-"  # <tmp>/caitdeploy-serve-<host>-<pid>-<random>
+SHM_PREFIX = "caitdeploy_"  # /dev/shm/caitdeploy_<host>-<pid>-<random>_<backend's own name>
 SHM_DIR = Path("/dev/shm")
-STOP_GRACE_S = 20.0                     # SIGTERM, then SIGKILL after this
+STOP_GRACE_S = 20.0  # SIGTERM, then SIGKILL after this
 
 
 # ---- addresses and ports ------------------------------------------------------------------------------
@@ -71,11 +72,17 @@ def parse_host(host: str) -> str:
     try:
         address = ipaddress.ip_address(text.strip("[]"))
     except ValueError:
-        raise OptionError("host", f"{text!r}: give an IPv4 address of this machine, e.g. 127.0.0.1 (the default) "
-                                  "or 0.0.0.0 for every interface") from None
+        raise OptionError(
+            "host",
+            f"{text!r}: give an IPv4 address of this machine, e.g. 127.0.0.1 (the default) "
+            "or 0.0.0.0 for every interface",
+        ) from None
     if address.version != 4:
-        raise OptionError("host", f"{text!r}: give an IPv4 address (tritonserver's HTTP endpoint cannot bind IPv6 "
-                                  "addresses), e.g. 127.0.0.1 or 0.0.0.0")
+        raise OptionError(
+            "host",
+            f"{text!r}: give an IPv4 address (tritonserver's HTTP endpoint cannot bind IPv6 "
+            "addresses), e.g. 127.0.0.1 or 0.0.0.0",
+        )
     return str(address)
 
 
@@ -108,7 +115,7 @@ def check_ports(ports: dict[str, int], host: str) -> None:
             raise OptionError(f"{name}_port", f"{port!r}: a TCP port is 1..65535")
     names = list(ports)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             if ports[a] == ports[b]:
                 raise CaitError(f"--{a}-port and --{b}-port are both {ports[a]}: give each its own port")
     for name, port in ports.items():
@@ -118,8 +125,12 @@ def check_ports(ports: dict[str, int], host: str) -> None:
 
 def check_timeout(timeout: float) -> float:
     lo, hi = TIMEOUT_RANGE
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
-            or not lo <= timeout <= hi:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not math.isfinite(timeout)
+        or not lo <= timeout <= hi
+    ):
         raise OptionError("timeout", f"{timeout!r}: seconds to wait for the models, a number in {lo:g}..{hi:g}")
     return float(timeout)
 
@@ -142,8 +153,10 @@ def check_repository(repo: Path) -> list[str]:
         if d.is_dir() and (d / "config.pbtxt").is_file() and any(v.is_dir() and v.name.isdigit() for v in d.iterdir()):
             models.append(d.name)
     if not models:
-        raise CaitError(f"{repo}: not a Triton model repository: no <model>/config.pbtxt with a <model>/<version>/ "
-                        "folder (write one with `caitdeploy export MODEL --triton-repo DIR`)")
+        raise CaitError(
+            f"{repo}: not a Triton model repository: no <model>/config.pbtxt with a <model>/<version>/ "
+            "folder (write one with `caitdeploy export MODEL --triton-repo DIR`)"
+        )
     return models
 
 
@@ -155,8 +168,10 @@ def find_server() -> tuple[Path, str]:
     try:
         import pytriton
     except ImportError:
-        raise CaitError("no tritonserver: none on PATH and nvidia-pytriton is not installed "
-                        "(pip install nvidia-pytriton, or use NVIDIA's Triton server image)") from None
+        raise CaitError(
+            "no tritonserver: none on PATH and nvidia-pytriton is not installed "
+            "(pip install nvidia-pytriton, or use NVIDIA's Triton server image)"
+        ) from None
     binary = Path(pytriton.__file__).parent / "tritonserver" / "bin" / "tritonserver"
     if not binary.is_file():
         raise CaitError(f"nvidia-pytriton is installed but has no server binary at {binary}")
@@ -174,8 +189,9 @@ def _bundled_backends(work: Path) -> Path:
     dist = Path(pytriton.__file__).parent / "tritonserver"
     stub = dist / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / "triton_python_backend_stub"
     if not stub.is_file():
-        raise CaitError(f"nvidia-pytriton has no Python-backend stub for Python {sys.version_info[0]}."
-                        f"{sys.version_info[1]}")
+        raise CaitError(
+            f"nvidia-pytriton has no Python-backend stub for Python {sys.version_info[0]}.{sys.version_info[1]}"
+        )
     (backends / "python").mkdir(parents=True, exist_ok=True)
     for f in (dist / "backends" / "python").iterdir():
         if f.is_file() and not (backends / "python" / f.name).exists():
@@ -270,14 +286,20 @@ def _watchdog(work: str, shm_prefix: str) -> None:
 
 
 def _start_watchdog(work: Path, shm_prefix: str) -> subprocess.Popen | None:
-    env = dict(os.environ)   # the folder that holds the caitdeploy package, whatever the current directory
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = dict(os.environ)  # the folder that holds the caitdeploy package, whatever the current directory
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     code = "import sys; from caitdeploy.serve.server import _watchdog; _watchdog(sys.argv[1], sys.argv[2])"
     try:
-        return subprocess.Popen([sys.executable, "-c", code, str(work), shm_prefix], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                start_new_session=True)  # Ctrl-C in the terminal is for the CLI, not for it
+        return subprocess.Popen(
+            [sys.executable, "-c", code, str(work), shm_prefix],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )  # Ctrl-C in the terminal is for the CLI, not for it
     except OSError:
         return None  # the next start's sweep is the fallback
 
@@ -331,12 +353,21 @@ class TritonServer:
 
     def _env_and_args(self, binary: Path, work: Path) -> tuple[dict[str, str], list[str]]:
         env = dict(os.environ)
-        args = [str(binary), f"--model-repository={self.repo.resolve()}",
-                f"--http-address={self.host}", f"--http-port={self.http_port}",
-                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}", "--exit-on-error=false",
-                "--strict-readiness=true", "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}",
-                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+        args = [
+            str(binary),
+            f"--model-repository={self.repo.resolve()}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--exit-on-error=false",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=10",
+            f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+        ]
         if self.source != "PATH":
             libs = Path(binary).parents[3] / "nvidia_pytriton.libs"
             lib_dirs = [str(libs), sysconfig.get_config_var("LIBDIR") or ""]
@@ -371,12 +402,17 @@ class TritonServer:
         assert self._binary is not None and work is not None, "_launch runs inside start()"
         env, args = self._env_and_args(self._binary, work)
         self.log_path = work / f"tritonserver-{self._starts}.log"
-        with open(self.log_path, "wb") as log:   # the server keeps its own descriptor
+        with open(self.log_path, "wb") as log:  # the server keeps its own descriptor
             try:
                 self.proc = subprocess.Popen(
-                    args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    args,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
                     start_new_session=True,  # Ctrl-C reaches the CLI only: it stops the server
-                    preexec_fn=_die_with_parent())  # noqa: PLW1509 - prctl in the child; no other way to set it
+                    preexec_fn=_die_with_parent(),  # noqa: PLW1509 - prctl in the child; no other way to set it
+                )
             except OSError as e:
                 raise CaitError(f"{self._binary}: cannot start ({e.strerror})") from None
         (work / "server.pid").write_text(str(self.proc.pid))  # for the watchdog
@@ -414,8 +450,10 @@ class TritonServer:
             if self.proc.poll() is not None:
                 raise CaitError(f"tritonserver exited with {describe_exit(self.proc.returncode)}: {self.log_tail()}")
             if left <= 0:
-                raise CaitError(f"tritonserver did not become ready within the timeout of {timeout:g} s (a "
-                                f"larger --timeout gives slow models longer): {self.log_tail()}")
+                raise CaitError(
+                    f"tritonserver did not become ready within the timeout of {timeout:g} s (a "
+                    f"larger --timeout gives slow models longer): {self.log_tail()}"
+                )
             try:
                 index = self.repository_index(timeout=max(0.1, min(2.0, left)))
             except (urllib.error.URLError, ConnectionError, OSError, json.JSONDecodeError):
@@ -439,9 +477,12 @@ class TritonServer:
         except OSError:
             return ""
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        errors = [_GLOG.sub("", ln).strip().strip('"') for ln in lines
-                  if (_GLOG.match(ln) or "ERROR" in ln[:20] or ln.startswith("terminate called"))
-                  and not any(k in ln for k in _LOG_NOISE)]
+        errors = [
+            _GLOG.sub("", ln).strip().strip('"')
+            for ln in lines
+            if (_GLOG.match(ln) or "ERROR" in ln[:20] or ln.startswith("terminate called"))
+            and not any(k in ln for k in _LOG_NOISE)
+        ]
         if about:
             errors = [e for e in errors if f"'{about}'" in e or f'"{about}"' in e] or errors
         quiet = [ln for ln in lines if not any(k in ln for k in _LOG_NOISE)]
@@ -464,11 +505,14 @@ class TritonServer:
                 self._launch()
                 self._wait_ready(t0 + timeout, timeout)
             except CaitError as e:
-                raise CaitError(f"tritonserver exited with {describe_exit(code)} ({why}) and did not come back: "
-                                f"{e}") from None
+                raise CaitError(
+                    f"tritonserver exited with {describe_exit(code)} ({why}) and did not come back: {e}"
+                ) from None
             self.restarts += 1
-            log(f"tritonserver exited with {describe_exit(code)} while serving ({why}); restarted it, ready again "
-                f"in {time.monotonic() - t0:.1f} s (restart {self.restarts})")
+            log(
+                f"tritonserver exited with {describe_exit(code)} while serving ({why}); restarted it, ready again "
+                f"in {time.monotonic() - t0:.1f} s (restart {self.restarts})"
+            )
 
     def _reap(self) -> None:
         """After the server process is gone: its stubs and its shared memory go too."""
@@ -496,7 +540,7 @@ class TritonServer:
                 self._work = None
             if self._watch is not None:
                 with contextlib.suppress(OSError):
-                    if self._watch.stdin is not None:   # always: _start_watchdog opens it with stdin=PIPE
+                    if self._watch.stdin is not None:  # always: _start_watchdog opens it with stdin=PIPE
                         self._watch.stdin.close()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._watch.wait(timeout=10)

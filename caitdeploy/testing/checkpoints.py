@@ -1,4 +1,5 @@
 """Small CAIT checkpoints and fused files built from random weights (no downloads), shared by tests and benchmarks."""
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,23 @@ def _orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
     return q
 
 
-def random_checkpoint(*, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0, img_size=32, patch_size=8,
-                      num_classes=10, merges=None, qkv_bias=True, keep=0.6, seed=0, dropped_scale=0.0,
-                      qk_differs=False, unequal_heads=False) -> dict:
+def random_checkpoint(
+    *,
+    embed_dim=48,
+    depth=3,
+    num_heads=3,
+    mlp_ratio=2.0,
+    img_size=32,
+    patch_size=8,
+    num_classes=10,
+    merges=None,
+    qkv_bias=True,
+    keep=0.6,
+    seed=0,
+    dropped_scale=0.0,
+    qk_differs=False,
+    unequal_heads=False,
+) -> dict:
     """A `cait-compactor/1` dict with random weights, random orthogonal compactors and CDCP-like masks.
 
     keep: fraction of channels kept (same count in every head, same q/k positions) unless
@@ -28,9 +43,18 @@ def random_checkpoint(*, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0, img_
     """
     g = torch.Generator().manual_seed(seed)
     merges = merges or {}
-    fmt = {"img_size": img_size, "patch_size": patch_size, "in_chans": 3, "num_classes": num_classes,
-           "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
-           "qkv_bias": qkv_bias, "merges": {str(k): v for k, v in merges.items()}}
+    fmt = {
+        "img_size": img_size,
+        "patch_size": patch_size,
+        "in_chans": 3,
+        "num_classes": num_classes,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "mlp_ratio": mlp_ratio,
+        "qkv_bias": qkv_bias,
+        "merges": {str(k): v for k, v in merges.items()},
+    }
     cfg = CaitConfig.from_format({**fmt, "merges": merges})
     torch.manual_seed(seed)
     model = CaitViT(cfg)
@@ -77,15 +101,26 @@ def random_checkpoint(*, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0, img_
             sd[f"blocks.{i}.attn.{name}_compactor.mask"] = masks[name]
         c = _orthogonal(hidden, g)
         m = masks["fc1"].unsqueeze(-1)
-        sd[f"blocks.{i}.mlp.fc1_compactor.weight"] = c * m + dropped_scale * torch.randn(c.shape, generator=g) / math.sqrt(hidden) * (1 - m)
+        sd[f"blocks.{i}.mlp.fc1_compactor.weight"] = c * m + dropped_scale * torch.randn(
+            c.shape, generator=g
+        ) / math.sqrt(hidden) * (1 - m)
         sd[f"blocks.{i}.mlp.fc1_compactor.mask"] = masks["fc1"]
     return {"format": FORMAT, "config": fmt, "state_dict": sd}
 
 
 def write_tiny_fused(path, seed=0):
     """A fused CAIT model (pruned widths + one ATME merge) written like `caitdeploy fuse` writes it."""
-    fmt = dict(img_size=64, patch_size=8, in_chans=3, num_classes=10, embed_dim=48, depth=4, num_heads=3,
-               mlp_ratio=2.0, qkv_bias=True)
+    fmt = dict(
+        img_size=64,
+        patch_size=8,
+        in_chans=3,
+        num_classes=10,
+        embed_dim=48,
+        depth=4,
+        num_heads=3,
+        mlp_ratio=2.0,
+        qkv_bias=True,
+    )
     dense = CaitConfig.from_format({**fmt, "merges": {2: "h"}})
     blocks = tuple(replace(b, qk_dim=8, v_dim=8, mlp_hidden=64) for b in dense.blocks)
     cfg = replace(dense, blocks=blocks, source={**fmt, "merges": {"2": "h"}})

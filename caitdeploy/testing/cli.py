@@ -1,4 +1,5 @@
 """The CLI's error contract and the CLI under a memory limit, as the tests check them."""
+
 from __future__ import annotations
 
 
@@ -24,7 +25,9 @@ def run_cli_limited(cases: dict[str, list[str]], cwd, address_space: int = 4 << 
         hwm = [int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
         print(json.dumps([out, hwm]))
     """)
-    p = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     out, peak = json.loads(p.stdout.strip().splitlines()[-1])
     return {k: tuple(v) for k, v in out.items()}, peak

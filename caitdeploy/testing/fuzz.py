@@ -43,6 +43,7 @@ The hypothesis loop runs in a worker process (torch imported once); this process
 summary (cases, seconds, findings, machine). tests/security/test_fuzz_readers.py runs a bounded version of the same
 harness.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,17 +65,17 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]   # the folder holding the caitdeploy package (a checkout: the repository)
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding the caitdeploy package (a checkout: the repository)
 
-CASE_SECONDS = 2.0          # per reader call
-CASE_MEMORY_MB = 512        # peak RSS growth allowed per reader call (the seed files are ~100 KB)
-MEMORY_MB = 4096            # RLIMIT_AS headroom above the worker's address space after setup
-MAX_MESSAGE_CHARS = 1000    # a one-line error, not a dump
-HARNESS_ERROR = 70          # worker exit status for an error of the harness itself
-HANG_SECONDS = 30.0         # the supervisor kills a worker whose reader call has not returned after this long
-SETUP_SECONDS = 600.0       # worker imports + seed files (the ONNX export takes seconds)
-CHUNK = 100                 # examples per hypothesis run when fuzzing for --seconds
-CI_EXAMPLES = 20            # per target in tests/security/test_fuzz_readers.py (the long run: benchmarks/results)
+CASE_SECONDS = 2.0  # per reader call
+CASE_MEMORY_MB = 512  # peak RSS growth allowed per reader call (the seed files are ~100 KB)
+MEMORY_MB = 4096  # RLIMIT_AS headroom above the worker's address space after setup
+MAX_MESSAGE_CHARS = 1000  # a one-line error, not a dump
+HARNESS_ERROR = 70  # worker exit status for an error of the harness itself
+HANG_SECONDS = 30.0  # the supervisor kills a worker whose reader call has not returned after this long
+SETUP_SECONDS = 600.0  # worker imports + seed files (the ONNX export takes seconds)
+CHUNK = 100  # examples per hypothesis run when fuzzing for --seconds
+CI_EXAMPLES = 20  # per target in tests/security/test_fuzz_readers.py (the long run: benchmarks/results)
 TARGETS = ("checkpoint_pth", "checkpoint_dict", "checkpoint_safetensors", "fused", "onnx_metadata", "engine_sidecar")
 ALLOC_MARKERS = ("can't allocate memory", "cannot allocate memory", "memoryerror", "bad_alloc", "out of memory")
 
@@ -84,18 +85,75 @@ ALLOC_MARKERS = ("can't allocate memory", "cannot allocate memory", "memoryerror
 # =====================================================================================================
 def _st():
     from hypothesis import strategies as st
+
     return st
 
 
-BIG = "__fuzz_bigint__"   # stands for a 5000-digit integer in JSON (json.dumps cannot write one)
+BIG = "__fuzz_bigint__"  # stands for a 5000-digit integer in JSON (json.dumps cannot write one)
 BIG_DIGITS = "1" + "0" * 5000
 
-INTERESTING_INTS = [0, 1, -1, 2, 3, 7, 8, 16, 24, 255, 256, 257, 4096, 65535, 65536, 2**31 - 1, 2**31, -2**31,
-                    2**32, 2**32 + 1, 2**40, 2**53 + 1, 2**62, 2**63 - 1, 2**63, -2**63, 2**64 - 1, 2**64, 10**30]
+INTERESTING_INTS = [
+    0,
+    1,
+    -1,
+    2,
+    3,
+    7,
+    8,
+    16,
+    24,
+    255,
+    256,
+    257,
+    4096,
+    65535,
+    65536,
+    2**31 - 1,
+    2**31,
+    -(2**31),
+    2**32,
+    2**32 + 1,
+    2**40,
+    2**53 + 1,
+    2**62,
+    2**63 - 1,
+    2**63,
+    -(2**63),
+    2**64 - 1,
+    2**64,
+    10**30,
+]
 INTERESTING_FLOATS = [0.0, -0.0, 0.5, 1.5, 1e-300, 5e-324, 1e308, float("inf"), float("-inf"), float("nan")]
-INTERESTING_STRINGS = ["", "h", "v", "x", "0", "1", "16", "1e3", "-1", "NaN", "null", "true", "a\nb", "l1\r\nl2",
-                       "\u2028", "\x00", "\x1b[31mred", "é" * 8, "x" * 5000, "cait-compactor/1", "cait-fused/1",
-                       "caitdeploy-engine/1", "tensorrt", "tensorrt_rtx", "float16", "fp16", "images", "logits"]
+INTERESTING_STRINGS = [
+    "",
+    "h",
+    "v",
+    "x",
+    "0",
+    "1",
+    "16",
+    "1e3",
+    "-1",
+    "NaN",
+    "null",
+    "true",
+    "a\nb",
+    "l1\r\nl2",
+    "\u2028",
+    "\x00",
+    "\x1b[31mred",
+    "é" * 8,
+    "x" * 5000,
+    "cait-compactor/1",
+    "cait-fused/1",
+    "caitdeploy-engine/1",
+    "tensorrt",
+    "tensorrt_rtx",
+    "float16",
+    "fp16",
+    "images",
+    "logits",
+]
 
 
 def evil_value(data, json_safe: bool = True) -> Any:
@@ -111,10 +169,25 @@ def evil_value(data, json_safe: bool = True) -> Any:
     if kind == "other":
         return data.draw(st.sampled_from([True, False, None]))
     if kind == "container":
-        return data.draw(st.sampled_from([[], [1], [1, 2], [[[[[]]]]], {}, {"a": 1}, {"blocks": []},
-                                          {"": None}, [None] * 300, {"x": {"y": {"z": [0.5]}}}]))
-    return data.draw(st.one_of(st.integers(), st.floats(), st.text(max_size=12),
-                               st.lists(st.integers(-3, 300), max_size=5)))
+        return data.draw(
+            st.sampled_from(
+                [
+                    [],
+                    [1],
+                    [1, 2],
+                    [[[[[]]]]],
+                    {},
+                    {"a": 1},
+                    {"blocks": []},
+                    {"": None},
+                    [None] * 300,
+                    {"x": {"y": {"z": [0.5]}}},
+                ]
+            )
+        )
+    return data.draw(
+        st.one_of(st.integers(), st.floats(), st.text(max_size=12), st.lists(st.integers(-3, 300), max_size=5))
+    )
 
 
 def json_dumps(obj: Any) -> str:
@@ -183,23 +256,36 @@ def mutate_tree(data, obj: Any, desc: list[str], json_safe: bool = True, keys: t
                 _get(obj, lp[:-1])[lp[-1]] = new
             desc.append(f"tree resize {list(lp)} to {n}")
         elif op == "nudge":
-            nums = [p for p in paths
-                    if p and isinstance(_get(obj, p), (int, float)) and not isinstance(_get(obj, p), bool)]
+            nums = [
+                p for p in paths if p and isinstance(_get(obj, p), (int, float)) and not isinstance(_get(obj, p), bool)
+            ]
             if not nums:
                 continue
             np_ = data.draw(st.sampled_from(nums))
             v = _get(obj, np_)
             fn = data.draw(st.sampled_from(["+1", "-1", "*2", "neg", "*1000", "float", "half", "str", "pow"]))
             ops: dict[str, Callable[[Any], Any]] = {
-                "+1": lambda x: x + 1, "-1": lambda x: x - 1, "*2": lambda x: x * 2, "neg": lambda x: -x,
-                "*1000": lambda x: x * 1000, "float": float, "half": lambda x: x / 2, "str": str,
-                "pow": lambda x: x ** 3 if abs(x) < 1e6 else x}
+                "+1": lambda x: x + 1,
+                "-1": lambda x: x - 1,
+                "*2": lambda x: x * 2,
+                "neg": lambda x: -x,
+                "*1000": lambda x: x * 1000,
+                "float": float,
+                "half": lambda x: x / 2,
+                "str": str,
+                "pow": lambda x: x**3 if abs(x) < 1e6 else x,
+            }
             new = ops[fn](v)
             _get(obj, np_[:-1])[np_[-1]] = new
             desc.append(f"tree nudge {list(np_)} {fn}")
         elif op == "retype" and path:
-            new = {"str": str(target)[:100], "list": [target], "dict": {"v": target}, "none": None,
-                   "bool": bool(target) if not isinstance(target, (dict, list)) else True}
+            new = {
+                "str": str(target)[:100],
+                "list": [target],
+                "dict": {"v": target},
+                "none": None,
+                "bool": bool(target) if not isinstance(target, (dict, list)) else True,
+            }
             kind = data.draw(st.sampled_from(sorted(new)))
             _get(obj, path[:-1])[path[-1]] = new[kind]
             desc.append(f"tree retype {list(path)} -> {kind}")
@@ -219,11 +305,32 @@ def mutate_json_text(data, text: str, desc: list[str]) -> str:
         i = data.draw(st.integers(0, len(text) - 1))
         c = data.draw(st.sampled_from(list('{}[]",:0-.eE \\\x00') + ["\n", "\ud800", "é", "\u2028"]))
         desc.append(f"json char {i} -> {c!r}")
-        return text[:i] + c + text[i + 1:]
+        return text[:i] + c + text[i + 1 :]
     if op == "insert":
         i = data.draw(st.integers(0, len(text)))
-        junk = data.draw(st.sampled_from([",", "}", "]", '"', "NaN", "Infinity", "-Infinity", "1e999", "-1e999",
-                                          "\\ud800", '"\\ud800"', "\x00", "\ufeff", "//", "/*x*/", "  ", "\n"]))
+        junk = data.draw(
+            st.sampled_from(
+                [
+                    ",",
+                    "}",
+                    "]",
+                    '"',
+                    "NaN",
+                    "Infinity",
+                    "-Infinity",
+                    "1e999",
+                    "-1e999",
+                    "\\ud800",
+                    '"\\ud800"',
+                    "\x00",
+                    "\ufeff",
+                    "//",
+                    "/*x*/",
+                    "  ",
+                    "\n",
+                ]
+            )
+        )
         desc.append(f"json insert {junk!r} at {i}")
         return text[:i] + junk + text[i:]
     if op == "duplicate":
@@ -241,20 +348,43 @@ def mutate_json_text(data, text: str, desc: list[str]) -> str:
         return text
     if op == "number":
         import re
+
         nums = list(re.finditer(r"-?\d+(\.\d+)?([eE][-+]?\d+)?", text))
         if nums:
             m = data.draw(st.sampled_from(nums))
-            rep = data.draw(st.sampled_from(["1e999", "-1e999", "1e-999", BIG_DIGITS, "-" + BIG_DIGITS, "0", "-0",
-                                             "9" * 30, "0.0000001", "NaN", "Infinity", "01", "1.", ".5", "+1"]))
+            rep = data.draw(
+                st.sampled_from(
+                    [
+                        "1e999",
+                        "-1e999",
+                        "1e-999",
+                        BIG_DIGITS,
+                        "-" + BIG_DIGITS,
+                        "0",
+                        "-0",
+                        "9" * 30,
+                        "0.0000001",
+                        "NaN",
+                        "Infinity",
+                        "01",
+                        "1.",
+                        ".5",
+                        "+1",
+                    ]
+                )
+            )
             desc.append(f"json number {m.group(0)!r} -> {rep[:20]!r}")
-            return text[:m.start()] + rep + text[m.end():]
+            return text[: m.start()] + rep + text[m.end() :]
         return text
     if op == "nest":
         depth = data.draw(st.sampled_from([100, 1000, 5000, 100000]))
         desc.append(f"json nested {depth} deep")
         return "[" * depth + "]" * depth if data.draw(st.booleans()) else '{"a":' * depth + "1" + "}" * depth
-    rep = data.draw(st.sampled_from(["", "null", "[]", "{}", '"str"', "1", "true", "[{}]", "{\"blocks\": null}",
-                                     "\ufeff{}", "x" * 100]))
+    rep = data.draw(
+        st.sampled_from(
+            ["", "null", "[]", "{}", '"str"', "1", "true", "[{}]", '{"blocks": null}', "\ufeff{}", "x" * 100]
+        )
+    )
     desc.append(f"json replaced by {rep[:20]!r}")
     return rep
 
@@ -297,25 +427,33 @@ def mutate_bytes(data, buf: bytes, hot: list[tuple[int, int]], desc: list[str], 
             bit = data.draw(st.integers(0, 7))
             b[pos] ^= 1 << bit
         elif op == "set":
-            b[pos] = data.draw(st.one_of(st.sampled_from([0, 0xFF, 0x7F, 0x80, 0x20, 0x0A, 0x22, 0x7B]),
-                                         st.integers(0, 255)))
+            b[pos] = data.draw(
+                st.one_of(st.sampled_from([0, 0xFF, 0x7F, 0x80, 0x20, 0x0A, 0x22, 0x7B]), st.integers(0, 255))
+            )
         elif op == "int":
             width = data.draw(st.sampled_from([2, 4, 8]))
-            v = data.draw(st.one_of(st.sampled_from([0, 1, 2, 64, n, n - 1, n + 1, 2**31 - 1, 2**31, 2**32 - 1,
-                                                     2**63 - 1, 2**64 - 1]), st.integers(0, 2**64 - 1)))
-            b[pos:pos + width] = (v % (1 << (8 * width))).to_bytes(width, "little")
+            v = data.draw(
+                st.one_of(
+                    st.sampled_from([0, 1, 2, 64, n, n - 1, n + 1, 2**31 - 1, 2**31, 2**32 - 1, 2**63 - 1, 2**64 - 1]),
+                    st.integers(0, 2**64 - 1),
+                )
+            )
+            b[pos : pos + width] = (v % (1 << (8 * width))).to_bytes(width, "little")
         elif op == "insert":
             b[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
         elif op == "delete":
-            del b[pos:pos + data.draw(st.integers(1, 64))]
+            del b[pos : pos + data.draw(st.integers(1, 64))]
         elif op == "dup":
             src = data.draw(st.integers(0, n - 1))
-            b[pos:pos] = b[src:src + data.draw(st.integers(1, 256))]
+            b[pos:pos] = b[src : src + data.draw(st.integers(1, 256))]
         elif op == "truncate":
             del b[pos:]
         else:
-            b[pos:pos] = data.draw(st.sampled_from([b"-1", b"0", b"99999999999999999999", b"1e999", b"NaN",
-                                                     b'"', b"{", b"}", b"[", b"]", b","]))
+            b[pos:pos] = data.draw(
+                st.sampled_from(
+                    [b"-1", b"0", b"99999999999999999999", b"1e999", b"NaN", b'"', b"{", b"}", b"[", b"]", b","]
+                )
+            )
         desc.append(f"bytes {op} @{pos}")
     return bytes(b)
 
@@ -331,7 +469,7 @@ def zip_hot_regions(buf: bytes) -> tuple[list[tuple[int, int]], tuple[int, int]]
     with zipfile.ZipFile(io.BytesIO(buf)) as z:
         for info in z.infolist():
             o = info.header_offset
-            nlen, elen = struct.unpack("<HH", buf[o + 26:o + 30])
+            nlen, elen = struct.unpack("<HH", buf[o + 26 : o + 30])
             start = o + 30 + nlen + elen
             hot.append((o, start))
             if info.filename.endswith("data.pkl"):
@@ -341,8 +479,13 @@ def zip_hot_regions(buf: bytes) -> tuple[list[tuple[int, int]], tuple[int, int]]
     return hot, pkl
 
 
-def rebuild_zip(buf: bytes, replace: dict[str, bytes] | None = None, drop: AbstractSet[str] = frozenset(),
-                compress: AbstractSet[str] = frozenset(), extra: Sequence[tuple[str, bytes]] = ()) -> bytes:
+def rebuild_zip(
+    buf: bytes,
+    replace: dict[str, bytes] | None = None,
+    drop: AbstractSet[str] = frozenset(),
+    compress: AbstractSet[str] = frozenset(),
+    extra: Sequence[tuple[str, bytes]] = (),
+) -> bytes:
     """The zip rewritten with zipfile (stored records), some records replaced, dropped, compressed or added."""
     import io
     import warnings
@@ -350,8 +493,11 @@ def rebuild_zip(buf: bytes, replace: dict[str, bytes] | None = None, drop: Abstr
 
     replace = replace or {}
     out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(buf)) as z, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as w, \
-            warnings.catch_warnings():
+    with (
+        zipfile.ZipFile(io.BytesIO(buf)) as z,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as w,
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")  # duplicate names
         for info in z.infolist():
             if info.filename in drop:
@@ -365,35 +511,139 @@ def rebuild_zip(buf: bytes, replace: dict[str, bytes] | None = None, drop: Abstr
 
 
 PICKLE_GLOBALS = [
-    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"), ("torch._utils", "_rebuild_sparse_tensor"),
-    ("torch._utils", "_rebuild_meta_tensor_no_storage"), ("torch._utils", "_rebuild_wrapper_subclass"),
-    ("torch._utils", "_rebuild_qtensor"), ("torch._utils", "_rebuild_nested_tensor"),
-    ("torch._utils", "_rebuild_device_tensor_from_numpy"), ("torch._utils", "_rebuild_tensor_v3"),
-    ("torch._tensor", "_rebuild_from_type_v2"), ("torch", "FloatStorage"), ("torch", "HalfStorage"),
-    ("torch", "BFloat16Storage"), ("torch", "DoubleStorage"), ("torch", "LongStorage"), ("torch", "IntStorage"),
-    ("torch", "ByteStorage"), ("torch", "BoolStorage"), ("torch", "ComplexFloatStorage"), ("torch", "QInt8Storage"),
-    ("torch", "float16"), ("torch", "bfloat16"), ("torch", "complex64"), ("torch", "device"), ("torch", "Size"),
-    ("torch", "Tensor"), ("torch", "strided"), ("torch", "sparse_coo"), ("torch.nn.parameter", "Parameter"),
-    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"),
-    ("builtins", "complex"), ("builtins", "slice"), ("builtins", "getattr"), ("builtins", "eval"), ("os", "system"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy", "dtype"), ("torch.serialization", "_get_layout"),
-    ("__main__", "x"), ("", ""), ("torch", "x" * 300), ("torch", "FloatTensor"), ("torch", "LongTensor"),
-    ("collections", "Counter"), ("_codecs", "encode"), ("argparse", "Namespace"), ("__builtin__", "bytearray"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch._utils", "_rebuild_sparse_tensor"),
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"),
+    ("torch._utils", "_rebuild_wrapper_subclass"),
+    ("torch._utils", "_rebuild_qtensor"),
+    ("torch._utils", "_rebuild_nested_tensor"),
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch", "FloatStorage"),
+    ("torch", "HalfStorage"),
+    ("torch", "BFloat16Storage"),
+    ("torch", "DoubleStorage"),
+    ("torch", "LongStorage"),
+    ("torch", "IntStorage"),
+    ("torch", "ByteStorage"),
+    ("torch", "BoolStorage"),
+    ("torch", "ComplexFloatStorage"),
+    ("torch", "QInt8Storage"),
+    ("torch", "float16"),
+    ("torch", "bfloat16"),
+    ("torch", "complex64"),
+    ("torch", "device"),
+    ("torch", "Size"),
+    ("torch", "Tensor"),
+    ("torch", "strided"),
+    ("torch", "sparse_coo"),
+    ("torch.nn.parameter", "Parameter"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "bytearray"),
+    ("builtins", "complex"),
+    ("builtins", "slice"),
+    ("builtins", "getattr"),
+    ("builtins", "eval"),
+    ("os", "system"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy", "dtype"),
+    ("torch.serialization", "_get_layout"),
+    ("__main__", "x"),
+    ("", ""),
+    ("torch", "x" * 300),
+    ("torch", "FloatTensor"),
+    ("torch", "LongTensor"),
+    ("collections", "Counter"),
+    ("_codecs", "encode"),
+    ("argparse", "Namespace"),
+    ("__builtin__", "bytearray"),
     ("copy_reg", "_reconstructor"),
 ]
-PICKLE_STRINGS = ["format", "config", "state_dict", "model", "img_size", "patch_size", "embed_dim", "depth",
-                  "num_heads", "mlp_ratio", "merges", "qkv_bias", "cait-compactor/1", "", "0", "1", "7", "99",
-                  "cpu", "cuda", "cuda:0", "meta", "mps", "storage", "data/0", "../../etc/passwd", "x" * 300,
-                  "blocks.0.attn.qkv.weight", "blocks.9.htm.fc.weight", "module.x", "a\nb", "h", "v"]
-PICKLE_OPS = [b"(", b"0", b"1", b"2", b"t", b")", b"}", b"]", b"R", b"b", b"s", b"u", b"a", b"e", b"N", b".", b"Q",
-              b"\x85", b"\x86", b"\x87", b"\x88", b"\x89", b"q\x00", b"h\x00", b"h\xff", b"\x81", b"\x92", b"\x93",
-              b"\x94", b"G\x7f\xf8\x00\x00\x00\x00\x00\x00", b"i", b"o", b"\x82\x01", b"C\x04abcd", b"K\xff",
-              b"J\xff\xff\xff\xff", b"X\xff\xff\xff\x7f", b"\x8b\xff\xff\xff\x7f"]
+PICKLE_STRINGS = [
+    "format",
+    "config",
+    "state_dict",
+    "model",
+    "img_size",
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "merges",
+    "qkv_bias",
+    "cait-compactor/1",
+    "",
+    "0",
+    "1",
+    "7",
+    "99",
+    "cpu",
+    "cuda",
+    "cuda:0",
+    "meta",
+    "mps",
+    "storage",
+    "data/0",
+    "../../etc/passwd",
+    "x" * 300,
+    "blocks.0.attn.qkv.weight",
+    "blocks.9.htm.fc.weight",
+    "module.x",
+    "a\nb",
+    "h",
+    "v",
+]
+PICKLE_OPS = [
+    b"(",
+    b"0",
+    b"1",
+    b"2",
+    b"t",
+    b")",
+    b"}",
+    b"]",
+    b"R",
+    b"b",
+    b"s",
+    b"u",
+    b"a",
+    b"e",
+    b"N",
+    b".",
+    b"Q",
+    b"\x85",
+    b"\x86",
+    b"\x87",
+    b"\x88",
+    b"\x89",
+    b"q\x00",
+    b"h\x00",
+    b"h\xff",
+    b"\x81",
+    b"\x92",
+    b"\x93",
+    b"\x94",
+    b"G\x7f\xf8\x00\x00\x00\x00\x00\x00",
+    b"i",
+    b"o",
+    b"\x82\x01",
+    b"C\x04abcd",
+    b"K\xff",
+    b"J\xff\xff\xff\xff",
+    b"X\xff\xff\xff\x7f",
+    b"\x8b\xff\xff\xff\x7f",
+]
 
 
 def _pickle_int(v: int) -> bytes:
-    if -2**31 <= v < 2**31:
+    if -(2**31) <= v < 2**31:
         return b"J" + struct.pack("<i", v)
     n = (v.bit_length() + 8) // 8
     raw = v.to_bytes(n, "little", signed=True)
@@ -406,7 +656,7 @@ def _pickle_str(s: str) -> bytes:
 
 
 def _memo(op: str, i: int) -> bytes:
-    return (b"r" if op == "put" else b"j") + struct.pack("<I", i)   # LONG_BINPUT / LONG_BINGET
+    return (b"r" if op == "put" else b"j") + struct.pack("<I", i)  # LONG_BINPUT / LONG_BINGET
 
 
 def pickle_bomb(kind: str, n: int, base: int = 1 << 20) -> bytes:
@@ -417,7 +667,11 @@ def pickle_bomb(kind: str, n: int, base: int = 1 << 20) -> bytes:
     if kind in ("memo-list", "memo-tuple"):
         out = (b"]" if kind == "memo-list" else b")") + _memo("put", base) + b"0"
         for i in range(n):
-            pair = b"(" + _memo("get", base + i) * 2 + b"l" if kind == "memo-list" else _memo("get", base + i) * 2 + b"\x86"
+            pair = (
+                b"(" + _memo("get", base + i) * 2 + b"l"
+                if kind == "memo-list"
+                else _memo("get", base + i) * 2 + b"\x86"
+            )
             out += pair + _memo("put", base + i + 1) + b"0"
         return out + _memo("get", base + n)
     if kind == "deep":
@@ -431,8 +685,14 @@ def pickle_bomb(kind: str, n: int, base: int = 1 << 20) -> bytes:
     raise ValueError(kind)
 
 
-BOMBS = {"memo-list": [16, 40, 64], "memo-tuple": [16, 40, 80], "deep": [40, 1000, 200_000], "cycle": [1],
-         "bytearray": [1 << 20, 5 << 30], "float-tensor": [10, 30]}
+BOMBS = {
+    "memo-list": [16, 40, 64],
+    "memo-tuple": [16, 40, 80],
+    "deep": [40, 1000, 200_000],
+    "cycle": [1],
+    "bytearray": [1 << 20, 5 << 30],
+    "float-tensor": [10, 30],
+}
 
 
 def mutate_pickle(data, pkl: bytes, desc: list[str]) -> bytes:
@@ -446,13 +706,20 @@ def mutate_pickle(data, pkl: bytes, desc: list[str]) -> bytes:
             ops = list(pickletools.genops(pkl))
         except Exception:  # noqa: BLE001 - an earlier mutation broke the stream: stop at the bytes we have
             break
-        spans = [(op, arg, pos, ops[i + 1][2] if i + 1 < len(ops) else len(pkl))
-                 for i, (op, arg, pos) in enumerate(ops)]
-        kind = data.draw(st.sampled_from(["int", "int", "str", "global", "insert", "delete", "dup", "swap",
-                                          "truncate", "bomb", "bomb"]))
+        spans = [
+            (op, arg, pos, ops[i + 1][2] if i + 1 < len(ops) else len(pkl)) for i, (op, arg, pos) in enumerate(ops)
+        ]
+        kind = data.draw(
+            st.sampled_from(
+                ["int", "int", "str", "global", "insert", "delete", "dup", "swap", "truncate", "bomb", "bomb"]
+            )
+        )
         ints = [s for s in spans if s[0].name in ("BININT", "BININT1", "BININT2", "LONG1", "INT", "LONG")]
-        strs = [s for s in spans if s[0].name in ("BINUNICODE", "SHORT_BINUNICODE", "BINSTRING", "SHORT_BINSTRING",
-                                                  "UNICODE", "STRING")]
+        strs = [
+            s
+            for s in spans
+            if s[0].name in ("BINUNICODE", "SHORT_BINUNICODE", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "STRING")
+        ]
         globs = [s for s in spans if s[0].name == "GLOBAL"]
         if kind == "int" and ints:
             op, arg, lo, hi = data.draw(st.sampled_from(ints))
@@ -491,7 +758,7 @@ def mutate_pickle(data, pkl: bytes, desc: list[str]) -> bytes:
         elif kind == "swap" and len(spans) > 2:
             i = data.draw(st.integers(0, len(spans) - 2))
             a, b = spans[i], spans[i + 1]
-            pkl = pkl[:a[2]] + pkl[b[2]:b[3]] + pkl[a[2]:a[3]] + pkl[b[3]:]
+            pkl = pkl[: a[2]] + pkl[b[2] : b[3]] + pkl[a[2] : a[3]] + pkl[b[3] :]
             desc.append(f"pickle swap {a[0].name} {b[0].name} @{a[2]}")
         elif kind == "truncate":
             n = data.draw(st.integers(0, len(pkl)))
@@ -501,15 +768,53 @@ def mutate_pickle(data, pkl: bytes, desc: list[str]) -> bytes:
 
 
 # ---- safetensors ---------------------------------------------------------------------------------
-ST_DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL", "F8_E4M3",
-             "F8_E5M2", "C64", "E8M0", "F4", "", "f32", "FLOAT", "F128"]
-ST_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
-            "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
+ST_DTYPES = [
+    "F32",
+    "F16",
+    "BF16",
+    "F64",
+    "I64",
+    "I32",
+    "I16",
+    "I8",
+    "U8",
+    "U16",
+    "U32",
+    "U64",
+    "BOOL",
+    "F8_E4M3",
+    "F8_E5M2",
+    "C64",
+    "E8M0",
+    "F4",
+    "",
+    "f32",
+    "FLOAT",
+    "F128",
+]
+ST_SIZES = {
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "C64": 8,
+}
 
 
 def st_split(buf: bytes) -> tuple[dict, bytes]:
     n = int.from_bytes(buf[:8], "little")
-    return json.loads(buf[8:8 + n]), buf[8 + n:]
+    return json.loads(buf[8 : 8 + n]), buf[8 + n :]
 
 
 def st_join(header: dict | bytes, rest: bytes, pad: bool = True) -> bytes:
@@ -540,19 +845,53 @@ def mutate_safetensors(data, buf: bytes, desc: list[str], meta_keys: tuple[str, 
     st = _st()
     header, rest = st_split(buf)
     n_hdr = int.from_bytes(buf[:8], "little")
-    kind = data.draw(st.sampled_from(["entry", "entry", "reinterpret", "metadata", "metadata", "metadata", "length",
-                                      "header_bytes", "data", "bytes"]))
+    kind = data.draw(
+        st.sampled_from(
+            [
+                "entry",
+                "entry",
+                "reinterpret",
+                "metadata",
+                "metadata",
+                "metadata",
+                "length",
+                "header_bytes",
+                "data",
+                "bytes",
+            ]
+        )
+    )
     names = sorted(k for k in header if k != "__metadata__")
     if kind == "bytes":
         return mutate_bytes(data, buf, [(0, 8), (8, 8 + n_hdr)], desc)
     if kind == "header_bytes":
-        raw = mutate_bytes(data, buf[8:8 + n_hdr], [(0, n_hdr)], desc, max_ops=2)
+        raw = mutate_bytes(data, buf[8 : 8 + n_hdr], [(0, n_hdr)], desc, max_ops=2)
         fix = data.draw(st.booleans())
         desc.append(f"header bytes, length {'fixed' if fix else 'kept'}")
         return (len(raw) if fix else n_hdr).to_bytes(8, "little") + raw + rest
     if kind == "length":
-        v = data.draw(st.one_of(st.sampled_from([0, 1, 2, 7, n_hdr - 1, n_hdr + 1, n_hdr + 8, len(buf) - 8, len(buf),
-                                                  100 << 20, 2**31, 2**63 - 1, 2**64 - 1]), st.integers(0, 2**64 - 1)))
+        v = data.draw(
+            st.one_of(
+                st.sampled_from(
+                    [
+                        0,
+                        1,
+                        2,
+                        7,
+                        n_hdr - 1,
+                        n_hdr + 1,
+                        n_hdr + 8,
+                        len(buf) - 8,
+                        len(buf),
+                        100 << 20,
+                        2**31,
+                        2**63 - 1,
+                        2**64 - 1,
+                    ]
+                ),
+                st.integers(0, 2**64 - 1),
+            )
+        )
         desc.append(f"header length {n_hdr} -> {v}")
         return (v % 2**64).to_bytes(8, "little") + buf[8:]
     if kind == "data":
@@ -565,7 +904,7 @@ def mutate_safetensors(data, buf: bytes, desc: list[str], meta_keys: tuple[str, 
             rest_b += b"\x00" * data.draw(st.sampled_from([1, 3, 4, 8, 4096]))
         elif op in ("nan", "inf"):
             pos -= pos % 4
-            rest_b[pos:pos + 4] = struct.pack("<f", float(op))
+            rest_b[pos : pos + 4] = struct.pack("<f", float(op))
         else:
             rest_b[pos] ^= 0xFF
         desc.append(f"data {op} @{pos}")
@@ -581,8 +920,11 @@ def mutate_safetensors(data, buf: bytes, desc: list[str], meta_keys: tuple[str, 
                 continue
             key = data.draw(st.sampled_from(sorted(meta) or ["format"]))
             if op == "value" and isinstance(meta.get(key), str):
-                meta[key] = mutate_json_value(data, meta[key], desc, keys=meta_keys) \
-                    if meta[key][:1] in "{[" else data.draw(st.sampled_from(INTERESTING_STRINGS))
+                meta[key] = (
+                    mutate_json_value(data, meta[key], desc, keys=meta_keys)
+                    if meta[key][:1] in "{["
+                    else data.draw(st.sampled_from(INTERESTING_STRINGS))
+                )
                 desc.append(f"metadata {key!r} value")
             elif op == "delete":
                 meta.pop(key, None)
@@ -592,7 +934,7 @@ def mutate_safetensors(data, buf: bytes, desc: list[str], meta_keys: tuple[str, 
                 desc.append(f"metadata {key!r} non-string")
             else:
                 k = data.draw(st.sampled_from(["format", "config", "caitdeploy", "x", "", "\n"]))
-                meta[k] = data.draw(st.sampled_from(INTERESTING_STRINGS + ["{}", "[]", "{\"a\": 1}"]))
+                meta[k] = data.draw(st.sampled_from(INTERESTING_STRINGS + ["{}", "[]", '{"a": 1}']))
                 desc.append(f"metadata add {k!r}")
             continue
         if not names:
@@ -610,8 +952,9 @@ def mutate_safetensors(data, buf: bytes, desc: list[str], meta_keys: tuple[str, 
             entry.update(dtype=dt, shape=dims)
             desc.append(f"reinterpret {name} as {dt} {dims}")
             continue
-        field = data.draw(st.sampled_from(["dtype", "shape", "shape", "offsets", "offsets", "delete", "alias",
-                                           "rename", "entry"]))
+        field = data.draw(
+            st.sampled_from(["dtype", "shape", "shape", "offsets", "offsets", "delete", "alias", "rename", "entry"])
+        )
         if field == "dtype":
             entry["dtype"] = data.draw(st.one_of(st.sampled_from(ST_DTYPES), st.sampled_from([1, None, ["F32"]])))
         elif field == "shape":
@@ -619,7 +962,8 @@ def mutate_safetensors(data, buf: bytes, desc: list[str], meta_keys: tuple[str, 
             op = data.draw(st.sampled_from(["dim", "append", "pop", "empty", "many", "nonint", "swap"]))
             if op == "dim" and shape:
                 shape[data.draw(st.integers(0, len(shape) - 1))] = data.draw(
-                    st.sampled_from([0, -1, 1, 2, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, 2**70, 1.5, "2", None]))
+                    st.sampled_from([0, -1, 1, 2, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, 2**70, 1.5, "2", None])
+                )
             elif op == "append":
                 shape.append(data.draw(st.sampled_from([0, 1, 2, 2**40])))
             elif op == "pop" and shape:
@@ -637,12 +981,23 @@ def mutate_safetensors(data, buf: bytes, desc: list[str], meta_keys: tuple[str, 
             s, e = entry["data_offsets"]
             op = data.draw(st.sampled_from(["start", "end", "swap", "shift", "other", "short", "long", "nonint"]))
             other = header[data.draw(st.sampled_from(names))]
-            val = lambda: data.draw(st.sampled_from(  # noqa: E731 - these lambdas run at once, in this iteration (B023 below)
-                [0, 1, -1, s + 1, e - 1, e + 4, len(rest), len(rest) + 4, 2**32, 2**63 - 1, 2**64 - 1, 2**64]))  # noqa: B023
-            offs = {"start": lambda: [val(), e], "end": lambda: [s, val()], "swap": lambda: [e, s],  # noqa: B023
-                    "shift": lambda: [s + 4, e + 4], "other": lambda: list(other["data_offsets"]) if  # noqa: B023
-                    isinstance(other, dict) else [s, e], "short": lambda: [s], "long": lambda: [s, e, e],  # noqa: B023
-                    "nonint": lambda: [str(s), e]}[op]()  # noqa: B023
+            values = [0, 1, -1, s + 1, e - 1, e + 4, len(rest), len(rest) + 4, 2**32, 2**63 - 1, 2**64 - 1, 2**64]
+            if op == "start":
+                offs = [data.draw(st.sampled_from(values)), e]
+            elif op == "end":
+                offs = [s, data.draw(st.sampled_from(values))]
+            elif op == "swap":
+                offs = [e, s]
+            elif op == "shift":
+                offs = [s + 4, e + 4]
+            elif op == "other":
+                offs = list(other["data_offsets"]) if isinstance(other, dict) else [s, e]
+            elif op == "short":
+                offs = [s]
+            elif op == "long":
+                offs = [s, e, e]
+            else:  # nonint
+                offs = [str(s), e]
             entry["data_offsets"] = offs
         elif field == "delete":
             del header[name]
@@ -650,8 +1005,11 @@ def mutate_safetensors(data, buf: bytes, desc: list[str], meta_keys: tuple[str, 
         elif field == "alias":
             header[data.draw(st.sampled_from(["alias", name + "_copy", "blocks.0.extra"]))] = dict(entry)
         elif field == "rename":
-            new = data.draw(st.sampled_from(names + ["", "x\ny", "blocks.9.attn.qkv.weight", "module." + name,
-                                                     "blocks.0.vtm.fc.weight", "é"]))
+            new = data.draw(
+                st.sampled_from(
+                    names + ["", "x\ny", "blocks.9.attn.qkv.weight", "module." + name, "blocks.0.vtm.fc.weight", "é"]
+                )
+            )
             header[new] = header.pop(name)
             names = sorted(k for k in header if k != "__metadata__")
         else:
@@ -661,8 +1019,18 @@ def mutate_safetensors(data, buf: bytes, desc: list[str], meta_keys: tuple[str, 
 
 
 # ---- checkpoint dicts ----------------------------------------------------------------------------
-TORCH_DTYPES = ("float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool", "complex64",
-                "float8_e4m3fn")
+TORCH_DTYPES = (
+    "float16",
+    "bfloat16",
+    "float64",
+    "int64",
+    "int32",
+    "int8",
+    "uint8",
+    "bool",
+    "complex64",
+    "float8_e4m3fn",
+)
 
 
 def mutate_checkpoint_dict(data, ck: dict, desc: list[str], safetensors: bool) -> dict:
@@ -673,7 +1041,7 @@ def mutate_checkpoint_dict(data, ck: dict, desc: list[str], safetensors: bool) -
     st = _st()
     cfg = dict(ck["config"])
     sd = dict(ck["state_dict"])
-    top: Any = {"format": ck["format"], "config": cfg, "state_dict": sd}   # a dict, or what a mutation makes it
+    top: Any = {"format": ck["format"], "config": cfg, "state_dict": sd}  # a dict, or what a mutation makes it
     parts = data.draw(st.sampled_from(["config", "state_dict", "state_dict", "both", "top", "deit"]))
     if parts in ("config", "both"):
         for _ in range(data.draw(st.integers(1, 3))):
@@ -683,10 +1051,30 @@ def mutate_checkpoint_dict(data, ck: dict, desc: list[str], safetensors: bool) -
                 cfg.pop(key, None)
                 desc.append(f"config delete {key}")
             elif op == "merges":
-                m = data.draw(st.sampled_from([{}, {"0": "h"}, {"1": "v"}, {"0": "h", "1": "h"}, {"-1": "h"},
-                                               {"2": "h"}, {"99999": "v"}, {"1": "x"}, {"1": None}, {"1.5": "h"},
-                                               {" 1": "h"}, {"1": "h", "01": "v"}, ["h"], "1:h", None,
-                                               {"1": ["h"]}, {"": "h"}, {"1" * 5000: "h"}]))
+                m = data.draw(
+                    st.sampled_from(
+                        [
+                            {},
+                            {"0": "h"},
+                            {"1": "v"},
+                            {"0": "h", "1": "h"},
+                            {"-1": "h"},
+                            {"2": "h"},
+                            {"99999": "v"},
+                            {"1": "x"},
+                            {"1": None},
+                            {"1.5": "h"},
+                            {" 1": "h"},
+                            {"1": "h", "01": "v"},
+                            ["h"],
+                            "1:h",
+                            None,
+                            {"1": ["h"]},
+                            {"": "h"},
+                            {"1" * 5000: "h"},
+                        ]
+                    )
+                )
                 if not safetensors and data.draw(st.booleans()) and isinstance(m, dict):
                     m = {(int(k) if k.lstrip("-").isdigit() and len(k) < 20 else k): v for k, v in m.items()}
                     if data.draw(st.booleans()):
@@ -696,16 +1084,31 @@ def mutate_checkpoint_dict(data, ck: dict, desc: list[str], safetensors: bool) -
             else:
                 v = evil_value(data, json_safe=safetensors)
                 if not safetensors and data.draw(st.integers(0, 5)) == 0:
-                    v = data.draw(st.sampled_from([torch.tensor(16), torch.tensor([16.0]), (16,), b"16",
-                                                   torch.float32, torch.device("cpu"), {1, 2}]))
+                    v = data.draw(
+                        st.sampled_from(
+                            [
+                                torch.tensor(16),
+                                torch.tensor([16.0]),
+                                (16,),
+                                b"16",
+                                torch.float32,
+                                torch.device("cpu"),
+                                {1, 2},
+                            ]
+                        )
+                    )
                 cfg[key] = v
                 desc.append(f"config {key} = {_short(v)}")
     if parts == "top":
-        op = data.draw(st.sampled_from(["format", "format", "no_config", "no_sd", "sd_type", "cfg_type", "extra",
-                                        "list", "empty"]))
+        op = data.draw(
+            st.sampled_from(["format", "format", "no_config", "no_sd", "sd_type", "cfg_type", "extra", "list", "empty"])
+        )
         if op == "format":
-            top["format"] = data.draw(st.sampled_from(["cait-compactor/2", "", "CAIT-COMPACTOR/1", 1, None,
-                                                       ["cait-compactor/1"], "x" * 5000, "a\nb"]))
+            top["format"] = data.draw(
+                st.sampled_from(
+                    ["cait-compactor/2", "", "CAIT-COMPACTOR/1", 1, None, ["cait-compactor/1"], "x" * 5000, "a\nb"]
+                )
+            )
         elif op == "no_config":
             del top["config"]
         elif op == "no_sd":
@@ -742,8 +1145,12 @@ def _plain(t: Any) -> bool:
     """A dense CPU tensor whose storage holds all its elements: safe to copy, convert, share."""
     import torch
 
-    return (isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta
-            and t.untyped_storage().nbytes() >= t.numel() * t.element_size())
+    return (
+        isinstance(t, torch.Tensor)
+        and t.layout == torch.strided
+        and not t.is_meta
+        and t.untyped_storage().nbytes() >= t.numel() * t.element_size()
+    )
 
 
 def _mutate_sd(data, sd: dict, desc: list[str], safetensors: bool) -> None:
@@ -806,10 +1213,22 @@ def _mutate_sd(data, sd: dict, desc: list[str], safetensors: bool) -> None:
         del sd[key]
         desc.append(f"sd delete {key}")
     elif op == "add":
-        name = data.draw(st.sampled_from(["blocks.2.attn.qkv.weight", "blocks.0.htm.fc.weight",
-                                          "blocks.1.vtm.fc.weight", "blocks.0.attn.q_compactor.weight",
-                                          "blocks.99999999.mlp.fc1.weight", "blocks.0.attn.qkv.bias.x", "",
-                                          "x" * 300, "module.cls_token", "a\nb"]))
+        name = data.draw(
+            st.sampled_from(
+                [
+                    "blocks.2.attn.qkv.weight",
+                    "blocks.0.htm.fc.weight",
+                    "blocks.1.vtm.fc.weight",
+                    "blocks.0.attn.q_compactor.weight",
+                    "blocks.99999999.mlp.fc1.weight",
+                    "blocks.0.attn.qkv.bias.x",
+                    "",
+                    "x" * 300,
+                    "module.cls_token",
+                    "a\nb",
+                ]
+            )
+        )
         sd[name] = torch.zeros(data.draw(st.sampled_from([(1,), (24,), (24, 48), (2, 6, 6), (0,)])))
         desc.append(f"sd add {name[:40]!r}")
     elif op == "rename":
@@ -819,8 +1238,9 @@ def _mutate_sd(data, sd: dict, desc: list[str], safetensors: bool) -> None:
             sd[data.draw(st.sampled_from([0, None, 1.5, ("a",)]))] = sd.pop(new)
         desc.append(f"sd rename {key} -> {new}")
     elif op == "expand":
-        shape = data.draw(st.sampled_from([tuple(t.shape) or (2,), (1 << 20, 1 << 20), (2**31, 2), (1 << 62, 1),
-                                           (24, 1 << 30)]))
+        shape = data.draw(
+            st.sampled_from([tuple(t.shape) or (2,), (1 << 20, 1 << 20), (2**31, 2), (1 << 62, 1), (24, 1 << 30)])
+        )
         sd[key] = t.reshape(-1)[:1].expand(*shape)
         desc.append(f"sd {key} stride-0 expand {shape}")
     elif op == "overlap":
@@ -832,7 +1252,7 @@ def _mutate_sd(data, sd: dict, desc: list[str], safetensors: bool) -> None:
     elif op == "share":
         other = data.draw(st.sampled_from(names))
         if _plain(sd[other]) and sd[other].numel() >= t.numel():
-            sd[key] = sd[other].reshape(-1)[:t.numel()].reshape(t.shape)
+            sd[key] = sd[other].reshape(-1)[: t.numel()].reshape(t.shape)
             desc.append(f"sd {key} shares {other}'s storage")
     elif op == "noncontig" and t.dim() >= 2:
         sd[key] = t.transpose(0, 1).contiguous().transpose(0, 1)
@@ -856,8 +1276,14 @@ def _mutate_sd(data, sd: dict, desc: list[str], safetensors: bool) -> None:
 
 
 # ---- ONNX ----------------------------------------------------------------------------------------
-ONNX_KEYS = ("caitdeploy.format", "caitdeploy.dtype", "caitdeploy.io_dtype", "caitdeploy.attention",
-             "caitdeploy.model", "caitdeploy.config")
+ONNX_KEYS = (
+    "caitdeploy.format",
+    "caitdeploy.dtype",
+    "caitdeploy.io_dtype",
+    "caitdeploy.attention",
+    "caitdeploy.model",
+    "caitdeploy.config",
+)
 
 
 def mutate_onnx(data, model, raw: bytes, desc: list[str], cfg_keys: tuple[str, ...]) -> bytes:
@@ -876,7 +1302,7 @@ def mutate_onnx(data, model, raw: bytes, desc: list[str], cfg_keys: tuple[str, .
     props = {p.key: p for p in m.metadata_props}
     if kind == "config":
         p = props.get("caitdeploy.config")
-        assert p is not None   # the seed model carries its config
+        assert p is not None  # the seed model carries its config
         p.value = mutate_json_value(data, p.value, desc, keys=cfg_keys)
         if data.draw(st.integers(0, 5)) == 0:  # a second, different config entry
             extra = m.metadata_props.add()
@@ -903,8 +1329,11 @@ def mutate_onnx(data, model, raw: bytes, desc: list[str], cfg_keys: tuple[str, .
                     q.key, q.value = f"k{i}", "v"
             desc.append(f"props {op} {key}")
     else:
-        op = data.draw(st.sampled_from(["no_nodes", "no_opset", "ir", "io_dims", "io_type", "no_io", "opset_ver",
-                                        "init_dims", "domain"]))
+        op = data.draw(
+            st.sampled_from(
+                ["no_nodes", "no_opset", "ir", "io_dims", "io_type", "no_io", "opset_ver", "init_dims", "domain"]
+            )
+        )
         if op == "no_nodes":
             del m.graph.node[:]
         elif op == "no_opset":
@@ -939,9 +1368,28 @@ def mutate_onnx(data, model, raw: bytes, desc: list[str], cfg_keys: tuple[str, .
 
 
 # ---- engine sidecar ------------------------------------------------------------------------------
-SIDECAR_KEYS = ("format", "engine", "flavour", "trt_version", "build_target", "strongly_typed", "dtype", "io_dtype",
-                "input", "outputs", "profile", "onnx", "opt_level", "workspace_mb", "build_seconds", "engine_bytes",
-                "created", "config", "host", "timing_cache")
+SIDECAR_KEYS = (
+    "format",
+    "engine",
+    "flavour",
+    "trt_version",
+    "build_target",
+    "strongly_typed",
+    "dtype",
+    "io_dtype",
+    "input",
+    "outputs",
+    "profile",
+    "onnx",
+    "opt_level",
+    "workspace_mb",
+    "build_seconds",
+    "engine_bytes",
+    "created",
+    "config",
+    "host",
+    "timing_cache",
+)
 
 
 def mutate_sidecar(data, side: dict, engine: bytes, desc: list[str], paths: dict[str, str]) -> tuple[bytes, bytes]:
@@ -970,8 +1418,11 @@ def mutate_sidecar(data, side: dict, engine: bytes, desc: list[str], paths: dict
             raw = data.draw(st.sampled_from([b"\xff\xfe{\x00}\x00", b"\xef\xbb\xbf{}", b"\xc3\x28", b" " * (5 << 20)]))
             desc.append(f"sidecar raw {raw[:8]!r}")
     if kind == "engine":
-        engine = data.draw(st.sampled_from([b"", engine[:1], engine[:16], engine[:64], b"\x00" * 4096,
-                                            data.draw(st.binary(max_size=256))]))
+        engine = data.draw(
+            st.sampled_from(
+                [b"", engine[:1], engine[:16], engine[:64], b"\x00" * 4096, data.draw(st.binary(max_size=256))]
+            )
+        )
         desc.append(f"engine {len(engine)} bytes")
     return raw, engine
 
@@ -1016,26 +1467,60 @@ def build_seeds(folder: Path) -> dict[str, Any]:
         export_onnx(load_model(fused), onnx_p, verify=False)
     engine = bytes(zlib.crc32(i.to_bytes(2, "little")) & 0xFF for i in range(4096))  # fixed pseudo-random bytes
     onnx_bytes = onnx_p.read_bytes()
-    side = {"format": "caitdeploy-engine/1", "engine": "case.plan", "flavour": "tensorrt", "trt_version": "1.7.1",
-            "build_target": {}, "strongly_typed": True, "dtype": "fp32", "io_dtype": "float32", "input": "images",
-            "outputs": ["logits"], "profile": {"min": [1, 3, 16, 16], "opt": [2, 3, 16, 16], "max": [4, 3, 16, 16]},
-            "onnx": {"path": str(onnx_p), "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes)},
-            "opt_level": 3, "build_seconds": 1.0, "engine_bytes": len(engine),
-            "config": json.loads(config.to_json())}
-    big = folder / "big.bin"     # a sparse 4 GiB file for a sidecar to name
+    side = {
+        "format": "caitdeploy-engine/1",
+        "engine": "case.plan",
+        "flavour": "tensorrt",
+        "trt_version": "1.7.1",
+        "build_target": {},
+        "strongly_typed": True,
+        "dtype": "fp32",
+        "io_dtype": "float32",
+        "input": "images",
+        "outputs": ["logits"],
+        "profile": {"min": [1, 3, 16, 16], "opt": [2, 3, 16, 16], "max": [4, 3, 16, 16]},
+        "onnx": {"path": str(onnx_p), "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes)},
+        "opt_level": 3,
+        "build_seconds": 1.0,
+        "engine_bytes": len(engine),
+        "config": json.loads(config.to_json()),
+    }
+    big = folder / "big.bin"  # a sparse 4 GiB file for a sidecar to name
     if not big.exists():
         with open(big, "wb") as f:
             f.truncate(4 << 30)
-    special = {"seed onnx": str(onnx_p), "missing": str(folder / "missing.onnx"), "folder": str(folder),
-               "empty": "", "dev null": "/dev/null", "proc self mem": "/proc/self/mem",
-               "4 GiB sparse file": str(big), "relative": "m.onnx", "fifo-like /proc/self/fd/0": "/proc/self/fd/0"}
-    return {"ckpt": ck, "pth": pth, "safetensors": sft, "fused": fused, "onnx": onnx_p, "sidecar": side,
-            "engine": engine, "config": config, "special_paths": special}
+    special = {
+        "seed onnx": str(onnx_p),
+        "missing": str(folder / "missing.onnx"),
+        "folder": str(folder),
+        "empty": "",
+        "dev null": "/dev/null",
+        "proc self mem": "/proc/self/mem",
+        "4 GiB sparse file": str(big),
+        "relative": "m.onnx",
+        "fifo-like /proc/self/fd/0": "/proc/self/fd/0",
+    }
+    return {
+        "ckpt": ck,
+        "pth": pth,
+        "safetensors": sft,
+        "fused": fused,
+        "onnx": onnx_p,
+        "sidecar": side,
+        "engine": engine,
+        "config": config,
+        "special_paths": special,
+    }
 
 
 class Target:
-    def __init__(self, name: str, suffix: str, readers: dict[str, Callable[[Path], Any]],
-                 make: Callable[[Any, list[str]], dict[str, bytes]]):
+    def __init__(
+        self,
+        name: str,
+        suffix: str,
+        readers: dict[str, Callable[[Path], Any]],
+        make: Callable[[Any, list[str]], dict[str, bytes]],
+    ):
         self.name, self.suffix, self.readers, self.make = name, suffix, readers, make
 
 
@@ -1054,21 +1539,27 @@ def make_targets(seeds: dict[str, Any]) -> dict[str, Target]:
     from caitdeploy.formats.sidecar import read_sidecar
     from caitdeploy.pipelines.inspect import engine_header_check
 
-    def inspect_file(path):   # what `caitdeploy inspect` runs (pipelines.inspect): with TensorRT's header check
+    def inspect_file(path):  # what `caitdeploy inspect` runs (pipelines.inspect): with TensorRT's header check
         return describe_file(path, header_check=engine_header_check)
 
     st = _st()
     pth = seeds["pth"].read_bytes()
     hot, pkl_span = zip_hot_regions(pth)
-    pkl = pth[pkl_span[0]:pkl_span[1]]
+    pkl = pth[pkl_span[0] : pkl_span[1]]
     pkl_name = next(n for n in __import__("zipfile").ZipFile(io.BytesIO(pth)).namelist() if n.endswith("data.pkl"))
     sft = seeds["safetensors"].read_bytes()
     fused = seeds["fused"].read_bytes()
     onnx_raw = seeds["onnx"].read_bytes()
     onnx_model = onnx.load_from_string(onnx_raw)
     ck = seeds["ckpt"]
-    cfg_keys = tuple(json.loads(seeds["config"].to_json())) + ("num_heads", "qk_dim", "v_dim", "mlp_hidden",
-                                                               "attn_scale", "merge")
+    cfg_keys = tuple(json.loads(seeds["config"].to_json())) + (
+        "num_heads",
+        "qk_dim",
+        "v_dim",
+        "mlp_hidden",
+        "attn_scale",
+        "merge",
+    )
     ck_keys = tuple(ck["config"]) + ("extra",)
 
     def save_torch(obj) -> bytes:
@@ -1106,7 +1597,7 @@ def make_targets(seeds: dict[str, Any]) -> dict[str, Target]:
             new = mutate_pickle(data, pkl, desc)
             if len(new) == len(pkl) and data.draw(st.booleans()):  # in place: the zip CRC stays stale
                 desc.append("in place (stale CRC)")
-                return {"": pth[:pkl_span[0]] + new + pth[pkl_span[1]:]}
+                return {"": pth[: pkl_span[0]] + new + pth[pkl_span[1] :]}
             return {"": rebuild_zip(pth, replace={pkl_name: new})}
         names = __import__("zipfile").ZipFile(io.BytesIO(pth)).namelist()
         op = data.draw(st.sampled_from(["drop", "compress", "extra", "dup"]))
@@ -1152,12 +1643,26 @@ def make_targets(seeds: dict[str, Any]) -> dict[str, Target]:
                 gh //= 2
             else:
                 merge = None
-            blocks.append(BlockConfig(data.draw(st.integers(1, 3)), data.draw(st.integers(1, 5)),
-                                      data.draw(st.integers(1, 5)), data.draw(st.integers(1, 9)),
-                                      data.draw(st.sampled_from([0.125, 1.0, 1e-3, 7.5])), merge))
-        config = CaitConfig(g * patch, patch, data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5)),
-                            data.draw(st.integers(1, 8)), data.draw(st.booleans()), tuple(blocks),
-                            data.draw(st.sampled_from([1e-6, 1e-5, 0.1])))
+            blocks.append(
+                BlockConfig(
+                    data.draw(st.integers(1, 3)),
+                    data.draw(st.integers(1, 5)),
+                    data.draw(st.integers(1, 5)),
+                    data.draw(st.integers(1, 9)),
+                    data.draw(st.sampled_from([0.125, 1.0, 1e-3, 7.5])),
+                    merge,
+                )
+            )
+        config = CaitConfig(
+            g * patch,
+            patch,
+            data.draw(st.integers(1, 4)),
+            data.draw(st.integers(1, 5)),
+            data.draw(st.integers(1, 8)),
+            data.draw(st.booleans()),
+            tuple(blocks),
+            data.draw(st.sampled_from([1e-6, 1e-5, 0.1])),
+        )
         from caitdeploy.families.vit.model import CaitViT
 
         torch.manual_seed(0)
@@ -1185,22 +1690,35 @@ def make_targets(seeds: dict[str, Any]) -> dict[str, Target]:
         return inspect_and_print(inspect_file, print_inspect, p)
 
     return {
-        "checkpoint_pth": Target("checkpoint_pth", ".pth", {"load_checkpoint": load_checkpoint,
-                                                            "inspect": inspect}, make_pth),
-        "checkpoint_dict": Target("checkpoint_dict", ".pth", {"load_checkpoint": load_checkpoint,
-                                                              "inspect": inspect}, make_dict),
-        "checkpoint_safetensors": Target("checkpoint_safetensors", ".safetensors",
-                                         {"load_checkpoint": load_checkpoint, "inspect": inspect}, make_st),
-        "fused": Target("fused", ".safetensors", {"load_fused": load_fused, "load_model": fused_then_model,
-                                                  "inspect": inspect}, make_fused),
+        "checkpoint_pth": Target(
+            "checkpoint_pth", ".pth", {"load_checkpoint": load_checkpoint, "inspect": inspect}, make_pth
+        ),
+        "checkpoint_dict": Target(
+            "checkpoint_dict", ".pth", {"load_checkpoint": load_checkpoint, "inspect": inspect}, make_dict
+        ),
+        "checkpoint_safetensors": Target(
+            "checkpoint_safetensors", ".safetensors", {"load_checkpoint": load_checkpoint, "inspect": inspect}, make_st
+        ),
+        "fused": Target(
+            "fused",
+            ".safetensors",
+            {"load_fused": load_fused, "load_model": fused_then_model, "inspect": inspect},
+            make_fused,
+        ),
         "onnx_metadata": Target("onnx_metadata", ".onnx", {"inspect": inspect}, make_onnx),
-        "engine_sidecar": Target("engine_sidecar", ".plan", {"read_sidecar": read_sidecar,
-                                                             "inspect": inspect}, make_sidecar),
+        "engine_sidecar": Target(
+            "engine_sidecar", ".plan", {"read_sidecar": read_sidecar, "inspect": inspect}, make_sidecar
+        ),
     }
 
 
-SEED_FILES = {"checkpoint_pth": "pth", "checkpoint_dict": "pth", "checkpoint_safetensors": "safetensors",
-              "fused": "fused", "onnx_metadata": "onnx"}
+SEED_FILES = {
+    "checkpoint_pth": "pth",
+    "checkpoint_dict": "pth",
+    "checkpoint_safetensors": "safetensors",
+    "fused": "fused",
+    "onnx_metadata": "onnx",
+}
 
 
 def inspect_and_print(inspect_file, print_inspect, path):
@@ -1301,10 +1819,12 @@ def call_reader(fn: Callable[[Path], Any], path: Path, capture: Path, limits: di
         elapsed = time.perf_counter() - t0
     del result
     peak_mb = ((_status_kb("VmHWM") if peak_ok else _status_kb("VmRSS")) - rss0) / 1024
-    out: dict[str, Any] = {"seconds": elapsed, "rss_growth_mb": max(0.0, peak_mb),
-                           "warnings": [f"{w.category.__name__}: {(str(w.message).splitlines() or [''])[0][:160]}"
-                                        for w in caught],
-                           "output": cap.text.strip()[:400]}
+    out: dict[str, Any] = {
+        "seconds": elapsed,
+        "rss_growth_mb": max(0.0, peak_mb),
+        "warnings": [f"{w.category.__name__}: {(str(w.message).splitlines() or [''])[0][:160]}" for w in caught],
+        "output": cap.text.strip()[:400],
+    }
     kind = None
     if exc is None:
         out["outcome"] = "accepted"
@@ -1339,8 +1859,12 @@ def call_reader(fn: Callable[[Path], Any], path: Path, capture: Path, limits: di
             out["message"] = (str(exc).strip().splitlines() or [""])[0][:300]
             out["multi_line_message"] = str(exc)[:2000] if kind == "multi-line error" else None
             tb = traceback.extract_tb(exc.__traceback__)
-            ours = [f for f in tb if f"{os.sep}caitdeploy{os.sep}" in f.filename   # the readers' frames, not ours
-                    and f"{os.sep}caitdeploy{os.sep}testing{os.sep}" not in f.filename]
+            ours = [
+                f
+                for f in tb
+                if f"{os.sep}caitdeploy{os.sep}" in f.filename  # the readers' frames, not ours
+                and f"{os.sep}caitdeploy{os.sep}testing{os.sep}" not in f.filename
+            ]
             where = ours[-1] if ours else (tb[-1] if tb else None)
             out["where"] = f"{_rel(where.filename)}:{where.lineno} ({where.name})" if where else "?"
             out["raised_at"] = f"{_rel(tb[-1].filename)}:{tb[-1].lineno} ({tb[-1].name})" if tb else "?"
@@ -1356,7 +1880,7 @@ def _type_name(exc: BaseException) -> str:
 def _rel(filename: str) -> str:
     for marker in ("/caitdeploy/", "/site-packages/"):
         if marker in filename:
-            return filename[filename.index(marker) + 1:]
+            return filename[filename.index(marker) + 1 :]
     return filename
 
 
@@ -1387,34 +1911,51 @@ def _write_case(folder: Path, suffix: str, files: dict[str, bytes]) -> Path:
     return main
 
 
-REPRO = {"load_checkpoint": "from caitdeploy.formats.checkpoint import load_checkpoint\nload_checkpoint(path)",
-         "inspect": "from caitdeploy.cli.inspect import print_inspect\n"
-                    "from caitdeploy.pipelines.inspect import inspect\nprint_inspect(inspect(path).info)",
-         "load_fused": "from caitdeploy.formats.fused import load_fused\nload_fused(path)",
-         "load_model": "from caitdeploy.formats.fused import load_fused, load_model\nload_fused(path)\nload_model(path)",
-         "read_sidecar": "from caitdeploy.formats.sidecar import read_sidecar\nread_sidecar(path)"}
+REPRO = {
+    "load_checkpoint": "from caitdeploy.formats.checkpoint import load_checkpoint\nload_checkpoint(path)",
+    "inspect": "from caitdeploy.cli.inspect import print_inspect\n"
+    "from caitdeploy.pipelines.inspect import inspect\nprint_inspect(inspect(path).info)",
+    "load_fused": "from caitdeploy.formats.fused import load_fused\nload_fused(path)",
+    "load_model": "from caitdeploy.formats.fused import load_fused, load_model\nload_fused(path)\nload_model(path)",
+    "read_sidecar": "from caitdeploy.formats.sidecar import read_sidecar\nread_sidecar(path)",
+}
 
 
-def save_finding(findings_dir: Path, target: str, reader: str, case_path: Path, files: dict[str, bytes],
-                 desc: list[str], res: dict[str, Any], index: int) -> str:
+def save_finding(
+    findings_dir: Path,
+    target: str,
+    reader: str,
+    case_path: Path,
+    files: dict[str, bytes],
+    desc: list[str],
+    res: dict[str, Any],
+    index: int,
+) -> str:
     folder = findings_dir / f"{target}-{reader}-{index:03d}"
     folder.mkdir(parents=True, exist_ok=True)
     for ext, payload in files.items():
         (folder / (case_path.name + ext)).write_bytes(payload)
     info = {k: v for k, v in res.items() if k != "outcome"}
-    (folder / "finding.json").write_text(json.dumps({"target": target, "reader": reader, "mutations": desc, **info},
-                                                    indent=2))
+    (folder / "finding.json").write_text(
+        json.dumps({"target": target, "reader": reader, "mutations": desc, **info}, indent=2)
+    )
+
     def comment(text: str) -> str:
         return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
     (folder / "repro.py").write_text(
         f"# {comment(str(res.get('kind')))}: {res.get('exception', '')} {comment(res.get('message') or '')}\n"
         f"# mutations: {comment('; '.join(desc)[:500])}\n"
-        + ("# the sidecar's onnx.path may name a file of the fuzz run's (deleted) seed folder: the 4 GiB sparse file\n"
-           "# was made with open(p, 'wb').truncate(4 << 30)\n" if target == "engine_sidecar" else "")
+        + (
+            "# the sidecar's onnx.path may name a file of the fuzz run's (deleted) seed folder: the 4 GiB sparse file\n"
+            "# was made with open(p, 'wb').truncate(4 << 30)\n"
+            if target == "engine_sidecar"
+            else ""
+        )
         + "import pathlib\n"
         f"path = pathlib.Path(__file__).with_name({case_path.name!r})\n"
-        f"{REPRO[reader]}\n")
+        f"{REPRO[reader]}\n"
+    )
     return str(folder)
 
 
@@ -1428,10 +1969,19 @@ def fuzz_target(target: Target, opts: dict[str, Any], hb: Heartbeat) -> dict[str
     findings_dir = Path(opts["findings_dir"])
     capture = Path(opts["workdir"]) / "capture.txt"
     limits = {k: opts[k] for k in ("case_seconds", "case_memory_mb", "max_message")}
-    stats: dict[str, Any] = {"cases": 0, "rejected_generations": 0, "seconds": 0.0,
-                             "readers": {r: {"calls": 0, "accepted": 0, "refused": 0, "findings": 0, "max_seconds": 0.0,
-                                             "max_rss_growth_mb": 0.0} for r in target.readers},
-                             "findings": [], "warnings": {}, "stray_output": {}, "generation_errors": {}}
+    stats: dict[str, Any] = {
+        "cases": 0,
+        "rejected_generations": 0,
+        "seconds": 0.0,
+        "readers": {
+            r: {"calls": 0, "accepted": 0, "refused": 0, "findings": 0, "max_seconds": 0.0, "max_rss_growth_mb": 0.0}
+            for r in target.readers
+        },
+        "findings": [],
+        "warnings": {},
+        "stray_output": {},
+        "generation_errors": {},
+    }
     seen: dict[tuple, dict] = {}
     t_start = time.monotonic()
     stop_at = t_start + opts["seconds"] if opts.get("seconds") else None
@@ -1454,8 +2004,14 @@ def fuzz_target(target: Target, opts: dict[str, Any], hb: Heartbeat) -> dict[str
         stats["cases"] += 1
         path = _write_case(work, target.suffix, files)
         for rname, fn in target.readers.items():
-            hb.beat(stage="case", target=target.name, case=n, reader=rname, files=sorted(str(path) + e for e in files),
-                    mutations=desc)
+            hb.beat(
+                stage="case",
+                target=target.name,
+                case=n,
+                reader=rname,
+                files=sorted(str(path) + e for e in files),
+                mutations=desc,
+            )
             res = call_reader(fn, path, capture, limits)
             r = stats["readers"][rname]
             r["calls"] += 1
@@ -1478,11 +2034,22 @@ def fuzz_target(target: Target, opts: dict[str, Any], hb: Heartbeat) -> dict[str
                 seen[fkey]["count"] += 1
                 continue
             folder = save_finding(findings_dir, target.name, rname, path, files, desc, res, len(stats["findings"]))
-            f = {"target": target.name, "reader": rname, "kind": res["kind"], "exception": res.get("exception"),
-                 "message": res.get("message"), "where": res.get("where"), "raised_at": res.get("raised_at"),
-                 "message_chars": res.get("message_chars"), "mutations": desc, "seconds": round(res["seconds"], 3),
-                 "rss_growth_mb": round(res["rss_growth_mb"], 1), "count": 1, "repro": folder,
-                 **({"separator": res["separator"]} if "separator" in res else {})}
+            f = {
+                "target": target.name,
+                "reader": rname,
+                "kind": res["kind"],
+                "exception": res.get("exception"),
+                "message": res.get("message"),
+                "where": res.get("where"),
+                "raised_at": res.get("raised_at"),
+                "message_chars": res.get("message_chars"),
+                "mutations": desc,
+                "seconds": round(res["seconds"], 3),
+                "rss_growth_mb": round(res["rss_growth_mb"], 1),
+                "count": 1,
+                "repro": folder,
+                **({"separator": res["separator"]} if "separator" in res else {}),
+            }
             seen[fkey] = f
             stats["findings"].append(f)
 
@@ -1495,9 +2062,16 @@ def fuzz_target(target: Target, opts: dict[str, Any], hb: Heartbeat) -> dict[str
         if todo <= 0 or (stop_at is not None and time.monotonic() >= stop_at):
             break
         run = seed(zlib.crc32(f"{opts['seed']}:{target.name}:{chunk}".encode()))(
-            settings(max_examples=todo, deadline=None, database=None, phases=[Phase.generate],
-                     suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet, print_blob=False)(
-                given(st.data())(one_case)))
+            settings(
+                max_examples=todo,
+                deadline=None,
+                database=None,
+                phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck),
+                verbosity=Verbosity.quiet,
+                print_blob=False,
+            )(given(st.data())(one_case))
+        )
         before = stats["cases"]
         try:
             run()
@@ -1526,9 +2100,16 @@ def worker_main(args) -> int:
     t0 = time.monotonic()
     seeds = build_seeds(workdir / "seeds")
     targets = make_targets(seeds)
-    opts = {"workdir": str(workdir), "findings_dir": args.findings, "seed": args.seed, "examples": args.examples,
-            "seconds": args.seconds, "case_seconds": args.case_seconds, "case_memory_mb": args.case_memory_mb,
-            "max_message": MAX_MESSAGE_CHARS}
+    opts = {
+        "workdir": str(workdir),
+        "findings_dir": args.findings,
+        "seed": args.seed,
+        "examples": args.examples,
+        "seconds": args.seconds,
+        "case_seconds": args.case_seconds,
+        "case_memory_mb": args.case_memory_mb,
+        "max_message": MAX_MESSAGE_CHARS,
+    }
     signal.signal(signal.SIGALRM, _on_alarm)
     # every reader on its seed: accepted, and the lazy imports (onnx, tensorrt_rtx) done before timing starts
     capture = workdir / "capture.txt"
@@ -1538,15 +2119,20 @@ def worker_main(args) -> int:
         path = _write_case(workdir / "cases" / name, t.suffix, seed_case(seeds, name))
         for rname, fn in t.readers.items():
             res = call_reader(fn, path, capture, {**opts, "case_seconds": 60.0, "case_memory_mb": 1e9})
-            if res["outcome"] != "accepted" and not (name == "engine_sidecar" and rname == "inspect"
-                                                     and res["outcome"] == "refused"):
+            if res["outcome"] != "accepted" and not (
+                name == "engine_sidecar" and rname == "inspect" and res["outcome"] == "refused"
+            ):
                 print(f"seed file of {name} not accepted by {rname}: {json.dumps(res)[:2000]}", file=sys.stderr)
                 return 3
     vm = _status_kb("VmSize") * 1024
     limit = vm + int(args.memory_mb) * (1 << 20)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    setup = {"setup_seconds": round(time.monotonic() - t0, 2), "address_space_limit_mb": limit >> 20,
-             "address_space_after_setup_mb": vm >> 20, "peak_rss_measured_per_call": _reset_peak_rss()}
+    setup = {
+        "setup_seconds": round(time.monotonic() - t0, 2),
+        "address_space_limit_mb": limit >> 20,
+        "address_space_after_setup_mb": vm >> 20,
+        "peak_rss_measured_per_call": _reset_peak_rss(),
+    }
     with open(workdir / "results.jsonl", "a") as f:
         f.write(json.dumps({"setup": setup}) + "\n")
     for name in args.targets.split(","):
@@ -1579,26 +2165,47 @@ def machine() -> dict[str, Any]:
         mem_gb = None
     gpus = Path("/proc/driver/nvidia/gpus")
     gpu = f"{len(list(gpus.iterdir()))} NVIDIA" if gpus.is_dir() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "gpu": gpu, "python": platform.python_version(),
-            "platform": platform.platform(), **versions}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **versions,
+    }
 
 
 def source_state() -> dict[str, Any]:
     """The commit fuzzed and whether caitdeploy/ had uncommitted changes (results name what they tested)."""
+
     def git(*a: str) -> str:
         try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=20, check=False).stdout.rstrip()
+            return subprocess.run(
+                ["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=20, check=False
+            ).stdout.rstrip()
         except (OSError, subprocess.SubprocessError):
             return ""
+
     changed = git("status", "--porcelain", "--", "caitdeploy")
-    return {"commit": git("rev-parse", "HEAD").strip() or None,
-            "caitdeploy_uncommitted": [line[3:] for line in changed.splitlines()]}
+    return {
+        "commit": git("rev-parse", "HEAD").strip() or None,
+        "caitdeploy_uncommitted": [line[3:] for line in changed.splitlines()],
+    }
 
 
-def run_fuzz(examples: int | None = None, seconds: float | None = None, seed: int = 0,
-             targets: tuple[str, ...] | list[str] = TARGETS, findings_dir: str | os.PathLike | None = None,
-             case_seconds: float = CASE_SECONDS, case_memory_mb: float = CASE_MEMORY_MB, memory_mb: int = MEMORY_MB,
-             hang_seconds: float = HANG_SECONDS, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_fuzz(
+    examples: int | None = None,
+    seconds: float | None = None,
+    seed: int = 0,
+    targets: tuple[str, ...] | list[str] = TARGETS,
+    findings_dir: str | os.PathLike | None = None,
+    case_seconds: float = CASE_SECONDS,
+    case_memory_mb: float = CASE_MEMORY_MB,
+    memory_mb: int = MEMORY_MB,
+    hang_seconds: float = HANG_SECONDS,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Fuzz `targets` in a worker process (restarted after a crash or a hang); returns the summary."""
     if examples is None and seconds is None:
         examples = 200
@@ -1619,10 +2226,25 @@ def run_fuzz(examples: int | None = None, seconds: float | None = None, seed: in
         pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         env = {**os.environ, "PYTHONPATH": pythonpath, "PYTHONHASHSEED": "0"}
         while remaining:
-            cmd = [sys.executable, "-c", WORKER, "--workdir", str(wd),
-                   "--targets", ",".join(remaining), "--seed", str(seed), "--findings", str(findings_dir),
-                   "--case-seconds", str(case_seconds), "--case-memory-mb", str(case_memory_mb),
-                   "--memory-mb", str(memory_mb)]
+            cmd = [
+                sys.executable,
+                "-c",
+                WORKER,
+                "--workdir",
+                str(wd),
+                "--targets",
+                ",".join(remaining),
+                "--seed",
+                str(seed),
+                "--findings",
+                str(findings_dir),
+                "--case-seconds",
+                str(case_seconds),
+                "--case-memory-mb",
+                str(case_memory_mb),
+                "--memory-mb",
+                str(memory_mb),
+            ]
             if examples:
                 cmd += ["--examples", str(examples)]
             if seconds:
@@ -1643,15 +2265,20 @@ def run_fuzz(examples: int | None = None, seconds: float | None = None, seed: in
                         time.sleep(2)
                         proc.kill()
                         proc.wait()
-            done = [json.loads(line) for line in (wd / "results.jsonl").read_text().splitlines()] \
-                if (wd / "results.jsonl").is_file() else []
+            done = (
+                [json.loads(line) for line in (wd / "results.jsonl").read_text().splitlines()]
+                if (wd / "results.jsonl").is_file()
+                else []
+            )
             for rec in done:
                 if "setup" in rec:
                     setup.append(rec["setup"])
                 else:
                     results[rec["target"]] = rec["stats"]
-                    log(f"  {rec['target']}: {rec['stats']['cases']} cases, {rec['stats']['seconds']} s, "
-                        f"{len(rec['stats']['findings'])} findings")
+                    log(
+                        f"  {rec['target']}: {rec['stats']['cases']} cases, {rec['stats']['seconds']} s, "
+                        f"{len(rec['stats']['findings'])} findings"
+                    )
             remaining = [t for t in remaining if t not in results]
             if proc.returncode == 0 and not killed:
                 continue
@@ -1659,39 +2286,62 @@ def run_fuzz(examples: int | None = None, seconds: float | None = None, seed: in
             tail = (wd / "worker.log").read_text(errors="replace")[-3000:]
             stacks = (wd / "stacks.txt").read_text(errors="replace")[-6000:] if (wd / "stacks.txt").is_file() else ""
             if hb.get("stage") != "case" or proc.returncode == HARNESS_ERROR:
-                raise RuntimeError(f"fuzz worker failed outside a reader call (exit {proc.returncode}, stage "
-                                   f"{hb.get('stage')}, target {hb.get('target')}):\n{tail}\n{stacks}")
+                raise RuntimeError(
+                    f"fuzz worker failed outside a reader call (exit {proc.returncode}, stage "
+                    f"{hb.get('stage')}, target {hb.get('target')}):\n{tail}\n{stacks}"
+                )
             name = hb["target"]
             folder = findings_dir / f"{name}-{hb['reader']}-crash{len(crashes):02d}"
             folder.mkdir(parents=True, exist_ok=True)
             for f in hb.get("files", []):
                 if Path(f).is_file():
                     shutil.copy(f, folder)
-            captured = (wd / "capture.txt").read_text(errors="replace")[-3000:] \
-                if (wd / "capture.txt").is_file() else ""
+            captured = (
+                (wd / "capture.txt").read_text(errors="replace")[-3000:] if (wd / "capture.txt").is_file() else ""
+            )
             last = (captured.strip().splitlines() or tail.strip().splitlines() or [""])[-1][:300]
             kind = "hang (killed)" if killed else f"worker died (exit {proc.returncode})"
-            crash = {"target": name, "reader": hb["reader"], "kind": kind, "exception": None,
-                     "message": last,
-                     "where": None, "mutations": hb.get("mutations"), "count": 1, "repro": str(folder)}
-            (folder / "finding.json").write_text(json.dumps({**crash, "output": captured, "log": tail,
-                                                             "stacks": stacks}, indent=2))
+            crash = {
+                "target": name,
+                "reader": hb["reader"],
+                "kind": kind,
+                "exception": None,
+                "message": last,
+                "where": None,
+                "mutations": hb.get("mutations"),
+                "count": 1,
+                "repro": str(folder),
+            }
+            (folder / "finding.json").write_text(
+                json.dumps({**crash, "output": captured, "log": tail, "stacks": stacks}, indent=2)
+            )
             crashes.append(crash)
             results[name] = {"cases": hb.get("case", 0) + 1, "incomplete": kind, "findings": [crash]}
             remaining = [t for t in remaining if t != name]
             log(f"  {name}: {kind} at case {hb.get('case')} ({hb['reader']})")
     findings = [f for t in targets for f in results.get(t, {}).get("findings", [])]
     return {
-        "tool": "benchmarks/fuzz_readers.py", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": seed,
-        "examples_per_target": examples, "seconds_per_target": seconds,
-        "limits": {"case_seconds": case_seconds, "case_memory_mb": case_memory_mb,
-                   "address_space_headroom_mb": memory_mb, "max_message_chars": MAX_MESSAGE_CHARS,
-                   "hang_seconds": hang_seconds},
-        "machine": machine(), "source": source, "setup": setup, "seconds": round(time.monotonic() - t0, 1),
+        "tool": "benchmarks/fuzz_readers.py",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seed": seed,
+        "examples_per_target": examples,
+        "seconds_per_target": seconds,
+        "limits": {
+            "case_seconds": case_seconds,
+            "case_memory_mb": case_memory_mb,
+            "address_space_headroom_mb": memory_mb,
+            "max_message_chars": MAX_MESSAGE_CHARS,
+            "hang_seconds": hang_seconds,
+        },
+        "machine": machine(),
+        "source": source,
+        "setup": setup,
+        "seconds": round(time.monotonic() - t0, 1),
         "cases": sum(r.get("cases", 0) for r in results.values()),
         "reader_calls": sum(x["calls"] for r in results.values() for x in r.get("readers", {}).values()),
         "targets": {t: {k: v for k, v in results.get(t, {}).items() if k != "findings"} for t in targets},
-        "findings": findings, "findings_dir": str(findings_dir),
+        "findings": findings,
+        "findings_dir": str(findings_dir),
         "notes": {k: _merge_counts(results.values(), k) for k in ("warnings", "stray_output", "generation_errors")},
     }
 
@@ -1713,14 +2363,23 @@ def _read_json(path: Path) -> dict | None:
 
 def format_summary(s: dict[str, Any]) -> str:
     m = s["machine"]
-    lines = [(f"fuzz_readers: {s['cases']} cases, {s['reader_calls']} reader calls in {s['seconds']} s "
-             f"(seed {s['seed']}; {m['cpu']}, {m['cores']} cores; torch {m['torch']}, hypothesis {m['hypothesis']})"),
-             f"{'target':24} {'cases':>6} {'s':>7}  reader: calls accepted/refused/findings max_s max_MB"]
+    lines = [
+        (
+            f"fuzz_readers: {s['cases']} cases, {s['reader_calls']} reader calls in {s['seconds']} s "
+            f"(seed {s['seed']}; {m['cpu']}, {m['cores']} cores; torch {m['torch']}, hypothesis {m['hypothesis']})"
+        ),
+        f"{'target':24} {'cases':>6} {'s':>7}  reader: calls accepted/refused/findings max_s max_MB",
+    ]
     for name, t in s["targets"].items():
-        readers = "; ".join(f"{r}: {x['calls']} {x['accepted']}/{x['refused']}/{x['findings']} {x['max_seconds']} "
-                            f"{x['max_rss_growth_mb']}" for r, x in t.get("readers", {}).items())
-        lines.append(f"{name:24} {t.get('cases', 0):>6} {t.get('seconds', 0):>7}  {readers}"
-                     + (f"  [{t['incomplete']}]" if t.get("incomplete") else ""))
+        readers = "; ".join(
+            f"{r}: {x['calls']} {x['accepted']}/{x['refused']}/{x['findings']} {x['max_seconds']} "
+            f"{x['max_rss_growth_mb']}"
+            for r, x in t.get("readers", {}).items()
+        )
+        lines.append(
+            f"{name:24} {t.get('cases', 0):>6} {t.get('seconds', 0):>7}  {readers}"
+            + (f"  [{t['incomplete']}]" if t.get("incomplete") else "")
+        )
     lines.append(format_findings(s))
     return "\n".join(lines)
 
@@ -1730,11 +2389,12 @@ def format_findings(s: dict[str, Any]) -> str:
         return "findings: none"
     out = [f"findings: {len(s['findings'])} (repro files under {s['findings_dir']})"]
     for f in s["findings"]:
-        out.append(f"- {f['target']} / {f['reader']}: {f['kind']}"
-                   + (f" {f['exception']}: {str(f['message'])[:200]}" if f.get("exception")
-                      else f": {f.get('message')}")
-                   + (f" at {f['where']}" if f.get("where") else "")
-                   + f" (x{f['count']}; {'; '.join(f['mutations'] or [])[:200]})")
+        out.append(
+            f"- {f['target']} / {f['reader']}: {f['kind']}"
+            + (f" {f['exception']}: {str(f['message'])[:200]}" if f.get("exception") else f": {f.get('message')}")
+            + (f" at {f['where']}" if f.get("where") else "")
+            + f" (x{f['count']}; {'; '.join(f['mutations'] or [])[:200]})"
+        )
     return "\n".join(out)
 
 
@@ -1745,52 +2405,86 @@ def _md(text: Any, limit: int = 160) -> str:
 
 def write_markdown(s: dict[str, Any], path: Path, json_name: str) -> None:
     m = s["machine"]
-    budget = (f"{s['examples_per_target']} examples" if s["examples_per_target"] else "") + \
-        (" / " if s["examples_per_target"] and s["seconds_per_target"] else "") + \
-        (f"{s['seconds_per_target']} s" if s["seconds_per_target"] else "")
+    budget = (
+        (f"{s['examples_per_target']} examples" if s["examples_per_target"] else "")
+        + (" / " if s["examples_per_target"] and s["seconds_per_target"] else "")
+        + (f"{s['seconds_per_target']} s" if s["seconds_per_target"] else "")
+    )
     lim = s["limits"]
     rows = ["| target | cases | seconds | reader calls (accepted / refused / findings) |", "|---|---|---|---|"]
     for name, t in s["targets"].items():
-        rd = ", ".join(f"{r} {x['calls']} ({x['accepted']}/{x['refused']}/{x['findings']})"
-                       for r, x in t.get("readers", {}).items())
+        rd = ", ".join(
+            f"{r} {x['calls']} ({x['accepted']}/{x['refused']}/{x['findings']})"
+            for r, x in t.get("readers", {}).items()
+        )
         rows.append(f"| {name} | {t.get('cases', 0)} | {t.get('seconds', '?')} | {rd or t.get('incomplete', '')} |")
     groups: dict[tuple, list[dict]] = {}  # one line per problem, whichever targets and readers showed it
     for f in s["findings"]:
         where = (f.get("where") or "").split(":")[0] if f["kind"] == "timeout" else f.get("where")
-        groups.setdefault((f["kind"], f.get("exception") if f["kind"].startswith("uncaught") else None, where),
-                          []).append(f)
-    finds = ["None: every call returned or raised a one-line CaitError within the limits."] if not groups else [
-        f"- {kind}" + (f" at `{where}`" if where else "") + f": `{_md(fs[0].get('message'))}`"
-        + (f" ({fs[0]['message_chars']} characters)" if fs[0].get("message_chars") and "long" in kind else "")
-        + f"; {sum(f['count'] for f in fs)} calls: "
-        + ", ".join(sorted({f"{f['target']}/{f['reader']}" for f in fs}))
-        for (kind, _, where), fs in groups.items()]
+        groups.setdefault(
+            (f["kind"], f.get("exception") if f["kind"].startswith("uncaught") else None, where), []
+        ).append(f)
+    finds = (
+        ["None: every call returned or raised a one-line CaitError within the limits."]
+        if not groups
+        else [
+            f"- {kind}"
+            + (f" at `{where}`" if where else "")
+            + f": `{_md(fs[0].get('message'))}`"
+            + (f" ({fs[0]['message_chars']} characters)" if fs[0].get("message_chars") and "long" in kind else "")
+            + f"; {sum(f['count'] for f in fs)} calls: "
+            + ", ".join(sorted({f"{f['target']}/{f['reader']}" for f in fs}))
+            for (kind, _, where), fs in groups.items()
+        ]
+    )
     src = s.get("source") or {}
     changed = src.get("caitdeploy_uncommitted") or []
-    notes = [f"Fuzzed: commit {str(src.get('commit'))[:12]}"
-             + (f" plus uncommitted changes to {', '.join(changed)}" if changed else "") + "."]
+    notes = [
+        f"Fuzzed: commit {str(src.get('commit'))[:12]}"
+        + (f" plus uncommitted changes to {', '.join(changed)}" if changed else "")
+        + "."
+    ]
     warns = s.get("notes", {}).get("warnings") or {}
     if warns:
         notes.append("Warnings (not findings): " + "; ".join(f"{k} x{v}" for k, v in list(warns.items())[:3]) + ".")
     notes.append("")
-    text = "\n".join([
-        "# Reader fuzzing (`benchmarks/fuzz_readers.py`)", "",
-        (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, GPU {m['gpu'] or 'none'}; "
-        f"Python {m['python']}, "
-        f"torch {m['torch']}, hypothesis {m['hypothesis']}, safetensors {m['safetensors']}, onnx {m['onnx']}, "
-        f"tensorrt_rtx {m['tensorrt_rtx_cu13']}. Date {s['date']}, seed {s['seed']}, budget {budget} per target."), "",
-        (f"**{s['cases']} cases, {s['reader_calls']} reader calls, {s['seconds']} s wall, "
-        f"{len(groups)} distinct problem(s) found.** Limits per call: {lim['case_seconds']} s, peak RSS growth "
-        f"{lim['case_memory_mb']} MiB, address space +{lim['address_space_headroom_mb']} MiB (RLIMIT_AS), message "
-        f"one line of at most {lim['max_message_chars']} characters."), "",
-        *rows, "", (f"Findings ({len(groups)} distinct problems; the JSON lists them per target and reader, with "
-        "the mutations that produced them):"), "", *finds, "",
-        *notes,
-        f"Full numbers: `{json_name}`. Command:", "",
-        "    .venv/bin/python benchmarks/fuzz_readers.py "
-        + (f"--examples {s['examples_per_target']} " if s["examples_per_target"] else "")
-        + (f"--seconds {s['seconds_per_target']} " if s["seconds_per_target"] else "")
-        + f"--seed {s['seed']} --json {json_name} --md {path.as_posix()}", ""])
+    text = "\n".join(
+        [
+            "# Reader fuzzing (`benchmarks/fuzz_readers.py`)",
+            "",
+            (
+                f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, GPU {m['gpu'] or 'none'}; "
+                f"Python {m['python']}, "
+                f"torch {m['torch']}, hypothesis {m['hypothesis']}, safetensors {m['safetensors']}, onnx {m['onnx']}, "
+                f"tensorrt_rtx {m['tensorrt_rtx_cu13']}. Date {s['date']}, seed {s['seed']}, budget {budget} per target."
+            ),
+            "",
+            (
+                f"**{s['cases']} cases, {s['reader_calls']} reader calls, {s['seconds']} s wall, "
+                f"{len(groups)} distinct problem(s) found.** Limits per call: {lim['case_seconds']} s, peak RSS growth "
+                f"{lim['case_memory_mb']} MiB, address space +{lim['address_space_headroom_mb']} MiB (RLIMIT_AS), message "
+                f"one line of at most {lim['max_message_chars']} characters."
+            ),
+            "",
+            *rows,
+            "",
+            (
+                f"Findings ({len(groups)} distinct problems; the JSON lists them per target and reader, with "
+                "the mutations that produced them):"
+            ),
+            "",
+            *finds,
+            "",
+            *notes,
+            f"Full numbers: `{json_name}`. Command:",
+            "",
+            "    .venv/bin/python benchmarks/fuzz_readers.py "
+            + (f"--examples {s['examples_per_target']} " if s["examples_per_target"] else "")
+            + (f"--seconds {s['seconds_per_target']} " if s["seconds_per_target"] else "")
+            + f"--seed {s['seed']} --json {json_name} --md {path.as_posix()}",
+            "",
+        ]
+    )
     path.write_text(text)
 
 

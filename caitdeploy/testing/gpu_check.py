@@ -31,6 +31,7 @@ carried wheels installed offline and imported, every module gpu-check loads impo
 interpreter), every step's arguments parsed by its own parser, then each step in its CPU form (same scripts,
 CPU-sized) or "skipped: <reason>" where only CUDA can run it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]   # the repository (this file: caitdeploy/testing/gpu_check.py)
-PKG = Path(__file__).resolve().parents[1]    # caitdeploy/
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: caitdeploy/testing/gpu_check.py)
+PKG = Path(__file__).resolve().parents[1]  # caitdeploy/
 PY = sys.executable
 WHEEL_DIR = ROOT / "wheels" / "gpu"
 # what the GPU machine lacks (polygraphy, onnx-graphsurgeon) or has in an unknown version (timm): carried at the
@@ -65,11 +66,11 @@ NOT_IMPORTED = {"caitdeploy.export.triton_python_model": "runs inside a Triton s
 @dataclass
 class Step:
     name: str
-    argv: list[str]                      # the command on the GPU machine
-    limit: int                           # seconds there
-    cpu_argv: list[str] | None = None    # the same script, CPU-sized, for --rehearse; None: skipped
+    argv: list[str]  # the command on the GPU machine
+    limit: int  # seconds there
+    cpu_argv: list[str] | None = None  # the same script, CPU-sized, for --rehearse; None: skipped
     cpu_limit: int = 300
-    skip_reason: str = ""                # why --rehearse cannot run it
+    skip_reason: str = ""  # why --rehearse cannot run it
     parse: tuple[str, str] | None = None  # (script, parser function) that parses argv[2:]
     benchmark: bool = False
     outputs: list[str] = field(default_factory=list)
@@ -77,37 +78,119 @@ class Step:
 
 def steps(out: Path, skip_benchmarks: bool = False) -> list[Step]:
     """The GPU plan; limits add up to TOTAL_LIMIT or less (benchmarks/README.md says how each was sized)."""
-    work = Path(tempfile.gettempdir()) / "caitdeploy-gpu-check-work"   # models and ONNX files: not results
-    paper = [PY, "benchmarks/paper_settings.py", "--batch", "256", "--dtype", "fp16", "--out-dir", str(out),
-             "--warmup", "3", "--min-iters", "10", "--min-seconds", "0.5", "--repeats", "2",
-             "--work-dir", str(work / "paper")]
-    cpu_paper = [PY, "benchmarks/paper_settings.py", "--quick", "--models", "tiny", "--batch", "2", "--dtype", "fp32",
-                 "--out-dir", str(out), "--repeats", "1", "--work-dir", str(work / "paper")]
-    plan = [
-        Step("tests", [PY, "-m", "pytest", "-q", "-o", "addopts=-ra", "-n", "8", *TEST_FILES], 65,
-             cpu_argv=[PY, "-m", "pytest", "-q", "-o", "addopts=-ra", *TEST_FILES], cpu_limit=300),
-        Step("smoke", [PY, "benchmarks/gpu_smoke.py", "--out", str(work / "smoke")], 60,
-             cpu_argv=[PY, "benchmarks/gpu_smoke.py", "--out", str(work / "smoke-cpu"), "--device", "cpu",
-                       "--backends", "torch,ort,torch-triton"], cpu_limit=300,
-             parse=("benchmarks/gpu_smoke.py", "parser")),
-        Step("paper", [*paper, "--models", "tiny,small,base", "--backends", "torch,torch-triton"], 70,
-             cpu_argv=[*cpu_paper, "--backends", "torch,torch-triton"], cpu_limit=300,
-             parse=("benchmarks/paper_settings.py", "parser"), benchmark=True),
-        Step("paper-compile", [*paper, "--models", "small", "--backends", "compile", "--compile-mode", "default"], 130,
-             cpu_argv=[*cpu_paper, "--backends", "compile"], cpu_limit=400,
-             parse=("benchmarks/paper_settings.py", "parser"), benchmark=True),
-        Step("paper-cudagraphs", [*paper, "--models", "small", "--backends", "compile", "--compile-mode",
-                                  "reduce-overhead"], 90,
-             skip_reason="CUDA graphs (torch.compile mode reduce-overhead) need a CUDA device",
-             parse=("benchmarks/paper_settings.py", "parser"), benchmark=True),
-        Step("kernels", [PY, "benchmarks/bench_kernels.py", "--check", "--json", str(out / "kernels.json"),
-                         "--markdown", str(out / "kernels.md")], 35,
-             skip_reason="times CUDA kernels with CUDA events (needs a CUDA device)",
-             parse=("benchmarks/bench_kernels.py", "parse_args"), benchmark=True),
-        Step("aot", [PY, "-m", "caitdeploy.kernels.aot", "--quick", "--targets", "90", "--json", str(out / "aot.json")],
-             25, parse=("caitdeploy/kernels/aot.py", "parser")),
+    work = Path(tempfile.gettempdir()) / "caitdeploy-gpu-check-work"  # models and ONNX files: not results
+    paper = [
+        PY,
+        "benchmarks/paper_settings.py",
+        "--batch",
+        "256",
+        "--dtype",
+        "fp16",
+        "--out-dir",
+        str(out),
+        "--warmup",
+        "3",
+        "--min-iters",
+        "10",
+        "--min-seconds",
+        "0.5",
+        "--repeats",
+        "2",
+        "--work-dir",
+        str(work / "paper"),
     ]
-    plan[-1].cpu_argv, plan[-1].cpu_limit = plan[-1].argv, 300   # AOT needs no GPU: the very same command
+    cpu_paper = [
+        PY,
+        "benchmarks/paper_settings.py",
+        "--quick",
+        "--models",
+        "tiny",
+        "--batch",
+        "2",
+        "--dtype",
+        "fp32",
+        "--out-dir",
+        str(out),
+        "--repeats",
+        "1",
+        "--work-dir",
+        str(work / "paper"),
+    ]
+    plan = [
+        Step(
+            "tests",
+            [PY, "-m", "pytest", "-q", "-o", "addopts=-ra", "-n", "8", *TEST_FILES],
+            65,
+            cpu_argv=[PY, "-m", "pytest", "-q", "-o", "addopts=-ra", *TEST_FILES],
+            cpu_limit=300,
+        ),
+        Step(
+            "smoke",
+            [PY, "benchmarks/gpu_smoke.py", "--out", str(work / "smoke")],
+            60,
+            cpu_argv=[
+                PY,
+                "benchmarks/gpu_smoke.py",
+                "--out",
+                str(work / "smoke-cpu"),
+                "--device",
+                "cpu",
+                "--backends",
+                "torch,ort,torch-triton",
+            ],
+            cpu_limit=300,
+            parse=("benchmarks/gpu_smoke.py", "parser"),
+        ),
+        Step(
+            "paper",
+            [*paper, "--models", "tiny,small,base", "--backends", "torch,torch-triton"],
+            70,
+            cpu_argv=[*cpu_paper, "--backends", "torch,torch-triton"],
+            cpu_limit=300,
+            parse=("benchmarks/paper_settings.py", "parser"),
+            benchmark=True,
+        ),
+        Step(
+            "paper-compile",
+            [*paper, "--models", "small", "--backends", "compile", "--compile-mode", "default"],
+            130,
+            cpu_argv=[*cpu_paper, "--backends", "compile"],
+            cpu_limit=400,
+            parse=("benchmarks/paper_settings.py", "parser"),
+            benchmark=True,
+        ),
+        Step(
+            "paper-cudagraphs",
+            [*paper, "--models", "small", "--backends", "compile", "--compile-mode", "reduce-overhead"],
+            90,
+            skip_reason="CUDA graphs (torch.compile mode reduce-overhead) need a CUDA device",
+            parse=("benchmarks/paper_settings.py", "parser"),
+            benchmark=True,
+        ),
+        Step(
+            "kernels",
+            [
+                PY,
+                "benchmarks/bench_kernels.py",
+                "--check",
+                "--json",
+                str(out / "kernels.json"),
+                "--markdown",
+                str(out / "kernels.md"),
+            ],
+            35,
+            skip_reason="times CUDA kernels with CUDA events (needs a CUDA device)",
+            parse=("benchmarks/bench_kernels.py", "parse_args"),
+            benchmark=True,
+        ),
+        Step(
+            "aot",
+            [PY, "-m", "caitdeploy.kernels.aot", "--quick", "--targets", "90", "--json", str(out / "aot.json")],
+            25,
+            parse=("caitdeploy/kernels/aot.py", "parser"),
+        ),
+    ]
+    plan[-1].cpu_argv, plan[-1].cpu_limit = plan[-1].argv, 300  # AOT needs no GPU: the very same command
     return [s for s in plan if not (skip_benchmarks and s.benchmark)]
 
 
@@ -118,8 +201,10 @@ def why_not() -> str | None:
     except Exception as e:  # noqa: BLE001 - any import failure is the answer
         return f"gpu-check needs PyTorch with CUDA: {sys.executable} cannot import torch ({type(e).__name__})"
     if not torch.cuda.is_available():
-        return (f"gpu-check needs a CUDA GPU: torch {torch.__version__} sees none here "
-                "(on a CPU, `make test-floor` rehearses it)")
+        return (
+            f"gpu-check needs a CUDA GPU: torch {torch.__version__} sees none here "
+            "(on a CPU, `make test-floor` rehearses it)"
+        )
     return None
 
 
@@ -142,8 +227,15 @@ def _run(cmd: list[str], limit: int, env: dict[str, str]) -> tuple[str, str]:
 def _record(summary: dict, out: Path, name: str, status: str, text: str, secs: float, cmd: list[str] | None) -> None:
     log = out / f"{name}.log"
     log.write_text(text)
-    summary["steps"].append({"step": name, "status": status, "seconds": round(secs, 1), "log": str(log),
-                             "command": shlex.join(cmd) if cmd else None})
+    summary["steps"].append(
+        {
+            "step": name,
+            "status": status,
+            "seconds": round(secs, 1),
+            "log": str(log),
+            "command": shlex.join(cmd) if cmd else None,
+        }
+    )
     print(f"{name:18} {status[:60]:60} {secs:6.1f} s", flush=True)
 
 
@@ -177,13 +269,32 @@ def download_wheels(dest: Path = WHEEL_DIR) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob("*.whl"):
         old.unlink()
-    cmd = [PY, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-           "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
-           "-d", str(dest), *pins]
+    cmd = [
+        PY,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "--platform",
+        "manylinux2014_x86_64",
+        "-d",
+        str(dest),
+        *pins,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if p.returncode:
-        print(f"error: pip download {' '.join(pins)} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}",
-              file=sys.stderr)
+        print(
+            f"error: pip download {' '.join(pins)} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}",
+            file=sys.stderr,
+        )
         return 1
     size = sum(f.stat().st_size for f in dest.glob("*.whl"))
     print(f"wheels for the GPU machine: {', '.join(pins)} -> {dest} ({size / 2**20:.1f} MiB)")
@@ -197,15 +308,33 @@ def _check_wheels(env: dict[str, str]) -> tuple[str, str]:
     if not wheels:
         return "failed (no wheels in wheels/gpu: run --download-wheels first)", ""
     with tempfile.TemporaryDirectory(prefix="caitdeploy-gpu-site-") as site:
-        status, text = _run([PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
-                             "--target", site, *map(str, wheels)], 120, env)
+        status, text = _run(
+            [
+                PY,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--upgrade",
+                "--target",
+                site,
+                *map(str, wheels),
+            ],
+            120,
+            env,
+        )
         if status != "ok":
             return status, text
-        probe = ("import importlib, sys\n"
-                 "for mod in sys.argv[2:]:\n"
-                 "    m = importlib.import_module(mod)\n"
-                 "    assert m.__file__.startswith(sys.argv[1]), (mod, m.__file__)\n"
-                 "    print(mod, getattr(m, '__version__', '?'), m.__file__)\n")
+        probe = (
+            "import importlib, sys\n"
+            "for mod in sys.argv[2:]:\n"
+            "    m = importlib.import_module(mod)\n"
+            "    assert m.__file__.startswith(sys.argv[1]), (mod, m.__file__)\n"
+            "    print(mod, getattr(m, '__version__', '?'), m.__file__)\n"
+        )
         status, more = _run([PY, "-c", probe, site, *CARRY.values()], 120, {**env, "PYTHONPATH": f"{site}:{ROOT}"})
     size = sum(w.stat().st_size for w in wheels)
     return status, text + more + f"{len(wheels)} wheels, {size / 2**20:.1f} MiB\n"
@@ -214,16 +343,21 @@ def _check_wheels(env: dict[str, str]) -> tuple[str, str]:
 def _check_imports(env: dict[str, str]) -> tuple[str, str]:
     """Every caitdeploy module and every script gpu-check runs, imported in a fresh process as on the GPU machine:
     TRITON_INTERPRET unset, so the @triton.jit kernels are built for compilation, not for the interpreter."""
-    mods = sorted(m.name for m in pkgutil.walk_packages([str(PKG)], "caitdeploy.")
-                  if not m.name.endswith(".__main__") and m.name not in NOT_IMPORTED)
+    mods = sorted(
+        m.name
+        for m in pkgutil.walk_packages([str(PKG)], "caitdeploy.")
+        if not m.name.endswith(".__main__") and m.name not in NOT_IMPORTED
+    )
     scripts = ["benchmarks/gpu_smoke.py", "benchmarks/paper_settings.py", "benchmarks/bench_kernels.py"]
-    probe = ("import importlib, runpy, sys\n"
-             "mods, scripts = sys.argv[1].split(','), sys.argv[2].split(',')\n"
-             "for m in mods: importlib.import_module(m)\n"
-             "for s in scripts: runpy.run_path(s, run_name='_s')\n"
-             "import caitdeploy.kernels._atme_merge_triton as a, caitdeploy.kernels._attention_triton as b\n"
-             "assert not a.INTERPRETED and not b.INTERPRETED\n"
-             "print(f'{len(mods)} modules and {len(scripts)} scripts imported; kernels built for compilation')\n")
+    probe = (
+        "import importlib, runpy, sys\n"
+        "mods, scripts = sys.argv[1].split(','), sys.argv[2].split(',')\n"
+        "for m in mods: importlib.import_module(m)\n"
+        "for s in scripts: runpy.run_path(s, run_name='_s')\n"
+        "import caitdeploy.kernels._atme_merge_triton as a, caitdeploy.kernels._attention_triton as b\n"
+        "assert not a.INTERPRETED and not b.INTERPRETED\n"
+        "print(f'{len(mods)} modules and {len(scripts)} scripts imported; kernels built for compilation')\n"
+    )
     clean = {k: v for k, v in env.items() if k != "TRITON_INTERPRET"}
     return _run([PY, "-c", probe, ",".join(mods), ",".join(scripts)], 180, clean)
 
@@ -236,7 +370,7 @@ def _check_args(plan: list[Step]) -> tuple[str, str]:
             continue
         script, fn = s.parse
         i = next(i for i, a in enumerate(s.argv) if a.endswith(".py") or a == "caitdeploy.kernels.aot")
-        args = s.argv[i + 1:]
+        args = s.argv[i + 1 :]
         try:
             p = _load(script)[fn]
             ns = p().parse_args(args) if fn == "parser" else p(args)
@@ -244,7 +378,7 @@ def _check_args(plan: list[Step]) -> tuple[str, str]:
         except SystemExit as e:
             bad.append(s.name)
             lines.append(f"{s.name}: {script} refused {shlex.join(args)} (exit {e.code})")
-    if "-n" in plan[0].argv:    # the tests step runs pytest-xdist: it must be there
+    if "-n" in plan[0].argv:  # the tests step runs pytest-xdist: it must be there
         ok = importlib.util.find_spec("xdist") is not None
         lines.append(f"tests: pytest-xdist {'installed' if ok else 'MISSING'}")
         bad += [] if ok else ["tests"]
@@ -256,12 +390,14 @@ def rehearse(out: Path) -> int:
     env = dict(os.environ)
     plan = steps(out)
     total = sum(s.limit for s in plan)
-    summary = {"mode": "rehearsal on a CPU (no CUDA)", "versions": _versions(), "gpu_limit_total_s": total,
-               "steps": []}
+    summary = {"mode": "rehearsal on a CPU (no CUDA)", "versions": _versions(), "gpu_limit_total_s": total, "steps": []}
     print(f"gpu-check rehearsal on this CPU; the GPU plan's limits add up to {total} s (<= {TOTAL_LIMIT})")
     failed = total > TOTAL_LIMIT
-    for name, fn in (("wheels", lambda: _check_wheels(env)), ("imports", lambda: _check_imports(env)),
-                     ("args", lambda: _check_args(plan))):
+    for name, fn in (
+        ("wheels", lambda: _check_wheels(env)),
+        ("imports", lambda: _check_imports(env)),
+        ("args", lambda: _check_args(plan)),
+    ):
         t0 = time.perf_counter()
         status, text = fn()
         _record(summary, out, name, status, text, time.perf_counter() - t0, None)
@@ -304,8 +440,10 @@ def main(argv=None) -> int:
         wanted = [w.strip() for w in args.steps.split(",") if w.strip()]
         unknown = [w for w in wanted if w not in {s.name for s in plan}]
         if unknown:
-            print(f"error: --steps: unknown step {unknown[0]!r}; choose from {', '.join(s.name for s in plan)}",
-                  file=sys.stderr)
+            print(
+                f"error: --steps: unknown step {unknown[0]!r}; choose from {', '.join(s.name for s in plan)}",
+                file=sys.stderr,
+            )
             return 2
         plan = [s for s in plan if s.name in wanted]
     if args.dry_run:
@@ -322,14 +460,20 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    previous = out / "gpu_check.json"    # a re-run (--steps) keeps the other steps' results
+    previous = out / "gpu_check.json"  # a re-run (--steps) keeps the other steps' results
     summary: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "versions": _versions(), "steps": []}
     if args.steps and previous.exists():
-        summary["steps"] = [s for s in json.loads(previous.read_text()).get("steps", [])
-                            if s["step"] not in {p.name for p in plan}]
+        summary["steps"] = [
+            s for s in json.loads(previous.read_text()).get("steps", []) if s["step"] not in {p.name for p in plan}
+        ]
     try:
-        summary["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+        summary["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         summary["driver"] = None
     summary["cuda"] = torch.version.cuda
@@ -337,8 +481,12 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         status, text = _run(s.argv, s.limit, env)
         _record(summary, out, s.name, status, text, time.perf_counter() - t0, s.argv)
-        _write_summary(summary, out, f"gpu-check on {summary['gpu']} (driver {summary['driver']}, "
-                                     f"torch {summary['versions']['torch']}, triton {summary['versions']['triton']})")
+        _write_summary(
+            summary,
+            out,
+            f"gpu-check on {summary['gpu']} (driver {summary['driver']}, "
+            f"torch {summary['versions']['torch']}, triton {summary['versions']['triton']})",
+        )
     return 0 if all(s["status"] == "ok" for s in summary["steps"]) else 1
 
 

@@ -10,6 +10,7 @@ from upstream code. It gives tests three things:
 * a float64 functional forward returning the logits upstream's eval forward puts first in its output tuple
   (:func:`sit_forward`, :func:`lvvit_forward`).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,40 +23,93 @@ Spec = dict[str, Any]
 
 # Shared by every variant (upstream defaults, never overridden by the released models or scripts).
 _COMMON: Spec = {
-    "patch_size": 16,        # only enters num_patches; the conv stem always downsamples by 16
+    "patch_size": 16,  # only enters num_patches; the conv stem always downsamples by 16
     "in_chans": 3,
     "qkv_bias": False,
-    "ln_eps": 1e-5,          # nn.LayerNorm default, everywhere (blocks, final norm, TSM, RTSM)
-    "bn_eps": 1e-5,          # nn.BatchNorm2d default, stem
-    "keeping_ratio": 0.5,    # main.py never passes another value
-    "tsm_ratio": 0.5,        # TSM hidden width = int(embed_dim * 0.5)
-    "rtsm_ratio": 4.0,       # training-only reverse TSM hidden ratio
+    "ln_eps": 1e-5,  # nn.LayerNorm default, everywhere (blocks, final norm, TSM, RTSM)
+    "bn_eps": 1e-5,  # nn.BatchNorm2d default, stem
+    "keeping_ratio": 0.5,  # main.py never passes another value
+    "tsm_ratio": 0.5,  # TSM hidden width = int(embed_dim * 0.5)
+    "rtsm_ratio": 4.0,  # training-only reverse TSM hidden ratio
     "num_classes": 1000,
 }
 
 SIT_VARIANTS: dict[str, Spec] = {
-    "t": {**_COMMON, "upstream": "sit_lvvit_tiny", "teacher": "t", "img_size": 224, "embed_dim": 320,
-          "depth": 14, "num_heads": 5, "mlp_ratio": 3.0, "skip_lam": 2.0, "stem": "4c",
-          "stage_blocks": (1, 1, 1, 11)},
-    "xs": {**_COMMON, "upstream": "sit_lvvit_xsmall", "teacher": "s", "img_size": 224, "embed_dim": 384,
-           "depth": 16, "num_heads": 6, "mlp_ratio": 3.0, "skip_lam": 2.0, "stem": "4c",
-           "stage_blocks": (1, 1, 1, 13)},
-    "s": {**_COMMON, "upstream": "sit_lvvit_small", "teacher": "s", "img_size": 224, "embed_dim": 384,
-          "depth": 16, "num_heads": 6, "mlp_ratio": 3.0, "skip_lam": 2.0, "stem": "4c",
-          "stage_blocks": (9, 3, 2, 2)},
-    "m": {**_COMMON, "upstream": "sit_lvvit_medium", "teacher": "m", "img_size": 224, "embed_dim": 512,
-          "depth": 20, "num_heads": 8, "mlp_ratio": 3.0, "skip_lam": 2.0, "stem": "4c",
-          "stage_blocks": (10, 4, 3, 3)},
-    "l": {**_COMMON, "upstream": "sit_lvvit_large", "teacher": "l", "img_size": 288, "embed_dim": 768,
-          "depth": 24, "num_heads": 12, "mlp_ratio": 3.0, "skip_lam": 3.0, "stem": "6c",
-          "stage_blocks": (10, 4, 3, 7)},
+    "t": {
+        **_COMMON,
+        "upstream": "sit_lvvit_tiny",
+        "teacher": "t",
+        "img_size": 224,
+        "embed_dim": 320,
+        "depth": 14,
+        "num_heads": 5,
+        "mlp_ratio": 3.0,
+        "skip_lam": 2.0,
+        "stem": "4c",
+        "stage_blocks": (1, 1, 1, 11),
+    },
+    "xs": {
+        **_COMMON,
+        "upstream": "sit_lvvit_xsmall",
+        "teacher": "s",
+        "img_size": 224,
+        "embed_dim": 384,
+        "depth": 16,
+        "num_heads": 6,
+        "mlp_ratio": 3.0,
+        "skip_lam": 2.0,
+        "stem": "4c",
+        "stage_blocks": (1, 1, 1, 13),
+    },
+    "s": {
+        **_COMMON,
+        "upstream": "sit_lvvit_small",
+        "teacher": "s",
+        "img_size": 224,
+        "embed_dim": 384,
+        "depth": 16,
+        "num_heads": 6,
+        "mlp_ratio": 3.0,
+        "skip_lam": 2.0,
+        "stem": "4c",
+        "stage_blocks": (9, 3, 2, 2),
+    },
+    "m": {
+        **_COMMON,
+        "upstream": "sit_lvvit_medium",
+        "teacher": "m",
+        "img_size": 224,
+        "embed_dim": 512,
+        "depth": 20,
+        "num_heads": 8,
+        "mlp_ratio": 3.0,
+        "skip_lam": 2.0,
+        "stem": "4c",
+        "stage_blocks": (10, 4, 3, 3),
+    },
+    "l": {
+        **_COMMON,
+        "upstream": "sit_lvvit_large",
+        "teacher": "l",
+        "img_size": 288,
+        "embed_dim": 768,
+        "depth": 24,
+        "num_heads": 12,
+        "mlp_ratio": 3.0,
+        "skip_lam": 3.0,
+        "stem": "6c",
+        "stage_blocks": (10, 4, 3, 7),
+    },
 }
 
 # Dense teachers: the same LVViT class built with distillation_type=None (no tsm/rtsm keys, no slimming).
 # LV-ViT-S is the dense form of both sit_lvvit_xsmall and sit_lvvit_small.
 LVVIT_VARIANTS: dict[str, Spec] = {
-    name: {k: v for k, v in SIT_VARIANTS[sit].items() if k not in ("teacher", "stage_blocks", "keeping_ratio",
-                                                                   "tsm_ratio", "rtsm_ratio")}
+    name: {
+        k: v
+        for k, v in SIT_VARIANTS[sit].items()
+        if k not in ("teacher", "stage_blocks", "keeping_ratio", "tsm_ratio", "rtsm_ratio")
+    }
     for name, sit in (("t", "t"), ("s", "s"), ("m", "m"), ("l", "l"))
 }
 
@@ -126,8 +180,10 @@ def state_dict_layout(spec: Spec) -> dict[str, tuple[tuple[int, ...], str]]:
     ``unused`` (``aux_head.*`` and BN ``num_batches_tracked``: present, never read at eval).
     """
     d, c, n = spec["embed_dim"], spec["num_classes"], spec["num_patches"]
-    out: dict[str, tuple[tuple[int, ...], str]] = {"cls_token": ((1, 1, d), "eval"),
-                                                    "pos_embed": ((1, n + 1, d), "eval")}
+    out: dict[str, tuple[tuple[int, ...], str]] = {
+        "cls_token": ((1, 1, d), "eval"),
+        "pos_embed": ((1, n + 1, d), "eval"),
+    }
 
     def linear(p: str, o: int, i: int, role: str = "eval", bias: bool = True) -> None:
         out[f"{p}.weight"] = ((o, i), role)
@@ -181,32 +237,34 @@ def _random_state_dict(spec: Spec, seed: int) -> dict[str, torch.Tensor]:
         if leaf == "num_batches_tracked":
             sd[key] = torch.tensor(12345, dtype=torch.int64)
             continue
-        if key.endswith("scale"):                                  # TSM temperature: positive, far from 1
+        if key.endswith("scale"):  # TSM temperature: positive, far from 1
             t = 2.0 + 2.0 * torch.rand(shape, generator=g)
         elif leaf == "running_var":
             t = 0.5 + 1.5 * torch.rand(shape, generator=g)
         elif leaf == "running_mean":
             t = 0.3 * torch.randn(shape, generator=g)
-        elif leaf == "weight" and len(shape) == 1:                 # LN / BN affine
+        elif leaf == "weight" and len(shape) == 1:  # LN / BN affine
             t = 1.0 + 0.3 * torch.randn(shape, generator=g)
-        elif leaf == "weight":                                     # linear / conv: fan-in scaled
+        elif leaf == "weight":  # linear / conv: fan-in scaled
             t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
         elif leaf == "bias":
             t = 0.1 * torch.randn(shape, generator=g)
-        else:                                                      # cls_token, pos_embed
+        else:  # cls_token, pos_embed
             t = 0.5 * torch.randn(shape, generator=g)
         sd[key] = t.float()
     return sd
 
 
-def sit_state_dict(variant: str, *, num_classes: int = 1000, seed: int = 0, **overrides: Any
-                   ) -> dict[str, torch.Tensor]:
+def sit_state_dict(
+    variant: str, *, num_classes: int = 1000, seed: int = 0, **overrides: Any
+) -> dict[str, torch.Tensor]:
     """Random SiT weights with exactly the released key names/shapes (``tsm``, ``rtsm``, ``aux_head`` included)."""
     return _random_state_dict(sit_spec(variant, num_classes=num_classes, **overrides), seed)
 
 
-def lvvit_state_dict(variant: str, *, num_classes: int = 1000, seed: int = 0, **overrides: Any
-                     ) -> dict[str, torch.Tensor]:
+def lvvit_state_dict(
+    variant: str, *, num_classes: int = 1000, seed: int = 0, **overrides: Any
+) -> dict[str, torch.Tensor]:
     """Random dense LV-ViT teacher weights with exactly the upstream key names/shapes."""
     return _random_state_dict(lvvit_spec(variant, num_classes=num_classes, **overrides), seed)
 
@@ -220,8 +278,9 @@ def _stem(sd: dict[str, torch.Tensor], spec: Spec, x: torch.Tensor) -> torch.Ten
         x = F.conv2d(x, sd[f"patch_embed.conv{j}.weight"], stride=stride, padding=1)
         bn = f"patch_embed.bn{j}."
         inv = (sd[bn + "running_var"] + spec["bn_eps"]).rsqrt()
-        x = (x - sd[bn + "running_mean"][:, None, None]) * (inv * sd[bn + "weight"])[:, None, None] \
-            + sd[bn + "bias"][:, None, None]
+        x = (x - sd[bn + "running_mean"][:, None, None]) * (inv * sd[bn + "weight"])[:, None, None] + sd[bn + "bias"][
+            :, None, None
+        ]
         if gelu:
             x = F.gelu(x)
     return x.flatten(2).transpose(1, 2)
@@ -237,8 +296,8 @@ def _block(sd: dict[str, torch.Tensor], spec: Spec, i: int, x: torch.Tensor) -> 
     b, n, d = x.shape
     h, hd = spec["num_heads"], spec["head_dim"]
     y = F.linear(_ln(sd, p + ".norm1", x, eps), sd[p + ".attn.qkv.weight"], sd.get(p + ".attn.qkv.bias"))
-    q, k, v = y.reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4)          # each [B, H, N, hd]
-    attn = torch.softmax(q @ k.transpose(-2, -1) * hd ** -0.5, dim=-1)
+    q, k, v = y.reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4)  # each [B, H, N, hd]
+    attn = torch.softmax(q @ k.transpose(-2, -1) * hd**-0.5, dim=-1)
     y = (attn @ v).transpose(1, 2).reshape(b, n, d)
     x = x + F.linear(y, sd[p + ".attn.proj.weight"], sd[p + ".attn.proj.bias"]) / lam
     y = F.gelu(F.linear(_ln(sd, p + ".norm2", x, eps), sd[p + ".mlp.fc1.weight"], sd[p + ".mlp.fc1.bias"]))
@@ -266,7 +325,7 @@ def _encode(sd: dict[str, torch.Tensor], spec: Spec, images: torch.Tensor) -> to
     slim_after = spec.get("slim_after", ())
     for i in range(spec["depth"]):
         x = _block(sd, spec, i, x)
-        if i + 1 in slim_after:                                   # class token bypasses the TSM
+        if i + 1 in slim_after:  # class token bypasses the TSM
             x = torch.cat([x[:, :1], _tsm(sd, spec, slim_after.index(i + 1), x[:, 1:])], dim=1)
     return _ln(sd, "norm", x, spec["ln_eps"])
 
@@ -281,8 +340,9 @@ def sit_forward(state_dict: dict[str, torch.Tensor], spec: Spec, images: torch.T
     return F.linear(_encode(sd, spec, images)[:, 0], sd["head.weight"], sd["head.bias"])
 
 
-def lvvit_forward(state_dict: dict[str, torch.Tensor], spec: Spec, images: torch.Tensor, *,
-                  token_label_aux: bool = False) -> torch.Tensor:
+def lvvit_forward(
+    state_dict: dict[str, torch.Tensor], spec: Spec, images: torch.Tensor, *, token_label_aux: bool = False
+) -> torch.Tensor:
     """float64 logits of a dense LV-ViT teacher as Sense-X/SiT evaluates it (``head`` on the class token only).
 
     ``token_label_aux=True`` instead adds ``0.5 * max over patch tokens of aux_head(norm(x))`` -- the eval

@@ -11,6 +11,7 @@ Block kinds: ``"attn"`` (multi-head self-attention), ``"conv1"`` / ``"conv3"`` (
 convolution" whose kernels are mixed from the v / proj weights by ``softmax(head_probs / alpha)``), ``"skip"``
 (the attention branch returns its LayerNorm-ed input, so the block adds ``LN1(x)``).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,23 +41,27 @@ def _kinds(n_conv1: int, n_conv3: int, depth: int = 12) -> list[str]:
 # these match the README (4.9M / 16.4M / 46.2M / 62.3M). The "_dist" files share the architecture of their base.
 SPVIT_RELEASED: dict[str, dict] = {
     "spvit_deit_ti_l200_t10": {
-        "variant": "tiny", "files": ["spvit_deit_ti_l200_t10.pth", "spvit_deit_ti_l200_t10_dist.pth"],
+        "variant": "tiny",
+        "files": ["spvit_deit_ti_l200_t10.pth", "spvit_deit_ti_l200_t10_dist.pth"],
         "kinds": _kinds(2, 0),
         "mlp_widths": [744, 758, 764, 767, 766, 764, 756, 659, 633, 473, 179, 145],
     },
     "spvit_deit_sm_l30_t32": {
-        "variant": "small", "files": ["spvit_deit_sm_l30_t32.pth", "spvit_deit_sm_l30_t32_dist.pth"],
+        "variant": "small",
+        "files": ["spvit_deit_sm_l30_t32.pth", "spvit_deit_sm_l30_t32_dist.pth"],
         "kinds": _kinds(1, 0),
         "mlp_widths": [1304, 1399, 1344, 1214, 1251, 1183, 1140, 925, 742, 391, 104, 103],
     },
     "spvit_deit_bs_l008_t60": {
-        "variant": "base", "files": ["spvit_deit_bs_l008_t60.pth", "spvit_deit_bs_l008_t60_dist.pth"],
+        "variant": "base",
+        "files": ["spvit_deit_bs_l008_t60.pth", "spvit_deit_bs_l008_t60_dist.pth"],
         "kinds": _kinds(3, 2),
         "mlp_widths": [1118, 489, 1050, 1345, 1336, 1326, 1431, 1564, 1606, 1702, 1290, 190],
     },
     # Listed in the README from Dec 2021 to Jun 2023, then dropped from the table (file name kept in the release).
     "spvit_deit_bs_l006_t100": {
-        "variant": "base", "files": ["spvit_deit_bs_l006_t100.pth"],
+        "variant": "base",
+        "files": ["spvit_deit_bs_l006_t100.pth"],
         "kinds": _kinds(3, 1),
         "mlp_widths": [1253, 610, 1343, 1912, 2354, 2306, 2483, 2753, 2869, 2860, 2443, 934],
     },
@@ -85,9 +90,17 @@ def block_kind(state_dict: dict[str, torch.Tensor], i: int) -> str:
     return "skip"
 
 
-def spvit_state_dict(kinds: list[str], mlp_widths: list[int], *, embed_dim: int = 384, num_heads: int = 6,
-                     img_size: int = 224, patch_size: int = 16, num_classes: int = 1000,
-                     seed: int = 0) -> dict[str, torch.Tensor]:
+def spvit_state_dict(
+    kinds: list[str],
+    mlp_widths: list[int],
+    *,
+    embed_dim: int = 384,
+    num_heads: int = 6,
+    img_size: int = 224,
+    patch_size: int = 16,
+    num_classes: int = 1000,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Random float32 weights named and shaped exactly like a fine-tuned SPViT-DeiT ``ckpt["model"]``.
 
     Keys come in upstream's registration order. BN running stats are non-trivial (running_var > 0),
@@ -137,8 +150,9 @@ def spvit_state_dict(kinds: list[str], mlp_widths: list[int], *, embed_dim: int 
     return sd
 
 
-def conv_weights(state_dict: dict[str, torch.Tensor], i: int, *, num_heads: int, alpha: float = ALPHA
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def conv_weights(
+    state_dict: dict[str, torch.Tensor], i: int, *, num_heads: int, alpha: float = ALPHA
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fold block i's conv branch into plain weights: (W1 [d,D,k,k], b1 [d], W2 [D,d], b2 [D]).
 
     P = softmax(head_probs / alpha) over heads (dim 0), P[h, t] for kernel tap t in 0..8.
@@ -170,8 +184,9 @@ def _layer_norm(x: torch.Tensor, sd: dict[str, torch.Tensor], name: str) -> torc
     return F.layer_norm(x, x.shape[-1:], sd[name + ".weight"], sd[name + ".bias"], LN_EPS)
 
 
-def spvit_forward(state_dict: dict[str, torch.Tensor], images: torch.Tensor, *, num_heads: int,
-                  alpha: float = ALPHA) -> torch.Tensor:
+def spvit_forward(
+    state_dict: dict[str, torch.Tensor], images: torch.Tensor, *, num_heads: int, alpha: float = ALPHA
+) -> torch.Tensor:
     """Eval-mode SPViT-DeiT logits [B, num_classes] in float64 (upstream returns these as ``output[0]``).
 
     Handles every block kind and both the released layout and the post-training ``bconv`` layout.
@@ -194,17 +209,29 @@ def spvit_forward(state_dict: dict[str, torch.Tensor], images: torch.Tensor, *, 
             q = qk[..., :D].reshape(B, N, num_heads, d).transpose(1, 2)
             k = qk[..., D:].reshape(B, N, num_heads, d).transpose(1, 2)
             v = F.linear(h, sd[b + "attn.v.weight"], sd[b + "attn.v.bias"]).reshape(B, N, num_heads, d).transpose(1, 2)
-            a = torch.softmax((q * d ** -0.5) @ k.transpose(-1, -2), dim=-1)
+            a = torch.softmax((q * d**-0.5) @ k.transpose(-1, -2), dim=-1)
             o = F.linear((a @ v).transpose(1, 2).reshape(B, N, D), sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"])
         elif kind in ("conv1", "conv3"):
             W1, b1, W2, b2 = conv_weights(state_dict, i, num_heads=num_heads, alpha=alpha)
-            bn = b + ("attn.bconv.1" if b + "attn.bconv.1.weight" in sd else
-                      "attn.bn_1x1" if kind == "conv1" else "attn.bn_3x3")
+            bn = b + (
+                "attn.bconv.1"
+                if b + "attn.bconv.1.weight" in sd
+                else "attn.bn_1x1"
+                if kind == "conv1"
+                else "attn.bn_3x3"
+            )
             G = math.isqrt(h.shape[1] - 1)
             t = h[:, 1:].reshape(B, G, G, D).permute(0, 3, 1, 2)  # patch tokens are row-major on the grid
             t = F.conv2d(t, W1, b1, padding=W1.shape[-1] // 2)
-            t = F.batch_norm(t, sd[bn + ".running_mean"], sd[bn + ".running_var"], sd[bn + ".weight"],
-                             sd[bn + ".bias"], training=False, eps=BN_EPS)
+            t = F.batch_norm(
+                t,
+                sd[bn + ".running_mean"],
+                sd[bn + ".running_var"],
+                sd[bn + ".weight"],
+                sd[bn + ".bias"],
+                training=False,
+                eps=BN_EPS,
+            )
             t = F.linear(F.relu(t).flatten(2).transpose(1, 2), W2, b2)
             o = torch.cat([h[:, :1], t], 1)  # class token: the LN1 output passes through unchanged
         else:
@@ -216,8 +243,9 @@ def spvit_forward(state_dict: dict[str, torch.Tensor], images: torch.Tensor, *, 
     return F.linear(x[:, 0], sd["head.weight"], sd["head.bias"])
 
 
-def spvit_optimized_state_dict(state_dict: dict[str, torch.Tensor], *, num_heads: int,
-                               alpha: float = ALPHA) -> dict[str, torch.Tensor]:
+def spvit_optimized_state_dict(
+    state_dict: dict[str, torch.Tensor], *, num_heads: int, alpha: float = ALPHA
+) -> dict[str, torch.Tensor]:
     """The layout ``post_training_optimize_checkpoint.py`` writes: conv blocks lose head_probs/v/proj/bn_* and get
     ``attn.bconv.0`` (Conv2d D->d, k x k), ``attn.bconv.1`` (BatchNorm2d d), ``attn.bconv.3`` (Conv2d d->D, 1x1)."""
     out: dict[str, torch.Tensor] = {}

@@ -1,6 +1,7 @@
 """Swin files in upstream layouts, written by our own code for tests and benchmarks (no hub here): SPViT-Swin
 fine-tuned checkpoints (ziplab/SPViT, SPViT_Swin/models/spvit_swin.py key layout) and DIMAP-style unstructured
 pruned Swin state dicts (Microsoft or timm layout). Random weights: exactness and speed, never accuracy."""
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,12 @@ SPVIT_SWIN_RELEASED = {
 
 def to_microsoft(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm Swin keys -> Microsoft's (PatchMerging at the END of the previous stage, `head.*`)."""
-    return {re.sub(r"^layers\.(\d+)\.downsample", lambda x: f"layers.{int(x.group(1)) - 1}.downsample", k)
-            .replace("head.fc.", "head."): v for k, v in sd.items()}
+    return {
+        re.sub(r"^layers\.(\d+)\.downsample", lambda x: f"layers.{int(x.group(1)) - 1}.downsample", k).replace(
+            "head.fc.", "head."
+        ): v
+        for k, v in sd.items()
+    }
 
 
 def spvit_swin_state_dict(model, kinds, mlp_widths=None, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -43,20 +48,29 @@ def spvit_swin_state_dict(model, kinds, mlp_widths=None, seed: int = 0) -> dict[
             hidden = blk.mlp.fc1.out_features
             width = mlp_widths[j] if mlp_widths is not None else hidden // 2 + 3 * i
             keep = torch.randperm(hidden, generator=g)[:width]
-            sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = base[p + "mlp.fc1.weight"][keep], base[p + "mlp.fc1.bias"][keep]
-            sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = base[p + "mlp.fc2.weight"][:, keep], base[p + "mlp.fc2.bias"]
+            sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = (
+                base[p + "mlp.fc1.weight"][keep],
+                base[p + "mlp.fc1.bias"][keep],
+            )
+            sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = (
+                base[p + "mlp.fc2.weight"][:, keep],
+                base[p + "mlp.fc2.bias"],
+            )
             j += 1
             if kind == "skip":
                 continue
             qkv_w, qkv_b = base[p + "attn.qkv.weight"], base[p + "attn.qkv.bias"]
-            sd[p + "attn.v.weight"], sd[p + "attn.v.bias"] = qkv_w[2 * c:], qkv_b[2 * c:]
-            sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"] = base[p + "attn.proj.weight"], base[p + "attn.proj.bias"]
+            sd[p + "attn.v.weight"], sd[p + "attn.v.bias"] = qkv_w[2 * c :], qkv_b[2 * c :]
+            sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"] = (
+                base[p + "attn.proj.weight"],
+                base[p + "attn.proj.bias"],
+            )
             if kind == "attn":
                 sd[p + "attn.qk.weight"], sd[p + "attn.qk.bias"] = qkv_w[: 2 * c], qkv_b[: 2 * c]
                 table = base[p + "attn.relative_position_bias_table"]
                 sd[p + "attn.relative_position_bias_table"] = table
                 tokens = ((int(table.shape[0] ** 0.5) + 1) // 2) ** 2
-                sd[p + "attn.relative_position_index"] = torch.zeros(tokens, tokens, dtype=torch.long)   # a buffer
+                sd[p + "attn.relative_position_index"] = torch.zeros(tokens, tokens, dtype=torch.long)  # a buffer
             else:
                 sd[p + "attn.head_probs"] = torch.randn(h, 9, generator=g) * 100
                 bn = p + ("attn.bn_1x1." if kind == "conv1" else "attn.bn_3x3.")
@@ -68,8 +82,7 @@ def spvit_swin_state_dict(model, kinds, mlp_widths=None, seed: int = 0) -> dict[
     return sd
 
 
-def dimap_state_dict(model, scattered: float = 0.5, whole_rows: bool = True, seed: int = 0
-                     ) -> dict[str, torch.Tensor]:
+def dimap_state_dict(model, scattered: float = 0.5, whole_rows: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
     """A DIMAP-like Swin state dict (timm layout): the `scattered` share of every block matrix with the smallest
     magnitude zeroed (unstructured, per layer), and, with `whole_rows`, some whole rows too (fc1 rows with and
     without bias, q / k rows + bias, v rows + bias, proj and fc2 columns), which is what exact removal can use."""
@@ -85,15 +98,15 @@ def dimap_state_dict(model, scattered: float = 0.5, whole_rows: bool = True, see
             p = f"layers.{s}.blocks.{i}."
             heads, dim = blk.attn.num_heads, blk.norm1.normalized_shape[0]
             hd = dim // heads
-            sd[p + "mlp.fc1.weight"][: 5 + i] = 0                  # constant GELU(b) units (bias kept)
-            sd[p + "mlp.fc1.bias"][:2] = 0                         # two of them fully zero
-            sd[p + "mlp.fc2.weight"][:, 7] = 0                     # a dead output column
+            sd[p + "mlp.fc1.weight"][: 5 + i] = 0  # constant GELU(b) units (bias kept)
+            sd[p + "mlp.fc1.bias"][:2] = 0  # two of them fully zero
+            sd[p + "mlp.fc2.weight"][:, 7] = 0  # a dead output column
             for h in range(heads):
-                sd[p + "attn.qkv.weight"][h * hd + (h % 2)] = 0    # q row (head-dependent position) ...
+                sd[p + "attn.qkv.weight"][h * hd + (h % 2)] = 0  # q row (head-dependent position) ...
                 sd[p + "attn.qkv.bias"][h * hd + (h % 2)] = 0
-                sd[p + "attn.qkv.weight"][dim + h * hd + 3] = 0    # ... and a k row + bias elsewhere
+                sd[p + "attn.qkv.weight"][dim + h * hd + 3] = 0  # ... and a k row + bias elsewhere
                 sd[p + "attn.qkv.bias"][dim + h * hd + 3] = 0
                 sd[p + "attn.qkv.weight"][2 * dim + h * hd + 2] = 0  # v row + bias
                 sd[p + "attn.qkv.bias"][2 * dim + h * hd + 2] = 0
-                sd[p + "attn.proj.weight"][:, h * hd + 4] = 0        # a dead proj column
+                sd[p + "attn.proj.weight"][:, h * hd + 4] = 0  # a dead proj column
     return sd

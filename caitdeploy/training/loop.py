@@ -26,6 +26,7 @@ Before any work: every option, the model (built on the meta device: timm's check
 a step needs against the budget), the output folder, the state to resume, and every image of --data
 (`imagefile.check_image`: size, format, pixel bounds, structure; `--skip-bad-images` leaves them out instead).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,16 +51,45 @@ from caitdeploy.core.errors import CaitError, OptionError
 STATE_FORMAT = "caitdeploy-train-state/1"
 MAX_EPOCHS = 100_000
 MAX_BATCH = 1 << 20
-MAX_SEED = (1 << 32) - 1                # numpy's seed range
-MAX_STATE_OPTIONS = 64 << 10            # the options JSON a training state carries (~1.5 KB)
+MAX_SEED = (1 << 32) - 1  # numpy's seed range
+MAX_STATE_OPTIONS = 64 << 10  # the options JSON a training state carries (~1.5 KB)
 FINAL_NAME = "cait-compactor.safetensors"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")   # what timm's folder reader loads
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what timm's folder reader loads
 # options that must match between a run and its --resume (the others may change, e.g. --workers)
-RESUME_KEYS = ("arch", "weights", "model_args", "img_size", "flops_reduction", "merges", "token_reduction",
-               "epochs", "batch_size", "micro_batch", "lr", "min_lr", "warmup_epochs", "weight_decay",
-               "compactor_lr", "compactor_momentum", "label_smoothing", "mixup", "cutmix", "rand_augment",
-               "reprob", "crop_scale", "hflip", "distill_alpha", "teacher", "lam", "step_ratio", "every", "prune_start_epoch", "align",
-               "amp", "seed")
+RESUME_KEYS = (
+    "arch",
+    "weights",
+    "model_args",
+    "img_size",
+    "flops_reduction",
+    "merges",
+    "token_reduction",
+    "epochs",
+    "batch_size",
+    "micro_batch",
+    "lr",
+    "min_lr",
+    "warmup_epochs",
+    "weight_decay",
+    "compactor_lr",
+    "compactor_momentum",
+    "label_smoothing",
+    "mixup",
+    "cutmix",
+    "rand_augment",
+    "reprob",
+    "crop_scale",
+    "hflip",
+    "distill_alpha",
+    "teacher",
+    "lam",
+    "step_ratio",
+    "every",
+    "prune_start_epoch",
+    "align",
+    "amp",
+    "seed",
+)
 
 
 @dataclass
@@ -70,39 +100,39 @@ class TrainOptions:
     weights: str | None = None
     model_args: dict = field(default_factory=dict)
     img_size: int | None = None
-    flops_reduction: float | None = None   # default: 0.55 for a ViT, 0.354 for a Swin (paper Tab. XIV)
+    flops_reduction: float | None = None  # default: 0.55 for a ViT, 0.354 for a Swin (paper Tab. XIV)
     merges: str = "auto"
     token_reduction: float | None = None
     epochs: int = 300
-    batch_size: int = 256          # global: micro_batch x world size x accumulation steps
+    batch_size: int = 256  # global: micro_batch x world size x accumulation steps
     micro_batch: int | None = None  # per rank per step; default batch_size / world size
     lr: float = 1e-4
     min_lr: float = 1e-6
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05
-    compactor_lr: float | None = None   # default: lr
+    compactor_lr: float | None = None  # default: lr
     compactor_momentum: float = 0.99
     label_smoothing: float = 0.1
     mixup: float = 0.8
     cutmix: float = 1.0
     rand_augment: str = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25
-    crop_scale: float = 0.08           # RandomResizedCrop's smallest area share (ImageNet recipe)
+    crop_scale: float = 0.08  # RandomResizedCrop's smallest area share (ImageNet recipe)
     hflip: float = 0.5
     distill_alpha: float | None = None  # default: 0.1 for a ViT of embed_dim <= 192 (Tiny), else 0.25
-    teacher: str = "dense"              # dense | none | FILE (timm state dict of --arch)
+    teacher: str = "dense"  # dense | none | FILE (timm state dict of --arch)
     lam: float = 1e-5
     step_ratio: float = 0.00025
     every: int = 25
     prune_start_epoch: int = 30
     align: int = 1
     max_dropped_norm: float = 1e-3
-    amp: str = "auto"                   # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
     workers: int = 4
     seed: int = 0
     resume: bool = False
     stop_after_epochs: int | None = None  # leave after this many epochs of this invocation (time-limited jobs)
-    skip_bad_images: bool = False       # leave out the images the check before the first step refuses (and say so)
+    skip_bad_images: bool = False  # leave out the images the check before the first step refuses (and say so)
     progress: bool = True
 
 
@@ -199,6 +229,7 @@ def with_defaults(o: TrainOptions) -> TrainOptions:
 def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
     """Every option and the data layout, before any work; returns derived facts (classes, accumulation)."""
     o = with_defaults(o)
+
     def rng(name, v, lo, hi, open_hi=False):
         if v is None or not (lo <= v < hi if open_hi else lo <= v <= hi) or (isinstance(v, float) and math.isnan(v)):
             raise OptionError(name, f"{v}: must be in {lo}..{hi}" + (" (exclusive)" if open_hi else ""))
@@ -208,7 +239,7 @@ def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
         rng("token_reduction", o.token_reduction, 0.0, 1.0, open_hi=True)
     rng("epochs", o.epochs, 1, MAX_EPOCHS)
     rng("batch_size", o.batch_size, 1, MAX_BATCH)
-    if o.micro_batch is not None:   # None: the default, batch size / processes (0 is no sentinel: refused)
+    if o.micro_batch is not None:  # None: the default, batch size / processes (0 is no sentinel: refused)
         rng("micro_batch", o.micro_batch, 1, o.batch_size)
     rng("seed", o.seed, 0, MAX_SEED)
     if o.img_size is not None:
@@ -217,7 +248,7 @@ def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
         v = getattr(o, name)
         if v is not None:
             rng(name, v, 0.0, 10.0)
-    rng("warmup_epochs", o.warmup_epochs, 0.0, float(MAX_EPOCHS))   # longer than the run: the lr only warms up
+    rng("warmup_epochs", o.warmup_epochs, 0.0, float(MAX_EPOCHS))  # longer than the run: the lr only warms up
     rng("compactor_momentum", o.compactor_momentum, 0.0, 1.0, open_hi=True)
     rng("label_smoothing", o.label_smoothing, 0.0, 1.0, open_hi=True)
     rng("mixup", o.mixup, 0.0, 100.0)
@@ -233,8 +264,10 @@ def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
     rng("workers", o.workers, 0, 256)
     rng("max_dropped_norm", o.max_dropped_norm, 0.0, 1e3)
     if not isinstance(o.prune_start_epoch, int) or o.prune_start_epoch < 0 or o.prune_start_epoch >= o.epochs:
-        raise OptionError("prune_start_epoch", f"{o.prune_start_epoch}: must be in 0..{o.epochs - 1} (--epochs "
-                                               f"{o.epochs}), or CDCP never prunes")
+        raise OptionError(
+            "prune_start_epoch",
+            f"{o.prune_start_epoch}: must be in 0..{o.epochs - 1} (--epochs {o.epochs}), or CDCP never prunes",
+        )
     if family(o).token_reduction_note and o.token_reduction is not None:
         raise OptionError("token_reduction", family(o).token_reduction_note or "")
     if o.amp not in ("auto", "bf16", "fp16", "off"):
@@ -243,11 +276,15 @@ def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
         rng("stop_after_epochs", o.stop_after_epochs, 1, o.epochs)
     micro = o.micro_batch if o.micro_batch is not None else o.batch_size // world
     if micro < 1 or o.batch_size % (micro * world):
-        raise OptionError("batch_size", f"{o.batch_size} is not a multiple of --micro-batch {micro} x {world} "
-                                        f"process{'es' * (world > 1)}")
+        raise OptionError(
+            "batch_size",
+            f"{o.batch_size} is not a multiple of --micro-batch {micro} x {world} process{'es' * (world > 1)}",
+        )
     if (o.mixup > 0 or o.cutmix > 0) and micro % 2:
-        raise OptionError("micro_batch", f"{micro}: mixup/cutmix pair images within a batch, so it must be even "
-                                         "(or --mixup 0 --cutmix 0)")
+        raise OptionError(
+            "micro_batch",
+            f"{micro}: mixup/cutmix pair images within a batch, so it must be even (or --mixup 0 --cutmix 0)",
+        )
     if o.teacher not in ("dense", "none") and not Path(o.teacher).is_file():
         raise OptionError("teacher", f"{o.teacher}: no such file (dense, none or a timm state dict of --arch)")
     if o.weights is not None and not Path(o.weights).is_file():
@@ -255,8 +292,9 @@ def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
     data = Path(o.data)
     classes, n_train = image_folder_classes(data / "train", "DATA/train")
     if n_train < micro * world:
-        raise OptionError("data", f"{data / 'train'}: {n_train} images, fewer than one global micro-batch "
-                                  f"({micro} x {world})")
+        raise OptionError(
+            "data", f"{data / 'train'}: {n_train} images, fewer than one global micro-batch ({micro} x {world})"
+        )
     val = data / "val"
     n_val = 0
     if val.exists():
@@ -269,13 +307,22 @@ def check_options(o: TrainOptions, world: int = 1) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise OptionError("output", f"{out}: exists and is not a folder")
     if o.resume and not state.is_file():
-        raise OptionError("resume", f"{state}: " + ("not a regular file" if state.exists() else
-                                                     "no training state to resume from"))
+        raise OptionError(
+            "resume", f"{state}: " + ("not a regular file" if state.exists() else "no training state to resume from")
+        )
     if not o.resume and (state.exists() or (out / FINAL_NAME).exists()):
-        raise OptionError("output", f"{out}: holds a previous run ({'last.pt' if state.exists() else FINAL_NAME}); "
-                                    "add --resume to continue it or choose another folder")
-    return {"classes": classes, "train_images": n_train, "val_images": n_val, "micro_batch": micro,
-            "accum": o.batch_size // (micro * world)}
+        raise OptionError(
+            "output",
+            f"{out}: holds a previous run ({'last.pt' if state.exists() else FINAL_NAME}); "
+            "add --resume to continue it or choose another folder",
+        )
+    return {
+        "classes": classes,
+        "train_images": n_train,
+        "val_images": n_val,
+        "micro_batch": micro,
+        "accum": o.batch_size // (micro * world),
+    }
 
 
 # ---- schedule -----------------------------------------------------------------------------------------
@@ -289,12 +336,17 @@ def lr_at(step: int, total: int, warmup: int, base: float, floor: float) -> floa
 
 # ---- RNG ----------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    np_state: Any = np.random.get_state()   # the legacy tuple (numpy's stubs type the default call as a dict)
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                      *(float(v) if isinstance(v, float) else int(v) for v in np_state[2:])],
-            "python": random.getstate()}
+    np_state: Any = np.random.get_state()  # the legacy tuple (numpy's stubs type the default call as a dict)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            *(float(v) if isinstance(v, float) else int(v) for v in np_state[2:]),
+        ],
+        "python": random.getstate(),
+    }
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
@@ -321,8 +373,9 @@ def eval_resize(size: int) -> int:
     return math.floor(size / 0.875)
 
 
-def image_lists(o: TrainOptions, facts: dict, size: int, log: Callable[[str], None] = print
-                ) -> dict[str, list[tuple[str, int]]]:
+def image_lists(
+    o: TrainOptions, facts: dict, size: int, log: Callable[[str], None] = print
+) -> dict[str, list[tuple[str, int]]]:
     """{"train": [(path, class)], "val": [...]} in timm's folder reader's order, every image checked before
     the first step without decoding it (`imagefile.check_image`: a regular file within the size bound, a PNG or
     JPEG header, each side and the area within the pixel bounds, validation images also once resized for the
@@ -341,8 +394,10 @@ def image_lists(o: TrainOptions, facts: dict, size: int, log: Callable[[str], No
         samples, _ = find_images_and_targets(str(data / split), types=IMAGE_SUFFIXES)
         expected = facts[f"{split}_images"]
         if len(samples) != expected:
-            raise CaitError(f"{data / split}: timm's folder reader found {len(samples)} images, expected {expected} "
-                            "(images outside the class folders?)")
+            raise CaitError(
+                f"{data / split}: timm's folder reader found {len(samples)} images, expected {expected} "
+                "(images outside the class folders?)"
+            )
         resize = eval_resize(size) if split == "val" else None
         good = []
         for path, target in samples:
@@ -362,8 +417,11 @@ def image_lists(o: TrainOptions, facts: dict, size: int, log: Callable[[str], No
     micro, world = facts["micro_batch"], facts.get("world", 1)
     facts["train_images"], facts["val_images"] = len(out["train"]), len(out.get("val", []))
     if facts["train_images"] < micro * world:
-        raise OptionError("data", f"{data / 'train'}: {facts['train_images']} usable images, fewer than one global "
-                                  f"micro-batch ({micro} x {world})")
+        raise OptionError(
+            "data",
+            f"{data / 'train'}: {facts['train_images']} usable images, fewer than one global "
+            f"micro-batch ({micro} x {world})",
+        )
     facts["skipped_images"] = len(bad)
     return out
 
@@ -374,8 +432,9 @@ class ImageList(torch.utils.data.Dataset):
     check, or its data is damaged past what the check sees) comes back as class -1 - index with a zero image, so
     that the training process, not a data-loading worker, raises `failure(index)`: one line naming the file."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform, shape: tuple[int, ...],
-                 resize_shorter: int | None = None):
+    def __init__(
+        self, samples: list[tuple[str, int]], transform, shape: tuple[int, ...], resize_shorter: int | None = None
+    ):
         self.samples, self.transform, self.shape, self.resize_shorter = samples, transform, shape, resize_shorter
 
     def __len__(self) -> int:
@@ -407,7 +466,7 @@ def check_batch(loader, y: torch.Tensor) -> None:
     if y.dtype.is_floating_point or not bool((y < 0).any()):
         return
     ds = loader.dataset
-    ds = getattr(ds, "dataset", ds)   # a Subset (validation share of a rank)
+    ds = getattr(ds, "dataset", ds)  # a Subset (validation share of a rank)
     if isinstance(ds, ImageList):
         raise ds.failure(int(-1 - y[y < 0][0]))
 
@@ -417,24 +476,46 @@ def _loaders(o: TrainOptions, facts: dict, fmt: dict, dist: Dist, lists: dict[st
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
     size = fmt["img_size"] if isinstance(fmt["img_size"], int) else fmt["img_size"][0]
-    dc = resolve_data_config({"input_size": (fmt["in_chans"], size, size), "interpolation": "bicubic",
-                              "crop_pct": 0.875})
-    t_train = create_transform(dc["input_size"], is_training=True, auto_augment=o.rand_augment or None,
-                               re_prob=o.reprob, interpolation="bicubic", mean=dc["mean"], std=dc["std"],
-                               scale=(o.crop_scale, 1.0), hflip=o.hflip)
-    t_val = create_transform(dc["input_size"], is_training=False, interpolation="bicubic", mean=dc["mean"],
-                             std=dc["std"], crop_pct=dc["crop_pct"])
-    shape = (3, size, size)   # the folder reader gives RGB, as timm's does
+    dc = resolve_data_config(
+        {"input_size": (fmt["in_chans"], size, size), "interpolation": "bicubic", "crop_pct": 0.875}
+    )
+    t_train = create_transform(
+        dc["input_size"],
+        is_training=True,
+        auto_augment=o.rand_augment or None,
+        re_prob=o.reprob,
+        interpolation="bicubic",
+        mean=dc["mean"],
+        std=dc["std"],
+        scale=(o.crop_scale, 1.0),
+        hflip=o.hflip,
+    )
+    t_val = create_transform(
+        dc["input_size"],
+        is_training=False,
+        interpolation="bicubic",
+        mean=dc["mean"],
+        std=dc["std"],
+        crop_pct=dc["crop_pct"],
+    )
+    shape = (3, size, size)  # the folder reader gives RGB, as timm's does
     train = ImageList(lists["train"], t_train, shape)
-    sampler: DistributedSampler[Any] = DistributedSampler(train, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=o.seed,
-                                 drop_last=True)
-    train_loader = DataLoader(train, batch_size=facts["micro_batch"], sampler=sampler, num_workers=o.workers,
-                              drop_last=True, pin_memory=dist.device.type == "cuda",
-                              persistent_workers=False)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        train, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=o.seed, drop_last=True
+    )
+    train_loader = DataLoader(
+        train,
+        batch_size=facts["micro_batch"],
+        sampler=sampler,
+        num_workers=o.workers,
+        drop_last=True,
+        pin_memory=dist.device.type == "cuda",
+        persistent_workers=False,
+    )
     val_loader = None
     if facts["val_images"]:
         val = ImageList(lists["val"], t_val, shape, eval_resize(size))
-        mine = list(range(dist.rank, len(val), dist.world))   # every image exactly once over the ranks
+        mine = list(range(dist.rank, len(val), dist.world))  # every image exactly once over the ranks
         val_loader = DataLoader(Subset(val, mine), batch_size=facts["micro_batch"], num_workers=o.workers)
     return train_loader, sampler, val_loader, {"preprocess": {k: v for k, v in dc.items()}}
 
@@ -452,15 +533,24 @@ def _timm_model(o: TrainOptions, n_classes: int):
     """The timm model of --arch (a ViT or a Swin v1) with --img-size and --model-args."""
     try:
         return family(o).timm_model(o.arch, n_classes, o.img_size, o.model_args)
-    except CaitError as e:   # an OptionError names its flag as the CLI shows it
+    except CaitError as e:  # an OptionError names its flag as the CLI shows it
         text = e.as_flag() if isinstance(e, OptionError) else str(e)
         raise CaitError(text + (f" (with --model-args {o.model_args})" if o.model_args else "")) from None
 
 
 # --model-args keys whose values are structural sizes: the config bound they must meet (config.BOUNDS)
-MODEL_ARG_BOUNDS = {"embed_dim": "embed_dim", "depth": "depth", "num_heads": "num_heads", "depths": "depth",
-                    "patch_size": "patch_size", "in_chans": "in_chans", "num_classes": "num_classes",
-                    "img_size": "img_size", "reg_tokens": "reg_tokens", "window_size": "patch_size"}
+MODEL_ARG_BOUNDS = {
+    "embed_dim": "embed_dim",
+    "depth": "depth",
+    "num_heads": "num_heads",
+    "depths": "depth",
+    "patch_size": "patch_size",
+    "in_chans": "in_chans",
+    "num_classes": "num_classes",
+    "img_size": "img_size",
+    "reg_tokens": "reg_tokens",
+    "window_size": "patch_size",
+}
 MAX_MODEL_ARG_INT = 1 << 31
 
 
@@ -490,8 +580,11 @@ def check_model_args(args: dict) -> None:
             if k in MODEL_ARG_BOUNDS:
                 lo, hi = BOUNDS[MODEL_ARG_BOUNDS[k]]
                 if not isinstance(x, int):
-                    raise bad(k, v, "must be an integer" + (" (or a list of integers)" if k in ("depths", "num_heads")
-                                                            else ""))
+                    raise bad(
+                        k,
+                        v,
+                        "must be an integer" + (" (or a list of integers)" if k in ("depths", "num_heads") else ""),
+                    )
                 if not lo <= x <= hi:
                     raise bad(k, v, f"{x} is outside {lo}..{hi} (the bound for real ViTs)")
             elif k == "mlp_ratio" and not (isinstance(x, (int, float)) and 0 < x <= MLP_RATIO_MAX):
@@ -537,10 +630,13 @@ def check_model(o: TrainOptions, n_classes: int, micro: int) -> int | None:
         raise
     except Exception as e:  # noqa: BLE001 - timm's own refusal of a size (AssertionError, ZeroDivisionError, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        if "meta" in first.lower():   # a model whose constructor reads its own values: the bounds above hold
+        if "meta" in first.lower():  # a model whose constructor reads its own values: the bounds above hold
             return None
-        raise OptionError(flag, f"{_args_text(o) if o.model_args else o.arch}: timm cannot build --arch {o.arch} "
-                                f"with it ({type(e).__name__}: {first})") from None
+        raise OptionError(
+            flag,
+            f"{_args_text(o) if o.model_args else o.arch}: timm cannot build --arch {o.arch} "
+            f"with it ({type(e).__name__}: {first})",
+        ) from None
     try:
         fam = family(o)
         cfg = fam.config_from_format(fam.format_config_of(meta, o.arch))
@@ -552,9 +648,13 @@ def check_model(o: TrainOptions, n_classes: int, micro: int) -> int | None:
     # float32: the model's weights, gradients and AdamW's two moments; the compactors' weights, gradients and SGD
     # momentum; the teacher's weights; one block's activations (a lower bound: backward keeps every block's)
     need = 4 * (4 * params + 3 * comp + (params if o.teacher != "none" else 0)) + act
-    check_memory(need, f"train --arch {o.arch}" + (f" --model-args {_args_text(o)}" if o.model_args else "") +
-                 f" ({_count(params)} parameters, {_count(comp)} compactor weights, micro batch {micro})",
-                 "a smaller model (--model-args), --micro-batch or --img-size")
+    check_memory(
+        need,
+        f"train --arch {o.arch}"
+        + (f" --model-args {_args_text(o)}" if o.model_args else "")
+        + f" ({_count(params)} parameters, {_count(comp)} compactor weights, micro batch {micro})",
+        "a smaller model (--model-args), --micro-batch or --img-size",
+    )
     return cfg.img_size if isinstance(cfg.img_size, int) else cfg.img_size[0]
 
 
@@ -563,8 +663,9 @@ def _count(n: int) -> str:
 
 
 def _args_text(o: TrainOptions) -> str:
-    return ",".join(f"{k}={'[' + ','.join(map(str, v)) + ']' if isinstance(v, tuple) else v}"
-                    for k, v in o.model_args.items())
+    return ",".join(
+        f"{k}={'[' + ','.join(map(str, v)) + ']' if isinstance(v, tuple) else v}" for k, v in o.model_args.items()
+    )
 
 
 def _load_start_weights(o: TrainOptions, model, n_classes: int, log) -> None:
@@ -574,18 +675,24 @@ def _load_start_weights(o: TrainOptions, model, n_classes: int, log) -> None:
 
     if o.weights:
         sd = _flagged(load_weights, "--weights", o.weights)
-        sd = family(o).timm_keys(sd)   # a Swin's also in Microsoft's layout
+        sd = family(o).timm_keys(sd)  # a Swin's also in Microsoft's layout
         head = fit_state_dict(model, sd, f"--weights {o.weights}", o.arch, new_head=True)
         if head:
             classes = sd[next(k for k in sorted(head) if k.endswith("weight"))].shape[0]
             if o.teacher == "dense" and o.distill_alpha != 0:
-                raise OptionError("teacher", f"dense: the starting model's head is untrained for {n_classes} "
-                                             f"classes (--weights has {classes}); give --teacher FILE (a dense model "
-                                             "fine-tuned on this data) or --teacher none")
+                raise OptionError(
+                    "teacher",
+                    f"dense: the starting model's head is untrained for {n_classes} "
+                    f"classes (--weights has {classes}); give --teacher FILE (a dense model "
+                    "fine-tuned on this data) or --teacher none",
+                )
             log(f"--weights: head left at random init ({n_classes} classes; the file's head has {classes})")
     if not o.weights and o.teacher == "dense" and o.distill_alpha != 0:
-        raise OptionError("teacher", "dense distils from the starting model, and without --weights that is a random "
-                                     "one: give --weights, --teacher FILE or --teacher none")
+        raise OptionError(
+            "teacher",
+            "dense distils from the starting model, and without --weights that is a random "
+            "one: give --weights, --teacher FILE or --teacher none",
+        )
 
 
 def _build(o: TrainOptions, n_classes: int, log):
@@ -616,8 +723,10 @@ def _teacher(o: TrainOptions, model, dist: Dist, state: dict | None = None, stat
         try:
             t.load_state_dict(sd)
         except RuntimeError as e:
-            raise CaitError(f"--teacher {o.teacher}: does not fit --arch {o.arch}: "
-                            f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+            raise CaitError(
+                f"--teacher {o.teacher}: does not fit --arch {o.arch}: "
+                f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
+            ) from None
     return t.requires_grad_(False).to(dist.device).eval()
 
 
@@ -630,9 +739,13 @@ def _param_groups(model, wd: float):
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) not in base:
             continue
-        (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token", "dist_token", "reg_token")
-         or name.endswith((".pos_embed", ".cls_token", "relative_position_bias_table", "absolute_pos_embed"))
-         else decay).append(p)
+        (
+            no_decay
+            if p.ndim <= 1
+            or name in ("pos_embed", "cls_token", "dist_token", "reg_token")
+            or name.endswith((".pos_embed", ".cls_token", "relative_position_bias_table", "absolute_pos_embed"))
+            else decay
+        ).append(p)
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -645,9 +758,21 @@ def _amp(o: TrainOptions, dist: Dist) -> torch.dtype | None:
 
 
 # ---- training state (--resume) and outputs ------------------------------------------------------------
-STATE_KEYS = {"options": str, "epoch": int, "step": int, "world": int, "model": dict, "opt": dict, "opt_c": dict,
-              "scaler": dict, "ctl": dict, "rng": list, "history": list, "merges": str}
-MAX_STATE_NODES = 1_000_000     # objects in the plain (non-tensor) parts of a state, shared references each time
+STATE_KEYS = {
+    "options": str,
+    "epoch": int,
+    "step": int,
+    "world": int,
+    "model": dict,
+    "opt": dict,
+    "opt_c": dict,
+    "scaler": dict,
+    "ctl": dict,
+    "rng": list,
+    "history": list,
+    "merges": str,
+}
+MAX_STATE_NODES = 1_000_000  # objects in the plain (non-tensor) parts of a state, shared references each time
 MAX_STATE_DEPTH = 12
 MAX_STATE_TEXT = 1 << 16
 
@@ -700,21 +825,43 @@ def _rng_problem(r: Any, rank: int) -> str | None:
     if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == want.shape):
         return f"rng[{rank}]['torch'] is not a torch RNG state"
     cuda = r["cuda"]
-    if not (isinstance(cuda, list) and len(cuda) <= 4096 and all(
+    if not (
+        isinstance(cuda, list)
+        and len(cuda) <= 4096
+        and all(
             isinstance(c, torch.Tensor) and c.dtype == torch.uint8 and c.dim() == 1 and c.numel() <= 1 << 16
-            for c in cuda)):
+            for c in cuda
+        )
+    ):
         return f"rng[{rank}]['cuda'] is not a list of CUDA RNG states"
     n = r["numpy"]
-    if not (isinstance(n, (list, tuple)) and len(n) == 5 and n[0] == "MT19937" and isinstance(n[1], torch.Tensor)
-            and n[1].dtype == torch.int64 and tuple(n[1].shape) == (624,) and bool((n[1] >= 0).all())
-            and bool((n[1] < (1 << 32)).all()) and all(isinstance(x, int) and not isinstance(x, bool) for x in n[2:4])
-            and 0 <= n[2] <= 624 and isinstance(n[4], (int, float)) and math.isfinite(n[4])):
+    if not (
+        isinstance(n, (list, tuple))
+        and len(n) == 5
+        and n[0] == "MT19937"
+        and isinstance(n[1], torch.Tensor)
+        and n[1].dtype == torch.int64
+        and tuple(n[1].shape) == (624,)
+        and bool((n[1] >= 0).all())
+        and bool((n[1] < (1 << 32)).all())
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in n[2:4])
+        and 0 <= n[2] <= 624
+        and isinstance(n[4], (int, float))
+        and math.isfinite(n[4])
+    ):
         return f"rng[{rank}]['numpy'] is not a numpy MT19937 state"
     p = r["python"]
-    if not (isinstance(p, (list, tuple)) and len(p) == 3 and p[0] == 3 and isinstance(p[1], (list, tuple))
-            and len(p[1]) == 625 and all(type(x) is int and 0 <= x < (1 << 32) for x in p[1][:624])
-            and type(p[1][624]) is int and 0 <= p[1][624] <= 624
-            and (p[2] is None or (isinstance(p[2], float) and math.isfinite(p[2])))):
+    if not (
+        isinstance(p, (list, tuple))
+        and len(p) == 3
+        and p[0] == 3
+        and isinstance(p[1], (list, tuple))
+        and len(p[1]) == 625
+        and all(type(x) is int and 0 <= x < (1 << 32) for x in p[1][:624])
+        and type(p[1][624]) is int
+        and 0 <= p[1][624] <= 624
+        and (p[2] is None or (isinstance(p[2], float) and math.isfinite(p[2])))
+    ):
         return f"rng[{rank}]['python'] is not a Python random state"
     return None
 
@@ -786,8 +933,12 @@ def read_state(path: str | os.PathLike, o: TrainOptions | None = None) -> dict[s
             raise bad(f"'ctl' {k} {short(ctl[k])} is not a count")
     if not (isinstance(ctl["summary"], dict) and isinstance(ctl["history"], list) and isinstance(ctl["frozen"], bool)):
         raise bad("'ctl' summary, history or frozen has the wrong type")
-    if not all(isinstance(ctl["summary"].get(k), (int, float)) and not isinstance(ctl["summary"].get(k), bool)
-               and math.isfinite(ctl["summary"][k]) for k in ("flops_dense", "flops_pruned", "flops_reduction")):
+    if not all(
+        isinstance(ctl["summary"].get(k), (int, float))
+        and not isinstance(ctl["summary"].get(k), bool)
+        and math.isfinite(ctl["summary"][k])
+        for k in ("flops_dense", "flops_pruned", "flops_reduction")
+    ):
         raise bad("'ctl' summary lacks its FLOPs numbers")
     if len(raw["rng"]) != raw["world"]:
         raise bad(f"{len(raw['rng'])} RNG states for {raw['world']} process(es)")
@@ -811,8 +962,11 @@ def read_state(path: str | os.PathLike, o: TrainOptions | None = None) -> dict[s
             if (why := tensor_problem("(optimizer state)", t)) is not None:
                 raise bad(f"{key!r}: {why}")
     if o is not None and (o.teacher != "none") != ("teacher" in raw):
-        raise bad("it has no teacher state though the run distils" if "teacher" not in raw else
-                  "it has a teacher state though the run does not distil")
+        raise bad(
+            "it has no teacher state though the run distils"
+            if "teacher" not in raw
+            else "it has a teacher state though the run does not distil"
+        )
     return raw
 
 
@@ -838,8 +992,10 @@ def _check_optimizer_state(path: Path, what: str, opt: torch.optim.Optimizer) ->
     for p, st in opt.state.items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0 and (v.shape != p.shape or not v.is_floating_point()):
-                raise CaitError(f"{path}: its {what} state {k!r} has shape {tuple(v.shape)} ({v.dtype}) for a "
-                                f"parameter of shape {tuple(p.shape)}")
+                raise CaitError(
+                    f"{path}: its {what} state {k!r} has shape {tuple(v.shape)} ({v.dtype}) for a "
+                    f"parameter of shape {tuple(p.shape)}"
+                )
 
 
 def _save_torch(obj: Any, tmp: Path) -> None:
@@ -871,7 +1027,7 @@ def _write_outputs(out: Path, stage: Callable[[Any], None], epoch_kept: int | No
 
     staged: list[Path] = []
 
-    class _Named(Staging):   # remembers which file was being written when a write fails
+    class _Named(Staging):  # remembers which file was being written when a write fails
         def stage(self, path, *args, **kwargs):
             staged.append(Path(path))
             return super().stage(path, *args, **kwargs)
@@ -887,8 +1043,10 @@ def _write_outputs(out: Path, stage: Callable[[Any], None], epoch_kept: int | No
         return
     text = str(err)
     if epoch_kept and text.endswith("; nothing was written"):
-        err = CaitError(f"{text.removesuffix('; nothing was written')}; the state of epoch {epoch_kept} is kept: "
-                        "continue with --resume")
+        err = CaitError(
+            f"{text.removesuffix('; nothing was written')}; the state of epoch {epoch_kept} is kept: "
+            "continue with --resume"
+        )
     raise err from None
 
 
@@ -907,44 +1065,45 @@ def train(o: TrainOptions, log: Callable[[str], None] = print) -> dict[str, Any]
 class Run:
     """One training run's state, handed from step to step of `_train`. The first fields are what was checked
     before any work (`_check_run`); the others are filled in by the step named above them, in that order."""
+
     o: TrainOptions
     dist: Dist
     log: Callable[[str], None]
-    facts: dict[str, Any]               # check_options' facts: classes, micro_batch, accum, image counts, world
-    out: Path                           # the run folder (--output)
-    size: int | None                    # check_model's input side (None: known once the model is built)
-    state: dict[str, Any] | None        # the checked state to resume (--resume), else None
-    state_path: Path                    # <output>/last.pt
+    facts: dict[str, Any]  # check_options' facts: classes, micro_batch, accum, image counts, world
+    out: Path  # the run folder (--output)
+    size: int | None  # check_model's input side (None: known once the model is built)
+    state: dict[str, Any] | None  # the checked state to resume (--resume), else None
+    state_path: Path  # <output>/last.pt
     # _set_up_model
-    lists: dict[str, list[tuple[str, int]]] = field(init=False)   # the checked images of each split
-    fmt: dict[str, Any] = field(init=False)       # the model's format config
-    merges: Any = field(init=False)               # the token merges (--merges auto or the spec)
-    minfo: dict[str, Any] = field(init=False)     # the merges' share of the FLOPs reduction
-    wrap: Any = field(init=False)                 # the CAIT-wrapped timm model (compactors, masks)
-    teacher: Any = field(init=False)              # the frozen distillation teacher, or None
-    alpha: float = field(init=False)              # the distillation weight (0 without a teacher)
-    ctl: Any = field(init=False)                  # the CDCPController (mask schedule, Eq. 2)
-    ddp: Any = field(init=False)                  # DistributedDataParallel(wrap) when distributed, else wrap
+    lists: dict[str, list[tuple[str, int]]] = field(init=False)  # the checked images of each split
+    fmt: dict[str, Any] = field(init=False)  # the model's format config
+    merges: Any = field(init=False)  # the token merges (--merges auto or the spec)
+    minfo: dict[str, Any] = field(init=False)  # the merges' share of the FLOPs reduction
+    wrap: Any = field(init=False)  # the CAIT-wrapped timm model (compactors, masks)
+    teacher: Any = field(init=False)  # the frozen distillation teacher, or None
+    alpha: float = field(init=False)  # the distillation weight (0 without a teacher)
+    ctl: Any = field(init=False)  # the CDCPController (mask schedule, Eq. 2)
+    ddp: Any = field(init=False)  # DistributedDataParallel(wrap) when distributed, else wrap
     # _set_up_training
-    opt: torch.optim.AdamW = field(init=False)    # the base parameters
-    opt_c: torch.optim.SGD = field(init=False)    # the compactors
+    opt: torch.optim.AdamW = field(init=False)  # the base parameters
+    opt_c: torch.optim.SGD = field(init=False)  # the compactors
     amp: torch.dtype | None = field(init=False)
     scaler: torch.amp.GradScaler = field(init=False)
     autocast: Callable[[], Any] = field(init=False)
     train_loader: Any = field(init=False)
     sampler: Any = field(init=False)
-    val_loader: Any = field(init=False)           # None without validation images
-    dinfo: dict[str, Any] = field(init=False)     # the preprocessing (timm data config)
+    val_loader: Any = field(init=False)  # None without validation images
+    dinfo: dict[str, Any] = field(init=False)  # the preprocessing (timm data config)
     steps_per_epoch: int = field(init=False)
-    total: int = field(init=False)                # optimizer steps of the whole run
-    warmup: int = field(init=False)               # of them, warm-up steps
-    mixup: Any = field(init=False)                # timm's Mixup, or None
+    total: int = field(init=False)  # optimizer steps of the whole run
+    warmup: int = field(init=False)  # of them, warm-up steps
+    mixup: Any = field(init=False)  # timm's Mixup, or None
     # _resume, _log_plan; then advanced by every epoch
     start_epoch: int = 0
     step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)   # the records of log.jsonl
-    kept_epoch: int | None = None      # the epoch whose state is on disk (what a failed write leaves in place)
-    mtext: str = ""                    # the merges as text (Swin: STAGE.BLOCK:kind)
+    history: list[dict[str, Any]] = field(default_factory=list)  # the records of log.jsonl
+    kept_epoch: int | None = None  # the epoch whose state is on disk (what a failed write leaves in place)
+    mtext: str = ""  # the merges as text (Swin: STAGE.BLOCK:kind)
 
 
 def _train(o: TrainOptions, dist: Dist, log: Callable[[str], None]) -> dict[str, Any]:
@@ -1000,15 +1159,20 @@ def _read_resume(o: TrainOptions, dist: Dist, state_path: Path) -> dict[str, Any
     from caitdeploy.families.vit.config import short
 
     state = read_state(state_path, o)
-    saved = json.loads(state["options"])   # checked by read_state (strict_json, bounded)
+    saved = json.loads(state["options"])  # checked by read_state (strict_json, bounded)
     mine = json.loads(json.dumps(dataclasses.asdict(o)))
     diff = [k for k in RESUME_KEYS if saved.get(k) != mine[k]]
     if diff:
-        raise OptionError(diff[0], f"{short(getattr(o, diff[0]))} differs from the run being resumed "
-                                   f"({short(saved.get(diff[0]))}); resume with the same options")
+        raise OptionError(
+            diff[0],
+            f"{short(getattr(o, diff[0]))} differs from the run being resumed "
+            f"({short(saved.get(diff[0]))}); resume with the same options",
+        )
     if state["world"] != dist.world:
-        raise CaitError(f"{state_path}: the run used {state['world']} process(es), this one {dist.world}; "
-                        "a bit-exact resume needs the same world size")
+        raise CaitError(
+            f"{state_path}: the run used {state['world']} process(es), this one {dist.world}; "
+            "a bit-exact resume needs the same world size"
+        )
     if state["epoch"] > o.epochs:
         raise CaitError(f"{state_path}: epoch {state['epoch']} is past --epochs {o.epochs}")
     return state
@@ -1031,14 +1195,26 @@ def _set_up_model(run: Run) -> None:
     run.lists = lists
     run.wrap = cait_wrap(model, run.merges, o.arch)
     state = run.state
-    run.teacher = _teacher(o, model, dist, state.get("teacher") if state is not None else None,
-                           run.state_path if state is not None else None)
+    run.teacher = _teacher(
+        o,
+        model,
+        dist,
+        state.get("teacher") if state is not None else None,
+        run.state_path if state is not None else None,
+    )
     alpha = o.distill_alpha if o.distill_alpha is not None else family(o).default_distill_alpha(run.fmt)
     run.alpha = 0.0 if run.teacher is None else alpha
     run.wrap.to(dist.device)
-    assert o.flops_reduction is not None   # with_defaults filled it in
-    run.ctl = CDCPController(run.wrap, o.flops_reduction, lam=o.lam, step_ratio=o.step_ratio, every=o.every,
-                             align=o.align, sync=dist.broadcast_masks)
+    assert o.flops_reduction is not None  # with_defaults filled it in
+    run.ctl = CDCPController(
+        run.wrap,
+        o.flops_reduction,
+        lam=o.lam,
+        step_ratio=o.step_ratio,
+        every=o.every,
+        align=o.align,
+        sync=dist.broadcast_masks,
+    )
     run.ddp = _ddp(run.wrap, dist)
 
 
@@ -1051,8 +1227,9 @@ def _ddp(wrap, dist: Dist) -> Any:
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    quiet = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-             else "broadcast_buffers")
+    quiet = (
+        "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    )
     ddp_options: dict[str, Any] = {quiet: False}
     return DDP(wrap, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, **ddp_options)
 
@@ -1062,8 +1239,9 @@ def _set_up_training(run: Run) -> None:
     loaders, the step counts of the schedule, mixup/cutmix."""
     o, dist = run.o, run.dist
     run.opt = torch.optim.AdamW(_param_groups(run.wrap, o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
-    run.opt_c = torch.optim.SGD(run.wrap.compactor_parameters(), lr=o.compactor_lr or o.lr,
-                                momentum=o.compactor_momentum, weight_decay=0.0)
+    run.opt_c = torch.optim.SGD(
+        run.wrap.compactor_parameters(), lr=o.compactor_lr or o.lr, momentum=o.compactor_momentum, weight_decay=0.0
+    )
     amp = run.amp = _amp(o, dist)
     run.scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
     run.autocast = (lambda: torch.autocast(dist.device.type, dtype=amp)) if amp else contextlib.nullcontext
@@ -1076,8 +1254,12 @@ def _set_up_training(run: Run) -> None:
     if o.mixup > 0 or o.cutmix > 0:
         from timm.data import Mixup
 
-        run.mixup = Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, label_smoothing=o.label_smoothing,
-                          num_classes=len(run.facts["classes"]))
+        run.mixup = Mixup(
+            mixup_alpha=o.mixup,
+            cutmix_alpha=o.cutmix,
+            label_smoothing=o.label_smoothing,
+            num_classes=len(run.facts["classes"]),
+        )
 
 
 def _resume(run: Run) -> None:
@@ -1102,15 +1284,19 @@ def _resume(run: Run) -> None:
 def _log_plan(run: Run) -> None:
     """The run's plan in two lines: data, processes and batch; merges, FLOPs shares, distillation, amp, CDCP."""
     o, dist, facts, minfo, amp = run.o, run.dist, run.facts, run.minfo, run.amp
-    run.mtext = family(o).merges_text(run.merges)   # Swin: STAGE.BLOCK:kind
-    run.log(f"{o.arch}: {len(facts['classes'])} classes, {facts['train_images']} train / {facts['val_images']} val "
-            f"images; {dist.world} process(es) ({dist.backend or dist.device.type}), global batch {o.batch_size} = "
-            f"micro {facts['micro_batch']} x {dist.world} x {facts['accum']} accumulation; "
-            f"{run.steps_per_epoch} steps/epoch")
-    run.log(f"merges {run.mtext}{' (auto)' if o.merges == 'auto' else ''}: tokens cut "
-            f"{minfo['token_reduction']:.2%} of the dense FLOPs, channels (CDCP) {minfo['channel_reduction']:.2%}, "
-            f"total {o.flops_reduction:.2%}; distillation alpha {run.alpha:g} ({o.teacher}); amp "
-            f"{'off' if amp is None else str(amp).removeprefix('torch.')}; CDCP from epoch {o.prune_start_epoch}")
+    run.mtext = family(o).merges_text(run.merges)  # Swin: STAGE.BLOCK:kind
+    run.log(
+        f"{o.arch}: {len(facts['classes'])} classes, {facts['train_images']} train / {facts['val_images']} val "
+        f"images; {dist.world} process(es) ({dist.backend or dist.device.type}), global batch {o.batch_size} = "
+        f"micro {facts['micro_batch']} x {dist.world} x {facts['accum']} accumulation; "
+        f"{run.steps_per_epoch} steps/epoch"
+    )
+    run.log(
+        f"merges {run.mtext}{' (auto)' if o.merges == 'auto' else ''}: tokens cut "
+        f"{minfo['token_reduction']:.2%} of the dense FLOPs, channels (CDCP) {minfo['channel_reduction']:.2%}, "
+        f"total {o.flops_reduction:.2%}; distillation alpha {run.alpha:g} ({o.teacher}); amp "
+        f"{'off' if amp is None else str(amp).removeprefix('torch.')}; CDCP from epoch {o.prune_start_epoch}"
+    )
 
 
 def _train_epoch(run: Run, epoch: int) -> dict[str, Any]:
@@ -1135,9 +1321,14 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     train_loss, train_seen = run.dist.all_sum([loss_sum, seen])
-    rec = {"epoch": epoch + 1, "step": run.step, "lr": run.opt.param_groups[0]["lr"],
-           "train_loss": train_loss / max(1, train_seen), "images": int(train_seen),
-           "seconds": time.perf_counter() - t0}
+    rec = {
+        "epoch": epoch + 1,
+        "step": run.step,
+        "lr": run.opt.param_groups[0]["lr"],
+        "train_loss": train_loss / max(1, train_seen),
+        "images": int(train_seen),
+        "seconds": time.perf_counter() - t0,
+    }
     rec["img_s"] = rec["images"] / rec["seconds"]
     return rec
 
@@ -1148,8 +1339,13 @@ def _progress_bar(run: Run, epoch: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.o.epochs}", unit="step", leave=False,
-                dynamic_ncols=True)
+    return tqdm(
+        total=run.steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{run.o.epochs}",
+        unit="step",
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 def _start_step(run: Run) -> None:
@@ -1174,7 +1370,7 @@ def _micro_step(run: Run, it, micro: int) -> tuple[float, int]:
     if run.mixup is not None:
         x, target = run.mixup(x, y)
     sync = micro == run.facts["accum"] - 1 or not dist.on
-    with (contextlib.nullcontext() if sync else run.ddp.no_sync()):
+    with contextlib.nullcontext() if sync else run.ddp.no_sync():
         with run.autocast():
             logits = run.ddp(x)
             loss = _loss(run, logits, target)
@@ -1200,9 +1396,9 @@ def _optimizer_step(run: Run, epoch: int) -> None:
     scaler.unscale_(run.opt)
     scaler.unscale_(run.opt_c)
     if epoch >= run.o.prune_start_epoch:
-        ctl.step()          # mask schedule + Eq. 2, on the all-reduced gradients
+        ctl.step()  # mask schedule + Eq. 2, on the all-reduced gradients
         if ctl.done and not ctl.frozen:
-            ctl.freeze()    # target reached: keep the masks, let the masked rows shrink
+            ctl.freeze()  # target reached: keep the masks, let the masked rows shrink
     scaler.step(run.opt)
     scaler.step(run.opt_c)
     scaler.update()
@@ -1218,10 +1414,16 @@ def _evaluate_epoch(run: Run, epoch: int, rec: dict[str, Any]) -> None:
     digests = run.dist.gather(mask_digest(run.wrap))
     if len(set(digests)) != 1:
         raise CaitError(f"epoch {epoch + 1}: ranks hold different CDCP masks ({digests}); stopping")
-    rec.update(flops=ctl.flops, flops_reduction=ctl.flops_reduction, mask_updates=ctl.updates,
-               kept=ctl.history[-1]["kept"] if ctl.history else None,
-               pruning=epoch >= run.o.prune_start_epoch, target_reached=ctl.done, mask_digests=digests,
-               max_masked_norm=ctl.max_masked_norm())
+    rec.update(
+        flops=ctl.flops,
+        flops_reduction=ctl.flops_reduction,
+        mask_updates=ctl.updates,
+        kept=ctl.history[-1]["kept"] if ctl.history else None,
+        pruning=epoch >= run.o.prune_start_epoch,
+        target_reached=ctl.done,
+        mask_digests=digests,
+        max_masked_norm=ctl.max_masked_norm(),
+    )
     run.history.append(rec)
 
 
@@ -1232,39 +1434,61 @@ def _save_epoch(run: Run, epoch: int, rec: dict[str, Any]) -> None:
     rngs = dist.gather(rng_state())
     if not dist.main:
         return
-    snap = {"format": STATE_FORMAT, "options": json.dumps(dataclasses.asdict(o)), "epoch": epoch + 1,
-            "step": run.step, "world": dist.world, "model": run.wrap.state_dict(), "opt": run.opt.state_dict(),
-            "opt_c": run.opt_c.state_dict(), "scaler": run.scaler.state_dict(), "ctl": ctl.state_dict(),
-            "rng": rngs, "history": run.history, "merges": run.mtext}
+    snap = {
+        "format": STATE_FORMAT,
+        "options": json.dumps(dataclasses.asdict(o)),
+        "epoch": epoch + 1,
+        "step": run.step,
+        "world": dist.world,
+        "model": run.wrap.state_dict(),
+        "opt": run.opt.state_dict(),
+        "opt_c": run.opt_c.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "ctl": ctl.state_dict(),
+        "rng": rngs,
+        "history": run.history,
+        "merges": run.mtext,
+    }
     if run.teacher is not None:
         snap["teacher"] = run.teacher.state_dict()
     text = _log_text(run.history)
     out = run.out
 
-    def stage_epoch(st, snap=snap, text=text):   # this epoch's state, bound now
+    def stage_epoch(st, snap=snap, text=text):  # this epoch's state, bound now
         _save_torch(snap, st.stage(out / "last.pt", create_dirs=True))
         st.write_text(out / "log.jsonl", text, create_dirs=True)
 
     _write_outputs(out, stage_epoch, run.kept_epoch)
     run.kept_epoch = epoch + 1
-    run.log(f"epoch {epoch + 1}/{o.epochs}: loss {rec['train_loss']:.4f}"
-            + (f", val top-1 {rec['val_top1']:.2%}" if "val_top1" in rec else "")
-            + f", FLOPs -{ctl.flops_reduction:.2%} ({ctl.updates} mask updates), {rec['img_s']:.1f} img/s, "
-              f"masks identical on {dist.world} rank(s)")
+    run.log(
+        f"epoch {epoch + 1}/{o.epochs}: loss {rec['train_loss']:.4f}"
+        + (f", val top-1 {rec['val_top1']:.2%}" if "val_top1" in rec else "")
+        + f", FLOPs -{ctl.flops_reduction:.2%} ({ctl.updates} mask updates), {rec['img_s']:.1f} img/s, "
+        f"masks identical on {dist.world} rank(s)"
+    )
 
 
 def _finish(run: Run, stop_at: int) -> dict[str, Any]:
     """The run's summary; after the last epoch also the masked rows settled (`_finalize_masks`), the saved
     checkpoint's validation and the final file written (`_write_final`)."""
     o, dist, ctl = run.o, run.dist, run.ctl
-    summary = {"epochs_done": stop_at, "epochs": o.epochs, "step": run.step, "merges": run.mtext,
-               "flops_reduction": ctl.flops_reduction, "target": o.flops_reduction, "target_reached": ctl.done,
-               "world": dist.world, "final": None, "preprocess": run.dinfo["preprocess"]}
+    summary = {
+        "epochs_done": stop_at,
+        "epochs": o.epochs,
+        "step": run.step,
+        "merges": run.mtext,
+        "flops_reduction": ctl.flops_reduction,
+        "target": o.flops_reduction,
+        "target_reached": ctl.done,
+        "world": dist.world,
+        "final": None,
+        "preprocess": run.dinfo["preprocess"],
+    }
     if stop_at < o.epochs:
         run.log(f"stopped after epoch {stop_at} (--stop-after-epochs); continue with --resume")
         return summary
     note = _finalize_masks(run)
-    if run.val_loader is not None:   # what the saved checkpoint (masked rows exactly 0) scores
+    if run.val_loader is not None:  # what the saved checkpoint (masked rows exactly 0) scores
         summary.update({f"final_{k}": v for k, v in evaluate(run.wrap, run.val_loader, dist, run.autocast).items()})
     if dist.main:
         _write_final(run, summary, note)
@@ -1301,10 +1525,15 @@ def _write_final(run: Run, summary: dict[str, Any], note: str) -> None:
 
     _write_outputs(out, stage_final, run.kept_epoch)
     if not ctl.done:
-        run.log(f"warning: FLOPs target not reached: -{ctl.flops_reduction:.2%} of -{o.flops_reduction:.2%} "
-                "(raise --epochs or --step-ratio, or lower --every / --prune-start-epoch)")
-    run.log(f"wrote {final} ({note})" + (f"; val top-1 {summary['final_val_top1']:.2%}" if run.val_loader else "")
-            + f"; next: caitdeploy fuse {final}")
+        run.log(
+            f"warning: FLOPs target not reached: -{ctl.flops_reduction:.2%} of -{o.flops_reduction:.2%} "
+            "(raise --epochs or --step-ratio, or lower --every / --prune-start-epoch)"
+        )
+    run.log(
+        f"wrote {final} ({note})"
+        + (f"; val top-1 {summary['final_val_top1']:.2%}" if run.val_loader else "")
+        + f"; next: caitdeploy fuse {final}"
+    )
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ the lr*lam shrink rate. Masks are re-selected every `every` iterations by `cdcp.
 mask the model ever holds satisfies head-level and attention-level consistency. A re-selection may
 re-admit a channel (it then gets its task gradient back), as in ResRep.
 """
+
 from __future__ import annotations
 
 import os
@@ -105,14 +106,14 @@ class TokenMergeTrain(nn.Module):
 class CaitTrainAttention(nn.Module):
     """timm Attention's qkv/proj (shared) + per-head q/k/v compactors."""
 
-    q_compactor: Compactor   # added in __init__ (add_module)
+    q_compactor: Compactor  # added in __init__ (add_module)
     k_compactor: Compactor
     v_compactor: Compactor
 
-    def __init__(self, attn: Any):   # a timm Attention
+    def __init__(self, attn: Any):  # a timm Attention
         super().__init__()
         self.num_heads, self.head_dim = int(attn.num_heads), int(attn.head_dim)
-        self.scale = self.head_dim ** -0.5  # the ORIGINAL head width, whatever the compactors prune
+        self.scale = self.head_dim**-0.5  # the ORIGINAL head width, whatever the compactors prune
         self.qkv, self.proj = attn.qkv, attn.proj
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
         w = attn.qkv.weight
@@ -132,7 +133,7 @@ class CaitTrainAttention(nn.Module):
 class CaitTrainMlp(nn.Module):
     """timm Mlp's fc1/act/fc2 (shared) + the fc1 compactor between fc1 and the activation."""
 
-    def __init__(self, mlp: Any):   # a timm Mlp
+    def __init__(self, mlp: Any):  # a timm Mlp
         super().__init__()
         self.fc1, self.act, self.drop1, self.fc2, self.drop2 = mlp.fc1, mlp.act, mlp.drop1, mlp.fc2, mlp.drop2
         w = mlp.fc1.weight
@@ -143,10 +144,16 @@ class CaitTrainMlp(nn.Module):
 
 
 class CaitTrainBlock(nn.Module):
-    def __init__(self, blk: Any, merge: str | None, grid_in: tuple[int, int], prefix: int = 1,   # a timm Block
-                 skip_lam: float = 1.0):
+    def __init__(
+        self,
+        blk: Any,
+        merge: str | None,
+        grid_in: tuple[int, int],
+        prefix: int = 1,  # a timm Block
+        skip_lam: float = 1.0,
+    ):
         super().__init__()
-        self.skip_lam = skip_lam   # LV-ViT divides both residual branches by it
+        self.skip_lam = skip_lam  # LV-ViT divides both residual branches by it
         d = blk.norm1.weight.shape[0]
         if merge is not None:
             w = blk.norm1.weight
@@ -156,14 +163,14 @@ class CaitTrainBlock(nn.Module):
         self.attn = CaitTrainAttention(blk.attn)
         self.mlp = CaitTrainMlp(blk.mlp)
         self.drop_path1, self.drop_path2 = blk.drop_path1, blk.drop_path2
-        self.ls1, self.ls2 = blk.ls1, blk.ls2   # layer scale (DeiT III) or Identity: `ls1.gamma` keys
+        self.ls1, self.ls2 = blk.ls1, blk.ls2  # layer scale (DeiT III) or Identity: `ls1.gamma` keys
 
     @property
     def merge(self) -> TokenMergeTrain | None:
         return None if self.merge_kind is None else getattr(self, MERGE_KEY[self.merge_kind])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (merge := self.merge) is not None:   # set exactly when merge_kind is
+        if (merge := self.merge) is not None:  # set exactly when merge_kind is
             x = merge(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x)))) / self.skip_lam
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) / self.skip_lam
@@ -206,7 +213,7 @@ class CompactorGroups:
 class CaitTrainViT(CompactorGroups, nn.Module):
     """A timm ViT with CAIT compactors and ATME merges; `state_dict()` is a `cait-compactor/1` state dict."""
 
-    def __init__(self, vit: Any, merges: dict[int, str]):   # a timm VisionTransformer
+    def __init__(self, vit: Any, merges: dict[int, str]):  # a timm VisionTransformer
         super().__init__()
         check_supported(vit, "cait_wrap")
         merges = {int(k): v for k, v in merges.items()}
@@ -216,14 +223,16 @@ class CaitTrainViT(CompactorGroups, nn.Module):
         except ConfigError as e:
             raise CaitError(f"merges {merges}: {e}") from None
         c = self.cait_config
-        for name in ("cls_token", "dist_token", "reg_token"):   # shared Parameters (None where absent)
+        for name in ("cls_token", "dist_token", "reg_token"):  # shared Parameters (None where absent)
             if getattr(vit, name, None) is not None:
                 setattr(self, name, getattr(vit, name))
         self.pos_embed = vit.pos_embed
         self.patch_embed, self.pos_drop = vit.patch_embed, vit.pos_drop
         lam = float(self.format_config.get("skip_lam", 1.0))
-        self.blocks = nn.ModuleList(CaitTrainBlock(b, merges.get(i), c.input_grid(i), c.num_prefix_tokens, lam)
-                                    for i, b in enumerate(vit.blocks))
+        self.blocks = nn.ModuleList(
+            CaitTrainBlock(b, merges.get(i), c.input_grid(i), c.num_prefix_tokens, lam)
+            for i, b in enumerate(vit.blocks)
+        )
         self.norm, self.fc_norm, self.head_drop, self.head = vit.norm, vit.fc_norm, vit.head_drop, vit.head
         if c.dist_token:
             self.head_dist = vit.head_dist
@@ -243,8 +252,11 @@ class CaitTrainViT(CompactorGroups, nn.Module):
         from caitdeploy.families.vit.model import add_position
 
         x = self.patch_embed(x)
-        prefix = [getattr(self, n).expand(x.shape[0], -1, -1) for n in ("cls_token", "dist_token", "reg_token")
-                  if hasattr(self, n)]
+        prefix = [
+            getattr(self, n).expand(x.shape[0], -1, -1)
+            for n in ("cls_token", "dist_token", "reg_token")
+            if hasattr(self, n)
+        ]
         x = self.pos_drop(add_position(x, prefix, self.pos_embed, c.no_embed_class))
         out: list[torch.Tensor] = []
         grids, p = c.grids(), c.num_prefix_tokens
@@ -261,8 +273,14 @@ class CaitTrainViT(CompactorGroups, nn.Module):
         token the mean of both heads (also in training: the distillation loss is the trainer's business)."""
         from caitdeploy.families.vit.model import pool_logits
 
-        return pool_logits(self.forward_features(x), self.cait_config, self.head, getattr(self, "head_dist", None),
-                           self.fc_norm, self.head_drop)
+        return pool_logits(
+            self.forward_features(x),
+            self.cait_config,
+            self.head,
+            getattr(self, "head_dist", None),
+            self.fc_norm,
+            self.head_drop,
+        )
 
     # ---- parameter groups ----
     def compactors(self) -> list[tuple[int, str, CompactorLike]]:
@@ -272,7 +290,6 @@ class CaitTrainViT(CompactorGroups, nn.Module):
             out += [(i, n, getattr(b.attn, f"{n}_compactor")) for n in ("q", "k", "v")]
             out.append((i, "fc1", b.mlp.fc1_compactor))
         return out
-
 
 
 class CaitTrainFamily(CompactorGroups, nn.Module):
@@ -297,8 +314,7 @@ class CaitTrainFamily(CompactorGroups, nn.Module):
         return self.family.checkpoint_state(self.cait_config, self.model)
 
 
-def cait_wrap(model: nn.Module, merges: dict | None = None, arch: str | None = None
-              ) -> CaitTrainViT | CaitTrainFamily:
+def cait_wrap(model: nn.Module, merges: dict | None = None, arch: str | None = None) -> CaitTrainViT | CaitTrainFamily:
     """Wrap a timm model for CAIT training (identity compactors, mean-initialised merges).
 
     A timm VisionTransformer gives a `CaitTrainViT`, which shares (does not copy) the timm model's parameters;
@@ -355,8 +371,17 @@ class CDCPController:
         for k in self.STATE_KEYS:
             setattr(self, k, state[k])
 
-    def __init__(self, model: CaitTrainViT | CaitTrainFamily, flops_reduction: float, lam: float = 1e-5, step_ratio: float = 0.00025,
-                 every: int = 25, align: int = 1, lasso_on_kept: bool = True, sync=None):
+    def __init__(
+        self,
+        model: CaitTrainViT | CaitTrainFamily,
+        flops_reduction: float,
+        lam: float = 1e-5,
+        step_ratio: float = 0.00025,
+        every: int = 25,
+        align: int = 1,
+        lasso_on_kept: bool = True,
+        sync=None,
+    ):
         if not isinstance(model, CompactorGroups):
             raise CaitError("CDCPController needs a model from cait_wrap()")
         if not 0 <= flops_reduction < 1:
@@ -370,17 +395,20 @@ class CDCPController:
         self.flops_dense = model_flops(cfg.unpruned())["total"]
         self.merge_reduction = 1 - model_flops(cfg)["total"] / self.flops_dense
         if self.target < self.merge_reduction:
-            raise CaitError(f"flops_reduction {self.target:.4f} is below what the merges alone give "
-                            f"({self.merge_reduction:.4f})")
-        self.ratio = self.merge_reduction   # FLOPs reduction the current masks were selected for
+            raise CaitError(
+                f"flops_reduction {self.target:.4f} is below what the merges alone give ({self.merge_reduction:.4f})"
+            )
+        self.ratio = self.merge_reduction  # FLOPs reduction the current masks were selected for
         self.iteration = 0
         self.updates = 0
-        self.summary: dict[str, Any] = {"flops_dense": self.flops_dense,
-                                        "flops_pruned": model_flops(cfg)["total"],
-                                        "flops_reduction": self.merge_reduction}
+        self.summary: dict[str, Any] = {
+            "flops_dense": self.flops_dense,
+            "flops_pruned": model_flops(cfg)["total"],
+            "flops_reduction": self.merge_reduction,
+        }
         self.history: list[dict[str, Any]] = []
         self.frozen = False  # True: step() no longer re-selects masks
-        self.sync = sync     # called with the model after every mask update (DDP: make every rank hold rank 0's)
+        self.sync = sync  # called with the model after every mask update (DDP: make every rank hold rank 0's)
 
     # ---- state ----
     @property
@@ -416,8 +444,14 @@ class CDCPController:
             self.sync(self.model)
         self.ratio, self.summary = ratio, summary
         self.updates += 1
-        self.history.append({"iteration": self.iteration, "ratio": ratio, "flops_reduction": summary["flops_reduction"],
-                             "kept": [{k: int(v.sum()) for k, v in mm.items()} for mm in masks]})
+        self.history.append(
+            {
+                "iteration": self.iteration,
+                "ratio": ratio,
+                "flops_reduction": summary["flops_reduction"],
+                "kept": [{k: int(v.sum()) for k, v in mm.items()} for mm in masks],
+            }
+        )
         return summary
 
     # ---- gradients ----

@@ -1,4 +1,5 @@
 """`caitdeploy export` end to end: a real export + engine + Triton repo, and every bad input as one line."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,7 +28,7 @@ def files(tmp_path_factory):
     save_checkpoint_dict(ckpt, d / "c.safetensors")
     fuse_file(d / "c.pth", d / "m.fused.safetensors", FuseOptions(align=8), verify_batch=0)
     # a small fused model whose q/k head width differs from its v head width
-    s = 16 ** -0.5
+    s = 16**-0.5
     cfg = CaitConfig(32, 16, 3, 5, 32, True, (BlockConfig(2, 8, 16, 64, s, "h"), BlockConfig(2, 16, 8, 64, s)))
     torch.manual_seed(0)
     save_fused(d / "uneq.fused.safetensors", cfg, CaitViT(cfg).state_dict())
@@ -43,8 +44,22 @@ def run(*args):
 def test_real_export_with_engine_and_triton(files, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    args = ["export", files / "m.fused.safetensors", "-o", out / "m.onnx", "--report", out / "r.json",
-            "--triton-repo", out / "repo", "--name", "cait_tiny", "--max-batch", 16, "--opt-batch", 8]
+    args = [
+        "export",
+        files / "m.fused.safetensors",
+        "-o",
+        out / "m.onnx",
+        "--report",
+        out / "r.json",
+        "--triton-repo",
+        out / "repo",
+        "--name",
+        "cait_tiny",
+        "--max-batch",
+        16,
+        "--opt-batch",
+        8,
+    ]
     if HAS_TRT:
         args += ["--trt", "--min-batch", 1]
     r = run(*args)
@@ -76,8 +91,22 @@ def _unwritable_dir(tmp_path: Path) -> Path:
     return Path("/sys")  # root ignores modes; sysfs refuses new files even for root
 
 
-@pytest.mark.parametrize("case", ["ckpt_pth", "ckpt_safetensors", "junk", "missing", "dtype", "opset_text",
-                                  "opset_range", "attention", "trt_module", "unwritable", "no_dir"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ckpt_pth",
+        "ckpt_safetensors",
+        "junk",
+        "missing",
+        "dtype",
+        "opset_text",
+        "opset_range",
+        "attention",
+        "trt_module",
+        "unwritable",
+        "no_dir",
+    ],
+)
 def test_bad_input_one_line_no_output(files, tmp_path, case):
     out = tmp_path / "o.onnx"
     model = files / "m.fused.safetensors"
@@ -118,11 +147,27 @@ def test_bad_input_one_line_no_output(files, tmp_path, case):
     assert not [p for p in tmp_path.rglob("*") if p.name != "ro"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt_rtx (pip install tensorrt-rtx-cu13)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt_rtx (pip install tensorrt-rtx-cu13)"
+)
 def test_build_failure_leaves_no_engine(files, tmp_path):
     out = tmp_path / "u.onnx"
-    r = run("export", files / "uneq.fused.safetensors", "-o", out, "--attention", "op", "--trt",
-            "--trt-module", "tensorrt_rtx", "--opt-batch", 2, "--max-batch", 2, "--no-verify")
+    r = run(
+        "export",
+        files / "uneq.fused.safetensors",
+        "-o",
+        out,
+        "--attention",
+        "op",
+        "--trt",
+        "--trt-module",
+        "tensorrt_rtx",
+        "--opt-batch",
+        2,
+        "--max-batch",
+        2,
+        "--no-verify",
+    )
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "ONNX parser" in lines[0] and "Attention" in lines[0]

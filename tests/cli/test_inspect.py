@@ -1,4 +1,5 @@
 """`caitdeploy inspect` on a checkpoint, a fused model, an ONNX file and an engine; corrupt files fail in one line."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,9 +20,16 @@ from caitdeploy.formats.fused import save_fused
 from caitdeploy.formats.onnx_meta import op_census
 
 HAS_TRT = importlib.util.find_spec("tensorrt_rtx") is not None or importlib.util.find_spec("tensorrt") is not None
-S = 16 ** -0.5
-CFG = CaitConfig(64, 16, 3, 10, 32, True, (BlockConfig(2, 8, 16, 64, S, "h"), BlockConfig(2, 16, 8, 48, S, "v"),
-                                           BlockConfig(2, 8, 8, 32, S)))
+S = 16**-0.5
+CFG = CaitConfig(
+    64,
+    16,
+    3,
+    10,
+    32,
+    True,
+    (BlockConfig(2, 8, 16, 64, S, "h"), BlockConfig(2, 16, 8, 48, S, "v"), BlockConfig(2, 8, 8, 32, S)),
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +71,11 @@ def test_fused_and_table(files):
     d = files[0]
     info = inspect_json(d / "m.fused.safetensors")
     assert info["kind"] == "fused" and info["flops"] == model_flops(CFG)["total"]
-    assert [(b["heads"], b["qk_per_head"], b["v_per_head"], b["mlp"], b["merge"]) for b in info["blocks"]] == \
-        [(2, 8, 16, 64, "h"), (2, 16, 8, 48, "v"), (2, 8, 8, 32, None)]
+    assert [(b["heads"], b["qk_per_head"], b["v_per_head"], b["mlp"], b["merge"]) for b in info["blocks"]] == [
+        (2, 8, 16, 64, "h"),
+        (2, 16, 8, 48, "v"),
+        (2, 8, 8, 32, None),
+    ]
     r = CliRunner().invoke(main, ["inspect", str(d / "m.fused.safetensors")], env={"COLUMNS": "160"})
     assert r.exit_code == 0 and "fused CAIT model" in r.stdout and "qk/head" in r.stdout
 
@@ -86,17 +97,20 @@ def test_engine(files):
     assert info["kind"] == "engine" and info["sidecar"] and info["onnx_matches"] is True
     assert info["profile"]["max"] == [4, 3, 64, 64] and info["dtype"] == "fp32"
     assert not info["header_check"].get("malformed")
-    assert info["header_check"]["supported"], info["header_check"]   # pipelines.inspect passes TensorRT's check
+    assert info["header_check"]["supported"], info["header_check"]  # pipelines.inspect passes TensorRT's check
     assert [b["mlp"] for b in info["blocks"]] == [64, 48, 32]
 
 
-@pytest.mark.parametrize("name, content, needle", [
-    ("bad.onnx", b"\x08\x07garbage-not-onnx" * 10, "ONNX"),
-    ("bad.plan", b"\x00" * 200, "engine"),
-    ("bad.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", "not a readable safetensors"),
-    ("bad.pth", b"PK\x03\x04truncated", "checkpoint"),
-    ("notes.txt", b"hello", "unrecognised file type"),
-])
+@pytest.mark.parametrize(
+    "name, content, needle",
+    [
+        ("bad.onnx", b"\x08\x07garbage-not-onnx" * 10, "ONNX"),
+        ("bad.plan", b"\x00" * 200, "engine"),
+        ("bad.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", "not a readable safetensors"),
+        ("bad.pth", b"PK\x03\x04truncated", "checkpoint"),
+        ("notes.txt", b"hello", "unrecognised file type"),
+    ],
+)
 def test_corrupt_files_one_line(tmp_path, name, content, needle):
     p = tmp_path / name
     p.write_bytes(content)

@@ -1,4 +1,5 @@
 """The README stays true: every `caitdeploy` command and --option it shows exists in the CLI."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """docs/k8s/triton-cait.yaml is valid YAML with what a Triton Deployment + Service needs."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -8,6 +8,7 @@ longer run's numbers are in benchmarks/results/fuzz_readers.{json,md}.
 
     CAITDEPLOY_FUZZ_EXAMPLES=500 CAITDEPLOY_FUZZ_SEED=3 .venv/bin/python -m pytest tests/security/test_fuzz_readers.py -s
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ import pytest
 
 from caitdeploy.testing import fuzz as fz
 
-pytest.importorskip("hypothesis")   # the harness imports it only when it runs
+pytest.importorskip("hypothesis")  # the harness imports it only when it runs
 
 
 @pytest.mark.slow

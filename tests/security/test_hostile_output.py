@@ -11,6 +11,7 @@ Table-driven through the real CLI, as tests/security/test_untrusted.py:
 - 6: a plan that does not match its sidecar's byte count or SHA-256 is refused; metadata of the wrong type or
   range (`"flops_dense": "xxx"`) is one error line, not a TypeError.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,6 @@ def cli(*args, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
-
-
 def assert_terminal_safe(text: str) -> None:
     """Nothing from a file reached the terminal raw."""
     for bad in ("\x1b", "\x9b", "\u202e", "\u2066", "\r"):
@@ -80,10 +79,21 @@ def fake_engine(folder: Path, name: str, plan: bytes, **side) -> Path:
     """A plan file and a sidecar that passes read_sidecar; `side` overrides fields (None removes one)."""
     path = folder / name
     path.write_bytes(plan)
-    d = {"format": ENGINE_FORMAT, "engine": name, "flavour": "tensorrt_rtx", "trt_version": "1.0",
-         "strongly_typed": True, "dtype": "fp32", "io_dtype": "float32", "input": "images", "outputs": ["logits"],
-         "profile": {"min": [1, 3, 16, 16], "opt": [2, 3, 16, 16], "max": [2, 3, 16, 16]},
-         "engine_bytes": len(plan), "engine_sha256": hashlib.sha256(plan).hexdigest(), "build_seconds": 0.5}
+    d = {
+        "format": ENGINE_FORMAT,
+        "engine": name,
+        "flavour": "tensorrt_rtx",
+        "trt_version": "1.0",
+        "strongly_typed": True,
+        "dtype": "fp32",
+        "io_dtype": "float32",
+        "input": "images",
+        "outputs": ["logits"],
+        "profile": {"min": [1, 3, 16, 16], "opt": [2, 3, 16, 16], "max": [2, 3, 16, 16]},
+        "engine_bytes": len(plan),
+        "engine_sha256": hashlib.sha256(plan).hexdigest(),
+        "build_seconds": 0.5,
+    }
     for k, v in side.items():
         if v is None:
             d.pop(k, None)
@@ -116,48 +126,84 @@ def small(tmp_path_factory):
 
 # ---- 9. options: one set of click types ---------------------------------------------------------------
 OPTION_CASES = {
-    "make-checkpoint --seed 2**64": (["make-checkpoint", "-o", "m.pth", "--seed", "18446744073709551616"],
-                                    r"'--seed': 18446744073709551616 is not in the range 0<=x<=4294967295"),
-    "make-checkpoint --seed -1": (["make-checkpoint", "-o", "m.pth", "--seed", "-1"], r"'--seed': -1 is not in the range"),
-    "make-checkpoint --seed ²": (["make-checkpoint", "-o", "m.pth", "--seed", "²"], r"'--seed': '²' is not a valid integer"),
+    "make-checkpoint --seed 2**64": (
+        ["make-checkpoint", "-o", "m.pth", "--seed", "18446744073709551616"],
+        r"'--seed': 18446744073709551616 is not in the range 0<=x<=4294967295",
+    ),
+    "make-checkpoint --seed -1": (
+        ["make-checkpoint", "-o", "m.pth", "--seed", "-1"],
+        r"'--seed': -1 is not in the range",
+    ),
+    "make-checkpoint --seed ²": (
+        ["make-checkpoint", "-o", "m.pth", "--seed", "²"],
+        r"'--seed': '²' is not a valid integer",
+    ),
     "make-checkpoint --img-size ²": (["make-checkpoint", "-o", "m.pth", "--img-size", "²"], r"'--img-size'"),
     "make-checkpoint --num-classes ٣": (["make-checkpoint", "-o", "m.pth", "--num-classes", "٣"], r"'--num-classes'"),
-    "make-checkpoint --flops-reduction ٠.٥": (["make-checkpoint", "-o", "m.pth", "--flops-reduction", "٠.٥"],
-                                             r"'--flops-reduction'"),
-    "make-checkpoint --flops-reduction inf": (["make-checkpoint", "-o", "m.pth", "--flops-reduction", "inf"],
-                                             r"--flops-reduction must be a finite number"),
+    "make-checkpoint --flops-reduction ٠.٥": (
+        ["make-checkpoint", "-o", "m.pth", "--flops-reduction", "٠.٥"],
+        r"'--flops-reduction'",
+    ),
+    "make-checkpoint --flops-reduction inf": (
+        ["make-checkpoint", "-o", "m.pth", "--flops-reduction", "inf"],
+        r"--flops-reduction must be a finite number",
+    ),
     "fuse --align ²": (["fuse", "ck.pth", "--align", "²"], r"'--align': '²' is not a valid integer"),
     "fuse --verify-batch 1_0": (["fuse", "ck.pth", "--verify-batch", "1_0"], r"'--verify-batch'"),
     "fuse --threshold ٣": (["fuse", "ck.pth", "--threshold", "٣"], r"'--threshold'"),
-    "fuse --max-dropped-norm -inf": (["fuse", "ck.pth", "--max-dropped-norm", "-inf"],
-                                     r"--max-dropped-norm must be a finite number"),
+    "fuse --max-dropped-norm -inf": (
+        ["fuse", "ck.pth", "--max-dropped-norm", "-inf"],
+        r"--max-dropped-norm must be a finite number",
+    ),
     "convert --num-heads ٣": (["convert", "ck.pth", "--from", "sit", "--num-heads", "٣"], r"'--num-heads'"),
     "convert --align 2**64": (["convert", "ck.pth", "--from", "sit", "--align", str(2**64)], r"'--align'"),
     "export --img-size ²": (["export", "ck.fused.safetensors", "--img-size", "²"], r"--img-size '²': give one integer"),
     "export --img-size 16x²": (["export", "ck.fused.safetensors", "--img-size", "16x²"], r"--img-size '16x²'"),
-    "export --img-size 0": (["export", "ck.fused.safetensors", "--img-size", "0"], r"--img-size = 0 is outside 1\.\.8192"),
-    "export --features -1": (["export", "ck.fused.safetensors", "--features", "-1"],
-                             r"--features block -1 is outside 0\.\.255 \(blocks count from 0"),
-    "export --features 0,-2": (["export", "ck.fused.safetensors", "--features", "0,-2"], r"--features block -2 is outside"),
-    "export --features 2 (depth 2)": (["export", "ck.fused.safetensors", "--features", "2"],
-                                      r"--features.*block 2 is outside 0\.\.1"),
-    "export --features ٣": (["export", "ck.fused.safetensors", "--features", "٣"], r"--features '٣': give block indices"),
+    "export --img-size 0": (
+        ["export", "ck.fused.safetensors", "--img-size", "0"],
+        r"--img-size = 0 is outside 1\.\.8192",
+    ),
+    "export --features -1": (
+        ["export", "ck.fused.safetensors", "--features", "-1"],
+        r"--features block -1 is outside 0\.\.255 \(blocks count from 0",
+    ),
+    "export --features 0,-2": (
+        ["export", "ck.fused.safetensors", "--features", "0,-2"],
+        r"--features block -2 is outside",
+    ),
+    "export --features 2 (depth 2)": (
+        ["export", "ck.fused.safetensors", "--features", "2"],
+        r"--features.*block 2 is outside 0\.\.1",
+    ),
+    "export --features ٣": (
+        ["export", "ck.fused.safetensors", "--features", "٣"],
+        r"--features '٣': give block indices",
+    ),
     "export --min-batch ٣": (["export", "ck.fused.safetensors", "--min-batch", "٣"], r"'--min-batch'"),
     "export --max-batch 2**64": (["export", "ck.fused.safetensors", "--max-batch", str(2**64)], r"'--max-batch'"),
     "export --workspace-mb 0": (["export", "ck.fused.safetensors", "--workspace-mb", "0"], r"'--workspace-mb'"),
     "export --opt-level ²": (["export", "ck.fused.safetensors", "--opt-level", "²"], r"'--opt-level'"),
-    "export --int8-min-cosine nan": (["export", "ck.fused.safetensors", "--int8-min-cosine", "nan"],
-                                     r"'--int8-min-cosine': 'nan' is not a finite number"),
+    "export --int8-min-cosine nan": (
+        ["export", "ck.fused.safetensors", "--int8-min-cosine", "nan"],
+        r"'--int8-min-cosine': 'nan' is not a finite number",
+    ),
     "export --int8-min-top1 2": (["export", "ck.fused.safetensors", "--int8-min-top1", "2"], r"'--int8-min-top1'"),
     "export --calib-samples 1_0": (["export", "ck.fused.safetensors", "--calib-samples", "1_0"], r"'--calib-samples'"),
     "export --fp16-samples ²": (["export", "ck.fused.safetensors", "--fp16-samples", "²"], r"'--fp16-samples'"),
     "export --opset ٣": (["export", "ck.fused.safetensors", "--opset", "٣"], r"unsupported opset"),
-    "export --max-queue-delay-us -1": (["export", "ck.fused.safetensors", "--max-queue-delay-us", "-1"],
-                                       r"'--max-queue-delay-us'"),
+    "export --max-queue-delay-us -1": (
+        ["export", "ck.fused.safetensors", "--max-queue-delay-us", "-1"],
+        r"'--max-queue-delay-us'",
+    ),
     "bench --img-size ²": (["bench", "ck.fused.safetensors", "--img-size", "²"], r"bench: --img-size '²'"),
-    "bench --features -1": (["bench", "ck.fused.safetensors", "--features", "-1"], r"bench: --features block -1 is outside"),
-    "bench --features 5 (depth 2)": (["bench", "ck.fused.safetensors", "--features", "5", "-q"],
-                                     r"block 5 is outside 0\.\.1"),
+    "bench --features -1": (
+        ["bench", "ck.fused.safetensors", "--features", "-1"],
+        r"bench: --features block -1 is outside",
+    ),
+    "bench --features 5 (depth 2)": (
+        ["bench", "ck.fused.safetensors", "--features", "5", "-q"],
+        r"block 5 is outside 0\.\.1",
+    ),
     "bench --warmup ٣": (["bench", "ck.fused.safetensors", "--warmup", "٣"], r"--warmup .*not an integer"),
     "bench --min-seconds ²": (["bench", "ck.fused.safetensors", "--min-seconds", "²"], r"--min-seconds .*not a number"),
     "bench --repeats 2**64": (["bench", "ck.fused.safetensors", "--repeats", str(2**64)], r"--repeats \d+: must be in"),
@@ -200,7 +246,7 @@ def test_option_types():
     assert conv(Int(0, 10), "7") == 7 and conv(Int(-5, 5), "-5") == -5 and conv(Int(0, 10), " 3 ") == 3
     for bad in ("²", "٣", "1_0", "0x10", "1e3", "", " ", "nan", "1.0", "+", "9" * 100, "\x1b[2J"):
         with pytest.raises(click.BadParameter):
-            conv(Int(-10**200, 10**200), bad)
+            conv(Int(-(10**200), 10**200), bad)
     with pytest.raises(click.BadParameter, match="is not in the range 1<=x<=65535"):
         conv(PORT, "99999")
     assert conv(PORT, "8000") == 8000
@@ -276,17 +322,28 @@ def test_read_bounded(tmp_path, monkeypatch):
 
 BIG_READS = {
     # name: (setup, args, pattern)
-    "sidecar symlink to a sparse 6 GB file": ("link", ["inspect", "a.plan"],
-                                              r"a\.plan\.json: engine sidecar is 6 GiB, over the limit of 4 MiB"),
-    "sparse 6 GB sidecar": ("sidecar", ["inspect", "b.plan"], r"b\.plan\.json: engine sidecar is 6 GiB, over the limit"),
+    "sidecar symlink to a sparse 6 GB file": (
+        "link",
+        ["inspect", "a.plan"],
+        r"a\.plan\.json: engine sidecar is 6 GiB, over the limit of 4 MiB",
+    ),
+    "sparse 6 GB sidecar": (
+        "sidecar",
+        ["inspect", "b.plan"],
+        r"b\.plan\.json: engine sidecar is 6 GiB, over the limit",
+    ),
     "sparse 8 GB .onnx": ("onnx", ["inspect", "big.onnx"], r"big\.onnx: ONNX file is 8 GiB, over the limit of 2 GiB"),
-    "sparse 1.5 GB .onnx over the memory budget": ("mid", ["inspect", "mid.onnx"],
-                                                    r"mid\.onnx: reading a \d+-byte ONNX file needs about .* budget"),
+    "sparse 1.5 GB .onnx over the memory budget": (
+        "mid",
+        ["inspect", "mid.onnx"],
+        r"mid\.onnx: reading a \d+-byte ONNX file needs about .* budget",
+    ),
 }
 
 
 def test_big_files_are_refused_before_reading_with_small_rss(tmp_path):
     """Every case in one subprocess: peak RSS (VmHWM) barely moves from the imports' level."""
+
     def sparse(path: Path, size: int) -> None:
         with open(path, "wb") as f:
             f.truncate(size)
@@ -316,7 +373,9 @@ def test_big_files_are_refused_before_reading_with_small_rss(tmp_path):
             out[name] = [r.exit_code, r.stderr, time.perf_counter() - t0, rss()]
         print(json.dumps(out))
     """)
-    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     base = res.pop("base")
@@ -333,9 +392,32 @@ def test_big_files_are_refused_before_reading_with_small_rss(tmp_path):
 def test_safe_text():
     from caitdeploy.cli.common import rich_safe
 
-    for ch in ("\x1b", "\x9b", "\x07", "\x7f", "\n", "\r", "\t", "\v", "\f", "\x85", "\u2028", "\u2029", "\u202a",
-               "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069", "\u200b", "\ufeff",
-               "\ud800"):
+    for ch in (
+        "\x1b",
+        "\x9b",
+        "\x07",
+        "\x7f",
+        "\n",
+        "\r",
+        "\t",
+        "\v",
+        "\f",
+        "\x85",
+        "\u2028",
+        "\u2029",
+        "\u202a",
+        "\u202b",
+        "\u202c",
+        "\u202d",
+        "\u202e",
+        "\u2066",
+        "\u2067",
+        "\u2068",
+        "\u2069",
+        "\u200b",
+        "\ufeff",
+        "\ud800",
+    ):
         out = safe_text(f"a{ch}b")
         assert ch not in out and out.startswith("a\\") and out.endswith("b") and out.isprintable(), repr(out)
     assert safe_text("plain text, ünïcode ok") == "plain text, ünïcode ok"
@@ -350,13 +432,25 @@ def _hostile_onnx(path: Path) -> Path:
     from onnx import TensorProto, helper
 
     node = helper.make_node("Relu" + EVIL, ["x" + EVIL], ["y"], domain="evil" + EVIL, name="n" + EVIL)
-    graph = helper.make_graph([node], "g" + EVIL, [helper.make_tensor_value_info("x" + EVIL, TensorProto.FLOAT,
-                                                                                 ["b" + EVIL, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b" + EVIL, 3])])
-    m = helper.make_model(graph, producer_name="prod" + EVIL, producer_version="1" + EVIL,
-                          opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("evil" + EVIL, 1)])
-    for k in ("caitdeploy.format", "caitdeploy.dtype", "caitdeploy.attention", "caitdeploy.features",
-              "caitdeploy.restore"):
+    graph = helper.make_graph(
+        [node],
+        "g" + EVIL,
+        [helper.make_tensor_value_info("x" + EVIL, TensorProto.FLOAT, ["b" + EVIL, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b" + EVIL, 3])],
+    )
+    m = helper.make_model(
+        graph,
+        producer_name="prod" + EVIL,
+        producer_version="1" + EVIL,
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("evil" + EVIL, 1)],
+    )
+    for k in (
+        "caitdeploy.format",
+        "caitdeploy.dtype",
+        "caitdeploy.attention",
+        "caitdeploy.features",
+        "caitdeploy.restore",
+    ):
         m.metadata_props.add(key=k, value=k + EVIL)
     path.write_bytes(m.SerializeToString())
     return path
@@ -395,10 +489,19 @@ def test_hostile_file_names_in_fuse_and_export_reports(small, tmp_path):
 
 
 def test_inspect_engine_sidecar_fields_print_nothing_raw(tmp_path, no_header_check):
-    p = fake_engine(tmp_path, "e.plan", b"\x01" * 300, trt_version="1" + EVIL, dtype="fp32" + EVIL,
-                    io_dtype=EVIL, input="images" + EVIL, build_target={"gpu": EVIL},
-                    onnx={"path": str(tmp_path / f"src{EVIL_NAME}.onnx"), "sha256": "0" * 64, "bytes": 5},
-                    created=EVIL, outputs=["logits" + EVIL])
+    p = fake_engine(
+        tmp_path,
+        "e.plan",
+        b"\x01" * 300,
+        trt_version="1" + EVIL,
+        dtype="fp32" + EVIL,
+        io_dtype=EVIL,
+        input="images" + EVIL,
+        build_target={"gpu": EVIL},
+        onnx={"path": str(tmp_path / f"src{EVIL_NAME}.onnx"), "sha256": "0" * 64, "bytes": 5},
+        created=EVIL,
+        outputs=["logits" + EVIL],
+    )
     r = cli("inspect", p)
     assert r.exit_code == 0, r.output
     assert_terminal_safe(r.stdout)
@@ -412,13 +515,40 @@ def test_bench_table_prints_nothing_raw():
 
     from caitdeploy.bench.report import print_table, to_markdown
 
-    rec = {"status": "ok", "note": "note" + EVIL, "model": "cait", "model_detail": "m" + EVIL, "arch": "a",
-           "backend": "torch", "dtype": "fp32", "batch": 1, "flops_per_img": 1e9, "params": 1e6,
-           "latency_ms_p50": 1.0, "latency_ms_p90": 1.0, "latency_ms_p99": 1.0, "throughput_img_s": 10.0,
-           "speedup_vs_dense": None, "speedup_vs_tome": None, "repeat_spread_pct": 1.0, "peak_mem_mb": 1.0,
-           "env_cpu": "cpu" + EVIL, "env_cpu_count": 2, "env_threads": 1, "env_gpu": None, "env_torch": "2",
-           "env_onnxruntime": None, "env_tensorrt": None, "env_python": "3", "env_os": "linux",
-           "input": "3x16x16", "outputs": "logits", "warmup": 1, "repeats": 1, "iters": 2}
+    rec = {
+        "status": "ok",
+        "note": "note" + EVIL,
+        "model": "cait",
+        "model_detail": "m" + EVIL,
+        "arch": "a",
+        "backend": "torch",
+        "dtype": "fp32",
+        "batch": 1,
+        "flops_per_img": 1e9,
+        "params": 1e6,
+        "latency_ms_p50": 1.0,
+        "latency_ms_p90": 1.0,
+        "latency_ms_p99": 1.0,
+        "throughput_img_s": 10.0,
+        "speedup_vs_dense": None,
+        "speedup_vs_tome": None,
+        "repeat_spread_pct": 1.0,
+        "peak_mem_mb": 1.0,
+        "env_cpu": "cpu" + EVIL,
+        "env_cpu_count": 2,
+        "env_threads": 1,
+        "env_gpu": None,
+        "env_torch": "2",
+        "env_onnxruntime": None,
+        "env_tensorrt": None,
+        "env_python": "3",
+        "env_os": "linux",
+        "input": "3x16x16",
+        "outputs": "logits",
+        "warmup": 1,
+        "repeats": 1,
+        "iters": 2,
+    }
     bad = dict(rec, status="n/a: failed: " + EVIL, note=None)
     buf = io.StringIO()
     print_table([rec, bad], Console(file=buf, width=300, highlight=False), title="t" + EVIL)
@@ -455,16 +585,19 @@ def test_old_sidecar_without_hash_checks_the_byte_count(tmp_path, no_header_chec
     one_line_error(cli("inspect", p), r"engine is 2999 bytes but its sidecar o\.plan\.json records 3000")
 
 
-@pytest.mark.parametrize("field, value, pattern", [
-    ("engine_sha256", "zz", r"'engine_sha256' must be 64 hexadecimal digits"),
-    ("engine_bytes", -1, r"'engine_bytes' must be an integer in 0\.\."),
-    ("engine_bytes", "3000", r"'engine_bytes' must be an integer"),
-    ("build_seconds", -1, r"'build_seconds' must be a finite number >= 0"),
-    ("opt_level", 99, r"'opt_level' must be an integer in 0\.\.5"),
-    ("workspace_mb", "x", r"'workspace_mb' must be an integer"),
-    ("created", 5, r"'created' must be a string"),
-    ("onnx", {"path": "x.onnx", "sha256": "g" * 64}, r"'onnx.sha256' must be 64 hexadecimal digits"),
-])
+@pytest.mark.parametrize(
+    "field, value, pattern",
+    [
+        ("engine_sha256", "zz", r"'engine_sha256' must be 64 hexadecimal digits"),
+        ("engine_bytes", -1, r"'engine_bytes' must be an integer in 0\.\."),
+        ("engine_bytes", "3000", r"'engine_bytes' must be an integer"),
+        ("build_seconds", -1, r"'build_seconds' must be a finite number >= 0"),
+        ("opt_level", 99, r"'opt_level' must be an integer in 0\.\.5"),
+        ("workspace_mb", "x", r"'workspace_mb' must be an integer"),
+        ("created", 5, r"'created' must be a string"),
+        ("onnx", {"path": "x.onnx", "sha256": "g" * 64}, r"'onnx.sha256' must be 64 hexadecimal digits"),
+    ],
+)
 def test_bad_sidecar_fields_are_one_line(tmp_path, field, value, pattern):
     p = fake_engine(tmp_path, "s.plan", b"\x02" * 300, **{field: value})
     one_line_error(cli("inspect", p), r"s\.plan\.json: bad engine sidecar: " + pattern)
@@ -481,8 +614,11 @@ def test_real_engine_sidecar_records_its_hash_and_truncation_is_caught(small, tm
     cut = tmp_path / "cut.plan"
     cut.write_bytes(plan.read_bytes()[:100])
     (tmp_path / "cut.plan.json").write_text(json.dumps(side))
-    one_line_error(cli("inspect", cut), rf"cut\.plan: engine is 100 bytes but its sidecar cut\.plan\.json records "
-                                        rf"{side['engine_bytes']}")
+    one_line_error(
+        cli("inspect", cut),
+        rf"cut\.plan: engine is 100 bytes but its sidecar cut\.plan\.json records "
+        rf"{side['engine_bytes']}",
+    )
     old = dict(side)
     old.pop("engine_sha256")
     (tmp_path / "old.plan").write_bytes(plan.read_bytes())
@@ -503,16 +639,19 @@ def test_check_engine_file(tmp_path):
     assert check_engine_file(p, None)["bytes_match"] is None
 
 
-@pytest.mark.parametrize("fields, pattern", [
-    ({"flops_dense": "xxx"}, r"field 'flops_dense' must be a finite number in 1\.\.1e\+18, got 'xxx'"),
-    ({"flops_dense": -5}, r"field 'flops_dense' must be a finite number"),
-    ({"flops_dense": True}, r"field 'flops_dense' must be a finite number"),
-    ({"flops_dense": [1, 2]}, r"field 'flops_dense'"),
-    ({"flops_dense": 1e300}, r"field 'flops_dense'"),
-    ({"source": {"a": 1}}, r"field 'source' must be a string"),
-    ({"converted_from": ["sit"]}, r"field 'converted_from' must be a string"),
-    ({"options": "x"}, r"field 'options' must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "fields, pattern",
+    [
+        ({"flops_dense": "xxx"}, r"field 'flops_dense' must be a finite number in 1\.\.1e\+18, got 'xxx'"),
+        ({"flops_dense": -5}, r"field 'flops_dense' must be a finite number"),
+        ({"flops_dense": True}, r"field 'flops_dense' must be a finite number"),
+        ({"flops_dense": [1, 2]}, r"field 'flops_dense'"),
+        ({"flops_dense": 1e300}, r"field 'flops_dense'"),
+        ({"source": {"a": 1}}, r"field 'source' must be a string"),
+        ({"converted_from": ["sit"]}, r"field 'converted_from' must be a string"),
+        ({"options": "x"}, r"field 'options' must be a JSON object"),
+    ],
+)
 def test_bad_fused_metadata_is_one_line(small, tmp_path, fields, pattern):
     bad = with_fused_meta(small / "ck.fused.safetensors", tmp_path / "bad.fused.safetensors", **fields)
     before = listing(tmp_path)
@@ -522,8 +661,9 @@ def test_bad_fused_metadata_is_one_line(small, tmp_path, fields, pattern):
 
 
 def test_good_fused_metadata_still_reads(small, tmp_path):
-    ok = with_fused_meta(small / "ck.fused.safetensors", tmp_path / "ok.fused.safetensors", flops_dense=2e5,
-                         source="a[red]b" + EVIL)
+    ok = with_fused_meta(
+        small / "ck.fused.safetensors", tmp_path / "ok.fused.safetensors", flops_dense=2e5, source="a[red]b" + EVIL
+    )
     r = cli("inspect", ok)
     assert r.exit_code == 0, r.output
     assert_terminal_safe(r.stdout)

@@ -4,6 +4,7 @@ nesting, cycles and hash bombs are refused with one line before torch builds any
 Every hostile file goes through the real CLI (fuse, inspect, make-checkpoint --weights, convert) in one fresh
 process under RLIMIT_AS = 4 GiB: one `error:` line naming the file, exit 2, in under 10 s, nothing written, and
 the process's peak RSS stays under 1 GiB (the issue's bound for files under 1 MB)."""
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,11 @@ def torch_zip(path: Path, pkl: bytes, records: dict[str, bytes] | None = None) -
 
 
 def _put(i: int) -> bytes:
-    return b"r" + struct.pack("<I", i)      # LONG_BINPUT
+    return b"r" + struct.pack("<I", i)  # LONG_BINPUT
 
 
 def _get(i: int) -> bytes:
-    return b"j" + struct.pack("<I", i)      # LONG_BINGET
+    return b"j" + struct.pack("<I", i)  # LONG_BINGET
 
 
 def _str(s: str) -> bytes:
@@ -112,6 +113,7 @@ def _memo(where):
         p = d / f"memo-{where}.pth"
         torch.save(ck, p)
         return p
+
     return make
 
 
@@ -145,32 +147,53 @@ HOSTILE = {
     "memo bomb as config.depth": (_memo("depth"), r"expands to more than \d+ items"),
     "memo bomb as config.arch": (_memo("arch"), r"expands to more than \d+ items"),
     "memo bomb as a merges value": (_memo("merges"), r"expands to more than \d+ items"),
-    "shared tuple as a dict key (hash bomb)": (lambda d: torch_zip(d / "hash.pth", tuple_key_bomb()),
-                                               r"expands to more than \d+ items"),
-    "200,000-deep list as format": (lambda d: torch_zip(d / "deep.pth", deep_list()),
-                                    rf"nests containers more than {MAX_DEPTH} deep"),
+    "shared tuple as a dict key (hash bomb)": (
+        lambda d: torch_zip(d / "hash.pth", tuple_key_bomb()),
+        r"expands to more than \d+ items",
+    ),
+    "200,000-deep list as format": (
+        lambda d: torch_zip(d / "deep.pth", deep_list()),
+        rf"nests containers more than {MAX_DEPTH} deep",
+    ),
     "a list that contains itself": (_cycle, r"contains itself"),
     "a 100,000-bit integer": (_huge_int, r"integer of 100001 bits"),
     "code (builtins.print)": (_code, r"refused: the pickle needs code to load \(it references builtins\.print\)"),
-    "truncated pickle": (lambda d: torch_zip(d / "trunc.pth", b"\x80\x02}" + _str("format")),
-                         r"truncated or corrupt pickle"),
-    "storage record missing": (lambda d: torch_zip(d / "norecord.pth", _tensor_pickle("0", 4)),
-                               r"names record 'archive/data/0', which the file does not have"),
-    "storage claims more than its record": (lambda d: torch_zip(d / "short.pth", _tensor_pickle("0", 1000),
-                                                                {"0": b"\0" * 16}),
-                                            r"record 'archive/data/0' holds 16 bytes; its storage claims 4000"),
-    "view outside its storage": (lambda d: torch_zip(d / "view.pth", _tensor_pickle("0", 4, size=(5,)),
-                                                     {"0": b"\0" * 16}),
-                                 r"reaches element 4 of record '0', which holds 4"),
+    "truncated pickle": (
+        lambda d: torch_zip(d / "trunc.pth", b"\x80\x02}" + _str("format")),
+        r"truncated or corrupt pickle",
+    ),
+    "storage record missing": (
+        lambda d: torch_zip(d / "norecord.pth", _tensor_pickle("0", 4)),
+        r"names record 'archive/data/0', which the file does not have",
+    ),
+    "storage claims more than its record": (
+        lambda d: torch_zip(d / "short.pth", _tensor_pickle("0", 1000), {"0": b"\0" * 16}),
+        r"record 'archive/data/0' holds 16 bytes; its storage claims 4000",
+    ),
+    "view outside its storage": (
+        lambda d: torch_zip(d / "view.pth", _tensor_pickle("0", 4, size=(5,)), {"0": b"\0" * 16}),
+        r"reaches element 4 of record '0', which holds 4",
+    ),
 }
 
 
 def _tensor_pickle(key: str, numel: int, size=None) -> bytes:
     """{"w": _rebuild_tensor_v2(storage(key, numel), 0, size, (1,), False, OrderedDict())}"""
     size = size or (numel,)
-    return (b"\x80\x02}" + _str("w") + b"ctorch._utils\n_rebuild_tensor_v2\n(("
-            + _str("storage") + b"ctorch\nFloatStorage\n" + _str(key) + _str("cpu") + b"J" + struct.pack("<i", numel)
-            + b"tQK\x00J" + struct.pack("<i", size[0]) + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs.")
+    return (
+        b"\x80\x02}"
+        + _str("w")
+        + b"ctorch._utils\n_rebuild_tensor_v2\n(("
+        + _str("storage")
+        + b"ctorch\nFloatStorage\n"
+        + _str(key)
+        + _str("cpu")
+        + b"J"
+        + struct.pack("<i", numel)
+        + b"tQK\x00J"
+        + struct.pack("<i", size[0])
+        + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs."
+    )
 
 
 @pytest.fixture(scope="module")
@@ -205,15 +228,33 @@ def test_every_command_refuses_in_one_line_under_4gib(hostile):
     before = sorted(p.name for p in d.iterdir())
     readers = {f"fuse: {name}": ["fuse", str(f), "-q"] for name, f in files.items()}
     others = {}
-    for name in ("bytearray(5 GiB) beside valid weights", "memo bomb as format", "shared tuple as a dict key (hash bomb)",
-                 "200,000-deep list as format"):
+    for name in (
+        "bytearray(5 GiB) beside valid weights",
+        "memo bomb as format",
+        "shared tuple as a dict key (hash bomb)",
+        "200,000-deep list as format",
+    ):
         others[f"inspect: {name}"] = ["inspect", str(files[name])]
-        others[f"make-checkpoint: {name}"] = ["make-checkpoint", "--arch", "deit_tiny_patch16_224", "--weights",
-                                              str(files[name]), "-o", str(d / "mk.pth")]
-        others[f"convert: {name}"] = ["convert", "--from", "sit", str(files[name]), "-o", str(d / "cv.fused.safetensors")]
+        others[f"make-checkpoint: {name}"] = [
+            "make-checkpoint",
+            "--arch",
+            "deit_tiny_patch16_224",
+            "--weights",
+            str(files[name]),
+            "-o",
+            str(d / "mk.pth"),
+        ]
+        others[f"convert: {name}"] = [
+            "convert",
+            "--from",
+            "sit",
+            str(files[name]),
+            "-o",
+            str(d / "cv.fused.safetensors"),
+        ]
     out, peak = run_cli_limited(readers, d)
     print(f"peak RSS reading {len(readers)} hostile files: {peak / 1024:.0f} MiB")
-    assert peak < 1 << 20, f"peak RSS {peak / 1024:.0f} MiB"   # KiB: under 1 GiB (imports included)
+    assert peak < 1 << 20, f"peak RSS {peak / 1024:.0f} MiB"  # KiB: under 1 GiB (imports included)
     out.update(run_cli_limited(others, d)[0])
     for name, (rc, err, secs) in out.items():
         lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -221,7 +262,7 @@ def test_every_command_refuses_in_one_line_under_4gib(hostile):
         if name.startswith("fuse: "):
             assert re.search(HOSTILE[name.removeprefix("fuse: ")][1], lines[0]), (name, lines[0])
         assert secs < 10, f"{name}: {secs:.1f} s"
-    assert sorted(p.name for p in d.iterdir()) == before       # nothing written
+    assert sorted(p.name for p in d.iterdir()) == before  # nothing written
 
 
 # ---- what real checkpoints hold passes, with the facts right ------------------------------------------------
@@ -233,8 +274,17 @@ def test_real_checkpoints_pass(tmp_path):
     sd["view"] = torch.arange(10.0)[2:6]
     ck["state_dict"] = sd
     ck["args"] = argparse.Namespace(lr=1e-3, model="deit_small", drop=[0.1, 0.2], device="cuda")
-    ck["meta"] = {"size": torch.Size([2, 3]), "dtype": torch.float32, "device": torch.device("cpu"),
-                  "shared": [[1, 2]] * 3, "epoch": 299, "acc": 79.8, "ok": True, "none": None, "blob": b"ab"}
+    ck["meta"] = {
+        "size": torch.Size([2, 3]),
+        "dtype": torch.float32,
+        "device": torch.device("cpu"),
+        "shared": [[1, 2]] * 3,
+        "epoch": 299,
+        "acc": 79.8,
+        "ok": True,
+        "none": None,
+        "blob": b"ab",
+    }
     torch.save(ck, tmp_path / "ck.pth")
     with zipfile.ZipFile(tmp_path / "ck.pth") as z:
         facts = check_torch_zip(z, (tmp_path / "ck.pth").stat().st_size)
@@ -277,12 +327,16 @@ def test_duplicate_zip_records_are_refused(tmp_path):
 
 
 # ---- render: bounded and cycle-safe for every value a pickle can build --------------------------------------
-@pytest.mark.parametrize("value, want", [
-    ({"a": 1, "b": [1, 2, "x\x1b[2J"]}, r"{'a': 1, 'b': [1, 2, 'x\x1b[2J']}"),
-    (1 << 100_000, "<int of 100001 bits>"),
-    ((1, 2), "(1, 2)"),
-    ("cait\ncompactor", r"'cait\ncompactor'"),
-], ids=["nested", "huge int", "tuple", "newline"])
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        ({"a": 1, "b": [1, 2, "x\x1b[2J"]}, r"{'a': 1, 'b': [1, 2, 'x\x1b[2J']}"),
+        (1 << 100_000, "<int of 100001 bits>"),
+        ((1, 2), "(1, 2)"),
+        ("cait\ncompactor", r"'cait\ncompactor'"),
+    ],
+    ids=["nested", "huge int", "tuple", "newline"],
+)
 def test_render_values(value, want):
     assert render(value) == want
 
@@ -298,7 +352,7 @@ def test_render_is_bounded_for_bombs():
     import gc
 
     values = (shared_list(64), deep, loop, "x" * 10**7, list(range(10**6)))
-    gc.disable()   # a collection of the 200,000 lists above is not render's time
+    gc.disable()  # a collection of the 200,000 lists above is not render's time
     try:
         for v in values:
             t0 = time.perf_counter()

@@ -3,6 +3,7 @@ runs as its own process on a real tritonserver (the one bundled in nvidia-pytrit
 and sent requests that lie. A one-file Python-backend model (an echo, numpy only) loads in about a second, so
 every start here is cheap. What `model.py` of an export does with a batch holding a bad request is tested on
 its `execute` directly, and live in tests/unit/serve/test_serve.py."""
+
 from __future__ import annotations
 
 import glob
@@ -24,9 +25,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install nvidia-pytriton)" + (
-    f"; it needs numpy < 2 and this stack has numpy {np.__version__} (the floor leg)"
-    if int(np.__version__.split(".")[0]) >= 2 else ""))
+pytest.importorskip(
+    "pytriton",
+    reason="nvidia-pytriton is not installed (pip install nvidia-pytriton)"
+    + (
+        f"; it needs numpy < 2 and this stack has numpy {np.__version__} (the floor leg)"
+        if int(np.__version__.split(".")[0]) >= 2
+        else ""
+    ),
+)
 
 from caitdeploy.cli.main import main
 from caitdeploy.serve.server import free_port, sweep_stale_servers
@@ -48,7 +55,8 @@ def _write_model(repo: Path, name: str, model_py: str) -> Path:
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: 8\n'
         'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
         'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
-        'instance_group [ { count: 1 kind: KIND_CPU } ]\n')
+        "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+    )
     (repo / name / "1" / "model.py").write_text(model_py)
     return repo
 
@@ -167,13 +175,14 @@ def _listening(port: int) -> list[str]:
     return found
 
 
-LOOPBACK_V4 = "0100007F"                                   # 127.0.0.1, little-endian
-LOOPBACK_V4_IN_V6 = "0000000000000000FFFF00000100007F"     # ::ffff:127.0.0.1 (gRPC's dual-stack socket)
+LOOPBACK_V4 = "0100007F"  # 127.0.0.1, little-endian
+LOOPBACK_V4_IN_V6 = "0000000000000000FFFF00000100007F"  # ::ffff:127.0.0.1 (gRPC's dual-stack socket)
 
 
 def _infer(port: int, rows: int = 1, timeout: float = 10) -> list:
-    body = json.dumps({"inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32",
-                                   "data": [float(i) for i in range(4 * rows)]}]}).encode()
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32", "data": [float(i) for i in range(4 * rows)]}]}
+    ).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/echo/infer", data=body, method="POST")
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())["outputs"][0]["data"]
@@ -199,13 +208,13 @@ def test_serve_binds_loopback_survives_crashes_and_exits_130_on_ctrl_c(repo):
         shown = "\n".join(cli.out)
         assert f"http://127.0.0.1:{http}/" in shown and f"127.0.0.1:{grpc}" in shown
         assert f"http://127.0.0.1:{metrics}/metrics" in shown and "localhost" not in shown
-        for port in (http, grpc, metrics):   # bound to loopback only, not 0.0.0.0 / [::]
+        for port in (http, grpc, metrics):  # bound to loopback only, not 0.0.0.0 / [::]
             addrs = _listening(port)
             assert addrs and set(addrs) <= {LOOPBACK_V4, LOOPBACK_V4_IN_V6}, (port, addrs)
         assert _infer(http) == [0.0, 1.0, 2.0, 3.0]
 
         first = cli.server_pid()
-        os.kill(first, signal.SIGKILL)   # the server dies while serving: the CLI starts it again
+        os.kill(first, signal.SIGKILL)  # the server dies while serving: the CLI starts it again
         line = cli.wait_for("restarted it", timeout=60)
         assert "tritonserver exited with code -9 (SIGKILL) while serving" in line and "(restart 1)" in line
         assert _infer_eventually(http, 30) == [0.0, 1.0, 2.0, 3.0]
@@ -214,11 +223,14 @@ def test_serve_binds_loopback_survives_crashes_and_exits_130_on_ctrl_c(repo):
 
         # one HTTP request declaring 2^40 rows aborted tritonserver 2.51 (std::bad_alloc, in Triton): whether it
         # still does or not, good requests are answered again within seconds
-        body = json.dumps({"inputs": [{"name": "x", "shape": [2 ** 40, 4], "datatype": "FP32",
-                                       "data": [0.0] * 4}]}).encode()
+        body = json.dumps(
+            {"inputs": [{"name": "x", "shape": [2**40, 4], "datatype": "FP32", "data": [0.0] * 4}]}
+        ).encode()
         with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
-            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/echo/infer",
-                                                          data=body, method="POST"), timeout=10)
+            urllib.request.urlopen(
+                urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/echo/infer", data=body, method="POST"),
+                timeout=10,
+            )
         assert _infer_eventually(http, 30) == [0.0, 1.0, 2.0, 3.0]
 
         server = cli.server_pid()
@@ -238,16 +250,17 @@ def test_sigkill_of_the_cli_takes_the_server_its_stubs_and_its_folder(repo):
     try:
         cli.wait_for("Ctrl-C")
         server = cli.server_pid()
-        group = _group(server)                  # tritonserver and its Python-backend stub
+        group = _group(server)  # tritonserver and its Python-backend stub
         assert len(group) >= 2, group
         work = glob.glob(f"{tempfile.gettempdir()}/caitdeploy-serve-*-{cli.proc.pid}-*")
         assert len(work) == 1 and glob.glob(f"/dev/shm/caitdeploy_*-{cli.proc.pid}-*")
         cli.proc.kill()
         cli.proc.wait(timeout=10)
         assert _gone_within(group, 5), [(p, _status(p).get("State")) for p in group]
-        t_end = time.monotonic() + 5           # the watchdog removes the folder and the shared memory
-        while (os.path.exists(work[0]) or glob.glob(f"/dev/shm/caitdeploy_*-{cli.proc.pid}-*")) \
-                and time.monotonic() < t_end:
+        t_end = time.monotonic() + 5  # the watchdog removes the folder and the shared memory
+        while (
+            os.path.exists(work[0]) or glob.glob(f"/dev/shm/caitdeploy_*-{cli.proc.pid}-*")
+        ) and time.monotonic() < t_end:
             time.sleep(0.05)
         assert not os.path.exists(work[0])
         assert not glob.glob(f"/dev/shm/caitdeploy_*-{cli.proc.pid}-*")
@@ -258,8 +271,10 @@ def test_sigkill_of_the_cli_takes_the_server_its_stubs_and_its_folder(repo):
 
 
 def test_what_a_lost_watchdog_leaves_is_swept_at_the_next_start(tmp_path):
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=False)
-    dead = int(done.stdout)                 # a pid that no longer runs
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=False
+    )
+    dead = int(done.stdout)  # a pid that no longer runs
     from caitdeploy.core.errors import _host
 
     stale = Path(tempfile.mkdtemp(prefix=f"caitdeploy-serve-{_host()}-{dead}-"))
@@ -294,8 +309,11 @@ def test_serve_on_every_interface_warns_and_exits_143_on_sigterm(repo):
 
 
 def test_timeout_is_honoured_and_reported(tmp_path):
-    slow = _write_model(tmp_path / "repo", "slow", "import time\n\n\nclass TritonPythonModel:\n"
-                                                   "    def initialize(self, args):\n        time.sleep(120)\n")
+    slow = _write_model(
+        tmp_path / "repo",
+        "slow",
+        "import time\n\n\nclass TritonPythonModel:\n    def initialize(self, args):\n        time.sleep(120)\n",
+    )
     t0 = time.monotonic()
     cli = Cli(str(slow), "--timeout", "2")
     try:
@@ -304,7 +322,7 @@ def test_timeout_is_honoured_and_reported(tmp_path):
         err = cli.proc.stderr.read().splitlines()
         assert rc == 2 and len(err) == 1, err
         assert err[0].startswith("error: tritonserver did not become ready within the timeout of 2 s"), err
-        assert elapsed < 15, elapsed           # interpreter start + 2 s + stopping a server mid-load
+        assert elapsed < 15, elapsed  # interpreter start + 2 s + stopping a server mid-load
         assert not glob.glob(f"{tempfile.gettempdir()}/caitdeploy-serve-*-{cli.proc.pid}-*")
     finally:
         cli.kill()
@@ -314,25 +332,39 @@ def test_a_config_triton_cannot_read_fails_at_once_with_its_reason(tmp_path):
     repo = _write_model(tmp_path / "repo", "m", ECHO)
     (repo / "m" / "config.pbtxt").write_text('name: "m" garbage {\n')
     t0 = time.monotonic()
-    r = CliRunner().invoke(main, ["serve", str(repo), "--http-port", str(free_port()), "--grpc-port",
-                                  str(free_port()), "--metrics-port", str(free_port())])
+    r = CliRunner().invoke(
+        main,
+        [
+            "serve",
+            str(repo),
+            "--http-port",
+            str(free_port()),
+            "--grpc-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+        ],
+    )
     assert r.exit_code == 2 and time.monotonic() - t0 < 30
     assert r.stderr.startswith("error: model 'm' failed to load: ") and "config.pbtxt" in r.stderr
     assert "DCGM" not in r.stderr and r.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--http-port", "18000", "--grpc-port", "18000"], "--http-port and --grpc-port are both 18000"),
-    (["--grpc-port", "18001", "--metrics-port", "18001"], "--grpc-port and --metrics-port are both 18001"),
-    (["--http-port", "18002", "--metrics-port", "18002"], "--http-port and --metrics-port are both 18002"),
-    (["--timeout", "nan"], "'--timeout'"),
-    (["--timeout", "0"], "'--timeout'"),
-    (["--timeout", "4000"], "'--timeout'"),
-    (["--http-port", "99999"], "'--http-port'"),
-    (["--host", "example.org"], "--host 'example.org': give an IPv4 address"),
-    (["--host", "::1"], "--host '::1': give an IPv4 address"),
-    (["--host", "192.0.2.1"], "--host 192.0.2.1: not an address of this machine"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--http-port", "18000", "--grpc-port", "18000"], "--http-port and --grpc-port are both 18000"),
+        (["--grpc-port", "18001", "--metrics-port", "18001"], "--grpc-port and --metrics-port are both 18001"),
+        (["--http-port", "18002", "--metrics-port", "18002"], "--http-port and --metrics-port are both 18002"),
+        (["--timeout", "nan"], "'--timeout'"),
+        (["--timeout", "0"], "'--timeout'"),
+        (["--timeout", "4000"], "'--timeout'"),
+        (["--http-port", "99999"], "'--http-port'"),
+        (["--host", "example.org"], "--host 'example.org': give an IPv4 address"),
+        (["--host", "::1"], "--host '::1': give an IPv4 address"),
+        (["--host", "192.0.2.1"], "--host 192.0.2.1: not an address of this machine"),
+    ],
+)
 def test_serve_options_are_checked_before_anything_starts(repo, args, message):
     r = CliRunner().invoke(main, ["serve", str(repo), *args])
     assert r.exit_code == 2, r.output
@@ -344,28 +376,48 @@ def test_a_port_in_use_is_named(repo):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = CliRunner().invoke(main, ["serve", str(repo), "--grpc-port", str(port), "--http-port", str(free_port()),
-                                      "--metrics-port", str(free_port())])
+        r = CliRunner().invoke(
+            main,
+            [
+                "serve",
+                str(repo),
+                "--grpc-port",
+                str(port),
+                "--http-port",
+                str(free_port()),
+                "--metrics-port",
+                str(free_port()),
+            ],
+        )
     assert r.exit_code == 2
     assert r.stderr == f"error: --grpc-port {port}: 127.0.0.1:{port} is already in use (another server?)\n"
 
 
 # ---- loadtest ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, message", [
-    (["localhost:99999", "--model", "m"], "error: URL 'localhost:99999': give HOST:PORT with a port in 1..65535"),
-    (["localhost:{closed}", "--model", "m"], "error: localhost:{closed}: cannot reach model 'm' (Connection"),
-    (["localhost:{closed}", "--model", "m", "--protocol", "grpc"], "error: localhost:{closed}: cannot reach model"),
-    (["localhost:{closed}", "--model", "m", "--warmup", "nan"], "'--warmup'"),
-    (["localhost:{closed}", "--model", "m", "--duration", "inf"], "'--duration'"),
-    (["localhost:{closed}", "--model", "m", "--stats-url", "h:0"], "error: --stats-url 'h:0': give HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["localhost:99999", "--model", "m"], "error: URL 'localhost:99999': give HOST:PORT with a port in 1..65535"),
+        (["localhost:{closed}", "--model", "m"], "error: localhost:{closed}: cannot reach model 'm' (Connection"),
+        (["localhost:{closed}", "--model", "m", "--protocol", "grpc"], "error: localhost:{closed}: cannot reach model"),
+        (["localhost:{closed}", "--model", "m", "--warmup", "nan"], "'--warmup'"),
+        (["localhost:{closed}", "--model", "m", "--duration", "inf"], "'--duration'"),
+        (["localhost:{closed}", "--model", "m", "--stats-url", "h:0"], "error: --stats-url 'h:0': give HOST:PORT"),
+    ],
+)
 def test_loadtest_errors_are_one_line_without_tritonclient_noise(args, message):
-    closed = str(free_port())               # nothing listens there
+    closed = str(free_port())  # nothing listens there
     args = [a.replace("{closed}", closed) for a in args]
-    r = subprocess.run([sys.executable, "-m", "caitdeploy", "loadtest", *args], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "caitdeploy", "loadtest", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 2, r.stderr
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr   # no `__del__` traceback
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr  # no `__del__` traceback
     assert message.replace("{closed}", closed) in r.stderr and r.stdout == ""
 
 
@@ -418,7 +470,7 @@ def python_model(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeUtils)
     mod = importlib.import_module("caitdeploy.export.triton_python_model")
     mod = importlib.reload(mod)
-    m = mod.TritonPythonModel.__new__(mod.TritonPythonModel)   # initialize() needs a real model.onnx
+    m = mod.TritonPythonModel.__new__(mod.TritonPythonModel)  # initialize() needs a real model.onnx
     m.input_name, m.output_name, m.dims, m.seen_dims, m.max_batch = "images", "logits", (3, 4, 4), (1, 3, 4, 4), 8
     m.wire_dtype, m.input_dtype, m.session, m.executions = np.dtype(np.float32), np.float32, _FakeSession(), 0
     yield m
@@ -439,14 +491,26 @@ def _x(n, value=None):
 
 def test_a_bad_request_in_a_batch_fails_alone(python_model):
     good = [_x(1), _x(2), _x(3)]
-    bad = {1: np.zeros((1, 3, 4, 4), np.float32),       # a 2^40-row request as it reaches the model: no batch dim
-           3: _x(2).astype(np.float16),                  # another dtype
-           4: np.zeros((9, 1, 3, 4, 4), np.float32),     # more rows than max_batch_size
-           5: np.zeros((1, 1, 3, 4, 5), np.float32),     # other dims
-           6: np.zeros((0, 1, 3, 4, 4), np.float32),     # no rows
-           7: ValueError("buffer is smaller than requested size")}   # a byte count that lies
-    reqs = [_req(good[0]), _req(bad[1]), _req(good[1]), _req(bad[3]), _req(bad[4]), _req(bad[5]), _req(bad[6]),
-            _req(bad[7]), {}, _req(good[2])]
+    bad = {
+        1: np.zeros((1, 3, 4, 4), np.float32),  # a 2^40-row request as it reaches the model: no batch dim
+        3: _x(2).astype(np.float16),  # another dtype
+        4: np.zeros((9, 1, 3, 4, 4), np.float32),  # more rows than max_batch_size
+        5: np.zeros((1, 1, 3, 4, 5), np.float32),  # other dims
+        6: np.zeros((0, 1, 3, 4, 4), np.float32),  # no rows
+        7: ValueError("buffer is smaller than requested size"),
+    }  # a byte count that lies
+    reqs = [
+        _req(good[0]),
+        _req(bad[1]),
+        _req(good[1]),
+        _req(bad[3]),
+        _req(bad[4]),
+        _req(bad[5]),
+        _req(bad[6]),
+        _req(bad[7]),
+        {},
+        _req(good[2]),
+    ]
     out = python_model.execute(reqs)
     assert len(out) == len(reqs)
     for i, x in ((0, good[0]), (2, good[1]), (9, good[2])):
@@ -458,7 +522,7 @@ def test_a_bad_request_in_a_batch_fails_alone(python_model):
     assert "expected [n, 3, 4, 4] with n in 1..8" in out[1].error.message
     assert "has shape [9, 3, 4, 4], expected [n, 3, 4, 4] with n in 1..8" in out[4].error.message
     assert "dtype float16" in out[3].error.message and "is missing" in out[8].error.message
-    assert python_model.session.batches == [6]           # the good ones still ran as ONE batch
+    assert python_model.session.batches == [6]  # the good ones still ran as ONE batch
 
 
 def test_a_request_that_fails_the_batched_run_fails_alone(python_model):
@@ -466,4 +530,4 @@ def test_a_request_that_fails_the_batched_run_fails_alone(python_model):
     out = python_model.execute(reqs)
     assert [r.error is None for r in out] == [True, False, True]
     assert "poisoned" in out[1].error.message and out[1].error.code == "INTERNAL"
-    assert python_model.session.batches == [4, 1, 2, 1]   # the batch, then each alone
+    assert python_model.session.batches == [4, 1, 2, 1]  # the batch, then each alone

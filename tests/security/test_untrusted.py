@@ -3,6 +3,7 @@
 Table-driven: each category of the reliability issue has a table of hostile cases run through the real CLI.
 Memory bombs run in a subprocess under RLIMIT_AS = 4 GiB and must fail with the one-line error in < 10 s.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,6 @@ def cli(*args, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
-
-
 def listing(folder: Path) -> set[str]:
     return {p.name for p in folder.rglob("*")}
 
@@ -62,8 +61,18 @@ def small(tmp_path_factory):
 
 
 def _format_cfg(**over):
-    cfg = {"img_size": 224, "patch_size": 16, "in_chans": 3, "num_classes": 1000, "embed_dim": 384, "depth": 12,
-           "num_heads": 6, "mlp_ratio": 4.0, "qkv_bias": True, "merges": {}}
+    cfg = {
+        "img_size": 224,
+        "patch_size": 16,
+        "in_chans": 3,
+        "num_classes": 1000,
+        "embed_dim": 384,
+        "depth": 12,
+        "num_heads": 6,
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "merges": {},
+    }
     cfg.update(over)
     return cfg
 
@@ -117,18 +126,36 @@ def _deep_config(path: Path) -> Path:
 
 BOMBS = {
     # name: (maker, command args (FILE substituted), expected message)
-    "stride-0 views, embed 8192": (lambda d: _stride0_bomb(d / "s0.pth", 8192), ["fuse", "FILE", "-q"],
-                                   r"expanded \(stride-0\) view: its storage holds only 1 element for shape \(1, 1, 8192\)"),
-    "stride-0 views, embed 16384": (lambda d: _stride0_bomb(d / "s1.pth", 16384), ["fuse", "FILE", "-q"],
-                                    r"expanded \(stride-0\) view"),
-    "tensors sharing one buffer": (lambda d: _alias_bomb(d / "alias.pth"), ["fuse", "FILE", "-q"],
-                                   r"share or overlap storage"),
-    "depth 10^9": (lambda d: _deep_config(d / "deep.pth"), ["fuse", "FILE", "-q"],
-                   r"config depth = 1000000000 is outside 1\.\.256"),
-    "fused config lies (export)": (lambda d: _lying_fused(d / "lie.fused.safetensors", d / "ck.fused.safetensors"),
-                                   ["export", "FILE", "-q", "--no-verify"], r"(has shape|do not match their config)"),
-    "fused config lies (bench)": (lambda d: _lying_fused(d / "lie2.fused.safetensors", d / "ck.fused.safetensors"),
-                                  ["bench", "FILE", "-q", "--batch", "1"], r"(has shape|do not match their config)"),
+    "stride-0 views, embed 8192": (
+        lambda d: _stride0_bomb(d / "s0.pth", 8192),
+        ["fuse", "FILE", "-q"],
+        r"expanded \(stride-0\) view: its storage holds only 1 element for shape \(1, 1, 8192\)",
+    ),
+    "stride-0 views, embed 16384": (
+        lambda d: _stride0_bomb(d / "s1.pth", 16384),
+        ["fuse", "FILE", "-q"],
+        r"expanded \(stride-0\) view",
+    ),
+    "tensors sharing one buffer": (
+        lambda d: _alias_bomb(d / "alias.pth"),
+        ["fuse", "FILE", "-q"],
+        r"share or overlap storage",
+    ),
+    "depth 10^9": (
+        lambda d: _deep_config(d / "deep.pth"),
+        ["fuse", "FILE", "-q"],
+        r"config depth = 1000000000 is outside 1\.\.256",
+    ),
+    "fused config lies (export)": (
+        lambda d: _lying_fused(d / "lie.fused.safetensors", d / "ck.fused.safetensors"),
+        ["export", "FILE", "-q", "--no-verify"],
+        r"(has shape|do not match their config)",
+    ),
+    "fused config lies (bench)": (
+        lambda d: _lying_fused(d / "lie2.fused.safetensors", d / "ck.fused.safetensors"),
+        ["bench", "FILE", "-q", "--batch", "1"],
+        r"(has shape|do not match their config)",
+    ),
 }
 
 
@@ -158,8 +185,18 @@ def test_memory_budget_is_checked_before_the_work(small):
     res = cli("fuse", ck, "-o", out, env={"CAITDEPLOY_MAX_MEMORY_MB": "0.01"})
     one_line_error(res, r"needs about .* GiB, more than the 0\.00 GiB budget \(CAITDEPLOY_MAX_MEMORY_MB\)")
     assert not out.exists()
-    res = cli("bench", small / "ck.fused.safetensors", "--batch", "65536", "--backends", "torch", "-q",
-              "--baselines", "dense", env={"CAITDEPLOY_MAX_MEMORY_MB": "64"})
+    res = cli(
+        "bench",
+        small / "ck.fused.safetensors",
+        "--batch",
+        "65536",
+        "--backends",
+        "torch",
+        "-q",
+        "--baselines",
+        "dense",
+        env={"CAITDEPLOY_MAX_MEMORY_MB": "64"},
+    )
     one_line_error(res, r"benchmarking its dense architecture at batch 65536 needs about .* choose a smaller --batch")
 
 
@@ -167,6 +204,7 @@ def test_memory_budget_is_checked_before_the_work(small):
 def _cfg(**over):
     def f(ck):
         ck["config"].update(over)
+
     return f
 
 
@@ -187,14 +225,26 @@ BAD_CHECKPOINTS = {
     "string class_token": (_cfg(class_token="yes"), r"config key 'class_token' has value 'yes', expected bool"),
     "skip_lam NaN": (_cfg(skip_lam=float("nan")), r"skip_lam"),
     "duplicate merges 1/01": (_cfg(merges={"1": "h", "01": "v"}), r"merges name block 1 twice"),
-    "non-tensor cls_token": (_sd(lambda sd: sd.update(cls_token=[1.0, 2.0])), r"key 'cls_token' is a list, expected a tensor"),
-    "0-d cls_token": (_sd(lambda sd: sd.update(cls_token=torch.tensor(1.0))), r"key 'cls_token' has shape \(\), expected \(1, 1, 24\)"),
-    "complex weights": (_sd(lambda sd: sd.update({"head.weight": sd["head.weight"].to(torch.complex64)})),
-                        r"key 'head\.weight' has complex dtype torch\.complex64: CAIT weights are real"),
-    "integer weights": (_sd(lambda sd: sd.update({"head.weight": sd["head.weight"].long()})),
-                        r"key 'head\.weight' has torch\.int64 values: CAIT weights are floating point"),
-    "int8 weights": (_sd(lambda sd: sd.update({"blocks.0.mlp.fc1.weight": sd["blocks.0.mlp.fc1.weight"].to(torch.int8)})),
-                     r"torch\.int8 values"),
+    "non-tensor cls_token": (
+        _sd(lambda sd: sd.update(cls_token=[1.0, 2.0])),
+        r"key 'cls_token' is a list, expected a tensor",
+    ),
+    "0-d cls_token": (
+        _sd(lambda sd: sd.update(cls_token=torch.tensor(1.0))),
+        r"key 'cls_token' has shape \(\), expected \(1, 1, 24\)",
+    ),
+    "complex weights": (
+        _sd(lambda sd: sd.update({"head.weight": sd["head.weight"].to(torch.complex64)})),
+        r"key 'head\.weight' has complex dtype torch\.complex64: CAIT weights are real",
+    ),
+    "integer weights": (
+        _sd(lambda sd: sd.update({"head.weight": sd["head.weight"].long()})),
+        r"key 'head\.weight' has torch\.int64 values: CAIT weights are floating point",
+    ),
+    "int8 weights": (
+        _sd(lambda sd: sd.update({"blocks.0.mlp.fc1.weight": sd["blocks.0.mlp.fc1.weight"].to(torch.int8)})),
+        r"torch\.int8 values",
+    ),
     "non-string key": (_sd(lambda sd: sd.update({7: torch.zeros(1)})), r"state dict key 7 is not a string"),
 }
 
@@ -221,8 +271,9 @@ def test_half_precision_checkpoints_are_accepted_and_reported(tmp_path, dtype, s
     assert res.exit_code == 0, res.output
     name = str(dtype).removeprefix("torch.")
     assert f"note: {len(ck['state_dict'])} {name} tensors upcast to float32 for surgery" in res.output
-    assert json.loads(rep.read_text())["notes"] == [(f"{len(ck['state_dict'])} {name} tensors upcast to float32 for "
-                                                    "surgery (the fused model is float32)")]
+    assert json.loads(rep.read_text())["notes"] == [
+        (f"{len(ck['state_dict'])} {name} tensors upcast to float32 for surgery (the fused model is float32)")
+    ]
 
 
 @pytest.mark.parametrize("wrap", ["module.", "model.", "module.model."])
@@ -240,29 +291,58 @@ INPUT_IS_OUTPUT = {
     # name: (args, expected)
     "fuse -o CHECKPOINT": (["fuse", "ck.pth", "-o", "ck.pth"], r"expected a \.safetensors file name"),
     "fuse -o CHECKPOINT.safetensors": (["fuse", "ck.safetensors", "-o", "ck.safetensors"], r"is the input CHECKPOINT"),
-    "fuse -o symlink to CHECKPOINT": (["fuse", "ck.safetensors", "-o", "sym-ck.safetensors"], r"is the input CHECKPOINT"),
-    "fuse -o hard link to CHECKPOINT": (["fuse", "ck.safetensors", "-o", "hard-ck.safetensors"], r"is the input CHECKPOINT"),
+    "fuse -o symlink to CHECKPOINT": (
+        ["fuse", "ck.safetensors", "-o", "sym-ck.safetensors"],
+        r"is the input CHECKPOINT",
+    ),
+    "fuse -o hard link to CHECKPOINT": (
+        ["fuse", "ck.safetensors", "-o", "hard-ck.safetensors"],
+        r"is the input CHECKPOINT",
+    ),
     "fuse --report CHECKPOINT": (["fuse", "ck.pth", "--report", "ck.pth"], r"--report ck\.pth: expected a \.json"),
-    "fuse --report == -o": (["fuse", "ck.pth", "-o", "x.safetensors", "--report", "x.safetensors"], r"--report .*expected a \.json"),
-    "export -o MODEL": (["export", "ck.fused.safetensors", "-o", "ck.fused.safetensors"], r"expected a \.onnx file name"),
+    "fuse --report == -o": (
+        ["fuse", "ck.pth", "-o", "x.safetensors", "--report", "x.safetensors"],
+        r"--report .*expected a \.json",
+    ),
+    "export -o MODEL": (
+        ["export", "ck.fused.safetensors", "-o", "ck.fused.safetensors"],
+        r"expected a \.onnx file name",
+    ),
     "export -o symlink to MODEL": (["export", "ck.fused.safetensors", "-o", "via.onnx"], r"is the input MODEL"),
-    "export --engine == -o": (["export", "ck.fused.safetensors", "--trt", "-o", "x.onnx", "--engine", "x.onnx"],
-                              r"--engine x\.onnx: expected a \.plan or \.engine or \.trt"),
-    "export --engine sidecar == --report": (["export", "ck.fused.safetensors", "--trt", "-o", "x.onnx", "--report",
-                                             "x.plan.json"], r"is also the --engine \(its sidecar\) output"),
-    "export --report == MODEL": (["export", "ck.fused.safetensors", "--report", "ck.fused.safetensors"], r"expected a \.json"),
-    "export --timing-cache == -o": (["export", "ck.fused.safetensors", "--trt", "-o", "x.onnx", "--timing-cache", "x.onnx"],
-                                    r"--timing-cache x\.onnx: the extension \.onnx means ONNX"),
-    "export --triton-repo file == -o": (["export", "ck.fused.safetensors", "-o", "repo/m/1/model.onnx", "--triton-repo",
-                                         "repo", "--name", "m"], r"is also the --output output"),
+    "export --engine == -o": (
+        ["export", "ck.fused.safetensors", "--trt", "-o", "x.onnx", "--engine", "x.onnx"],
+        r"--engine x\.onnx: expected a \.plan or \.engine or \.trt",
+    ),
+    "export --engine sidecar == --report": (
+        ["export", "ck.fused.safetensors", "--trt", "-o", "x.onnx", "--report", "x.plan.json"],
+        r"is also the --engine \(its sidecar\) output",
+    ),
+    "export --report == MODEL": (
+        ["export", "ck.fused.safetensors", "--report", "ck.fused.safetensors"],
+        r"expected a \.json",
+    ),
+    "export --timing-cache == -o": (
+        ["export", "ck.fused.safetensors", "--trt", "-o", "x.onnx", "--timing-cache", "x.onnx"],
+        r"--timing-cache x\.onnx: the extension \.onnx means ONNX",
+    ),
+    "export --triton-repo file == -o": (
+        ["export", "ck.fused.safetensors", "-o", "repo/m/1/model.onnx", "--triton-repo", "repo", "--name", "m"],
+        r"is also the --output output",
+    ),
     "bench --json MODEL": (["bench", "ck.fused.safetensors", "--json", "ck.fused.safetensors"], r"expected a \.json"),
     "bench --json symlink to MODEL": (["bench", "ck.fused.safetensors", "--json", "link.json"], r"is the input MODEL"),
-    "bench --plot == --json": (["bench", "ck.fused.safetensors", "--json", "b.json", "--plot", "b.json"],
-                               r"--plot b\.json: expected a \.png or \.svg or \.pdf"),
-    "bench --markdown == --json": (["bench", "ck.fused.safetensors", "--json", "b.md", "--markdown", "b.md"],
-                                   r"--json b\.md: expected a \.json"),
-    "make-checkpoint -o --weights": (["make-checkpoint", "--arch", "deit_tiny_patch16_224", "--weights", "w.pth", "-o", "w.pth"],
-                                     r"--output w\.pth: is the input --weights"),
+    "bench --plot == --json": (
+        ["bench", "ck.fused.safetensors", "--json", "b.json", "--plot", "b.json"],
+        r"--plot b\.json: expected a \.png or \.svg or \.pdf",
+    ),
+    "bench --markdown == --json": (
+        ["bench", "ck.fused.safetensors", "--json", "b.md", "--markdown", "b.md"],
+        r"--json b\.md: expected a \.json",
+    ),
+    "make-checkpoint -o --weights": (
+        ["make-checkpoint", "--arch", "deit_tiny_patch16_224", "--weights", "w.pth", "-o", "w.pth"],
+        r"--output w\.pth: is the input --weights",
+    ),
     "make-checkpoint -o .onnx": (["make-checkpoint", "-o", "c.onnx"], r"expected a \.pth or \.pt or \.safetensors"),
 }
 
@@ -290,29 +370,73 @@ def test_inputs_are_never_outputs(small, name, monkeypatch):
 
 # ---- 4. everything checked before any work: nothing written on error -----------------------------------
 BEFORE_WORK = {
-    "fuse --report in a missing folder": (["fuse", "ck.pth", "-o", "f.safetensors", "--report", "nodir/r.json"],
-                                          r"--report directory nodir does not exist"),
-    "fuse --max-dropped-norm nan": (["fuse", "ck.pth", "--max-dropped-norm", "nan"], r"--max-dropped-norm must be a finite number"),
+    "fuse --report in a missing folder": (
+        ["fuse", "ck.pth", "-o", "f.safetensors", "--report", "nodir/r.json"],
+        r"--report directory nodir does not exist",
+    ),
+    "fuse --max-dropped-norm nan": (
+        ["fuse", "ck.pth", "--max-dropped-norm", "nan"],
+        r"--max-dropped-norm must be a finite number",
+    ),
     "fuse --threshold -1": (["fuse", "ck.pth", "--threshold", "-1"], r"--threshold = -1\.0 is outside"),
-    "fuse --align 1000000": (["fuse", "ck.pth", "--align", "1000000"], r"'--align': 1000000 is not in the range 1<=x<=256"),
+    "fuse --align 1000000": (
+        ["fuse", "ck.pth", "--align", "1000000"],
+        r"'--align': 1000000 is not in the range 1<=x<=256",
+    ),
     "fuse --verify-batch 1000000": (["fuse", "ck.pth", "--verify-batch", "1000000"], r"--verify-batch.* 0<=x<=256"),
     "export bad opset": (["export", "ck.fused.safetensors", "--opset", "12"], r"unsupported opset 12"),
-    "export triton: bad instance kind": (["export", "ck.fused.safetensors", "--triton-repo", "repo", "--instance-kind", "tpu"],
-                                         r"instance kind 'tpu'"),
-    "export triton: plan on cpu": (["export", "ck.fused.safetensors", "--trt", "--triton-repo", "repo", "--instance-kind", "cpu"],
-                                   r"a TensorRT plan runs on GPU instances only"),
-    "export trt: bad profile": (["export", "ck.fused.safetensors", "--trt", "--opt-batch", "300"], r"1 <= min <= opt <= max"),
-    "export trt: bad opt level": (["export", "ck.fused.safetensors", "--trt", "--opt-level", "9"], r"--opt-level must be 0\.\.5"),
-    "export engine option without --trt": (["export", "ck.fused.safetensors", "--engine", "e.plan"], r"--engine is an engine option: add --trt"),
-    "export --report in a missing folder": (["export", "ck.fused.safetensors", "--report", "nodir/r.json"], r"nodir does not exist"),
-    "bench --json in a missing folder": (["bench", "ck.fused.safetensors", "--json", "nodir/b.json"], r"nodir does not exist"),
-    "bench --plot in a missing folder": (["bench", "ck.fused.safetensors", "--plot", "nodir/b.png"], r"nodir does not exist"),
-    "bench --min-seconds inf": (["bench", "ck.fused.safetensors", "--min-seconds", "inf"], r"--min-seconds inf: must be in"),
-    "bench --min-seconds nan": (["bench", "ck.fused.safetensors", "--min-seconds", "nan"], r"--min-seconds nan: must be in"),
-    "bench --batch 10^6": (["bench", "ck.fused.safetensors", "--batch", "1000000"], r"--batch 1000000: must be in 1\.\.65536"),
-    "make-checkpoint duplicate merges": (["make-checkpoint", "--merges", "4:h,4:v", "-o", "m.pth"], r"block 4 is named twice"),
-    "make-checkpoint --flops-reduction nan": (["make-checkpoint", "--flops-reduction", "nan", "-o", "m.pth"],
-                                              r"--flops-reduction must be a finite number"),
+    "export triton: bad instance kind": (
+        ["export", "ck.fused.safetensors", "--triton-repo", "repo", "--instance-kind", "tpu"],
+        r"instance kind 'tpu'",
+    ),
+    "export triton: plan on cpu": (
+        ["export", "ck.fused.safetensors", "--trt", "--triton-repo", "repo", "--instance-kind", "cpu"],
+        r"a TensorRT plan runs on GPU instances only",
+    ),
+    "export trt: bad profile": (
+        ["export", "ck.fused.safetensors", "--trt", "--opt-batch", "300"],
+        r"1 <= min <= opt <= max",
+    ),
+    "export trt: bad opt level": (
+        ["export", "ck.fused.safetensors", "--trt", "--opt-level", "9"],
+        r"--opt-level must be 0\.\.5",
+    ),
+    "export engine option without --trt": (
+        ["export", "ck.fused.safetensors", "--engine", "e.plan"],
+        r"--engine is an engine option: add --trt",
+    ),
+    "export --report in a missing folder": (
+        ["export", "ck.fused.safetensors", "--report", "nodir/r.json"],
+        r"nodir does not exist",
+    ),
+    "bench --json in a missing folder": (
+        ["bench", "ck.fused.safetensors", "--json", "nodir/b.json"],
+        r"nodir does not exist",
+    ),
+    "bench --plot in a missing folder": (
+        ["bench", "ck.fused.safetensors", "--plot", "nodir/b.png"],
+        r"nodir does not exist",
+    ),
+    "bench --min-seconds inf": (
+        ["bench", "ck.fused.safetensors", "--min-seconds", "inf"],
+        r"--min-seconds inf: must be in",
+    ),
+    "bench --min-seconds nan": (
+        ["bench", "ck.fused.safetensors", "--min-seconds", "nan"],
+        r"--min-seconds nan: must be in",
+    ),
+    "bench --batch 10^6": (
+        ["bench", "ck.fused.safetensors", "--batch", "1000000"],
+        r"--batch 1000000: must be in 1\.\.65536",
+    ),
+    "make-checkpoint duplicate merges": (
+        ["make-checkpoint", "--merges", "4:h,4:v", "-o", "m.pth"],
+        r"block 4 is named twice",
+    ),
+    "make-checkpoint --flops-reduction nan": (
+        ["make-checkpoint", "--flops-reduction", "nan", "-o", "m.pth"],
+        r"--flops-reduction must be a finite number",
+    ),
 }
 
 
@@ -339,8 +463,20 @@ def test_engine_build_failure_writes_nothing(small, monkeypatch):
     monkeypatch.setattr(T, "build_engine_bytes", fail)
     monkeypatch.chdir(small)
     before = listing(small)
-    line = one_line_error(cli("export", "ck.fused.safetensors", "-o", "t.onnx", "--trt", "--triton-repo", "trepo",
-                              "--report", "t.json", "--no-verify"))
+    line = one_line_error(
+        cli(
+            "export",
+            "ck.fused.safetensors",
+            "-o",
+            "t.onnx",
+            "--trt",
+            "--triton-repo",
+            "trepo",
+            "--report",
+            "t.json",
+            "--no-verify",
+        )
+    )
     assert "[nothing written: the ONNX export succeeded;" in line and "verified" not in line
     assert listing(small) == before
 
@@ -403,7 +539,7 @@ def test_sigterm_removes_temporary_files(tmp_path, inherited_mask):
         @handle_errors
         def cmd():
             with Staging() as st:
-                st.write_bytes({str(tmp_path / 'out.json')!r}, b"{{}}")
+                st.write_bytes({str(tmp_path / "out.json")!r}, b"{{}}")
                 print("staged", flush=True)
                 time.sleep(120)
         cmd()
@@ -412,8 +548,13 @@ def test_sigterm_removes_temporary_files(tmp_path, inherited_mask):
     def block_sigterm():
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=block_sigterm if inherited_mask == "sigterm_blocked" else None)  # noqa: PLW1509
+    p = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=block_sigterm if inherited_mask == "sigterm_blocked" else None,  # noqa: PLW1509
+    )
     try:
         assert p.stdout.readline().strip() == "staged", p.stderr.read()
         assert [q.name for q in tmp_path.iterdir() if ".cdtmp-" in q.name]  # the temporary file exists
@@ -440,7 +581,7 @@ def test_temporary_files_of_a_killed_process_are_swept(tmp_path):
     stale.write_text("half")
     alive = tmp_path / f".y.json.cdtmp-{_host()}-{os.getppid()}-abc.tmp"  # a live process: kept
     alive.write_text("busy")
-    other = tmp_path / f".z.json.cdtmp-otherhost-{dead.pid}-abc.tmp"     # another host's: kept
+    other = tmp_path / f".z.json.cdtmp-otherhost-{dead.pid}-abc.tmp"  # another host's: kept
     other.write_text("remote")
     with Staging() as st:
         st.write_text(tmp_path / "new.json", "{}")
@@ -455,7 +596,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(small, tmp_path):
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-        sys.argv = ["caitdeploy", "fuse", {str(small / 'ck.pth')!r}, "-o", {str(out)!r}, "-q"]
+        sys.argv = ["caitdeploy", "fuse", {str(small / "ck.pth")!r}, "-o", {str(out)!r}, "-q"]
         from caitdeploy.cli.main import main
         main()
     """)
@@ -486,13 +627,20 @@ def _fused_variant(small: Path, name: str, tensors=None, config=None) -> Path:
 
 
 BAD_FUSED = {
-    "NaN weight": (dict(tensors=lambda sd: sd["head.weight"].__setitem__((0, 0), float("nan"))),
-                   r"key 'head\.weight' contains NaN or Inf"),
-    "negative LayerNorm eps": (dict(config=lambda c: c.update(ln_eps=-1e-6)), r"ln_eps must be a number in \(0, 0\.1\]"),
+    "NaN weight": (
+        dict(tensors=lambda sd: sd["head.weight"].__setitem__((0, 0), float("nan"))),
+        r"key 'head\.weight' contains NaN or Inf",
+    ),
+    "negative LayerNorm eps": (
+        dict(config=lambda c: c.update(ln_eps=-1e-6)),
+        r"ln_eps must be a number in \(0, 0\.1\]",
+    ),
     "NaN LayerNorm eps": (dict(config=lambda c: c.update(ln_eps=float("nan"))), r"NaN is not a JSON number"),
     "config is a JSON list": (dict(config=lambda c: None), None),
-    "integer weights": (dict(tensors=lambda sd: sd.update({"head.bias": sd["head.bias"].long()})),
-                        r"key 'head\.bias' has dtype I64"),
+    "integer weights": (
+        dict(tensors=lambda sd: sd.update({"head.bias": sd["head.bias"].long()})),
+        r"key 'head\.bias' has dtype I64",
+    ),
 }
 
 
@@ -504,8 +652,11 @@ def test_bad_fused_files_are_refused_by_every_reader(small, name, command):
         from safetensors.torch import load_file, save_file
 
         path = small / "list.fused.safetensors"
-        save_file(load_file(small / "ck.fused.safetensors"), str(path),
-                  metadata={"format": "cait-fused/1", "config": "[1, 2]", "caitdeploy": "{}"})
+        save_file(
+            load_file(small / "ck.fused.safetensors"),
+            str(path),
+            metadata={"format": "cait-fused/1", "config": "[1, 2]", "caitdeploy": "{}"},
+        )
         pattern = r"config must be a JSON object, got list"
     else:
         path = _fused_variant(small, name.replace(" ", "_") + ".fused.safetensors", **kw)
@@ -518,8 +669,11 @@ def test_bad_fused_files_are_refused_by_load_model(small):
     from caitdeploy.core.errors import CaitError
     from caitdeploy.formats.fused import load_model
 
-    path = _fused_variant(small, "nan2.fused.safetensors",
-                          tensors=lambda sd: sd["blocks.0.mlp.fc1.weight"].__setitem__((1, 1), float("inf")))
+    path = _fused_variant(
+        small,
+        "nan2.fused.safetensors",
+        tensors=lambda sd: sd["blocks.0.mlp.fc1.weight"].__setitem__((1, 1), float("inf")),
+    )
     with pytest.raises(CaitError, match=r"blocks\.0\.mlp\.fc1\.weight' contains NaN or Inf"):
         load_model(path)
     from safetensors.torch import load_file, save_file
@@ -529,8 +683,11 @@ def test_bad_fused_files_are_refused_by_load_model(small):
     weights = load_file(small / "ck.fused.safetensors")
     _, meta = read_safetensors_header(small / "ck.fused.safetensors")
     bad_meta = small / "meta.fused.safetensors"
-    for text, pattern in (("not json", r"not valid JSON"), ('{"a": 1, "a": 2}', r"duplicate key 'a'"),
-                          ("[]", r"'caitdeploy' must be a JSON object")):
+    for text, pattern in (
+        ("not json", r"not valid JSON"),
+        ('{"a": 1, "a": 2}', r"duplicate key 'a'"),
+        ("[]", r"'caitdeploy' must be a JSON object"),
+    ):
         save_file(weights, str(bad_meta), metadata=dict(meta, caitdeploy=text))
         with pytest.raises(CaitError, match=pattern):
             load_model(bad_meta)
@@ -539,8 +696,21 @@ def test_bad_fused_files_are_refused_by_load_model(small):
 def test_bench_exits_nonzero_when_nothing_was_measured(small):
     """On a CPU-only machine every TensorRT row is n/a: the command says so and writes nothing."""
     out = small / "none.json"
-    line = one_line_error(cli("bench", small / "ck.fused.safetensors", "--backends", "trt", "--baselines", "none",
-                              "--batch", "1", "-q", "--json", out))
+    line = one_line_error(
+        cli(
+            "bench",
+            small / "ck.fused.safetensors",
+            "--backends",
+            "trt",
+            "--baselines",
+            "none",
+            "--batch",
+            "1",
+            "-q",
+            "--json",
+            out,
+        )
+    )
     assert line.startswith("error: no measurement succeeded (trt: n/a") and "nothing written" in line
     assert not out.exists()
 
@@ -570,8 +740,10 @@ def test_code_pickles_are_refused_with_our_words(tmp_path, monkeypatch, how):
         path.write_bytes(pickle.dumps({"state_dict": _System()}))
     for command in (["fuse", path], ["inspect", path], ["export", path]):
         line = one_line_error(cli(*command))
-        assert "refused: the pickle needs code to load (it references posix.system); caitdeploy never runs code " \
-               "from a checkpoint" in line, line
+        assert (
+            "refused: the pickle needs code to load (it references posix.system); caitdeploy never runs code "
+            "from a checkpoint" in line
+        ), line
         assert "weights_only" not in line and "Re-running" not in line
     assert not (tmp_path / "PWNED").exists()
 
@@ -594,12 +766,18 @@ def test_compressed_and_legacy_files_are_refused_before_torch_reads_them(tmp_pat
 SIDECARS = {
     "not JSON": ("{", r"engine sidecar is not valid JSON"),
     "a JSON list": ("[1]", r"not a caitdeploy engine sidecar"),
-    "profile of strings": (json.dumps({"format": "caitdeploy-engine/1", "profile": {"min": "a", "opt": [1], "max": []}}),
-                           r"bad engine sidecar: 'profile.min' must be 4 positive integers"),
-    "config that lies": (json.dumps({"format": "caitdeploy-engine/1", "config": {"blocks": [{"num_heads": 0}]}}),
-                         r"bad engine sidecar: 'config': config blocks\[0\]"),
-    "depth 10^6 config": (json.dumps({"format": "caitdeploy-engine/1", "config": {"blocks": [{}] * 10**6}}),
-                          r"depth = 1000000 is outside 1\.\.256"),
+    "profile of strings": (
+        json.dumps({"format": "caitdeploy-engine/1", "profile": {"min": "a", "opt": [1], "max": []}}),
+        r"bad engine sidecar: 'profile.min' must be 4 positive integers",
+    ),
+    "config that lies": (
+        json.dumps({"format": "caitdeploy-engine/1", "config": {"blocks": [{"num_heads": 0}]}}),
+        r"bad engine sidecar: 'config': config blocks\[0\]",
+    ),
+    "depth 10^6 config": (
+        json.dumps({"format": "caitdeploy-engine/1", "config": {"blocks": [{}] * 10**6}}),
+        r"depth = 1000000 is outside 1\.\.256",
+    ),
     "NaN build time": ('{"format": "caitdeploy-engine/1", "build_seconds": NaN}', r"NaN is not a JSON number"),
 }
 
@@ -627,5 +805,8 @@ def test_bad_onnx_metadata_is_one_line(small):
             p.value = json.dumps(dict(json.loads(p.value), embed_dim=10**9))
     bad = small / "badmeta.onnx"
     onnx.save(m, str(bad))
-    one_line_error(cli("inspect", bad), r"badmeta\.onnx: bad 'caitdeploy\.config' metadata: embed_dim = 1000000000 "
-                                        r"is outside 1\.\.16384")
+    one_line_error(
+        cli("inspect", bad),
+        r"badmeta\.onnx: bad 'caitdeploy\.config' metadata: embed_dim = 1000000000 "
+        r"is outside 1\.\.16384",
+    )

@@ -1,6 +1,7 @@
 """The Swin family as a `Family` object (base.py): timm's SwinTransformer (v1) with per-head CAIT widths and ATME
 merges inside a stage. Config `SwinConfig`, deploy model `CaitSwin` and the counts live in model.py; this module
 adds the merge specs (STAGE.BLOCK:h|v), the paper's placement and defaults, and the timm adapter."""
+
 from __future__ import annotations
 
 import warnings
@@ -14,7 +15,7 @@ from caitdeploy.families.vit.config import ConfigError
 if TYPE_CHECKING:
     from caitdeploy.families.layers import AttnImpl
 
-DEFAULT_REDUCTION = 0.354       # the paper's ATME + CDCP setting (Tab. XIV; Tab. XII, CDCP only: --merges none, 0.267)
+DEFAULT_REDUCTION = 0.354  # the paper's ATME + CDCP setting (Tab. XIV; Tab. XII, CDCP only: --merges none, 0.267)
 
 
 def parse_merges(text: str) -> dict[tuple[int, int], str]:
@@ -40,6 +41,7 @@ def merges_text(merges: dict[tuple[int, int], str]) -> str:
 def merge_reduction(fmt: dict[str, Any], merges: dict[tuple[int, int], str]) -> float:
     """FLOPs reduction that ATME `merges` {(stage, block): kind} alone give the Swin of format config `fmt`;
     ConfigError for a merge that does not fit (an odd grid side)."""
+
     def flops(m):
         f = SW.check_format({**fmt, "merges": {f"{s}.{i}": k for (s, i), k in m.items()}})
         return SW.swin_flops(SW.swin_config_from_format(f))["total"]
@@ -62,13 +64,16 @@ def auto_merges(fmt: dict[str, Any], flops_reduction: float) -> tuple[dict[tuple
         except ConfigError:
             continue
         if r <= flops_reduction + 1e-9:
-            return merges, {"merges": merges, "token_reduction": r, "channel_reduction": flops_reduction - r,
-                            "flops_reduction": flops_reduction}
-    raise OptionError("merges", "auto: no Swin merge placement fits")   # unreachable: {} always fits
+            return merges, {
+                "merges": merges,
+                "token_reduction": r,
+                "channel_reduction": flops_reduction - r,
+                "flops_reduction": flops_reduction,
+            }
+    raise OptionError("merges", "auto: no Swin merge placement fits")  # unreachable: {} always fits
 
 
-def timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None,
-               model_args: dict | None = None):
+def timm_model(arch: str, num_classes: int | None = None, img_size: int | None = None, model_args: dict | None = None):
     """A randomly initialised timm SwinTransformer (v1), one-line OptionError for other names; `model_args`
     override timm's (embed_dim, depths, num_heads, ...)."""
     import timm
@@ -105,7 +110,7 @@ def initial_weights(model, merges: dict[tuple[int, int], str], arch: str | None 
         if k.endswith("relative_position_bias_table") and tuple(sd[k].shape) != shape:
             s, i = (int(x) for x in k.split(".")[1:4:2])
             win, _ = cfg.window_shift(s, i)
-            with warnings.catch_warnings():   # timm's interpolation warns about torch internals
+            with warnings.catch_warnings():  # timm's interpolation warns about torch internals
                 warnings.simplefilter("ignore")
                 sd[k] = resize_rel_pos_bias_table(sd[k], new_window_size=win, new_bias_shape=shape)
     for (s, i), kind in merges.items():
@@ -113,7 +118,7 @@ def initial_weights(model, merges: dict[tuple[int, int], str], arch: str | None 
         sd[f"layers.{s}.blocks.{i}.{SW._MERGE_NAME[kind]}.fc.weight"] = torch.cat([eye, eye], dim=1) / 2
         sd[f"layers.{s}.blocks.{i}.{SW._MERGE_NAME[kind]}.fc.bias"] = torch.zeros(cfg.dims[s])
     missing = sorted(set(req) - set(sd))
-    if missing:   # a timm layout this version does not know
+    if missing:  # a timm layout this version does not know
         raise CaitError(f"{arch}: timm's state dict lacks {missing[0]!r} (not a Swin v1 layout)")
     return fmt, cfg, sd
 
@@ -125,13 +130,17 @@ class SwinFamily(Family):
     default_merges = "auto"
     merge_syntax = "STAGE.BLOCK:h|v"
     tome_note = "its bipartite merging needs global attention; Swin attends in windows"
-    attention_op_note = ("a Swin model's window attention (relative position bias, shift masks) exports as "
-                         "MatMul + Softmax only: use --attention matmul")
+    attention_op_note = (
+        "a Swin model's window attention (relative position bias, shift masks) exports as "
+        "MatMul + Softmax only: use --attention matmul"
+    )
     kernels_note = "the Triton kernels are for the ViT families; a Swin model runs without them"
     buffer_suffixes = SW.BUFFER_SUFFIXES
-    token_reduction_note = ("is for a ViT's --merges auto; a Swin's auto merges are the paper's placement (HTM + "
-                            "VTM at the last two blocks of the longest stage): give --merges STAGE.BLOCK:h|v,... to "
-                            "place them yourself")
+    token_reduction_note = (
+        "is for a ViT's --merges auto; a Swin's auto merges are the paper's placement (HTM + "
+        "VTM at the last two blocks of the longest stage): give --merges STAGE.BLOCK:h|v,... to "
+        "place them yourself"
+    )
 
     def config_from_dict(self, raw: dict[str, Any]) -> SW.SwinConfig:
         return SW.SwinConfig.from_dict(raw)
@@ -160,7 +169,7 @@ class SwinFamily(Family):
         return SW.CaitSwin
 
     def resized(self, config, state_dict: dict, img_size):
-        config.at_size(img_size)   # ConfigError unless its windows and merges fit that size
+        config.at_size(img_size)  # ConfigError unless its windows and merges fit that size
         return config, state_dict
 
     # ---- accounting ----
@@ -184,8 +193,8 @@ class SwinFamily(Family):
         f = SW.swin_flops(config)
         stage = flat[last][0]
         in_stage = [j for j, (s, _, _) in enumerate(flat) if s == stage]
-        merge = f["stages"][stage] - sum(f["blocks"][j] for j in in_stage)   # its PatchMerging
-        return f["stem"] + sum(f["stages"][:stage]) + merge + sum(f["blocks"][in_stage[0]:last + 1])
+        merge = f["stages"][stage] - sum(f["blocks"][j] for j in in_stage)  # its PatchMerging
+        return f["stem"] + sum(f["stages"][:stage]) + merge + sum(f["blocks"][in_stage[0] : last + 1])
 
     def activation_bytes(self, config, batch: int, elem_bytes: int = 4) -> int:
         return SW.swin_activation_bytes(config, batch, elem_bytes)
@@ -220,7 +229,7 @@ class SwinFamily(Family):
         fmt, cfg, sd = initial_weights(model, merges, arch)
         net = SW.CaitSwin(cfg, compactors=True)
         net.load_state_dict(SW.from_checkpoint(cfg, sd, net.state_dict()))
-        for s, i, _ in cfg.flat():   # timm's per-block rates (drop_path_rate), active in training only
+        for s, i, _ in cfg.flat():  # timm's per-block rates (drop_path_rate), active in training only
             dp = getattr(model.layers[s].blocks[i], "drop_path1", None)
             net.layers[s].blocks[i].drop_prob = float(getattr(dp, "drop_prob", 0.0) or 0.0)
         return fmt, cfg, net
@@ -267,8 +276,10 @@ class SwinFamily(Family):
         return SW.checkpoint_shapes(config)
 
     def block_sites(self, config) -> list[BlockSite]:
-        return [BlockSite(j, f"block {j} (stage {s} block {i})", f"layers.{s}.blocks.{i}.", b.num_heads)
-                for j, (s, i, b) in enumerate(config.flat())]
+        return [
+            BlockSite(j, f"block {j} (stage {s} block {i})", f"layers.{s}.blocks.{i}.", b.num_heads)
+            for j, (s, i, b) in enumerate(config.flat())
+        ]
 
     def compactor_key(self, config, j: int, name: str) -> str:
         s, i, _ = config.flat()[j]
@@ -292,7 +303,7 @@ class SwinFamily(Family):
         return lambda images: reference_forward(ckpt, images)
 
     def fuse_finish(self, ckpt, config, out: dict) -> dict:
-        return {**SW.from_checkpoint(config, ckpt.state_dict), **out}   # the sliced tensors replace the dense ones
+        return {**SW.from_checkpoint(config, ckpt.state_dict), **out}  # the sliced tensors replace the dense ones
 
 
 FAMILY = SwinFamily()

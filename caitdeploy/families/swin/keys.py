@@ -1,6 +1,7 @@
 """Swin checkpoint keys across layouts: timm's (PatchMerging at the START of a stage, `head.fc.*`) and Microsoft's
 (PatchMerging at the END of a stage, `head.*`). `convert` (DIMAP, SPViT-Swin), the timm adapter and training read
 released Swin weights through `timm_layout`."""
+
 from __future__ import annotations
 
 import re

@@ -20,6 +20,7 @@ then stage 4 runs on ceil(7/2) = 4 -> 4x4 tokens with a 4x4 window.
 Every reshape keeps the batch dynamic (-1), so an exported ONNX serves any batch size (SPViT's and Microsoft's
 `window_reverse` cast the batch to an int, which breaks dynamic-batch ONNX).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,11 +50,11 @@ CONV_KERNEL = {"conv1": 1, "conv3": 3}
 @dataclass(frozen=True)
 class SwinBlock:
     num_heads: int
-    qk_dim: int            # per head, q and k
-    v_dim: int             # per head
+    qk_dim: int  # per head, q and k
+    v_dim: int  # per head
     mlp_hidden: int
-    scale: float           # attention scale (the dense head width's ** -0.5, kept when q/k are pruned)
-    merge: str | None = None   # "h" | "v": an ATME merge before this block
+    scale: float  # attention scale (the dense head width's ** -0.5, kept when q/k are pruned)
+    merge: str | None = None  # "h" | "v": an ATME merge before this block
     # the token mixer: window attention, SPViT-Swin's 1x1 / 3x3 convolution over the whole map (v_dim channels,
     # BatchNorm folded, ReLU, Linear back), or nothing (the block adds its LayerNorm output)
     kind: str = "attn"
@@ -65,7 +66,7 @@ class SwinConfig:
     patch_size: int
     in_chans: int
     num_classes: int
-    dims: tuple[int, ...]                      # channels per stage
+    dims: tuple[int, ...]  # channels per stage
     stages: tuple[tuple[SwinBlock, ...], ...]  # blocks per stage
     window: int = 7
     qkv_bias: bool = True
@@ -91,8 +92,11 @@ class SwinConfig:
             raise ConfigError(f"window must be an integer in 1..{MAX_WINDOW}, got {render(self.window)}")
         if not isinstance(self.qkv_bias, bool):
             raise ConfigError(f"qkv_bias must be true or false, got {render(self.qkv_bias)}")
-        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) \
-                or not 0 < self.ln_eps <= LN_EPS_MAX:
+        if (
+            isinstance(self.ln_eps, bool)
+            or not isinstance(self.ln_eps, (int, float))
+            or not 0 < self.ln_eps <= LN_EPS_MAX
+        ):
             raise ConfigError(f"ln_eps must be a number in (0, {LN_EPS_MAX:g}], got {render(self.ln_eps)}")
         if not isinstance(self.source, dict):
             raise ConfigError(f"source must be a dict, got {type(self.source).__name__}")
@@ -110,12 +114,16 @@ class SwinConfig:
                 if b.merge not in (None, "h", "v"):
                     raise ConfigError(f"stage {s} block {i}: merge must be 'h' or 'v', got {b.merge!r}")
                 if b.kind not in KINDS:
-                    raise ConfigError(f"stage {s} block {i}: kind must be one of {', '.join(KINDS)}, got "
-                                      f"{render(b.kind)}")
-                if isinstance(b.scale, bool) or not isinstance(b.scale, (int, float)) \
-                        or not (b.scale > 0 and math.isfinite(b.scale)):
+                    raise ConfigError(
+                        f"stage {s} block {i}: kind must be one of {', '.join(KINDS)}, got {render(b.kind)}"
+                    )
+                if (
+                    isinstance(b.scale, bool)
+                    or not isinstance(b.scale, (int, float))
+                    or not (b.scale > 0 and math.isfinite(b.scale))
+                ):
                     raise ConfigError(f"stage {s} block {i}: scale must be a positive finite number")
-        self.grids()   # raises on a merge over an odd side
+        self.grids()  # raises on a merge over an odd side
 
     # ---- the surface shared with CaitConfig (export, bench, serve, describe) ----
     @property
@@ -157,8 +165,10 @@ class SwinConfig:
         from caitdeploy.families.vit.config import image_size
 
         if image_size(img_size) != self.img_size:
-            raise ConfigError(f"img_size {img_size}: a Swin model runs at its trained size {self.img_size} "
-                              "(its windows and relative position tables are sized for it)")
+            raise ConfigError(
+                f"img_size {img_size}: a Swin model runs at its trained size {self.img_size} "
+                "(its windows and relative position tables are sized for it)"
+            )
         return self
 
     def feature_blocks(self, blocks) -> tuple[int, ...]:
@@ -182,13 +192,33 @@ class SwinConfig:
         return out
 
     def to_dict(self) -> dict:
-        return {"family": "swin", "img_size": self.img_size, "patch_size": self.patch_size,
-                "in_chans": self.in_chans, "num_classes": self.num_classes, "dims": list(self.dims),
-                "window": self.window, "qkv_bias": self.qkv_bias, "ln_eps": self.ln_eps, "source": self.source,
-                "stages": [[{"num_heads": b.num_heads, "qk_dim": b.qk_dim, "v_dim": b.v_dim,
-                             "mlp_hidden": b.mlp_hidden, "scale": b.scale, "merge": b.merge, "kind": b.kind}
-                            for b in blocks]
-                           for blocks in self.stages]}
+        return {
+            "family": "swin",
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "in_chans": self.in_chans,
+            "num_classes": self.num_classes,
+            "dims": list(self.dims),
+            "window": self.window,
+            "qkv_bias": self.qkv_bias,
+            "ln_eps": self.ln_eps,
+            "source": self.source,
+            "stages": [
+                [
+                    {
+                        "num_heads": b.num_heads,
+                        "qk_dim": b.qk_dim,
+                        "v_dim": b.v_dim,
+                        "mlp_hidden": b.mlp_hidden,
+                        "scale": b.scale,
+                        "merge": b.merge,
+                        "kind": b.kind,
+                    }
+                    for b in blocks
+                ]
+                for blocks in self.stages
+            ],
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -198,12 +228,24 @@ class SwinConfig:
         """A validated config from untrusted JSON (a fused file's metadata): ConfigError naming the key."""
         if not isinstance(d, dict):
             raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
-        want = {"family", "img_size", "patch_size", "in_chans", "num_classes", "dims", "window", "qkv_bias",
-                "ln_eps", "source", "stages"}
+        want = {
+            "family",
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "num_classes",
+            "dims",
+            "window",
+            "qkv_bias",
+            "ln_eps",
+            "source",
+            "stages",
+        }
         unknown, missing = sorted(set(d) - want), sorted(want - set(d) - {"source"})
         if unknown or missing:
-            raise ConfigError(f"swin config: {'unknown' if unknown else 'missing'} key "
-                              f"{(unknown or missing)[0][:40]!r}")
+            raise ConfigError(
+                f"swin config: {'unknown' if unknown else 'missing'} key {(unknown or missing)[0][:40]!r}"
+            )
         stages_in, dims = d["stages"], d["dims"]
         if not isinstance(stages_in, list) or not isinstance(dims, list) or not 1 <= len(stages_in) <= MAX_STAGES:
             raise ConfigError(f"swin config: 'stages' and 'dims' must be lists of 1..{MAX_STAGES} stages")
@@ -213,16 +255,33 @@ class SwinConfig:
                 raise ConfigError(f"swin config: stages[{s}] must be a list of 1..256 blocks")
             row = []
             for i, b in enumerate(blocks):
-                if not isinstance(b, dict) or set(b) - {"kind"} != {"num_heads", "qk_dim", "v_dim", "mlp_hidden",
-                                                                      "scale", "merge"}:
-                    raise ConfigError(f"swin config: stages[{s}][{i}] must have num_heads, qk_dim, v_dim, "
-                                      "mlp_hidden, scale, merge (and kind)")
+                if not isinstance(b, dict) or set(b) - {"kind"} != {
+                    "num_heads",
+                    "qk_dim",
+                    "v_dim",
+                    "mlp_hidden",
+                    "scale",
+                    "merge",
+                }:
+                    raise ConfigError(
+                        f"swin config: stages[{s}][{i}] must have num_heads, qk_dim, v_dim, "
+                        "mlp_hidden, scale, merge (and kind)"
+                    )
                 row.append(SwinBlock(**b))
             stages.append(tuple(row))
         try:
-            return cls(img_size=d["img_size"], patch_size=d["patch_size"], in_chans=d["in_chans"],
-                       num_classes=d["num_classes"], dims=tuple(dims), stages=tuple(stages), window=d["window"],
-                       qkv_bias=d["qkv_bias"], ln_eps=d["ln_eps"], source=d.get("source", {}))
+            return cls(
+                img_size=d["img_size"],
+                patch_size=d["patch_size"],
+                in_chans=d["in_chans"],
+                num_classes=d["num_classes"],
+                dims=tuple(dims),
+                stages=tuple(stages),
+                window=d["window"],
+                qkv_bias=d["qkv_bias"],
+                ln_eps=d["ln_eps"],
+                source=d.get("source", {}),
+            )
         except TypeError as e:
             raise ConfigError(f"swin config: {render(e)}") from None
 
@@ -232,18 +291,20 @@ class SwinConfig:
         out = []
         for s, blocks in enumerate(self.stages):
             if s > 0:
-                h, w = (h + 1) // 2, (w + 1) // 2   # PatchMerging pads an odd side
+                h, w = (h + 1) // 2, (w + 1) // 2  # PatchMerging pads an odd side
             row = []
             for i, b in enumerate(blocks):
                 if b.merge == "h":
                     if w % 2:
-                        raise ConfigError(f"stage {s} block {i}: horizontal merge on an odd grid width {w} "
-                                         f"(grid {h}x{w})")
+                        raise ConfigError(
+                            f"stage {s} block {i}: horizontal merge on an odd grid width {w} (grid {h}x{w})"
+                        )
                     w //= 2
                 elif b.merge == "v":
                     if h % 2:
-                        raise ConfigError(f"stage {s} block {i}: vertical merge on an odd grid height {h} "
-                                         f"(grid {h}x{w})")
+                        raise ConfigError(
+                            f"stage {s} block {i}: vertical merge on an odd grid height {h} (grid {h}x{w})"
+                        )
                     h //= 2
                 row.append((h, w))
             out.append(row)
@@ -267,7 +328,7 @@ def window_mask(grid: tuple[int, int], win: tuple[int, int], shift: tuple[int, i
     cnt = 0
     for hs in ((0, -win[0]), (-win[0], -shift[0]), (-shift[0], None)):
         for ws in ((0, -win[1]), (-win[1], -shift[1]), (-shift[1], None)):
-            img[hs[0]:hs[1], ws[0]:ws[1]] = cnt
+            img[hs[0] : hs[1], ws[0] : ws[1]] = cnt
             cnt += 1
     m = img.view(hp // win[0], win[0], wp // win[1], win[1]).permute(0, 2, 1, 3).reshape(-1, win[0] * win[1])
     d = m.unsqueeze(1) - m.unsqueeze(2)
@@ -284,7 +345,7 @@ def relative_position_index(win: tuple[int, int]) -> torch.Tensor:
 
 
 class SwinAttention(nn.Module):
-    relative_position_index: torch.Tensor   # a buffer (registered in __init__)
+    relative_position_index: torch.Tensor  # a buffer (registered in __init__)
 
     def __init__(self, dim: int, b: SwinBlock, win: tuple[int, int], qkv_bias: bool, compactors: bool = False):
         super().__init__()
@@ -292,11 +353,10 @@ class SwinAttention(nn.Module):
         self.win = win
         self.qkv = nn.Linear(dim, b.num_heads * (2 * b.qk_dim + b.v_dim), bias=qkv_bias)
         self.proj = nn.Linear(b.num_heads * b.v_dim, dim)
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * win[0] - 1) * (2 * win[1] - 1), b.num_heads))
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * win[0] - 1) * (2 * win[1] - 1), b.num_heads))
         self.register_buffer("relative_position_index", relative_position_index(win), persistent=False)
         self.compacts = compactors
-        if compactors:   # q/k/v [B, H, N, d] @ C_h^T per head
+        if compactors:  # q/k/v [B, H, N, d] @ C_h^T per head
             self.q_compactor = Compactor(b.num_heads, b.qk_dim)
             self.k_compactor = Compactor(b.num_heads, b.qk_dim)
             self.v_compactor = Compactor(b.num_heads, b.v_dim)
@@ -331,14 +391,23 @@ class SwinConvMixer(nn.Module):
         self.proj = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv.kernel_size == (1, 1):   # per token: a MatMul on the channels-last map, no transposes
+        if self.conv.kernel_size == (1, 1):  # per token: a MatMul on the channels-last map, no transposes
             return self.proj(F.relu(F.linear(x, self.conv.weight.flatten(1), self.conv.bias)))
         return self.proj(F.relu(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
 
 
 class SwinBlockModule(nn.Module):
-    def __init__(self, dim: int, b: SwinBlock, grid: tuple[int, int], win, shift, qkv_bias: bool, eps: float,
-                 compactors: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        b: SwinBlock,
+        grid: tuple[int, int],
+        win,
+        shift,
+        qkv_bias: bool,
+        eps: float,
+        compactors: bool = False,
+    ):
         super().__init__()
         self.grid, self.win, self.shift = grid, win, shift
         self.merge = nn.Linear(2 * dim, dim) if b.merge else None
@@ -358,7 +427,9 @@ class SwinBlockModule(nn.Module):
         self.fc2 = nn.Linear(b.mlp_hidden, dim)
         mask = window_mask(grid, win, shift) if b.kind == "attn" else None
         self.register_buffer("attn_mask", mask, persistent=False)
-        self.drop_prob = 0.0   # stochastic depth, in training only (Family.compactor_model copies timm's per-block rates)
+        self.drop_prob = (
+            0.0  # stochastic depth, in training only (Family.compactor_model copies timm's per-block rates)
+        )
 
     def _drop_path(self, y: torch.Tensor) -> torch.Tensor:
         """Each sample's residual branch dropped with probability drop_prob (scaled to keep the mean); the
@@ -378,7 +449,7 @@ class SwinBlockModule(nn.Module):
             x = F.pad(x, (0, 0, 0, pw, 0, ph))
         hp, wp = h + ph, w + pw
         xw = x.reshape(-1, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
-        assert self.attn is not None   # _attn runs for attention blocks only
+        assert self.attn is not None  # _attn runs for attention blocks only
         yw = self.attn(xw, self.attn_mask)
         y = yw.reshape(-1, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, hp, wp, c)
         if ph or pw:
@@ -390,9 +461,9 @@ class SwinBlockModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merge is not None:
             (h, w), c = self.grid, x.shape[-1]
-            if self.merge_kind == "h":      # (r, 2c) and (r, 2c+1): adjacent in memory
+            if self.merge_kind == "h":  # (r, 2c) and (r, 2c+1): adjacent in memory
                 x = x.reshape(-1, h, w, 2 * c)
-            else:                           # (2r, c) and (2r+1, c)
+            else:  # (2r, c) and (2r+1, c)
                 x = x.reshape(-1, h, 2, w, c).permute(0, 1, 3, 2, 4).reshape(-1, h, w, 2 * c)
             x = self.merge(x)
         y = self.norm1(x)
@@ -440,12 +511,14 @@ class CaitSwin(nn.Module):
         g = (cfg.img_size // cfg.patch_size,) * 2
         self.layers = nn.ModuleList()
         for s, blocks in enumerate(cfg.stages):
-            stage: Any = nn.Module()   # a bare container: downsample and blocks, under timm's keys
+            stage: Any = nn.Module()  # a bare container: downsample and blocks, under timm's keys
             stage.downsample = PatchMerge(cfg.dims[s - 1], cfg.dims[s], g, cfg.ln_eps) if s else None
             stage.blocks = nn.ModuleList(
-                SwinBlockModule(cfg.dims[s], b, grids[s][i], *cfg.window_shift(s, i), cfg.qkv_bias, cfg.ln_eps,
-                                compactors)
-                for i, b in enumerate(blocks))
+                SwinBlockModule(
+                    cfg.dims[s], b, grids[s][i], *cfg.window_shift(s, i), cfg.qkv_bias, cfg.ln_eps, compactors
+                )
+                for i, b in enumerate(blocks)
+            )
             self.layers.append(stage)
             g = grids[s][-1]
         self.norm = nn.LayerNorm(cfg.dims[-1], eps=cfg.ln_eps)
@@ -454,7 +527,7 @@ class CaitSwin(nn.Module):
     def _block_outputs(self, images: torch.Tensor):
         """(stage, tokens [B, H, W, C]) after every block in order; the stem and the patch mergings run between."""
         x = self.patch_norm(self.patch_embed(images).permute(0, 2, 3, 1))
-        stage: Any   # the bare containers __init__ builds
+        stage: Any  # the bare containers __init__ builds
         for s, stage in enumerate(self.layers):
             if stage.downsample is not None:
                 x = stage.downsample(x)
@@ -464,7 +537,7 @@ class CaitSwin(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
-        for _, y in self._block_outputs(x):   # the last stage's output
+        for _, y in self._block_outputs(x):  # the last stage's output
             pass
         return self.head(self.norm(y).mean(dim=(1, 2)))
 
@@ -503,15 +576,20 @@ def swin_config_of(model, merges: dict[tuple[int, int], str] | None = None) -> S
         for i, blk in enumerate(layer.blocks):
             a = blk.attn
             hd = a.qkv.out_features // 3 // a.num_heads
-            blocks.append(SwinBlock(a.num_heads, hd, hd, blk.mlp.fc1.out_features, float(a.scale),
-                                    merges.get((s, i))))
+            blocks.append(SwinBlock(a.num_heads, hd, hd, blk.mlp.fc1.out_features, float(a.scale), merges.get((s, i))))
         stages.append(tuple(blocks))
     pe = model.patch_embed
-    return SwinConfig(img_size=int(pe.img_size[0]), patch_size=int(pe.patch_size[0]),
-                      in_chans=int(pe.proj.in_channels), num_classes=int(model.num_classes), dims=tuple(dims),
-                      stages=tuple(stages), window=int(model.layers[0].blocks[0].attn.window_size[0]),
-                      qkv_bias=model.layers[0].blocks[0].attn.qkv.bias is not None,
-                      ln_eps=float(model.norm.eps))
+    return SwinConfig(
+        img_size=int(pe.img_size[0]),
+        patch_size=int(pe.patch_size[0]),
+        in_chans=int(pe.proj.in_channels),
+        num_classes=int(model.num_classes),
+        dims=tuple(dims),
+        stages=tuple(stages),
+        window=int(model.layers[0].blocks[0].attn.window_size[0]),
+        qkv_bias=model.layers[0].blocks[0].attn.qkv.bias is not None,
+        ln_eps=float(model.norm.eps),
+    )
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------------
@@ -519,17 +597,17 @@ def _block_flops(cfg: SwinConfig, s: int, i: int, b: SwinBlock) -> int:
     gh, gw = cfg.grids()[s][i]
     c = cfg.dims[s]
     f = 2 * gh * gw * 2 * c * c if b.merge else 0
-    f += 2 * 2 * gh * gw * c * b.mlp_hidden           # fc1, fc2 (unpadded tokens)
+    f += 2 * 2 * gh * gw * c * b.mlp_hidden  # fc1, fc2 (unpadded tokens)
     if b.kind != "attn":
         k = CONV_KERNEL.get(b.kind, 0)
         return f + (2 * gh * gw * c * b.v_dim * k * k + 2 * gh * gw * b.v_dim * c if k else 0)
     (wh, ww), _ = cfg.window_shift(s, i)
-    t = math.ceil(gh / wh) * wh * math.ceil(gw / ww) * ww   # tokens computed (the windows' padding included)
-    n = wh * ww                                              # tokens per window
+    t = math.ceil(gh / wh) * wh * math.ceil(gw / ww) * ww  # tokens computed (the windows' padding included)
+    n = wh * ww  # tokens per window
     hq, hv = b.num_heads * b.qk_dim, b.num_heads * b.v_dim
-    f += 2 * t * c * (2 * hq + hv)                    # qkv
-    f += 2 * t * n * hq + 2 * t * n * hv              # q @ k^T, attn @ v (per window)
-    f += 2 * t * hv * c                               # proj
+    f += 2 * t * c * (2 * hq + hv)  # qkv
+    f += 2 * t * n * hq + 2 * t * n * hv  # q @ k^T, attn @ v (per window)
+    f += 2 * t * hv * c  # proj
     return f
 
 
@@ -538,7 +616,7 @@ def swin_flops(cfg: SwinConfig) -> dict:
     the windows' zero padding counted (those tokens are computed). Keys: total, stem (patch_embed), head,
     stages (per stage, its patch merging included), blocks (per block, flat order)."""
     g = cfg.img_size // cfg.patch_size
-    stem = 2 * g * g * cfg.in_chans * cfg.patch_size ** 2 * cfg.dims[0]
+    stem = 2 * g * g * cfg.in_chans * cfg.patch_size**2 * cfg.dims[0]
     head = 2 * cfg.dims[-1] * cfg.num_classes
     per_stage, per_block = [], []
     grids = cfg.grids()
@@ -550,8 +628,14 @@ def swin_flops(cfg: SwinConfig) -> dict:
             f += per_block[-1]
         h, w = grids[s][-1]
         per_stage.append(f)
-    return {"total": stem + sum(per_stage) + head, "stem": stem, "patch_embed": stem, "head": head,
-            "stages": per_stage, "blocks": per_block}
+    return {
+        "total": stem + sum(per_stage) + head,
+        "stem": stem,
+        "patch_embed": stem,
+        "head": head,
+        "stages": per_stage,
+        "blocks": per_block,
+    }
 
 
 def swin_channel_savings(cfg: SwinConfig, j: int) -> dict[str, int]:
@@ -559,14 +643,26 @@ def swin_channel_savings(cfg: SwinConfig, j: int) -> dict[str, int]:
     channel less ("mlp"): differences of the block's own count, so CDCP's units count what swin_flops counts."""
     s, i, b = cfg.flat()[j]
     full = _block_flops(cfg, s, i, b)
-    return {"qk": full - _block_flops(cfg, s, i, replace(b, qk_dim=b.qk_dim - 1)),
-            "v": full - _block_flops(cfg, s, i, replace(b, v_dim=b.v_dim - 1)),
-            "mlp": full - _block_flops(cfg, s, i, replace(b, mlp_hidden=b.mlp_hidden - 1))}
+    return {
+        "qk": full - _block_flops(cfg, s, i, replace(b, qk_dim=b.qk_dim - 1)),
+        "v": full - _block_flops(cfg, s, i, replace(b, v_dim=b.v_dim - 1)),
+        "mlp": full - _block_flops(cfg, s, i, replace(b, mlp_hidden=b.mlp_hidden - 1)),
+    }
 
 
 # ---- the checkpoint format (cait-compactor/1 with family "swin"; docs/CHECKPOINT_FORMAT.md) ----------------
-FORMAT_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depths", "num_heads",
-               "window_size", "mlp_ratio", "qkv_bias")
+FORMAT_KEYS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "num_classes",
+    "embed_dim",
+    "depths",
+    "num_heads",
+    "window_size",
+    "mlp_ratio",
+    "qkv_bias",
+)
 FORMAT_OPTIONAL: dict[str, Any] = {"family": "swin", "arch": None, "ln_eps": 1e-5, "merges": {}}
 _MERGE_NAME = {"h": "htm", "v": "vtm"}
 
@@ -575,7 +671,7 @@ def parse_stage_merges(merges: dict) -> dict[tuple[int, int], str]:
     """{"2.4": "h"} (format and CLI text) -> {(2, 4): "h"}; ConfigError naming the entry."""
     out: dict[tuple[int, int], str] = {}
     if not isinstance(merges, dict):
-        raise ConfigError(f"merges must be an object {{\"stage.block\": \"h\"|\"v\"}}, got {type(merges).__name__}")
+        raise ConfigError(f'merges must be an object {{"stage.block": "h"|"v"}}, got {type(merges).__name__}')
     for k, v in merges.items():
         parts = str(k).split(".")
         if len(parts) != 2 or not all(p.isdigit() and len(p) <= 3 for p in parts):
@@ -615,9 +711,9 @@ def check_format(fmt: dict) -> dict:
     for s, (n, h) in enumerate(zip(out["depths"], out["num_heads"])):
         check_bound(n, f"depths[{s}]", bound="depth")
         check_bound(h, f"num_heads[{s}]", bound="num_heads")
-        check_bound(out["embed_dim"] * 2 ** s, f"stage {s} width (embed_dim * 2**{s})", bound="embed_dim")
-        if (out["embed_dim"] * 2 ** s) % h:
-            raise ConfigError(f"stage {s}: width {out['embed_dim'] * 2 ** s} is not divisible by num_heads {h}")
+        check_bound(out["embed_dim"] * 2**s, f"stage {s} width (embed_dim * 2**{s})", bound="embed_dim")
+        if (out["embed_dim"] * 2**s) % h:
+            raise ConfigError(f"stage {s}: width {out['embed_dim'] * 2**s} is not divisible by num_heads {h}")
     r = out["mlp_ratio"]
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 16:
         raise ConfigError(f"config key 'mlp_ratio' must be a number in (0, 16], got {render(r)}")
@@ -626,37 +722,56 @@ def check_format(fmt: dict) -> dict:
     if out["arch"] is not None and not isinstance(out["arch"], str):
         raise ConfigError("config key 'arch' must be a string")
     merges = parse_stage_merges(out["merges"])
-    for (s, i) in merges:
+    for s, i in merges:
         if not (s < len(out["depths"]) and i < out["depths"][s]):
             raise ConfigError(f"merge {s}.{i}: no such block (depths {list(out['depths'])})")
     out["merges"] = {f"{s}.{i}": v for (s, i), v in sorted(merges.items())}
-    swin_config_from_format(out)   # window, eps, grids (a merge over an odd side)
+    swin_config_from_format(out)  # window, eps, grids (a merge over an odd side)
     return out
 
 
 def swin_config_from_format(fmt: dict) -> SwinConfig:
     """The unpruned SwinConfig (merges included) of a format config."""
     merges = parse_stage_merges(fmt.get("merges", {}))
-    dims = tuple(int(fmt["embed_dim"]) * 2 ** s for s in range(len(fmt["depths"])))
+    dims = tuple(int(fmt["embed_dim"]) * 2**s for s in range(len(fmt["depths"])))
     stages = []
     for s, (n, h) in enumerate(zip(fmt["depths"], fmt["num_heads"])):
         d = dims[s] // h
         hidden = int(dims[s] * float(fmt["mlp_ratio"]))
-        stages.append(tuple(SwinBlock(h, d, d, hidden, d ** -0.5, merges.get((s, i))) for i in range(n)))
-    return SwinConfig(img_size=fmt["img_size"], patch_size=fmt["patch_size"], in_chans=fmt["in_chans"],
-                      num_classes=fmt["num_classes"], dims=dims, stages=tuple(stages),
-                      window=fmt["window_size"], qkv_bias=fmt["qkv_bias"], ln_eps=fmt.get("ln_eps", 1e-5))
+        stages.append(tuple(SwinBlock(h, d, d, hidden, d**-0.5, merges.get((s, i))) for i in range(n)))
+    return SwinConfig(
+        img_size=fmt["img_size"],
+        patch_size=fmt["patch_size"],
+        in_chans=fmt["in_chans"],
+        num_classes=fmt["num_classes"],
+        dims=dims,
+        stages=tuple(stages),
+        window=fmt["window_size"],
+        qkv_bias=fmt["qkv_bias"],
+        ln_eps=fmt.get("ln_eps", 1e-5),
+    )
 
 
 def format_config_of(model, merges: dict[tuple[int, int], str] | None = None, arch: str | None = None) -> dict:
     """The cait-compactor/1 config of a timm SwinTransformer (+ merges {(stage, block): kind})."""
     c = swin_config_of(model)
     blocks = [blk[0] for blk in c.stages]
-    return {"family": "swin", "arch": arch, "img_size": c.img_size, "patch_size": c.patch_size,
-            "in_chans": c.in_chans, "num_classes": c.num_classes, "embed_dim": c.dims[0],
-            "depths": [len(b) for b in c.stages], "num_heads": [b.num_heads for b in blocks],
-            "window_size": c.window, "mlp_ratio": blocks[0].mlp_hidden / c.dims[0], "qkv_bias": c.qkv_bias,
-            "ln_eps": c.ln_eps, "merges": {f"{s}.{i}": k for (s, i), k in sorted((merges or {}).items())}}
+    return {
+        "family": "swin",
+        "arch": arch,
+        "img_size": c.img_size,
+        "patch_size": c.patch_size,
+        "in_chans": c.in_chans,
+        "num_classes": c.num_classes,
+        "embed_dim": c.dims[0],
+        "depths": [len(b) for b in c.stages],
+        "num_heads": [b.num_heads for b in blocks],
+        "window_size": c.window,
+        "mlp_ratio": blocks[0].mlp_hidden / c.dims[0],
+        "qkv_bias": c.qkv_bias,
+        "ln_eps": c.ln_eps,
+        "merges": {f"{s}.{i}": k for (s, i), k in sorted((merges or {}).items())},
+    }
 
 
 def checkpoint_key(cfg: SwinConfig, key: str) -> str:
@@ -667,7 +782,7 @@ def checkpoint_key(cfg: SwinConfig, key: str) -> str:
         s, i, mod, leaf = m.groups()
         if mod == "merge":
             kind = cfg.stages[int(s)][int(i)].merge
-            assert kind is not None   # a merge module exists only in a block that merges
+            assert kind is not None  # a merge module exists only in a block that merges
             return f"layers.{s}.blocks.{i}.{_MERGE_NAME[kind]}.fc.{leaf}"
         return f"layers.{s}.blocks.{i}.mlp.{mod}.{leaf}"
     if key.startswith("patch_embed."):
@@ -679,8 +794,9 @@ def checkpoint_key(cfg: SwinConfig, key: str) -> str:
     return key
 
 
-def from_checkpoint(cfg: SwinConfig, sd: dict[str, torch.Tensor], defaults: dict[str, torch.Tensor] | None = None
-                    ) -> dict[str, torch.Tensor]:
+def from_checkpoint(
+    cfg: SwinConfig, sd: dict[str, torch.Tensor], defaults: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """`CaitSwin(cfg)`'s state dict from tensors under the checkpoint's (timm's) keys. With `defaults` (a
     CaitSwin state dict, e.g. a compactor model's identity init) its keys are filled, from `sd` where present."""
     if defaults is None:
@@ -712,28 +828,28 @@ def check_config(config) -> None:
 def swin_block_params(cfg: SwinConfig, s: int, i: int, b: SwinBlock) -> int:
     """Parameters of block i of stage s, counted from the config (the same layers `CaitSwin` builds)."""
     c = cfg.dims[s]
-    n = (2 * c * c + c) if b.merge else 0                        # the merge's Linear(2C -> C)
-    n += 4 * c                                                   # norm1, norm2
+    n = (2 * c * c + c) if b.merge else 0  # the merge's Linear(2C -> C)
+    n += 4 * c  # norm1, norm2
     if b.kind == "attn":
         (wh, ww), _ = cfg.window_shift(s, i)
         qkv = b.num_heads * (2 * b.qk_dim + b.v_dim)
-        n += c * qkv + (qkv if cfg.qkv_bias else 0)              # qkv
-        n += b.num_heads * b.v_dim * c + c                       # proj
-        n += (2 * wh - 1) * (2 * ww - 1) * b.num_heads           # relative position bias table
+        n += c * qkv + (qkv if cfg.qkv_bias else 0)  # qkv
+        n += b.num_heads * b.v_dim * c + c  # proj
+        n += (2 * wh - 1) * (2 * ww - 1) * b.num_heads  # relative position bias table
     elif b.kind in CONV_KERNEL:
         k = CONV_KERNEL[b.kind]
-        n += c * b.v_dim * k * k + b.v_dim + b.v_dim * c + c     # conv (BN folded), Linear back
-    return n + c * b.mlp_hidden + b.mlp_hidden + b.mlp_hidden * c + c   # fc1, fc2
+        n += c * b.v_dim * k * k + b.v_dim + b.v_dim * c + c  # conv (BN folded), Linear back
+    return n + c * b.mlp_hidden + b.mlp_hidden + b.mlp_hidden * c + c  # fc1, fc2
 
 
 def swin_params(cfg: SwinConfig) -> int:
     """Parameters of `CaitSwin(cfg)`, counted from the config (tests check it against the model)."""
     c0, p = cfg.dims[0], cfg.patch_size
-    n = cfg.in_chans * c0 * p * p + c0 + 2 * c0                  # patch embedding, its norm
+    n = cfg.in_chans * c0 * p * p + c0 + 2 * c0  # patch embedding, its norm
     for s in range(1, len(cfg.stages)):
-        n += 2 * 4 * cfg.dims[s - 1] + 4 * cfg.dims[s - 1] * cfg.dims[s]   # PatchMerging: norm, reduction (no bias)
+        n += 2 * 4 * cfg.dims[s - 1] + 4 * cfg.dims[s - 1] * cfg.dims[s]  # PatchMerging: norm, reduction (no bias)
     n += sum(swin_block_params(cfg, s, i, b) for s, i, b in cfg.flat())
-    return n + 2 * cfg.dims[-1] + cfg.dims[-1] * cfg.num_classes + cfg.num_classes   # final norm, head
+    return n + 2 * cfg.dims[-1] + cfg.dims[-1] * cfg.num_classes + cfg.num_classes  # final norm, head
 
 
 def swin_block_rows(cfg: SwinConfig) -> list[dict]:
@@ -745,12 +861,27 @@ def swin_block_rows(cfg: SwinConfig) -> list[dict]:
         (win, shift) = cfg.window_shift(s, i)
         gh, gw = grids[s][i]
         params = swin_block_params(cfg, s, i, b)
-        rows.append({"block": j, "stage": s, "merge": b.merge,
-                     "kind": "window-attn" if b.kind == "attn" else b.kind, "slim": None,
-                     "tokens": gh * gw, "grid": [gh, gw], "window": list(win), "shift": list(shift),
-                     "heads": b.num_heads, "qk_per_head": b.qk_dim, "v_per_head": b.v_dim, "mlp": b.mlp_hidden,
-                     "attn_scale": b.scale, "flops": f["blocks"][j], "flops_parts": {"total": f["blocks"][j]},
-                     "params": params})
+        rows.append(
+            {
+                "block": j,
+                "stage": s,
+                "merge": b.merge,
+                "kind": "window-attn" if b.kind == "attn" else b.kind,
+                "slim": None,
+                "tokens": gh * gw,
+                "grid": [gh, gw],
+                "window": list(win),
+                "shift": list(shift),
+                "heads": b.num_heads,
+                "qk_per_head": b.qk_dim,
+                "v_per_head": b.v_dim,
+                "mlp": b.mlp_hidden,
+                "attn_scale": b.scale,
+                "flops": f["blocks"][j],
+                "flops_parts": {"total": f["blocks"][j]},
+                "params": params,
+            }
+        )
     return rows
 
 
@@ -758,7 +889,7 @@ def swin_activation_bytes(cfg: SwinConfig, batch: int, elem_bytes: int = 4) -> i
     """Peak activation estimate (not an overestimate): the largest block's residual, qkv, window scores and
     mlp hidden, or the stem's input and output."""
     g = cfg.img_size // cfg.patch_size
-    peak = cfg.in_chans * cfg.img_size ** 2 + g * g * cfg.dims[0]
+    peak = cfg.in_chans * cfg.img_size**2 + g * g * cfg.dims[0]
     grids = cfg.grids()
     for s, i, b in cfg.flat():
         (wh, ww), _ = cfg.window_shift(s, i)

@@ -6,6 +6,7 @@ float64, on the checkpoint's own tensors. It shares no code with `CaitSwin` on p
 partition, relative-position index, shift mask and patch merging. Only the geometry (each block's grid, window
 and shift) comes from the config, as the format defines it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,7 +30,7 @@ def _shift_mask(hp: int, wp: int, win: tuple[int, int], shift: tuple[int, int], 
     """[windows, N, N]: 0 where two tokens of a window come from the same region of the unshifted map, -100
     elsewhere."""
     label = _regions(hp, win[0], shift[0])[:, None] * 3 + _regions(wp, win[1], shift[1])[None, :]
-    lw = _windows(label[None, :, :, None].to(dtype), win)[..., 0]                  # [nW, N]
+    lw = _windows(label[None, :, :, None].to(dtype), win)[..., 0]  # [nW, N]
     return torch.where(lw[:, :, None] == lw[:, None, :], 0.0, -100.0).to(dtype)
 
 
@@ -40,7 +41,7 @@ def _windows(x: torch.Tensor, win: tuple[int, int]) -> torch.Tensor:
     out = []
     for r in range(0, hp, wh):
         for q in range(0, wp, ww):
-            out.append(x[:, r:r + wh, q:q + ww, :].reshape(b, wh * ww, c))
+            out.append(x[:, r : r + wh, q : q + ww, :].reshape(b, wh * ww, c))
     return torch.stack(out, dim=1).reshape(-1, wh * ww, c)
 
 
@@ -52,7 +53,7 @@ def _unwindows(y: torch.Tensor, b: int, hp: int, wp: int, win: tuple[int, int]) 
     k = 0
     for r in range(0, hp, wh):
         for q in range(0, wp, ww):
-            out[:, r:r + wh, q:q + ww, :] = y[:, k]
+            out[:, r : r + wh, q : q + ww, :] = y[:, k]
             k += 1
     return out
 
@@ -70,10 +71,10 @@ def reference_forward(ckpt: Any, images: torch.Tensor, dtype: torch.dtype = torc
     """Logits [B, num_classes] of the Swin checkpoint's own forward pass (compactors included)."""
     cfg, raw = ckpt.config, ckpt.state_dict
 
-    def w(key: str) -> torch.Tensor | None:   # one tensor at a time: never a float64 copy of the checkpoint
+    def w(key: str) -> torch.Tensor | None:  # one tensor at a time: never a float64 copy of the checkpoint
         return raw[key].to(dtype) if key in raw else None
 
-    def need(key: str) -> torch.Tensor:   # a weight the forward cannot do without (the checkpoint was validated)
+    def need(key: str) -> torch.Tensor:  # a weight the forward cannot do without (the checkpoint was validated)
         return raw[key].to(dtype)
 
     def ln(x, prefix):
@@ -82,21 +83,22 @@ def reference_forward(ckpt: Any, images: torch.Tensor, dtype: torch.dtype = torc
     def linear(x, prefix):
         return F.linear(x, need(prefix + ".weight"), w(prefix + ".bias"))
 
-    x = F.conv2d(images.to(dtype), need("patch_embed.proj.weight"), w("patch_embed.proj.bias"),
-                 stride=cfg.patch_size).permute(0, 2, 3, 1)                          # [B, H, W, C]
+    x = F.conv2d(
+        images.to(dtype), need("patch_embed.proj.weight"), w("patch_embed.proj.bias"), stride=cfg.patch_size
+    ).permute(0, 2, 3, 1)  # [B, H, W, C]
     x = ln(x, "patch_embed.norm")
     grids = cfg.grids()
     for s, blocks in enumerate(cfg.stages):
-        if s:   # PatchMerging: pad odd sides, the 2x2 neighbours (0,0), (1,0), (0,1), (1,1) -> 4C, LN, Linear
+        if s:  # PatchMerging: pad odd sides, the 2x2 neighbours (0,0), (1,0), (0,1), (1,1) -> 4C, LN, Linear
             h, wd = x.shape[1], x.shape[2]
             x = F.pad(x, (0, 0, 0, wd % 2, 0, h % 2))
             x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
             x = F.linear(ln(x, f"layers.{s}.downsample.norm"), need(f"layers.{s}.downsample.reduction.weight"))
         for i, b in enumerate(blocks):
             p = f"layers.{s}.blocks.{i}."
-            if b.merge == "h":     # tokens (r, 2c) and (r, 2c + 1) side by side -> Linear(2C -> C)
+            if b.merge == "h":  # tokens (r, 2c) and (r, 2c + 1) side by side -> Linear(2C -> C)
                 x = linear(torch.cat([x[:, :, 0::2], x[:, :, 1::2]], dim=-1), p + MERGE_KEY["h"] + ".fc")
-            elif b.merge == "v":   # tokens (2r, c) and (2r + 1, c)
+            elif b.merge == "v":  # tokens (2r, c) and (2r + 1, c)
                 x = linear(torch.cat([x[:, 0::2], x[:, 1::2]], dim=-1), p + MERGE_KEY["v"] + ".fc")
             assert tuple(x.shape[1:3]) == grids[s][i], (x.shape, grids[s][i])
             if b.kind != "attn":
@@ -116,25 +118,27 @@ def _window_attention(y: torch.Tensor, w, p: str, b, win_shift) -> torch.Tensor:
     bsz, h, wd, _ = y.shape
     y = torch.roll(y, shifts=(-sh, -sw), dims=(1, 2))
     ph, pw = -h % wh, -wd % ww
-    y = F.pad(y, (0, 0, 0, pw, 0, ph))                                 # zero tokens, attended like any other
+    y = F.pad(y, (0, 0, 0, pw, 0, ph))  # zero tokens, attended like any other
     hp, wp = h + ph, wd + pw
-    t = _windows(y, (wh, ww))                                          # [B*nW, N, C]
+    t = _windows(y, (wh, ww))  # [B*nW, N, C]
     n, heads = wh * ww, b.num_heads
     qkv = F.linear(t, w(p + "attn.qkv.weight"), w(p + "attn.qkv.bias"))
     q, k, v = qkv.split([heads * b.qk_dim, heads * b.qk_dim, heads * b.v_dim], dim=-1)
-    per_head = {"q": q.reshape(-1, n, heads, b.qk_dim).transpose(1, 2),   # [B*nW, heads, N, d]
-                "k": k.reshape(-1, n, heads, b.qk_dim).transpose(1, 2),
-                "v": v.reshape(-1, n, heads, b.v_dim).transpose(1, 2)}
+    per_head = {
+        "q": q.reshape(-1, n, heads, b.qk_dim).transpose(1, 2),  # [B*nW, heads, N, d]
+        "k": k.reshape(-1, n, heads, b.qk_dim).transpose(1, 2),
+        "v": v.reshape(-1, n, heads, b.v_dim).transpose(1, 2),
+    }
     for name, y_ in per_head.items():
-        comp = w(p + f"attn.{name}_compactor.weight")                    # [heads, d, d]: y_h <- y_h C_h^T
+        comp = w(p + f"attn.{name}_compactor.weight")  # [heads, d, d]: y_h <- y_h C_h^T
         if comp is not None:
             per_head[name] = torch.einsum("bhnd,hed->bhne", y_, comp)
     q, k, v = per_head["q"], per_head["k"], per_head["v"]
     scores = (q * b.scale) @ k.transpose(-2, -1)
-    table = w(p + "attn.relative_position_bias_table")                 # [(2wh-1)(2ww-1), heads]
+    table = w(p + "attn.relative_position_bias_table")  # [(2wh-1)(2ww-1), heads]
     scores = scores + table[_relative_index((wh, ww))].permute(2, 0, 1)[None]
     if sh or sw:
-        mask = _shift_mask(hp, wp, (wh, ww), (sh, sw), scores.dtype)   # [nW, N, N]
+        mask = _shift_mask(hp, wp, (wh, ww), (sh, sw), scores.dtype)  # [nW, N, N]
         scores = (scores.reshape(bsz, -1, heads, n, n) + mask[None, :, None]).reshape(-1, heads, n, n)
     out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(-1, n, heads * b.v_dim)
     out = F.linear(out, w(p + "attn.proj.weight"), w(p + "attn.proj.bias"))

@@ -3,6 +3,7 @@
 Imports nothing of the package. A dense ViT, a CAIT checkpoint and a fused model are all described by
 one `CaitConfig`; only the per-block widths differ.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ MERGE_KINDS = ("h", "v")
 # folded), or nothing at all (SPViT's pruned attention: the mixer returns its LayerNorm input)
 BLOCK_KINDS = ("attn", "conv1", "conv3", "skip")
 GLOBAL_POOLS = ("token", "avg")
-RESTORE_MODES = ("repeat", "bilinear")   # how a merged grid goes back to the full patch grid (feature outputs)
+RESTORE_MODES = ("repeat", "bilinear")  # how a merged grid goes back to the full patch grid (feature outputs)
 
 # Structural bounds (inclusive) on untrusted sizes: what real ViTs use, with room (ViT-22B: depth 48, width 6144,
 # 48 heads, mlp 24576). A config outside them is refused, naming the key and the bound, before any loop or
@@ -31,22 +32,40 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "depth": (1, 256),
     "num_heads": (1, 256),
     "mlp_hidden": (1, 131072),
-    "qk_dim": (1, 4096),          # per-head widths of a fused model (alignment may pad past the original)
+    "qk_dim": (1, 4096),  # per-head widths of a fused model (alignment may pad past the original)
     "v_dim": (1, 4096),
-    "tokens": (2, 65537),         # prefix tokens + patch grid
+    "tokens": (2, 65537),  # prefix tokens + patch grid
     "reg_tokens": (0, 64),
 }
 MLP_RATIO_MAX = 16.0
 LN_EPS_MAX = 0.1
-MAX_JSON_BYTES = 4 << 20     # a 256-block config is about 40 KB
+MAX_JSON_BYTES = 4 << 20  # a 256-block config is about 40 KB
 
 
-MODEL_OPTIONS = ("ln_eps", "family", "class_token", "dist_token", "reg_tokens", "no_embed_class", "global_pool",
-                 "fc_norm", "stem")
-STEMS = ("patch", "4c", "6c")   # a patch projection, or LV-ViT's 4 / 6 conv stem (downsampling by 16)
+MODEL_OPTIONS = (
+    "ln_eps",
+    "family",
+    "class_token",
+    "dist_token",
+    "reg_tokens",
+    "no_embed_class",
+    "global_pool",
+    "fc_norm",
+    "stem",
+)
+STEMS = ("patch", "4c", "6c")  # a patch projection, or LV-ViT's 4 / 6 conv stem (downsampling by 16)
 
-FORMAT_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-               "mlp_ratio", "qkv_bias")
+FORMAT_KEYS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "num_classes",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+)
 # The ViT family's checkpoint schema (docs/CHECKPOINT_FORMAT.md; Swin's is swin/model.py's FORMAT_KEYS and
 # FORMAT_OPTIONAL): the required `config` keys of a cait-compactor/1 checkpoint, and the optional ones -> (default, accepted types). The model options of
 # `CaitConfig` plus two the training model has and the fused model folds away: `layer_scale` (DeiT III's
@@ -66,7 +85,7 @@ FORMAT_OPTIONAL: dict[str, tuple] = {
     "skip_lam": (1.0, (int, float)),
     "stem": ("patch", (str,)),
 }
-FOLDED_OPTIONS = ("arch", "layer_scale", "skip_lam")   # in a checkpoint's config, not in a deploy config
+FOLDED_OPTIONS = ("arch", "layer_scale", "skip_lam")  # in a checkpoint's config, not in a deploy config
 assert set(MODEL_OPTIONS) == set(FORMAT_OPTIONAL) - set(FOLDED_OPTIONS), "the ViT schema and CaitConfig disagree"
 
 
@@ -121,8 +140,9 @@ def image_size(value: Any) -> int | tuple[int, int]:
     if isinstance(v, str):
         parts = v.lower().replace("×", "x").split("x")
         # ASCII digits only: str.isdigit() also takes '²' and '٣', which int() refuses or misreads
-        if not 1 <= len(parts) <= 2 or not all(p.strip().isascii() and p.strip().isdigit() and len(p.strip()) <= 9
-                                               for p in parts):
+        if not 1 <= len(parts) <= 2 or not all(
+            p.strip().isascii() and p.strip().isdigit() and len(p.strip()) <= 9 for p in parts
+        ):
             raise ConfigError(f"img_size {short(value)}: give one integer or HEIGHTxWIDTH, e.g. 512 or 512x1024")
         v = [int(p) for p in parts]
         v = v[0] if len(v) == 1 else v
@@ -200,7 +220,7 @@ class CaitConfig:
     tokens only. `family` names the model family (models/): its stem and block variants.
     """
 
-    img_size: int | tuple[int, int]   # square side, or (height, width) for a non-square input
+    img_size: int | tuple[int, int]  # square side, or (height, width) for a non-square input
     patch_size: int
     in_chans: int
     num_classes: int
@@ -217,7 +237,7 @@ class CaitConfig:
     no_embed_class: bool = False
     global_pool: str = "token"
     fc_norm: bool = False
-    stem: str = "patch"   # "patch" (one patch-sized conv) or LV-ViT's "4c" / "6c" conv stems (family "lvvit")
+    stem: str = "patch"  # "patch" (one patch-sized conv) or LV-ViT's "4c" / "6c" conv stems (family "lvvit")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", image_size(self.img_size))
@@ -225,8 +245,11 @@ class CaitConfig:
             check_bound(getattr(self, key), key)
         if not isinstance(self.qkv_bias, bool):
             raise ConfigError(f"qkv_bias must be true or false, got {short(self.qkv_bias)}")
-        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) \
-                or not (0 < self.ln_eps <= LN_EPS_MAX):  # NaN fails the comparison too
+        if (
+            isinstance(self.ln_eps, bool)
+            or not isinstance(self.ln_eps, (int, float))
+            or not (0 < self.ln_eps <= LN_EPS_MAX)
+        ):  # NaN fails the comparison too
             raise ConfigError(f"ln_eps must be a number in (0, {LN_EPS_MAX:g}], got {short(self.ln_eps)}")
         if not isinstance(self.source, dict):
             raise ConfigError(f"source must be a dict, got {type(self.source).__name__}")
@@ -237,8 +260,10 @@ class CaitConfig:
         if self.stem not in STEMS:
             raise ConfigError(f"stem must be one of {', '.join(STEMS)}, got {short(self.stem)}")
         if self.stem != "patch" and (self.patch_size != 16 or self.embed_dim % 8):
-            raise ConfigError(f"stem {render(self.stem)} downsamples by 16 into embed_dim / 8.. channels: it needs "
-                              f"patch_size 16 and embed_dim divisible by 8 (got {self.patch_size}, {self.embed_dim})")
+            raise ConfigError(
+                f"stem {render(self.stem)} downsamples by 16 into embed_dim / 8.. channels: it needs "
+                f"patch_size 16 and embed_dim divisible by 8 (got {self.patch_size}, {self.embed_dim})"
+            )
         if not isinstance(self.family, str) or not self.family.isidentifier() or len(self.family) > 32:
             raise ConfigError(f"family must be a short name, got {short(self.family)}")
         if self.global_pool not in GLOBAL_POOLS:
@@ -249,8 +274,9 @@ class CaitConfig:
             raise ConfigError("a distillation token needs a class token and global_pool 'token'")
         for side, name in zip(self.image_hw, ("height", "width")):
             if side % self.patch_size:
-                raise ConfigError(f"img_size {self.size_text}: image {name} {side} is not a multiple of patch_size "
-                                  f"{self.patch_size}")
+                raise ConfigError(
+                    f"img_size {self.size_text}: image {name} {side} is not a multiple of patch_size {self.patch_size}"
+                )
         gh, gw = self.grid
         check_bound(self.num_prefix_tokens + gh * gw, "tokens (prefix tokens + patch grid)", bound="tokens")
         if not isinstance(self.blocks, (tuple, list)) or not self.blocks:
@@ -321,23 +347,31 @@ class CaitConfig:
         out = []
         for i, b in enumerate(self.blocks):
             if b.merge and not spatial:
-                raise ConfigError(f"block {i}: a {b.merge} merge after token slimming (the tokens are no longer a grid)")
+                raise ConfigError(
+                    f"block {i}: a {b.merge} merge after token slimming (the tokens are no longer a grid)"
+                )
             if b.merge == "h":
                 if gw % 2:
-                    raise ConfigError(f"block {i}: horizontal merge on an odd grid width {gw} (grid {gh}x{gw}); "
-                                      "merges need even grid sides")
+                    raise ConfigError(
+                        f"block {i}: horizontal merge on an odd grid width {gw} (grid {gh}x{gw}); "
+                        "merges need even grid sides"
+                    )
                 gw //= 2
             elif b.merge == "v":
                 if gh % 2:
-                    raise ConfigError(f"block {i}: vertical merge on an odd grid height {gh} (grid {gh}x{gw}); "
-                                      "merges need even grid sides")
+                    raise ConfigError(
+                        f"block {i}: vertical merge on an odd grid height {gh} (grid {gh}x{gw}); "
+                        "merges need even grid sides"
+                    )
                 gh //= 2
             if b.slim is not None:
                 if b.slim > gh * gw:
                     raise ConfigError(f"block {i}: token slimming to {b.slim} tokens from only {gh * gw}")
                 gh, gw, spatial = 1, b.slim, False
             if b.kind == "conv3" and not spatial:
-                raise ConfigError(f"block {i}: a 3x3 convolution after token slimming (the tokens are no longer a grid)")
+                raise ConfigError(
+                    f"block {i}: a 3x3 convolution after token slimming (the tokens are no longer a grid)"
+                )
             out.append((gh, gw))
         return out
 
@@ -394,8 +428,9 @@ class CaitConfig:
         check_bound(depth, "depth")
         check_bound(num_heads, "num_heads")
         check_bound(embed_dim, "embed_dim")
-        if not (isinstance(mlp_ratio, (int, float)) and not isinstance(mlp_ratio, bool)
-                and 0 < mlp_ratio <= MLP_RATIO_MAX):  # NaN and Inf fail too
+        if not (
+            isinstance(mlp_ratio, (int, float)) and not isinstance(mlp_ratio, bool) and 0 < mlp_ratio <= MLP_RATIO_MAX
+        ):  # NaN and Inf fail too
             raise ConfigError(f"mlp_ratio must be a number in (0, {MLP_RATIO_MAX:g}], got {short(mlp_ratio)}")
         if embed_dim % num_heads:
             raise ConfigError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
@@ -406,9 +441,7 @@ class CaitConfig:
         d = embed_dim // num_heads
         hidden = int(embed_dim * mlp_ratio)
         check_bound(hidden, "mlp hidden width (embed_dim * mlp_ratio)", bound="mlp_hidden")
-        blocks = tuple(
-            BlockConfig(num_heads, d, d, hidden, d**-0.5, merges.get(i)) for i in range(depth)
-        )
+        blocks = tuple(BlockConfig(num_heads, d, d, hidden, d**-0.5, merges.get(i)) for i in range(depth))
         bad_opt = [k for k in options if k not in MODEL_OPTIONS]
         if bad_opt:
             raise ConfigError(f"unknown model option {short(bad_opt[0])}")

@@ -5,6 +5,7 @@ A variant differs only in its hooks, a module with `check_config`, `make_stem`, 
 their counts (vit/model.py for plain ViTs, lvvit.py, spvit.py); `VitFamily(hooks)` gives the rest. Only "vit"
 is built from a timm model by name (make-checkpoint, train); LV-ViT and SPViT arrive through `convert`.
 """
+
 from __future__ import annotations
 
 from types import ModuleType
@@ -20,7 +21,7 @@ from caitdeploy.families.vit.config import CaitConfig, ConfigError
 if TYPE_CHECKING:
     from caitdeploy.families.layers import AttnImpl
 
-TOKEN_SHARE = 0.75   # default share of the FLOPs reduction given to token merging (4:h,8:v on DeiT-S at 55%)
+TOKEN_SHARE = 0.75  # default share of the FLOPs reduction given to token merging (4:h,8:v on DeiT-S at 55%)
 
 
 def parse_merges(text: str) -> dict[int, str]:
@@ -37,8 +38,10 @@ def parse_merges(text: str) -> dict[int, str]:
         if v not in ("h", "v"):
             raise OptionError("merges", f"{text!r}: merge kind {v!r} must be 'h' or 'v'")
         if block in out:
-            raise OptionError("merges", f"{text!r}: block {block} is named twice ({out[block]} and {v}); "
-                                        "a block has at most one merge")
+            raise OptionError(
+                "merges",
+                f"{text!r}: block {block} is named twice ({out[block]} and {v}); a block has at most one merge",
+            )
         out[block] = v
     return out
 
@@ -55,8 +58,9 @@ def merge_reduction(fmt: dict[str, Any], merges: dict[int, str], dense: int | No
     return 1 - F.model_flops(CaitConfig.from_format({**fmt, "merges": merges}))["total"] / dense
 
 
-def auto_merges(fmt: dict[str, Any], flops_reduction: float, token_reduction: float | None = None
-                ) -> tuple[dict[int, str], dict[str, Any]]:
+def auto_merges(
+    fmt: dict[str, Any], flops_reduction: float, token_reduction: float | None = None
+) -> tuple[dict[int, str], dict[str, Any]]:
     """The paper's rule for ATME blocks: divide the blocks uniformly (a horizontal merge after the first third,
     a vertical one after the second: 4:h,8:v for 12 blocks), then move them to the pair whose merge-only FLOPs
     reduction is closest to the token-FLOPs target (`token_reduction`, default TOKEN_SHARE x flops_reduction),
@@ -75,7 +79,7 @@ def auto_merges(fmt: dict[str, Any], flops_reduction: float, token_reduction: fl
             merges = {b1: "h"} if b2 is None else {b1: "h", b2: "v"}
             try:
                 r = merge_reduction(fmt, merges, dense)
-            except ValueError:   # a merge on an odd grid side
+            except ValueError:  # a merge on an odd grid side
                 continue
             if r > flops_reduction + 1e-9:
                 continue
@@ -84,12 +88,21 @@ def auto_merges(fmt: dict[str, Any], flops_reduction: float, token_reduction: fl
             if best is None or cost < best[0]:
                 best = (cost, merges, r)
     if best is None:
-        raise OptionError("merges", f"auto: no merge placement fits {depth} blocks, grid "
-                                    f"{CaitConfig.from_format({**fmt, 'merges': {}}).grid} and --flops-reduction "
-                                    f"{flops_reduction}; give --merges BLOCK:h|v,... or none")
+        raise OptionError(
+            "merges",
+            f"auto: no merge placement fits {depth} blocks, grid "
+            f"{CaitConfig.from_format({**fmt, 'merges': {}}).grid} and --flops-reduction "
+            f"{flops_reduction}; give --merges BLOCK:h|v,... or none",
+        )
     _, merges, r = best
-    info = {"uniform": {u1: "h", u2: "v"}, "merges": merges, "token_target": target, "token_reduction": r,
-            "channel_reduction": flops_reduction - r, "flops_reduction": flops_reduction}
+    info = {
+        "uniform": {u1: "h", u2: "v"},
+        "merges": merges,
+        "token_target": target,
+        "token_reduction": r,
+        "channel_reduction": flops_reduction - r,
+        "flops_reduction": flops_reduction,
+    }
     return merges, info
 
 
@@ -99,7 +112,7 @@ class VitFamily(Family):
 
     def __init__(self, name: str, hooks: str, timm_built: bool = False):
         self.name = name
-        self._hooks = hooks          # the hooks module's name, imported when first needed
+        self._hooks = hooks  # the hooks module's name, imported when first needed
         self.timm_built = timm_built
 
     @property
@@ -112,7 +125,7 @@ class VitFamily(Family):
     def description(self) -> str:  # type: ignore[override]
         return self.hooks.DESCRIPTION
 
-    def __getattr__(self, name: str) -> Any:   # the variant's hooks: make_stem, fuse_stem, stem_shapes, ...
+    def __getattr__(self, name: str) -> Any:  # the variant's hooks: make_stem, fuse_stem, stem_shapes, ...
         if name.startswith("_") or name in ("hooks", "name", "timm_built"):
             raise AttributeError(name)
         return getattr(self.hooks, name)
@@ -179,13 +192,14 @@ class VitFamily(Family):
         return self.timm_built
 
     def default_distill_alpha(self, fmt: dict[str, Any]) -> float:
-        return 0.1 if fmt["embed_dim"] <= 192 else 0.25   # the paper's recipe: 0.1 for DeiT-Tiny
+        return 0.1 if fmt["embed_dim"] <= 192 else 0.25  # the paper's recipe: 0.1 for DeiT-Tiny
 
     def owns_timm_model(self, model) -> bool:
         return self.timm_built
 
-    def timm_model(self, arch: str, num_classes: int | None = None, img_size: int | None = None,
-                   model_args: dict | None = None):
+    def timm_model(
+        self, arch: str, num_classes: int | None = None, img_size: int | None = None, model_args: dict | None = None
+    ):
         from caitdeploy.families.timm_compat import timm_model
 
         return timm_model(arch, num_classes, img_size, model_args)
@@ -247,8 +261,18 @@ class VitFamily(Family):
         sd, cfg = ckpt.state_dict, ckpt.config
         out = dict(self.hooks.fuse_stem(cfg, sd.__getitem__))
         norm = "fc_norm" if cfg.fc_norm else "norm"
-        for k in ("cls_token", "dist_token", "reg_token", "pos_embed", f"{norm}.weight", f"{norm}.bias",
-                  "head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+        for k in (
+            "cls_token",
+            "dist_token",
+            "reg_token",
+            "pos_embed",
+            f"{norm}.weight",
+            f"{norm}.bias",
+            "head.weight",
+            "head.bias",
+            "head_dist.weight",
+            "head_dist.bias",
+        ):
             if k in sd:
                 out[k] = sd[k]
         return out
@@ -281,7 +305,6 @@ class VitFamily(Family):
         from caitdeploy.families.vit.reference import reference_forward
 
         return lambda images: reference_forward(ckpt, images)
-
 
 
 __all__ = [

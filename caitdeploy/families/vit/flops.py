@@ -4,6 +4,7 @@ FLOPs follow `torch.utils.flop_counter`: 2 per multiply-accumulate, matmuls and 
 (LayerNorm, GELU, softmax and additions are not counted). The stem, mixer and slimming counts of a variant come
 from its hooks (lvvit.py, spvit.py).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,7 +16,7 @@ from caitdeploy.families.vit.config import BlockConfig, CaitConfig
 def _family(cfg: CaitConfig):
     from caitdeploy.families.registry import family
 
-    fam: Any = family(cfg.family)   # a VitFamily (the hooks module of the config's variant)
+    fam: Any = family(cfg.family)  # a VitFamily (the hooks module of the config's variant)
     return fam.hooks
 
 
@@ -35,9 +36,11 @@ def block_flops(cfg: CaitConfig, i: int) -> dict[str, int]:
     n = cfg.tokens()[i]
     fam = _family(cfg)
     merged = cfg.patch_tokens_in(i) // 2
-    parts = {"merge": merge_flops(merged, d) if b.merge else 0,
-             "slim": fam.slim_flops(cfg, i) if b.slim is not None else 0,
-             **transformer_parts(n, d, b.num_heads, b.qk_dim, b.v_dim, b.mlp_hidden)}
+    parts = {
+        "merge": merge_flops(merged, d) if b.merge else 0,
+        "slim": fam.slim_flops(cfg, i) if b.slim is not None else 0,
+        **transformer_parts(n, d, b.num_heads, b.qk_dim, b.v_dim, b.mlp_hidden),
+    }
     if b.kind != "attn":
         parts.update(qkv=0, attn=0, proj=fam.mixer_flops(cfg, i) if b.kind != "skip" else 0)
     parts["total"] = sum(parts.values())
@@ -55,9 +58,11 @@ def channel_savings(cfg: CaitConfig, i: int) -> dict[str, int]:
         return sum(transformer_parts(n, d, h, qk, v, hidden).values())
 
     full = total(b.qk_dim, b.v_dim, b.mlp_hidden)
-    return {"qk": full - total(b.qk_dim - 1, b.v_dim, b.mlp_hidden),
-            "v": full - total(b.qk_dim, b.v_dim - 1, b.mlp_hidden),
-            "mlp": full - total(b.qk_dim, b.v_dim, b.mlp_hidden - 1)}
+    return {
+        "qk": full - total(b.qk_dim - 1, b.v_dim, b.mlp_hidden),
+        "v": full - total(b.qk_dim, b.v_dim - 1, b.mlp_hidden),
+        "mlp": full - total(b.qk_dim, b.v_dim, b.mlp_hidden - 1),
+    }
 
 
 def model_flops(cfg: CaitConfig) -> dict:
@@ -65,8 +70,12 @@ def model_flops(cfg: CaitConfig) -> dict:
     patch = patch_embed_flops(cfg)
     head = head_flops(cfg)
     blocks = [block_flops(cfg, i) for i in range(cfg.depth)]
-    return {"total": patch + head + sum(b["total"] for b in blocks), "patch_embed": patch, "head": head,
-            "blocks": blocks}
+    return {
+        "total": patch + head + sum(b["total"] for b in blocks),
+        "patch_embed": patch,
+        "head": head,
+        "blocks": blocks,
+    }
 
 
 def block_params(cfg: CaitConfig, i: int) -> int:
@@ -74,12 +83,12 @@ def block_params(cfg: CaitConfig, i: int) -> int:
     d = cfg.embed_dim
     fam = _family(cfg)
     qkv_out = b.num_heads * (2 * b.qk_dim + b.v_dim)
-    n = (2 * d * d + d) if b.merge else 0                        # merge fc: [D, 2D] + bias
+    n = (2 * d * d + d) if b.merge else 0  # merge fc: [D, 2D] + bias
     n += fam.slim_params(cfg, i) if b.slim is not None else 0
-    n += 4 * d                                                   # norm1, norm2
+    n += 4 * d  # norm1, norm2
     if b.kind == "attn":
-        n += qkv_out * d + (qkv_out if cfg.qkv_bias else 0)      # qkv
-        n += b.num_heads * b.v_dim * d + d                       # proj
+        n += qkv_out * d + (qkv_out if cfg.qkv_bias else 0)  # qkv
+        n += b.num_heads * b.v_dim * d + d  # proj
     elif b.kind != "skip":
         n += fam.mixer_params(cfg, i)
     n += d * b.mlp_hidden + b.mlp_hidden + b.mlp_hidden * d + d  # fc1, fc2
@@ -88,7 +97,7 @@ def block_params(cfg: CaitConfig, i: int) -> int:
 
 def model_params(cfg: CaitConfig) -> int:
     d = cfg.embed_dim
-    n = _family(cfg).stem_params(cfg)                   # patch embed (or the family's stem)
+    n = _family(cfg).stem_params(cfg)  # patch embed (or the family's stem)
     n += cfg.num_prefix_tokens * d + cfg.pos_embed_len * d  # prefix tokens, pos embed
     heads = 2 if cfg.dist_token else 1
     n += 2 * d + heads * (d * cfg.num_classes + cfg.num_classes)  # final norm (or fc_norm), head(s)
@@ -99,10 +108,24 @@ def block_rows(cfg: CaitConfig) -> list[dict]:
     """The one per-block table (fuse's report, inspect, benchmarks): widths, tokens, FLOPs by part, params."""
     f = model_flops(cfg)
     tokens = cfg.tokens()
-    return [{"block": i, "merge": b.merge, "kind": b.kind, "slim": b.slim, "tokens": tokens[i], "heads": b.num_heads, "qk_per_head": b.qk_dim,
-             "v_per_head": b.v_dim, "mlp": b.mlp_hidden, "attn_scale": b.attn_scale,
-             "flops": f["blocks"][i]["total"], "flops_parts": f["blocks"][i], "params": block_params(cfg, i)}
-            for i, b in enumerate(cfg.blocks)]
+    return [
+        {
+            "block": i,
+            "merge": b.merge,
+            "kind": b.kind,
+            "slim": b.slim,
+            "tokens": tokens[i],
+            "heads": b.num_heads,
+            "qk_per_head": b.qk_dim,
+            "v_per_head": b.v_dim,
+            "mlp": b.mlp_hidden,
+            "attn_scale": b.attn_scale,
+            "flops": f["blocks"][i]["total"],
+            "flops_parts": f["blocks"][i],
+            "params": block_params(cfg, i),
+        }
+        for i, b in enumerate(cfg.blocks)
+    ]
 
 
 def encoder_flops(cfg: CaitConfig, last_block: int | None = None) -> int:

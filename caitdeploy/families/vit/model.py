@@ -5,6 +5,7 @@ attention. Pure PyTorch, no compactors, no layer scale (fuse and convert fold it
 State-dict keys follow timm's VisionTransformer: `patch_embed.*`, `cls_token`, `dist_token`, `reg_token`,
 `pos_embed`, `blocks.{i}.*` (+ `merge.fc.*`, `slim.*`), `norm.*` or `fc_norm.*`, `head.*`, `head_dist.*`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -38,8 +39,10 @@ def check_config(c: CaitConfig) -> None:
 
     for i, b in enumerate(c.blocks):
         if b.kind != "attn" or b.slim is not None:
-            raise ConfigError(f"block {i}: family {c.family!r} has attention blocks only "
-                              f"(kind {b.kind!r}{', token slimming' if b.slim is not None else ''})")
+            raise ConfigError(
+                f"block {i}: family {c.family!r} has attention blocks only "
+                f"(kind {b.kind!r}{', token slimming' if b.slim is not None else ''})"
+            )
 
 
 def make_stem(c: CaitConfig) -> nn.Module:
@@ -98,8 +101,9 @@ def slim_params(c: CaitConfig, i: int) -> int:
     return 0
 
 
-def add_position(tokens: torch.Tensor, prefix: list[torch.Tensor], pos_embed: torch.Tensor,
-                 no_embed_class: bool) -> torch.Tensor:
+def add_position(
+    tokens: torch.Tensor, prefix: list[torch.Tensor], pos_embed: torch.Tensor, no_embed_class: bool
+) -> torch.Tensor:
     """Patch tokens [B, Gh*Gw, D] + prefix tokens + position embedding in timm's order: [B, prefix + Gh*Gw, D]
     (with no_embed_class the prefix tokens get no position). CaitViT and the training wrapper both use it."""
     if no_embed_class:
@@ -107,14 +111,20 @@ def add_position(tokens: torch.Tensor, prefix: list[torch.Tensor], pos_embed: to
     return torch.cat([*prefix, tokens], dim=1) + pos_embed
 
 
-def pool_logits(x: torch.Tensor, c: CaitConfig, head: nn.Module, head_dist: nn.Module | None, fc_norm: nn.Module,
-                drop: nn.Module | None = None) -> torch.Tensor:
+def pool_logits(
+    x: torch.Tensor,
+    c: CaitConfig,
+    head: nn.Module,
+    head_dist: nn.Module | None,
+    fc_norm: nn.Module,
+    drop: nn.Module | None = None,
+) -> torch.Tensor:
     """Pooling and classifier on the final tokens, timm's eval output: the class token; the mean of the patch
     tokens with global_pool 'avg' (then fc_norm); with a distillation token, the mean of both heads. `drop`: the
     training wrapper's head dropout."""
     d = drop if drop is not None else nn.Identity()
     if c.global_pool == "avg":
-        return head(d(fc_norm(x[:, c.num_prefix_tokens:].mean(dim=1))))
+        return head(d(fc_norm(x[:, c.num_prefix_tokens :].mean(dim=1))))
     if c.dist_token and head_dist is not None:
         return (head(d(x[:, 0])) + head_dist(d(x[:, 1]))) / 2
     return head(d(fc_norm(x[:, 0])))
@@ -134,7 +144,7 @@ class CaitViT(nn.Module):
 
         super().__init__()
         self.config = c = config
-        fam: Any = family(c.family)   # a VitFamily: its variant's hooks answer make_stem, make_mixer, make_slim
+        fam: Any = family(c.family)  # a VitFamily: its variant's hooks answer make_stem, make_mixer, make_slim
         fam.check_config(c)
         d = c.embed_dim
         p = c.num_prefix_tokens
@@ -148,9 +158,16 @@ class CaitViT(nn.Module):
             self.reg_token = nn.Parameter(torch.zeros(1, c.reg_tokens, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.pos_embed_len, d))
         self.blocks = nn.ModuleList(
-            Block(d, b, c.input_grid(i), c.qkv_bias, c.ln_eps, p,
-                  mixer=None if b.kind == "attn" else fam.make_mixer(c, i),
-                  slim=None if b.slim is None else fam.make_slim(c, i))
+            Block(
+                d,
+                b,
+                c.input_grid(i),
+                c.qkv_bias,
+                c.ln_eps,
+                p,
+                mixer=None if b.kind == "attn" else fam.make_mixer(c, i),
+                slim=None if b.slim is None else fam.make_slim(c, i),
+            )
             for i, b in enumerate(c.blocks)
         )
         self.norm = nn.Identity() if c.fc_norm else nn.LayerNorm(d, eps=c.ln_eps)
@@ -169,7 +186,7 @@ class CaitViT(nn.Module):
         if kernels == "triton":
             attn_impl = "triton"
         for blk in cast("Iterable[Block]", self.blocks):
-            attn: Any = blk.attn   # Attention, a family's mixer, or None: any with an `impl` takes it
+            attn: Any = blk.attn  # Attention, a family's mixer, or None: any with an `impl` takes it
             if hasattr(attn, "impl"):
                 attn.impl = attn_impl
             if blk.merge is not None:
@@ -232,7 +249,7 @@ class FeatureModel(nn.Module):
     of a CaitViT (or of any model with that method, e.g. the ToMe baseline) as a module with plain outputs,
     for export and benchmarks."""
 
-    def __init__(self, model: Any, blocks, restore: str = "repeat"):   # duck-typed: any module with the two
+    def __init__(self, model: Any, blocks, restore: str = "repeat"):  # duck-typed: any module with the two
         super().__init__()
         self.model, self.restore = model, restore
         self.blocks = model.config.feature_blocks(blocks)

@@ -3,6 +3,7 @@
 This is the oracle the fused model is checked against: compactors applied as matrices, no folding, no
 slicing, by default in float64. It shares no code with `CaitViT` on purpose.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 from caitdeploy.core.names import compactor_prefix, merge_prefix
 
 
-def _merge(x: torch.Tensor, grid: tuple[int, int], kind: str, w: torch.Tensor, b: torch.Tensor,
-           prefix: int) -> torch.Tensor:
+def _merge(
+    x: torch.Tensor, grid: tuple[int, int], kind: str, w: torch.Tensor, b: torch.Tensor, prefix: int
+) -> torch.Tensor:
     cls_tok, patches = x[:, :prefix], x[:, prefix:]
     bsz, _, d = patches.shape
     gh, gw = grid
@@ -43,8 +45,9 @@ def _restore(tokens: torch.Tensor, grid: tuple[int, int], full: tuple[int, int],
 
 
 @torch.no_grad()
-def reference_forward(ckpt: Any, images: torch.Tensor, dtype: torch.dtype = torch.float64,
-                      features=None, restore: str = "repeat"):
+def reference_forward(
+    ckpt: Any, images: torch.Tensor, dtype: torch.dtype = torch.float64, features=None, restore: str = "repeat"
+):
     """Logits [B, num_classes] of the checkpoint's own forward pass (compactors included), at the size of
     `images` (the position embedding resampled as models/resize.py says when it differs from the
     checkpoint's). With `features` (block indices): a list of [B, D, Gh, Gw] maps, each block's output on
@@ -54,7 +57,7 @@ def reference_forward(ckpt: Any, images: torch.Tensor, dtype: torch.dtype = torc
     def opt(key: str) -> torch.Tensor | None:  # one tensor at a time: never a float64 copy of the whole checkpoint
         return raw[key].to(dtype) if key in raw else None
 
-    def w(key: str) -> torch.Tensor:   # a tensor the forward cannot do without (the checkpoint was validated)
+    def w(key: str) -> torch.Tensor:  # a tensor the forward cannot do without (the checkpoint was validated)
         return raw[key].to(dtype)
 
     from caitdeploy.families import family
@@ -69,9 +72,9 @@ def reference_forward(ckpt: Any, images: torch.Tensor, dtype: torch.dtype = torc
     hd = d // h
     scale = hd**-0.5
     eps = cfg.ln_eps
-    lam = float(fmt.get("skip_lam", 1.0))       # LV-ViT: every residual branch is divided by skip_lam
+    lam = float(fmt.get("skip_lam", 1.0))  # LV-ViT: every residual branch is divided by skip_lam
     pre = cfg.num_prefix_tokens
-    fam: Any = family(cfg.family)   # a VitFamily: its variant's hooks give the stem
+    fam: Any = family(cfg.family)  # a VitFamily: its variant's hooks give the stem
     x = fam.reference_stem(cfg, opt, images.to(dtype))
     bsz = x.shape[0]
     prefix = [w(k).expand(bsz, -1, -1) for k in ("cls_token", "dist_token", "reg_token") if k in raw]

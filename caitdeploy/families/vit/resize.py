@@ -8,6 +8,7 @@ is a Linear on token pairs, attention and MLPs are per-token, SPViT's convolutio
 get, SiT's token slimming maps any token count to its fixed output count. What can fail is the merge rule: a
 merged side must be even on the new grid (checked by `CaitConfig.at_size`, one line naming the block).
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,14 @@ import torch.nn.functional as F
 from caitdeploy.families.vit.config import CaitConfig
 
 
-def resample_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                       num_prefix: int = 1, mode: str = "bicubic", antialias: bool = True) -> torch.Tensor:
+def resample_pos_embed(
+    pos: torch.Tensor,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    num_prefix: int = 1,
+    mode: str = "bicubic",
+    antialias: bool = True,
+) -> torch.Tensor:
     """pos [1, num_prefix + Gh*Gw, D] on `old_grid` -> [1, num_prefix + Gh'*Gw', D] on `new_grid`."""
     gh, gw = old_grid
     nh, nw = new_grid
@@ -34,8 +41,9 @@ def resample_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: t
     return torch.cat([prefix, grid], dim=1)
 
 
-def resize_state_dict(config: CaitConfig, state: dict[str, torch.Tensor], img_size
-                      ) -> tuple[CaitConfig, dict[str, torch.Tensor]]:
+def resize_state_dict(
+    config: CaitConfig, state: dict[str, torch.Tensor], img_size
+) -> tuple[CaitConfig, dict[str, torch.Tensor]]:
     """(config at `img_size`, a state dict whose pos_embed is resampled; every other tensor is shared)."""
     new = config.at_size(img_size)
     if new.grid == config.grid:

@@ -1,4 +1,5 @@
 """ToMe baseline: matching, size-weighted merging, r=0 == dense, analytic FLOPs, FLOPs matching."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,9 @@ from caitdeploy.families.vit.model import CaitViT
 
 
 def small_dense(img_size=64, patch_size=8, depth=4, embed_dim=48, num_heads=3):
-    cfg = CaitConfig.dense(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                           num_heads=num_heads, num_classes=10)
+    cfg = CaitConfig.dense(
+        img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, num_classes=10
+    )
     torch.manual_seed(0)
     vit = CaitViT(cfg).eval()
     with torch.no_grad():  # non-zero class/position embeddings so tokens differ
@@ -31,11 +33,17 @@ def small_dense(img_size=64, patch_size=8, depth=4, embed_dim=48, num_heads=3):
 
 def hand_example():
     # tokens: 0 = cls, 1..4; set A = {0, 2, 4}, set B = {1, 3}
-    metric = torch.tensor([[[3.0, 0.0],    # cls: identical direction to token 1 (cos 1.0)
-                            [1.0, 0.0],    # t1
-                            [0.1, 2.0],    # t2: cos(t2, t3) = 0.9988
-                            [0.0, 1.0],    # t3
-                            [1.0, 0.5]]])  # t4: cos(t4, t1) = 0.894
+    metric = torch.tensor(
+        [
+            [
+                [3.0, 0.0],  # cls: identical direction to token 1 (cos 1.0)
+                [1.0, 0.0],  # t1
+                [0.1, 2.0],  # t2: cos(t2, t3) = 0.9988
+                [0.0, 1.0],  # t3
+                [1.0, 0.5],
+            ]
+        ]
+    )  # t4: cos(t4, t1) = 0.894
     x = torch.tensor([[[10.0], [1.0], [2.0], [4.0], [8.0]]])
     size = torch.tensor([[[1.0], [1.0], [2.0], [1.0], [1.0]]])
     return metric, x, size
@@ -81,7 +89,7 @@ def test_repeated_merges_keep_cls_first_and_sizes_sum(n):
         merge, unmerge = bipartite_soft_matching(metric, r)
         x, size = merge_wavg(merge, x, size)
         assert x.shape[1] == before - min(r, (before - 1) // 2)
-        assert torch.equal(x[:, 0], cls)                               # class token first and untouched
+        assert torch.equal(x[:, 0], cls)  # class token first and untouched
         assert torch.all(size[:, 0] == 1)
         assert torch.allclose(size.sum(dim=1).flatten(), torch.full((3,), float(total)))
         if x.shape[1] < before:
@@ -143,8 +151,9 @@ def test_tokens_and_schedule():
         r_schedule(-1, 4)
 
 
-@pytest.mark.parametrize("arch", [dict(embed_dim=192, num_heads=3), dict(embed_dim=384, num_heads=6),
-                                  dict(embed_dim=768, num_heads=12)])
+@pytest.mark.parametrize(
+    "arch", [dict(embed_dim=192, num_heads=3), dict(embed_dim=384, num_heads=6), dict(embed_dim=768, num_heads=12)]
+)
 @pytest.mark.parametrize("reduction", [0.505, 0.55, 0.58])
 def test_choose_r_within_2_percent(arch, reduction):
     cfg = CaitConfig.dense(**arch)

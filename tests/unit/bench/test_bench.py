@@ -1,4 +1,5 @@
 """`caitdeploy bench`: record schema, n/a records, speed-ups, reports and a CLI smoke run on a tiny model."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,14 @@ def test_models_and_flops_matching(tiny):
     kinds = [m.kind for m in models]
     assert kinds == ["cait", "dense", "tome"]
     cait, dense, tome = models
-    assert dense.flops == model_flops(CaitConfig.dense(img_size=64, patch_size=8, embed_dim=48, depth=4,
-                                                       num_heads=3, mlp_ratio=2.0, num_classes=10))["total"]
+    assert (
+        dense.flops
+        == model_flops(
+            CaitConfig.dense(
+                img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=3, mlp_ratio=2.0, num_classes=10
+            )
+        )["total"]
+    )
     assert cait.flops < 0.8 * dense.flops
     assert abs(tome.flops - cait.flops) <= 0.02 * cait.flops
     assert tome.params == dense.params and cait.params < dense.params
@@ -57,7 +64,7 @@ def test_ok_record_schema(tiny):
     rec = run_one(cait, "torch", 2, RunOptions(device="cpu", timing=FAST))
     assert rec["status"] == "ok", rec["status"]
     check_schema(rec)
-    assert rec["iters"] == 4 and rec["warmup"] == 1 and rec["repeats"] == 2   # min_seconds 0: exactly min_iters
+    assert rec["iters"] == 4 and rec["warmup"] == 1 and rec["repeats"] == 2  # min_seconds 0: exactly min_iters
     assert 0 < rec["latency_ms_p50"] <= rec["latency_ms_p90"] <= rec["latency_ms_p99"]
     assert rec["throughput_img_s"] == pytest.approx(2 / rec["latency_ms_p50"] * 1e3)
     assert rec["repeat_spread_pct"] is not None  # two repeats: a spread
@@ -80,9 +87,18 @@ def test_int8_and_bf16_rows(tiny, tmp_path):
     pairs are n/a with the reason; speed-ups compare rows of one precision."""
     from caitdeploy.bench import run_bench
 
-    recs = run_bench([tiny], batches=[2], backends=["torch", "ort"], dtype="fp32,bf16,int8,int8-dynamic",
-                     baselines=("dense",), timing=replace(FAST, repeats=1), threads=1, progress=False,
-                     work_dir=tmp_path, log=lambda s: None)
+    recs = run_bench(
+        [tiny],
+        batches=[2],
+        backends=["torch", "ort"],
+        dtype="fp32,bf16,int8,int8-dynamic",
+        baselines=("dense",),
+        timing=replace(FAST, repeats=1),
+        threads=1,
+        progress=False,
+        work_dir=tmp_path,
+        log=lambda s: None,
+    )
     by = {(r["model"], r["backend"], r["dtype"]): r for r in recs}
     assert len(recs) == 2 * 2 * 4 and len(by) == len(recs)
     for model in ("cait", "dense"):
@@ -128,14 +144,30 @@ def test_na_record(tiny, backend, kind, reason):
 
 def _rec(model, backend, p50, setting="s", arch="a", batch=8, status="ok"):
     r = {k: None for k in RECORD_KEYS}
-    r.update(model=model, backend=backend, latency_ms_p50=p50, setting=setting if model != "dense" else arch,
-             arch=arch, batch=batch, dtype="fp32", device="cpu", status=status)
+    r.update(
+        model=model,
+        backend=backend,
+        latency_ms_p50=p50,
+        setting=setting if model != "dense" else arch,
+        arch=arch,
+        batch=batch,
+        dtype="fp32",
+        device="cpu",
+        status=status,
+    )
     return r
 
 
 def test_add_speedups():
-    recs = add_speedups([_rec("dense", "torch", 10.0), _rec("cait", "torch", 4.0), _rec("tome", "torch", 5.0),
-                         _rec("cait", "ort", 2.0), _rec("dense", "torch", 1.0, batch=1)])
+    recs = add_speedups(
+        [
+            _rec("dense", "torch", 10.0),
+            _rec("cait", "torch", 4.0),
+            _rec("tome", "torch", 5.0),
+            _rec("cait", "ort", 2.0),
+            _rec("dense", "torch", 1.0, batch=1),
+        ]
+    )
     dense, cait, tome, cait_ort, _ = recs
     assert cait["speedup_vs_dense"] == pytest.approx(2.5) and cait["speedup_vs_tome"] == pytest.approx(1.25)
     assert tome["speedup_vs_dense"] == pytest.approx(2.0) and tome["speedup_vs_tome"] == pytest.approx(1.0)
@@ -149,8 +181,9 @@ def test_plot_png(tmp_path, tiny):
         for m, p in (("dense", 10.0), ("cait", 4.0), ("tome", 5.0)):
             for be in ("torch", "ort"):
                 r = _rec(m, be, p * scale, batch=b)
-                r.update(model_detail=m, throughput_img_s=b / (p * scale) * 1e3, dtype="fp32",
-                         env_gpu=None, env_cpu="cpu")
+                r.update(
+                    model_detail=m, throughput_img_s=b / (p * scale) * 1e3, dtype="fp32", env_gpu=None, env_cpu="cpu"
+                )
                 recs.append(r)
     recs.append(_rec("cait", "trt", None, status="n/a: TensorRT needs a CUDA GPU"))
     out = tmp_path / "bench.png"
@@ -163,20 +196,32 @@ def test_plot_png(tmp_path, tiny):
 
 def test_markdown_lists_na_reason():
     r = _rec("cait", "trt", None, status="n/a: TensorRT needs a CUDA GPU")
-    r.update(model_detail="CAIT -50%", flops_per_img=10**9, params=10**6, env_cpu="x", env_cpu_count=2,
-             env_threads=2, env_torch="t", env_python="p", env_os="o")
+    r.update(
+        model_detail="CAIT -50%",
+        flops_per_img=10**9,
+        params=10**6,
+        env_cpu="x",
+        env_cpu_count=2,
+        env_threads=2,
+        env_torch="t",
+        env_python="p",
+        env_os="o",
+    )
     text = to_markdown([r])
     assert "n/a [1]" in text and "[1] TensorRT needs a CUDA GPU" in text
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--backends", "torch,tensorflow"], "unknown backend 'tensorflow'"),
-    (["--batch", "0"], "--batch 0"),
-    (["--batch", "two"], "--batch 'two'"),
-    (["--dtype", "int4"], "--dtype 'int4'"),
-    (["--dtype", ","], "--dtype is empty"),
-    (["--tome-r", "-3"], "--tome-r"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--backends", "torch,tensorflow"], "unknown backend 'tensorflow'"),
+        (["--batch", "0"], "--batch 0"),
+        (["--batch", "two"], "--batch 'two'"),
+        (["--dtype", "int4"], "--dtype 'int4'"),
+        (["--dtype", ","], "--dtype is empty"),
+        (["--tome-r", "-3"], "--tome-r"),
+    ],
+)
 def test_cli_bad_input(tiny, args, needle):
     res = CliRunner().invoke(main, ["bench", str(tiny), *args])
     assert res.exit_code == 2
@@ -187,11 +232,15 @@ def test_cli_bad_input(tiny, args, needle):
 def test_cli_not_a_fused_model(tmp_path):
     from safetensors.torch import save_file
 
-    ck = tmp_path / "ckpt.safetensors"   # a CAIT training checkpoint's header, not a fused model
+    ck = tmp_path / "ckpt.safetensors"  # a CAIT training checkpoint's header, not a fused model
     save_file({"w": torch.zeros(2)}, str(ck), metadata={"format": "cait-compactor/1"})
     junk = tmp_path / "junk.safetensors"
     junk.write_text("not a model")
-    for path, says in ((ck, "caitdeploy fuse"), (junk, "caitdeploy fuse"), (tmp_path / "missing.safetensors", "no such file")):
+    for path, says in (
+        (ck, "caitdeploy fuse"),
+        (junk, "caitdeploy fuse"),
+        (tmp_path / "missing.safetensors", "no such file"),
+    ):
         res = CliRunner().invoke(main, ["bench", str(path), "--batch", "1"])
         assert res.exit_code == 2
         lines = [ln for ln in res.output.splitlines() if ln.strip()]

@@ -1,4 +1,5 @@
 """Fused model vs the checkpoint's own forward pass, for every selection/consistency/alignment option."""
+
 from __future__ import annotations
 
 import pytest
@@ -55,10 +56,14 @@ def deit_ckpts(tmp_path_factory):
     return Lazy()
 
 
-MATRIX = [("small-vit", merged, opt) for merged in (False, True) for opt in OPTIONS] + [("small", True, "strict-align8")]
+MATRIX = [("small-vit", merged, opt) for merged in (False, True) for opt in OPTIONS] + [
+    ("small", True, "strict-align8")
+]
 
 
-@pytest.mark.parametrize("arch, merged, opt", MATRIX, ids=[f"{a}-{'merge' if m else 'no-merge'}-{o}" for a, m, o in MATRIX])
+@pytest.mark.parametrize(
+    "arch, merged, opt", MATRIX, ids=[f"{a}-{'merge' if m else 'no-merge'}-{o}" for a, m, o in MATRIX]
+)
 def test_fused_equals_checkpoint_deit(deit_ckpts, arch, merged, opt):
     ckpt = deit_ckpts[arch, merged]
     res, model = _fused_model(ckpt, OPTIONS[opt])
@@ -119,7 +124,9 @@ def test_near_zero_dropped_rows_give_small_reported_difference(tmp_path):
 def test_large_dropped_rows_refused_unless_forced(tmp_path):
     torch.save(random_checkpoint(dropped_scale=0.5), tmp_path / "big.pth")
     out = tmp_path / "big.fused.safetensors"
-    with pytest.raises(CaitError, match=r"block 0: a dropped compactor row has norm .* max_dropped_norm \(--max-dropped-norm\)"):
+    with pytest.raises(
+        CaitError, match=r"block 0: a dropped compactor row has norm .* max_dropped_norm \(--max-dropped-norm\)"
+    ):
         fuse_file(tmp_path / "big.pth", out)
     assert not out.exists()
     report = fuse_file(tmp_path / "big.pth", out, FuseOptions(force=True))

@@ -1,4 +1,5 @@
 """Pure surgery functions on small hand-made tensors."""
+
 from __future__ import annotations
 
 import pytest
@@ -63,8 +64,8 @@ def test_strict_consistency_messages_and_repair():
         S.check_consistency(7, q, k, v)
     sq = torch.tensor([[0, 0, 0, 1.0], [0, 0, 0, 2.0]], dtype=torch.float64)
     qk, vv, repairs = S.repair_consistency(7, q, k, v, sq, torch.ones(2, 4, dtype=torch.float64))
-    assert qk[0].tolist() == [True, True, True, False]      # union
-    assert qk[1].tolist() == [True, False, True, True]      # raised to 3 with its best dropped channel
+    assert qk[0].tolist() == [True, True, True, False]  # union
+    assert qk[1].tolist() == [True, False, True, True]  # raised to 3 with its best dropped channel
     assert vv.sum(-1).tolist() == [3, 3]
     parts = {(r.part, r.head) for r in repairs}
     assert parts == {("qk", 0), ("qk", 1), ("v", 1)}
@@ -73,8 +74,14 @@ def test_strict_consistency_messages_and_repair():
 def test_slice_block_widths():
     h, dim, hidden = 2, 8, 6  # head width dim // h = 4
     g = torch.Generator().manual_seed(0)
-    f = S.fold_block(torch.randn(3 * dim, dim, generator=g), torch.randn(3 * dim, generator=g),
-                     torch.randn(hidden, dim, generator=g), torch.randn(hidden, generator=g), h, {})
+    f = S.fold_block(
+        torch.randn(3 * dim, dim, generator=g),
+        torch.randn(3 * dim, generator=g),
+        torch.randn(hidden, dim, generator=g),
+        torch.randn(hidden, generator=g),
+        h,
+        {},
+    )
     plan = S.BlockPlan(qk=torch.tensor([[0, 2], [1, 3]]), v=torch.tensor([[3], [0]]), mlp=torch.tensor([5, 0, 1]))
     out = S.slice_block(f, torch.randn(dim, dim, generator=g), torch.randn(dim, hidden, generator=g), plan)
     assert out["attn.qkv.weight"].shape == (h * (2 + 2 + 1), dim)

@@ -1,5 +1,6 @@
 """Untrusted images (caitdeploy.core.images): every bound checked from the header before a pixel is decoded, damaged
 files refused without decoding, one line naming the file; int8 calibration images go through the same checks."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,12 @@ def png_bytes(w: int, h: int, honest: bool = True) -> bytes:
         idat = b"".join(c.compress(row) for _ in range(h)) + c.flush()
     else:
         idat = c.compress(bytes(64)) + c.flush()
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + _chunk(b"IDAT", idat)
+        + _chunk(b"IEND", b"")
+    )
 
 
 def write_image(path: Path, size=(40, 30), mode="RGB", fmt=None, **save) -> Path:
@@ -79,7 +84,7 @@ def _hostile(d: Path) -> dict[str, tuple[Path, str]]:
     out["a FIFO (never opened)"] = (d / "fifo.png", r"not a regular file")
     os.symlink("/dev/zero", d / "zero_device.png")
     out["a link to /dev/zero"] = (d / "zero_device.png", r"not a regular file")
-    with open(d / "sparse.png", "wb") as f:   # 300 MB that take no disk: refused from stat, never read
+    with open(d / "sparse.png", "wb") as f:  # 300 MB that take no disk: refused from stat, never read
         f.write(ok_png[:16])
         f.truncate(MAX_IMAGE_BYTES + 1)
     out["larger than the file bound"] = (d / "sparse.png", rf"{MAX_IMAGE_BYTES + 1} bytes, more than the")
@@ -96,10 +101,26 @@ def hostile(tmp_path_factory):
 
 
 # ---- the checks -----------------------------------------------------------------------------------------
-HOSTILE = ["zero bytes", "garbage", "PNG signature only", "truncated PNG", "PNG with a damaged chunk",
-           "truncated JPEG", "truncated progressive JPEG", "JPEG without a frame", "60000000 x 1", "16385 x 2",
-           "30000 x 30000", "13000 x 13000", "0 x 5", "a FIFO (never opened)", "a link to /dev/zero",
-           "larger than the file bound", "a link to a file too large", "a broken link"]
+HOSTILE = [
+    "zero bytes",
+    "garbage",
+    "PNG signature only",
+    "truncated PNG",
+    "PNG with a damaged chunk",
+    "truncated JPEG",
+    "truncated progressive JPEG",
+    "JPEG without a frame",
+    "60000000 x 1",
+    "16385 x 2",
+    "30000 x 30000",
+    "13000 x 13000",
+    "0 x 5",
+    "a FIFO (never opened)",
+    "a link to /dev/zero",
+    "larger than the file bound",
+    "a link to a file too large",
+    "a broken link",
+]
 
 
 def test_the_table_is_complete(hostile):
@@ -116,7 +137,7 @@ def test_hostile_images_are_one_line_errors_naming_the_file(hostile, name):
     msg = str(ei.value)
     assert "\n" not in msg and msg.startswith(f"--data {path}: "), msg
     assert re.search(pattern, msg), msg
-    with pytest.raises(CaitError):   # loading refuses it too (before decoding, or as a decode error)
+    with pytest.raises(CaitError):  # loading refuses it too (before decoding, or as a decode error)
         load_rgb(path, "--data")
 
 
@@ -139,20 +160,34 @@ def test_resize_bound_refuses_elongated_images(tmp_path):
     p = tmp_path / "thin.png"
     p.write_bytes(png_bytes(16384, 15, honest=False))
     assert probe(p).pixels == 16384 * 15
-    with pytest.raises(CaitError, match=r"16384x15 pixels: resized to a shorter side of 256 it would be 279620x256, "
-                                        r"more than the 67108864 pixels allowed \(too elongated\)"):
+    with pytest.raises(
+        CaitError,
+        match=r"16384x15 pixels: resized to a shorter side of 256 it would be 279620x256, "
+        r"more than the 67108864 pixels allowed \(too elongated\)",
+    ):
         probe(p, "--calib", resize_shorter=256)
-    assert probe(p, resize_shorter=128).width == 16384   # 139810 x 128: within
+    assert probe(p, resize_shorter=128).width == 16384  # 139810 x 128: within
     q = tmp_path / "edge.png"
     q.write_bytes(png_bytes(16384, 16, honest=False))
     assert probe(q, resize_shorter=256).height == 16
 
 
-@pytest.mark.parametrize("mode,fmt,save", [
-    ("RGB", "PNG", {}), ("L", "PNG", {}), ("RGBA", "PNG", {}), ("P", "PNG", {}), ("I;16", "PNG", {}),
-    ("LA", "PNG", {}), ("RGB", "JPEG", {"quality": 90}), ("L", "JPEG", {}), ("CMYK", "JPEG", {}),
-    ("RGB", "JPEG", {"progressive": True}), ("RGB", "PNG", {"optimize": True}),
-])
+@pytest.mark.parametrize(
+    "mode,fmt,save",
+    [
+        ("RGB", "PNG", {}),
+        ("L", "PNG", {}),
+        ("RGBA", "PNG", {}),
+        ("P", "PNG", {}),
+        ("I;16", "PNG", {}),
+        ("LA", "PNG", {}),
+        ("RGB", "JPEG", {"quality": 90}),
+        ("L", "JPEG", {}),
+        ("CMYK", "JPEG", {}),
+        ("RGB", "JPEG", {"progressive": True}),
+        ("RGB", "PNG", {"optimize": True}),
+    ],
+)
 def test_good_images_load_as_rgb(tmp_path, mode, fmt, save):
     p = write_image(tmp_path / f"x.{fmt.lower()}", (37, 23), mode, fmt, **save)
     info = check_image(p)
@@ -185,8 +220,12 @@ def test_damage_past_the_check_is_a_decode_error_naming_the_file(tmp_path):
     comp = zlib.compress(raw)
     idat = comp[:10] + bytes(b ^ 0x5A for b in comp[10:])
     p = tmp_path / "stream.png"
-    p.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0))
-                  + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    p.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0))
+        + _chunk(b"IDAT", idat)
+        + _chunk(b"IEND", b"")
+    )
     check_image(p)
     with pytest.raises(CaitError, match=rf"^--data {p}: not a readable PNG/JPEG image \(.+\)$"):
         load_rgb(p, "--data")
@@ -229,7 +268,7 @@ def test_calibration_bombs_refused_under_a_memory_limit(tmp_path):
     for name in cases:
         seconds, msg = lines[name].split(" ", 1)
         assert float(seconds) < 2 and msg.startswith(f"--calib {tmp_path / name / 'b_bomb.png'}: "), lines[name]
-    assert int(lines["maxrss_kb"]) < 1 << 20, lines["maxrss_kb"]   # < 1 GiB: nothing was decoded
+    assert int(lines["maxrss_kb"]) < 1 << 20, lines["maxrss_kb"]  # < 1 GiB: nothing was decoded
 
 
 def test_calibration_accepts_what_it_always_did(tmp_path):

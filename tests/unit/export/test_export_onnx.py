@@ -5,6 +5,7 @@ width in some blocks). Random-init weights give logits of ~1e-1 with near-ties b
 top-1 comparison meaningless; the head weights are drawn from N(0, 1) so logits spread over several units (median top-1/top-2
 margin printed in the report) and fp16 top-1 agreement measures the graph, not noise.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,12 +20,16 @@ from caitdeploy.families.vit.config import BlockConfig, CaitConfig
 from caitdeploy.families.vit.model import CaitViT
 from caitdeploy.formats.onnx_meta import op_census
 
-SCALE = 16 ** -0.5
+SCALE = 16**-0.5
 
 
 def small_cait(seed: int = 0) -> CaitViT:
-    blocks = (BlockConfig(3, 8, 16, 96, SCALE), BlockConfig(3, 16, 8, 64, SCALE, "h"),
-              BlockConfig(3, 8, 8, 64, SCALE, "v"), BlockConfig(3, 16, 16, 128, SCALE))
+    blocks = (
+        BlockConfig(3, 8, 16, 96, SCALE),
+        BlockConfig(3, 16, 8, 64, SCALE, "h"),
+        BlockConfig(3, 8, 8, 64, SCALE, "v"),
+        BlockConfig(3, 16, 16, 128, SCALE),
+    )
     cfg = CaitConfig(64, 16, 3, 10, 48, True, blocks)
     torch.manual_seed(seed)
     m = CaitViT(cfg).eval()
@@ -88,7 +93,9 @@ def test_fp32_scale_applied_to_q_before_first_matmul(fp32):
 def _merge_nodes(m):
     """Nodes of each ATME merge: walk back from a Concat feeding a LayerNormalization to the residual Add."""
     producers = {o: n for n in m.graph.node for o in n.output}
-    consts = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    consts = {i.name for i in m.graph.initializer} | {
+        o for n in m.graph.node if n.op_type == "Constant" for o in n.output
+    }
     merges = []
     for ln in (n for n in m.graph.node if n.op_type == "LayerNormalization"):
         cat = producers.get(ln.input[0])
@@ -153,8 +160,10 @@ def test_fp16_graph_and_agreement(model, tmp_path):
     path = tmp_path / "m16.onnx"
     report = export_onnx(model, path, dtype="fp16", fp16_samples=256)
     v = report["verify"]
-    print(f"fp16: max|diff| {v['max_abs_diff']:.4g}, logit scale {v['logit_scale']:.3g}, top-1 "
-          f"{100 * v['top1_agree']:.2f}% over {v['samples']} images, median margin {v['median_top1_margin']:.3g}")
+    print(
+        f"fp16: max|diff| {v['max_abs_diff']:.4g}, logit scale {v['logit_scale']:.3g}, top-1 "
+        f"{100 * v['top1_agree']:.2f}% over {v['samples']} images, median margin {v['median_top1_margin']:.3g}"
+    )
     assert v["samples"] >= 256 + 8 and v["top1_agree"] >= 0.99
     assert 0 < v["max_abs_diff"] < 0.02 * v["logit_scale"]
     m = onnx.load(str(path))
@@ -177,8 +186,9 @@ def test_attention_op_with_unequal_qk_and_v_widths(model, tmp_path):
     assert report["opset"] == 23 and report["census"]["Attention"] == model.config.depth
     assert "Softmax" not in report["census"]
     m = onnx.load(str(path))
-    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
-              for v in list(m.graph.value_info)}
+    shapes = {
+        v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in list(m.graph.value_info)
+    }
     attn = [n for n in m.graph.node if n.op_type == "Attention"]
     widths = [(shapes[n.input[0]][-1], shapes[n.input[2]][-1]) for n in attn]
     assert widths == [(b.qk_dim, b.v_dim) for b in model.config.blocks]
@@ -197,8 +207,8 @@ class TopKHead(torch.nn.Module):
         self.head = torch.nn.Linear(8 * 4, 5)
 
     def forward(self, images):
-        x = self.proj(images).flatten(2)                   # [B, 8, 16]
-        top = torch.topk(x, 4, dim=-1).values.flatten(1)   # [B, 32]
+        x = self.proj(images).flatten(2)  # [B, 8, 16]
+        top = torch.topk(x, 4, dim=-1).values.flatten(1)  # [B, 32]
         return self.head(top)
 
 
@@ -215,13 +225,16 @@ def test_forbidden_op_fails_loudly_and_writes_nothing(tmp_path):
     assert "flops" not in report
 
 
-@pytest.mark.parametrize("kw, needle", [
-    ({"dtype": "bf16"}, "unknown dtype"),
-    ({"opset": 17}, "unsupported opset 17"),
-    ({"opset": 99}, "unsupported opset 99"),
-    ({"attention": "flash"}, "unknown attention"),
-    ({"attention": "op", "opset": 18}, "needs opset >= 23"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"dtype": "bf16"}, "unknown dtype"),
+        ({"opset": 17}, "unsupported opset 17"),
+        ({"opset": 99}, "unsupported opset 99"),
+        ({"attention": "flash"}, "unknown attention"),
+        ({"attention": "op", "opset": 18}, "needs opset >= 23"),
+    ],
+)
 def test_bad_options(model, tmp_path, kw, needle):
     with pytest.raises(CaitError, match=needle):
         export_onnx(model, tmp_path / "x.onnx", **kw)

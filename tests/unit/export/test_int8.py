@@ -1,4 +1,5 @@
 """INT8 export: the QDQ graph's structure, int8-vs-fp32 agreement on a seeded model, calibration folders."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,19 @@ from caitdeploy.cli.main import main
 from caitdeploy.compress.fuse import FuseOptions, fuse_file
 from caitdeploy.testing.checkpoints import random_checkpoint
 
-FORBIDDEN = {"TopK", "ArgMax", "ArgMin", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "NonZero",
-             "Loop", "If", "Where"}
+FORBIDDEN = {
+    "TopK",
+    "ArgMax",
+    "ArgMin",
+    "GatherElements",
+    "GatherND",
+    "ScatterElements",
+    "ScatterND",
+    "NonZero",
+    "Loop",
+    "If",
+    "Where",
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +50,14 @@ def _images(folder, n, size=(70, 90), mode="RGB", ext="png"):
 def _int8_weight_range(m) -> tuple[int, int]:
     """Smallest and largest value of the int8 weight initializers that feed DequantizeLinear nodes."""
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
-    w = [inits[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-         and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim >= 2]
+    w = [
+        inits[n.input[0]]
+        for n in m.graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in inits
+        and inits[n.input[0]].dtype == np.int8
+        and inits[n.input[0]].ndim >= 2
+    ]
     assert w, "no int8 weight initializers found"
     return min(int(a.min()) for a in w), max(int(a.max()) for a in w)
 
@@ -70,7 +88,9 @@ def test_static_qdq_graph_and_agreement(fused, tmp_path):
     assert not set(ops) & FORBIDDEN
     # weight MatMuls (qkv, proj, fc1, fc2 per block; the merge; the head) and the stem Conv, each behind DQ nodes
     dq_out = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    quantized = [n for n in m.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and all(i in dq_out for i in n.input[:2])]
+    quantized = [
+        n for n in m.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and all(i in dq_out for i in n.input[:2])
+    ]
     assert len(quantized) == 3 * 4 + 1 + 1 + 1 == q["quantized_nodes"]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") >= ops.count("QuantizeLinear")
     # attention MatMuls, LayerNorm, Softmax, GELU stay float and are reported
@@ -81,13 +101,15 @@ def test_static_qdq_graph_and_agreement(fused, tmp_path):
     assert meta["caitdeploy.int8"] == "static" and meta["caitdeploy.int8.calibration"] == "minmax"
     assert json.loads(meta["caitdeploy.preprocess"])["crop"] == [64, 64]
     assert json.loads(meta["caitdeploy.int8.calibration_data"])["images"] == 9
-    assert [o.domain for o in m.opset_import] == [""]   # no unused domains declared by the quantizer
+    assert [o.domain for o in m.opset_import] == [""]  # no unused domains declared by the quantizer
     # 7-bit weights by default: no u8 x s8 pair can saturate ONNX Runtime's int16 accumulation on non-VNNI CPUs
     assert meta["caitdeploy.int8.weight_bits"] == "7" and q["weight_bits"] == 7
     assert max(_int8_weight_range(m)) <= 64 and min(_int8_weight_range(m)) >= -64
     r = CliRunner().invoke(main, ["inspect", str(out)])
     # (rich wraps long lines at the terminal width: compare with the whitespace collapsed)
-    assert r.exit_code == 0 and "dtype int8 static (uint8 asymmetric activations, 7-bit weights)" in " ".join(r.output.split())
+    assert r.exit_code == 0 and "dtype int8 static (uint8 asymmetric activations, 7-bit weights)" in " ".join(
+        r.output.split()
+    )
     # no Q/DQ on MatMul outputs: ONNX Runtime fuses DQ -> MatMul into MatMulIntegerToFloat (int8 GEMM, float out)
     import onnxruntime as ort
 
@@ -101,8 +123,17 @@ def test_static_qdq_graph_and_agreement(fused, tmp_path):
 def test_static_attention_and_held_out_check(fused, tmp_path):
     _images(tmp_path / "cal", 4)
     _images(tmp_path / "held", 5, size=(64, 64), ext="jpg")
-    r, _out, rep = _export(fused, tmp_path, "--int8", "static", "--calib", str(tmp_path / "cal"), "--int8-attention",
-                          "--int8-check", str(tmp_path / "held"))
+    r, _out, rep = _export(
+        fused,
+        tmp_path,
+        "--int8",
+        "static",
+        "--calib",
+        str(tmp_path / "cal"),
+        "--int8-attention",
+        "--int8-check",
+        str(tmp_path / "held"),
+    )
     assert r.exit_code == 0, r.output
     q = json.loads(rep.read_text())["int8"]
     assert q["quantized_nodes"] == 3 * 4 + 1 + 1 + 1 + 3 * 2 and "MatMul" not in q["float_ops"]
@@ -132,20 +163,23 @@ def test_bad_calibration_folders_one_line_nothing_written(fused, tmp_path):
     (tmp_path / "text" / "x.png").write_text("not an image")
     _images(tmp_path / "grey", 2, mode="L")
     (tmp_path / "file.txt").write_text("x")
-    cases = [(["--calib", str(tmp_path / "empty")], "no PNG or JPEG images (the folder is empty)"),
-             (["--calib", str(tmp_path / "text")], "not a readable PNG/JPEG image"),
-             (["--calib", str(tmp_path / "grey")], "has 1 channel (L), the model takes 3"),
-             (["--calib", str(tmp_path / "nope")], "no such folder"),
-             ([], "static needs calibration data"),
-             (["--calib-synthetic", "8", "--dtype", "fp16"], "leave --dtype at fp32")]
+    cases = [
+        (["--calib", str(tmp_path / "empty")], "no PNG or JPEG images (the folder is empty)"),
+        (["--calib", str(tmp_path / "text")], "not a readable PNG/JPEG image"),
+        (["--calib", str(tmp_path / "grey")], "has 1 channel (L), the model takes 3"),
+        (["--calib", str(tmp_path / "nope")], "no such folder"),
+        ([], "static needs calibration data"),
+        (["--calib-synthetic", "8", "--dtype", "fp16"], "leave --dtype at fp32"),
+    ]
     for args, msg in cases:
         r, out, rep = _export(fused, tmp_path, "--int8", "static", *args)
         assert r.exit_code == 2, (args, r.output)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and msg in lines[0], (args, r.stderr)
         assert not out.exists() and not rep.exists()
-    r, out, _ = _export(fused, tmp_path, "--int8", "static", "--calib-synthetic", "4", "--int8-check",
-                        str(tmp_path / "grey"))
+    r, out, _ = _export(
+        fused, tmp_path, "--int8", "static", "--calib-synthetic", "4", "--int8-check", str(tmp_path / "grey")
+    )
     assert r.exit_code == 2 and "--int8-check" in r.stderr and "has 1 channel" in r.stderr and not out.exists()
     r, out, _ = _export(fused, tmp_path, "--int8", "dynamic", "--int8-attention")
     assert r.exit_code == 2 and "--int8-attention" in r.stderr and not out.exists()
@@ -172,13 +206,27 @@ def test_static_int8_tensorrt_rtx_engine(fused, tmp_path):
     if importlib.util.find_spec("tensorrt") is None:
         pytest.importorskip("tensorrt_rtx")
     engine = tmp_path / "q.plan"
-    r, out, _rep = _export(fused, tmp_path, "--int8", "static", "--calib-synthetic", "6", "--trt", "--opt-batch", "2",
-                          "--max-batch", "4", "--engine", str(engine))
+    r, out, _rep = _export(
+        fused,
+        tmp_path,
+        "--int8",
+        "static",
+        "--calib-synthetic",
+        "6",
+        "--trt",
+        "--opt-batch",
+        "2",
+        "--max-batch",
+        "4",
+        "--engine",
+        str(engine),
+    )
     assert r.exit_code == 0, r.output
     q = onnx.load(out)
     zps = [i for i in q.graph.initializer if i.name.endswith("_zero_point")]
-    assert zps and all(onnx.numpy_helper.to_array(z).dtype == np.int8 and not onnx.numpy_helper.to_array(z).any()
-                       for z in zps)
+    assert zps and all(
+        onnx.numpy_helper.to_array(z).dtype == np.int8 and not onnx.numpy_helper.to_array(z).any() for z in zps
+    )
     side = json.loads((tmp_path / "q.plan.json").read_text())
     assert side["dtype"] == "int8-static"
     assert side["quantization"]["quantize_layers"] >= 3 * 4 + 1 and side["quantization"]["dequantize_layers"] > 0
@@ -239,21 +287,44 @@ def test_int8_agreement_on_a_cpu_without_vnni(fused, tmp_path):
     r = CliRunner().invoke(main, ["export", str(fused), "-o", str(files["fp32"]), "-q"])
     assert r.exit_code == 0, r.output
     for bits in ("7", "8"):
-        r = CliRunner().invoke(main, ["export", str(fused), "-o", str(files[f"w{bits}"]), "-q", "--int8", "static",
-                                      "--calib-synthetic", "16", "--int8-weight-bits", bits])
+        r = CliRunner().invoke(
+            main,
+            [
+                "export",
+                str(fused),
+                "-o",
+                str(files[f"w{bits}"]),
+                "-q",
+                "--int8",
+                "static",
+                "--calib-synthetic",
+                "16",
+                "--int8-weight-bits",
+                bits,
+            ],
+        )
         assert r.exit_code == 0, r.output
     argv = [str(tmp_path / "x.npy"), *map(str, files.values())]
-    native = json.loads(subprocess.run([sys.executable, "-c", QEMU_RUN, *argv], capture_output=True, text=True,
-                                       check=True, timeout=120).stdout)
-    p = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, "-c", QEMU_RUN, *argv], capture_output=True,
-                       text=True, timeout=600, check=False)
+    native = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", QEMU_RUN, *argv], capture_output=True, text=True, check=True, timeout=120
+        ).stdout
+    )
+    p = subprocess.run(
+        [qemu, "-cpu", "Haswell", sys.executable, "-c", QEMU_RUN, *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     haswell = json.loads(p.stdout)
     f32, w7, w8 = (str(f) for f in files.values())
-    assert _cosine_min(haswell[f32], native[f32]) > 0.9999           # the emulated CPU computes fp32 as the host
-    assert _cosine_min(haswell[w7], haswell[f32]) >= 0.99             # the default: right without VNNI
-    assert _cosine_min(haswell[w7], native[w7]) > 0.9999              # and the same int8 arithmetic as the host
+    assert _cosine_min(haswell[f32], native[f32]) > 0.9999  # the emulated CPU computes fp32 as the host
+    assert _cosine_min(haswell[w7], haswell[f32]) >= 0.99  # the default: right without VNNI
+    assert _cosine_min(haswell[w7], native[w7]) > 0.9999  # and the same int8 arithmetic as the host
     if {"avx512_vnni", "avx_vnni"} & _cpu_flags():
         # the cause, seen on this ONNX Runtime: full-range weights saturate on Haswell, not on the VNNI host
         assert _cosine_min(haswell[w8], native[w8]) < 0.999, (
-            "onnxruntime no longer saturates u8 x s8 on AVX2: 8-bit weights could become the default again")
+            "onnxruntime no longer saturates u8 x s8 on AVX2: 8-bit weights could become the default again"
+        )

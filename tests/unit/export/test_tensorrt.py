@@ -3,6 +3,7 @@
 TensorRT-RTX builds ahead of time on the CPU, so the build runs here. Deserializing or running an engine needs
 a CUDA driver in both flavours: those tests run on a GPU machine and are skipped (with the reason) elsewhere.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,7 +28,7 @@ CUDA = torch.cuda.is_available()
 
 
 def small_cait() -> CaitViT:
-    s = 16 ** -0.5
+    s = 16**-0.5
     blocks = (BlockConfig(2, 8, 16, 64, s, "h"), BlockConfig(2, 16, 8, 64, s, "v"), BlockConfig(2, 16, 16, 64, s))
     torch.manual_seed(0)
     m = CaitViT(CaitConfig(64, 16, 3, 10, 32, True, blocks)).eval()
@@ -42,8 +43,17 @@ def built(tmp_path_factory):
     model = small_cait()
     onnx_path = d / "m16.onnx"
     export_onnx(model, onnx_path, dtype="fp16", verify=False)
-    report = build_engine(onnx_path, d / "m16.plan", min_batch=1, opt_batch=4, max_batch=8, workspace_mb=256,
-                          timing_cache=d / "tc.bin", opt_level=2, compute_capabilities=["SM86", "SM89"])
+    report = build_engine(
+        onnx_path,
+        d / "m16.plan",
+        min_batch=1,
+        opt_batch=4,
+        max_batch=8,
+        workspace_mb=256,
+        timing_cache=d / "tc.bin",
+        opt_level=2,
+        compute_capabilities=["SM86", "SM89"],
+    )
     return model, onnx_path, d / "m16.plan", report
 
 
@@ -58,7 +68,9 @@ def test_build_writes_engine_and_sidecar(built):
     assert side["onnx"]["sha256"] == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     assert side["opt_level"] == 2 and side["workspace_mb"] == 256 and side["build_seconds"] > 0
     assert CaitConfig.from_dict(side["config"]) == model.config
-    print(f"{side['flavour']} {side['trt_version']}: built {side['engine_bytes']} bytes in {side['build_seconds']:.2f} s")
+    print(
+        f"{side['flavour']} {side['trt_version']}: built {side['engine_bytes']} bytes in {side['build_seconds']:.2f} s"
+    )
     if side["flavour"] == "tensorrt_rtx":
         assert side["build_target"]["compute_capabilities"] == ["SM86", "SM89"]
         # TensorRT-RTX ignores timing caches: nothing is written and the report says why
@@ -80,7 +92,7 @@ def test_engine_header_without_gpu(built):
     assert broken["malformed"] or broken["version_mismatch"], broken
 
 
-@pytest.mark.gpu   # deserializing and running the engine needs a CUDA driver: skips without one
+@pytest.mark.gpu  # deserializing and running the engine needs a CUDA driver: skips without one
 def test_deserialize_same_module(built):
     model, _onnx_path, engine, _ = built
     mod = import_trt()
@@ -88,8 +100,10 @@ def test_deserialize_same_module(built):
     eng = runtime.deserialize_cuda_engine(engine.read_bytes())
     if not CUDA:
         assert eng is None
-        pytest.skip(f"{mod.__name__} needs a CUDA driver to deserialize an engine and this machine has no GPU "
-                    "(the build and the header check above ran on the CPU)")
+        pytest.skip(
+            f"{mod.__name__} needs a CUDA driver to deserialize an engine and this machine has no GPU "
+            "(the build and the header check above ran on the CPU)"
+        )
     names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
     assert names == ["images", "logits"]
     runner = TrtEngine(engine)
@@ -115,8 +129,10 @@ def _attention_onnx(path, qk=8, v=16):
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2, 5, v])
     vals = helper.make_tensor("vv", TensorProto.FLOAT, [1, 2, 5, v], [0.1] * (2 * 5 * v))
     expand_shape = helper.make_tensor("vshape", TensorProto.INT64, [4], [1, 2, 5, v])
-    nodes = [helper.make_node("Expand", ["vv", "vshape"], ["vb"], name="expand_v"),
-             helper.make_node("Attention", ["images", "images", "vb"], ["logits"], name="my_attention", scale=0.25)]
+    nodes = [
+        helper.make_node("Expand", ["vv", "vshape"], ["vb"], name="expand_v"),
+        helper.make_node("Attention", ["images", "images", "vb"], ["logits"], name="my_attention", scale=0.25),
+    ]
     g = helper.make_graph(nodes, "attn", [q], [out], initializer=[vals, expand_shape])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
     onnx.save(m, str(path))
@@ -184,14 +200,16 @@ def test_swin_onnx_builds_and_inspects(tmp_path):
     from caitdeploy.families.swin.model import CaitSwin, SwinConfig, swin_config_of
     from caitdeploy.formats.describe import inspect_engine, inspect_onnx
 
-    timm_swin = swin_timm_model("swin_tiny_patch4_window7_224", 3, 32,
-                                dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4))
+    timm_swin = swin_timm_model(
+        "swin_tiny_patch4_window7_224", 3, 32, dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)
+    )
     torch.manual_seed(0)
     model = CaitSwin(swin_config_of(timm_swin, {(1, 0): "h"})).eval()
     onnx_path = tmp_path / "swin.onnx"
     export_onnx(model, onnx_path, features=[1, 3], verify=False)
-    report = build_engine(onnx_path, tmp_path / "swin.plan", min_batch=1, opt_batch=2, max_batch=4,
-                          workspace_mb=256, opt_level=0)
+    report = build_engine(
+        onnx_path, tmp_path / "swin.plan", min_batch=1, opt_batch=2, max_batch=4, workspace_mb=256, opt_level=0
+    )
     side = json.loads(sidecar_path(tmp_path / "swin.plan").read_text())
     assert report["engine_bytes"] > 0 and SwinConfig.from_dict(side["config"]) == model.config
     assert side["outputs"] == ["feat1", "feat3"]

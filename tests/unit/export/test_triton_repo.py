@@ -1,4 +1,5 @@
 """Triton model repository: config.pbtxt parsed with Triton's own model_config protobuf, checked field by field."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,7 +20,7 @@ text_format = pytest.importorskip("google.protobuf.text_format")
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory):
-    s = 8 ** -0.5
+    s = 8**-0.5
     cfg = CaitConfig(32, 8, 3, 7, 16, True, (BlockConfig(2, 8, 4, 32, s, "h"), BlockConfig(2, 4, 8, 32, s, "v")))
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tr") / "tiny.onnx"
@@ -38,9 +39,19 @@ def _dims(vi):
 def test_onnx_repo_matches_the_model(onnx_model, tmp_path):
     m = onnx.load(str(onnx_model))
     inp, out = m.graph.input[0], m.graph.output[0]
-    r = write_triton_repo(tmp_path, "tiny_cait", onnx_model, max_batch_size=64, input_dims=_dims(inp),
-                          output_dims=_dims(out), dtype="fp32", preferred_batch_sizes=[32, 8, 64],
-                          instance_count=2, instance_kind="cpu", max_queue_delay_us=250)
+    r = write_triton_repo(
+        tmp_path,
+        "tiny_cait",
+        onnx_model,
+        max_batch_size=64,
+        input_dims=_dims(inp),
+        output_dims=_dims(out),
+        dtype="fp32",
+        preferred_batch_sizes=[32, 8, 64],
+        instance_count=2,
+        instance_kind="cpu",
+        max_queue_delay_us=250,
+    )
     model_file = tmp_path / "tiny_cait" / "1" / "model.onnx"
     assert model_file.read_bytes() == onnx_model.read_bytes()
     cfg = _parse(tmp_path / "tiny_cait" / "config.pbtxt")
@@ -57,15 +68,24 @@ def test_onnx_repo_matches_the_model(onnx_model, tmp_path):
     assert r["platform"] == "onnxruntime_onnx" and r["model"] == str(model_file)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None and importlib.util.find_spec("tensorrt") is None,
-                    reason="no TensorRT module to build a plan")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx") is None and importlib.util.find_spec("tensorrt") is None,
+    reason="no TensorRT module to build a plan",
+)
 def test_plan_repo(onnx_model, tmp_path):
     from caitdeploy.export.tensorrt import build_engine
 
     plan = tmp_path / "tiny.plan"
     build_engine(onnx_model, plan, opt_batch=4, max_batch=16)
-    write_triton_repo(tmp_path / "repo", "tiny_trt", plan, max_batch_size=16, input_dims=(3, 32, 32),
-                      output_dims=(7,), preferred_batch_sizes=[4, 16])
+    write_triton_repo(
+        tmp_path / "repo",
+        "tiny_trt",
+        plan,
+        max_batch_size=16,
+        input_dims=(3, 32, 32),
+        output_dims=(7,),
+        preferred_batch_sizes=[4, 16],
+    )
     cfg = _parse(tmp_path / "repo" / "tiny_trt" / "config.pbtxt")
     assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 16
     assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 16]
@@ -73,14 +93,17 @@ def test_plan_repo(onnx_model, tmp_path):
     assert (tmp_path / "repo" / "tiny_trt" / "1" / "model.plan").read_bytes() == plan.read_bytes()
 
 
-@pytest.mark.parametrize("kw, needle", [
-    ({"max_batch_size": 8, "preferred_batch_sizes": [16]}, "outside 1..max_batch_size"),
-    ({"max_batch_size": 0}, "max_batch_size must be an integer in 1..65536, got 0"),
-    ({"name": "../evil"}, "model name"),
-    ({"instance_kind": "tpu"}, "instance kind"),
-    ({"dtype": "int8"}, "unknown dtype"),
-    ({"input_dims": (0, 32, 32)}, "dims must be positive"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"max_batch_size": 8, "preferred_batch_sizes": [16]}, "outside 1..max_batch_size"),
+        ({"max_batch_size": 0}, "max_batch_size must be an integer in 1..65536, got 0"),
+        ({"name": "../evil"}, "model name"),
+        ({"instance_kind": "tpu"}, "instance kind"),
+        ({"dtype": "int8"}, "unknown dtype"),
+        ({"input_dims": (0, 32, 32)}, "dims must be positive"),
+    ],
+)
 def test_bad_arguments(onnx_model, tmp_path, kw, needle):
     args = {"name": "m", "max_batch_size": 8, "input_dims": (3, 32, 32), "output_dims": (7,)}
     args.update(kw)
@@ -94,5 +117,6 @@ def test_plan_on_cpu_instances_is_refused(tmp_path):
     plan = tmp_path / "x.plan"
     plan.write_bytes(b"not checked here")
     with pytest.raises(CaitError, match="GPU instances only"):
-        write_triton_repo(tmp_path / "r", "m", plan, max_batch_size=4, input_dims=(3, 8, 8), output_dims=(2,),
-                          instance_kind="cpu")
+        write_triton_repo(
+            tmp_path / "r", "m", plan, max_batch_size=4, input_dims=(3, 8, 8), output_dims=(2,), instance_kind="cpu"
+        )

@@ -1,5 +1,6 @@
 """Dense prediction: any input size (position embedding resampled as timm does), full-grid feature maps in
 PyTorch and ONNX, the feature benchmark with ToMe unmerged, and hostile sizes/blocks refused in one line."""
+
 from __future__ import annotations
 
 import json
@@ -73,7 +74,7 @@ def test_plain_vit_at_another_size_equals_timm(tmp_path):
 # ---- features -------------------------------------------------------------------------------------
 def test_restore_repeat_is_the_inverse_of_the_grouping():
     """Patch (r, c) of the 4x8 grid, merged h then v (4x8 -> 4x4 -> 2x4): it lives in token (r // 2, c // 2)."""
-    tokens = torch.arange(2 * 4, dtype=torch.float64).reshape(1, 8, 1)   # token id as its value
+    tokens = torch.arange(2 * 4, dtype=torch.float64).reshape(1, 8, 1)  # token id as its value
     fmap = restore_grid(tokens, (2, 4), (4, 8))
     want = torch.tensor([[(r // 2) * 4 + c // 2 for c in range(8)] for r in range(4)], dtype=torch.float64)
     assert torch.equal(fmap[0, 0], want)
@@ -138,8 +139,24 @@ def test_onnx_features_equal_pytorch_at_batch_1_and_3(fused224, tmp_path, restor
 
     _, fused = fused224
     out = tmp_path / "f.onnx"
-    r = CliRunner().invoke(main, ["export", str(fused), "--img-size", "256x320", "--features", "3,1",
-                                  "--restore", restore, "-o", str(out), "--report", str(tmp_path / "r.json"), "-q"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(fused),
+            "--img-size",
+            "256x320",
+            "--features",
+            "3,1",
+            "--restore",
+            restore,
+            "-o",
+            str(out),
+            "--report",
+            str(tmp_path / "r.json"),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())["onnx"]
     assert [o["name"] for o in rep["outputs"]] == ["feat1", "feat3"]
@@ -147,8 +164,18 @@ def test_onnx_features_equal_pytorch_at_batch_1_and_3(fused224, tmp_path, restor
     assert rep["verify"]["passed"] and set(rep["verify"]["outputs"]) == {"feat1", "feat3"}
     m = onnx.load(out)
     ops = {n.op_type for n in m.graph.node}
-    assert not ops & {"Gather", "GatherElements", "GatherND", "ScatterND", "ScatterElements", "TopK", "NonZero",
-                      "Where", "If", "Loop"}
+    assert not ops & {
+        "Gather",
+        "GatherElements",
+        "GatherND",
+        "ScatterND",
+        "ScatterElements",
+        "TopK",
+        "NonZero",
+        "Where",
+        "If",
+        "Loop",
+    }
     assert ("Resize" in ops) == (restore == "bilinear")
     meta = {p.key: p.value for p in m.metadata_props}
     assert meta["caitdeploy.features"] == "1,3" and meta["caitdeploy.restore"] == restore
@@ -166,12 +193,14 @@ def test_onnx_features_equal_pytorch_at_batch_1_and_3(fused224, tmp_path, restor
 def test_export_refuses_bad_feature_options_in_one_line(fused224, tmp_path):
     _, fused = fused224
     out = tmp_path / "x.onnx"
-    for args, msg in [(["--img-size", "240"], "odd grid width 15"),
-                      (["--img-size", "abc"], "--img-size 'abc'"),
-                      (["--features", "7"], "--features block 7 is outside 0..3"),
-                      (["--features", "1", "--restore", "nearest"], "--restore 'nearest'"),
-                      (["--restore", "bilinear"], "add --features"),
-                      (["--features", "1", "--triton-repo", str(tmp_path / "repo")], "--triton-repo serves classifiers")]:
+    for args, msg in [
+        (["--img-size", "240"], "odd grid width 15"),
+        (["--img-size", "abc"], "--img-size 'abc'"),
+        (["--features", "7"], "--features block 7 is outside 0..3"),
+        (["--features", "1", "--restore", "nearest"], "--restore 'nearest'"),
+        (["--restore", "bilinear"], "add --features"),
+        (["--features", "1", "--triton-repo", str(tmp_path / "repo")], "--triton-repo serves classifiers"),
+    ]:
         r = CliRunner().invoke(main, ["export", str(fused), "-o", str(out), *args])
         assert r.exit_code == 2, (args, r.output)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -196,13 +225,37 @@ def test_bench_features_cait_dense_tome_same_maps(tmp_path):
     fused = tmp_path / "c.fused.safetensors"
     fuse_file(ckpt, fused, FuseOptions())
     js = tmp_path / "b.json"
-    r = CliRunner().invoke(main, ["bench", str(fused), "--img-size", "128x192", "--features", "1,3", "--batch", "2",
-                                  "--backends", "torch,ort", "--warmup", "0", "--min-iters", "1", "--min-seconds", "0",
-                                  "--repeats", "1", "--json", str(js), "-q"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(fused),
+            "--img-size",
+            "128x192",
+            "--features",
+            "1,3",
+            "--batch",
+            "2",
+            "--backends",
+            "torch,ort",
+            "--warmup",
+            "0",
+            "--min-iters",
+            "1",
+            "--min-seconds",
+            "0",
+            "--repeats",
+            "1",
+            "--json",
+            str(js),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     recs = json.loads(js.read_text())
     assert sorted((x["model"], x["backend"]) for x in recs) == sorted(
-        (m, b) for m in ("cait", "dense", "tome") for b in ("torch", "ort"))
+        (m, b) for m in ("cait", "dense", "tome") for b in ("torch", "ort")
+    )
     for x in recs:
         assert x["status"] == "ok", x["status"]
         assert x["input"] == "3x128x192" and x["outputs"] == "feat1,feat3"
@@ -234,10 +287,16 @@ def test_other_families_at_another_size():
     from caitdeploy.families.vit.model import CaitViT
 
     base = CaitConfig.dense(img_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=5)
-    lv = replace(CaitConfig.dense(img_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=5,
-                                  family="lvvit", stem="4c"),)
-    sp = replace(base, family="spvit", blocks=(replace(base.blocks[0], kind="conv3"), replace(base.blocks[1], kind="skip"),
-                                               base.blocks[2]))
+    lv = replace(
+        CaitConfig.dense(
+            img_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=5, family="lvvit", stem="4c"
+        ),
+    )
+    sp = replace(
+        base,
+        family="spvit",
+        blocks=(replace(base.blocks[0], kind="conv3"), replace(base.blocks[1], kind="skip"), base.blocks[2]),
+    )
     sit = replace(lv, blocks=(lv.blocks[0], replace(lv.blocks[1], slim=6), lv.blocks[2]))
     x = torch.randn(2, 3, 96, 128)
     for cfg in (lv, sp, sit):

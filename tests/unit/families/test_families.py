@@ -1,6 +1,7 @@
 """Every model family through the commands: timm variants (fuse --arch, cait_wrap), SiT / LV-ViT / SPViT-DeiT
 (convert), CAIT on LV-ViT; checked against timm's own forward or the independent upstream-format references in
 caitdeploy/testing/upstream_sit.py and upstream_spvit.py (written from docs/formats/)."""
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,21 @@ def test_fuse_arch_reads_a_plain_timm_state_dict(tmp_path):
 @pytest.mark.slow
 def test_distilled_deit_exports_with_timms_output(tmp_path):
     """Two prefix tokens, a merge that leaves both alone, the mean of both heads; ONNX = PyTorch."""
-    res = run("make-checkpoint", "--arch", "deit_small_distilled_patch16_224", "--img-size", "32", "--num-classes",
-              "5", "--merges", "1:h", "--flops-reduction", "0.3", "-o", tmp_path / "d.pth")
+    res = run(
+        "make-checkpoint",
+        "--arch",
+        "deit_small_distilled_patch16_224",
+        "--img-size",
+        "32",
+        "--num-classes",
+        "5",
+        "--merges",
+        "1:h",
+        "--flops-reduction",
+        "0.3",
+        "-o",
+        tmp_path / "d.pth",
+    )
     assert res.exit_code == 0, res.stderr
     assert run("fuse", tmp_path / "d.pth", "-q").exit_code == 0
     cfg, _, _ = load_fused(tmp_path / "d.fused.safetensors")
@@ -102,8 +116,21 @@ def test_distilled_deit_exports_with_timms_output(tmp_path):
 
 
 def test_odd_grid_merge_is_refused_clearly(tmp_path):
-    res = run("make-checkpoint", "--arch", "vit_small_patch14_dinov2", "--img-size", "42", "--num-classes", "10", "--merges", "0:h",
-              "--flops-reduction", "0.1", "-o", tmp_path / "o.pth")
+    res = run(
+        "make-checkpoint",
+        "--arch",
+        "vit_small_patch14_dinov2",
+        "--img-size",
+        "42",
+        "--num-classes",
+        "10",
+        "--merges",
+        "0:h",
+        "--flops-reduction",
+        "0.1",
+        "-o",
+        tmp_path / "o.pth",
+    )
     assert res.exit_code == 2 and "odd grid width 3" in res.stderr and "even grid sides" in res.stderr
     assert not (tmp_path / "o.pth").exists()
 
@@ -119,8 +146,18 @@ def _onnx_ops(path):
 def test_sit_converts_exports_and_matches_upstream(tmp_path):
     sd = sit_state_dict("s", num_classes=10, **SMALL_SIT)
     torch.save({"model": sd, "epoch": 1}, tmp_path / "sit.pth")
-    res = run("convert", tmp_path / "sit.pth", "--from", "sit", "--stages", "2,1,1,1", "--num-heads", "3",
-              "--report", tmp_path / "r.json")
+    res = run(
+        "convert",
+        tmp_path / "sit.pth",
+        "--from",
+        "sit",
+        "--stages",
+        "2,1,1,1",
+        "--num-heads",
+        "3",
+        "--report",
+        tmp_path / "r.json",
+    )
     assert res.exit_code == 0, res.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["verify"]["max_abs_diff"] < 1e-5 and [b["slim"] for b in report["blocks"]] == [None, None, 8, 4, 2]
@@ -147,14 +184,15 @@ def test_lvvit_teacher_converts(tmp_path):
 
 
 def test_spvit_converts_every_block_kind(tmp_path):
-    sd = spvit_state_dict(["attn", "conv1", "conv3", "skip"], [100, 37, 190, 64], embed_dim=48, num_heads=3,
-                          img_size=64, num_classes=10)
+    sd = spvit_state_dict(
+        ["attn", "conv1", "conv3", "skip"], [100, 37, 190, 64], embed_dim=48, num_heads=3, img_size=64, num_classes=10
+    )
     torch.save({"model": sd}, tmp_path / "sp.pth")
     res = run("convert", tmp_path / "sp.pth", "--from", "spvit", "--align", "8", "-q")
     assert res.exit_code == 0, res.stderr
     cfg, _, _ = load_fused(tmp_path / "sp.fused.safetensors")
     assert [b.kind for b in cfg.blocks] == ["attn", "conv1", "conv3", "skip"]
-    assert [b.mlp_hidden for b in cfg.blocks] == [104, 40, 192, 64]          # zero-padded exactly
+    assert [b.mlp_hidden for b in cfg.blocks] == [104, 40, 192, 64]  # zero-padded exactly
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         got = load_model(tmp_path / "sp.fused.safetensors")(x).double()
@@ -165,15 +203,18 @@ def test_spvit_converts_every_block_kind(tmp_path):
     assert "Conv" in _onnx_ops(tmp_path / "sp.onnx")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--from", "spvit"], "is a SiT checkpoint (tsm.* keys), not --from spvit: use --from sit"),
-    (["--from", "lvvit"], "is a SiT checkpoint (tsm.* keys), not --from lvvit: use --from sit"),
-    (["--from", "sit"], "does not store where it slims tokens: give --variant"),
-    (["--from", "sit", "--variant", "s"], "has embed_dim 48, depth 5, stem 4c, but --variant s is 384/16/4c"),
-    (["--from", "sit", "--stages", "2,2,2"], "must be >= 1 each and sum to the checkpoint's depth 5"),
-    (["--from", "sit", "--stages", "1,1,1,1,1", "--num-heads", "3"], "has 3 token slimming modules"),
-    (["--from", "spvit", "--variant", "s"], "--variant SPViT's layout is read from its keys"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--from", "spvit"], "is a SiT checkpoint (tsm.* keys), not --from spvit: use --from sit"),
+        (["--from", "lvvit"], "is a SiT checkpoint (tsm.* keys), not --from lvvit: use --from sit"),
+        (["--from", "sit"], "does not store where it slims tokens: give --variant"),
+        (["--from", "sit", "--variant", "s"], "has embed_dim 48, depth 5, stem 4c, but --variant s is 384/16/4c"),
+        (["--from", "sit", "--stages", "2,2,2"], "must be >= 1 each and sum to the checkpoint's depth 5"),
+        (["--from", "sit", "--stages", "1,1,1,1,1", "--num-heads", "3"], "has 3 token slimming modules"),
+        (["--from", "spvit", "--variant", "s"], "--variant SPViT's layout is read from its keys"),
+    ],
+)
 def test_mislabelled_checkpoints_get_one_line(tmp_path, args, message):
     torch.save({"model": sit_state_dict("s", num_classes=10, **SMALL_SIT)}, tmp_path / "sit.pth")
     res = run("convert", tmp_path / "sit.pth", *args, "-q")
@@ -190,8 +231,21 @@ def test_spvit_file_given_as_sit(tmp_path):
 
 @pytest.mark.slow
 def test_cait_on_lvvit_fuses_and_benches(tmp_path):
-    res = run("make-checkpoint", "--arch", "lvvit_t", "--img-size", "64", "--num-classes", "5", "--merges", "2:h",
-              "--flops-reduction", "0.45", "-o", tmp_path / "l.pth")
+    res = run(
+        "make-checkpoint",
+        "--arch",
+        "lvvit_t",
+        "--img-size",
+        "64",
+        "--num-classes",
+        "5",
+        "--merges",
+        "2:h",
+        "--flops-reduction",
+        "0.45",
+        "-o",
+        tmp_path / "l.pth",
+    )
     assert res.exit_code == 0, res.stderr
     res = run("fuse", tmp_path / "l.pth", "--report", tmp_path / "f.json", "-q")
     assert res.exit_code == 0, res.stderr
@@ -199,9 +253,27 @@ def test_cait_on_lvvit_fuses_and_benches(tmp_path):
     assert rep["verify"]["max_abs_diff"] < 1e-4 and rep["flops_reduction"] > 0.4
     cfg, _, _ = load_fused(tmp_path / "l.fused.safetensors")
     assert cfg.family == "lvvit" and cfg.stem == "4c" and cfg.unpruned().family == "lvvit"
-    res = run("bench", tmp_path / "l.fused.safetensors", "--batch", "2", "--backends", "torch", "--baselines",
-              "dense,tome", "--warmup", "1", "--min-iters", "1", "--min-seconds", "0", "--repeats", "1",
-              "--json", tmp_path / "b.json", "-q")
+    res = run(
+        "bench",
+        tmp_path / "l.fused.safetensors",
+        "--batch",
+        "2",
+        "--backends",
+        "torch",
+        "--baselines",
+        "dense,tome",
+        "--warmup",
+        "1",
+        "--min-iters",
+        "1",
+        "--min-seconds",
+        "0",
+        "--repeats",
+        "1",
+        "--json",
+        tmp_path / "b.json",
+        "-q",
+    )
     assert res.exit_code == 0, res.stderr
     rows = json.loads((tmp_path / "b.json").read_text())
     assert {r["status"] for r in rows} == {"ok"} and len(rows) == 3

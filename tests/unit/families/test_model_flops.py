@@ -1,4 +1,5 @@
 """CaitViT against timm, ATME merge layout, analytic FLOPs/params against torch's counters."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,7 @@ def test_merge_token_layout():
     x = torch.arange(gh * gw, dtype=torch.float32).reshape(1, gh * gw, d)  # token (r, c) holds r*gw + c
     h = merge_tokens(x, (gh, gw), "h")
     assert h.shape == (1, gh * gw // 2, 2)
-    assert h[0, 0].tolist() == [0, 1] and h[0, 3].tolist() == [6, 7]            # (r, 2c), (r, 2c+1)
+    assert h[0, 0].tolist() == [0, 1] and h[0, 3].tolist() == [6, 7]  # (r, 2c), (r, 2c+1)
     v = merge_tokens(x, (gh, gw), "v")
     assert v[0, 0].tolist() == [0, 6] and v[0, 1].tolist() == [1, 7] and v[0, 6].tolist() == [12, 18]
 
@@ -48,7 +49,7 @@ def test_flop_counter_counts_cpu_fused_sdpa():
             torch.nn.functional.scaled_dot_product_attention(q, k, v)
         assert ours.get_total_flops() == expected
         torch_knows = op in flop_registry or op.default in flop_registry
-        if dv == 8 and not torch_knows:   # the torch bug this works around: the fused kernel counted as nothing
+        if dv == 8 and not torch_knows:  # the torch bug this works around: the fused kernel counted as nothing
             assert raw.get_total_flops() == 0, f"torch {torch.__version__} counts the fused CPU SDPA now"
         else:
             assert raw.get_total_flops() == expected
@@ -56,8 +57,11 @@ def test_flop_counter_counts_cpu_fused_sdpa():
 
 @pytest.mark.parametrize("impl", ["math", "sdpa"])
 def test_analytic_flops_match_torch_counter(impl):
-    blocks = (BlockConfig(4, 8, 12, 40, 16**-0.5, None), BlockConfig(4, 16, 8, 56, 16**-0.5, "h"),
-              BlockConfig(4, 8, 8, 24, 16**-0.5, "v"))
+    blocks = (
+        BlockConfig(4, 8, 12, 40, 16**-0.5, None),
+        BlockConfig(4, 16, 8, 56, 16**-0.5, "h"),
+        BlockConfig(4, 8, 8, 24, 16**-0.5, "v"),
+    )
     cfg = CaitConfig(img_size=64, patch_size=8, in_chans=3, num_classes=11, embed_dim=64, qkv_bias=True, blocks=blocks)
     model = CaitViT(cfg, attn_impl=impl).eval()
     with flop_counter() as counter, torch.no_grad():

@@ -1,5 +1,6 @@
 """The family protocol (families/base.py): every registered family implements it, the rest of the package asks it
 and never a family's name or config type, and Swin's fuse is checked against an independent float64 reference."""
+
 from __future__ import annotations
 
 import ast
@@ -30,7 +31,7 @@ def test_arch_picks_the_family_and_its_defaults():
     vit, swin = family_for_arch("deit_small_patch16_224"), family_for_arch(SWIN)
     assert (vit.name, vit.default_flops_reduction, vit.default_merges) == ("vit", 0.55, "4:h,8:v")
     assert (swin.name, swin.default_flops_reduction, swin.default_merges) == ("swin", 0.354, "auto")
-    assert family_for_arch("swinv2_tiny_window8_256").name == "vit"   # v2 is not supported as a Swin
+    assert family_for_arch("swinv2_tiny_window8_256").name == "vit"  # v2 is not supported as a Swin
     assert swin.tome_note and swin.attention_op_note and swin.token_reduction_note
     assert vit.tome_note is None and vit.attention_op_note is None and vit.token_reduction_note is None
 
@@ -63,7 +64,7 @@ def test_plan_merges_checks_the_budget_for_every_family():
     swin = family("swin")
     model = swin.timm_model(SWIN, 10, 64, SMALL_SWIN)
     sfmt = swin.format_config_of(model, SWIN)
-    merges, info = swin.plan_merges(sfmt, None, 0.354)            # the default: auto, the paper's placement
+    merges, info = swin.plan_merges(sfmt, None, 0.354)  # the default: auto, the paper's placement
     assert merges == {(1, 2): "h", (1, 3): "v"}
     with pytest.raises(OptionError, match="token_reduction"):
         swin.plan_merges(sfmt, "auto", 0.354, token_reduction=0.2)
@@ -101,8 +102,10 @@ def test_nothing_outside_families_and_convert_asks_a_family_name():
 
 
 def test_the_family_name_checker_finds_what_it_looks_for():
-    src = ('if cfg.family == "swin": pass\nif isinstance(c, SwinConfig): pass\n'
-           'from caitdeploy.families.swin.model import CaitSwin\nx = fam.name\n')
+    src = (
+        'if cfg.family == "swin": pass\nif isinstance(c, SwinConfig): pass\n'
+        "from caitdeploy.families.swin.model import CaitSwin\nx = fam.name\n"
+    )
     assert _family_name_tests(ast.parse(src)) == [1, 2, 3]
 
 
@@ -157,7 +160,7 @@ def test_swin_fuse_is_verified_against_the_reference_and_a_wrong_weight_is_caugh
     assert good["max_abs_diff"] < 1e-4 * max(1.0, good["logit_scale"])
     key = next(k for k in res.state_dict if k.endswith("attn.proj.weight"))
     with torch.no_grad():
-        model.state_dict()[key][0] += 1.0                             # one output channel of one block off
+        model.state_dict()[key][0] += 1.0  # one output channel of one block off
     bad = max_logit_diff(swin_checkpoint, model)
     assert bad["max_abs_diff"] > 1000 * good["max_abs_diff"] and bad["max_abs_diff"] > 1e-4 * good["logit_scale"]
 

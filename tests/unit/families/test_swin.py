@@ -1,5 +1,6 @@
 """Swin deploy model (issue 15, first part): timm parity, analytic FLOPs, the Tab. XIV merge arithmetic, pruned
 widths and merges through a dynamic-batch ONNX."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -18,8 +19,9 @@ def small_timm(seed=0):
     import timm
 
     torch.manual_seed(seed)
-    m = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
-                          num_classes=10).eval()
+    m = timm.create_model(
+        "swin_tiny_patch4_window7_224", embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=10
+    ).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.05)
@@ -35,8 +37,15 @@ def pruned_merged(cfg: SwinConfig) -> SwinConfig:
         out = []
         for i, b in enumerate(blocks):
             merge = {(2, 1): "h"}.get((s, i))
-            out.append(replace(b, qk_dim=max(1, b.qk_dim - 5), v_dim=max(1, b.v_dim - 3),
-                               mlp_hidden=b.mlp_hidden * 2 // 3, merge=merge))
+            out.append(
+                replace(
+                    b,
+                    qk_dim=max(1, b.qk_dim - 5),
+                    v_dim=max(1, b.v_dim - 3),
+                    mlp_hidden=b.mlp_hidden * 2 // 3,
+                    merge=merge,
+                )
+            )
         stages.append(tuple(out))
     return replace(cfg, stages=tuple(stages))
 
@@ -77,17 +86,17 @@ def test_tab14_merge_arithmetic():
     assert cait.window_shift(2, 5) == ((7, 7), (0, 0)) and cait.window_shift(3, 1) == ((4, 4), (0, 0))
     small = pruned_merged(swin_config_of(small_timm()))
     assert small.grids()[2] == [(14, 14), (14, 7)] and small.grids()[3] == [(7, 4), (7, 4)]
-    assert small.window_shift(2, 1) == ((7, 7), (3, 0))    # height 14 > 7 still shifts; width 7 does not
+    assert small.window_shift(2, 1) == ((7, 7), (3, 0))  # height 14 > 7 still shifts; width 7 does not
     assert small.window_shift(3, 1) == ((7, 4), (0, 0))
     f0, f1 = swin_flops(dense)["total"], swin_flops(cait)["total"]
-    assert f0 == pytest.approx(8.98e9, rel=1e-3)          # Swin-T: 4.49 GMACs
+    assert f0 == pytest.approx(8.98e9, rel=1e-3)  # Swin-T: 4.49 GMACs
     assert 0.195 < 1 - f1 / f0 < 0.21
 
 
 def test_merge_on_odd_side_is_refused():
     cfg = swin_config_of(small_timm())
     stages = list(cfg.stages)
-    stages[3] = (replace(stages[3][0], merge="h"), stages[3][1])   # stage 4 grid 7x7: odd
+    stages[3] = (replace(stages[3][0], merge="h"), stages[3][1])  # stage 4 grid 7x7: odd
     with pytest.raises(ValueError, match="horizontal merge on an odd grid width 7"):
         replace(cfg, stages=tuple(stages))
 
@@ -103,12 +112,20 @@ def test_pruned_merged_onnx_dynamic_batch(tmp_path):
         for p in d.parameters():
             p.normal_(0, 0.05)
     path = tmp_path / "swin.onnx"
-    torch.onnx.export(d, (torch.randn(2, 3, 224, 224),), str(path), input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=False)
+    torch.onnx.export(
+        d,
+        (torch.randn(2, 3, 224, 224),),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=18,
+        dynamo=False,
+    )
     ops = {n.op_type for n in onnx.load(path).graph.node}
     assert not ops & FORBIDDEN
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch in (1, 5):   # a batch cast to int in window_reverse would break 5 while passing 2
+    for batch in (1, 5):  # a batch cast to int in window_reverse would break 5 while passing 2
         x = torch.randn(batch, 3, 224, 224)
         with torch.no_grad():
             ref = d(x).numpy()
@@ -126,8 +143,13 @@ def test_merged_pruned_equals_timm_blocks():
     torch.manual_seed(3)
     base = swin_config_of(small_timm())
     merges = {(1, 0): "v", (2, 1): "h"}
-    stages = tuple(tuple(replace(b, qk_dim=12, v_dim=12, mlp_hidden=int(base.dims[s] * 2.5), merge=merges.get((s, i)))
-                         for i, b in enumerate(blocks)) for s, blocks in enumerate(base.stages))
+    stages = tuple(
+        tuple(
+            replace(b, qk_dim=12, v_dim=12, mlp_hidden=int(base.dims[s] * 2.5), merge=merges.get((s, i)))
+            for i, b in enumerate(blocks)
+        )
+        for s, blocks in enumerate(base.stages)
+    )
     cfg = replace(base, stages=stages)
     d = CaitSwin(cfg).eval()
     with torch.no_grad():
@@ -142,13 +164,20 @@ def test_merged_pruned_equals_timm_blocks():
             pm.load_state_dict(d.layers[s].downsample.state_dict())
             mods.append(pm)
         for i, b in enumerate(blocks):
-            tb = SwinTransformerBlock(cfg.dims[s], grids[s][i], num_heads=b.num_heads, head_dim=12, window_size=7,
-                                      shift_size=0 if i % 2 == 0 else 3, mlp_ratio=2.5)
+            tb = SwinTransformerBlock(
+                cfg.dims[s],
+                grids[s][i],
+                num_heads=b.num_heads,
+                head_dim=12,
+                window_size=7,
+                shift_size=0 if i % 2 == 0 else 3,
+                mlp_ratio=2.5,
+            )
             mine = d.layers[s].blocks[i]
             sd = {k: v for k, v in mine.state_dict().items() if not k.startswith("merge.")}
             sd = {k.replace("fc1.", "mlp.fc1.").replace("fc2.", "mlp.fc2."): v for k, v in sd.items()}
             tb.load_state_dict(sd, strict=False)
-            assert tb.window_size == mine.win and tb.shift_size == mine.shift    # timm's own rule agrees
+            assert tb.window_size == mine.win and tb.shift_size == mine.shift  # timm's own rule agrees
             mods.append((mine.merge, b.merge, grids[s][i], tb))
         ref_stages.append(mods)
     x = torch.randn(2, 3, 224, 224)
@@ -179,16 +208,16 @@ def test_dimap_zero_rows_dropped_exactly():
     cfg = swin_config_of(m)
     sd = from_checkpoint(cfg, m.state_dict())
     g = torch.Generator().manual_seed(0)
-    for k, v in sd.items():   # scattered zeros: 30% of every matrix
+    for k, v in sd.items():  # scattered zeros: 30% of every matrix
         if k.endswith(".weight") and v.ndim == 2:
             v.mul_((torch.rand(v.shape, generator=g) > 0.3).float())
     for s, blocks in enumerate(cfg.stages):
         for i, b in enumerate(blocks):
             p = f"layers.{s}.blocks.{i}."
-            sd[p + "fc1.weight"][::3] = 0                      # constant units (bias kept)
-            sd[p + "fc2.weight"][:, 1::5] = 0                  # units that feed nothing
+            sd[p + "fc1.weight"][::3] = 0  # constant units (bias kept)
+            sd[p + "fc2.weight"][:, 1::5] = 0  # units that feed nothing
             hd = b.qk_dim
-            for h in range(b.num_heads):                       # q channels: 2 in head 0, 3 in the others
+            for h in range(b.num_heads):  # q channels: 2 in head 0, 3 in the others
                 for c in range(2 if h == 0 else 3):
                     sd[p + "attn.qkv.weight"][h * hd + c] = 0
                     sd[p + "attn.qkv.bias"][h * hd + c] = 0
@@ -218,8 +247,15 @@ def small_checkpoint(tmp_path, merges=None, reduction=0.3, perturb=True, weights
     whose dropped rows are zero and random merge weights, so fusing is checked on non-trivial folds."""
     from caitdeploy.compress.cdcp import make_checkpoint, save_checkpoint_dict
 
-    ckpt, summary = make_checkpoint(ARCH, reduction, merges if merges is not None else {(2, 1): "h"},
-                                         weights=weights, seed=seed, num_classes=10, model_args=SMALL)
+    ckpt, summary = make_checkpoint(
+        ARCH,
+        reduction,
+        merges if merges is not None else {(2, 1): "h"},
+        weights=weights,
+        seed=seed,
+        num_classes=10,
+        model_args=SMALL,
+    )
     if perturb:
         g = torch.Generator().manual_seed(seed + 1)
         sd = ckpt["state_dict"]
@@ -227,7 +263,7 @@ def small_checkpoint(tmp_path, merges=None, reduction=0.3, perturb=True, weights
             if k.endswith("_compactor.weight"):
                 mask = sd[k[: -len("weight")] + "mask"]
                 noise = torch.randn(sd[k].shape, generator=g) * 0.1
-                sd[k] = (sd[k] + noise) * mask.unsqueeze(-1)       # dropped rows stay zero
+                sd[k] = (sd[k] + noise) * mask.unsqueeze(-1)  # dropped rows stay zero
             elif ".htm." in k or ".vtm." in k or "relative_position_bias_table" in k:
                 sd[k] = torch.randn(sd[k].shape, generator=g) * 0.1
     path = tmp_path / "swin_ckpt.safetensors"
@@ -269,8 +305,9 @@ def test_swin_identity_fuse_equals_timm(tmp_path):
 
     m = small_timm(seed=3)
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    path, _, _ = small_checkpoint(tmp_path, merges={}, reduction=0.0, perturb=False,
-                                  weights=str(tmp_path / "w.safetensors"))
+    path, _, _ = small_checkpoint(
+        tmp_path, merges={}, reduction=0.0, perturb=False, weights=str(tmp_path / "w.safetensors")
+    )
     fuse_file(path, tmp_path / "f.safetensors", FuseOptions(align=1))
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -324,12 +361,15 @@ def test_swin_bad_inputs_one_line(tmp_path):
         return str(e.value)
 
     assert "missing key 'layers.1.blocks.0.attn.qkv.weight'" in bad(
-        {k: v for k, v in sd.items() if k != "layers.1.blocks.0.attn.qkv.weight"})
+        {k: v for k, v in sd.items() if k != "layers.1.blocks.0.attn.qkv.weight"}
+    )
     assert "has no mask" in bad({k: v for k, v in sd.items() if k != "layers.0.blocks.1.attn.q_compactor.mask"})
-    assert "stage 3 block 1: vertical merge on an odd grid height 7" in bad(sd, {**ckpt["config"],
-                                                                                 "merges": {"3.1": "v"}})
+    assert "stage 3 block 1: vertical merge on an odd grid height 7" in bad(
+        sd, {**ckpt["config"], "merges": {"3.1": "v"}}
+    )
     assert "stage 2 block 1: horizontal merge on an odd grid width 7" in bad(
-        sd, {**ckpt["config"], "merges": {"2.0": "h", "2.1": "h"}})
+        sd, {**ckpt["config"], "merges": {"2.0": "h", "2.1": "h"}}
+    )
     assert "merge 5.0: no such block" in bad(sd, {**ckpt["config"], "merges": {"5.0": "h"}})
     assert "unexpected key 'layers.2.blocks.1.htm.fc." in bad(sd, {**ckpt["config"], "merges": {}})
     assert "unknown key 'depth'" in bad(sd, {**ckpt["config"], "depth": 12})
@@ -365,8 +405,19 @@ def test_convert_dimap_exact(tmp_path, layout):
         sd = to_microsoft(sd)
     src = tmp_path / "dimap.pth"
     torch.save({"model": sd}, src)
-    r = CliRunner().invoke(main, ["convert", str(src), "--from", "dimap", "-o", str(tmp_path / "d.safetensors"),
-                                  "--report", str(tmp_path / "r.json")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(src),
+            "--from",
+            "dimap",
+            "-o",
+            str(tmp_path / "d.safetensors"),
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     assert f"{layout} layout" in text and "sparsity:" in text
@@ -378,8 +429,8 @@ def test_convert_dimap_exact(tmp_path, layout):
     cfg = load_model(tmp_path / "d.safetensors").config
     dense = swin_config_of(m)
     for (s, i, b), (_, _, d) in zip(cfg.flat(), dense.flat()):
-        assert b.mlp_hidden == d.mlp_hidden - (5 + i) - (0 if 7 < 5 + i else 1)   # zero fc1 rows, fc2 column 7
-        assert b.qk_dim == d.qk_dim - 2 and b.v_dim == d.v_dim - 2   # a q and a k position; a v row, a proj column
+        assert b.mlp_hidden == d.mlp_hidden - (5 + i) - (0 if 7 < 5 + i else 1)  # zero fc1 rows, fc2 column 7
+        assert b.qk_dim == d.qk_dim - 2 and b.v_dim == d.v_dim - 2  # a q and a k position; a v row, a proj column
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert (load_model(tmp_path / "d.safetensors")(x) - m(x)).abs().max() < 1e-4
@@ -413,7 +464,7 @@ def test_convert_spvit_swin(tmp_path):
     assert [b.kind for _, _, b in model.config.flat()] == [k for row in SPVIT_KINDS for k in row]
     assert all(b.mlp_hidden % 8 == 0 for _, _, b in model.config.flat())
     _, erep = export_onnx_bytes(model, tmp_path / "s.onnx", verify_batches=(1, 5))
-    assert erep["verify"]["passed"] and erep["census"]["Conv"] == 1 + 2   # stem + the 3x3 blocks (1x1: MatMul)
+    assert erep["verify"]["passed"] and erep["census"]["Conv"] == 1 + 2  # stem + the 3x3 blocks (1x1: MatMul)
     r = CliRunner().invoke(main, ["convert", str(src), "--from", "dimap"])
     assert r.exit_code == 2 and "SPViT-Swin" in r.output and "use --from spvit" in r.output
 
@@ -428,16 +479,21 @@ def test_spvit_swin_3x3_tap_order():
     for t in range(9):
         probs = torch.full((h, 9), -1e6)
         probs[1] = 0.0
-        probs[0, t] = 1e6                # column t: head 0 only; other columns: head 1 only
+        probs[0, t] = 1e6  # column t: head 0 only; other columns: head 1 only
         v = torch.randn(c, c)
-        sd = {"p.attn.v.weight": v, "p.attn.v.bias": torch.zeros(c), "p.attn.proj.weight": torch.randn(c, c),
-              "p.attn.proj.bias": torch.zeros(c), "p.attn.head_probs": probs}
+        sd = {
+            "p.attn.v.weight": v,
+            "p.attn.v.bias": torch.zeros(c),
+            "p.attn.proj.weight": torch.randn(c, c),
+            "p.attn.proj.bias": torch.zeros(c),
+            "p.attn.head_probs": probs,
+        }
         w1, _, _, _ = conv_weights(sd, "p.", "conv3", h)
         pos = SWIN_TAPS.index(t)
         row, col = pos % 3, pos // 3
         assert torch.allclose(w1[:, :, row, col], v[: c // h].double())
         w0, *_ = conv_weights(sd, "p.", "conv1", h)
-        assert torch.allclose(w0[:, :, 0, 0], v[: c // h].double() if t == 0 else v[c // h:].double())
+        assert torch.allclose(w0[:, :, 0, 0], v[: c // h].double() if t == 0 else v[c // h :].double())
 
 
 def test_cait_wrap_swin_trains_and_fuses(tmp_path):
@@ -452,8 +508,9 @@ def test_cait_wrap_swin_trains_and_fuses(tmp_path):
     m = small_timm(seed=2)
     wrap = cait_wrap(m, {(2, 1): "h"})
     ctl = CDCPController(wrap, 0.3, lam=1e-3, step_ratio=0.1, every=1)
-    opt = torch.optim.SGD([{"params": wrap.base_parameters(), "lr": 1e-3},
-                           {"params": wrap.compactor_parameters(), "lr": 1e-2}])
+    opt = torch.optim.SGD(
+        [{"params": wrap.base_parameters(), "lr": 1e-3}, {"params": wrap.compactor_parameters(), "lr": 1e-2}]
+    )
     x, y = torch.randn(4, 3, 224, 224), torch.randint(0, 10, (4,))
     for _ in range(4):
         opt.zero_grad()
@@ -531,6 +588,7 @@ def test_swin_make_checkpoint_auto_merges(tmp_path):
     _, summary = make_checkpoint(ARCH, 0.354, None, num_classes=10, model_args=deeper)
     assert summary["merges"] == {"2.8": "h", "2.9": "v"} and abs(summary["flops_reduction"] - 0.354) < 0.005
     out = tmp_path / "x.safetensors"
-    res = CliRunner().invoke(main, ["make-checkpoint", "--arch", "swin_small_patch4_window7_224", "--merges",
-                                    "2.4:h,2.5:v", "-o", str(out)])
+    res = CliRunner().invoke(
+        main, ["make-checkpoint", "--arch", "swin_small_patch4_window7_224", "--merges", "2.4:h,2.5:v", "-o", str(out)]
+    )
     assert res.exit_code == 2 and "the merges alone cut FLOPs by 46.90%" in res.stderr and not out.exists()

@@ -1,4 +1,5 @@
 """One definition of the supported timm ViTs: make-checkpoint, cait_wrap and fuse agree on every name tried."""
+
 from __future__ import annotations
 
 import pytest
@@ -47,15 +48,47 @@ def test_make_checkpoint_refuses_up_front(tmp_path, name):
 
 def test_make_checkpoint_then_fuse_agree(tmp_path):
     out = tmp_path / "c.pth"
-    res = CliRunner().invoke(main, ["make-checkpoint", "--arch", "deit_tiny_patch16_224", "--img-size", "32",
-                                    "--num-classes", "10", "--merges", "1:h", "--flops-reduction", "0.4", "-o", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "make-checkpoint",
+            "--arch",
+            "deit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--num-classes",
+            "10",
+            "--merges",
+            "1:h",
+            "--flops-reduction",
+            "0.4",
+            "-o",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     res = CliRunner().invoke(main, ["fuse", str(out), "-q"])
     assert res.exit_code == 0, res.stderr
     # a target the merges alone overshoot (1:h cuts 35.4% here): one line, nothing written
     bad = tmp_path / "b.pth"
-    res = CliRunner().invoke(main, ["make-checkpoint", "--arch", "deit_tiny_patch16_224", "--img-size", "32",
-                                    "--num-classes", "10", "--merges", "1:h", "--flops-reduction", "0.3", "-o", str(bad)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "make-checkpoint",
+            "--arch",
+            "deit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--num-classes",
+            "10",
+            "--merges",
+            "1:h",
+            "--flops-reduction",
+            "0.3",
+            "-o",
+            str(bad),
+        ],
+    )
     assert res.exit_code == 2 and "the merges alone cut FLOPs by 35.42%, more than --flops-reduction 0.3" in res.stderr
     assert not bad.exists()
 

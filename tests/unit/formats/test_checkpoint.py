@@ -1,4 +1,5 @@
 """Bad input to `caitdeploy fuse`: one clear line naming the file/key/block, exit != 0, no output file."""
+
 from __future__ import annotations
 
 import pickle
@@ -53,24 +54,43 @@ def _sd(fn):
 CASES = {
     "unknown format": (lambda ck: ck.update(format="cait-compactor/9"), r"unknown format 'cait-compactor/9'"),
     "missing key": (_sd(lambda sd: sd.pop("blocks.1.mlp.fc2.bias")), r"missing key 'blocks\.1\.mlp\.fc2\.bias'"),
-    "extra key": (_sd(lambda sd: sd.update({"blocks.0.attn.extra": torch.zeros(3)})), r"unexpected key 'blocks\.0\.attn\.extra'"),
-    "wrong shape": (_sd(lambda sd: sd.update({"blocks.2.attn.qkv.weight": torch.zeros(10, 48)})),
-                    r"key 'blocks\.2\.attn\.qkv\.weight' has shape \(10, 48\), expected \(144, 48\)"),
-    "nan": (_sd(lambda sd: sd["blocks.1.mlp.fc1.weight"].__setitem__((0, 0), float("nan"))),
-            r"key 'blocks\.1\.mlp\.fc1\.weight' contains NaN or Inf"),
-    "inf": (_sd(lambda sd: sd["blocks.0.attn.v_compactor.weight"].__setitem__((0, 0, 0), float("inf"))),
-            r"key 'blocks\.0\.attn\.v_compactor\.weight' contains NaN or Inf"),
-    "mask not 0/1": (_sd(lambda sd: sd["blocks.2.attn.k_compactor.mask"].__setitem__((1, 3), 0.5)),
-                     r"key 'blocks\.2\.attn\.k_compactor\.mask' must hold only 0 and 1, found 0\.5"),
-    "all masked": (_sd(lambda sd: sd["blocks.1.mlp.fc1_compactor.mask"].zero_()),
-                   r"block 1: every fc1 channel is masked"),
-    "all masked head": (_sd(lambda sd: sd["blocks.2.attn.v_compactor.mask"][2].zero_()),
-                        r"block 2: every v channel head 2 is masked"),
-    "mask without compactor": (_sd(lambda sd: sd.pop("blocks.0.attn.q_compactor.weight")),
-                               r"mask 'blocks\.0\.attn\.q_compactor\.mask' has no compactor"),
+    "extra key": (
+        _sd(lambda sd: sd.update({"blocks.0.attn.extra": torch.zeros(3)})),
+        r"unexpected key 'blocks\.0\.attn\.extra'",
+    ),
+    "wrong shape": (
+        _sd(lambda sd: sd.update({"blocks.2.attn.qkv.weight": torch.zeros(10, 48)})),
+        r"key 'blocks\.2\.attn\.qkv\.weight' has shape \(10, 48\), expected \(144, 48\)",
+    ),
+    "nan": (
+        _sd(lambda sd: sd["blocks.1.mlp.fc1.weight"].__setitem__((0, 0), float("nan"))),
+        r"key 'blocks\.1\.mlp\.fc1\.weight' contains NaN or Inf",
+    ),
+    "inf": (
+        _sd(lambda sd: sd["blocks.0.attn.v_compactor.weight"].__setitem__((0, 0, 0), float("inf"))),
+        r"key 'blocks\.0\.attn\.v_compactor\.weight' contains NaN or Inf",
+    ),
+    "mask not 0/1": (
+        _sd(lambda sd: sd["blocks.2.attn.k_compactor.mask"].__setitem__((1, 3), 0.5)),
+        r"key 'blocks\.2\.attn\.k_compactor\.mask' must hold only 0 and 1, found 0\.5",
+    ),
+    "all masked": (
+        _sd(lambda sd: sd["blocks.1.mlp.fc1_compactor.mask"].zero_()),
+        r"block 1: every fc1 channel is masked",
+    ),
+    "all masked head": (
+        _sd(lambda sd: sd["blocks.2.attn.v_compactor.mask"][2].zero_()),
+        r"block 2: every v channel head 2 is masked",
+    ),
+    "mask without compactor": (
+        _sd(lambda sd: sd.pop("blocks.0.attn.q_compactor.weight")),
+        r"mask 'blocks\.0\.attn\.q_compactor\.mask' has no compactor",
+    ),
     "config key missing": (lambda ck: ck["config"].pop("num_heads"), r"config is missing key 'num_heads'"),
-    "merge key without config": (_sd(lambda sd: sd.update({"blocks.1.htm.fc.weight": torch.zeros(48, 96)})),
-                                 r"unexpected key 'blocks\.1\.htm\.fc\.weight' \(config merges say block 1 has no merge\)"),
+    "merge key without config": (
+        _sd(lambda sd: sd.update({"blocks.1.htm.fc.weight": torch.zeros(48, 96)})),
+        r"unexpected key 'blocks\.1\.htm\.fc\.weight' \(config merges say block 1 has no merge\)",
+    ),
 }
 
 
@@ -131,8 +151,12 @@ def test_pickle_with_code_is_refused_not_run(tmp_path):
     raw = tmp_path / "raw.pth"  # a plain pickle (not a torch zip) with a code-running reduce
     # pickle names builtins.open by its module: io.open on Python 3.11, _io.open on 3.12
     raw.write_bytes(pickle.dumps(Evil(str(marker))))
-    assert_fails(run_fuse(raw, out), r"raw\.pth: refused: the pickle needs code to load \(it references "
-                                    r"_?io\.open\); caitdeploy never runs code", out)
+    assert_fails(
+        run_fuse(raw, out),
+        r"raw\.pth: refused: the pickle needs code to load \(it references "
+        r"_?io\.open\); caitdeploy never runs code",
+        out,
+    )
     assert not marker.exists()
     garbage = tmp_path / "garbage.pth"
     garbage.write_text("not a checkpoint\n")

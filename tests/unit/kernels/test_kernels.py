@@ -39,8 +39,10 @@ def _triton_skip_reason():
     if INTERPRET and _runtime.interpreter_defect():
         return _runtime.interpreter_defect()
     if INTERPRET and _TRITON_PREIMPORTED and not _runtime._lang_interpreted():
-        return ("triton was imported before TRITON_INTERPRET=1 was set (by another module); "
-                "run tests/unit/kernels/test_kernels.py on its own")
+        return (
+            "triton was imported before TRITON_INTERPRET=1 was set (by another module); "
+            "run tests/unit/kernels/test_kernels.py on its own"
+        )
     return None
 
 
@@ -153,7 +155,7 @@ def test_atme_merge_kernel_strided_inputs(kind):
     B, gh, gw, D = 2, 4, 6, 24
     dtype = torch.float16
     big = _to(_randn(1 + gh * gw, B, D + 8, g=g), dtype)
-    x = big[:, :, 3:3 + D].transpose(0, 1)  # [B, N, D], strides (D+8, B*(D+8), 1)
+    x = big[:, :, 3 : 3 + D].transpose(0, 1)  # [B, N, D], strides (D+8, B*(D+8), 1)
     assert not x.is_contiguous()
     w = _to(_randn(2 * D, D, g=g, scale=(2 * D) ** -0.5), dtype).t()  # [D, 2D] column-major
     b = _to(_randn(2 * D, g=g), dtype)[::2]  # stride 2
@@ -164,7 +166,11 @@ def test_atme_merge_kernel_strided_inputs(kind):
 
 def _atme_args(B=1, grid=(4, 6), D=8, dtype=torch.float32):
     gh, gw = grid
-    return (torch.zeros(B, 1 + gh * gw, D, dtype=dtype), torch.zeros(D, 2 * D, dtype=dtype), torch.zeros(D, dtype=dtype))
+    return (
+        torch.zeros(B, 1 + gh * gw, D, dtype=dtype),
+        torch.zeros(D, 2 * D, dtype=dtype),
+        torch.zeros(D, dtype=dtype),
+    )
 
 
 def _assert_one_line_value_error(fn, match):
@@ -220,7 +226,7 @@ def test_attention_kernel(B, H, N, dqk, dv, dtype):
     q = _to(_randn(B, H, N, dqk, g=g), dtype)
     k = _to(_randn(B, H, N, dqk, g=g), dtype)
     v = _to(_randn(B, H, N, dv, g=g), dtype)
-    scale = dqk ** -0.5
+    scale = dqk**-0.5
     out = kernels.attention(q, k, v, scale)
     ref = kernels.attention_ref(_f64(q), _f64(k), _f64(v), scale)
     assert out.shape == (B, H, N, dv) and out.dtype == dtype and out.device == q.device
@@ -235,8 +241,8 @@ def test_attention_kernel_large_logits_and_strides():
     dtype = torch.float16
     qkv = _to(_randn(B, N, 2 * H * dqk + H * dv, g=g, scale=3.0), dtype)  # fused projection output
     q = qkv[..., : H * dqk].unflatten(-1, (H, dqk)).transpose(1, 2)
-    k = qkv[..., H * dqk: 2 * H * dqk].unflatten(-1, (H, dqk)).transpose(1, 2)
-    v = qkv[..., 2 * H * dqk:].unflatten(-1, (H, dv)).transpose(1, 2)
+    k = qkv[..., H * dqk : 2 * H * dqk].unflatten(-1, (H, dqk)).transpose(1, 2)
+    v = qkv[..., 2 * H * dqk :].unflatten(-1, (H, dv)).transpose(1, 2)
     assert not q.is_contiguous()
     out = kernels.attention(q, k, v, 1.0)
     ref = kernels.attention_ref(_f64(q), _f64(k), _f64(v), 1.0)
@@ -280,8 +286,9 @@ def test_attention_kernel_rejects_wide_heads_and_fp64():
 def test_import_kernels_does_not_import_triton():
     code = "import sys, caitdeploy.kernels; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
     repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120,
-                         check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120, check=False
+    )
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
@@ -306,8 +313,11 @@ def test_caitvit_uses_the_kernels_and_matches_math_path():
     from caitdeploy.families.vit.config import BlockConfig, CaitConfig
     from caitdeploy.families.vit.model import CaitViT
 
-    blocks = (BlockConfig(2, 12, 20, 40, 16**-0.5, None), BlockConfig(2, 12, 20, 40, 16**-0.5, "h"),
-              BlockConfig(2, 8, 12, 24, 16**-0.5, "v"))
+    blocks = (
+        BlockConfig(2, 12, 20, 40, 16**-0.5, None),
+        BlockConfig(2, 12, 20, 40, 16**-0.5, "h"),
+        BlockConfig(2, 8, 12, 24, 16**-0.5, "v"),
+    )
     cfg = CaitConfig(img_size=32, patch_size=8, in_chans=3, num_classes=5, embed_dim=32, qkv_bias=True, blocks=blocks)
     torch.manual_seed(0)
     model = CaitViT(cfg, attn_impl="math").eval()
@@ -321,6 +331,7 @@ def test_caitvit_uses_the_kernels_and_matches_math_path():
         def wrapped(*a, **k):
             calls[name] += 1
             return fn(*a, **k)
+
         return wrapped
 
     kernels.atme_merge_linear, kernels.attention = count("merge", orig_merge), count("attn", orig_attn)
@@ -334,8 +345,10 @@ def test_caitvit_uses_the_kernels_and_matches_math_path():
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
 
 
-@pytest.mark.skipif(not (INTERPRET and _runtime.interpreter_defect()),
-                    reason="only where this triton's interpreter is known not to run with this numpy")
+@pytest.mark.skipif(
+    not (INTERPRET and _runtime.interpreter_defect()),
+    reason="only where this triton's interpreter is known not to run with this numpy",
+)
 def test_known_broken_interpreter_is_refused_with_the_reason():
     """triton < 3.8 with numpy >= 2.5 (the lent GPU machine's stack, on a CPU): one clear error, not 58 crashes."""
     x, w = torch.randn(1, 1 + 4 * 4, 8), torch.randn(8, 16)

@@ -1,5 +1,6 @@
 """The pipelines as a library: the README's Python API example runs, the library and `caitdeploy export` agree
 (options and defaults, report, errors), and every check comes before any work."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,7 @@ from caitdeploy.pipelines.inspect import inspect
 from caitdeploy.testing.checkpoints import random_checkpoint, write_tiny_fused
 
 README = Path(__file__).resolve().parents[3] / "README.md"
-MODEL = "deit_s.fused.safetensors"   # the name the README's example uses
+MODEL = "deit_s.fused.safetensors"  # the name the README's example uses
 
 
 def readme_python_example() -> str:
@@ -100,25 +101,52 @@ def test_library_report_is_the_cli_report(folder, tmp_path):
     (timings aside)."""
     a, b = tmp_path / "cli", tmp_path / "lib"
     a.mkdir(), b.mkdir()
-    r = CliRunner().invoke(main, ["export", str(folder / MODEL), "-o", str(a / "m.onnx"), "--report", str(a / "r.json"),
-                                  "--triton-repo", str(a / "repo"), "--max-batch", "8", "--opt-batch", "4", "-q"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(folder / MODEL),
+            "-o",
+            str(a / "m.onnx"),
+            "--report",
+            str(a / "r.json"),
+            "--triton-repo",
+            str(a / "repo"),
+            "--max-batch",
+            "8",
+            "--opt-batch",
+            "4",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    res = export(ExportOptions(str(folder / MODEL), output=str(b / "m.onnx"), report_path=str(b / "r.json"),
-                               triton_repo=str(b / "repo"), max_batch=8, opt_batch=4))
+    res = export(
+        ExportOptions(
+            str(folder / MODEL),
+            output=str(b / "m.onnx"),
+            report_path=str(b / "r.json"),
+            triton_repo=str(b / "repo"),
+            max_batch=8,
+            opt_batch=4,
+        )
+    )
     cli_report, lib_report = (json.loads((d / "r.json").read_text()) for d in (a, b))
     assert shape(cli_report) == shape(lib_report) == shape(json.loads(json.dumps(res.report)))
     assert res.outputs == [b / "m.onnx", b / "repo/m/config.pbtxt", b / "r.json"]
     assert listing(a) == listing(b) and (a / "m.onnx").read_bytes() == (b / "m.onnx").read_bytes()
 
 
-@pytest.mark.parametrize(("changes", "param", "flag_message"), [
-    ({"int8_check": "held-out"}, "int8_check", "--int8-check is an --int8 option: add --int8"),
-    ({"engine": "m.plan"}, "engine", "--engine is an engine option: add --trt"),
-    ({"fp16_samples": -1}, "fp16_samples", "--fp16-samples must be in 0..65536, got -1"),
-    ({"triton_repo": "repo", "features": [1, 2]}, "triton_repo", "--triton-repo serves classifiers"),
-    ({"restore": "bilinear"}, "restore", "--restore applies to feature outputs: add --features"),
-    ({"int8": "static", "calib_synthetic": 8, "dtype": "fp16"}, "int8", "--int8 quantizes the fp32 graph"),
-])
+@pytest.mark.parametrize(
+    ("changes", "param", "flag_message"),
+    [
+        ({"int8_check": "held-out"}, "int8_check", "--int8-check is an --int8 option: add --int8"),
+        ({"engine": "m.plan"}, "engine", "--engine is an engine option: add --trt"),
+        ({"fp16_samples": -1}, "fp16_samples", "--fp16-samples must be in 0..65536, got -1"),
+        ({"triton_repo": "repo", "features": [1, 2]}, "triton_repo", "--triton-repo serves classifiers"),
+        ({"restore": "bilinear"}, "restore", "--restore applies to feature outputs: add --features"),
+        ({"int8": "static", "calib_synthetic": 8, "dtype": "fp16"}, "int8", "--int8 quantizes the fp32 graph"),
+    ],
+)
 def test_option_errors_name_the_parameter_before_any_work(folder, tmp_path, changes, param, flag_message):
     before = listing(folder)
     options = ExportOptions(str(folder / MODEL), output=str(tmp_path / "m.onnx"), **changes)
@@ -126,14 +154,14 @@ def test_option_errors_name_the_parameter_before_any_work(folder, tmp_path, chan
         with pytest.raises(OptionError) as e:
             call(options)
         assert e.value.param == param and e.value.as_flag().startswith(flag_message)
-        assert str(e.value).startswith(param)   # the library's wording names the field
+        assert str(e.value).startswith(param)  # the library's wording names the field
     assert listing(folder) == before and not any(tmp_path.iterdir())
 
 
 def test_features_take_a_sequence_and_check_resolves_the_paths(folder):
     plan = check(ExportOptions(str(folder / MODEL), features=(2, 1)))
     assert plan.features == "2,1" and plan.onnx == folder / "deit_s.feat2-1.onnx" and plan.engine is None
-    with pytest.raises(CaitError, match=r"^features .*block 7"):   # the model's depth, once it is loaded
+    with pytest.raises(CaitError, match=r"^features .*block 7"):  # the model's depth, once it is loaded
         export(ExportOptions(str(folder / MODEL), features="7", output=str(folder / "never.onnx")))
     assert not (folder / "never.onnx").exists()
 
@@ -141,12 +169,31 @@ def test_features_take_a_sequence_and_check_resolves_the_paths(folder):
 def test_fuse_and_inspect_are_the_cli(folder, tmp_path):
     """`fuse` writes what `caitdeploy fuse` writes (file and report), with the surgery's options alone in the
     report; `inspect` gives what `caitdeploy inspect --json` prints."""
-    r = CliRunner().invoke(main, ["fuse", str(folder / "ck.pth"), "-o", str(tmp_path / "cli.fused.safetensors"),
-                                  "--report", str(tmp_path / "cli.json"), "--align", "4", "-q"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "fuse",
+            str(folder / "ck.pth"),
+            "-o",
+            str(tmp_path / "cli.fused.safetensors"),
+            "--report",
+            str(tmp_path / "cli.json"),
+            "--align",
+            "4",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     steps: list[int] = []
-    res = fuse(FuseOptions(checkpoint=folder / "ck.pth", output=tmp_path / "lib.fused.safetensors", align=4,
-                           report_path=tmp_path / "lib.json"), progress=steps.append)
+    res = fuse(
+        FuseOptions(
+            checkpoint=folder / "ck.pth",
+            output=tmp_path / "lib.fused.safetensors",
+            align=4,
+            report_path=tmp_path / "lib.json",
+        ),
+        progress=steps.append,
+    )
     assert steps == [0, 1, 2] and res.output == tmp_path / "lib.fused.safetensors"
     cli_report = json.loads((tmp_path / "cli.json").read_text())
     assert shape(cli_report) == shape(json.loads((tmp_path / "lib.json").read_text()))
@@ -203,17 +250,41 @@ def test_convert_writes_what_the_cli_writes(sit_checkpoint, tmp_path):
 
     a, b = tmp_path / "cli", tmp_path / "lib"
     a.mkdir(), b.mkdir()
-    r = CliRunner().invoke(main, ["convert", str(sit_checkpoint), "--from", "sit", "--stages", "2,1,1,1",
-                                  "--num-heads", "3", "-o", str(a / "s.fused.safetensors"), "--report",
-                                  str(a / "r.json"), "-q"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(sit_checkpoint),
+            "--from",
+            "sit",
+            "--stages",
+            "2,1,1,1",
+            "--num-heads",
+            "3",
+            "-o",
+            str(a / "s.fused.safetensors"),
+            "--report",
+            str(a / "r.json"),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     steps: list[str] = []
-    res = convert(ConvertOptions(sit_checkpoint, "sit", stages=(2, 1, 1, 1), num_heads=3,
-                                 output=b / "s.fused.safetensors", report_path=b / "r.json"), progress=steps.append)
+    res = convert(
+        ConvertOptions(
+            sit_checkpoint,
+            "sit",
+            stages=(2, 1, 1, 1),
+            num_heads=3,
+            output=b / "s.fused.safetensors",
+            report_path=b / "r.json",
+        ),
+        progress=steps.append,
+    )
     assert steps == ["convert", "write"] and listing(a) == listing(b) == ["r.json", "s.fused.safetensors"]
     assert res.output == b / "s.fused.safetensors" and res.outputs == [res.output, b / "r.json"]
     written = json.loads((b / "r.json").read_text())
-    assert written == json.loads(json.dumps(res.report))   # the report is what --report writes
+    assert written == json.loads(json.dumps(res.report))  # the report is what --report writes
     cli_report = json.loads((a / "r.json").read_text())
     assert shape(cli_report) == shape(written)
     for key in ("output", "seconds"):
@@ -221,7 +292,8 @@ def test_convert_writes_what_the_cli_writes(sit_checkpoint, tmp_path):
     assert cli_report == written
     assert res.blocks == written["blocks"] and [blk["slim"] for blk in res.blocks] == [None, None, 8, 4, 2]
     assert (res.flops, res.flops_dense, res.params, res.params_dense) == tuple(
-        written[k] for k in ("flops", "flops_dense", "params", "params_dense"))
+        written[k] for k in ("flops", "flops_dense", "params", "params_dense")
+    )
     assert res.flops_reduction == pytest.approx(1 - res.flops / res.flops_dense) and 0 < res.flops_reduction < 1
     assert res.verify is not None and res.verify["max_abs_diff"] < 1e-5 and res.verify["batch"] == 2
     assert res.verify["torch_flops_per_img"] == res.flops and res.notes == written["notes"]
@@ -230,21 +302,32 @@ def test_convert_writes_what_the_cli_writes(sit_checkpoint, tmp_path):
     assert meta["converted_from"] == "sit" and meta["flops"] == res.flops
 
 
-@pytest.mark.parametrize(("changes", "param", "flag_message"), [
-    ({"stages": "2,x"}, "stages", "--stages '2,x': expected blocks per token stage"),
-    ({"stages": (0, 1)}, "stages", "--stages (0, 1): 1..16 stages of >= 1 block each"),
-    ({"num_heads": 0}, "num_heads", "--num-heads must be an integer in 1..256, got 0"),
-    ({"variant": "xxl"}, "variant", "--variant must be one of t, xs, s, m, l"),
-    ({"source": "foo"}, "source", "--source must be one of sit, lvvit, spvit, dimap"),
-    ({"align": 8}, "align", "--align zero-pads SPViT's pruned FFN widths"),
-    ({"verify_batch": -1}, "verify_batch", "--verify-batch must be an integer in 0..256"),
-    ({"variant": "s", "source": "spvit"}, "variant", "--variant SPViT's layout is read from its keys"),
-])
+@pytest.mark.parametrize(
+    ("changes", "param", "flag_message"),
+    [
+        ({"stages": "2,x"}, "stages", "--stages '2,x': expected blocks per token stage"),
+        ({"stages": (0, 1)}, "stages", "--stages (0, 1): 1..16 stages of >= 1 block each"),
+        ({"num_heads": 0}, "num_heads", "--num-heads must be an integer in 1..256, got 0"),
+        ({"variant": "xxl"}, "variant", "--variant must be one of t, xs, s, m, l"),
+        ({"source": "foo"}, "source", "--source must be one of sit, lvvit, spvit, dimap"),
+        ({"align": 8}, "align", "--align zero-pads SPViT's pruned FFN widths"),
+        ({"verify_batch": -1}, "verify_batch", "--verify-batch must be an integer in 0..256"),
+        ({"variant": "s", "source": "spvit"}, "variant", "--variant SPViT's layout is read from its keys"),
+    ],
+)
 def test_convert_option_errors_name_the_field(sit_checkpoint, tmp_path, changes, param, flag_message):
     """A bad option is the library's error (not the CLI's exit), naming the field, and nothing is written."""
-    options = dataclasses.replace(ConvertOptions(sit_checkpoint, "sit", stages="2,1,1,1", num_heads=3,
-                                                 output=tmp_path / "s.fused.safetensors",
-                                                 report_path=tmp_path / "r.json"), **changes)
+    options = dataclasses.replace(
+        ConvertOptions(
+            sit_checkpoint,
+            "sit",
+            stages="2,1,1,1",
+            num_heads=3,
+            output=tmp_path / "s.fused.safetensors",
+            report_path=tmp_path / "r.json",
+        ),
+        **changes,
+    )
     with pytest.raises(OptionError) as e:
         convert(options)
     assert e.value.param == param and e.value.as_flag().startswith(flag_message), e.value.as_flag()
@@ -254,7 +337,7 @@ def test_convert_option_errors_name_the_field(sit_checkpoint, tmp_path, changes,
 def test_convert_refuses_a_mislabelled_checkpoint(sit_checkpoint, tmp_path):
     with pytest.raises(CaitError, match=r"is a SiT checkpoint \(tsm\.\* keys\), not --from spvit: use --from sit"):
         convert(ConvertOptions(sit_checkpoint, "spvit", output=tmp_path / "s.fused.safetensors"))
-    with pytest.raises(CaitError, match=r"^--report .*expected a \.json file name"):   # paths before the file is read
+    with pytest.raises(CaitError, match=r"^--report .*expected a \.json file name"):  # paths before the file is read
         convert(ConvertOptions(sit_checkpoint, "sit", variant="s", report_path=tmp_path / "r.txt"))
     assert not any(tmp_path.iterdir())
 
@@ -273,12 +356,19 @@ def test_bench_returns_the_records_it_writes(tiny_fused, tmp_path):
     from caitdeploy.bench import RECORD_KEYS
 
     lines: list[str] = []
-    res = bench(BenchOptions(tiny_fused, **QUICK, json_path=tmp_path / "b.json", md_path=tmp_path / "b.md",
-                             plot_path=tmp_path / "b.png"), progress=lines.append)
+    res = bench(
+        BenchOptions(
+            tiny_fused, **QUICK, json_path=tmp_path / "b.json", md_path=tmp_path / "b.md", plot_path=tmp_path / "b.png"
+        ),
+        progress=lines.append,
+    )
     assert res.outputs == [tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"]
     assert listing(tmp_path) == ["b.json", "b.md", "b.png"]
     assert [(r["model"], r["backend"], r["batch"]) for r in res.records] == [
-        ("cait", "torch", 2), ("dense", "torch", 2), ("tome", "torch", 2)]
+        ("cait", "torch", 2),
+        ("dense", "torch", 2),
+        ("tome", "torch", 2),
+    ]
     assert all(tuple(r) == RECORD_KEYS for r in res.records) and res.ok == res.records
     assert json.loads((tmp_path / "b.json").read_text()) == json.loads(res.json())
     assert (tmp_path / "b.md").read_text() == res.markdown() and "ToMe r=" in res.markdown()
@@ -288,18 +378,21 @@ def test_bench_returns_the_records_it_writes(tiny_fused, tmp_path):
     assert any("ToMe" in line and "GFLOPs/img" in line for line in lines)
 
 
-@pytest.mark.parametrize(("changes", "param", "flag_message"), [
-    ({"warmup": "٣"}, "warmup", "--warmup '٣': not an integer"),
-    ({"min_iters": 0}, "min_iters", "--min-iters 0: must be in 1..1e+06"),
-    ({"min_seconds": float("inf")}, "min_seconds", "--min-seconds inf: must be in 0..3600"),
-    ({"threads": "1_0"}, "threads", "--threads '1_0': not an integer"),
-    ({"batches": "1,0"}, "batch", "--batch 0: must be in 1..65536"),
-    ({"dtype": "fp64"}, "dtype", "--dtype 'fp64': choose from"),
-    ({"backends": "foo"}, "backends", "--backends has unknown backend 'foo'"),
-    ({"tome_r": "²"}, "tome_r", "--tome-r '²': 'auto' or a non-negative integer"),
-    ({"restore": "bilinear"}, "restore", "--restore applies to feature outputs: add --features"),
-    ({"device": "tpu"}, "device", "--device 'tpu': auto, cpu or cuda"),
-])
+@pytest.mark.parametrize(
+    ("changes", "param", "flag_message"),
+    [
+        ({"warmup": "٣"}, "warmup", "--warmup '٣': not an integer"),
+        ({"min_iters": 0}, "min_iters", "--min-iters 0: must be in 1..1e+06"),
+        ({"min_seconds": float("inf")}, "min_seconds", "--min-seconds inf: must be in 0..3600"),
+        ({"threads": "1_0"}, "threads", "--threads '1_0': not an integer"),
+        ({"batches": "1,0"}, "batch", "--batch 0: must be in 1..65536"),
+        ({"dtype": "fp64"}, "dtype", "--dtype 'fp64': choose from"),
+        ({"backends": "foo"}, "backends", "--backends has unknown backend 'foo'"),
+        ({"tome_r": "²"}, "tome_r", "--tome-r '²': 'auto' or a non-negative integer"),
+        ({"restore": "bilinear"}, "restore", "--restore applies to feature outputs: add --features"),
+        ({"device": "tpu"}, "device", "--device 'tpu': auto, cpu or cuda"),
+    ],
+)
 def test_bench_option_errors_name_the_field(tiny_fused, tmp_path, changes, param, flag_message):
     """A bad option is the library's error, naming the field (the CLI shows it as the flag), before any model is
     loaded; nothing is written."""
@@ -314,8 +407,15 @@ def test_bench_writes_nothing_unless_something_ran(tiny_fused, tmp_path):
     with pytest.raises(CaitError, match=r"^--json .*is the input MODEL|^--json .*expected a \.json"):
         bench_pipeline.check(BenchOptions(tiny_fused, json_path=tiny_fused))
     with pytest.raises(CaitError, match=r"^no measurement succeeded \(trt: n/a: TensorRT needs a CUDA GPU\); nothing"):
-        bench(BenchOptions(tiny_fused, **{**QUICK, "backends": "trt"}, baselines="none", json_path=tmp_path / "b.json",
-                           md_path=tmp_path / "b.md"))
+        bench(
+            BenchOptions(
+                tiny_fused,
+                **{**QUICK, "backends": "trt"},
+                baselines="none",
+                json_path=tmp_path / "b.json",
+                md_path=tmp_path / "b.md",
+            )
+        )
     assert not any(tmp_path.iterdir())
 
 
@@ -329,15 +429,19 @@ def test_make_checkpoint_pipeline_writes_what_the_cli_writes(tmp_path):
     from caitdeploy.pipelines.make_checkpoint import MakeCheckpointOptions, make_checkpoint
 
     out, rep = tmp_path / "ck.pth", tmp_path / "ck.json"
-    r = make_checkpoint(MakeCheckpointOptions(arch="deit_tiny_patch16_224", img_size=64, num_classes=10,
-                                              output=out, report_path=rep))
+    r = make_checkpoint(
+        MakeCheckpointOptions(arch="deit_tiny_patch16_224", img_size=64, num_classes=10, output=out, report_path=rep)
+    )
     assert (r.family, r.flops_reduction, r.merges_text, r.auto_merges) == ("vit", 0.55, "4:h,8:v", False)
     assert r.output == out and r.report_path == rep and json.loads(rep.read_text())["merges"] == {"4": "h", "8": "v"}
     assert abs(r.summary["flops_reduction"] - 0.55) < 0.02
     ck = load_checkpoint(out)
     assert ck.config.merges == {4: "h", 8: "v"} and ck.compactor(0, "q") is not None
-    for bad, field in ((dict(flops_reduction=0.99), "flops_reduction"), (dict(merges="4:x"), "merges"),
-                       (dict(arch="swin_tiny_patch4_window7_224", merges="4:h"), "merges")):
+    for bad, field in (
+        (dict(flops_reduction=0.99), "flops_reduction"),
+        (dict(merges="4:x"), "merges"),
+        (dict(arch="swin_tiny_patch4_window7_224", merges="4:h"), "merges"),
+    ):
         dst = tmp_path / f"bad_{field}.pth"
         with pytest.raises(OptionError) as e:
             make_checkpoint(MakeCheckpointOptions(output=dst, **bad))

@@ -1,4 +1,5 @@
 """The runtime layer: runners read their I/O metadata from the model/session/engine; GPU decisions on a CPU."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,22 +35,25 @@ def _graph(in_type, out_type) -> bytes:
     return m.SerializeToString()
 
 
-@pytest.mark.parametrize("in_type, out_type, want_in, want_out", [
-    (TensorProto.FLOAT, TensorProto.FLOAT, torch.float32, torch.float32),
-    (TensorProto.FLOAT16, TensorProto.FLOAT16, torch.float16, torch.float16),
-    (TensorProto.FLOAT, TensorProto.FLOAT16, torch.float32, torch.float16),
-])
+@pytest.mark.parametrize(
+    "in_type, out_type, want_in, want_out",
+    [
+        (TensorProto.FLOAT, TensorProto.FLOAT, torch.float32, torch.float32),
+        (TensorProto.FLOAT16, TensorProto.FLOAT16, torch.float16, torch.float16),
+        (TensorProto.FLOAT, TensorProto.FLOAT16, torch.float32, torch.float16),
+    ],
+)
 def test_ort_runner_binds_the_dtypes_its_session_declares(in_type, out_type, want_in, want_out):
-    feed = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])   # always fp32 from the caller
+    feed = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # always fp32 from the caller
     with OrtRunner(_graph(in_type, out_type), RuntimeSpec("cpu")) as r:
         assert r.inputs == {"x": want_in} and r.outputs == {"y": want_out}
         bound = r.bind({"x": feed})
-        assert bound["x"].dtype == want_in and bound["y"].dtype == want_out   # buffers in the declared dtypes
-        assert tuple(bound["y"].shape) == (2, 3)                             # batch resolved from the input
-        out = r.infer({"x": feed.to(want_in)})["y"]                           # Polygraphy's input check passes
+        assert bound["x"].dtype == want_in and bound["y"].dtype == want_out  # buffers in the declared dtypes
+        assert tuple(bound["y"].shape) == (2, 3)  # batch resolved from the input
+        out = r.infer({"x": feed.to(want_in)})["y"]  # Polygraphy's input check passes
         assert out.dtype == want_out and torch.equal(out.float(), feed * 2)
         assert r.infer({"x": feed}, check_inputs=False)["y"].dtype == want_out  # fp32 fed: converted on binding
-        np_out = r.infer({"x": feed.numpy()}, check_inputs=False)["y"]       # numpy in, numpy out
+        np_out = r.infer({"x": feed.numpy()}, check_inputs=False)["y"]  # numpy in, numpy out
         assert isinstance(np_out, np.ndarray) and np_out.dtype == np.dtype(str(want_out).removeprefix("torch."))
         meta = r.get_input_metadata(use_numpy_dtypes=False)
         assert list(meta.keys()) == ["x"] and list(meta["x"].shape) == ["batch", 3]
@@ -74,25 +78,36 @@ def test_provider_choice():
     assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu") == ["CPUExecutionProvider"]
     with pytest.raises(CaitError, match="no GPU execution provider"):
         choose_providers(cpu_only, "cuda")
-    assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda") == \
-        ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    full = choose_providers(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "cuda",
-                            fp16=True, batch=64, chw=(3, 224, 224), trt_cache_dir="/c")
+    assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda") == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    full = choose_providers(
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        "cuda",
+        fp16=True,
+        batch=64,
+        chw=(3, 224, 224),
+        trt_cache_dir="/c",
+    )
     name, opts = full[0]
     assert name == "TensorrtExecutionProvider" and full[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert opts["trt_fp16_enable"] is True and opts["trt_profile_opt_shapes"] == "images:64x3x224x224"
     assert opts["trt_profile_min_shapes"] == "images:1x3x224x224" and opts["trt_engine_cache_path"] == "/c"
 
 
-@pytest.mark.parametrize("device, backend, mode, dynamic, want", [
-    ("cuda", "compile", "reduce-overhead", False, True),
-    ("cuda", "compile", "max-autotune", False, True),
-    ("cuda", "compile", "max-autotune-no-cudagraphs", False, False),
-    ("cuda", "compile", None, False, False),
-    ("cuda", "torch", "reduce-overhead", False, False),
-    ("cuda", "compile", "reduce-overhead", True, False),
-    ("cpu", "compile", "reduce-overhead", False, False),
-])
+@pytest.mark.parametrize(
+    "device, backend, mode, dynamic, want",
+    [
+        ("cuda", "compile", "reduce-overhead", False, True),
+        ("cuda", "compile", "max-autotune", False, True),
+        ("cuda", "compile", "max-autotune-no-cudagraphs", False, False),
+        ("cuda", "compile", None, False, False),
+        ("cuda", "torch", "reduce-overhead", False, False),
+        ("cuda", "compile", "reduce-overhead", True, False),
+        ("cpu", "compile", "reduce-overhead", False, False),
+    ],
+)
 def test_cuda_graph_conditions(device, backend, mode, dynamic, want):
     ok, why = cuda_graphs_ok(device, backend, mode, dynamic)
     assert ok is want and why
@@ -103,7 +118,9 @@ def test_engine_build_key_rejects_unknown_options():
         engine_build_key(b"x", {"fp16": True})
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt_rtx (pip install tensorrt-rtx-cu13)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt_rtx (pip install tensorrt-rtx-cu13)"
+)
 def test_engine_is_reused_only_for_the_same_onnx_and_options(tmp_path):
     """A real TensorRT-RTX build (ahead of time, on the CPU); the cache decision reads its sidecar."""
     from caitdeploy.compress.fuse import fuse_file
@@ -123,9 +140,13 @@ def test_engine_is_reused_only_for_the_same_onnx_and_options(tmp_path):
     assert reusable_engine(engine, key) == (False, "no engine yet")
     build_engine(onnx_path, engine, **options)
     assert reusable_engine(engine, key) == (True, "same ONNX and build options")
-    assert reusable_engine(engine, engine_build_key(onnx_path.read_bytes(), dict(options, max_batch=4)))[1] == \
-        "built with other options"
+    assert (
+        reusable_engine(engine, engine_build_key(onnx_path.read_bytes(), dict(options, max_batch=4)))[1]
+        == "built with other options"
+    )
     changed = onnx_path.read_bytes() + b"\0"
-    assert reusable_engine(engine, engine_build_key(changed, options))[1] == "the ONNX changed since the engine was built"
+    assert (
+        reusable_engine(engine, engine_build_key(changed, options))[1] == "the ONNX changed since the engine was built"
+    )
     (tmp_path / "c.plan.json").unlink()
     assert reusable_engine(engine, key)[0] is False

@@ -1,5 +1,6 @@
 """Live serving: a real Triton Inference Server (the one bundled in nvidia-pytriton) on a repository written by
 `caitdeploy export --triton-repo DIR --triton-backend python`; real HTTP and gRPC clients, no mocks."""
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -12,9 +13,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install nvidia-pytriton)" + (
-    f"; it needs numpy < 2 and this stack has numpy {np.__version__} (the floor leg)"
-    if int(np.__version__.split(".")[0]) >= 2 else ""))
+pytest.importorskip(
+    "pytriton",
+    reason="nvidia-pytriton is not installed (pip install nvidia-pytriton)"
+    + (
+        f"; it needs numpy < 2 and this stack has numpy {np.__version__} (the floor leg)"
+        if int(np.__version__.split(".")[0]) >= 2
+        else ""
+    ),
+)
 
 from caitdeploy.cli.main import main
 from caitdeploy.core.errors import CaitError
@@ -32,10 +39,30 @@ def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     fused = write_tiny_fused(d / "m.fused.safetensors")
     repo = d / "repo"
-    r = CliRunner().invoke(main, ["export", str(fused), "-o", str(d / "cait.onnx"), "-q", "--no-verify",
-                                  "--triton-repo", str(repo), "--triton-backend", "python", "--name", "cait",
-                                  "--max-batch", "16", "--opt-batch", "8", "--triton-warmup",
-                                  "--max-queue-delay-us", "20000"])  # 20 ms: concurrent requests surely batch
+    r = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(fused),
+            "-o",
+            str(d / "cait.onnx"),
+            "-q",
+            "--no-verify",
+            "--triton-repo",
+            str(repo),
+            "--triton-backend",
+            "python",
+            "--name",
+            "cait",
+            "--max-batch",
+            "16",
+            "--opt-batch",
+            "8",
+            "--triton-warmup",
+            "--max-queue-delay-us",
+            "20000",
+        ],
+    )  # 20 ms: concurrent requests surely batch
     assert r.exit_code == 0, r.stderr
     import shutil  # a second model in the same repository: the same entry under another name
 
@@ -49,8 +76,8 @@ def served(tmp_path_factory):
     yield server, load_model(fused, attn_impl="math")
     prefix, proc = server.shm_prefix, server.proc
     server.stop()
-    assert proc.poll() is not None                                    # no process left
-    assert not list(Path("/dev/shm").glob(f"{prefix}*"))             # no shared memory left
+    assert proc.poll() is not None  # no process left
+    assert not list(Path("/dev/shm").glob(f"{prefix}*"))  # no shared memory left
 
 
 def _x(n, seed=0):
@@ -110,11 +137,14 @@ def _stats(server, model):
 def test_a_broken_model_gives_tritons_reason_in_one_line(tmp_path):
     repo = tmp_path / "repo"
     (repo / "broken" / "1").mkdir(parents=True)
-    (repo / "broken" / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: 1\n'
-                                                    'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-                                                    'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    (repo / "broken" / "config.pbtxt").write_text(
+        'name: "broken"\nbackend: "python"\nmax_batch_size: 1\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+    )
     (repo / "broken" / "1" / "model.py").write_text(
-        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('weights missing')\n")
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('weights missing')\n"
+    )
     server = TritonServer(repo, **_ports())
     with pytest.raises(CaitError, match=r"model 'broken' failed to load: .*weights missing"):
         server.start(timeout=60)
@@ -130,9 +160,28 @@ def test_serve_refuses_what_is_not_a_repository(tmp_path):
 def test_loadtest_against_the_live_server(served, tmp_path):
     server, _ = served
     js, md = tmp_path / "lt.json", tmp_path / "lt.md"
-    r = CliRunner().invoke(main, ["loadtest", f"localhost:{server.http_port}", "--model", "cait", "--model", "cait_b",
-                                  "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.2",
-                                  "--json", str(js), "--markdown", str(md), "-q"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "loadtest",
+            f"localhost:{server.http_port}",
+            "--model",
+            "cait",
+            "--model",
+            "cait_b",
+            "--concurrency",
+            "1,4",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--json",
+            str(js),
+            "--markdown",
+            str(md),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     recs = json.loads(js.read_text())
     assert [(x["model"], x["concurrency"]) for x in recs] == [("cait", 1), ("cait", 4), ("cait_b", 1), ("cait_b", 4)]
@@ -141,7 +190,9 @@ def test_loadtest_against_the_live_server(served, tmp_path):
         assert x["latency_ms_p50"] <= x["latency_ms_p90"] <= x["latency_ms_p99"]
         assert x["throughput_req_s"] == pytest.approx(x["requests"] / x["duration_s"], rel=1e-3)
     assert md.read_text().count("\n| cait") == 4
-    bad = CliRunner().invoke(main, ["loadtest", f"localhost:{server.http_port}", "--model", "nope", "--duration", "0.2"])
+    bad = CliRunner().invoke(
+        main, ["loadtest", f"localhost:{server.http_port}", "--model", "nope", "--duration", "0.2"]
+    )
     assert bad.exit_code == 2 and "model 'nope' is not ready" in bad.stderr
 
 
@@ -166,7 +217,7 @@ def test_bad_requests_fail_alone_while_the_good_ones_batched_with_them_succeed(s
 
     def bad(i):
         req = service_pb2.ModelInferRequest(model_name="cait")
-        t = req.inputs.add(name="images", datatype="FP32", shape=[2 ** 40, 3, 64, 64])
+        t = req.inputs.add(name="images", datatype="FP32", shape=[2**40, 3, 64, 64])
         t.contents.fp32_contents.extend(_x(1, seed=i).ravel().tolist())
         with grpc.insecure_channel(server.grpc_url) as ch:
             try:
@@ -190,7 +241,7 @@ def test_bad_requests_fail_alone_while_the_good_ones_batched_with_them_succeed(s
         assert r is not None and r[0] == grpc.StatusCode.INVALID_ARGUMENT, r
         assert "input 'images' reached the model without its batch dimension" in r[1]
     executions = after["execution_count"] - before["execution_count"]
-    assert executions < 60, executions   # requests were batched, the bad ones with good ones among them
+    assert executions < 60, executions  # requests were batched, the bad ones with good ones among them
 
 
 def test_the_server_listens_on_loopback_only(served):

@@ -2,6 +2,7 @@
 and exit 2, a plan that fits its budget and parses with each step's own parser, and the smoke step's script working
 on the CPU. The whole rehearsal runs in CI's floor leg (`gpu_check.py --rehearse`); these are its fast parts, on
 every leg."""
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,22 @@ def test_make_gpu_check_without_cuda_is_one_line_exit_2(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     out = tmp_path / "gc"
-    p = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}", f"GPU_SITE={tmp_path / 'site'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={"GPU_CHECK_OUT": str(out),
-                                                                                   "PATH": "/usr/bin:/bin"}, check=False)
+    p = subprocess.run(
+        ["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}", f"GPU_SITE={tmp_path / 'site'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"GPU_CHECK_OUT": str(out), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
     assert p.returncode == 2, p.stdout + p.stderr
     assert len(lines) == 1 and "gpu-check needs a CUDA GPU" in lines[0] and "make test-floor" in lines[0], lines
-    assert not out.exists() and not (tmp_path / "site").exists()     # nothing installed, nothing run
-    p = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, check=False)
+    assert not out.exists() and not (tmp_path / "site").exists()  # nothing installed, nothing run
+    p = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: gpu-check needs a CUDA")
 
 
@@ -55,8 +63,14 @@ def test_plan_fits_eight_minutes_and_parses(tmp_path):
 def test_smoke_script_runs_on_cpu(tmp_path):
     """Step 2's script, on the CPU backends: it builds its checkpoint (a merge budget it once broke), fuses it and
     benchmarks CAIT, dense and ToMe; every row ok or n/a with a reason."""
-    p = subprocess.run([sys.executable, "benchmarks/gpu_smoke.py", "--out", str(tmp_path), "--device", "cpu",
-                        "--backends", "torch"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    p = subprocess.run(
+        [sys.executable, "benchmarks/gpu_smoke.py", "--out", str(tmp_path), "--device", "cpu", "--backends", "torch"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["rows"] == 3 and summary["ok"] == 3 and summary["failed"] == 0

@@ -1,4 +1,5 @@
 """CAIT training API: the wrapper is the format's forward, the controller keeps CDCP's guarantees."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,17 @@ def _one_thread():
 
 def tiny_vit(seed=0, **kw):
     torch.manual_seed(seed)
-    args = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=3, num_heads=2,
-                mlp_ratio=2.0, qkv_bias=True)
+    args = dict(
+        img_size=16,
+        patch_size=4,
+        in_chans=3,
+        num_classes=5,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        mlp_ratio=2.0,
+        qkv_bias=True,
+    )
     args.update(kw)
     return VisionTransformer(**args)
 
@@ -163,7 +173,7 @@ def test_eq2_gradient_and_masked_rows_shrink():
     lasso = 0.05 * w / w.norm(dim=-1, keepdim=True)
     masked = comp.mask == 0
     assert masked.any() and (~masked).any()
-    assert torch.allclose(comp.weight.grad[masked], lasso[masked])              # lasso only
+    assert torch.allclose(comp.weight.grad[masked], lasso[masked])  # lasso only
     assert torch.allclose(comp.weight.grad[~masked], task[~masked] + lasso[~masked])  # task + lasso
     # lasso_on_kept=False: kept rows get exactly their task gradient
     model.zero_grad()
@@ -216,8 +226,9 @@ def test_short_training_run_fuses_in_strict_mode(tmp_path):
     check_cdcp_consistency(ctl.masks())
     assert ctl.max_masked_norm() < 1e-3  # trained, not finalized
     path = save_checkpoint(model, tmp_path / "trained.pth")
-    report = fuse_file(path, tmp_path / "trained.fused.safetensors", FuseOptions(consistency="strict", align=2),
-                       verify_batch=2)
+    report = fuse_file(
+        path, tmp_path / "trained.fused.safetensors", FuseOptions(consistency="strict", align=2), verify_batch=2
+    )
     assert report["max_dropped_norm"] < 1e-3
     assert report["verify"]["max_abs_diff"] < 1e-3
     assert report["flops_reduction"] == pytest.approx(ctl.flops_reduction, abs=1e-9)
