@@ -365,46 +365,12 @@ def verify_onnx(
     return res
 
 
-def export_onnx(
-    model: torch.nn.Module,
-    path: str | os.PathLike,
-    *,
-    input_shape: tuple[int, ...] | None = None,
-    dtype: str = "fp32",
-    opset: int | None = None,
-    attention: str = "matmul",
-    forbid: Iterable[str] = FORBIDDEN_OPS,
-    verify: bool = True,
-    verify_batches: tuple[int, ...] = (1, 7),
-    fp16_samples: int = 256,
-    example_batch: int = 2,
-    seed: int = 0,
-    metadata: dict[str, str] | None = None,
-    features=None,
-    restore: str = "repeat",
-    output_names: list[str] | None = None,
-) -> dict[str, Any]:
-    """Export `model` to a clean, checked ONNX file at `path` (see `export_onnx_bytes`); returns the report."""
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, **options: Any) -> dict[str, Any]:
+    """Export `model` to a clean, checked ONNX file at `path`: `export_onnx_bytes` (same keyword options), then an
+    atomic write; returns the report."""
     path = Path(path)
     check_output_dir(path)
-    data, report = export_onnx_bytes(
-        model,
-        path,
-        input_shape=input_shape,
-        dtype=dtype,
-        opset=opset,
-        attention=attention,
-        forbid=forbid,
-        verify=verify,
-        verify_batches=verify_batches,
-        fp16_samples=fp16_samples,
-        example_batch=example_batch,
-        seed=seed,
-        metadata=metadata,
-        features=features,
-        restore=restore,
-        output_names=output_names,
-    )
+    data, report = export_onnx_bytes(model, path, **options)
     with atomic_output(path, ".onnx") as tmp:
         tmp.write_bytes(data)
     return report
