@@ -5,6 +5,7 @@
 #   latest  Python 3.11, `pip install -e '.[test]'`: .nox/latest, which .venv links to (make setup / demo / test);
 #           make test runs mypy (pinned in the `dev` and `test` extras, settings: pyproject.toml [tool.mypy]) first
 #   floor   Python 3.12, the lent GPU machine's stack (.ci/floor-constraints.txt): .nox/floor (make test-floor)
+#   docs    Python 3.11, the `docs` extra (mkdocs + mkdocs-material) only: .nox/docs (make docs -> site/)
 # nox itself lives in .nox/.runner (pip install nox, the only thing installed outside the project's legs).
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +14,7 @@ OUT := out
 NOX_VERSION ?= 2026.10.20
 NOX := .nox/.runner/bin/nox
 
-.PHONY: setup demo lint test test-floor ci aot-check gpu-wheels gpu-check bench-fuse clean
+.PHONY: setup demo lint test test-floor docs ci aot-check gpu-wheels gpu-check bench-fuse clean
 
 $(NOX):
 	$(PYTHON) -m venv .nox/.runner
@@ -47,6 +48,11 @@ test: setup
 test-floor: | $(NOX)
 	$(NOX) -s floor
 
+# the documentation site into site/ (mkdocs.yml), in its own small environment: `mkdocs build --strict`, so a broken
+# link fails it; the CLI reference page is generated from the click commands (docs/gen_cli.py)
+docs: | $(NOX)
+	$(NOX) -s docs
+
 # what .ci/run runs
 ci: lint test test-floor aot-check
 
@@ -77,4 +83,4 @@ bench-fuse: setup
 	$(BIN)/python benchmarks/bench_fuse.py
 
 clean:
-	rm -rf $(OUT) .pytest_cache .triton-* .nox $(VENV)
+	rm -rf $(OUT) site .pytest_cache .triton-* .nox $(VENV)
