@@ -411,7 +411,8 @@ def run_bench(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), unit="run", dynamic_ncols=True, leave=False)
+        # disable=None: no bar when stderr is not a terminal (a log, a pipe, CI)
+        bar = tqdm(total=len(jobs), unit="run", dynamic_ncols=True, leave=False, disable=None)
     try:
         for o, backend, batch, m in jobs:
             what = f"{m.kind}/{backend}" + (f"/{o.dtype}" if len(dtypes) > 1 else "") + f"/b{batch}"

@@ -1345,6 +1345,7 @@ def _progress_bar(run: Run, epoch: int):
         unit="step",
         leave=False,
         dynamic_ncols=True,
+        disable=None,  # no bar when stderr is not a terminal (a log, a pipe, CI)
     )
 
 

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -19,6 +18,7 @@ from caitdeploy.compress.fuse import FuseOptions, fuse_file
 from caitdeploy.core.errors import CaitError
 from caitdeploy.families.timm_compat import arch_config
 from caitdeploy.families.vit.family import auto_merges, merge_reduction
+from caitdeploy.testing.files import write_shapes
 from caitdeploy.training.loop import lr_at
 
 MODEL = [
@@ -52,32 +52,6 @@ FAST = [
     "1",
     "-q",
 ]
-
-
-def write_shapes(root, n_train=8, n_val=4, size=32):
-    """Three classes of generated 32x32 RGB images (circle, square, stripes) as PNG, train/ and val/."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c, name in enumerate(("circle", "square", "stripes")):
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = (rng.random((size, size, 3)) * 60).astype(np.uint8)
-                cy, cx = rng.integers(10, size - 10, 2)
-                r = int(rng.integers(5, 9))
-                m = (
-                    (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-                    if c == 0
-                    else (abs(yy - cy) < r) & (abs(xx - cx) < r)
-                    if c == 1
-                    else (xx // 4) % 2 == 0
-                )
-                img[m] = rng.integers(150, 255, 3)
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
