@@ -5,7 +5,8 @@
 #   latest  Python 3.11, `pip install -e '.[test]'`: .nox/latest, which .venv links to (make setup / demo / test);
 #           make test runs mypy (pinned in the `dev` and `test` extras, settings: pyproject.toml [tool.mypy]) first
 #   floor   Python 3.12, the lent GPU machine's stack (.ci/floor-constraints.txt): .nox/floor (make test-floor)
-#   docs    Python 3.11, the `docs` extra (mkdocs + mkdocs-material) only: .nox/docs (make docs -> site/)
+#   docs    Python 3.11, the `docs` extra (mkdocs + mkdocs-material + playwright) only: .nox/docs (make docs -> site/;
+#           the browser test drives Debian's /usr/bin/chromium: apt-get install chromium)
 # nox itself lives in .nox/.runner (pip install nox, the only thing installed outside the project's legs).
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +15,7 @@ OUT := out
 NOX_VERSION ?= 2026.10.20
 NOX := .nox/.runner/bin/nox
 
-.PHONY: setup demo lint test test-floor docs ci aot-check gpu-wheels gpu-check bench-fuse clean
+.PHONY: setup demo lint test test-floor docs docs-examples ci aot-check gpu-wheels gpu-check bench-fuse clean
 
 $(NOX):
 	$(PYTHON) -m venv .nox/.runner
@@ -49,12 +50,21 @@ test-floor: | $(NOX)
 	$(NOX) -s floor
 
 # the documentation site into site/ (mkdocs.yml), in its own small environment: `mkdocs build --strict`, so a broken
-# link fails it; the CLI reference page is generated from the click commands (docs/gen_cli.py)
+# link fails it; the CLI reference page is generated from the click commands (docs/gen_cli.py), mermaid is a pinned
+# copy served by the site (docs/hooks.py fetches it once from the npm registry). Then docs/check_links.py on site/
+# (every internal link and #anchor resolves, no localhost link) and tests/docs/test_site.py: the site served on
+# 127.0.0.1 in headless Debian Chromium (/usr/bin/chromium; missing, it fails the leg): navigation, tables and the
+# mermaid picture render, no console error, no request leaves 127.0.0.1
 docs: | $(NOX)
 	$(NOX) -s docs
 
+# the docs' slow examples (blocks marked <!-- docs-test: slow -->: engine builds, int8, servers, training runs), on the
+# environment setup made; `make test` ran every other block (tests/docs/test_examples.py, caitdeploy/testing/docs.py)
+docs-examples: setup
+	CAITDEPLOY_DOCS_SLOW=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist load tests/docs/test_examples.py
+
 # what .ci/run runs
-ci: lint test test-floor aot-check
+ci: lint test test-floor docs docs-examples aot-check
 
 # Every Triton kernel compiled ahead of time (no GPU needed) for sm_80/86/89/90, each dtype, with this venv's
 # triton: everything compiles, a config fits each target's shared memory, sm_90 fp16/bf16 uses wgmma. The floor
@@ -83,4 +93,4 @@ bench-fuse: setup
 	$(BIN)/python benchmarks/bench_fuse.py
 
 clean:
-	rm -rf $(OUT) site .pytest_cache .triton-* .nox $(VENV)
+	rm -rf $(OUT) site .pytest_cache .triton-* .nox $(VENV) docs/javascripts/mermaid.min.js
