@@ -203,7 +203,7 @@ def parse(path: Path, root: Path = ROOT) -> list[Block]:
 # ---- output matching --------------------------------------------------------------------------------------------
 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-_TIMING_UNIT = re.compile(r"^\s?(?:ms|s|us|µs|min|img/s|images/s|it/s|x)(?![\w/])")
+_TIMING_UNIT = re.compile(r"^\s?(?:(?:ms|s|us|µs|min)(?:/[a-z]+)?|img/s|images/s|it/s|req/s|x)(?![\w/])")
 _HEX = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,}\b")
 _VERSION = re.compile(r"\b\d+\.\d+\.\d+(?:\.\d+)*(?:[.+-]?[A-Za-z0-9]+)*\b")
 _BOX_RUN = re.compile(r"[━─═┈┄╌]+")
@@ -294,31 +294,31 @@ def output_mismatch(expected: list[str], actual: list[str], rel: float = 0.02) -
         cols.append(current)
     while act and not act[-1].strip():
         act.pop()
-    best = [0, ""]  # furthest documented line reached, and why it failed there
+    best_i, best_why = [0], [""]  # furthest documented line reached, and why it failed there
 
     def match(i: int, j: int) -> bool:
         if i == len(exp):
-            if j != len(act) and i >= best[0]:
-                best[:] = [i, "more lines"]
+            if j != len(act) and i >= best_i[0]:
+                best_i[0], best_why[0] = i, "more lines"
             return j == len(act)
         if _WILDCARD.match(exp[i]):
             return any(match(i + 1, k) for k in range(j, len(act) + 1))
         if j == len(act):
-            if i >= best[0]:
-                best[:] = [i, "the command printed nothing more"]
+            if i >= best_i[0]:
+                best_i[0], best_why[0] = i, "the command printed nothing more"
             return False
         why = line_mismatch(exp[i], act[j], cols[i], rel)
         if why is None:
             return match(i + 1, j + 1)
-        if i >= best[0]:
-            best[:] = [i, f"{why}; printed: {act[j]!r}"]
+        if i >= best_i[0]:
+            best_i[0], best_why[0] = i, f"{why}; printed: {act[j]!r}"
         return False
 
     if match(0, 0):
         return None
-    if best[0] >= len(exp):
+    if best_i[0] >= len(exp):
         return "the command printed more lines than documented: " + repr(act[len(exp) :][:3])
-    return f"documented line {best[0] + 1} {exp[best[0]]!r}: {best[1]}"
+    return f"documented line {best_i[0] + 1} {exp[best_i[0]]!r}: {best_why[0]}"
 
 
 # ---- running --------------------------------------------------------------------------------------------------
@@ -352,6 +352,7 @@ class Outcome:
     block: Block
     command: Command
     output: list[str]
+    exit_ok: bool = True  # the exit code was the documented one (else --update leaves the page alone)
 
 
 def _shell(cmd: str, cwd: Path, env: dict[str, str], timeout: float) -> tuple[int, list[str]]:
@@ -460,7 +461,7 @@ def run_page(
                 except subprocess.TimeoutExpired:
                     failures.append(Failure(where, c.text, f"ran past {timeout:.0f} s"))
                     return failures, outcomes, ran
-                outcomes.append(Outcome(b, c, out))
+                outcomes.append(Outcome(b, c, out, exit_ok=code == c.expected_code))
                 if code != c.expected_code:
                     tail = "\n    ".join(out[-8:])
                     failures.append(
@@ -533,7 +534,9 @@ def update_page(path: Path, outcomes: list[Outcome]) -> int:
     lines = path.read_text(encoding="utf-8").splitlines()
     edits = []
     for o in outcomes:
-        if o.block.lang != "console" or output_mismatch(o.command.expected, o.output, o.block.tolerance) is None:
+        if not o.exit_ok or o.block.lang != "console":
+            continue
+        if output_mismatch(o.command.expected, o.output, o.block.tolerance) is None:
             continue
         start = o.command.line - 1  # 0-based index of the `$ ` line
         j = start

@@ -17,9 +17,11 @@ The docs' examples run on these (tests/docs/test_examples.py), through `<!-- doc
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-SMALL_SIT = dict(img_size=64, embed_dim=48, num_heads=3, stage_blocks=(2, 1, 1, 1))
+SMALL_SIT: dict[str, Any] = dict(img_size=64, embed_dim=48, num_heads=3, stage_blocks=(2, 1, 1, 1))
 
 
 def write_sit(path: Path) -> Path:
@@ -107,7 +109,7 @@ def write_shapes(root: Path, n_train: int = 8, n_val: int = 4, size: int = 32) -
 def write_digits(root: Path) -> Path:
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
     root = Path(root)
     data = load_digits()
@@ -119,7 +121,7 @@ def write_digits(root: Path) -> Path:
     return root
 
 
-KINDS = {
+KINDS: dict[str, Callable[[Path], Path]] = {
     "sit": write_sit,
     "evil": write_evil,
     "stride0": write_stride0,
