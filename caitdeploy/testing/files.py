@@ -107,9 +107,12 @@ def write_shapes(root: Path, n_train: int = 8, n_val: int = 4, size: int = 32) -
 
 
 def write_digits(root: Path) -> Path:
+    import importlib
+
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+
+    load_digits = importlib.import_module("sklearn.datasets").load_digits  # the `examples` extra (scikit-learn)
 
     root = Path(root)
     data = load_digits()
