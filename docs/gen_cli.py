@@ -128,7 +128,8 @@ def _command(cmd, ctx, level: int) -> list[str]:
             sub = cmd.get_command(ctx, name)
             if sub is None or sub.hidden:
                 continue
-            out += _command(sub, click.Context(sub, info_name=name, parent=ctx), level + 1)
+            sub_ctx = click.Context(sub, info_name=name, parent=ctx, **sub.context_settings)
+            out += _command(sub, sub_ctx, level + 1)
     return out
 
 
@@ -136,7 +137,8 @@ def markdown() -> str:
     import click
 
     main = _main()
-    ctx = click.Context(main, info_name="caitdeploy")
+    # as the command line makes them: the group's context_settings (help options -h and --help, the width)
+    ctx = click.Context(main, info_name="caitdeploy", **main.context_settings)
     head = [
         "# CLI reference",
         "",

@@ -21,10 +21,11 @@ def _markdown() -> str:
 
 def test_cli_reference_names_every_command_and_option():
     text = _markdown()
-    ctx = click.Context(main, info_name="caitdeploy")
+    ctx = click.Context(main, info_name="caitdeploy", **main.context_settings)  # -h and --help, as the CLI has
+    assert "`-h`" in text
     for name, cmd in main.commands.items():
         assert f"`caitdeploy {name}`" in text, name
-        sub_ctx = click.Context(cmd, info_name=name, parent=ctx)
+        sub_ctx = click.Context(cmd, info_name=name, parent=ctx, **cmd.context_settings)
         section = text.split(f"`caitdeploy {name}`", 1)[1].split("\n### ", 1)[0]
         for p in cmd.get_params(sub_ctx):
             if isinstance(p, click.Option) and not p.hidden:

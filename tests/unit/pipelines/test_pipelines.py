@@ -1,4 +1,4 @@
-"""The pipelines as a library: the README's Python API example runs, the library and `caitdeploy export` agree
+"""The pipelines as a library: the Python API guide's example runs, the library and `caitdeploy export` agree
 (options and defaults, report, errors), and every check comes before any work."""
 
 from __future__ import annotations
@@ -23,21 +23,20 @@ from caitdeploy.pipelines.fuse import FuseOptions, fuse
 from caitdeploy.pipelines.inspect import inspect
 from caitdeploy.testing.checkpoints import random_checkpoint, write_tiny_fused
 
-README = Path(__file__).resolve().parents[3] / "README.md"
-MODEL = "deit_s.fused.safetensors"  # the name the README's example uses
+PYTHON_API = Path(__file__).resolve().parents[3] / "docs" / "guides" / "python-api.md"
+MODEL = "deit_s.fused.safetensors"  # the name the guide's example uses
 
 
-def readme_python_example() -> str:
-    """The ```python block of the README's "Python API" section."""
-    section = README.read_text().split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
-    m = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert m, "README lost its Python API example"
+def guide_python_example() -> str:
+    """The ```python block of the Python API guide (docs/guides/python-api.md)."""
+    m = re.search(r"```python\n(.*?)```", PYTHON_API.read_text(), re.DOTALL)
+    assert m, "the Python API guide lost its example"
     return m.group(1)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """A small fused model under the README's file name, made as a user would: a checkpoint, `caitdeploy fuse`."""
+    """A small fused model under the guide's file name, made as a user would: a checkpoint, `caitdeploy fuse`."""
     d = tmp_path_factory.mktemp("pipelines")
     torch.save(random_checkpoint(merges={1: "h"}), d / "ck.pth")
     r = CliRunner().invoke(main, ["fuse", str(d / "ck.pth"), "-o", str(d / MODEL), "-q"])
@@ -59,11 +58,11 @@ def shape(x):
 
 
 @pytest.mark.slow
-def test_readme_python_example_runs(folder, tmp_path, monkeypatch, capsys):
+def test_python_api_guide_example_runs(folder, tmp_path, monkeypatch, capsys):
     for f in (MODEL, "ck.pth"):
         (tmp_path / f).write_bytes((folder / f).read_bytes())
     monkeypatch.chdir(tmp_path)
-    exec(compile(readme_python_example(), "README.md (Python API)", "exec"), {})  # noqa: S102 (the README's own code)
+    exec(compile(guide_python_example(), "docs/guides/python-api.md", "exec"), {})  # noqa: S102 (the guide's code)
     out = capsys.readouterr().out
     assert [ln.split()[1] for ln in out.splitlines() if ln.startswith("step ")] == ["load", "onnx", "write"]
     assert re.search(r"^deit_s\.onnx \d+ nodes$", out, re.MULTILINE) and "verified: max |logit diff|" in out
