@@ -27,7 +27,9 @@ What "matches" means, line by line (the tolerance the docs promise):
 - Numbers are compared one by one, the text around them must be equal (runs of spaces and of table-border
   characters count as one, so a wider number may widen a rich table).
 - Timings and rates (a number followed by `ms`, `s`, `us`, `µs`, `min`, `img/s`, `images/s`, `it/s` or a speed-up
-  `x`) depend on the machine: any value is accepted.
+  `x`) depend on the machine: any value is accepted; so do the machine's own counts (a number followed by
+  `cores`, `logical cores`, `threads` or `torch threads`: the test runner gives each worker its share of the
+  cores).
 - Error magnitudes (a number written with an exponent, such as `9.07e-07`) pass when at most 10x the documented
   figure or below 1e-6: they depend on the CPU's instruction set.
 - Every other number (counts, widths, FLOPs, params, sizes, percentages) passes within 2% of the documented one,
@@ -203,7 +205,10 @@ def parse(path: Path, root: Path = ROOT) -> list[Block]:
 # ---- output matching --------------------------------------------------------------------------------------------
 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-_TIMING_UNIT = re.compile(r"^\s?(?:(?:ms|s|us|µs|min)(?:/[a-z]+)?|img/s|images/s|it/s|req/s|x)(?![\w/])")
+_TIMING_UNIT = re.compile(
+    r"^\s?(?:(?:ms|s|us|µs|min)(?:/[a-z]+)?|img/s|images/s|it/s|req/s|x"
+    r"|(?:logical |physical )?cores?|(?:torch |intra-op |inter-op )?threads?)(?![\w/])"
+)
 _HEX = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,}\b")
 _VERSION = re.compile(r"\b\d+\.\d+\.\d+(?:\.\d+)*(?:[.+-]?[A-Za-z0-9]+)*\b")
 _BOX_RUN = re.compile(r"[━─═┈┄╌]+")

@@ -72,6 +72,9 @@ def test_page_examples(page, tmp_path):
         ("onnxruntime 1.32.0", "onnxruntime 1.33.1", True),
         ("fused model.pth", "fused other.pth", False),
         ("top-1 agreement 100%", "top-1 agreement 50%", False),
+        ("cpu: AMD EPYC (2 logical cores, 2 torch threads)", "cpu: AMD EPYC (16 logical cores, 1 torch threads)", True),
+        ("cpu: AMD EPYC (2 logical cores)", "cpu: Intel Xeon (2 logical cores)", False),
+        ("3 blocks pruned", "4 blocks pruned", False),
     ],
 )
 def test_line_tolerance(doc, got, ok):
