@@ -25,6 +25,7 @@ FLOORS = {
     "caitdeploy.formats.describe": 4,
     "caitdeploy.serve": 4,
     "caitdeploy.bench": 4,
+    "caitdeploy.evaluate": 4,
     "caitdeploy.training": 4,
     "caitdeploy.pipelines": 5,
     "caitdeploy.testing": 5,  # helpers and harnesses shared by tests/ and benchmarks/; nothing imports them

@@ -42,6 +42,7 @@ def main(debug: bool) -> None:
 def _register() -> None:
     from caitdeploy.cli.bench import bench_cmd
     from caitdeploy.cli.convert import convert_cmd
+    from caitdeploy.cli.eval import eval_cmd
     from caitdeploy.cli.export import export_cmd
     from caitdeploy.cli.fuse import fuse_cmd
     from caitdeploy.cli.inspect import inspect_cmd
@@ -57,6 +58,7 @@ def _register() -> None:
         convert_cmd,
         bench_cmd,
         export_cmd,
+        eval_cmd,
         inspect_cmd,
         serve_cmd,
         loadtest_cmd,

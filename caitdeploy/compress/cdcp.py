@@ -249,10 +249,10 @@ def save_checkpoint_dict(ckpt: dict[str, Any], path: str | os.PathLike, staging=
     if path.suffix == ".safetensors":
         from safetensors.torch import save
 
-        data = save(
-            {k: v.contiguous() for k, v in ckpt["state_dict"].items()},
-            metadata={"format": ckpt["format"], "config": json.dumps(ckpt["config"])},
-        )
+        meta = {"format": ckpt["format"], "config": json.dumps(ckpt["config"])}
+        if ckpt.get("data_config") is not None:
+            meta["data_config"] = json.dumps(ckpt["data_config"])
+        data = save({k: v.contiguous() for k, v in ckpt["state_dict"].items()}, metadata=meta)
     else:
         buf = io.BytesIO()
         torch.save(ckpt, buf)

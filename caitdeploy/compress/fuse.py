@@ -280,6 +280,8 @@ def fuse_file(
     t_verify = time.perf_counter() - t0 - t_fuse
     meta = {k: report[k] for k in ("flops_dense", "flops_fused", "params_dense", "params_fused", "options")}
     meta.update(source=str(path.name), verify=report.get("verify"))
+    if ckpt.data_config is not None:  # the eval transform the training used, kept for export and eval
+        meta["data_config"] = ckpt.data_config
     save_fused(output, res.config, res.state_dict, meta, staging=staging)
     report.update(output=str(output), seconds={"fuse": t_fuse, "verify": t_verify, "total": time.perf_counter() - t0})
     return report

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import os
 import time
@@ -409,6 +410,8 @@ def export_onnx_bytes(
     """
     import onnx
 
+    from caitdeploy.core.preprocess import preprocess_spec
+
     t0 = time.perf_counter()
     opset = check_options(dtype, opset, attention)
     path = Path(path)  # where the caller will write it (recorded in the report); nothing is written here
@@ -456,6 +459,8 @@ def export_onnx_bytes(
     }
     if is_cait:
         meta["caitdeploy.config"] = config.to_json()
+    # the eval transform a client must repeat: the model's recorded data config, else timm's default
+    meta["caitdeploy.preprocess"] = json.dumps(preprocess_spec(input_shape, getattr(model, "data_config", None)))
     if blocks:
         meta["caitdeploy.features"] = ",".join(map(str, blocks))
         meta["caitdeploy.restore"] = restore

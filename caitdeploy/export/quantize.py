@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from caitdeploy.core.errors import CaitError, OptionError
+from caitdeploy.core.preprocess import image_array, preprocess_spec
 
 QUANT_MODES = ("static", "dynamic")
 # int8 weights use 7 bits ([-64, 64]) by default. ONNX Runtime multiplies uint8 activations by int8 weights on x86
@@ -52,7 +53,6 @@ def check_weight_bits(weight_bits: int) -> None:
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_CALIB_IMAGES = 4096
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def check_int8_options(
@@ -75,68 +75,12 @@ def check_int8_options(
         raise OptionError("calib", f"{calib_dir}: no such folder")
 
 
-def preprocess_spec(input_shape: tuple[int, int, int]) -> dict[str, Any]:
-    """timm's eval transform for the model's input: resize the shorter side to size / 0.875 (bicubic), center crop
-    to (H, W), scale to [0, 1], normalise (ImageNet mean/std for 3 channels, 0.5/0.5 otherwise)."""
-    c, h, w = input_shape
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.5,) * c)
-    shorter = int(round(min(h, w) / 0.875))  # noqa: RUF046 - h, w may be numpy ints (numpy 1 rounds to a float)
-    return {
-        "resize_shorter": shorter,
-        "crop": [h, w],
-        "interpolation": "bicubic",
-        "scale": "1/255",
-        "mean": list(mean),
-        "std": list(std),
-    }
-
-
-def _image_array(path: Path, channels: int, spec: dict[str, Any], flag: str = "--calib") -> np.ndarray:
-    from PIL import Image
-
-    from caitdeploy.core.images import open_image
-
-    try:  # size, sides, area and the resized area checked from the header before anything is decoded
-        im = open_image(path, flag, resize_shorter=spec["resize_shorter"])
-        with im:
-            mode = im.mode
-            if mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-                mode = im.mode
-            have = {"1": 1, "L": 1, "I;16": 1, "I": 1, "F": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4, "CMYK": 4}.get(
-                mode
-            )
-            if have is None:
-                raise CaitError(f"{flag} {path}: image mode {mode} is not supported (use RGB or greyscale)")
-            if have != channels:
-                raise CaitError(
-                    f"{flag} {path}: has {have} channel{'s' * (have != 1)} ({mode}), the model takes {channels}"
-                )
-            im = im.convert("RGB" if channels == 3 else "L")
-            s = spec["resize_shorter"]
-            scale = s / min(im.size)
-            im = im.resize(
-                (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.Resampling.BICUBIC
-            )
-            ch, cw = spec["crop"]
-            left, top = (im.size[0] - cw) // 2, (im.size[1] - ch) // 2
-            if left < 0 or top < 0:  # a very elongated image: pad by resizing to cover the crop
-                im = im.resize((max(cw, im.size[0]), max(ch, im.size[1])), Image.Resampling.BICUBIC)
-                left, top = (im.size[0] - cw) // 2, (im.size[1] - ch) // 2
-            im = im.crop((left, top, left + cw, top + ch))
-            a = np.asarray(im, dtype=np.float32) / 255.0
-    except CaitError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CaitError(f"{flag} {path}: not a readable PNG/JPEG image ({first})") from None
-    a = a[..., None] if a.ndim == 2 else a
-    a = (a - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
-    return a.transpose(2, 0, 1)
-
-
 def calibration_images(
-    folder: str | os.PathLike, input_shape: tuple[int, int, int], samples: int = 64, flag: str = "--calib"
+    folder: str | os.PathLike,
+    input_shape: tuple[int, int, int],
+    samples: int = 64,
+    flag: str = "--calib",
+    data_config: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """[N, C, H, W] float32 images from a folder (PNG/JPEG, searched recursively, sorted by path; the first
     `samples`), preprocessed as `preprocess_spec` says. One-line CaitError for an empty folder, a file that is
@@ -151,8 +95,8 @@ def calibration_images(
             f"{flag} {root}: no PNG or JPEG images"
             + (f" ({others} other files)" if others else " (the folder is empty)")
         )
-    spec = preprocess_spec(input_shape)
-    arrs = [_image_array(p, input_shape[0], spec, flag) for p in files[:samples]]
+    spec = preprocess_spec(input_shape, data_config)
+    arrs = [image_array(p, spec, input_shape[0], flag) for p in files[:samples]]
     return np.stack(arrs).astype(np.float32), {
         "source": str(root),
         "images": len(arrs),
@@ -161,9 +105,11 @@ def calibration_images(
     }
 
 
-def synthetic_images(n: int, input_shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, dict]:
+def synthetic_images(
+    n: int, input_shape: tuple[int, int, int], seed: int = 0, data_config: dict[str, Any] | None = None
+) -> tuple[np.ndarray, dict]:
     """n images of uniform random pixels in [0, 1], normalised like real ones (`preprocess_spec`)."""
-    spec = preprocess_spec(input_shape)
+    spec = preprocess_spec(input_shape, data_config)
     rng = np.random.default_rng(seed)
     x = rng.random((n, *input_shape), dtype=np.float32)
     x = (x - np.asarray(spec["mean"], np.float32)[:, None, None]) / np.asarray(spec["std"], np.float32)[:, None, None]

@@ -271,9 +271,10 @@ class Family(abc.ABC):
         """The whole deploy state dict of fused `config` from `out` and the checkpoint's other tensors."""
 
     @abc.abstractmethod
-    def reference(self, ckpt: Any) -> Any:
-        """What a fused model of checkpoint `ckpt` must compute: images -> float64 logits, the checkpoint's own
-        forward (compactors applied as matrices, merges, dense widths), written apart from the deploy model."""
+    def reference(self, ckpt: Any, dtype: Any = None) -> Any:
+        """What a fused model of checkpoint `ckpt` must compute: images -> logits (float64, or `dtype`), the
+        checkpoint's own forward (compactors applied as matrices, merges, dense widths), written apart from the
+        deploy model. `eval` runs it in float32 for the accuracy the training produced."""
 
     def merges_summary(self, merges: dict) -> dict:
         """`merges` as JSON-able {key: kind} for reports."""

@@ -34,6 +34,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     inferred: dict[str, Any] = field(default_factory=dict)  # config values inferred from shapes
     notes: list[str] = field(default_factory=list)  # what loading changed (e.g. half -> float32)
+    data_config: dict[str, Any] | None = None  # the eval transform the training used (timm's keys), if recorded
 
     def compactor(self, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(weight, mask) of flat block `block`'s compactor ("q", "k", "v" or "fc1"), or None when absent
@@ -167,11 +168,12 @@ def read_container(path: Path) -> dict[str, Any]:
         out: dict[str, Any] = {"state_dict": tensors}
         if "format" in meta:
             out["format"] = meta["format"]
-        if "config" in meta:
-            try:
-                out["config"] = strict_json(meta["config"], "metadata 'config'")
-            except ConfigError as e:
-                raise CaitError(f"{path}: {e}") from None
+        for key in ("config", "data_config"):
+            if key in meta:
+                try:
+                    out[key] = strict_json(meta[key], f"metadata {key!r}")
+                except ConfigError as e:
+                    raise CaitError(f"{path}: {e}") from None
         return out
     _check_zip(path)
     try:
@@ -269,7 +271,9 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpo
     if fam is not None and fam.whole_config_checkpoint:
         if arch_cfg is not None:
             raise CaitError(f"{path}: a {fam.name} checkpoint carries its whole config: leave out --arch")
-        return _load_whole_config(path, raw, fam)
+        ck = _load_whole_config(path, raw, fam)
+        ck.data_config = _data_config(path, raw, ck.config)
+        return ck
     if "format" in raw:
         if raw["format"] != FORMAT:
             raise CaitError(f"{path}: unknown format {render(raw['format'])}, expected {FORMAT!r}")
@@ -296,9 +300,18 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpo
         family(config.family).check_config(config)
     except ValueError as e:
         raise CaitError(f"{path}: config {e}") from None
-    ckpt = Checkpoint(path, fmt_cfg, config, dict(sd), inferred, notes)
+    ckpt = Checkpoint(path, fmt_cfg, config, dict(sd), inferred, notes, _data_config(path, raw, config))
     validate(ckpt)
     return ckpt
+
+
+def _data_config(path: Path, raw: dict[str, Any], config: Any) -> dict[str, Any] | None:
+    """The optional top-level `data_config` (timm's eval-transform keys), checked against the input channels."""
+    if raw.get("data_config") is None or "format" not in raw:
+        return None
+    from caitdeploy.core.preprocess import check_data_config
+
+    return check_data_config(raw["data_config"], config.input_shape[0], f"{path}: data_config")
 
 
 def _check_format_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -121,6 +121,12 @@ def load_fused(path: str | os.PathLike) -> tuple[CaitConfig, dict[str, torch.Ten
         raise CaitError(f"{path}: {e}") from None
     if not isinstance(extra, dict):
         raise CaitError(f"{path}: metadata 'caitdeploy' must be a JSON object, got {type(extra).__name__}")
+    if extra.get("data_config") is not None:
+        from caitdeploy.core.preprocess import check_data_config
+
+        extra["data_config"] = check_data_config(
+            extra["data_config"], config.input_shape[0], f"{path}: metadata 'caitdeploy' data_config"
+        )
     expected = expected_fused_shapes(config)
     missing = sorted(set(expected) - set(info))
     unexpected = sorted(set(info) - set(expected))
@@ -153,7 +159,7 @@ def load_model(path: str | os.PathLike, attn_impl: AttnImpl = "sdpa", kernels: s
     re-checked: `Family.resized`)."""
     from caitdeploy.families import build_model
 
-    config, state_dict, _ = load_fused(path)  # keys and shapes already agree with the config
+    config, state_dict, extra = load_fused(path)  # keys and shapes already agree with the config
     if img_size is not None:
         from caitdeploy.families import family_of
 
@@ -166,4 +172,5 @@ def load_model(path: str | os.PathLike, attn_impl: AttnImpl = "sdpa", kernels: s
     except ValueError as e:
         raise CaitError(f"{path}: {e}") from None
     model.load_state_dict(state_dict)
+    model.data_config = extra.get("data_config")  # validated by load_fused; None: timm's default transform
     return model.eval()

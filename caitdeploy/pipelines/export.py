@@ -312,7 +312,7 @@ def _load(o: ExportOptions, plan: ExportPlan) -> tuple[Any, _Calibration | None]
             c.feature_blocks(plan.features)
         except ConfigError as e:
             raise OptionError("features", f"{str(e).removeprefix('features: ')} ({o.model})") from None
-    calibration = _calibration(o, c.input_shape) if o.int8 is not None else None
+    calibration = _calibration(o, c.input_shape, net.data_config) if o.int8 is not None else None
     check_memory(
         4 * param_bytes(c) + activation_bytes(c, 32 if o.dtype == "fp16" and o.verify else 7),
         f"{o.model}: export and verification",
@@ -320,16 +320,19 @@ def _load(o: ExportOptions, plan: ExportPlan) -> tuple[Any, _Calibration | None]
     return net, calibration
 
 
-def _calibration(o: ExportOptions, input_shape: tuple[int, int, int]) -> _Calibration:
+def _calibration(o: ExportOptions, input_shape: tuple[int, int, int], data_config=None) -> _Calibration:
+    """Calibration (and --int8-check) images, transformed as the model's recorded data config says."""
     from caitdeploy.export.quantize import calibration_images, synthetic_images
 
     if o.calib_dir is not None:
-        images, cal = calibration_images(o.calib_dir, input_shape, o.calib_samples)
+        images, cal = calibration_images(o.calib_dir, input_shape, o.calib_samples, data_config=data_config)
     else:
-        images, cal = synthetic_images(o.calib_synthetic or 16, input_shape, seed=0)
+        images, cal = synthetic_images(o.calib_synthetic or 16, input_shape, seed=0, data_config=data_config)
     check_images, check_source = images[:64], cal["source"]
     if o.int8_check is not None:
-        check_images, held = calibration_images(o.int8_check, input_shape, 64, flag="--int8-check")
+        check_images, held = calibration_images(
+            o.int8_check, input_shape, 64, flag="--int8-check", data_config=data_config
+        )
         check_source = held["source"]
     return _Calibration(images, cal if o.int8 == "static" else None, check_images, check_source)
 

@@ -9,8 +9,10 @@ whose input metadata (names, dtypes, shapes) is read from the model, session or 
                   (no device buffers). Export verification uses Polygraphy's own OnnxrtRunner + Comparator.
     TrtRunner     a TensorRT or TensorRT-RTX engine; ours, because Polygraphy's TensorRT runner imports the
                   `tensorrt` module and cannot load `tensorrt_rtx`.
+    TritonRunner  a model on a live Triton server, through the load-test client (`runtime.triton_runner`,
+                  imported from there: tritonclient is optional)
 
-Export verification (`export.onnx.verify_onnx`) and `bench` both use these runners.
+Export verification (`export.onnx.verify_onnx`), `bench` and `eval` use these runners.
 `runtime.tensorrt` holds every TensorRT import (`import_trt`, used by `export.tensorrt` to build), the engine
 class underneath `TrtRunner` and the engine header check.
 """

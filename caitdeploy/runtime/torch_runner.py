@@ -52,10 +52,10 @@ class TorchRunner(BaseRunner):
         self.cuda_graphs = cuda_graphs_ok(spec.device, "compile" if compile else "torch", spec.compile_mode)
 
     def activate_impl(self):
-        p = next(self._model.parameters())
-        dtype = self._dtype or p.dtype
+        p = next(iter(self._model.parameters()), None)  # a module may hold no parameters (a checkpoint's forward)
+        dtype = self._dtype or (p.dtype if p is not None else torch.float32)
         model = self._model
-        if p.dtype != dtype or p.device.type != self.spec.device:
+        if p is not None and (p.dtype != dtype or p.device.type != self.spec.device):
             import copy
 
             model = copy.deepcopy(model)  # never convert the caller's model in place

@@ -471,14 +471,24 @@ def check_batch(loader, y: torch.Tensor) -> None:
         raise ds.failure(int(-1 - y[y < 0][0]))
 
 
-def _loaders(o: TrainOptions, facts: dict, fmt: dict, dist: Dist, lists: dict[str, list[tuple[str, int]]]):
-    from timm.data import create_transform, resolve_data_config
-    from torch.utils.data import DataLoader, DistributedSampler, Subset
+def eval_data_config(fmt: dict) -> dict[str, Any]:
+    """The eval transform of the validation loader, in timm's keys: recorded in the checkpoint (`data_config`) so
+    that `export` and `eval` repeat it."""
+    from timm.data import resolve_data_config
 
     size = fmt["img_size"] if isinstance(fmt["img_size"], int) else fmt["img_size"][0]
     dc = resolve_data_config(
         {"input_size": (fmt["in_chans"], size, size), "interpolation": "bicubic", "crop_pct": 0.875}
     )
+    return {"mean": list(dc["mean"]), "std": list(dc["std"]), "crop_pct": dc["crop_pct"], "interpolation": "bicubic"}
+
+
+def _loaders(o: TrainOptions, facts: dict, fmt: dict, dist: Dist, lists: dict[str, list[tuple[str, int]]]):
+    from timm.data import create_transform, resolve_data_config
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    size = fmt["img_size"] if isinstance(fmt["img_size"], int) else fmt["img_size"][0]
+    dc = {**resolve_data_config({"input_size": (fmt["in_chans"], size, size)}), **eval_data_config(fmt)}
     t_train = create_transform(
         dc["input_size"],
         is_training=True,
@@ -1516,7 +1526,7 @@ def _write_final(run: Run, summary: dict[str, Any], note: str) -> None:
 
     o, out, ctl = run.o, run.out, run.ctl
     final = out / FINAL_NAME
-    ckpt = checkpoint_dict(run.wrap.cpu())
+    ckpt = checkpoint_dict(run.wrap.cpu(), eval_data_config(run.wrap.format_config))
     summary.update(final=str(final), note=note)
     text = _log_text(run.history, summary)
 

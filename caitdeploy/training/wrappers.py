@@ -331,17 +331,22 @@ def cait_wrap(model: nn.Module, merges: dict | None = None, arch: str | None = N
 
 
 # ---- checkpoint ---------------------------------------------------------------------------------
-def checkpoint_dict(model: CaitTrainViT | CaitTrainFamily) -> dict[str, Any]:
-    """{"format", "config", "state_dict"} of the model as it is now (tensors detached, on CPU, cloned)."""
+def checkpoint_dict(model: CaitTrainViT | CaitTrainFamily, data_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{"format", "config", "state_dict"[, "data_config"]} of the model as it is now (tensors detached, on CPU,
+    cloned). `data_config` (timm's `mean`, `std`, `crop_pct`, `interpolation`) records the eval transform the
+    model was trained with, for `export` and `eval` to repeat."""
     sd = model.checkpoint_state_dict()
     sd = {k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
     cfg = {**model.format_config, "merges": {str(k): v for k, v in model.format_config["merges"].items()}}
-    return {"format": FORMAT, "config": cfg, "state_dict": sd}
+    out: dict[str, Any] = {"format": FORMAT, "config": cfg, "state_dict": sd}
+    if data_config is not None:
+        out["data_config"] = dict(data_config)
+    return out
 
 
-def save_checkpoint(model: CaitTrainViT, path: str | os.PathLike) -> Path:
+def save_checkpoint(model: CaitTrainViT, path: str | os.PathLike, data_config: dict[str, Any] | None = None) -> Path:
     """Write a `cait-compactor/1` checkpoint atomically (.pth, or .safetensors by suffix)."""
-    return save_checkpoint_dict(checkpoint_dict(model), path)
+    return save_checkpoint_dict(checkpoint_dict(model, data_config), path)
 
 
 # ---- CDCP controller ----------------------------------------------------------------------------

@@ -297,10 +297,12 @@ class SwinFamily(Family):
         for k, v in sliced.items():
             out[site.prefix + k.removeprefix("mlp.")] = v
 
-    def reference(self, ckpt):
+    def reference(self, ckpt, dtype=None):
+        import torch
+
         from caitdeploy.families.swin.reference import reference_forward
 
-        return lambda images: reference_forward(ckpt, images)
+        return lambda images: reference_forward(ckpt, images, dtype=dtype or torch.float64)
 
     def fuse_finish(self, ckpt, config, out: dict) -> dict:
         return {**SW.from_checkpoint(config, ckpt.state_dict), **out}  # the sliced tensors replace the dense ones

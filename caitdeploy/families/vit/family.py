@@ -301,10 +301,12 @@ class VitFamily(Family):
     def fuse_finish(self, ckpt, config: CaitConfig, out: dict) -> dict:
         return out
 
-    def reference(self, ckpt):
+    def reference(self, ckpt, dtype=None):
+        import torch
+
         from caitdeploy.families.vit.reference import reference_forward
 
-        return lambda images: reference_forward(ckpt, images)
+        return lambda images: reference_forward(ckpt, images, dtype=dtype or torch.float64)
 
 
 __all__ = [

@@ -43,7 +43,7 @@ def _images(folder, n, size=(70, 90), mode="RGB", ext="png"):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-        shape = (size[0], size[1], 3) if mode == "RGB" else size
+        shape = {"RGB": (*size, 3), "LA": (*size, 2)}.get(mode, size)
         Image.fromarray((rng.random(shape) * 255).astype("uint8"), mode).save(folder / f"{i}.{ext}")
 
 
@@ -161,12 +161,12 @@ def test_bad_calibration_folders_one_line_nothing_written(fused, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "x.png").write_text("not an image")
-    _images(tmp_path / "grey", 2, mode="L")
+    _images(tmp_path / "grey", 2, mode="LA")  # greyscale + alpha (greyscale alone is made RGB, as timm does)
     (tmp_path / "file.txt").write_text("x")
     cases = [
         (["--calib", str(tmp_path / "empty")], "no PNG or JPEG images (the folder is empty)"),
         (["--calib", str(tmp_path / "text")], "not a readable PNG/JPEG image"),
-        (["--calib", str(tmp_path / "grey")], "has 1 channel (L), the model takes 3"),
+        (["--calib", str(tmp_path / "grey")], "has 2 channels (LA), the model takes 3"),
         (["--calib", str(tmp_path / "nope")], "no such folder"),
         ([], "static needs calibration data"),
         (["--calib-synthetic", "8", "--dtype", "fp16"], "leave --dtype at fp32"),
@@ -180,7 +180,7 @@ def test_bad_calibration_folders_one_line_nothing_written(fused, tmp_path):
     r, out, _ = _export(
         fused, tmp_path, "--int8", "static", "--calib-synthetic", "4", "--int8-check", str(tmp_path / "grey")
     )
-    assert r.exit_code == 2 and "--int8-check" in r.stderr and "has 1 channel" in r.stderr and not out.exists()
+    assert r.exit_code == 2 and "--int8-check" in r.stderr and "has 2 channels" in r.stderr and not out.exists()
     r, out, _ = _export(fused, tmp_path, "--int8", "dynamic", "--int8-attention")
     assert r.exit_code == 2 and "--int8-attention" in r.stderr and not out.exists()
     r, out, _ = _export(fused, tmp_path, "--int8", "dynamic", "--calib", str(tmp_path / "grey"))

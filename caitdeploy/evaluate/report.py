@@ -1,0 +1,185 @@
+"""`eval`'s reports: the rich table, Markdown, JSON (one flat record per artifact) and the PNG (accuracy, or
+agreement without labels, against images per second)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from caitdeploy.core.errors import Staging
+
+
+def _pct(v: Any, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{digits}f}"
+
+
+def _ci(r: dict[str, Any], k: str) -> str:
+    if r.get(k) is None:
+        return "-"
+    return f"{_pct(r[k + '_ci_low'], 1)}-{_pct(r[k + '_ci_high'], 1)}"
+
+
+def _num(v: Any, fmt: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+RUNTIME_SHORT = {"onnxruntime": "ort", "tensorrt": "trt"}
+
+
+def columns(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The table's columns: top-1 (and its 95% interval) and top-5 with labels; agreement with the reference on
+    logits, or the feature maps' cosines; the largest |difference|; images per second."""
+    labelled = any(r["labelled"] for r in records)
+    features = any(r["feature_cosine_min"] is not None for r in records)
+    cols = ["artifact", "precision", "runtime"]
+    if labelled:
+        cols += ["top-1 %", "95% CI"]
+        if any(r["top5"] is not None for r in records):
+            cols += ["top-5 %"]
+    cols += ["feat cos min", "feat cos mean"] if features else ["agree %", "cos min"]
+    return [*cols, "max |diff|", "img/s"]
+
+
+def rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
+    cols = columns(records)
+    out = []
+    for r in records:
+        name = Path(r["artifact"]).name if r["kind"] != "triton" else r["artifact"]
+        runtime = RUNTIME_SHORT.get(r["runtime"], r["runtime"])
+        if r["status"] != "ok":
+            out.append([name, r["precision"], runtime, r["status"]] + [""] * (len(cols) - 4))
+            continue
+        ref = r["reference"]
+        cells = {
+            "artifact": name + (" (ref)" if ref else ""),
+            "precision": r["precision"],
+            "runtime": runtime,
+            "top-1 %": _pct(r["top1"]),
+            "95% CI": _ci(r, "top1"),
+            "top-5 %": _pct(r["top5"]),
+            "agree %": "ref" if ref else _pct(r["agree_top1"]),
+            "cos min": "ref" if ref else _num(r["cosine_min"], ".5f"),
+            "feat cos min": "ref" if ref else _num(r["feature_cosine_min"], ".6f"),
+            "feat cos mean": "ref" if ref else _num(r["feature_cosine_mean"], ".6f"),
+            "max |diff|": "ref" if ref else _num(r["max_abs_diff"], ".1e"),
+            "img/s": _num(r["img_per_s"], ".0f"),
+        }
+        out.append([cells[c] for c in cols])
+    return out
+
+
+def summary_line(records: Sequence[dict[str, Any]], data: str) -> str:
+    r = records[0]
+    skipped = f", {r['skipped_images']} skipped (--skip-bad-images)" if r["skipped_images"] else ""
+    what = "labelled" if r["labelled"] else "unlabelled"
+    return f"{r['images']} {what} images from {data}{skipped}; batch {r['batch']}"
+
+
+def disagreement_lines(records: Sequence[dict[str, Any]], show: int) -> list[str]:
+    lines = []
+    for r in records:
+        if r["status"] != "ok" or r["reference"] or not r["disagreements"]:
+            continue
+        items = r["disagree_images"][:show]
+        shown = ", ".join(
+            f"#{d['index']} {d['file']} ({'label ' + str(d['label']) + ': ' if d['label'] is not None else ''}"
+            f"{d['reference']} -> {d['predicted']})"
+            for d in items
+        )
+        more = f" (+{r['disagreements'] - len(items)} more)" if r["disagreements"] > len(items) else ""
+        lines.append(
+            f"{Path(r['artifact']).name} [{r['precision']}]: {r['disagreements']} top-1 disagreements"
+            + (f": {shown}{more}" if show else "")
+        )
+    return lines
+
+
+def print_table(records: Sequence[dict[str, Any]], console, title: str = "caitdeploy eval") -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    cols = columns(records)
+    for c in cols:
+        left = c in ("artifact", "precision", "runtime")
+        t.add_column(c, justify="left" if left else "right", no_wrap=c == "artifact", overflow="fold")
+    for row in rows(records):
+        t.add_row(*row)
+    console.print(t)
+
+
+def to_markdown(records: Sequence[dict[str, Any]], title: str | None = "caitdeploy eval") -> str:
+    cols = columns(records)
+    lines = [f"# {title}", ""] if title else []
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows(records)]
+    return "\n".join(lines) + "\n"
+
+
+def records_json(records: Sequence[dict[str, Any]]) -> str:
+    from caitdeploy.pipelines.common import json_text
+
+    return json_text(list(records))
+
+
+def plot_png(records: Sequence[dict[str, Any]], path: Path, title: str = "caitdeploy eval") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r["status"] == "ok" and r["img_per_s"]]
+    labelled = any(r["top1"] is not None for r in ok)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r in ok:
+        x = r["img_per_s"]
+        if labelled:
+            y = 100 * r["top1"]
+            err = [[y - 100 * r["top1_ci_low"]], [100 * r["top1_ci_high"] - y]]
+            ax.errorbar([x], [y], yerr=err, fmt="o", capsize=4)
+        else:
+            y = 100 if r["reference"] else 100 * (r["agree_top1"] if r["agree_top1"] is not None else 1.0)
+            ax.plot([x], [y], "o")
+        ax.annotate(
+            f"{Path(r['artifact']).name} [{r['precision']}]",
+            (x, y),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=7,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("images / s (model call only)")
+    ax.set_ylabel("top-1 accuracy % (95% CI)" if labelled else "top-1 agreement with the reference %")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def write_reports(
+    records: Sequence[dict[str, Any]],
+    json_path: str | os.PathLike | None,
+    md_path: str | os.PathLike | None,
+    plot_path: str | os.PathLike | None,
+    staging: Staging,
+) -> None:
+    if json_path:
+        staging.write_text(json_path, records_json(records))
+    if md_path:
+        staging.write_text(md_path, to_markdown(records))
+    if plot_path:
+        plot_png(records, staging.stage(plot_path, ".png"))
+
+
+__all__ = [
+    "disagreement_lines",
+    "plot_png",
+    "print_table",
+    "records_json",
+    "summary_line",
+    "to_markdown",
+    "write_reports",
+]
