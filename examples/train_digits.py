@@ -9,6 +9,10 @@ CAIT: HTM at block 2 (4x4 -> 4x2), VTM at block 4 (4x2 -> 2x2), CDCP channel pru
     pip install scikit-learn
     python examples/train_digits.py [--out DIR] [--flops-reduction 0.55] [--threads 1]
 
+It leaves in DIR what `caitdeploy eval` scores side by side: digits_cait.pth (checkpoint), .fused.safetensors,
+.onnx, .fp16.onnx, .int8_static.onnx, .int8_dynamic.onnx, and the test images as an ImageFolder, digits_test/
+(16x16 greyscale PNGs; the checkpoints record the transform, `data_config`).
+
 Exits 1 if the fused or the ONNX Runtime accuracy differs from the checkpoint's, or if an int8 model's test
 accuracy is more than 1 point below its fp32 ONNX model's.
 """
@@ -33,6 +37,8 @@ from caitdeploy.formats.fused import load_model
 from caitdeploy.training.wrappers import CDCPController, cait_wrap, save_checkpoint
 
 MERGES = {2: "h", 4: "v"}
+# the eval transform, recorded in the checkpoints (timm's keys): 16x16 in, no resize or crop (crop_pct 1), 0.5/0.5
+DATA_CONFIG = {"mean": [0.5], "std": [0.5], "crop_pct": 1.0, "interpolation": "bicubic"}
 
 
 def load_data(seed: int):
@@ -42,12 +48,28 @@ def load_data(seed: int):
     except ImportError:
         sys.exit("this example needs scikit-learn for its bundled digits data: pip install scikit-learn")
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32) / 16.0  # [N, 8, 8] in [0, 1]
-    x = F.interpolate(x.unsqueeze(1), scale_factor=2, mode="nearest")  # [N, 1, 16, 16]
-    x = (x - 0.3) / 0.4
+    # the 8x8 images' values 0..16 as 8-bit pixels (x15: 0..240), upsampled 2x: exactly what a PNG of them holds,
+    # so `caitdeploy eval` on the PNGs written by `write_test_images` sees the same tensors as this script
+    pix = np.repeat(np.repeat((d.images * 15).astype(np.uint8), 2, axis=1), 2, axis=2)  # [N, 16, 16]
+    x = normalise(torch.from_numpy(pix).unsqueeze(1))
     y = torch.tensor(d.target, dtype=torch.long)
     itr, ite = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=d.target)
-    return x[itr], y[itr], x[ite], y[ite]
+    return x[itr], y[itr], x[ite], y[ite], pix[ite]
+
+
+def normalise(pix: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> model input, as DATA_CONFIG says (timm's eval transform: / 255, then (x - mean) / std)."""
+    return (pix.float() / 255.0 - DATA_CONFIG["mean"][0]) / DATA_CONFIG["std"][0]
+
+
+def write_test_images(root: Path, pix: np.ndarray, labels: torch.Tensor) -> Path:
+    """The test split as an ImageFolder (root/CLASS/NNN.png, 16x16 greyscale), for `caitdeploy eval`."""
+    from PIL import Image
+
+    for i, (img, label) in enumerate(zip(pix, labels.tolist(), strict=True)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, "L").save(root / str(label) / f"{i:03d}.png")
+    return root
 
 
 def batches(n: int, bs: int, g: torch.Generator):
@@ -114,7 +136,8 @@ def onnx_predict(fused_model, path: Path, x: torch.Tensor) -> tuple[torch.Tensor
 
 def int8_accuracies(fp32_path: Path, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Test accuracy of the fp32 ONNX model and of its int8 versions (static QDQ calibrated on `calib`, training
-    images; dynamic), all run by ONNX Runtime CPU."""
+    images; dynamic), all run by ONNX Runtime CPU. The int8 models are written beside the fp32 one
+    (NAME.int8_static.onnx, NAME.int8_dynamic.onnx)."""
     import onnxruntime as ort
 
     from caitdeploy.export.quantize import quantize_onnx_bytes
@@ -125,6 +148,8 @@ def int8_accuracies(fp32_path: Path, calib: torch.Tensor, x: torch.Tensor, y: to
         "int8 static": quantize_onnx_bytes(fp32, "static", calib.numpy(), "minmax")[0],
         "int8 dynamic": quantize_onnx_bytes(fp32, "dynamic")[0],
     }
+    for name in ("int8 static", "int8 dynamic"):
+        fp32_path.with_suffix(f".{name.replace(' ', '_')}.onnx").write_bytes(models[name])
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     out = {}
@@ -137,12 +162,24 @@ def int8_accuracies(fp32_path: Path, calib: torch.Tensor, x: torch.Tensor, y: to
     return out
 
 
+def onnx_accuracy(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    pred = np.concatenate(
+        [sess.run(None, {"images": x[i : i + 64].numpy()})[0].argmax(-1) for i in range(0, len(x), 64)]
+    )
+    return float((torch.from_numpy(pred) == y).double().mean())
+
+
 def dense_onnx(vit, out: Path) -> Path:
     """The trained dense timm ViT as a caitdeploy fused model (no merges, nothing pruned) exported to ONNX, so
     the dense and CAIT int8 models go through the same exporter and quantizer."""
     from caitdeploy.export.onnx import export_onnx
 
-    ck = save_checkpoint(cait_wrap(vit, {}), out / "digits_dense.pth")
+    ck = save_checkpoint(cait_wrap(vit, {}), out / "digits_dense.pth", DATA_CONFIG)
     fuse_file(ck, out / "digits_dense.fused.safetensors", FuseOptions(), verify_batch=0)
     dense = load_model(out / "digits_dense.fused.safetensors")
     export_onnx(dense, out / "digits_dense.onnx", input_shape=dense.config.input_shape, dtype="fp32")
@@ -171,7 +208,8 @@ def main() -> int:
     torch.use_deterministic_algorithms(True)
     out = args.out or Path(tempfile.mkdtemp(prefix="cait_digits_"))
     out.mkdir(parents=True, exist_ok=True)
-    xtr, ytr, xte, yte = load_data(args.seed)
+    xtr, ytr, xte, yte, pix_te = load_data(args.seed)
+    write_test_images(out / "digits_test", pix_te, yte)
     g = torch.Generator().manual_seed(args.seed)
     bs = args.batch
     its_per_epoch = len(xtr) // bs
@@ -271,7 +309,7 @@ def main() -> int:
         note = f"finalize(): masked rows set to exactly 0 (largest was {masked_norm:.2e})"
     pred_ckpt = predict(model, xte)
     acc_ckpt = acc(pred_ckpt, yte)
-    ckpt_path = save_checkpoint(model, out / "digits_cait.pth")
+    ckpt_path = save_checkpoint(model, out / "digits_cait.pth", DATA_CONFIG)
     load_checkpoint(ckpt_path)  # validates
     print(f"[3] checkpoint {ckpt_path.name} ({note}): test accuracy {acc_ckpt:.4f}")
 
@@ -300,6 +338,14 @@ def main() -> int:
         f"{int((pred_onnx == pred_ckpt).sum())}/{len(yte)} predictions equal to the checkpoint's"
     )
 
+    # ---- 4b. fp16 ONNX (float32 in and out, float16 inside) -----------------------------------------
+    from caitdeploy.export.onnx import export_onnx
+
+    fp16_path = out / "digits_cait.fp16.onnx"
+    export_onnx(fused, fp16_path, input_shape=fused.config.input_shape, dtype="fp16")
+    acc_fp16 = onnx_accuracy(fp16_path, xte, yte)
+    print(f"    fp16 ONNX ({fp16_path.name}): test accuracy {acc_fp16:.4f}")
+
     # ---- 5. INT8 (ONNX Runtime): dense and CAIT, calibrated on 256 training images ----------------
     calib = xtr[:256]
     q = {
@@ -316,7 +362,7 @@ def main() -> int:
 
     print(
         f"summary: dense {acc_dense:.4f} | CAIT {acc_trained:.4f} | checkpoint {acc_ckpt:.4f} | fused {acc_fused:.4f} "
-        f"| onnxruntime {acc_onnx:.4f} | CAIT int8 static {q['CAIT']['int8 static']:.4f} dynamic "
+        f"| onnxruntime {acc_onnx:.4f} fp16 {acc_fp16:.4f} | CAIT int8 static {q['CAIT']['int8 static']:.4f} dynamic "
         f"{q['CAIT']['int8 dynamic']:.4f} | FLOPs -{rep['flops_reduction']:.1%} | "
         f"{time.perf_counter() - t_start:.0f} s total"
     )

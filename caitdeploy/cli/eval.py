@@ -42,9 +42,7 @@ from caitdeploy.cli.options import BlockList
 @click.option("--restore", default="repeat", show_default=True, help="Merged-grid restore for --features.")
 @click.option("--limit", default=None, help="Evaluate the first N images only.")
 @click.option("--skip-bad-images", is_flag=True, help="Leave out images that cannot be used (counted once).")
-@click.option(
-    "--show-disagreements", default="10", show_default=True, help="List up to N images where top-1 differs."
-)
+@click.option("--show-disagreements", default="10", show_default=True, help="List up to N images where top-1 differs.")
 @click.option("--min-top1", default=None, help="Gate: exit 1 when an artifact's top-1 is below this fraction.")
 @click.option(
     "--min-agreement", default=None, help="Gate: exit 1 when top-1 agreement with the reference is below this."

@@ -34,7 +34,7 @@ def columns(records: Sequence[dict[str, Any]]) -> list[str]:
     logits, or the feature maps' cosines; the largest |difference|; images per second."""
     labelled = any(r["labelled"] for r in records)
     features = any(r["feature_cosine_min"] is not None for r in records)
-    cols = ["artifact", "precision", "runtime"]
+    cols = ["artifact", "runs as"]
     if labelled:
         cols += ["top-1 %", "95% CI"]
         if any(r["top5"] is not None for r in records):
@@ -50,13 +50,12 @@ def rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
         name = Path(r["artifact"]).name if r["kind"] != "triton" else r["artifact"]
         runtime = RUNTIME_SHORT.get(r["runtime"], r["runtime"])
         if r["status"] != "ok":
-            out.append([name, r["precision"], runtime, r["status"]] + [""] * (len(cols) - 4))
+            out.append([name, f"{runtime} {r['precision']}", r["status"]] + [""] * (len(cols) - 3))
             continue
         ref = r["reference"]
         cells = {
-            "artifact": name + (" (ref)" if ref else ""),
-            "precision": r["precision"],
-            "runtime": runtime,
+            "artifact": name,
+            "runs as": f"{runtime} {r['precision']}",
             "top-1 %": _pct(r["top1"]),
             "95% CI": _ci(r, "top1"),
             "top-5 %": _pct(r["top5"]),
@@ -64,7 +63,7 @@ def rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
             "cos min": "ref" if ref else _num(r["cosine_min"], ".5f"),
             "feat cos min": "ref" if ref else _num(r["feature_cosine_min"], ".6f"),
             "feat cos mean": "ref" if ref else _num(r["feature_cosine_mean"], ".6f"),
-            "max |diff|": "ref" if ref else _num(r["max_abs_diff"], ".1e"),
+            "max |diff|": "ref" if ref else _num(r["max_abs_diff"], ".0e"),
             "img/s": _num(r["img_per_s"], ".0f"),
         }
         out.append([cells[c] for c in cols])
@@ -103,8 +102,13 @@ def print_table(records: Sequence[dict[str, Any]], console, title: str = "caitde
     t = Table(title=title)
     cols = columns(records)
     for c in cols:
-        left = c in ("artifact", "precision", "runtime")
-        t.add_column(c, justify="left" if left else "right", no_wrap=c == "artifact", overflow="fold")
+        t.add_column(
+            c,
+            justify="left" if c in ("artifact", "runs as") else "right",
+            no_wrap=c != "artifact",  # only the name may give way (shortened with an ellipsis)
+            overflow="ellipsis",
+            min_width=min(len(c), 10),
+        )
     for row in rows(records):
         t.add_row(*row)
     console.print(t)

@@ -254,3 +254,47 @@ def test_the_server_listens_on_loopback_only(served):
                 if st == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
                     addrs.add(local.rsplit(":", 1)[0])
         assert addrs and addrs <= {"0100007F", "0000000000000000FFFF00000100007F"}, (port, addrs)
+
+
+def test_eval_scores_the_live_model_like_the_fused_file(served, tmp_path):
+    """`eval --url` through the load-test client: the served model agrees with the fused file it was exported from."""
+    from PIL import Image
+
+    server, _ = served
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((70, 80, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / "data" / f"c{i % 2}" / f"{i}.png"
+        )
+    fused = server.repo.parent / "m.fused.safetensors"
+    js = tmp_path / "e.json"
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(fused),
+            "--url",
+            f"localhost:{server.http_port}",
+            "--model",
+            "cait",
+            "--data",
+            str(tmp_path / "data"),
+            "--batch",
+            "4",
+            "--min-agreement",
+            "1.0",
+            "--min-cosine",
+            "0.9999",
+            "--json",
+            str(js),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.stderr
+    live = json.loads(js.read_text())[1]
+    assert live["kind"] == "triton" and live["images"] == 6 and live["agree_top1"] == 1.0 and live["img_per_s"] > 0
+    bad = CliRunner().invoke(
+        main, ["eval", "--url", f"localhost:{server.http_port}", "--model", "nope", "--data", str(tmp_path / "data")]
+    )
+    assert bad.exit_code == 2 and "model 'nope' is not ready" in bad.stderr
