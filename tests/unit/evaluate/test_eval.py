@@ -279,7 +279,10 @@ def test_hostile_and_wrong_input_one_line_exit_2_nothing_written(arts, tmp_path)
     _png(tmp_path / "x.png")
     (tmp_path / "notes.txt").write_text("x")
     cases = [
-        ([arts / "f.safetensors", tmp_path / "default.pth"], "expect different preprocessing (resize_shorter 35 vs 36)"),
+        (
+            [arts / "f.safetensors", tmp_path / "default.pth"],
+            "expect different preprocessing (resize_shorter 35 vs 36)",
+        ),
         (
             [arts / "f.safetensors", "--data", tmp_path / "l.csv"],
             "class index 9 but f.safetensors [fp32] has 4 classes",
