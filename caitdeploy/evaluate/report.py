@@ -123,9 +123,20 @@ def to_markdown(records: Sequence[dict[str, Any]], title: str | None = "caitdepl
 
 
 def records_json(records: Sequence[dict[str, Any]]) -> str:
-    from caitdeploy.pipelines.common import json_text
+    """The records as JSON text: one object per artifact, keys in `RECORD_KEYS` order then the env_* keys; NaN and
+    Inf as null."""
+    import json
 
-    return json_text(list(records))
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    return json.dumps([clean(dict(r)) for r in records], indent=2) + "\n"
 
 
 def plot_png(records: Sequence[dict[str, Any]], path: Path, title: str = "caitdeploy eval") -> None:
