@@ -73,8 +73,11 @@ def rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
 def summary_line(records: Sequence[dict[str, Any]], data: str) -> str:
     r = records[0]
     skipped = f", {r['skipped_images']} skipped (--skip-bad-images)" if r["skipped_images"] else ""
-    what = "labelled" if r["labelled"] else "unlabelled"
-    return f"{r['images']} {what} images from {data}{skipped}; batch {r['batch']}"
+    if any(x["feature_cosine_min"] is not None for x in records):
+        what = "images (feature maps compared; labels not used)"
+    else:
+        what = "labelled images" if r["labelled"] else "images without labels (agreement only)"
+    return f"{r['images']} {what} from {data}{skipped}; batch {r['batch']}"
 
 
 def disagreement_lines(records: Sequence[dict[str, Any]], show: int) -> list[str]:
@@ -140,35 +143,47 @@ def records_json(records: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_png(records: Sequence[dict[str, Any]], path: Path, title: str = "caitdeploy eval") -> None:
+    """One row per artifact: top-1 accuracy with its 95% interval (without labels: agreement with the reference; for
+    feature maps: the smallest cosine) on the left, images per second on the right."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    ok = [r for r in records if r["status"] == "ok" and r["img_per_s"]]
+    ok = [r for r in records if r["status"] == "ok"]
+    names = [f"{Path(r['artifact']).name if r['kind'] != 'triton' else r['artifact']} [{r['precision']}]" for r in ok]
     labelled = any(r["top1"] is not None for r in ok)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in ok:
-        x = r["img_per_s"]
+    features = any(r["feature_cosine_min"] is not None for r in ok)
+    ys = list(range(len(ok)))[::-1]
+    fig, (ax, bx) = plt.subplots(
+        1, 2, figsize=(9, 1.2 + 0.42 * len(ok)), dpi=120, sharey=True, gridspec_kw={"width_ratios": [3, 2]}
+    )
+    for y, r in zip(ys, ok, strict=True):
         if labelled:
-            y = 100 * r["top1"]
-            err = [[y - 100 * r["top1_ci_low"]], [100 * r["top1_ci_high"] - y]]
-            ax.errorbar([x], [y], yerr=err, fmt="o", capsize=4)
+            v = 100 * r["top1"]
+            err = [[v - 100 * r["top1_ci_low"]], [100 * r["top1_ci_high"] - v]]
+            ax.errorbar([v], [y], xerr=err, fmt="o", capsize=4, color="tab:blue" if not r["reference"] else "black")
+            ax.annotate(f"{v:.2f}", (v, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
         else:
-            y = 100 if r["reference"] else 100 * (r["agree_top1"] if r["agree_top1"] is not None else 1.0)
-            ax.plot([x], [y], "o")
-        ax.annotate(
-            f"{Path(r['artifact']).name} [{r['precision']}]",
-            (x, y),
-            textcoords="offset points",
-            xytext=(6, 4),
-            fontsize=7,
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("images / s (model call only)")
-    ax.set_ylabel("top-1 accuracy % (95% CI)" if labelled else "top-1 agreement with the reference %")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
+            key = "feature_cosine_min" if features else "agree_top1"
+            v = 1.0 if r["reference"] else r[key]
+            if v is not None:
+                ax.plot([v if features else 100 * v], [y], "o", color="black" if r["reference"] else "tab:blue")
+        if r["img_per_s"]:
+            bx.barh([y], [r["img_per_s"]], color="tab:gray")
+            bx.annotate(
+                f"{r['img_per_s']:.0f}", (r["img_per_s"], y), textcoords="offset points", xytext=(3, -3), fontsize=7
+            )
+    ax.set_yticks(ys, names, fontsize=8)
+    ax.set_xlabel(
+        "top-1 accuracy % (95% CI; black: the reference)"
+        if labelled
+        else ("smallest feature-map cosine vs the reference" if features else "top-1 agreement with the reference %")
+    )
+    bx.set_xlabel("images / s (model call only)")
+    for a in (ax, bx):
+        a.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -161,7 +161,7 @@ def _records(artifacts, images, reference, batch, logits, feat_cos, max_diff, se
             status="ok" if art.na is None else f"n/a: {art.na}",
             reference=i == reference,
             images=len(images),
-            labelled=labels is not None,
+            labelled=labels is not None and ref_art.logits,  # feature maps are compared without labels
             batch=batch,
             data=images.given,
             skipped_images=len(images.skipped),
