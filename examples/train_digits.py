@@ -13,8 +13,9 @@ It leaves in DIR what `caitdeploy eval` scores side by side: digits_cait.pth (ch
 .onnx, .fp16.onnx, .int8_static.onnx, .int8_dynamic.onnx, and the test images as an ImageFolder, digits_test/
 (16x16 greyscale PNGs; the checkpoints record the transform, `data_config`).
 
-Exits 1 if the fused or the ONNX Runtime accuracy differs from the checkpoint's, or if an int8 model's test
-accuracy is more than 1 point below its fp32 ONNX model's.
+Exits 1 if the fused or the ONNX Runtime accuracy differs from the checkpoint's, if an int8 model's test
+accuracy is more than 1 point below its fp32 ONNX model's, or if `caitdeploy eval` on the written files and test
+PNGs gives any other accuracy than this script computed on its tensors.
 """
 
 from __future__ import annotations
@@ -172,6 +173,16 @@ def onnx_accuracy(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
         [sess.run(None, {"images": x[i : i + 64].numpy()})[0].argmax(-1) for i in range(0, len(x), 64)]
     )
     return float((torch.from_numpy(pred) == y).double().mean())
+
+
+def eval_mismatches(out: Path, own: dict[str, float]) -> list[str]:
+    """Score the files with `caitdeploy eval` (the library form) on the test PNGs; the files whose top-1 is not the
+    figure this script computed on its tensors."""
+    from caitdeploy.pipelines.eval import EvalOptions, evaluate
+
+    result = evaluate(EvalOptions([out / name for name in own], data=out / "digits_test", json_path=out / "eval.json"))
+    got = {Path(r["artifact"]).name: r["top1"] for r in result.records}
+    return [f"{name}: eval {got.get(name)} vs {acc:.4f}" for name, acc in own.items() if got.get(name) != acc]
 
 
 def dense_onnx(vit, out: Path) -> Path:
@@ -360,12 +371,30 @@ def main() -> int:
         )
         worst = max(worst, r["fp32"] - r["int8 static"], r["fp32"] - r["int8 dynamic"])
 
+    # ---- 6. `caitdeploy eval` on the files and the PNGs: the same six accuracies, or the example fails ------------
+    own = {
+        "digits_cait.pth": acc_ckpt,
+        "digits_cait.fused.safetensors": acc_fused,
+        "digits_cait.onnx": acc_onnx,
+        "digits_cait.fp16.onnx": acc_fp16,
+        "digits_cait.int8_static.onnx": q["CAIT"]["int8 static"],
+        "digits_cait.int8_dynamic.onnx": q["CAIT"]["int8 dynamic"],
+    }
+    mismatch = eval_mismatches(out, own)
+    print(
+        f"[7] caitdeploy eval of the six files on {out.name}/digits_test (PNG): "
+        + ("every top-1 equals the figure above" if not mismatch else "MISMATCH " + "; ".join(mismatch))
+    )
+
     print(
         f"summary: dense {acc_dense:.4f} | CAIT {acc_trained:.4f} | checkpoint {acc_ckpt:.4f} | fused {acc_fused:.4f} "
         f"| onnxruntime {acc_onnx:.4f} fp16 {acc_fp16:.4f} | CAIT int8 static {q['CAIT']['int8 static']:.4f} dynamic "
         f"{q['CAIT']['int8 dynamic']:.4f} | FLOPs -{rep['flops_reduction']:.1%} | "
         f"{time.perf_counter() - t_start:.0f} s total"
     )
+    if mismatch:
+        print("!!! MISMATCH: caitdeploy eval's accuracy differs from this script's !!!", file=sys.stderr)
+        return 1
     if not (acc_fused == acc_ckpt == acc_onnx):
         print("!!! MISMATCH: the fused / ONNX accuracy differs from the checkpoint's !!!", file=sys.stderr)
         return 1

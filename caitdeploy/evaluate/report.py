@@ -50,7 +50,7 @@ def rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
         name = Path(r["artifact"]).name if r["kind"] != "triton" else r["artifact"]
         runtime = RUNTIME_SHORT.get(r["runtime"], r["runtime"])
         if r["status"] != "ok":
-            out.append([name, f"{runtime} {r['precision']}", r["status"]] + [""] * (len(cols) - 3))
+            out.append([name, f"{runtime} {r['precision']}", "n/a"] + [""] * (len(cols) - 3))
             continue
         ref = r["reference"]
         cells = {
@@ -115,6 +115,9 @@ def print_table(records: Sequence[dict[str, Any]], console, title: str = "caitde
     for row in rows(records):
         t.add_row(*row)
     console.print(t)
+    for r in records:  # why a row was not run, in full (the table has no room for it)
+        if r["status"] != "ok":
+            console.print(f"{Path(r['artifact']).name} [{r['precision']}]: {r['status']}", soft_wrap=True)
 
 
 def to_markdown(records: Sequence[dict[str, Any]], title: str | None = "caitdeploy eval") -> str:
@@ -122,6 +125,7 @@ def to_markdown(records: Sequence[dict[str, Any]], title: str | None = "caitdepl
     lines = [f"# {title}", ""] if title else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows(records)]
+    lines += [f"\n{Path(r['artifact']).name} [{r['precision']}]: {r['status']}" for r in records if r["status"] != "ok"]
     return "\n".join(lines) + "\n"
 
 

@@ -312,3 +312,18 @@ def test_digits_imagefolder_is_read_in_timms_class_order(tmp_path):
     ds = find_images(tmp_path / "val", resize_shorter=36)
     assert len(ds) == 360 and ds.classes == [str(i) for i in range(10)]
     assert np.bincount(ds.labels).min() > 20
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the engine would be run")
+def test_an_engine_without_a_gpu_is_a_row_saying_why(arts, tmp_path):
+    (tmp_path / "m.engine").write_bytes(b"not run on this machine")
+    js = tmp_path / "e.json"
+    r = _cli("eval", arts / "f.onnx", tmp_path / "m.engine", "--data", arts / "data", "--json", js, "--limit", "8")
+    assert r.exit_code == 0, r.stderr
+    assert "n/a: TensorRT engines run on an NVIDIA GPU; this machine has none" in " ".join(r.output.split())
+    recs = json.loads(js.read_text())
+    assert recs[1]["status"].startswith("n/a: ") and recs[1]["top1"] is None and recs[0]["images"] == 8
+    from caitdeploy.evaluate.run import RECORD_KEYS
+
+    assert list(recs[0])[: len(RECORD_KEYS)] == list(RECORD_KEYS)  # stable keys, in order, then env_*
+    assert all(k.startswith("env_") for k in list(recs[0])[len(RECORD_KEYS) :])
