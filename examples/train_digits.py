@@ -180,7 +180,11 @@ def eval_mismatches(out: Path, own: dict[str, float]) -> list[str]:
     figure this script computed on its tensors."""
     from caitdeploy.pipelines.eval import EvalOptions, evaluate
 
-    result = evaluate(EvalOptions([out / name for name in own], data=out / "digits_test", json_path=out / "eval.json"))
+    result = evaluate(
+        EvalOptions(
+            [out / name for name in own], data=out / "digits_test", onnx_runtimes="ort", json_path=out / "eval.json"
+        )
+    )
     got = {Path(r["artifact"]).name: r["top1"] for r in result.records}
     return [f"{name}: eval {got.get(name)} vs {acc:.4f}" for name, acc in own.items() if got.get(name) != acc]
 

@@ -29,6 +29,7 @@ COLUMNS = (
 ENV_KEYS = (
     "env_cpu",
     "env_cpu_count",
+    "env_cpu_isa",
     "env_threads",
     "env_gpu",
     "env_driver",
@@ -116,6 +117,8 @@ def environment_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         *io_lines(records),
         f"cpu: {r['env_cpu']} ({r['env_cpu_count']} logical cores, {r['env_threads']} torch threads)",
     ]
+    if r.get("env_cpu_isa"):
+        lines.append(f"isa: {r['env_cpu_isa']}")
     if r["env_gpu"]:
         lines.append(f"gpu: {r['env_gpu']} (driver {r['env_driver'] or '?'}, CUDA {r['env_cuda'] or '?'})")
     else:

@@ -37,6 +37,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from torch import nn
 from caitdeploy.core.errors import CaitError, OptionError
 from caitdeploy.families.layers import AttnImpl
 
-BACKENDS = ("torch", "compile", "ort", "trt", "torch-triton")
+BACKENDS = ("torch", "compile", "ort", "openvino", "trt", "torch-triton")
 DTYPES = ("fp32", "fp16", "bf16", "int8", "int8-dynamic")
 INT8_DTYPES = ("int8", "int8-dynamic")  # ONNX Runtime only: static QDQ (synthetic calibration) / dynamic
 MODEL_KINDS = ("cait", "dense", "tome")
@@ -87,6 +88,7 @@ RECORD_SCHEMA: dict[str, tuple[type, ...]] = {
     "note": (_S,),
     "env_cpu": (_S,),
     "env_cpu_count": (_I,),
+    "env_cpu_isa": (_S,),
     "env_threads": (_I,),
     "env_gpu": (_S, _N),
     "env_driver": (_S, _N),
@@ -177,6 +179,18 @@ def _pkg_version(*names: str) -> str | None:
     return None
 
 
+def isa_text() -> str:
+    from caitdeploy.core.cpu import isa_text as text
+
+    return text()
+
+
+def int8_note() -> str:
+    from caitdeploy.core.cpu import int8_note as note
+
+    return note()
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -218,6 +232,7 @@ def environment() -> dict[str, Any]:
         _ENV_CACHE = {
             "env_cpu": _cpu_name(),
             "env_cpu_count": os.cpu_count() or 1,
+            "env_cpu_isa": isa_text(),
             "env_gpu": torch.cuda.get_device_name(0) if cuda else None,
             "env_driver": _driver() if cuda else None,
             "env_cuda": torch.version.cuda if cuda else None,
@@ -424,7 +439,9 @@ def _prepare_torch(m: BenchModel, batch: int, opts: RunOptions, dtype: str, back
     else:
         model = m.build("sdpa", None)
     if dtype in INT8_DTYPES:
-        raise NotApplicable(f"{dtype} runs on ONNX Runtime (--backends ort): the quantized model is an ONNX graph")
+        raise NotApplicable(
+            f"{dtype} runs on ONNX Runtime or OpenVINO (--backends ort,openvino): the quantized model is an ONNX graph"
+        )
     tdt = _TORCH_DTYPES[dtype]
     runner = TorchRunner(
         model,
@@ -510,6 +527,8 @@ def _prepare_ort(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: B
         ctx.notes.append("int8 static QDQ, weights per channel, calibrated on synthetic images (speed only)")
     elif dtype == "int8-dynamic":
         ctx.notes.append("int8 dynamic (activations quantized at run time)")
+    if dtype.startswith("int8") and int8_note():
+        ctx.notes.append(int8_note())
     try:
         cache.mkdir(exist_ok=True)
         runner.activate()
@@ -520,6 +539,68 @@ def _prepare_ort(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: B
     # the feed is converted to the dtypes the session declares (fp32 I/O for every caitdeploy export)
     runner.bind({name: _inputs(m, batch, torch.float32, opts.device, opts.seed) for name in runner.inputs})
     return runner.run_bound, False
+
+
+def _openvino_ir_from_torch(m: BenchModel, batch: int, opts: RunOptions, ctx: BenchContext) -> Path:
+    """OpenVINO IR of the model converted from PyTorch (ov.convert_model), cached per model and batch."""
+    key = (m.kind, m.setting, f"ov-ir-{batch}")
+    if key in ctx.onnx_cache:
+        cached = ctx.onnx_cache[key]
+        if isinstance(cached, Exception):
+            raise NotApplicable(str(cached))
+        return cached
+    import openvino as ov
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{m.setting}-{m.kind}-b{batch}")
+    path = ctx.work_dir / f"{safe}.xml"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit tracer warnings: the token counts are constants here
+            om = ov.convert_model(
+                m.build("math", None).eval(), example_input=_inputs(m, batch, torch.float32, "cpu", 0)
+            )
+        ov.save_model(om, str(path), compress_to_fp16=False)
+    except Exception as e:  # noqa: BLE001 - the converter raises many types: the pair is n/a, one line
+        from caitdeploy.runtime.openvino_runner import ov_error
+
+        ctx.onnx_cache[key] = CaitError(f"OpenVINO cannot convert the PyTorch model: {ov_error(e)}")
+        raise NotApplicable(str(ctx.onnx_cache[key])) from None
+    ctx.onnx_cache[key] = path
+    return path
+
+
+def _prepare_openvino(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: BenchContext):
+    """OpenVINO on the CPU, on the same ONNX files ONNX Runtime runs (fp32, or the int8 QDQ / dynamic graph);
+    bf16 is the fp32 graph with INFERENCE_PRECISION_HINT bf16 (n/a without AVX512_BF16 / AMX-BF16)."""
+    from caitdeploy.runtime.openvino_runner import OpenVinoRunner, openvino_version
+
+    if opts.device != "cpu":
+        raise NotApplicable("the OpenVINO backend runs on the CPU (its GPU plugin is for Intel GPUs)")
+    if openvino_version() is None:
+        raise NotApplicable("openvino is not installed (pip install 'caitdeploy[openvino]')")
+    if m.kind == "tome" and dtype in ("fp32", "bf16"):
+        # OpenVINO's ONNX reader cannot convert ToMe's exported graph (ScatterND with rank-0 indices, ReduceMax on a
+        # dynamic type); its PyTorch frontend converts the same module (token counts fixed by the input size)
+        path = _openvino_ir_from_torch(m, batch, opts, ctx)
+        ctx.notes.append("ToMe converted from PyTorch by ov.convert_model (OpenVINO cannot read its ONNX graph)")
+    else:
+        path = _onnx_file(m, opts, "fp32" if dtype == "bf16" else dtype, ctx)
+    if dtype == "int8":
+        ctx.notes.append("int8 static QDQ, weights per channel, calibrated on synthetic images (speed only)")
+    elif dtype == "int8-dynamic":
+        ctx.notes.append("int8 dynamic (activations quantized at run time)")
+    if dtype.startswith("int8") and int8_note():
+        ctx.notes.append(int8_note())
+    runner = OpenVinoRunner(path, _spec(opts), precision="bf16" if dtype == "bf16" else "f32")
+    try:
+        runner.activate()
+    except CaitError as e:
+        raise NotApplicable(str(e)) from None
+    ctx.keep.append(runner)
+    ctx.notes.append(f"openvino {openvino_version()} CPU, inference precision {runner.precision}")
+    x = _inputs(m, batch, torch.float32, "cpu", opts.seed).numpy()
+    feed = {name: x for name in runner.input_names}
+    return (lambda: runner.run(feed)), False
 
 
 def _prepare_trt(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: BenchContext):
@@ -578,6 +659,8 @@ def run_one(
             step, events = _prepare_torch(m, batch, opts, dtype, backend, ctx)
         elif backend == "ort":
             step, events = _prepare_ort(m, batch, opts, dtype, ctx)
+        elif backend == "openvino":
+            step, events = _prepare_openvino(m, batch, opts, dtype, ctx)
         else:
             step, events = _prepare_trt(m, batch, opts, dtype, ctx)
         sync = torch.cuda.synchronize if opts.device == "cuda" else (lambda: None)

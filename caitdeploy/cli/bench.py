@@ -19,7 +19,10 @@ from caitdeploy.cli.options import BlockList, ImageSize
     help="Batch size; repeat or comma-separate for several (e.g. --batch 1 --batch 64,256).",
 )
 @click.option(
-    "--backends", default="torch,ort", show_default=True, help="Comma list of torch, compile, ort, trt, torch-triton."
+    "--backends",
+    default="torch,ort",
+    show_default=True,
+    help="Comma list of torch, compile, ort, openvino, trt, torch-triton.",
 )
 @click.option(
     "--dtype",

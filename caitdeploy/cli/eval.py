@@ -28,6 +28,12 @@ from caitdeploy.cli.options import BlockList
     show_default=True,
     help="Fused files run in fp32, bf16 (torch autocast) or both: fp32,bf16.",
 )
+@click.option(
+    "--onnx-runtimes",
+    default="auto",
+    show_default=True,
+    help="ONNX files run on ort, openvino or both (ort,openvino); auto: both when openvino is installed.",
+)
 @click.option("--url", default=None, help="A live Triton server, HOST:PORT (with --model).")
 @click.option(
     "--model", "triton_models", multiple=True, help="A model on the --url server to evaluate; repeat for several."

@@ -3,7 +3,8 @@
     checkpoint   a `cait-compactor/1` file: the family's own forward with the compactors applied at run time
                  (float32): the accuracy the training produced (TorchRunner)
     fused        a fused model file: PyTorch fp32, and bf16 autocast when asked (TorchRunner)
-    onnx         an ONNX file of `export` (fp32, fp16, int8 static / dynamic): ONNX Runtime (OrtRunner)
+    onnx         an ONNX file of `export` (fp32, fp16, int8 static / dynamic): ONNX Runtime (OrtRunner), and
+                 OpenVINO (OpenVinoRunner, f32 inference precision) where it is installed
     engine       a TensorRT engine (.engine/.plan): TrtRunner where a CUDA GPU is present, otherwise a row that
                  says why it was not run
     triton       a model on a live Triton server (`--url`): the load-test client (TritonRunner)
@@ -38,11 +39,13 @@ class Artifact:
     notes: list[str] = field(default_factory=list)
     input_name: str = "images"
     static_batch: int | None = None  # an ONNX graph with a fixed batch dim: feeds are padded to it
+    threads: int | None = None
     num_classes: int | None = None  # the logits' width, where the artifact says it before running
 
     @property
     def name(self) -> str:
-        return f"{Path(self.path).name if self.kind != 'triton' else self.path} [{self.precision}]"
+        rt = {"onnxruntime": "ort", "tensorrt": "trt"}.get(self.runtime, self.runtime)
+        return f"{Path(self.path).name if self.kind != 'triton' else self.path} [{rt} {self.precision}]"
 
     @property
     def logits(self) -> bool:
@@ -189,7 +192,20 @@ def open_onnx(path: Path, threads: int | None) -> Artifact:
     from caitdeploy.runtime import OrtRunner
 
     art.make_runner = lambda: OrtRunner(data, _threads_spec(threads))
+    art.threads = threads
     return art
+
+
+def on_openvino(art: Artifact) -> Artifact:
+    """The same ONNX artifact run by OpenVINO on the CPU (f32 inference precision: the file's own precision)."""
+    import dataclasses
+
+    from caitdeploy.runtime.openvino_runner import OpenVinoRunner
+
+    path, threads = Path(art.path), art.threads
+    ov = dataclasses.replace(art, runtime="openvino", notes=list(art.notes))
+    ov.make_runner = lambda: OpenVinoRunner(path, _threads_spec(threads), precision="f32")
+    return ov
 
 
 def open_engine(path: Path) -> Artifact:

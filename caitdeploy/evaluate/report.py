@@ -29,6 +29,12 @@ def _num(v: Any, fmt: str) -> str:
 RUNTIME_SHORT = {"onnxruntime": "ort", "tensorrt": "trt"}
 
 
+def label(r: dict[str, Any]) -> str:
+    """A record's name in lines and plots: the file (or URL/model) and how it ran, e.g. `m.onnx [ort int8 static]`."""
+    name = Path(r["artifact"]).name if r["kind"] != "triton" else r["artifact"]
+    return f"{name} [{RUNTIME_SHORT.get(r['runtime'], r['runtime'])} {r['precision']}]"
+
+
 def columns(records: Sequence[dict[str, Any]]) -> list[str]:
     """The table's columns: top-1 (and its 95% interval) and top-5 with labels; agreement with the reference on
     logits, or the feature maps' cosines; the largest |difference|; images per second."""
@@ -92,10 +98,7 @@ def disagreement_lines(records: Sequence[dict[str, Any]], show: int) -> list[str
             for d in items
         )
         more = f" (+{r['disagreements'] - len(items)} more)" if r["disagreements"] > len(items) else ""
-        lines.append(
-            f"{Path(r['artifact']).name} [{r['precision']}]: {r['disagreements']} top-1 disagreements"
-            + (f": {shown}{more}" if show else "")
-        )
+        lines.append(f"{label(r)}: {r['disagreements']} top-1 disagreements" + (f": {shown}{more}" if show else ""))
     return lines
 
 
@@ -117,7 +120,7 @@ def print_table(records: Sequence[dict[str, Any]], console, title: str = "caitde
     console.print(t)
     for r in records:  # why a row was not run, in full (the table has no room for it)
         if r["status"] != "ok":
-            console.print(f"{Path(r['artifact']).name} [{r['precision']}]: {r['status']}", soft_wrap=True)
+            console.print(f"{label(r)}: {r['status']}", soft_wrap=True)
 
 
 def to_markdown(records: Sequence[dict[str, Any]], title: str | None = "caitdeploy eval") -> str:
@@ -125,7 +128,7 @@ def to_markdown(records: Sequence[dict[str, Any]], title: str | None = "caitdepl
     lines = [f"# {title}", ""] if title else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows(records)]
-    lines += [f"\n{Path(r['artifact']).name} [{r['precision']}]: {r['status']}" for r in records if r["status"] != "ok"]
+    lines += [f"\n{label(r)}: {r['status']}" for r in records if r["status"] != "ok"]
     return "\n".join(lines) + "\n"
 
 
@@ -155,7 +158,7 @@ def plot_png(records: Sequence[dict[str, Any]], path: Path, title: str = "caitde
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r["status"] == "ok"]
-    names = [f"{Path(r['artifact']).name if r['kind'] != 'triton' else r['artifact']} [{r['precision']}]" for r in ok]
+    names = [label(r) for r in ok]
     labelled = any(r["top1"] is not None for r in ok)
     features = any(r["feature_cosine_min"] is not None for r in ok)
     ys = list(range(len(ok)))[::-1]

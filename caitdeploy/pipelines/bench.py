@@ -38,7 +38,7 @@ class BenchOptions:
 
     model: str | os.PathLike | Sequence[str | os.PathLike]  # one fused model file or several
     batches: int | str | Sequence[int | str] = (256,)  # batch sizes: 64, "1,64" or (1, 64) (1..65536)
-    backends: str | Sequence[str] = "torch,ort"  # torch, compile, ort, trt, torch-triton
+    backends: str | Sequence[str] = "torch,ort"  # torch, compile, ort, openvino, trt, torch-triton
     dtype: str | Sequence[str] = "fp32"  # fp32, fp16, bf16, int8, int8-dynamic: "fp32,int8"
     baselines: str | Sequence[str] = "dense,tome"  # dense, tome, both or "none"
     tome_r: str | int = "auto"  # ToMe tokens merged per block: "auto" matches CAIT's FLOPs

@@ -43,6 +43,7 @@ class EvalOptions:
     batch: int | str = 32  # images per model call
     threads: int | str | None = None  # CPU threads of PyTorch and ONNX Runtime [default: all]
     torch_dtype: str | Sequence[str] = "fp32"  # fused files run in these: fp32, bf16 ("fp32,bf16")
+    onnx_runtimes: str | Sequence[str] = "auto"  # ONNX files run on: ort, openvino; auto: ort + openvino if installed
     url: str | None = None  # a live Triton server, HOST:PORT
     triton_models: Sequence[str] = ()  # model names on that server
     protocol: str = "http"
@@ -75,6 +76,7 @@ class _Plan:
     threads: int | None
     dtypes: list[str]
     features: tuple[int, ...] | None
+    onnx_runtimes: list[str]
     limit: int | None
     show: int
     gates: dict[str, float]
@@ -116,6 +118,22 @@ def check(o: EvalOptions) -> _Plan:
     bad = [d for d in dtypes if d not in TORCH_DTYPES]
     if bad or not dtypes:
         raise OptionError("torch_dtype", f"{safe_text(bad[0] if bad else '', 20)!r}: choose fp32, bf16 or fp32,bf16")
+    rts = o.onnx_runtimes.split(",") if isinstance(o.onnx_runtimes, str) else list(o.onnx_runtimes)
+    rts = list(dict.fromkeys(r.strip() for r in rts if r.strip()))
+    if rts == ["auto"]:
+        from caitdeploy.runtime.openvino_runner import openvino_version
+
+        rts = ["ort", "openvino"] if openvino_version() else ["ort"]
+    bad_rt = [r for r in rts if r not in ("ort", "openvino")]
+    if bad_rt or not rts:
+        raise OptionError(
+            "onnx_runtimes", f"{safe_text(bad_rt[0] if bad_rt else '', 20)!r}: choose ort, openvino or auto"
+        )
+    if "openvino" in rts:
+        from caitdeploy.runtime.openvino_runner import openvino_version
+
+        if not openvino_version():
+            raise OptionError("onnx_runtimes", "openvino is not installed (pip install 'caitdeploy[openvino]')")
     features = None
     if o.features is not None:
         parts = [p.strip() for p in str(o.features).split(",") if p.strip()]
@@ -139,7 +157,7 @@ def check(o: EvalOptions) -> _Plan:
             Out(o.plot_path, "--plot", (".png",)),
         ],
     )
-    return _Plan(batch, threads, dtypes, features, limit, show, gates)
+    return _Plan(batch, threads, dtypes, features, rts, limit, show, gates)
 
 
 def _open(o: EvalOptions, plan: _Plan) -> list[Any]:
@@ -154,7 +172,11 @@ def _open(o: EvalOptions, plan: _Plan) -> list[Any]:
         elif kind == "fused":
             arts += [A.open_fused(p, plan.threads, d, plan.features, o.restore) for d in plan.dtypes]
         elif kind == "onnx":
-            arts.append(A.open_onnx(p, plan.threads))
+            base = A.open_onnx(p, plan.threads)
+            if "ort" in plan.onnx_runtimes:
+                arts.append(base)
+            if "openvino" in plan.onnx_runtimes:
+                arts.append(A.on_openvino(base))
         else:
             arts.append(A.open_engine(p))
     for m in o.triton_models:
@@ -167,7 +189,7 @@ def _reference(o: EvalOptions, arts: list[Any]) -> int:
         i = 0
     else:
         want = str(o.reference)
-        hits = [i for i, a in enumerate(arts) if want in (a.path, Path(a.path).name, a.name)]
+        hits = [i for i, a in enumerate(arts) if want in (a.path, Path(a.path).name, a.name, f"{a.name} {a.runtime}")]
         if not hits:
             raise OptionError("reference", f"{safe_text(want, 80)!r} is none of the artifacts given")
         i = hits[0]
@@ -206,7 +228,9 @@ def _gate_failures(records: list[dict[str, Any]], gates: dict[str, float]) -> li
     for r in records:
         if r["status"] != "ok":
             continue
-        name = f"{Path(r['artifact']).name if r['kind'] != 'triton' else r['artifact']} [{r['precision']}]"
+        from caitdeploy.evaluate.report import label
+
+        name = label(r)
         checks = [
             ("min_top1", "top-1", r["top1"]),
             ("min_agreement", "top-1 agreement", None if r["reference"] else r["agree_top1"]),

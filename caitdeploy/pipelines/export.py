@@ -362,9 +362,18 @@ def _quantize(o: ExportOptions, plan: ExportPlan, fp32_data: bytes, cal: _Calibr
         "min_top1": o.int8_min_top1,
         "calibration_data": cal.info,
         "bytes": len(data),
+        "cpu": _cpu_facts(),
     }
     report["onnx"].update(census=qinfo["census"], nodes=sum(qinfo["census"].values()), bytes=len(data))
     return data
+
+
+def _cpu_facts() -> dict[str, Any]:
+    """The machine the int8 check ran on: what decides int8 speed (VNNI) is named with the model."""
+    from caitdeploy.core.cpu import cpu_info, has_vnni, int8_note, isa_text
+
+    info = cpu_info()
+    return {"model": info["model"], "isa": isa_text(info), "vnni": has_vnni(info), "note": int8_note(info)}
 
 
 def _build_engine(o: ExportOptions, plan: ExportPlan, data: bytes) -> BuiltEngine:

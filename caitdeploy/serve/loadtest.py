@@ -40,6 +40,9 @@ LOADTEST_KEYS = (
     "server_executions",
     "requests_per_execution",
     "first_error",
+    "env_cpu",  # the machine that ran the load test (the server's too when it is local)
+    "env_cpu_count",
+    "env_cpu_isa",
 )
 
 
@@ -286,7 +289,15 @@ def _run_level(
         "server_executions": execs,
         "requests_per_execution": (reqs_server / batch / execs) if execs and reqs_server is not None else None,
         "first_error": errors[0] if errors else None,
+        **_machine(),
     }
+
+
+def _machine() -> dict[str, Any]:
+    from caitdeploy.core.cpu import cpu_info, isa_text
+
+    info = cpu_info()
+    return {"env_cpu": info["model"], "env_cpu_count": info["logical_cores"], "env_cpu_isa": isa_text(info)}
 
 
 def to_markdown(records: list[dict[str, Any]], title: str = "caitdeploy loadtest") -> str:
@@ -328,4 +339,13 @@ def to_markdown(records: list[dict[str, Any]], title: str = "caitdeploy loadtest
             )
             + " |"
         )
+    if records and records[0].get("env_cpu"):
+        r = records[0]
+        lines += [
+            "",
+            (
+                f"Load generator (and local server) CPU: {r['env_cpu']}, {r['env_cpu_count']} logical cores; "
+                f"ISA: {r['env_cpu_isa']}."
+            ),
+        ]
     return "\n".join(lines) + "\n"

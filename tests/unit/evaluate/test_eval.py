@@ -178,6 +178,8 @@ def test_eval_scores_every_artifact_and_matches_an_independent_count(arts, tmp_p
         png,
         "--min-agreement",
         "0.9",
+        "--onnx-runtimes",
+        "ort",
     )
     assert r.exit_code == 0, r.output + r.stderr
     recs = json.loads(js.read_text())
@@ -223,13 +225,15 @@ def test_a_planted_loss_fails_the_gate_in_one_line(arts, tmp_path):
         arts / "data",
         "--min-agreement",
         "0.999",
+        "--onnx-runtimes",
+        "ort",
         "--json",
         js,
         "-q",
     )
     assert r.exit_code == 1, r.output + r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("eval failed: planted.safetensors [fp32]: top-1 agreement")
+    assert len(lines) == 1 and lines[0].startswith("eval failed: planted.safetensors [torch fp32]: top-1 agreement")
     assert "--min-agreement 0.999" in lines[0]
     recs = json.loads(js.read_text())  # the reports are written whatever the gates say
     assert recs[1]["agree_top1"] == 1.0 and recs[2]["agree_top1"] < 0.999 and recs[2]["disagreements"] >= 1
@@ -285,7 +289,7 @@ def test_hostile_and_wrong_input_one_line_exit_2_nothing_written(arts, tmp_path)
         ),
         (
             [arts / "f.safetensors", "--data", tmp_path / "l.csv"],
-            "class index 9 but f.safetensors [fp32] has 4 classes",
+            "class index 9 but f.safetensors [torch fp32] has 4 classes",
         ),
         ([tmp_path / "notes.txt"], "eval takes checkpoints"),
         ([tmp_path / "missing.onnx"], "no such file"),
@@ -318,7 +322,19 @@ def test_digits_imagefolder_is_read_in_timms_class_order(tmp_path):
 def test_an_engine_without_a_gpu_is_a_row_saying_why(arts, tmp_path):
     (tmp_path / "m.engine").write_bytes(b"not run on this machine")
     js = tmp_path / "e.json"
-    r = _cli("eval", arts / "f.onnx", tmp_path / "m.engine", "--data", arts / "data", "--json", js, "--limit", "8")
+    r = _cli(
+        "eval",
+        arts / "f.onnx",
+        tmp_path / "m.engine",
+        "--data",
+        arts / "data",
+        "--json",
+        js,
+        "--limit",
+        "8",
+        "--onnx-runtimes",
+        "ort",
+    )
     assert r.exit_code == 0, r.stderr
     assert "n/a: TensorRT engines run on an NVIDIA GPU; this machine has none" in " ".join(r.output.split())
     recs = json.loads(js.read_text())
