@@ -109,6 +109,21 @@ def print_export_report(report: dict) -> None:
         say(line)
     else:
         say("verify: skipped (--no-verify)")
+    ir = report.get("openvino")
+    if ir:
+        v = ir.get("verify")
+        fq = f", {ir['fake_quantize']} FakeQuantize" if ir.get("fake_quantize") else ""
+        say(
+            f"openvino IR {ir['output']} + .bin (openvino {ir['openvino']}, {ir['dtype']}, weights {ir['weights']}"
+            f"{fq}; {human(ir['bin_bytes'], 'B')})"
+        )
+        if v:
+            say(
+                f"  verify (OpenVINO f32 vs onnxruntime on the ONNX graph, {v['images']} random images): cosine min "
+                f"{v['cosine_min']:.6f}, top-1 agreement {100 * v['top1_agree']:.1f}%"
+                + ("  (reported: OpenVINO reads QDQ as FakeQuantize)" if ir["dtype"].startswith("int8") else "  OK")
+            )
+        say(f"  sidecar {ir['sidecar']}")
     e = report.get("engine")
     if e:
         prof = e["profile"]
@@ -241,6 +256,12 @@ def print_export_report(report: dict) -> None:
     default=256,
     show_default=True,
     help="Random images for the fp16 top-1 agreement check.",
+)
+@click.option(
+    "--openvino",
+    is_flag=True,
+    help="Also write OpenVINO IR beside the ONNX (<stem>.xml/.bin, fp16 weights with --dtype fp16), verified, "
+    "with a <stem>.xml.json sidecar naming the OpenVINO version.",
 )
 @click.option("--trt", is_flag=True, help="Also build a TensorRT / TensorRT-RTX engine.")
 @click.option("--trt-module", default="auto", show_default=True, help="auto | tensorrt | tensorrt_rtx")

@@ -36,6 +36,7 @@ def print_inspect(info: dict[str, Any]) -> None:
         "fused": "fused CAIT model (cait-fused/1)",
         "onnx": f"ONNX model ({t(info.get('format'), 60)})",
         "engine": "TensorRT engine",
+        "openvino-ir": "OpenVINO IR (.xml + .bin)",
     }[kind]
     say(f"{t(info['file'], 1000)}: {title}")
     if "img_size" in info:
@@ -70,6 +71,27 @@ def print_inspect(info: dict[str, Any]) -> None:
             f"  {info['nodes']} nodes, {human(info['params'])} parameters; census: "
             + _listing([f"{t(op, 80)} {n}" for op, n in info["census"].items()], 40)
         )
+    if kind == "openvino-ir":
+        side = info.get("sidecar")
+        if side:
+            v = side.get("verify") or {}
+            say(
+                f"  openvino {t(side.get('openvino'), 40)}, {t(side.get('dtype'), 40)}, weights {t(side.get('weights'), 60)}, "
+                f"{info['bin_bytes']} weight bytes; from ONNX sha256 {t(str(side.get('onnx_sha256') or '?')[:16], 20)}..."
+            )
+            if v:
+                say(
+                    f"  verified against the ONNX graph: cosine min {v.get('cosine_min', 0):.6f} on {v.get('images')} images"
+                )
+        else:
+            say("  no sidecar: not written by caitdeploy export --openvino")
+        if isinstance(info.get("model"), str):
+            say(f"  model {t(info['model'], 200)}")
+        for label, sigs in (("input ", info.get("inputs", [])), ("output", info.get("outputs", []))):
+            for sig in sigs[:16]:
+                say(f"  {label} {t(sig['name'], 80)} {t(sig['shape'], 80)}")
+        if info.get("ops"):
+            say("  ops " + ", ".join(f"{t(k, 40)} {v}" for k, v in info["ops"].items()))
     if kind == "engine":
         hc = info["header_check"]
         if not hc.get("supported"):

@@ -265,6 +265,52 @@ def inspect_engine(path: Path, header_check: HeaderCheck | None = None) -> dict[
     return out
 
 
+def inspect_openvino_ir(path: Path) -> dict[str, Any]:
+    """An OpenVINO IR written by `export --openvino`: its sidecar (bounded read: version, dtype, source ONNX,
+    verification) and, where openvino is installed, the model's inputs, outputs and op counts."""
+    import json
+
+    from caitdeploy.core.paths import read_bounded, regular_file_size
+
+    regular_file_size(path, 1 << 30, "OpenVINO IR")
+    bin_path = path.with_suffix(".bin")
+    side_path = Path(str(path) + ".json")
+    out: dict[str, Any] = {"kind": "openvino-ir", "file": str(path), "weights_file": str(bin_path)}
+    if not bin_path.is_file():
+        raise CaitError(f"{path}: its weights {bin_path.name} are missing (an IR is the .xml and the .bin together)")
+    out["bin_bytes"] = regular_file_size(bin_path, 1 << 40, "OpenVINO IR weights")
+    if side_path.is_file():
+        try:
+            side = json.loads(read_bounded(side_path, 1 << 20, "IR sidecar"))
+        except ValueError:
+            raise CaitError(f"{side_path}: not JSON") from None
+        if not isinstance(side, dict):
+            raise CaitError(f"{side_path}: not a JSON object")
+        out["sidecar"] = {k: side.get(k) for k in ("format", "openvino", "dtype", "weights", "onnx_sha256", "verify")}
+    else:
+        out["sidecar"] = None
+    try:  # imported here, not through runtime/ (formats/ must not import runtime/: a package cycle)
+        import openvino as ov
+    except ImportError:
+        out["model"] = "not read: openvino is not installed (pip install 'caitdeploy[openvino]')"
+        return out
+    try:
+        model = ov.Core().read_model(str(path))
+    except Exception as e:  # noqa: BLE001 - a hostile or broken IR: one line
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from ")]
+        raise CaitError(f"{path}: not a readable OpenVINO IR ({(lines or [type(e).__name__])[0][:200]})") from None
+    ops: dict[str, int] = {}
+    for op in model.get_ops():
+        ops[op.get_type_name()] = ops.get(op.get_type_name(), 0) + 1
+    out["inputs"] = [{"name": p.get_any_name(), "shape": str(p.get_partial_shape())} for p in model.inputs]
+    out["outputs"] = [
+        {"name": min(p.get_names()) if p.get_names() else f"output{i}", "shape": str(p.get_partial_shape())}
+        for i, p in enumerate(model.outputs)
+    ]
+    out["ops"] = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:12])
+    return out
+
+
 def describe_file(path: str | os.PathLike, header_check: HeaderCheck | None = None) -> dict[str, Any]:
     """Describe FILE; raises CaitError for a missing, unknown or corrupt file. header_check: how an engine's
     header is checked (`inspect_engine`)."""
@@ -291,6 +337,8 @@ def describe_file(path: str | os.PathLike, header_check: HeaderCheck | None = No
         return inspect_checkpoint(path)
     if suffix in ONNX_SUFFIXES:
         return inspect_onnx(path)
+    if suffix == ".xml":
+        return inspect_openvino_ir(path)
     if suffix in ENGINE_SUFFIXES or Path(str(path) + ".json").is_file():
         return inspect_engine(path, header_check)
     raise CaitError(

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from caitdeploy.export.triton_repo import TritonEntry
 
 Progress = Callable[[str], None]  # called with each step's name as it starts (see `STEPS`)
-STEPS = ("load", "onnx", "int8", "engine", "write")
+STEPS = ("load", "onnx", "int8", "openvino", "engine", "write")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class ExportOptions:
     int8_min_top1: float = 0.0  # fail unless int8 and fp32 top-1 agree on this fraction of the images
     verify: bool = True  # ONNX Runtime vs PyTorch check (`--no-verify` sets False)
     fp16_samples: int = 256  # random images for the fp16 top-1 agreement check (0..65536)
+    openvino: bool = False  # also write OpenVINO IR (<onnx stem>.xml/.bin + .xml.json sidecar), verified
     trt: bool = False  # also build a TensorRT / TensorRT-RTX engine
     trt_module: str = "auto"  # auto | tensorrt | tensorrt_rtx
     engine: str | Path | None = None  # the engine file [default: <onnx stem>.plan]
@@ -101,11 +102,17 @@ class ExportResult:
     sidecar: Path | None = None  # the engine's `<engine>.json`
     triton_config: Path | None = None  # the Triton entry's config.pbtxt
     report_path: Path | None = None
+    openvino_ir: Path | None = None  # the IR's .xml (its .bin and .xml.json beside it)
 
     @property
     def outputs(self) -> list[Path]:
         """Every file written (a Triton entry by its config; its model file is beside it)."""
-        return [p for p in (self.onnx, self.engine, self.sidecar, self.triton_config, self.report_path) if p]
+        ir = []
+        if self.openvino_ir is not None:
+            from caitdeploy.export.openvino_ir import ir_paths
+
+            ir = list(ir_paths(self.onnx))
+        return [p for p in (self.onnx, *ir, self.engine, self.sidecar, self.triton_config, self.report_path) if p]
 
 
 @dataclass
@@ -285,6 +292,7 @@ def _check_paths(o: ExportOptions, plan: ExportPlan) -> None:
         {"MODEL": o.model},
         [
             Out(plan.onnx, "--output", ONNX_SUFFIXES),
+            *_ir_outs(o, plan),
             Out(plan.engine, "--engine", ENGINE_SUFFIXES),
             Out(sidecar_path(plan.engine) if plan.engine else None, "--engine (its sidecar)", JSON_SUFFIXES),
             Out(o.timing_cache if o.trt else None, "--timing-cache", None),
@@ -294,6 +302,47 @@ def _check_paths(o: ExportOptions, plan: ExportPlan) -> None:
             Out(entry.python_model if entry else None, "--triton-repo", (".py",), create_dirs=True),
         ],
     )
+
+
+def _ir_outs(o: ExportOptions, plan: ExportPlan) -> list:
+    """The IR's three files (beside the ONNX), checked like every output; openvino must be installed."""
+    from caitdeploy.core.paths import JSON_SUFFIXES, Out
+
+    if not o.openvino:
+        return []
+    from caitdeploy.export.openvino_ir import ir_paths
+    from caitdeploy.runtime.openvino_runner import openvino_version
+
+    if openvino_version() is None:
+        raise OptionError("openvino", "openvino is not installed (pip install 'caitdeploy[openvino]')")
+    xml, bin_, side = ir_paths(plan.onnx)
+    return [
+        Out(xml, "--openvino (IR)", (".xml",)),
+        Out(bin_, "--openvino (IR weights)", (".bin",)),
+        Out(side, "--openvino (its sidecar)", JSON_SUFFIXES),
+    ]
+
+
+def _openvino_ir(o: ExportOptions, data: bytes, input_shape, report: dict[str, Any]) -> tuple[bytes, bytes, dict]:
+    """The IR of the final ONNX graph, verified against ONNX Runtime on 8 random images; fp32/fp16 graphs must
+    agree (cosine >= 0.9999 / 0.999), an int8 graph's agreement is reported (OpenVINO reads QDQ its own way)."""
+    import numpy as np
+
+    from caitdeploy.export.openvino_ir import ir_bytes, verify_ir
+
+    xml, bin_, info = ir_bytes(data, fp16_weights=o.dtype == "fp16")
+    images = np.random.default_rng(0).standard_normal((8, *input_shape)).astype(np.float32)
+    info["verify"] = verify_ir(xml, bin_, data, images) if o.verify else None
+    if info["verify"] is not None and o.int8 is None:
+        need = 0.999 if o.dtype == "fp16" else 0.9999
+        if info["verify"]["cosine_min"] < need:
+            raise CaitError(
+                f"OpenVINO IR disagrees with the ONNX graph: cosine {info['verify']['cosine_min']:.6f} < {need} "
+                "on random images; nothing was written"
+            )
+    info["dtype"] = f"int8 {o.int8}" if o.int8 else o.dtype
+    report["openvino"] = info
+    return xml, bin_, info
 
 
 # ---- 2. the model and the images it is checked on, still before any work ----------------------------------
@@ -411,6 +460,7 @@ def _write(
     built: BuiltEngine | None,
     entry: TritonEntry | None,
     report: dict[str, Any],
+    ir: tuple[bytes, bytes, dict] | None = None,
 ) -> ExportResult:
     from caitdeploy.core.errors import Staging
     from caitdeploy.export.tensorrt import write_engine
@@ -421,6 +471,14 @@ def _write(
     sidecar = sidecar_path(plan.engine) if built is not None and plan.engine is not None else None
     with Staging() as st:
         st.write_bytes(plan.onnx, data)
+        if ir is not None:
+            from caitdeploy.export.openvino_ir import ir_paths
+
+            xml_path, bin_path, side_path = ir_paths(plan.onnx)
+            report["openvino"].update(output=str(xml_path), sidecar=str(side_path))
+            st.write_bytes(xml_path, ir[0])
+            st.write_bytes(bin_path, ir[1])
+            write_json(side_path, {k: v for k, v in ir[2].items() if k != "ops"}, staging=st)
         if built is not None and plan.engine is not None:
             write_engine(st, built, plan.engine, Path(o.timing_cache) if o.timing_cache else None)
             report["engine"] = dict(built.sidecar, output=str(plan.engine), sidecar=str(sidecar))
@@ -440,7 +498,14 @@ def _write(
         sidecar,
         entry.config_path if entry is not None else None,
         Path(o.report_path) if o.report_path else None,
+        ir_paths_xml(plan.onnx) if ir is not None else None,
     )
+
+
+def ir_paths_xml(onnx: Path) -> Path:
+    from caitdeploy.export.openvino_ir import ir_paths
+
+    return ir_paths(onnx)[0]
 
 
 def export(options: ExportOptions, progress: Progress | None = None) -> ExportResult:
@@ -469,6 +534,10 @@ def export(options: ExportOptions, progress: Progress | None = None) -> ExportRe
     if calibration is not None:
         step("int8")
         data = _quantize(options, plan, data, calibration, report)
+    ir = None
+    if options.openvino:
+        step("openvino")
+        ir = _openvino_ir(options, data, net.config.input_shape, report)
     built = None
     if options.trt:
         step("engine")
@@ -479,4 +548,4 @@ def export(options: ExportOptions, progress: Progress | None = None) -> ExportRe
             options, plan.triton.info["name"], plan.served_suffix, net.config.input_shape, net.config.num_classes
         )
     step("write")
-    return _write(options, plan, data, built, entry, report)
+    return _write(options, plan, data, built, entry, report, ir)

@@ -121,3 +121,69 @@ def test_eval_runs_onnx_files_on_both_runtimes(onnx_files, tmp_path):
     assert r.exit_code == 0, r.stderr
     recs = json.loads(js.read_text())
     assert [x["runtime"] for x in recs] == ["onnxruntime", "openvino"] and recs[1]["cosine_min"] > 0.99999
+
+
+def test_export_openvino_ir_verified_with_a_sidecar_and_inspected(onnx_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    rep = tmp_path / "r.json"
+    r = _cli("export", onnx_files / "m.fused.safetensors", "-o", out, "--openvino", "--report", rep, "-q")
+    assert r.exit_code == 0, r.stderr
+    xml, bin_, side = tmp_path / "m.xml", tmp_path / "m.bin", tmp_path / "m.xml.json"
+    assert xml.is_file() and bin_.stat().st_size > 0
+    meta = json.loads(side.read_text())
+    assert meta["format"] == "caitdeploy-openvino-ir/1" and meta["openvino"] and meta["dtype"] == "fp32"
+    assert meta["verify"]["cosine_min"] > 0.9999 and meta["verify"]["top1_agree"] == 1.0
+    import hashlib
+
+    assert meta["onnx_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert json.loads(rep.read_text())["openvino"]["output"] == str(xml)
+    # the IR computes what the ONNX file computes
+    x = _x(3)
+    with OrtRunner(out) as o, OpenVinoRunner(xml) as v:
+        assert np.abs(v.infer({"images": x})["logits"] - o.infer({"images": x})["logits"]).max() < 1e-4
+    i = _cli("inspect", xml)
+    assert i.exit_code == 0 and "OpenVINO IR" in i.output and "input  images" in i.output
+    bin_.unlink()
+    bad = _cli("inspect", xml)
+    assert bad.exit_code == 2 and "weights m.bin are missing" in bad.stderr
+
+
+def test_export_openvino_int8_and_fp16(onnx_files, tmp_path):
+    r = _cli(
+        "export",
+        onnx_files / "m.fused.safetensors",
+        "-o",
+        tmp_path / "q.onnx",
+        "--openvino",
+        "--int8",
+        "static",
+        "--calib-synthetic",
+        "8",
+        "-q",
+    )
+    assert r.exit_code == 0, r.stderr
+    meta = json.loads((tmp_path / "q.xml.json").read_text())
+    assert meta["dtype"] == "int8 static" and meta["fake_quantize"] > 0
+    # fp16 (its ONNX fp16 check is about random-init near-ties, not OpenVINO: skipped; the IR is compared here)
+    r = _cli(
+        "export",
+        onnx_files / "m.fused.safetensors",
+        "-o",
+        tmp_path / "h.onnx",
+        "--openvino",
+        "--dtype",
+        "fp16",
+        "--no-verify",
+        "-q",
+    )
+    assert r.exit_code == 0, r.stderr
+    meta = json.loads((tmp_path / "h.xml.json").read_text())
+    assert meta["weights"] == "fp16 (compressed)" and meta["verify"] is None
+    x = _x(4)
+    with OrtRunner(tmp_path / "h.onnx") as o, OpenVinoRunner(tmp_path / "h.xml") as v:
+        a, b = v.infer({"images": x})["logits"], o.infer({"images": x})["logits"]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999
+    (tmp_path / "busy.xml").mkdir()  # an output that is a folder: refused before any work, nothing written
+    r = _cli("export", onnx_files / "m.fused.safetensors", "-o", tmp_path / "busy.onnx", "--openvino")
+    assert r.exit_code == 2 and "busy.xml" in r.stderr and not (tmp_path / "busy.onnx").exists()
