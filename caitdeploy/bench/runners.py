@@ -513,6 +513,16 @@ def _onnx_file(m: BenchModel, opts: RunOptions, dtype: str, ctx: BenchContext, s
     return path
 
 
+def _int8_notes(dtype: str, ctx: BenchContext) -> None:
+    """What an int8 row says about its graph (ONNX Runtime and OpenVINO run the same files), and a CPU without VNNI."""
+    if dtype == "int8":
+        ctx.notes.append("int8 static QDQ, weights per channel, calibrated on synthetic images (speed only)")
+    elif dtype == "int8-dynamic":
+        ctx.notes.append("int8 dynamic (activations quantized at run time)")
+    if dtype.startswith("int8") and int8_note():
+        ctx.notes.append(int8_note())
+
+
 def _prepare_ort(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: BenchContext):
     from caitdeploy.runtime import OrtRunner
 
@@ -523,12 +533,7 @@ def _prepare_ort(m: BenchModel, batch: int, opts: RunOptions, dtype: str, ctx: B
     path = _onnx_file(m, opts, dtype, ctx)
     cache = ctx.work_dir / "ort-trt-cache"
     runner = OrtRunner(path, _spec(opts), fp16_hint=dtype == "fp16", batch_hint=batch, trt_cache_dir=str(cache))
-    if dtype == "int8":
-        ctx.notes.append("int8 static QDQ, weights per channel, calibrated on synthetic images (speed only)")
-    elif dtype == "int8-dynamic":
-        ctx.notes.append("int8 dynamic (activations quantized at run time)")
-    if dtype.startswith("int8") and int8_note():
-        ctx.notes.append(int8_note())
+    _int8_notes(dtype, ctx)
     try:
         cache.mkdir(exist_ok=True)
         runner.activate()
@@ -585,12 +590,7 @@ def _prepare_openvino(m: BenchModel, batch: int, opts: RunOptions, dtype: str, c
         ctx.notes.append("ToMe converted from PyTorch by ov.convert_model (OpenVINO cannot read its ONNX graph)")
     else:
         path = _onnx_file(m, opts, "fp32" if dtype == "bf16" else dtype, ctx)
-    if dtype == "int8":
-        ctx.notes.append("int8 static QDQ, weights per channel, calibrated on synthetic images (speed only)")
-    elif dtype == "int8-dynamic":
-        ctx.notes.append("int8 dynamic (activations quantized at run time)")
-    if dtype.startswith("int8") and int8_note():
-        ctx.notes.append(int8_note())
+    _int8_notes(dtype, ctx)
     runner = OpenVinoRunner(path, _spec(opts), precision="bf16" if dtype == "bf16" else "f32")
     try:
         runner.activate()

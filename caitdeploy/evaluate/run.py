@@ -86,10 +86,11 @@ def measure(
 
     live = [i for i, a in enumerate(artifacts) if a.na is None]
     n = len(images)
-    channels = int(spec.get("channels") or artifacts[reference].input_shape[0])  # type: ignore[index]
+    shape = artifacts[reference].input_shape or (3, 224, 224)
+    channels = shape[0]
     logits_cols = sum(a.num_classes or 1000 for a in artifacts if a.logits)
     check_memory(
-        8 * n * logits_cols + 4 * batch * math.prod(artifacts[reference].input_shape or (3, 224, 224)),
+        8 * n * logits_cols + 4 * batch * math.prod(shape),
         "eval: logits of every artifact",
     )
     ref_logits = artifacts[reference].logits
