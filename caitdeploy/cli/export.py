@@ -146,7 +146,8 @@ def print_export_report(report: dict) -> None:
     tr = report.get("triton")
     if tr:
         say(
-            f"triton {tr['config']} ({tr['platform']}, max_batch_size {tr['max_batch_size']}, "
+            f"triton {tr['config']} ({tr['backend'] if tr['platform'] == 'python' else tr['platform']}, "
+            f"max_batch_size {tr['max_batch_size']}, "
             f"preferred {tr['preferred_batch_sizes']}, {tr['instance_group']['count']}x "
             f"{tr['instance_group']['kind']})"
         )
@@ -286,7 +287,8 @@ def print_export_report(report: dict) -> None:
     "--triton-backend",
     default=None,
     help="onnxruntime | tensorrt | python (model.py running the ONNX with ONNX Runtime, for servers "
-    "without the onnxruntime backend) [default: tensorrt with --trt, else onnxruntime].",
+    "without the onnxruntime backend) | python-openvino (the same model.py running OpenVINO on the CPU: the IR "
+    "with --openvino, else the ONNX) [default: tensorrt with --trt, else onnxruntime].",
 )
 @click.option(
     "--max-queue-delay-us",

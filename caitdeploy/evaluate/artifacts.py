@@ -148,22 +148,11 @@ def open_fused(path: Path, threads: int | None, dtype: str, features: tuple[int,
 
 
 def open_onnx(path: Path, threads: int | None) -> Artifact:
-    from caitdeploy.core.paths import MAX_ONNX_BYTES, read_bounded, regular_file_size
-
-    size = regular_file_size(path, MAX_ONNX_BYTES, "ONNX file")
-    import onnx
-
-    from caitdeploy.core.budgets import check_memory
     from caitdeploy.core.preprocess import preprocess_spec, spec_from_json
-    from caitdeploy.formats.onnx_meta import read_onnx_metadata
+    from caitdeploy.formats.onnx_meta import parse_onnx, read_onnx_bytes, read_onnx_metadata
 
-    check_memory(3 * size, f"{path}: reading a {size}-byte ONNX file")
-    data = read_bounded(path, MAX_ONNX_BYTES, "ONNX file")
-    try:
-        m = onnx.load_from_string(data)
-    except Exception as e:  # noqa: BLE001 - onnx raises many types for a hostile file: one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaitError(f"{path}: not a readable ONNX file ({first[:200]})") from None
+    data = read_onnx_bytes(path)  # bounded, memory counted first
+    m = parse_onnx(data, path)  # one line for a hostile file
     if len(m.graph.input) != 1 or not m.graph.output:
         raise CaitError(f"{path}: eval takes a model with one image input, this one has {len(m.graph.input)} inputs")
     meta = read_onnx_metadata(m)

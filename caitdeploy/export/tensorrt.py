@@ -37,10 +37,9 @@ MAX_PROFILE_BATCH = 65536
 def _onnx_facts(onnx_path: Path, data: bytes) -> dict[str, Any]:
     import onnx
 
-    try:
-        m = onnx.load_from_string(data)
-    except Exception as e:  # noqa: BLE001 - onnx raises many types for a hostile file: one line for all
-        raise CaitError(f"{onnx_path}: not a readable ONNX file ({str(e).splitlines()[0] if str(e) else e})") from None
+    from caitdeploy.formats.onnx_meta import parse_onnx
+
+    m = parse_onnx(data, onnx_path)
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]
     if len(inputs) != 1:

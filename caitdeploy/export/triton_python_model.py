@@ -1,9 +1,12 @@
-"""Triton Python-backend model that runs an exported ONNX file with ONNX Runtime (the source of `model.py`).
+"""Triton Python-backend model that runs an exported model on the CPU (the source of `model.py`).
 
 `caitdeploy export --triton-repo DIR --triton-backend python` copies this file as DIR/<name>/1/model.py next to
-model.onnx, for Triton servers without the onnxruntime backend (e.g. the one bundled in nvidia-pytriton).
-Every `execute` call concatenates the batches of all its requests (Triton's dynamic batcher hands several
-requests to one call) into ONE ONNX Runtime run and splits the logits back per request.
+model.onnx, for Triton servers without the onnxruntime backend (e.g. the one bundled in nvidia-pytriton), and
+config.pbtxt says `runtime` onnxruntime; `--triton-backend python-openvino` says `runtime` openvino and puts the
+OpenVINO IR (model.xml + model.bin, with `--openvino`) or model.onnx beside it: OpenVINO's CPU plugin then runs it,
+at f32 inference precision (`inference_precision` bf16 in config.pbtxt asks for bf16). `intra_op_threads` sets
+either runtime's thread count. Every `execute` call concatenates the batches of all its requests (Triton's dynamic
+batcher hands several requests to one call) into ONE run and splits the logits back per request.
 
 Each request is checked on its own first, against config.pbtxt (rank, dims, 1..max_batch_size rows, dtype,
 byte count): Triton's core checks these too, but not every lie (a gRPC or HTTP request declaring 2^40 rows
@@ -12,8 +15,8 @@ response; the good requests batched with it are answered as usual. Should the ba
 request is run alone, so one poisoned request still fails alone. The input arrives as [n, 1, *dims] when
 config.pbtxt reshapes it so (triton_repo does, for the reason given there); the 1 is dropped here.
 
-It imports nothing of caitdeploy: the server's Python stub runs it with only numpy, onnxruntime and Triton's
-`triton_python_backend_utils`.
+It imports nothing of caitdeploy: the server's Python stub runs it with only numpy, onnxruntime (or openvino)
+and Triton's `triton_python_backend_utils`.
 """
 
 import json
@@ -23,6 +26,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the Triton Python backend
 
 NUMPY_DTYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 class BadRequest(ValueError):
@@ -31,8 +35,6 @@ class BadRequest(ValueError):
 
 class TritonPythonModel:
     def initialize(self, args):
-        import onnxruntime as ort
-
         config = json.loads(args["model_config"])
         inp = config["input"][0]
         self.input_name = inp["name"]
@@ -48,16 +50,62 @@ class TritonPythonModel:
         self.wire_dtype = np.dtype(NUMPY_DTYPES.get(inp.get("data_type"), np.float32))
         params = {k: v.get("string_value") for k, v in config.get("parameters", {}).items()}
         here = os.path.dirname(os.path.abspath(__file__))
+        threads = int(params.get("intra_op_threads") or 0)
+        runtime = params.get("runtime") or "onnxruntime"
+        if runtime not in RUNTIMES:
+            raise ValueError(f"config.pbtxt parameter runtime {runtime!r}: choose {' or '.join(RUNTIMES)}")
+        if runtime == "openvino":
+            self._open_openvino(here, threads, params.get("inference_precision") or "f32")
+        else:
+            self._open_onnxruntime(here, threads)
+        self.runtime = runtime
+        self.executions = 0
+
+    def _open_onnxruntime(self, here, threads):
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        threads = int(params.get("intra_op_threads") or 0)
         if threads > 0:
             so.intra_op_num_threads = threads
         self.session = ort.InferenceSession(os.path.join(here, "model.onnx"), so, providers=["CPUExecutionProvider"])
         declared = {i.name: i.type for i in self.session.get_inputs()}
         # feed the dtype the ONNX graph declares (fp32 for every caitdeploy export, fp16 graphs included)
         self.input_dtype = np.float16 if declared.get(self.input_name) == "tensor(float16)" else np.float32
-        self.executions = 0
+        self._infer = lambda batch: self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def _open_openvino(self, here, threads, precision):
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise RuntimeError(f"runtime openvino: the server's Python cannot import openvino ({e})") from None
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"config.pbtxt parameter inference_precision {precision!r}: choose f32 or bf16")
+        path = os.path.join(here, "model.xml")
+        if not os.path.isfile(path):
+            path = os.path.join(here, "model.onnx")
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads > 0:
+            config["INFERENCE_NUM_THREADS"] = threads
+        compiled = core.compile_model(core.read_model(path), "CPU", config)
+        inputs = [p for p in compiled.inputs if self.input_name in p.get_names()]
+        outputs = [p for p in compiled.outputs if self.output_name in p.get_names()]
+        if len(compiled.inputs) != 1 or not inputs or not outputs:
+            raise ValueError(
+                f"{os.path.basename(path)}: expected one input {self.input_name!r} and an output "
+                f"{self.output_name!r} (config.pbtxt)"
+            )
+        self.session = compiled
+        self.request = compiled.create_infer_request()
+        self.input_dtype = np.float32  # OpenVINO takes what the graph declares: fp32 for every caitdeploy export
+        out = outputs[0]
+
+        def infer(batch):
+            # one request per model instance: Triton calls execute() of an instance one call at a time
+            return np.array(self.request.infer({0: batch})[out], copy=True)
+
+        self._infer = infer
 
     def _checked(self, request):
         """The request's input as an array of shape (n, *dims), n in 1..max_batch_size, or BadRequest."""
@@ -113,7 +161,7 @@ class TritonPythonModel:
     def _run(self, arrays):
         batch = np.concatenate(arrays, axis=0).astype(self.input_dtype, copy=False)
         self.executions += 1
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+        return self._infer(batch)
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -146,4 +194,4 @@ class TritonPythonModel:
             return None
 
     def finalize(self):
-        self.session = None
+        self.session = self.request = None

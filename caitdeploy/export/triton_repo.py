@@ -1,7 +1,8 @@
 """A Triton Inference Server model repository entry for an exported model.
 
 DIR/<name>/config.pbtxt and DIR/<name>/1/model.onnx (platform onnxruntime_onnx) or DIR/<name>/1/model.plan
-(platform tensorrt_plan). Dims in config.pbtxt exclude the batch dimension (max_batch_size > 0 adds it).
+(platform tensorrt_plan), or, for Triton's Python backend, DIR/<name>/1/model.py (ours) beside model.onnx or an
+OpenVINO IR (model.xml + model.bin). Dims in config.pbtxt exclude the batch dimension (max_batch_size > 0 adds it).
 The text is written by hand (no tritonclient needed at export time); tests parse it with Triton's own
 model_config protobuf.
 
@@ -30,14 +31,19 @@ PLATFORMS = {
     ".onnx": ("onnxruntime_onnx", "model.onnx"),
     ".plan": ("tensorrt_plan", "model.plan"),
     ".engine": ("tensorrt_plan", "model.plan"),
+    ".xml": ("python", "model.xml"),  # OpenVINO IR: served by our model.py (backend python-openvino) only
 }
-# --triton-backend -> (model suffix it serves, config line). "python": our model.py runs the ONNX with ONNX
-# Runtime, for servers without the onnxruntime backend (the tritonserver bundled in nvidia-pytriton).
+# --triton-backend -> (model suffixes it serves, config line). "python": our model.py runs the ONNX with ONNX
+# Runtime, for servers without the onnxruntime backend (the tritonserver bundled in nvidia-pytriton);
+# "python-openvino": the same model.py runs the ONNX file or an OpenVINO IR with OpenVINO on the CPU.
 BACKENDS = {
-    "onnxruntime": (".onnx", 'platform: "onnxruntime_onnx"'),
-    "tensorrt": (".plan", 'platform: "tensorrt_plan"'),
-    "python": (".onnx", 'backend: "python"'),
+    "onnxruntime": ((".onnx",), 'platform: "onnxruntime_onnx"'),
+    "tensorrt": ((".plan",), 'platform: "tensorrt_plan"'),
+    "python": ((".onnx",), 'backend: "python"'),
+    "python-openvino": ((".onnx", ".xml"), 'backend: "python"'),
 }
+# the model.py runtime each Python-backend flavour names in config.pbtxt (parameters { key: "runtime" ... })
+PYTHON_RUNTIMES = {"python": "onnxruntime", "python-openvino": "openvino"}
 
 
 def _dims(dims: Sequence[int], what: str) -> list[int]:
@@ -61,6 +67,7 @@ def config_text(
     instance_count: int,
     instance_kind: str,
     warmup_batches: Sequence[int] = (),
+    parameters: dict[str, str] | None = None,
 ) -> str:
     t = TRITON_DTYPES[dtype]
     lines = [
@@ -96,6 +103,8 @@ def config_text(
         "  }",
         "]",
     ]
+    for key, value in (parameters or {}).items():  # read by model.py (Python backend)
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     if warmup_batches:  # Triton runs these random-data requests before it reports the model READY
         lines.append("model_warmup [")
         for i, b in enumerate(warmup_batches):
@@ -117,11 +126,12 @@ def config_text(
 class TritonEntry:
     """What a repository entry consists of; `write_triton_repo` or a caller's Staging writes it."""
 
-    model_target: Path  # DIR/<name>/1/model.onnx or model.plan
+    model_target: Path  # DIR/<name>/1/model.onnx, model.plan or model.xml
     config_path: Path  # DIR/<name>/config.pbtxt
     config_text: str
     info: dict[str, Any]
-    python_model: Path | None = None  # DIR/<name>/1/model.py (backend "python")
+    python_model: Path | None = None  # DIR/<name>/1/model.py (backends python, python-openvino)
+    weights_target: Path | None = None  # DIR/<name>/1/model.bin beside an OpenVINO IR's model.xml
 
 
 def plan_triton_repo(
@@ -144,7 +154,7 @@ def plan_triton_repo(
 ) -> TritonEntry:
     """Validate every option and say what the entry will be, writing nothing.
 
-    model_suffix: ".onnx" or ".plan"/".engine". dtype: the I/O tensor type (fp32 for every caitdeploy export,
+    model_suffix: ".onnx", ".plan"/".engine", or ".xml" (an OpenVINO IR, backend python-openvino). dtype: the I/O tensor type (fp32 for every caitdeploy export,
     fp16 graphs included). instance_kind: KIND_GPU | KIND_CPU | KIND_AUTO (a TensorRT plan cannot run on
     KIND_CPU)."""
     repo_dir = Path(repo_dir)
@@ -152,14 +162,17 @@ def plan_triton_repo(
         raise CaitError(f"triton repo: model name {name!r} must be 1-128 letters, digits, '_', '-', '.'")
     suffix = model_suffix.lower()
     if suffix not in PLATFORMS:
-        raise CaitError(f"triton repo needs an .onnx or .plan/.engine model, got {model_suffix!r}")
+        raise CaitError(f"triton repo needs an .onnx, .plan/.engine or OpenVINO .xml model, got {model_suffix!r}")
     platform, filename = PLATFORMS[suffix]
+    if backend is None and suffix == ".xml":
+        backend = "python-openvino"  # the only backend here that serves an IR
     if backend is not None:
         if backend not in BACKENDS:
             raise CaitError(f"triton repo: backend {backend!r}: choose {', '.join(BACKENDS)}")
-        if BACKENDS[backend][0] != (".plan" if suffix in (".plan", ".engine") else suffix):
-            raise CaitError(f"triton repo: backend {backend} serves a {BACKENDS[backend][0]} model, got {model_suffix}")
-        if backend == "python":
+        served = BACKENDS[backend][0]
+        if (".plan" if suffix in (".plan", ".engine") else suffix) not in served:
+            raise CaitError(f"triton repo: backend {backend} serves {' or '.join(served)} models, got {model_suffix}")
+        if backend in PYTHON_RUNTIMES:
             platform = "python"
     if dtype not in TRITON_DTYPES:
         raise CaitError(f"triton repo: unknown dtype {dtype!r}: choose one of {', '.join(TRITON_DTYPES)}")
@@ -175,7 +188,7 @@ def plan_triton_repo(
     if kind not in INSTANCE_KINDS:
         raise CaitError(f"triton repo: instance kind {instance_kind!r}: choose gpu, cpu or auto")
     if platform == "python" and kind == "KIND_GPU":
-        kind = "KIND_CPU"  # our model.py runs ONNX Runtime's CPU provider
+        kind = "KIND_CPU"  # our model.py runs on the CPU (ONNX Runtime's CPU provider, or OpenVINO's CPU plugin)
     if platform == "tensorrt_plan" and kind == "KIND_CPU":
         raise CaitError("triton repo: a TensorRT plan runs on GPU instances only (instance kind cpu)")
     if isinstance(instance_count, bool) or not isinstance(instance_count, int) or not 1 <= instance_count <= 256:
@@ -206,6 +219,7 @@ def plan_triton_repo(
         instance_count,
         kind,
         warm,
+        {"runtime": PYTHON_RUNTIMES[backend or "python"]} if platform == "python" else None,
     )
     info = {
         "repo": str(repo_dir),
@@ -221,16 +235,35 @@ def plan_triton_repo(
         "instance_group": {"count": instance_count, "kind": kind},
     }
     info["backend"] = (
-        "python" if platform == "python" else ("tensorrt" if platform == "tensorrt_plan" else "onnxruntime")
+        (backend or "python")
+        if platform == "python"
+        else ("tensorrt" if platform == "tensorrt_plan" else "onnxruntime")
     )
+    if platform == "python":
+        info["runtime"] = PYTHON_RUNTIMES[backend or "python"]
+    weights = target.with_suffix(".bin") if suffix == ".xml" else None
+    if weights is not None:
+        info["weights"] = str(weights)
     return TritonEntry(
-        target, model_dir / "config.pbtxt", text, info, model_dir / "1" / "model.py" if platform == "python" else None
+        target,
+        model_dir / "config.pbtxt",
+        text,
+        info,
+        model_dir / "1" / "model.py" if platform == "python" else None,
+        weights,
     )
 
 
-def stage_triton_repo(staging: Staging, entry: TritonEntry, model_bytes: bytes) -> None:
-    """Stage the model copy and config.pbtxt (folders are created when `staging` commits)."""
+def stage_triton_repo(
+    staging: Staging, entry: TritonEntry, model_bytes: bytes, weights_bytes: bytes | None = None
+) -> None:
+    """Stage the model copy (an IR: model.xml and `weights_bytes` as model.bin) and config.pbtxt (folders are
+    created when `staging` commits)."""
+    if (entry.weights_target is None) != (weights_bytes is None):
+        raise CaitError("triton repo: an OpenVINO IR entry needs its .xml and .bin, nothing else does")
     staging.write_bytes(entry.model_target, model_bytes, create_dirs=True)
+    if entry.weights_target is not None and weights_bytes is not None:
+        staging.write_bytes(entry.weights_target, weights_bytes, create_dirs=True)
     staging.write_text(entry.config_path, entry.config_text, create_dirs=True)
     if entry.python_model is not None:
         src = Path(__file__).with_name("triton_python_model.py")
@@ -244,6 +277,9 @@ def write_triton_repo(repo_dir: str | os.PathLike, name: str, model_file: str | 
     if not model_file.is_file():
         raise CaitError(f"{model_file}: no such file")
     entry = plan_triton_repo(repo_dir, name, model_file.suffix, **kw)
+    weights = model_file.with_suffix(".bin") if entry.weights_target is not None else None
+    if weights is not None and not weights.is_file():
+        raise CaitError(f"{model_file}: an OpenVINO IR needs its weights {weights.name} beside it")
     with Staging() as st:
-        stage_triton_repo(st, entry, model_file.read_bytes())
+        stage_triton_repo(st, entry, model_file.read_bytes(), weights.read_bytes() if weights else None)
     return entry.info

@@ -127,23 +127,16 @@ def inspect_fused(path: Path) -> dict[str, Any]:
 
 
 def inspect_onnx(path: Path) -> dict[str, Any]:
-    from caitdeploy.core.paths import MAX_ONNX_BYTES, read_bounded, regular_file_size
+    from caitdeploy.formats.onnx_meta import (
+        _numel,
+        io_signature,
+        op_census,
+        parse_onnx,
+        read_onnx_bytes,
+        read_onnx_metadata,
+    )
 
-    size = regular_file_size(path, MAX_ONNX_BYTES, "ONNX file")  # before onnx (or torch) is even imported
-    import onnx
-
-    from caitdeploy.core.budgets import check_memory
-    from caitdeploy.formats.onnx_meta import _numel, io_signature, op_census, read_onnx_metadata
-
-    # the file's bytes and the parsed protobuf (about as large again), plus onnx's own copies while parsing
-    check_memory(3 * size, f"{path}: reading a {size}-byte ONNX file")
-    data = read_bounded(path, MAX_ONNX_BYTES, "ONNX file")
-    try:
-        m = onnx.load_from_string(data)
-    except Exception as e:  # noqa: BLE001 - onnx raises many types for a hostile file: one line for all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaitError(f"{path}: not a readable ONNX file ({first[:200]})") from None
-    del data
+    m = parse_onnx(read_onnx_bytes(path), path)  # bounded: size and memory checked before onnx is imported
     if not m.graph.node or not m.opset_import:
         raise CaitError(f"{path}: not an ONNX model (no graph nodes or opset)")
     meta = read_onnx_metadata(m)

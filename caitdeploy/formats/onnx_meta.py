@@ -11,6 +11,31 @@ from collections.abc import Iterable
 from typing import Any
 
 
+def parse_onnx(data: bytes, path) -> Any:
+    """`onnx.ModelProto` of a file's bytes; a hostile file is one CaitError line naming it."""
+    import onnx
+
+    from caitdeploy.core.errors import CaitError
+
+    try:
+        return onnx.load_from_string(data)
+    except Exception as e:  # noqa: BLE001 - onnx raises many types for a hostile file: one line for all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaitError(f"{path}: not a readable ONNX file ({first[:200]})") from None
+
+
+def read_onnx_bytes(path) -> bytes:
+    """An ONNX file's bytes, read as untrusted input: a regular file within MAX_ONNX_BYTES (checked before onnx is
+    even imported), memory counted first for them, the parsed protobuf (about as large again) and onnx's copies
+    while parsing, then read bounded. `parse_onnx` parses them."""
+    from caitdeploy.core.budgets import check_memory
+    from caitdeploy.core.paths import MAX_ONNX_BYTES, read_bounded, regular_file_size
+
+    size = regular_file_size(path, MAX_ONNX_BYTES, "ONNX file")
+    check_memory(3 * size, f"{path}: reading a {size}-byte ONNX file")
+    return read_bounded(path, MAX_ONNX_BYTES, "ONNX file")
+
+
 def _all_nodes(graph) -> Iterable:
     """Every node of a GraphProto, including nodes inside If/Loop/Scan subgraphs."""
     import onnx

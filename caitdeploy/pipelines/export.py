@@ -70,7 +70,7 @@ class ExportOptions:
     compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets: SM75 SM80 SM86 SM89 SM120
     triton_repo: str | Path | None = None  # write a Triton model repository entry into this folder
     name: str | None = None  # the Triton model name [default: the ONNX file's stem]
-    triton_backend: str | None = None  # onnxruntime | tensorrt | python [default: tensorrt with trt]
+    triton_backend: str | None = None  # onnxruntime | tensorrt | python | python-openvino [default: tensorrt with trt]
     max_queue_delay_us: int = 100  # Triton dynamic batching: how long a request may wait (0..1e8)
     triton_warmup: bool = False  # a model_warmup at the preferred batch sizes before READY
     instances: int = 1  # Triton instance count (1..256)
@@ -89,7 +89,7 @@ class ExportPlan:
     onnx: Path
     engine: Path | None
     triton: TritonEntry | None  # planned with placeholder dims: the model fills them in
-    served_suffix: str  # what the Triton entry serves: ".onnx" or the engine's suffix
+    served_suffix: str  # what the Triton entry serves: ".onnx", the engine's suffix, or ".xml" (the IR)
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,8 @@ def check(options: ExportOptions) -> ExportPlan:
     onnx = Path(o.output or default_onnx_path(o.model, o.dtype, size_text, features, o.int8))
     engine = Path(o.engine or onnx.with_suffix(".plan")) if o.trt else None
     served = engine.suffix if engine is not None and o.triton_backend in (None, "tensorrt") else ".onnx"
+    if o.triton_backend == "python-openvino" and o.openvino:
+        served = ".xml"  # the IR export writes, with its model.bin
     triton = _check_triton(o, onnx, served)
     plan = ExportPlan(opset, size, features, weight_bits, onnx, engine, triton, served)
     _check_paths(o, plan)
@@ -297,7 +299,8 @@ def _check_paths(o: ExportOptions, plan: ExportPlan) -> None:
             Out(sidecar_path(plan.engine) if plan.engine else None, "--engine (its sidecar)", JSON_SUFFIXES),
             Out(o.timing_cache if o.trt else None, "--timing-cache", None),
             Out(o.report_path, "--report", JSON_SUFFIXES),
-            Out(entry.model_target if entry else None, "--triton-repo", (".onnx", ".plan"), create_dirs=True),
+            Out(entry.model_target if entry else None, "--triton-repo", (".onnx", ".plan", ".xml"), create_dirs=True),
+            Out(entry.weights_target if entry else None, "--triton-repo", (".bin",), create_dirs=True),
             Out(entry.config_path if entry else None, "--triton-repo", (".pbtxt",), create_dirs=True),
             Out(entry.python_model if entry else None, "--triton-repo", (".py",), create_dirs=True),
         ],
@@ -485,6 +488,9 @@ def _write(
         if entry is not None:
             if plan.served_suffix == ".onnx":
                 stage_triton_repo(st, entry, data)
+            elif plan.served_suffix == ".xml":
+                assert ir is not None  # planned only with --openvino
+                stage_triton_repo(st, entry, ir[0], ir[1])
             else:
                 assert built is not None  # the entry serves the engine: --trt built one
                 stage_triton_repo(st, entry, built.engine)

@@ -120,3 +120,39 @@ def test_plan_on_cpu_instances_is_refused(tmp_path):
         write_triton_repo(
             tmp_path / "r", "m", plan, max_batch_size=4, input_dims=(3, 8, 8), output_dims=(2,), instance_kind="cpu"
         )
+
+
+def test_python_openvino_entries(onnx_model, tmp_path):
+    """backend python-openvino: our model.py beside the IR (model.xml + model.bin) or the ONNX, runtime openvino."""
+    ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'caitdeploy[openvino]')")
+    ir = tmp_path / "ir" / "tiny.xml"
+    ov.save_model(ov.convert_model(str(onnx_model)), str(ir))
+    kw = dict(max_batch_size=8, input_dims=(3, 32, 32), output_dims=(7,))
+    r = write_triton_repo(tmp_path / "repo", "tiny_ir", ir, **kw)  # an IR: python-openvino is the only choice
+    d = tmp_path / "repo" / "tiny_ir"
+    assert (d / "1" / "model.xml").read_bytes() == ir.read_bytes()
+    assert (d / "1" / "model.bin").read_bytes() == ir.with_suffix(".bin").read_bytes()
+    assert (d / "1" / "model.py").is_file() and not (d / "1" / "model.onnx").exists()
+    cfg = _parse(d / "config.pbtxt")
+    assert cfg.backend == "python" and not cfg.platform
+    assert cfg.parameters["runtime"].string_value == "openvino"
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert (
+        r["backend"] == "python-openvino" and r["runtime"] == "openvino" and r["weights"] == str(d / "1" / "model.bin")
+    )
+
+    write_triton_repo(tmp_path / "repo", "tiny_onnx", onnx_model, backend="python-openvino", **kw)
+    cfg = _parse(tmp_path / "repo" / "tiny_onnx" / "config.pbtxt")
+    assert cfg.parameters["runtime"].string_value == "openvino"
+    assert (tmp_path / "repo" / "tiny_onnx" / "1" / "model.onnx").read_bytes() == onnx_model.read_bytes()
+    write_triton_repo(tmp_path / "repo", "tiny_ort", onnx_model, backend="python", **kw)
+    assert _parse(tmp_path / "repo" / "tiny_ort" / "config.pbtxt").parameters["runtime"].string_value == "onnxruntime"
+
+    with pytest.raises(CaitError, match=r"backend python serves \.onnx models, got \.xml"):
+        write_triton_repo(tmp_path / "bad", "m", ir, backend="python", **kw)
+    with pytest.raises(CaitError, match=r"backend onnxruntime serves \.onnx models, got \.xml"):
+        write_triton_repo(tmp_path / "bad", "m", ir, backend="onnxruntime", **kw)
+    ir.with_suffix(".bin").unlink()
+    with pytest.raises(CaitError, match=r"tiny\.xml: an OpenVINO IR needs its weights tiny\.bin beside it"):
+        write_triton_repo(tmp_path / "bad", "m", ir, **kw)
+    assert not (tmp_path / "bad").exists()

@@ -298,3 +298,47 @@ def test_eval_scores_the_live_model_like_the_fused_file(served, tmp_path):
         main, ["eval", "--url", f"localhost:{server.http_port}", "--model", "nope", "--data", str(tmp_path / "data")]
     )
     assert bad.exit_code == 2 and "model 'nope' is not ready" in bad.stderr
+
+
+def test_openvino_in_the_python_backend_serves_the_ir_and_the_onnx(tmp_path):
+    """`--triton-backend python-openvino`: model.py runs the OpenVINO IR (with --openvino) or the ONNX file with
+    OpenVINO inside a real server; logits equal the fused model, batched requests included."""
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'caitdeploy[openvino]')")
+    import tritonclient.http as th
+
+    fused = write_tiny_fused(tmp_path / "m.fused.safetensors")
+    repo = tmp_path / "repo"
+    common = ["-q", "--no-verify", "--triton-repo", str(repo), "--triton-backend", "python-openvino"]
+    common += ["--max-batch", "8", "--opt-batch", "4", "--max-queue-delay-us", "20000"]
+    for name, extra in (("ov_ir", ["--openvino"]), ("ov_onnx", [])):
+        r = CliRunner().invoke(
+            main, ["export", str(fused), "-o", str(tmp_path / f"{name}.onnx"), "--name", name, *common, *extra]
+        )
+        assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in (repo / "ov_ir" / "1").iterdir()) == ["model.bin", "model.py", "model.xml"]
+    assert sorted(p.name for p in (repo / "ov_onnx" / "1").iterdir()) == ["model.onnx", "model.py"]
+    assert 'key: "runtime" value: { string_value: "openvino" }' in (repo / "ov_ir" / "config.pbtxt").read_text()
+    model = load_model(fused, attn_impl="math")
+    server = TritonServer(repo, **_ports())
+    server.start()
+    try:
+        for name in ("ov_ir", "ov_onnx"):
+
+            def one(i, name=name):
+                x = _x(1 + i % 3, seed=i)
+                c = th.InferenceServerClient(server.http_url)
+                inp = th.InferInput("images", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                return x, c.infer(name, [inp]).as_numpy("logits")
+
+            before = _stats(server, name)
+            with cf.ThreadPoolExecutor(6) as pool:
+                results = list(pool.map(one, range(12)))
+            for x, y in results:
+                ref = model(torch.from_numpy(x)).detach().numpy()
+                assert y.shape == ref.shape and np.abs(y - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()), name
+            after = _stats(server, name)
+            assert after["inference_count"] - before["inference_count"] == sum(1 + i % 3 for i in range(12))
+            assert after["execution_count"] - before["execution_count"] < 12  # requests were batched
+    finally:
+        server.stop()
