@@ -1,16 +1,17 @@
 #!/usr/bin/env python
-"""OpenVINO beside ONNX Runtime and PyTorch on this CPU: CAIT-DeiT-Small vs its dense architecture vs FLOPs-matched
+"""OpenVINO beside ONNX Runtime and PyTorch on this CPU: CAIT-DeiT vs its dense architecture vs FLOPs-matched
 ToMe, fp32 and int8, with the CPU's instruction-set flags named and the issue-28 target checked.
 
-The CAIT model is paper_settings.py's (deit_small at the paper's 55% FLOPs reduction, merges 4:h,8:v, align 8;
-random weights: speed only). OpenVINO and ONNX Runtime run the same ONNX files (int8: static QDQ, weights per
+The CAIT model is paper_settings.py's (`--model tiny|small|base` at the paper's 50.5/55/58% FLOPs reduction,
+merges 4:h,8:v, align 8; random weights: speed only). OpenVINO and ONNX Runtime run the same ONNX files (int8: static QDQ, weights per
 channel, calibrated on synthetic images; speed does not depend on the calibration data); OpenVINO runs ToMe
 converted from PyTorch (its ONNX reader cannot convert ToMe's graph), so ToMe has no OpenVINO int8 row. PyTorch
 eager and torch.compile run fp32 (their int8 rows are n/a with the reason).
 
-    .venv/bin/python benchmarks/openvino_cpu.py [--batch 16] [--threads 2] [--backends ort,openvino,torch,compile]
+    .venv/bin/python benchmarks/openvino_cpu.py [--model small] [--batch 16] [--threads 2]
+                                               [--backends ort,openvino,torch,compile] [--dtypes fp32,int8]
 
-Writes benchmarks/results/openvino_<machine>_b<batch>_small.{json,md,png}; the JSON's "targets" holds the target
+Writes benchmarks/results/openvino_<machine>_b<batch>_<model>.{json,md,png}; the JSON's "targets" holds the target
 (OpenVINO's CAIT/dense speed-up >= 95% of the FLOPs ratio), the measured value and whether it is met, and
 "cpu" the model and flags.
 """
@@ -64,6 +65,7 @@ def summary(records) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("tiny", "small", "base"), default="small")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", default="fp32,int8")
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     log = lambda s: con.print(s, markup=False)  # noqa: E731
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "caitdeploy-paper-settings"
     work.mkdir(parents=True, exist_ok=True)
-    path = build_setting("small", PAPER["small"], work, log)
+    path = build_setting(args.model, PAPER[args.model], work, log)
     timing = Timing(warmup=args.warmup, min_iters=args.min_iters, min_seconds=args.min_seconds, repeats=args.repeats)
     t0 = time.perf_counter()
     records = run_bench(
@@ -119,11 +121,14 @@ def main(argv=None) -> int:
     }
 
     machine = machine_name()
-    tag = f"openvino_{machine}_b{args.batch}_small"
+    tag = f"openvino_{machine}_b{args.batch}_{args.model}"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/openvino_cpu.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    title = f"OpenVINO, ONNX Runtime, PyTorch on {machine}: CAIT-DeiT-Small, batch {args.batch}, {args.threads} threads"
+    name = {"tiny": "Tiny", "small": "Small", "base": "Base"}[args.model]
+    title = (
+        f"OpenVINO, ONNX Runtime, PyTorch on {machine}: CAIT-DeiT-{name}, batch {args.batch}, {args.threads} threads"
+    )
     lines = [
         f"{r['backend']} {r['dtype']}: CAIT/dense {r['cait_vs_dense']:.2f}x = {r['share_of_flops_ratio']:.0%} of the "
         f"FLOPs ratio {r['flops_ratio']:.2f}x" + (f", CAIT/ToMe {r['cait_vs_tome']:.2f}x" if r["cait_vs_tome"] else "")
@@ -136,8 +141,8 @@ def main(argv=None) -> int:
         title,
         command,
         {
-            "model": "small",
-            "reduction_at_224": PAPER["small"],
+            "model": args.model,
+            "reduction_at_224": PAPER[args.model],
             "merges": "4:h,8:v",
             "batch": args.batch,
             "threads": args.threads,

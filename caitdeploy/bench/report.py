@@ -242,7 +242,8 @@ def write_plot(
             vals.append(hit[0]["throughput_img_s"] if hit else 0.0)
         xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(backends))]
         bars = ax.bar(xs, vals, width, label=lab)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        # a pair that did not run (n/a, failed) is labelled so, not drawn as 0 images/s
+        ax.bar_label(bars, labels=[f"{v:.0f}" if v else "n/a" for v in vals], fontsize=7)
     ax.set_xticks(range(len(backends)), backends)
     ax.set_ylabel("images / s")
     dts = ",".join(dict.fromkeys(r["dtype"] for r in ok))
