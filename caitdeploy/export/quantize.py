@@ -3,18 +3,19 @@ dynamic quantization, with calibration images from a folder or synthetic ones, a
 
 What is quantized: the MatMul/Gemm nodes that multiply by a weight (qkv, proj, fc1, fc2, the ATME merge Linears,
 the head) and the Convs after the first (LV-ViT's conv stem; the patch embedding stays float); weights int8,
-symmetric, per output channel. Static: activations uint8 (asymmetric, calibrated: MinMax, percentile or entropy), as QuantizeLinear/DequantizeLinear pairs on the inputs of
-every quantized node; `attention=True` adds the two attention MatMuls (q @ k^T, softmax @ v). Dynamic: int8
-weights, activations quantized at run time (DynamicQuantizeMatMul after ONNX Runtime's fusions). Left in float:
-LayerNormalization, Softmax, GELU (Erf), residual Adds, the bias Adds. The report lists every op type left in float.
+symmetric, per output channel. Static: activations uint8 (asymmetric, calibrated: MinMax, percentile or
+entropy), as QuantizeLinear/DequantizeLinear pairs on the inputs of every quantized node; `attention=True` adds
+the two attention MatMuls (q @ k^T, softmax @ v). Dynamic: int8 weights, activations quantized at run time
+(DynamicQuantizeMatMul after ONNX Runtime's fusions). Left in float: LayerNormalization, Softmax, GELU (Erf),
+residual Adds, the bias Adds. The report lists every op type left in float.
 
 Tuning (measured on a 2-core AVX-512 VNNI CPU, CAIT-DeiT-Small, batch 16; benchmarks/int8_cpu.py): the outputs of
 the MatMuls/Gemms/Convs are NOT quantized (`OpTypesToExcludeOutputQuantization`). Their consumers (bias Add,
 GELU, softmax, the patch grid's Reshape) are float anyway, and an output Q/DQ pair makes ONNX Runtime pick
 QLinearMatMul, whose uint8 result must then be dequantized again. Without it ONNX Runtime fuses DQ -> MatMul into
-MatMulIntegerToFloat (int8 GEMM, float result): 2.0x fp32 instead of 1.7x. uint8 activations with int8 weights is the VNNI (vpdpbusd) fast path;
-s8s8 and u8u8 measured slower. Per-tensor weights were no faster and less accurate; rewriting MatMul + Add into
-Gemm (bias fused in QGemm) was no faster.
+MatMulIntegerToFloat (int8 GEMM, float result): 2.0x fp32 instead of 1.7x. uint8 activations with int8 weights
+is the VNNI (vpdpbusd) fast path; s8s8 and u8u8 measured slower. Per-tensor weights were no faster and less
+accurate; rewriting MatMul + Add into Gemm (bias fused in QGemm) was no faster.
 
 The patch embedding (the Conv that reads the image) stays float, and Conv outputs carry no Q/DQ pair. Measured
 when OpenVINO (2026.4.1) came in, on examples/train_digits.py's CAIT model (360 test images, minmax calibration

@@ -58,7 +58,6 @@ class TritonPythonModel:
             self._open_openvino(here, threads, params.get("inference_precision") or "f32")
         else:
             self._open_onnxruntime(here, threads)
-        self.runtime = runtime
         self.executions = 0
 
     def _open_onnxruntime(self, here, threads):

@@ -33,14 +33,14 @@ PLATFORMS = {
     ".engine": ("tensorrt_plan", "model.plan"),
     ".xml": ("python", "model.xml"),  # OpenVINO IR: served by our model.py (backend python-openvino) only
 }
-# --triton-backend -> (model suffixes it serves, config line). "python": our model.py runs the ONNX with ONNX
-# Runtime, for servers without the onnxruntime backend (the tritonserver bundled in nvidia-pytriton);
-# "python-openvino": the same model.py runs the ONNX file or an OpenVINO IR with OpenVINO on the CPU.
+# --triton-backend -> the model suffixes it serves. "python": our model.py runs the ONNX with ONNX Runtime, for
+# servers without the onnxruntime backend (the tritonserver bundled in nvidia-pytriton); "python-openvino": the
+# same model.py runs the ONNX file or an OpenVINO IR with OpenVINO on the CPU.
 BACKENDS = {
-    "onnxruntime": ((".onnx",), 'platform: "onnxruntime_onnx"'),
-    "tensorrt": ((".plan",), 'platform: "tensorrt_plan"'),
-    "python": ((".onnx",), 'backend: "python"'),
-    "python-openvino": ((".onnx", ".xml"), 'backend: "python"'),
+    "onnxruntime": (".onnx",),
+    "tensorrt": (".plan",),
+    "python": (".onnx",),
+    "python-openvino": (".onnx", ".xml"),
 }
 # the model.py runtime each Python-backend flavour names in config.pbtxt (parameters { key: "runtime" ... })
 PYTHON_RUNTIMES = {"python": "onnxruntime", "python-openvino": "openvino"}
@@ -154,9 +154,9 @@ def plan_triton_repo(
 ) -> TritonEntry:
     """Validate every option and say what the entry will be, writing nothing.
 
-    model_suffix: ".onnx", ".plan"/".engine", or ".xml" (an OpenVINO IR, backend python-openvino). dtype: the I/O tensor type (fp32 for every caitdeploy export,
-    fp16 graphs included). instance_kind: KIND_GPU | KIND_CPU | KIND_AUTO (a TensorRT plan cannot run on
-    KIND_CPU)."""
+    model_suffix: ".onnx", ".plan"/".engine", or ".xml" (an OpenVINO IR, backend python-openvino). dtype: the I/O
+    tensor type (fp32 for every caitdeploy export, fp16 graphs included). instance_kind: KIND_GPU | KIND_CPU |
+    KIND_AUTO (a TensorRT plan cannot run on KIND_CPU)."""
     repo_dir = Path(repo_dir)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", name) or name in (".", ".."):
         raise CaitError(f"triton repo: model name {name!r} must be 1-128 letters, digits, '_', '-', '.'")
@@ -169,7 +169,7 @@ def plan_triton_repo(
     if backend is not None:
         if backend not in BACKENDS:
             raise CaitError(f"triton repo: backend {backend!r}: choose {', '.join(BACKENDS)}")
-        served = BACKENDS[backend][0]
+        served = BACKENDS[backend]
         if (".plan" if suffix in (".plan", ".engine") else suffix) not in served:
             raise CaitError(f"triton repo: backend {backend} serves {' or '.join(served)} models, got {model_suffix}")
         if backend in PYTHON_RUNTIMES:
@@ -205,6 +205,7 @@ def plan_triton_repo(
     warm = sorted({int(b) for b in warmup_batches})
     if any(not 1 <= b <= max_batch_size for b in warm):
         raise CaitError(f"triton repo: warm-up batch sizes must be in 1..max_batch_size {max_batch_size}, got {warm}")
+    runtime = PYTHON_RUNTIMES[backend or "python"] if platform == "python" else None  # what model.py runs
     text = config_text(
         name,
         platform,
@@ -219,7 +220,7 @@ def plan_triton_repo(
         instance_count,
         kind,
         warm,
-        {"runtime": PYTHON_RUNTIMES[backend or "python"]} if platform == "python" else None,
+        {"runtime": runtime} if runtime else None,
     )
     info = {
         "repo": str(repo_dir),
@@ -234,13 +235,9 @@ def plan_triton_repo(
         "preferred_batch_sizes": prefs,
         "instance_group": {"count": instance_count, "kind": kind},
     }
-    info["backend"] = (
-        (backend or "python")
-        if platform == "python"
-        else ("tensorrt" if platform == "tensorrt_plan" else "onnxruntime")
-    )
-    if platform == "python":
-        info["runtime"] = PYTHON_RUNTIMES[backend or "python"]
+    info["backend"] = backend or {"python": "python", "tensorrt_plan": "tensorrt"}.get(platform, "onnxruntime")
+    if runtime:
+        info["runtime"] = runtime
     weights = target.with_suffix(".bin") if suffix == ".xml" else None
     if weights is not None:
         info["weights"] = str(weights)
